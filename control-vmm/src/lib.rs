@@ -1,0 +1,1 @@
+//! Domain 0: the toolstack.

@@ -1,0 +1,2 @@
+//! Frontend drivers.
+#![cfg_attr(not(feature = "std"), no_std)]

@@ -1,0 +1,1 @@
+//! Cross-domain primitives shared by every domain of splitvmm.
