@@ -1,1 +1,6 @@
 //! Cross-domain primitives shared by every domain of splitvmm.
+//!
+//! Nothing here knows what a domain is for: these are the channels domains meet through,
+//! as they would across a real isolation boundary.
+
+pub mod control;

@@ -1,0 +1,291 @@
+//! A message channel between domains that carries file descriptors.
+//!
+//! Each message is one `SOCK_SEQPACKET` datagram: a postcard-encoded [`Envelope`] holding a
+//! protocol version and the body, plus at most [`MAX_FDS`] descriptors in one `SCM_RIGHTS`
+//! control message. Datagram boundaries mean a peer can never desynchronise the framing, and
+//! a datagram larger than [`MAX_MESSAGE`] or carrying more descriptors than allowed is
+//! reported as truncated rather than half-read.
+//!
+//! Decoding is bounded: the buffer is at most [`MAX_MESSAGE`] bytes, postcard never allocates
+//! more than the input can describe, and trailing bytes are an error.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of the control protocol; a peer speaking another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest encoded message accepted, in bytes.
+pub const MAX_MESSAGE: usize = 16 * 1024;
+/// Most descriptors one message may carry.
+pub const MAX_FDS: usize = 8;
+
+/// Errors of the control channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("control socket I/O")]
+    Io(#[source] Errno),
+    #[error("peer closed the control channel")]
+    Closed,
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("message carries {0} descriptors, more than {MAX_FDS}")]
+    TooManyFds(usize),
+    #[error("message or its descriptors were truncated by the kernel")]
+    Truncated,
+    #[error("peer speaks control protocol version {0}, expected {PROTOCOL_VERSION}")]
+    Version(u16),
+    #[error("malformed message")]
+    Decode(#[source] postcard::Error),
+    #[error("encoding message")]
+    Encode(#[source] postcard::Error),
+}
+
+/// What goes on the wire: the version first, so any future layout can still be refused cleanly.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u16,
+    body: T,
+}
+
+/// A connected, message-oriented control channel.
+#[derive(Debug)]
+pub struct ControlChannel {
+    socket: OwnedFd,
+}
+
+impl ControlChannel {
+    /// Two connected ends, both close-on-exec.
+    pub fn pair() -> Result<(ControlChannel, ControlChannel), ChannelError> {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(ChannelError::Io)?;
+        Ok((ControlChannel { socket: a }, ControlChannel { socket: b }))
+    }
+
+    /// Wraps an already connected `SOCK_SEQPACKET` socket (for example one inherited by a
+    /// child process).
+    pub fn from_fd(socket: OwnedFd) -> ControlChannel {
+        ControlChannel { socket }
+    }
+
+    /// Sends `body` with `fds` attached.
+    pub fn send<T: Serialize>(&self, body: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        if fds.len() > MAX_FDS {
+            return Err(ChannelError::TooManyFds(fds.len()));
+        }
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            body,
+        };
+        let bytes = postcard::to_allocvec(&envelope).map_err(ChannelError::Encode)?;
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ChannelError::TooLarge(bytes.len()));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+        let iov = [IoSlice::new(&bytes)];
+        loop {
+            match sendmsg::<()>(
+                self.socket.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(ChannelError::Closed),
+                Err(e) => return Err(ChannelError::Io(e)),
+            }
+        }
+    }
+
+    /// Receives one message and the descriptors that came with it. Descriptors are owned
+    /// (and closed on drop) even when the message itself is rejected.
+    pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), ChannelError> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let (len, fds, truncated) = loop {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(
+                self.socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg_space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    for cmsg in msg.cmsgs().map_err(ChannelError::Io)? {
+                        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                            for fd in raw {
+                                // SAFETY: the kernel just installed `fd` in this process for us
+                                // (SCM_RIGHTS); nothing else owns it, so taking ownership is sound.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                            }
+                        }
+                    }
+                    let truncated = msg
+                        .flags
+                        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                    break (msg.bytes, fds, truncated);
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::ECONNRESET) => return Err(ChannelError::Closed),
+                Err(e) => return Err(ChannelError::Io(e)),
+            }
+        };
+        if truncated {
+            return Err(ChannelError::Truncated);
+        }
+        if len == 0 {
+            return Err(ChannelError::Closed);
+        }
+        let envelope: Envelope<T> = decode(&buf[..len])?;
+        Ok((envelope.body, fds))
+    }
+
+    /// The socket, for polling.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Gives the socket up, for example to hand it to a child process.
+    pub fn into_fd(self) -> OwnedFd {
+        self.socket
+    }
+}
+
+/// Decodes an envelope, checking the version before the body so that a message of another
+/// version is reported as such rather than as garbage.
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<T>, ChannelError> {
+    let (version, _) = postcard::take_from_bytes::<u16>(bytes).map_err(ChannelError::Decode)?;
+    if version != PROTOCOL_VERSION {
+        return Err(ChannelError::Version(version));
+    }
+    let (envelope, rest) =
+        postcard::take_from_bytes::<Envelope<T>>(bytes).map_err(ChannelError::Decode)?;
+    if !rest.is_empty() {
+        return Err(ChannelError::Decode(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(envelope)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Msg {
+        Hello { name: String, id: u32 },
+        Bytes(Vec<u8>),
+    }
+
+    #[test]
+    fn message_round_trip_with_fds() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"passed along").unwrap();
+        let msg = Msg::Hello {
+            name: "dom1".into(),
+            id: 7,
+        };
+        a.send(&msg, &[file.as_fd()]).unwrap();
+        let (got, fds): (Msg, _) = b.recv().unwrap();
+        assert_eq!(got, msg);
+        assert_eq!(fds.len(), 1);
+        let mut received = std::fs::File::from(fds.into_iter().next().unwrap());
+        received.rewind().unwrap();
+        let mut text = String::new();
+        received.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "passed along");
+    }
+
+    #[test]
+    fn other_version_is_refused() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        let wrong = Envelope {
+            version: PROTOCOL_VERSION + 1,
+            body: Msg::Bytes(vec![1, 2, 3]),
+        };
+        let bytes = postcard::to_allocvec(&wrong).unwrap();
+        nix::sys::socket::send(a.socket.as_raw_fd(), &bytes, MsgFlags::empty()).unwrap();
+        match b.recv::<Msg>() {
+            Err(ChannelError::Version(v)) => assert_eq!(v, PROTOCOL_VERSION + 1),
+            other => panic!("expected a version error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_errors_not_panics() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        // A valid version followed by an enum tag that does not exist.
+        let mut bytes = postcard::to_allocvec(&PROTOCOL_VERSION).unwrap();
+        bytes.extend_from_slice(&[0x7f, 0xff, 0xff]);
+        nix::sys::socket::send(a.socket.as_raw_fd(), &bytes, MsgFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Decode(_))));
+
+        // A valid message with junk after it.
+        let mut bytes = postcard::to_allocvec(&Envelope {
+            version: PROTOCOL_VERSION,
+            body: Msg::Bytes(vec![9]),
+        })
+        .unwrap();
+        bytes.push(0);
+        nix::sys::socket::send(a.socket.as_raw_fd(), &bytes, MsgFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Decode(_))));
+
+        // A length prefix claiming far more bytes than were sent must not allocate them.
+        let mut bytes = postcard::to_allocvec(&PROTOCOL_VERSION).unwrap();
+        bytes.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        nix::sys::socket::send(a.socket.as_raw_fd(), &bytes, MsgFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Decode(_))));
+
+        // The channel still works afterwards.
+        a.send(&Msg::Bytes(vec![4]), &[]).unwrap();
+        assert_eq!(b.recv::<Msg>().unwrap().0, Msg::Bytes(vec![4]));
+    }
+
+    #[test]
+    fn oversized_message_is_refused_on_both_sides() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        let big = Msg::Bytes(vec![0; MAX_MESSAGE]);
+        assert!(matches!(a.send(&big, &[]), Err(ChannelError::TooLarge(_))));
+        let raw = vec![0u8; MAX_MESSAGE + 100];
+        nix::sys::socket::send(a.socket.as_raw_fd(), &raw, MsgFlags::empty()).unwrap();
+        assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Truncated)));
+    }
+
+    #[test]
+    fn too_many_fds_are_refused_by_the_sender() {
+        let (a, _b) = ControlChannel::pair().unwrap();
+        let files: Vec<_> = (0..MAX_FDS + 1)
+            .map(|_| tempfile::tempfile().unwrap())
+            .collect();
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        assert!(matches!(
+            a.send(&Msg::Bytes(vec![]), &fds),
+            Err(ChannelError::TooManyFds(_))
+        ));
+    }
+
+    #[test]
+    fn closed_peer_is_reported() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        drop(a);
+        assert!(matches!(b.recv::<Msg>(), Err(ChannelError::Closed)));
+    }
+}

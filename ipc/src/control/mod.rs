@@ -1,0 +1,6 @@
+//! The management channel between domains: postcard-encoded, versioned messages with file
+//! descriptors attached (`SCM_RIGHTS`).
+
+mod channel;
+
+pub use channel::{ChannelError, ControlChannel, MAX_FDS, MAX_MESSAGE, PROTOCOL_VERSION};
