@@ -1,1 +1,7 @@
-//! Domain 0: the toolstack.
+//! Domain 0: the splitvmm toolstack.
+//!
+//! It reads a host description, runs the store, starts the driver domain and the guests as
+//! separate processes, creates their store directories as Xen's libxl does, and stays off the
+//! data path.
+
+pub mod config;

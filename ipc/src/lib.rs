@@ -4,3 +4,4 @@
 //! as they would across a real isolation boundary.
 
 pub mod control;
+pub mod xenbus;

@@ -178,7 +178,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<Envelope<T>, ChannelError
     let (envelope, rest) =
         postcard::take_from_bytes::<Envelope<T>>(bytes).map_err(ChannelError::Decode)?;
     if !rest.is_empty() {
-        return Err(ChannelError::Decode(postcard::Error::DeserializeBadEncoding));
+        return Err(ChannelError::Decode(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(envelope)
 }

@@ -1,0 +1,315 @@
+//! The host description that `splitvmm up` brings up: the store, the driver domain and the
+//! guests, read from a TOML file.
+//!
+//! Every error names the file, the key and what was expected, so a user can fix the file
+//! without reading this code.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors found while reading a host description.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: key `{key}`: {expected}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        expected: String,
+    },
+}
+
+/// Lowest domain id a guest or driver domain may have; 0 is the control domain.
+pub const FIRST_DOMID: u32 = 1;
+/// Xen reserves ids from 0x7FF0 (DOMID_FIRST_RESERVED) upwards.
+pub const DOMID_FIRST_RESERVED: u32 = 0x7FF0;
+
+/// A whole host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Where the store and the per-run sockets live. Relative paths are relative to the
+    /// config file's directory.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    pub driver_domain: DriverDomainConfig,
+    #[serde(default, rename = "guest")]
+    pub guests: Vec<GuestConfig>,
+}
+
+fn default_run_dir() -> PathBuf {
+    std::env::temp_dir().join("splitvmm")
+}
+
+/// The domain that owns devices and serves backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriverDomainConfig {
+    pub name: String,
+    pub domid: u32,
+}
+
+/// How a guest runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestKind {
+    /// A host process running the frontend library (like DPDK's virtio-user).
+    Process,
+}
+
+/// One guest domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestConfig {
+    pub name: String,
+    pub domid: u32,
+    #[serde(default = "default_kind")]
+    pub kind: GuestKind,
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskConfig>,
+}
+
+fn default_kind() -> GuestKind {
+    GuestKind::Process
+}
+
+/// A virtual block device (vbd) of a guest, served by the driver domain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Backing image on the host. Relative to the config file's directory.
+    pub image: PathBuf,
+    /// Create (or grow) the image to this many MiB if it is smaller.
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// Xen virtual device number (51712 is xvda).
+    #[serde(default = "default_devid")]
+    pub devid: u32,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+fn default_devid() -> u32 {
+    51712
+}
+
+impl HostConfig {
+    /// Reads and validates `file`.
+    pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        let mut config = HostConfig::parse(file, &text)?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Parses and validates `text`; `file` is only used in messages.
+    pub fn parse(file: &Path, text: &str) -> Result<HostConfig, ConfigError> {
+        let config: HostConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.run_dir.is_relative() {
+            self.run_dir = base.join(&self.run_dir);
+        }
+        for disk in self.guests.iter_mut().flat_map(|g| g.disks.iter_mut()) {
+            if disk.image.is_relative() {
+                disk.image = base.join(&disk.image);
+            }
+        }
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, expected: &str| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            expected: expected.to_owned(),
+        };
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        let domains = std::iter::once((
+            "driver_domain".to_owned(),
+            &self.driver_domain.name,
+            self.driver_domain.domid,
+        ))
+        .chain(
+            self.guests
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (format!("guest[{i}]"), &g.name, g.domid)),
+        );
+        for (key, name, domid) in domains {
+            if !(FIRST_DOMID..DOMID_FIRST_RESERVED).contains(&domid) {
+                return Err(invalid(
+                    format!("{key}.domid"),
+                    &format!("a domain id from {FIRST_DOMID} to {} (0 is the control domain), got {domid}", DOMID_FIRST_RESERVED - 1),
+                ));
+            }
+            if !ids.insert(domid) {
+                return Err(invalid(
+                    format!("{key}.domid"),
+                    &format!("a unique domain id, {domid} is used twice"),
+                ));
+            }
+            if !is_valid_name(name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    &format!("a name of 1-64 characters from [A-Za-z0-9_-], got {name:?}"),
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    &format!("a unique name, {name:?} is used twice"),
+                ));
+            }
+        }
+        for (i, guest) in self.guests.iter().enumerate() {
+            let mut devids = HashSet::new();
+            for (j, disk) in guest.disks.iter().enumerate() {
+                if !devids.insert(disk.devid) {
+                    return Err(invalid(
+                        format!("guest[{i}].disk[{j}].devid"),
+                        &format!(
+                            "a device number unique within the guest, {} is used twice",
+                            disk.devid
+                        ),
+                    ));
+                }
+                if disk.image.as_os_str().is_empty() {
+                    return Err(invalid(
+                        format!("guest[{i}].disk[{j}].image"),
+                        "a path to a disk image",
+                    ));
+                }
+                if disk.size_mib == Some(0) {
+                    return Err(invalid(
+                        format!("guest[{i}].disk[{j}].size_mib"),
+                        "a size of at least 1 MiB",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store's privileged (dom0) socket.
+    pub fn store_socket(&self) -> PathBuf {
+        self.run_dir.join("xenstored.sock")
+    }
+}
+
+/// Names are used as store values and in messages; keep them plain.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        run_dir = "run"
+        [driver_domain]
+        name = "driver"
+        domid = 1
+
+        [[guest]]
+        name = "guest-a"
+        domid = 2
+        [[guest.disk]]
+        image = "a.img"
+        size_mib = 8
+
+        [[guest]]
+        name = "guest-b"
+        domid = 3
+    "#;
+
+    fn parse(text: &str) -> Result<HostConfig, ConfigError> {
+        HostConfig::parse(Path::new("host.toml"), text)
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.guests.len(), 2);
+        assert_eq!(config.guests[0].disks[0].devid, 51712);
+        assert!(!config.guests[0].disks[0].readonly);
+        assert_eq!(config.guests[0].kind, GuestKind::Process);
+    }
+
+    fn expect_invalid(text: &str, key: &str) {
+        match parse(text) {
+            Err(ConfigError::Invalid { key: k, file, .. }) => {
+                assert_eq!(k, key);
+                assert_eq!(file, Path::new("host.toml"));
+            }
+            other => panic!("expected an error at {key}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicate_domid_names_the_key() {
+        expect_invalid(&GOOD.replace("domid = 3", "domid = 2"), "guest[1].domid");
+    }
+
+    #[test]
+    fn control_domain_id_is_refused() {
+        expect_invalid(
+            &GOOD.replace("domid = 1", "domid = 0"),
+            "driver_domain.domid",
+        );
+    }
+
+    #[test]
+    fn bad_name_is_refused() {
+        expect_invalid(&GOOD.replace("\"guest-b\"", "\"guest b\""), "guest[1].name");
+    }
+
+    #[test]
+    fn zero_size_disk_is_refused() {
+        expect_invalid(
+            &GOOD.replace("size_mib = 8", "size_mib = 0"),
+            "guest[0].disk[0].size_mib",
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_a_parse_error_naming_it() {
+        let err = parse(&GOOD.replace("size_mib = 8", "sise_mib = 8")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("host.toml"), "{text}");
+        assert!(text.contains("sise_mib"), "{text}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host.toml");
+        std::fs::write(&file, GOOD).unwrap();
+        let config = HostConfig::load(&file).unwrap();
+        assert_eq!(config.run_dir, dir.path().join("run"));
+        assert_eq!(config.guests[0].disks[0].image, dir.path().join("a.img"));
+    }
+}
