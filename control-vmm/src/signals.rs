@@ -1,0 +1,56 @@
+//! Termination signals as events: SIGINT, SIGTERM and SIGHUP are blocked in every thread and
+//! collected by one thread with `sigwait`, so shutdown runs as ordinary code (reaping children,
+//! removing sockets) instead of inside a signal handler.
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+/// Errors of signal setup.
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    #[error("blocking termination signals")]
+    Mask(#[source] nix::Error),
+    #[error("starting the signal thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn termination_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set
+}
+
+/// Blocks the termination signals in the calling thread (and so in every thread it starts
+/// afterwards) and runs `on_signal` on a dedicated thread for each one that arrives.
+///
+/// Call it before starting other threads. Child processes inherit the blocked mask, so
+/// [`unblock_in_child`] must run between fork and exec.
+pub fn handle_termination<F>(mut on_signal: F) -> Result<(), SignalError>
+where
+    F: FnMut(Signal) + Send + 'static,
+{
+    let set = termination_signals();
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(SignalError::Mask)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            match set.wait() {
+                Ok(signal) => on_signal(signal),
+                Err(e) => {
+                    log::error!("sigwait failed: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(SignalError::Thread)?;
+    Ok(())
+}
+
+/// Restores the default mask; for use in `Command::pre_exec`, where only async-signal-safe
+/// calls are allowed (sigprocmask is).
+pub fn unblock_in_child() -> std::io::Result<()> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&termination_signals()), None)
+        .map_err(std::io::Error::from)
+}

@@ -1,0 +1,235 @@
+//! `splitvmm xs|list|destroy`: the store from the command line.
+//!
+//! Reads, writes, listings and removals go through the `xenstore-rs` client (the same code a
+//! third-party tool would use); watches and domain release need operations that client lacks,
+//! so they use this project's own client.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use ipc::xenstore::client::StoreClient;
+use xenstore_rs::unix::XsUnix;
+use xenstore_rs::Xs;
+
+/// Where the store is, for commands that talk to a running one.
+#[derive(Args, Debug)]
+pub struct StoreArg {
+    /// The store's privileged socket [default: $SPLITVMM_STORE, then $XENSTORED_PATH, then
+    /// <tmp>/splitvmm/xenstored.sock, where `splitvmm up` puts it by default].
+    #[arg(long = "store", value_name = "PATH")]
+    store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    /// The socket path to use.
+    pub fn path(&self) -> PathBuf {
+        self.store
+            .clone()
+            .or_else(|| std::env::var_os("SPLITVMM_STORE").map(PathBuf::from))
+            .or_else(|| std::env::var_os("XENSTORED_PATH").map(PathBuf::from))
+            .unwrap_or_else(|| std::env::temp_dir().join("splitvmm").join("xenstored.sock"))
+    }
+}
+
+/// One store operation.
+#[derive(Subcommand, Debug)]
+pub enum XsOp {
+    /// Print a node's value.
+    Read { path: String },
+    /// Set a node's value, creating it and its parents.
+    Write { path: String, value: String },
+    /// Print a subtree as `path = "value"` lines.
+    Ls {
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Remove a node and everything below it.
+    Rm { path: String },
+    /// Print the paths of changes below a node (the first event fires at registration).
+    Watch {
+        path: String,
+        /// Stop after this many events.
+        #[arg(short = 'n', long)]
+        count: Option<u64>,
+        /// Fail if no event arrives within this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+    },
+    /// Wait until a node holds a value (for scripts walking xenbus states).
+    Wait {
+        path: String,
+        value: String,
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        timeout: u64,
+    },
+}
+
+/// Connects xenstore-rs to `socket`. It finds its socket through `XENSTORED_PATH`, and falls
+/// back to `/dev/xen/xenbus` when the socket is absent, so check the socket first for a clear
+/// error.
+fn xenstore_rs_client(socket: &Path) -> Result<XsUnix> {
+    std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("cannot reach the store at {}", socket.display()))?;
+    // The CLI is single-threaded at this point, so changing the environment races nobody.
+    std::env::set_var("XENSTORED_PATH", socket);
+    XsUnix::new().with_context(|| format!("connecting to the store at {}", socket.display()))
+}
+
+fn own_client(socket: &Path) -> Result<StoreClient> {
+    StoreClient::connect(socket)
+        .with_context(|| format!("cannot reach the store at {}", socket.display()))
+}
+
+/// Runs one `splitvmm xs` operation.
+pub fn run(socket: &Path, op: XsOp) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match op {
+        XsOp::Read { path } => {
+            let value = xenstore_rs_client(socket)?
+                .read(&path)
+                .with_context(|| format!("read {path}"))?;
+            writeln!(out, "{value}")?;
+        }
+        XsOp::Write { path, value } => {
+            xenstore_rs_client(socket)?
+                .write(&path, &value)
+                .with_context(|| format!("write {path}"))?;
+        }
+        XsOp::Rm { path } => {
+            xenstore_rs_client(socket)?
+                .rm(&path)
+                .with_context(|| format!("rm {path}"))?;
+        }
+        XsOp::Ls { path } => {
+            let client = xenstore_rs_client(socket)?;
+            print_tree(&client, &path, &mut out)?;
+        }
+        XsOp::Watch {
+            path,
+            count,
+            timeout,
+        } => {
+            let mut client = own_client(socket)?;
+            client
+                .watch(&path, "splitvmm-xs")
+                .with_context(|| format!("watch {path}"))?;
+            let mut seen = 0u64;
+            while count.is_none_or(|c| seen < c) {
+                let event = client
+                    .read_watch_event(timeout.map(Duration::from_secs))
+                    .context("waiting for a watch event")?;
+                let Some(event) = event else {
+                    bail!("no change below {path} within {}s", timeout.unwrap_or(0));
+                };
+                writeln!(out, "{}", event.path)?;
+                out.flush()?;
+                seen += 1;
+            }
+        }
+        XsOp::Wait {
+            path,
+            value,
+            timeout,
+        } => {
+            let mut client = own_client(socket)?;
+            client.watch(&path, "splitvmm-wait")?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                if let Ok(current) = client.read(&path) {
+                    if current == value.as_bytes() {
+                        break;
+                    }
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    bail!("{path} did not become {value:?} within {timeout}s");
+                }
+                client.read_watch_event(Some(left))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_tree(client: &XsUnix, path: &str, out: &mut impl Write) -> Result<()> {
+    let value = client.read(path).unwrap_or_default();
+    writeln!(out, "{path} = {value:?}")?;
+    let children = client
+        .directory(path)
+        .with_context(|| format!("list {path}"))?;
+    for child in children {
+        let child_path = if path.ends_with('/') {
+            format!("{path}{child}")
+        } else {
+            format!("{path}/{child}")
+        };
+        print_tree(client, &child_path, out)?;
+    }
+    Ok(())
+}
+
+/// `splitvmm list`: one line per domain the store knows.
+pub fn list_domains(socket: &Path) -> Result<ExitCode> {
+    let client = xenstore_rs_client(socket)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<6} {:<20} {:>8}", "ID", "NAME", "DEVICES")?;
+    for (domid, name) in domains(&client)? {
+        let devices = client
+            .directory(&format!("/local/domain/{domid}/device/vbd"))
+            .map(|d| d.len())
+            .unwrap_or(0);
+        writeln!(out, "{domid:<6} {name:<20} {devices:>8}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn domains(client: &XsUnix) -> Result<Vec<(u32, String)>> {
+    let mut domains = Vec::new();
+    for entry in client.directory("/local/domain").unwrap_or_default() {
+        let Ok(domid) = entry.parse::<u32>() else {
+            continue;
+        };
+        let name = client
+            .read(&format!("/local/domain/{domid}/name"))
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "-".to_owned());
+        domains.push((domid, name));
+    }
+    domains.sort();
+    Ok(domains)
+}
+
+/// `splitvmm destroy`: removes a domain's directory and its backend entries, and releases it
+/// so a reused id inherits nothing.
+pub fn destroy_domain(socket: &Path, domain: &str) -> Result<ExitCode> {
+    let client = xenstore_rs_client(socket)?;
+    let known = domains(&client)?;
+    let domid = match domain.parse::<u32>() {
+        Ok(id) => known.iter().find(|(d, _)| *d == id),
+        Err(_) => known.iter().find(|(_, n)| n == domain),
+    }
+    .map(|(d, _)| *d)
+    .with_context(|| format!("no domain named or numbered {domain:?} in the store"))?;
+    if domid == 0 {
+        bail!("domain 0 is the control domain and cannot be destroyed");
+    }
+    for (backend, _) in &known {
+        for kind in ["vbd", "vif"] {
+            let dir = format!("/local/domain/{backend}/backend/{kind}/{domid}");
+            if client.read(&dir).is_ok() {
+                client.rm(&dir).with_context(|| format!("rm {dir}"))?;
+            }
+        }
+    }
+    let path = format!("/local/domain/{domid}");
+    client.rm(&path).with_context(|| format!("rm {path}"))?;
+    let mut own = own_client(socket)?;
+    own.release(domid)
+        .with_context(|| format!("release domain {domid}"))?;
+    println!("destroyed domain {domid}");
+    Ok(ExitCode::SUCCESS)
+}
