@@ -12,7 +12,10 @@
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+use std::time::{Duration, Instant};
+
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
@@ -116,6 +119,41 @@ impl ControlChannel {
     /// Receives one message and the descriptors that came with it. Descriptors are owned
     /// (and closed on drop) even when the message itself is rejected.
     pub fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), ChannelError> {
+        self.receive(MsgFlags::empty())?.ok_or(ChannelError::Closed)
+    }
+
+    /// Like [`ControlChannel::recv`], but waits at most `timeout`; `None` if nothing came.
+    pub fn recv_timeout<T: DeserializeOwned>(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(message) = self.try_recv()? {
+                return Ok(Some(message));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let millis = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(millis)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(ChannelError::Io(e)),
+            }
+        }
+    }
+
+    /// Like [`ControlChannel::recv`], but returns `None` at once when no message is waiting.
+    pub fn try_recv<T: DeserializeOwned>(&self) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
+        self.receive(MsgFlags::MSG_DONTWAIT)
+    }
+
+    fn receive<T: DeserializeOwned>(
+        &self,
+        flags: MsgFlags,
+    ) -> Result<Option<(T, Vec<OwnedFd>)>, ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let (len, fds, truncated) = loop {
@@ -124,7 +162,7 @@ impl ControlChannel {
                 self.socket.as_raw_fd(),
                 &mut iov,
                 Some(&mut cmsg_space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
+                MsgFlags::MSG_CMSG_CLOEXEC | flags,
             ) {
                 Ok(msg) => {
                     let mut fds = Vec::new();
@@ -143,6 +181,7 @@ impl ControlChannel {
                     break (msg.bytes, fds, truncated);
                 }
                 Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(None),
                 Err(Errno::ECONNRESET) => return Err(ChannelError::Closed),
                 Err(e) => return Err(ChannelError::Io(e)),
             }
@@ -154,7 +193,7 @@ impl ControlChannel {
             return Err(ChannelError::Closed);
         }
         let envelope: Envelope<T> = decode(&buf[..len])?;
-        Ok((envelope.body, fds))
+        Ok(Some((envelope.body, fds)))
     }
 
     /// The socket, for polling.
@@ -282,6 +321,27 @@ mod tests {
             a.send(&Msg::Bytes(vec![]), &fds),
             Err(ChannelError::TooManyFds(_))
         ));
+    }
+
+    #[test]
+    fn try_recv_returns_none_when_idle() {
+        let (a, b) = ControlChannel::pair().unwrap();
+        assert!(b.try_recv::<Msg>().unwrap().is_none());
+        a.send(&Msg::Bytes(vec![1]), &[]).unwrap();
+        let (msg, fds) = b.try_recv::<Msg>().unwrap().unwrap();
+        assert_eq!(msg, Msg::Bytes(vec![1]));
+        assert!(fds.is_empty());
+        let started = Instant::now();
+        assert!(b
+            .recv_timeout::<Msg>(Duration::from_millis(50))
+            .unwrap()
+            .is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        a.send(&Msg::Bytes(vec![2]), &[]).unwrap();
+        let got = b.recv_timeout::<Msg>(Duration::from_secs(5)).unwrap();
+        assert_eq!(got.unwrap().0, Msg::Bytes(vec![2]));
+        drop(a);
+        assert!(matches!(b.try_recv::<Msg>(), Err(ChannelError::Closed)));
     }
 
     #[test]

@@ -2,5 +2,6 @@
 //! descriptors attached (`SCM_RIGHTS`).
 
 mod channel;
+pub mod messages;
 
 pub use channel::{ChannelError, ControlChannel, MAX_FDS, MAX_MESSAGE, PROTOCOL_VERSION};

@@ -1,0 +1,103 @@
+//! The management vocabulary between the toolstack (dom0) and the domains it starts.
+//!
+//! The store carries the xenbus negotiation; these messages carry what the store cannot:
+//! descriptors (disk images, pre-connected vhost-user sockets) and results. Each message says
+//! which descriptors travel with it, in order.
+
+use serde::{Deserialize, Serialize};
+
+/// Descriptor numbers a domain process finds at start-up.
+pub mod fds {
+    /// The domain's store connection, already bound to its domain id.
+    pub const STORE: i32 = 3;
+    /// The domain's control channel to the toolstack.
+    pub const CONTROL: i32 = 4;
+}
+
+/// Toolstack to driver domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendRequest {
+    /// Serve a block device to `frontend`. Descriptors: `[image file, backend end of the
+    /// vhost-user connection]`. The backend starts once the store directory for
+    /// (`frontend`, `devid`) appears.
+    ServeBlock {
+        frontend: u32,
+        devid: u32,
+        readonly: bool,
+    },
+    /// Report per-device counters.
+    Stats,
+    /// Stop serving everything and exit.
+    Shutdown,
+}
+
+/// Driver domain to toolstack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendEvent {
+    /// The driver domain is up and watching its backend directories.
+    Ready,
+    /// Answer to [`BackendRequest::Stats`].
+    Stats(Vec<BackendDeviceStats>),
+    /// A device failed; the others keep running.
+    DeviceFailed {
+        frontend: u32,
+        devid: u32,
+        reason: String,
+    },
+}
+
+/// Counters of one backend device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendDeviceStats {
+    pub frontend: u32,
+    pub devid: u32,
+    /// Sessions served (attach and re-attach each start one).
+    pub sessions: u64,
+}
+
+/// Toolstack to a process-domain guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestRequest {
+    /// A block device is being attached. Descriptors: `[frontend end of the vhost-user
+    /// connection]`. The guest connects when its backend reaches InitWait.
+    AttachBlock { devid: u32 },
+    /// Write a pattern derived from `seed` over the first `bytes` of the disk (unless
+    /// `verify_only`) and read it back.
+    DiskCheck {
+        devid: u32,
+        seed: u64,
+        bytes: u64,
+        verify_only: bool,
+    },
+    /// Report counters and exit.
+    Shutdown,
+}
+
+/// A process-domain guest to the toolstack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestEvent {
+    /// The device walked to Connected.
+    Connected { devid: u32, sectors: u64 },
+    /// The device walked to Closed (after the backend asked, or on shutdown).
+    Closed { devid: u32 },
+    /// Result of a [`GuestRequest::DiskCheck`].
+    DiskCheck {
+        devid: u32,
+        passed: bool,
+        detail: String,
+    },
+    /// Something went wrong with a device; the guest keeps its other devices.
+    DeviceFailed { devid: u32, reason: String },
+    /// Final counters, sent before exiting.
+    Stats(GuestStats),
+}
+
+/// Counters of a process-domain guest, summed over its devices and sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    pub requests: u64,
+    pub bytes: u64,
+    pub kicks_sent: u64,
+    pub kicks_suppressed: u64,
+    pub interrupts: u64,
+}
