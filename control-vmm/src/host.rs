@@ -1,0 +1,399 @@
+//! A running host: the store, the driver domain and the guests, as `splitvmm up` brings them
+//! up, with the operations the toolstack performs on them (attach, detach, checks, shutdown).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipc::control::messages::{BackendEvent, BackendRequest, GuestEvent, GuestRequest, GuestStats};
+use ipc::control::ControlChannel;
+use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
+use ipc::xenstore::client::StoreClient;
+use ipc::xenstore::server::{spawn as spawn_store, StoreConfig, StoreHandle};
+
+use crate::config::{DiskConfig, HostConfig};
+use crate::domains;
+use crate::supervisor::DomainProcess;
+
+/// How long a device may take to walk to Connected or Closed.
+pub const WALK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a disk check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One domain process with its control channel.
+struct Domain<Req> {
+    domid: u32,
+    name: String,
+    process: DomainProcess,
+    channel: ControlChannel,
+    _request: std::marker::PhantomData<Req>,
+}
+
+/// A guest's place in the host.
+pub struct Guest {
+    domain: Domain<GuestRequest>,
+    disks: Vec<DiskConfig>,
+    /// Counters reported by the guest when it shut down.
+    pub stats: Option<GuestStats>,
+}
+
+/// Everything `splitvmm up` started.
+pub struct Host {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    store: StoreHandle,
+    store_thread: Option<std::thread::JoinHandle<()>>,
+    client: StoreClient,
+    driver: Domain<BackendRequest>,
+    guests: BTreeMap<String, Guest>,
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the splitvmm binary")?;
+    let dir = exe.parent().context("splitvmm binary has no directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to splitvmm (build the workspace: cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Opens (creating or growing as asked) a disk image for the driver domain.
+fn open_image(disk: &DiskConfig) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!disk.readonly)
+        .create(disk.size_mib.is_some() && !disk.readonly)
+        .truncate(false)
+        .open(&disk.image)
+        .with_context(|| format!("opening disk image {}", disk.image.display()))?;
+    if let Some(mib) = disk.size_mib {
+        let want = mib * 1024 * 1024;
+        let len = file.metadata()?.len();
+        if len < want && !disk.readonly {
+            file.set_len(want)
+                .with_context(|| format!("sizing {} to {mib} MiB", disk.image.display()))?;
+        }
+    }
+    Ok(file)
+}
+
+impl Host {
+    /// Starts the store, creates the domains in it and starts their processes.
+    pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&config.run_dir)
+            .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
+        let socket = config.store_socket();
+        let (store, store_thread) = spawn_store(StoreConfig {
+            socket: socket.clone(),
+            ..StoreConfig::default()
+        })
+        .with_context(|| format!("starting the store on {}", socket.display()))?;
+        let mut client = StoreClient::connect(&socket).context("connecting to the store")?;
+        log::info!("store listening on {}", socket.display());
+
+        let dd = &config.driver_domain;
+        domains::create_domain(&mut client, dd.domid, &dd.name)?;
+        let mut command = Command::new(sibling_binary("driver-domain")?);
+        command
+            .arg("managed")
+            .arg("--domid")
+            .arg(dd.domid.to_string());
+        let driver = Self::start_domain(&store, dd.domid, &dd.name, command)?;
+        let mut host = Host {
+            started,
+            stop,
+            store,
+            store_thread: Some(store_thread),
+            client,
+            driver,
+            guests: BTreeMap::new(),
+        };
+        match host.driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
+            Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
+            other => bail!("driver domain did not report ready: {other:?}"),
+        }
+
+        for guest in &config.guests {
+            domains::create_domain(&mut host.client, guest.domid, &guest.name)?;
+            let mut command = Command::new(sibling_binary("process-guest")?);
+            command
+                .arg("--domid")
+                .arg(guest.domid.to_string())
+                .arg("--name")
+                .arg(&guest.name);
+            let domain = Self::start_domain(&host.store, guest.domid, &guest.name, command)?;
+            host.guests.insert(
+                guest.name.clone(),
+                Guest {
+                    domain,
+                    disks: guest.disks.clone(),
+                    stats: None,
+                },
+            );
+        }
+        Ok(host)
+    }
+
+    fn start_domain<Req>(
+        store: &StoreHandle,
+        domid: u32,
+        name: &str,
+        command: Command,
+    ) -> Result<Domain<Req>> {
+        let store_conn: OwnedFd = store
+            .connect_domain(domid)
+            .with_context(|| format!("connecting {name} to the store"))?
+            .into();
+        let (ours, theirs) = ControlChannel::pair()?;
+        let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
+        Ok(Domain {
+            domid,
+            name: name.to_owned(),
+            process,
+            channel: ours,
+            _request: std::marker::PhantomData,
+        })
+    }
+
+    /// Prints a progress line with the time since bring-up started.
+    pub fn progress(&self, what: &str) {
+        println!("[{:7.2}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn check_stop(&self) -> Result<()> {
+        if self.stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    /// Names of the guests, in order.
+    pub fn guest_names(&self) -> Vec<String> {
+        self.guests.keys().cloned().collect()
+    }
+
+    /// The disks of guest `name`.
+    pub fn disks(&self, name: &str) -> Vec<DiskConfig> {
+        self.guests
+            .get(name)
+            .map(|g| g.disks.clone())
+            .unwrap_or_default()
+    }
+
+    fn guest(&self, name: &str) -> Result<&Guest> {
+        self.guests
+            .get(name)
+            .ok_or_else(|| anyhow!("no guest named {name}"))
+    }
+
+    fn device(&self, guest: &str, devid: u32) -> Result<DeviceId> {
+        Ok(DeviceId {
+            kind: DeviceKind::Vbd,
+            backend: self.driver.domid,
+            frontend: self.guest(guest)?.domain.domid,
+            devid,
+        })
+    }
+
+    /// Waits for the next event from a guest, failing on timeout, stop or a dead guest.
+    fn guest_event(&mut self, name: &str, timeout: Duration) -> Result<GuestEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_stop()?;
+            let guest = self
+                .guests
+                .get_mut(name)
+                .ok_or_else(|| anyhow!("no guest named {name}"))?;
+            if let Some(status) = guest.domain.process.try_wait()? {
+                bail!("{name} exited ({})", crate::supervisor::describe(&status));
+            }
+            if let Some((event, _)) = guest
+                .domain
+                .channel
+                .recv_timeout::<GuestEvent>(Duration::from_millis(100))?
+            {
+                return Ok(event);
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not answer within {timeout:?}");
+            }
+        }
+    }
+
+    /// Attaches disk `disk` to guest `name`: hands the image and one end of a fresh
+    /// vhost-user connection to the driver domain, the other end to the guest, writes both
+    /// device directories, and waits for the guest to report Connected.
+    pub fn attach_disk(&mut self, name: &str, disk: &DiskConfig) -> Result<u64> {
+        let dev = self.device(name, disk.devid)?;
+        let image = open_image(disk)?;
+        let (backend_end, frontend_end) =
+            UnixStream::pair().context("creating the vhost-user connection")?;
+        self.driver.channel.send(
+            &BackendRequest::ServeBlock {
+                frontend: dev.frontend,
+                devid: dev.devid,
+                readonly: disk.readonly,
+            },
+            &[image.as_fd(), backend_end.as_fd()],
+        )?;
+        self.guest(name)?.domain.channel.send(
+            &GuestRequest::AttachBlock { devid: dev.devid },
+            &[frontend_end.as_fd()],
+        )?;
+        drop((image, backend_end, frontend_end));
+        let mode = if disk.readonly { "r" } else { "w" };
+        domains::add_device(
+            &mut self.client,
+            &dev,
+            &[
+                (keys::MODE, mode.to_owned()),
+                (keys::TYPE, "file".to_owned()),
+                (keys::PARAMS, disk.image.display().to_string()),
+                (keys::TRANSPORT, "vhost-user".to_owned()),
+                (keys::VHOST_USER, "fd".to_owned()),
+            ],
+            &[(keys::VIRTUAL_DEVICE, dev.devid.to_string())],
+        )?;
+        match self.guest_event(name, WALK_TIMEOUT)? {
+            GuestEvent::Connected { devid, sectors } if devid == dev.devid => {
+                self.progress(&format!(
+                    "{name}: vbd {devid} Connected ({} MiB)",
+                    sectors / 2048
+                ));
+                Ok(sectors)
+            }
+            other => bail!("{name}: attaching vbd {}: {other:?}", dev.devid),
+        }
+    }
+
+    /// Detaches disk `devid` from guest `name` with the xenbus walk: online=0 and backend
+    /// Closing; both sides reach Closed; the directories are removed.
+    pub fn detach_disk(&mut self, name: &str, devid: u32) -> Result<()> {
+        let dev = self.device(name, devid)?;
+        domains::request_close(&mut self.client, &dev)?;
+        match self.guest_event(name, WALK_TIMEOUT)? {
+            GuestEvent::Closed { devid: d } if d == devid => {}
+            other => bail!("{name}: detaching vbd {devid}: {other:?}"),
+        }
+        domains::wait_for_state(
+            &mut self.client,
+            &dev.backend_path(),
+            XenbusState::Closed,
+            WALK_TIMEOUT,
+        )?;
+        domains::remove_device(&mut self.client, &dev)?;
+        self.progress(&format!("{name}: vbd {devid} detached"));
+        Ok(())
+    }
+
+    /// Asks guest `name` to write (unless `verify_only`) and verify a pattern on a disk.
+    pub fn disk_check(
+        &mut self,
+        name: &str,
+        devid: u32,
+        seed: u64,
+        bytes: u64,
+        verify_only: bool,
+    ) -> Result<bool> {
+        self.guest(name)?.domain.channel.send(
+            &GuestRequest::DiskCheck {
+                devid,
+                seed,
+                bytes,
+                verify_only,
+            },
+            &[],
+        )?;
+        match self.guest_event(name, CHECK_TIMEOUT)? {
+            GuestEvent::DiskCheck {
+                devid: d,
+                passed,
+                detail,
+            } if d == devid => {
+                let verdict = if passed { "passed" } else { "FAILED" };
+                self.progress(&format!("{name}: vbd {devid} check {verdict}: {detail}"));
+                Ok(passed)
+            }
+            other => bail!("{name}: disk check on vbd {devid}: {other:?}"),
+        }
+    }
+
+    /// The store client, for reads by the caller (tests, the final table).
+    pub fn store_client(&mut self) -> &mut StoreClient {
+        &mut self.client
+    }
+
+    /// Stops every guest (collecting its counters), then the driver domain, then the store.
+    /// Returns the guests' counters and whether every process exited cleanly.
+    pub fn shut_down(mut self) -> (Vec<(String, u32, Option<GuestStats>)>, bool) {
+        let mut clean = true;
+        let mut stats = Vec::new();
+        for (name, guest) in self.guests.iter_mut() {
+            let _ = guest.domain.channel.send(&GuestRequest::Shutdown, &[]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match guest
+                    .domain
+                    .channel
+                    .recv_timeout::<GuestEvent>(Duration::from_millis(200))
+                {
+                    Ok(Some((GuestEvent::Stats(s), _))) => {
+                        guest.stats = Some(s);
+                        break;
+                    }
+                    Ok(Some(_)) | Ok(None) => continue,
+                    Err(_) => break,
+                }
+            }
+            match guest.domain.process.wait_timeout(Duration::from_secs(10)) {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => {
+                    log::error!("{name} {}", crate::supervisor::describe(&status));
+                    clean = false;
+                }
+                _ => {
+                    log::error!("{name} did not exit; stopping it");
+                    guest.domain.process.stop();
+                    clean = false;
+                }
+            }
+            stats.push((name.clone(), guest.domain.domid, guest.stats));
+        }
+        let _ = self.driver.channel.send(&BackendRequest::Shutdown, &[]);
+        match self.driver.process.wait_timeout(Duration::from_secs(10)) {
+            Ok(Some(status)) if status.success() => {}
+            other => {
+                log::error!("{} did not exit cleanly: {other:?}", self.driver.name);
+                self.driver.process.stop();
+                clean = false;
+            }
+        }
+        self.store.shutdown();
+        if let Some(thread) = self.store_thread.take() {
+            let _ = thread.join();
+        }
+        (stats, clean)
+    }
+
+    /// The run directory's store socket path, for messages.
+    pub fn store_path(config: &HostConfig) -> PathBuf {
+        config.store_socket()
+    }
+
+    /// Whether `path` is a live socket somebody could connect to.
+    pub fn socket_exists(path: &Path) -> bool {
+        UnixStream::connect(path).is_ok()
+    }
+}
