@@ -59,7 +59,7 @@ where
         }
         match client.transaction_end(tx, true) {
             Ok(()) => return Ok(()),
-            Err(ClientError::Store(XsError::EAGAIN)) => continue,
+            Err(e) if e.xs_error() == Some(XsError::EAGAIN) => continue,
             Err(e) => return Err(store_err("transaction")(e)),
         }
     }
@@ -95,14 +95,16 @@ pub fn create_domain(client: &mut StoreClient, domid: u32, name: &str) -> Result
         write_with_perms(c, tx, &format!("{dom}/backend"), "", &perms(domid, &[0]))?;
         Ok(())
     })?;
-    client.introduce(domid).map_err(store_err(&dom))
+    // Over sockets the ring page and event channel mean nothing (docs/store.md).
+    client.introduce(domid, 0, 0).map_err(store_err(&dom))
 }
 
 /// Removes a domain's directory and releases it, so a reused id inherits nothing.
 pub fn destroy_domain(client: &mut StoreClient, domid: u32) -> Result<(), DomainError> {
     let dom = domain_path(domid);
     match client.rm(&dom) {
-        Ok(()) | Err(ClientError::Store(XsError::ENOENT)) => {}
+        Ok(()) => {}
+        Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
         Err(e) => return Err(store_err(&dom)(e)),
     }
     client.release(domid).map_err(store_err(&dom))
@@ -161,7 +163,8 @@ pub fn request_close(client: &mut StoreClient, dev: &DeviceId) -> Result<(), Dom
 pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), DomainError> {
     for path in [dev.frontend_path(), dev.backend_path()] {
         match client.rm(&path) {
-            Ok(()) | Err(ClientError::Store(XsError::ENOENT)) => {}
+            Ok(()) => {}
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
             Err(e) => return Err(store_err(&path)(e)),
         }
     }
@@ -175,7 +178,7 @@ pub fn read_state(client: &mut StoreClient, dir: &str) -> Result<XenbusState, Do
         Ok(bytes) => Ok(String::from_utf8_lossy(&bytes)
             .parse()
             .unwrap_or(XenbusState::Unknown)),
-        Err(ClientError::Store(XsError::ENOENT)) => Ok(XenbusState::Closed),
+        Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(XenbusState::Closed),
         Err(e) => Err(store_err(&path)(e)),
     }
 }
@@ -205,9 +208,10 @@ pub fn wait_for_state(
                 waited: timeout,
             });
         }
-        client
-            .read_watch_event(Some(left))
-            .map_err(store_err(&path))?;
+        match client.read_watch_event(Some(left)) {
+            Ok(_) | Err(ClientError::Timeout) => {}
+            Err(e) => return Err(store_err(&path)(e)),
+        }
     };
     let _ = client.unwatch(&path, &token);
     result

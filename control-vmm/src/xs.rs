@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ipc::xenstore::client::StoreClient;
+use ipc::xenstore::client::{ClientError, StoreClient};
 use xenstore_rs::unix::XsUnix;
 use xenstore_rs::Xs;
 
@@ -119,11 +119,12 @@ pub fn run(socket: &Path, op: XsOp) -> Result<ExitCode> {
                 .with_context(|| format!("watch {path}"))?;
             let mut seen = 0u64;
             while count.is_none_or(|c| seen < c) {
-                let event = client
-                    .read_watch_event(timeout.map(Duration::from_secs))
-                    .context("waiting for a watch event")?;
-                let Some(event) = event else {
-                    bail!("no change below {path} within {}s", timeout.unwrap_or(0));
+                let event = match client.read_watch_event(timeout.map(Duration::from_secs)) {
+                    Ok(event) => event,
+                    Err(ClientError::Timeout) => {
+                        bail!("no change below {path} within {}s", timeout.unwrap_or(0))
+                    }
+                    Err(e) => return Err(e).context("waiting for a watch event"),
                 };
                 writeln!(out, "{}", event.path)?;
                 out.flush()?;
@@ -148,7 +149,10 @@ pub fn run(socket: &Path, op: XsOp) -> Result<ExitCode> {
                 if left.is_zero() {
                     bail!("{path} did not become {value:?} within {timeout}s");
                 }
-                client.read_watch_event(Some(left))?;
+                match client.read_watch_event(Some(left)) {
+                    Ok(_) | Err(ClientError::Timeout) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }

@@ -100,7 +100,10 @@ impl ManagedGuest {
                 }
             }
             // Level-triggered: every wake-up re-reads the states that matter.
-            self.store.read_watch_event(Some(TICK))?;
+            match self.store.read_watch_event(Some(TICK)) {
+                Ok(_) | Err(ClientError::Timeout) => {}
+                Err(e) => return Err(e.into()),
+            }
             let devids: Vec<u32> = self.devices.keys().copied().collect();
             for devid in devids {
                 if let Err(reason) = self.step(devid) {
@@ -133,7 +136,7 @@ impl ManagedGuest {
             Ok(v) => String::from_utf8_lossy(&v)
                 .parse()
                 .map_err(|e| format!("{dir}: {e}")),
-            Err(ClientError::Store(ipc::xenstore::wire::XsError::ENOENT)) => {
+            Err(e) if e.xs_error() == Some(ipc::xenstore::wire::XsError::ENOENT) => {
                 Ok(XenbusState::Closed)
             }
             Err(e) => Err(format!("{dir}: {e}")),
@@ -158,7 +161,7 @@ impl ManagedGuest {
         let backend = match self.store.read(&format!("{dir}/{}", keys::BACKEND)) {
             Ok(v) => String::from_utf8_lossy(&v).into_owned(),
             // The toolstack has not written the directory yet.
-            Err(ClientError::Store(ipc::xenstore::wire::XsError::ENOENT)) => return Ok(()),
+            Err(e) if e.xs_error() == Some(ipc::xenstore::wire::XsError::ENOENT) => return Ok(()),
             Err(e) => return Err(format!("reading {dir}/backend: {e}")),
         };
         let backend_state = self.read_state(&backend)?;

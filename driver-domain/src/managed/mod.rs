@@ -1,0 +1,367 @@
+//! Managed mode: the driver domain as `splitvmm up` runs it.
+//!
+//! The driver domain is an unprivileged store client (its store connection, fd 3, is bound to
+//! its domain id) and gets everything else over its control channel (fd 4): each device's
+//! disk image and the backend end of a pre-connected vhost-user socket. It opens no path after
+//! start-up. It watches its backend directories and walks the backend half of the xenbus
+//! state machine for each device (see docs/protocol.md):
+//!
+//! Initialising --(handed fds)--> InitWait --(frontend Initialised)--> Connected
+//!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
+
+mod session;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest};
+use ipc::control::{ChannelError, ControlChannel};
+use ipc::xenbus::{backend_kind_dir, keys, DeviceId, DeviceKind, XenbusState};
+use ipc::xenstore::client::{ClientError, StoreClient};
+use ipc::xenstore::wire::XsError;
+
+use session::Session;
+
+/// Errors that end the driver domain.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagedError {
+    #[error("store")]
+    Store(#[from] ClientError),
+    #[error("control channel")]
+    Control(#[from] ChannelError),
+}
+
+/// How often the loop wakes up when nothing happens.
+const TICK: Duration = Duration::from_millis(20);
+/// How long a closing backend waits for its frontend to close before closing anyway.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// What the toolstack handed over for a device, waiting for its store directory.
+struct Handed {
+    image: File,
+    connection: UnixStream,
+    readonly: bool,
+}
+
+/// One backend device.
+struct Device {
+    id: DeviceId,
+    state: XenbusState,
+    session: Option<Session>,
+    closing_since: Option<Instant>,
+}
+
+/// The driver domain in managed mode.
+pub struct ManagedDriverDomain {
+    domid: u32,
+    store: StoreClient,
+    control: ControlChannel,
+    handed: HashMap<(u32, u32), Handed>,
+    devices: BTreeMap<(u32, u32), Device>,
+    sessions: HashMap<(u32, u32), u64>,
+}
+
+impl ManagedDriverDomain {
+    /// Takes over the descriptors `splitvmm up` handed this process.
+    ///
+    /// # Safety
+    /// fds 3 and 4 must be the store connection and the control channel, owned by nobody
+    /// else in this process.
+    pub unsafe fn from_inherited_fds(domid: u32) -> ManagedDriverDomain {
+        // SAFETY: the caller guarantees both descriptors are ours alone.
+        let (store, control) = unsafe {
+            (
+                UnixStream::from_raw_fd(fds::STORE),
+                OwnedFd::from_raw_fd(fds::CONTROL),
+            )
+        };
+        ManagedDriverDomain {
+            domid,
+            store: StoreClient::from_stream(store),
+            control: ControlChannel::from_fd(control),
+            handed: HashMap::new(),
+            devices: BTreeMap::new(),
+            sessions: HashMap::new(),
+        }
+    }
+
+    /// Runs until the toolstack says shut down (Ok) or goes away (Err).
+    pub fn run(mut self) -> Result<(), ManagedError> {
+        let dir = backend_kind_dir(self.domid, DeviceKind::Vbd);
+        self.store.watch(&dir, "vbd")?;
+        self.control.send(&BackendEvent::Ready, &[])?;
+        loop {
+            while let Some((request, fds)) = self.control.try_recv::<BackendRequest>()? {
+                match request {
+                    BackendRequest::ServeBlock {
+                        frontend,
+                        devid,
+                        readonly,
+                    } => self.take_handed(frontend, devid, readonly, fds),
+                    BackendRequest::Stats => {
+                        let stats = self.stats();
+                        self.control.send(&BackendEvent::Stats(stats), &[])?;
+                    }
+                    BackendRequest::Shutdown => {
+                        self.shut_down();
+                        return Ok(());
+                    }
+                }
+            }
+            match self.store.read_watch_event(Some(TICK)) {
+                Ok(_) | Err(ClientError::Timeout) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.scan()?;
+            let keys: Vec<(u32, u32)> = self.devices.keys().copied().collect();
+            for key in keys {
+                if let Err(reason) = self.step(key) {
+                    log::error!("vbd {}/{}: {reason}", key.0, key.1);
+                    self.fail(key, reason)?;
+                }
+            }
+        }
+    }
+
+    fn take_handed(&mut self, frontend: u32, devid: u32, readonly: bool, fds: Vec<OwnedFd>) {
+        let [image, connection]: [OwnedFd; 2] = match fds.try_into() {
+            Ok(pair) => pair,
+            Err(fds) => {
+                log::error!(
+                    "vbd {frontend}/{devid}: expected an image and a connection, got {} fds",
+                    fds.len()
+                );
+                return;
+            }
+        };
+        self.handed.insert(
+            (frontend, devid),
+            Handed {
+                image: File::from(image),
+                connection: UnixStream::from(connection),
+                readonly,
+            },
+        );
+    }
+
+    /// Finds device directories the toolstack created (and notices removed ones).
+    fn scan(&mut self) -> Result<(), ManagedError> {
+        let dir = backend_kind_dir(self.domid, DeviceKind::Vbd);
+        let mut present = Vec::new();
+        for frontend in self.list(&dir)? {
+            let fe_dir = format!("{dir}/{frontend}");
+            for devid in self.list(&fe_dir)? {
+                let path = format!("{fe_dir}/{devid}");
+                if let Some(id) = DeviceId::from_backend_path(self.domid, DeviceKind::Vbd, &path) {
+                    present.push(id);
+                }
+            }
+        }
+        for id in &present {
+            self.devices
+                .entry((id.frontend, id.devid))
+                .or_insert_with(|| Device {
+                    id: *id,
+                    state: XenbusState::Initialising,
+                    session: None,
+                    closing_since: None,
+                });
+        }
+        // A directory removed under a live device: stop serving it.
+        let gone: Vec<(u32, u32)> = self
+            .devices
+            .keys()
+            .filter(|k| !present.iter().any(|id| (id.frontend, id.devid) == **k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(mut dev) = self.devices.remove(&key) {
+                if let Some(session) = dev.session.take() {
+                    log::warn!("{}: directory removed while serving; stopping", dev.id);
+                    session.stop();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&mut self, path: &str) -> Result<Vec<String>, ManagedError> {
+        match self.store.directory(path) {
+            Ok(entries) => Ok(entries),
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read(&mut self, path: &str) -> Result<Option<String>, String> {
+        match self.store.read(path) {
+            Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(None),
+            Err(e) => Err(format!("reading {path}: {e}")),
+        }
+    }
+
+    fn write(&mut self, path: &str, value: &str) -> Result<(), String> {
+        self.store
+            .write(path, value.as_bytes())
+            .map_err(|e| format!("writing {path}: {e}"))
+    }
+
+    fn set_state(&mut self, key: (u32, u32), state: XenbusState) -> Result<(), String> {
+        let Some(dev) = self.devices.get_mut(&key) else {
+            return Ok(());
+        };
+        let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
+        dev.state = state;
+        log::info!("{}: backend {state:?}", dev.id);
+        self.write(&path, &state.to_string())
+    }
+
+    /// One step of the backend half of the walk.
+    fn step(&mut self, key: (u32, u32)) -> Result<(), String> {
+        let Some(dev) = self.devices.get(&key) else {
+            return Ok(());
+        };
+        let id = dev.id;
+        let be = id.backend_path();
+        // The frontend path must be the one this backend's layout implies: a toolstack bug
+        // or a forged entry must not make us follow another domain's directory.
+        let fe = id.frontend_path();
+        if let Some(named) = self.read(&format!("{be}/{}", keys::FRONTEND))? {
+            if named != fe {
+                return Err(format!("frontend key names {named}, expected {fe}"));
+            }
+        }
+        let written = self
+            .read(&format!("{be}/{}", keys::STATE))?
+            .and_then(|s| s.parse::<XenbusState>().ok())
+            .unwrap_or(XenbusState::Unknown);
+        let online = self.read(&format!("{be}/{}", keys::ONLINE))?;
+        let fe_state = self
+            .read(&format!("{fe}/{}", keys::STATE))?
+            .map(|s| s.parse::<XenbusState>().unwrap_or(XenbusState::Unknown))
+            // A vanished frontend directory reads as Closed.
+            .unwrap_or(XenbusState::Closed);
+        let ours = dev.state;
+        let close_requested = written == XenbusState::Closing
+            || online.as_deref() == Some("0")
+            || (ours >= XenbusState::InitWait
+                && matches!(fe_state, XenbusState::Closing | XenbusState::Closed));
+
+        // The toolstack removed and re-created the directory between two looks: a new
+        // attach of the same device.
+        if ours == XenbusState::Closed && written == XenbusState::Initialising {
+            if let Some(dev) = self.devices.get_mut(&key) {
+                dev.state = XenbusState::Initialising;
+                dev.closing_since = None;
+            }
+            return Ok(());
+        }
+        if close_requested && ours != XenbusState::Closed {
+            return self.close_step(key, fe_state);
+        }
+        match ours {
+            XenbusState::Initialising => self.start(key),
+            XenbusState::InitWait
+                if matches!(fe_state, XenbusState::Initialised | XenbusState::Connected) =>
+            {
+                self.set_state(key, XenbusState::Connected)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts serving once both the directory and the handed descriptors are here.
+    fn start(&mut self, key: (u32, u32)) -> Result<(), String> {
+        let Some(handed) = self.handed.remove(&key) else {
+            return Ok(());
+        };
+        let Some(dev) = self.devices.get(&key) else {
+            return Ok(());
+        };
+        let id = dev.id;
+        let be = id.backend_path();
+        let session = Session::start(id, handed.image, handed.connection, handed.readonly)?;
+        let sectors = session.capacity_sectors();
+        let readonly = handed.readonly;
+        if let Some(dev) = self.devices.get_mut(&key) {
+            dev.session = Some(session);
+        }
+        *self.sessions.entry(key).or_default() += 1;
+        self.write(&format!("{be}/{}", keys::SECTORS), &sectors.to_string())?;
+        self.write(&format!("{be}/{}", keys::SECTOR_SIZE), "512")?;
+        self.write(&format!("{be}/feature-flush-cache"), "1")?;
+        if !readonly {
+            self.write(&format!("{be}/feature-discard"), "1")?;
+        }
+        self.set_state(key, XenbusState::InitWait)
+    }
+
+    /// Closing: wait for the frontend to close (at most the grace period), then end the
+    /// session and report Closed.
+    fn close_step(&mut self, key: (u32, u32), fe_state: XenbusState) -> Result<(), String> {
+        let Some(dev) = self.devices.get_mut(&key) else {
+            return Ok(());
+        };
+        let since = *dev.closing_since.get_or_insert_with(Instant::now);
+        let frontend_done = matches!(
+            fe_state,
+            XenbusState::Closed | XenbusState::Initialising | XenbusState::Unknown
+        );
+        if !frontend_done && since.elapsed() < CLOSE_GRACE {
+            if dev.state != XenbusState::Closing {
+                dev.state = XenbusState::Closing;
+                log::info!("{}: backend Closing, waiting for the frontend", dev.id);
+            }
+            return Ok(());
+        }
+        if !frontend_done {
+            log::warn!("{}: frontend did not close within {CLOSE_GRACE:?}", dev.id);
+        }
+        if let Some(session) = dev.session.take() {
+            session.stop();
+        }
+        self.set_state(key, XenbusState::Closed)
+    }
+
+    fn fail(&mut self, key: (u32, u32), reason: String) -> Result<(), ManagedError> {
+        if let Some(mut dev) = self.devices.remove(&key) {
+            if let Some(session) = dev.session.take() {
+                session.stop();
+            }
+            let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
+            let _ = self.store.write(&path, XenbusState::Closed.to_string().as_bytes());
+        }
+        self.control.send(
+            &BackendEvent::DeviceFailed {
+                frontend: key.0,
+                devid: key.1,
+                reason,
+            },
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn stats(&self) -> Vec<BackendDeviceStats> {
+        self.sessions
+            .iter()
+            .map(|(&(frontend, devid), &sessions)| BackendDeviceStats {
+                frontend,
+                devid,
+                sessions,
+            })
+            .collect()
+    }
+
+    fn shut_down(&mut self) {
+        for (_, mut dev) in std::mem::take(&mut self.devices) {
+            if let Some(session) = dev.session.take() {
+                session.stop();
+            }
+        }
+    }
+}

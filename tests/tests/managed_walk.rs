@@ -1,0 +1,198 @@
+//! The xenbus walk between the real driver domain (a separate process in managed mode) and a
+//! frontend played by this test, step by step: attach, I/O, detach, re-attach. Also checks
+//! that the I/O window is the only guest memory the driver domain maps.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use control_vmm::domains;
+use control_vmm::supervisor::DomainProcess;
+use guest_frontend::process::{BlockFrontend, FrontendConfig};
+use ipc::control::messages::{BackendEvent, BackendRequest};
+use ipc::control::ControlChannel;
+use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
+use ipc::xenstore::client::StoreClient;
+use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
+use splitvmm_tests::workspace_bin;
+
+const DRIVER: u32 = 1;
+const GUEST: u32 = 2;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
+    let store_conn: OwnedFd = store.connect_domain(DRIVER).unwrap().into();
+    let (ours, theirs) = ControlChannel::pair().unwrap();
+    let mut cmd = Command::new(workspace_bin("driver-domain"));
+    cmd.args(["managed", "--domid", &DRIVER.to_string()]);
+    let process = DomainProcess::spawn("driver", cmd, vec![store_conn, theirs.into_fd()]).unwrap();
+    match ours.recv_timeout::<BackendEvent>(WAIT).unwrap() {
+        Some((BackendEvent::Ready, _)) => {}
+        other => panic!("driver domain not ready: {other:?}"),
+    }
+    (process, ours)
+}
+
+fn wait_state(client: &mut StoreClient, dir: &str, want: XenbusState) {
+    domains::wait_for_state(client, dir, want, WAIT)
+        .unwrap_or_else(|e| panic!("waiting for {dir} to be {want:?}: {e}"));
+}
+
+fn serve(ctl: &ControlChannel, image: &File, readonly: bool) -> UnixStream {
+    let (backend_end, frontend_end) = UnixStream::pair().unwrap();
+    ctl.send(
+        &BackendRequest::ServeBlock {
+            frontend: GUEST,
+            devid: 51712,
+            readonly,
+        },
+        &[image.as_fd(), backend_end.as_fd()],
+    )
+    .unwrap();
+    frontend_end
+}
+
+/// Memfd mappings of a process: (name, bytes).
+fn memfd_mappings(pid: u32) -> Vec<(String, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.contains("/memfd:"))
+        .map(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (start, end) = range.split_once('-').unwrap();
+            let len = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            let name = l.split("/memfd:").nth(1).unwrap().to_owned();
+            (name, len)
+        })
+        .collect()
+}
+
+#[test]
+fn attach_io_detach_reattach_through_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xs.sock");
+    let (store, thread) = spawn(StoreConfig::new(&socket)).unwrap();
+    let mut dom0 = StoreClient::connect(&socket).unwrap();
+    domains::create_domain(&mut dom0, DRIVER, "driver").unwrap();
+    domains::create_domain(&mut dom0, GUEST, "guest").unwrap();
+    let (driver, ctl) = start_driver_domain(&store);
+    let mut guest = StoreClient::from_stream(store.connect_domain(GUEST).unwrap());
+
+    let image_path = dir.path().join("disk.img");
+    let image = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image_path)
+        .unwrap();
+    image.set_len(8 << 20).unwrap();
+    let dev = DeviceId {
+        kind: DeviceKind::Vbd,
+        backend: DRIVER,
+        frontend: GUEST,
+        devid: 51712,
+    };
+    let (be, fe) = (dev.backend_path(), dev.frontend_path());
+
+    for round in 0..2u8 {
+        // Attach: descriptors first, then the directories; the backend must not leave
+        // Initialising before both are there.
+        let connection = serve(&ctl, &image, false);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(guest.read(&format!("{be}/state")).is_err() || round > 0);
+        domains::add_device(&mut dom0, &dev, &[("mode", "w".into())], &[]).unwrap();
+        wait_state(&mut dom0, &be, XenbusState::InitWait);
+        assert_eq!(guest.read(&format!("{be}/sectors")).unwrap(), b"16384");
+        // InitWait is not Connected: the backend waits for the frontend.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(guest.read(&format!("{be}/state")).unwrap(), b"2");
+
+        let frontend = BlockFrontend::connect(connection, FrontendConfig::default()).unwrap();
+        guest.write(&format!("{fe}/state"), b"3").unwrap();
+        wait_state(&mut dom0, &be, XenbusState::Connected);
+        guest.write(&format!("{fe}/state"), b"4").unwrap();
+
+        // I/O; the second round reads what the first wrote.
+        let mut buf = vec![0u8; 8192];
+        if round == 0 {
+            let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+            frontend.write(8, &data).unwrap();
+            frontend.flush().unwrap();
+        }
+        frontend.read(8, &mut buf).unwrap();
+        assert!(buf.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "round {round}");
+
+        // The driver domain maps exactly one memfd: this device's I/O window.
+        let maps = memfd_mappings(driver.pid().unwrap());
+        assert_eq!(maps.len(), 1, "driver domain memfd mappings: {maps:?}");
+        assert_eq!(maps[0].1, FrontendConfig::default().window_size as u64, "{maps:?}");
+
+        // Detach, as the toolstack does it.
+        domains::request_close(&mut dom0, &dev).unwrap();
+        frontend.shutdown().unwrap();
+        guest.write(&format!("{fe}/state"), b"5").unwrap();
+        guest.write(&format!("{fe}/state"), b"6").unwrap();
+        wait_state(&mut dom0, &be, XenbusState::Closed);
+        domains::remove_device(&mut dom0, &dev).unwrap();
+        // Nothing of the window stays mapped after the session ended.
+        let deadline = Instant::now() + WAIT;
+        while !memfd_mappings(driver.pid().unwrap()).is_empty() {
+            assert!(Instant::now() < deadline, "window still mapped after detach");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
+    let mut driver = driver;
+    let status = driver.wait_timeout(WAIT).unwrap().expect("driver domain exited");
+    assert!(status.success());
+    store.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+#[test]
+fn frontend_closing_on_its_own_ends_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("xs.sock");
+    let (store, thread) = spawn(StoreConfig::new(&socket)).unwrap();
+    let mut dom0 = StoreClient::connect(&socket).unwrap();
+    domains::create_domain(&mut dom0, DRIVER, "driver").unwrap();
+    domains::create_domain(&mut dom0, GUEST, "guest").unwrap();
+    let (_driver, ctl) = start_driver_domain(&store);
+    let mut guest = StoreClient::from_stream(store.connect_domain(GUEST).unwrap());
+    let image = tempfile::tempfile().unwrap();
+    image.set_len(1 << 20).unwrap();
+    let dev = DeviceId {
+        kind: DeviceKind::Vbd,
+        backend: DRIVER,
+        frontend: GUEST,
+        devid: 51712,
+    };
+    let connection = serve(&ctl, &image, true);
+    domains::add_device(&mut dom0, &dev, &[("mode", "r".into())], &[]).unwrap();
+    wait_state(&mut dom0, &dev.backend_path(), XenbusState::InitWait);
+    let frontend = BlockFrontend::connect(connection, FrontendConfig::default()).unwrap();
+    guest
+        .write(&format!("{}/state", dev.frontend_path()), b"3")
+        .unwrap();
+    wait_state(&mut dom0, &dev.backend_path(), XenbusState::Connected);
+    // A read-only disk refuses writes, and the session survives the refusal.
+    assert!(frontend.write(0, &[1u8; 512]).is_err());
+    let mut buf = [0u8; 512];
+    frontend.read(0, &mut buf).unwrap();
+    // The guest closes by itself (no toolstack request).
+    frontend.shutdown().unwrap();
+    guest
+        .write(&format!("{}/state", dev.frontend_path()), b"5")
+        .unwrap();
+    guest
+        .write(&format!("{}/state", dev.frontend_path()), b"6")
+        .unwrap();
+    wait_state(&mut dom0, &dev.backend_path(), XenbusState::Closed);
+    ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
+    store.shutdown();
+    thread.join().unwrap().unwrap();
+}
