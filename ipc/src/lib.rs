@@ -1,1 +1,2 @@
 //! Cross-domain primitives shared by every domain of splitvmm.
+pub mod xenstore;
