@@ -5,20 +5,20 @@
 //! [`tree`] (nodes and transactions), [`engine`] (I/O-free request handling),
 //! [`server`] (epoll daemon), [`client`] (blocking client). See `docs/store.md`.
 
-//pub mod client;
+pub mod client;
 pub mod engine;
 pub mod ops;
 pub mod path;
 pub mod perms;
-//pub mod server;
+pub mod server;
 pub mod tree;
 pub mod watch;
 pub mod wire;
 
-//pub use client::{ClientError, StoreClient};
+pub use client::{ClientError, StoreClient};
 pub use engine::{ConnId, DomainEvent, Engine};
 pub use perms::{Access, DomId, Perm, Perms};
-//pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle};
+pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle};
 pub use wire::{Message, MsgType, XsError};
 
 /// Limits for unprivileged domains. The defaults are C xenstored's

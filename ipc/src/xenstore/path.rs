@@ -90,6 +90,7 @@ pub fn is_at_or_below(path: &str, ancestor: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -215,7 +215,7 @@ impl FromStr for Perms {
     /// Accepts entries separated by spaces, commas or NULs.
     fn from_str(s: &str) -> Result<Perms, PermError> {
         let parts: Vec<&str> = s
-            .split(|c: char| c == ' ' || c == ',' || c == '\0')
+            .split([' ', ',', '\0'])
             .filter(|p| !p.is_empty())
             .collect();
         Perms::from_strs(&parts)
@@ -223,6 +223,7 @@ impl FromStr for Perms {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -86,6 +86,7 @@ impl Watch {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::xenstore::perms::Perms;

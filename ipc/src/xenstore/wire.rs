@@ -327,6 +327,7 @@ pub fn split_strings(payload: &[u8]) -> Option<Vec<&[u8]>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
