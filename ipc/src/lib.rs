@@ -5,3 +5,4 @@
 
 pub mod control;
 pub mod xenbus;
+pub mod xenstore;

@@ -1,0 +1,59 @@
+//! A xenstore-compatible store: Xen's wire protocol, node tree, permissions,
+//! watches, transactions and quotas, served over Unix sockets.
+//!
+//! Layers, bottom up: [`wire`] (framing), [`perms`] and [`path`] (rules),
+//! [`tree`] (nodes and transactions), [`engine`] (I/O-free request handling),
+//! [`server`] (epoll daemon), [`client`] (blocking client). See `docs/store.md`.
+
+pub mod client;
+pub mod engine;
+pub mod ops;
+pub mod path;
+pub mod perms;
+pub mod server;
+pub mod tree;
+pub mod watch;
+pub mod wire;
+
+pub use client::{ClientError, StoreClient};
+pub use engine::{ConnId, DomainEvent, Engine};
+pub use perms::{Access, DomId, Perm, Perms};
+pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle};
+pub use wire::{Message, MsgType, XsError};
+
+/// Limits for unprivileged domains. The defaults are C xenstored's
+/// (`tools/xenstored/core.c`: `quota_nb_entry_per_domain` etc.).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quotas {
+    /// Nodes a domain may own (1000).
+    pub nodes_per_domain: usize,
+    /// Watches a domain may hold over all its connections (128).
+    pub watches_per_domain: usize,
+    /// Largest node: value + child names + permissions (2048 bytes).
+    pub node_size: usize,
+    /// Open transactions per connection (10).
+    pub transactions: usize,
+    /// Permission entries per node (5).
+    pub perms_per_node: usize,
+    /// Nodes one transaction may touch (1024).
+    pub transaction_nodes: usize,
+    /// Path length below `/local/domain/<id>/` (XENSTORE_REL_PATH_MAX, 2048).
+    pub path_len: usize,
+    /// Unanswered requests per connection before the server stops reading it (20).
+    pub outstanding_requests: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            nodes_per_domain: 1000,
+            watches_per_domain: 128,
+            node_size: 2048,
+            transactions: 10,
+            perms_per_node: 5,
+            transaction_nodes: 1024,
+            path_len: wire::REL_PATH_MAX,
+            outstanding_requests: 20,
+        }
+    }
+}
