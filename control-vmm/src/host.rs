@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use ipc::control::messages::{BackendEvent, BackendRequest, GuestEvent, GuestRequ
 use ipc::control::ControlChannel;
 use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::{spawn as spawn_store, StoreConfig, StoreHandle};
+use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
 use crate::config::{DiskConfig, HostConfig};
 use crate::domains;
@@ -28,17 +28,16 @@ pub const WALK_TIMEOUT: Duration = Duration::from_secs(30);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One domain process with its control channel.
-struct Domain<Req> {
+struct Domain {
     domid: u32,
     name: String,
     process: DomainProcess,
     channel: ControlChannel,
-    _request: std::marker::PhantomData<Req>,
 }
 
 /// A guest's place in the host.
 pub struct Guest {
-    domain: Domain<GuestRequest>,
+    domain: Domain,
     disks: Vec<DiskConfig>,
     /// Counters reported by the guest when it shut down.
     pub stats: Option<GuestStats>,
@@ -49,9 +48,9 @@ pub struct Host {
     started: Instant,
     stop: Arc<AtomicBool>,
     store: StoreHandle,
-    store_thread: Option<std::thread::JoinHandle<()>>,
+    store_thread: Option<std::thread::JoinHandle<Result<(), ServerError>>>,
     client: StoreClient,
-    driver: Domain<BackendRequest>,
+    driver: Domain,
     guests: BTreeMap<String, Guest>,
 }
 
@@ -146,12 +145,12 @@ impl Host {
         Ok(host)
     }
 
-    fn start_domain<Req>(
+    fn start_domain(
         store: &StoreHandle,
         domid: u32,
         name: &str,
         command: Command,
-    ) -> Result<Domain<Req>> {
+    ) -> Result<Domain> {
         let store_conn: OwnedFd = store
             .connect_domain(domid)
             .with_context(|| format!("connecting {name} to the store"))?
@@ -163,7 +162,6 @@ impl Host {
             name: name.to_owned(),
             process,
             channel: ours,
-            _request: std::marker::PhantomData,
         })
     }
 
@@ -382,18 +380,18 @@ impl Host {
         }
         self.store.shutdown();
         if let Some(thread) = self.store_thread.take() {
-            let _ = thread.join();
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    log::error!("store: {e}");
+                    clean = false;
+                }
+                Err(_) => {
+                    log::error!("store thread panicked");
+                    clean = false;
+                }
+            }
         }
         (stats, clean)
-    }
-
-    /// The run directory's store socket path, for messages.
-    pub fn store_path(config: &HostConfig) -> PathBuf {
-        config.store_socket()
-    }
-
-    /// Whether `path` is a live socket somebody could connect to.
-    pub fn socket_exists(path: &Path) -> bool {
-        UnixStream::connect(path).is_ok()
     }
 }

@@ -5,3 +5,10 @@
 //! data path.
 
 pub mod config;
+pub mod domains;
+pub mod host;
+pub mod signals;
+pub mod store_cmd;
+pub mod supervisor;
+pub mod up;
+pub mod xs;

@@ -56,7 +56,7 @@ impl DomainProcess {
     ) -> Result<DomainProcess, SupervisorError> {
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (dup, dup2, fcntl, sigprocmask, prctl); it allocates
+        // async-signal-safe system calls (fcntl, dup2, close_range, prctl, sigprocmask); it allocates
         // nothing (`raw` was built before the fork).
         unsafe {
             command.pre_exec(move || {
@@ -78,6 +78,12 @@ impl DomainProcess {
                     if libc::dup2(*fd, FIRST_HANDED_FD + i as RawFd) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // Close everything else, including descriptors inherited without
+                // FD_CLOEXEC (a jobserver pipe, say): the domain gets what it is handed.
+                let first_unhanded = FIRST_HANDED_FD as libc::c_uint + raw.len() as libc::c_uint;
+                if libc::syscall(libc::SYS_close_range, first_unhanded, libc::c_uint::MAX, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
                     return Err(std::io::Error::last_os_error());

@@ -229,11 +229,8 @@ pub fn destroy_domain(socket: &Path, domain: &str) -> Result<ExitCode> {
             }
         }
     }
-    let path = format!("/local/domain/{domid}");
-    client.rm(&path).with_context(|| format!("rm {path}"))?;
     let mut own = own_client(socket)?;
-    own.release(domid)
-        .with_context(|| format!("release domain {domid}"))?;
+    crate::domains::destroy_domain(&mut own, domid)?;
     println!("destroyed domain {domid}");
     Ok(ExitCode::SUCCESS)
 }
