@@ -215,8 +215,12 @@ impl BlockQueue {
             addr: self.bounce[slot as usize].addr,
             len,
         };
-        if let BlockOp::Write { data, .. } = op {
-            self.region.write_bytes(buf.addr, data)?;
+        match op {
+            BlockOp::Write { data, .. } => self.region.write_bytes(buf.addr, data)?,
+            // The device may write fewer bytes than the buffer holds (a NUL-terminated id):
+            // never let stale bounce contents pass for device data.
+            BlockOp::GetId => self.region.write_bytes(buf.addr, &[0u8; 20])?,
+            _ => {}
         }
         let req = BlkRequest {
             op: blk_op,
