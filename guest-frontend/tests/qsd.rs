@@ -4,6 +4,8 @@
 //! Every test spawns its own daemon on a fresh image in a temp dir (see [`backend`]); to run the
 //! same tests against another vhost-user-blk backend, change only `backend::spawn`.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
