@@ -252,3 +252,46 @@ impl BumpAllocator {
         self.next - self.base
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn translate_checks_bounds_and_offsets() {
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` outlives `r` and is used only through it in this test.
+        let r = unsafe { DmaRegion::new(buf.as_mut_ptr(), 0x1000, 64) }.unwrap();
+        assert_eq!(
+            r.translate(0x1000, 64).map(|p| p.as_ptr()),
+            Some(buf.as_mut_ptr())
+        );
+        assert!(r.translate(0x1001, 64).is_none());
+        assert!(r.translate(0xfff, 1).is_none());
+        assert!(r.translate(0x1040, 0).is_some());
+        assert!(r.translate(0x1040, 1).is_none());
+        assert!(r.translate(u64::MAX, 2).is_none());
+        r.write_bytes(0x1010, &[1, 2, 3]).unwrap();
+        assert_eq!(r.read_u8(0x1011), Ok(2));
+        assert_eq!(
+            r.write_bytes(0x103f, &[0, 0]),
+            Err(MemoryError::OutOfRange {
+                addr: 0x103f,
+                len: 2
+            })
+        );
+    }
+
+    #[test]
+    fn bump_allocator_aligns_and_runs_out() {
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` outlives `r`.
+        let r = unsafe { DmaRegion::new(buf.as_mut_ptr(), 0x10_0000, 256) }.unwrap();
+        let mut a = BumpAllocator::new(&r);
+        assert_eq!(a.alloc(3, 1), Ok(0x10_0000));
+        assert_eq!(a.alloc(16, 16), Ok(0x10_0010));
+        assert_eq!(a.alloc(1, 3), Err(MemoryError::InvalidRegion));
+        assert_eq!(a.alloc(256, 1), Err(MemoryError::Exhausted { size: 256 }));
+        assert_eq!(a.used(), 0x20);
+    }
+}

@@ -551,3 +551,23 @@ impl SplitQueue {
         self.has_used()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn need_event_matches_the_spec_formula() {
+        // Published old..new = 10..13: notify iff the event index is 10, 11 or 12.
+        assert!(!vring_need_event(9, 13, 10));
+        assert!(vring_need_event(10, 13, 10));
+        assert!(vring_need_event(12, 13, 10));
+        assert!(!vring_need_event(13, 13, 10));
+        // Across the 16-bit wrap.
+        assert!(vring_need_event(0xffff, 2, 0xfffe));
+        assert!(vring_need_event(1, 2, 0xfffe));
+        assert!(!vring_need_event(2, 2, 0xfffe));
+        // Nothing published: never.
+        assert!(!vring_need_event(5, 5, 5));
+    }
+}
