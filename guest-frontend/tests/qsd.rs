@@ -16,11 +16,16 @@ use guest_frontend::process::{
 use guest_frontend::virtio::{BlkOp, RequestError};
 
 mod backend {
+    use std::io::Write;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
 
-    pub const QSD: &str = "qemu-storage-daemon";
+    /// The daemon binary; `SPLITVMM_QSD` overrides it (a path, or a non-existent name to check
+    /// the skip path).
+    pub fn qsd() -> String {
+        std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into())
+    }
 
     /// A running vhost-user-blk backend serving one raw image.
     pub struct Backend {
@@ -39,7 +44,7 @@ mod backend {
     }
 
     fn qsd_available() -> bool {
-        Command::new(QSD)
+        Command::new(qsd())
             .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -52,9 +57,12 @@ mod backend {
     /// `queues` queues. Returns None (after printing a loud SKIPPED line) if it is not installed.
     pub fn spawn(test: &str, image_bytes: u64, queues: u16) -> Option<Backend> {
         if !qsd_available() {
-            eprintln!(
-                "SKIPPED {test}: {QSD} not found (apt-get install qemu-system-common \
-                 or qemu-utils providing /usr/bin/qemu-storage-daemon)"
+            // Written to the stderr handle directly: libtest captures eprintln!, this is not.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: {} not found; install Debian package qemu-system-common \
+                 (provides /usr/bin/qemu-storage-daemon)",
+                qsd()
             );
             return None;
         }
@@ -64,7 +72,7 @@ mod backend {
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(image_bytes))
             .expect("create image");
-        let child = Command::new(QSD)
+        let child = Command::new(qsd())
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=disk,filename={}",
