@@ -1,2 +1,12 @@
-//! Frontend drivers.
+//! Frontend drivers for splitvmm guests.
+//!
+//! * [`virtio`]: the `no_std` virtio core (DMA memory abstraction, split virtqueue driver,
+//!   virtio-blk driver), usable in a freestanding guest kernel and in a host process.
+//! * `process` (feature `std`): process domains -- a host process acting as a vhost-user
+//!   frontend whose rings and buffers all live in one sealed memfd, the I/O window.
 #![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod virtio;
+
+#[cfg(feature = "std")]
+pub mod process;

@@ -1,0 +1,80 @@
+//! Errors of the process-domain frontend.
+
+use std::io;
+
+use thiserror::Error;
+
+use super::window::WindowError;
+use crate::virtio::{BlkError, MemoryError, QueueError, RequestError};
+
+/// Errors of [`super::BlockFrontend`] and [`super::BlockQueue`].
+#[derive(Debug, Error)]
+pub enum FrontendError {
+    /// The configuration is unusable.
+    #[error("invalid frontend configuration: {0}")]
+    Config(String),
+    /// The backend lacks something the frontend needs.
+    #[error("backend does not support {0}")]
+    Unsupported(String),
+    /// The I/O window could not be set up.
+    #[error("I/O window: {0}")]
+    Window(#[from] WindowError),
+    /// A vhost-user message failed.
+    #[error("vhost-user {op}: {source}")]
+    VhostUser {
+        /// The request that failed.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Eventfd or socket I/O failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The virtio-blk driver failed (queue full, or the device broke the queue).
+    #[error("virtio-blk: {0}")]
+    Blk(#[from] BlkError),
+    /// The device failed a request.
+    #[error("request failed: {0}")]
+    Request(#[from] RequestError),
+    /// No completion arrived in time (a lost kick or interrupt, or a stuck backend).
+    #[error("queue {queue}: no completion within {timeout_ms} ms ({in_flight} in flight)")]
+    Timeout {
+        /// Queue index.
+        queue: u16,
+        /// Requests in flight.
+        in_flight: usize,
+        /// The timeout.
+        timeout_ms: u128,
+    },
+    /// A request does not fit the device or the bounce buffers.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// No bounce buffer or descriptor is free (complete some requests first).
+    #[error("queue {0} is full")]
+    QueueFull(u16),
+    /// The queue index does not exist.
+    #[error("no queue {0}")]
+    NoQueue(u16),
+    /// A thread panicked while holding a queue.
+    #[error("queue {0} lock poisoned")]
+    Poisoned(u16),
+}
+
+impl From<QueueError> for FrontendError {
+    fn from(e: QueueError) -> Self {
+        Self::Blk(BlkError::Queue(e))
+    }
+}
+
+impl From<MemoryError> for FrontendError {
+    fn from(e: MemoryError) -> Self {
+        Self::Blk(BlkError::Memory(e))
+    }
+}

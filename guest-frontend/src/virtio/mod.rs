@@ -1,0 +1,19 @@
+//! The `no_std` virtio core: DMA memory, the split virtqueue driver and the virtio-blk driver.
+//! Transport-agnostic: callers deliver kicks (MMIO doorbell, eventfd) and interrupts.
+
+pub mod blk;
+pub mod memory;
+pub mod virtqueue;
+
+/// Device feature: virtio 1.x (modern) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device feature: indirect descriptors (not used by this driver).
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Device feature: `used_event` / `avail_event` notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+pub use blk::{BlkCompletion, BlkConfig, BlkError, BlkOp, BlkQueue, BlkRequest, RequestError};
+pub use memory::{BumpAllocator, DmaBuf, DmaMemory, DmaRegion, MemoryError};
+pub use virtqueue::{
+    vring_need_event, Notify, QueueAddrs, QueueError, QueueStats, SplitQueue, UsedElem,
+};

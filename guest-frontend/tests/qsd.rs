@@ -1,0 +1,435 @@
+//! The process-domain block frontend against a backend nobody here wrote:
+//! qemu-storage-daemon's vhost-user-blk export.
+//!
+//! Every test spawns its own daemon on a fresh image in a temp dir (see [`backend`]); to run the
+//! same tests against another vhost-user-blk backend, change only `backend::spawn`.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
+
+use guest_frontend::process::{
+    BlockFrontend, BlockOp, FrontendConfig, FrontendError, WINDOW_SEALS,
+};
+use guest_frontend::virtio::{BlkOp, RequestError};
+
+mod backend {
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// The daemon binary; `SPLITVMM_QSD` overrides it (a path, or a non-existent name to check
+    /// the skip path).
+    pub fn qsd() -> String {
+        std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into())
+    }
+
+    /// A running vhost-user-blk backend serving one raw image.
+    pub struct Backend {
+        child: Child,
+        pub socket: PathBuf,
+        pub image: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Backend {
+        fn drop(&mut self) {
+            // Only the child this helper started.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn qsd_available() -> bool {
+        Command::new(qsd())
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Starts qemu-storage-daemon exporting a zero-filled image of `image_bytes` with
+    /// `queues` queues. Returns None (after printing a loud SKIPPED line) if it is not installed.
+    pub fn spawn(test: &str, image_bytes: u64, queues: u16) -> Option<Backend> {
+        if !qsd_available() {
+            // Written to the stderr handle directly: libtest captures eprintln!, this is not.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: {} not found; install Debian package qemu-system-common \
+                 (provides /usr/bin/qemu-storage-daemon)",
+                qsd()
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let socket = dir.path().join("vhost-user-blk.sock");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(image_bytes))
+            .expect("create image");
+        let child = Command::new(qsd())
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=export0,node-name=disk,addr.type=unix,\
+                 addr.path={},writable=on,num-queues={queues}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn qemu-storage-daemon");
+        let backend = Backend {
+            child,
+            socket,
+            image,
+            _dir: dir,
+        };
+        wait_for_socket(&backend.socket, Duration::from_secs(10));
+        Some(backend)
+    }
+
+    fn wait_for_socket(path: &Path, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "backend socket {path:?} never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+fn config(event_idx: bool, poll: bool) -> FrontendConfig {
+    FrontendConfig {
+        event_idx,
+        poll,
+        timeout: Duration::from_secs(3),
+        ..FrontendConfig::default()
+    }
+}
+
+/// Deterministic, position-dependent test data: every 512-byte sector differs.
+fn pattern(seed: u64, sector: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let s = sector + (i / 512) as u64;
+            (seed
+                .wrapping_mul(31)
+                .wrapping_add(s.wrapping_mul(131))
+                .wrapping_add((i % 512) as u64 * 7)
+                % 251) as u8
+        })
+        .collect()
+}
+
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn read_image(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut f = File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn qsd_write_read_flush_and_host_view() {
+    let Some(be) = backend::spawn("qsd_write_read_flush_and_host_view", 8 * MIB, 1) else {
+        return;
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
+    assert_eq!(fe.capacity(), 8 * MIB / 512);
+    let seals = fe.window().seals().unwrap();
+    assert_eq!(seals & WINDOW_SEALS, WINDOW_SEALS, "window must be sealed");
+
+    // Several extents, including one larger than a bounce buffer (split into chunks).
+    let extents = [
+        (0u64, 512usize),
+        (7, 4096),
+        (100, 64 << 10),
+        (1000, 200 << 10),
+    ];
+    for (i, &(sector, len)) in extents.iter().enumerate() {
+        fe.write(sector, &pattern(i as u64, sector, len)).unwrap();
+    }
+    fe.flush().unwrap();
+    for (i, &(sector, len)) in extents.iter().enumerate() {
+        let want = pattern(i as u64, sector, len);
+        let mut got = vec![0u8; len];
+        fe.read(sector, &mut got).unwrap();
+        assert!(got == want, "read-back mismatch at sector {sector}");
+        assert!(
+            read_image(&be.image, sector * 512, len) == want,
+            "image file mismatch at sector {sector}"
+        );
+    }
+    let id = fe.get_id().unwrap();
+    // A NUL-padded printable id: once a NUL appears, only NULs follow.
+    let text_len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+    assert!(text_len > 0, "empty id");
+    assert!(
+        id[..text_len].iter().all(|b| b.is_ascii_graphic()),
+        "id {id:?}"
+    );
+    assert!(
+        id[text_len..].iter().all(|&b| b == 0),
+        "id not NUL-padded: {id:?}"
+    );
+
+    let stats = fe.stats().unwrap();
+    assert!(stats.bytes_written >= extents.iter().map(|e| e.1 as u64).sum::<u64>());
+    assert_eq!(stats.failed, 0);
+    let published = stats.requests;
+    let bases = fe.shutdown().unwrap();
+    assert_eq!(
+        bases,
+        vec![published as u16],
+        "backend stopped at our avail index"
+    );
+}
+
+#[test]
+fn qsd_out_of_range_fails_the_request_not_the_queue() {
+    let Some(be) = backend::spawn("qsd_out_of_range", MIB, 1) else {
+        return;
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
+    let cap = fe.capacity();
+    let mut buf = vec![0u8; 4096];
+    match fe.read(cap, &mut buf) {
+        Err(FrontendError::Request(RequestError::IoError)) => {}
+        other => panic!("expected an I/O error past the end, got {other:?}"),
+    }
+    // Oversized request is refused before reaching the device.
+    let big = vec![0u8; 1 << 20];
+    let err = fe.queue(0).unwrap().submit(BlockOp::Write {
+        sector: 0,
+        data: &big,
+    });
+    assert!(matches!(err, Err(FrontendError::BadRequest(_))), "{err:?}");
+    // The queue still works.
+    fe.write(cap - 8, &pattern(9, cap - 8, 4096)).unwrap();
+    fe.read(cap - 8, &mut buf).unwrap();
+    assert_eq!(buf, pattern(9, cap - 8, 4096));
+    assert_eq!(fe.stats().unwrap().failed, 1);
+}
+
+/// Queue depth > 1: many requests in flight, completed in whatever order the backend chooses.
+fn batched_workload(
+    fe: &BlockFrontend,
+    queue: u16,
+    base: u64,
+    span: u64,
+    seed: u64,
+    rounds: usize,
+) {
+    let mut rng = XorShift(seed | 1);
+    let mut q = fe.queue(queue).unwrap();
+    let depth = q.depth() as u64;
+    for round in 0..rounds {
+        let batch = 1 + rng.below(depth);
+        // Non-overlapping extents of 1..=16 sectors inside [base, base+span).
+        let slot = span / batch;
+        let mut reqs = Vec::new();
+        for i in 0..batch {
+            let len = (1 + rng.below(16.min(slot))) as usize * 512;
+            let sector = base + i * slot;
+            reqs.push((sector, pattern(seed ^ round as u64, sector, len)));
+        }
+        let mut ids = Vec::new();
+        for (sector, data) in &reqs {
+            ids.push(
+                q.submit(BlockOp::Write {
+                    sector: *sector,
+                    data,
+                })
+                .unwrap(),
+            );
+        }
+        let mut done = 0;
+        while done < ids.len() {
+            done += q
+                .complete(|c| {
+                    assert_eq!(c.op, BlkOp::Write);
+                    c.result.unwrap();
+                })
+                .unwrap();
+        }
+        for (sector, data) in &reqs {
+            ids.push(
+                q.submit(BlockOp::Read {
+                    sector: *sector,
+                    len: data.len() as u32,
+                })
+                .unwrap(),
+            );
+        }
+        let reads: Vec<_> = ids.split_off(reqs.len());
+        let mut checked = 0;
+        while checked < reads.len() {
+            checked += q
+                .complete(|c| {
+                    c.result.unwrap();
+                    let k = reads.iter().position(|&id| id == c.id).unwrap();
+                    let mut got = vec![0u8; reqs[k].1.len()];
+                    assert_eq!(c.copy_data(&mut got).unwrap(), got.len());
+                    assert!(
+                        got == reqs[k].1,
+                        "queue {queue} round {round}: data mismatch"
+                    );
+                })
+                .unwrap();
+        }
+    }
+}
+
+/// Streaming: publish every request on its own as soon as a slot is free, so publishes race
+/// with a backend that is busy or just going idle (the EVENT_IDX / NO_NOTIFY decision points).
+fn streaming_workload(fe: &BlockFrontend, queue: u16, base: u64, span: u64, requests: u64) {
+    let mut q = fe.queue(queue).unwrap();
+    let mut expected = std::collections::HashMap::new();
+    let (mut issued, mut done) = (0u64, 0u64);
+    while done < requests {
+        while issued < requests && q.in_flight() < q.depth() {
+            let sector = base + (issued % span);
+            let data = pattern(issued, sector, 512);
+            let id = q
+                .submit(BlockOp::Write {
+                    sector,
+                    data: &data,
+                })
+                .unwrap();
+            q.publish().unwrap();
+            expected.insert(id, ());
+            issued += 1;
+        }
+        done += q
+            .complete(|c| {
+                c.result.unwrap();
+                assert!(
+                    expected.remove(&c.id).is_some(),
+                    "completion for unknown id"
+                );
+            })
+            .unwrap() as u64;
+    }
+    assert!(expected.is_empty());
+}
+
+fn run_batches(event_idx: bool, poll: bool, test: &str) {
+    let Some(be) = backend::spawn(test, 16 * MIB, 1) else {
+        return;
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, config(event_idx, poll)).unwrap();
+    assert_eq!(fe.event_idx(), event_idx);
+    batched_workload(&fe, 0, 0, 4096, 0x5eed, 60);
+    let s = fe.stats().unwrap();
+    assert_eq!(s.failed, 0);
+    assert!(s.kicks_sent > 0);
+    if poll {
+        assert_eq!(
+            s.interrupts, 0,
+            "a polling frontend never sleeps on the call eventfd"
+        );
+    }
+    eprintln!("{test}: {s:?}");
+    fe.shutdown().unwrap();
+}
+
+#[test]
+fn qsd_batches_event_idx_interrupts() {
+    run_batches(true, false, "qsd_batches_event_idx_interrupts");
+}
+
+#[test]
+fn qsd_batches_no_event_idx_interrupts() {
+    run_batches(false, false, "qsd_batches_no_event_idx_interrupts");
+}
+
+#[test]
+fn qsd_batches_event_idx_polling() {
+    run_batches(true, true, "qsd_batches_event_idx_polling");
+}
+
+#[test]
+fn qsd_batches_no_event_idx_polling() {
+    run_batches(false, true, "qsd_batches_no_event_idx_polling");
+}
+
+/// Ordering stress: one thread per queue, random batch sizes; a lost kick or interrupt makes a
+/// wait time out (3 s) and fail the test instead of hanging it.
+fn stress(event_idx: bool, test: &str) {
+    const QUEUES: u16 = 4;
+    let Some(be) = backend::spawn(test, 32 * MIB, QUEUES) else {
+        return;
+    };
+    let cfg = FrontendConfig {
+        queues: QUEUES,
+        queue_size: 64,
+        max_request_bytes: 8192,
+        ..config(event_idx, false)
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, cfg).unwrap();
+    std::thread::scope(|s| {
+        for q in 0..QUEUES {
+            let fe = &fe;
+            s.spawn(move || {
+                batched_workload(fe, q, u64::from(q) * 8192, 8192, 77 + u64::from(q), 150);
+                streaming_workload(fe, q, u64::from(q) * 8192, 8192, 3000);
+            });
+        }
+    });
+    let s = fe.stats().unwrap();
+    eprintln!("{test}: {s:?}");
+    assert_eq!(s.failed, 0);
+    if event_idx {
+        // Streaming publishes while the backend is still consuming: with EVENT_IDX its
+        // avail_event lags and the driver must skip those kicks.
+        assert!(s.kicks_suppressed > 0, "no kick was ever suppressed: {s:?}");
+    }
+    // QD1 ping-pong on one queue: the window where the backend goes idle just as we publish.
+    let mut q = fe.queue(0).unwrap();
+    let mut buf = vec![0u8; 512];
+    for i in 0..2000u64 {
+        let data = pattern(i, i % 64, 512);
+        q.write(i % 64, &data).unwrap();
+        q.read(i % 64, &mut buf).unwrap();
+        assert!(buf == data);
+    }
+    drop(q);
+    fe.shutdown().unwrap();
+}
+
+#[test]
+fn qsd_stress_multiqueue_event_idx() {
+    stress(true, "qsd_stress_multiqueue_event_idx");
+}
+
+#[test]
+fn qsd_stress_multiqueue_no_event_idx() {
+    stress(false, "qsd_stress_multiqueue_no_event_idx");
+}
