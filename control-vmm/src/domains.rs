@@ -89,7 +89,13 @@ pub fn create_domain(client: &mut StoreClient, domid: u32, name: &str) -> Result
         let own = perms(domid, &[]);
         write_with_perms(c, tx, &dom, "", &read_only)?;
         write_with_perms(c, tx, &format!("{dom}/name"), name, &read_only)?;
-        write_with_perms(c, tx, &format!("{dom}/domid"), &domid.to_string(), &read_only)?;
+        write_with_perms(
+            c,
+            tx,
+            &format!("{dom}/domid"),
+            &domid.to_string(),
+            &read_only,
+        )?;
         write_with_perms(c, tx, &format!("{dom}/device"), "", &perms(domid, &[0]))?;
         write_with_perms(c, tx, &format!("{dom}/data"), "", &own)?;
         write_with_perms(c, tx, &format!("{dom}/backend"), "", &perms(domid, &[0]))?;

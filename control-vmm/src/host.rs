@@ -119,7 +119,11 @@ impl Host {
             driver,
             guests: BTreeMap::new(),
         };
-        match host.driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
+        match host
+            .driver
+            .channel
+            .recv_timeout::<BackendEvent>(WALK_TIMEOUT)?
+        {
             Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
             other => bail!("driver domain did not report ready: {other:?}"),
         }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use control_vmm::{store_cmd, up, xs};
 
 #[derive(Parser)]
-#[command(name = "splitvmm", version, about = "Toolstack of a Xen-style driver-domain split I/O stack on KVM")]
+#[command(
+    name = "splitvmm",
+    version,
+    about = "Toolstack of a Xen-style driver-domain split I/O stack on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,9 +26,7 @@ enum Command {
         socket: PathBuf,
     },
     /// Bring up a host described in a TOML file: the store, the driver domain, the guests.
-    Up {
-        config: PathBuf,
-    },
+    Up { config: PathBuf },
     /// List the domains the store knows.
     List {
         #[command(flatten)]

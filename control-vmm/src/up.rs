@@ -41,10 +41,7 @@ pub fn run(config_path: &Path) -> Result<ExitCode> {
     print_table(&stats);
     match checks {
         Ok(report) => {
-            println!(
-                "checks: {} passed, {} failed",
-                report.passed, report.failed
-            );
+            println!("checks: {} passed, {} failed", report.passed, report.failed);
             if report.failed == 0 && clean {
                 Ok(ExitCode::SUCCESS)
             } else {

@@ -24,7 +24,9 @@ fn vbd(frontend: u32) -> DeviceId {
 fn refused(result: Result<impl std::fmt::Debug, ipc::xenstore::client::ClientError>) -> XsError {
     match result {
         Ok(v) => panic!("expected the store to refuse, got {v:?}"),
-        Err(e) => e.xs_error().unwrap_or_else(|| panic!("not a store error: {e}")),
+        Err(e) => e
+            .xs_error()
+            .unwrap_or_else(|| panic!("not a store error: {e}")),
     }
 }
 
@@ -44,10 +46,17 @@ fn guests_reach_only_their_own_devices() {
     let (own, other) = (vbd(GUEST_A), vbd(GUEST_B));
 
     // Own frontend directory: read and write.
-    assert_eq!(a.read(&format!("{}/state", own.frontend_path())).unwrap(), b"1");
-    a.write(&format!("{}/state", own.frontend_path()), b"3").unwrap();
+    assert_eq!(
+        a.read(&format!("{}/state", own.frontend_path())).unwrap(),
+        b"1"
+    );
+    a.write(&format!("{}/state", own.frontend_path()), b"3")
+        .unwrap();
     // Own backend directory: read only.
-    assert_eq!(a.read(&format!("{}/mode", own.backend_path())).unwrap(), b"w");
+    assert_eq!(
+        a.read(&format!("{}/mode", own.backend_path())).unwrap(),
+        b"w"
+    );
     assert_eq!(
         refused(a.write(&format!("{}/state", own.backend_path()), b"4")),
         XsError::EACCES
@@ -55,7 +64,11 @@ fn guests_reach_only_their_own_devices() {
 
     // Another guest's devices: nothing, neither side, neither read nor write.
     for path in [other.frontend_path(), other.backend_path()] {
-        assert_eq!(refused(a.read(&format!("{path}/state"))), XsError::EACCES, "{path}");
+        assert_eq!(
+            refused(a.read(&format!("{path}/state"))),
+            XsError::EACCES,
+            "{path}"
+        );
         assert_eq!(refused(a.directory(&path)), XsError::EACCES, "{path}");
         assert_eq!(
             refused(a.write(&format!("{path}/state"), b"6")),
@@ -75,7 +88,9 @@ fn guests_reach_only_their_own_devices() {
 
     // The driver domain reads the frontend's state but cannot forge it.
     assert_eq!(
-        driver.read(&format!("{}/state", own.frontend_path())).unwrap(),
+        driver
+            .read(&format!("{}/state", own.frontend_path()))
+            .unwrap(),
         b"3"
     );
     assert_eq!(

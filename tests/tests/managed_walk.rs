@@ -62,7 +62,8 @@ fn memfd_mappings(pid: u32) -> Vec<(String, u64)> {
         .map(|l| {
             let range = l.split_whitespace().next().unwrap();
             let (start, end) = range.split_once('-').unwrap();
-            let len = u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            let len =
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
             let name = l.split("/memfd:").nth(1).unwrap().to_owned();
             (name, len)
         })
@@ -123,12 +124,19 @@ fn attach_io_detach_reattach_through_the_store() {
             frontend.flush().unwrap();
         }
         frontend.read(8, &mut buf).unwrap();
-        assert!(buf.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "round {round}");
+        assert!(
+            buf.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+            "round {round}"
+        );
 
         // The driver domain maps exactly one memfd: this device's I/O window.
         let maps = memfd_mappings(driver.pid().unwrap());
         assert_eq!(maps.len(), 1, "driver domain memfd mappings: {maps:?}");
-        assert_eq!(maps[0].1, FrontendConfig::default().window_size as u64, "{maps:?}");
+        assert_eq!(
+            maps[0].1,
+            FrontendConfig::default().window_size as u64,
+            "{maps:?}"
+        );
 
         // Detach, as the toolstack does it.
         domains::request_close(&mut dom0, &dev).unwrap();
@@ -140,14 +148,20 @@ fn attach_io_detach_reattach_through_the_store() {
         // Nothing of the window stays mapped after the session ended.
         let deadline = Instant::now() + WAIT;
         while !memfd_mappings(driver.pid().unwrap()).is_empty() {
-            assert!(Instant::now() < deadline, "window still mapped after detach");
+            assert!(
+                Instant::now() < deadline,
+                "window still mapped after detach"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
     let mut driver = driver;
-    let status = driver.wait_timeout(WAIT).unwrap().expect("driver domain exited");
+    let status = driver
+        .wait_timeout(WAIT)
+        .unwrap()
+        .expect("driver domain exited");
     assert!(status.success());
     store.shutdown();
     thread.join().unwrap().unwrap();

@@ -6,8 +6,10 @@ use clap::Parser;
 use guest_frontend::managed::ManagedGuest;
 
 #[derive(Parser)]
-#[command(about = "A process-domain guest (started by `splitvmm up`, with its store connection \
-                   on fd 3 and its control channel on fd 4)")]
+#[command(
+    about = "A process-domain guest (started by `splitvmm up`, with its store connection \
+                   on fd 3 and its control channel on fd 4)"
+)]
 struct Args {
     #[arg(long)]
     domid: u32,

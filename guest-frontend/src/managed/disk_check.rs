@@ -54,6 +54,10 @@ pub fn run(
         }
         offset += len as u64;
     }
-    let what = if verify_only { "verified" } else { "wrote and verified" };
+    let what = if verify_only {
+        "verified"
+    } else {
+        "wrote and verified"
+    };
     Ok(format!("{what} {} KiB", bytes / 1024))
 }

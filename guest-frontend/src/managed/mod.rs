@@ -34,7 +34,6 @@ const TICK: Duration = Duration::from_millis(20);
 
 /// Where one of the guest's block devices stands.
 struct Device {
-    devid: u32,
     /// The vhost-user connection, until the frontend takes it.
     connection: Option<UnixStream>,
     frontend: Option<BlockFrontend>,
@@ -76,7 +75,11 @@ impl ManagedGuest {
     }
 
     fn device_dir(&self, devid: u32) -> String {
-        format!("{}/device/{}/{devid}", domain_path(self.domid), DeviceKind::Vbd)
+        format!(
+            "{}/device/{}/{devid}",
+            domain_path(self.domid),
+            DeviceKind::Vbd
+        )
     }
 
     /// Runs until the toolstack says shut down (Ok) or the toolstack goes away (Err).
@@ -122,7 +125,6 @@ impl ManagedGuest {
         self.devices.insert(
             devid,
             Device {
-                devid,
                 connection: Some(UnixStream::from(fd)),
                 frontend: None,
                 state: XenbusState::Initialising,
