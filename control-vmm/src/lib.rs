@@ -10,5 +10,6 @@ pub mod host;
 pub mod signals;
 pub mod store_cmd;
 pub mod supervisor;
+pub mod toolstack;
 pub mod up;
 pub mod xs;

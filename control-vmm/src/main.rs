@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use control_vmm::{store_cmd, up, xs};
+use control_vmm::{store_cmd, toolstack, up, xs};
+use ipc::control::messages::ToolstackRequest;
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +27,46 @@ enum Command {
         socket: PathBuf,
     },
     /// Bring up a host described in a TOML file: the store, the driver domain, the guests.
-    Up { config: PathBuf },
+    Up {
+        config: PathBuf,
+        /// Keep the host up after the checks, for `block-attach`/`block-detach`, until
+        /// SIGINT or SIGTERM.
+        #[arg(long)]
+        stay: bool,
+    },
+    /// Attach a disk image to a guest of a running `splitvmm up --stay`.
+    BlockAttach {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        image: PathBuf,
+        /// Xen virtual device number (51712 is xvda, 51728 xvdb).
+        #[arg(long, default_value_t = 51728)]
+        devid: u32,
+        #[arg(long)]
+        readonly: bool,
+        /// Create (or grow) the image to this many MiB.
+        #[arg(long)]
+        size_mib: Option<u64>,
+    },
+    /// Detach a disk from a guest of a running `splitvmm up --stay`.
+    BlockDetach {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        devid: u32,
+    },
+    /// Have a guest write and verify (or only verify) a pattern on one of its disks.
+    DiskCheck {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        devid: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        verify_only: bool,
+    },
     /// List the domains the store knows.
     List {
         #[command(flatten)]
@@ -55,7 +95,47 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Store { socket } => store_cmd::run(&socket),
-        Command::Up { config } => up::run(&config),
+        Command::Up { config, stay } => up::run(&config, stay),
+        Command::BlockAttach {
+            store,
+            guest,
+            image,
+            devid,
+            readonly,
+            size_mib,
+        } => {
+            let image = std::path::absolute(&image).unwrap_or(image);
+            toolstack::request(
+                &store.path(),
+                ToolstackRequest::BlockAttach {
+                    guest,
+                    image: image.display().to_string(),
+                    devid,
+                    readonly,
+                    size_mib,
+                },
+            )
+        }
+        Command::BlockDetach {
+            store,
+            guest,
+            devid,
+        } => toolstack::request(&store.path(), ToolstackRequest::BlockDetach { guest, devid }),
+        Command::DiskCheck {
+            store,
+            guest,
+            devid,
+            seed,
+            verify_only,
+        } => toolstack::request(
+            &store.path(),
+            ToolstackRequest::DiskCheck {
+                guest,
+                devid,
+                seed,
+                verify_only,
+            },
+        ),
         Command::List { store } => xs::list_domains(&store.path()),
         Command::Destroy { store, domain } => xs::destroy_domain(&store.path(), &domain),
         Command::Xs { store, op } => xs::run(&store.path(), op),

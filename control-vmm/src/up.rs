@@ -4,7 +4,8 @@
 //! the last guest's first disk is then detached at run time while the other guests keep doing
 //! I/O, re-attached, and its pattern verified again (it must have survived). Then everything
 //! is shut down, a table per domain is printed, and the exit status says whether every check
-//! passed.
+//! passed. With `--stay` the host stays up after the checks, managed through the toolstack
+//! socket (`splitvmm block-attach`, `block-detach`, `disk-check`), until SIGINT or SIGTERM.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -16,7 +17,7 @@ use ipc::control::messages::GuestStats;
 
 use crate::config::HostConfig;
 use crate::host::Host;
-use crate::signals;
+use crate::{signals, toolstack};
 
 /// Bytes each disk check writes and verifies.
 const CHECK_BYTES: u64 = 1024 * 1024;
@@ -26,7 +27,7 @@ fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
 }
 
 /// Runs `splitvmm up`.
-pub fn run(config_path: &Path) -> Result<ExitCode> {
+pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
     let config = HostConfig::load(config_path)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -35,8 +36,13 @@ pub fn run(config_path: &Path) -> Result<ExitCode> {
         flag.store(true, Ordering::SeqCst);
     })?;
 
-    let mut host = Host::bring_up(&config, stop).context("bringing the host up")?;
-    let checks = main_job(&mut host, &config);
+    let mut host = Host::bring_up(&config, stop.clone()).context("bringing the host up")?;
+    let mut checks = main_job(&mut host, &config);
+    if stay && checks.is_ok() {
+        if let Err(e) = toolstack::serve(&mut host, &config.store_socket(), &stop) {
+            checks = Err(e);
+        }
+    }
     let (stats, clean) = host.shut_down();
     print_table(&stats);
     match checks {

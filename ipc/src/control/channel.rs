@@ -11,14 +11,15 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    accept4, bind, connect, listen, recvmsg, sendmsg, socket, socketpair, AddressFamily, Backlog,
+    ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,14 @@ impl ControlChannel {
         )
         .map_err(ChannelError::Io)?;
         Ok((ControlChannel { socket: a }, ControlChannel { socket: b }))
+    }
+
+    /// Connects to a [`ControlListener`] at `path`.
+    pub fn connect(path: &Path) -> Result<ControlChannel, ChannelError> {
+        let socket = seqpacket_socket()?;
+        let addr = UnixAddr::new(path).map_err(ChannelError::Io)?;
+        connect(socket.as_raw_fd(), &addr).map_err(ChannelError::Io)?;
+        Ok(ControlChannel { socket })
     }
 
     /// Wraps an already connected `SOCK_SEQPACKET` socket (for example one inherited by a
@@ -204,6 +213,58 @@ impl ControlChannel {
     /// Gives the socket up, for example to hand it to a child process.
     pub fn into_fd(self) -> OwnedFd {
         self.socket
+    }
+}
+
+fn seqpacket_socket() -> Result<OwnedFd, ChannelError> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(ChannelError::Io)
+}
+
+/// A listening control socket at a path, for management clients (the toolstack's
+/// `block-attach`, `block-detach`). Only processes that can reach the path connect; the
+/// directory's permissions decide who that is.
+#[derive(Debug)]
+pub struct ControlListener {
+    socket: OwnedFd,
+}
+
+impl ControlListener {
+    /// Binds and listens at `path`, replacing a stale socket file.
+    pub fn bind(path: &Path) -> Result<ControlListener, ChannelError> {
+        let socket = seqpacket_socket()?;
+        let _ = std::fs::remove_file(path);
+        let addr = UnixAddr::new(path).map_err(ChannelError::Io)?;
+        bind(socket.as_raw_fd(), &addr).map_err(ChannelError::Io)?;
+        listen(&socket, Backlog::new(8).map_err(ChannelError::Io)?).map_err(ChannelError::Io)?;
+        Ok(ControlListener { socket })
+    }
+
+    /// Accepts one connection, waiting at most `timeout`.
+    pub fn accept_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Option<ControlChannel>, ChannelError> {
+        let millis = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(millis)) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(ChannelError::Io(e)),
+        }
+        match accept4(self.socket.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            Ok(fd) => Ok(Some(ControlChannel {
+                socket: unsafe { OwnedFd::from_raw_fd(fd) },
+            })),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ECONNABORTED) => Ok(None),
+            Err(e) => Err(ChannelError::Io(e)),
+        }
     }
 }
 
@@ -342,6 +403,24 @@ mod tests {
         assert_eq!(got.unwrap().0, Msg::Bytes(vec![2]));
         drop(a);
         assert!(matches!(b.try_recv::<Msg>(), Err(ChannelError::Closed)));
+    }
+
+    #[test]
+    fn listener_accepts_path_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let listener = ControlListener::bind(&path).unwrap();
+        assert!(listener
+            .accept_timeout(Duration::from_millis(10))
+            .unwrap()
+            .is_none());
+        let client = ControlChannel::connect(&path).unwrap();
+        let server = listener
+            .accept_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap();
+        client.send(&Msg::Bytes(vec![5]), &[]).unwrap();
+        assert_eq!(server.recv::<Msg>().unwrap().0, Msg::Bytes(vec![5]));
     }
 
     #[test]

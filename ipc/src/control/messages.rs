@@ -101,3 +101,32 @@ pub struct GuestStats {
     pub kicks_suppressed: u64,
     pub interrupts: u64,
 }
+
+/// A management client (`splitvmm block-attach`, ...) to a running `splitvmm up`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToolstackRequest {
+    /// Attach the image at `image` to guest `guest` as vbd `devid`.
+    BlockAttach {
+        guest: String,
+        image: String,
+        devid: u32,
+        readonly: bool,
+        size_mib: Option<u64>,
+    },
+    /// Detach vbd `devid` from guest `guest`.
+    BlockDetach { guest: String, devid: u32 },
+    /// Write and verify a pattern on a guest's disk (or only verify it).
+    DiskCheck {
+        guest: String,
+        devid: u32,
+        seed: u64,
+        verify_only: bool,
+    },
+}
+
+/// The answer of a running `splitvmm up` to a [`ToolstackRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToolstackReply {
+    Done(String),
+    Failed(String),
+}
