@@ -178,3 +178,40 @@ fn multi_queue_and_null_device() {
     assert!(s.iter().all(|b| *b == 0), "null device reads zeroes");
     assert!(be.alive());
 }
+
+#[test]
+fn handed_over_connection_is_served() {
+    use driver_domain::blk::{BlkConfig, BlkDisk};
+    use driver_domain::vhost_user::blk::serve_blk_connection;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("toolstack.sock");
+    // The "toolstack" accepts the frontend and hands the connected stream to the backend.
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let disk = Arc::new(BlkDisk::from_file(file, false).unwrap());
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        serve_blk_connection(stream, disk, BlkConfig::default())
+    });
+    let mut c = connect(&sock, false).unwrap();
+    let p = pattern(8192, 0x99);
+    assert_eq!(c.write(65536, &p), 0);
+    assert_eq!(c.flush(), 0);
+    let (r, got) = c.read(65536, 8192);
+    assert_eq!(r, 0);
+    assert_eq!(got, p);
+    drop(c);
+    // The session ends when the frontend goes away.
+    server.join().unwrap().unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    let mut on_disk = vec![0u8; 8192];
+    f.read_exact_at(&mut on_disk, 65536).unwrap();
+    assert_eq!(on_disk, p);
+}
