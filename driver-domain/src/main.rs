@@ -1,1 +1,88 @@
-fn main() {}
+//! `driver-domain`: the backend domain's command line.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use driver_domain::blk::{BlkConfig, BlkDisk, SealPolicy};
+use driver_domain::vhost_user::blk::serve_blk;
+
+#[derive(Parser)]
+#[command(
+    name = "driver-domain",
+    about = "splitvmm driver domain: virtio backends"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a vhost-user-blk device on a Unix socket, one frontend after another.
+    Serve {
+        /// Raw disk image (size a multiple of 512 bytes).
+        #[arg(long, value_name = "IMAGE", required_unless_present = "null")]
+        blk: Option<PathBuf>,
+        /// Socket path to listen on (a stale socket file is replaced).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Refuse writes (offers VIRTIO_BLK_F_RO).
+        #[arg(long)]
+        readonly: bool,
+        /// Number of virtqueues.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Busy-poll an idle queue this many microseconds before sleeping.
+        #[arg(long, default_value_t = 0)]
+        poll_us: u64,
+        /// Serve a null device of SIZE bytes instead of an image (benchmarks).
+        #[arg(long, value_name = "SIZE", conflicts_with = "blk")]
+        null: Option<u64>,
+        /// Refuse shared memory that is not (and cannot be) sealed against shrinking.
+        #[arg(long)]
+        require_sealed: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().cmd {
+        Cmd::Serve {
+            blk,
+            socket,
+            readonly,
+            queues,
+            poll_us,
+            null,
+            require_sealed,
+        } => {
+            let disk = match (blk, null) {
+                (_, Some(size)) => BlkDisk::null(size, readonly),
+                (Some(path), None) => {
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(!readonly)
+                        .open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    BlkDisk::from_file(file, readonly)?
+                }
+                (None, None) => bail!("--blk IMAGE or --null SIZE is required"),
+            };
+            let cfg = BlkConfig {
+                num_queues: queues,
+                poll_us,
+                seal_policy: if require_sealed {
+                    SealPolicy::RequireSealed
+                } else {
+                    SealPolicy::AllowUnsealedChecked
+                },
+                ..BlkConfig::default()
+            };
+            serve_blk(&socket, Arc::new(disk), cfg, &AtomicBool::new(false))?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Checks on shared memory supplied by a peer.
+//!
+//! A peer hands the backend file descriptors plus (offset, size) pairs to map. Two attacks
+//! matter: mapping past the end of the file (any access raises `SIGBUS`) and shrinking the file
+//! after the backend mapped it (same effect, later). The checks here:
+//!
+//! 1. `fstat` size must cover `offset + size` (checked arithmetic), else the region is refused.
+//! 2. If the file carries `F_SEAL_SHRINK`, it can never shrink: safe.
+//! 3. Otherwise the backend tries to add `F_SEAL_SHRINK` itself (works on memfds created with
+//!    `MFD_ALLOW_SEALING` that are not `F_SEAL_SEAL`ed); from then on the peer cannot shrink it.
+//! 4. Otherwise, under [`SealPolicy::RequireSealed`] the region is refused; under
+//!    [`SealPolicy::AllowUnsealedChecked`] it is accepted with a logged warning: a peer that
+//!    later truncates the file can still make a userspace access (ring reads) raise `SIGBUS`.
+//!    Data transfers go through `preadv`/`pwritev`, which get `EFAULT` instead.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use log::{info, warn};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// What to do with shared memory that is not sealed against shrinking and cannot be sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealPolicy {
+    /// Refuse it.
+    RequireSealed,
+    /// Accept it if its current size covers the mapping, and log that shrinking it would
+    /// fault the backend (needed for peers that create memfds without `MFD_ALLOW_SEALING`).
+    AllowUnsealedChecked,
+}
+
+/// How a region is protected against shrinking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SealState {
+    /// Not file-backed (the backend's own anonymous memory).
+    Anonymous,
+    /// The peer sealed it.
+    Sealed,
+    /// The backend added `F_SEAL_SHRINK`.
+    SealedByBackend,
+    /// Accepted without a seal (see [`SealPolicy::AllowUnsealedChecked`]).
+    Unsealed,
+}
+
+/// Why a region is refused.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// `fstat` failed.
+    #[error("cannot stat a memory region's file: {0}")]
+    Stat(#[source] std::io::Error),
+    /// The mapping would reach past the end of the file.
+    #[error(
+        "region [{offset:#x}, +{size:#x}) reaches past the end of its file ({file_size:#x} bytes)"
+    )]
+    PastEnd {
+        /// Offset into the file.
+        offset: u64,
+        /// Mapping length.
+        size: u64,
+        /// Real file size.
+        file_size: u64,
+    },
+    /// The file may shrink and the policy requires a seal.
+    #[error("region file is not sealed against shrinking (F_SEAL_SHRINK) and cannot be sealed")]
+    NotSealed,
+}
+
+/// Check one (file, offset, size) region against `policy`.
+pub fn check_region_file(
+    file: &File,
+    offset: u64,
+    size: u64,
+    policy: SealPolicy,
+) -> Result<SealState, MemoryError> {
+    let file_size = file.metadata().map_err(MemoryError::Stat)?.len();
+    let end = offset.checked_add(size).ok_or(MemoryError::PastEnd {
+        offset,
+        size,
+        file_size,
+    })?;
+    if end > file_size {
+        return Err(MemoryError::PastEnd {
+            offset,
+            size,
+            file_size,
+        });
+    }
+    let fd = file.as_raw_fd();
+    if let Ok(seals) = fcntl(fd, FcntlArg::F_GET_SEALS) {
+        if seals & libc::F_SEAL_SHRINK != 0 {
+            return Ok(SealState::Sealed);
+        }
+        if fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).is_ok() {
+            info!("added F_SEAL_SHRINK to a peer memory region ({size:#x} bytes)");
+            return Ok(SealState::SealedByBackend);
+        }
+    }
+    match policy {
+        SealPolicy::RequireSealed => Err(MemoryError::NotSealed),
+        SealPolicy::AllowUnsealedChecked => {
+            warn!(
+                "accepting an unsealed memory region ({size:#x} bytes at offset {offset:#x}); \
+                 a peer that shrinks it can fault this backend"
+            );
+            Ok(SealState::Unsealed)
+        }
+    }
+}
+
+/// Check every file-backed region of `mem`.
+pub fn check_guest_memory<M>(mem: &M, policy: SealPolicy) -> Result<Vec<SealState>, MemoryError>
+where
+    M: GuestMemoryBackend,
+{
+    let mut states = Vec::new();
+    for region in mem.iter() {
+        let state = match region.file_offset() {
+            None => SealState::Anonymous,
+            Some(fo) => check_region_file(fo.file(), fo.start(), region.len(), policy)?,
+        };
+        states.push(state);
+    }
+    Ok(states)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+
+    fn memfd(len: u64, sealing: bool) -> File {
+        let flags = if sealing {
+            MemFdCreateFlag::MFD_ALLOW_SEALING
+        } else {
+            MemFdCreateFlag::empty()
+        };
+        let f = File::from(memfd_create(c"t", flags).unwrap());
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn past_end_is_refused() {
+        let f = memfd(4096, true);
+        assert!(matches!(
+            check_region_file(&f, 4096, 1, SealPolicy::AllowUnsealedChecked),
+            Err(MemoryError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            check_region_file(&f, u64::MAX, 2, SealPolicy::AllowUnsealedChecked),
+            Err(MemoryError::PastEnd { .. })
+        ));
+    }
+
+    #[test]
+    fn backend_seals_sealable_memfd() {
+        let f = memfd(8192, true);
+        let st = check_region_file(&f, 0, 8192, SealPolicy::RequireSealed).unwrap();
+        assert_eq!(st, SealState::SealedByBackend);
+        // The peer can no longer shrink it.
+        assert!(f.set_len(4096).is_err());
+        let st = check_region_file(&f, 0, 8192, SealPolicy::RequireSealed).unwrap();
+        assert_eq!(st, SealState::Sealed);
+    }
+
+    #[test]
+    fn unsealable_follows_policy() {
+        let f = memfd(8192, false);
+        assert!(matches!(
+            check_region_file(&f, 0, 8192, SealPolicy::RequireSealed),
+            Err(MemoryError::NotSealed)
+        ));
+        assert_eq!(
+            check_region_file(&f, 0, 8192, SealPolicy::AllowUnsealedChecked).unwrap(),
+            SealState::Unsealed
+        );
+    }
+}
