@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
 use crate::config::{DiskConfig, HostConfig};
-use crate::domains;
+use crate::{connection, domains};
 use crate::supervisor::DomainProcess;
 
 /// How long a device may take to walk to Connected or Closed.
@@ -52,6 +51,9 @@ pub struct Host {
     client: StoreClient,
     driver: Domain,
     guests: BTreeMap<String, Guest>,
+    /// Where private vhost-user connections are made (0700, paths unlinked at once).
+    private_dir: PathBuf,
+    attach_serial: u64,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -69,6 +71,12 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
 
 /// Opens (creating or growing as asked) a disk image for the driver domain.
 fn open_image(disk: &DiskConfig) -> Result<File> {
+    if disk.size_mib.is_some() && !disk.readonly {
+        if let Some(dir) = disk.image.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(!disk.readonly)
@@ -93,6 +101,9 @@ impl Host {
         let started = Instant::now();
         std::fs::create_dir_all(&config.run_dir)
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
+        let private_dir = config.run_dir.join("vhost-user");
+        connection::prepare_dir(&private_dir)
+            .with_context(|| format!("creating {}", private_dir.display()))?;
         let socket = config.store_socket();
         let (store, store_thread) = spawn_store(StoreConfig {
             socket: socket.clone(),
@@ -118,6 +129,8 @@ impl Host {
             client,
             driver,
             guests: BTreeMap::new(),
+            private_dir,
+            attach_serial: 0,
         };
         match host
             .driver
@@ -240,8 +253,10 @@ impl Host {
     pub fn attach_disk(&mut self, name: &str, disk: &DiskConfig) -> Result<u64> {
         let dev = self.device(name, disk.devid)?;
         let image = open_image(disk)?;
-        let (backend_end, frontend_end) =
-            UnixStream::pair().context("creating the vhost-user connection")?;
+        self.attach_serial += 1;
+        let sock_name = format!("{}-{}-{}.sock", dev.frontend, dev.devid, self.attach_serial);
+        let (backend_end, frontend_end) = connection::private_connection(&self.private_dir, &sock_name)
+            .context("creating the vhost-user connection")?;
         self.driver.channel.send(
             &BackendRequest::ServeBlock {
                 frontend: dev.frontend,

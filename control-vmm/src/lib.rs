@@ -5,6 +5,7 @@
 //! data path.
 
 pub mod config;
+pub mod connection;
 pub mod domains;
 pub mod host;
 pub mod signals;

@@ -2,6 +2,9 @@
 //!
 //! - [`blk`]: the transport-independent virtio-blk device core.
 //! - [`vhost_user`]: vhost-user adapters that expose the device cores to any VMM.
+//! - [`managed`]: the driver domain as `splitvmm up` runs it, walking xenbus states through
+//!   the store.
 
 pub mod blk;
 pub mod vhost_user;
+pub mod managed;

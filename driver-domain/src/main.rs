@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use driver_domain::blk::{BlkConfig, BlkDisk, SealPolicy};
+use driver_domain::managed::ManagedDriverDomain;
 use driver_domain::vhost_user::blk::serve_blk;
 
 #[derive(Parser)]
@@ -21,6 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run as `splitvmm up` starts it: store connection on fd 3, control channel on fd 4.
+    Managed {
+        /// This driver domain's id in the store.
+        #[arg(long)]
+        domid: u32,
+    },
     /// Serve a vhost-user-blk device on a Unix socket, one frontend after another.
     Serve {
         /// Raw disk image (size a multiple of 512 bytes).
@@ -50,6 +57,13 @@ enum Cmd {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
+        Cmd::Managed { domid } => {
+            // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing
+            // else in this process uses them.
+            let driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
+            driver.run().context("managed driver domain")?;
+            Ok(())
+        }
         Cmd::Serve {
             blk,
             socket,

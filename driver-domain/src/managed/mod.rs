@@ -2,7 +2,7 @@
 //!
 //! The driver domain is an unprivileged store client (its store connection, fd 3, is bound to
 //! its domain id) and gets everything else over its control channel (fd 4): each device's
-//! disk image and the backend end of a pre-connected vhost-user socket. It opens no path after
+//! disk image and a vhost-user listener whose one pending connection is the frontend's. It opens no path after
 //! start-up. It watches its backend directories and walks the backend half of the xenbus
 //! state machine for each device (see docs/protocol.md):
 //!
@@ -14,7 +14,7 @@ mod session;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest};
@@ -42,7 +42,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// What the toolstack handed over for a device, waiting for its store directory.
 struct Handed {
     image: File,
-    connection: UnixStream,
+    /// A listener whose only pending connection is the frontend's (its path is gone).
+    listener: UnixListener,
     readonly: bool,
 }
 
@@ -127,11 +128,11 @@ impl ManagedDriverDomain {
     }
 
     fn take_handed(&mut self, frontend: u32, devid: u32, readonly: bool, fds: Vec<OwnedFd>) {
-        let [image, connection]: [OwnedFd; 2] = match fds.try_into() {
+        let [image, listener]: [OwnedFd; 2] = match fds.try_into() {
             Ok(pair) => pair,
             Err(fds) => {
                 log::error!(
-                    "vbd {frontend}/{devid}: expected an image and a connection, got {} fds",
+                    "vbd {frontend}/{devid}: expected an image and a listener, got {} fds",
                     fds.len()
                 );
                 return;
@@ -141,7 +142,7 @@ impl ManagedDriverDomain {
             (frontend, devid),
             Handed {
                 image: File::from(image),
-                connection: UnixStream::from(connection),
+                listener: UnixListener::from(listener),
                 readonly,
             },
         );
@@ -196,10 +197,13 @@ impl ManagedDriverDomain {
         }
     }
 
+    /// Reads a node; `None` if it is not there. A node under a directory we may not read
+    /// (a frontend directory already removed: its parent is private to the guest) answers
+    /// EACCES instead of ENOENT, as in Xen, and means the same here.
     fn read(&mut self, path: &str) -> Result<Option<String>, String> {
         match self.store.read(path) {
             Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
-            Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(None),
+            Err(e) if matches!(e.xs_error(), Some(XsError::ENOENT | XsError::EACCES)) => Ok(None),
             Err(e) => Err(format!("reading {path}: {e}")),
         }
     }
@@ -222,10 +226,9 @@ impl ManagedDriverDomain {
 
     /// One step of the backend half of the walk.
     fn step(&mut self, key: (u32, u32)) -> Result<(), String> {
-        let Some(dev) = self.devices.get(&key) else {
+        let Some((id, ours)) = self.devices.get(&key).map(|d| (d.id, d.state)) else {
             return Ok(());
         };
-        let id = dev.id;
         let be = id.backend_path();
         // The frontend path must be the one this backend's layout implies: a toolstack bug
         // or a forged entry must not make us follow another domain's directory.
@@ -245,7 +248,6 @@ impl ManagedDriverDomain {
             .map(|s| s.parse::<XenbusState>().unwrap_or(XenbusState::Unknown))
             // A vanished frontend directory reads as Closed.
             .unwrap_or(XenbusState::Closed);
-        let ours = dev.state;
         let close_requested = written == XenbusState::Closing
             || online.as_deref() == Some("0")
             || (ours >= XenbusState::InitWait
@@ -284,7 +286,7 @@ impl ManagedDriverDomain {
         };
         let id = dev.id;
         let be = id.backend_path();
-        let session = Session::start(id, handed.image, handed.connection, handed.readonly)?;
+        let session = Session::start(id, handed.image, handed.listener, handed.readonly)?;
         let sectors = session.capacity_sectors();
         let readonly = handed.readonly;
         if let Some(dev) = self.devices.get_mut(&key) {

@@ -1,41 +1,51 @@
 //! One vhost-user-blk session of a managed device, on its own thread.
 
 use std::fs::File;
-use std::net::Shutdown;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::UnixListener;
+use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use ipc::xenbus::DeviceId;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkConfig, BlkDisk};
-use crate::vhost_user::serve_blk_connection;
+use crate::vhost_user::blk::serve_blk_listener;
+
+/// How long a stopping session waits for its connection to be accepted.
+const START_WAIT: Duration = Duration::from_secs(2);
 
 /// A device being served.
 pub struct Session {
     id: DeviceId,
-    /// A second handle on the connection, to end the session from outside.
-    connection: UnixStream,
+    shutdown: mpsc::Receiver<ShutdownHandle>,
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
 }
 
 impl Session {
-    /// Starts serving `image` on `connection`.
+    /// Starts serving `image` to the one frontend connection pending on `listener`.
     pub fn start(
         id: DeviceId,
         image: File,
-        connection: UnixStream,
+        listener: UnixListener,
         readonly: bool,
     ) -> Result<Session, String> {
-        let disk = BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?;
+        let disk = Arc::new(
+            BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?,
+        );
         let capacity_sectors = disk.capacity_sectors();
-        let handle = connection
-            .try_clone()
-            .map_err(|e| format!("duplicating the connection: {e}"))?;
+        let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vbd-{}-{}", id.frontend, id.devid))
             .spawn(move || {
-                match serve_blk_connection(connection, disk, BlkConfig::default()) {
+                let listener = Listener::from(listener);
+                let started = move |handle| {
+                    let _ = tx.send(handle);
+                };
+                match serve_blk_listener(listener, disk, BlkConfig::default(), started) {
                     Ok(()) => log::info!("{id}: session ended"),
                     Err(e) => log::warn!("{id}: session ended: {e}"),
                 }
@@ -43,7 +53,7 @@ impl Session {
             .map_err(|e| format!("starting the session thread: {e}"))?;
         Ok(Session {
             id,
-            connection: handle,
+            shutdown: rx,
             thread: Some(thread),
             capacity_sectors,
         })
@@ -54,10 +64,11 @@ impl Session {
         self.capacity_sectors
     }
 
-    /// Ends the session: the connection is shut down, so the frontend sees it end too, and
-    /// the thread is joined.
+    /// Ends the session (the frontend sees its connection close) and joins the thread.
     pub fn stop(mut self) {
-        let _ = self.connection.shutdown(Shutdown::Both);
+        if let Ok(handle) = self.shutdown.recv_timeout(START_WAIT) {
+            handle.shutdown();
+        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("{}: session thread panicked", self.id);

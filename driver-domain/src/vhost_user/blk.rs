@@ -345,6 +345,32 @@ pub fn serve_blk(
     Ok(())
 }
 
+/// Serve the one frontend whose connection is pending on `listener` (managed mode: the
+/// toolstack bound a listener in a private directory, connected the frontend to it, unlinked
+/// the path and handed the listener over, so no other peer can ever reach it). `started`
+/// receives a handle that ends the session from another thread. Returns when the frontend
+/// disconnects or the session is shut down.
+pub fn serve_blk_listener(
+    mut listener: Listener,
+    disk: Arc<BlkDisk>,
+    cfg: BlkConfig,
+    started: impl FnOnce(vhost_user_backend::ShutdownHandle),
+) -> Result<(), VhostUserBlkError> {
+    let (backend, mut daemon) = new_daemon(&disk, &cfg)?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| VhostUserBlkError::Daemon(e.to_string()))?;
+    // Nobody else may connect: the listener goes as soon as its one connection is accepted.
+    drop(listener);
+    if let Some(handle) = daemon.shutdown_handle() {
+        started(handle);
+    }
+    info!("blk: frontend connected");
+    log_session_end(daemon.wait());
+    backend.stop_workers();
+    Ok(())
+}
+
 /// Serve one already-connected vhost-user stream (managed mode: a toolstack connected the
 /// frontend and handed over the fd) until the frontend disconnects.
 ///

@@ -17,6 +17,7 @@ use ipc::control::messages::{fds, GuestEvent, GuestRequest, GuestStats};
 use ipc::control::{ChannelError, ControlChannel};
 use ipc::xenbus::{domain_path, keys, DeviceKind, XenbusState};
 use ipc::xenstore::client::{ClientError, StoreClient};
+use ipc::xenstore::wire::XsError;
 
 use crate::process::{BlockFrontend, FrontendConfig, FrontendStats};
 
@@ -27,6 +28,11 @@ pub enum GuestError {
     Store(#[from] ClientError),
     #[error("control channel")]
     Control(#[from] ChannelError),
+}
+
+/// The watch token for a device's backend state.
+fn token(devid: u32) -> String {
+    format!("backend-{devid}")
 }
 
 /// How often the loop wakes up when nothing happens.
@@ -138,7 +144,7 @@ impl ManagedGuest {
             Ok(v) => String::from_utf8_lossy(&v)
                 .parse()
                 .map_err(|e| format!("{dir}: {e}")),
-            Err(e) if e.xs_error() == Some(ipc::xenstore::wire::XsError::ENOENT) => {
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => {
                 Ok(XenbusState::Closed)
             }
             Err(e) => Err(format!("{dir}: {e}")),
@@ -163,7 +169,7 @@ impl ManagedGuest {
         let backend = match self.store.read(&format!("{dir}/{}", keys::BACKEND)) {
             Ok(v) => String::from_utf8_lossy(&v).into_owned(),
             // The toolstack has not written the directory yet.
-            Err(e) if e.xs_error() == Some(ipc::xenstore::wire::XsError::ENOENT) => return Ok(()),
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => return Ok(()),
             Err(e) => return Err(format!("reading {dir}/backend: {e}")),
         };
         let backend_state = self.read_state(&backend)?;
@@ -182,9 +188,12 @@ impl ManagedGuest {
                 let frontend = BlockFrontend::connect(stream, FrontendConfig::default())
                     .map_err(|e| format!("vhost-user set-up: {e}"))?;
                 dev.frontend = Some(frontend);
-                self.store
-                    .watch(&format!("{backend}/{}", keys::STATE), "backend-state")
-                    .map_err(|e| e.to_string())?;
+                match self.store.watch(&format!("{backend}/{}", keys::STATE), &token(devid)) {
+                    Ok(()) => {}
+                    // Still registered from an earlier attach of the same device.
+                    Err(e) if e.xs_error() == Some(XsError::EEXIST) => {}
+                    Err(e) => return Err(format!("watching {backend}/state: {e}")),
+                }
                 self.set_state(devid, XenbusState::Initialised)
             }
             (XenbusState::Initialised, XenbusState::Connected) => {
@@ -210,6 +219,15 @@ impl ManagedGuest {
     /// The frontend's side of a detach: stop I/O, end the session, Closing then Closed.
     fn close(&mut self, devid: u32) -> Result<(), String> {
         self.set_state(devid, XenbusState::Closing)?;
+        let backend = self
+            .store
+            .read(&format!("{}/{}", self.device_dir(devid), keys::BACKEND))
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        if let Ok(backend) = backend {
+            let _ = self
+                .store
+                .unwatch(&format!("{backend}/{}", keys::STATE), &token(devid));
+        }
         if let Some(dev) = self.devices.get_mut(&devid) {
             if let Some(frontend) = dev.frontend.take() {
                 if let Ok(stats) = frontend.stats() {

@@ -17,8 +17,9 @@ pub mod fds {
 /// Toolstack to driver domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendRequest {
-    /// Serve a block device to `frontend`. Descriptors: `[image file, backend end of the
-    /// vhost-user connection]`. The backend starts once the store directory for
+    /// Serve a block device to `frontend`. Descriptors: `[image file, vhost-user listener]`;
+    /// the listener's path is already unlinked and its one pending connection is the
+    /// frontend's. The backend starts once the store directory for
     /// (`frontend`, `devid`) appears.
     ServeBlock {
         frontend: u32,

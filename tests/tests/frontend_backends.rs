@@ -1,8 +1,7 @@
-//! The process-domain block frontend against a backend nobody here wrote:
-//! qemu-storage-daemon's vhost-user-blk export.
-//!
-//! Every test spawns its own daemon on a fresh image in a temp dir (see [`backend`]); to run the
-//! same tests against another vhost-user-blk backend, change only `backend::spawn`.
+//! The process-domain block frontend against two vhost-user-blk backends: one nobody here
+//! wrote (qemu-storage-daemon) and splitvmm's own driver domain (`driver-domain serve`).
+//! Every test runs against both (`qsd::*` and `dd::*`); each spawns its own backend on a fresh
+//! image in a temp dir (see [`backend`]).
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
@@ -53,9 +52,19 @@ mod backend {
             .unwrap_or(false)
     }
 
-    /// Starts qemu-storage-daemon exporting a zero-filled image of `image_bytes` with
-    /// `queues` queues. Returns None (after printing a loud SKIPPED line) if it is not installed.
-    pub fn spawn(test: &str, image_bytes: u64, queues: u16) -> Option<Backend> {
+    /// Which backend a test runs against.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kind {
+        Qsd,
+        DriverDomain,
+    }
+
+    /// Starts the backend `kind` exporting a zero-filled image of `image_bytes` with `queues`
+    /// queues. Returns None (after printing a loud SKIPPED line) if it is not installed.
+    pub fn spawn(kind: Kind, test: &str, image_bytes: u64, queues: u16) -> Option<Backend> {
+        if kind == Kind::DriverDomain {
+            return Some(spawn_driver_domain(image_bytes, queues));
+        }
         if !qsd_available() {
             // Written to the stderr handle directly: libtest captures eprintln!, this is not.
             let _ = writeln!(
@@ -98,6 +107,35 @@ mod backend {
         Some(backend)
     }
 
+    fn spawn_driver_domain(image_bytes: u64, queues: u16) -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("disk.img");
+        let socket = dir.path().join("vhost-user-blk.sock");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(image_bytes))
+            .expect("create image");
+        let child = Command::new(splitvmm_tests::workspace_bin("driver-domain"))
+            .arg("serve")
+            .arg("--blk")
+            .arg(&image)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--queues")
+            .arg(queues.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn driver-domain");
+        let backend = Backend {
+            child,
+            socket,
+            image,
+            _dir: dir,
+        };
+        wait_for_socket(&backend.socket, Duration::from_secs(10));
+        backend
+    }
+
     fn wait_for_socket(path: &Path, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !path.exists() {
@@ -109,6 +147,8 @@ mod backend {
         }
     }
 }
+
+use backend::Kind;
 
 const MIB: u64 = 1 << 20;
 
@@ -156,9 +196,8 @@ fn read_image(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     v
 }
 
-#[test]
-fn qsd_write_read_flush_and_host_view() {
-    let Some(be) = backend::spawn("qsd_write_read_flush_and_host_view", 8 * MIB, 1) else {
+fn write_read_flush_and_host_view(kind: Kind) {
+    let Some(be) = backend::spawn(kind, "write_read_flush_and_host_view", 8 * MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
@@ -212,9 +251,8 @@ fn qsd_write_read_flush_and_host_view() {
     );
 }
 
-#[test]
-fn qsd_out_of_range_fails_the_request_not_the_queue() {
-    let Some(be) = backend::spawn("qsd_out_of_range", MIB, 1) else {
+fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
+    let Some(be) = backend::spawn(kind, "out_of_range", MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
@@ -340,8 +378,8 @@ fn streaming_workload(fe: &BlockFrontend, queue: u16, base: u64, span: u64, requ
     assert!(expected.is_empty());
 }
 
-fn run_batches(event_idx: bool, poll: bool, test: &str) {
-    let Some(be) = backend::spawn(test, 16 * MIB, 1) else {
+fn run_batches(kind: Kind, event_idx: bool, poll: bool, test: &str) {
+    let Some(be) = backend::spawn(kind, test, 16 * MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(event_idx, poll)).unwrap();
@@ -360,31 +398,11 @@ fn run_batches(event_idx: bool, poll: bool, test: &str) {
     fe.shutdown().unwrap();
 }
 
-#[test]
-fn qsd_batches_event_idx_interrupts() {
-    run_batches(true, false, "qsd_batches_event_idx_interrupts");
-}
-
-#[test]
-fn qsd_batches_no_event_idx_interrupts() {
-    run_batches(false, false, "qsd_batches_no_event_idx_interrupts");
-}
-
-#[test]
-fn qsd_batches_event_idx_polling() {
-    run_batches(true, true, "qsd_batches_event_idx_polling");
-}
-
-#[test]
-fn qsd_batches_no_event_idx_polling() {
-    run_batches(false, true, "qsd_batches_no_event_idx_polling");
-}
-
 /// Ordering stress: one thread per queue, random batch sizes; a lost kick or interrupt makes a
 /// wait time out (3 s) and fail the test instead of hanging it.
-fn stress(event_idx: bool, test: &str) {
+fn stress(kind: Kind, event_idx: bool, test: &str) {
     const QUEUES: u16 = 4;
-    let Some(be) = backend::spawn(test, 32 * MIB, QUEUES) else {
+    let Some(be) = backend::spawn(kind, test, 32 * MIB, QUEUES) else {
         return;
     };
     let cfg = FrontendConfig {
@@ -424,12 +442,27 @@ fn stress(event_idx: bool, test: &str) {
     fe.shutdown().unwrap();
 }
 
-#[test]
-fn qsd_stress_multiqueue_event_idx() {
-    stress(true, "qsd_stress_multiqueue_event_idx");
+/// Every test, once per backend.
+macro_rules! against_both_backends {
+    ($($name:ident => |$kind:ident| $body:expr;)*) => {
+        mod qsd {
+            use super::*;
+            $(#[test] fn $name() { let $kind = Kind::Qsd; $body })*
+        }
+        mod dd {
+            use super::*;
+            $(#[test] fn $name() { let $kind = Kind::DriverDomain; $body })*
+        }
+    };
 }
 
-#[test]
-fn qsd_stress_multiqueue_no_event_idx() {
-    stress(false, "qsd_stress_multiqueue_no_event_idx");
+against_both_backends! {
+    write_read_flush_and_host_view => |kind| super::write_read_flush_and_host_view(kind);
+    out_of_range_fails_the_request_not_the_queue => |kind| super::out_of_range_fails_the_request_not_the_queue(kind);
+    batches_event_idx_interrupts => |kind| run_batches(kind, true, false, "batches_event_idx_interrupts");
+    batches_no_event_idx_interrupts => |kind| run_batches(kind, false, false, "batches_no_event_idx_interrupts");
+    batches_event_idx_polling => |kind| run_batches(kind, true, true, "batches_event_idx_polling");
+    batches_no_event_idx_polling => |kind| run_batches(kind, false, true, "batches_no_event_idx_polling");
+    stress_multiqueue_event_idx => |kind| stress(kind, true, "stress_multiqueue_event_idx");
+    stress_multiqueue_no_event_idx => |kind| stress(kind, false, "stress_multiqueue_no_event_idx");
 }
