@@ -1,7 +1,7 @@
 //! A running host: the store, the driver domain and the guests, as `splitvmm up` brings them
 //! up, with the operations the toolstack performs on them (attach, detach, checks, shutdown).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,8 +18,8 @@ use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
 use crate::config::{DiskConfig, HostConfig};
-use crate::{connection, domains};
 use crate::supervisor::DomainProcess;
+use crate::{connection, domains};
 
 /// How long a device may take to walk to Connected or Closed.
 pub const WALK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,6 +54,8 @@ pub struct Host {
     /// Where private vhost-user connections are made (0700, paths unlinked at once).
     private_dir: PathBuf,
     attach_serial: u64,
+    /// (guest, devid) of every attached disk.
+    attached: BTreeSet<(String, u32)>,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -73,8 +75,7 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
 fn open_image(disk: &DiskConfig) -> Result<File> {
     if disk.size_mib.is_some() && !disk.readonly {
         if let Some(dir) = disk.image.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
     let file = OpenOptions::new()
@@ -131,6 +132,7 @@ impl Host {
             guests: BTreeMap::new(),
             private_dir,
             attach_serial: 0,
+            attached: BTreeSet::new(),
         };
         match host
             .driver
@@ -173,6 +175,10 @@ impl Host {
             .with_context(|| format!("connecting {name} to the store"))?
             .into();
         let (ours, theirs) = ControlChannel::pair()?;
+        let mut command = command;
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
         let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
         Ok(Domain {
             domid,
@@ -252,11 +258,15 @@ impl Host {
     /// device directories, and waits for the guest to report Connected.
     pub fn attach_disk(&mut self, name: &str, disk: &DiskConfig) -> Result<u64> {
         let dev = self.device(name, disk.devid)?;
+        if self.attached.contains(&(name.to_owned(), disk.devid)) {
+            bail!("{name} already has a vbd {}", disk.devid);
+        }
         let image = open_image(disk)?;
         self.attach_serial += 1;
         let sock_name = format!("{}-{}-{}.sock", dev.frontend, dev.devid, self.attach_serial);
-        let (backend_end, frontend_end) = connection::private_connection(&self.private_dir, &sock_name)
-            .context("creating the vhost-user connection")?;
+        let (backend_end, frontend_end) =
+            connection::private_connection(&self.private_dir, &sock_name)
+                .context("creating the vhost-user connection")?;
         self.driver.channel.send(
             &BackendRequest::ServeBlock {
                 frontend: dev.frontend,
@@ -285,6 +295,7 @@ impl Host {
         )?;
         match self.guest_event(name, WALK_TIMEOUT)? {
             GuestEvent::Connected { devid, sectors } if devid == dev.devid => {
+                self.attached.insert((name.to_owned(), devid));
                 self.progress(&format!(
                     "{name}: vbd {devid} Connected ({} MiB)",
                     sectors / 2048
@@ -299,6 +310,9 @@ impl Host {
     /// Closing; both sides reach Closed; the directories are removed.
     pub fn detach_disk(&mut self, name: &str, devid: u32) -> Result<()> {
         let dev = self.device(name, devid)?;
+        if !self.attached.remove(&(name.to_owned(), devid)) {
+            bail!("{name} has no vbd {devid} attached");
+        }
         domains::request_close(&mut self.client, &dev)?;
         match self.guest_event(name, WALK_TIMEOUT)? {
             GuestEvent::Closed { devid: d } if d == devid => {}

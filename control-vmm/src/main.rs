@@ -89,7 +89,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
@@ -120,7 +120,10 @@ fn main() -> ExitCode {
             store,
             guest,
             devid,
-        } => toolstack::request(&store.path(), ToolstackRequest::BlockDetach { guest, devid }),
+        } => toolstack::request(
+            &store.path(),
+            ToolstackRequest::BlockDetach { guest, devid },
+        ),
         Command::DiskCheck {
             store,
             guest,

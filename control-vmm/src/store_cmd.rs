@@ -20,7 +20,7 @@ pub fn run(socket: &Path) -> Result<ExitCode> {
         log::info!("{signal}: shutting the store down");
         handle.shutdown();
     })?;
-    log::info!("store listening on {}", socket.display());
+    println!("store listening on {}", socket.display());
     store.run().context("store failed")?;
     Ok(ExitCode::SUCCESS)
 }

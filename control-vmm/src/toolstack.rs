@@ -27,8 +27,8 @@ pub fn socket_path(store: &Path) -> PathBuf {
 /// Serves management requests on `host` until `stop` is set.
 pub fn serve(host: &mut Host, store: &Path, stop: &AtomicBool) -> Result<()> {
     let path = socket_path(store);
-    let listener = ControlListener::bind(&path)
-        .with_context(|| format!("listening on {}", path.display()))?;
+    let listener =
+        ControlListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
     host.progress(&format!(
         "host is up; manage it through {} (Ctrl-C to shut down)",
         path.display()

@@ -6,5 +6,5 @@
 //!   the store.
 
 pub mod blk;
-pub mod vhost_user;
 pub mod managed;
+pub mod vhost_user;

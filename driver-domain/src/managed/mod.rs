@@ -335,7 +335,9 @@ impl ManagedDriverDomain {
                 session.stop();
             }
             let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
-            let _ = self.store.write(&path, XenbusState::Closed.to_string().as_bytes());
+            let _ = self
+                .store
+                .write(&path, XenbusState::Closed.to_string().as_bytes());
         }
         self.control.send(
             &BackendEvent::DeviceFailed {

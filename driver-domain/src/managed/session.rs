@@ -33,9 +33,8 @@ impl Session {
         listener: UnixListener,
         readonly: bool,
     ) -> Result<Session, String> {
-        let disk = Arc::new(
-            BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?,
-        );
+        let disk =
+            Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()

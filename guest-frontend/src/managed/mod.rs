@@ -144,9 +144,7 @@ impl ManagedGuest {
             Ok(v) => String::from_utf8_lossy(&v)
                 .parse()
                 .map_err(|e| format!("{dir}: {e}")),
-            Err(e) if e.xs_error() == Some(XsError::ENOENT) => {
-                Ok(XenbusState::Closed)
-            }
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(XenbusState::Closed),
             Err(e) => Err(format!("{dir}: {e}")),
         }
     }
@@ -188,7 +186,10 @@ impl ManagedGuest {
                 let frontend = BlockFrontend::connect(stream, FrontendConfig::default())
                     .map_err(|e| format!("vhost-user set-up: {e}"))?;
                 dev.frontend = Some(frontend);
-                match self.store.watch(&format!("{backend}/{}", keys::STATE), &token(devid)) {
+                match self
+                    .store
+                    .watch(&format!("{backend}/{}", keys::STATE), &token(devid))
+                {
                     Ok(()) => {}
                     // Still registered from an earlier attach of the same device.
                     Err(e) if e.xs_error() == Some(XsError::EEXIST) => {}

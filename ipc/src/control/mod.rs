@@ -4,4 +4,6 @@
 mod channel;
 pub mod messages;
 
-pub use channel::{ChannelError, ControlChannel, ControlListener, MAX_FDS, MAX_MESSAGE, PROTOCOL_VERSION};
+pub use channel::{
+    ChannelError, ControlChannel, ControlListener, MAX_FDS, MAX_MESSAGE, PROTOCOL_VERSION,
+};
