@@ -35,6 +35,13 @@ mod backend {
         _dir: tempfile::TempDir,
     }
 
+    impl Backend {
+        /// Process id of the backend (to stop and continue it).
+        pub fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+    }
+
     impl Drop for Backend {
         fn drop(&mut self) {
             // Only the child this helper started.
@@ -432,4 +439,48 @@ fn qsd_stress_multiqueue_event_idx() {
 #[test]
 fn qsd_stress_multiqueue_no_event_idx() {
     stress(false, "qsd_stress_multiqueue_no_event_idx");
+}
+
+#[test]
+fn qsd_stalled_backend_times_out_then_recovers() {
+    let Some(be) = backend::spawn("qsd_stalled_backend", MIB, 1) else {
+        return;
+    };
+    for poll in [false, true] {
+        let cfg = FrontendConfig {
+            timeout: Duration::from_millis(300),
+            ..config(true, poll)
+        };
+        let fe = BlockFrontend::connect_path(&be.socket, cfg).unwrap();
+        let mut q = fe.queue(0).unwrap();
+        // SAFETY: signalling the child process this test started, by its pid.
+        assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGSTOP) }, 0);
+        let data = pattern(1, 0, 4096);
+        let id = q
+            .submit(BlockOp::Write {
+                sector: 0,
+                data: &data,
+            })
+            .unwrap();
+        let start = std::time::Instant::now();
+        let err = q.complete(|_| panic!("a stopped backend completed a request"));
+        assert!(
+            matches!(err, Err(FrontendError::Timeout { in_flight: 1, .. })),
+            "poll={poll}: {err:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "timeout not honoured"
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGCONT) }, 0);
+        // The request was published and kicked before the stall: it completes now.
+        let mut seen = None;
+        while seen.is_none() {
+            q.complete(|c| seen = Some((c.id, c.result))).unwrap();
+        }
+        assert_eq!(seen, Some((id, Ok(()))));
+        drop(q);
+        fe.shutdown().unwrap();
+    }
 }
