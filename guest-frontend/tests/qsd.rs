@@ -484,3 +484,63 @@ fn qsd_stalled_backend_times_out_then_recovers() {
         fe.shutdown().unwrap();
     }
 }
+
+/// A hostile backend scribbles on the used ring in the shared window (simulated while the real
+/// backend is stopped, through the same memory it maps): the frontend fails that queue with an
+/// error, never panics or corrupts state, and the other queue keeps working.
+#[test]
+fn qsd_hostile_used_ring_breaks_only_that_queue() {
+    use guest_frontend::virtio::{BlkError, DmaMemory, QueueError};
+    let Some(be) = backend::spawn("qsd_hostile_used_ring", MIB, 2) else {
+        return;
+    };
+    let cfg = FrontendConfig {
+        queues: 2,
+        timeout: Duration::from_millis(500),
+        ..config(true, false)
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, cfg).unwrap();
+    let region = fe.window().region();
+    let mut q0 = fe.queue(0).unwrap();
+    let used = q0.ring_addrs().used;
+    // SAFETY: signalling the child process this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGSTOP) }, 0);
+    let data = pattern(3, 0, 512);
+    q0.submit(BlockOp::Write {
+        sector: 0,
+        data: &data,
+    })
+    .unwrap();
+    q0.publish().unwrap();
+    // used.ring[0] = { id: 999, len: 0 }; used.idx = 1.
+    region.write_bytes(used + 4, &999u32.to_le_bytes()).unwrap();
+    region.write_bytes(used + 8, &0u32.to_le_bytes()).unwrap();
+    region.write_bytes(used + 2, &1u16.to_le_bytes()).unwrap();
+    let err = q0.complete(|_| panic!("a bogus used element was delivered"));
+    assert!(
+        matches!(
+            err,
+            Err(FrontendError::Blk(BlkError::Queue(
+                QueueError::UsedIdOutOfRange { id: 999 }
+            )))
+        ),
+        "{err:?}"
+    );
+    let again = q0.complete(|_| {});
+    assert!(
+        matches!(
+            again,
+            Err(FrontendError::Blk(BlkError::Queue(QueueError::Broken)))
+        ),
+        "{again:?}"
+    );
+    drop(q0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGCONT) }, 0);
+    let mut q1 = fe.queue(1).unwrap();
+    let data = pattern(4, 64, 4096);
+    q1.write(64, &data).unwrap();
+    let mut got = vec![0u8; 4096];
+    q1.read(64, &mut got).unwrap();
+    assert!(got == data, "queue 1 must be unaffected");
+}
