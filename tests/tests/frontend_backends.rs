@@ -34,6 +34,13 @@ mod backend {
         _dir: tempfile::TempDir,
     }
 
+    impl Backend {
+        /// Process id of the backend (to stop and continue it).
+        pub fn pid(&self) -> i32 {
+            self.child.id() as i32
+        }
+    }
+
     impl Drop for Backend {
         fn drop(&mut self) {
             // Only the child this helper started.
@@ -465,4 +472,108 @@ against_both_backends! {
     batches_no_event_idx_polling => |kind| run_batches(kind, false, true, "batches_no_event_idx_polling");
     stress_multiqueue_event_idx => |kind| stress(kind, true, "stress_multiqueue_event_idx");
     stress_multiqueue_no_event_idx => |kind| stress(kind, false, "stress_multiqueue_no_event_idx");
+}
+
+#[test]
+fn qsd_stalled_backend_times_out_then_recovers() {
+    let Some(be) = backend::spawn("qsd_stalled_backend", MIB, 1) else {
+        return;
+    };
+    for poll in [false, true] {
+        let cfg = FrontendConfig {
+            timeout: Duration::from_millis(300),
+            ..config(true, poll)
+        };
+        let fe = BlockFrontend::connect_path(&be.socket, cfg).unwrap();
+        let mut q = fe.queue(0).unwrap();
+        // SAFETY: signalling the child process this test started, by its pid.
+        assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGSTOP) }, 0);
+        let data = pattern(1, 0, 4096);
+        let id = q
+            .submit(BlockOp::Write {
+                sector: 0,
+                data: &data,
+            })
+            .unwrap();
+        let start = std::time::Instant::now();
+        let err = q.complete(|_| panic!("a stopped backend completed a request"));
+        assert!(
+            matches!(err, Err(FrontendError::Timeout { in_flight: 1, .. })),
+            "poll={poll}: {err:?}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "timeout not honoured"
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGCONT) }, 0);
+        // The request was published and kicked before the stall: it completes now.
+        let mut seen = None;
+        while seen.is_none() {
+            q.complete(|c| seen = Some((c.id, c.result))).unwrap();
+        }
+        assert_eq!(seen, Some((id, Ok(()))));
+        drop(q);
+        fe.shutdown().unwrap();
+    }
+}
+
+/// A hostile backend scribbles on the used ring in the shared window (simulated while the real
+/// backend is stopped, through the same memory it maps): the frontend fails that queue with an
+/// error, never panics or corrupts state, and the other queue keeps working.
+#[test]
+fn qsd_hostile_used_ring_breaks_only_that_queue() {
+    use guest_frontend::virtio::{BlkError, DmaMemory, QueueError};
+    let Some(be) = backend::spawn("qsd_hostile_used_ring", MIB, 2) else {
+        return;
+    };
+    let cfg = FrontendConfig {
+        queues: 2,
+        timeout: Duration::from_millis(500),
+        ..config(true, false)
+    };
+    let fe = BlockFrontend::connect_path(&be.socket, cfg).unwrap();
+    let region = fe.window().region();
+    let mut q0 = fe.queue(0).unwrap();
+    let used = q0.ring_addrs().used;
+    // SAFETY: signalling the child process this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGSTOP) }, 0);
+    let data = pattern(3, 0, 512);
+    q0.submit(BlockOp::Write {
+        sector: 0,
+        data: &data,
+    })
+    .unwrap();
+    q0.publish().unwrap();
+    // used.ring[0] = { id: 999, len: 0 }; used.idx = 1.
+    region.write_bytes(used + 4, &999u32.to_le_bytes()).unwrap();
+    region.write_bytes(used + 8, &0u32.to_le_bytes()).unwrap();
+    region.write_bytes(used + 2, &1u16.to_le_bytes()).unwrap();
+    let err = q0.complete(|_| panic!("a bogus used element was delivered"));
+    assert!(
+        matches!(
+            err,
+            Err(FrontendError::Blk(BlkError::Queue(
+                QueueError::UsedIdOutOfRange { id: 999 }
+            )))
+        ),
+        "{err:?}"
+    );
+    let again = q0.complete(|_| {});
+    assert!(
+        matches!(
+            again,
+            Err(FrontendError::Blk(BlkError::Queue(QueueError::Broken)))
+        ),
+        "{again:?}"
+    );
+    drop(q0);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGCONT) }, 0);
+    let mut q1 = fe.queue(1).unwrap();
+    let data = pattern(4, 64, 4096);
+    q1.write(64, &data).unwrap();
+    let mut got = vec![0u8; 4096];
+    q1.read(64, &mut got).unwrap();
+    assert!(got == data, "queue 1 must be unaffected");
 }

@@ -6,11 +6,12 @@
 //! "user address" is set to its GPA, not to our mapping's address, so the ring addresses in
 //! SET_VRING_ADDR are GPAs too and no host pointer of this process reaches the backend.
 
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{
@@ -93,12 +94,28 @@ fn eventfd(op: &'static str) -> Result<EventFd, FrontendError> {
 }
 
 impl BlockFrontend {
-    /// Connects to the vhost-user-blk backend listening at `path`.
+    /// Connects to the vhost-user-blk backend listening at `path`. A backend that is still
+    /// starting (socket not yet created, or bound but not yet listening) is retried for up to
+    /// `cfg.timeout`.
     pub fn connect_path(path: &Path, cfg: FrontendConfig) -> Result<Self, FrontendError> {
-        let stream = UnixStream::connect(path).map_err(|source| FrontendError::Io {
-            op: "connect to vhost-user socket",
-            source,
-        })?;
+        let deadline = Instant::now() + cfg.timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound)
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(source) => {
+                    return Err(FrontendError::Io {
+                        op: "connect to vhost-user socket",
+                        source,
+                    })
+                }
+            }
+        };
         Self::connect(stream, cfg)
     }
 

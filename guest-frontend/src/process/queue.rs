@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::error::FrontendError;
 use super::window::IoWindow;
 use crate::virtio::{
-    BlkOp, BlkQueue, BlkRequest, DmaBuf, DmaMemory, DmaRegion, Notify, RequestError,
+    BlkOp, BlkQueue, BlkRequest, DmaBuf, DmaMemory, DmaRegion, Notify, QueueAddrs, RequestError,
 };
 
 /// Identifies a submitted request within its queue until it completes.
@@ -164,6 +164,10 @@ impl BlockQueue {
     /// Queue index.
     pub fn index(&self) -> u16 {
         self.index
+    }
+    /// Device-visible (GPA) addresses of this queue's rings inside the I/O window.
+    pub fn ring_addrs(&self) -> QueueAddrs {
+        self.blk.virtqueue_ref().addrs()
     }
     /// Largest data transfer of one request (the bounce buffer size).
     pub fn max_request_bytes(&self) -> u32 {

@@ -179,3 +179,46 @@ impl Drop for IoWindow {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::DmaMemory;
+
+    #[test]
+    fn window_is_sealed_against_resizing_and_reseal() {
+        let w = IoWindow::new(10_000, DEFAULT_WINDOW_GPA).unwrap();
+        assert_eq!(w.len() % 4096, 0);
+        assert!(w.len() >= 10_000);
+        assert_eq!(w.seals().unwrap() & WINDOW_SEALS, WINDOW_SEALS);
+        // What a peer holding the fd would try.
+        let f = w.file.try_clone().unwrap();
+        assert!(f.set_len(0).is_err(), "shrink must be refused");
+        assert!(
+            f.set_len(w.len() as u64 * 2).is_err(),
+            "grow must be refused"
+        );
+        // SAFETY: fcntl on an fd we own; no pointers.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert_eq!(r, -1, "seals must be final");
+    }
+
+    #[test]
+    fn window_addresses_are_gpas() {
+        let w = IoWindow::new(8192, DEFAULT_WINDOW_GPA).unwrap();
+        let r = w.region();
+        assert_eq!(r.device_base(), DEFAULT_WINDOW_GPA);
+        assert!(
+            r.translate(0, 1).is_none(),
+            "host-pointer-like addresses are not in the window"
+        );
+        r.write_bytes(DEFAULT_WINDOW_GPA + 8191, &[7]).unwrap();
+        assert_eq!(r.read_u8(DEFAULT_WINDOW_GPA + 8191), Ok(7));
+        assert!(r.translate(DEFAULT_WINDOW_GPA + 8192, 1).is_none());
+        assert!(
+            IoWindow::new(4096, DEFAULT_WINDOW_GPA + 1).is_err(),
+            "unaligned GPA"
+        );
+        assert!(IoWindow::new(4096, u64::MAX - 100).is_err(), "GPA overflow");
+    }
+}
