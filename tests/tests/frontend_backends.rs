@@ -129,6 +129,7 @@ mod backend {
             .arg(&socket)
             .arg("--queues")
             .arg(queues.to_string())
+            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -449,34 +450,8 @@ fn stress(kind: Kind, event_idx: bool, test: &str) {
     fe.shutdown().unwrap();
 }
 
-/// Every test, once per backend.
-macro_rules! against_both_backends {
-    ($($name:ident => |$kind:ident| $body:expr;)*) => {
-        mod qsd {
-            use super::*;
-            $(#[test] fn $name() { let $kind = Kind::Qsd; $body })*
-        }
-        mod dd {
-            use super::*;
-            $(#[test] fn $name() { let $kind = Kind::DriverDomain; $body })*
-        }
-    };
-}
-
-against_both_backends! {
-    write_read_flush_and_host_view => |kind| super::write_read_flush_and_host_view(kind);
-    out_of_range_fails_the_request_not_the_queue => |kind| super::out_of_range_fails_the_request_not_the_queue(kind);
-    batches_event_idx_interrupts => |kind| run_batches(kind, true, false, "batches_event_idx_interrupts");
-    batches_no_event_idx_interrupts => |kind| run_batches(kind, false, false, "batches_no_event_idx_interrupts");
-    batches_event_idx_polling => |kind| run_batches(kind, true, true, "batches_event_idx_polling");
-    batches_no_event_idx_polling => |kind| run_batches(kind, false, true, "batches_no_event_idx_polling");
-    stress_multiqueue_event_idx => |kind| stress(kind, true, "stress_multiqueue_event_idx");
-    stress_multiqueue_no_event_idx => |kind| stress(kind, false, "stress_multiqueue_no_event_idx");
-}
-
-#[test]
-fn qsd_stalled_backend_times_out_then_recovers() {
-    let Some(be) = backend::spawn("qsd_stalled_backend", MIB, 1) else {
+fn stalled_backend_times_out_then_recovers(kind: Kind) {
+    let Some(be) = backend::spawn(kind, "stalled_backend", MIB, 1) else {
         return;
     };
     for poll in [false, true] {
@@ -521,10 +496,9 @@ fn qsd_stalled_backend_times_out_then_recovers() {
 /// A hostile backend scribbles on the used ring in the shared window (simulated while the real
 /// backend is stopped, through the same memory it maps): the frontend fails that queue with an
 /// error, never panics or corrupts state, and the other queue keeps working.
-#[test]
-fn qsd_hostile_used_ring_breaks_only_that_queue() {
+fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     use guest_frontend::virtio::{BlkError, DmaMemory, QueueError};
-    let Some(be) = backend::spawn("qsd_hostile_used_ring", MIB, 2) else {
+    let Some(be) = backend::spawn(kind, "hostile_used_ring", MIB, 2) else {
         return;
     };
     let cfg = FrontendConfig {
@@ -576,4 +550,31 @@ fn qsd_hostile_used_ring_breaks_only_that_queue() {
     let mut got = vec![0u8; 4096];
     q1.read(64, &mut got).unwrap();
     assert!(got == data, "queue 1 must be unaffected");
+}
+
+/// Every test, once per backend.
+macro_rules! against_both_backends {
+    ($($name:ident => |$kind:ident| $body:expr;)*) => {
+        mod qsd {
+            use super::*;
+            $(#[test] fn $name() { let $kind = Kind::Qsd; $body })*
+        }
+        mod dd {
+            use super::*;
+            $(#[test] fn $name() { let $kind = Kind::DriverDomain; $body })*
+        }
+    };
+}
+
+against_both_backends! {
+    write_read_flush_and_host_view => |kind| super::write_read_flush_and_host_view(kind);
+    out_of_range_fails_the_request_not_the_queue => |kind| super::out_of_range_fails_the_request_not_the_queue(kind);
+    batches_event_idx_interrupts => |kind| run_batches(kind, true, false, "batches_event_idx_interrupts");
+    batches_no_event_idx_interrupts => |kind| run_batches(kind, false, false, "batches_no_event_idx_interrupts");
+    batches_event_idx_polling => |kind| run_batches(kind, true, true, "batches_event_idx_polling");
+    batches_no_event_idx_polling => |kind| run_batches(kind, false, true, "batches_no_event_idx_polling");
+    stress_multiqueue_event_idx => |kind| stress(kind, true, "stress_multiqueue_event_idx");
+    stress_multiqueue_no_event_idx => |kind| stress(kind, false, "stress_multiqueue_no_event_idx");
+    stalled_backend_times_out_then_recovers => |kind| super::stalled_backend_times_out_then_recovers(kind);
+    hostile_used_ring_breaks_only_that_queue => |kind| super::hostile_used_ring_breaks_only_that_queue(kind);
 }
