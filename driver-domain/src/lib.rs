@@ -6,5 +6,6 @@
 //!   the store.
 
 pub mod blk;
+pub mod hw;
 pub mod managed;
 pub mod vhost_user;

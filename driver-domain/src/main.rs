@@ -52,11 +52,17 @@ enum Cmd {
         #[arg(long)]
         require_sealed: bool,
     },
+    /// Hardware ownership: PCI functions, SR-IOV, VFIO (see docs/lab.md).
+    Hw {
+        #[command(subcommand)]
+        cmd: driver_domain::hw::cli::HwCommand,
+    },
 }
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
+        Cmd::Hw { cmd } => std::process::exit(i32::from(cmd.run())),
         Cmd::Managed { domid } => {
             // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing
             // else in this process uses them.
