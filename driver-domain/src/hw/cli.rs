@@ -216,7 +216,7 @@ impl HwCommand {
 
 fn list(sysfs: &Sysfs) -> Result<(), HwCliError> {
     println!(
-        "{:<13} {:<9} {:<6} {:<10} {:>5}  {:<9} physfn",
+        "{:<12} {:<9} {:<6} {:<10} {:>5}  {:<9} physfn",
         "address", "id", "class", "driver", "group", "sriov"
     );
     for f in sysfs.functions()? {
@@ -225,7 +225,7 @@ fn list(sysfs: &Sysfs) -> Result<(), HwCliError> {
             .map(|s| format!("{}/{}", s.num_vfs, s.total_vfs))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<13} {:04x}:{:04x} {:06x} {:<10} {:>5}  {:<9} {}",
+            "{:<12} {:04x}:{:04x} {:06x} {:<10} {:>5}  {:<9} {}",
             f.bdf,
             f.vendor,
             f.device,

@@ -1,0 +1,63 @@
+# Helpers for lab scenarios (busybox sh, sourced before each scenario).
+# A scenario prints what it does and ends with `fail "why"` (exit 1) on the first problem.
+PF=0000:00:02.0
+VF1=0000:00:02.1
+VF2=0000:00:02.2
+DD=/bin/driver-domain
+SYS=/sys/bus/pci/devices
+
+fail() { echo "FAIL: $*"; exit 1; }
+step() { echo "--- $*"; }
+
+# run CMD...: prints and runs CMD, fails the scenario unless it exits 0. Output in $OUT.
+run() {
+    echo "+ $*"
+    OUT=$("$@" 2>&1)
+    rc=$?
+    [ -n "$OUT" ] && echo "$OUT"
+    [ "$rc" = 0 ] || fail "'$*' exited $rc"
+}
+
+# expect_fail CODE TEXT CMD...: CMD must exit CODE and say TEXT (a fixed string).
+expect_fail() {
+    code=$1 text=$2
+    shift 2
+    echo "+ $*   (must exit $code saying '$text')"
+    OUT=$("$@" 2>&1)
+    rc=$?
+    [ -n "$OUT" ] && echo "$OUT"
+    [ "$rc" = "$code" ] || fail "'$*' exited $rc, expected $code"
+    echo "$OUT" | grep -qF -- "$text" || fail "'$*' did not say '$text'"
+    echo "$OUT" | grep -q panicked && fail "'$*' panicked"
+    return 0
+}
+
+# says TEXT: the last command's output contains TEXT.
+says() { echo "$OUT" | grep -qF -- "$1" || fail "output does not contain '$1'"; }
+
+driver_of() { [ -e "$SYS/$1/driver" ] && basename "$(readlink "$SYS/$1/driver")" || echo none; }
+group_of() { basename "$(readlink "$SYS/$1/iommu_group")"; }
+numvfs() { cat "$SYS/$PF/sriov_numvfs"; }
+
+# VFs of the NVMe PF up and online (driver-domain does the NVMe sequence), no driver on them.
+vfs_up() {
+    [ "$(numvfs)" = 2 ] && return 0
+    run $DD hw sriov $PF 2
+    [ "$(numvfs)" = 2 ] || fail "sriov_numvfs is $(numvfs) after enabling 2 VFs"
+}
+
+vfs_down() {
+    run $DD hw sriov $PF 0
+    [ "$(numvfs)" = 0 ] || fail "sriov_numvfs is $(numvfs) after disabling VFs"
+}
+
+# wait_gone PID SECONDS: waits for a background process; fails if it outlives SECONDS.
+wait_gone() {
+    i=0
+    while kill -0 "$1" 2>/dev/null; do
+        [ $i -ge $(($2 * 10)) ] && return 1
+        sleep 0.1
+        i=$((i + 1))
+    done
+    return 0
+}
