@@ -40,8 +40,8 @@ group_of() { basename "$(readlink "$SYS/$1/iommu_group")"; }
 numvfs() { cat "$SYS/$PF/sriov_numvfs"; }
 
 # VFs of the NVMe PF up and online (driver-domain does the NVMe sequence), no driver on them.
+# Always the whole sequence: VFs left by an earlier scenario may have offline secondaries.
 vfs_up() {
-    [ "$(numvfs)" = 2 ] && return 0
     run $DD hw sriov $PF 2
     [ "$(numvfs)" = 2 ] || fail "sriov_numvfs is $(numvfs) after enabling 2 VFs"
 }
@@ -61,3 +61,6 @@ wait_gone() {
     done
     return 0
 }
+
+# background PID: remembers a background process, which /init kills after the scenario.
+background() { echo "$1" >> /tmp/lab-background.pids; }

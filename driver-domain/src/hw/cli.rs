@@ -371,7 +371,8 @@ fn hold(sysfs: &Sysfs, bdfs: &[Bdf], timeout: Duration) -> Result<(), HwCliError
                 names.join(" ")
             )));
         };
-        let ctrl = held.remove(i);
+        let mut ctrl = held.remove(i);
+        ctrl.mark_requested();
         let bdf = ctrl.device().bdf();
         println!("{bdf}: the host asked for the device back; releasing");
         drop(ctrl.shut_down());

@@ -29,7 +29,7 @@ pub enum ProbeError {
         csts: u32,
         timeout: Duration,
     },
-    #[error("controller fatal status after enable (CSTS=0x{0:x})")]
+    #[error("controller fatal status after enable (CSTS=0x{0:x}; on an NVMe VF: its secondary controller is offline)")]
     Fatal(u32),
     #[error("{what}: no interrupt within {timeout:?} (completion queue entry {cqe})")]
     NoInterrupt {
@@ -210,6 +210,11 @@ impl NvmeController {
 
     pub fn device(&self) -> &VfioPciDevice {
         &self.dev
+    }
+
+    /// See [`VfioPciDevice::mark_requested`].
+    pub fn mark_requested(&mut self) {
+        self.dev.mark_requested();
     }
 
     pub fn irq_mode(&self) -> IrqMode {

@@ -247,6 +247,8 @@ pub struct VfioPciDevice {
     device: ManuallyDrop<VfioDevice>,
     bar0: Option<MmioRegion>,
     request: EventFd,
+    /// The host asked for the device back (request interrupt seen).
+    requested: bool,
 }
 
 impl VfioPciDevice {
@@ -293,6 +295,7 @@ impl VfioPciDevice {
             device: ManuallyDrop::new(device),
             bar0: None,
             request,
+            requested: false,
         };
         if dev
             .device
@@ -319,6 +322,12 @@ impl VfioPciDevice {
     /// Signalled when the host wants the device back (for example `sriov_numvfs` set to 0).
     pub fn request_eventfd(&self) -> &EventFd {
         &self.request
+    }
+
+    /// Records that the request interrupt fired: the kernel is removing the device and waits
+    /// for it to be closed, so it is closed without looking at sysfs again (see `Drop`).
+    pub fn mark_requested(&mut self) {
+        self.requested = true;
     }
 
     fn config_offset(&self) -> u64 {
@@ -551,21 +560,22 @@ impl Drop for VfioPciDevice {
         {
             let _ = self.device.disable_irq(VFIO_PCI_REQ_IRQ_INDEX);
         }
-        if self.still_in_group() {
+        // A pending request that nobody consumed means the same as one that was seen.
+        let requested = self.requested || self.request.read().is_ok();
+        if !requested && self.still_in_group() {
             // SAFETY: dropped exactly once, here; the field is not used afterwards.
             unsafe { ManuallyDrop::drop(&mut self.device) };
         } else {
-            // vfio-ioctls 0.10 looks the group up through sysfs on drop and panics when the
-            // device is gone. Close the device fd ourselves and leak the wrapper (a few bytes
-            // and the container reference) instead.
+            // vfio-ioctls 0.10 closes the device fd and then looks the group up in sysfs,
+            // unwrapping the result: once the fd is closed the kernel finishes removing a
+            // requested device, the link vanishes and the drop panics. So close the device fd
+            // here and leak the wrapper, with its container and group fds (two fds per
+            // released device), instead.
             let fd: RawFd = self.device.as_raw_fd();
             // SAFETY: `fd` is the device fd owned by the wrapper, which is never dropped and
             // never used again, so the fd is closed exactly once.
             unsafe { libc::close(fd) };
-            log::warn!(
-                "{}: device vanished from sysfs; closed it directly",
-                self.bdf
-            );
+            log::debug!("{}: closed after the host's request", self.bdf);
         }
     }
 }

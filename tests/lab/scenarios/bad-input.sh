@@ -3,7 +3,7 @@
 step "addresses"
 expect_fail 3 "no PCI function 0000:07:00.0" $DD hw bind 0000:07:00.0 vfio-pci
 expect_fail 4 "malformed PCI address" $DD hw vfio-probe 00:02.9z
-expect_fail 3 "no driver \"no-such-driver\" is loaded" $DD hw bind $VF1 no-such-driver
+expect_fail 3 "no driver \"no-such-driver\" is loaded" $DD hw bind $PF no-such-driver
 
 step "SR-IOV requests the PF cannot honour"
 expect_fail 4 "$PF supports at most 2 VFs, 3 requested" $DD hw sriov $PF 3
@@ -17,6 +17,9 @@ step "a PF whose driver refuses: vfio-pci will not take a PF with VFs enabled"
 vfs_up
 expect_fail 5 "vfio-pci refused to bind: a PF with SR-IOV enabled (2 VFs) cannot be bound to vfio-pci" $DD hw bind $PF vfio-pci
 [ "$(driver_of $PF)" = nvme ] || fail "$PF was not given back to nvme (driver: $(driver_of $PF))"
+# The nvme driver's probe resets the PF, which takes the secondary controllers offline: a VF is
+# usable again only after the Virtualization Management sequence.
+vfs_up
 
 step "a device in an IOMMU group that is not viable (0000:00:05.0 is on the serial driver)"
 echo "group of 0000:00:05.1: $(ls /sys/kernel/iommu_groups/$(group_of 0000:00:05.1)/devices | tr '\n' ' ')"

@@ -16,6 +16,7 @@ echo "$OUT" | grep -q ": \([0-9]*\) commands, \1 completed by interrupt" || fail
 step "the host asks for the VF back while the driver domain holds it"
 $DD hw hold $VF1 --timeout 30 > /tmp/hold.out 2>&1 &
 holder=$!
+background $holder
 i=0
 until grep -q '^HOLDING' /tmp/hold.out; do
     kill -0 $holder 2>/dev/null || { cat /tmp/hold.out; fail "hold exited early"; }

@@ -6,6 +6,7 @@ run $DD hw bind $VF1 vfio-pci
 run $DD hw bind $VF2 vfio-pci
 $DD hw hold $VF1 $VF2 --timeout 40 > /tmp/hold.out 2>&1 &
 holder=$!
+background $holder
 i=0
 until grep -q '^HOLDING 2' /tmp/hold.out; do
     kill -0 $holder 2>/dev/null || { cat /tmp/hold.out; fail "hold exited early"; }
