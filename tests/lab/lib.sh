@@ -7,7 +7,7 @@ DD=/bin/driver-domain
 SYS=/sys/bus/pci/devices
 
 fail() { echo "FAIL: $*"; exit 1; }
-step() { echo "--- $*"; }
+step() { echo "--- [$(cut -d' ' -f1 /proc/uptime) s] $*"; }
 
 # run CMD...: prints and runs CMD, fails the scenario unless it exits 0. Output in $OUT.
 run() {
