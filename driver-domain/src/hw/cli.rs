@@ -389,3 +389,78 @@ fn hold(sysfs: &Sysfs, bdfs: &[Bdf], timeout: Duration) -> Result<(), HwCliError
     println!("all devices released");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hw::pci::fake::FakeSysfs;
+
+    fn code(cmd: HwCommand) -> u8 {
+        cmd.run()
+    }
+
+    #[test]
+    fn exit_codes_follow_the_kind_of_failure() {
+        let fake = FakeSysfs::new();
+        fake.add_driver("nvme");
+        fake.add_driver("vfio-pci");
+        fake.add_function("0000:00:02.0", 0x1b36, 0x0010, 0x010802, 1);
+        fake.make_pf("0000:00:02.0", 2);
+        fake.bind("0000:00:02.0", "nvme");
+        fake.add_function("0000:00:05.1", 0x1b36, 0x0005, 0x00ff00, 2);
+        let sysfs = fake.dir.path().to_path_buf();
+        let bind = |bdf: &str, driver: &str| HwCommand::Bind {
+            bdf: bdf.into(),
+            driver: driver.into(),
+            sysfs: sysfs.clone(),
+        };
+        let sriov = |pf: &str, num| HwCommand::Sriov {
+            pf: pf.into(),
+            num,
+            vq: 2,
+            vi: 1,
+            plain: true,
+            autoprobe: false,
+            sysfs: sysfs.clone(),
+        };
+        assert_eq!(code(bind("0000:07:00.0", "vfio-pci")), 3);
+        assert_eq!(code(bind("0000:00:02.0", "no-such-driver")), 3);
+        assert_eq!(code(bind("00:02.0", "vfio-pci")), 4);
+        assert_eq!(code(sriov("0000:00:02.0", 3)), 4);
+        assert_eq!(code(sriov("0000:00:05.1", 1)), 4);
+        // The fake kernel never creates VFs: a timeout.
+        assert_eq!(code(sriov("0000:00:02.0", 1)), 6);
+        // ... and never binds: a refusal.
+        assert_eq!(code(bind("0000:00:05.1", "vfio-pci")), 5);
+        assert_eq!(
+            code(HwCommand::List {
+                sysfs: sysfs.clone()
+            }),
+            0
+        );
+    }
+
+    #[test]
+    fn a_refused_pf_with_vfs_says_to_disable_them() {
+        let fake = FakeSysfs::new();
+        fake.add_driver("vfio-pci");
+        fake.add_function("0000:00:02.0", 0x1b36, 0x0010, 0x010802, 1);
+        fake.make_pf("0000:00:02.0", 2);
+        std::fs::write(
+            fake.dir
+                .path()
+                .join("bus/pci/devices/0000:00:02.0/sriov_numvfs"),
+            "2\n",
+        )
+        .unwrap();
+        let err = Sysfs::new(fake.dir.path())
+            .bind("0000:00:02.0".parse().unwrap(), "vfio-pci")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a PF with SR-IOV enabled (2 VFs) cannot be bound to vfio-pci"),
+            "{err}"
+        );
+        assert_eq!(HwCliError::from(err).exit_code(), 5);
+    }
+}
