@@ -333,7 +333,7 @@ fn vfio_probe(sysfs: &Sysfs, bdf: Bdf, nsid: u32, expect: Option<&str>) -> Resul
         "{bdf}: {} commands, {} completed by interrupt",
         stats.commands, stats.interrupts
     );
-    drop(ctrl.shut_down());
+    drop(ctrl);
     println!("{bdf}: released");
     if let Some(want) = expect {
         if !block.starts_with(want.as_bytes()) {
@@ -375,7 +375,7 @@ fn hold(sysfs: &Sysfs, bdfs: &[Bdf], timeout: Duration) -> Result<(), HwCliError
         ctrl.mark_requested();
         let bdf = ctrl.device().bdf();
         println!("{bdf}: the host asked for the device back; releasing");
-        drop(ctrl.shut_down());
+        drop(ctrl);
         println!("{bdf}: released");
         for other in held.iter_mut() {
             let id = other.identify_controller()?;

@@ -422,17 +422,17 @@ impl NvmeController {
         self.execute("Read", true, sqe)?;
         Ok(self.dma.read_bytes(DATA_OFF, block_size as usize)?)
     }
+}
 
-    /// Disables the controller and hands the device back.
-    pub fn shut_down(self) -> VfioPciDevice {
+impl Drop for NvmeController {
+    /// Disables the controller before its queues' memory is unmapped (the fields drop after
+    /// this, DMA buffer first) and the device is closed.
+    fn drop(&mut self) {
         if let Some(bar) = self.dev.mapped_bar0() {
             let _ = bar.write32(REG_CC, 0);
             let _ = wait_ready(bar, false, Duration::from_secs(2));
         }
         self.dev.disable_interrupts();
-        let NvmeController { dma, dev, .. } = self;
-        drop(dma);
-        dev
     }
 }
 

@@ -614,3 +614,51 @@ pub fn wait_eventfds(fds: &[&EventFd], timeout: Duration) -> Result<Option<usize
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio_accesses_are_bounds_and_alignment_checked() {
+        // SAFETY: a fresh anonymous page, owned by the region below, which unmaps it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let region = MmioRegion {
+            bdf: "0000:00:02.1".parse().unwrap(),
+            ptr: NonNull::new(ptr.cast()).unwrap(),
+            len: 4096,
+        };
+        region.write64(0xff8, 0x1122_3344_5566_7788).unwrap();
+        assert_eq!(region.read64(0xff8).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(region.read32(0xffc).unwrap(), 0x1122_3344);
+        for (offset, len) in [
+            (0x1000, 4),
+            (0xffe, 4),
+            (0x2, 4),
+            (0xffc, 8),
+            (u64::MAX - 1, 4),
+        ] {
+            let r = if len == 4 {
+                region.read32(offset).map(u64::from)
+            } else {
+                region.read64(offset)
+            };
+            assert!(
+                matches!(r, Err(VfioError::OutsideBar { .. })),
+                "{offset:#x}+{len} accepted"
+            );
+        }
+        // A device-controlled doorbell stride cannot push a write outside the BAR.
+        assert!(region.write32(0x1000 + (4 << 15), 1).is_err());
+    }
+}
