@@ -1,6 +1,7 @@
 # sriov: the driver domain creates 2 VFs on the NVMe PF (Virtualization Management through the
 # admin passthrough ioctl), each in its own IOMMU group, binds them to vfio-pci, reports them,
-# and tears them down again.
+# hands one to the kernel nvme driver (its namespace shows this run's pattern) and back, and
+# tears them down again.
 step "the PF before"
 run $DD hw list
 [ "$(driver_of $PF)" = nvme ] || fail "$PF is bound to $(driver_of $PF), expected nvme"
@@ -33,6 +34,21 @@ done
 run $DD hw list
 echo "$OUT" | grep "^$VF1 .* vfio-pci .* $PF\$" || fail "hw list does not report $VF1 on vfio-pci with its PF"
 echo "$OUT" | grep "^$PF .* nvme .* 2/2 " || fail "hw list does not report 2/2 VFs on $PF"
+
+step "hand VF1 to the kernel nvme driver and back to vfio-pci"
+run $DD hw bind $VF1 nvme
+ctrl=$(ls $SYS/$VF1/nvme 2>/dev/null | head -1)
+[ -n "$ctrl" ] || fail "no nvme controller on $VF1 after binding nvme"
+i=0
+until [ -b /dev/${ctrl}n1 ]; do
+    [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
+    sleep 0.1; i=$((i + 1))
+done
+got=$(head -c ${#LAB_PATTERN} /dev/${ctrl}n1)
+echo "block 0 of /dev/${ctrl}n1 (through $VF1, kernel driver): $got"
+[ "$got" = "$LAB_PATTERN" ] || fail "/dev/${ctrl}n1 starts with '$got', expected '$LAB_PATTERN'"
+run $DD hw bind $VF1 vfio-pci
+[ "$(driver_of $VF1)" = vfio-pci ] || fail "$VF1 is bound to $(driver_of $VF1)"
 
 step "tear down"
 vfs_down
