@@ -466,7 +466,10 @@ fn wait_until_stopped(pid: i32) {
         if all_stopped {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "backend {pid} never stopped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} never stopped"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
