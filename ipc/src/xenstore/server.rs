@@ -428,8 +428,10 @@ impl Store {
                 Ok(None) => {}
                 Ok(Some(msg)) => {
                     let out = self.engine.handle(id, msg);
-                    self.deliver(out);
+                    // Sockets open/close before the reply leaves, so a client
+                    // seeing OK can rely on them.
                     self.domain_events();
+                    self.deliver(out);
                 }
                 Err(WireError::UnknownType { req_id, tx_id, ty }) => {
                     log::debug!("store: {id:?} sent unknown type {ty}");
