@@ -40,8 +40,7 @@ impl Running {
     }
 
     fn dom0(&self) -> StoreClient {
-        let c = StoreClient::connect(&self.path).unwrap();
-        c
+        StoreClient::connect(&self.path).unwrap()
     }
 
     /// Introduces `domid` with a home it owns, returns a client for it.
