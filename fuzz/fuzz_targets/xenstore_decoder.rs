@@ -4,7 +4,7 @@
 //! bytes it came from.
 #![no_main]
 
-use ipc::xenstore::wire::{Decoder, Message, WireError, HEADER_LEN, PAYLOAD_MAX};
+use ipc::xenstore::wire::{Decoder, Message, WireError, PAYLOAD_MAX};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, PartialEq)]
@@ -58,5 +58,4 @@ fuzz_target!(|data: &[u8]| {
     let whole = run(rest, rest.len().max(1));
     let pieces = run(rest, chunk);
     assert_eq!(whole, pieces);
-    let _ = HEADER_LEN;
 });

@@ -370,3 +370,38 @@ fn second_store_on_a_live_socket_is_refused() {
     assert!(matches!(r, Err(ServerError::InUse(_))));
     st.assert_serving();
 }
+
+#[test]
+fn deep_pipeline_is_answered_completely_and_in_order() {
+    let st = Running::start();
+    let mut g = st.guest(3);
+    let value = vec![b'v'; 1500];
+    g.write("big", &value).unwrap();
+    drop(g);
+    let stream = st.handle.connect_domain(3).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    const N: u32 = 2000; // ~3 MB of replies: far beyond socket buffers, so the store must throttle.
+    let t = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for i in 1..=N {
+            Message::new(MsgType::Read, i, 0, b"big\0".to_vec()).encode_into(&mut all);
+        }
+        writer.write_all(&all).unwrap();
+    });
+    let mut reader = stream;
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut d = Decoder::new();
+    let mut buf = vec![0u8; 65536];
+    let mut next = 1;
+    while next <= N {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {next} replies");
+        for m in d.decode_all(&buf[..n]).unwrap() {
+            assert_eq!((m.ty, m.req_id), (MsgType::Read, next));
+            assert_eq!(m.payload.len(), 1500);
+            next += 1;
+        }
+    }
+    t.join().unwrap();
+    st.assert_serving();
+}

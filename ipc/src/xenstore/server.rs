@@ -187,6 +187,7 @@ impl std::fmt::Debug for Store {
 const TOKEN_MAIN: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
 const READ_CHUNK: usize = 16 * 1024;
+const READS_PER_WAKEUP: usize = 4;
 
 fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
     let bind_err = |source| ServerError::Bind {
@@ -291,6 +292,7 @@ impl Store {
                     }
                 }
             }
+            self.resume_throttled();
             self.reap();
         }
     }
@@ -381,7 +383,9 @@ impl Store {
     /// while too many replies are unread.
     fn read_client(&mut self, id: ConnId) {
         let mut buf = [0u8; READ_CHUNK];
-        loop {
+        // A bounded number of reads per wakeup, so one busy client cannot
+        // starve the others; epoll reports it again if more is waiting.
+        for _ in 0..READS_PER_WAKEUP {
             self.process_input(id);
             let limit = self.read_limit_for(id);
             let Some(c) = self.clients.get_mut(&id) else {
@@ -404,6 +408,7 @@ impl Store {
                 }
             }
         }
+        self.process_input(id);
         self.update_interest(id);
     }
 
@@ -505,10 +510,25 @@ impl Store {
                 }
             }
         }
-        let resume = !c.dead && !c.inbuf.is_empty();
         self.update_interest(id);
-        if resume {
-            // Throttled input may proceed now that replies drained.
+    }
+
+    /// Lets throttled clients whose replies have drained continue with the
+    /// requests they already sent. Runs from the main loop, never nested in
+    /// request handling, so the stack stays flat.
+    fn resume_throttled(&mut self) {
+        let ready: Vec<ConnId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.dead && !c.inbuf.is_empty())
+            .map(|(id, _)| *id)
+            .filter(|id| {
+                self.clients
+                    .get(id)
+                    .is_some_and(|c| c.pending_replies < self.read_limit_for(*id))
+            })
+            .collect();
+        for id in ready {
             self.process_input(id);
             self.update_interest(id);
         }
