@@ -389,7 +389,9 @@ fn deep_pipeline_is_answered_completely_and_in_order() {
         writer.write_all(&all).unwrap();
     });
     let mut reader = stream;
-    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut d = Decoder::new();
     let mut buf = vec![0u8; 65536];
     let mut next = 1;

@@ -7,7 +7,7 @@
 //! socket and the domain's connections. [`StoreHandle::connect_domain`] hands
 //! out one end of a socket pair already registered as a domain.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -149,8 +149,10 @@ struct Client {
     stream: UnixStream,
     domid: DomId,
     decoder: Decoder,
-    /// Bytes read but not yet decoded (kept while the client is throttled).
+    /// Bytes read but not yet decoded (kept while the client is throttled),
+    /// decoded up to `in_pos`.
     inbuf: Vec<u8>,
+    in_pos: usize,
     /// Encoded messages waiting to be written, and whether each is a reply.
     out: VecDeque<(Vec<u8>, bool)>,
     out_offset: usize,
@@ -172,6 +174,10 @@ pub struct Store {
     domain_listeners: BTreeMap<DomId, UnixListener>,
     sources: HashMap<u64, Source>,
     clients: BTreeMap<ConnId, Client>,
+    /// Clients holding unprocessed input while too many replies are unread.
+    throttled: BTreeSet<ConnId>,
+    /// Clients to close at the end of this loop iteration.
+    doomed: Vec<ConnId>,
     next_token: u64,
 }
 
@@ -243,6 +249,8 @@ impl Store {
             domain_listeners: BTreeMap::new(),
             sources,
             clients: BTreeMap::new(),
+            throttled: BTreeSet::new(),
+            doomed: Vec::new(),
             next_token: 2,
         })
     }
@@ -360,6 +368,7 @@ impl Store {
             domid,
             decoder: Decoder::new(),
             inbuf: Vec::new(),
+            in_pos: 0,
             out: VecDeque::new(),
             out_offset: 0,
             out_bytes: 0,
@@ -391,19 +400,27 @@ impl Store {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            if c.dead || c.pending_replies >= limit || !c.inbuf.is_empty() {
+            if c.dead || c.pending_replies >= limit || c.in_pos < c.inbuf.len() {
                 break;
             }
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
-                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    if n < buf.len() {
+                        // Drained: skip the read that would say WouldBlock.
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
             }
@@ -424,11 +441,18 @@ impl Store {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            if c.dead || c.inbuf.is_empty() || c.pending_replies >= limit {
+            if c.dead || c.in_pos == c.inbuf.len() {
+                c.inbuf.clear();
+                c.in_pos = 0;
+                self.throttled.remove(&id);
                 return;
             }
-            let (used, res) = c.decoder.decode(&c.inbuf);
-            c.inbuf.drain(..used);
+            if c.pending_replies >= limit {
+                self.throttled.insert(id);
+                return;
+            }
+            let (used, res) = c.decoder.decode(&c.inbuf[c.in_pos..]);
+            c.in_pos += used;
             match res {
                 Ok(None) => {}
                 Ok(Some(msg)) => {
@@ -445,6 +469,7 @@ impl Store {
                 Err(e @ WireError::TooLong(_)) => {
                     log::warn!("store: disconnecting {id:?}: {e}");
                     c.dead = true;
+                    self.doomed.push(id);
                     return;
                 }
             }
@@ -467,6 +492,7 @@ impl Store {
                     c.domid
                 );
                 c.dead = true;
+                self.doomed.push(cid);
                 continue;
             }
             // The first message of an engine output is the reply to the request.
@@ -488,6 +514,9 @@ impl Store {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        if c.dead {
+            return;
+        }
         while let Some((front, is_reply)) = c.out.front() {
             let is_reply = *is_reply;
             match c.stream.write(&front[c.out_offset..]) {
@@ -506,6 +535,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
             }
@@ -518,10 +548,9 @@ impl Store {
     /// request handling, so the stack stays flat.
     fn resume_throttled(&mut self) {
         let ready: Vec<ConnId> = self
-            .clients
+            .throttled
             .iter()
-            .filter(|(_, c)| !c.dead && !c.inbuf.is_empty())
-            .map(|(id, _)| *id)
+            .copied()
             .filter(|id| {
                 self.clients
                     .get(id)
@@ -543,7 +572,7 @@ impl Store {
             return;
         }
         let mut want = EventSet::empty();
-        if c.pending_replies < limit && c.inbuf.is_empty() {
+        if c.pending_replies < limit && c.in_pos == c.inbuf.len() {
             want |= EventSet::IN;
         }
         if !c.out.is_empty() {
@@ -557,6 +586,7 @@ impl Store {
                 .is_err()
             {
                 c.dead = true;
+                self.doomed.push(id);
                 return;
             }
             c.interest = want;
@@ -578,8 +608,9 @@ impl Store {
                             .retain(|_, s| !matches!(s, Source::DomainListener(x) if *x == d));
                     }
                     let _ = std::fs::remove_file(domain_socket_path(&self.cfg.socket, d));
-                    for c in self.clients.values_mut().filter(|c| c.domid == d) {
+                    for (id, c) in self.clients.iter_mut().filter(|(_, c)| c.domid == d) {
                         c.dead = true;
+                        self.doomed.push(*id);
                     }
                 }
             }
@@ -610,12 +641,7 @@ impl Store {
 
     /// Closes connections marked dead.
     fn reap(&mut self) {
-        let dead: Vec<ConnId> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.dead)
-            .map(|(id, _)| *id)
-            .collect();
+        let dead = std::mem::take(&mut self.doomed);
         for id in dead {
             if let Some(c) = self.clients.remove(&id) {
                 let _ = self.epoll.ctl(
@@ -625,6 +651,7 @@ impl Store {
                 );
             }
             self.sources.remove(&id.0);
+            self.throttled.remove(&id);
             self.engine.disconnect(id);
         }
     }
