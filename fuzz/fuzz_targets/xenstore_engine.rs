@@ -2,7 +2,8 @@
 //! with disconnects and reconnects) into the store engine. Checks: no panic,
 //! output only to live connections, the reply goes first to the requester
 //! with its ids, payloads within the limit, and the tree stays consistent
-//! (every child exists, every node is listed by its parent).
+//! (every child exists, every node is listed by its parent, per-domain
+//! node counts match the owners in the tree).
 #![no_main]
 
 use ipc::xenstore::engine::{ConnId, Engine};
@@ -16,6 +17,16 @@ const CONNS: [(u64, u32, bool); 4] = [(1, 0, true), (2, 5, false), (3, 6, false)
 fn check_tree(e: &Engine) {
     let t = e.tree();
     assert!(t.get("/").is_some(), "root vanished");
+    let mut owned = std::collections::HashMap::new();
+    for p in t.paths() {
+        if p != "/" {
+            let Some(n) = t.get(p) else { unreachable!() };
+            *owned.entry(n.perms.owner()).or_insert(0usize) += 1;
+        }
+    }
+    for (dom, count) in owned {
+        assert_eq!(t.owned_by(dom), count, "owner count of domain {dom}");
+    }
     for p in t.paths() {
         let Some(n) = t.get(p) else { unreachable!() };
         for c in &n.children {

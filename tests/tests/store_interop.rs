@@ -284,3 +284,29 @@ fn multi_key_write_uses_a_transaction() {
     assert_eq!(seen.last(), Some(&MsgType::TransactionEnd), "{seen:?}");
     assert_eq!(st.client().read("/t/b").unwrap(), b"2");
 }
+
+#[test]
+fn listing_a_directory_too_big_for_one_reply() {
+    if !have_utils("listing_a_directory_too_big_for_one_reply") {
+        return;
+    }
+    let st = Running::start();
+    let mut c = st.client();
+    // 200 names of 40 bytes: ~8 KB of children, so DIRECTORY answers E2BIG and
+    // libxenstore falls back to DIRECTORY_PART.
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("a-rather-long-child-name-number-{i:08}"))
+        .collect();
+    let tx = c.transaction_start().unwrap();
+    for n in &names {
+        c.tx_mkdir(tx, &format!("/wide/{n}")).unwrap();
+    }
+    c.transaction_end(tx, true).unwrap();
+    assert_eq!(
+        c.directory("/wide").unwrap_err().xs_error(),
+        Some(XsError::E2BIG)
+    );
+    let listed = ok(&xs(&st.path, "list", &["/wide"]));
+    let got: Vec<&str> = listed.lines().collect();
+    assert_eq!(got, names);
+}
