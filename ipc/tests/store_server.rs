@@ -407,3 +407,18 @@ fn deep_pipeline_is_answered_completely_and_in_order() {
     t.join().unwrap();
     st.assert_serving();
 }
+
+#[test]
+fn client_lists_huge_directories_in_parts() {
+    let st = Running::start();
+    let mut c = st.dom0();
+    let names: Vec<String> = (0..400)
+        .map(|i| format!("node-with-a-fairly-long-name-{i:06}"))
+        .collect();
+    let tx = c.transaction_start().unwrap();
+    for n in &names {
+        c.tx_mkdir(tx, &format!("/huge/{n}")).unwrap();
+    }
+    c.transaction_end(tx, true).unwrap();
+    assert_eq!(c.directory("/huge").unwrap(), names);
+}
