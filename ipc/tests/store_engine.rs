@@ -852,3 +852,17 @@ fn unknown_connection_gets_no_output() {
         .handle(ConnId(999), Message::new(MsgType::Read, 1, 0, s(&["/"])))
         .is_empty());
 }
+
+#[test]
+fn a_node_changed_twice_in_a_transaction_fires_once() {
+    let mut h = H::new();
+    h.watch(D0, "/twice", "t");
+    let tx = h.tx_start(D0);
+    for v in ["1", "2"] {
+        let mut p = s(&["/twice"]);
+        p.extend_from_slice(v.as_bytes());
+        h.tx_ok(D0, MsgType::Write, tx, &p);
+    }
+    let out = h.send(D0, MsgType::TransactionEnd, tx, b"T\0");
+    assert_eq!(H::events(&out), vec![(D0, "/twice".into(), "t".into())]);
+}
