@@ -422,3 +422,14 @@ fn client_lists_huge_directories_in_parts() {
     c.transaction_end(tx, true).unwrap();
     assert_eq!(c.directory("/huge").unwrap(), names);
 }
+
+#[test]
+fn handle_is_clone_and_send() {
+    fn check<T: Clone + Send + Sync + 'static>() {}
+    check::<StoreHandle>();
+    let st = Running::start();
+    let h = st.handle.clone();
+    let stream = std::thread::spawn(move || h.connect_domain(0).unwrap()).join().unwrap();
+    let mut c = StoreClient::from_stream(stream);
+    c.write("/from-thread", b"1").unwrap();
+}
