@@ -429,7 +429,38 @@ fn handle_is_clone_and_send() {
     check::<StoreHandle>();
     let st = Running::start();
     let h = st.handle.clone();
-    let stream = std::thread::spawn(move || h.connect_domain(0).unwrap()).join().unwrap();
+    let stream = std::thread::spawn(move || h.connect_domain(0).unwrap())
+        .join()
+        .unwrap();
     let mut c = StoreClient::from_stream(stream);
     c.write("/from-thread", b"1").unwrap();
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_others_served() {
+    let st = Running::with(|c| c.max_connections = 4);
+    let mut kept: Vec<StoreClient> = (0..4).map(|_| st.dom0()).collect();
+    kept[0].write("/k", b"1").unwrap();
+    let mut extra = raw(&st.path);
+    assert!(
+        wait_for_eof(&mut extra, Duration::from_secs(5)),
+        "fifth client refused"
+    );
+    for c in &mut kept {
+        assert_eq!(c.read("/k").unwrap(), b"1");
+    }
+    drop(kept);
+    // Closed slots are reused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = st.dom0();
+        match c.read("/k") {
+            Ok(v) => {
+                assert_eq!(v, b"1");
+                break;
+            }
+            Err(_) => assert!(Instant::now() < deadline, "slots never freed"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -194,6 +194,7 @@ const TOKEN_MAIN: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
 const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_WAKEUP: usize = 4;
+const ACCEPTS_PER_WAKEUP: usize = 32;
 
 fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
     let bind_err = |source| ServerError::Bind {
@@ -313,7 +314,8 @@ impl Store {
     }
 
     fn accept(&mut self, domain: Option<DomId>) {
-        loop {
+        // Bounded per wakeup so that a connect storm cannot starve clients.
+        for _ in 0..ACCEPTS_PER_WAKEUP {
             let listener = match domain {
                 None => &self.listener,
                 Some(d) => match self.domain_listeners.get(&d) {
