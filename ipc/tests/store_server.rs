@@ -276,6 +276,11 @@ fn client_that_never_reads_a_watch_flood_is_cut_off() {
         w.write(&format!("/flood/k{}", writes % 10), b"x").unwrap();
         writes += 1;
     }
+    let s = st.handle.stats(Duration::from_secs(5)).unwrap();
+    assert!(
+        s.queued_output_bytes <= 64 * 1024,
+        "output queue bounded: {s:?}"
+    );
     assert!(
         wait_for_eof(&mut lazy, Duration::from_secs(10)),
         "lazy watcher was not disconnected"
@@ -300,7 +305,13 @@ fn pipelining_client_that_never_reads_is_throttled_not_fatal() {
             }
         }
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // While the client floods requests and reads nothing, the store's buffers stay bounded.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        let s = st.handle.stats(Duration::from_secs(5)).unwrap();
+        assert!(s.buffered_input_bytes <= 64 * 1024, "{s:?}");
+        assert!(s.queued_output_bytes <= 1 << 20, "{s:?}");
+    }
     st.assert_serving();
     stream.shutdown(std::net::Shutdown::Both).unwrap();
     t.join().unwrap();

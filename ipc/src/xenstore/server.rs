@@ -92,7 +92,21 @@ pub fn domain_socket_path(socket: &Path, domid: DomId) -> PathBuf {
 
 enum Command {
     Attach(DomId, UnixStream),
+    Stats(Sender<StoreStats>),
     Shutdown,
+}
+
+/// A snapshot of the store's resource use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Open client connections.
+    pub connections: usize,
+    /// Bytes queued towards clients, over all connections.
+    pub queued_output_bytes: usize,
+    /// Bytes received but not yet handled, over all connections.
+    pub buffered_input_bytes: usize,
+    /// Nodes in the tree, the root included.
+    pub nodes: usize,
 }
 
 /// A cloneable, sendable handle to a running (or about to run) store.
@@ -122,6 +136,16 @@ impl StoreHandle {
             .map_err(|_| ServerError::ShutDown)?;
         self.wake.write(1).map_err(|_| ServerError::ShutDown)?;
         Ok(theirs)
+    }
+
+    /// Current resource use, as seen by the store's thread (waits at most `timeout`).
+    pub fn stats(&self, timeout: std::time::Duration) -> Result<StoreStats, ServerError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::Stats(tx))
+            .map_err(|_| ServerError::ShutDown)?;
+        self.wake.write(1).map_err(|_| ServerError::ShutDown)?;
+        rx.recv_timeout(timeout).map_err(|_| ServerError::ShutDown)
     }
 
     /// Asks the store to stop; `run` returns soon after.
@@ -287,6 +311,9 @@ impl Store {
                             match cmd {
                                 Command::Shutdown => return Ok(()),
                                 Command::Attach(domid, stream) => self.add_client(stream, domid),
+                                Command::Stats(reply) => {
+                                    let _ = reply.send(self.stats());
+                                }
                             }
                         }
                     }
@@ -303,6 +330,19 @@ impl Store {
             }
             self.resume_throttled();
             self.reap();
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            connections: self.clients.len(),
+            queued_output_bytes: self.clients.values().map(|c| c.out_bytes).sum(),
+            buffered_input_bytes: self
+                .clients
+                .values()
+                .map(|c| c.inbuf.len() - c.in_pos)
+                .sum(),
+            nodes: self.engine.tree().len(),
         }
     }
 
