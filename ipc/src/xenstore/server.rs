@@ -8,7 +8,7 @@
 //! out one end of a socket pair already registered as a domain.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -423,8 +423,9 @@ impl Store {
 
     fn read_limit(&self, domid: DomId) -> usize {
         if domid == 0 {
-            // dom0 pipelines more deeply; its queue is still bounded.
-            self.cfg.quotas.outstanding_requests.max(256)
+            // dom0 pipelines more deeply; 128 full-size replies still fit
+            // well within the default output bound.
+            self.cfg.quotas.outstanding_requests.max(128)
         } else {
             self.cfg.quotas.outstanding_requests
         }
@@ -561,7 +562,14 @@ impl Store {
         }
         while let Some((front, is_reply)) = c.out.front() {
             let is_reply = *is_reply;
-            match c.stream.write(&front[c.out_offset..]) {
+            // MSG_NOSIGNAL: a vanished peer is an error here, never a SIGPIPE.
+            let sent = nix::sys::socket::send(
+                c.stream.as_raw_fd(),
+                &front[c.out_offset..],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(io::Error::from);
+            match sent {
                 Ok(n) => {
                     c.out_offset += n;
                     if c.out_offset == front.len() {
