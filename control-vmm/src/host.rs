@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ipc::control::messages::{BackendEvent, BackendRequest, GuestEvent, GuestRequest, GuestStats};
+use ipc::control::messages::{
+    BackendDeviceStats, BackendEvent, BackendRequest, GuestEvent, GuestRequest, GuestStats,
+};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
@@ -367,8 +369,7 @@ impl Host {
     }
 
     /// Stops every guest (collecting its counters), then the driver domain, then the store.
-    /// Returns the guests' counters and whether every process exited cleanly.
-    pub fn shut_down(mut self) -> (Vec<(String, u32, Option<GuestStats>)>, bool) {
+    pub fn shut_down(mut self) -> ShutdownReport {
         let mut clean = true;
         let mut stats = Vec::new();
         for (name, guest) in self.guests.iter_mut() {
@@ -402,6 +403,19 @@ impl Host {
             }
             stats.push((name.clone(), guest.domain.domid, guest.stats));
         }
+        let mut backend = Vec::new();
+        if self
+            .driver
+            .channel
+            .send(&BackendRequest::Stats, &[])
+            .is_ok()
+        {
+            if let Ok(Some((BackendEvent::Stats(s), _))) =
+                self.driver.channel.recv_timeout(Duration::from_secs(5))
+            {
+                backend = s;
+            }
+        }
         let _ = self.driver.channel.send(&BackendRequest::Shutdown, &[]);
         match self.driver.process.wait_timeout(Duration::from_secs(10)) {
             Ok(Some(status)) if status.success() => {}
@@ -425,6 +439,23 @@ impl Host {
                 }
             }
         }
-        (stats, clean)
+        ShutdownReport {
+            guests: stats,
+            driver: (self.driver.name.clone(), self.driver.domid),
+            backend,
+            clean,
+        }
     }
+}
+
+/// What `Host::shut_down` found out.
+pub struct ShutdownReport {
+    /// Each guest's name, id and counters (None if it did not report).
+    pub guests: Vec<(String, u32, Option<GuestStats>)>,
+    /// The driver domain's name and id.
+    pub driver: (String, u32),
+    /// The driver domain's per-device counters.
+    pub backend: Vec<BackendDeviceStats>,
+    /// Whether every process exited cleanly.
+    pub clean: bool,
 }

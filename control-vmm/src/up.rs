@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use ipc::control::messages::GuestStats;
 
 use crate::config::HostConfig;
-use crate::host::Host;
+use crate::host::{Host, ShutdownReport};
 use crate::{signals, toolstack};
 
 /// Bytes each disk check writes and verifies.
@@ -43,8 +42,9 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
             checks = Err(e);
         }
     }
-    let (stats, clean) = host.shut_down();
-    print_table(&stats);
+    let report = host.shut_down();
+    print_table(&report);
+    let clean = report.clean;
     match checks {
         Ok(report) => {
             println!("checks: {} passed, {} failed", report.passed, report.failed);
@@ -116,13 +116,13 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
     Ok(report)
 }
 
-fn print_table(stats: &[(String, u32, Option<GuestStats>)]) {
+fn print_table(report: &ShutdownReport) {
     println!();
     println!(
         "{:<12} {:>5} {:>9} {:>11} {:>11} {:>11} {:>11}",
         "DOMAIN", "ID", "REQUESTS", "BYTES", "KICKS", "SUPPRESSED", "INTERRUPTS"
     );
-    for (name, domid, s) in stats {
+    for (name, domid, s) in &report.guests {
         match s {
             Some(s) => println!(
                 "{name:<12} {domid:>5} {:>9} {:>11} {:>11} {:>11} {:>11}",
@@ -131,5 +131,11 @@ fn print_table(stats: &[(String, u32, Option<GuestStats>)]) {
             None => println!("{name:<12} {domid:>5} {:>9}", "(no report)"),
         }
     }
+    let (name, domid) = &report.driver;
+    let sessions: u64 = report.backend.iter().map(|d| d.sessions).sum();
+    println!(
+        "{name:<12} {domid:>5} backend: {} device(s), {sessions} vhost-user session(s)",
+        report.backend.len()
+    );
     println!();
 }

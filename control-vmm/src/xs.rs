@@ -20,7 +20,7 @@ use xenstore_rs::Xs;
 pub struct StoreArg {
     /// The store's privileged socket [default: $SPLITVMM_STORE, then $XENSTORED_PATH, then
     /// <tmp>/splitvmm/xenstored.sock, where `splitvmm up` puts it by default].
-    #[arg(long = "store", value_name = "PATH")]
+    #[arg(long = "store", value_name = "PATH", global = true)]
     store: Option<PathBuf>,
 }
 

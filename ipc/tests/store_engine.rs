@@ -852,3 +852,61 @@ fn unknown_connection_gets_no_output() {
         .handle(ConnId(999), Message::new(MsgType::Read, 1, 0, s(&["/"])))
         .is_empty());
 }
+
+#[test]
+fn a_node_changed_twice_in_a_transaction_fires_once() {
+    let mut h = H::new();
+    h.watch(D0, "/twice", "t");
+    let tx = h.tx_start(D0);
+    for v in ["1", "2"] {
+        let mut p = s(&["/twice"]);
+        p.extend_from_slice(v.as_bytes());
+        h.tx_ok(D0, MsgType::Write, tx, &p);
+    }
+    let out = h.send(D0, MsgType::TransactionEnd, tx, b"T\0");
+    assert_eq!(H::events(&out), vec![(D0, "/twice".into(), "t".into())]);
+}
+
+#[test]
+fn mkdir_on_existing_node_without_write_access_is_eacces() {
+    let mut h = H::new();
+    h.write(D0, "/ro", "v");
+    h.ok(D0, MsgType::SetPerms, &s(&["/ro", "r0"]));
+    assert_eq!(h.err(G5, MsgType::Mkdir, &s(&["/ro"])), XsError::EACCES);
+    assert_eq!(h.write_err(G5, "/ro", "w"), XsError::EACCES);
+    assert_eq!(h.err(G5, MsgType::Rm, &s(&["/ro"])), XsError::EACCES);
+}
+
+#[test]
+fn get_perms_needs_read_access() {
+    let mut h = H::new();
+    h.write(D0, "/gp", "v");
+    assert_eq!(h.err(G5, MsgType::GetPerms, &s(&["/gp"])), XsError::EACCES);
+    assert_eq!(h.err(G5, MsgType::Directory, &s(&["/gp"])), XsError::EACCES);
+}
+
+#[test]
+fn dom0_is_always_introduced() {
+    let mut h = H::new();
+    assert_eq!(h.ok(G5, MsgType::IsDomainIntroduced, &s(&["0"])), b"T\0");
+    assert_eq!(
+        h.err(D0, MsgType::Introduce, &s(&["0", "0", "0"])),
+        XsError::EEXIST
+    );
+    assert_eq!(h.err(D0, MsgType::Release, &s(&["0"])), XsError::EINVAL);
+}
+
+#[test]
+fn directory_part_past_the_end_is_an_empty_final_chunk() {
+    let mut h = H::new();
+    h.write(D0, "/dp/a", "1");
+    let r = h.ok(D0, MsgType::DirectoryPart, &s(&["/dp", "0"]));
+    let gen_end = r.iter().position(|&b| b == 0).unwrap();
+    assert_eq!(&r[gen_end + 1..], b"a\0\0");
+    let r = h.ok(D0, MsgType::DirectoryPart, &s(&["/dp", "99"]));
+    assert_eq!(&r[gen_end + 1..], b"\0");
+    assert_eq!(
+        h.err(D0, MsgType::DirectoryPart, &s(&["/dp", "x"])),
+        XsError::EINVAL
+    );
+}

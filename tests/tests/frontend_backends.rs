@@ -450,6 +450,30 @@ fn stress(kind: Kind, event_idx: bool, test: &str) {
     fe.shutdown().unwrap();
 }
 
+/// SIGSTOP is delivered asynchronously: wait until every thread of `pid` is stopped, so a
+/// worker running on another CPU cannot complete a request after the test thinks it stalled.
+fn wait_until_stopped(pid: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let all_stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .all(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+                state.is_some_and(|s| s.starts_with('T') || s.starts_with('t'))
+            });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backend {pid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn stalled_backend_times_out_then_recovers(kind: Kind) {
     let Some(be) = backend::spawn(kind, "stalled_backend", MIB, 1) else {
         return;
@@ -463,6 +487,7 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
         let mut q = fe.queue(0).unwrap();
         // SAFETY: signalling the child process this test started, by its pid.
         assert_eq!(unsafe { libc::kill(be.pid(), libc::SIGSTOP) }, 0);
+        wait_until_stopped(be.pid());
         let data = pattern(1, 0, 4096);
         let id = q
             .submit(BlockOp::Write {

@@ -2,6 +2,8 @@
 //! permissions), a guest reaches its own devices and nothing of another guest's, and the
 //! driver domain reads but cannot forge a frontend's state.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
 use control_vmm::domains;
 use ipc::xenbus::{DeviceId, DeviceKind};
 use ipc::xenstore::client::StoreClient;

@@ -2,6 +2,8 @@
 //! frontend played by this test, step by step: attach, I/O, detach, re-attach. Also checks
 //! that the I/O window is the only guest memory the driver domain maps.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;

@@ -1,6 +1,8 @@
 //! `splitvmm up` end to end: the main job on a fresh host, run-time block-attach/detach
 //! through the management socket, and reaping of every domain process on SIGTERM.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -258,10 +258,11 @@ impl ControlListener {
             Err(e) => return Err(ChannelError::Io(e)),
         }
         match accept4(self.socket.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-            // SAFETY: accept4 returned a new descriptor that nothing else owns.
-            Ok(fd) => Ok(Some(ControlChannel {
-                socket: unsafe { OwnedFd::from_raw_fd(fd) },
-            })),
+            Ok(fd) => {
+                // SAFETY: accept4 returned a new descriptor that nothing else owns.
+                let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+                Ok(Some(ControlChannel { socket }))
+            }
             Err(Errno::EAGAIN) | Err(Errno::EINTR) | Err(Errno::ECONNABORTED) => Ok(None),
             Err(e) => Err(ChannelError::Io(e)),
         }

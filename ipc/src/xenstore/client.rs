@@ -243,13 +243,60 @@ impl StoreClient {
     pub fn directory(&mut self, path: &str) -> Result<Vec<String>> {
         self.tx_directory(0, path)
     }
+    /// Child names; directories too large for one reply are fetched with
+    /// DIRECTORY_PART, as libxenstore does.
     pub fn tx_directory(&mut self, tx: u32, path: &str) -> Result<Vec<String>> {
-        let r = self.request(MsgType::Directory, tx, nul(path))?;
+        let r = match self.request(MsgType::Directory, tx, nul(path)) {
+            Err(ClientError::Store {
+                err: XsError::E2BIG,
+                ..
+            }) => return self.directory_parts(tx, path),
+            r => r?,
+        };
         if r.is_empty() {
             return Ok(Vec::new());
         }
         let parts = split_strings(&r).ok_or_else(|| ClientError::Protocol("directory".into()))?;
         Ok(parts.into_iter().map(text).collect())
+    }
+
+    /// Reads a directory in DIRECTORY_PART chunks, restarting if it changes
+    /// (its generation differs) between chunks.
+    fn directory_parts(&mut self, tx: u32, path: &str) -> Result<Vec<String>> {
+        const RESTARTS: usize = 8;
+        for _ in 0..RESTARTS {
+            let mut names = Vec::new();
+            let mut offset = 0usize;
+            let mut generation: Option<Vec<u8>> = None;
+            loop {
+                let r = self.request(
+                    MsgType::DirectoryPart,
+                    tx,
+                    Message::strings(&[path, &offset.to_string()]),
+                )?;
+                let bad = || ClientError::Protocol("directory part".into());
+                let gen_end = r.iter().position(|&b| b == 0).ok_or_else(bad)?;
+                let gen = r[..gen_end].to_vec();
+                if generation.get_or_insert_with(|| gen.clone()) != &gen {
+                    break;
+                }
+                let body = &r[gen_end + 1..];
+                let last = body == b"\0" || body.ends_with(b"\0\0");
+                let list = if last { &body[..body.len() - 1] } else { body };
+                if !last && list.is_empty() {
+                    return Err(bad());
+                }
+                offset += list.len();
+                names.extend(list.split(|&b| b == 0).filter(|n| !n.is_empty()).map(text));
+                if last {
+                    return Ok(names);
+                }
+            }
+        }
+        Err(ClientError::Store {
+            op: MsgType::DirectoryPart.name(),
+            err: XsError::EAGAIN,
+        })
     }
 
     pub fn get_perms(&mut self, path: &str) -> Result<Perms> {

@@ -15,10 +15,10 @@ pub mod tree;
 pub mod watch;
 pub mod wire;
 
-pub use client::{ClientError, StoreClient};
+pub use client::{ClientError, StoreClient, WatchEvent};
 pub use engine::{ConnId, DomainEvent, Engine};
 pub use perms::{Access, DomId, Perm, Perms};
-pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle};
+pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle, StoreStats};
 pub use wire::{Message, MsgType, XsError};
 
 /// Limits for unprivileged domains. The defaults are C xenstored's

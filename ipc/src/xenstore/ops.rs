@@ -308,6 +308,11 @@ pub fn directory_part(
         }
         end = name_end;
     }
+    if end == offset {
+        // Cannot happen with valid names (< 3072 bytes), but never answer
+        // with an empty, unfinished chunk that would make a client loop.
+        return Err(XsError::E2BIG);
+    }
     out.extend_from_slice(&all[offset..end]);
     if end == all.len() {
         out.push(0);

@@ -7,8 +7,8 @@
 //! socket and the domain's connections. [`StoreHandle::connect_domain`] hands
 //! out one end of a socket pair already registered as a domain.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -92,7 +92,21 @@ pub fn domain_socket_path(socket: &Path, domid: DomId) -> PathBuf {
 
 enum Command {
     Attach(DomId, UnixStream),
+    Stats(Sender<StoreStats>),
     Shutdown,
+}
+
+/// A snapshot of the store's resource use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Open client connections.
+    pub connections: usize,
+    /// Bytes queued towards clients, over all connections.
+    pub queued_output_bytes: usize,
+    /// Bytes received but not yet handled, over all connections.
+    pub buffered_input_bytes: usize,
+    /// Nodes in the tree, the root included.
+    pub nodes: usize,
 }
 
 /// A cloneable, sendable handle to a running (or about to run) store.
@@ -124,6 +138,16 @@ impl StoreHandle {
         Ok(theirs)
     }
 
+    /// Current resource use, as seen by the store's thread (waits at most `timeout`).
+    pub fn stats(&self, timeout: std::time::Duration) -> Result<StoreStats, ServerError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Command::Stats(tx))
+            .map_err(|_| ServerError::ShutDown)?;
+        self.wake.write(1).map_err(|_| ServerError::ShutDown)?;
+        rx.recv_timeout(timeout).map_err(|_| ServerError::ShutDown)
+    }
+
     /// Asks the store to stop; `run` returns soon after.
     pub fn shutdown(&self) {
         if self.tx.send(Command::Shutdown).is_ok() {
@@ -149,8 +173,10 @@ struct Client {
     stream: UnixStream,
     domid: DomId,
     decoder: Decoder,
-    /// Bytes read but not yet decoded (kept while the client is throttled).
+    /// Bytes read but not yet decoded (kept while the client is throttled),
+    /// decoded up to `in_pos`.
     inbuf: Vec<u8>,
+    in_pos: usize,
     /// Encoded messages waiting to be written, and whether each is a reply.
     out: VecDeque<(Vec<u8>, bool)>,
     out_offset: usize,
@@ -172,6 +198,10 @@ pub struct Store {
     domain_listeners: BTreeMap<DomId, UnixListener>,
     sources: HashMap<u64, Source>,
     clients: BTreeMap<ConnId, Client>,
+    /// Clients holding unprocessed input while too many replies are unread.
+    throttled: BTreeSet<ConnId>,
+    /// Clients to close at the end of this loop iteration.
+    doomed: Vec<ConnId>,
     next_token: u64,
 }
 
@@ -187,6 +217,8 @@ impl std::fmt::Debug for Store {
 const TOKEN_MAIN: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
 const READ_CHUNK: usize = 16 * 1024;
+const READS_PER_WAKEUP: usize = 4;
+const ACCEPTS_PER_WAKEUP: usize = 32;
 
 fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
     let bind_err = |source| ServerError::Bind {
@@ -242,6 +274,8 @@ impl Store {
             domain_listeners: BTreeMap::new(),
             sources,
             clients: BTreeMap::new(),
+            throttled: BTreeSet::new(),
+            doomed: Vec::new(),
             next_token: 2,
         })
     }
@@ -277,6 +311,9 @@ impl Store {
                             match cmd {
                                 Command::Shutdown => return Ok(()),
                                 Command::Attach(domid, stream) => self.add_client(stream, domid),
+                                Command::Stats(reply) => {
+                                    let _ = reply.send(self.stats());
+                                }
                             }
                         }
                     }
@@ -291,7 +328,21 @@ impl Store {
                     }
                 }
             }
+            self.resume_throttled();
             self.reap();
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            connections: self.clients.len(),
+            queued_output_bytes: self.clients.values().map(|c| c.out_bytes).sum(),
+            buffered_input_bytes: self
+                .clients
+                .values()
+                .map(|c| c.inbuf.len() - c.in_pos)
+                .sum(),
+            nodes: self.engine.tree().len(),
         }
     }
 
@@ -303,7 +354,8 @@ impl Store {
     }
 
     fn accept(&mut self, domain: Option<DomId>) {
-        loop {
+        // Bounded per wakeup so that a connect storm cannot starve clients.
+        for _ in 0..ACCEPTS_PER_WAKEUP {
             let listener = match domain {
                 None => &self.listener,
                 Some(d) => match self.domain_listeners.get(&d) {
@@ -358,6 +410,7 @@ impl Store {
             domid,
             decoder: Decoder::new(),
             inbuf: Vec::new(),
+            in_pos: 0,
             out: VecDeque::new(),
             out_offset: 0,
             out_bytes: 0,
@@ -370,8 +423,9 @@ impl Store {
 
     fn read_limit(&self, domid: DomId) -> usize {
         if domid == 0 {
-            // dom0 pipelines more deeply; its queue is still bounded.
-            self.cfg.quotas.outstanding_requests.max(256)
+            // dom0 pipelines more deeply; 128 full-size replies still fit
+            // well within the default output bound.
+            self.cfg.quotas.outstanding_requests.max(128)
         } else {
             self.cfg.quotas.outstanding_requests
         }
@@ -381,29 +435,40 @@ impl Store {
     /// while too many replies are unread.
     fn read_client(&mut self, id: ConnId) {
         let mut buf = [0u8; READ_CHUNK];
-        loop {
+        // A bounded number of reads per wakeup, so one busy client cannot
+        // starve the others; epoll reports it again if more is waiting.
+        for _ in 0..READS_PER_WAKEUP {
             self.process_input(id);
             let limit = self.read_limit_for(id);
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            if c.dead || c.pending_replies >= limit || !c.inbuf.is_empty() {
+            if c.dead || c.pending_replies >= limit || c.in_pos < c.inbuf.len() {
                 break;
             }
             match c.stream.read(&mut buf) {
                 Ok(0) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
-                Ok(n) => c.inbuf.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    if n < buf.len() {
+                        // Drained: skip the read that would say WouldBlock.
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
             }
         }
+        self.process_input(id);
         self.update_interest(id);
     }
 
@@ -419,17 +484,26 @@ impl Store {
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            if c.dead || c.inbuf.is_empty() || c.pending_replies >= limit {
+            if c.dead || c.in_pos == c.inbuf.len() {
+                c.inbuf.clear();
+                c.in_pos = 0;
+                self.throttled.remove(&id);
                 return;
             }
-            let (used, res) = c.decoder.decode(&c.inbuf);
-            c.inbuf.drain(..used);
+            if c.pending_replies >= limit {
+                self.throttled.insert(id);
+                return;
+            }
+            let (used, res) = c.decoder.decode(&c.inbuf[c.in_pos..]);
+            c.in_pos += used;
             match res {
                 Ok(None) => {}
                 Ok(Some(msg)) => {
                     let out = self.engine.handle(id, msg);
-                    self.deliver(out);
+                    // Sockets open/close before the reply leaves, so a client
+                    // seeing OK can rely on them.
                     self.domain_events();
+                    self.deliver(out);
                 }
                 Err(WireError::UnknownType { req_id, tx_id, ty }) => {
                     log::debug!("store: {id:?} sent unknown type {ty}");
@@ -438,6 +512,7 @@ impl Store {
                 Err(e @ WireError::TooLong(_)) => {
                     log::warn!("store: disconnecting {id:?}: {e}");
                     c.dead = true;
+                    self.doomed.push(id);
                     return;
                 }
             }
@@ -460,6 +535,7 @@ impl Store {
                     c.domid
                 );
                 c.dead = true;
+                self.doomed.push(cid);
                 continue;
             }
             // The first message of an engine output is the reply to the request.
@@ -481,9 +557,19 @@ impl Store {
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
+        if c.dead {
+            return;
+        }
         while let Some((front, is_reply)) = c.out.front() {
             let is_reply = *is_reply;
-            match c.stream.write(&front[c.out_offset..]) {
+            // MSG_NOSIGNAL: a vanished peer is an error here, never a SIGPIPE.
+            let sent = nix::sys::socket::send(
+                c.stream.as_raw_fd(),
+                &front[c.out_offset..],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            )
+            .map_err(io::Error::from);
+            match sent {
                 Ok(n) => {
                     c.out_offset += n;
                     if c.out_offset == front.len() {
@@ -499,14 +585,29 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     c.dead = true;
+                    self.doomed.push(id);
                     break;
                 }
             }
         }
-        let resume = !c.dead && !c.inbuf.is_empty();
         self.update_interest(id);
-        if resume {
-            // Throttled input may proceed now that replies drained.
+    }
+
+    /// Lets throttled clients whose replies have drained continue with the
+    /// requests they already sent. Runs from the main loop, never nested in
+    /// request handling, so the stack stays flat.
+    fn resume_throttled(&mut self) {
+        let ready: Vec<ConnId> = self
+            .throttled
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.clients
+                    .get(id)
+                    .is_some_and(|c| c.pending_replies < self.read_limit_for(*id))
+            })
+            .collect();
+        for id in ready {
             self.process_input(id);
             self.update_interest(id);
         }
@@ -521,7 +622,7 @@ impl Store {
             return;
         }
         let mut want = EventSet::empty();
-        if c.pending_replies < limit && c.inbuf.is_empty() {
+        if c.pending_replies < limit && c.in_pos == c.inbuf.len() {
             want |= EventSet::IN;
         }
         if !c.out.is_empty() {
@@ -535,6 +636,7 @@ impl Store {
                 .is_err()
             {
                 c.dead = true;
+                self.doomed.push(id);
                 return;
             }
             c.interest = want;
@@ -556,8 +658,9 @@ impl Store {
                             .retain(|_, s| !matches!(s, Source::DomainListener(x) if *x == d));
                     }
                     let _ = std::fs::remove_file(domain_socket_path(&self.cfg.socket, d));
-                    for c in self.clients.values_mut().filter(|c| c.domid == d) {
+                    for (id, c) in self.clients.iter_mut().filter(|(_, c)| c.domid == d) {
                         c.dead = true;
+                        self.doomed.push(*id);
                     }
                 }
             }
@@ -588,12 +691,7 @@ impl Store {
 
     /// Closes connections marked dead.
     fn reap(&mut self) {
-        let dead: Vec<ConnId> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.dead)
-            .map(|(id, _)| *id)
-            .collect();
+        let dead = std::mem::take(&mut self.doomed);
         for id in dead {
             if let Some(c) = self.clients.remove(&id) {
                 let _ = self.epoll.ctl(
@@ -603,6 +701,7 @@ impl Store {
                 );
             }
             self.sources.remove(&id.0);
+            self.throttled.remove(&id);
             self.engine.disconnect(id);
         }
     }

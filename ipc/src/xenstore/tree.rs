@@ -209,8 +209,32 @@ impl Transaction {
         for (path, node) in puts {
             tree.put(&path, node);
         }
-        Ok(self.changes)
+        Ok(dedup_changes(self.changes))
     }
+}
+
+/// One event per node and kind, in order of first change, with the final
+/// permissions (C xenstored fires each modified node once at commit).
+fn dedup_changes(changes: Vec<Change>) -> Vec<Change> {
+    let mut out: Vec<Change> = Vec::with_capacity(changes.len());
+    let mut index: HashMap<(String, bool), usize> = HashMap::new();
+    for ch in changes {
+        let key = (ch.path.clone(), ch.how == Match::Subtree);
+        match index.get(&key) {
+            Some(&i) => {
+                let first = &mut out[i];
+                first.perms = ch.perms;
+                if first.old_perms.is_none() {
+                    first.old_perms = ch.old_perms;
+                }
+            }
+            None => {
+                index.insert(key, out.len());
+                out.push(ch);
+            }
+        }
+    }
+    out
 }
 
 /// Read/write access to the tree, either directly or through a transaction.
