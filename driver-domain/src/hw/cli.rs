@@ -38,7 +38,10 @@ fn pci_code(e: &PciError) -> u8 {
         PciError::NotFound(..) | PciError::NoSuchDriver { .. } => 3,
         PciError::BadAddress(_) => 4,
         PciError::BindRefused { .. } => 5,
-        PciError::Read { .. } | PciError::Parse { .. } | PciError::Write { .. } => 1,
+        PciError::List { .. }
+        | PciError::Read { .. }
+        | PciError::Parse { .. }
+        | PciError::Write { .. } => 1,
     }
 }
 
@@ -297,8 +300,7 @@ fn vfio_probe(sysfs: &Sysfs, bdf: Bdf, nsid: u32, expect: Option<&str>) -> Resul
     );
     let bar = dev.bar0()?;
     println!("{bdf}: BAR0 mapped, {} bytes", bar.len());
-    let ctrl = NvmeController::bring_up(dev)?;
-    let mut ctrl = ctrl;
+    let mut ctrl = NvmeController::bring_up(dev)?;
     println!(
         "{bdf}: NVMe CAP=0x{:016x} VS={}.{}.{}; admin queue up in DMA memory at iova 0x{:x}, interrupts by {:?}",
         ctrl.cap,

@@ -43,6 +43,8 @@ pub enum ProbeError {
     Status { what: String, status: u16 },
     #[error("namespace {0} is not attached to this controller (size 0)")]
     NoNamespace(u32),
+    #[error("identify data shorter than its structure")]
+    ShortData,
     #[error("waiting for the interrupt: {0}")]
     Wait(#[source] std::io::Error),
 }
@@ -340,16 +342,7 @@ impl NvmeController {
         sqe[10] = 1;
         self.execute("Identify Controller", false, sqe)?;
         let data = self.dma.read_bytes(DATA_OFF, PAGE)?;
-        Ok(
-            parse_identify_controller(&data).unwrap_or(IdentifyController {
-                vid: 0,
-                serial: String::new(),
-                model: String::new(),
-                firmware: String::new(),
-                cntlid: 0,
-                namespaces: 0,
-            }),
-        )
+        parse_identify_controller(&data).ok_or(ProbeError::ShortData)
     }
 
     /// Identify Namespace: (blocks, block size).

@@ -27,6 +27,8 @@ pub enum PciError {
         driver: String,
         hint: String,
     },
+    #[error("listing {path}: {source}")]
+    List { path: PathBuf, source: io::Error },
     #[error("{bdf}: reading {path}: {source}")]
     Read {
         bdf: Bdf,
@@ -180,8 +182,7 @@ impl Sysfs {
     /// Every PCI function, sorted by address.
     pub fn functions(&self) -> Result<Vec<PciFunction>, PciError> {
         let dir = self.root.join("bus/pci/devices");
-        let entries = fs::read_dir(&dir).map_err(|source| PciError::Read {
-            bdf: Bdf::default_root(),
+        let entries = fs::read_dir(&dir).map_err(|source| PciError::List {
             path: dir.clone(),
             source,
         })?;
@@ -246,8 +247,7 @@ impl Sysfs {
             .join("kernel/iommu_groups")
             .join(group.to_string())
             .join("devices");
-        let entries = fs::read_dir(&dir).map_err(|source| PciError::Read {
-            bdf: Bdf::default_root(),
+        let entries = fs::read_dir(&dir).map_err(|source| PciError::List {
             path: dir.clone(),
             source,
         })?;
@@ -373,18 +373,6 @@ impl Sysfs {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Bdf {
-    /// 0000:00:00.0, named in errors that concern no one function.
-    fn default_root() -> Bdf {
-        Bdf {
-            domain: 0,
-            bus: 0,
-            device: 0,
-            function: 0,
         }
     }
 }
