@@ -56,6 +56,9 @@ fn default_run_dir() -> PathBuf {
 pub struct DriverDomainConfig {
     pub name: String,
     pub domid: u32,
+    /// PCI functions (`DDDD:BB:DD.F`) the driver domain owns and reports in the store.
+    #[serde(default)]
+    pub owns: Vec<String>,
 }
 
 /// How a guest runs.
@@ -181,6 +184,21 @@ impl HostConfig {
                 ));
             }
         }
+        let mut owned = HashSet::new();
+        for (i, bdf) in self.driver_domain.owns.iter().enumerate() {
+            if !is_pci_address(bdf) {
+                return Err(invalid(
+                    format!("driver_domain.owns[{i}]"),
+                    &format!("a PCI address DDDD:BB:DD.F (lower-case hex), got {bdf:?}"),
+                ));
+            }
+            if !owned.insert(bdf) {
+                return Err(invalid(
+                    format!("driver_domain.owns[{i}]"),
+                    &format!("each function once, {bdf} is listed twice"),
+                ));
+            }
+        }
         for (i, guest) in self.guests.iter().enumerate() {
             let mut devids = HashSet::new();
             for (j, disk) in guest.disks.iter().enumerate() {
@@ -214,6 +232,24 @@ impl HostConfig {
     pub fn store_socket(&self) -> PathBuf {
         self.run_dir.join("xenstored.sock")
     }
+}
+
+/// `DDDD:BB:DD.F` as sysfs spells it (lower-case hex, device <= 0x1f, function <= 7).
+pub fn is_pci_address(s: &str) -> bool {
+    let b = s.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && hex(0..4)
+        && hex(5..7)
+        && hex(8..10)
+        && (b'0'..=b'7').contains(&b[11])
+        && u8::from_str_radix(&s[8..10], 16).is_ok_and(|d| d <= 0x1f)
 }
 
 /// Names are used as store values and in messages; keep them plain.
@@ -285,6 +321,26 @@ mod tests {
     #[test]
     fn bad_name_is_refused() {
         expect_invalid(&GOOD.replace("\"guest-b\"", "\"guest b\""), "guest[1].name");
+    }
+
+    #[test]
+    fn owned_functions_are_pci_addresses() {
+        let with = |owns: &str| GOOD.replace("domid = 1\n", &format!("domid = 1\nowns = {owns}\n"));
+        assert_eq!(
+            parse(&with(r#"["0000:00:02.0", "0000:00:02.1"]"#))
+                .unwrap()
+                .driver_domain
+                .owns
+                .len(),
+            2
+        );
+        expect_invalid(&with(r#"["00:02.0"]"#), "driver_domain.owns[0]");
+        expect_invalid(&with(r#"["0000:00:20.0"]"#), "driver_domain.owns[0]");
+        expect_invalid(&with(r#"["0000:00:02.8"]"#), "driver_domain.owns[0]");
+        expect_invalid(
+            &with(r#"["0000:00:02.0", "0000:00:02.0"]"#),
+            "driver_domain.owns[1]",
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub fn create_domain(client: &mut StoreClient, domid: u32, name: &str) -> Result
         write_with_perms(c, tx, &format!("{dom}/device"), "", &perms(domid, &[0]))?;
         write_with_perms(c, tx, &format!("{dom}/data"), "", &own)?;
         write_with_perms(c, tx, &format!("{dom}/backend"), "", &perms(domid, &[0]))?;
+        // What a driver domain reports of the hardware it owns (docs/lab.md).
+        write_with_perms(c, tx, &format!("{dom}/hardware"), "", &perms(domid, &[0]))?;
         Ok(())
     })?;
     // Over sockets the ring page and event channel mean nothing (docs/store.md).

@@ -123,6 +123,9 @@ impl Host {
             .arg("managed")
             .arg("--domid")
             .arg(dd.domid.to_string());
+        for bdf in &dd.owns {
+            command.arg("--owns").arg(bdf);
+        }
         let driver = Self::start_domain(&store, dd.domid, &dd.name, command)?;
         let mut host = Host {
             started,

@@ -72,6 +72,11 @@ enum Command {
         #[command(flatten)]
         store: xs::StoreArg,
     },
+    /// List the PCI functions driver domains own, as they reported them.
+    Devices {
+        #[command(flatten)]
+        store: xs::StoreArg,
+    },
     /// Destroy a domain: release it in the store and remove its directory.
     Destroy {
         #[command(flatten)]
@@ -140,6 +145,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::List { store } => xs::list_domains(&store.path()),
+        Command::Devices { store } => xs::list_devices(&store.path()),
         Command::Destroy { store, domain } => xs::destroy_domain(&store.path(), &domain),
         Command::Xs { store, op } => xs::run(&store.path(), op),
     };

@@ -234,3 +234,52 @@ pub fn destroy_domain(socket: &Path, domain: &str) -> Result<ExitCode> {
     println!("destroyed domain {domid}");
     Ok(ExitCode::SUCCESS)
 }
+
+/// `splitvmm devices`: the PCI functions each driver domain owns, as it reported them.
+pub fn list_devices(socket: &Path) -> Result<ExitCode> {
+    let client = xenstore_rs_client(socket)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<12} {:<13} {:<10} {:<8} {:<9} {:>5} {:>7}  STATE",
+        "DOMAIN", "ADDRESS", "ID", "CLASS", "DRIVER", "GROUP", "VFS"
+    )?;
+    for (domid, name) in domains(&client)? {
+        let base = format!("/local/domain/{domid}/hardware/pci");
+        let Ok(entries) = client.directory(&base) else {
+            continue;
+        };
+        let mut entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+        entries.sort_by_key(|e| {
+            e.trim_start_matches("dev-")
+                .parse::<u32>()
+                .unwrap_or(u32::MAX)
+        });
+        for entry in entries {
+            let get = |key: &str| {
+                client
+                    .read(&format!("{base}/{entry}/{key}"))
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| "-".to_owned())
+            };
+            let vfs = match (
+                get("sriov-num-vfs").as_str(),
+                get("sriov-total-vfs").as_str(),
+            ) {
+                ("-", _) => "-".to_owned(),
+                (num, total) => format!("{num}/{total}"),
+            };
+            writeln!(
+                out,
+                "{name:<12} {:<13} {:<10} {:<8} {:<9} {:>5} {vfs:>7}  {}",
+                get("address"),
+                format!("{}:{}", get("vendor"), get("device")),
+                get("class"),
+                get("driver"),
+                get("iommu-group"),
+                get("state"),
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use driver_domain::blk::{BlkConfig, BlkDisk, SealPolicy};
+use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
 use driver_domain::vhost_user::blk::serve_blk;
 
@@ -27,6 +28,12 @@ enum Cmd {
         /// This driver domain's id in the store.
         #[arg(long)]
         domid: u32,
+        /// A PCI function this domain owns (repeatable); reported in the store at start-up.
+        #[arg(long, value_name = "DDDD:BB:DD.F")]
+        owns: Vec<String>,
+        /// Root of the sysfs tree to read devices from (tests point it at a fake tree).
+        #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
+        sysfs_root: std::path::PathBuf,
     },
     /// Serve a vhost-user-blk device on a Unix socket, one frontend after another.
     Serve {
@@ -63,10 +70,15 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
         Cmd::Hw { cmd } => std::process::exit(i32::from(cmd.run())),
-        Cmd::Managed { domid } => {
+        Cmd::Managed {
+            domid,
+            owns,
+            sysfs_root,
+        } => {
             // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing
             // else in this process uses them.
-            let driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
+            let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
+            driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
             driver.run().context("managed driver domain")?;
             Ok(())
         }

@@ -242,3 +242,89 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
         );
     }
 }
+
+/// A fake sysfs tree with one SR-IOV capable NVMe function, as the kernel lays it out.
+fn fake_sysfs(root: &Path) {
+    let dev = root.join("bus/pci/devices/0000:00:02.0");
+    std::fs::create_dir_all(&dev).unwrap();
+    for (file, value) in [
+        ("vendor", "0x1b36\n"),
+        ("device", "0x0010\n"),
+        ("class", "0x010802\n"),
+        ("sriov_totalvfs", "2\n"),
+        ("sriov_numvfs", "0\n"),
+        ("sriov_drivers_autoprobe", "1\n"),
+    ] {
+        std::fs::write(dev.join(file), value).unwrap();
+    }
+    std::os::unix::fs::symlink("../../../bus/pci/drivers/nvme", dev.join("driver")).unwrap();
+    std::os::unix::fs::symlink("../../../kernel/iommu_groups/3", dev.join("iommu_group")).unwrap();
+}
+
+#[test]
+fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = dir.path().join("sys");
+    fake_sysfs(&sysfs);
+    let config = dir.path().join("hw.toml");
+    std::fs::write(
+        &config,
+        "run_dir = \"run\"\n[driver_domain]\nname = \"driver\"\ndomid = 1\n\
+         owns = [\"0000:00:02.0\", \"0000:00:09.0\"]\n",
+    )
+    .unwrap();
+    let store = dir.path().join("run/xenstored.sock");
+    let mut up = splitvmm()
+        .arg("up")
+        .arg(&config)
+        .arg("--stay")
+        .env("SPLITVMM_SYSFS_ROOT", &sysfs)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    while !lines
+        .next()
+        .expect("up ended early")
+        .unwrap()
+        .contains("host is up")
+    {}
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let out = run(splitvmm().args(["devices", "--store"]).arg(&store));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    let present = text
+        .lines()
+        .find(|l| l.contains("0000:00:02.0"))
+        .unwrap_or_else(|| panic!("{text}"));
+    for want in [
+        "driver",
+        "1b36:0010",
+        "010802",
+        "nvme",
+        "3",
+        "0/2",
+        "present",
+    ] {
+        assert!(present.contains(want), "{want} missing in {present:?}");
+    }
+    let missing = text
+        .lines()
+        .find(|l| l.contains("0000:00:09.0"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(missing.contains("missing"), "{missing}");
+    // The driver domain wrote it, under its own directory, where guests cannot write.
+    let read = run(splitvmm()
+        .args([
+            "xs",
+            "read",
+            "/local/domain/1/hardware/pci/dev-0/address",
+            "--store",
+        ])
+        .arg(&store));
+    assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
+
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for(&mut up, Duration::from_secs(20)));
+}

@@ -9,6 +9,7 @@
 //! Initialising --(handed fds)--> InitWait --(frontend Initialised)--> Connected
 //!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
 
+mod hardware;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};

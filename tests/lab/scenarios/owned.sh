@@ -1,0 +1,35 @@
+# owned: the host file names the NVMe PF as the driver domain's; `splitvmm up` starts the
+# driver domain with it, the driver domain reports it in the store from the real sysfs, and
+# `splitvmm devices` shows it with its driver, IOMMU group and SR-IOV state.
+W=/tmp/owned
+mkdir -p $W
+cat > $W/host.toml <<TOML
+run_dir = "$W/run"
+[driver_domain]
+name = "driver"
+domid = 1
+owns = ["$PF"]
+TOML
+
+: > $W/up.log
+step "splitvmm up with $PF owned by the driver domain"
+/bin/splitvmm up $W/host.toml --stay > $W/up.log 2>&1 &
+up=$!
+background $up
+i=0
+until grep -q "host is up" $W/up.log; do
+    i=$((i + 1))
+    [ $i -lt 300 ] || fail "splitvmm up did not come up: $(cat $W/up.log)"
+    kill -0 $up 2>/dev/null || fail "splitvmm up exited: $(cat $W/up.log)"
+    sleep 0.1
+done
+
+step "splitvmm devices"
+run /bin/splitvmm devices --store $W/run/xenstored.sock
+echo "$OUT" | grep "^driver .*$PF .*nvme .*/2  present" || fail "$PF not reported as owned, on nvme, with its VF count"
+
+step "shut the host down"
+kill $up
+wait $up || true
+kill -0 $up 2>/dev/null && fail "splitvmm up survived SIGTERM"
+echo "owned: reported and shut down"
