@@ -54,7 +54,8 @@ pub struct Progress {
     pub completed: usize,
     /// The driver must be signalled (call eventfd).
     pub notify: bool,
-    /// The budget ran out with requests still queued: call again after serving other queues.
+    /// Call again (after signalling and serving other queues): the budget ran out with
+    /// requests still queued, or polling is on and the polling window has not run yet.
     pub more: bool,
 }
 
@@ -171,8 +172,15 @@ impl BlkQueue {
                     .map_err(|e| QueueError::Inflight(q, e))?;
                 progress.completed += 1;
             }
-            if !self.poll.is_zero() && self.poll_for_work(queue, mem)? {
-                continue;
+            if !self.poll.is_zero() {
+                if progress.completed > 0 {
+                    // Let the caller signal the driver first; it calls again to poll.
+                    progress.more = true;
+                    break;
+                }
+                if self.poll_for_work(queue, mem)? {
+                    continue;
+                }
             }
             if !queue.enable_notification(mem).map_err(ring)? {
                 break;
