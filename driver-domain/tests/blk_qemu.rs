@@ -106,11 +106,11 @@ impl Cpio {
         self.0.extend_from_slice(hdr.as_bytes());
         self.0.extend_from_slice(name.as_bytes());
         self.0.push(0);
-        while self.0.len() % 4 != 0 {
+        while self.0.len() & 3 != 0 {
             self.0.push(0);
         }
         self.0.extend_from_slice(data);
-        while self.0.len() % 4 != 0 {
+        while self.0.len() & 3 != 0 {
             self.0.push(0);
         }
     }
