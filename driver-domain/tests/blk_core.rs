@@ -422,3 +422,42 @@ fn worker_serves_two_queues_from_eventfds() {
     let queues = t.join().unwrap().unwrap();
     assert_eq!(queues.len(), 2);
 }
+
+#[test]
+fn malformed_indirect_tables() {
+    let mut r = rig(false, false, 64);
+    let table = 0x9000u64;
+    let put = |mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(table + 16 * i)).unwrap();
+    };
+    header(&r.mem, HDR, 0, 0);
+    // Nested indirect: the table's second entry points at another table.
+    put(&r.mem, 0, HDR, 16, DESC_F_NEXT, 1);
+    put(&r.mem, 1, table, 32, DESC_F_INDIRECT, 0);
+    r.ring
+        .write_desc(&r.mem, 0, table, 32, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 0).unwrap();
+    // Indirect table length not a multiple of 16.
+    r.ring
+        .write_desc(&r.mem, 1, table, 20, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 1).unwrap();
+    // Indirect table outside guest memory.
+    r.ring
+        .write_desc(&r.mem, 2, 1 << 40, 64, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 2).unwrap();
+    let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+    assert_eq!(p.completed, 3);
+    for i in 0..3 {
+        assert_eq!(r.ring.used_elem(&r.mem, i).unwrap(), (u32::from(i), 0));
+    }
+    assert!(r.blk.broken().is_none());
+    assert!(r.blk.inflight().pending().unwrap().is_empty());
+}
