@@ -179,7 +179,10 @@ impl BlkQueue {
                     break;
                 }
                 if self.poll_for_work(queue, mem)? {
-                    continue;
+                    // Return so the caller takes a fresh memory snapshot (the driver may have
+                    // added a region while we polled) and calls again.
+                    progress.more = true;
+                    break;
                 }
             }
             if !queue.enable_notification(mem).map_err(ring)? {
@@ -205,7 +208,9 @@ impl BlkQueue {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            std::hint::spin_loop();
+            // Give the CPU away if another thread (the driver, on a small host) is waiting
+            // for it; otherwise this returns at once and the spin continues.
+            std::thread::yield_now();
         }
     }
 }
@@ -282,12 +287,13 @@ impl QueueWorker {
     }
 
     fn serve_round_robin(&mut self, pending: &mut [bool]) -> Result<(), QueueError> {
-        let mem = self.mem.memory();
         while pending.iter().any(|p| *p) {
             for (wq, p) in self.queues.iter_mut().zip(pending.iter_mut()) {
                 if !*p {
                     continue;
                 }
+                // A fresh snapshot per call: memory may change between calls.
+                let mem = self.mem.memory();
                 match wq.blk.process(&mut wq.queue, &*mem) {
                     Ok(prog) => {
                         if prog.notify {

@@ -151,7 +151,6 @@ impl VhostUserBlk {
             warn!("blk: kick before any memory table; ignored");
             return;
         };
-        let mem = atomic.memory();
         let mut pending = vec![true; vrings.len().min(globals.len())];
         while pending.iter().any(|p| *p) {
             for (local, more) in pending.iter_mut().enumerate() {
@@ -170,6 +169,8 @@ impl VhostUserBlk {
                 if bq.broken().is_some() {
                     continue;
                 }
+                // A fresh snapshot per call: the frontend may add regions between calls.
+                let mem = atomic.memory();
                 if let Ok(p) = bq.process(state.get_queue_mut(), &*mem) {
                     if p.notify {
                         if let Err(e) = state.signal_used_queue() {

@@ -124,7 +124,7 @@ fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) ->
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             if c.ret != 0 {
-                bail!("read failed: {}", c.ret);
+                bail!("read at QD{qd} failed: {}", c.ret);
             }
             let slot = c.user_data;
             if measuring {
@@ -148,8 +148,15 @@ fn bench_vhost(sock: &Path, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("{e:?}"))?;
     b.set_str("path", sock.to_str().context("socket path")?)
         .map_err(|e| anyhow!("{e:?}"))?;
-    b.connect()
-        .map_err(|e| anyhow!("connect {}: {e:?}", sock.display()))?;
+    // The socket file can appear a moment before the server listens on it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match b.connect() {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => bail!("connect {}: {e:?}", sock.display()),
+        }
+    }
     let (nq, npq) = if poll { (0, 1) } else { (1, 0) };
     b.set_i32("num-queues", nq).map_err(|e| anyhow!("{e:?}"))?;
     b.set_i32("num-poll-queues", npq)
@@ -254,7 +261,10 @@ fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<
         .args(disk)
         .arg("--poll-us")
         .arg(poll_us.to_string())
-        .env("RUST_LOG", "error")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
