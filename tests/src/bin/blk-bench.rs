@@ -40,6 +40,29 @@ struct Args {
     /// Backend busy-poll window in polling mode (µs).
     #[arg(long, default_value_t = 100)]
     poll_us: u64,
+    /// Only run targets whose name contains this (e.g. `ours`, `file`, `native`).
+    #[arg(long)]
+    only: Option<String>,
+    /// Modes to run: `irq`, `poll` or both (comma separated).
+    #[arg(long, default_value = "irq,poll")]
+    modes: String,
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +70,8 @@ struct Stats {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU used by the backend process during the run, in CPUs (NaN when not measured).
+    backend_cpu: f64,
 }
 
 struct Row {
@@ -79,6 +104,7 @@ fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
         iops: ops as f64 / secs,
         p50_us: pick(0.50),
         p99_us: pick(0.99),
+        backend_cpu: f64::NAN,
     }
 }
 
@@ -144,7 +170,7 @@ fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) ->
 }
 
 /// Connect libblkio to a vhost-user-blk socket and run QD1 and QD32.
-fn bench_vhost(sock: &Path, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>> {
+fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>> {
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("{e:?}"))?;
     b.set_str("path", sock.to_str().context("socket path")?)
         .map_err(|e| anyhow!("{e:?}"))?;
@@ -173,7 +199,10 @@ fn bench_vhost(sock: &Path, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>
     };
     let mut res = Vec::new();
     for qd in [1usize, 32] {
-        res.push((qd, run_queue(q, region.addr, qd, capacity, secs)?));
+        let c0 = cpu_secs(pid);
+        let mut st = run_queue(q, region.addr, qd, capacity, secs)?;
+        st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        res.push((qd, st));
     }
     Ok(res)
 }
@@ -349,14 +378,21 @@ fn main() -> Result<()> {
     }
     let mut rows: Vec<Row> = Vec::new();
     let secs = args.seconds;
+    let want = |target: &str, mode: &str| {
+        args.only.as_deref().is_none_or(|o| target.contains(o))
+            && args.modes.split(',').any(|m| m == mode)
+    };
     for (mode, poll) in [("irq", false), ("poll", true)] {
         let poll_us = if poll { args.poll_us } else { 0 };
         for (target, disk) in [
             ("ours-file", vec!["--blk".to_string(), img_s.clone()]),
             ("ours-null", vec!["--null".to_string(), null_size.clone()]),
         ] {
-            let _p = spawn_ours(&bin, &sock, &disk, poll_us)?;
-            for (qd, stats) in bench_vhost(&sock, poll, secs)? {
+            if !want(target, mode) {
+                continue;
+            }
+            let p = spawn_ours(&bin, &sock, &disk, poll_us)?;
+            for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
                 rows.push(Row {
                     target,
                     mode,
@@ -378,8 +414,11 @@ fn main() -> Result<()> {
                     "driver=null-co,node-name=n,size=1073741824,read-zeroes=on".to_string(),
                 ),
             ] {
-                let _p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
-                for (qd, stats) in bench_vhost(&sock, poll, secs)? {
+                if !want(target, mode) {
+                    continue;
+                }
+                let p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
+                for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
                     rows.push(Row {
                         target,
                         mode,
@@ -390,27 +429,36 @@ fn main() -> Result<()> {
             }
         }
     }
-    for (qd, stats) in bench_native(&img, secs)? {
+    if want("native-io_uring", "irq") {
+        for (qd, stats) in bench_native(&img, secs)? {
+            rows.push(Row {
+                target: "native-io_uring",
+                mode: "irq",
+                qd,
+                stats,
+            });
+        }
+    }
+    if want("eventfd-pingpong", "irq") {
         rows.push(Row {
-            target: "native-io_uring",
+            target: "eventfd-pingpong",
             mode: "irq",
-            qd,
-            stats,
+            qd: 1,
+            stats: eventfd_pingpong(secs)?,
         });
     }
-    rows.push(Row {
-        target: "eventfd-pingpong",
-        mode: "irq",
-        qd: 1,
-        stats: eventfd_pingpong(secs)?,
-    });
 
-    println!("| target | mode | QD | IOPS | p50 µs | p99 µs |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| target | mode | QD | IOPS | p50 µs | p99 µs | backend CPUs |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
+        let cpu = if r.stats.backend_cpu.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", r.stats.backend_cpu)
+        };
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} |",
-            r.target, r.mode, r.qd, r.stats.iops, r.stats.p50_us, r.stats.p99_us
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            r.target, r.mode, r.qd, r.stats.iops, r.stats.p50_us, r.stats.p99_us, cpu
         );
     }
     let find = |t: &str, m: &str, qd: usize| {
