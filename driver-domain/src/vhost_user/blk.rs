@@ -12,7 +12,7 @@
 //! - [`serve_blk_connection`]: serve one already-connected stream (managed mode).
 
 use std::io;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -330,6 +330,27 @@ pub fn serve_one(
     Ok(())
 }
 
+/// Bind and listen under a temporary name, then rename onto `socket`: the path appears only
+/// once it accepts connections (a plain bind creates the file before `listen`, and a client
+/// that connects in between gets ECONNREFUSED). A stale socket file is replaced.
+fn bind_atomically(socket: &Path) -> Result<Listener, VhostUserBlkError> {
+    let io = |e: io::Error| VhostUserBlkError::Listen(vhost::vhost_user::Error::SocketError(e));
+    let name = socket
+        .file_name()
+        .ok_or_else(|| io(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = socket.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    if let Err(e) = std::fs::rename(&tmp, socket) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(Listener::from(listener))
+}
+
 /// Bind `socket` (replacing a stale socket file) and serve frontends one after another until
 /// `stop` becomes true (checked between connections) or accepting fails.
 pub fn serve_blk(
@@ -338,7 +359,7 @@ pub fn serve_blk(
     cfg: BlkConfig,
     stop: &AtomicBool,
 ) -> Result<(), VhostUserBlkError> {
-    let mut listener = Listener::new(socket, true).map_err(VhostUserBlkError::Listen)?;
+    let mut listener = bind_atomically(socket)?;
     info!("blk: listening on {}", socket.display());
     while !stop.load(Ordering::Acquire) {
         serve_one(&mut listener, &disk, &cfg)?;
