@@ -14,7 +14,7 @@
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use log::{error, info, warn};
@@ -29,7 +29,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blk::memory::check_guest_memory;
+use crate::blk::memory::{check_guest_memory, SealState};
 use crate::blk::{BlkConfig, BlkConfigSpace, BlkDisk, BlkQueue, InflightError, InflightLog};
 
 use super::relay::{relay_to_listener, RelayError};
@@ -66,6 +66,8 @@ pub struct VhostUserBlk {
     config_space: BlkConfigSpace,
     mem: RwLock<Option<GuestMem>>,
     mem_ok: AtomicBool,
+    /// Unsealed regions in the current memory table (to log changes only).
+    unsealed: AtomicUsize,
     queues: Vec<Mutex<BlkQueue>>,
     /// Global queue indexes served by each worker thread, in vring order.
     thread_queues: Vec<Vec<usize>>,
@@ -121,6 +123,7 @@ impl VhostUserBlk {
             cfg,
             mem: RwLock::new(None),
             mem_ok: AtomicBool::new(false),
+            unsealed: AtomicUsize::new(0),
             queues,
             thread_queues,
             exits,
@@ -233,7 +236,14 @@ impl VhostUserBackend for VhostUserBlk {
         };
         *slot = Some(mem);
         match checked {
-            Ok(_) => {
+            Ok(states) => {
+                let unsealed = states.iter().filter(|s| **s == SealState::Unsealed).count();
+                if self.unsealed.swap(unsealed, Ordering::AcqRel) != unsealed && unsealed > 0 {
+                    warn!(
+                        "blk: {unsealed} shared memory region(s) cannot be sealed against \
+                         shrinking; a frontend that truncates them can fault this backend"
+                    );
+                }
                 self.mem_ok.store(true, Ordering::Release);
                 Ok(())
             }
