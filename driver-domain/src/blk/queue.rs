@@ -26,6 +26,9 @@ use super::executor::{execute, ID_LEN};
 use super::inflight::{InflightError, InflightQueue};
 use super::request::Request;
 
+/// How long a polling worker spins between two `sched_yield`s.
+const YIELD_EVERY: Duration = Duration::from_micros(20);
+
 /// Errors that fail a queue (the device stops serving it until it is reset).
 #[derive(Debug, Error)]
 pub enum QueueError {
@@ -197,7 +200,9 @@ impl BlkQueue {
 
     /// Spin for the polling window with notifications still disabled; true if work arrived.
     fn poll_for_work<M: GuestMemory>(&self, queue: &Queue, mem: &M) -> Result<bool, QueueError> {
-        let deadline = Instant::now() + self.poll;
+        let start = Instant::now();
+        let deadline = start + self.poll;
+        let mut next_yield = start + YIELD_EVERY;
         loop {
             let avail = queue
                 .avail_idx(mem, Ordering::Acquire)
@@ -205,12 +210,19 @@ impl BlkQueue {
             if avail != Wrapping(queue.next_avail()) {
                 return Ok(true);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Ok(false);
             }
-            // Give the CPU away if another thread (the driver, on a small host) is waiting
-            // for it; otherwise this returns at once and the spin continues.
-            std::thread::yield_now();
+            if now >= next_yield {
+                // Now and then, let a thread waiting for this CPU run (on a small host it can
+                // be the driver we are waiting for); a pure spin would keep it off until the
+                // next scheduler tick, a yield on every iteration would give the CPU away.
+                std::thread::yield_now();
+                next_yield = now + YIELD_EVERY;
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
