@@ -169,7 +169,8 @@ impl VhostUserBlk {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
-                if bq.broken().is_some() {
+                // A memory table may be refused while this loop runs (polling keeps it busy).
+                if bq.broken().is_some() || !self.mem_ok.load(Ordering::Acquire) {
                     continue;
                 }
                 // A fresh snapshot per call: the frontend may add regions between calls.
