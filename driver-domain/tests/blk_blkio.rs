@@ -215,3 +215,30 @@ fn handed_over_connection_is_served() {
     f.read_exact_at(&mut on_disk, 65536).unwrap();
     assert_eq!(on_disk, p);
 }
+
+/// Regression: a backend busy-polling a queue kept the guest-memory snapshot taken before the
+/// poll, so a buffer in a region the frontend added during the polling window was reported as
+/// "outside guest memory" (EIO).
+#[test]
+fn regression_polling_sees_regions_added_while_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let mut be = Backend::start(
+        dir.path(),
+        &["--blk", img.to_str().unwrap(), "--poll-us", "300000"],
+    );
+    let mut c = connect(&be.socket, false).unwrap();
+    // The first read starts the backend's polling window.
+    let (r, _) = c.read(0, 4096);
+    assert_eq!(r, 0);
+    // Add a region while the backend polls, and read into it at once.
+    let region = c.b.alloc_mem_region(4096).unwrap();
+    c.b.map_mem_region(&region).unwrap();
+    c.q.read(0, region.addr as *mut u8, 4096, 0, ReqFlags::empty());
+    assert_eq!(c.wait_one(), 0);
+    // SAFETY: live mapping of 4096 bytes owned by `c.b`.
+    let got = unsafe { std::slice::from_raw_parts(region.addr as *const u8, 4096) };
+    assert_eq!(got, &pattern(8192, 0x11)[..4096]);
+    drop(c);
+    assert!(be.alive());
+}

@@ -422,3 +422,121 @@ fn worker_serves_two_queues_from_eventfds() {
     let queues = t.join().unwrap().unwrap();
     assert_eq!(queues.len(), 2);
 }
+
+#[test]
+fn malformed_indirect_tables() {
+    let mut r = rig(false, false, 64);
+    let table = 0x9000u64;
+    let put = |mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&b, GuestAddress(table + 16 * i)).unwrap();
+    };
+    header(&r.mem, HDR, 0, 0);
+    // Nested indirect: the table's second entry points at another table.
+    put(&r.mem, 0, HDR, 16, DESC_F_NEXT, 1);
+    put(&r.mem, 1, table, 32, DESC_F_INDIRECT, 0);
+    r.ring
+        .write_desc(&r.mem, 0, table, 32, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 0).unwrap();
+    // Indirect table length not a multiple of 16.
+    r.ring
+        .write_desc(&r.mem, 1, table, 20, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 1).unwrap();
+    // Indirect table outside guest memory.
+    r.ring
+        .write_desc(&r.mem, 2, 1 << 40, 64, DESC_F_INDIRECT, 0)
+        .unwrap();
+    r.ring.push_avail(&r.mem, 2).unwrap();
+    let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+    assert_eq!(p.completed, 3);
+    for i in 0..3 {
+        assert_eq!(r.ring.used_elem(&r.mem, i).unwrap(), (u32::from(i), 0));
+    }
+    assert!(r.blk.broken().is_none());
+    assert!(r.blk.inflight().pending().unwrap().is_empty());
+}
+
+#[test]
+fn writes_flush_reads_in_one_pass_keep_fetch_order() {
+    // Five 4 KiB writes, a flush, five reads of the same sectors, all in one queue pass.
+    const Q: u16 = 64;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(DISK_SECTORS * 512).unwrap();
+    let disk = Arc::new(BlkDisk::from_file(file.try_clone().unwrap(), false).unwrap());
+    let cfg = BlkConfig {
+        queue_size: Q,
+        ..BlkConfig::default()
+    };
+    let log = InflightLog::new(1, Q).unwrap();
+    let mut blk = BlkQueue::new(0, disk, &cfg, log.queue(0).unwrap());
+    let mut ring = DriverRing::new(GuestAddress(0x1000), Q);
+    let mut queue = Queue::new(Q).unwrap();
+    ring.configure(&mut queue, false);
+    let req =
+        |ring: &mut DriverRing, t: u32, sector: u64, data: u64, write_data: bool, base: u16| {
+            let hdr = HDR + 16 * u64::from(base);
+            header(&mem, hdr, t, sector);
+            let st = STATUS + u64::from(base);
+            mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
+            ring.write_desc(&mem, base, hdr, 16, DESC_F_NEXT, base + 1)
+                .unwrap();
+            let f = DESC_F_NEXT | if write_data { DESC_F_WRITE } else { 0 };
+            ring.write_desc(&mem, base + 1, data, 4096, f, base + 2)
+                .unwrap();
+            ring.write_desc(&mem, base + 2, st, 1, DESC_F_WRITE, 0)
+                .unwrap();
+            ring.push_avail(&mem, base).unwrap();
+        };
+    for i in 0..5u16 {
+        let data = DATA + 4096 * u64::from(i);
+        mem.write_slice(&pattern(4096, 0x10 + i as u8), GuestAddress(data))
+            .unwrap();
+        req(&mut ring, 1, 8 * u64::from(i), data, false, 3 * i);
+    }
+    // FLUSH: header + status.
+    header(&mem, HDR + 0x300, 4, 0);
+    ring.write_desc(&mem, 15, HDR + 0x300, 16, DESC_F_NEXT, 16)
+        .unwrap();
+    ring.write_desc(&mem, 16, STATUS + 15, 1, DESC_F_WRITE, 0)
+        .unwrap();
+    ring.push_avail(&mem, 15).unwrap();
+    for i in 0..5u16 {
+        let data = DATA + 0x10000 + 4096 * u64::from(i);
+        req(&mut ring, 0, 8 * u64::from(i), data, true, 18 + 3 * i);
+    }
+    let p = blk.process(&mut queue, &mem).unwrap();
+    assert_eq!(p.completed, 11);
+    assert_eq!(ring.used_idx(&mem).unwrap(), 11);
+    // Writes, then the flush, then the reads: fetch order is kept around a flush.
+    let order: Vec<u32> = (0..11)
+        .map(|i| ring.used_elem(&mem, i).unwrap().0)
+        .collect();
+    assert_eq!(order, vec![0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]);
+    for i in 0..5u16 {
+        let st: u8 = mem
+            .read_obj(GuestAddress(STATUS + u64::from(3 * i)))
+            .unwrap();
+        assert_eq!(st, 0);
+        let st: u8 = mem
+            .read_obj(GuestAddress(STATUS + u64::from(18 + 3 * i)))
+            .unwrap();
+        assert_eq!(st, 0);
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(DATA + 0x10000 + 4096 * u64::from(i)))
+            .unwrap();
+        assert_eq!(got, pattern(4096, 0x10 + i as u8), "read {i}");
+        let mut on_file = vec![0u8; 4096];
+        file.read_exact_at(&mut on_file, 4096 * u64::from(i))
+            .unwrap();
+        assert_eq!(on_file, pattern(4096, 0x10 + i as u8), "file {i}");
+    }
+    assert_eq!(ring.used_elem(&mem, 6).unwrap(), (18, 4097));
+    assert!(blk.inflight().pending().unwrap().is_empty());
+}

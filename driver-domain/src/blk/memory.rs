@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
-use log::{info, warn};
+use log::info;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -99,13 +99,8 @@ pub fn check_region_file(
     }
     match policy {
         SealPolicy::RequireSealed => Err(MemoryError::NotSealed),
-        SealPolicy::AllowUnsealedChecked => {
-            warn!(
-                "accepting an unsealed memory region ({size:#x} bytes at offset {offset:#x}); \
-                 a peer that shrinks it can fault this backend"
-            );
-            Ok(SealState::Unsealed)
-        }
+        // The caller logs (once per memory table, not once per region and update).
+        SealPolicy::AllowUnsealedChecked => Ok(SealState::Unsealed),
     }
 }
 

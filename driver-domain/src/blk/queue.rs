@@ -26,6 +26,9 @@ use super::executor::{execute, ID_LEN};
 use super::inflight::{InflightError, InflightQueue};
 use super::request::Request;
 
+/// How long a polling worker spins between two `sched_yield`s.
+const YIELD_EVERY: Duration = Duration::from_micros(20);
+
 /// Errors that fail a queue (the device stops serving it until it is reset).
 #[derive(Debug, Error)]
 pub enum QueueError {
@@ -54,7 +57,8 @@ pub struct Progress {
     pub completed: usize,
     /// The driver must be signalled (call eventfd).
     pub notify: bool,
-    /// The budget ran out with requests still queued: call again after serving other queues.
+    /// Call again (after signalling and serving other queues): the budget ran out with
+    /// requests still queued, or polling is on and the polling window has not run yet.
     pub more: bool,
 }
 
@@ -171,8 +175,18 @@ impl BlkQueue {
                     .map_err(|e| QueueError::Inflight(q, e))?;
                 progress.completed += 1;
             }
-            if !self.poll.is_zero() && self.poll_for_work(queue, mem)? {
-                continue;
+            if !self.poll.is_zero() {
+                if progress.completed > 0 {
+                    // Let the caller signal the driver first; it calls again to poll.
+                    progress.more = true;
+                    break;
+                }
+                if self.poll_for_work(queue, mem)? {
+                    // Return so the caller takes a fresh memory snapshot (the driver may have
+                    // added a region while we polled) and calls again.
+                    progress.more = true;
+                    break;
+                }
             }
             if !queue.enable_notification(mem).map_err(ring)? {
                 break;
@@ -186,7 +200,9 @@ impl BlkQueue {
 
     /// Spin for the polling window with notifications still disabled; true if work arrived.
     fn poll_for_work<M: GuestMemory>(&self, queue: &Queue, mem: &M) -> Result<bool, QueueError> {
-        let deadline = Instant::now() + self.poll;
+        let start = Instant::now();
+        let deadline = start + self.poll;
+        let mut next_yield = start + YIELD_EVERY;
         loop {
             let avail = queue
                 .avail_idx(mem, Ordering::Acquire)
@@ -194,10 +210,19 @@ impl BlkQueue {
             if avail != Wrapping(queue.next_avail()) {
                 return Ok(true);
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Ok(false);
             }
-            std::hint::spin_loop();
+            if now >= next_yield {
+                // Now and then, let a thread waiting for this CPU run (on a small host it can
+                // be the driver we are waiting for); a pure spin would keep it off until the
+                // next scheduler tick, a yield on every iteration would give the CPU away.
+                std::thread::yield_now();
+                next_yield = now + YIELD_EVERY;
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -274,12 +299,13 @@ impl QueueWorker {
     }
 
     fn serve_round_robin(&mut self, pending: &mut [bool]) -> Result<(), QueueError> {
-        let mem = self.mem.memory();
         while pending.iter().any(|p| *p) {
             for (wq, p) in self.queues.iter_mut().zip(pending.iter_mut()) {
                 if !*p {
                     continue;
                 }
+                // A fresh snapshot per call: memory may change between calls.
+                let mem = self.mem.memory();
                 match wq.blk.process(&mut wq.queue, &*mem) {
                     Ok(prog) => {
                         if prog.notify {

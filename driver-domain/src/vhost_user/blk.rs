@@ -12,9 +12,9 @@
 //! - [`serve_blk_connection`]: serve one already-connected stream (managed mode).
 
 use std::io;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use log::{error, info, warn};
@@ -29,7 +29,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blk::memory::check_guest_memory;
+use crate::blk::memory::{check_guest_memory, SealState};
 use crate::blk::{BlkConfig, BlkConfigSpace, BlkDisk, BlkQueue, InflightError, InflightLog};
 
 use super::relay::{relay_to_listener, RelayError};
@@ -66,6 +66,8 @@ pub struct VhostUserBlk {
     config_space: BlkConfigSpace,
     mem: RwLock<Option<GuestMem>>,
     mem_ok: AtomicBool,
+    /// Unsealed regions in the current memory table (to log changes only).
+    unsealed: AtomicUsize,
     queues: Vec<Mutex<BlkQueue>>,
     /// Global queue indexes served by each worker thread, in vring order.
     thread_queues: Vec<Vec<usize>>,
@@ -121,6 +123,7 @@ impl VhostUserBlk {
             cfg,
             mem: RwLock::new(None),
             mem_ok: AtomicBool::new(false),
+            unsealed: AtomicUsize::new(0),
             queues,
             thread_queues,
             exits,
@@ -151,7 +154,6 @@ impl VhostUserBlk {
             warn!("blk: kick before any memory table; ignored");
             return;
         };
-        let mem = atomic.memory();
         let mut pending = vec![true; vrings.len().min(globals.len())];
         while pending.iter().any(|p| *p) {
             for (local, more) in pending.iter_mut().enumerate() {
@@ -167,9 +169,12 @@ impl VhostUserBlk {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
-                if bq.broken().is_some() {
+                // A memory table may be refused while this loop runs (polling keeps it busy).
+                if bq.broken().is_some() || !self.mem_ok.load(Ordering::Acquire) {
                     continue;
                 }
+                // A fresh snapshot per call: the frontend may add regions between calls.
+                let mem = atomic.memory();
                 if let Ok(p) = bq.process(state.get_queue_mut(), &*mem) {
                     if p.notify {
                         if let Err(e) = state.signal_used_queue() {
@@ -232,7 +237,14 @@ impl VhostUserBackend for VhostUserBlk {
         };
         *slot = Some(mem);
         match checked {
-            Ok(_) => {
+            Ok(states) => {
+                let unsealed = states.iter().filter(|s| **s == SealState::Unsealed).count();
+                if self.unsealed.swap(unsealed, Ordering::AcqRel) != unsealed && unsealed > 0 {
+                    warn!(
+                        "blk: {unsealed} shared memory region(s) cannot be sealed against \
+                         shrinking; a frontend that truncates them can fault this backend"
+                    );
+                }
                 self.mem_ok.store(true, Ordering::Release);
                 Ok(())
             }
@@ -329,6 +341,27 @@ pub fn serve_one(
     Ok(())
 }
 
+/// Bind and listen under a temporary name, then rename onto `socket`: the path appears only
+/// once it accepts connections (a plain bind creates the file before `listen`, and a client
+/// that connects in between gets ECONNREFUSED). A stale socket file is replaced.
+fn bind_atomically(socket: &Path) -> Result<Listener, VhostUserBlkError> {
+    let io = |e: io::Error| VhostUserBlkError::Listen(vhost::vhost_user::Error::SocketError(e));
+    let name = socket
+        .file_name()
+        .ok_or_else(|| io(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = socket.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    if let Err(e) = std::fs::rename(&tmp, socket) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(Listener::from(listener))
+}
+
 /// Bind `socket` (replacing a stale socket file) and serve frontends one after another until
 /// `stop` becomes true (checked between connections) or accepting fails.
 pub fn serve_blk(
@@ -337,7 +370,7 @@ pub fn serve_blk(
     cfg: BlkConfig,
     stop: &AtomicBool,
 ) -> Result<(), VhostUserBlkError> {
-    let mut listener = Listener::new(socket, true).map_err(VhostUserBlkError::Listen)?;
+    let mut listener = bind_atomically(socket)?;
     info!("blk: listening on {}", socket.display());
     while !stop.load(Ordering::Acquire) {
         serve_one(&mut listener, &disk, &cfg)?;

@@ -1,0 +1,287 @@
+//! QEMU (TCG) as the vhost-user-blk frontend of a real Linux guest, against
+//! `driver-domain serve`: the guest reads a host-written pattern and writes one that the
+//! host verifies.
+//!
+//! Needs `qemu-system-x86_64` (apt: qemu-system-x86), a static busybox (apt: busybox-static)
+//! and the Debian cloud kernel, which is fetched once with `apt-get download` into
+//! `tests/lab/cache` (gitignored). If any of these is missing the test prints a loud SKIPPED
+//! line and passes.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{pattern, Backend};
+
+const GUEST_WRITE: &[u8] = b"splitvmm-guest-was-here\n";
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED blk_qemu: {why} ***\n");
+}
+
+fn cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/lab/cache")
+}
+
+/// The cloud kernel's vmlinuz and module directory, downloaded and unpacked once.
+fn kernel() -> Result<(PathBuf, PathBuf), String> {
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    let out = Command::new("apt-cache")
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()
+        .map_err(|e| format!("apt-cache: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-") && p.ends_with("-cloud-amd64"))
+        .ok_or("cannot resolve the cloud kernel ABI with apt-cache")?
+        .to_string();
+    let ver = pkg.trim_start_matches("linux-image-").to_string();
+    let root = cache.join(format!("kernel-{ver}"));
+    let vmlinuz = root.join(format!("boot/vmlinuz-{ver}"));
+    let mods = root.join(format!("lib/modules/{ver}/kernel"));
+    if !vmlinuz.exists() {
+        let unsigned = format!("{pkg}-unsigned");
+        let st = Command::new("apt-get")
+            .args(["download", &unsigned])
+            .current_dir(&cache)
+            .status()
+            .map_err(|e| format!("apt-get: {e}"))?;
+        if !st.success() {
+            return Err(format!("apt-get download {unsigned} failed"));
+        }
+        let deb = std::fs::read_dir(&cache)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&unsigned) && n.ends_with(".deb"))
+            })
+            .ok_or("downloaded kernel package not found")?;
+        let st = Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&root)
+            .status()
+            .map_err(|e| format!("dpkg: {e}"))?;
+        if !st.success() || !vmlinuz.exists() {
+            return Err("dpkg -x of the kernel package failed".into());
+        }
+    }
+    Ok((vmlinuz, mods))
+}
+
+/// A minimal newc cpio archive writer (the kernel unpacks it as the initramfs).
+struct Cpio(Vec<u8>, u32);
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.1 += 1;
+        let hdr = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.1,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.0.extend_from_slice(hdr.as_bytes());
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.push(0);
+        while self.0.len() & 3 != 0 {
+            self.0.push(0);
+        }
+        self.0.extend_from_slice(data);
+        while self.0.len() & 3 != 0 {
+            self.0.push(0);
+        }
+    }
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040755, &[]);
+    }
+    fn file(&mut self, name: &str, data: &[u8]) {
+        self.entry(name, 0o100755, data);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.0
+    }
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for pass in 1 2; do
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
+    grep -q "^$m " /proc/modules || insmod /lib/mods/$m.ko 2>/dev/null
+  done
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || { echo GUEST-FAIL no /dev/vda; reboot -f; }
+echo GUEST-SIZE $(cat /sys/block/vda/size)
+echo GUEST-READ $(dd if=/dev/vda bs=4096 count=1 2>/dev/null | md5sum)
+yes splitvmm-guest-was-here | head -c 4096 > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null && echo GUEST-WROTE
+sync
+echo GUEST-DONE
+reboot -f
+"#;
+
+fn initramfs(mods: &Path, busybox: &Path) -> Vec<u8> {
+    let mut c = Cpio(Vec::new(), 0);
+    for d in ["bin", "lib", "lib/mods"] {
+        c.dir(d);
+    }
+    c.file("bin/busybox", &std::fs::read(busybox).unwrap());
+    c.file("init", INIT.as_bytes());
+    for (m, sub) in [
+        ("virtio", "drivers/virtio"),
+        ("virtio_ring", "drivers/virtio"),
+        ("virtio_pci_legacy_dev", "drivers/virtio"),
+        ("virtio_pci_modern_dev", "drivers/virtio"),
+        ("virtio_pci", "drivers/virtio"),
+        ("virtio_blk", "drivers/block"),
+    ] {
+        let p = mods.join(sub).join(format!("{m}.ko"));
+        c.file(&format!("lib/mods/{m}.ko"), &std::fs::read(&p).unwrap());
+    }
+    c.finish()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let out = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut ch| {
+            use std::io::Write;
+            ch.stdin.take().unwrap().write_all(data)?;
+            ch.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn linux_guest_reads_and_writes_through_qemu() {
+    let Ok(qemu) = which("qemu-system-x86_64") else {
+        return skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)");
+    };
+    let Ok(busybox) = which("busybox") else {
+        return skip("busybox not found (apt-get install busybox-static)");
+    };
+    let (vmlinuz, mods) = match kernel() {
+        Ok(k) => k,
+        Err(e) => return skip(&e),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(16 << 20).unwrap();
+    let host = pattern(4096, 0x3c);
+    f.write_all_at(&host, 0).unwrap();
+    drop(f);
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, initramfs(&mods, &busybox)).unwrap();
+
+    let mut be = Backend::start(dir.path(), &["--blk", img.to_str().unwrap()]);
+    let mut q = Command::new(qemu)
+        .args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"])
+        .args(["-nographic", "-no-reboot", "-net", "none"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=vu0,path={}", be.socket.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=vu0,num-queues=1"])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = q.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            eprintln!("guest: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                let done = l.contains("GUEST-DONE") || l.contains("GUEST-FAIL");
+                lines.push(l);
+                if done {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = q.kill();
+    let _ = q.wait();
+    let all = lines.join("\n");
+    assert!(all.contains("GUEST-DONE"), "guest did not finish:\n{all}");
+    assert!(
+        all.contains("GUEST-SIZE 32768"),
+        "capacity not seen:\n{all}"
+    );
+    let want = format!("GUEST-READ {}", md5_hex(&host));
+    assert!(
+        all.contains(&want),
+        "guest read the wrong data (want {want}):\n{all}"
+    );
+    assert!(all.contains("GUEST-WROTE"));
+    let f = std::fs::File::open(&img).unwrap();
+    let mut got = vec![0u8; 4096];
+    f.read_exact_at(&mut got, 4096).unwrap();
+    let expect: Vec<u8> = GUEST_WRITE.iter().copied().cycle().take(4096).collect();
+    assert_eq!(got, expect, "the guest's write did not reach the image");
+    assert!(be.alive());
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}

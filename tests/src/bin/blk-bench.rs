@@ -1,0 +1,501 @@
+//! blk-bench: 4 KiB random reads through the same frontend (libblkio's Rust core) against
+//! `driver-domain serve` and `qemu-storage-daemon` (file and null devices), plus native
+//! io_uring on the same file and an eventfd ping-pong as floors. Prints IOPS and p50/p99
+//! latency per (target, mode, queue depth) and the ratios ours/QSD and ours/native.
+//!
+//! Modes: `irq` = frontend waits on the call eventfd, backends do not busy-poll;
+//! `poll` = frontend busy-polls the used ring (a libblkio poll queue), backends busy-poll
+//! (ours: `--poll-us`, QSD: its iothread's default adaptive polling).
+//!
+//! Build and run: `cargo build --release -p splitvmm-driver-domain -p splitvmm-tests &&
+//! target/release/blk-bench --seconds 1`
+
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use clap::Parser;
+
+const BS: usize = 4096;
+
+#[derive(Parser)]
+#[command(about = "virtio-blk backend benchmark: driver-domain vs qemu-storage-daemon")]
+struct Args {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Size of the test image in MiB (kept in the page cache).
+    #[arg(long, default_value_t = 256)]
+    image_mib: u64,
+    /// The driver-domain binary (default: next to this binary).
+    #[arg(long)]
+    driver_domain: Option<PathBuf>,
+    /// The qemu-storage-daemon binary.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: String,
+    /// Backend busy-poll window in polling mode (µs).
+    #[arg(long, default_value_t = 100)]
+    poll_us: u64,
+    /// Only run targets whose name contains this (e.g. `ours`, `file`, `native`).
+    #[arg(long)]
+    only: Option<String>,
+    /// Modes to run: `irq`, `poll` or both (comma separated).
+    #[arg(long, default_value = "irq,poll")]
+    modes: String,
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    iops: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// CPU used by the backend process during the run, in CPUs (NaN when not measured).
+    backend_cpu: f64,
+}
+
+struct Row {
+    target: &'static str,
+    mode: &'static str,
+    qd: usize,
+    stats: Stats,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
+    lat_ns.sort_unstable();
+    let pick = |q: f64| {
+        if lat_ns.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat_ns.len() as f64 - 1.0) * q).round() as usize;
+        f64::from(lat_ns[i]) / 1000.0
+    };
+    Stats {
+        iops: ops as f64 / secs,
+        p50_us: pick(0.50),
+        p99_us: pick(0.99),
+        backend_cpu: f64::NAN,
+    }
+}
+
+/// Random 4 KiB reads at queue depth `qd` for `secs` seconds on `q`.
+fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) -> Result<Stats> {
+    let blocks = capacity / BS as u64;
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut start = vec![Instant::now(); qd];
+    let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
+    let submit = |q: &mut Blkioq, rng: &mut Rng, slot: usize| {
+        let off = (rng.next() % blocks) * BS as u64;
+        q.read(
+            off,
+            (buf + slot * BS) as *mut u8,
+            BS,
+            slot,
+            ReqFlags::empty(),
+        );
+    };
+    for (slot, s) in start.iter_mut().enumerate() {
+        *s = Instant::now();
+        submit(q, &mut rng, slot);
+    }
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(secs);
+    let mut comps: Vec<MaybeUninit<Completion>> = (0..qd).map(|_| MaybeUninit::uninit()).collect();
+    let mut ops = 0u64;
+    let mut inflight = qd;
+    let mut measuring = true;
+    while inflight > 0 {
+        let mut t = Duration::from_secs(5);
+        let n = q
+            .do_io(&mut comps, 1, Some(&mut t), None)
+            .map_err(|e| anyhow!("do_io: {e:?}"))?;
+        if n == 0 {
+            bail!("no completion within 5 s");
+        }
+        let now = Instant::now();
+        if measuring && now >= deadline {
+            measuring = false;
+        }
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                bail!("read at QD{qd} failed: {}", c.ret);
+            }
+            let slot = c.user_data;
+            if measuring {
+                ops += 1;
+                lat.push(
+                    u32::try_from(now.duration_since(start[slot]).as_nanos()).unwrap_or(u32::MAX),
+                );
+                start[slot] = Instant::now();
+                submit(q, &mut rng, slot);
+            } else {
+                inflight -= 1;
+            }
+        }
+    }
+    let _ = t0;
+    Ok(percentiles(lat, ops, secs))
+}
+
+/// Connect libblkio to a vhost-user-blk socket and run QD1 and QD32.
+fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>> {
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("{e:?}"))?;
+    b.set_str("path", sock.to_str().context("socket path")?)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    // The socket file can appear a moment before the server listens on it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match b.connect() {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => bail!("connect {}: {e:?}", sock.display()),
+        }
+    }
+    let (nq, npq) = if poll { (0, 1) } else { (1, 0) };
+    b.set_i32("num-queues", nq).map_err(|e| anyhow!("{e:?}"))?;
+    b.set_i32("num-poll-queues", npq)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    b.set_i32("queue-size", 256).map_err(|e| anyhow!("{e:?}"))?;
+    let mut out = b.start().map_err(|e| anyhow!("start: {e:?}"))?;
+    let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
+    let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
+    b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
+    let q = if poll {
+        &mut out.poll_queues[0]
+    } else {
+        &mut out.queues[0]
+    };
+    let mut res = Vec::new();
+    for qd in [1usize, 32] {
+        let c0 = cpu_secs(pid);
+        let mut st = run_queue(q, region.addr, qd, capacity, secs)?;
+        st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        res.push((qd, st));
+    }
+    Ok(res)
+}
+
+fn bench_native(img: &Path, secs: f64) -> Result<Vec<(usize, Stats)>> {
+    let mut b = Blkio::new("io_uring").map_err(|e| anyhow!("{e:?}"))?;
+    b.set_str("path", img.to_str().context("image path")?)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    b.set_bool("direct", false).map_err(|e| anyhow!("{e:?}"))?;
+    b.connect()
+        .map_err(|e| anyhow!("io_uring connect: {e:?}"))?;
+    b.set_i32("num-queues", 1).map_err(|e| anyhow!("{e:?}"))?;
+    let mut out = b.start().map_err(|e| anyhow!("{e:?}"))?;
+    let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
+    let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
+    b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
+    let mut res = Vec::new();
+    for qd in [1usize, 32] {
+        res.push((
+            qd,
+            run_queue(&mut out.queues[0], region.addr, qd, capacity, secs)?,
+        ));
+    }
+    Ok(res)
+}
+
+/// Round trips through two eventfds between two threads: the notification floor.
+fn eventfd_pingpong(secs: f64) -> Result<Stats> {
+    use vmm_sys_util::eventfd::EventFd;
+    let a = EventFd::new(0)?;
+    let b = EventFd::new(0)?;
+    let (a2, b2) = (a.try_clone()?, b.try_clone()?);
+    let peer = std::thread::spawn(move || loop {
+        match a2.read() {
+            Ok(v) if v >= 1 << 40 => break,
+            Ok(_) => {
+                let _ = b2.write(1);
+            }
+            Err(_) => break,
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    while Instant::now() < deadline {
+        let s = Instant::now();
+        a.write(1)?;
+        b.read()?;
+        lat.push(u32::try_from(s.elapsed().as_nanos()).unwrap_or(u32::MAX));
+    }
+    a.write(1 << 40)?;
+    let _ = peer.join();
+    let n = lat.len() as u64;
+    Ok(percentiles(lat, n, t0.elapsed().as_secs_f64()))
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        if let Some(st) = child.try_wait()? {
+            bail!("backend exited early: {st}");
+        }
+        if Instant::now() > deadline {
+            bail!("socket {} never appeared", p.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Proc> {
+    let _ = std::fs::remove_file(sock);
+    let mut c = Command::new(bin)
+        .arg("serve")
+        .arg("--socket")
+        .arg(sock)
+        .args(disk)
+        .arg("--poll-us")
+        .arg(poll_us.to_string())
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    wait_socket(sock, &mut c)?;
+    Ok(Proc(c))
+}
+
+fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Proc> {
+    let _ = std::fs::remove_file(sock);
+    let iothread = if poll {
+        "iothread,id=io0".to_string()
+    } else {
+        "iothread,id=io0,poll-max-ns=0".to_string()
+    };
+    let export = format!(
+        "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={},writable=on,iothread=io0",
+        sock.display()
+    );
+    let mut c = Command::new(qsd)
+        .args([
+            "--blockdev",
+            blockdev,
+            "--object",
+            &iothread,
+            "--export",
+            &export,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {qsd}"))?;
+    wait_socket(sock, &mut c)?;
+    Ok(Proc(c))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match &args.driver_domain {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("driver-domain"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p splitvmm-driver-domain)",
+            bin.display()
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let img = dir.path().join("bench.img");
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&img)?;
+        let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
+        for i in 0..args.image_mib {
+            f.write_all_at(&chunk, i << 20)?;
+        }
+        f.sync_all()?;
+        // Warm the page cache.
+        let mut buf = vec![0u8; 1 << 20];
+        for i in 0..args.image_mib {
+            f.read_exact_at(&mut buf, i << 20)?;
+        }
+    }
+    let sock = dir.path().join("bench.sock");
+    let img_s = img.to_string_lossy().to_string();
+    let null_size = (1u64 << 30).to_string();
+    let qsd_ok = Command::new(&args.qsd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !qsd_ok {
+        eprintln!("WARNING: {} not found; QSD rows are SKIPPED", args.qsd);
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    let secs = args.seconds;
+    let want = |target: &str, mode: &str| {
+        args.only.as_deref().is_none_or(|o| target.contains(o))
+            && args.modes.split(',').any(|m| m == mode)
+    };
+    for (mode, poll) in [("irq", false), ("poll", true)] {
+        let poll_us = if poll { args.poll_us } else { 0 };
+        for (target, disk) in [
+            ("ours-file", vec!["--blk".to_string(), img_s.clone()]),
+            ("ours-null", vec!["--null".to_string(), null_size.clone()]),
+        ] {
+            if !want(target, mode) {
+                continue;
+            }
+            let p = spawn_ours(&bin, &sock, &disk, poll_us)?;
+            for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
+                rows.push(Row {
+                    target,
+                    mode,
+                    qd,
+                    stats,
+                });
+            }
+        }
+        if qsd_ok {
+            for (target, bdev) in [
+                (
+                    "qsd-file",
+                    format!(
+                        "driver=file,filename={img_s},node-name=n,aio=io_uring,cache.direct=off"
+                    ),
+                ),
+                (
+                    "qsd-null",
+                    "driver=null-co,node-name=n,size=1073741824,read-zeroes=on".to_string(),
+                ),
+            ] {
+                if !want(target, mode) {
+                    continue;
+                }
+                let p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
+                for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
+                    rows.push(Row {
+                        target,
+                        mode,
+                        qd,
+                        stats,
+                    });
+                }
+            }
+        }
+    }
+    if want("native-io_uring", "irq") {
+        for (qd, stats) in bench_native(&img, secs)? {
+            rows.push(Row {
+                target: "native-io_uring",
+                mode: "irq",
+                qd,
+                stats,
+            });
+        }
+    }
+    if want("eventfd-pingpong", "irq") {
+        rows.push(Row {
+            target: "eventfd-pingpong",
+            mode: "irq",
+            qd: 1,
+            stats: eventfd_pingpong(secs)?,
+        });
+    }
+
+    println!("| target | mode | QD | IOPS | p50 µs | p99 µs | backend CPUs |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        let cpu = if r.stats.backend_cpu.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", r.stats.backend_cpu)
+        };
+        println!(
+            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
+            r.target, r.mode, r.qd, r.stats.iops, r.stats.p50_us, r.stats.p99_us, cpu
+        );
+    }
+    let find = |t: &str, m: &str, qd: usize| {
+        rows.iter()
+            .find(|r| r.target == t && r.mode == m && r.qd == qd)
+            .map(|r| r.stats)
+    };
+    println!();
+    println!("| ratio | mode | QD | IOPS ratio | p50 ratio (lower is better) |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    let ratio = |name: &str, a: &str, b: &str, m: &'static str, qd: usize| {
+        if let (Some(x), Some(y)) = (find(a, m, qd), find(b, m, qd)) {
+            println!(
+                "| {name} | {m} | {qd} | {:.2} | {:.2} |",
+                x.iops / y.iops,
+                x.p50_us / y.p50_us
+            );
+        }
+    };
+    for m in ["irq", "poll"] {
+        for qd in [1, 32] {
+            ratio("ours-file / qsd-file", "ours-file", "qsd-file", m, qd);
+            ratio("ours-null / qsd-null", "ours-null", "qsd-null", m, qd);
+        }
+    }
+    for qd in [1, 32] {
+        ratio(
+            "ours-file / native-io_uring",
+            "ours-file",
+            "native-io_uring",
+            "irq",
+            qd,
+        );
+    }
+    println!(
+        "\n(host: {} CPUs; seconds per point: {secs})",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    Ok(())
+}
