@@ -180,15 +180,15 @@ fn multi_queue_and_null_device() {
 }
 
 #[test]
-fn handed_over_connection_is_served() {
+fn handed_over_listener_is_served() {
     use driver_domain::blk::{BlkConfig, BlkDisk};
-    use driver_domain::vhost_user::blk::serve_blk_connection;
+    use driver_domain::vhost_user::blk::serve_blk_listener;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let sock = dir.path().join("toolstack.sock");
-    // The "toolstack" accepts the frontend and hands the connected stream to the backend.
+    // The "toolstack" binds the listener and hands it to the backend (managed mode).
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -197,8 +197,8 @@ fn handed_over_connection_is_served() {
         .unwrap();
     let disk = Arc::new(BlkDisk::from_file(file, false).unwrap());
     let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        serve_blk_connection(stream, disk, BlkConfig::default())
+        let listener = vhost::vhost_user::Listener::from(listener);
+        serve_blk_listener(listener, disk, BlkConfig::default(), |_| {})
     });
     let mut c = connect(&sock, false).unwrap();
     let p = pattern(8192, 0x99);

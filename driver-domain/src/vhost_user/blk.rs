@@ -9,10 +9,11 @@
 //!
 //! Serving entry points:
 //! - [`serve_blk`]: bind a socket path and serve one frontend after another, forever.
-//! - [`serve_blk_connection`]: serve one already-connected stream (managed mode).
+//! - [`serve_blk_listener`]: serve the one frontend pending on a handed-over listener (managed
+//!   mode; see control-vmm's `connection` module for how the toolstack makes it).
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,8 +32,6 @@ use vmm_sys_util::event::{
 
 use crate::blk::memory::{check_guest_memory, SealState};
 use crate::blk::{BlkConfig, BlkConfigSpace, BlkDisk, BlkQueue, InflightError, InflightLog};
-
-use super::relay::{relay_to_listener, RelayError};
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -54,9 +53,6 @@ pub enum VhostUserBlkError {
     /// The vhost-user daemon could not be created or started.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
-    /// Relaying a handed-over connection failed.
-    #[error(transparent)]
-    Relay(#[from] RelayError),
 }
 
 /// One vhost-user-blk device instance (one frontend connection).
@@ -401,28 +397,5 @@ pub fn serve_blk_listener(
     info!("blk: frontend connected");
     log_session_end(daemon.wait());
     backend.stop_workers();
-    Ok(())
-}
-
-/// Serve one already-connected vhost-user stream (managed mode: a toolstack connected the
-/// frontend and handed over the fd) until the frontend disconnects.
-///
-/// vhost-user-backend 0.24 only starts sessions from a listener, so the stream is relayed
-/// (bytes and SCM_RIGHTS fds, control messages only; the data path of memory and eventfds is
-/// direct) to a private listener in a fresh 0700 directory.
-pub fn serve_blk_connection(
-    stream: UnixStream,
-    disk: Arc<BlkDisk>,
-    cfg: BlkConfig,
-) -> Result<(), VhostUserBlkError> {
-    let (backend, mut daemon) = new_daemon(&disk, &cfg)?;
-    let relay = relay_to_listener(stream, |listener| {
-        daemon
-            .start(listener)
-            .map_err(|e| RelayError::Start(e.to_string()))
-    })?;
-    log_session_end(daemon.wait());
-    backend.stop_workers();
-    relay.join();
     Ok(())
 }

@@ -1,4 +1,3 @@
 //! vhost-user adapters: thin glue between `vhost-user-backend` and the device cores.
 
 pub mod blk;
-pub mod relay;
