@@ -1,0 +1,124 @@
+//! `splitvmm-vmm`: runs one KVM guest (the tiny kernel) until it powers off.
+//!
+//! Exit status: the guest's poweroff status (0..=99 by convention); 100 if the guest reset the
+//! machine (e.g. a triple fault); 101 if the VMM failed; 102 if stopped by a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
+use control_vmm::vmm::{run, Outcome, RingMode, VmConfig};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Mode {
+    Hello,
+    Disk,
+    TripleFault,
+    BadInput,
+    Halt,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Ring {
+    Notify,
+    EventIdx,
+    Poll,
+}
+
+/// Run one KVM guest with a virtio-mmio disk served by the driver domain over vhost-user.
+#[derive(Debug, Parser)]
+#[command(name = "splitvmm-vmm", version)]
+struct Cli {
+    /// ELF kernel (the tiny kernel from guest-frontend/tiny-kernel).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest RAM in MiB (a multiple of 2).
+    #[arg(long, default_value_t = 8)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// What the tiny kernel does.
+    #[arg(long, value_enum, default_value_t = Mode::Hello)]
+    mode: Mode,
+    /// vhost-user-blk socket of the driver domain (`driver-domain serve --blk IMG --socket S`).
+    #[arg(long)]
+    blk_socket: Option<PathBuf>,
+    /// Share all guest RAM with the backend, not only the I/O window.
+    #[arg(long)]
+    share_all_ram: bool,
+    /// I/O window size in KiB.
+    #[arg(long, default_value_t = WINDOW_DEFAULT_BYTES / 1024)]
+    window_kib: u64,
+    /// How the guest waits for completions.
+    #[arg(long, value_enum, default_value_t = Ring::EventIdx)]
+    ring: Ring,
+    /// Disk requests (half 512-byte writes, half reads of the same sectors).
+    #[arg(long, default_value_t = 32)]
+    requests: u32,
+    /// Requests submitted per batch (1..=16).
+    #[arg(long, default_value_t = 1)]
+    batch: u32,
+    /// Skip the idle baseline (an idle phase as long as the I/O phase).
+    #[arg(long)]
+    no_idle_baseline: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = Arc::clone(&stop);
+    if let Err(e) = control_vmm::signals::handle_termination(move |sig| {
+        log::warn!("{sig}: stopping the guest");
+        on_signal.store(true, Ordering::SeqCst);
+    }) {
+        eprintln!("splitvmm-vmm: {e}");
+        return ExitCode::from(101);
+    }
+    let cfg = VmConfig {
+        kernel: cli.kernel,
+        ram_bytes: cli.mem_mib << 20,
+        vcpus: cli.vcpus,
+        mode: match cli.mode {
+            Mode::Hello => GuestMode::Hello,
+            Mode::Disk => GuestMode::Disk,
+            Mode::TripleFault => GuestMode::TripleFault,
+            Mode::BadInput => GuestMode::BadInput,
+            Mode::Halt => GuestMode::Halt,
+        },
+        blk_socket: cli.blk_socket,
+        share_all_ram: cli.share_all_ram,
+        window_bytes: cli.window_kib << 10,
+        ring: match cli.ring {
+            Ring::Notify => RingMode::Notify,
+            Ring::EventIdx => RingMode::EventIdx,
+            Ring::Poll => RingMode::Poll,
+        },
+        requests: cli.requests,
+        batch: cli.batch,
+        idle_baseline: !cli.no_idle_baseline,
+        connect_timeout: Duration::from_secs(5),
+        console: Box::new(std::io::stdout()),
+        stop,
+    };
+    match run(cfg) {
+        Ok(report) => {
+            eprint!("{}", report.table());
+            match report.outcome {
+                Outcome::Poweroff(s) => ExitCode::from(s),
+                Outcome::Reset(_) => ExitCode::from(100),
+                Outcome::Failed(_) => ExitCode::from(101),
+                Outcome::Terminated => ExitCode::from(102),
+            }
+        }
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            ExitCode::from(101)
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The disk check: write a pattern to the first sectors through the virtio-blk device, read it
+//! back, verify. Requests are submitted in batches; completions are awaited by interrupt or by
+//! polling, as the boot info asks.
+
+use guest_frontend::virtio::blk::negotiate_features;
+use guest_frontend::virtio::{
+    BlkOp, BlkQueue, BlkRequest, BumpAllocator, DmaBuf, DmaMemory, DmaRegion, Notify, QueueAddrs,
+    SplitQueue, VIRTIO_RING_F_EVENT_IDX,
+};
+
+use crate::irq;
+use crate::mmio::Device;
+use crate::platform::{self, print, print_u64, BootInfo};
+
+const QUEUE_SIZE: u16 = 64;
+const SECTOR: u32 = 512;
+const WORDS: u64 = SECTOR as u64 / 8;
+const MAX_BATCH: usize = 16;
+
+/// Word `i` of sector `s` of the pattern (the host test checks the image with the same rule).
+pub fn pattern(sector: u64, i: u64) -> u64 {
+    sector.wrapping_mul(0x1_0000_0001) ^ i.wrapping_mul(0x9e37_79b9) ^ 0x5356_4d4d
+}
+
+enum Wait {
+    Interrupt,
+    Poll,
+}
+
+struct Disk {
+    dev: Device,
+    blk: BlkQueue<DmaRegion>,
+    wait: Wait,
+    errors: u64,
+}
+
+impl Disk {
+    /// Publishes, kicks if the device wants it, and reaps `count` completions.
+    fn run_batch(&mut self, count: usize) -> bool {
+        if self.blk.publish() == Notify::Kick {
+            self.dev.notify();
+        }
+        let mut done = 0;
+        while done < count {
+            match self.blk.complete() {
+                Ok(Some(c)) => {
+                    if c.result.is_err() {
+                        self.errors += 1;
+                    }
+                    done += 1;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+            match self.wait {
+                Wait::Poll => core::hint::spin_loop(),
+                Wait::Interrupt => {
+                    let seen = irq::device_irqs();
+                    if self.blk.virtqueue().enable_interrupts() {
+                        continue;
+                    }
+                    while irq::device_irqs() == seen {
+                        irq::wait_for_interrupt();
+                    }
+                    self.dev.ack_interrupt();
+                    self.blk.virtqueue().note_interrupt();
+                }
+            }
+        }
+        true
+    }
+}
+
+fn fail(what: &str) -> u8 {
+    print("disk check failed: ");
+    print(what);
+    print("\n");
+    platform::STATUS_DISK_FAILED
+}
+
+/// Runs the disk check; returns the poweroff status.
+pub fn run(info: &BootInfo) -> u8 {
+    irq::init();
+    let dev = Device::new(info.mmio_base);
+    let want_event_idx = info.ring_flags & platform::RING_EVENT_IDX != 0;
+    let Ok(features) = dev.negotiate(|f| negotiate_features(f, want_event_idx).ok()) else {
+        return fail("feature negotiation");
+    };
+    let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+    // SAFETY: the I/O window is identity-mapped RAM that only this kernel and the device use.
+    let Ok(region) =
+        (unsafe { DmaRegion::identity(info.window_gpa as *mut u8, info.window_len as usize) })
+    else {
+        return fail("window");
+    };
+    let mut alloc = BumpAllocator::new(&region);
+    let addrs = (|| {
+        Ok::<_, guest_frontend::virtio::MemoryError>(QueueAddrs {
+            desc: alloc.alloc(QueueAddrs::desc_bytes(QUEUE_SIZE), 64)?,
+            avail: alloc.alloc(QueueAddrs::avail_bytes(QUEUE_SIZE), 64)?,
+            used: alloc.alloc(QueueAddrs::used_bytes(QUEUE_SIZE), 64)?,
+        })
+    })();
+    let Ok(addrs) = addrs else {
+        return fail("ring allocation");
+    };
+    // SAFETY: the rings lie in the window, which stays mapped for the kernel's lifetime and
+    // is used by nobody but this queue and the device.
+    let Ok(vq) = (unsafe { SplitQueue::new(&region, addrs, QUEUE_SIZE, event_idx) }) else {
+        return fail("virtqueue");
+    };
+    let Ok(blk) = BlkQueue::new(vq, region, &mut alloc) else {
+        return fail("request headers");
+    };
+    let batch = (info.batch as usize).clamp(1, MAX_BATCH);
+    let mut bufs = [DmaBuf { addr: 0, len: 0 }; MAX_BATCH];
+    for b in bufs.iter_mut().take(batch) {
+        let Ok(addr) = alloc.alloc(SECTOR as usize, SECTOR as usize) else {
+            return fail("buffer allocation");
+        };
+        *b = DmaBuf { addr, len: SECTOR };
+    }
+    if dev.setup_queue(QUEUE_SIZE, addrs).is_err() {
+        return fail("queue set-up");
+    }
+    irq::route_pin(info.mmio_irq, irq::VECTOR_DEVICE);
+    if dev.start().is_err() {
+        return fail("device start");
+    }
+    let capacity = dev.capacity();
+    let writes = u64::from(info.requests / 2).max(1);
+    if capacity < writes {
+        return fail("disk too small");
+    }
+    let poll = info.ring_flags & platform::RING_POLL != 0;
+    let mut disk = Disk {
+        dev,
+        blk,
+        wait: if poll { Wait::Poll } else { Wait::Interrupt },
+        errors: 0,
+    };
+    if poll {
+        disk.blk.virtqueue().disable_interrupts();
+    }
+
+    platform::phase(platform::PHASE_IO_START);
+    let mut bad_words = 0u64;
+    for read in [false, true] {
+        let mut sector = 0;
+        while sector < writes {
+            let n = (writes - sector).min(batch as u64) as usize;
+            for (j, buf) in bufs.iter().take(n).enumerate() {
+                let s = sector + j as u64;
+                if !read {
+                    for i in 0..WORDS {
+                        let v = pattern(s, i).to_le_bytes();
+                        let _ = disk.blk.memory().write_bytes(buf.addr + 8 * i, &v);
+                    }
+                }
+                let op = if read { BlkOp::Read } else { BlkOp::Write };
+                let req = BlkRequest {
+                    op,
+                    sector: s,
+                    data: Some(*buf),
+                };
+                if disk.blk.submit(&req, s).is_err() {
+                    return fail("submit");
+                }
+            }
+            if !disk.run_batch(n) {
+                return fail("device returned a broken used ring");
+            }
+            if read {
+                for (j, buf) in bufs.iter().take(n).enumerate() {
+                    let s = sector + j as u64;
+                    for i in 0..WORDS {
+                        let mut v = [0u8; 8];
+                        let _ = disk.blk.memory().read_bytes(buf.addr + 8 * i, &mut v);
+                        if u64::from_le_bytes(v) != pattern(s, i) {
+                            bad_words += 1;
+                        }
+                    }
+                }
+            }
+            sector += n as u64;
+        }
+    }
+    platform::phase(platform::PHASE_IO_END);
+
+    let stats = disk.blk.virtqueue_ref().stats();
+    platform::report(0, stats.kicks_sent);
+    platform::report(1, stats.kicks_suppressed);
+    platform::report(2, irq::device_irqs());
+    platform::report(3, stats.completed);
+    platform::report(4, 2 * writes);
+    platform::report(5, bad_words + disk.errors);
+    platform::report(6, capacity);
+
+    if info.wake_irq != 0 {
+        irq::route_pin(info.wake_irq, irq::VECTOR_WAKE);
+        let seen = irq::wake_irqs();
+        platform::phase(platform::PHASE_IDLE_START);
+        while irq::wake_irqs() == seen {
+            irq::wait_for_interrupt();
+        }
+        platform::phase(platform::PHASE_IDLE_END);
+    }
+
+    print("disk: ");
+    print_u64(2 * writes);
+    print(" requests, ");
+    print_u64(stats.kicks_sent);
+    print(" kicks, ");
+    print_u64(irq::device_irqs());
+    print(" interrupts: ");
+    if bad_words == 0 && disk.errors == 0 {
+        print("verify ok\n");
+        platform::STATUS_OK
+    } else {
+        fail("verify")
+    }
+}
