@@ -200,3 +200,66 @@ pub fn initial_fpu() -> kvm_fpu {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryBackend;
+
+    fn ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn page_tables_map_four_gib_one_to_one() {
+        let mem = ram();
+        write_page_tables(&mem).unwrap();
+        let rd = |gpa: u64| mem.read_obj::<u64>(GuestAddress(gpa)).unwrap();
+        assert_eq!(rd(PML4_GPA), PDPT_GPA | 3);
+        for d in 0..4 {
+            assert_eq!(rd(PDPT_GPA + 8 * d), (PD_GPA + 0x1000 * d) | 3);
+        }
+        // The virtio-mmio window (3.25 GiB) and the last 2 MiB page.
+        let e = VIRTIO_MMIO_GPA >> 21;
+        assert_eq!(rd(PD_GPA + 8 * e), VIRTIO_MMIO_GPA | 0x83);
+        assert_eq!(rd(PD_GPA + 3 * 0x1000 + 8 * 511), 0xffe0_0000 | 0x83);
+        assert!(mem.address_in_range(GuestAddress(PD_GPA + 4 * 0x1000 - 1)));
+    }
+
+    #[test]
+    fn boot_info_layout_matches_the_guest() {
+        let info = BootInfo {
+            mode: GuestMode::BadInput,
+            mmio_base: 0xd000_0000,
+            mmio_irq: 5,
+            ring_flags: RING_POLL,
+            window_gpa: WINDOW_GPA,
+            window_len: 0x10_0000,
+            requests: 32,
+            batch: 8,
+            wake_irq: 6,
+        };
+        let b = info.encode();
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(&b[0..8], b"SVMMINFO");
+        assert_eq!(u32_at(0x08), 1);
+        assert_eq!(u32_at(0x0c), 3);
+        assert_eq!(u64_at(0x10), 0xd000_0000);
+        assert_eq!(u32_at(0x18), 5);
+        assert_eq!(u32_at(0x1c), RING_POLL);
+        assert_eq!(u64_at(0x20), WINDOW_GPA);
+        assert_eq!(u64_at(0x28), 0x10_0000);
+        assert_eq!((u32_at(0x30), u32_at(0x34), u32_at(0x38)), (32, 8, 6));
+    }
+
+    #[test]
+    fn long_mode_state() {
+        let mut s = kvm_sregs::default();
+        long_mode_sregs(&mut s);
+        assert_eq!(s.cr3, PML4_GPA);
+        assert_ne!(s.cr0 & (1 << 31), 0, "paging");
+        assert_ne!(s.efer & (1 << 10), 0, "LMA");
+        assert_eq!((s.cs.l, s.cs.selector, s.ss.selector), (1, 0x08, 0x10));
+    }
+}

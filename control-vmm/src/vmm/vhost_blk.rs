@@ -26,6 +26,25 @@ use super::memory::MemfdRegion;
 /// Bytes of virtio-blk config space fetched from the backend (capacity .. num_queues).
 pub const BLK_CONFIG_BYTES: usize = 36;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// How long the backend may take to answer one vhost-user request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the virtio-mmio transport needs from a block backend (a vhost-user session in the
+/// VMM; a fake in unit tests).
+pub trait BlkBackend: Send {
+    /// Features the guest is offered.
+    fn device_features(&self) -> u64;
+    /// The device's config space.
+    fn config(&self) -> &[u8];
+    /// The guest-physical regions the backend can see.
+    fn regions(&self) -> &[SharedRegion];
+    /// Whether a queue is running in the backend.
+    fn running(&self) -> bool;
+    /// Starts queue 0 with the guest's features and ring layout.
+    fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError>;
+    /// Stops queue 0; returns the avail index the backend stopped at, if it ran.
+    fn stop(&mut self) -> Result<Option<u32>, VhostBlkError>;
+}
 
 /// Errors of the vhost-user session.
 #[derive(Debug, Error)]
@@ -129,6 +148,13 @@ impl VhostBlk {
                 }
             }
         };
+        // A backend that stops answering fails the device instead of hanging a vCPU thread.
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(|source| VhostBlkError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
         let mut frontend = Frontend::from_stream(stream, 1);
         frontend.set_owner().map_err(vu("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
@@ -174,29 +200,31 @@ impl VhostBlk {
             running: false,
         })
     }
+}
 
+impl BlkBackend for VhostBlk {
     /// Features the guest is offered (the vhost-user protocol bit removed).
-    pub fn device_features(&self) -> u64 {
+    fn device_features(&self) -> u64 {
         self.device_features
     }
 
     /// The device's config space as read at connect time.
-    pub fn config(&self) -> &[u8] {
+    fn config(&self) -> &[u8] {
         &self.config
     }
 
     /// Whether a queue is running in the backend.
-    pub fn running(&self) -> bool {
+    fn running(&self) -> bool {
         self.running
     }
 
     /// The regions the backend sees.
-    pub fn regions(&self) -> &[SharedRegion] {
+    fn regions(&self) -> &[SharedRegion] {
         &self.regions
     }
 
     /// Starts queue 0 in the backend with the guest's `features` and ring layout.
-    pub fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
+    fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
         let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend
             .set_features(features | proto_bit)
@@ -248,7 +276,7 @@ impl VhostBlk {
 
     /// Stops the queue and fetches its state back (GET_VRING_BASE): after this returns, the
     /// backend no longer touches guest memory. Returns the avail index it stopped at.
-    pub fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
+    fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
         if !self.running {
             return Ok(None);
         }

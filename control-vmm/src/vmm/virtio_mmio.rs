@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use super::exits::{Counter, ExitCounters};
-use super::vhost_blk::{QueueSetup, VhostBlk};
+use super::vhost_blk::{BlkBackend, QueueSetup, VhostBlk};
 
 const MAGIC_VALUE: u32 = 0x7472_6976;
 const VERSION: u32 = 2;
@@ -67,10 +67,10 @@ struct QueueRegs {
     ready: bool,
 }
 
-/// The device.
+/// The device, over a [`BlkBackend`] (the vhost-user session by default).
 #[derive(Debug)]
-pub struct VirtioMmioBlk {
-    backend: VhostBlk,
+pub struct VirtioMmioBlk<B: BlkBackend = VhostBlk> {
+    backend: B,
     counters: Arc<ExitCounters>,
     status: u32,
     device_features_sel: u32,
@@ -88,8 +88,8 @@ fn set_high(v: &mut u64, high: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
-impl VirtioMmioBlk {
-    pub fn new(backend: VhostBlk, counters: Arc<ExitCounters>) -> Self {
+impl<B: BlkBackend> VirtioMmioBlk<B> {
+    pub fn new(backend: B, counters: Arc<ExitCounters>) -> Self {
         Self {
             backend,
             counters,
@@ -103,7 +103,7 @@ impl VirtioMmioBlk {
     }
 
     /// The backend connection (its kick and call eventfds are bound in KVM by the machine).
-    pub fn backend(&self) -> &VhostBlk {
+    pub fn backend(&self) -> &B {
         &self.backend
     }
 
@@ -343,5 +343,186 @@ impl VirtioMmioBlk {
                 | STATUS_FEATURES_OK
                 | STATUS_NEEDS_RESET
                 | STATUS_FAILED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::vhost_blk::{SharedRegion, VhostBlkError};
+
+    const WINDOW: u64 = 0x4000_0000;
+
+    #[derive(Debug, Default)]
+    struct FakeBackend {
+        regions: Vec<SharedRegion>,
+        started: Vec<(u64, QueueSetup)>,
+        stops: u32,
+        running: bool,
+    }
+
+    impl BlkBackend for FakeBackend {
+        fn device_features(&self) -> u64 {
+            (1 << 32) | (1 << 29) | (1 << 9)
+        }
+        fn config(&self) -> &[u8] {
+            &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
+        }
+        fn regions(&self) -> &[SharedRegion] {
+            &self.regions
+        }
+        fn running(&self) -> bool {
+            self.running
+        }
+        fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
+            self.started.push((features, q));
+            self.running = true;
+            Ok(())
+        }
+        fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
+            self.stops += 1;
+            Ok(std::mem::take(&mut self.running).then_some(7))
+        }
+    }
+
+    fn device() -> VirtioMmioBlk<FakeBackend> {
+        let backend = FakeBackend {
+            regions: vec![SharedRegion {
+                gpa: WINDOW,
+                len: 1 << 20,
+                fd: -1,
+            }],
+            ..Default::default()
+        };
+        VirtioMmioBlk::new(backend, Arc::new(ExitCounters::default()))
+    }
+
+    fn rd(d: &mut VirtioMmioBlk<FakeBackend>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(d: &mut VirtioMmioBlk<FakeBackend>, off: u64, v: u32) {
+        d.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(d: &mut VirtioMmioBlk<FakeBackend>) {
+        wr(d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(d, reg::DRIVER_FEATURES_SEL, 1);
+        wr(d, reg::DRIVER_FEATURES, 1);
+        wr(
+            d,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    fn set_queue(d: &mut VirtioMmioBlk<FakeBackend>, size: u32, desc: u64) {
+        wr(d, reg::QUEUE_SEL, 0);
+        wr(d, reg::QUEUE_NUM, size);
+        wr(d, reg::QUEUE_DESC_LOW, desc as u32);
+        wr(d, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        wr(d, reg::QUEUE_DRIVER_LOW, (WINDOW + 0x1000) as u32);
+        wr(d, reg::QUEUE_DEVICE_LOW, (WINDOW + 0x2000) as u32);
+        wr(d, reg::QUEUE_READY, 1);
+    }
+
+    const RUNNING: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn identity_features_and_config() {
+        let mut d = device();
+        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(rd(&mut d, reg::VERSION), 2);
+        assert_eq!(rd(&mut d, reg::DEVICE_ID), 2);
+        wr(&mut d, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 1);
+        wr(&mut d, reg::DEVICE_FEATURES_SEL, 0x1234);
+        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 0);
+        assert_eq!(rd(&mut d, reg::CONFIG), 0x800);
+        // Beyond the config space reads as zero; a read-only register ignores writes.
+        assert_eq!(rd(&mut d, reg::CONFIG + 0x400), 0);
+        wr(&mut d, reg::MAGIC, 0);
+        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
+    }
+
+    #[test]
+    fn a_valid_queue_starts_the_backend_and_reset_stops_it() {
+        let mut d = device();
+        negotiate(&mut d);
+        set_queue(&mut d, 64, WINDOW);
+        assert_eq!(rd(&mut d, reg::QUEUE_READY), 1);
+        wr(&mut d, reg::STATUS, RUNNING);
+        assert_eq!(rd(&mut d, reg::STATUS), RUNNING);
+        let (features, q) = d.backend().started[0];
+        assert_eq!(features, 1 << 32);
+        assert_eq!(q.size, 64);
+        assert_eq!(q.desc, WINDOW);
+        // Queue registers are frozen while the device runs.
+        wr(&mut d, reg::QUEUE_NUM, 8);
+        wr(&mut d, reg::STATUS, 0);
+        assert_eq!(rd(&mut d, reg::STATUS), 0);
+        assert_eq!(rd(&mut d, reg::QUEUE_READY), 0);
+        assert!(!d.backend().running);
+        assert_eq!(d.backend().started.len(), 1);
+    }
+
+    #[test]
+    fn impossible_queues_stay_not_ready_and_driver_ok_needs_reset() {
+        let mut d = device();
+        negotiate(&mut d);
+        for (size, desc) in [
+            (0, WINDOW),
+            (3, WINDOW),
+            (512, WINDOW),
+            (u32::MAX, WINDOW),
+            (64, WINDOW + 8),
+            (64, 0),
+            (64, WINDOW + (1 << 20) - 0x100),
+            (64, u64::MAX - 15),
+        ] {
+            set_queue(&mut d, size, desc);
+            assert_eq!(
+                rd(&mut d, reg::QUEUE_READY),
+                0,
+                "size {size} desc {desc:#x}"
+            );
+        }
+        wr(&mut d, reg::QUEUE_SEL, 3);
+        assert_eq!(rd(&mut d, reg::QUEUE_NUM_MAX), 0);
+        wr(&mut d, reg::STATUS, RUNNING);
+        assert_ne!(rd(&mut d, reg::STATUS) & STATUS_NEEDS_RESET, 0);
+        assert!(d.backend().started.is_empty());
+    }
+
+    #[test]
+    fn unoffered_features_are_refused() {
+        let mut d = device();
+        wr(&mut d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut d, reg::DRIVER_FEATURES_SEL, 0);
+        wr(&mut d, reg::DRIVER_FEATURES, 1 << 5);
+        wr(
+            &mut d,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(rd(&mut d, reg::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn interrupt_status_and_acks_are_counted_and_odd_widths_are_harmless() {
+        let mut d = device();
+        assert_eq!(rd(&mut d, reg::INTERRUPT_STATUS), 0);
+        wr(&mut d, reg::INTERRUPT_ACK, 1);
+        assert_eq!(d.counters.get(Counter::VirtioIsrRead), 1);
+        assert_eq!(d.counters.get(Counter::VirtioIsrAck), 1);
+        let mut b = [0u8; 2];
+        d.read(reg::STATUS, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        d.write(reg::STATUS, &[1]);
+        assert_eq!(rd(&mut d, reg::STATUS), 0);
+        wr(&mut d, reg::QUEUE_NOTIFY, 5);
+        assert_eq!(d.counters.get(Counter::VirtioNotifyExit), 1);
     }
 }

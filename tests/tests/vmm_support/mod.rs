@@ -42,6 +42,10 @@ fn target_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The kernel is built for the host target, named explicitly so that the flags below apply
+/// to the kernel only and not to its build script.
+const HOST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
 /// Flags for the freestanding kernel (same as guest-frontend/tiny-kernel/build.sh).
 const KERNEL_RUSTFLAGS: &[&str] = &[
     "-C",
@@ -64,7 +68,14 @@ pub fn tiny_kernel() -> PathBuf {
             let dir = workspace_root().join("guest-frontend/tiny-kernel");
             let target = target_root().join("tiny-kernel");
             let out = Command::new(env!("CARGO"))
-                .args(["build", "--release", "--offline", "--quiet"])
+                .args([
+                    "build",
+                    "--release",
+                    "--offline",
+                    "--quiet",
+                    "--target",
+                    HOST_TARGET,
+                ])
                 .current_dir(&dir)
                 .env_remove("RUSTFLAGS")
                 .env_remove("CARGO_BUILD_RUSTFLAGS")
@@ -77,7 +88,7 @@ pub fn tiny_kernel() -> PathBuf {
                 "building the tiny kernel failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let path = target.join("release/tiny-kernel");
+            let path = target.join(HOST_TARGET).join("release/tiny-kernel");
             assert!(path.exists(), "{} missing after build", path.display());
             path
         })
