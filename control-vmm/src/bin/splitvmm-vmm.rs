@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
-use control_vmm::vmm::{run, Outcome, RingMode, VmConfig};
+use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -91,7 +91,9 @@ fn main() -> ExitCode {
             Mode::BadInput => GuestMode::BadInput,
             Mode::Halt => GuestMode::Halt,
         },
-        blk_socket: cli.blk_socket,
+        blk: cli
+            .blk_socket
+            .map_or(BlkAttachment::None, BlkAttachment::Socket),
         share_all_ram: cli.share_all_ram,
         window_bytes: cli.window_kib << 10,
         ring: match cli.ring {
@@ -101,6 +103,10 @@ fn main() -> ExitCode {
         },
         requests: cli.requests,
         batch: cli.batch,
+        seed: 0,
+        verify_only: false,
+        sectors_per_request: 1,
+        check_sectors: 0,
         idle_baseline: !cli.no_idle_baseline,
         connect_timeout: Duration::from_secs(5),
         console: Box::new(std::io::stdout()),

@@ -54,6 +54,12 @@ impl Bus {
         }
     }
 
+    /// Takes the virtio device out of the bus (once no vCPU can reach it any more).
+    pub fn into_virtio(self) -> Option<VirtioMmioBlk> {
+        self.virtio
+            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The virtio device, if any.
     pub fn virtio(&self) -> Option<std::sync::MutexGuard<'_, VirtioMmioBlk>> {
         self.virtio.as_ref().map(lock)

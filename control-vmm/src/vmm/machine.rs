@@ -83,8 +83,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// What the tiny kernel does.
     pub mode: GuestMode,
-    /// vhost-user-blk backend socket; None: no virtio device.
-    pub blk_socket: Option<PathBuf>,
+    /// The virtio-blk device's backend, if any.
+    pub blk: BlkAttachment,
     /// Share all of RAM with the backend, not only the I/O window (explicit opt-in).
     pub share_all_ram: bool,
     /// I/O window size in bytes.
@@ -93,6 +93,11 @@ pub struct VmConfig {
     /// Disk requests (half writes, half reads) and the batch size.
     pub requests: u32,
     pub batch: u32,
+    /// The disk check: pattern seed, verify only, request size, sectors (0: `requests / 2`).
+    pub seed: u64,
+    pub verify_only: bool,
+    pub sectors_per_request: u32,
+    pub check_sectors: u32,
     /// Measure an idle baseline as long as the I/O phase.
     pub idle_baseline: bool,
     /// How long to wait for the backend socket.
@@ -109,10 +114,22 @@ impl std::fmt::Debug for VmConfig {
             .field("kernel", &self.kernel)
             .field("ram_bytes", &self.ram_bytes)
             .field("mode", &self.mode)
-            .field("blk_socket", &self.blk_socket)
+            .field("blk", &self.blk)
             .field("ring", &self.ring)
             .finish_non_exhaustive()
     }
+}
+
+/// Where the virtio-blk device's backend comes from.
+#[derive(Debug, Default)]
+pub enum BlkAttachment {
+    /// No disk.
+    #[default]
+    None,
+    /// Connect to a vhost-user-blk socket.
+    Socket(PathBuf),
+    /// A session already set up (e.g. from a previous machine on the same connection).
+    Connected(Box<VhostBlk>),
 }
 
 /// How the machine ended.
@@ -153,6 +170,11 @@ pub fn kick_signal() -> i32 {
 
 /// Builds and runs a machine to its end.
 pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
+    run_keeping_backend(cfg).map(|(report, _)| report)
+}
+
+/// As [`run`], and gives the (stopped) vhost-user session back for another machine.
+pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>), VmError> {
     let started = Instant::now();
     if cfg.vcpus == 0 || cfg.vcpus > 8 {
         return Err(VmError::Config(format!("{} vCPUs", cfg.vcpus)));
@@ -187,28 +209,18 @@ pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
         .map_err(setup("KVM_IRQFD (COM1)"))?;
     let com1 = Com1::new(serial_irq, cfg.console);
 
-    let virtio = match &cfg.blk_socket {
-        None => None,
-        Some(path) => {
-            let mut regions = vec![SharedRegion::of(&ram.window)];
-            if cfg.share_all_ram {
-                log::warn!("sharing all guest RAM with the driver domain (explicit opt-in)");
-                regions.push(SharedRegion::of(&ram.ram));
-            }
-            // vhost-user backends expect the memory table sorted by guest-physical address.
-            regions.sort_by_key(|r| r.gpa);
-            let backend = VhostBlk::connect(path, cfg.connect_timeout, regions)?;
-            vm.register_ioevent(
-                &backend.kick,
-                &IoEventAddress::Mmio(VIRTIO_MMIO_GPA + reg::QUEUE_NOTIFY),
-                0u32,
-            )
-            .map_err(setup("KVM_IOEVENTFD (queue notify)"))?;
-            vm.register_irqfd(&backend.call, VIRTIO_MMIO_IRQ)
-                .map_err(setup("KVM_IRQFD (virtio-blk)"))?;
-            Some(VirtioMmioBlk::new(backend, Arc::clone(&counters)))
-        }
-    };
+    let virtio = attach_blk(cfg.blk, &ram, cfg.share_all_ram, cfg.connect_timeout)?;
+    if let Some(backend) = &virtio {
+        vm.register_ioevent(
+            &backend.kick,
+            &IoEventAddress::Mmio(VIRTIO_MMIO_GPA + reg::QUEUE_NOTIFY),
+            0u32,
+        )
+        .map_err(setup("KVM_IOEVENTFD (queue notify)"))?;
+        vm.register_irqfd(&backend.call, VIRTIO_MMIO_IRQ)
+            .map_err(setup("KVM_IRQFD (virtio-blk)"))?;
+    }
+    let virtio = virtio.map(|b| VirtioMmioBlk::new(b, Arc::clone(&counters)));
     let has_virtio = virtio.is_some();
     let wake = if cfg.idle_baseline {
         let efd = EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?;
@@ -233,6 +245,10 @@ pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
         requests: cfg.requests,
         batch: cfg.batch,
         wake_irq: if wake.is_some() { WAKE_IRQ } else { 0 },
+        seed: cfg.seed,
+        verify_only: cfg.verify_only,
+        sectors_per_request: cfg.sectors_per_request,
+        check_sectors: cfg.check_sectors,
     };
     let entry = boot::load(&ram.mem, &cfg.kernel, cfg.ram_bytes, &info)?;
 
@@ -278,7 +294,7 @@ pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
         *slot = ram.mem.read_obj(GuestAddress(gpa)).unwrap_or(0);
     }
     let (io_phase, idle) = phases.report(&kvm_names);
-    Ok(VmReport {
+    let report = VmReport {
         outcome,
         io: io_phase,
         idle,
@@ -286,7 +302,42 @@ pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
         guest,
         backend_stopped_at,
         wall: started.elapsed(),
-    })
+    };
+    // Every vCPU thread has ended, so this is the last reference to the bus.
+    let backend = Arc::try_unwrap(bus)
+        .ok()
+        .and_then(Bus::into_virtio)
+        .map(VirtioMmioBlk::into_backend);
+    Ok((report, backend))
+}
+
+/// Connects (or takes over) the disk's vhost-user session and tells it which memory the
+/// backend may see: the I/O window, and RAM only on explicit request.
+fn attach_blk(
+    blk: BlkAttachment,
+    ram: &GuestRam,
+    share_all_ram: bool,
+    timeout: Duration,
+) -> Result<Option<VhostBlk>, VmError> {
+    let mut regions = vec![SharedRegion::of(&ram.window)];
+    if share_all_ram {
+        log::warn!("sharing all guest RAM with the driver domain (explicit opt-in)");
+        regions.push(SharedRegion::of(&ram.ram));
+    }
+    // vhost-user backends expect the memory table sorted by guest-physical address.
+    regions.sort_by_key(|r| r.gpa);
+    match blk {
+        BlkAttachment::None => Ok(None),
+        BlkAttachment::Socket(path) => Ok(Some(VhostBlk::connect(&path, timeout, regions)?)),
+        BlkAttachment::Connected(mut backend) => {
+            if !backend.set_regions(regions) {
+                return Err(VmError::Config(
+                    "the vhost-user session is still running".into(),
+                ));
+            }
+            Ok(Some(*backend))
+        }
+    }
 }
 
 fn wait_for_end(done: &mpsc::Receiver<(u8, VcpuStop)>, stop: &AtomicBool) -> Outcome {

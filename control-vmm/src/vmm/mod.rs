@@ -15,4 +15,6 @@ pub mod vcpu;
 pub mod vhost_blk;
 pub mod virtio_mmio;
 
-pub use machine::{run, Outcome, RingMode, VmConfig, VmError, VmReport};
+pub use machine::{
+    run, run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError, VmReport,
+};

@@ -63,6 +63,8 @@ pub enum VhostBlkError {
     Unsupported(&'static str),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("configuring the vhost-user socket: {0}")]
+    Socket(std::io::Error),
 }
 
 fn vu(op: &'static str) -> impl FnOnce(vhost::Error) -> VhostBlkError {
@@ -148,13 +150,18 @@ impl VhostBlk {
                 }
             }
         };
+        Self::from_stream(stream, regions)
+    }
+
+    /// Runs the set-up over an already connected socket (e.g. one the toolstack handed over).
+    pub fn from_stream(
+        stream: UnixStream,
+        regions: Vec<SharedRegion>,
+    ) -> Result<Self, VhostBlkError> {
         // A backend that stops answering fails the device instead of hanging a vCPU thread.
         stream
             .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|source| VhostBlkError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(VhostBlkError::Socket)?;
         let mut frontend = Frontend::from_stream(stream, 1);
         frontend.set_owner().map_err(vu("SET_OWNER"))?;
         let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
@@ -199,6 +206,18 @@ impl VhostBlk {
             regions,
             running: false,
         })
+    }
+}
+
+impl VhostBlk {
+    /// Replaces the regions the backend will see at the next start (a new machine's memory).
+    /// Refused while a queue runs.
+    pub fn set_regions(&mut self, regions: Vec<SharedRegion>) -> bool {
+        if self.running {
+            return false;
+        }
+        self.regions = regions;
+        true
     }
 }
 

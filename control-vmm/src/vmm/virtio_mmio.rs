@@ -107,6 +107,11 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
         &self.backend
     }
 
+    /// Gives the backend back (after [`VirtioMmioBlk::quiesce`]), e.g. for the next machine.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
     /// Stops the backend's queue (GET_VRING_BASE) if it runs. Called on device reset and
     /// before guest memory goes away.
     /// Returns the avail index the backend stopped at, if a queue was running.

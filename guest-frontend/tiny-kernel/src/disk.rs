@@ -16,10 +16,13 @@ const QUEUE_SIZE: u16 = 64;
 const SECTOR: u32 = 512;
 const WORDS: u64 = SECTOR as u64 / 8;
 const MAX_BATCH: usize = 16;
+/// Largest request, in sectors.
+const MAX_SECTORS_PER_REQUEST: u32 = 8;
 
-/// Word `i` of sector `s` of the pattern (the host test checks the image with the same rule).
-pub fn pattern(sector: u64, i: u64) -> u64 {
-    sector.wrapping_mul(0x1_0000_0001) ^ i.wrapping_mul(0x9e37_79b9) ^ 0x5356_4d4d
+/// Word `i` of sector `s` of the pattern for `seed` (the host tests check images with the
+/// same rule).
+pub fn pattern(seed: u64, sector: u64, i: u64) -> u64 {
+    sector.wrapping_mul(0x1_0000_0001) ^ i.wrapping_mul(0x9e37_79b9) ^ 0x5356_4d4d ^ seed
 }
 
 enum Wait {
@@ -130,12 +133,14 @@ pub fn run(info: &BootInfo) -> u8 {
         return fail("request headers");
     };
     let batch = (info.batch as usize).clamp(1, MAX_BATCH);
+    let spr = info.sectors_per_request.clamp(1, MAX_SECTORS_PER_REQUEST);
+    let buf_len = spr * SECTOR;
     let mut bufs = [DmaBuf { addr: 0, len: 0 }; MAX_BATCH];
     for b in bufs.iter_mut().take(batch) {
-        let Ok(addr) = alloc.alloc(SECTOR as usize, SECTOR as usize) else {
+        let Ok(addr) = alloc.alloc(buf_len as usize, SECTOR as usize) else {
             return fail("buffer allocation");
         };
-        *b = DmaBuf { addr, len: SECTOR };
+        *b = DmaBuf { addr, len: buf_len };
     }
     if dev.setup_queue(QUEUE_SIZE, addrs).is_err() {
         return fail("queue set-up");
@@ -145,8 +150,13 @@ pub fn run(info: &BootInfo) -> u8 {
         return fail("device start");
     }
     let capacity = dev.capacity();
-    let writes = u64::from(info.requests / 2).max(1);
-    if capacity < writes {
+    // Either the sectors the VMM asks to check, or requests/2 single-sector writes.
+    let sectors = if info.check_sectors != 0 {
+        u64::from(info.check_sectors)
+    } else {
+        u64::from(info.requests / 2).max(1)
+    };
+    if capacity < sectors {
         return fail("disk too small");
     }
     let poll = info.ring_flags & platform::RING_POLL != 0;
@@ -160,46 +170,61 @@ pub fn run(info: &BootInfo) -> u8 {
         disk.blk.virtqueue().disable_interrupts();
     }
 
+    let passes: &[bool] = if info.verify_only {
+        &[true]
+    } else {
+        &[false, true]
+    };
+    let seed = info.seed;
+    let mut requests = 0u64;
     platform::phase(platform::PHASE_IO_START);
     let mut bad_words = 0u64;
-    for read in [false, true] {
+    for &read in passes {
         let mut sector = 0;
-        while sector < writes {
-            let n = (writes - sector).min(batch as u64) as usize;
-            for (j, buf) in bufs.iter().take(n).enumerate() {
-                let s = sector + j as u64;
+        while sector < sectors {
+            // (first sector, sectors) of each request in this batch
+            let mut spans = [(0u64, 0u64); MAX_BATCH];
+            let mut n = 0;
+            while n < batch && sector < sectors {
+                let len = (sectors - sector).min(u64::from(spr));
+                spans[n] = (sector, len);
+                sector += len;
+                n += 1;
+            }
+            for (buf, &(first, len)) in bufs.iter().zip(&spans[..n]) {
                 if !read {
-                    for i in 0..WORDS {
-                        let v = pattern(s, i).to_le_bytes();
-                        let _ = disk.blk.memory().write_bytes(buf.addr + 8 * i, &v);
+                    for w in 0..len * WORDS {
+                        let v = pattern(seed, first + w / WORDS, w % WORDS).to_le_bytes();
+                        let _ = disk.blk.memory().write_bytes(buf.addr + 8 * w, &v);
                     }
                 }
-                let op = if read { BlkOp::Read } else { BlkOp::Write };
                 let req = BlkRequest {
-                    op,
-                    sector: s,
-                    data: Some(*buf),
+                    op: if read { BlkOp::Read } else { BlkOp::Write },
+                    sector: first,
+                    data: Some(DmaBuf {
+                        addr: buf.addr,
+                        len: (len * u64::from(SECTOR)) as u32,
+                    }),
                 };
-                if disk.blk.submit(&req, s).is_err() {
+                if disk.blk.submit(&req, first).is_err() {
                     return fail("submit");
                 }
             }
+            requests += n as u64;
             if !disk.run_batch(n) {
                 return fail("device returned a broken used ring");
             }
             if read {
-                for (j, buf) in bufs.iter().take(n).enumerate() {
-                    let s = sector + j as u64;
-                    for i in 0..WORDS {
+                for (buf, &(first, len)) in bufs.iter().zip(&spans[..n]) {
+                    for w in 0..len * WORDS {
                         let mut v = [0u8; 8];
-                        let _ = disk.blk.memory().read_bytes(buf.addr + 8 * i, &mut v);
-                        if u64::from_le_bytes(v) != pattern(s, i) {
+                        let _ = disk.blk.memory().read_bytes(buf.addr + 8 * w, &mut v);
+                        if u64::from_le_bytes(v) != pattern(seed, first + w / WORDS, w % WORDS) {
                             bad_words += 1;
                         }
                     }
                 }
             }
-            sector += n as u64;
         }
     }
     platform::phase(platform::PHASE_IO_END);
@@ -209,7 +234,7 @@ pub fn run(info: &BootInfo) -> u8 {
     platform::report(1, stats.kicks_suppressed);
     platform::report(2, irq::device_irqs());
     platform::report(3, stats.completed);
-    platform::report(4, 2 * writes);
+    platform::report(4, requests);
     platform::report(5, bad_words + disk.errors);
     platform::report(6, capacity);
 
@@ -224,7 +249,7 @@ pub fn run(info: &BootInfo) -> u8 {
     }
 
     print("disk: ");
-    print_u64(2 * writes);
+    print_u64(requests);
     print(" requests, ");
     print_u64(stats.kicks_sent);
     print(" kicks, ");

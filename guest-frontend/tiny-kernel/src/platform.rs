@@ -127,6 +127,10 @@ pub struct BootInfo {
     pub requests: u32,
     pub batch: u32,
     pub wake_irq: u32,
+    pub seed: u64,
+    pub verify_only: bool,
+    pub sectors_per_request: u32,
+    pub check_sectors: u32,
 }
 
 fn rd64(off: u64) -> u64 {
@@ -154,6 +158,10 @@ impl BootInfo {
             requests: rd32(0x30),
             batch: rd32(0x34),
             wake_irq: rd32(0x38),
+            seed: rd64(0x40),
+            verify_only: rd32(0x48) != 0,
+            sectors_per_request: rd32(0x4c),
+            check_sectors: rd32(0x50),
         })
     }
 }
