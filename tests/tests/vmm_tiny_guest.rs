@@ -70,13 +70,7 @@ fn assert_disk_ok(d: &DiskRun) {
     assert!(run.console.contains("verify ok"), "guest verify");
     // The host reads the image: sectors 0..16 hold the pattern, the rest is untouched.
     let img = std::fs::read(&dd.image).unwrap();
-    for s in 0..16u64 {
-        for i in 0..64u64 {
-            let off = (s * 512 + i * 8) as usize;
-            let word = u64::from_le_bytes(img[off..off + 8].try_into().unwrap());
-            assert_eq!(word, pattern(s, i), "sector {s} word {i}");
-        }
-    }
+    assert_pattern(&img, 0, 16);
     assert!(
         img[16 * 512..].iter().all(|&b| b == 0),
         "beyond the written sectors"

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
+use control_vmm::vmm::managed::{MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -66,6 +67,21 @@ struct Cli {
     /// Skip the idle baseline (an idle phase as long as the I/O phase).
     #[arg(long)]
     no_idle_baseline: bool,
+    /// Run as guest domain DOMID of `splitvmm up`: store connection on fd 3, control
+    /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel.
+    #[arg(long, value_name = "DOMID", conflicts_with_all = ["blk_socket", "mode"])]
+    managed_domid: Option<u32>,
+    /// Sectors per disk request in managed mode (1..=8).
+    #[arg(long, default_value_t = 8)]
+    sectors_per_request: u32,
+}
+
+fn ring_mode(r: Ring) -> RingMode {
+    match r {
+        Ring::Notify => RingMode::Notify,
+        Ring::EventIdx => RingMode::EventIdx,
+        Ring::Poll => RingMode::Poll,
+    }
 }
 
 fn main() -> ExitCode {
@@ -79,6 +95,27 @@ fn main() -> ExitCode {
     }) {
         eprintln!("splitvmm-vmm: {e}");
         return ExitCode::from(101);
+    }
+    if let Some(domid) = cli.managed_domid {
+        let settings = MachineSettings {
+            kernel: cli.kernel,
+            ram_bytes: cli.mem_mib << 20,
+            window_bytes: cli.window_kib << 10,
+            ring: ring_mode(cli.ring),
+            batch: cli.batch,
+            sectors_per_request: cli.sectors_per_request,
+            idle_baseline: !cli.no_idle_baseline,
+        };
+        // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing else
+        // in this process uses them.
+        let vm = unsafe { ManagedVm::from_inherited_fds(domid, settings, stop) };
+        return match vm.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+                ExitCode::from(101)
+            }
+        };
     }
     let cfg = VmConfig {
         kernel: cli.kernel,
@@ -96,11 +133,7 @@ fn main() -> ExitCode {
             .map_or(BlkAttachment::None, BlkAttachment::Socket),
         share_all_ram: cli.share_all_ram,
         window_bytes: cli.window_kib << 10,
-        ring: match cli.ring {
-            Ring::Notify => RingMode::Notify,
-            Ring::EventIdx => RingMode::EventIdx,
-            Ring::Poll => RingMode::Poll,
-        },
+        ring: ring_mode(cli.ring),
         requests: cli.requests,
         batch: cli.batch,
         seed: 0,

@@ -259,6 +259,8 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
         op: "installing the vCPU kick handler",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
+    // This machine's own stop flag: `cfg.stop` is the caller's and may outlive the machine.
+    let halt = Arc::new(AtomicBool::new(false));
     let mut kvm_names = Vec::new();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
@@ -270,7 +272,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
             bus: Arc::clone(&bus),
             counters: Arc::clone(&counters),
             phases: Arc::clone(&phases),
-            stop: Arc::clone(&cfg.stop),
+            stop: Arc::clone(&halt),
             wake: wake.clone(),
             done: done_tx.clone(),
         };
@@ -283,7 +285,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     drop(done_tx);
 
     let outcome = wait_for_end(&done_rx, &cfg.stop);
-    cfg.stop.store(true, Ordering::SeqCst);
+    halt.store(true, Ordering::SeqCst);
     stop_vcpus(threads);
 
     // No vCPU runs any more; stop the backend before guest memory goes away.

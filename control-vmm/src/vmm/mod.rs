@@ -8,6 +8,7 @@ pub mod bus;
 pub mod exits;
 pub mod layout;
 pub mod machine;
+pub mod managed;
 pub mod memory;
 pub mod report;
 pub mod serial;

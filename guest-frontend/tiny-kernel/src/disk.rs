@@ -91,6 +91,16 @@ impl Disk {
     }
 }
 
+/// The words of a `sectors`-sector data buffer at device address `addr`, checked to lie in
+/// the DMA window (the buffers are 512-byte aligned, so u64 access is aligned).
+fn buffer_words(disk: &Disk, addr: u64, sectors: u64) -> Option<*mut u64> {
+    let bytes = usize::try_from(sectors * u64::from(SECTOR)).ok()?;
+    disk.blk
+        .memory()
+        .translate(addr, bytes)
+        .map(|p| p.as_ptr().cast::<u64>())
+}
+
 fn fail(what: &str) -> u8 {
     print("disk check failed: ");
     print(what);
@@ -193,9 +203,15 @@ pub fn run(info: &BootInfo) -> u8 {
             }
             for (buf, &(first, len)) in bufs.iter().zip(&spans[..n]) {
                 if !read {
+                    let Some(words) = buffer_words(&disk, buf.addr, len) else {
+                        return fail("buffer outside the window");
+                    };
                     for w in 0..len * WORDS {
-                        let v = pattern(seed, first + w / WORDS, w % WORDS).to_le_bytes();
-                        let _ = disk.blk.memory().write_bytes(buf.addr + 8 * w, &v);
+                        let v = pattern(seed, first + w / WORDS, w % WORDS);
+                        // SAFETY: `buffer_words` checked that `len * WORDS` words at `words`
+                        // lie in the window; the device does not touch a buffer before it is
+                        // submitted.
+                        unsafe { core::ptr::write_volatile(words.add(w as usize), v.to_le()) };
                     }
                 }
                 let req = BlkRequest {
@@ -216,10 +232,15 @@ pub fn run(info: &BootInfo) -> u8 {
             }
             if read {
                 for (buf, &(first, len)) in bufs.iter().zip(&spans[..n]) {
+                    let Some(words) = buffer_words(&disk, buf.addr, len) else {
+                        return fail("buffer outside the window");
+                    };
                     for w in 0..len * WORDS {
-                        let mut v = [0u8; 8];
-                        let _ = disk.blk.memory().read_bytes(buf.addr + 8 * w, &mut v);
-                        if u64::from_le_bytes(v) != pattern(seed, first + w / WORDS, w % WORDS) {
+                        // SAFETY: as for the writes above; the request has completed.
+                        let v = u64::from_le(unsafe {
+                            core::ptr::read_volatile(words.add(w as usize))
+                        });
+                        if v != pattern(seed, first + w / WORDS, w % WORDS) {
                             bad_words += 1;
                         }
                     }

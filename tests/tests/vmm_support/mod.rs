@@ -240,7 +240,19 @@ pub fn run_vmm(args: &[&str]) -> VmmRun {
     finish(spawn_vmm(args), Duration::from_secs(20))
 }
 
-/// Word `i` of sector `s` of the tiny kernel's disk pattern.
-pub fn pattern(sector: u64, i: u64) -> u64 {
-    sector.wrapping_mul(0x1_0000_0001) ^ i.wrapping_mul(0x9e37_79b9) ^ 0x5356_4d4d
+/// Word `i` of sector `s` of the tiny kernel's disk pattern for `seed` (standalone runs use
+/// seed 0).
+pub fn pattern(seed: u64, sector: u64, i: u64) -> u64 {
+    sector.wrapping_mul(0x1_0000_0001) ^ i.wrapping_mul(0x9e37_79b9) ^ 0x5356_4d4d ^ seed
+}
+
+/// Checks that sectors `0..sectors` of `image` hold the pattern for `seed`.
+pub fn assert_pattern(image: &[u8], seed: u64, sectors: u64) {
+    for s in 0..sectors {
+        for i in 0..64u64 {
+            let off = (s * 512 + i * 8) as usize;
+            let word = u64::from_le_bytes(image[off..off + 8].try_into().expect("8 bytes"));
+            assert_eq!(word, pattern(seed, s, i), "sector {s} word {i}");
+        }
+    }
 }
