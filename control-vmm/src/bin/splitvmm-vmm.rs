@@ -71,9 +71,16 @@ struct Cli {
     /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel.
     #[arg(long, value_name = "DOMID", conflicts_with_all = ["blk_socket", "mode"])]
     managed_domid: Option<u32>,
-    /// Sectors per disk request in managed mode (1..=8).
+    /// Sectors per disk request, with --check-kib and in managed mode (1..=8).
     #[arg(long, default_value_t = 8)]
     sectors_per_request: u32,
+    /// Check this many KiB from the start of the disk (instead of --requests single-sector
+    /// requests), in requests of --sectors-per-request.
+    #[arg(long)]
+    check_kib: Option<u32>,
+    /// Pattern seed of the disk check.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 fn ring_mode(r: Ring) -> RingMode {
@@ -136,10 +143,14 @@ fn main() -> ExitCode {
         ring: ring_mode(cli.ring),
         requests: cli.requests,
         batch: cli.batch,
-        seed: 0,
+        seed: cli.seed,
         verify_only: false,
-        sectors_per_request: 1,
-        check_sectors: 0,
+        sectors_per_request: if cli.check_kib.is_some() {
+            cli.sectors_per_request
+        } else {
+            1
+        },
+        check_sectors: cli.check_kib.map_or(0, |k| k.saturating_mul(2)),
         idle_baseline: !cli.no_idle_baseline,
         connect_timeout: Duration::from_secs(5),
         console: Box::new(std::io::stdout()),
