@@ -13,4 +13,5 @@ pub mod store_cmd;
 pub mod supervisor;
 pub mod toolstack;
 pub mod up;
+pub mod vmm;
 pub mod xs;

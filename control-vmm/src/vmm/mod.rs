@@ -1,0 +1,21 @@
+//! The thin KVM VMM: one process per guest. It builds the VM (in-kernel irqchip and PIT,
+//! memfd-backed RAM and I/O window, 64-bit direct boot of an ELF kernel), emulates COM1 and a
+//! virtio-mmio transport whose data path runs guest <-> driver domain through KVM
+//! ioeventfd/irqfd, and counts exits. See docs/vmm.md.
+
+pub mod boot;
+pub mod bus;
+pub mod exits;
+pub mod layout;
+pub mod machine;
+pub mod managed;
+pub mod memory;
+pub mod report;
+pub mod serial;
+pub mod vcpu;
+pub mod vhost_blk;
+pub mod virtio_mmio;
+
+pub use machine::{
+    run, run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError, VmReport,
+};

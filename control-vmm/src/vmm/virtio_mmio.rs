@@ -1,0 +1,533 @@
+//! virtio-mmio (version 2) transport for one virtio-blk device served by a vhost-user backend.
+//!
+//! The VMM emulates the register file; the data path bypasses it: QueueNotify is a KVM
+//! ioeventfd on the backend's kick eventfd and the device interrupt a KVM irqfd on the
+//! backend's call eventfd. InterruptStatus reads and InterruptACK writes do reach the VMM
+//! (they are counted). Because completions go straight from the backend to KVM, the VMM cannot
+//! know whether an interrupt was a used-buffer notification; while the device runs,
+//! InterruptStatus reports "used buffer" (bit 0) and a driver re-checks its rings, as it must
+//! anyway. Anything a guest writes is validated: impossible queue sizes or ring addresses
+//! outside the memory the backend can see leave the queue not ready; DRIVER_OK without a usable
+//! queue sets DEVICE_NEEDS_RESET. Nothing a guest writes fails the VMM.
+
+use std::sync::Arc;
+
+use super::exits::{Counter, ExitCounters};
+use super::vhost_blk::{BlkBackend, QueueSetup, VhostBlk};
+
+const MAGIC_VALUE: u32 = 0x7472_6976;
+const VERSION: u32 = 2;
+const DEVICE_ID_BLOCK: u32 = 2;
+const VENDOR_ID: u32 = 0x4d4d_5653; // "SVMM"
+/// Largest queue the guest may configure.
+pub const QUEUE_MAX: u16 = 256;
+
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 0x40;
+const STATUS_FAILED: u32 = 0x80;
+const INT_USED_BUFFER: u32 = 1;
+
+/// Register offsets.
+pub mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct QueueRegs {
+    size: u32,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    ready: bool,
+}
+
+/// The device, over a [`BlkBackend`] (the vhost-user session by default).
+#[derive(Debug)]
+pub struct VirtioMmioBlk<B: BlkBackend = VhostBlk> {
+    backend: B,
+    counters: Arc<ExitCounters>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queue: QueueRegs,
+}
+
+fn set_low(v: &mut u64, low: u32) {
+    *v = (*v & !0xffff_ffff) | u64::from(low);
+}
+
+fn set_high(v: &mut u64, high: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
+}
+
+impl<B: BlkBackend> VirtioMmioBlk<B> {
+    pub fn new(backend: B, counters: Arc<ExitCounters>) -> Self {
+        Self {
+            backend,
+            counters,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queue: QueueRegs::default(),
+        }
+    }
+
+    /// The backend connection (its kick and call eventfds are bound in KVM by the machine).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Gives the backend back (after [`VirtioMmioBlk::quiesce`]), e.g. for the next machine.
+    pub fn into_backend(self) -> B {
+        self.backend
+    }
+
+    /// Stops the backend's queue (GET_VRING_BASE) if it runs. Called on device reset and
+    /// before guest memory goes away.
+    /// Returns the avail index the backend stopped at, if a queue was running.
+    pub fn quiesce(&mut self) -> Option<u32> {
+        match self.backend.stop() {
+            Ok(Some(base)) => {
+                log::info!("virtio-blk: backend stopped at avail index {base}");
+                Some(base)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                log::error!("virtio-blk: stopping the backend: {e}");
+                None
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        let _ = self.quiesce();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.queue = QueueRegs::default();
+    }
+
+    fn queue_selected(&self) -> bool {
+        self.queue_sel == 0
+    }
+
+    fn configurable(&self) -> bool {
+        self.queue_selected() && !self.queue.ready && self.status & STATUS_DRIVER_OK == 0
+    }
+
+    /// A ring of `bytes` at `gpa` with alignment `align` must lie inside one shared region.
+    fn ring_ok(&self, gpa: u64, bytes: u64, align: u64) -> bool {
+        if !gpa.is_multiple_of(align) {
+            return false;
+        }
+        let Some(end) = gpa.checked_add(bytes) else {
+            return false;
+        };
+        self.backend
+            .regions()
+            .iter()
+            .any(|r| gpa >= r.gpa && end <= r.gpa + r.len)
+    }
+
+    fn queue_valid(&self) -> Result<(), String> {
+        let q = &self.queue;
+        if q.size == 0 || q.size > u32::from(QUEUE_MAX) || !q.size.is_power_of_two() {
+            return Err(format!("impossible queue size {}", q.size));
+        }
+        let n = u64::from(q.size);
+        for (what, gpa, bytes, align) in [
+            ("descriptor table", q.desc, 16 * n, 16),
+            ("available ring", q.avail, 6 + 2 * n, 2),
+            ("used ring", q.used, 6 + 8 * n, 4),
+        ] {
+            if !self.ring_ok(gpa, bytes, align) {
+                return Err(format!(
+                    "{what} at {gpa:#x} (+{bytes:#x}) is misaligned or outside shared memory"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        if value & old != old & !STATUS_NEEDS_RESET {
+            log::warn!("virtio-blk: guest clears status bits {old:#x} -> {value:#x}; ignored");
+            return;
+        }
+        let mut new = value | (old & STATUS_NEEDS_RESET);
+        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let unknown = self.driver_features & !self.backend.device_features();
+            if unknown != 0 {
+                log::warn!("virtio-blk: guest accepts unoffered features {unknown:#x}");
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
+            new = self.activate(new);
+        }
+        self.status = new;
+    }
+
+    fn activate(&mut self, status: u32) -> u32 {
+        if status & STATUS_FEATURES_OK == 0 || !self.queue.ready {
+            log::warn!("virtio-blk: DRIVER_OK without negotiated features or a ready queue");
+            return status | STATUS_NEEDS_RESET;
+        }
+        let q = QueueSetup {
+            size: self.queue.size as u16,
+            desc: self.queue.desc,
+            avail: self.queue.avail,
+            used: self.queue.used,
+        };
+        match self.backend.start(self.driver_features, q) {
+            Ok(()) => {
+                log::info!(
+                    "virtio-blk: running, features {:#x}, {q:?}",
+                    self.driver_features
+                );
+                status
+            }
+            Err(e) => {
+                log::error!("virtio-blk: starting the backend: {e}");
+                status | STATUS_NEEDS_RESET
+            }
+        }
+    }
+
+    /// MMIO read at `offset` into `data` (little-endian).
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            let cfg = self.backend.config();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = usize::try_from(offset - reg::CONFIG)
+                    .ok()
+                    .and_then(|o| cfg.get(o + i))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            log::warn!(
+                "virtio-blk: {}-byte read of register {offset:#x}",
+                data.len()
+            );
+            data.fill(0xff);
+            return;
+        }
+        let v = match offset {
+            reg::MAGIC => MAGIC_VALUE,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => DEVICE_ID_BLOCK,
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.backend.device_features() as u32,
+                1 => (self.backend.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX if self.queue_selected() => u32::from(QUEUE_MAX),
+            reg::QUEUE_READY if self.queue_selected() => u32::from(self.queue.ready),
+            reg::INTERRUPT_STATUS => {
+                self.counters.bump(Counter::VirtioIsrRead);
+                if self.backend.running() {
+                    INT_USED_BUFFER
+                } else {
+                    0
+                }
+            }
+            reg::STATUS => self.status,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// MMIO write at `offset` of `data` (little-endian).
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let Ok(raw) = <[u8; 4]>::try_from(data) else {
+            log::warn!(
+                "virtio-blk: {}-byte write to {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        let v = u32::from_le_bytes(raw);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
+                match self.driver_features_sel {
+                    0 => set_low(&mut self.driver_features, v),
+                    1 => set_high(&mut self.driver_features, v),
+                    s => log::warn!("virtio-blk: driver features word {s} ignored"),
+                }
+            }
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM if self.configurable() => self.queue.size = v,
+            reg::QUEUE_DESC_LOW if self.configurable() => set_low(&mut self.queue.desc, v),
+            reg::QUEUE_DESC_HIGH if self.configurable() => set_high(&mut self.queue.desc, v),
+            reg::QUEUE_DRIVER_LOW if self.configurable() => set_low(&mut self.queue.avail, v),
+            reg::QUEUE_DRIVER_HIGH if self.configurable() => set_high(&mut self.queue.avail, v),
+            reg::QUEUE_DEVICE_LOW if self.configurable() => set_low(&mut self.queue.used, v),
+            reg::QUEUE_DEVICE_HIGH if self.configurable() => set_high(&mut self.queue.used, v),
+            reg::QUEUE_READY if self.queue_selected() => self.write_queue_ready(v),
+            reg::QUEUE_NOTIFY => {
+                // The ioeventfd matches queue 0; anything reaching here names no queue.
+                self.counters.bump(Counter::VirtioNotifyExit);
+                log::warn!("virtio-blk: notify for nonexistent queue {v} ignored");
+            }
+            reg::INTERRUPT_ACK => self.counters.bump(Counter::VirtioIsrAck),
+            reg::STATUS => self.set_status(v),
+            _ => log::warn!(
+                "virtio-blk: write {v:#x} to {offset:#x} ignored (read-only, unknown or not now)"
+            ),
+        }
+    }
+
+    fn write_queue_ready(&mut self, v: u32) {
+        match (v, self.queue.ready) {
+            (1, false) if self.status & STATUS_DRIVER_OK == 0 => match self.queue_valid() {
+                Ok(()) => self.queue.ready = true,
+                Err(why) => log::warn!("virtio-blk: queue 0 not ready: {why}"),
+            },
+            (0, true) if !self.backend.running() => self.queue.ready = false,
+            _ => log::warn!(
+                "virtio-blk: QueueReady={v} ignored in state {:#x}",
+                self.status
+            ),
+        }
+    }
+
+    /// Whether the driver gave up on the device (FAILED status).
+    pub fn failed(&self) -> bool {
+        self.status & STATUS_FAILED != 0
+    }
+
+    /// Status bits the device considers set (for diagnostics).
+    pub fn status(&self) -> u32 {
+        self.status
+            & (STATUS_ACKNOWLEDGE
+                | STATUS_DRIVER
+                | STATUS_DRIVER_OK
+                | STATUS_FEATURES_OK
+                | STATUS_NEEDS_RESET
+                | STATUS_FAILED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::vhost_blk::{SharedRegion, VhostBlkError};
+
+    const WINDOW: u64 = 0x4000_0000;
+
+    #[derive(Debug, Default)]
+    struct FakeBackend {
+        regions: Vec<SharedRegion>,
+        started: Vec<(u64, QueueSetup)>,
+        stops: u32,
+        running: bool,
+    }
+
+    impl BlkBackend for FakeBackend {
+        fn device_features(&self) -> u64 {
+            (1 << 32) | (1 << 29) | (1 << 9)
+        }
+        fn config(&self) -> &[u8] {
+            &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
+        }
+        fn regions(&self) -> &[SharedRegion] {
+            &self.regions
+        }
+        fn running(&self) -> bool {
+            self.running
+        }
+        fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
+            self.started.push((features, q));
+            self.running = true;
+            Ok(())
+        }
+        fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
+            self.stops += 1;
+            Ok(std::mem::take(&mut self.running).then_some(7))
+        }
+    }
+
+    fn device() -> VirtioMmioBlk<FakeBackend> {
+        let backend = FakeBackend {
+            regions: vec![SharedRegion {
+                gpa: WINDOW,
+                len: 1 << 20,
+                fd: -1,
+            }],
+            ..Default::default()
+        };
+        VirtioMmioBlk::new(backend, Arc::new(ExitCounters::default()))
+    }
+
+    fn rd(d: &mut VirtioMmioBlk<FakeBackend>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(d: &mut VirtioMmioBlk<FakeBackend>, off: u64, v: u32) {
+        d.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(d: &mut VirtioMmioBlk<FakeBackend>) {
+        wr(d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(d, reg::DRIVER_FEATURES_SEL, 1);
+        wr(d, reg::DRIVER_FEATURES, 1);
+        wr(
+            d,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    fn set_queue(d: &mut VirtioMmioBlk<FakeBackend>, size: u32, desc: u64) {
+        wr(d, reg::QUEUE_SEL, 0);
+        wr(d, reg::QUEUE_NUM, size);
+        wr(d, reg::QUEUE_DESC_LOW, desc as u32);
+        wr(d, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        wr(d, reg::QUEUE_DRIVER_LOW, (WINDOW + 0x1000) as u32);
+        wr(d, reg::QUEUE_DEVICE_LOW, (WINDOW + 0x2000) as u32);
+        wr(d, reg::QUEUE_READY, 1);
+    }
+
+    const RUNNING: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn identity_features_and_config() {
+        let mut d = device();
+        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(rd(&mut d, reg::VERSION), 2);
+        assert_eq!(rd(&mut d, reg::DEVICE_ID), 2);
+        wr(&mut d, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 1);
+        wr(&mut d, reg::DEVICE_FEATURES_SEL, 0x1234);
+        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 0);
+        assert_eq!(rd(&mut d, reg::CONFIG), 0x800);
+        // Beyond the config space reads as zero; a read-only register ignores writes.
+        assert_eq!(rd(&mut d, reg::CONFIG + 0x400), 0);
+        wr(&mut d, reg::MAGIC, 0);
+        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
+    }
+
+    #[test]
+    fn a_valid_queue_starts_the_backend_and_reset_stops_it() {
+        let mut d = device();
+        negotiate(&mut d);
+        set_queue(&mut d, 64, WINDOW);
+        assert_eq!(rd(&mut d, reg::QUEUE_READY), 1);
+        wr(&mut d, reg::STATUS, RUNNING);
+        assert_eq!(rd(&mut d, reg::STATUS), RUNNING);
+        let (features, q) = d.backend().started[0];
+        assert_eq!(features, 1 << 32);
+        assert_eq!(q.size, 64);
+        assert_eq!(q.desc, WINDOW);
+        // Queue registers are frozen while the device runs.
+        wr(&mut d, reg::QUEUE_NUM, 8);
+        wr(&mut d, reg::STATUS, 0);
+        assert_eq!(rd(&mut d, reg::STATUS), 0);
+        assert_eq!(rd(&mut d, reg::QUEUE_READY), 0);
+        assert!(!d.backend().running);
+        assert_eq!(d.backend().started.len(), 1);
+    }
+
+    #[test]
+    fn impossible_queues_stay_not_ready_and_driver_ok_needs_reset() {
+        let mut d = device();
+        negotiate(&mut d);
+        for (size, desc) in [
+            (0, WINDOW),
+            (3, WINDOW),
+            (512, WINDOW),
+            (u32::MAX, WINDOW),
+            (64, WINDOW + 8),
+            (64, 0),
+            (64, WINDOW + (1 << 20) - 0x100),
+            (64, u64::MAX - 15),
+        ] {
+            set_queue(&mut d, size, desc);
+            assert_eq!(
+                rd(&mut d, reg::QUEUE_READY),
+                0,
+                "size {size} desc {desc:#x}"
+            );
+        }
+        wr(&mut d, reg::QUEUE_SEL, 3);
+        assert_eq!(rd(&mut d, reg::QUEUE_NUM_MAX), 0);
+        wr(&mut d, reg::STATUS, RUNNING);
+        assert_ne!(rd(&mut d, reg::STATUS) & STATUS_NEEDS_RESET, 0);
+        assert!(d.backend().started.is_empty());
+    }
+
+    #[test]
+    fn unoffered_features_are_refused() {
+        let mut d = device();
+        wr(&mut d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut d, reg::DRIVER_FEATURES_SEL, 0);
+        wr(&mut d, reg::DRIVER_FEATURES, 1 << 5);
+        wr(
+            &mut d,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_eq!(rd(&mut d, reg::STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn interrupt_status_and_acks_are_counted_and_odd_widths_are_harmless() {
+        let mut d = device();
+        assert_eq!(rd(&mut d, reg::INTERRUPT_STATUS), 0);
+        wr(&mut d, reg::INTERRUPT_ACK, 1);
+        assert_eq!(d.counters.get(Counter::VirtioIsrRead), 1);
+        assert_eq!(d.counters.get(Counter::VirtioIsrAck), 1);
+        let mut b = [0u8; 2];
+        d.read(reg::STATUS, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        d.write(reg::STATUS, &[1]);
+        assert_eq!(rd(&mut d, reg::STATUS), 0);
+        wr(&mut d, reg::QUEUE_NOTIFY, 5);
+        assert_eq!(d.counters.get(Counter::VirtioNotifyExit), 1);
+    }
+}
