@@ -67,6 +67,19 @@ pub struct DriverDomainConfig {
 pub enum GuestKind {
     /// A host process running the frontend library (like DPDK's virtio-user).
     Process,
+    /// A KVM virtual machine run by `splitvmm-vmm`, booting `kernel` (the tiny guest kernel).
+    Kvm,
+}
+
+impl GuestKind {
+    /// Bytes a disk check writes and verifies: a KVM guest on a software-emulated /dev/kvm
+    /// is slow, so it checks less.
+    pub fn check_bytes(self) -> u64 {
+        match self {
+            GuestKind::Process => 1024 * 1024,
+            GuestKind::Kvm => 64 * 1024,
+        }
+    }
 }
 
 /// One guest domain.
@@ -77,6 +90,9 @@ pub struct GuestConfig {
     pub domid: u32,
     #[serde(default = "default_kind")]
     pub kind: GuestKind,
+    /// The kernel a `kvm` guest boots (relative to the host file).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -131,6 +147,11 @@ impl HostConfig {
     fn resolve_paths(&mut self, base: &Path) {
         if self.run_dir.is_relative() {
             self.run_dir = base.join(&self.run_dir);
+        }
+        for kernel in self.guests.iter_mut().filter_map(|g| g.kernel.as_mut()) {
+            if kernel.is_relative() {
+                *kernel = base.join(&*kernel);
+            }
         }
         for disk in self.guests.iter_mut().flat_map(|g| g.disks.iter_mut()) {
             if disk.image.is_relative() {
@@ -200,6 +221,27 @@ impl HostConfig {
             }
         }
         for (i, guest) in self.guests.iter().enumerate() {
+            match (guest.kind, &guest.kernel) {
+                (GuestKind::Kvm, None) => {
+                    return Err(invalid(
+                        format!("guest[{i}].kernel"),
+                        "the kernel a kvm guest boots (build it with guest-frontend/tiny-kernel/build.sh)",
+                    ))
+                }
+                (GuestKind::Process, Some(_)) => {
+                    return Err(invalid(
+                        format!("guest[{i}].kernel"),
+                        "no kernel for a process guest (kind = \"kvm\" boots one)",
+                    ))
+                }
+                _ => {}
+            }
+            if guest.kind == GuestKind::Kvm && guest.disks.len() > 1 {
+                return Err(invalid(
+                    format!("guest[{i}].disk"),
+                    "at most one disk for a kvm guest (its VMM has one virtio-mmio slot)",
+                ));
+            }
             let mut devids = HashSet::new();
             for (j, disk) in guest.disks.iter().enumerate() {
                 if !devids.insert(disk.devid) {
@@ -341,6 +383,16 @@ mod tests {
             &with(r#"["0000:00:02.0", "0000:00:02.0"]"#),
             "driver_domain.owns[1]",
         );
+    }
+
+    #[test]
+    fn kvm_guests_need_a_kernel_and_process_guests_none() {
+        let kvm = GOOD.replace("domid = 3", "domid = 3\nkind = \"kvm\"");
+        expect_invalid(&kvm, "guest[1].kernel");
+        let with_kernel = kvm.replace("kind = \"kvm\"", "kind = \"kvm\"\nkernel = \"k.elf\"");
+        assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
+        let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
+        expect_invalid(&process_with_kernel, "guest[1].kernel");
     }
 
     #[test]

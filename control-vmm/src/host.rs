@@ -19,7 +19,7 @@ use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
-use crate::config::{DiskConfig, HostConfig};
+use crate::config::{DiskConfig, GuestKind, HostConfig};
 use crate::supervisor::DomainProcess;
 use crate::{connection, domains};
 
@@ -40,6 +40,8 @@ struct Domain {
 pub struct Guest {
     domain: Domain,
     disks: Vec<DiskConfig>,
+    /// Bytes one disk check covers on this guest.
+    check_bytes: u64,
     /// Counters reported by the guest when it shut down.
     pub stats: Option<GuestStats>,
 }
@@ -150,18 +152,40 @@ impl Host {
 
         for guest in &config.guests {
             domains::create_domain(&mut host.client, guest.domid, &guest.name)?;
-            let mut command = Command::new(sibling_binary("process-guest")?);
-            command
-                .arg("--domid")
-                .arg(guest.domid.to_string())
-                .arg("--name")
-                .arg(&guest.name);
+            let command = match (guest.kind, &guest.kernel) {
+                (GuestKind::Kvm, Some(kernel)) => {
+                    let mut command = Command::new(sibling_binary("splitvmm-vmm")?);
+                    command
+                        .arg("--kernel")
+                        .arg(kernel)
+                        .arg("--managed-domid")
+                        .arg(guest.domid.to_string())
+                        .args(["--no-idle-baseline", "--batch", "4"]);
+                    // The guest's serial console and the VMM's exit tables go to a log,
+                    // like `xl`'s console log, not into the toolstack's output.
+                    let log_path = config.run_dir.join(format!("{}.console.log", guest.name));
+                    let log = File::create(&log_path)
+                        .with_context(|| format!("creating {}", log_path.display()))?;
+                    command.stdout(log);
+                    command
+                }
+                _ => {
+                    let mut command = Command::new(sibling_binary("process-guest")?);
+                    command
+                        .arg("--domid")
+                        .arg(guest.domid.to_string())
+                        .arg("--name")
+                        .arg(&guest.name);
+                    command
+                }
+            };
             let domain = Self::start_domain(&host.store, guest.domid, &guest.name, command)?;
             host.guests.insert(
                 guest.name.clone(),
                 Guest {
                     domain,
                     disks: guest.disks.clone(),
+                    check_bytes: guest.kind.check_bytes(),
                     stats: None,
                 },
             );
@@ -334,15 +358,16 @@ impl Host {
         Ok(())
     }
 
-    /// Asks guest `name` to write (unless `verify_only`) and verify a pattern on a disk.
+    /// Asks guest `name` to write (unless `verify_only`) and verify a pattern on a disk, over
+    /// as many bytes as its kind checks.
     pub fn disk_check(
         &mut self,
         name: &str,
         devid: u32,
         seed: u64,
-        bytes: u64,
         verify_only: bool,
     ) -> Result<bool> {
+        let bytes = self.guest(name)?.check_bytes;
         self.guest(name)?.domain.channel.send(
             &GuestRequest::DiskCheck {
                 devid,

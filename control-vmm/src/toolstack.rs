@@ -85,7 +85,7 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             seed,
             verify_only,
         } => {
-            if host.disk_check(&guest, devid, seed, 1024 * 1024, verify_only)? {
+            if host.disk_check(&guest, devid, seed, verify_only)? {
                 Ok(format!("{guest}: vbd {devid} check passed"))
             } else {
                 bail!("{guest}: vbd {devid} check failed")

@@ -18,9 +18,6 @@ use crate::config::HostConfig;
 use crate::host::{Host, ShutdownReport};
 use crate::{signals, toolstack};
 
-/// Bytes each disk check writes and verifies.
-const CHECK_BYTES: u64 = 1024 * 1024;
-
 fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
@@ -87,7 +84,7 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
     for guest in &config.guests {
         for disk in &guest.disks {
             let seed = seed_for(guest.domid, disk.devid, 0);
-            let ok = host.disk_check(&guest.name, disk.devid, seed, CHECK_BYTES, disk.readonly)?;
+            let ok = host.disk_check(&guest.name, disk.devid, seed, disk.readonly)?;
             report.record(ok);
         }
     }
@@ -103,14 +100,14 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
         for other in config.guests.iter().filter(|g| g.name != guest.name) {
             for d in &other.disks {
                 let seed = seed_for(other.domid, d.devid, 1);
-                let ok = host.disk_check(&other.name, d.devid, seed, CHECK_BYTES, d.readonly)?;
+                let ok = host.disk_check(&other.name, d.devid, seed, d.readonly)?;
                 report.record(ok);
             }
         }
         host.attach_disk(&guest.name, disk)?;
         let seed = seed_for(guest.domid, disk.devid, 0);
         // The pattern written before the detach must still be there.
-        let ok = host.disk_check(&guest.name, disk.devid, seed, CHECK_BYTES, true)?;
+        let ok = host.disk_check(&guest.name, disk.devid, seed, true)?;
         report.record(ok);
     }
     Ok(report)
