@@ -161,12 +161,15 @@ impl Host {
                         .arg("--managed-domid")
                         .arg(guest.domid.to_string())
                         .args(["--no-idle-baseline", "--batch", "4"]);
-                    // The guest's serial console and the VMM's exit tables go to a log,
-                    // like `xl`'s console log, not into the toolstack's output.
+                    // The guest's serial console, the VMM's exit tables and its log go to a
+                    // file, like `xl`'s console log, not into the toolstack's output.
                     let log_path = config.run_dir.join(format!("{}.console.log", guest.name));
                     let log = File::create(&log_path)
                         .with_context(|| format!("creating {}", log_path.display()))?;
-                    command.stdout(log);
+                    let log_err = log
+                        .try_clone()
+                        .with_context(|| format!("opening {}", log_path.display()))?;
+                    command.stdout(log).stderr(log_err);
                     command
                 }
                 _ => {

@@ -116,14 +116,14 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
 fn print_table(report: &ShutdownReport) {
     println!();
     println!(
-        "{:<12} {:>5} {:>9} {:>11} {:>11} {:>11} {:>11}",
-        "DOMAIN", "ID", "REQUESTS", "BYTES", "KICKS", "SUPPRESSED", "INTERRUPTS"
+        "{:<12} {:>5} {:>9} {:>11} {:>11} {:>11} {:>11} {:>10}",
+        "DOMAIN", "ID", "REQUESTS", "BYTES", "KICKS", "SUPPRESSED", "INTERRUPTS", "VMM EXITS"
     );
     for (name, domid, s) in &report.guests {
         match s {
             Some(s) => println!(
-                "{name:<12} {domid:>5} {:>9} {:>11} {:>11} {:>11} {:>11}",
-                s.requests, s.bytes, s.kicks_sent, s.kicks_suppressed, s.interrupts
+                "{name:<12} {domid:>5} {:>9} {:>11} {:>11} {:>11} {:>11} {:>10}",
+                s.requests, s.bytes, s.kicks_sent, s.kicks_suppressed, s.interrupts, s.vmm_exits
             ),
             None => println!("{name:<12} {domid:>5} {:>9}", "(no report)"),
         }

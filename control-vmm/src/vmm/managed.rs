@@ -349,6 +349,7 @@ impl ManagedVm {
         self.totals.kicks_suppressed += g[1];
         self.totals.interrupts += g[2];
         let per = report.per_request().unwrap_or_default();
+        self.totals.vmm_exits += (per.vmm_exits * per.requests as f64).round() as u64;
         let detail = format!(
             "{} {} KiB in a KVM guest: {} requests, {:.2} kicks, {:.2} interrupts, {:.2} VMM exits per request",
             if verify_only { "verified" } else { "wrote and verified" },

@@ -299,6 +299,7 @@ impl ManagedGuest {
             kicks_sent: t.kicks_sent,
             kicks_suppressed: t.kicks_suppressed,
             interrupts: t.interrupts,
+            vmm_exits: 0,
         };
         self.control.send(&GuestEvent::Stats(stats), &[])?;
         Ok(())

@@ -101,6 +101,9 @@ pub struct GuestStats {
     pub kicks_sent: u64,
     pub kicks_suppressed: u64,
     pub interrupts: u64,
+    /// Exits to the VMM process during I/O (KVM guests; 0 for process guests, which have no
+    /// VMM).
+    pub vmm_exits: u64,
 }
 
 /// A management client (`splitvmm block-attach`, ...) to a running `splitvmm up`.
