@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod domains;
 pub mod host;
 pub mod signals;

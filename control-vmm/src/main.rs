@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use control_vmm::{store_cmd, toolstack, up, xs};
+use control_vmm::{console, store_cmd, toolstack, up, xs};
 use ipc::control::messages::ToolstackRequest;
 
 #[derive(Parser)]
@@ -71,6 +71,27 @@ enum Command {
     List {
         #[command(flatten)]
         store: xs::StoreArg,
+    },
+    /// `list`, refreshed every second, until Ctrl-C.
+    Top {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+        /// Stop after this many refreshes.
+        #[arg(short = 'n', long)]
+        rounds: Option<u64>,
+    },
+    /// Show a domain's console log (a KVM guest's serial console), following it.
+    Console {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        /// Domain name.
+        domain: String,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
     },
     /// List the PCI functions driver domains own, as they reported them.
     Devices {
@@ -146,6 +167,20 @@ fn main() -> ExitCode {
         ),
         Command::List { store } => xs::list_domains(&store.path()),
         Command::Devices { store } => xs::list_devices(&store.path()),
+        Command::Top {
+            store,
+            interval,
+            rounds,
+        } => xs::top(
+            &store.path(),
+            std::time::Duration::from_secs(interval),
+            rounds,
+        ),
+        Command::Console {
+            store,
+            domain,
+            no_follow,
+        } => console::show(&store.path(), &domain, !no_follow),
         Command::Destroy { store, domain } => xs::destroy_domain(&store.path(), &domain),
         Command::Xs { store, op } => xs::run(&store.path(), op),
     };

@@ -176,19 +176,59 @@ fn print_tree(client: &XsUnix, path: &str, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// `splitvmm list`: one line per domain the store knows.
+/// `splitvmm list`: one line per domain the store knows, with its I/O counters.
 pub fn list_domains(socket: &Path) -> Result<ExitCode> {
     let client = xenstore_rs_client(socket)?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<6} {:<20} {:>8}", "ID", "NAME", "DEVICES")?;
-    for (domid, name) in domains(&client)? {
+    print_domains(&client, &mut std::io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `splitvmm top`: `list`, refreshed every `interval` (`rounds` times, or until interrupted).
+pub fn top(socket: &Path, interval: Duration, rounds: Option<u64>) -> Result<ExitCode> {
+    let client = xenstore_rs_client(socket)?;
+    let mut round = 0u64;
+    while rounds.is_none_or(|n| round < n) {
+        let mut out = std::io::stdout().lock();
+        // Clear the screen and home the cursor, as top does.
+        write!(out, "\x1b[2J\x1b[H")?;
+        print_domains(&client, &mut out)?;
+        out.flush()?;
+        drop(out);
+        round += 1;
+        if rounds.is_none_or(|n| round < n) {
+            std::thread::sleep(interval);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_domains(client: &XsUnix, out: &mut impl Write) -> Result<()> {
+    writeln!(
+        out,
+        "{:<6} {:<20} {:>8} {:>10} {:>10} {:>11} {:>10}",
+        "ID", "NAME", "DEVICES", "REQUESTS", "KICKS", "INTERRUPTS", "VMM EXITS"
+    )?;
+    for (domid, name) in domains(client)? {
         let devices = client
             .directory(&format!("/local/domain/{domid}/device/vbd"))
             .map(|d| d.len())
             .unwrap_or(0);
-        writeln!(out, "{domid:<6} {name:<20} {devices:>8}")?;
+        let io = |key: &str| {
+            client
+                .read(&format!("/local/domain/{domid}/data/io/{key}"))
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "-".to_owned())
+        };
+        writeln!(
+            out,
+            "{domid:<6} {name:<20} {devices:>8} {:>10} {:>10} {:>11} {:>10}",
+            io("requests"),
+            io("kicks"),
+            io("interrupts"),
+            io("vmm-exits")
+        )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 fn domains(client: &XsUnix) -> Result<Vec<(u32, String)>> {

@@ -49,3 +49,73 @@ fn main_job_with_a_kvm_guest() {
     let requests: u64 = tiny.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(requests > 0, "{tiny}");
 }
+
+#[test]
+fn list_top_and_console_show_a_running_kvm_guest() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    if !vmm_support::kvm_or_skip("list_top_and_console_show_a_running_kvm_guest") {
+        return;
+    }
+    let kernel = vmm_support::tiny_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"run\"\n\
+             [driver_domain]\nname = \"driver\"\ndomid = 1\n\
+             [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
+             [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
+            kernel.display().to_string()
+        ),
+    )
+    .unwrap();
+    workspace_bin("driver-domain");
+    workspace_bin("splitvmm-vmm");
+    let store = dir.path().join("run/xenstored.sock");
+    let mut up = Command::new(workspace_bin("splitvmm"))
+        .arg("up")
+        .arg(&config)
+        .arg("--stay")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    while !lines
+        .next()
+        .expect("up ended early")
+        .unwrap()
+        .contains("host is up")
+    {}
+    std::thread::spawn(move || lines.for_each(drop));
+    let cli = |args: &[&str]| {
+        let out = Command::new(workspace_bin("splitvmm"))
+            .args(args)
+            .arg("--store")
+            .arg(&store)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let list = cli(&["list"]);
+    let row = list.lines().find(|l| l.contains("tiny")).unwrap();
+    let exits: u64 = row.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(exits > 0, "{list}");
+    assert!(cli(&["top", "-n", "1"]).contains("tiny"));
+    let console = cli(&["console", "tiny", "--no-follow"]);
+    assert!(console.contains("hello"), "{console}");
+    assert!(console.contains("verify ok"), "{console}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(up.wait().unwrap().code().is_some());
+}

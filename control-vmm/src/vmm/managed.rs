@@ -350,6 +350,7 @@ impl ManagedVm {
         self.totals.interrupts += g[2];
         let per = report.per_request().unwrap_or_default();
         self.totals.vmm_exits += (per.vmm_exits * per.requests as f64).round() as u64;
+        self.publish_counters();
         let detail = format!(
             "{} {} KiB in a KVM guest: {} requests, {:.2} kicks, {:.2} interrupts, {:.2} VMM exits per request",
             if verify_only { "verified" } else { "wrote and verified" },
@@ -366,6 +367,26 @@ impl ManagedVm {
                 detail,
             },
             other => fail(format!("guest ended with {other:?}")),
+        }
+    }
+
+    /// Publishes the running counters under the domain's own `data/io` directory, where
+    /// `splitvmm list` and `splitvmm top` read them.
+    fn publish_counters(&mut self) {
+        let t = self.totals;
+        let dir = format!("{}/data/io", domain_path(self.domid));
+        for (key, value) in [
+            ("requests", t.requests),
+            ("kicks", t.kicks_sent),
+            ("interrupts", t.interrupts),
+            ("vmm-exits", t.vmm_exits),
+        ] {
+            if let Err(e) = self
+                .store
+                .write(&format!("{dir}/{key}"), value.to_string().as_bytes())
+            {
+                log::warn!("publishing {dir}/{key}: {e}");
+            }
         }
     }
 

@@ -103,6 +103,7 @@ impl ManagedGuest {
                         verify_only,
                     } => {
                         let event = self.disk_check(devid, seed, bytes, verify_only);
+                        self.publish_counters();
                         self.control.send(&event, &[])?;
                     }
                     GuestRequest::Shutdown => return self.shut_down(),
@@ -282,6 +283,38 @@ impl ManagedGuest {
                 passed: false,
                 detail,
             },
+        }
+    }
+
+    /// Counters of ended sessions plus the live ones.
+    fn counters(&self) -> FrontendStats {
+        let mut t = self.totals;
+        for dev in self.devices.values() {
+            t.add(&dev.finished);
+            if let Some(Ok(live)) = dev.frontend.as_ref().map(|f| f.stats()) {
+                t.add(&live);
+            }
+        }
+        t
+    }
+
+    /// Publishes the running counters under the domain's own `data/io` directory, where
+    /// `splitvmm list` and `splitvmm top` read them.
+    fn publish_counters(&mut self) {
+        let t = self.counters();
+        let dir = format!("{}/data/io", domain_path(self.domid));
+        for (key, value) in [
+            ("requests", t.requests),
+            ("kicks", t.kicks_sent),
+            ("interrupts", t.interrupts),
+            ("vmm-exits", 0),
+        ] {
+            if let Err(e) = self
+                .store
+                .write(&format!("{dir}/{key}"), value.to_string().as_bytes())
+            {
+                log::warn!("publishing {dir}/{key}: {e}");
+            }
         }
     }
 
