@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
-use control_vmm::vmm::managed::{MachineSettings, ManagedVm};
+use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -115,7 +115,10 @@ fn main() -> ExitCode {
         };
         // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing else
         // in this process uses them.
-        let vm = unsafe { ManagedVm::from_inherited_fds(domid, settings, stop) };
+        let vm = unsafe {
+            ManagedVm::from_inherited_fds(domid, KvmMachines::new(settings, Arc::clone(&stop)))
+        }
+        .with_stop_flag(stop);
         return match vm.run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1,40 +1,25 @@
-//! `splitvmm-vmm managed`: the VMM as a guest domain process of `splitvmm up`.
+//! `splitvmm-vmm --managed-domid`: the VMM as a guest domain process of `splitvmm up`.
 //!
-//! It speaks the same protocol as a process-domain guest (`process-guest`): the store
-//! connection on fd 3 (bound to its domain id), the control channel to the toolstack on fd 4.
-//! `AttachBlock` hands it the frontend end of a vhost-user connection to the driver domain; it
-//! walks the xenbus states in the store (set up vhost-user at backend InitWait, Initialised,
-//! Connected). Each `DiskCheck` boots the tiny kernel in a fresh KVM machine on that same
-//! vhost-user session; the guest writes and verifies the pattern through the driver domain and
-//! powers off with its verdict. The exit table of every machine goes to stderr; `Shutdown`
-//! answers with the summed guest counters.
+//! The xenbus walk, the control channel and the store are `ipc::xenbus::frontend`'s, shared
+//! with process-domain guests; this is what a KVM guest does at the walk's moments. At backend
+//! InitWait it sets up the vhost-user session on the handed connection (the memory table is
+//! sent per machine: each has its own I/O window). Each disk check boots the tiny kernel in a
+//! fresh KVM machine on that same session; the guest writes and verifies the pattern through
+//! the driver domain and powers off with its verdict. The exit table of every machine goes to
+//! stderr.
 
-use std::collections::BTreeMap;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipc::control::messages::{fds, GuestEvent, GuestRequest, GuestStats};
-use ipc::control::{ChannelError, ControlChannel};
-use ipc::xenbus::{domain_path, keys, DeviceKind, XenbusState};
-use ipc::xenstore::client::{ClientError, StoreClient};
-use ipc::xenstore::wire::XsError;
+use ipc::control::messages::GuestStats;
+use ipc::xenbus::frontend::{BlockFrontendKind, ManagedFrontend};
 
 use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
 use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig};
 use super::vhost_blk::{BlkBackend, VhostBlk};
-
-/// Errors that end the managed VMM.
-#[derive(Debug, thiserror::Error)]
-pub enum ManagedError {
-    #[error("store")]
-    Store(#[from] ClientError),
-    #[error("control channel")]
-    Control(#[from] ChannelError),
-}
 
 /// How each machine is built.
 #[derive(Debug, Clone)]
@@ -49,255 +34,87 @@ pub struct MachineSettings {
     pub idle_baseline: bool,
 }
 
-const TICK: Duration = Duration::from_millis(20);
 /// Largest disk check one machine runs: the tiny guest is meant to stay small (1 MiB is about
 /// 3.4 M guest instructions, ~3 s on a software-emulated /dev/kvm).
 pub const MAX_CHECK_BYTES: u64 = 4 << 20;
 
-fn token(devid: u32) -> String {
-    format!("backend-{devid}")
-}
-
-struct Device {
-    connection: Option<UnixStream>,
+/// A KVM guest's block device: the vhost-user session (lent to each machine in turn) and the
+/// disk's capacity.
+pub struct MachineDisk {
+    /// None only while a machine has it, or after a machine lost it.
     session: Option<VhostBlk>,
     capacity: u64,
-    state: XenbusState,
 }
 
-/// The managed VMM process.
-pub struct ManagedVm {
-    domid: u32,
-    store: StoreClient,
-    control: ControlChannel,
+/// KVM guests booted per disk check.
+pub struct KvmMachines {
     settings: MachineSettings,
-    devices: BTreeMap<u32, Device>,
-    totals: GuestStats,
     stop: Arc<AtomicBool>,
+    totals: GuestStats,
 }
 
-impl std::fmt::Debug for ManagedVm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ManagedVm")
-            .field("domid", &self.domid)
-            .field("devices", &self.devices.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-impl ManagedVm {
-    /// Takes over the descriptors `splitvmm up` handed this process.
-    ///
-    /// # Safety
-    /// fds 3 and 4 must be the store connection and the control channel, owned by nobody
-    /// else in this process.
-    pub unsafe fn from_inherited_fds(
-        domid: u32,
-        settings: MachineSettings,
-        stop: Arc<AtomicBool>,
-    ) -> Self {
-        // SAFETY: the caller guarantees both descriptors are ours alone.
-        let (store, control) = unsafe {
-            (
-                UnixStream::from_raw_fd(fds::STORE),
-                OwnedFd::from_raw_fd(fds::CONTROL),
-            )
-        };
-        Self {
-            domid,
-            store: StoreClient::from_stream(store),
-            control: ControlChannel::from_fd(control),
+impl KvmMachines {
+    /// Machines built with `settings`; `stop` (a signal flag) stops a running one.
+    pub fn new(settings: MachineSettings, stop: Arc<AtomicBool>) -> Self {
+        KvmMachines {
             settings,
-            devices: BTreeMap::new(),
-            totals: GuestStats::default(),
             stop,
+            totals: GuestStats::default(),
         }
     }
+}
 
-    fn device_dir(&self, devid: u32) -> String {
-        format!(
-            "{}/device/{}/{devid}",
-            domain_path(self.domid),
-            DeviceKind::Vbd
-        )
-    }
+/// The managed VMM process: the shared frontend runtime with KVM machines.
+pub type ManagedVm = ManagedFrontend<KvmMachines>;
 
-    /// Runs until the toolstack says shut down (Ok), the toolstack goes away, or a signal.
-    pub fn run(mut self) -> Result<(), ManagedError> {
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return self.shut_down();
-            }
-            while let Some((request, fds)) = self.control.try_recv::<GuestRequest>()? {
-                match request {
-                    GuestRequest::AttachBlock { devid } => self.attach(devid, fds)?,
-                    GuestRequest::DiskCheck {
-                        devid,
-                        seed,
-                        bytes,
-                        verify_only,
-                    } => {
-                        let event = self.disk_check(devid, seed, bytes, verify_only);
-                        self.control.send(&event, &[])?;
-                    }
-                    GuestRequest::Shutdown => return self.shut_down(),
-                }
-            }
-            match self.store.read_watch_event(Some(TICK)) {
-                Ok(_) | Err(ClientError::Timeout) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let devids: Vec<u32> = self.devices.keys().copied().collect();
-            for devid in devids {
-                if let Err(reason) = self.step(devid) {
-                    log::error!("vbd {devid}: {reason}");
-                    self.devices.remove(&devid);
-                    let _ = self.set_state(devid, XenbusState::Closed);
-                    self.control
-                        .send(&GuestEvent::DeviceFailed { devid, reason }, &[])?;
-                }
-            }
-        }
-    }
+impl BlockFrontendKind for KvmMachines {
+    type Session = MachineDisk;
 
-    fn attach(&mut self, devid: u32, mut fds: Vec<OwnedFd>) -> Result<(), ManagedError> {
-        let reason = match fds.pop().filter(|_| fds.is_empty()) {
-            None => "attach came without exactly one connection",
-            // One virtio-mmio slot: one disk per machine.
-            Some(_) if !self.devices.is_empty() => "a KVM guest has room for one disk",
-            Some(fd) => {
-                self.devices.insert(
-                    devid,
-                    Device {
-                        connection: Some(UnixStream::from(fd)),
-                        session: None,
-                        capacity: 0,
-                        state: XenbusState::Initialising,
-                    },
-                );
-                return Ok(());
-            }
-        };
-        log::error!("vbd {devid}: {reason}");
-        self.control.send(
-            &GuestEvent::DeviceFailed {
-                devid,
-                reason: reason.to_owned(),
+    fn connect(
+        &mut self,
+        _devid: u32,
+        connection: UnixStream,
+    ) -> Result<(MachineDisk, u64), String> {
+        // The memory table is sent per machine (each has its own window).
+        let session = VhostBlk::from_stream(connection, Vec::new())
+            .map_err(|e| format!("vhost-user set-up: {e}"))?;
+        let cfg = session.config();
+        let mut cap = [0u8; 8];
+        cap.copy_from_slice(cfg.get(..8).ok_or("short config space")?);
+        let capacity = u64::from_le_bytes(cap);
+        Ok((
+            MachineDisk {
+                session: Some(session),
+                capacity,
             },
-            &[],
-        )?;
-        Ok(())
+            capacity,
+        ))
     }
 
-    fn read_state(&mut self, dir: &str) -> Result<XenbusState, String> {
-        match self.store.read(&format!("{dir}/{}", keys::STATE)) {
-            Ok(v) => String::from_utf8_lossy(&v)
-                .parse()
-                .map_err(|e| format!("{dir}: {e}")),
-            Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(XenbusState::Closed),
-            Err(e) => Err(format!("{dir}: {e}")),
-        }
-    }
-
-    fn set_state(&mut self, devid: u32, state: XenbusState) -> Result<(), String> {
-        let path = format!("{}/{}", self.device_dir(devid), keys::STATE);
-        self.store
-            .write(&path, state.to_string().as_bytes())
-            .map_err(|e| format!("writing {path}: {e}"))?;
-        if let Some(dev) = self.devices.get_mut(&devid) {
-            dev.state = state;
-        }
-        log::info!("vbd {devid}: frontend {state:?}");
-        Ok(())
-    }
-
-    /// One step of the frontend half of the xenbus walk.
-    fn step(&mut self, devid: u32) -> Result<(), String> {
-        let dir = self.device_dir(devid);
-        let backend = match self.store.read(&format!("{dir}/{}", keys::BACKEND)) {
-            Ok(v) => String::from_utf8_lossy(&v).into_owned(),
-            Err(e) if e.xs_error() == Some(XsError::ENOENT) => return Ok(()),
-            Err(e) => return Err(format!("reading {dir}/backend: {e}")),
-        };
-        let backend_state = self.read_state(&backend)?;
-        let Some(state) = self.devices.get(&devid).map(|d| d.state) else {
-            return Ok(());
-        };
-        match (state, backend_state) {
-            (XenbusState::Initialising, XenbusState::InitWait) => {
-                let dev = self.devices.get_mut(&devid).ok_or("device vanished")?;
-                let stream = dev
-                    .connection
-                    .take()
-                    .ok_or("no vhost-user connection was handed over")?;
-                // The memory table is sent per machine (each has its own window).
-                let session = VhostBlk::from_stream(stream, Vec::new())
-                    .map_err(|e| format!("vhost-user set-up: {e}"))?;
-                let cfg = session.config();
-                let mut cap = [0u8; 8];
-                cap.copy_from_slice(cfg.get(..8).ok_or("short config space")?);
-                dev.capacity = u64::from_le_bytes(cap);
-                dev.session = Some(session);
-                match self
-                    .store
-                    .watch(&format!("{backend}/{}", keys::STATE), &token(devid))
-                {
-                    Ok(()) => {}
-                    Err(e) if e.xs_error() == Some(XsError::EEXIST) => {}
-                    Err(e) => return Err(format!("watching {backend}/state: {e}")),
-                }
-                self.set_state(devid, XenbusState::Initialised)
-            }
-            (XenbusState::Initialised, XenbusState::Connected) => {
-                self.set_state(devid, XenbusState::Connected)?;
-                let sectors = self.devices.get(&devid).map_or(0, |d| d.capacity);
-                self.control
-                    .send(&GuestEvent::Connected { devid, sectors }, &[])
-                    .map_err(|e| e.to_string())
-            }
-            (
-                XenbusState::Initialised | XenbusState::Connected,
-                XenbusState::Closing | XenbusState::Closed,
-            ) => self.close(devid),
-            _ => Ok(()),
-        }
-    }
-
-    fn close(&mut self, devid: u32) -> Result<(), String> {
-        self.set_state(devid, XenbusState::Closing)?;
-        if let Ok(v) = self
-            .store
-            .read(&format!("{}/{}", self.device_dir(devid), keys::BACKEND))
-        {
-            let backend = String::from_utf8_lossy(&v).into_owned();
-            let _ = self
-                .store
-                .unwatch(&format!("{backend}/{}", keys::STATE), &token(devid));
-        }
+    fn disconnect(&mut self, _devid: u32, _disk: MachineDisk) {
         // Machines stop their queue (GET_VRING_BASE) when they end; dropping the session
         // closes the connection.
-        self.devices.remove(&devid);
-        self.set_state(devid, XenbusState::Closed)?;
-        self.control
-            .send(&GuestEvent::Closed { devid }, &[])
-            .map_err(|e| e.to_string())
     }
 
-    fn disk_check(&mut self, devid: u32, seed: u64, bytes: u64, verify_only: bool) -> GuestEvent {
-        let fail = |detail: String| GuestEvent::DiskCheck {
-            devid,
-            passed: false,
-            detail,
-        };
-        let Some(dev) = self
-            .devices
-            .get_mut(&devid)
-            .filter(|d| d.state == XenbusState::Connected)
-        else {
-            return fail("device is not Connected".into());
-        };
+    /// One virtio-mmio slot: one disk per machine.
+    fn max_devices(&self) -> usize {
+        1
+    }
+
+    fn stats<'a>(&self, _live: impl Iterator<Item = &'a MachineDisk>) -> GuestStats {
+        self.totals
+    }
+
+    fn disk_check(
+        &mut self,
+        _devid: u32,
+        dev: &mut MachineDisk,
+        seed: u64,
+        bytes: u64,
+        verify_only: bool,
+    ) -> Result<String, String> {
         if bytes > MAX_CHECK_BYTES {
-            return fail(format!(
+            return Err(format!(
                 "check of {bytes} bytes exceeds the tiny guest's limit of {MAX_CHECK_BYTES}"
             ));
         }
@@ -307,13 +124,13 @@ impl ManagedVm {
             || sectors > dev.capacity
             || sectors > u64::from(u32::MAX)
         {
-            return fail(format!(
+            return Err(format!(
                 "check of {bytes} bytes does not fit the {}-sector disk in whole sectors",
                 dev.capacity
             ));
         }
         let Some(session) = dev.session.take() else {
-            return fail("the vhost-user session was lost by an earlier machine".into());
+            return Err("the vhost-user session was lost by an earlier machine".into());
         };
         let s = &self.settings;
         let cfg = VmConfig {
@@ -338,7 +155,7 @@ impl ManagedVm {
         };
         let (report, session) = match run_keeping_backend(cfg) {
             Ok(r) => r,
-            Err(e) => return fail(format!("machine: {e}")),
+            Err(e) => return Err(format!("machine: {e}")),
         };
         dev.session = session;
         eprint!("{}", report.table());
@@ -350,7 +167,6 @@ impl ManagedVm {
         self.totals.interrupts += g[2];
         let per = report.per_request().unwrap_or_default();
         self.totals.vmm_exits += (per.vmm_exits * per.requests as f64).round() as u64;
-        self.publish_counters();
         let detail = format!(
             "{} {} KiB in a KVM guest: {} requests, {:.2} kicks, {:.2} interrupts, {:.2} VMM exits per request",
             if verify_only { "verified" } else { "wrote and verified" },
@@ -361,43 +177,8 @@ impl ManagedVm {
             per.vmm_exits
         );
         match report.outcome {
-            Outcome::Poweroff(0) => GuestEvent::DiskCheck {
-                devid,
-                passed: true,
-                detail,
-            },
-            other => fail(format!("guest ended with {other:?}")),
+            Outcome::Poweroff(0) => Ok(detail),
+            other => Err(format!("guest ended with {other:?}")),
         }
-    }
-
-    /// Publishes the running counters under the domain's own `data/io` directory, where
-    /// `splitvmm list` and `splitvmm top` read them.
-    fn publish_counters(&mut self) {
-        let t = self.totals;
-        let dir = format!("{}/data/io", domain_path(self.domid));
-        for (key, value) in [
-            ("requests", t.requests),
-            ("kicks", t.kicks_sent),
-            ("interrupts", t.interrupts),
-            ("vmm-exits", t.vmm_exits),
-        ] {
-            if let Err(e) = self
-                .store
-                .write(&format!("{dir}/{key}"), value.to_string().as_bytes())
-            {
-                log::warn!("publishing {dir}/{key}: {e}");
-            }
-        }
-    }
-
-    fn shut_down(mut self) -> Result<(), ManagedError> {
-        let devids: Vec<u32> = self.devices.keys().copied().collect();
-        for devid in devids {
-            if let Err(e) = self.close(devid) {
-                log::warn!("vbd {devid}: closing on shutdown: {e}");
-            }
-        }
-        self.control.send(&GuestEvent::Stats(self.totals), &[])?;
-        Ok(())
     }
 }

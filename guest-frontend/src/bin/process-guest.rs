@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use guest_frontend::managed::ManagedGuest;
+use guest_frontend::managed::{ManagedGuest, ProcessFrontends};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +28,8 @@ fn main() -> ExitCode {
         .init();
     // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up and nothing else
     // in this process uses them.
-    let guest = unsafe { ManagedGuest::from_inherited_fds(args.domid) };
+    let guest =
+        unsafe { ManagedGuest::from_inherited_fds(args.domid, ProcessFrontends::default()) };
     match guest.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -3,6 +3,10 @@
 //! Layout (as Xen's libxl writes it, see docs/protocol.md):
 //! - backend:  `/local/domain/<backend-id>/backend/<kind>/<frontend-id>/<devid>/...`
 //! - frontend: `/local/domain/<frontend-id>/device/<kind>/<devid>/...`
+//!
+//! [`frontend`] runs the frontend half of the walk for guest domain processes.
+
+pub mod frontend;
 
 use std::fmt;
 use std::str::FromStr;
