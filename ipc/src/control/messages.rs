@@ -26,6 +26,13 @@ pub enum BackendRequest {
         devid: u32,
         readonly: bool,
     },
+    /// Serve a network interface of `frontend` as a port of the driver domain's switch.
+    /// Descriptors: `[vhost-user listener]`, made as for [`BackendRequest::ServeBlock`].
+    ServeNet {
+        frontend: u32,
+        devid: u32,
+        mac: [u8; 6],
+    },
     /// Report per-device counters.
     Stats,
     /// Stop serving everything and exit.
@@ -62,6 +69,15 @@ pub enum GuestRequest {
     /// A block device is being attached. Descriptors: `[frontend end of the vhost-user
     /// connection]`. The guest connects when its backend reaches InitWait.
     AttachBlock { devid: u32 },
+    /// A network interface is being attached, with this IPv4 address on the host's internal
+    /// switch. Descriptors: `[frontend end of the vhost-user connection]`.
+    AttachNet { devid: u32, ip: [u8; 4] },
+    /// Resolve `peer` with ARP on interface `devid`, then exchange `rounds` UDP echoes with it.
+    NetPing {
+        devid: u32,
+        peer: [u8; 4],
+        rounds: u32,
+    },
     /// Write a pattern derived from `seed` over the first `bytes` of the disk (unless
     /// `verify_only`) and read it back.
     DiskCheck {
@@ -79,8 +95,16 @@ pub enum GuestRequest {
 pub enum GuestEvent {
     /// The device walked to Connected.
     Connected { devid: u32, sectors: u64 },
+    /// A network interface walked to Connected.
+    NetConnected { devid: u32, mac: [u8; 6] },
     /// The device walked to Closed (after the backend asked, or on shutdown).
     Closed { devid: u32 },
+    /// Result of a [`GuestRequest::NetPing`].
+    NetPing {
+        devid: u32,
+        passed: bool,
+        detail: String,
+    },
     /// Result of a [`GuestRequest::DiskCheck`].
     DiskCheck {
         devid: u32,

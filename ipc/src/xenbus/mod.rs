@@ -86,7 +86,7 @@ impl fmt::Display for XenbusState {
 }
 
 /// Kinds of split devices this project serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeviceKind {
     /// A virtual block device.
     Vbd,
