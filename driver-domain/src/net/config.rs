@@ -160,7 +160,13 @@ mod tests {
     fn features_are_honest() {
         let cfg = NetConfig::default();
         let f = cfg.features();
-        for b in [NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_HOST_TSO4, NET_F_HOST_UFO, NET_F_MQ] {
+        for b in [
+            NET_F_CSUM,
+            NET_F_GUEST_CSUM,
+            NET_F_HOST_TSO4,
+            NET_F_HOST_UFO,
+            NET_F_MQ,
+        ] {
             assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
         }
         assert_ne!(f & (1 << NET_F_MRG_RXBUF), 0);

@@ -260,10 +260,7 @@ mod tests {
         assert!(TxHeader::parse(&c, HDR_LEN, NONE).is_ok());
         // Legacy 10-byte header.
         let c = chain(hdr(0, 0, 0, 0, 0, 0), 60);
-        assert_eq!(
-            TxHeader::parse(&c, HDR_LEN_LEGACY, NONE).unwrap().1,
-            62
-        );
+        assert_eq!(TxHeader::parse(&c, HDR_LEN_LEGACY, NONE).unwrap().1, 62);
     }
 
     #[test]

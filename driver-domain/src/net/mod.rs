@@ -18,9 +18,11 @@ pub mod queue;
 pub mod switch;
 pub mod tap;
 
-pub use config::{NetConfig, NetConfigSpace, Negotiated};
+pub use config::{Negotiated, NetConfig, NetConfigSpace};
 pub use frame::{format_mac, parse_mac, FrameBox, FrameBuf, FramePool, Mac};
 pub use header::{HeaderError, TxHeader, TxOffloads};
 pub use queue::{FrameError, NetQueueError, Progress, RxQueue, TxQueue};
-pub use switch::{CounterSnapshot, Forwarded, PortId, Switch, SwitchConfig, SwitchError, SwitchPort};
+pub use switch::{
+    CounterSnapshot, Forwarded, PortId, Switch, SwitchConfig, SwitchError, SwitchPort,
+};
 pub use tap::{TapError, TapUplink};

@@ -428,7 +428,11 @@ impl RxQueue {
             }
             if self.used.len() >= usize::from(queue.size()) {
                 queue.set_next_avail(saved);
-                return Err(NetQueueError::RxChain(q, head, "buffers too small for a frame"));
+                return Err(NetQueueError::RxChain(
+                    q,
+                    head,
+                    "buffers too small for a frame",
+                ));
             }
             self.used.push((head, written as u32));
         }

@@ -100,7 +100,11 @@ fn entries_age_out() {
     // Aged out: flooded again, and the next learning pass sweeps the stale entry.
     assert_eq!(send(&a, mac(2), mac(1), 0), Forwarded::Flooded(2));
     drain(&c);
-    assert_eq!(sw.mac_entries(), 1, "only the fresh entry of mac(1) is left");
+    assert_eq!(
+        sw.mac_entries(),
+        1,
+        "only the fresh entry of mac(1) is left"
+    );
 }
 
 #[test]

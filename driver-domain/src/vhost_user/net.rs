@@ -31,7 +31,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::net::{NetConfig, NetConfigSpace, Negotiated, RxQueue, SwitchPort, TxQueue};
+use crate::net::{Negotiated, NetConfig, NetConfigSpace, RxQueue, SwitchPort, TxQueue};
 use crate::virtio_core::memory::check_guest_memory;
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -97,7 +97,11 @@ impl VhostUserNet {
         let mut tx = Vec::new();
         for p in 0..cfg.queue_pairs {
             rx.push(Mutex::new(RxQueue::new(2 * p, port.clone(), cfg.budget)));
-            tx.push(Mutex::new(TxQueue::new(2 * p + 1, port.clone(), cfg.budget)));
+            tx.push(Mutex::new(TxQueue::new(
+                2 * p + 1,
+                port.clone(),
+                cfg.budget,
+            )));
         }
         Ok(VhostUserNet {
             features: cfg.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
