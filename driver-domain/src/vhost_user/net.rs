@@ -354,7 +354,25 @@ pub fn serve_net_one(
     info!("net port {}: frontend connected", port.id());
     log_session_end(port.id(), daemon.wait());
     backend.stop_workers();
+    log_counters(port);
     Ok(())
+}
+
+fn log_counters(port: &SwitchPort) {
+    let c = port.counters();
+    info!(
+        "net port {}: counters tx_frames={} tx_bytes={} tx_invalid={} tx_dropped={} \
+         tx_filtered={} rx_frames={} rx_bytes={} rx_dropped={}",
+        port.id(),
+        c.tx_frames,
+        c.tx_bytes,
+        c.tx_invalid,
+        c.tx_dropped,
+        c.tx_filtered,
+        c.rx_frames,
+        c.rx_bytes,
+        c.rx_dropped
+    );
 }
 
 /// Bind `socket` (replacing a stale socket file) and serve frontends on `port` one after
@@ -395,5 +413,6 @@ pub fn serve_net_listener(
     info!("net port {}: frontend connected", port.id());
     log_session_end(port.id(), daemon.wait());
     backend.stop_workers();
+    log_counters(&port);
     Ok(())
 }

@@ -1,0 +1,151 @@
+//! Interop with DPDK: `dpdk-testpmd` virtio-user ports (a real, independently written virtio-net
+//! driver) against `driver-domain serve --net`: txonly on one port, rxonly on another, frames
+//! switched between them, and testpmd's counts matched against the backend's port counters.
+//! Skipped loudly when `dpdk-testpmd` (Debian package `dpdk-dev`) is absent.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../src/bin/net-bench/testpmd.rs"]
+mod testpmd;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use splitvmm_tests::workspace_bin;
+use testpmd::{Spec, Testpmd};
+
+struct Backend {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Backend {
+    fn start(dir: &Path, sockets: &[PathBuf]) -> Backend {
+        let log = dir.join("driver-domain.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let list: Vec<String> = sockets.iter().map(|p| p.display().to_string()).collect();
+        let child = Command::new(workspace_bin("driver-domain"))
+            .args(["serve", "--net", "--net-sockets", &list.join(",")])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sockets.iter().all(|s| s.exists()) {
+            assert!(Instant::now() < deadline, "backend sockets never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Backend { child, log }
+    }
+
+    /// The last logged counters of each port that had a session.
+    fn counters(&self, ports: usize) -> HashMap<usize, HashMap<String, u64>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap();
+            let mut out = HashMap::new();
+            for line in text.lines() {
+                let Some(i) = line.find("net port ") else {
+                    continue;
+                };
+                let rest = &line[i + 9..];
+                let Some((id, tail)) = rest.split_once(": counters ") else {
+                    continue;
+                };
+                let map = tail
+                    .split_whitespace()
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+                    .collect();
+                out.insert(id.parse().unwrap(), map);
+            }
+            if out.len() >= ports {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "no counters logged:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(len: usize, tag: &str) {
+    if !testpmd::available() {
+        eprintln!("SKIPPED net_dpdk: dpdk-testpmd not found (install Debian package dpdk-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.sock");
+    let b = dir.path().join("b.sock");
+    let backend = Backend::start(dir.path(), &[a.clone(), b.clone()]);
+    let rx_vdev = [format!("net_virtio_user0,path={}", b.display())];
+    let mut rx = Testpmd::spawn(
+        dir.path(),
+        &Spec {
+            prefix: &format!("rx{tag}{}", std::process::id()),
+            vdevs: &rx_vdev,
+            mode: "rxonly",
+            fwd_lcore: 1,
+            extra: &[],
+        },
+    )
+    .unwrap();
+    rx.wait_started(Duration::from_secs(8)).unwrap();
+    let tx_vdev = [format!("net_virtio_user0,path={}", a.display())];
+    let txpkts = [format!("--txpkts={len}")];
+    let mut tx = Testpmd::spawn(
+        dir.path(),
+        &Spec {
+            prefix: &format!("tx{tag}{}", std::process::id()),
+            vdevs: &tx_vdev,
+            mode: "txonly",
+            fwd_lcore: 0,
+            extra: &txpkts,
+        },
+    )
+    .unwrap();
+    tx.wait_started(Duration::from_secs(8)).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let sent = tx.stop(Duration::from_secs(5)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let got = rx.stop(Duration::from_secs(5)).unwrap();
+    let c = backend.counters(2);
+    let (pa, pb) = (&c[&0], &c[&1]);
+    eprintln!("{len} B: testpmd sent {sent:?}, received {got:?}; backend a {pa:?} b {pb:?}");
+    assert!(sent.tx > 0 && got.rx > 0, "frames must flow");
+    assert_eq!(pa["tx_invalid"], 0, "testpmd's frames are valid");
+    assert_eq!(
+        pa["tx_frames"], sent.tx,
+        "every frame testpmd sent reached the switch"
+    );
+    assert_eq!(
+        pb["rx_frames"], got.rx,
+        "testpmd received every frame delivered to it"
+    );
+    assert_eq!(pb["rx_bytes"], got.rx * len as u64);
+    assert_eq!(
+        pa["tx_frames"],
+        pb["rx_frames"] + pa["tx_dropped"],
+        "each frame was delivered or dropped against the sender's share"
+    );
+}
+
+#[test]
+fn testpmd_txonly_to_rxonly_64_bytes() {
+    run(64, "s");
+}
+
+#[test]
+fn testpmd_txonly_to_rxonly_1500_bytes() {
+    run(1500, "l");
+}
