@@ -50,7 +50,7 @@ pub struct Spec<'a> {
     pub vdevs: &'a [String],
     /// `--forward-mode`.
     pub mode: &'a str,
-    /// The forwarding lcore (the main lcore is the other of 0/1).
+    /// The forwarding lcore (the main lcore, which only waits for the prompt, is the next one).
     pub fwd_lcore: u32,
     /// Extra application arguments (after `--`).
     pub extra: &'a [String],
@@ -61,7 +61,8 @@ impl Testpmd {
     pub fn spawn(dir: &Path, spec: &Spec<'_>) -> std::io::Result<Testpmd> {
         let log = dir.join(format!("{}.log", spec.prefix));
         let out = File::create(&log)?;
-        let main = if spec.fwd_lcore == 0 { 1 } else { 0 };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let main = (spec.fwd_lcore + 1) % cores.max(2);
         // stdbuf: testpmd's stdout is a file here, and its prompt must not sit in a buffer.
         let mut cmd = Command::new("stdbuf");
         cmd.args(["-o0", "-e0", TESTPMD]);
