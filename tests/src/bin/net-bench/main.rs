@@ -11,7 +11,6 @@
 //! The rate is frames per second the generator got into the ring (sink) or the receiver got
 //! out of its ring (guest-to-guest), over the generator's forwarding time.
 
-#[allow(dead_code)]
 mod testpmd;
 
 use std::path::{Path, PathBuf};
