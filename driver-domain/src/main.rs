@@ -44,10 +44,10 @@ enum Cmd {
         /// Refuse writes (offers VIRTIO_BLK_F_RO).
         #[arg(long)]
         readonly: bool,
-        /// Number of virtqueues.
+        /// Number of virtqueues (with --net: queue pairs per port).
         #[arg(long, default_value_t = 1)]
         queues: u16,
-        /// Busy-poll an idle queue this many microseconds before sleeping.
+        /// Busy-poll an idle queue (net: an idle port) this many microseconds before sleeping.
         #[arg(long, default_value_t = 0)]
         poll_us: u64,
         /// Serve a null device of SIZE bytes instead of an image (benchmarks).
@@ -104,7 +104,14 @@ fn main() -> Result<()> {
             if net.net {
                 let mut sockets: Vec<PathBuf> = socket.into_iter().collect();
                 sockets.extend(net.net_sockets);
-                return net_serve::run(&sockets, net.tap.as_deref(), &net.mac, queues, seal_policy);
+                return net_serve::run(
+                    &sockets,
+                    net.tap.as_deref(),
+                    &net.mac,
+                    queues,
+                    poll_us,
+                    seal_policy,
+                );
             }
             let Some(socket) = socket else {
                 bail!("--socket PATH is required");

@@ -16,6 +16,7 @@ pub fn run(
     tap: Option<&str>,
     mac: &str,
     queue_pairs: u16,
+    poll_us: u64,
     seal_policy: SealPolicy,
 ) -> Result<()> {
     if sockets.is_empty() {
@@ -37,6 +38,7 @@ pub fn run(
         let cfg = NetConfig {
             mac: port_mac,
             queue_pairs,
+            poll_us,
             seal_policy,
             ..NetConfig::default()
         };

@@ -11,7 +11,9 @@
 use std::sync::Arc;
 
 use driver_domain::net::header::{HDR_LEN, HDR_LEN_LEGACY};
-use driver_domain::net::{Negotiated, RxQueue, Switch, SwitchConfig, TxHeader, TxOffloads, TxQueue};
+use driver_domain::net::{
+    Negotiated, RxQueue, Switch, SwitchConfig, TxHeader, TxOffloads, TxQueue,
+};
 use driver_domain::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueT};
@@ -28,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
         csum: sel & 1 != 0,
         gso: sel & 2 != 0,
     };
-    let hdr_len = if sel & 4 != 0 { HDR_LEN_LEGACY } else { HDR_LEN };
+    let hdr_len = if sel & 4 != 0 {
+        HDR_LEN_LEGACY
+    } else {
+        HDR_LEN
+    };
     if let Ok((h, len)) = TxHeader::parse(rest, hdr_len, offloads) {
         assert_eq!(len, rest.len() - hdr_len);
         assert!(h.validate(len, offloads).is_ok());
@@ -39,8 +45,12 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn ring_path(sel: u8, rest: &[u8]) {
-    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
-    let sw = Switch::new(SwitchConfig::default());
+    let mem: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).expect("memory");
+    let sw = Switch::new(SwitchConfig {
+        queue_limit: 4,
+        ..SwitchConfig::default()
+    });
     let a = Arc::new(sw.attach("a").expect("port"));
     let b = Arc::new(sw.attach("b").expect("port"));
     let neg = Negotiated::from_features(if sel & 8 != 0 { 1 << 15 } else { 0 } | 1 << 32);
@@ -63,13 +73,22 @@ fn ring_path(sel: u8, rest: &[u8]) {
         let c = ctl.get(usize::from(i) * 2).copied().unwrap_or(0);
         let l = ctl.get(usize::from(i) * 2 + 1).copied().unwrap_or(0);
         let len = u32::from(l) * 8;
-        let flags = if c & 1 != 0 && i < 3 { DESC_F_NEXT } else { 0 } | if c & 2 != 0 { DESC_F_WRITE } else { 0 };
+        let flags = if c & 1 != 0 && i < 3 { DESC_F_NEXT } else { 0 }
+            | if c & 2 != 0 { DESC_F_WRITE } else { 0 };
         let addr = DATA + u64::from(c >> 2) * 16;
         let _ = tx_ring.write_desc(&mem, i, addr, len, flags, i + 1);
         let rc = ctl.get(8 + usize::from(i) * 2).copied().unwrap_or(0xff);
         let rl = ctl.get(9 + usize::from(i) * 2).copied().unwrap_or(0xff);
-        let rflags = if rc & 2 != 0 { 0 } else { DESC_F_WRITE } | if rc & 1 != 0 && i < 3 { DESC_F_NEXT } else { 0 };
-        let _ = rx_ring.write_desc(&mem, i, 0x8000 + u64::from(i) * 0x1000, u32::from(rl) * 16, rflags, i + 1);
+        let rflags = if rc & 2 != 0 { 0 } else { DESC_F_WRITE }
+            | if rc & 1 != 0 && i < 3 { DESC_F_NEXT } else { 0 };
+        let _ = rx_ring.write_desc(
+            &mem,
+            i,
+            0x8000 + u64::from(i) * 0x1000,
+            u32::from(rl) * 16,
+            rflags,
+            i + 1,
+        );
     }
     let _ = tx_ring.push_avail(&mem, 0);
     let _ = rx_ring.push_avail(&mem, 0);
@@ -78,5 +97,9 @@ fn ring_path(sel: u8, rest: &[u8]) {
     let _ = rx.process(&mut rxq, &mem);
     let _ = rx.process(&mut rxq, &mem);
     let c = a.counters();
-    assert_eq!(c.tx_frames + c.tx_invalid, 1, "the one chain was counted once");
+    assert_eq!(
+        c.tx_frames + c.tx_invalid,
+        1,
+        "the one chain was counted once"
+    );
 }

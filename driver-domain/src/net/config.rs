@@ -47,6 +47,9 @@ pub struct NetConfig {
     pub queue_size: u16,
     /// Frames processed from one queue per wakeup before the other queues get a turn.
     pub budget: usize,
+    /// Busy-poll idle queues this long (guest kicks and switch wake-ups off) before sleeping;
+    /// 0 disables polling.
+    pub poll_us: u64,
     /// What to accept from peer-supplied memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
 }
@@ -58,6 +61,7 @@ impl Default for NetConfig {
             queue_pairs: 1,
             queue_size: 256,
             budget: 64,
+            poll_us: 0,
             seal_policy: SealPolicy::AllowUnsealedChecked,
         }
     }

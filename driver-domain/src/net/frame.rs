@@ -172,6 +172,26 @@ impl FramePool {
         Some(FrameBuf::new_boxed())
     }
 
+    /// Move up to `n` free buffers into `out` (allocating while under `max`); returns how
+    /// many were added.
+    pub fn take_many(&self, out: &mut Vec<FrameBox>, n: usize) -> usize {
+        let mut got = {
+            let mut free = self.lock();
+            let k = n.min(free.len());
+            let start = free.len() - k;
+            out.extend(free.drain(start..));
+            k
+        };
+        while got < n {
+            match self.take() {
+                Some(b) => out.push(b),
+                None => break,
+            }
+            got += 1;
+        }
+        got
+    }
+
     /// Give a buffer back.
     pub fn put(&self, mut buf: FrameBox) {
         buf.len = 0;

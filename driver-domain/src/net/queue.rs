@@ -25,6 +25,8 @@ use super::switch::SwitchPort;
 
 /// Frames moved from the switch inbox per lock.
 const RX_BATCH: usize = 32;
+/// Frame buffers a TX queue takes from the pool per lock.
+const TX_CACHE: usize = 32;
 
 /// Errors that fail a queue.
 #[derive(Debug, Error)]
@@ -146,9 +148,16 @@ pub struct TxQueue {
     port: Arc<SwitchPort>,
     neg: Negotiated,
     budget: usize,
-    spare: Option<FrameBox>,
+    cache: Vec<FrameBox>,
+    idle_notify: bool,
     invalid: u64,
     broken: Option<String>,
+}
+
+impl Drop for TxQueue {
+    fn drop(&mut self) {
+        self.port.recycle_all(self.cache.drain(..));
+    }
 }
 
 impl TxQueue {
@@ -159,7 +168,8 @@ impl TxQueue {
             port,
             neg: Negotiated::default(),
             budget: budget.max(1),
-            spare: None,
+            cache: Vec::with_capacity(TX_CACHE),
+            idle_notify: true,
             invalid: 0,
             broken: None,
         }
@@ -178,6 +188,12 @@ impl TxQueue {
     /// Forget an earlier failure (the driver reset the device).
     pub fn reset(&mut self) {
         self.broken = None;
+    }
+
+    /// Whether an idle queue re-enables guest kicks (the default). A busy-polling caller
+    /// turns this off while it polls and on again before it sleeps.
+    pub fn set_idle_notify(&mut self, on: bool) {
+        self.idle_notify = on;
     }
 
     /// Transmit up to `budget` frames from `queue`.
@@ -222,7 +238,7 @@ impl TxQueue {
                 queue.add_used(mem, head, 0).map_err(ring)?;
                 progress.frames += 1;
             }
-            if !queue.enable_notification(mem).map_err(ring)? {
+            if !self.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
                 break;
             }
         }
@@ -237,10 +253,10 @@ impl TxQueue {
         chain: DescriptorChain<&M>,
         mem: &M,
     ) -> Result<(), FrameError> {
-        let mut buf = match self.spare.take() {
-            Some(b) => b,
-            None => self.port.take_buffer().ok_or(FrameError::NoBuffer)?,
-        };
+        if self.cache.is_empty() {
+            self.port.take_buffers(&mut self.cache, TX_CACHE);
+        }
+        let mut buf = self.cache.pop().ok_or(FrameError::NoBuffer)?;
         let hdr_len = self.neg.hdr_len;
         let parsed = {
             let area = buf.chain_area(hdr_len);
@@ -256,7 +272,7 @@ impl TxQueue {
                 Ok(())
             }
             Err(e) => {
-                self.spare = Some(buf);
+                self.cache.push(buf);
                 Err(e)
             }
         }
@@ -278,6 +294,7 @@ pub struct RxQueue {
     budget: usize,
     batch: VecDeque<FrameBox>,
     used: Vec<(u16, u32)>,
+    idle_notify: bool,
     dropped: u64,
     broken: Option<String>,
 }
@@ -292,6 +309,7 @@ impl RxQueue {
             budget: budget.max(1),
             batch: VecDeque::with_capacity(RX_BATCH),
             used: Vec::with_capacity(64),
+            idle_notify: true,
             dropped: 0,
             broken: None,
         }
@@ -310,6 +328,12 @@ impl RxQueue {
     /// Forget an earlier failure (the driver reset the device).
     pub fn reset(&mut self) {
         self.broken = None;
+    }
+
+    /// Whether an idle queue arms the port's wake eventfd (the default). A busy-polling
+    /// caller turns this off while it polls and on again before it sleeps.
+    pub fn set_idle_notify(&mut self, on: bool) {
+        self.idle_notify = on;
     }
 
     /// Deliver up to `budget` queued frames into `queue`. When the inbox is empty the port is
@@ -348,7 +372,7 @@ impl RxQueue {
                 break;
             }
             if self.batch.is_empty() && self.port.receive(&mut self.batch, RX_BATCH) == 0 {
-                if self.port.arm() {
+                if self.idle_notify && self.port.arm() {
                     continue;
                 }
                 break;

@@ -18,13 +18,29 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::info;
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::frame::{format_mac, is_multicast, FrameBox, FramePool, Mac};
+
+/// Milliseconds of the coarse monotonic clock (ageing needs no better, and it is read per
+/// frame: the coarse clock is a plain vDSO read).
+fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
+}
 
 /// Index of a port on its switch.
 pub type PortId = usize;
@@ -177,10 +193,52 @@ struct MacEntry {
     seen_ms: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+/// Hashes a MAC address with a per-switch random key: cheaper than SipHash on the per-frame
+/// path, and a guest cannot precompute collisions without the key (the table is also bounded).
+#[derive(Clone, Debug)]
+struct MacHasherBuilder(u64);
+
+impl MacHasherBuilder {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        MacHasherBuilder(RandomState::new().hash_one(0x5eed_u64) | 1)
+    }
+}
+
+#[derive(Default)]
+struct MacHasher {
+    key: u64,
+    acc: u64,
+}
+
+impl std::hash::Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.acc = (self.acc << 8 | u64::from(*b)).rotate_left(3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        let x = (self.acc ^ self.key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+}
+
+impl std::hash::BuildHasher for MacHasherBuilder {
+    type Hasher = MacHasher;
+
+    fn build_hasher(&self) -> MacHasher {
+        MacHasher {
+            key: self.0,
+            acc: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Tables {
     ports: Vec<Option<Arc<Port>>>,
-    macs: HashMap<Mac, MacEntry>,
+    macs: HashMap<Mac, MacEntry, MacHasherBuilder>,
 }
 
 /// The switch. Create it with [`Switch::new`], then [`Switch::attach`] ports.
@@ -189,7 +247,7 @@ pub struct Switch {
     tables: RwLock<Tables>,
     pool: FramePool,
     cfg: SwitchConfig,
-    epoch: Instant,
+    epoch_ms: u64,
     last_sweep_ms: AtomicU64,
 }
 
@@ -212,10 +270,13 @@ impl Switch {
     /// A switch with no ports.
     pub fn new(cfg: SwitchConfig) -> Arc<Switch> {
         Arc::new(Switch {
-            tables: RwLock::new(Tables::default()),
+            tables: RwLock::new(Tables {
+                ports: Vec::new(),
+                macs: HashMap::with_hasher(MacHasherBuilder::new()),
+            }),
             pool: FramePool::new(cfg.max_frames, cfg.queue_limit.min(cfg.max_frames)),
             cfg,
-            epoch: Instant::now(),
+            epoch_ms: coarse_ms(),
             last_sweep_ms: AtomicU64::new(0),
         })
     }
@@ -234,8 +295,10 @@ impl Switch {
         }
     }
 
+    /// Milliseconds since the switch was created, from the coarse monotonic clock (ageing
+    /// needs no better, and it is read per frame).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        coarse_ms().saturating_sub(self.epoch_ms)
     }
 
     /// The switch's options.
@@ -484,6 +547,11 @@ impl SwitchPort {
     /// drops the frame).
     pub fn take_buffer(&self) -> Option<FrameBox> {
         self.switch.pool.take()
+    }
+
+    /// Move up to `n` buffers into `out` (one pool lock); returns how many.
+    pub fn take_buffers(&self, out: &mut Vec<FrameBox>, n: usize) -> usize {
+        self.switch.pool.take_many(out, n)
     }
 
     /// Give back a buffer that was not sent.

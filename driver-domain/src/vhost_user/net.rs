@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use thiserror::Error;
@@ -134,55 +135,90 @@ impl VhostUserNet {
         }
     }
 
-    /// Run every TX queue and the first RX queue until none has work left.
+    fn set_idle_notify(&self, on: bool) {
+        for q in &self.tx {
+            lock(q).set_idle_notify(on);
+        }
+        for q in &self.rx {
+            lock(q).set_idle_notify(on);
+        }
+    }
+
+    /// Run every TX queue and the first RX queue until none has work left; with `poll_us`,
+    /// keep polling (guest kicks and switch wake-ups off) until the queues stayed idle that
+    /// long, then re-enable notifications with a last pass.
     fn serve(&self, vrings: &[VringRwLock]) {
         let Some(atomic) = self.current_mem() else {
             return;
         };
         let mem = atomic.memory();
-        loop {
-            let mut more = false;
-            for (p, txq) in self.tx.iter().enumerate() {
-                let Some(vring) = vrings.get(2 * p + 1) else {
-                    continue;
-                };
-                let mut state = vring.get_mut();
-                if !(state.get_queue().ready() && state.is_enabled()) {
-                    continue;
-                }
-                let mut q = lock(txq);
-                if q.broken().is_some() {
+        let poll = Duration::from_micros(self.cfg.poll_us);
+        if !poll.is_zero() {
+            self.set_idle_notify(false);
+            let mut deadline = Instant::now() + poll;
+            loop {
+                let (more, worked) = self.pass(vrings, &mem);
+                if more {
                     continue;
                 }
-                if let Ok(prog) = q.process(state.get_queue_mut(), &*mem) {
-                    if prog.notify {
-                        if let Err(e) = state.signal_used_queue() {
-                            warn!("net: cannot signal TX queue {}: {e}", 2 * p + 1);
-                        }
-                    }
-                    more |= prog.more;
+                let now = Instant::now();
+                if worked {
+                    deadline = now + poll;
+                } else if now >= deadline {
+                    break;
+                } else {
+                    std::hint::spin_loop();
                 }
             }
-            if let (Some(vring), Some(rxq)) = (vrings.first(), self.rx.first()) {
-                let mut state = vring.get_mut();
-                if state.get_queue().ready() && state.is_enabled() {
-                    let mut q = lock(rxq);
-                    if q.broken().is_none() {
-                        if let Ok(prog) = q.process(state.get_queue_mut(), &*mem) {
-                            if prog.notify {
-                                if let Err(e) = state.signal_used_queue() {
-                                    warn!("net: cannot signal RX queue 0: {e}");
-                                }
-                            }
-                            more |= prog.more;
-                        }
+            self.set_idle_notify(true);
+        }
+        while self.pass(vrings, &mem).0 {}
+    }
+
+    /// One round over the queues; returns (a budget ran out, any frame moved).
+    fn pass(&self, vrings: &[VringRwLock], mem: &GuestMemoryMmap) -> (bool, bool) {
+        let mut more = false;
+        let mut worked = false;
+        for (p, txq) in self.tx.iter().enumerate() {
+            let Some(vring) = vrings.get(2 * p + 1) else {
+                continue;
+            };
+            let mut state = vring.get_mut();
+            if !(state.get_queue().ready() && state.is_enabled()) {
+                continue;
+            }
+            let mut q = lock(txq);
+            if q.broken().is_some() {
+                continue;
+            }
+            if let Ok(prog) = q.process(state.get_queue_mut(), mem) {
+                if prog.notify {
+                    if let Err(e) = state.signal_used_queue() {
+                        warn!("net: cannot signal TX queue {}: {e}", 2 * p + 1);
                     }
                 }
-            }
-            if !more {
-                break;
+                more |= prog.more;
+                worked |= prog.frames > 0;
             }
         }
+        if let (Some(vring), Some(rxq)) = (vrings.first(), self.rx.first()) {
+            let mut state = vring.get_mut();
+            if state.get_queue().ready() && state.is_enabled() {
+                let mut q = lock(rxq);
+                if q.broken().is_none() {
+                    if let Ok(prog) = q.process(state.get_queue_mut(), mem) {
+                        if prog.notify {
+                            if let Err(e) = state.signal_used_queue() {
+                                warn!("net: cannot signal RX queue 0: {e}");
+                            }
+                        }
+                        more |= prog.more;
+                        worked |= prog.frames > 0;
+                    }
+                }
+            }
+        }
+        (more, worked)
     }
 }
 

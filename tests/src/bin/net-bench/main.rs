@@ -33,6 +33,9 @@ struct Args {
     /// The driver-domain binary (default: next to this one).
     #[arg(long)]
     driver_domain: Option<PathBuf>,
+    /// `--poll-us` for the backend (DPDK's vhost PMD always polls).
+    #[arg(long, default_value_t = 200)]
+    poll_us: u64,
 }
 
 struct Proc(Child);
@@ -55,10 +58,11 @@ fn wait_sockets(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn ours(bin: &Path, sockets: &[PathBuf]) -> Result<Proc> {
+fn ours(args: &Args, bin: &Path, sockets: &[PathBuf]) -> Result<Proc> {
     let list: Vec<String> = sockets.iter().map(|p| p.display().to_string()).collect();
     let child = Command::new(bin)
         .args(["serve", "--net", "--net-sockets", &list.join(",")])
+        .arg(format!("--poll-us={}", args.poll_us))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -115,7 +119,7 @@ fn sink(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f
         let v = [format!("net_vhost0,iface={}", sock.display())];
         (None, Some(pmd(dir, &format!("vs{tag}"), &v, "rxonly", 1)?))
     } else {
-        (Some(ours(bin, std::slice::from_ref(&sock))?), None)
+        (Some(ours(args, bin, std::slice::from_ref(&sock))?), None)
     };
     let tx = generator(dir, &format!("gs{tag}"), &sock, len)?;
     std::thread::sleep(Duration::from_secs_f64(args.secs));
@@ -142,7 +146,7 @@ fn g2g(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f6
         let lcore = if cores() >= 3 { 2 } else { 1 };
         (None, Some(pmd(dir, &format!("vg{tag}"), &v, "io", lcore)?))
     } else {
-        (Some(ours(bin, &[a.clone(), b.clone()])?), None)
+        (Some(ours(args, bin, &[a.clone(), b.clone()])?), None)
     };
     let rv = [format!("net_virtio_user0,path={}", b.display())];
     let rx = pmd(dir, &format!("r{tag}"), &rv, "rxonly", 1)?;
@@ -172,7 +176,12 @@ fn main() -> Result<()> {
             .join("driver-domain"),
     };
     let dir = tempfile::tempdir()?;
-    println!("net-bench: {} cores, {} s per point", cores(), args.secs);
+    println!(
+        "net-bench: {} cores, {} s per point, backend --poll-us={}",
+        cores(),
+        args.secs,
+        args.poll_us
+    );
     if cores() < 3 {
         println!(
             "note: fewer than 3 cores: DPDK's guest-to-guest reference switch shares its polling \
