@@ -324,3 +324,21 @@ fn a_guest_that_never_refills_rx_does_not_stop_the_others() {
     assert!(!got.is_empty());
     assert!(got.iter().all(|f| f[HDR_LEN + 5] == 2));
 }
+
+#[test]
+fn too_few_mergeable_buffers_wait_for_more_without_spinning() {
+    let sw = Switch::new(SwitchConfig::default());
+    let mut a = guest(&sw, "a", true);
+    let mut b = guest(&sw, "b", true);
+    // One 512-byte buffer for a frame that needs three: nothing may be used yet.
+    b.refill(1, 512);
+    let f = bcast(1, 1400);
+    a.send(&f);
+    assert!(b.receive().is_empty());
+    assert_eq!(b.rx.backlog(), 1, "the frame waits for buffers");
+    // The driver adds two more: now it fits.
+    b.refill(2, 512);
+    let got = b.receive();
+    assert_eq!(got.len(), 3);
+    assert_eq!(&got.concat()[HDR_LEN..], &f[..]);
+}

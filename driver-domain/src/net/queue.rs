@@ -11,6 +11,7 @@
 //! until the driver resets it. Neither touches any other port.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{error, warn};
@@ -393,7 +394,14 @@ impl RxQueue {
                 }
                 Delivery::NoBuffers => {
                     self.batch.push_front(buf);
-                    if queue.enable_notification(mem).map_err(ring)? {
+                    // The chains seen so far (possibly rolled back, with MRG_RXBUF) are not
+                    // enough: ask for a kick when the driver adds past them, not before.
+                    let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+                    let resume = queue.next_avail();
+                    queue.set_next_avail(seen.0);
+                    let added = queue.enable_notification(mem);
+                    queue.set_next_avail(resume);
+                    if added.map_err(ring)? {
                         // Buffers arrived meanwhile.
                         queue.disable_notification(mem).map_err(ring)?;
                         continue;
