@@ -15,6 +15,7 @@ mod testpmd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +34,10 @@ struct Args {
     /// The driver-domain binary (default: next to this one).
     #[arg(long)]
     driver_domain: Option<PathBuf>,
+    /// Measurements per side and point; the best of each side is reported (this damps noise
+    /// from other load on the machine).
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
     /// `--poll-us` for the backend (DPDK's vhost PMD always polls).
     #[arg(long, default_value_t = 200)]
     poll_us: u64,
@@ -109,7 +114,7 @@ fn stop(t: Testpmd) -> Result<testpmd::Stats> {
 
 /// Frames per second into a sink port.
 fn sink(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f64> {
-    let sock = dir.join(format!("sink-{len}-{dpdk}.sock"));
+    let sock = dir.join(format!("sink-{len}-{dpdk}-{}.sock", next_id()));
     let tag = format!(
         "{}{len}{}",
         if dpdk { "d" } else { "o" },
@@ -130,8 +135,9 @@ fn sink(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f
 
 /// Frames per second from one guest port to another.
 fn g2g(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f64> {
-    let a = dir.join(format!("a-{len}-{dpdk}.sock"));
-    let b = dir.join(format!("b-{len}-{dpdk}.sock"));
+    let id = next_id();
+    let a = dir.join(format!("a-{len}-{dpdk}-{id}.sock"));
+    let b = dir.join(format!("b-{len}-{dpdk}-{id}.sock"));
     let tag = format!(
         "{}{len}{}",
         if dpdk { "d" } else { "o" },
@@ -159,6 +165,12 @@ fn g2g(args: &Args, bin: &Path, dir: &Path, len: usize, dpdk: bool) -> Result<f6
     Ok(r.rx as f64 / secs)
 }
 
+/// A fresh number for socket names (every run binds new sockets).
+fn next_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -177,9 +189,10 @@ fn main() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     println!(
-        "net-bench: {} cores, {} s per point, backend --poll-us={}",
+        "net-bench: {} cores, {} s per point, best of {} rounds, backend --poll-us={}",
         cores(),
         args.secs,
+        args.rounds,
         args.poll_us
     );
     if cores() < 3 {
@@ -197,8 +210,11 @@ fn main() -> Result<()> {
     ];
     for (name, f) in scenarios {
         for &len in &args.sizes {
-            let o = f(&args, &bin, dir.path(), len, false)?;
-            let d = f(&args, &bin, dir.path(), len, true)?;
+            let (mut o, mut d) = (0f64, 0f64);
+            for _ in 0..args.rounds.max(1) {
+                o = o.max(f(&args, &bin, dir.path(), len, false)?);
+                d = d.max(f(&args, &bin, dir.path(), len, true)?);
+            }
             println!(
                 "| {name} | {len} B | {:.3} | {:.3} | {:.2}x |",
                 o / 1e6,
