@@ -79,7 +79,11 @@ impl Drop for Backend {
     }
 }
 
+/// testpmd instances pin lcores 0 and 1 and each touches 512 MiB: one run at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(len: usize, tag: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if !testpmd::available() {
         eprintln!("SKIPPED net_dpdk: dpdk-testpmd not found (install Debian package dpdk-dev)");
         return;
@@ -100,7 +104,7 @@ fn run(len: usize, tag: &str) {
         },
     )
     .unwrap();
-    rx.wait_started(Duration::from_secs(8)).unwrap();
+    rx.wait_started(Duration::from_secs(15)).unwrap();
     let tx_vdev = [format!("net_virtio_user0,path={}", a.display())];
     let txpkts = [format!("--txpkts={len}")];
     let mut tx = Testpmd::spawn(
@@ -114,7 +118,7 @@ fn run(len: usize, tag: &str) {
         },
     )
     .unwrap();
-    tx.wait_started(Duration::from_secs(8)).unwrap();
+    tx.wait_started(Duration::from_secs(15)).unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let sent = tx.stop(Duration::from_secs(5)).unwrap();
     std::thread::sleep(Duration::from_millis(500));
