@@ -342,3 +342,24 @@ fn too_few_mergeable_buffers_wait_for_more_without_spinning() {
     assert_eq!(got.len(), 3);
     assert_eq!(&got.concat()[HDR_LEN..], &f[..]);
 }
+
+#[test]
+fn frames_held_by_a_dropped_device_return_to_the_pool() {
+    let sw = Switch::new(SwitchConfig::default());
+    let mut a = guest(&sw, "a", true);
+    let mut b = guest(&sw, "b", true);
+    b.refill(1, 2048);
+    for _ in 0..5 {
+        a.send(&bcast(1, 60));
+    }
+    assert_eq!(b.receive().len(), 1);
+    assert!(b.rx.backlog() > 0);
+    let allocated = sw.pool().allocated();
+    drop(b);
+    drop(a);
+    assert_eq!(
+        sw.pool().free(),
+        allocated,
+        "every buffer is back in the pool"
+    );
+}

@@ -300,6 +300,13 @@ pub struct RxQueue {
     broken: Option<String>,
 }
 
+impl Drop for RxQueue {
+    fn drop(&mut self) {
+        // Frames taken from the inbox but not delivered go back to the pool.
+        self.port.recycle_all(self.batch.drain(..));
+    }
+}
+
 impl RxQueue {
     /// The RX side of virtqueue `index`, fed by `port`.
     pub fn new(index: u16, port: Arc<SwitchPort>, budget: usize) -> Self {
