@@ -363,3 +363,45 @@ fn frames_held_by_a_dropped_device_return_to_the_pool() {
         "every buffer is back in the pool"
     );
 }
+
+#[test]
+fn calls_follow_used_event_and_no_interrupt() {
+    let sw = Switch::new(SwitchConfig::default());
+    let mut a = guest(&sw, "a", true);
+    let _b = guest(&sw, "b", true);
+    let post = |a: &mut Guest, n: u16| {
+        for _ in 0..n {
+            let d = a.tx_next % QSIZE;
+            a.tx_next = a.tx_next.wrapping_add(1);
+            let addr = TX_BUF + u64::from(d) * SLOT * 2;
+            let mut b = vec![0u8; HDR_LEN];
+            b.extend_from_slice(&bcast(1, 60));
+            a.mem.write_slice(&b, GuestAddress(addr)).unwrap();
+            a.tx_ring
+                .write_desc(&a.mem, d, addr, b.len() as u32, 0, 0)
+                .unwrap();
+            a.tx_ring.push_avail(&a.mem, d).unwrap();
+        }
+    };
+    // Without EVENT_IDX: call unless the driver sets VRING_AVAIL_F_NO_INTERRUPT.
+    post(&mut a, 2);
+    assert!(a.tx.process(&mut a.txq, &a.mem).unwrap().notify);
+    a.mem.write_obj(1u16, a.tx_ring.avail).unwrap();
+    post(&mut a, 2);
+    let p = a.tx.process(&mut a.txq, &a.mem).unwrap();
+    assert_eq!(p.frames, 2);
+    assert!(!p.notify, "NO_INTERRUPT honoured");
+    a.mem.write_obj(0u16, a.tx_ring.avail).unwrap();
+    // With EVENT_IDX: call only when used_event was crossed (used index goes 4 -> 7).
+    a.txq.set_event_idx(true);
+    a.tx_ring.set_used_event(&a.mem, 9).unwrap();
+    post(&mut a, 3);
+    assert!(!a.tx.process(&mut a.txq, &a.mem).unwrap().notify);
+    a.tx_ring.set_used_event(&a.mem, 8).unwrap();
+    post(&mut a, 3);
+    assert!(
+        a.tx.process(&mut a.txq, &a.mem).unwrap().notify,
+        "used 7 -> 10 crosses 8"
+    );
+    assert_eq!(a.tx_ring.used_idx(&a.mem).unwrap(), 10);
+}

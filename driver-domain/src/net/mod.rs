@@ -8,6 +8,7 @@
 //! - [`frame`]: pooled frame buffers (one copy in, one copy out, no per-frame allocation).
 //! - [`switch`]: MAC learning with ageing, flooding, no hairpin, bounded per-sender queues.
 //! - [`queue`]: the TX and RX data path of one queue pair.
+//! - [`ring`]: batched used-ring publication and the call decision.
 //! - [`config`]: device options, offered features, configuration space.
 //! - [`tap`]: an optional uplink port to a host tap device.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod frame;
 pub mod header;
 pub mod queue;
+pub mod ring;
 pub mod switch;
 pub mod tap;
 

@@ -22,12 +22,15 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use super::config::Negotiated;
 use super::frame::FrameBox;
 use super::header::{rx_header, HeaderError, TxHeader, HDR_LEN};
+use super::ring::{needs_call, publish_used};
 use super::switch::SwitchPort;
 
 /// Frames moved from the switch inbox per lock.
 const RX_BATCH: usize = 32;
 /// Frame buffers a TX queue takes from the pool per lock.
 const TX_CACHE: usize = 32;
+/// TX chains completed per used-index store.
+const TX_BATCH: usize = 64;
 
 /// Errors that fail a queue.
 #[derive(Debug, Error)]
@@ -222,30 +225,38 @@ impl TxQueue {
         let q = self.index;
         let ring = |e| NetQueueError::Ring(q, e);
         let mut progress = Progress::default();
-        'outer: loop {
+        let old_used = queue.next_used();
+        let mut heads = [0u16; TX_BATCH];
+        loop {
             queue.disable_notification(mem).map_err(ring)?;
-            loop {
-                if progress.frames == self.budget {
-                    progress.more = true;
-                    break 'outer;
+            // One avail-index read per batch; one used-index store per batch.
+            let mut n = 0;
+            {
+                let mut chains = queue.iter(mem).map_err(ring)?;
+                while n < TX_BATCH && progress.frames + n < self.budget {
+                    let Some(chain) = chains.next() else { break };
+                    heads[n] = chain.head_index();
+                    if let Err(e) = self.transmit(chain, mem) {
+                        self.port.count_tx_invalid();
+                        log_sparse(&mut self.invalid, "dropped transmitted frame", q, &e);
+                    }
+                    n += 1;
                 }
-                let chain = queue.iter(mem).map_err(ring)?.next();
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                if let Err(e) = self.transmit(chain, mem) {
-                    self.port.count_tx_invalid();
-                    log_sparse(&mut self.invalid, "dropped transmitted frame", q, &e);
-                }
-                queue.add_used(mem, head, 0).map_err(ring)?;
-                progress.frames += 1;
+            }
+            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
+            progress.frames += n;
+            if progress.frames >= self.budget {
+                progress.more = true;
+                break;
+            }
+            if n == TX_BATCH {
+                continue;
             }
             if !self.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
                 break;
             }
         }
-        if progress.frames > 0 {
-            progress.notify = queue.needs_notification(mem).map_err(ring)?;
-        }
+        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
         Ok(progress)
     }
 
@@ -295,6 +306,7 @@ pub struct RxQueue {
     budget: usize,
     batch: VecDeque<FrameBox>,
     used: Vec<(u16, u32)>,
+    completed: Vec<(u16, u32)>,
     idle_notify: bool,
     dropped: u64,
     broken: Option<String>,
@@ -317,6 +329,7 @@ impl RxQueue {
             budget: budget.max(1),
             batch: VecDeque::with_capacity(RX_BATCH),
             used: Vec::with_capacity(64),
+            completed: Vec::with_capacity(256),
             idle_notify: true,
             dropped: 0,
             broken: None,
@@ -373,7 +386,27 @@ impl RxQueue {
         let q = self.index;
         let ring = |e| NetQueueError::Ring(q, e);
         let mut progress = Progress::default();
+        let old_used = queue.next_used();
+        self.completed.clear();
         queue.disable_notification(mem).map_err(ring)?;
+        let r = self.deliver_all(queue, mem, &mut progress);
+        // Completed chains are published with one used-index store, even if a later frame
+        // failed the queue (the driver gets back what the device finished).
+        let published = publish_used(queue, mem, self.completed.drain(..)).map_err(ring);
+        r?;
+        published?;
+        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
+        Ok(progress)
+    }
+
+    fn deliver_all<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        progress: &mut Progress,
+    ) -> Result<(), NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
         loop {
             if progress.frames == self.budget {
                 progress.more = true;
@@ -417,10 +450,7 @@ impl RxQueue {
                 }
             }
         }
-        if progress.frames > 0 {
-            progress.notify = queue.needs_notification(mem).map_err(ring)?;
-        }
-        Ok(progress)
+        Ok(())
     }
 
     fn deliver<M: GuestMemory>(
@@ -462,7 +492,7 @@ impl RxQueue {
                     q,
                     &bytes.len(),
                 );
-                queue.add_used(mem, head, 0).map_err(ring)?;
+                self.completed.push((head, 0));
                 return Ok(Delivery::Dropped);
             }
             if self.used.len() >= usize::from(queue.size()) {
@@ -485,9 +515,7 @@ impl RxQueue {
                 }
             }
         }
-        for &(head, len) in &self.used {
-            queue.add_used(mem, head, len).map_err(ring)?;
-        }
+        self.completed.extend_from_slice(&self.used);
         Ok(Delivery::Delivered)
     }
 
