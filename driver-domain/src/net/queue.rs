@@ -153,6 +153,7 @@ pub struct TxQueue {
     neg: Negotiated,
     budget: usize,
     cache: Vec<FrameBox>,
+    pending: Vec<FrameBox>,
     idle_notify: bool,
     invalid: u64,
     broken: Option<String>,
@@ -161,6 +162,7 @@ pub struct TxQueue {
 impl Drop for TxQueue {
     fn drop(&mut self) {
         self.port.recycle_all(self.cache.drain(..));
+        self.port.recycle_all(self.pending.drain(..));
     }
 }
 
@@ -172,7 +174,8 @@ impl TxQueue {
             port,
             neg: Negotiated::default(),
             budget: budget.max(1),
-            cache: Vec::with_capacity(TX_CACHE),
+            cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
+            pending: Vec::with_capacity(TX_BATCH),
             idle_notify: true,
             invalid: 0,
             broken: None,
@@ -243,6 +246,12 @@ impl TxQueue {
                     n += 1;
                 }
             }
+            // Switch the batch under one lock; unused buffers come back into the cache.
+            self.port.transmit_batch(&mut self.pending, &mut self.cache);
+            if self.cache.len() > TX_CACHE + TX_BATCH {
+                let extra = self.cache.len() - TX_CACHE;
+                self.port.recycle_all(self.cache.drain(extra..));
+            }
             publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
             progress.frames += n;
             if progress.frames >= self.budget {
@@ -280,7 +289,7 @@ impl TxQueue {
         match parsed {
             Ok((_, len)) => {
                 buf.set_len(len);
-                self.port.transmit(buf);
+                self.pending.push(buf);
                 Ok(())
             }
             Err(e) => {

@@ -251,6 +251,16 @@ pub struct Switch {
     last_sweep_ms: AtomicU64,
 }
 
+/// Per-batch forwarding state: counters (frames, bytes, invalid, dropped, filtered) and the
+/// source addresses to learn once the read lock is released.
+struct Batch<'a> {
+    src: &'a Port,
+    limit: usize,
+    stats: [u64; 5],
+    unlearned: [Mac; 4],
+    n_unlearned: usize,
+}
+
 /// What the switch did with one frame (for tests and tracing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forwarded {
@@ -389,24 +399,88 @@ impl Switch {
 
     /// Switch `buf`, sent by `src`. Every copy that cannot be queued goes back to the pool.
     fn forward(&self, src: &Port, buf: FrameBox) -> Forwarded {
+        let mut out = Forwarded::Dropped;
+        let mut one = Some(buf);
+        self.forward_batch(src, std::iter::from_fn(|| one.take()), None, |f| out = f);
+        out
+    }
+
+    /// Switch every frame of `frames` (sent by `src`) under one table lock, with one clock
+    /// read and one counter update per batch. Buffers that end up unused go to `spare` (the
+    /// caller reuses them) or, without it, back to the pool. `each` sees every outcome.
+    fn forward_batch(
+        &self,
+        src: &Port,
+        frames: impl Iterator<Item = FrameBox>,
+        mut spare: Option<&mut Vec<FrameBox>>,
+        mut each: impl FnMut(Forwarded),
+    ) {
+        let now = self.now_ms();
+        let mut ctx = Batch {
+            src,
+            limit: self.cfg.queue_limit,
+            stats: [0; 5],
+            unlearned: [[0; 6]; 4],
+            n_unlearned: 0,
+        };
+        let t = self.read();
+        for buf in frames {
+            let (f, unused) = self.forward_one(&t, &mut ctx, buf, now);
+            if let Some(b) = unused {
+                match spare.as_deref_mut() {
+                    Some(v) => v.push(b),
+                    None => self.pool.put(b),
+                }
+            }
+            each(f);
+        }
+        drop(t);
+        let c = &src.counters;
+        for (counter, n) in [
+            (&c.tx_frames, ctx.stats[0]),
+            (&c.tx_bytes, ctx.stats[1]),
+            (&c.tx_invalid, ctx.stats[2]),
+            (&c.tx_dropped, ctx.stats[3]),
+            (&c.tx_filtered, ctx.stats[4]),
+        ] {
+            if n > 0 {
+                add(counter, n);
+            }
+        }
+        for mac in &ctx.unlearned[..ctx.n_unlearned] {
+            self.learn(*mac, src.id, now);
+        }
+        if ctx.n_unlearned == 0 && self.sweep_due(now) {
+            self.sweep(now);
+        }
+    }
+
+    /// Forward one frame; returns the outcome and the buffer if nobody took it.
+    fn forward_one(
+        &self,
+        t: &Tables,
+        ctx: &mut Batch<'_>,
+        buf: FrameBox,
+        now: u64,
+    ) -> (Forwarded, Option<FrameBox>) {
+        let src = ctx.src;
         let (dst_mac, src_mac) = (buf.dst(), buf.src());
         if is_multicast(&src_mac) {
-            add(&src.counters.tx_invalid, 1);
-            self.pool.put(buf);
-            return Forwarded::Invalid;
+            ctx.stats[2] += 1;
+            return (Forwarded::Invalid, Some(buf));
         }
-        add(&src.counters.tx_frames, 1);
-        add(&src.counters.tx_bytes, buf.len() as u64);
-        let now = self.now_ms();
-        let limit = self.cfg.queue_limit;
-        let t = self.read();
-        let learned = match t.macs.get(&src_mac) {
-            Some(e) if e.port == src.id => {
-                e.seen_ms.store(now, Ordering::Relaxed);
-                true
+        ctx.stats[0] += 1;
+        ctx.stats[1] += buf.len() as u64;
+        match t.macs.get(&src_mac) {
+            Some(e) if e.port == src.id => e.seen_ms.store(now, Ordering::Relaxed),
+            _ => {
+                let known = ctx.unlearned[..ctx.n_unlearned].contains(&src_mac);
+                if !known && ctx.n_unlearned < ctx.unlearned.len() {
+                    ctx.unlearned[ctx.n_unlearned] = src_mac;
+                    ctx.n_unlearned += 1;
+                }
             }
-            _ => false,
-        };
+        }
         let dest = if is_multicast(&dst_mac) {
             None
         } else {
@@ -415,75 +489,79 @@ impl Switch {
                 .filter(|e| self.fresh(e, now))
                 .map(|e| e.port)
         };
-        let outcome = match dest {
+        match dest {
             Some(d) if d == src.id => {
-                add(&src.counters.tx_filtered, 1);
-                self.pool.put(buf);
-                Forwarded::Filtered
+                ctx.stats[4] += 1;
+                (Forwarded::Filtered, Some(buf))
             }
             Some(d) => match t.ports.get(d).and_then(Option::as_ref) {
-                Some(p) => match p.enqueue(src.id, buf, limit) {
-                    Ok(()) => Forwarded::Unicast(d),
+                Some(p) => match p.enqueue(src.id, buf, ctx.limit) {
+                    Ok(()) => (Forwarded::Unicast(d), None),
                     Err(b) => {
-                        add(&src.counters.tx_dropped, 1);
-                        self.pool.put(b);
-                        Forwarded::Dropped
+                        ctx.stats[3] += 1;
+                        (Forwarded::Dropped, Some(b))
                     }
                 },
-                None => {
-                    self.pool.put(buf);
-                    Forwarded::Dropped
-                }
+                None => (Forwarded::Dropped, Some(buf)),
             },
-            None => self.flood(&t, src, buf, limit),
-        };
-        drop(t);
-        if !learned || self.sweep_due(now) {
-            self.learn(src_mac, src.id, now);
+            None => self.flood(t, ctx, buf),
         }
-        outcome
     }
 
-    fn flood(&self, t: &Tables, src: &Port, buf: FrameBox, limit: usize) -> Forwarded {
+    fn flood(
+        &self,
+        t: &Tables,
+        ctx: &mut Batch<'_>,
+        buf: FrameBox,
+    ) -> (Forwarded, Option<FrameBox>) {
+        let src = ctx.src;
         let mut others = t.ports.iter().flatten().filter(|p| p.id != src.id);
         let Some(mut current) = others.next() else {
-            self.pool.put(buf);
-            return Forwarded::Flooded(0);
+            return (Forwarded::Flooded(0), Some(buf));
         };
         let mut queued = 0;
         for next in others {
             match self.pool.take() {
                 Some(mut copy) => {
                     copy.fill(buf.frame());
-                    match current.enqueue(src.id, copy, limit) {
+                    match current.enqueue(src.id, copy, ctx.limit) {
                         Ok(()) => queued += 1,
                         Err(b) => {
-                            add(&src.counters.tx_dropped, 1);
+                            ctx.stats[3] += 1;
                             self.pool.put(b);
                         }
                     }
                 }
-                None => add(&src.counters.tx_dropped, 1),
+                None => ctx.stats[3] += 1,
             }
             current = next;
         }
-        match current.enqueue(src.id, buf, limit) {
-            Ok(()) => queued += 1,
-            Err(b) => {
-                add(&src.counters.tx_dropped, 1);
-                self.pool.put(b);
+        let unused = match current.enqueue(src.id, buf, ctx.limit) {
+            Ok(()) => {
+                queued += 1;
+                None
             }
-        }
+            Err(b) => {
+                ctx.stats[3] += 1;
+                Some(b)
+            }
+        };
         if queued == 0 {
-            Forwarded::Dropped
+            (Forwarded::Dropped, unused)
         } else {
-            Forwarded::Flooded(queued)
+            (Forwarded::Flooded(queued), unused)
         }
     }
 
     fn sweep_due(&self, now: u64) -> bool {
         now.saturating_sub(self.last_sweep_ms.load(Ordering::Relaxed))
             >= u64::try_from(self.cfg.ageing.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn sweep(&self, now: u64) {
+        let mut t = self.write();
+        self.last_sweep_ms.store(now, Ordering::Relaxed);
+        t.macs.retain(|_, e| self.fresh(e, now));
     }
 
     fn learn(&self, mac: Mac, port: PortId, now: u64) {
@@ -567,6 +645,13 @@ impl SwitchPort {
     /// Send a frame (already length-checked by the caller) into the switch.
     pub fn transmit(&self, buf: FrameBox) -> Forwarded {
         self.switch.forward(&self.port, buf)
+    }
+
+    /// Send every frame of `frames` (drained) into the switch under one lock; buffers nobody
+    /// took (dropped, flooded to no port) are pushed to `spare` for reuse.
+    pub fn transmit_batch(&self, frames: &mut Vec<FrameBox>, spare: &mut Vec<FrameBox>) {
+        self.switch
+            .forward_batch(&self.port, frames.drain(..), Some(spare), |_| {});
     }
 
     /// Count a frame refused before it reached the switch.
