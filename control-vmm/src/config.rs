@@ -95,6 +95,62 @@ pub struct GuestConfig {
     pub kernel: Option<PathBuf>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    #[serde(default, rename = "nic")]
+    pub nics: Vec<NicConfig>,
+}
+
+/// A virtual network interface (vif) of a guest: a port of the driver domain's switch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// Interface number (0 is the first).
+    #[serde(default)]
+    pub devid: u32,
+    /// MAC address, `xx:xx:xx:xx:xx:xx`; default `02:00:00:<domid>:<devid>` (locally
+    /// administered).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// IPv4 address on the host's internal switch; default `10.0.0.<domid>`.
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+impl NicConfig {
+    /// The MAC address, given or derived from the domain id.
+    pub fn mac_of(&self, domid: u32) -> Option<[u8; 6]> {
+        match &self.mac {
+            Some(text) => parse_mac(text),
+            None => {
+                let d = domid.to_be_bytes();
+                Some([0x02, 0x00, d[1], d[2], d[3], self.devid as u8])
+            }
+        }
+    }
+
+    /// The IPv4 address, given or derived from the domain id.
+    pub fn ip_of(&self, domid: u32) -> Option<[u8; 4]> {
+        match &self.ip {
+            Some(text) => text.parse::<std::net::Ipv4Addr>().ok().map(|a| a.octets()),
+            None => u8::try_from(domid)
+                .ok()
+                .filter(|d| *d < 255)
+                .map(|d| [10, 0, 0, d]),
+        }
+    }
+}
+
+/// `xx:xx:xx:xx:xx:xx` (hex, either case), unicast.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
 fn default_kind() -> GuestKind {
@@ -241,6 +297,33 @@ impl HostConfig {
                     format!("guest[{i}].disk"),
                     "at most one disk for a kvm guest (its VMM has one virtio-mmio slot)",
                 ));
+            }
+            if guest.kind == GuestKind::Kvm && !guest.nics.is_empty() {
+                return Err(invalid(
+                    format!("guest[{i}].nic"),
+                    "no network interface on a kvm guest (the tiny kernel has no virtio-net yet)",
+                ));
+            }
+            let mut nic_ids = HashSet::new();
+            for (j, nic) in guest.nics.iter().enumerate() {
+                if !nic_ids.insert(nic.devid) || nic.devid > 255 {
+                    return Err(invalid(
+                        format!("guest[{i}].nic[{j}].devid"),
+                        "an interface number 0-255, unique within the guest",
+                    ));
+                }
+                if nic.mac_of(guest.domid).is_none() {
+                    return Err(invalid(
+                        format!("guest[{i}].nic[{j}].mac"),
+                        "a unicast MAC address xx:xx:xx:xx:xx:xx",
+                    ));
+                }
+                if nic.ip_of(guest.domid).is_none() {
+                    return Err(invalid(
+                        format!("guest[{i}].nic[{j}].ip"),
+                        "an IPv4 address (needed when the domain id is 255 or more)",
+                    ));
+                }
             }
             let mut devids = HashSet::new();
             for (j, disk) in guest.disks.iter().enumerate() {
@@ -393,6 +476,22 @@ mod tests {
         assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
         let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
         expect_invalid(&process_with_kernel, "guest[1].kernel");
+    }
+
+    #[test]
+    fn nics_get_derived_addresses_and_bad_ones_are_refused() {
+        let with_nic =
+            |nic: &str| GOOD.replace("domid = 3\n", &format!("domid = 3\n[[guest.nic]]\n{nic}\n"));
+        let config = parse(&with_nic("devid = 0")).unwrap();
+        let nic = &config.guests[1].nics[0];
+        assert_eq!(nic.mac_of(3), Some([2, 0, 0, 0, 3, 0]));
+        assert_eq!(nic.ip_of(3), Some([10, 0, 0, 3]));
+        expect_invalid(
+            &with_nic("mac = \"01:00:00:00:00:01\""),
+            "guest[1].nic[0].mac",
+        );
+        expect_invalid(&with_nic("mac = \"02:00:00:00:00\""), "guest[1].nic[0].mac");
+        expect_invalid(&with_nic("ip = \"10.0.0\""), "guest[1].nic[0].ip");
     }
 
     #[test]

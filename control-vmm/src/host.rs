@@ -19,7 +19,7 @@ use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
-use crate::config::{DiskConfig, GuestKind, HostConfig};
+use crate::config::{DiskConfig, GuestKind, HostConfig, NicConfig};
 use crate::supervisor::DomainProcess;
 use crate::{connection, domains};
 
@@ -335,6 +335,89 @@ impl Host {
                 Ok(sectors)
             }
             other => bail!("{name}: attaching vbd {}: {other:?}", dev.devid),
+        }
+    }
+
+    /// Attaches interface `nic` to guest `name`: a new port of the driver domain's switch,
+    /// reached over a private vhost-user connection as for disks; waits for Connected.
+    /// Returns the interface's IPv4 address.
+    pub fn attach_nic(&mut self, name: &str, nic: &NicConfig) -> Result<[u8; 4]> {
+        let guest = self.guest(name)?;
+        let domid = guest.domain.domid;
+        let dev = DeviceId {
+            kind: DeviceKind::Vif,
+            backend: self.driver.domid,
+            frontend: domid,
+            devid: nic.devid,
+        };
+        let mac = nic.mac_of(domid).context("MAC address")?;
+        let ip = nic.ip_of(domid).context("IPv4 address")?;
+        self.attach_serial += 1;
+        let sock_name = format!("vif-{domid}-{}-{}.sock", nic.devid, self.attach_serial);
+        let (backend_end, frontend_end) =
+            connection::private_connection(&self.private_dir, &sock_name)
+                .context("creating the vhost-user connection")?;
+        self.driver.channel.send(
+            &BackendRequest::ServeNet {
+                frontend: domid,
+                devid: nic.devid,
+                mac,
+            },
+            &[backend_end.as_fd()],
+        )?;
+        self.guest(name)?.domain.channel.send(
+            &GuestRequest::AttachNet {
+                devid: nic.devid,
+                ip,
+            },
+            &[frontend_end.as_fd()],
+        )?;
+        drop((backend_end, frontend_end));
+        let mac_text = mac.map(|b| format!("{b:02x}")).join(":");
+        domains::add_device(
+            &mut self.client,
+            &dev,
+            &[("mac", mac_text.clone()), ("handle", nic.devid.to_string())],
+            &[("mac", mac_text), ("handle", nic.devid.to_string())],
+        )?;
+        match self.guest_event(name, WALK_TIMEOUT)? {
+            GuestEvent::NetConnected { devid, mac: got } if devid == nic.devid && got == mac => {
+                self.progress(&format!(
+                    "{name}: vif {devid} Connected ({}, {}.{}.{}.{})",
+                    got.map(|b| format!("{b:02x}")).join(":"),
+                    ip[0],
+                    ip[1],
+                    ip[2],
+                    ip[3]
+                ));
+                Ok(ip)
+            }
+            other => bail!("{name}: attaching vif {}: {other:?}", nic.devid),
+        }
+    }
+
+    /// Has guest `name` resolve `peer` on interface `devid` and exchange UDP echoes with it
+    /// through the driver domain's switch.
+    pub fn net_ping(&mut self, name: &str, devid: u32, peer: [u8; 4], rounds: u32) -> Result<bool> {
+        self.guest(name)?.domain.channel.send(
+            &GuestRequest::NetPing {
+                devid,
+                peer,
+                rounds,
+            },
+            &[],
+        )?;
+        match self.guest_event(name, CHECK_TIMEOUT)? {
+            GuestEvent::NetPing {
+                devid: d,
+                passed,
+                detail,
+            } if d == devid => {
+                let verdict = if passed { "passed" } else { "FAILED" };
+                self.progress(&format!("{name}: vif {devid} ping {verdict}: {detail}"));
+                Ok(passed)
+            }
+            other => bail!("{name}: ping on vif {devid}: {other:?}"),
         }
     }
 

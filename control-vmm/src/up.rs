@@ -18,6 +18,9 @@ use crate::config::HostConfig;
 use crate::host::{Host, ShutdownReport};
 use crate::{signals, toolstack};
 
+/// UDP echoes per ping check.
+const PING_ROUNDS: u32 = 20;
+
 fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
@@ -85,6 +88,23 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
         for disk in &guest.disks {
             let seed = seed_for(guest.domid, disk.devid, 0);
             let ok = host.disk_check(&guest.name, disk.devid, seed, disk.readonly)?;
+            report.record(ok);
+        }
+    }
+
+    // Network: every interface joins the driver domain's switch; each guest then resolves
+    // the next one's address and exchanges UDP echoes with it.
+    let mut interfaces = Vec::new();
+    for guest in &config.guests {
+        for nic in &guest.nics {
+            let ip = host.attach_nic(&guest.name, nic)?;
+            interfaces.push((guest.name.clone(), nic.devid, ip));
+        }
+    }
+    if interfaces.len() >= 2 {
+        for (i, (name, devid, _)) in interfaces.iter().enumerate() {
+            let (_, _, peer) = &interfaces[(i + 1) % interfaces.len()];
+            let ok = host.net_ping(name, *devid, *peer, PING_ROUNDS)?;
             report.record(ok);
         }
     }

@@ -11,6 +11,8 @@ use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
 use driver_domain::vhost_user::blk::serve_blk;
 
+mod net_serve;
+
 #[derive(Parser)]
 #[command(
     name = "driver-domain",
@@ -35,21 +37,24 @@ enum Cmd {
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: std::path::PathBuf,
     },
-    /// Serve a vhost-user-blk device on a Unix socket, one frontend after another.
+    /// Serve a vhost-user-blk device, or with `--net` vhost-user-net ports on one switch, on
+    /// Unix sockets, one frontend after another.
     Serve {
         /// Raw disk image (size a multiple of 512 bytes).
-        #[arg(long, value_name = "IMAGE", required_unless_present = "null")]
+        #[arg(long, value_name = "IMAGE", required_unless_present_any = ["null", "net"])]
         blk: Option<PathBuf>,
         /// Socket path to listen on (a stale socket file is replaced).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        #[arg(long, value_name = "PATH", required_unless_present = "net_sockets")]
+        socket: Option<PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
         /// Refuse writes (offers VIRTIO_BLK_F_RO).
         #[arg(long)]
         readonly: bool,
-        /// Number of virtqueues.
+        /// Number of virtqueues (with --net: queue pairs per port).
         #[arg(long, default_value_t = 1)]
         queues: u16,
-        /// Busy-poll an idle queue this many microseconds before sleeping.
+        /// Busy-poll an idle queue (net: an idle port) this many microseconds before sleeping.
         #[arg(long, default_value_t = 0)]
         poll_us: u64,
         /// Serve a null device of SIZE bytes instead of an image (benchmarks).
@@ -64,6 +69,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: driver_domain::hw::cli::HwCommand,
     },
+}
+
+/// Options of `serve --net`.
+#[derive(clap::Args)]
+struct NetArgs {
+    /// Serve virtio-net ports on a software switch instead of a block device.
+    #[arg(long, conflicts_with_all = ["blk", "null", "readonly"])]
+    net: bool,
+    /// More net ports on the same switch, one socket each (comma separated).
+    #[arg(long, value_name = "PATH,...", value_delimiter = ',', requires = "net")]
+    net_sockets: Vec<PathBuf>,
+    /// Attach the host tap device NAME (created if absent) to the switch as an uplink.
+    #[arg(long, value_name = "NAME", requires = "net")]
+    tap: Option<String>,
+    /// MAC address of the first port; port i gets the last byte increased by i.
+    #[arg(long, default_value = "52:54:00:12:34:56", requires = "net")]
+    mac: String,
 }
 
 fn main() -> Result<()> {
@@ -85,12 +107,33 @@ fn main() -> Result<()> {
         Cmd::Serve {
             blk,
             socket,
+            net,
             readonly,
             queues,
             poll_us,
             null,
             require_sealed,
         } => {
+            let seal_policy = if require_sealed {
+                SealPolicy::RequireSealed
+            } else {
+                SealPolicy::AllowUnsealedChecked
+            };
+            if net.net {
+                let mut sockets: Vec<PathBuf> = socket.into_iter().collect();
+                sockets.extend(net.net_sockets);
+                return net_serve::run(
+                    &sockets,
+                    net.tap.as_deref(),
+                    &net.mac,
+                    queues,
+                    poll_us,
+                    seal_policy,
+                );
+            }
+            let Some(socket) = socket else {
+                bail!("--socket PATH is required");
+            };
             let disk = match (blk, null) {
                 (_, Some(size)) => BlkDisk::null(size, readonly),
                 (Some(path), None) => {
@@ -106,11 +149,7 @@ fn main() -> Result<()> {
             let cfg = BlkConfig {
                 num_queues: queues,
                 poll_us,
-                seal_policy: if require_sealed {
-                    SealPolicy::RequireSealed
-                } else {
-                    SealPolicy::AllowUnsealedChecked
-                },
+                seal_policy,
                 ..BlkConfig::default()
             };
             serve_blk(&socket, Arc::new(disk), cfg, &AtomicBool::new(false))?;

@@ -1,4 +1,5 @@
-//! `splitvmm up` end to end: the main job on a fresh host, run-time block-attach/detach
+//! `splitvmm up` end to end: the main job on a fresh host (disks and a network exchange
+//! between the guests), run-time block-attach/detach
 //! through the management socket, and reaping of every domain process on SIGTERM.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
@@ -33,12 +34,14 @@ domid = 2
 [[guest.disk]]
 image = "a.img"
 size_mib = 4
+[[guest.nic]]
 [[guest]]
 name = "guest-b"
 domid = 3
 [[guest.disk]]
 image = "b.img"
 size_mib = 4
+[[guest.nic]]
 "#,
     )
     .unwrap();
@@ -71,8 +74,17 @@ fn main_job_passes_and_leaves_each_guest_its_own_data() {
     let out = run(splitvmm().arg("up").arg(&config));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "splitvmm up failed");
-    assert!(stdout.contains("checks: 4 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("checks: 6 passed, 0 failed"), "{stdout}");
     assert!(stdout.contains("guest-b: vbd 51712 detached"), "{stdout}");
+    // The guests found each other through the driver domain's switch.
+    assert!(
+        stdout.contains("guest-a: vif 0 ping passed: 10.0.0.3 is at 02:00:00:00:03:00"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("guest-b: vif 0 ping passed: 10.0.0.2 is at 02:00:00:00:02:00"),
+        "{stdout}"
+    );
     for guest in ["guest-a", "guest-b"] {
         let row = stdout
             .lines()

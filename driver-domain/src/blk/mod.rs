@@ -9,16 +9,18 @@
 //! - [`executor`]: executing a parsed request against the disk and guest memory.
 //! - [`inflight`]: the memfd-backed in-flight log (vhost-user INFLIGHT_SHMFD layout).
 //! - [`queue`]: processing one virtqueue with a per-wakeup budget; a standalone worker thread.
-//! - [`memory`]: checks on peer-supplied memory regions (size against fstat, seals).
+//! - [`memory`]: checks on peer-supplied memory regions (re-exported from
+//!   [`crate::virtio_core`]).
 
 pub mod config;
 pub mod disk;
 pub mod executor;
 pub mod inflight;
-pub mod memory;
 pub mod queue;
 pub mod request;
-pub mod ring_driver;
+
+// Not blk-specific; kept reachable under their old paths.
+pub use crate::virtio_core::{memory, ring_driver};
 
 pub use config::{BlkConfig, BlkConfigSpace};
 pub use disk::{BlkDisk, DiskError};

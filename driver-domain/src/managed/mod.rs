@@ -26,6 +26,10 @@ use ipc::xenstore::wire::XsError;
 
 use session::Session;
 
+use crate::net::format_mac;
+use crate::net::switch::{Switch, SwitchConfig};
+use std::sync::Arc;
+
 /// Errors that end the driver domain.
 #[derive(Debug, thiserror::Error)]
 pub enum ManagedError {
@@ -37,15 +41,27 @@ pub enum ManagedError {
 
 /// How often the loop wakes up when nothing happens.
 const TICK: Duration = Duration::from_millis(20);
+/// The kinds of split devices served.
+const KINDS: [DeviceKind; 2] = [DeviceKind::Vbd, DeviceKind::Vif];
+
 /// How long a closing backend waits for its frontend to close before closing anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(10);
 
-/// What the toolstack handed over for a device, waiting for its store directory.
-struct Handed {
-    image: File,
-    /// A listener whose only pending connection is the frontend's (its path is gone).
-    listener: UnixListener,
-    readonly: bool,
+/// A device of some frontend: its kind, the frontend's id and the device number.
+type DevKey = (DeviceKind, u32, u32);
+
+/// What the toolstack handed over for a device, waiting for its store directory. Each holds
+/// a listener whose only pending connection is the frontend's (its path is gone).
+enum Handed {
+    Block {
+        image: File,
+        listener: UnixListener,
+        readonly: bool,
+    },
+    Net {
+        listener: UnixListener,
+        mac: [u8; 6],
+    },
 }
 
 /// One backend device.
@@ -61,9 +77,11 @@ pub struct ManagedDriverDomain {
     domid: u32,
     store: StoreClient,
     control: ControlChannel,
-    handed: HashMap<(u32, u32), Handed>,
-    devices: BTreeMap<(u32, u32), Device>,
-    sessions: HashMap<(u32, u32), u64>,
+    handed: HashMap<DevKey, Handed>,
+    devices: BTreeMap<DevKey, Device>,
+    sessions: HashMap<DevKey, u64>,
+    /// The switch every vif is a port of.
+    switch: Arc<Switch>,
 }
 
 impl ManagedDriverDomain {
@@ -87,13 +105,16 @@ impl ManagedDriverDomain {
             handed: HashMap::new(),
             devices: BTreeMap::new(),
             sessions: HashMap::new(),
+            switch: Switch::new(SwitchConfig::default()),
         }
     }
 
     /// Runs until the toolstack says shut down (Ok) or goes away (Err).
     pub fn run(mut self) -> Result<(), ManagedError> {
-        let dir = backend_kind_dir(self.domid, DeviceKind::Vbd);
-        self.store.watch(&dir, "vbd")?;
+        for kind in KINDS {
+            self.store
+                .watch(&backend_kind_dir(self.domid, kind), kind.as_str())?;
+        }
         self.control.send(&BackendEvent::Ready, &[])?;
         loop {
             while let Some((request, fds)) = self.control.try_recv::<BackendRequest>()? {
@@ -102,7 +123,23 @@ impl ManagedDriverDomain {
                         frontend,
                         devid,
                         readonly,
-                    } => self.take_handed(frontend, devid, readonly, fds),
+                    } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
+                        let listener = UnixListener::from(fds.pop()?);
+                        let image = File::from(fds.pop()?);
+                        fds.is_empty().then_some(Handed::Block {
+                            image,
+                            listener,
+                            readonly,
+                        })
+                    }),
+                    BackendRequest::ServeNet {
+                        frontend,
+                        devid,
+                        mac,
+                    } => self.take_handed((DeviceKind::Vif, frontend, devid), fds, |mut fds| {
+                        let listener = UnixListener::from(fds.pop()?);
+                        fds.is_empty().then_some(Handed::Net { listener, mac })
+                    }),
                     BackendRequest::Stats => {
                         let stats = self.stats();
                         self.control.send(&BackendEvent::Stats(stats), &[])?;
@@ -118,65 +155,65 @@ impl ManagedDriverDomain {
                 Err(e) => return Err(e.into()),
             }
             self.scan()?;
-            let keys: Vec<(u32, u32)> = self.devices.keys().copied().collect();
+            let keys: Vec<DevKey> = self.devices.keys().copied().collect();
             for key in keys {
                 if let Err(reason) = self.step(key) {
-                    log::error!("vbd {}/{}: {reason}", key.0, key.1);
+                    log::error!("{} {}/{}: {reason}", key.0, key.1, key.2);
                     self.fail(key, reason)?;
                 }
             }
         }
     }
 
-    fn take_handed(&mut self, frontend: u32, devid: u32, readonly: bool, fds: Vec<OwnedFd>) {
-        let [image, listener]: [OwnedFd; 2] = match fds.try_into() {
-            Ok(pair) => pair,
-            Err(fds) => {
-                log::error!(
-                    "vbd {frontend}/{devid}: expected an image and a listener, got {} fds",
-                    fds.len()
-                );
-                return;
+    fn take_handed(
+        &mut self,
+        key: DevKey,
+        fds: Vec<OwnedFd>,
+        parse: impl FnOnce(Vec<OwnedFd>) -> Option<Handed>,
+    ) {
+        let count = fds.len();
+        match parse(fds) {
+            Some(handed) => {
+                self.handed.insert(key, handed);
             }
-        };
-        self.handed.insert(
-            (frontend, devid),
-            Handed {
-                image: File::from(image),
-                listener: UnixListener::from(listener),
-                readonly,
-            },
-        );
+            None => log::error!(
+                "{} {}/{}: the toolstack handed over {count} descriptors, not what this device needs",
+                key.0,
+                key.1,
+                key.2
+            ),
+        }
     }
 
     /// Finds device directories the toolstack created (and notices removed ones).
     fn scan(&mut self) -> Result<(), ManagedError> {
-        let dir = backend_kind_dir(self.domid, DeviceKind::Vbd);
         let mut present = Vec::new();
-        for frontend in self.list(&dir)? {
-            let fe_dir = format!("{dir}/{frontend}");
-            for devid in self.list(&fe_dir)? {
-                let path = format!("{fe_dir}/{devid}");
-                if let Some(id) = DeviceId::from_backend_path(self.domid, DeviceKind::Vbd, &path) {
-                    present.push(id);
+        for kind in KINDS {
+            let dir = backend_kind_dir(self.domid, kind);
+            for frontend in self.list(&dir)? {
+                let fe_dir = format!("{dir}/{frontend}");
+                for devid in self.list(&fe_dir)? {
+                    let path = format!("{fe_dir}/{devid}");
+                    if let Some(id) = DeviceId::from_backend_path(self.domid, kind, &path) {
+                        present.push(id);
+                    }
                 }
             }
         }
+        let key_of = |id: &DeviceId| (id.kind, id.frontend, id.devid);
         for id in &present {
-            self.devices
-                .entry((id.frontend, id.devid))
-                .or_insert_with(|| Device {
-                    id: *id,
-                    state: XenbusState::Initialising,
-                    session: None,
-                    closing_since: None,
-                });
+            self.devices.entry(key_of(id)).or_insert_with(|| Device {
+                id: *id,
+                state: XenbusState::Initialising,
+                session: None,
+                closing_since: None,
+            });
         }
         // A directory removed under a live device: stop serving it.
-        let gone: Vec<(u32, u32)> = self
+        let gone: Vec<DevKey> = self
             .devices
             .keys()
-            .filter(|k| !present.iter().any(|id| (id.frontend, id.devid) == **k))
+            .filter(|k| !present.iter().any(|id| key_of(id) == **k))
             .copied()
             .collect();
         for key in gone {
@@ -215,7 +252,7 @@ impl ManagedDriverDomain {
             .map_err(|e| format!("writing {path}: {e}"))
     }
 
-    fn set_state(&mut self, key: (u32, u32), state: XenbusState) -> Result<(), String> {
+    fn set_state(&mut self, key: DevKey, state: XenbusState) -> Result<(), String> {
         let Some(dev) = self.devices.get_mut(&key) else {
             return Ok(());
         };
@@ -226,7 +263,7 @@ impl ManagedDriverDomain {
     }
 
     /// One step of the backend half of the walk.
-    fn step(&mut self, key: (u32, u32)) -> Result<(), String> {
+    fn step(&mut self, key: DevKey) -> Result<(), String> {
         let Some((id, ours)) = self.devices.get(&key).map(|d| (d.id, d.state)) else {
             return Ok(());
         };
@@ -278,7 +315,7 @@ impl ManagedDriverDomain {
     }
 
     /// Starts serving once both the directory and the handed descriptors are here.
-    fn start(&mut self, key: (u32, u32)) -> Result<(), String> {
+    fn start(&mut self, key: DevKey) -> Result<(), String> {
         let Some(handed) = self.handed.remove(&key) else {
             return Ok(());
         };
@@ -287,25 +324,41 @@ impl ManagedDriverDomain {
         };
         let id = dev.id;
         let be = id.backend_path();
-        let session = Session::start(id, handed.image, handed.listener, handed.readonly)?;
-        let sectors = session.capacity_sectors();
-        let readonly = handed.readonly;
+        let (session, features): (Session, Vec<(&str, String)>) = match handed {
+            Handed::Block {
+                image,
+                listener,
+                readonly,
+            } => {
+                let session = Session::start_block(id, image, listener, readonly)?;
+                let mut features = vec![
+                    (keys::SECTORS, session.capacity_sectors().to_string()),
+                    (keys::SECTOR_SIZE, "512".to_owned()),
+                    ("feature-flush-cache", "1".to_owned()),
+                ];
+                if !readonly {
+                    features.push(("feature-discard", "1".to_owned()));
+                }
+                (session, features)
+            }
+            Handed::Net { listener, mac } => {
+                let session = Session::start_net(id, &self.switch, listener, mac)?;
+                (session, vec![("mac", format_mac(&mac))])
+            }
+        };
         if let Some(dev) = self.devices.get_mut(&key) {
             dev.session = Some(session);
         }
         *self.sessions.entry(key).or_default() += 1;
-        self.write(&format!("{be}/{}", keys::SECTORS), &sectors.to_string())?;
-        self.write(&format!("{be}/{}", keys::SECTOR_SIZE), "512")?;
-        self.write(&format!("{be}/feature-flush-cache"), "1")?;
-        if !readonly {
-            self.write(&format!("{be}/feature-discard"), "1")?;
+        for (k, v) in features {
+            self.write(&format!("{be}/{k}"), &v)?;
         }
         self.set_state(key, XenbusState::InitWait)
     }
 
     /// Closing: wait for the frontend to close (at most the grace period), then end the
     /// session and report Closed.
-    fn close_step(&mut self, key: (u32, u32), fe_state: XenbusState) -> Result<(), String> {
+    fn close_step(&mut self, key: DevKey, fe_state: XenbusState) -> Result<(), String> {
         let Some(dev) = self.devices.get_mut(&key) else {
             return Ok(());
         };
@@ -330,7 +383,7 @@ impl ManagedDriverDomain {
         self.set_state(key, XenbusState::Closed)
     }
 
-    fn fail(&mut self, key: (u32, u32), reason: String) -> Result<(), ManagedError> {
+    fn fail(&mut self, key: DevKey, reason: String) -> Result<(), ManagedError> {
         if let Some(mut dev) = self.devices.remove(&key) {
             if let Some(session) = dev.session.take() {
                 session.stop();
@@ -342,8 +395,8 @@ impl ManagedDriverDomain {
         }
         self.control.send(
             &BackendEvent::DeviceFailed {
-                frontend: key.0,
-                devid: key.1,
+                frontend: key.1,
+                devid: key.2,
                 reason,
             },
             &[],
@@ -354,7 +407,7 @@ impl ManagedDriverDomain {
     fn stats(&self) -> Vec<BackendDeviceStats> {
         self.sessions
             .iter()
-            .map(|(&(frontend, devid), &sessions)| BackendDeviceStats {
+            .map(|(&(_, frontend, devid), &sessions)| BackendDeviceStats {
                 frontend,
                 devid,
                 sessions,

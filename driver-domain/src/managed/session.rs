@@ -1,4 +1,4 @@
-//! One vhost-user-blk session of a managed device, on its own thread.
+//! One vhost-user session of a managed device (a disk, or a switch port), on its own thread.
 
 use std::fs::File;
 use std::os::unix::net::UnixListener;
@@ -12,7 +12,10 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkConfig, BlkDisk};
+use crate::net::switch::Switch;
+use crate::net::NetConfig;
 use crate::vhost_user::blk::serve_blk_listener;
+use crate::vhost_user::net::serve_net_listener;
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);
@@ -27,7 +30,7 @@ pub struct Session {
 
 impl Session {
     /// Starts serving `image` to the one frontend connection pending on `listener`.
-    pub fn start(
+    pub fn start_block(
         id: DeviceId,
         image: File,
         listener: UnixListener,
@@ -36,15 +39,50 @@ impl Session {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
+        Self::spawn(id, capacity_sectors, move |started| {
+            serve_blk_listener(
+                Listener::from(listener),
+                disk,
+                BlkConfig::default(),
+                started,
+            )
+            .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Starts serving a new port of `switch`, with address `mac`, to the one frontend
+    /// connection pending on `listener`.
+    pub fn start_net(
+        id: DeviceId,
+        switch: &Arc<Switch>,
+        listener: UnixListener,
+        mac: [u8; 6],
+    ) -> Result<Session, String> {
+        let port = switch
+            .attach(&format!("vif{}.{}", id.frontend, id.devid))
+            .map_err(|e| format!("switch port: {e}"))?;
+        let cfg = NetConfig {
+            mac,
+            ..NetConfig::default()
+        };
+        Self::spawn(id, 0, move |started| {
+            serve_net_listener(Listener::from(listener), Arc::new(port), cfg, started)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn spawn<F>(id: DeviceId, capacity_sectors: u64, serve: F) -> Result<Session, String>
+    where
+        F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name(format!("vbd-{}-{}", id.frontend, id.devid))
+            .name(format!("{}-{}-{}", id.kind, id.frontend, id.devid))
             .spawn(move || {
-                let listener = Listener::from(listener);
-                let started = move |handle| {
+                let started: Box<dyn FnOnce(ShutdownHandle) + Send> = Box::new(move |handle| {
                     let _ = tx.send(handle);
-                };
-                match serve_blk_listener(listener, disk, BlkConfig::default(), started) {
+                });
+                match serve(started) {
                     Ok(()) => log::info!("{id}: session ended"),
                     Err(e) => log::warn!("{id}: session ended: {e}"),
                 }
@@ -58,7 +96,7 @@ impl Session {
         })
     }
 
-    /// Capacity in 512-byte sectors.
+    /// Capacity in 512-byte sectors (block devices).
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
     }

@@ -1,3 +1,4 @@
 //! vhost-user adapters: thin glue between `vhost-user-backend` and the device cores.
 
 pub mod blk;
+pub mod net;

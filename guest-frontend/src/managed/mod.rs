@@ -6,13 +6,18 @@
 //! with the driver domain) on the handed vhost-user connection; on close it stops the vrings.
 
 mod disk_check;
+mod net_check;
 
 use std::os::unix::net::UnixStream;
 
 use ipc::control::messages::GuestStats;
-use ipc::xenbus::frontend::{BlockFrontendKind, ManagedFrontend};
+use ipc::xenbus::frontend::{FrontendKind, ManagedFrontend};
 
-use crate::process::{BlockFrontend, FrontendConfig, FrontendStats};
+use crate::process::{
+    BlockFrontend, FrontendConfig, FrontendStats, NetFrontend, NetFrontendConfig,
+};
+
+pub use net_check::NetNic;
 
 /// A process domain's block frontends.
 #[derive(Debug, Default)]
@@ -21,7 +26,7 @@ pub struct ProcessFrontends {
     finished: FrontendStats,
 }
 
-impl BlockFrontendKind for ProcessFrontends {
+impl FrontendKind for ProcessFrontends {
     type Session = BlockFrontend;
 
     fn connect(
@@ -69,6 +74,52 @@ impl BlockFrontendKind for ProcessFrontends {
             kicks_suppressed: t.kicks_suppressed,
             interrupts: t.interrupts,
             vmm_exits: 0,
+        }
+    }
+
+    type NetSession = NetNic;
+
+    fn connect_net(
+        &mut self,
+        _devid: u32,
+        connection: UnixStream,
+        ip: [u8; 4],
+    ) -> Result<(NetNic, [u8; 6]), String> {
+        let frontend = NetFrontend::connect(connection, NetFrontendConfig::default())
+            .map_err(|e| format!("vhost-user set-up: {e}"))?;
+        let mac = frontend
+            .mac()
+            .ok_or("the backend offered no MAC address (VIRTIO_NET_F_MAC)")?;
+        Ok((
+            NetNic {
+                frontend,
+                mac,
+                ip,
+                frames: 0,
+            },
+            mac,
+        ))
+    }
+
+    fn disconnect_net(&mut self, devid: u32, nic: NetNic) {
+        if let Err(e) = nic.frontend.shutdown() {
+            log::warn!("vif {devid}: ending the vhost-user session: {e}");
+        }
+    }
+
+    fn net_ping(
+        &mut self,
+        _devid: u32,
+        nic: &mut NetNic,
+        peer: [u8; 4],
+        rounds: u32,
+    ) -> Result<String, String> {
+        nic.ping(peer, rounds)
+    }
+
+    fn net_poll(&mut self, devid: u32, nic: &mut NetNic) {
+        if let Err(e) = nic.answer_pending() {
+            log::warn!("vif {devid}: {e}");
         }
     }
 }

@@ -8,10 +8,12 @@
 
 mod block;
 mod error;
+mod net;
 mod queue;
 mod window;
 
 pub use block::{BlockFrontend, FrontendConfig};
 pub use error::FrontendError;
+pub use net::{NetFrontend, NetFrontendConfig, NetFrontendError};
 pub use queue::{BlockOp, BlockQueue, Completion, FrontendStats, RequestId};
 pub use window::{IoWindow, WindowError, DEFAULT_WINDOW_GPA, WINDOW_SEALS};

@@ -1,8 +1,10 @@
-//! The `no_std` virtio core: DMA memory, the split virtqueue driver and the virtio-blk driver.
+//! The `no_std` virtio core: DMA memory, the split virtqueue driver, the virtio-blk and
+//! virtio-net drivers.
 //! Transport-agnostic: callers deliver kicks (MMIO doorbell, eventfd) and interrupts.
 
 pub mod blk;
 pub mod memory;
+pub mod net;
 pub mod virtqueue;
 
 /// Device feature: virtio 1.x (modern) device.

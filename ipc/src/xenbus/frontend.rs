@@ -237,7 +237,11 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                 }
             }
             // With an interface up, wake often enough to answer peers promptly.
-            let tick = if self.has_connected_net() { NET_TICK } else { TICK };
+            let tick = if self.has_connected_net() {
+                NET_TICK
+            } else {
+                TICK
+            };
             match self.store.read_watch_event(Some(tick)) {
                 Ok(_) | Err(ClientError::Timeout) => {}
                 Err(e) => return Err(e.into()),
@@ -253,9 +257,18 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         }
     }
 
-    fn attach(&mut self, key: DevKey, ip: [u8; 4], mut fds: Vec<OwnedFd>) -> Result<(), FrontendError> {
+    fn attach(
+        &mut self,
+        key: DevKey,
+        ip: [u8; 4],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(), FrontendError> {
         let (kind, devid) = key;
-        let blocks = self.devices.keys().filter(|k| k.0 == DeviceKind::Vbd).count();
+        let blocks = self
+            .devices
+            .keys()
+            .filter(|k| k.0 == DeviceKind::Vbd)
+            .count();
         let reason = match fds.pop().filter(|_| fds.is_empty()) {
             None => "attach came without exactly one connection".to_owned(),
             Some(_) if self.devices.contains_key(&key) => format!("{kind} {devid} exists"),
@@ -357,7 +370,10 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         match (state, backend_state) {
             (XenbusState::Initialising, XenbusState::InitWait) => {
                 self.connect(key)?;
-                match self.store.watch(&format!("{backend}/{}", keys::STATE), &token(key)) {
+                match self
+                    .store
+                    .watch(&format!("{backend}/{}", keys::STATE), &token(key))
+                {
                     Ok(()) => {}
                     // Still registered from an earlier attach of the same device.
                     Err(e) if e.xs_error() == Some(XsError::EEXIST) => {}
@@ -373,7 +389,10 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                         devid,
                         sectors: dev.capacity,
                     },
-                    DeviceKind::Vif => GuestEvent::NetConnected { devid, mac: dev.mac },
+                    DeviceKind::Vif => GuestEvent::NetConnected {
+                        devid,
+                        mac: dev.mac,
+                    },
                 };
                 self.control.send(&event, &[]).map_err(|e| e.to_string())
             }
@@ -482,10 +501,11 @@ impl<K: FrontendKind> ManagedFrontend<K> {
     }
 
     fn stats(&self) -> GuestStats {
-        self.kind.stats(self.devices.values().filter_map(|d| match &d.session {
-            Some(Session::Block(s)) => Some(s),
-            _ => None,
-        }))
+        self.kind
+            .stats(self.devices.values().filter_map(|d| match &d.session {
+                Some(Session::Block(s)) => Some(s),
+                _ => None,
+            }))
     }
 
     /// Publishes the running counters under the domain's own `data/io` directory, where

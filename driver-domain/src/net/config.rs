@@ -1,0 +1,214 @@
+//! Device options, the feature bits offered, and the virtio-net configuration space.
+//!
+//! Offered, because implemented: VERSION_1, EVENT_IDX, INDIRECT_DESC, MAC, STATUS (link always
+//! up), MTU (1500), MRG_RXBUF, and MQ when more than one queue pair is configured. Not offered,
+//! because not implemented: checksum offload (CSUM, GUEST_CSUM), segmentation (HOST_/GUEST_
+//! TSO/UFO/USO), the control queue (CTRL_VQ; vhost-user frontends such as QEMU and DPDK handle
+//! it themselves and enable queue pairs with SET_VRING_ENABLE).
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::frame::Mac;
+use super::header::{TxOffloads, HDR_LEN, HDR_LEN_LEGACY, MTU};
+use crate::virtio_core::memory::SealPolicy;
+
+/// Device handles checksum offload of transmitted frames.
+pub const NET_F_CSUM: u32 = 0;
+/// Driver handles partial checksums of received frames.
+pub const NET_F_GUEST_CSUM: u32 = 1;
+/// `mtu` in the configuration space is valid.
+pub const NET_F_MTU: u32 = 3;
+/// `mac` in the configuration space is valid.
+pub const NET_F_MAC: u32 = 5;
+/// Device accepts TSOv4.
+pub const NET_F_HOST_TSO4: u32 = 11;
+/// Device accepts TSOv6.
+pub const NET_F_HOST_TSO6: u32 = 12;
+/// Device accepts UFO.
+pub const NET_F_HOST_UFO: u32 = 14;
+/// Driver can merge receive buffers.
+pub const NET_F_MRG_RXBUF: u32 = 15;
+/// `status` in the configuration space is valid.
+pub const NET_F_STATUS: u32 = 16;
+/// Multiple queue pairs.
+pub const NET_F_MQ: u32 = 22;
+/// `status`: link is up.
+pub const NET_S_LINK_UP: u16 = 1;
+
+/// Options of one virtio-net device.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The MAC address published to the driver.
+    pub mac: Mac,
+    /// Queue pairs (RX/TX); `2 * queue_pairs` virtqueues.
+    pub queue_pairs: u16,
+    /// Largest queue size accepted (a power of two, <= 32768).
+    pub queue_size: u16,
+    /// Frames processed from one queue per wakeup before the other queues get a turn.
+    pub budget: usize,
+    /// Busy-poll idle queues this long (guest kicks and switch wake-ups off) before sleeping;
+    /// 0 disables polling.
+    pub poll_us: u64,
+    /// What to accept from peer-supplied memory that is not sealed against shrinking.
+    pub seal_policy: SealPolicy,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            queue_pairs: 1,
+            queue_size: 256,
+            budget: 64,
+            poll_us: 0,
+            seal_policy: SealPolicy::AllowUnsealedChecked,
+        }
+    }
+}
+
+impl NetConfig {
+    /// The virtio feature bits offered (without the vhost-user PROTOCOL_FEATURES bit).
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << NET_F_MAC)
+            | (1u64 << NET_F_STATUS)
+            | (1u64 << NET_F_MTU)
+            | (1u64 << NET_F_MRG_RXBUF);
+        if self.queue_pairs > 1 {
+            f |= 1u64 << NET_F_MQ;
+        }
+        f
+    }
+
+    /// The number of virtqueues.
+    pub fn num_queues(&self) -> usize {
+        2 * usize::from(self.queue_pairs)
+    }
+}
+
+/// What the driver accepted, as the data path needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Header length on both rings.
+    pub hdr_len: usize,
+    /// Receive frames may span several chains.
+    pub mrg_rxbuf: bool,
+    /// Offloads allowed on transmitted frames.
+    pub tx_offloads: TxOffloads,
+}
+
+impl Negotiated {
+    /// Decode the acked feature bits.
+    pub fn from_features(acked: u64) -> Self {
+        let has = |b: u32| acked & (1u64 << b) != 0;
+        let mrg_rxbuf = has(NET_F_MRG_RXBUF);
+        Negotiated {
+            hdr_len: if has(VIRTIO_F_VERSION_1) || mrg_rxbuf {
+                HDR_LEN
+            } else {
+                HDR_LEN_LEGACY
+            },
+            mrg_rxbuf,
+            tx_offloads: TxOffloads {
+                csum: has(NET_F_CSUM),
+                gso: has(NET_F_HOST_TSO4) || has(NET_F_HOST_TSO6) || has(NET_F_HOST_UFO),
+            },
+        }
+    }
+}
+
+impl Default for Negotiated {
+    fn default() -> Self {
+        Negotiated::from_features(1u64 << VIRTIO_F_VERSION_1)
+    }
+}
+
+/// The virtio-net configuration space (virtio 1.2, 5.1.4), little endian: mac, status,
+/// max_virtqueue_pairs, mtu.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfigSpace {
+    bytes: [u8; Self::LEN],
+}
+
+impl NetConfigSpace {
+    /// Bytes published.
+    pub const LEN: usize = 12;
+
+    /// The space for `cfg`.
+    pub fn new(cfg: &NetConfig) -> Self {
+        let mut bytes = [0u8; Self::LEN];
+        bytes[0..6].copy_from_slice(&cfg.mac);
+        bytes[6..8].copy_from_slice(&NET_S_LINK_UP.to_le_bytes());
+        bytes[8..10].copy_from_slice(&cfg.queue_pairs.to_le_bytes());
+        bytes[10..12].copy_from_slice(&MTU.to_le_bytes());
+        NetConfigSpace { bytes }
+    }
+
+    /// Read `size` bytes at `offset`; out-of-range reads return what lies in range (possibly
+    /// nothing), as vhost-user frontends expect.
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = (offset as usize).min(Self::LEN);
+        let end = start.saturating_add(size as usize).min(Self::LEN);
+        self.bytes[start..end].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_are_honest() {
+        let cfg = NetConfig::default();
+        let f = cfg.features();
+        for b in [
+            NET_F_CSUM,
+            NET_F_GUEST_CSUM,
+            NET_F_HOST_TSO4,
+            NET_F_HOST_UFO,
+            NET_F_MQ,
+        ] {
+            assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
+        }
+        assert_ne!(f & (1 << NET_F_MRG_RXBUF), 0);
+        let mq = NetConfig {
+            queue_pairs: 4,
+            ..NetConfig::default()
+        };
+        assert_ne!(mq.features() & (1 << NET_F_MQ), 0);
+        assert_eq!(mq.num_queues(), 8);
+    }
+
+    #[test]
+    fn negotiation_sets_header_length() {
+        assert_eq!(Negotiated::from_features(0).hdr_len, HDR_LEN_LEGACY);
+        assert_eq!(
+            Negotiated::from_features(1 << NET_F_MRG_RXBUF).hdr_len,
+            HDR_LEN
+        );
+        let n = Negotiated::from_features(1 << VIRTIO_F_VERSION_1);
+        assert_eq!(n.hdr_len, HDR_LEN);
+        assert!(!n.mrg_rxbuf);
+        assert_eq!(n.tx_offloads, TxOffloads::default());
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let cfg = NetConfig {
+            queue_pairs: 2,
+            ..NetConfig::default()
+        };
+        let s = NetConfigSpace::new(&cfg);
+        let all = s.read(0, 64);
+        assert_eq!(all.len(), NetConfigSpace::LEN);
+        assert_eq!(&all[0..6], &cfg.mac);
+        assert_eq!(all[6], 1);
+        assert_eq!(all[8], 2);
+        assert_eq!(u16::from_le_bytes([all[10], all[11]]), 1500);
+        assert!(s.read(100, 4).is_empty());
+        assert_eq!(s.read(6, 2), vec![1, 0]);
+    }
+}

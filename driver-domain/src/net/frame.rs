@@ -1,0 +1,264 @@
+//! Frame buffers and the pool they are recycled through.
+//!
+//! A frame is copied once out of the sender's TX descriptors into a [`FrameBuf`] and once out
+//! of it into the receiver's RX descriptors. Buffers come from a [`FramePool`] and go back to
+//! it after delivery, so the data path allocates nothing once the pool has warmed up. Each
+//! buffer keeps [`HEADROOM`] bytes in front of the frame where the receive path builds the
+//! virtio-net header, so header and frame usually reach the guest in one copy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::header::{HDR_LEN, MAX_FRAME};
+
+/// Bytes kept in front of the frame for the receive header.
+pub const HEADROOM: usize = HDR_LEN;
+/// Size of the data area of a [`FrameBuf`].
+pub const BUF_LEN: usize = HEADROOM + MAX_FRAME;
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// The broadcast address.
+pub const BROADCAST: Mac = [0xff; 6];
+
+/// The address is a group (multicast or broadcast) address.
+pub fn is_multicast(mac: &Mac) -> bool {
+    mac[0] & 1 != 0
+}
+
+/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &Mac) -> String {
+    let p: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    p.join(":")
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<Mac> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// One frame with headroom. The frame lives at `data[HEADROOM..HEADROOM + len]`.
+#[derive(Clone)]
+pub struct FrameBuf {
+    data: [u8; BUF_LEN],
+    len: usize,
+}
+
+impl std::fmt::Debug for FrameBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameBuf").field("len", &self.len).finish()
+    }
+}
+
+/// A heap frame buffer, moved (never copied) between ports and the pool.
+pub type FrameBox = Box<FrameBuf>;
+
+impl FrameBuf {
+    /// An empty buffer on the heap.
+    pub fn new_boxed() -> FrameBox {
+        Box::new(FrameBuf {
+            data: [0; BUF_LEN],
+            len: 0,
+        })
+    }
+
+    /// The frame.
+    pub fn frame(&self) -> &[u8] {
+        &self.data[HEADROOM..HEADROOM + self.len]
+    }
+
+    /// Frame length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No frame is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole writable area a chain of `hdr_len` header bytes plus a frame of up to
+    /// [`MAX_FRAME`] bytes is read into, so the frame lands at [`HEADROOM`].
+    pub fn chain_area(&mut self, hdr_len: usize) -> &mut [u8] {
+        let start = HEADROOM.saturating_sub(hdr_len);
+        &mut self.data[start..]
+    }
+
+    /// Set the frame length after filling [`FrameBuf::chain_area`] (clamped to the buffer).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(MAX_FRAME);
+    }
+
+    /// Copy `frame` in (truncated to [`MAX_FRAME`]).
+    pub fn fill(&mut self, frame: &[u8]) {
+        let n = frame.len().min(MAX_FRAME);
+        self.data[HEADROOM..HEADROOM + n].copy_from_slice(&frame[..n]);
+        self.len = n;
+    }
+
+    /// Header followed by the frame, for the receive path: writes `hdr` into the headroom.
+    pub fn with_header(&mut self, hdr: &[u8; HDR_LEN]) -> &[u8] {
+        self.data[HEADROOM - HDR_LEN..HEADROOM].copy_from_slice(hdr);
+        &self.data[HEADROOM - HDR_LEN..HEADROOM + self.len]
+    }
+
+    /// Destination MAC (zero if the frame is shorter than an Ethernet header).
+    pub fn dst(&self) -> Mac {
+        let mut m = [0u8; 6];
+        if self.len >= 12 {
+            m.copy_from_slice(&self.data[HEADROOM..HEADROOM + 6]);
+        }
+        m
+    }
+
+    /// Source MAC (zero if the frame is shorter than an Ethernet header).
+    pub fn src(&self) -> Mac {
+        let mut m = [0u8; 6];
+        if self.len >= 12 {
+            m.copy_from_slice(&self.data[HEADROOM + 6..HEADROOM + 12]);
+        }
+        m
+    }
+}
+
+/// A pool of frame buffers shared by every port of a switch. It grows on demand up to `max`
+/// buffers (the switch's queue limits keep the number in flight far below that) and never
+/// shrinks while the switch lives.
+#[derive(Debug)]
+pub struct FramePool {
+    free: Mutex<Vec<FrameBox>>,
+    allocated: AtomicUsize,
+    max: usize,
+}
+
+impl FramePool {
+    /// A pool that holds at most `max` buffers, `prealloc` of them allocated now.
+    pub fn new(max: usize, prealloc: usize) -> Self {
+        let n = prealloc.min(max);
+        let mut free = Vec::with_capacity(max.min(1 << 16));
+        for _ in 0..n {
+            free.push(FrameBuf::new_boxed());
+        }
+        FramePool {
+            free: Mutex::new(free),
+            allocated: AtomicUsize::new(n),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FrameBox>> {
+        match self.free.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A free buffer, or `None` when all `max` buffers are in flight.
+    pub fn take(&self) -> Option<FrameBox> {
+        if let Some(b) = self.lock().pop() {
+            return Some(b);
+        }
+        let prev = self.allocated.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.max {
+            self.allocated.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(FrameBuf::new_boxed())
+    }
+
+    /// Move up to `n` free buffers into `out` (allocating while under `max`); returns how
+    /// many were added.
+    pub fn take_many(&self, out: &mut Vec<FrameBox>, n: usize) -> usize {
+        let mut got = {
+            let mut free = self.lock();
+            let k = n.min(free.len());
+            let start = free.len() - k;
+            out.extend(free.drain(start..));
+            k
+        };
+        while got < n {
+            match self.take() {
+                Some(b) => out.push(b),
+                None => break,
+            }
+            got += 1;
+        }
+        got
+    }
+
+    /// Give a buffer back.
+    pub fn put(&self, mut buf: FrameBox) {
+        buf.len = 0;
+        self.lock().push(buf);
+    }
+
+    /// Give several buffers back at once.
+    pub fn put_all(&self, bufs: impl Iterator<Item = FrameBox>) {
+        let mut free = self.lock();
+        for mut b in bufs {
+            b.len = 0;
+            free.push(b);
+        }
+    }
+
+    /// Buffers allocated so far.
+    pub fn allocated(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Buffers currently free.
+    pub fn free(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let m = parse_mac("02:00:00:aa:bb:0c").unwrap();
+        assert_eq!(m, [2, 0, 0, 0xaa, 0xbb, 0x0c]);
+        assert_eq!(format_mac(&m), "02:00:00:aa:bb:0c");
+        assert!(parse_mac("02:00:00:aa:bb").is_none());
+        assert!(parse_mac("02:00:00:aa:bb:0c:0d").is_none());
+        assert!(parse_mac("zz:00:00:aa:bb:0c").is_none());
+        assert!(is_multicast(&BROADCAST));
+        assert!(!is_multicast(&m));
+    }
+
+    #[test]
+    fn frame_lands_after_headroom() {
+        let mut b = FrameBuf::new_boxed();
+        let area = b.chain_area(HDR_LEN);
+        area[..HDR_LEN].fill(0xee);
+        area[HDR_LEN..HDR_LEN + 14].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 8, 0]);
+        b.set_len(14);
+        assert_eq!(b.dst(), [1, 2, 3, 4, 5, 6]);
+        assert_eq!(b.src(), [7, 8, 9, 10, 11, 12]);
+        let with = b.with_header(&[0; HDR_LEN]).to_vec();
+        assert_eq!(with.len(), HDR_LEN + 14);
+        assert_eq!(&with[HDR_LEN..], b.frame());
+    }
+
+    #[test]
+    fn pool_is_bounded_and_recycles() {
+        let p = FramePool::new(2, 1);
+        let a = p.take().unwrap();
+        let b = p.take().unwrap();
+        assert!(p.take().is_none());
+        assert_eq!(p.allocated(), 2);
+        p.put(a);
+        p.put_all([b].into_iter());
+        assert_eq!(p.free(), 2);
+        assert!(p.take().is_some());
+    }
+}

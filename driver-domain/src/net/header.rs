@@ -1,0 +1,331 @@
+//! The virtio-net header (virtio 1.2, 5.1.6) and the checks a transmitted frame must pass.
+//!
+//! Every frame a driver transmits starts with this header. Its fields are guest-controlled, so
+//! [`TxHeader::parse`] validates them against the features that were actually negotiated: a
+//! device that did not offer checksum offload or segmentation must not act on a header that asks
+//! for them, and one that did must check that the offsets lie inside the frame.
+
+use thiserror::Error;
+
+/// Length of the header with `num_buffers` (VERSION_1 or MRG_RXBUF negotiated).
+pub const HDR_LEN: usize = 12;
+/// Length of the legacy header without `num_buffers`.
+pub const HDR_LEN_LEGACY: usize = 10;
+
+/// `flags`: the driver left the checksum to the device (`csum_start`/`csum_offset` valid).
+pub const HDR_F_NEEDS_CSUM: u8 = 1;
+/// `flags`: the checksum is known to be valid (RX only).
+pub const HDR_F_DATA_VALID: u8 = 2;
+/// `flags`: `csum_start`/`csum_offset` carry RSC information (RX only).
+pub const HDR_F_RSC_INFO: u8 = 4;
+
+/// `gso_type`: not a GSO frame.
+pub const GSO_NONE: u8 = 0;
+/// `gso_type`: TCPv4 segmentation.
+pub const GSO_TCPV4: u8 = 1;
+/// `gso_type`: UDP fragmentation offload.
+pub const GSO_UDP: u8 = 3;
+/// `gso_type`: TCPv6 segmentation.
+pub const GSO_TCPV6: u8 = 4;
+/// `gso_type`: UDP segmentation (L4).
+pub const GSO_UDP_L4: u8 = 5;
+/// `gso_type` bit: TCP with ECN.
+pub const GSO_ECN: u8 = 0x80;
+
+/// Ethernet header length.
+pub const ETH_HLEN: usize = 14;
+/// The shortest frame accepted (an Ethernet header; padding is the sender's business).
+pub const MIN_FRAME: usize = ETH_HLEN;
+/// The MTU the device advertises (VIRTIO_NET_F_MTU).
+pub const MTU: u16 = 1500;
+/// The longest frame accepted: Ethernet header + MTU + one 802.1Q tag.
+pub const MAX_FRAME: usize = ETH_HLEN + MTU as usize + 4;
+
+/// Offloads the driver and device agreed on for transmitted frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxOffloads {
+    /// VIRTIO_NET_F_CSUM: the driver may leave checksums to the device.
+    pub csum: bool,
+    /// VIRTIO_NET_F_HOST_TSO4/6 / HOST_UFO: the driver may hand over GSO frames.
+    pub gso: bool,
+}
+
+/// Why a transmitted frame is refused.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum HeaderError {
+    /// The descriptor chain holds fewer bytes than the header.
+    #[error("chain of {0} bytes is too short for the virtio-net header")]
+    ShortHeader(usize),
+    /// The frame is shorter than an Ethernet header.
+    #[error("runt frame of {0} bytes")]
+    Runt(usize),
+    /// The frame is longer than the device accepts.
+    #[error("oversized frame of {0} bytes (at most {MAX_FRAME})")]
+    Oversized(usize),
+    /// Flags the device does not understand or did not negotiate.
+    #[error("header flags {0:#x} not allowed by the negotiated features")]
+    Flags(u8),
+    /// `csum_start + csum_offset + 2` lies outside the frame.
+    #[error("checksum at {start}+{offset} lies outside a {len}-byte frame")]
+    CsumRange {
+        /// `csum_start`.
+        start: u16,
+        /// `csum_offset`.
+        offset: u16,
+        /// Frame length.
+        len: usize,
+    },
+    /// A GSO type that was not negotiated or does not exist.
+    #[error("GSO type {0:#x} not allowed by the negotiated features")]
+    GsoType(u8),
+    /// A GSO frame with a zero segment size or a header length past the frame.
+    #[error("GSO frame with gso_size {gso_size} and hdr_len {hdr_len} in a {len}-byte frame")]
+    GsoSize {
+        /// `gso_size`.
+        gso_size: u16,
+        /// `hdr_len`.
+        hdr_len: u16,
+        /// Frame length.
+        len: usize,
+    },
+}
+
+/// The decoded header of a transmitted frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxHeader {
+    /// `flags`.
+    pub flags: u8,
+    /// `gso_type`.
+    pub gso_type: u8,
+    /// `hdr_len`.
+    pub hdr_len: u16,
+    /// `gso_size`.
+    pub gso_size: u16,
+    /// `csum_start`.
+    pub csum_start: u16,
+    /// `csum_offset`.
+    pub csum_offset: u16,
+}
+
+impl TxHeader {
+    /// Decode and validate the header at the start of `chain` (header then frame, `hdr_len`
+    /// bytes of header) under `offloads`. Returns the header and the frame length.
+    pub fn parse(
+        chain: &[u8],
+        hdr_len: usize,
+        offloads: TxOffloads,
+    ) -> Result<(TxHeader, usize), HeaderError> {
+        if chain.len() < hdr_len || hdr_len < HDR_LEN_LEGACY {
+            return Err(HeaderError::ShortHeader(chain.len()));
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([chain[i], chain[i + 1]]);
+        let h = TxHeader {
+            flags: chain[0],
+            gso_type: chain[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        };
+        let len = chain.len() - hdr_len;
+        h.validate(len, offloads)?;
+        Ok((h, len))
+    }
+
+    /// Check this header for a frame of `len` bytes under `offloads`.
+    pub fn validate(&self, len: usize, offloads: TxOffloads) -> Result<(), HeaderError> {
+        if len < MIN_FRAME {
+            return Err(HeaderError::Runt(len));
+        }
+        let gso = self.gso_type & !GSO_ECN;
+        let max = if offloads.gso && gso != GSO_NONE {
+            usize::from(u16::MAX)
+        } else {
+            MAX_FRAME
+        };
+        if len > max {
+            return Err(HeaderError::Oversized(len));
+        }
+        // DATA_VALID and RSC_INFO are RX-only; a transmitting driver never sets them.
+        if self.flags & !HDR_F_NEEDS_CSUM != 0 {
+            return Err(HeaderError::Flags(self.flags));
+        }
+        if self.flags & HDR_F_NEEDS_CSUM != 0 {
+            if !offloads.csum {
+                return Err(HeaderError::Flags(self.flags));
+            }
+            let end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
+            if end > len {
+                return Err(HeaderError::CsumRange {
+                    start: self.csum_start,
+                    offset: self.csum_offset,
+                    len,
+                });
+            }
+        }
+        if gso == GSO_NONE {
+            if self.gso_type & GSO_ECN != 0 {
+                return Err(HeaderError::GsoType(self.gso_type));
+            }
+            return Ok(());
+        }
+        if !offloads.gso || !matches!(gso, GSO_TCPV4 | GSO_TCPV6 | GSO_UDP | GSO_UDP_L4) {
+            return Err(HeaderError::GsoType(self.gso_type));
+        }
+        // GSO needs a checksum to fill in per segment, a segment size and headers in the frame.
+        if self.flags & HDR_F_NEEDS_CSUM == 0
+            || self.gso_size == 0
+            || usize::from(self.hdr_len) > len
+        {
+            return Err(HeaderError::GsoSize {
+                gso_size: self.gso_size,
+                hdr_len: self.hdr_len,
+                len,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The header the device writes in front of a received frame: no offload information (the
+/// device offers none), `num_buffers` as given.
+pub fn rx_header(num_buffers: u16) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    h[0] = 0;
+    h[1] = GSO_NONE;
+    h[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+    h
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn chain(hdr: [u8; HDR_LEN], frame_len: usize) -> Vec<u8> {
+        let mut v = hdr.to_vec();
+        v.resize(HDR_LEN + frame_len, 0xab);
+        v
+    }
+
+    fn hdr(flags: u8, gso: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[0] = flags;
+        h[1] = gso;
+        h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+        h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+        h[6..8].copy_from_slice(&start.to_le_bytes());
+        h[8..10].copy_from_slice(&off.to_le_bytes());
+        h
+    }
+
+    const NONE: TxOffloads = TxOffloads {
+        csum: false,
+        gso: false,
+    };
+    const ALL: TxOffloads = TxOffloads {
+        csum: true,
+        gso: true,
+    };
+
+    #[test]
+    fn plain_frame_passes() {
+        let c = chain(hdr(0, 0, 0, 0, 0, 0), 60);
+        let (h, len) = TxHeader::parse(&c, HDR_LEN, NONE).unwrap();
+        assert_eq!(len, 60);
+        assert_eq!(h, TxHeader::default());
+        // num_buffers on TX is ignored.
+        let mut c = c;
+        c[10] = 7;
+        assert!(TxHeader::parse(&c, HDR_LEN, NONE).is_ok());
+    }
+
+    #[test]
+    fn lengths_are_checked() {
+        assert_eq!(
+            TxHeader::parse(&[0u8; 11], HDR_LEN, NONE),
+            Err(HeaderError::ShortHeader(11))
+        );
+        let c = chain(hdr(0, 0, 0, 0, 0, 0), 13);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, NONE),
+            Err(HeaderError::Runt(13))
+        );
+        let c = chain(hdr(0, 0, 0, 0, 0, 0), MAX_FRAME + 1);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, NONE),
+            Err(HeaderError::Oversized(MAX_FRAME + 1))
+        );
+        let c = chain(hdr(0, 0, 0, 0, 0, 0), MAX_FRAME);
+        assert!(TxHeader::parse(&c, HDR_LEN, NONE).is_ok());
+        // Legacy 10-byte header.
+        let c = chain(hdr(0, 0, 0, 0, 0, 0), 60);
+        assert_eq!(TxHeader::parse(&c, HDR_LEN_LEGACY, NONE).unwrap().1, 62);
+    }
+
+    #[test]
+    fn offload_requests_need_negotiation() {
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16), 100);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, NONE),
+            Err(HeaderError::Flags(1))
+        );
+        assert!(TxHeader::parse(&c, HDR_LEN, ALL).is_ok());
+        let c = chain(hdr(HDR_F_DATA_VALID, 0, 0, 0, 0, 0), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::Flags(_))
+        ));
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1448, 34, 16), 100);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, NONE),
+            Err(HeaderError::Flags(1))
+        );
+        let c = chain(hdr(0, GSO_TCPV4, 54, 1448, 0, 0), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, NONE),
+            Err(HeaderError::GsoType(_))
+        ));
+        let c = chain(hdr(0, GSO_ECN, 0, 0, 0, 0), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::GsoType(_))
+        ));
+    }
+
+    #[test]
+    fn offsets_must_lie_in_the_frame() {
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 90, 9), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::CsumRange { .. })
+        ));
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 0, 0, 0, u16::MAX, u16::MAX), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::CsumRange { .. })
+        ));
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 0, 34, 16), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::GsoSize { .. })
+        ));
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 200, 1400, 34, 16), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::GsoSize { .. })
+        ));
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 9, 54, 1400, 34, 16), 100);
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::GsoType(9))
+        ));
+    }
+
+    #[test]
+    fn rx_header_carries_num_buffers() {
+        let h = rx_header(3);
+        assert_eq!(&h[..10], &[0u8; 10]);
+        assert_eq!(u16::from_le_bytes([h[10], h[11]]), 3);
+    }
+}

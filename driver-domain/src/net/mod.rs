@@ -1,0 +1,30 @@
+//! virtio-net device core and the L2 switch between the driver domain's ports.
+//!
+//! Like [`crate::blk`], the core works on "guest memory + split virtqueues + eventfds"; no vhost
+//! type crosses it, so the same queues serve a vhost-user peer ([`crate::vhost_user::net`]), a
+//! process domain, or later a peer VM.
+//!
+//! - [`header`]: the virtio-net header and the validation of transmitted frames.
+//! - [`frame`]: pooled frame buffers (one copy in, one copy out, no per-frame allocation).
+//! - [`switch`]: MAC learning with ageing, flooding, no hairpin, bounded per-sender queues.
+//! - [`queue`]: the TX and RX data path of one queue pair.
+//! - [`ring`]: batched used-ring publication and the call decision.
+//! - [`config`]: device options, offered features, configuration space.
+//! - [`tap`]: an optional uplink port to a host tap device.
+
+pub mod config;
+pub mod frame;
+pub mod header;
+pub mod queue;
+pub mod ring;
+pub mod switch;
+pub mod tap;
+
+pub use config::{Negotiated, NetConfig, NetConfigSpace};
+pub use frame::{format_mac, parse_mac, FrameBox, FrameBuf, FramePool, Mac};
+pub use header::{HeaderError, TxHeader, TxOffloads};
+pub use queue::{FrameError, NetQueueError, Progress, RxQueue, TxQueue};
+pub use switch::{
+    CounterSnapshot, Forwarded, PortId, Switch, SwitchConfig, SwitchError, SwitchPort,
+};
+pub use tap::{TapError, TapUplink};

@@ -1,0 +1,535 @@
+//! The data path of one queue pair: transmitted frames from a TX ring into the switch, queued
+//! frames from the switch into an RX ring.
+//!
+//! Each descriptor is translated once and copied once: TX chains are read straight into a
+//! pooled [`FrameBuf`](super::frame::FrameBuf) (the header lands in its headroom), RX writes
+//! header and frame from that buffer into the guest's buffers. Nothing is allocated per frame.
+//!
+//! Errors split in two: a bad *frame* (malformed header, runt, oversized, a write-only TX
+//! descriptor) is dropped, counted and logged (rate-limited), and the queue goes on; a bad
+//! *ring* (unreadable ring, index jump, an RX chain with no room for a header) fails that queue
+//! until the driver resets it. Neither touches any other port.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use log::{error, warn};
+use thiserror::Error;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use super::config::Negotiated;
+use super::frame::FrameBox;
+use super::header::{rx_header, HeaderError, TxHeader, HDR_LEN};
+use super::ring::{needs_call, publish_used};
+use super::switch::SwitchPort;
+
+/// Frames moved from the switch inbox per lock.
+const RX_BATCH: usize = 32;
+/// Frame buffers a TX queue takes from the pool per lock.
+const TX_CACHE: usize = 32;
+/// TX chains completed per used-index store.
+const TX_BATCH: usize = 64;
+
+/// Errors that fail a queue.
+#[derive(Debug, Error)]
+pub enum NetQueueError {
+    /// The ring is invalid.
+    #[error("net queue {0}: {1}")]
+    Ring(u16, virtio_queue::Error),
+    /// A receive chain cannot hold what the protocol requires.
+    #[error("net queue {0}: receive chain at head {1}: {2}")]
+    RxChain(u16, u16, &'static str),
+    /// The queue failed earlier.
+    #[error("net queue {0} failed earlier: {1}")]
+    Broken(u16, String),
+}
+
+/// Why one frame was dropped (the queue continues).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The header or the frame length is invalid.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    /// A TX chain holds a device-writable descriptor.
+    #[error("write-only descriptor in a transmit chain")]
+    WriteOnly,
+    /// A descriptor points outside guest memory.
+    #[error("descriptor at {0:#x}+{1} is outside guest memory")]
+    Memory(u64, u32),
+    /// No frame buffer was free.
+    #[error("switch out of frame buffers")]
+    NoBuffer,
+}
+
+/// The outcome of one `process` call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Chains completed (TX) or frames delivered (RX).
+    pub frames: usize,
+    /// The driver must be signalled.
+    pub notify: bool,
+    /// The budget ran out with work left: call again after serving other queues.
+    pub more: bool,
+}
+
+fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display) {
+    *count += 1;
+    if count.is_power_of_two() {
+        warn!("net queue {index}: {what} #{count}: {e}");
+    }
+}
+
+/// Read the device-readable chain into `area`; returns the bytes read, or the total length
+/// when it exceeds `area` (as [`HeaderError::Oversized`] after header subtraction).
+fn read_chain<M: GuestMemory>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    area: &mut [u8],
+) -> Result<usize, FrameError> {
+    let mut off = 0usize;
+    let mut too_long = false;
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(FrameError::WriteOnly);
+        }
+        let len = desc.len() as usize;
+        let end = off.saturating_add(len);
+        if end > area.len() {
+            too_long = true;
+        } else {
+            mem.read_slice(&mut area[off..end], desc.addr())
+                .map_err(|_| FrameError::Memory(desc.addr().0, desc.len()))?;
+        }
+        off = end;
+    }
+    if too_long {
+        return Err(FrameError::Header(HeaderError::Oversized(off)));
+    }
+    Ok(off)
+}
+
+/// Where `num_buffers` of the first chain's header lives (its two bytes may be split).
+#[derive(Default)]
+struct NumBuffersAt([Option<GuestAddress>; 2]);
+
+/// Write `bytes` into the writable descriptors of `chain`; returns the bytes written.
+fn write_chain<M: GuestMemory>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
+    bytes: &[u8],
+    mut mark: Option<&mut NumBuffersAt>,
+) -> Result<usize, &'static str> {
+    let mut off = 0usize;
+    for desc in chain {
+        if !desc.is_write_only() {
+            return Err("device-readable descriptor in a receive chain");
+        }
+        if off == bytes.len() {
+            break;
+        }
+        let n = (desc.len() as usize).min(bytes.len() - off);
+        if let Some(m) = mark.as_deref_mut() {
+            for (k, slot) in m.0.iter_mut().enumerate() {
+                let at = HDR_LEN - 2 + k;
+                if (off..off + n).contains(&at) {
+                    *slot = desc.addr().checked_add((at - off) as u64);
+                }
+            }
+        }
+        mem.write_slice(&bytes[off..off + n], desc.addr())
+            .map_err(|_| "descriptor outside guest memory")?;
+        off += n;
+    }
+    Ok(off)
+}
+
+/// The transmit side of a queue pair.
+#[derive(Debug)]
+pub struct TxQueue {
+    index: u16,
+    port: Arc<SwitchPort>,
+    neg: Negotiated,
+    budget: usize,
+    cache: Vec<FrameBox>,
+    pending: Vec<FrameBox>,
+    idle_notify: bool,
+    invalid: u64,
+    broken: Option<String>,
+}
+
+impl Drop for TxQueue {
+    fn drop(&mut self) {
+        self.port.recycle_all(self.cache.drain(..));
+        self.port.recycle_all(self.pending.drain(..));
+    }
+}
+
+impl TxQueue {
+    /// The TX side of virtqueue `index`, feeding `port`.
+    pub fn new(index: u16, port: Arc<SwitchPort>, budget: usize) -> Self {
+        TxQueue {
+            index,
+            port,
+            neg: Negotiated::default(),
+            budget: budget.max(1),
+            cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
+            pending: Vec::with_capacity(TX_BATCH),
+            idle_notify: true,
+            invalid: 0,
+            broken: None,
+        }
+    }
+
+    /// Apply the negotiated features (before the queue starts).
+    pub fn set_negotiated(&mut self, neg: Negotiated) {
+        self.neg = neg;
+    }
+
+    /// Why this queue failed, if it did.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Forget an earlier failure (the driver reset the device).
+    pub fn reset(&mut self) {
+        self.broken = None;
+    }
+
+    /// Whether an idle queue re-enables guest kicks (the default). A busy-polling caller
+    /// turns this off while it polls and on again before it sleeps.
+    pub fn set_idle_notify(&mut self, on: bool) {
+        self.idle_notify = on;
+    }
+
+    /// Transmit up to `budget` frames from `queue`.
+    pub fn process<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Progress, NetQueueError> {
+        if let Some(why) = &self.broken {
+            return Err(NetQueueError::Broken(self.index, why.clone()));
+        }
+        let r = self.process_inner(queue, mem);
+        if let Err(e) = &r {
+            error!("net: failing TX queue: {e}");
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
+
+    fn process_inner<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Progress, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let mut progress = Progress::default();
+        let old_used = queue.next_used();
+        let mut heads = [0u16; TX_BATCH];
+        loop {
+            queue.disable_notification(mem).map_err(ring)?;
+            // One avail-index read per batch; one used-index store per batch.
+            let mut n = 0;
+            {
+                let mut chains = queue.iter(mem).map_err(ring)?;
+                while n < TX_BATCH && progress.frames + n < self.budget {
+                    let Some(chain) = chains.next() else { break };
+                    heads[n] = chain.head_index();
+                    if let Err(e) = self.transmit(chain, mem) {
+                        self.port.count_tx_invalid();
+                        log_sparse(&mut self.invalid, "dropped transmitted frame", q, &e);
+                    }
+                    n += 1;
+                }
+            }
+            // Switch the batch under one lock; unused buffers come back into the cache.
+            self.port.transmit_batch(&mut self.pending, &mut self.cache);
+            if self.cache.len() > TX_CACHE + TX_BATCH {
+                let extra = self.cache.len() - TX_CACHE;
+                self.port.recycle_all(self.cache.drain(extra..));
+            }
+            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
+            progress.frames += n;
+            if progress.frames >= self.budget {
+                progress.more = true;
+                break;
+            }
+            if n == TX_BATCH {
+                continue;
+            }
+            if !self.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
+                break;
+            }
+        }
+        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
+        Ok(progress)
+    }
+
+    fn transmit<M: GuestMemory>(
+        &mut self,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+    ) -> Result<(), FrameError> {
+        if self.cache.is_empty() {
+            self.port.take_buffers(&mut self.cache, TX_CACHE);
+        }
+        let mut buf = self.cache.pop().ok_or(FrameError::NoBuffer)?;
+        let hdr_len = self.neg.hdr_len;
+        let parsed = {
+            let area = buf.chain_area(hdr_len);
+            read_chain(chain, mem, area).and_then(|total| {
+                TxHeader::parse(&area[..total], hdr_len, self.neg.tx_offloads)
+                    .map_err(FrameError::from)
+            })
+        };
+        match parsed {
+            Ok((_, len)) => {
+                buf.set_len(len);
+                self.pending.push(buf);
+                Ok(())
+            }
+            Err(e) => {
+                self.cache.push(buf);
+                Err(e)
+            }
+        }
+    }
+}
+
+enum Delivery {
+    Delivered,
+    Dropped,
+    NoBuffers,
+}
+
+/// The receive side of a queue pair.
+#[derive(Debug)]
+pub struct RxQueue {
+    index: u16,
+    port: Arc<SwitchPort>,
+    neg: Negotiated,
+    budget: usize,
+    batch: VecDeque<FrameBox>,
+    used: Vec<(u16, u32)>,
+    completed: Vec<(u16, u32)>,
+    idle_notify: bool,
+    dropped: u64,
+    broken: Option<String>,
+}
+
+impl Drop for RxQueue {
+    fn drop(&mut self) {
+        // Frames taken from the inbox but not delivered go back to the pool.
+        self.port.recycle_all(self.batch.drain(..));
+    }
+}
+
+impl RxQueue {
+    /// The RX side of virtqueue `index`, fed by `port`.
+    pub fn new(index: u16, port: Arc<SwitchPort>, budget: usize) -> Self {
+        RxQueue {
+            index,
+            port,
+            neg: Negotiated::default(),
+            budget: budget.max(1),
+            batch: VecDeque::with_capacity(RX_BATCH),
+            used: Vec::with_capacity(64),
+            completed: Vec::with_capacity(256),
+            idle_notify: true,
+            dropped: 0,
+            broken: None,
+        }
+    }
+
+    /// Apply the negotiated features (before the queue starts).
+    pub fn set_negotiated(&mut self, neg: Negotiated) {
+        self.neg = neg;
+    }
+
+    /// Why this queue failed, if it did.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Forget an earlier failure (the driver reset the device).
+    pub fn reset(&mut self) {
+        self.broken = None;
+    }
+
+    /// Whether an idle queue arms the port's wake eventfd (the default). A busy-polling
+    /// caller turns this off while it polls and on again before it sleeps.
+    pub fn set_idle_notify(&mut self, on: bool) {
+        self.idle_notify = on;
+    }
+
+    /// Deliver up to `budget` queued frames into `queue`. When the inbox is empty the port is
+    /// armed (its wake eventfd fires on the next frame); when the ring has no buffers, guest
+    /// notifications are enabled so the refill kicks the device.
+    pub fn process<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Progress, NetQueueError> {
+        if let Some(why) = &self.broken {
+            return Err(NetQueueError::Broken(self.index, why.clone()));
+        }
+        let r = self.process_inner(queue, mem);
+        if let Err(e) = &r {
+            error!("net: failing RX queue: {e}");
+            self.broken = Some(e.to_string());
+            // Queued frames can never be delivered on a failed queue.
+            self.port.recycle_all(self.batch.drain(..));
+        }
+        r
+    }
+
+    fn process_inner<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Progress, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let mut progress = Progress::default();
+        let old_used = queue.next_used();
+        self.completed.clear();
+        queue.disable_notification(mem).map_err(ring)?;
+        let r = self.deliver_all(queue, mem, &mut progress);
+        // Completed chains are published with one used-index store, even if a later frame
+        // failed the queue (the driver gets back what the device finished).
+        let published = publish_used(queue, mem, self.completed.drain(..)).map_err(ring);
+        r?;
+        published?;
+        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
+        Ok(progress)
+    }
+
+    fn deliver_all<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        progress: &mut Progress,
+    ) -> Result<(), NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        loop {
+            if progress.frames == self.budget {
+                progress.more = true;
+                break;
+            }
+            if self.batch.is_empty() && self.port.receive(&mut self.batch, RX_BATCH) == 0 {
+                if self.idle_notify && self.port.arm() {
+                    continue;
+                }
+                break;
+            }
+            let Some(mut buf) = self.batch.pop_front() else {
+                break;
+            };
+            match self.deliver(queue, mem, &mut buf)? {
+                Delivery::Delivered => {
+                    self.port.count_rx(buf.len());
+                    self.port.recycle(buf);
+                    progress.frames += 1;
+                }
+                Delivery::Dropped => {
+                    self.port.count_rx_dropped();
+                    self.port.recycle(buf);
+                    progress.frames += 1;
+                }
+                Delivery::NoBuffers => {
+                    self.batch.push_front(buf);
+                    // The chains seen so far (possibly rolled back, with MRG_RXBUF) are not
+                    // enough: ask for a kick when the driver adds past them, not before.
+                    let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+                    let resume = queue.next_avail();
+                    queue.set_next_avail(seen.0);
+                    let added = queue.enable_notification(mem);
+                    queue.set_next_avail(resume);
+                    if added.map_err(ring)? {
+                        // Buffers arrived meanwhile.
+                        queue.disable_notification(mem).map_err(ring)?;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        buf: &mut FrameBox,
+    ) -> Result<Delivery, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let hdr_len = self.neg.hdr_len;
+        let mrg = self.neg.mrg_rxbuf;
+        // Legacy 10-byte headers carry no num_buffers; the 12-byte header is all zeros but it.
+        let with_hdr = buf.with_header(&rx_header(if hdr_len == HDR_LEN { 1 } else { 0 }));
+        let bytes = &with_hdr[HDR_LEN - hdr_len..];
+        let saved = queue.next_avail();
+        self.used.clear();
+        let mut mark = NumBuffersAt::default();
+        let mut off = 0usize;
+        while off < bytes.len() {
+            let chain = queue.iter(mem).map_err(ring)?.next();
+            let Some(chain) = chain else {
+                queue.set_next_avail(saved);
+                return Ok(Delivery::NoBuffers);
+            };
+            let head = chain.head_index();
+            let first = self.used.is_empty();
+            let written = write_chain(chain, mem, &bytes[off..], first.then_some(&mut mark))
+                .map_err(|why| NetQueueError::RxChain(q, head, why))?;
+            if first && written < hdr_len {
+                return Err(NetQueueError::RxChain(q, head, "too short for a header"));
+            }
+            off += written;
+            if !mrg && off < bytes.len() {
+                // One chain per frame without MRG_RXBUF: the frame does not fit, drop it.
+                log_sparse(
+                    &mut self.dropped,
+                    "receive buffer too small, frame dropped",
+                    q,
+                    &bytes.len(),
+                );
+                self.completed.push((head, 0));
+                return Ok(Delivery::Dropped);
+            }
+            if self.used.len() >= usize::from(queue.size()) {
+                queue.set_next_avail(saved);
+                return Err(NetQueueError::RxChain(
+                    q,
+                    head,
+                    "buffers too small for a frame",
+                ));
+            }
+            self.used.push((head, written as u32));
+        }
+        if mrg && self.used.len() > 1 {
+            let n = (self.used.len() as u16).to_le_bytes();
+            for (addr, byte) in mark.0.iter().zip(n) {
+                if let Some(a) = addr {
+                    mem.write_obj(byte, *a).map_err(|_| {
+                        NetQueueError::RxChain(q, self.used[0].0, "header outside guest memory")
+                    })?;
+                }
+            }
+        }
+        self.completed.extend_from_slice(&self.used);
+        Ok(Delivery::Delivered)
+    }
+
+    /// Frames taken from the switch but not yet delivered.
+    pub fn backlog(&self) -> usize {
+        self.batch.len() + self.port.pending()
+    }
+}

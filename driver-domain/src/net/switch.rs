@@ -1,0 +1,717 @@
+//! A learning L2 switch between the ports of the driver domain (guests' virtio-net devices and
+//! an optional tap uplink), in the role a Linux bridge plays for Xen's netback.
+//!
+//! - **Learning with ageing**: the source MAC of every accepted frame is bound to its port; an
+//!   entry not refreshed for `ageing` is ignored and later swept. The table is bounded
+//!   (`max_macs`): a guest spraying source addresses stops being learned, not served.
+//! - **Flooding**: broadcast, multicast and unknown unicast go to every port but the source.
+//! - **No hairpin**: a frame is never delivered to the port it came from; unicast to a MAC
+//!   learned on the source port is dropped (counted as `tx_filtered`).
+//! - **Bounded queues, charged to the sender**: each port's inbox holds at most `queue_limit`
+//!   frames *per source port*. A guest flooding a peer (or a peer that never refills its RX
+//!   ring) fills only its own share: the excess is dropped and counted in the sender's
+//!   `tx_dropped`; frames from other ports still get in.
+//!
+//! Frames move between ports as [`FrameBox`]es from the switch's [`FramePool`]; unicast moves
+//! the sender's buffer, flooding copies it once per extra destination.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use log::info;
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::frame::{format_mac, is_multicast, FrameBox, FramePool, Mac};
+
+/// Milliseconds of the coarse monotonic clock (ageing needs no better, and it is read per
+/// frame: the coarse clock is a plain vDSO read).
+fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives across the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
+}
+
+/// Index of a port on its switch.
+pub type PortId = usize;
+
+/// Switch-wide options.
+#[derive(Clone, Debug)]
+pub struct SwitchConfig {
+    /// A learned MAC entry not refreshed for this long is forgotten.
+    pub ageing: Duration,
+    /// Frames one source may have queued towards one destination port.
+    pub queue_limit: usize,
+    /// Frame buffers the switch may allocate in all.
+    pub max_frames: usize,
+    /// Largest number of learned MAC addresses.
+    pub max_macs: usize,
+    /// Largest number of ports.
+    pub max_ports: usize,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            ageing: Duration::from_secs(300),
+            queue_limit: 256,
+            max_frames: 16384,
+            max_macs: 4096,
+            max_ports: 64,
+        }
+    }
+}
+
+/// Errors of the switch.
+#[derive(Debug, Error)]
+pub enum SwitchError {
+    /// Every port slot is taken.
+    #[error("the switch already has {0} ports")]
+    Full(usize),
+    /// The port's wake-up eventfd could not be created.
+    #[error("cannot create a port's wake-up eventfd: {0}")]
+    Event(#[source] std::io::Error),
+}
+
+/// Per-port counters, seen from the port's owner (tx: frames it sent into the switch; rx:
+/// frames the switch delivered to it).
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_invalid: AtomicU64,
+    tx_dropped: AtomicU64,
+    tx_filtered: AtomicU64,
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_dropped: AtomicU64,
+}
+
+/// A copy of a port's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Frames accepted from the port.
+    pub tx_frames: u64,
+    /// Bytes accepted from the port.
+    pub tx_bytes: u64,
+    /// Frames refused as malformed (header, length, source address).
+    pub tx_invalid: u64,
+    /// Frame copies dropped because the destination's queue share for this port was full.
+    pub tx_dropped: u64,
+    /// Unicast frames dropped because the destination lives on the source port.
+    pub tx_filtered: u64,
+    /// Frames delivered to the port.
+    pub rx_frames: u64,
+    /// Bytes delivered to the port.
+    pub rx_bytes: u64,
+    /// Frames dropped at delivery (the port's receive buffers could not hold them).
+    pub rx_dropped: u64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl PortCounters {
+    fn snapshot(&self) -> CounterSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            tx_frames: g(&self.tx_frames),
+            tx_bytes: g(&self.tx_bytes),
+            tx_invalid: g(&self.tx_invalid),
+            tx_dropped: g(&self.tx_dropped),
+            tx_filtered: g(&self.tx_filtered),
+            rx_frames: g(&self.rx_frames),
+            rx_bytes: g(&self.rx_bytes),
+            rx_dropped: g(&self.rx_dropped),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    frames: VecDeque<(PortId, FrameBox)>,
+    per_source: Vec<usize>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Port {
+    id: PortId,
+    name: String,
+    inbox: Mutex<Inbox>,
+    wake: EventFd,
+    armed: AtomicBool,
+    counters: PortCounters,
+}
+
+impl Port {
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        match self.inbox.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Queue `buf` from `src`; gives it back when `src`'s share is full or the port is gone.
+    fn enqueue(&self, src: PortId, buf: FrameBox, limit: usize) -> Result<(), FrameBox> {
+        {
+            let mut inbox = self.inbox();
+            if inbox.closed {
+                return Err(buf);
+            }
+            if inbox.per_source.len() <= src {
+                inbox.per_source.resize(src + 1, 0);
+            }
+            if inbox.per_source[src] >= limit {
+                return Err(buf);
+            }
+            inbox.per_source[src] += 1;
+            inbox.frames.push_back((src, buf));
+        }
+        if self.armed.swap(false, Ordering::AcqRel) {
+            // A failed write only delays the receiver until its next kick.
+            let _ = self.wake.write(1);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MacEntry {
+    port: PortId,
+    seen_ms: AtomicU64,
+}
+
+/// Hashes a MAC address with a per-switch random key: cheaper than SipHash on the per-frame
+/// path, and a guest cannot precompute collisions without the key (the table is also bounded).
+#[derive(Clone, Debug)]
+struct MacHasherBuilder(u64);
+
+impl MacHasherBuilder {
+    fn new() -> Self {
+        use std::hash::{BuildHasher, RandomState};
+        MacHasherBuilder(RandomState::new().hash_one(0x5eed_u64) | 1)
+    }
+}
+
+#[derive(Default)]
+struct MacHasher {
+    key: u64,
+    acc: u64,
+}
+
+impl std::hash::Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.acc = (self.acc << 8 | u64::from(*b)).rotate_left(3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        let x = (self.acc ^ self.key).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
+    }
+}
+
+impl std::hash::BuildHasher for MacHasherBuilder {
+    type Hasher = MacHasher;
+
+    fn build_hasher(&self) -> MacHasher {
+        MacHasher {
+            key: self.0,
+            acc: 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tables {
+    ports: Vec<Option<Arc<Port>>>,
+    macs: HashMap<Mac, MacEntry, MacHasherBuilder>,
+}
+
+/// The switch. Create it with [`Switch::new`], then [`Switch::attach`] ports.
+#[derive(Debug)]
+pub struct Switch {
+    tables: RwLock<Tables>,
+    pool: FramePool,
+    cfg: SwitchConfig,
+    epoch_ms: u64,
+    last_sweep_ms: AtomicU64,
+}
+
+/// Per-batch forwarding state: counters (frames, bytes, invalid, dropped, filtered) and the
+/// source addresses to learn once the read lock is released.
+struct Batch<'a> {
+    src: &'a Port,
+    limit: usize,
+    stats: [u64; 5],
+    unlearned: [Mac; 4],
+    n_unlearned: usize,
+}
+
+/// What the switch did with one frame (for tests and tracing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Queued to one known port.
+    Unicast(PortId),
+    /// Copied to this many ports (broadcast, multicast or unknown destination).
+    Flooded(usize),
+    /// Dropped: the destination lives on the source port.
+    Filtered,
+    /// Dropped: the destination's queue share for the sender was full.
+    Dropped,
+    /// Dropped: a group source address.
+    Invalid,
+}
+
+impl Switch {
+    /// A switch with no ports.
+    pub fn new(cfg: SwitchConfig) -> Arc<Switch> {
+        Arc::new(Switch {
+            tables: RwLock::new(Tables {
+                ports: Vec::new(),
+                macs: HashMap::with_hasher(MacHasherBuilder::new()),
+            }),
+            pool: FramePool::new(cfg.max_frames, cfg.queue_limit.min(cfg.max_frames)),
+            cfg,
+            epoch_ms: coarse_ms(),
+            last_sweep_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Tables> {
+        match self.tables.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Tables> {
+        match self.tables.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Milliseconds since the switch was created, from the coarse monotonic clock (ageing
+    /// needs no better, and it is read per frame).
+    fn now_ms(&self) -> u64 {
+        coarse_ms().saturating_sub(self.epoch_ms)
+    }
+
+    /// The switch's options.
+    pub fn config(&self) -> &SwitchConfig {
+        &self.cfg
+    }
+
+    /// The frame pool (buffer accounting, for tests).
+    pub fn pool(&self) -> &FramePool {
+        &self.pool
+    }
+
+    /// Attach a new port named `name`. Detached when the returned handle is dropped.
+    pub fn attach(self: &Arc<Self>, name: &str) -> Result<SwitchPort, SwitchError> {
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(SwitchError::Event)?;
+        let mut t = self.write();
+        let id = match t.ports.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if t.ports.len() < self.cfg.max_ports => {
+                t.ports.push(None);
+                t.ports.len() - 1
+            }
+            None => return Err(SwitchError::Full(self.cfg.max_ports)),
+        };
+        let port = Arc::new(Port {
+            id,
+            name: name.to_string(),
+            inbox: Mutex::new(Inbox {
+                frames: VecDeque::with_capacity(self.cfg.queue_limit * 2),
+                per_source: Vec::new(),
+                closed: false,
+            }),
+            wake,
+            armed: AtomicBool::new(true),
+            counters: PortCounters::default(),
+        });
+        t.ports[id] = Some(port.clone());
+        info!("switch: port {id} ({name}) attached");
+        Ok(SwitchPort {
+            switch: self.clone(),
+            port,
+        })
+    }
+
+    fn detach(&self, port: &Port) {
+        let mut t = self.write();
+        if let Some(slot) = t.ports.get_mut(port.id) {
+            *slot = None;
+        }
+        t.macs.retain(|_, e| e.port != port.id);
+        drop(t);
+        let frames = {
+            let mut inbox = port.inbox();
+            inbox.closed = true;
+            std::mem::take(&mut inbox.frames)
+        };
+        self.pool.put_all(frames.into_iter().map(|(_, b)| b));
+        info!("switch: port {} ({}) detached", port.id, port.name);
+    }
+
+    /// The port a MAC address is currently learned on (ignoring aged entries).
+    pub fn lookup(&self, mac: &Mac) -> Option<PortId> {
+        let now = self.now_ms();
+        let t = self.read();
+        let e = t.macs.get(mac)?;
+        self.fresh(e, now).then_some(e.port)
+    }
+
+    /// Number of MAC entries held (fresh or not yet swept).
+    pub fn mac_entries(&self) -> usize {
+        self.read().macs.len()
+    }
+
+    /// Every attached port: id, name, counters.
+    pub fn ports(&self) -> Vec<(PortId, String, CounterSnapshot)> {
+        self.read()
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.id, p.name.clone(), p.counters.snapshot()))
+            .collect()
+    }
+
+    fn fresh(&self, e: &MacEntry, now: u64) -> bool {
+        let age = now.saturating_sub(e.seen_ms.load(Ordering::Relaxed));
+        u128::from(age) < self.cfg.ageing.as_millis()
+    }
+
+    /// Switch `buf`, sent by `src`. Every copy that cannot be queued goes back to the pool.
+    fn forward(&self, src: &Port, buf: FrameBox) -> Forwarded {
+        let mut out = Forwarded::Dropped;
+        let mut one = Some(buf);
+        self.forward_batch(src, std::iter::from_fn(|| one.take()), None, |f| out = f);
+        out
+    }
+
+    /// Switch every frame of `frames` (sent by `src`) under one table lock, with one clock
+    /// read and one counter update per batch. Buffers that end up unused go to `spare` (the
+    /// caller reuses them) or, without it, back to the pool. `each` sees every outcome.
+    fn forward_batch(
+        &self,
+        src: &Port,
+        frames: impl Iterator<Item = FrameBox>,
+        mut spare: Option<&mut Vec<FrameBox>>,
+        mut each: impl FnMut(Forwarded),
+    ) {
+        let now = self.now_ms();
+        let mut ctx = Batch {
+            src,
+            limit: self.cfg.queue_limit,
+            stats: [0; 5],
+            unlearned: [[0; 6]; 4],
+            n_unlearned: 0,
+        };
+        let t = self.read();
+        for buf in frames {
+            let (f, unused) = self.forward_one(&t, &mut ctx, buf, now);
+            if let Some(b) = unused {
+                match spare.as_deref_mut() {
+                    Some(v) => v.push(b),
+                    None => self.pool.put(b),
+                }
+            }
+            each(f);
+        }
+        drop(t);
+        let c = &src.counters;
+        for (counter, n) in [
+            (&c.tx_frames, ctx.stats[0]),
+            (&c.tx_bytes, ctx.stats[1]),
+            (&c.tx_invalid, ctx.stats[2]),
+            (&c.tx_dropped, ctx.stats[3]),
+            (&c.tx_filtered, ctx.stats[4]),
+        ] {
+            if n > 0 {
+                add(counter, n);
+            }
+        }
+        for mac in &ctx.unlearned[..ctx.n_unlearned] {
+            self.learn(*mac, src.id, now);
+        }
+        if ctx.n_unlearned == 0 && self.sweep_due(now) {
+            self.sweep(now);
+        }
+    }
+
+    /// Forward one frame; returns the outcome and the buffer if nobody took it.
+    fn forward_one(
+        &self,
+        t: &Tables,
+        ctx: &mut Batch<'_>,
+        buf: FrameBox,
+        now: u64,
+    ) -> (Forwarded, Option<FrameBox>) {
+        let src = ctx.src;
+        let (dst_mac, src_mac) = (buf.dst(), buf.src());
+        if is_multicast(&src_mac) {
+            ctx.stats[2] += 1;
+            return (Forwarded::Invalid, Some(buf));
+        }
+        ctx.stats[0] += 1;
+        ctx.stats[1] += buf.len() as u64;
+        match t.macs.get(&src_mac) {
+            Some(e) if e.port == src.id => e.seen_ms.store(now, Ordering::Relaxed),
+            _ => {
+                let known = ctx.unlearned[..ctx.n_unlearned].contains(&src_mac);
+                if !known && ctx.n_unlearned < ctx.unlearned.len() {
+                    ctx.unlearned[ctx.n_unlearned] = src_mac;
+                    ctx.n_unlearned += 1;
+                }
+            }
+        }
+        let dest = if is_multicast(&dst_mac) {
+            None
+        } else {
+            t.macs
+                .get(&dst_mac)
+                .filter(|e| self.fresh(e, now))
+                .map(|e| e.port)
+        };
+        match dest {
+            Some(d) if d == src.id => {
+                ctx.stats[4] += 1;
+                (Forwarded::Filtered, Some(buf))
+            }
+            Some(d) => match t.ports.get(d).and_then(Option::as_ref) {
+                Some(p) => match p.enqueue(src.id, buf, ctx.limit) {
+                    Ok(()) => (Forwarded::Unicast(d), None),
+                    Err(b) => {
+                        ctx.stats[3] += 1;
+                        (Forwarded::Dropped, Some(b))
+                    }
+                },
+                None => (Forwarded::Dropped, Some(buf)),
+            },
+            None => self.flood(t, ctx, buf),
+        }
+    }
+
+    fn flood(
+        &self,
+        t: &Tables,
+        ctx: &mut Batch<'_>,
+        buf: FrameBox,
+    ) -> (Forwarded, Option<FrameBox>) {
+        let src = ctx.src;
+        let mut others = t.ports.iter().flatten().filter(|p| p.id != src.id);
+        let Some(mut current) = others.next() else {
+            return (Forwarded::Flooded(0), Some(buf));
+        };
+        let mut queued = 0;
+        for next in others {
+            match self.pool.take() {
+                Some(mut copy) => {
+                    copy.fill(buf.frame());
+                    match current.enqueue(src.id, copy, ctx.limit) {
+                        Ok(()) => queued += 1,
+                        Err(b) => {
+                            ctx.stats[3] += 1;
+                            self.pool.put(b);
+                        }
+                    }
+                }
+                None => ctx.stats[3] += 1,
+            }
+            current = next;
+        }
+        let unused = match current.enqueue(src.id, buf, ctx.limit) {
+            Ok(()) => {
+                queued += 1;
+                None
+            }
+            Err(b) => {
+                ctx.stats[3] += 1;
+                Some(b)
+            }
+        };
+        if queued == 0 {
+            (Forwarded::Dropped, unused)
+        } else {
+            (Forwarded::Flooded(queued), unused)
+        }
+    }
+
+    fn sweep_due(&self, now: u64) -> bool {
+        now.saturating_sub(self.last_sweep_ms.load(Ordering::Relaxed))
+            >= u64::try_from(self.cfg.ageing.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn sweep(&self, now: u64) {
+        let mut t = self.write();
+        self.last_sweep_ms.store(now, Ordering::Relaxed);
+        t.macs.retain(|_, e| self.fresh(e, now));
+    }
+
+    fn learn(&self, mac: Mac, port: PortId, now: u64) {
+        let mut t = self.write();
+        if self.sweep_due(now) {
+            self.last_sweep_ms.store(now, Ordering::Relaxed);
+            t.macs.retain(|_, e| self.fresh(e, now));
+        }
+        if t.ports.get(port).and_then(Option::as_ref).is_none() {
+            return; // detached meanwhile
+        }
+        if let Some(e) = t.macs.get_mut(&mac) {
+            if e.port != port {
+                info!("switch: {} moved to port {port}", format_mac(&mac));
+            }
+            e.port = port;
+            e.seen_ms.store(now, Ordering::Relaxed);
+        } else if t.macs.len() < self.cfg.max_macs {
+            t.macs.insert(
+                mac,
+                MacEntry {
+                    port,
+                    seen_ms: AtomicU64::new(now),
+                },
+            );
+        }
+    }
+}
+
+/// A port's handle: its owner sends frames into the switch and takes the frames queued for it.
+/// Dropping it detaches the port (its queued frames are freed, its MAC entries forgotten).
+#[derive(Debug)]
+pub struct SwitchPort {
+    switch: Arc<Switch>,
+    port: Arc<Port>,
+}
+
+impl Drop for SwitchPort {
+    fn drop(&mut self) {
+        self.switch.detach(&self.port);
+    }
+}
+
+impl SwitchPort {
+    /// This port's id.
+    pub fn id(&self) -> PortId {
+        self.port.id
+    }
+
+    /// This port's name.
+    pub fn name(&self) -> &str {
+        &self.port.name
+    }
+
+    /// The switch this port is attached to.
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    /// A buffer to read a frame into, or `None` if the switch has no buffer left (the caller
+    /// drops the frame).
+    pub fn take_buffer(&self) -> Option<FrameBox> {
+        self.switch.pool.take()
+    }
+
+    /// Move up to `n` buffers into `out` (one pool lock); returns how many.
+    pub fn take_buffers(&self, out: &mut Vec<FrameBox>, n: usize) -> usize {
+        self.switch.pool.take_many(out, n)
+    }
+
+    /// Give back a buffer that was not sent.
+    pub fn recycle(&self, buf: FrameBox) {
+        self.switch.pool.put(buf);
+    }
+
+    /// Give back delivered buffers.
+    pub fn recycle_all(&self, bufs: impl Iterator<Item = FrameBox>) {
+        self.switch.pool.put_all(bufs);
+    }
+
+    /// Send a frame (already length-checked by the caller) into the switch.
+    pub fn transmit(&self, buf: FrameBox) -> Forwarded {
+        self.switch.forward(&self.port, buf)
+    }
+
+    /// Send every frame of `frames` (drained) into the switch under one lock; buffers nobody
+    /// took (dropped, flooded to no port) are pushed to `spare` for reuse.
+    pub fn transmit_batch(&self, frames: &mut Vec<FrameBox>, spare: &mut Vec<FrameBox>) {
+        self.switch
+            .forward_batch(&self.port, frames.drain(..), Some(spare), |_| {});
+    }
+
+    /// Count a frame refused before it reached the switch.
+    pub fn count_tx_invalid(&self) {
+        add(&self.port.counters.tx_invalid, 1);
+    }
+
+    /// Count a frame delivered to this port's owner.
+    pub fn count_rx(&self, bytes: usize) {
+        add(&self.port.counters.rx_frames, 1);
+        add(&self.port.counters.rx_bytes, bytes as u64);
+    }
+
+    /// Count a frame dropped at delivery.
+    pub fn count_rx_dropped(&self) {
+        add(&self.port.counters.rx_dropped, 1);
+    }
+
+    /// This port's counters.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.port.counters.snapshot()
+    }
+
+    /// Move up to `max` queued frames to `out`; returns how many.
+    pub fn receive(&self, out: &mut VecDeque<FrameBox>, max: usize) -> usize {
+        let mut inbox = self.port.inbox();
+        let n = max.min(inbox.frames.len());
+        for _ in 0..n {
+            if let Some((src, b)) = inbox.frames.pop_front() {
+                if let Some(c) = inbox.per_source.get_mut(src) {
+                    *c = c.saturating_sub(1);
+                }
+                out.push_back(b);
+            }
+        }
+        n
+    }
+
+    /// Frames waiting for this port.
+    pub fn pending(&self) -> usize {
+        self.port.inbox().frames.len()
+    }
+
+    /// Ask for a write to [`SwitchPort::wake_fd`] when the next frame arrives. Returns true
+    /// if frames are already waiting (the caller keeps draining instead of sleeping).
+    pub fn arm(&self) -> bool {
+        self.port.armed.store(true, Ordering::Release);
+        if self.pending() > 0 {
+            self.port.armed.store(false, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
+    /// The eventfd written when a frame arrives while the port is armed.
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.port.wake
+    }
+}
+
+#[cfg(test)]
+#[path = "switch_tests.rs"]
+mod tests;

@@ -1,0 +1,60 @@
+//! `driver-domain serve --net`: vhost-user-net ports (one per socket) and an optional tap
+//! uplink on one switch.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use driver_domain::blk::SealPolicy;
+use driver_domain::net::{parse_mac, NetConfig, Switch, SwitchConfig, TapUplink};
+use driver_domain::vhost_user::net::serve_net;
+
+/// Serve one port per socket until every port's accept loop fails.
+pub fn run(
+    sockets: &[PathBuf],
+    tap: Option<&str>,
+    mac: &str,
+    queue_pairs: u16,
+    poll_us: u64,
+    seal_policy: SealPolicy,
+) -> Result<()> {
+    if sockets.is_empty() {
+        bail!("--net needs --socket PATH and/or --net-sockets PATH,...");
+    }
+    let base = parse_mac(mac).with_context(|| format!("invalid MAC address {mac:?}"))?;
+    let switch = Switch::new(SwitchConfig::default());
+    let _uplink = match tap {
+        Some(name) => {
+            let port = switch.attach(&format!("tap:{name}"))?;
+            Some(TapUplink::open(name, port)?)
+        }
+        None => None,
+    };
+    let mut threads = Vec::new();
+    for (i, path) in sockets.iter().enumerate() {
+        let mut port_mac = base;
+        port_mac[5] = port_mac[5].wrapping_add(i as u8);
+        let cfg = NetConfig {
+            mac: port_mac,
+            queue_pairs,
+            poll_us,
+            seal_policy,
+            ..NetConfig::default()
+        };
+        let port = Arc::new(switch.attach(&path.display().to_string())?);
+        let path = path.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("net-port-{i}"))
+                .spawn(move || serve_net(&path, port, cfg, &AtomicBool::new(false)))?,
+        );
+    }
+    for t in threads {
+        match t.join() {
+            Ok(r) => r?,
+            Err(_) => bail!("a net port thread panicked"),
+        }
+    }
+    Ok(())
+}
