@@ -92,7 +92,9 @@ fn udp(
 }
 
 /// A parsed UDP/IPv4 frame: (src MAC, src IP, src port, dst port, payload).
-fn parse_udp(f: &[u8]) -> Option<([u8; 6], [u8; 4], u16, u16, Vec<u8>)> {
+type Udp = ([u8; 6], [u8; 4], u16, u16, Vec<u8>);
+
+fn parse_udp(f: &[u8]) -> Option<Udp> {
     if f.len() < 42 || f[12..14] != [0x08, 0x00] || f[23] != 17 {
         return None;
     }
