@@ -92,7 +92,9 @@ fn udp(
 }
 
 /// A parsed UDP/IPv4 frame: (src MAC, src IP, src port, dst port, payload).
-fn parse_udp(f: &[u8]) -> Option<([u8; 6], [u8; 4], u16, u16, Vec<u8>)> {
+type Udp = ([u8; 6], [u8; 4], u16, u16, Vec<u8>);
+
+fn parse_udp(f: &[u8]) -> Option<Udp> {
     if f.len() < 42 || f[12..14] != [0x08, 0x00] || f[23] != 17 {
         return None;
     }
@@ -226,4 +228,64 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
         .unwrap();
     a.shutdown().unwrap();
     b.shutdown().unwrap();
+}
+
+/// Managed mode as the toolstack will use it: listeners bound privately and handed to
+/// `serve_net_listener`, ports attached to one switch, sessions ended with their shutdown
+/// handles, ports detached when dropped.
+#[test]
+fn managed_ports_on_handed_over_listeners() {
+    use driver_domain::net::{NetConfig, Switch, SwitchConfig};
+    use driver_domain::vhost_user::net::serve_net_listener;
+    use std::os::unix::net::UnixListener;
+    use std::sync::{mpsc, Arc};
+
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(SwitchConfig::default());
+    let mut frontends = Vec::new();
+    let mut servers = Vec::new();
+    let mut ports = Vec::new();
+    let (tx, rx) = mpsc::channel();
+    for i in 0..2u8 {
+        let path = dir.path().join(format!("vif{i}.sock"));
+        let listener = UnixListener::bind(&path).unwrap();
+        frontends.push(std::thread::spawn(move || {
+            NetFrontend::connect_path(&path, NetFrontendConfig::default()).unwrap()
+        }));
+        let port = Arc::new(sw.attach(&format!("vif{i}.0")).unwrap());
+        ports.push(port.clone());
+        let cfg = NetConfig {
+            mac: [0x02, 0, 0, 0, i, 0],
+            ..NetConfig::default()
+        };
+        let tx = tx.clone();
+        servers.push(std::thread::spawn(move || {
+            serve_net_listener(listener, port, cfg, move |h| tx.send(h).unwrap())
+        }));
+    }
+    let mut fe: Vec<NetFrontend> = frontends.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(fe[0].mac(), Some([0x02, 0, 0, 0, 0, 0]));
+    assert_eq!(fe[1].mac(), Some([0x02, 0, 0, 0, 1, 0]));
+    let f = arp(1, [0x02, 0, 0, 0, 0, 0], IP_A, [0; 6], IP_B, [0xff; 6]);
+    fe[0].send(&f).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = fe[1]
+        .recv(&mut buf, WAIT)
+        .unwrap()
+        .expect("frame through the switch");
+    assert_eq!(&buf[..n], &f[..]);
+    assert_eq!(ports[0].counters().tx_frames, 1);
+    assert_eq!(ports[1].counters().rx_frames, 1);
+    for _ in 0..2 {
+        rx.recv_timeout(WAIT).unwrap().shutdown();
+    }
+    for s in servers {
+        s.join().unwrap().unwrap();
+    }
+    drop(fe);
+    drop(ports);
+    assert!(
+        sw.ports().is_empty(),
+        "dropping the last handles detaches the ports"
+    );
 }

@@ -316,6 +316,7 @@ pub struct RxQueue {
     batch: VecDeque<FrameBox>,
     used: Vec<(u16, u32)>,
     completed: Vec<(u16, u32)>,
+    done: Vec<FrameBox>,
     idle_notify: bool,
     dropped: u64,
     broken: Option<String>,
@@ -339,6 +340,7 @@ impl RxQueue {
             batch: VecDeque::with_capacity(RX_BATCH),
             used: Vec::with_capacity(64),
             completed: Vec::with_capacity(256),
+            done: Vec::with_capacity(64),
             idle_notify: true,
             dropped: 0,
             broken: None,
@@ -399,6 +401,8 @@ impl RxQueue {
         self.completed.clear();
         queue.disable_notification(mem).map_err(ring)?;
         let r = self.deliver_all(queue, mem, &mut progress);
+        // Delivered and dropped buffers go back to the pool under one lock.
+        self.port.recycle_all(self.done.drain(..));
         // Completed chains are published with one used-index store, even if a later frame
         // failed the queue (the driver gets back what the device finished).
         let published = publish_used(queue, mem, self.completed.drain(..)).map_err(ring);
@@ -433,12 +437,12 @@ impl RxQueue {
             match self.deliver(queue, mem, &mut buf)? {
                 Delivery::Delivered => {
                     self.port.count_rx(buf.len());
-                    self.port.recycle(buf);
+                    self.done.push(buf);
                     progress.frames += 1;
                 }
                 Delivery::Dropped => {
                     self.port.count_rx_dropped();
-                    self.port.recycle(buf);
+                    self.done.push(buf);
                     progress.frames += 1;
                 }
                 Delivery::NoBuffers => {

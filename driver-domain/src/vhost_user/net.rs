@@ -435,12 +435,27 @@ pub fn serve_net(
 /// connected, unlinked and handed over). `started` receives a handle that ends the session from
 /// another thread. Returns when the frontend disconnects or the session is shut down; the port
 /// stays attached until the caller drops its last handle.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use driver_domain::net::{NetConfig, Switch, SwitchConfig};
+/// # use driver_domain::vhost_user::net::serve_net_listener;
+/// # fn handed_over() -> std::os::unix::net::UnixListener { unimplemented!() }
+/// let switch = Switch::new(SwitchConfig::default()); // one per driver domain
+/// let port = Arc::new(switch.attach("vif2.0")?);
+/// let cfg = NetConfig { mac: [0x02, 0, 0, 0, 2, 0], ..NetConfig::default() };
+/// serve_net_listener(handed_over(), port.clone(), cfg, |_shutdown| {})?;
+/// println!("{:?}", port.counters()); // per-port counters for the toolstack
+/// drop(port); // detaches the port from the switch
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn serve_net_listener(
-    mut listener: Listener,
+    listener: impl Into<Listener>,
     port: Arc<SwitchPort>,
     cfg: NetConfig,
     started: impl FnOnce(vhost_user_backend::ShutdownHandle),
 ) -> Result<(), VhostUserNetError> {
+    let mut listener = listener.into();
     let (backend, mut daemon) = new_daemon(&port, &cfg)?;
     daemon
         .start(&mut listener)
