@@ -58,8 +58,8 @@ pub struct Host {
     /// Where private vhost-user connections are made (0700, paths unlinked at once).
     private_dir: PathBuf,
     attach_serial: u64,
-    /// (guest, devid) of every attached disk.
-    attached: BTreeSet<(String, u32)>,
+    /// (guest, kind, devid) of every attached device.
+    attached: BTreeSet<(String, DeviceKind, u32)>,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -290,7 +290,10 @@ impl Host {
     /// device directories, and waits for the guest to report Connected.
     pub fn attach_disk(&mut self, name: &str, disk: &DiskConfig) -> Result<u64> {
         let dev = self.device(name, disk.devid)?;
-        if self.attached.contains(&(name.to_owned(), disk.devid)) {
+        if self
+            .attached
+            .contains(&(name.to_owned(), DeviceKind::Vbd, disk.devid))
+        {
             bail!("{name} already has a vbd {}", disk.devid);
         }
         let image = open_image(disk)?;
@@ -327,7 +330,8 @@ impl Host {
         )?;
         match self.guest_event(name, WALK_TIMEOUT)? {
             GuestEvent::Connected { devid, sectors } if devid == dev.devid => {
-                self.attached.insert((name.to_owned(), devid));
+                self.attached
+                    .insert((name.to_owned(), DeviceKind::Vbd, devid));
                 self.progress(&format!(
                     "{name}: vbd {devid} Connected ({} MiB)",
                     sectors / 2048
@@ -350,6 +354,12 @@ impl Host {
             frontend: domid,
             devid: nic.devid,
         };
+        if self
+            .attached
+            .contains(&(name.to_owned(), DeviceKind::Vif, nic.devid))
+        {
+            bail!("{name} already has a vif {}", nic.devid);
+        }
         let mac = nic.mac_of(domid).context("MAC address")?;
         let ip = nic.ip_of(domid).context("IPv4 address")?;
         self.attach_serial += 1;
@@ -382,6 +392,8 @@ impl Host {
         )?;
         match self.guest_event(name, WALK_TIMEOUT)? {
             GuestEvent::NetConnected { devid, mac: got } if devid == nic.devid && got == mac => {
+                self.attached
+                    .insert((name.to_owned(), DeviceKind::Vif, devid));
                 self.progress(&format!(
                     "{name}: vif {devid} Connected ({}, {}.{}.{}.{})",
                     got.map(|b| format!("{b:02x}")).join(":"),
@@ -424,14 +436,26 @@ impl Host {
     /// Detaches disk `devid` from guest `name` with the xenbus walk: online=0 and backend
     /// Closing; both sides reach Closed; the directories are removed.
     pub fn detach_disk(&mut self, name: &str, devid: u32) -> Result<()> {
-        let dev = self.device(name, devid)?;
-        if !self.attached.remove(&(name.to_owned(), devid)) {
-            bail!("{name} has no vbd {devid} attached");
+        self.detach(name, DeviceKind::Vbd, devid)
+    }
+
+    /// Detaches interface `devid` from guest `name`, as [`Host::detach_disk`] does disks.
+    pub fn detach_nic(&mut self, name: &str, devid: u32) -> Result<()> {
+        self.detach(name, DeviceKind::Vif, devid)
+    }
+
+    fn detach(&mut self, name: &str, kind: DeviceKind, devid: u32) -> Result<()> {
+        let dev = DeviceId {
+            kind,
+            ..self.device(name, devid)?
+        };
+        if !self.attached.remove(&(name.to_owned(), kind, devid)) {
+            bail!("{name} has no {kind} {devid} attached");
         }
         domains::request_close(&mut self.client, &dev)?;
         match self.guest_event(name, WALK_TIMEOUT)? {
             GuestEvent::Closed { devid: d } if d == devid => {}
-            other => bail!("{name}: detaching vbd {devid}: {other:?}"),
+            other => bail!("{name}: detaching {kind} {devid}: {other:?}"),
         }
         domains::wait_for_state(
             &mut self.client,
@@ -440,7 +464,7 @@ impl Host {
             WALK_TIMEOUT,
         )?;
         domains::remove_device(&mut self.client, &dev)?;
-        self.progress(&format!("{name}: vbd {devid} detached"));
+        self.progress(&format!("{name}: {kind} {devid} detached"));
         Ok(())
     }
 

@@ -56,6 +56,38 @@ enum Command {
         guest: String,
         devid: u32,
     },
+    /// Attach a network interface (a port of the driver domain's switch) to a guest of a
+    /// running `splitvmm up --stay`.
+    NetworkAttach {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        #[arg(long, default_value_t = 0)]
+        devid: u32,
+        /// MAC address [default: 02:00:00:<domid>:<devid>].
+        #[arg(long)]
+        mac: Option<String>,
+        /// IPv4 address on the host's internal switch [default: 10.0.0.<domid>].
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    /// Detach a network interface from a guest of a running `splitvmm up --stay`.
+    NetworkDetach {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        devid: u32,
+    },
+    /// Have a guest resolve PEER (ARP) and exchange UDP echoes with it.
+    NetPing {
+        #[command(flatten)]
+        store: xs::StoreArg,
+        guest: String,
+        devid: u32,
+        peer: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+    },
     /// Have a guest write and verify (or only verify) a pattern on one of its disks.
     DiskCheck {
         #[command(flatten)]
@@ -149,6 +181,44 @@ fn main() -> ExitCode {
         } => toolstack::request(
             &store.path(),
             ToolstackRequest::BlockDetach { guest, devid },
+        ),
+        Command::NetworkAttach {
+            store,
+            guest,
+            devid,
+            mac,
+            ip,
+        } => toolstack::request(
+            &store.path(),
+            ToolstackRequest::NetworkAttach {
+                guest,
+                devid,
+                mac,
+                ip,
+            },
+        ),
+        Command::NetworkDetach {
+            store,
+            guest,
+            devid,
+        } => toolstack::request(
+            &store.path(),
+            ToolstackRequest::NetworkDetach { guest, devid },
+        ),
+        Command::NetPing {
+            store,
+            guest,
+            devid,
+            peer,
+            rounds,
+        } => toolstack::request(
+            &store.path(),
+            ToolstackRequest::NetPing {
+                guest,
+                devid,
+                peer: peer.octets(),
+                rounds,
+            },
         ),
         Command::DiskCheck {
             store,

@@ -1,5 +1,6 @@
 //! The running toolstack's management socket: `splitvmm up --stay` serves it, and
-//! `splitvmm block-attach` / `block-detach` / `disk-check` talk to it.
+//! `splitvmm block-attach` / `block-detach` / `disk-check` / `network-attach` /
+//! `network-detach` / `net-ping` talk to it.
 //!
 //! It lives next to the store socket (`<run_dir>/toolstack.sock`); requests are
 //! [`ToolstackRequest`]s on a control channel, one reply each.
@@ -13,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use ipc::control::messages::{ToolstackReply, ToolstackRequest};
 use ipc::control::{ControlChannel, ControlListener};
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NicConfig};
 use crate::host::Host;
 
 /// How long a client waits for the toolstack to carry out a request.
@@ -78,6 +79,35 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
         ToolstackRequest::BlockDetach { guest, devid } => {
             host.detach_disk(&guest, devid)?;
             Ok(format!("{guest}: vbd {devid} detached"))
+        }
+        ToolstackRequest::NetworkAttach {
+            guest,
+            devid,
+            mac,
+            ip,
+        } => {
+            let nic = NicConfig { devid, mac, ip };
+            let ip = host.attach_nic(&guest, &nic)?;
+            Ok(format!(
+                "{guest}: vif {devid} attached, {}.{}.{}.{}",
+                ip[0], ip[1], ip[2], ip[3]
+            ))
+        }
+        ToolstackRequest::NetworkDetach { guest, devid } => {
+            host.detach_nic(&guest, devid)?;
+            Ok(format!("{guest}: vif {devid} detached"))
+        }
+        ToolstackRequest::NetPing {
+            guest,
+            devid,
+            peer,
+            rounds,
+        } => {
+            if host.net_ping(&guest, devid, peer, rounds)? {
+                Ok(format!("{guest}: vif {devid} ping passed"))
+            } else {
+                bail!("{guest}: vif {devid} ping failed")
+            }
         }
         ToolstackRequest::DiskCheck {
             guest,

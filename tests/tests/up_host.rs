@@ -236,6 +236,30 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
     .status
     .success());
 
+    // Network interfaces too: detach guest-a's, guest-b can no longer reach it; attach it
+    // again and it answers.
+    assert!(
+        cli(&["net-ping", "guest-b", "0", "10.0.0.2", "--rounds", "3"])
+            .status
+            .success()
+    );
+    assert!(cli(&["network-detach", "guest-a", "0"]).status.success());
+    let read = cli(&["xs", "read", "/local/domain/1/backend/vif/2/0/state"]);
+    assert!(!read.status.success(), "vif backend directory still there");
+    assert!(
+        !cli(&["net-ping", "guest-b", "0", "10.0.0.2", "--rounds", "1"])
+            .status
+            .success()
+    );
+    assert!(cli(&["network-attach", "guest-a", "--devid", "0"])
+        .status
+        .success());
+    assert!(
+        cli(&["net-ping", "guest-b", "0", "10.0.0.2", "--rounds", "3"])
+            .status
+            .success()
+    );
+
     let children = children_of(up.id());
     assert_eq!(
         children.len(),

@@ -143,6 +143,22 @@ pub enum ToolstackRequest {
     },
     /// Detach vbd `devid` from guest `guest`.
     BlockDetach { guest: String, devid: u32 },
+    /// Attach a network interface to guest `guest`.
+    NetworkAttach {
+        guest: String,
+        devid: u32,
+        mac: Option<String>,
+        ip: Option<String>,
+    },
+    /// Detach network interface `devid` from guest `guest`.
+    NetworkDetach { guest: String, devid: u32 },
+    /// Have guest `guest` resolve `peer` on interface `devid` and exchange UDP echoes with it.
+    NetPing {
+        guest: String,
+        devid: u32,
+        peer: [u8; 4],
+        rounds: u32,
+    },
     /// Write and verify a pattern on a guest's disk (or only verify it).
     DiskCheck {
         guest: String,
