@@ -172,6 +172,16 @@ pub fn request_close(client: &mut StoreClient, dev: &DeviceId) -> Result<(), Dom
     })
 }
 
+/// Removes a device's frontend directory (its guest is gone).
+pub fn remove_frontend(client: &mut StoreClient, dev: &DeviceId) -> Result<(), DomainError> {
+    let path = dev.frontend_path();
+    match client.rm(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(()),
+        Err(e) => Err(store_err(&path)(e)),
+    }
+}
+
 /// Removes both directories of a device.
 pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), DomainError> {
     for path in [dev.frontend_path(), dev.backend_path()] {

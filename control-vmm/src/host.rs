@@ -506,6 +506,60 @@ impl Host {
         &mut self.client
     }
 
+    /// Destroys guest `name`, as `xl destroy` does: its process is stopped at once, its
+    /// devices are torn down on the backend side (close requested, then its frontend
+    /// directories removed, so the driver domain reads them as Closed and need not wait for a
+    /// dead guest), and the domain is released in the store, so a reused id inherits nothing.
+    pub fn destroy_guest(&mut self, domain: &str) -> Result<()> {
+        // By name, or by domain id.
+        let name = match self.guests.get(domain) {
+            Some(_) => domain.to_owned(),
+            None => self
+                .guests
+                .iter()
+                .find(|(_, g)| domain.parse() == Ok(g.domain.domid))
+                .map(|(n, _)| n.clone())
+                .ok_or_else(|| anyhow!("no guest named or numbered {domain:?}"))?,
+        };
+        let name = name.as_str();
+        let mut guest = self
+            .guests
+            .remove(name)
+            .ok_or_else(|| anyhow!("no guest named {name}"))?;
+        let status = guest.domain.process.stop();
+        let domid = guest.domain.domid;
+        let devices: Vec<(DeviceKind, u32)> = self
+            .attached
+            .iter()
+            .filter(|(g, _, _)| g == name)
+            .map(|(_, kind, devid)| (*kind, *devid))
+            .collect();
+        self.attached.retain(|(g, _, _)| g != name);
+        for (kind, devid) in devices {
+            let dev = DeviceId {
+                kind,
+                backend: self.driver.domid,
+                frontend: domid,
+                devid,
+            };
+            // Ask first, then take the dead guest's directory away: the backend then finds the
+            // request already there when it sees its frontend gone, and its Closed comes last.
+            domains::request_close(&mut self.client, &dev)?;
+            domains::remove_frontend(&mut self.client, &dev)?;
+            domains::wait_for_state(
+                &mut self.client,
+                &dev.backend_path(),
+                XenbusState::Closed,
+                WALK_TIMEOUT,
+            )?;
+            domains::remove_device(&mut self.client, &dev)?;
+        }
+        domains::destroy_domain(&mut self.client, domid)?;
+        let how = status.map_or_else(|| "ended".to_owned(), |s| crate::supervisor::describe(&s));
+        self.progress(&format!("{name}: destroyed ({how})"));
+        Ok(())
+    }
+
     /// Stops every guest (collecting its counters), then the driver domain, then the store.
     pub fn shut_down(mut self) -> ShutdownReport {
         let mut clean = true;

@@ -130,7 +130,8 @@ enum Command {
         #[command(flatten)]
         store: xs::StoreArg,
     },
-    /// Destroy a domain: release it in the store and remove its directory.
+    /// Destroy a domain: with `splitvmm up --stay` running, stop its process and tear its
+    /// devices down; always remove its store directories and release it.
     Destroy {
         #[command(flatten)]
         store: xs::StoreArg,
@@ -251,6 +252,11 @@ fn main() -> ExitCode {
             domain,
             no_follow,
         } => console::show(&store.path(), &domain, !no_follow),
+        // With a toolstack running, it stops the domain's process too; with a bare store,
+        // only the store's view of the domain goes.
+        Command::Destroy { store, domain } if toolstack::is_running(&store.path()) => {
+            toolstack::request(&store.path(), ToolstackRequest::Destroy { guest: domain })
+        }
         Command::Destroy { store, domain } => xs::destroy_domain(&store.path(), &domain),
         Command::Xs { store, op } => xs::run(&store.path(), op),
     };

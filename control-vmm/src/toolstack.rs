@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipc::control::messages::{ToolstackReply, ToolstackRequest};
-use ipc::control::{ControlChannel, ControlListener};
+use ipc::control::{ChannelError, ControlChannel, ControlListener};
 
 use crate::config::{DiskConfig, NicConfig};
 use crate::host::Host;
@@ -40,7 +40,8 @@ pub fn serve(host: &mut Host, store: &Path, stop: &AtomicBool) -> Result<()> {
         };
         let request = match client.recv_timeout::<ToolstackRequest>(Duration::from_secs(5)) {
             Ok(Some((request, _))) => request,
-            Ok(None) => continue,
+            // A probe (`toolstack::is_running`) connects and leaves without a word.
+            Ok(None) | Err(ChannelError::Closed) => continue,
             Err(e) => {
                 log::warn!("management client: {e}");
                 continue;
@@ -109,6 +110,10 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
                 bail!("{guest}: vif {devid} ping failed")
             }
         }
+        ToolstackRequest::Destroy { guest } => {
+            host.destroy_guest(&guest)?;
+            Ok(format!("destroyed {guest}"))
+        }
         ToolstackRequest::DiskCheck {
             guest,
             devid,
@@ -122,6 +127,11 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             }
         }
     }
+}
+
+/// Whether a toolstack is running for the store at `store`.
+pub fn is_running(store: &Path) -> bool {
+    ControlChannel::connect(&socket_path(store)).is_ok()
 }
 
 /// Sends one request to a running toolstack and prints its answer.

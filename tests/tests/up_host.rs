@@ -135,6 +135,20 @@ fn children_of(parent: u32) -> Vec<i32> {
     pids
 }
 
+/// A `splitvmm up --stay` that is stopped if the test fails half-way, so no host outlives it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+            wait_for(&mut self.0, Duration::from_secs(20));
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn wait_for(child: &mut Child, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -158,8 +172,9 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the checks to finish and the management socket to open.
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = Running(up);
+    // Wait for the checks to finish and the management socket to open.
     let mut seen = String::new();
     loop {
         let line = lines.next().expect("splitvmm up ended early").unwrap();
@@ -260,15 +275,36 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
             .success()
     );
 
-    let children = children_of(up.id());
+    // Destroy a guest while the host runs: its process goes, so do its devices and entries.
     assert_eq!(
-        children.len(),
+        children_of(up.0.id()).len(),
         3,
-        "driver domain and two guests: {children:?}"
+        "driver domain and two guests"
     );
-    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(cli(&["destroy", "guest-b"]).status.success());
+    let list = String::from_utf8_lossy(&cli(&["list"]).stdout).into_owned();
+    assert!(!list.contains("guest-b"), "{list}");
+    for gone in [
+        "/local/domain/1/backend/vbd/3/51712/state",
+        "/local/domain/1/backend/vif/3/0/state",
+        "/local/domain/3/name",
+    ] {
+        assert!(
+            !cli(&["xs", "read", gone]).status.success(),
+            "{gone} survived"
+        );
+    }
+    // guest-a carries on.
+    assert!(cli(&["disk-check", "guest-a", "51712", "--seed", "11"])
+        .status
+        .success());
+    assert!(!cli(&["destroy", "guest-b"]).status.success());
+
+    let children = children_of(up.0.id());
+    assert_eq!(children.len(), 2, "driver domain and guest-a: {children:?}");
+    kill(Pid::from_raw(up.0.id() as i32), Signal::SIGTERM).unwrap();
     assert!(
-        wait_for(&mut up, Duration::from_secs(20)),
+        wait_for(&mut up.0, Duration::from_secs(20)),
         "splitvmm up ignored SIGTERM"
     );
     for pid in children {
@@ -319,6 +355,7 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = Running(up);
     while !lines
         .next()
         .expect("up ended early")
@@ -361,6 +398,6 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
         .arg(&store));
     assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
 
-    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_for(&mut up, Duration::from_secs(20)));
+    kill(Pid::from_raw(up.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_for(&mut up.0, Duration::from_secs(20)));
 }

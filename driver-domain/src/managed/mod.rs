@@ -300,6 +300,14 @@ impl ManagedDriverDomain {
             }
             return Ok(());
         }
+        // Level-triggered: a Closed backend keeps saying so, even if a late write (a close
+        // request racing with a frontend that vanished) overwrote it.
+        if ours == XenbusState::Closed && written == XenbusState::Closing {
+            return self.write(
+                &format!("{be}/{}", keys::STATE),
+                &XenbusState::Closed.to_string(),
+            );
+        }
         if close_requested && ours != XenbusState::Closed {
             return self.close_step(key, fe_state);
         }

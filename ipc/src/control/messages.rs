@@ -159,6 +159,8 @@ pub enum ToolstackRequest {
         peer: [u8; 4],
         rounds: u32,
     },
+    /// Destroy guest `guest` (its process, its devices, its store entries).
+    Destroy { guest: String },
     /// Write and verify a pattern on a guest's disk (or only verify it).
     DiskCheck {
         guest: String,
