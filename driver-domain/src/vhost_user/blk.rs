@@ -15,10 +15,10 @@
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use log::{error, info, warn};
+use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
@@ -30,10 +30,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::blk::memory::{check_guest_memory, SealState};
+use super::checked_memory::{CheckedMemory, GuestMem};
 use crate::blk::{BlkConfig, BlkConfigSpace, BlkDisk, BlkQueue, InflightError, InflightLog};
-
-type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Errors of the vhost-user-blk adapter.
 #[derive(Debug, Error)]
@@ -60,10 +58,7 @@ pub struct VhostUserBlk {
     cfg: BlkConfig,
     features: u64,
     config_space: BlkConfigSpace,
-    mem: RwLock<Option<GuestMem>>,
-    mem_ok: AtomicBool,
-    /// Unsealed regions in the current memory table (to log changes only).
-    unsealed: AtomicUsize,
+    memory: CheckedMemory,
     queues: Vec<Mutex<BlkQueue>>,
     /// Global queue indexes served by each worker thread, in vring order.
     thread_queues: Vec<Vec<usize>>,
@@ -117,9 +112,7 @@ impl VhostUserBlk {
                 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             config_space: BlkConfigSpace::new(&cfg, disk.capacity_sectors()),
             cfg,
-            mem: RwLock::new(None),
-            mem_ok: AtomicBool::new(false),
-            unsealed: AtomicUsize::new(0),
+            memory: CheckedMemory::default(),
             queues,
             thread_queues,
             exits,
@@ -135,10 +128,7 @@ impl VhostUserBlk {
     }
 
     fn current_mem(&self) -> Option<GuestMem> {
-        match self.mem.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.memory.current()
     }
 
     /// Serve the queues of `thread_id` until none has work left, round-robin.
@@ -166,7 +156,7 @@ impl VhostUserBlk {
                     Err(p) => p.into_inner(),
                 };
                 // A memory table may be refused while this loop runs (polling keeps it busy).
-                if bq.broken().is_some() || !self.mem_ok.load(Ordering::Acquire) {
+                if bq.broken().is_some() || !self.memory.usable() {
                     continue;
                 }
                 // A fresh snapshot per call: the frontend may add regions between calls.
@@ -226,31 +216,7 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        let checked = check_guest_memory(&*mem.memory(), self.cfg.seal_policy);
-        let mut slot = match self.mem.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *slot = Some(mem);
-        match checked {
-            Ok(states) => {
-                let unsealed = states.iter().filter(|s| **s == SealState::Unsealed).count();
-                if self.unsealed.swap(unsealed, Ordering::AcqRel) != unsealed && unsealed > 0 {
-                    warn!(
-                        "blk: {unsealed} shared memory region(s) cannot be sealed against \
-                         shrinking; a frontend that truncates them can fault this backend"
-                    );
-                }
-                self.mem_ok.store(true, Ordering::Release);
-                Ok(())
-            }
-            Err(e) => {
-                // The library has already installed the table; refuse to touch it.
-                self.mem_ok.store(false, Ordering::Release);
-                error!("blk: refusing the memory table, device stopped: {e}");
-                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
-            }
-        }
+        self.memory.update(mem, self.cfg.seal_policy, "blk")
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -285,7 +251,7 @@ impl VhostUserBackend for VhostUserBlk {
         if usize::from(device_event) >= vrings.len() {
             return Ok(());
         }
-        if !self.mem_ok.load(Ordering::Acquire) {
+        if !self.memory.usable() {
             warn!("blk: kick ignored, the memory table was refused or is missing");
             return Ok(());
         }

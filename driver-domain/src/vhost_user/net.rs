@@ -17,10 +17,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
@@ -32,10 +32,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::checked_memory::{CheckedMemory, GuestMem};
 use crate::net::{Negotiated, NetConfig, NetConfigSpace, RxQueue, SwitchPort, TxQueue};
-use crate::virtio_core::memory::check_guest_memory;
-
-type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// Errors of the vhost-user-net adapter.
 #[derive(Debug, Error)]
@@ -67,8 +65,7 @@ pub struct VhostUserNet {
     features: u64,
     config_space: NetConfigSpace,
     port: Arc<SwitchPort>,
-    mem: RwLock<Option<GuestMem>>,
-    mem_ok: AtomicBool,
+    memory: CheckedMemory,
     rx: Vec<Mutex<RxQueue>>,
     tx: Vec<Mutex<TxQueue>>,
     exit: (EventConsumer, EventNotifier),
@@ -111,8 +108,7 @@ impl VhostUserNet {
                 .map_err(VhostUserNetError::Event)?,
             cfg,
             port,
-            mem: RwLock::new(None),
-            mem_ok: AtomicBool::new(false),
+            memory: CheckedMemory::default(),
             rx,
             tx,
         })
@@ -129,10 +125,7 @@ impl VhostUserNet {
     }
 
     fn current_mem(&self) -> Option<GuestMem> {
-        match self.mem.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.memory.current()
     }
 
     fn set_idle_notify(&self, on: bool) {
@@ -280,23 +273,7 @@ impl VhostUserBackend for VhostUserNet {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        let checked = check_guest_memory(&*mem.memory(), self.cfg.seal_policy);
-        let mut slot = match self.mem.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *slot = Some(mem);
-        match checked {
-            Ok(_) => {
-                self.mem_ok.store(true, Ordering::Release);
-                Ok(())
-            }
-            Err(e) => {
-                self.mem_ok.store(false, Ordering::Release);
-                error!("net: refusing the memory table, device stopped: {e}");
-                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
-            }
-        }
+        self.memory.update(mem, self.cfg.seal_policy, "net")
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -335,7 +312,7 @@ impl VhostUserBackend for VhostUserNet {
         } else if usize::from(device_event) >= vrings.len() {
             return Ok(());
         }
-        if !self.mem_ok.load(Ordering::Acquire) {
+        if !self.memory.usable() {
             return Ok(());
         }
         self.serve(vrings);
