@@ -274,6 +274,14 @@ fn managed_ports_on_handed_over_listeners() {
         .unwrap()
         .expect("frame through the switch");
     assert_eq!(&buf[..n], &f[..]);
+    // The switch counts a batch after delivering it: the frame can arrive a moment before
+    // its counters do.
+    let deadline = Instant::now() + WAIT;
+    while (ports[0].counters().tx_frames, ports[1].counters().rx_frames) != (1, 1)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(ports[0].counters().tx_frames, 1);
     assert_eq!(ports[1].counters().rx_frames, 1);
     for _ in 0..2 {
