@@ -1,4 +1,5 @@
-//! `splitvmm-vmm`: runs one KVM guest (the tiny kernel) until it powers off.
+//! `splitvmm-vmm`: runs one KVM guest (the tiny kernel, or with `--linux` a Linux bzImage)
+//! until it powers off.
 //!
 //! Exit status: the guest's poweroff status (0..=99 by convention); 100 if the guest reset the
 //! machine (e.g. a triple fault); 101 if the VMM failed; 102 if stopped by a signal.
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use control_vmm::vmm::arch::bzimage::LinuxBoot;
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
+use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 
@@ -34,9 +37,18 @@ enum Ring {
 #[derive(Debug, Parser)]
 #[command(name = "splitvmm-vmm", version)]
 struct Cli {
-    /// ELF kernel (the tiny kernel from guest-frontend/tiny-kernel).
+    /// ELF kernel (the tiny kernel from guest-frontend/tiny-kernel), or with --linux a bzImage.
     #[arg(long)]
     kernel: PathBuf,
+    /// Boot an unmodified Linux bzImage (ACPI, PCI, COM1) until it powers off.
+    #[arg(long, conflicts_with_all = ["mode", "managed_domid"])]
+    linux: bool,
+    /// Linux: the initramfs.
+    #[arg(long, requires = "linux")]
+    initrd: Option<PathBuf>,
+    /// Linux: the kernel command line.
+    #[arg(long, requires = "linux", default_value = "console=ttyS0")]
+    cmdline: String,
     /// Guest RAM in MiB (a multiple of 2).
     #[arg(long, default_value_t = 8)]
     mem_mib: u64,
@@ -103,6 +115,9 @@ fn main() -> ExitCode {
         eprintln!("splitvmm-vmm: {e}");
         return ExitCode::from(101);
     }
+    if cli.linux {
+        return run_linux(cli, stop);
+    }
     if let Some(domid) = cli.managed_domid {
         let settings = MachineSettings {
             kernel: cli.kernel,
@@ -160,6 +175,36 @@ fn main() -> ExitCode {
         stop,
     };
     match run(cfg) {
+        Ok(report) => {
+            eprint!("{}", report.table());
+            match report.outcome {
+                Outcome::Poweroff(s) => ExitCode::from(s),
+                Outcome::Reset(_) => ExitCode::from(100),
+                Outcome::Failed(_) => ExitCode::from(101),
+                Outcome::Terminated => ExitCode::from(102),
+            }
+        }
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            ExitCode::from(101)
+        }
+    }
+}
+
+fn run_linux(cli: Cli, stop: Arc<AtomicBool>) -> ExitCode {
+    let cfg = LinuxVmConfig {
+        boot: LinuxBoot {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+        },
+        ram_bytes: cli.mem_mib << 20,
+        vcpus: cli.vcpus,
+        console: Box::new(std::io::stdout()),
+        stop,
+        power_button: None,
+    };
+    match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
             eprint!("{}", report.table());
             match report.outcome {
