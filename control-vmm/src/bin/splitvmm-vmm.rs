@@ -177,12 +177,7 @@ fn main() -> ExitCode {
     match run(cfg) {
         Ok(report) => {
             eprint!("{}", report.table());
-            match report.outcome {
-                Outcome::Poweroff(s) => ExitCode::from(s),
-                Outcome::Reset(_) => ExitCode::from(100),
-                Outcome::Failed(_) => ExitCode::from(101),
-                Outcome::Terminated => ExitCode::from(102),
-            }
+            exit_code(&report.outcome)
         }
         Err(e) => {
             eprintln!("splitvmm-vmm: {e}");
@@ -203,20 +198,28 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>) -> ExitCode {
         console: Box::new(std::io::stdout()),
         stop,
         power_button: None,
+        blk_socket: cli.blk_socket,
+        share_all_ram: cli.share_all_ram,
+        connect_timeout: Duration::from_secs(5),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
             eprint!("{}", report.table());
-            match report.outcome {
-                Outcome::Poweroff(s) => ExitCode::from(s),
-                Outcome::Reset(_) => ExitCode::from(100),
-                Outcome::Failed(_) => ExitCode::from(101),
-                Outcome::Terminated => ExitCode::from(102),
-            }
+            exit_code(&report.outcome)
         }
         Err(e) => {
             eprintln!("splitvmm-vmm: {e}");
             ExitCode::from(101)
         }
+    }
+}
+
+/// The process's exit status for how the machine ended.
+fn exit_code(outcome: &Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Poweroff(s) => ExitCode::from(*s),
+        Outcome::Reset(_) => ExitCode::from(100),
+        Outcome::Failed(_) => ExitCode::from(101),
+        Outcome::Terminated => ExitCode::from(102),
     }
 }

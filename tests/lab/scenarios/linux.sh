@@ -1,28 +1,52 @@
 # linux: an unmodified Debian cloud kernel (the lab's own bzImage) boots as an L2 guest of
-# splitvmm-vmm with 2 vCPUs: ACPI (hardware-reduced), the in-kernel irqchip, COM1, PCI. Its
-# initramfs reports the CPUs online and powers off; the ACPI S5 write must end the VMM.
+# splitvmm-vmm with 2 vCPUs: hardware-reduced ACPI, the in-kernel irqchip, COM1, PCI, and a
+# virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over vhost-user. The guest's
+# /init reports its CPUs and interrupts, writes this run's pattern to the disk and powers off;
+# the ACPI S5 write must end the VMM, and the lab VM checks the pattern in the image file.
 W=/tmp/linux
+rm -rf $W
 mkdir -p $W
 [ -c /dev/kvm ] || fail "no /dev/kvm in the lab VM"
 [ -f /lab/linux/bzImage ] || fail "the guest kernel was not packed"
 VMM=/bin/splitvmm-vmm
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check"
+PATTERN=$LAB_PATTERN-L2
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$PATTERN"
 
-step "boot Linux under splitvmm-vmm, 2 vCPUs, 256 MiB"
-echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 2 --mem-mib 256 --cmdline '$CMDLINE'"
-timeout 80 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
-    --vcpus 2 --mem-mib 256 --cmdline "$CMDLINE" > $W/console.log 2> $W/vmm.log &
+step "the driver domain serves a 16 MiB image"
+truncate -s 16M $W/disk.img
+$DD serve --blk $W/disk.img --socket $W/blk.sock > $W/dd.log 2>&1 &
+dd_pid=$!
+background $dd_pid
+
+step "boot Linux under splitvmm-vmm: 2 vCPUs, 256 MiB, the disk on virtio-pci"
+echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 2 --mem-mib 256 --blk-socket $W/blk.sock --share-all-ram --cmdline '$CMDLINE'"
+RUST_LOG=info timeout 80 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
+    --vcpus 2 --mem-mib 256 --blk-socket $W/blk.sock --share-all-ram \
+    --cmdline "$CMDLINE" > $W/console.log 2> $W/vmm.log &
 vmm=$!
 background $vmm
 wait $vmm
 rc=$?
-grep -E "Linux version|^L2-|ACPI: (PM|Power|Reduced)|smpboot|PCI|pci 0000|virtio|Kernel panic|BUG" $W/console.log | head -60
-echo "--- VMM log (last lines):"
-tail -8 $W/vmm.log
+grep -E "Linux version|^L2-|smpboot: Total|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/console.log | head -40
+echo "--- VMM log:"
+grep -vE "unknown port|unbacked GPA" $W/vmm.log | tail -12
 grep -q "Linux version" $W/console.log || fail "no 'Linux version' line on the guest console"
 grep -q "^L2-CPUS-ONLINE 0-1" $W/console.log || fail "the guest did not report CPUs 0-1 online"
 grep -q "^L2-DONE" $W/console.log || fail "the guest's /init did not finish"
 [ "$rc" = 0 ] || fail "splitvmm-vmm exited $rc (0 = the guest powered off through ACPI S5)"
 grep -q "guest powered off" $W/vmm.log || fail "the VMM did not report an ACPI power-off"
+grep -q "sharing all guest RAM" $W/vmm.log || fail "the VMM did not log sharing all RAM"
+grep -qE "^L2-IRQ .*PCI-MSI.*virtio0-req" $W/console.log || fail "no virtio MSI-X vector in the guest's /proc/interrupts"
+
+step "the pattern is in the image file (read by the lab VM, not the guest)"
+got=$(dd if=$W/disk.img bs=512 skip=8 count=1 2>/dev/null | head -c ${#PATTERN})
+echo "sector 8: $got"
+[ "$got" = "$PATTERN" ] || fail "the image holds '$got', expected '$PATTERN'"
+
+step "every process is reaped"
+kill $dd_pid
+wait_gone $dd_pid 5 || fail "the driver domain outlived its SIGTERM by 5 s"
 kill -0 $vmm 2>/dev/null && fail "splitvmm-vmm still runs"
-echo "splitvmm-vmm exited 0: ACPI power-off reached the VMM"
+left=$(ps -o pid,args | grep -E '[s]plitvmm-vmm|[d]river-domain serve')
+[ -z "$left" ] || fail "processes left: $left"
+echo "splitvmm-vmm exited 0 on the guest's ACPI power-off; driver domain stopped"

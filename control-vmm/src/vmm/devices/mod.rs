@@ -2,3 +2,4 @@
 //! `vmm::virtio_mmio`): the ACPI power-management registers and the virtio-pci transport.
 
 pub mod acpi_pm;
+pub mod virtio_pci;

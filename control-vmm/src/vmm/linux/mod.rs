@@ -1,27 +1,35 @@
 //! A Linux guest's machine: an unmodified bzImage with an initramfs, 1..N vCPUs (one thread
-//! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus.
-//! It runs until the guest powers off or resets (the ACPI registers end the run loop), or
-//! until it is stopped from outside.
+//! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus
+//! with, optionally, a virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over
+//! vhost-user. Linux puts buffers anywhere in its RAM, so the backend sees all of it; the
+//! caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
+//! guest powers off or resets (the ACPI registers end the run loop), or until it is stopped
+//! from outside.
 
 pub mod bus;
 
 use std::fmt::Write as _;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, RAM_LIMIT};
+use super::devices::virtio_pci::{VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
 use super::exits::{totals, ExitCounters, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
-use super::pci::PciSegment;
+use super::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
+use super::pci::{BarAllocator, PciSegment};
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
+use super::vhost_blk::{SharedRegion, VhostBlk};
 use bus::LinuxBus;
 
 /// Largest number of vCPUs of a Linux guest.
@@ -39,6 +47,12 @@ pub struct LinuxVmConfig {
     pub stop: Arc<AtomicBool>,
     /// Written to press the ACPI power button (the guest's GED interrupt).
     pub power_button: Option<Arc<EventFd>>,
+    /// The disk's vhost-user-blk socket (the driver domain), if any.
+    pub blk_socket: Option<PathBuf>,
+    /// Share all guest RAM with the disk's backend: required with a disk (explicit opt-in).
+    pub share_all_ram: bool,
+    /// How long to wait for the backend socket.
+    pub connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -55,6 +69,8 @@ impl std::fmt::Debug for LinuxVmConfig {
 #[derive(Debug, Clone)]
 pub struct LinuxReport {
     pub outcome: Outcome,
+    /// Avail index the disk's backend stopped at (GET_VRING_BASE), if its queue ran.
+    pub backend_stopped_at: Option<u32>,
     pub totals: Vec<(&'static str, u64)>,
     pub wall: Duration,
 }
@@ -77,6 +93,9 @@ impl LinuxReport {
             .map(|(n, v)| format!("{n}={v}"))
             .collect();
         let _ = writeln!(s, "totals: {}", totals.join(" "));
+        if let Some(b) = self.backend_stopped_at {
+            let _ = writeln!(s, "backend stopped at avail index {b} (GET_VRING_BASE)");
+        }
         s
     }
 }
@@ -115,7 +134,29 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             })?;
     }
     let com1 = Com1::new(serial_irq, cfg.console);
-    let pci = PciSegment::new(Arc::clone(&counters));
+    let vm = Arc::new(vm);
+    let mut pci = PciSegment::new(Arc::clone(&counters));
+    let disk = match &cfg.blk_socket {
+        Some(path) => {
+            if !cfg.share_all_ram {
+                return Err(VmError::Config(
+                    "a Linux guest's disk needs all of its RAM shared with the driver domain \
+                     (share_all_ram)"
+                        .into(),
+                ));
+            }
+            log::warn!(
+                "sharing all guest RAM ({} MiB) with the driver domain: Linux puts disk \
+                 buffers anywhere in it (explicit opt-in)",
+                cfg.ram_bytes >> 20
+            );
+            let backend =
+                VhostBlk::connect(path, cfg.connect_timeout, vec![SharedRegion::of(&ram.ram)])?;
+            let dev = plug_disk(&vm, &mut pci, backend, &counters)?;
+            Some(dev)
+        }
+        None => None,
+    };
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
@@ -151,9 +192,53 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let outcome = wait_for_end(&done_rx, &cfg.stop);
     halt.store(true, Ordering::SeqCst);
     stop_vcpus(threads);
+    // No vCPU runs any more; stop the backend before guest memory goes away.
+    let backend_stopped_at =
+        disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
     Ok(LinuxReport {
         outcome,
+        backend_stopped_at,
         totals: totals(&counters),
         wall: started.elapsed(),
     })
+}
+
+/// Puts the virtio-blk function on the bus: BAR0 from the window, queue 0's notify address a
+/// KVM ioeventfd on the backend's kick eventfd, MSI-X vectors on GSIs after the I/O APIC's.
+fn plug_disk(
+    vm: &Arc<VmFd>,
+    pci: &mut PciSegment,
+    backend: VhostBlk,
+    counters: &Arc<ExitCounters>,
+) -> Result<Arc<Mutex<VirtioPciBlk<VhostBlk>>>, VmError> {
+    let io = |op: &'static str| move |source| VmError::Io { op, source };
+    let bar0 = BarAllocator::default()
+        .allocate(u64::from(BAR0_BYTES))
+        .ok_or_else(|| VmError::Config("the PCI window is full".into()))?;
+    let kick = backend.kick.try_clone().map_err(io("eventfd"))?;
+    let call = backend.call.try_clone().map_err(io("eventfd"))?;
+    vm.register_ioevent(
+        &kick,
+        &IoEventAddress::Mmio(bar0 + NOTIFY_OFFSET),
+        NoDatamatch,
+    )
+    .map_err(|source| VmError::Setup {
+        op: "KVM_IOEVENTFD (virtio-pci notify)",
+        source,
+    })?;
+    let routes = Arc::new(KvmRoutes::new(Arc::clone(vm)));
+    let dev = Arc::new(Mutex::new(VirtioPciBlk::new(
+        backend,
+        kick,
+        call,
+        bar0 as u32,
+        IOAPIC_PINS,
+        routes,
+        Arc::clone(counters),
+    )));
+    let slot = pci
+        .add(Arc::clone(&dev) as Arc<Mutex<dyn super::pci::PciDevice>>)
+        .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
+    log::info!("virtio-blk (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}");
+    Ok(dev)
 }

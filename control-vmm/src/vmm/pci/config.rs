@@ -43,6 +43,8 @@ pub struct ConfigSpace {
     regs: Box<[u32; CONFIG_DWORDS]>,
     wmask: Box<[u32; CONFIG_DWORDS]>,
     bar_sizes: [u32; BARS],
+    /// Each BAR's address as last programmed (sizing writes aside).
+    bar_addrs: [u32; BARS],
     last_cap: Option<usize>,
     next_cap: usize,
 }
@@ -76,6 +78,7 @@ impl ConfigSpace {
             regs,
             wmask,
             bar_sizes: [0; BARS],
+            bar_addrs: [0; BARS],
             last_cap: None,
             next_cap: FIRST_CAP,
         }
@@ -87,6 +90,7 @@ impl ConfigSpace {
         assert!(bar < BARS && size.is_power_of_two() && size >= 0x1000);
         assert!(gpa.is_multiple_of(size));
         self.bar_sizes[bar] = size;
+        self.bar_addrs[bar] = gpa;
         self.regs[BAR0 / 4 + bar] = gpa;
         self.wmask[BAR0 / 4 + bar] = !(size - 1);
     }
@@ -155,13 +159,17 @@ impl ConfigSpace {
         let old = self.regs[dw];
         self.regs[dw] = (old & !mask) | (value & mask);
         let bar = dw.checked_sub(BAR0 / 4).filter(|b| *b < BARS)?;
-        (self.bar_sizes[bar] != 0 && old != self.regs[dw] && self.regs[dw] != self.wmask[dw]).then(
-            || BarMove {
-                bar,
-                from: u64::from(old),
-                to: u64::from(self.regs[dw]),
-            },
-        )
+        let new = self.regs[dw];
+        // All-ones is a sizing probe, not an address; the guest writes the address back.
+        if self.bar_sizes[bar] == 0 || new == self.wmask[dw] || new == self.bar_addrs[bar] {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.bar_addrs[bar], new);
+        Some(BarMove {
+            bar,
+            from: u64::from(from),
+            to: u64::from(new),
+        })
     }
 
     /// The command register.
@@ -242,10 +250,7 @@ mod tests {
         // Sizing: all-ones in, size mask out, no move reported; then the address back.
         assert_eq!(wr(&mut c, 0x10, 0xffff_ffff), None);
         assert_eq!(rd(&c, 0x10), !(0x8000 - 1));
-        assert_eq!(
-            wr(&mut c, 0x10, 0xc000_0000).map(|m| m.to),
-            Some(0xc000_0000)
-        );
+        assert_eq!(wr(&mut c, 0x10, 0xc000_0000), None, "restored after sizing");
         // A misaligned address is truncated to the BAR's alignment.
         let m = wr(&mut c, 0x10, 0xd000_1234).unwrap();
         assert_eq!((m.bar, m.from, m.to), (0, 0xc000_0000, 0xd000_0000));
