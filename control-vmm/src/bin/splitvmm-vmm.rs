@@ -16,6 +16,7 @@ use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -106,6 +107,17 @@ fn ring_mode(r: Ring) -> RingMode {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    let button = if cli.linux {
+        match power_button_on_sigusr1() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let on_signal = Arc::clone(&stop);
     if let Err(e) = control_vmm::signals::handle_termination(move |sig| {
@@ -115,9 +127,10 @@ fn main() -> ExitCode {
         eprintln!("splitvmm-vmm: {e}");
         return ExitCode::from(101);
     }
-    if cli.linux {
-        return run_linux(cli, stop);
+    if let Some(button) = button {
+        return run_linux(cli, stop, button);
     }
+
     if let Some(domid) = cli.managed_domid {
         let settings = MachineSettings {
             kernel: cli.kernel,
@@ -186,7 +199,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_linux(cli: Cli, stop: Arc<AtomicBool>) -> ExitCode {
+/// Boots a Linux guest; `button` is its ACPI power button.
+fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode {
     let cfg = LinuxVmConfig {
         boot: LinuxBoot {
             kernel: cli.kernel,
@@ -197,7 +211,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>) -> ExitCode {
         vcpus: cli.vcpus,
         console: Box::new(std::io::stdout()),
         stop,
-        power_button: None,
+        power_button: Some(button),
         blk_socket: cli.blk_socket,
         share_all_ram: cli.share_all_ram,
         connect_timeout: Duration::from_secs(5),
@@ -222,4 +236,19 @@ fn exit_code(outcome: &Outcome) -> ExitCode {
         Outcome::Failed(_) => ExitCode::from(101),
         Outcome::Terminated => ExitCode::from(102),
     }
+}
+
+/// The power button of a Linux guest, pressed by SIGUSR1. Must run before any other thread
+/// starts, so that every thread blocks the signal and only the waiting thread takes it.
+fn power_button_on_sigusr1() -> Result<Arc<EventFd>, String> {
+    let button = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
+    let press = Arc::clone(&button);
+    control_vmm::signals::handle_power_button(move || {
+        log::warn!("SIGUSR1: pressing the guest's ACPI power button");
+        if let Err(e) = press.write(1) {
+            log::error!("pressing the power button: {e}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(button)
 }

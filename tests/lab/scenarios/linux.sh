@@ -1,8 +1,10 @@
 # linux: an unmodified Debian cloud kernel (the lab's own bzImage) boots as an L2 guest of
 # splitvmm-vmm with 2 vCPUs: hardware-reduced ACPI, the in-kernel irqchip, COM1, PCI, and a
 # virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over vhost-user. The guest's
-# /init reports its CPUs and interrupts, writes this run's pattern to the disk and powers off;
-# the ACPI S5 write must end the VMM, and the lab VM checks the pattern in the image file.
+# /init reports its CPUs and interrupts, writes this run's pattern to the disk and waits for the
+# ACPI power button, which the lab presses (SIGUSR1 to the VMM: GED interrupt, button.ko); the
+# guest then powers off, its ACPI S5 write must end the VMM, and the lab VM checks the pattern
+# in the image file.
 W=/tmp/linux
 rm -rf $W
 mkdir -p $W
@@ -10,7 +12,7 @@ mkdir -p $W
 [ -f /lab/linux/bzImage ] || fail "the guest kernel was not packed"
 VMM=/bin/splitvmm-vmm
 PATTERN=$LAB_PATTERN-L2
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$PATTERN"
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$PATTERN l2.button=1"
 
 step "the driver domain serves a 16 MiB image"
 truncate -s 16M $W/disk.img
@@ -25,6 +27,15 @@ RUST_LOG=info timeout 80 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/
     --cmdline "$CMDLINE" > $W/console.log 2> $W/vmm.log &
 vmm=$!
 background $vmm
+step "wait for the guest to finish its I/O, then press its power button"
+i=0
+until grep -q "^L2-WAITING-BUTTON" $W/console.log; do
+    kill -0 $vmm 2>/dev/null || break
+    [ $i -ge 600 ] && { kill $vmm; fail "the guest did not wait for the power button within 60 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+kill -USR1 $vmm 2>/dev/null && echo "+ kill -USR1 $vmm (ACPI power button)"
 wait $vmm
 rc=$?
 grep -E "Linux version|^L2-|smpboot: Total|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/console.log | head -40
@@ -33,6 +44,7 @@ grep -vE "unknown port|unbacked GPA" $W/vmm.log | tail -12
 grep -q "Linux version" $W/console.log || fail "no 'Linux version' line on the guest console"
 grep -q "^L2-CPUS-ONLINE 0-1" $W/console.log || fail "the guest did not report CPUs 0-1 online"
 grep -q "^L2-DONE" $W/console.log || fail "the guest's /init did not finish"
+grep -q "^L2-BUTTON pressed" $W/console.log || fail "the guest did not see the power button"
 [ "$rc" = 0 ] || fail "splitvmm-vmm exited $rc (0 = the guest powered off through ACPI S5)"
 grep -q "guest powered off" $W/vmm.log || fail "the VMM did not report an ACPI power-off"
 grep -q "sharing all guest RAM" $W/vmm.log || fail "the VMM did not log sharing all RAM"
@@ -47,6 +59,11 @@ step "every process is reaped"
 kill $dd_pid
 wait_gone $dd_pid 5 || fail "the driver domain outlived its SIGTERM by 5 s"
 kill -0 $vmm 2>/dev/null && fail "splitvmm-vmm still runs"
-left=$(ps -o pid,args | grep -E '[s]plitvmm-vmm|[d]river-domain serve')
-[ -z "$left" ] || fail "processes left: $left"
-echo "splitvmm-vmm exited 0 on the guest's ACPI power-off; driver domain stopped"
+# busybox timeout's watcher notices its command is gone within a second.
+i=0
+while left=$(ps -o pid,args | grep -E '[s]plitvmm-vmm|[d]river-domain serve'); [ -n "$left" ]; do
+    [ $i -ge 30 ] && fail "processes left after 3 s: $left"
+    sleep 0.1
+    i=$((i + 1))
+done
+echo "splitvmm-vmm exited 0 on the guest's ACPI power-off after the power button; driver domain stopped"
