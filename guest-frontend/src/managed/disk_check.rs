@@ -23,7 +23,7 @@ pub fn run(
     verify_only: bool,
 ) -> Result<String, String> {
     let capacity = frontend.capacity() * SECTOR;
-    if bytes > capacity || bytes % SECTOR != 0 || bytes == 0 {
+    if bytes > capacity || !bytes.is_multiple_of(SECTOR) || bytes == 0 {
         return Err(format!(
             "check of {bytes} bytes does not fit the {capacity}-byte disk in whole sectors"
         ));
