@@ -52,6 +52,15 @@ fn binary_name() -> String {
     }
 }
 
+/// The name of the running test (`module::test`): libtest runs each test on a thread named
+/// after it. For helpers shared by several tests, which would otherwise need the name passed.
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed-test")
+        .to_owned()
+}
+
 /// Records that `test` did not run because of `reason`: one line on stderr (written to the
 /// handle, which libtest does not capture) and a marker file `<binary>.<test>` in
 /// [`skip_dir`] holding `<binary>::<test>: <reason>`. A marker that cannot be written fails

@@ -1,7 +1,7 @@
 //! One function per peer a test may need, deciding whether this machine has it. Each returns
 //! what the test needs to use it, or the reason it is missing (with the Debian package that
 //! provides it). Programs are looked up on `PATH`, so hiding a directory from `PATH` hides
-//! the peer (`.ci/skip-check` does that).
+//! the peer (see [`path_without`]).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -12,6 +12,16 @@ pub fn on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
+}
+
+/// `PATH` without the directories that hold `name`: the machine as it would be without that
+/// program's package (the fresh-machine case of a test that needs it).
+pub fn path_without(name: &str) -> std::ffi::OsString {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let kept: Vec<PathBuf> = std::env::split_paths(&path)
+        .filter(|dir| !dir.join(name).is_file())
+        .collect();
+    std::env::join_paths(kept).unwrap_or_default()
 }
 
 fn program(name: &str, package: &str) -> Result<PathBuf, String> {

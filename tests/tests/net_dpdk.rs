@@ -1,7 +1,7 @@
 //! Interop with DPDK: `dpdk-testpmd` virtio-user ports (a real, independently written virtio-net
 //! driver) against `driver-domain serve --net`: txonly on one port, rxonly on another, frames
 //! switched between them, and testpmd's counts matched against the backend's port counters.
-//! Skipped loudly when `dpdk-testpmd` (Debian package `dpdk-dev`) is absent.
+//! Skipped (and the skip recorded) when `dpdk-testpmd` (Debian package `dpdk-dev`) is absent.
 
 #![allow(clippy::unwrap_used)]
 
@@ -83,12 +83,11 @@ impl Drop for Backend {
 /// testpmd instances pin lcores 0 and 1 and each touches 512 MiB: one run at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run(len: usize, tag: &str, queues: u16) {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !testpmd::available() {
-        eprintln!("SKIPPED net_dpdk: dpdk-testpmd not found (install Debian package dpdk-dev)");
+fn run(test: &str, len: usize, tag: &str, queues: u16) {
+    if !test_support::require(test, test_support::peers::dpdk_testpmd()) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.sock");
     let b = dir.path().join("b.sock");
@@ -161,15 +160,15 @@ fn run(len: usize, tag: &str, queues: u16) {
 
 #[test]
 fn testpmd_txonly_to_rxonly_64_bytes() {
-    run(64, "s", 1);
+    run("testpmd_txonly_to_rxonly_64_bytes", 64, "s", 1);
 }
 
 #[test]
 fn testpmd_txonly_to_rxonly_1500_bytes() {
-    run(1500, "l", 1);
+    run("testpmd_txonly_to_rxonly_1500_bytes", 1500, "l", 1);
 }
 
 #[test]
 fn testpmd_two_queue_pairs() {
-    run(64, "m", 2);
+    run("testpmd_two_queue_pairs", 64, "m", 2);
 }

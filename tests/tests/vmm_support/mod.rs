@@ -10,19 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// True if /dev/kvm can be opened; otherwise prints a loud SKIPPED line for `test`.
+/// True if /dev/kvm can be opened; otherwise records the skip of `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("!!!!! SKIPPED {test}: /dev/kvm is not usable ({e}); KVM tests need it");
-            false
-        }
-    }
+    test_support::require(test, test_support::peers::kvm())
 }
 
 fn workspace_root() -> PathBuf {
