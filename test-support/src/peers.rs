@@ -62,9 +62,15 @@ pub fn dpdk_testpmd() -> Result<(), String> {
 /// The qemu-storage-daemon to run: `$SPLITVMM_QSD` (a path or a name on `PATH`; a name that
 /// does not exist checks the skip path) or `qemu-storage-daemon`.
 pub fn qemu_storage_daemon() -> Result<String, String> {
-    let qsd = std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into());
-    if runs(&qsd) {
-        Ok(qsd)
+    qemu_storage_daemon_named(
+        &std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into()),
+    )
+}
+
+/// The qemu-storage-daemon `qsd` (a path or a name on `PATH`), if it runs.
+pub fn qemu_storage_daemon_named(qsd: &str) -> Result<String, String> {
+    if runs(qsd) {
+        Ok(qsd.to_owned())
     } else {
         Err(format!(
             "{qsd} does not run (Debian package qemu-system-common provides \
