@@ -3,3 +3,4 @@
 
 pub mod acpi_pm;
 pub mod virtio_pci;
+pub mod virtio_rules;

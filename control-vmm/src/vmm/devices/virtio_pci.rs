@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::virtio_rules::{activate, check_queue, status_write, StatusWrite};
 use crate::vmm::exits::{Counter, ExitCounters};
 use crate::vmm::pci::config::{ConfigSpace, PciId};
 use crate::vmm::pci::msix::{IrqWiring, Msix, ENTRY_BYTES};
@@ -47,9 +48,7 @@ const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
 
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_NEEDS_RESET: u8 = 0x40;
+const STATUS_FEATURES_OK: u8 = super::virtio_rules::STATUS_FEATURES_OK as u8;
 
 /// Common configuration offsets (virtio 1.2, 4.1.4.3).
 mod common {
@@ -235,84 +234,55 @@ impl<B: BlkBackend> VirtioPciBlk<B> {
 
     fn queue_valid(&self) -> Result<(), String> {
         let q = &self.queue;
-        if q.size == 0 || q.size > QUEUE_MAX || !q.size.is_power_of_two() {
-            return Err(format!("impossible queue size {}", q.size));
-        }
-        let n = u64::from(q.size);
-        for (what, gpa, bytes, align) in [
-            ("descriptor table", q.desc, 16 * n, 16),
-            ("available ring", q.avail, 6 + 2 * n, 2),
-            ("used ring", q.used, 6 + 8 * n, 4),
-        ] {
-            let inside = gpa.is_multiple_of(align)
-                && gpa.checked_add(bytes).is_some_and(|end| {
-                    self.backend
-                        .regions()
-                        .iter()
-                        .any(|r| gpa >= r.gpa && end <= r.gpa + r.len)
-                });
-            if !inside {
-                return Err(format!(
-                    "{what} at {gpa:#x} (+{bytes:#x}) is misaligned or outside shared memory"
-                ));
-            }
-        }
-        Ok(())
+        let regions = self.backend.regions();
+        check_queue(regions, q.size.into(), QUEUE_MAX, q.desc, q.avail, q.used)
     }
 
     fn set_status(&mut self, value: u8) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        if value & old != old & !STATUS_NEEDS_RESET {
-            log::warn!("virtio-pci blk: guest clears status bits {old:#x} -> {value:#x}; ignored");
-            return;
-        }
-        let mut new = value | (old & STATUS_NEEDS_RESET);
-        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            let unknown = self.driver_features & !self.offered();
-            if unknown != 0 {
-                log::warn!("virtio-pci blk: guest accepts unoffered features {unknown:#x}");
-                new &= !STATUS_FEATURES_OK;
+        let unoffered = self.driver_features & !self.offered();
+        match status_write(
+            "virtio-pci blk",
+            self.status.into(),
+            value.into(),
+            unoffered,
+        ) {
+            StatusWrite::Reset => self.reset(),
+            StatusWrite::Ignored => {}
+            StatusWrite::Set { status, activate } => {
+                // Every status bit fits in the byte-wide register.
+                let status = status as u8;
+                self.status = if activate {
+                    self.activate(status)
+                } else {
+                    status
+                };
             }
         }
-        if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
-            new = self.activate(new);
-        }
-        self.status = new;
     }
 
     fn activate(&mut self, status: u8) -> u8 {
-        if status & STATUS_FEATURES_OK == 0 || !self.queue.enabled {
-            log::warn!("virtio-pci blk: DRIVER_OK without negotiated features or an enabled queue");
-            return status | STATUS_NEEDS_RESET;
-        }
-        let q = QueueSetup {
+        let q = self.queue.enabled.then_some(QueueSetup {
             size: self.queue.size,
             desc: self.queue.desc,
             avail: self.queue.avail,
             used: self.queue.used,
-        };
-        match self.backend.start(self.driver_features, q) {
-            Ok(()) => {
-                log::info!(
-                    "virtio-pci blk: running, features {:#x}, {q:?}, MSI-X vector {}",
-                    self.driver_features,
-                    self.queue.vector
-                );
-                status
-            }
-            Err(e) => {
-                log::error!("virtio-pci blk: starting the backend: {e}");
-                status | STATUS_NEEDS_RESET
-            }
-        }
+        });
+        let features = self.driver_features;
+        let what = "virtio-pci blk";
+        log::info!(
+            "{what}: DRIVER_OK, queue on MSI-X vector {}",
+            self.queue.vector
+        );
+        // Every status bit fits in the byte-wide register.
+        activate(what, &mut self.backend, status.into(), features, q) as u8
+    }
+
+    fn driver_ok(&self) -> bool {
+        u32::from(self.status) & super::virtio_rules::STATUS_DRIVER_OK != 0
     }
 
     fn configurable(&self) -> bool {
-        self.queue_select == 0 && !self.queue.enabled && self.status & STATUS_DRIVER_OK == 0
+        self.queue_select == 0 && !self.queue.enabled && !self.driver_ok()
     }
 
     fn common_read(&self, offset: u64, data: &mut [u8]) {
@@ -417,7 +387,7 @@ impl<B: BlkBackend> VirtioPciBlk<B> {
 
     fn write_queue_enable(&mut self, v: u16) {
         match (v, self.queue.enabled) {
-            (1, false) if self.status & STATUS_DRIVER_OK == 0 => match self.queue_valid() {
+            (1, false) if !self.driver_ok() => match self.queue_valid() {
                 Ok(()) => self.queue.enabled = true,
                 Err(why) => log::warn!("virtio-pci blk: queue 0 not enabled: {why}"),
             },

@@ -195,7 +195,10 @@ fn impossible_queues_stay_disabled_and_driver_ok_needs_reset() {
             0,
             "size {size} desc {desc:#x}"
         );
-        assert_ne!(status & u64::from(STATUS_NEEDS_RESET), 0);
+        assert_ne!(
+            status & u64::from(super::super::virtio_rules::STATUS_NEEDS_RESET),
+            0
+        );
         assert!(d.backend().started.is_empty());
     }
 }

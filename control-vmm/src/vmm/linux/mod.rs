@@ -8,7 +8,6 @@
 
 pub mod bus;
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +26,7 @@ use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, 
 use super::memory::GuestRam;
 use super::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
 use super::pci::{BarAllocator, PciSegment};
+use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
 use super::vhost_blk::{SharedRegion, VhostBlk};
@@ -78,25 +78,12 @@ pub struct LinuxReport {
 impl LinuxReport {
     /// The table printed at exit.
     pub fn table(&self) -> String {
-        let mut s = String::new();
-        let outcome = match &self.outcome {
-            Outcome::Poweroff(st) => format!("guest powered off, status {st}"),
-            Outcome::Reset(why) => format!("guest reset: {why}; stopped"),
-            Outcome::Terminated => "terminated".to_string(),
-            Outcome::Failed(why) => format!("failed: {why}"),
-        };
-        let _ = writeln!(s, "splitvmm-vmm: {outcome} after {:.1?}", self.wall);
-        let totals: Vec<String> = self
-            .totals
-            .iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
-        let _ = writeln!(s, "totals: {}", totals.join(" "));
-        if let Some(b) = self.backend_stopped_at {
-            let _ = writeln!(s, "backend stopped at avail index {b} (GET_VRING_BASE)");
-        }
-        s
+        format!(
+            "splitvmm-vmm: {} after {:.1?}\n{}",
+            self.outcome,
+            self.wall,
+            totals_lines(&self.totals, self.backend_stopped_at)
+        )
     }
 }
 
