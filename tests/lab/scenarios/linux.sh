@@ -4,7 +4,9 @@
 # /init reports its CPUs and interrupts, writes this run's pattern to the disk and waits for the
 # ACPI power button, which the lab presses (SIGUSR1 to the VMM: GED interrupt, button.ko); the
 # guest then powers off, its ACPI S5 write must end the VMM, and the lab VM checks the pattern
-# in the image file.
+# in the image file. Before that the guest writes garbage to its PCI configuration space and
+# virtio BAR (read-only and unimplemented registers, beyond the MSI-X table, a notify for no
+# queue): all ignored, and a second pattern written afterwards must reach the image too.
 W=/tmp/linux
 rm -rf $W
 mkdir -p $W
@@ -12,7 +14,8 @@ mkdir -p $W
 [ -f /lab/linux/bzImage ] || fail "the guest kernel was not packed"
 VMM=/bin/splitvmm-vmm
 PATTERN=$LAB_PATTERN-L2
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$PATTERN l2.button=1"
+# iomem=relaxed: the guest's bad-input step pokes its own virtio BAR through /dev/mem.
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed l2.pattern=$PATTERN l2.button=1 l2.garbage=1"
 
 step "the driver domain serves a 16 MiB image"
 truncate -s 16M $W/disk.img
@@ -54,6 +57,16 @@ step "the pattern is in the image file (read by the lab VM, not the guest)"
 got=$(dd if=$W/disk.img bs=512 skip=8 count=1 2>/dev/null | head -c ${#PATTERN})
 echo "sector 8: $got"
 [ "$got" = "$PATTERN" ] || fail "the image holds '$got', expected '$PATTERN'"
+
+step "the guest's garbage was ignored and the disk kept working"
+grep "^L2-GARBAGE" $W/console.log
+grep -q "^L2-GARBAGE id 10421af4 class 01800001 queue9-size 0x0000" $W/console.log ||
+    fail "read-only configuration registers changed, or a nonexistent queue has a size"
+grep -qE "totals: .*virtio_notify_exit=1( |$)" $W/vmm.log || fail "the stray notify was not counted"
+grep -q "write .* to BAR0 0x7000 ignored" $W/vmm.log || fail "the VMM did not log the write to unused BAR space"
+after=$(dd if=$W/disk.img bs=512 skip=16 count=1 2>/dev/null | head -c $((${#PATTERN} + 14)))
+echo "sector 16: $after"
+[ "$after" = "$PATTERN-after-garbage" ] || fail "the write after the garbage did not reach the image"
 
 step "every process is reaped"
 kill $dd_pid
