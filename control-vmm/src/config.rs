@@ -28,6 +28,11 @@ pub enum ConfigError {
     },
 }
 
+/// Largest `memory` (MiB) of a `linux` guest: RAM ends below the PCI hole at 3 GiB.
+pub const LINUX_MAX_MEMORY_MIB: u64 = 3072;
+/// Largest `vcpus` of a `linux` guest.
+pub const LINUX_MAX_VCPUS: u8 = 32;
+
 /// Lowest domain id a guest or driver domain may have; 0 is the control domain.
 pub const FIRST_DOMID: u32 = 1;
 /// Xen reserves ids from 0x7FF0 (DOMID_FIRST_RESERVED) upwards.
@@ -69,6 +74,9 @@ pub enum GuestKind {
     Process,
     /// A KVM virtual machine run by `splitvmm-vmm`, booting `kernel` (the tiny guest kernel).
     Kvm,
+    /// An unmodified Linux kernel (bzImage) under `splitvmm-vmm --linux`, keys after xl.cfg:
+    /// `kernel`, `ramdisk`, `extra`, `memory`, `vcpus`, `share`. Not run by `splitvmm up` yet.
+    Linux,
 }
 
 impl GuestKind {
@@ -77,7 +85,7 @@ impl GuestKind {
     pub fn check_bytes(self) -> u64 {
         match self {
             GuestKind::Process => 1024 * 1024,
-            GuestKind::Kvm => 64 * 1024,
+            GuestKind::Kvm | GuestKind::Linux => 64 * 1024,
         }
     }
 }
@@ -90,9 +98,25 @@ pub struct GuestConfig {
     pub domid: u32,
     #[serde(default = "default_kind")]
     pub kind: GuestKind,
-    /// The kernel a `kvm` guest boots (relative to the host file).
+    /// The kernel a `kvm` or `linux` guest boots (relative to the host file).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// `linux`: the initramfs (relative to the host file).
+    #[serde(default)]
+    pub ramdisk: Option<PathBuf>,
+    /// `linux`: the kernel command line (xl.cfg's `extra`).
+    #[serde(default)]
+    pub extra: Option<String>,
+    /// `linux`: RAM in MiB (default 256).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// `linux`: number of vCPUs (default 1).
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// `linux`: guest memory the driver domain may map; `"all-ram"` (Linux puts disk buffers
+    /// anywhere in its RAM), required with a disk and refused without one.
+    #[serde(default)]
+    pub share: Option<String>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
@@ -187,6 +211,7 @@ impl HostConfig {
         let mut config = HostConfig::parse(file, &text)?;
         let base = file.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        config.check_linux_files(file)?;
         Ok(config)
     }
 
@@ -204,9 +229,13 @@ impl HostConfig {
         if self.run_dir.is_relative() {
             self.run_dir = base.join(&self.run_dir);
         }
-        for kernel in self.guests.iter_mut().filter_map(|g| g.kernel.as_mut()) {
-            if kernel.is_relative() {
-                *kernel = base.join(&*kernel);
+        let boot_files = self
+            .guests
+            .iter_mut()
+            .flat_map(|g| g.kernel.iter_mut().chain(g.ramdisk.iter_mut()));
+        for path in boot_files {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         for disk in self.guests.iter_mut().flat_map(|g| g.disks.iter_mut()) {
@@ -277,7 +306,9 @@ impl HostConfig {
             }
         }
         for (i, guest) in self.guests.iter().enumerate() {
+            validate_linux_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {
+                (GuestKind::Linux, _) => {}
                 (GuestKind::Kvm, None) => {
                     return Err(invalid(
                         format!("guest[{i}].kernel"),
@@ -353,10 +384,125 @@ impl HostConfig {
         Ok(())
     }
 
+    /// A `linux` guest's kernel must be a bzImage and its ramdisk readable.
+    fn check_linux_files(&self, file: &Path) -> Result<(), ConfigError> {
+        for (i, guest) in self.guests.iter().enumerate() {
+            if guest.kind != GuestKind::Linux {
+                continue;
+            }
+            let invalid = |key: &str, expected: String| ConfigError::Invalid {
+                file: file.to_owned(),
+                key: format!("guest[{i}].{key}"),
+                expected,
+            };
+            if let Some(kernel) = &guest.kernel {
+                let mut header = [0u8; 0x206];
+                let read = std::fs::File::open(kernel)
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header));
+                if let Err(e) = read {
+                    return Err(invalid(
+                        "kernel",
+                        format!("a bzImage; {}: {e}", kernel.display()),
+                    ));
+                }
+                if &header[0x202..0x206] != b"HdrS" {
+                    return Err(invalid(
+                        "kernel",
+                        format!(
+                            "a bzImage; {} has no \"HdrS\" boot header",
+                            kernel.display()
+                        ),
+                    ));
+                }
+            }
+            if let Some(ramdisk) = &guest.ramdisk {
+                if let Err(e) = std::fs::File::open(ramdisk) {
+                    return Err(invalid(
+                        "ramdisk",
+                        format!("a readable initramfs; {}: {e}", ramdisk.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The store's privileged (dom0) socket.
     pub fn store_socket(&self) -> PathBuf {
         self.run_dir.join("xenstored.sock")
     }
+}
+
+/// The keys of a `linux` guest (and their absence elsewhere): (key, what was expected).
+fn validate_linux_keys(i: usize, g: &GuestConfig) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("guest[{i}].{k}");
+    if g.kind != GuestKind::Linux {
+        let linux_only = [
+            ("ramdisk", g.ramdisk.is_some()),
+            ("extra", g.extra.is_some()),
+            ("memory", g.memory.is_some()),
+            ("vcpus", g.vcpus.is_some()),
+            ("share", g.share.is_some()),
+        ];
+        return match linux_only.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err((
+                key(k),
+                "nothing: only a kind = \"linux\" guest has it".into(),
+            )),
+            None => Ok(()),
+        };
+    }
+    if g.kernel.is_none() {
+        return Err((key("kernel"), "the bzImage a linux guest boots".into()));
+    }
+    if let Some(m) = g
+        .memory
+        .filter(|m| *m < 16 || *m > LINUX_MAX_MEMORY_MIB || m % 2 != 0)
+    {
+        return Err((
+            key("memory"),
+            format!("an even number of MiB from 16 to {LINUX_MAX_MEMORY_MIB}, got {m}"),
+        ));
+    }
+    if let Some(v) = g.vcpus.filter(|v| *v == 0 || *v > LINUX_MAX_VCPUS) {
+        return Err((
+            key("vcpus"),
+            format!("1 to {LINUX_MAX_VCPUS} vCPUs, got {v}"),
+        ));
+    }
+    if g.extra.as_ref().is_some_and(|e| e.len() >= 2048) {
+        return Err((
+            key("extra"),
+            "a command line shorter than 2048 bytes".into(),
+        ));
+    }
+    match (g.disks.is_empty(), g.share.as_deref()) {
+        (false, Some("all-ram")) | (true, None) => {}
+        (false, _) => {
+            return Err((
+                key("share"),
+                "\"all-ram\": Linux puts disk buffers anywhere in its RAM, so the driver \
+                 domain maps all of it, and the host file must say so"
+                    .into(),
+            ))
+        }
+        (true, Some(_)) => {
+            return Err((
+                key("share"),
+                "nothing: a guest without a disk shares no memory".into(),
+            ))
+        }
+    }
+    if g.disks.len() > 1 {
+        return Err((key("disk"), "at most one disk for a linux guest".into()));
+    }
+    if !g.nics.is_empty() {
+        return Err((
+            key("nic"),
+            "no network interface on a linux guest yet".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `DDDD:BB:DD.F` as sysfs spells it (lower-case hex, device <= 0x1f, function <= 7).
@@ -476,6 +622,74 @@ mod tests {
         assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
         let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
         expect_invalid(&process_with_kernel, "guest[1].kernel");
+    }
+
+    #[test]
+    fn linux_guest_keys_are_checked() {
+        let diskless = GOOD.replace(
+            "domid = 3",
+            "domid = 3\nkind = \"linux\"\nkernel = \"bzImage\"\nmemory = 256\nvcpus = 2",
+        );
+        parse(&diskless).unwrap();
+        let linux = format!("{diskless}\n[[guest.disk]]\nimage = \"b.img\"\n");
+        let with_share = linux.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
+        let g = &parse(&with_share).unwrap().guests[1];
+        assert_eq!(
+            (g.kind, g.memory, g.vcpus),
+            (GuestKind::Linux, Some(256), Some(2))
+        );
+        // A disk without an explicit share, a share the guest does not need, a bad value.
+        expect_invalid(&linux, "guest[1].share");
+        let needless = diskless.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
+        expect_invalid(&needless, "guest[1].share");
+        expect_invalid(
+            &with_share.replace("share = \"all-ram\"", "share = \"window\""),
+            "guest[1].share",
+        );
+        expect_invalid(
+            &with_share.replace("memory = 256", "memory = 4096"),
+            "guest[1].memory",
+        );
+        expect_invalid(
+            &with_share.replace("memory = 256", "memory = 255"),
+            "guest[1].memory",
+        );
+        expect_invalid(
+            &with_share.replace("vcpus = 2", "vcpus = 0"),
+            "guest[1].vcpus",
+        );
+        expect_invalid(
+            &with_share.replace("kernel = \"bzImage\"\n", ""),
+            "guest[1].kernel",
+        );
+        // Linux-only keys elsewhere.
+        expect_invalid(
+            &GOOD.replace("domid = 3", "domid = 3\nmemory = 64"),
+            "guest[1].memory",
+        );
+        expect_invalid(
+            &GOOD.replace("domid = 3", "domid = 3\nshare = \"all-ram\""),
+            "guest[1].share",
+        );
+    }
+
+    #[test]
+    fn a_linux_kernel_must_be_a_bzimage() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host.toml");
+        let text = GOOD.replace("domid = 3", "domid = 3\nkind = \"linux\"\nkernel = \"k\"");
+        std::fs::write(&host, &text).unwrap();
+        let mut image = vec![0u8; 0x400];
+        std::fs::write(dir.path().join("k"), &image).unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].kernel") && e.contains("HdrS"), "{e}");
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(dir.path().join("k"), &image).unwrap();
+        HostConfig::load(&host).unwrap();
+        let missing = text.replace("kernel =", "ramdisk = \"nope.gz\"\nkernel =");
+        std::fs::write(&host, missing).unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].ramdisk"), "{e}");
     }
 
     #[test]

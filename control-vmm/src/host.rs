@@ -103,6 +103,13 @@ fn open_image(disk: &DiskConfig) -> Result<File> {
 impl Host {
     /// Starts the store, creates the domains in it and starts their processes.
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
+        if let Some(g) = config.guests.iter().find(|g| g.kind == GuestKind::Linux) {
+            bail!(
+                "guest {}: kind = \"linux\" guests are not run by `splitvmm up` yet; boot one \
+                 with `splitvmm-vmm --linux` (docs/vmm.md)",
+                g.name
+            );
+        }
         let started = Instant::now();
         std::fs::create_dir_all(&config.run_dir)
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
