@@ -22,6 +22,7 @@ fn main_job_with_a_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\nreplug = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"proc\"\ndomid = 2\n\
              [[guest.disk]]\nimage = \"p.img\"\nsize_mib = 2\n\
@@ -42,7 +43,10 @@ fn main_job_with_a_kvm_guest() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
-    assert!(stdout.contains("checks: 4 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("checks: 5 passed, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
     assert!(stdout.contains("tiny: vbd 51712 detached"), "{stdout}");
     assert!(stdout.contains("in a KVM guest"), "{stdout}");
     let tiny = stdout.lines().find(|l| l.starts_with("tiny ")).unwrap();
@@ -65,6 +69,7 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
              [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
