@@ -40,12 +40,11 @@ pub enum ImageError {
         size: u64,
         padded: u64,
     },
-    #[error("{path}: in use by {holder}: {source}; detach it there first")]
+    #[error("{path}: in use by {holder}: {conflict}; detach it there or stop that user first")]
     Locked {
         path: PathBuf,
         holder: String,
-        #[source]
-        source: LockError,
+        conflict: ipc::image::lock::Conflict,
     },
     #[error("{path}: locking: {source}")]
     Lock {
@@ -229,12 +228,12 @@ pub fn open_disk(
     };
     match lock::lock(&file, access) {
         Ok(()) => {}
-        Err(source @ LockError::Conflict(_)) => {
+        Err(LockError::Conflict(conflict)) => {
             let holder = holder_of(info.id).unwrap_or_else(|| ipc::image::describe_holders(&file));
             return Err(ImageError::Locked {
                 path: path.to_owned(),
                 holder,
-                source,
+                conflict,
             });
         }
         Err(source) => {

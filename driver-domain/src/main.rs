@@ -170,7 +170,7 @@ fn lock_image(file: &std::fs::File, path: &std::path::Path, readonly: bool) -> R
     };
     match ipc::image::lock::lock(file, access) {
         Ok(()) => Ok(()),
-        Err(e @ LockError::Conflict(_)) => bail!(
+        Err(LockError::Conflict(e)) => bail!(
             "{}: in use by {}: {e}",
             path.display(),
             ipc::image::describe_holders(file)

@@ -86,12 +86,12 @@ impl std::fmt::Display for Conflict {
         match self {
             Conflict::NotShared(p) => write!(
                 f,
-                "another user of the image does not share the \"{}\" permission",
+                "it does not share the \"{}\" permission we need",
                 perm_name(*p)
             ),
             Conflict::Held(p) => write!(
                 f,
-                "another user of the image holds the \"{}\" permission, which we do not share",
+                "it holds the \"{}\" permission, which we do not share",
                 perm_name(*p)
             ),
         }

@@ -6,8 +6,9 @@ pub mod lock;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use lock::{ImageAccess, LockError};
 
@@ -114,9 +115,7 @@ pub fn holders(id: (u64, u64), ours: Option<&File>) -> Vec<Holder> {
             let in_range = info.lines().any(|line| holds_qemu_byte(line, &wanted));
             let is_ours = pid == me && ours.as_deref() == fd.file_name().to_str();
             if in_range && !is_ours {
-                let command = std::fs::read_to_string(entry.path().join("comm"))
-                    .map(|c| c.trim().to_owned())
-                    .unwrap_or_default();
+                let command = command_name(&entry.path());
                 let path = std::fs::read_link(entry.path().join("fd").join(fd.file_name()))
                     .unwrap_or_default();
                 found.push(Holder { pid, command, path });
@@ -125,6 +124,22 @@ pub fn holders(id: (u64, u64), ours: Option<&File>) -> Vec<Holder> {
         }
     }
     found
+}
+
+/// A process's program name: the file name of its argv[0] (`comm` is cut at 15 bytes).
+fn command_name(proc_dir: &Path) -> String {
+    let argv0 = std::fs::read(proc_dir.join("cmdline"))
+        .ok()
+        .and_then(|c| c.split(|b| *b == 0).next().map(<[u8]>::to_vec))
+        .filter(|a| !a.is_empty());
+    match argv0 {
+        Some(a) => Path::new(std::ffi::OsStr::from_bytes(&a))
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        None => std::fs::read_to_string(proc_dir.join("comm"))
+            .map(|c| c.trim().to_owned())
+            .unwrap_or_default(),
+    }
 }
 
 /// Who else holds locks on the image open as `ours`, for an error message: commands and pids

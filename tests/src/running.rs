@@ -1,0 +1,107 @@
+//! A `splitvmm up --stay` host for tests: started, waited for until it serves, driven through
+//! the CLI, and shut down (SIGTERM) when dropped, so no host outlives a failed test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::workspace_bin;
+
+/// `splitvmm`, with the domain binaries it starts built.
+pub fn splitvmm() -> Command {
+    workspace_bin("driver-domain");
+    workspace_bin("process-guest");
+    Command::new(workspace_bin("splitvmm"))
+}
+
+/// Runs `cmd`, echoing its output to the test's log.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running a command");
+    eprintln!(
+        "{cmd:?}\n--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A running `splitvmm up CONFIG --stay`.
+pub struct RunningHost {
+    child: Child,
+    store: PathBuf,
+    /// What it printed until it said it is up.
+    pub startup: String,
+}
+
+impl RunningHost {
+    /// Starts `splitvmm up config --stay` (plus `args`) and waits until it serves;
+    /// `store` is its store socket. Panics if it ends first.
+    pub fn start(config: &Path, store: &Path, args: &[&str]) -> RunningHost {
+        let mut child = splitvmm()
+            .arg("up")
+            .arg(config)
+            .arg("--stay")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning splitvmm up");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut host = RunningHost {
+            child,
+            store: store.to_owned(),
+            startup: String::new(),
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                _ => panic!("splitvmm up ended early:\n{}", host.startup),
+            };
+            host.startup.push_str(&line);
+            host.startup.push('\n');
+            if line.contains("host is up") {
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        host
+    }
+
+    /// Runs `splitvmm ARGS --store <its store>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run(splitvmm().args(args).arg("--store").arg(&self.store))
+    }
+
+    /// Process id of `splitvmm up`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for it to exit; true if it did.
+    pub fn shut_down(&mut self, timeout: Duration) -> bool {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        if !self.shut_down(Duration::from_secs(20)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! A user's images are safe with `splitvmm up`: checks write only to scratch images, images
+//! are locked as QEMU locks them (qemu-storage-daemon and splitvmm refuse each other's), and a
+//! bad image fails at load or at `block-attach` at once, leaving nothing half-attached.
+//! Every verdict is read from outside: the image bytes from the host, the store through the CLI.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use splitvmm_tests::running::{run, splitvmm, RunningHost};
+
+const MIB: usize = 1 << 20;
+
+/// A user's image: distinctive bytes throughout, with a marker at its start and its end.
+fn user_image(path: &Path, size: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    bytes[..16].copy_from_slice(b"USER-MARK-START!");
+    bytes[size - 16..].copy_from_slice(b"USER-MARK-END!!!");
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A qemu-storage-daemon exporting `image` writable over vhost-user-blk, so it holds the
+/// image's locks; killed when dropped.
+struct Qsd(Child);
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qsd_command(image: &Path, socket: &Path) -> Option<Command> {
+    let qsd = std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into());
+    let present = Command::new(&qsd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !present {
+        // Written to the stderr handle directly: libtest captures eprintln!, this is not.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the qemu-storage-daemon half: {qsd} not found; install Debian package \
+             qemu-system-common"
+        );
+        return None;
+    }
+    let mut cmd = Command::new(qsd);
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk,filename={},locking=on",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Some(cmd)
+}
+
+/// Starts qemu-storage-daemon on `image` and waits until its export listens (its locks are
+/// taken by then).
+fn qsd_holding(image: &Path, dir: &Path) -> Option<Qsd> {
+    let socket = dir.join("qsd.sock");
+    let qsd = Qsd(qsd_command(image, &socket)?.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(qsd)
+}
+
+fn host_file(dir: &Path, checks: &str, disks: &str) -> PathBuf {
+    let config = dir.join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"run\"\n{checks}\n\
+             [driver_domain]\nname = \"driver\"\ndomid = 1\n\
+             [[guest]]\nname = \"guest-a\"\ndomid = 2\n{disks}\n\
+             [[guest]]\nname = \"guest-b\"\ndomid = 3\n\
+             [[guest.disk]]\nimage = \"b.img\"\nsize_mib = 4\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn user_images_survive_checks_attach_detach_and_shutdown_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user.img");
+    let extra = dir.path().join("extra.img");
+    let (user_bytes, extra_bytes) = (user_image(&user, 4 * MIB), user_image(&extra, 2 * MIB));
+    // Every check asked for; guest-a's disk is the user's, guest-b's is created as scratch.
+    let config = host_file(
+        dir.path(),
+        "[checks]\ndisk = true\nping = true\nreplug = true",
+        "[[guest.disk]]\nimage = \"user.img\"",
+    );
+    let mut host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    assert!(
+        host.startup.contains("guest-a: vbd 51712 check skipped: ")
+            && host.startup.contains("guest-b: vbd 51712 check passed"),
+        "{}",
+        host.startup
+    );
+
+    // Asked by hand, a writing check is refused; a read-only one is allowed to run.
+    let out = host.cli(&["disk-check", "guest-a", "51712"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("not a scratch image"),
+        "{}",
+        stderr_of(&out)
+    );
+    host.cli(&["disk-check", "guest-a", "51712", "--verify-only"]);
+
+    // Another user image attached, refused a writing check, detached.
+    let extra_arg = extra.to_str().unwrap();
+    assert!(host
+        .cli(&["block-attach", "guest-a", extra_arg, "--devid", "51728"])
+        .status
+        .success());
+    assert!(!host
+        .cli(&["disk-check", "guest-a", "51728"])
+        .status
+        .success());
+    // The same image for another guest: refused, naming who holds it.
+    let out = host.cli(&["block-attach", "guest-b", extra_arg, "--devid", "51728"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("guest-a's vbd 51728"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(host
+        .cli(&["block-detach", "guest-a", "51728"])
+        .status
+        .success());
+
+    // qemu-storage-daemon cannot take an image we hold for writing.
+    let socket = dir.path().join("qsd.sock");
+    if let Some(mut qsd) = qsd_command(&user, &socket) {
+        let out = qsd.output().unwrap();
+        let err = stderr_of(&out);
+        assert!(
+            !out.status.success(),
+            "qemu-storage-daemon took a held image"
+        );
+        assert!(err.contains("lock"), "{err}");
+    }
+
+    assert!(
+        host.shut_down(Duration::from_secs(20)),
+        "up ignored SIGTERM"
+    );
+    assert!(
+        std::fs::read(&user).unwrap() == user_bytes,
+        "user.img changed"
+    );
+    assert!(
+        std::fs::read(&extra).unwrap() == extra_bytes,
+        "extra.img changed"
+    );
+}
+
+#[test]
+fn an_image_held_by_qemu_storage_daemon_is_refused_by_up_block_attach_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("held.img");
+    let bytes = user_image(&held, MIB);
+    let Some(_qsd) = qsd_holding(&held, dir.path()) else {
+        return;
+    };
+    let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"held.img\"");
+    let out = run(splitvmm().arg("up").arg(&config));
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("held.img: in use by qemu-storage-daemon (pid"),
+        "{err}"
+    );
+
+    // The standalone backend locks the same way.
+    let out = run(Command::new(splitvmm_tests::workspace_bin("driver-domain"))
+        .args(["serve", "--blk"])
+        .arg(&held)
+        .arg("--socket")
+        .arg(dir.path().join("dd.sock")));
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("in use by qemu-storage-daemon"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let config = host_file(dir.path(), "", "");
+    let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    let out = host.cli(&["block-attach", "guest-a", held.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("in use by qemu-storage-daemon"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Nothing was left behind in the store.
+    assert!(!host
+        .cli(&["xs", "read", "/local/domain/1/backend/vbd/2/51728/state"])
+        .status
+        .success());
+    drop(host);
+    assert!(std::fs::read(&held).unwrap() == bytes);
+}
+
+#[test]
+fn bad_images_and_host_files_fail_at_once_and_leave_nothing_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("odd.img"), vec![7u8; 1000]).unwrap();
+    std::fs::write(dir.path().join("empty.img"), b"").unwrap();
+    let deadline = Duration::from_secs(1);
+    for (image, want) in [
+        ("odd.img", "truncate -s 1024"),
+        ("empty.img", "is empty"),
+        ("missing.img", "no such file"),
+    ] {
+        let config = host_file(
+            dir.path(),
+            "",
+            &format!("[[guest.disk]]\nimage = {image:?}"),
+        );
+        let started = Instant::now();
+        let out = run(splitvmm().arg("up").arg(&config));
+        let took = started.elapsed();
+        assert!(!out.status.success());
+        assert!(stderr_of(&out).contains(want), "{}", stderr_of(&out));
+        assert!(took < deadline, "{image}: refused after {took:?}");
+    }
+    let started = Instant::now();
+    let out = run(splitvmm().args(["up", "/dev/zero"]));
+    assert!(!out.status.success() && started.elapsed() < deadline);
+
+    // At run time: block-attach of a bad image fails at once, and leaves the devid free.
+    let config = host_file(dir.path(), "", "");
+    let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    let odd = dir.path().join("odd.img");
+    let started = Instant::now();
+    let out = host.cli(&["block-attach", "guest-a", odd.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("truncate -s 1024"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(took < deadline, "block-attach refused after {took:?}");
+    for gone in [
+        "/local/domain/1/backend/vbd/2/51728/state",
+        "/local/domain/2/device/vbd/51728/state",
+    ] {
+        assert!(!host.cli(&["xs", "read", gone]).status.success(), "{gone}");
+    }
+    // Fixed as the error says, the same image attaches at the same devid and detaches.
+    std::fs::File::options()
+        .write(true)
+        .open(&odd)
+        .unwrap()
+        .set_len(1024)
+        .unwrap();
+    assert!(host
+        .cli(&["block-attach", "guest-a", odd.to_str().unwrap()])
+        .status
+        .success());
+    assert!(host
+        .cli(&["block-detach", "guest-a", "51728"])
+        .status
+        .success());
+}
