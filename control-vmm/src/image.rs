@@ -117,7 +117,7 @@ fn check_size(path: &Path, info: &ImageInfo) -> Result<(), ImageError> {
     if info.size == 0 {
         return Err(ImageError::Empty(path.to_owned()));
     }
-    if info.size % SECTOR_SIZE != 0 {
+    if !info.size.is_multiple_of(SECTOR_SIZE) {
         return Err(ImageError::Unaligned {
             path: path.to_owned(),
             size: info.size,

@@ -105,3 +105,30 @@ impl Drop for RunningHost {
         }
     }
 }
+
+/// (pid, command name) of the processes whose parent is `parent`, zombies left out.
+pub fn children_of(parent: u32) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        if fields.next() == Some(&parent.to_string()) && state != Some("Z") {
+            found.push((pid, comm));
+        }
+    }
+    found
+}

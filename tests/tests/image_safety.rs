@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use splitvmm_tests::running::{run, splitvmm, RunningHost};
+use splitvmm_tests::running::{children_of, run, splitvmm, RunningHost};
 
 const MIB: usize = 1 << 20;
 
@@ -292,4 +292,40 @@ fn bad_images_and_host_files_fail_at_once_and_leave_nothing_attached() {
         .cli(&["block-detach", "guest-a", "51728"])
         .status
         .success());
+}
+
+#[test]
+fn the_lock_outlives_the_driver_domain_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user.img");
+    let bytes = user_image(&user, MIB);
+    let Some(mut qsd) = qsd_command(&user, &dir.path().join("qsd.sock")) else {
+        return;
+    };
+    let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"user.img\"");
+    let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    // The driver domain's descriptor is a duplicate of the toolstack's: killing it must not
+    // free the image.
+    let (driver, _) = children_of(host.pid())
+        .into_iter()
+        .find(|(_, comm)| comm == "driver-domain")
+        .expect("a driver domain process");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(driver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children_of(host.pid())
+        .iter()
+        .any(|(pid, _)| *pid == driver)
+    {
+        assert!(Instant::now() < deadline, "the driver domain did not die");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = qsd.output().unwrap();
+    assert!(!out.status.success(), "qemu-storage-daemon took the image");
+    assert!(stderr_of(&out).contains("lock"), "{}", stderr_of(&out));
+    drop(host);
+    assert!(std::fs::read(&user).unwrap() == bytes);
 }
