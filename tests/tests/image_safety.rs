@@ -329,3 +329,38 @@ fn the_lock_outlives_the_driver_domain_process() {
     drop(host);
     assert!(std::fs::read(&user).unwrap() == bytes);
 }
+
+#[test]
+fn checks_run_only_when_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user.img");
+    let bytes = user_image(&user, MIB);
+    let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"user.img\"");
+    // Not asked for: every device attached, nothing written, not even to the scratch image.
+    let out = run(splitvmm().arg("up").arg(&config));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("no checks asked for"), "{stdout}");
+    assert!(!stdout.contains("check passed"), "{stdout}");
+    let created = std::fs::read(dir.path().join("b.img")).unwrap();
+    assert!(created.len() == 4 * MIB && created.iter().all(|&b| b == 0));
+    // Asked for on the command line: a scratch image (created by this run) is checked, the
+    // user's is skipped. The b.img of the first run is not this run's: it goes first.
+    std::fs::remove_file(dir.path().join("b.img")).unwrap();
+    let out = run(splitvmm().arg("up").arg(&config).arg("--check"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("guest-a: vbd 51712 check skipped")
+            && stdout.contains("guest-b: vbd 51712 check passed")
+            && stdout.contains("checks: 3 passed, 0 failed, 2 skipped"),
+        "{stdout}"
+    );
+    let checked = std::fs::read(dir.path().join("b.img")).unwrap();
+    assert!(checked.iter().any(|&b| b != 0), "the check wrote nothing");
+    assert!(std::fs::read(&user).unwrap() == bytes);
+    // Once there, an unmarked image is the user's: the next run skips it and leaves it as is.
+    let out = run(splitvmm().arg("up").arg(&config).arg("--check"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checks: 1 passed, 0 failed, 4 skipped"));
+    assert!(std::fs::read(dir.path().join("b.img")).unwrap() == checked);
+}
