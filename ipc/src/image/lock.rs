@@ -235,6 +235,16 @@ mod tests {
     }
 
     #[test]
+    fn a_read_only_descriptor_takes_and_tests_locks() {
+        let (_dir, path) = image();
+        let ro = File::open(&path).unwrap();
+        lock(&ro, ImageAccess::ReadOnly).unwrap();
+        assert!(lock(&open(&path), ImageAccess::ReadWrite).is_err());
+        let other_ro = File::open(&path).unwrap();
+        lock(&other_ro, ImageAccess::ReadOnly).unwrap();
+    }
+
+    #[test]
     fn a_writer_excludes_readers_and_writers_and_a_dup_keeps_the_lock() {
         let (_dir, path) = image();
         let w = open(&path);
