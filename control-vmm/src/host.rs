@@ -514,8 +514,10 @@ impl Host {
             WALK_TIMEOUT,
         )?;
         domains::remove_device(&mut self.client, &dev)?;
-        if let Some(held) = self.images.remove(&(name.to_owned(), devid)) {
-            held.image.release();
+        if kind == DeviceKind::Vbd {
+            if let Some(held) = self.images.remove(&(name.to_owned(), devid)) {
+                held.image.release();
+            }
         }
         self.progress(&format!("{name}: {kind} {devid} detached"));
         Ok(())
