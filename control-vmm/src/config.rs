@@ -249,7 +249,14 @@ impl HostConfig {
                             ),
                         ))
                     }
-                    Err(e) => return Err(invalid(format!("guest[{i}].kernel"), e.to_string())),
+                    Err(e) => {
+                        let hint = if kernel.exists() {
+                            ""
+                        } else {
+                            " (build the tiny kernel with guest-frontend/tiny-kernel/build.sh)"
+                        };
+                        return Err(invalid(format!("guest[{i}].kernel"), format!("{e}{hint}")));
+                    }
                 }
             }
             for (j, disk) in guest.disks.iter().enumerate() {

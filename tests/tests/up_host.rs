@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use splitvmm_tests::running::children_of;
 use splitvmm_tests::workspace_bin;
 
 fn splitvmm() -> Command {
@@ -121,25 +122,6 @@ fn bad_config_fails_naming_file_and_key() {
         stderr.contains("bad.toml") && stderr.contains("driver_domain.domid"),
         "{stderr}"
     );
-}
-
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-        if after.split_whitespace().nth(1) == Some(&parent.to_string()) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// A `splitvmm up --stay` that is stopped if the test fails half-way, so no host outlives it.
@@ -314,7 +296,7 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
         wait_for(&mut up.0, Duration::from_secs(20)),
         "splitvmm up ignored SIGTERM"
     );
-    for pid in children {
+    for (pid, _) in children {
         assert!(
             kill(Pid::from_raw(pid), None).is_err(),
             "domain process {pid} outlived the toolstack"
