@@ -25,7 +25,10 @@ use crate::{signals, toolstack};
 /// UDP echoes per ping check.
 const PING_ROUNDS: u32 = 20;
 
-fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
+/// The seed of the pattern the main job has a guest write on disk `devid` in `round` (0: the
+/// first check; 1: the check while another guest's disk is detached). Public so tests can
+/// recompute what the disk image must hold.
+pub fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
 

@@ -1,15 +1,16 @@
-//! A `splitvmm up --stay` host for tests: started, waited for until it serves, driven through
-//! the CLI, and shut down (SIGTERM) when dropped, so no host outlives a failed test.
+//! Driving `splitvmm` from tests: the CLI, a `splitvmm up --stay` host started and waited for
+//! until it serves (stopped when dropped, so no host outlives a failed test), and the
+//! processes it started.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::workspace_bin;
+use crate::{wait_for, workspace_bin, UpStay};
 
 /// `splitvmm`, with the domain binaries it starts built.
 pub fn splitvmm() -> Command {
@@ -29,9 +30,9 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A running `splitvmm up CONFIG --stay`.
+/// A running `splitvmm up CONFIG --stay` (stopped when dropped, see [`UpStay`]).
 pub struct RunningHost {
-    child: Child,
+    up: UpStay,
     store: PathBuf,
     /// What it printed until it said it is up.
     pub startup: String,
@@ -51,7 +52,7 @@ impl RunningHost {
             .expect("spawning splitvmm up");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut host = RunningHost {
-            child,
+            up: UpStay(child),
             store: store.to_owned(),
             startup: String::new(),
         };
@@ -78,31 +79,15 @@ impl RunningHost {
 
     /// Process id of `splitvmm up`.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.up.0.id()
     }
 
     /// Sends SIGTERM and waits up to `timeout` for it to exit; true if it did.
     pub fn shut_down(&mut self, timeout: Duration) -> bool {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if matches!(self.up.0.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.up.0.id() as i32), Signal::SIGTERM);
         }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for RunningHost {
-    fn drop(&mut self) {
-        if !self.shut_down(Duration::from_secs(20)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        wait_for(&mut self.up.0, timeout)
     }
 }
 

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,22 +37,10 @@ impl Drop for Qsd {
     }
 }
 
-fn qsd_command(image: &Path, socket: &Path) -> Option<Command> {
-    let qsd = std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into());
-    let present = Command::new(&qsd)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !present {
-        // Written to the stderr handle directly: libtest captures eprintln!, this is not.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED the qemu-storage-daemon half: {qsd} not found; install Debian package \
-             qemu-system-common"
-        );
-        return None;
-    }
+/// qemu-storage-daemon exporting `image` writable on `socket`; None (the skip of `test`
+/// recorded) if this machine has none.
+fn qsd_command(test: &str, image: &Path, socket: &Path) -> Option<Command> {
+    let qsd = test_support::require_value(test, test_support::peers::qemu_storage_daemon())?;
     let mut cmd = Command::new(qsd);
     cmd.arg("--blockdev")
         .arg(format!(
@@ -73,9 +60,8 @@ fn qsd_command(image: &Path, socket: &Path) -> Option<Command> {
 
 /// Starts qemu-storage-daemon on `image` and waits until its export listens (its locks are
 /// taken by then).
-fn qsd_holding(image: &Path, dir: &Path) -> Option<Qsd> {
-    let socket = dir.join("qsd.sock");
-    let qsd = Qsd(qsd_command(image, &socket)?.spawn().unwrap());
+fn qsd_holding(test: &str, image: &Path, socket: &Path) -> Option<Qsd> {
+    let qsd = Qsd(qsd_command(test, image, socket)?.spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(
@@ -156,18 +142,6 @@ fn user_images_survive_checks_attach_detach_and_shutdown_byte_for_byte() {
         .status
         .success());
 
-    // qemu-storage-daemon cannot take an image we hold for writing.
-    let socket = dir.path().join("qsd.sock");
-    if let Some(mut qsd) = qsd_command(&user, &socket) {
-        let out = qsd.output().unwrap();
-        let err = stderr_of(&out);
-        assert!(
-            !out.status.success(),
-            "qemu-storage-daemon took a held image"
-        );
-        assert!(err.contains("lock"), "{err}");
-    }
-
     assert!(
         host.shut_down(Duration::from_secs(20)),
         "up ignored SIGTERM"
@@ -183,11 +157,12 @@ fn user_images_survive_checks_attach_detach_and_shutdown_byte_for_byte() {
 }
 
 #[test]
-fn an_image_held_by_qemu_storage_daemon_is_refused_by_up_block_attach_and_serve() {
+fn qemu_storage_daemon_and_splitvmm_refuse_each_others_images() {
+    let test = "qemu_storage_daemon_and_splitvmm_refuse_each_others_images";
     let dir = tempfile::tempdir().unwrap();
     let held = dir.path().join("held.img");
     let bytes = user_image(&held, MIB);
-    let Some(_qsd) = qsd_holding(&held, dir.path()) else {
+    let Some(qsd) = qsd_holding(test, &held, &dir.path().join("qsd1.sock")) else {
         return;
     };
     let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"held.img\"");
@@ -226,8 +201,37 @@ fn an_image_held_by_qemu_storage_daemon_is_refused_by_up_block_attach_and_serve(
         .cli(&["xs", "read", "/local/domain/1/backend/vbd/2/51728/state"])
         .status
         .success());
+
+    // The other way: an image we hold for writing, qemu-storage-daemon cannot take.
+    drop(qsd);
+    let mine = dir.path().join("mine.img");
+    let mine_bytes = user_image(&mine, MIB);
+    assert!(host
+        .cli(&["block-attach", "guest-a", mine.to_str().unwrap()])
+        .status
+        .success());
+    let out = qsd_command(test, &mine, &dir.path().join("qsd2.sock"))
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "qemu-storage-daemon took a held image"
+    );
+    assert!(
+        stderr_of(&out).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Released by block-detach: then it can.
+    assert!(host
+        .cli(&["block-detach", "guest-a", "51728"])
+        .status
+        .success());
+    let _qsd = qsd_holding(test, &mine, &dir.path().join("qsd3.sock")).unwrap();
     drop(host);
     assert!(std::fs::read(&held).unwrap() == bytes);
+    assert!(std::fs::read(&mine).unwrap() == mine_bytes);
 }
 
 #[test]
@@ -299,7 +303,8 @@ fn the_lock_outlives_the_driver_domain_process() {
     let dir = tempfile::tempdir().unwrap();
     let user = dir.path().join("user.img");
     let bytes = user_image(&user, MIB);
-    let Some(mut qsd) = qsd_command(&user, &dir.path().join("qsd.sock")) else {
+    let test = "the_lock_outlives_the_driver_domain_process";
+    let Some(mut qsd) = qsd_command(test, &user, &dir.path().join("qsd.sock")) else {
         return;
     };
     let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"user.img\"");
