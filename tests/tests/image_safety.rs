@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
+mod vmm_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -368,4 +370,56 @@ fn checks_run_only_when_asked_for() {
     let out = run(splitvmm().arg("up").arg(&config).arg("--check"));
     assert!(String::from_utf8_lossy(&out.stdout).contains("checks: 1 passed, 0 failed, 4 skipped"));
     assert!(std::fs::read(dir.path().join("b.img")).unwrap() == checked);
+}
+
+#[test]
+fn an_attach_the_guest_refuses_leaves_nothing_behind() {
+    let test = "an_attach_the_guest_refuses_leaves_nothing_behind";
+    if !vmm_support::kvm_or_skip(test) {
+        return;
+    }
+    let kernel = vmm_support::tiny_kernel();
+    splitvmm_tests::workspace_bin("splitvmm-vmm");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"run\"\n\
+             [driver_domain]\nname = \"driver\"\ndomid = 1\n\
+             [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
+             [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n\
+             [[guest]]\nname = \"proc\"\ndomid = 3\n",
+            kernel.display().to_string()
+        ),
+    )
+    .unwrap();
+    let user = dir.path().join("user.img");
+    let bytes = user_image(&user, MIB);
+    let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    // A KVM guest has one virtio-mmio slot: it refuses a second disk once the walk started.
+    let out = host.cli(&["block-attach", "tiny", user.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("room for 1 block device"),
+        "{}",
+        stderr_of(&out)
+    );
+    for gone in [
+        "/local/domain/1/backend/vbd/2/51728",
+        "/local/domain/2/device/vbd/51728",
+    ] {
+        assert!(!host.cli(&["xs", "ls", gone]).status.success(), "{gone}");
+    }
+    // Its lock went too: another guest can take the image.
+    assert!(host
+        .cli(&["block-attach", "proc", user.to_str().unwrap()])
+        .status
+        .success());
+    assert!(host
+        .cli(&["block-detach", "proc", "51728"])
+        .status
+        .success());
+    drop(host);
+    assert!(std::fs::read(&user).unwrap() == bytes);
 }
