@@ -20,6 +20,8 @@ use crate::config::DiskConfig;
 pub enum ImageError {
     #[error("{0}: no such file (give size_mib to have the toolstack create a scratch image)")]
     Missing(PathBuf),
+    #[error("{0}: no such file (a read-only disk is never created)")]
+    MissingReadOnly(PathBuf),
     #[error("{path}: {source}")]
     Open {
         path: PathBuf,
@@ -157,6 +159,8 @@ pub fn check_disk(disk: &DiskConfig) -> Result<(), ImageError> {
         Err(ImageError::Open { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return if will_size(disk, None) {
                 Ok(())
+            } else if disk.readonly {
+                Err(ImageError::MissingReadOnly(path.to_owned()))
             } else {
                 Err(ImageError::Missing(path.to_owned()))
             };

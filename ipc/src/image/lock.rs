@@ -109,8 +109,11 @@ pub fn perm_name(perm: u8) -> &'static str {
     }
 }
 
+/// (bit index, bit) of each permission in `mask`.
 fn bits(mask: u8) -> impl Iterator<Item = (i64, u8)> {
-    (0..4).filter_map(move |i| (mask & (1 << i) != 0).then_some((i64::from(i), 1u8 << i)))
+    (0..u8::BITS)
+        .map(|i| (i64::from(i), 1u8 << i))
+        .filter(move |(_, bit)| mask & PERM_ALL & bit != 0)
 }
 
 fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
@@ -191,7 +194,7 @@ fn set_read_lock(file: &File, byte: i64) -> Result<(), LockError> {
 pub fn unlock(file: &File) -> Result<(), LockError> {
     for base in [PERM_BASE, SHARED_BASE] {
         let mut fl = flock(libc::F_UNLCK, base);
-        fl.l_len = 4;
+        fl.l_len = i64::from(u8::BITS - PERM_ALL.leading_zeros());
         ofd(file, libc::F_OFD_SETLK, &mut fl)?;
     }
     Ok(())
