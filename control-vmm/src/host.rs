@@ -328,9 +328,14 @@ impl Host {
         }
         let result = self.connect_disk(name, disk, dev);
         if result.is_err() {
-            // Leave nothing half-attached: no directories, no lock.
-            let _ = domains::request_close(&mut self.client, &dev);
-            let _ = domains::remove_device(&mut self.client, &dev);
+            // Leave nothing half-attached: no directories (if they were written), no lock.
+            let written = self
+                .client
+                .read(&format!("{}/{}", dev.backend_path(), keys::FRONTEND))
+                .is_ok();
+            if let Err(e) = written.then(|| self.tear_down(&dev)).transpose() {
+                log::warn!("{name}: removing the failed vbd {}: {e:#}", dev.devid);
+            }
             if let Some(held) = self.images.remove(&key) {
                 held.image.release();
             }
@@ -621,17 +626,7 @@ impl Host {
                 frontend: domid,
                 devid,
             };
-            // Ask first, then take the dead guest's directory away: the backend then finds the
-            // request already there when it sees its frontend gone, and its Closed comes last.
-            domains::request_close(&mut self.client, &dev)?;
-            domains::remove_frontend(&mut self.client, &dev)?;
-            domains::wait_for_state(
-                &mut self.client,
-                &dev.backend_path(),
-                XenbusState::Closed,
-                WALK_TIMEOUT,
-            )?;
-            domains::remove_device(&mut self.client, &dev)?;
+            self.tear_down(&dev)?;
         }
         for key in held {
             if let Some(held) = self.images.remove(&key) {
@@ -642,6 +637,23 @@ impl Host {
         let how = status.map_or_else(|| "ended".to_owned(), |s| crate::supervisor::describe(&s));
         self.progress(&format!("{name}: destroyed ({how})"));
         Ok(())
+    }
+
+    /// Removes a device whose frontend is gone or never took it, from the backend's side.
+    fn tear_down(&mut self, dev: &DeviceId) -> Result<()> {
+        // Ask first, then take the frontend's directory away: the backend then finds the
+        // request already there when it sees its frontend gone, and its Closed comes last;
+        // only then do the directories go, so no late backend write brings one back.
+        domains::request_close(&mut self.client, dev)?;
+        domains::remove_frontend(&mut self.client, dev)?;
+        let closed = domains::wait_for_state(
+            &mut self.client,
+            &dev.backend_path(),
+            XenbusState::Closed,
+            WALK_TIMEOUT,
+        );
+        domains::remove_device(&mut self.client, dev)?;
+        Ok(closed?)
     }
 
     /// Stops every guest (collecting its counters), then the driver domain, then the store.
