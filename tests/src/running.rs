@@ -77,6 +77,13 @@ impl RunningHost {
         run(splitvmm().args(args).arg("--store").arg(&self.store))
     }
 
+    /// Runs `splitvmm ARGS --store <its store>` and asserts it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?} failed");
+        out
+    }
+
     /// Process id of `splitvmm up`.
     pub fn pid(&self) -> u32 {
         self.up.0.id()

@@ -28,6 +28,13 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Asserts that `out` is a failure saying `text` on stderr.
+fn assert_refused(out: &std::process::Output, text: &str) {
+    let err = stderr_of(out);
+    assert!(!out.status.success(), "succeeded: {err}");
+    assert!(err.contains(text), "{err}");
+}
+
 /// A qemu-storage-daemon exporting `image` writable over vhost-user-blk, so it holds the
 /// image's locks; killed when dropped.
 struct Qsd(Child);
@@ -113,36 +120,20 @@ fn user_images_survive_checks_attach_detach_and_shutdown_byte_for_byte() {
 
     // Asked by hand, a writing check is refused; a read-only one is allowed to run.
     let out = host.cli(&["disk-check", "guest-a", "51712"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("not a scratch image"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "not a scratch image");
     host.cli(&["disk-check", "guest-a", "51712", "--verify-only"]);
 
     // Another user image attached, refused a writing check, detached.
     let extra_arg = extra.to_str().unwrap();
-    assert!(host
-        .cli(&["block-attach", "guest-a", extra_arg, "--devid", "51728"])
-        .status
-        .success());
-    assert!(!host
-        .cli(&["disk-check", "guest-a", "51728"])
-        .status
-        .success());
+    host.cli_ok(&["block-attach", "guest-a", extra_arg, "--devid", "51728"]);
+    assert_refused(
+        &host.cli(&["disk-check", "guest-a", "51728"]),
+        "not a scratch image",
+    );
     // The same image for another guest: refused, naming who holds it.
     let out = host.cli(&["block-attach", "guest-b", extra_arg, "--devid", "51728"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("guest-a's vbd 51728"),
-        "{}",
-        stderr_of(&out)
-    );
-    assert!(host
-        .cli(&["block-detach", "guest-a", "51728"])
-        .status
-        .success());
+    assert_refused(&out, "guest-a's vbd 51728");
+    host.cli_ok(&["block-detach", "guest-a", "51728"]);
 
     assert!(
         host.shut_down(Duration::from_secs(20)),
@@ -169,12 +160,7 @@ fn qemu_storage_daemon_and_splitvmm_refuse_each_others_images() {
     };
     let config = host_file(dir.path(), "", "[[guest.disk]]\nimage = \"held.img\"");
     let out = run(splitvmm().arg("up").arg(&config));
-    assert!(!out.status.success());
-    let err = stderr_of(&out);
-    assert!(
-        err.contains("held.img: in use by qemu-storage-daemon (pid"),
-        "{err}"
-    );
+    assert_refused(&out, "held.img: in use by qemu-storage-daemon (pid");
 
     // The standalone backend locks the same way.
     let out = run(Command::new(splitvmm_tests::workspace_bin("driver-domain"))
@@ -182,22 +168,12 @@ fn qemu_storage_daemon_and_splitvmm_refuse_each_others_images() {
         .arg(&held)
         .arg("--socket")
         .arg(dir.path().join("dd.sock")));
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("in use by qemu-storage-daemon"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "in use by qemu-storage-daemon");
 
     let config = host_file(dir.path(), "", "");
     let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
     let out = host.cli(&["block-attach", "guest-a", held.to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("in use by qemu-storage-daemon"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "in use by qemu-storage-daemon");
     // Nothing was left behind in the store.
     assert!(!host
         .cli(&["xs", "read", "/local/domain/1/backend/vbd/2/51728/state"])
@@ -208,28 +184,14 @@ fn qemu_storage_daemon_and_splitvmm_refuse_each_others_images() {
     drop(qsd);
     let mine = dir.path().join("mine.img");
     let mine_bytes = user_image(&mine, MIB);
-    assert!(host
-        .cli(&["block-attach", "guest-a", mine.to_str().unwrap()])
-        .status
-        .success());
+    host.cli_ok(&["block-attach", "guest-a", mine.to_str().unwrap()]);
     let out = qsd_command(test, &mine, &dir.path().join("qsd2.sock"))
         .unwrap()
         .output()
         .unwrap();
-    assert!(
-        !out.status.success(),
-        "qemu-storage-daemon took a held image"
-    );
-    assert!(
-        stderr_of(&out).contains("Failed to get \"write\" lock"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "Failed to get \"write\" lock");
     // Released by block-detach: then it can.
-    assert!(host
-        .cli(&["block-detach", "guest-a", "51728"])
-        .status
-        .success());
+    host.cli_ok(&["block-detach", "guest-a", "51728"]);
     let _qsd = qsd_holding(test, &mine, &dir.path().join("qsd3.sock")).unwrap();
     drop(host);
     assert!(std::fs::read(&held).unwrap() == bytes);
@@ -255,13 +217,13 @@ fn bad_images_and_host_files_fail_at_once_and_leave_nothing_attached() {
         let started = Instant::now();
         let out = run(splitvmm().arg("up").arg(&config));
         let took = started.elapsed();
-        assert!(!out.status.success());
-        assert!(stderr_of(&out).contains(want), "{}", stderr_of(&out));
+        assert_refused(&out, want);
         assert!(took < deadline, "{image}: refused after {took:?}");
     }
     let started = Instant::now();
     let out = run(splitvmm().args(["up", "/dev/zero"]));
-    assert!(!out.status.success() && started.elapsed() < deadline);
+    assert_refused(&out, "not a regular file");
+    assert!(started.elapsed() < deadline);
 
     // At run time: block-attach of a bad image fails at once, and leaves the devid free.
     let config = host_file(dir.path(), "", "");
@@ -270,12 +232,7 @@ fn bad_images_and_host_files_fail_at_once_and_leave_nothing_attached() {
     let started = Instant::now();
     let out = host.cli(&["block-attach", "guest-a", odd.to_str().unwrap()]);
     let took = started.elapsed();
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("truncate -s 1024"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "truncate -s 1024");
     assert!(took < deadline, "block-attach refused after {took:?}");
     for gone in [
         "/local/domain/1/backend/vbd/2/51728/state",
@@ -290,14 +247,8 @@ fn bad_images_and_host_files_fail_at_once_and_leave_nothing_attached() {
         .unwrap()
         .set_len(1024)
         .unwrap();
-    assert!(host
-        .cli(&["block-attach", "guest-a", odd.to_str().unwrap()])
-        .status
-        .success());
-    assert!(host
-        .cli(&["block-detach", "guest-a", "51728"])
-        .status
-        .success());
+    host.cli_ok(&["block-attach", "guest-a", odd.to_str().unwrap()]);
+    host.cli_ok(&["block-detach", "guest-a", "51728"]);
 }
 
 #[test]
@@ -331,8 +282,7 @@ fn the_lock_outlives_the_driver_domain_process() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = qsd.output().unwrap();
-    assert!(!out.status.success(), "qemu-storage-daemon took the image");
-    assert!(stderr_of(&out).contains("lock"), "{}", stderr_of(&out));
+    assert_refused(&out, "lock");
     drop(host);
     assert!(std::fs::read(&user).unwrap() == bytes);
 }
@@ -399,12 +349,7 @@ fn an_attach_the_guest_refuses_leaves_nothing_behind() {
     let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
     // A KVM guest has one virtio-mmio slot: it refuses a second disk once the walk started.
     let out = host.cli(&["block-attach", "tiny", user.to_str().unwrap()]);
-    assert!(!out.status.success());
-    assert!(
-        stderr_of(&out).contains("room for 1 block device"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_refused(&out, "room for 1 block device");
     for gone in [
         "/local/domain/1/backend/vbd/2/51728",
         "/local/domain/2/device/vbd/51728",
@@ -412,14 +357,8 @@ fn an_attach_the_guest_refuses_leaves_nothing_behind() {
         assert!(!host.cli(&["xs", "ls", gone]).status.success(), "{gone}");
     }
     // Its lock went too: another guest can take the image.
-    assert!(host
-        .cli(&["block-attach", "proc", user.to_str().unwrap()])
-        .status
-        .success());
-    assert!(host
-        .cli(&["block-detach", "proc", "51728"])
-        .status
-        .success());
+    host.cli_ok(&["block-attach", "proc", user.to_str().unwrap()]);
+    host.cli_ok(&["block-detach", "proc", "51728"]);
     drop(host);
     assert!(std::fs::read(&user).unwrap() == bytes);
 }
