@@ -1,5 +1,7 @@
 //! Helpers for end-to-end tests and benchmarks.
 
+pub mod running;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

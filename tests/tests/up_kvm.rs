@@ -27,6 +27,7 @@ fn main_job_with_a_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\nreplug = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"proc\"\ndomid = 2\n\
              [[guest.disk]]\nimage = \"p.img\"\nsize_mib = 2\n\
@@ -47,7 +48,10 @@ fn main_job_with_a_kvm_guest() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
-    assert!(stdout.contains("checks: 4 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("checks: 5 passed, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
     assert!(stdout.contains("tiny: vbd 51712 detached"), "{stdout}");
     assert!(stdout.contains("in a KVM guest"), "{stdout}");
     let tiny = stdout.lines().find(|l| l.starts_with("tiny ")).unwrap();
@@ -91,6 +95,7 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
              [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
@@ -159,5 +164,8 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     let status = up.0.wait().unwrap();
     let rest = rest.join().unwrap().join("\n");
     assert_eq!(status.code(), Some(0), "{rest}");
-    assert!(rest.contains("checks: 2 passed, 0 failed"), "{rest}");
+    assert!(
+        rest.contains("checks: 1 passed, 0 failed, 0 skipped"),
+        "{rest}"
+    );
 }
