@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod linux;
+pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
+
 /// Errors found while reading a host description.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,11 +30,6 @@ pub enum ConfigError {
         expected: String,
     },
 }
-
-/// Largest `memory` (MiB) of a `linux` guest: RAM ends below the PCI hole at 3 GiB.
-pub const LINUX_MAX_MEMORY_MIB: u64 = 3072;
-/// Largest `vcpus` of a `linux` guest.
-pub const LINUX_MAX_VCPUS: u8 = 32;
 
 /// Lowest domain id a guest or driver domain may have; 0 is the control domain.
 pub const FIRST_DOMID: u32 = 1;
@@ -428,7 +426,7 @@ impl HostConfig {
             }
         }
         for (i, guest) in self.guests.iter().enumerate() {
-            validate_linux_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
+            linux::validate_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {
                 (GuestKind::Linux, _) => {}
                 (GuestKind::Kvm, None) => {
@@ -510,78 +508,6 @@ impl HostConfig {
     pub fn store_socket(&self) -> PathBuf {
         self.run_dir.join("xenstored.sock")
     }
-}
-
-/// The keys of a `linux` guest (and their absence elsewhere): (key, what was expected).
-fn validate_linux_keys(i: usize, g: &GuestConfig) -> Result<(), (String, String)> {
-    let key = |k: &str| format!("guest[{i}].{k}");
-    if g.kind != GuestKind::Linux {
-        let linux_only = [
-            ("ramdisk", g.ramdisk.is_some()),
-            ("extra", g.extra.is_some()),
-            ("memory", g.memory.is_some()),
-            ("vcpus", g.vcpus.is_some()),
-            ("share", g.share.is_some()),
-        ];
-        return match linux_only.iter().find(|(_, set)| *set) {
-            Some((k, _)) => Err((
-                key(k),
-                "nothing: only a kind = \"linux\" guest has it".into(),
-            )),
-            None => Ok(()),
-        };
-    }
-    if g.kernel.is_none() {
-        return Err((key("kernel"), "the bzImage a linux guest boots".into()));
-    }
-    if let Some(m) = g
-        .memory
-        .filter(|m| *m < 16 || *m > LINUX_MAX_MEMORY_MIB || m % 2 != 0)
-    {
-        return Err((
-            key("memory"),
-            format!("an even number of MiB from 16 to {LINUX_MAX_MEMORY_MIB}, got {m}"),
-        ));
-    }
-    if let Some(v) = g.vcpus.filter(|v| *v == 0 || *v > LINUX_MAX_VCPUS) {
-        return Err((
-            key("vcpus"),
-            format!("1 to {LINUX_MAX_VCPUS} vCPUs, got {v}"),
-        ));
-    }
-    if g.extra.as_ref().is_some_and(|e| e.len() >= 2048) {
-        return Err((
-            key("extra"),
-            "a command line shorter than 2048 bytes".into(),
-        ));
-    }
-    match (g.disks.is_empty(), g.share.as_deref()) {
-        (false, Some("all-ram")) | (true, None) => {}
-        (false, _) => {
-            return Err((
-                key("share"),
-                "\"all-ram\": Linux puts disk buffers anywhere in its RAM, so the driver \
-                 domain maps all of it, and the host file must say so"
-                    .into(),
-            ))
-        }
-        (true, Some(_)) => {
-            return Err((
-                key("share"),
-                "nothing: a guest without a disk shares no memory".into(),
-            ))
-        }
-    }
-    if g.disks.len() > 1 {
-        return Err((key("disk"), "at most one disk for a linux guest".into()));
-    }
-    if !g.nics.is_empty() {
-        return Err((
-            key("nic"),
-            "no network interface on a linux guest yet".into(),
-        ));
-    }
-    Ok(())
 }
 
 /// Largest host file `load` reads: a description of a host is a few KiB; anything bigger is
@@ -750,39 +676,26 @@ mod tests {
             (g.kind, g.memory, g.vcpus),
             (GuestKind::Linux, Some(256), Some(2))
         );
-        // A disk without an explicit share, a share the guest does not need, a bad value.
-        expect_invalid(&linux, "guest[1].share");
         let needless = diskless.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
-        expect_invalid(&needless, "guest[1].share");
-        expect_invalid(
-            &with_share.replace("share = \"all-ram\"", "share = \"window\""),
-            "guest[1].share",
-        );
-        expect_invalid(
-            &with_share.replace("memory = 256", "memory = 4096"),
-            "guest[1].memory",
-        );
-        expect_invalid(
-            &with_share.replace("memory = 256", "memory = 255"),
-            "guest[1].memory",
-        );
-        expect_invalid(
-            &with_share.replace("vcpus = 2", "vcpus = 0"),
-            "guest[1].vcpus",
-        );
-        expect_invalid(
-            &with_share.replace("kernel = \"bzImage\"\n", ""),
-            "guest[1].kernel",
-        );
-        // Linux-only keys elsewhere.
-        expect_invalid(
-            &GOOD.replace("domid = 3", "domid = 3\nmemory = 64"),
-            "guest[1].memory",
-        );
-        expect_invalid(
-            &GOOD.replace("domid = 3", "domid = 3\nshare = \"all-ram\""),
-            "guest[1].share",
-        );
+        let other = |k: &str| GOOD.replace("domid = 3", &format!("domid = 3\n{k}"));
+        for (text, key) in [
+            // A disk without an explicit share, a share the guest does not need, a bad one.
+            (linux.clone(), "share"),
+            (needless, "share"),
+            (with_share.replace("\"all-ram\"", "\"window\""), "share"),
+            (
+                with_share.replace("memory = 256", "memory = 4096"),
+                "memory",
+            ),
+            (with_share.replace("memory = 256", "memory = 255"), "memory"),
+            (with_share.replace("vcpus = 2", "vcpus = 0"), "vcpus"),
+            (with_share.replace("kernel = \"bzImage\"\n", ""), "kernel"),
+            // Linux-only keys elsewhere.
+            (other("memory = 64"), "memory"),
+            (other("share = \"all-ram\""), "share"),
+        ] {
+            expect_invalid(&text, &format!("guest[1].{key}"));
+        }
     }
 
     #[test]
