@@ -3,10 +3,10 @@
 
 use super::{GuestConfig, GuestKind};
 
-/// Largest `memory` (MiB) of a `linux` guest: RAM ends below the PCI hole at 3 GiB.
-pub const LINUX_MAX_MEMORY_MIB: u64 = 3072;
+/// Largest `memory` (MiB) of a `linux` guest: RAM ends below the PCI hole.
+pub const LINUX_MAX_MEMORY_MIB: u64 = crate::vmm::arch::RAM_LIMIT >> 20;
 /// Largest `vcpus` of a `linux` guest.
-pub const LINUX_MAX_VCPUS: u8 = 32;
+pub const LINUX_MAX_VCPUS: u8 = crate::vmm::linux::MAX_VCPUS;
 
 /// The keys of a `linux` guest (and their absence elsewhere): (key, what was expected).
 pub(super) fn validate_keys(i: usize, g: &GuestConfig) -> Result<(), (String, String)> {
