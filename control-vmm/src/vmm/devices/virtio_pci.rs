@@ -93,9 +93,20 @@ impl Default for Queue {
     }
 }
 
+/// Re-binds queue 0's notify ioeventfd at a new guest-physical address (the guest moved
+/// BAR0). Set by the machine, which owns the VM.
+pub struct NotifyBinder(pub Box<dyn FnMut(u64) -> Result<(), String> + Send>);
+
+impl std::fmt::Debug for NotifyBinder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotifyBinder")
+    }
+}
+
 /// The virtio-blk PCI function.
 #[derive(Debug)]
 pub struct VirtioPciBlk<B: BlkBackend> {
+    notify_binder: Option<NotifyBinder>,
     config: ConfigSpace,
     msix_cap: usize,
     msix: Msix,
@@ -180,6 +191,7 @@ impl<B: BlkBackend> VirtioPciBlk<B> {
         body.extend_from_slice(&(MSIX_PBA_OFFSET as u32).to_le_bytes());
         let msix_cap = config.add_capability(CAP_MSIX, &body, &[0, 0, 0, 0xc0]);
         Self {
+            notify_binder: None,
             config,
             msix_cap,
             msix,
@@ -195,6 +207,13 @@ impl<B: BlkBackend> VirtioPciBlk<B> {
             queue_select: 0,
             queue: Queue::default(),
         }
+    }
+
+    /// Follows BAR0 moves with the notify ioeventfd (without it, notifies at a moved BAR reach
+    /// the VMM and are forwarded, counted as notify exits).
+    pub fn with_notify_binder(mut self, binder: NotifyBinder) -> Self {
+        self.notify_binder = Some(binder);
+        self
     }
 
     /// Features the guest is offered: the backend's, one queue only.
@@ -411,9 +430,12 @@ impl<B: BlkBackend + std::fmt::Debug> PciDevice for VirtioPciBlk<B> {
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         if let Some(m) = self.config.write(offset, data) {
-            // The notify ioeventfd stays at the old address; notifies then reach the VMM and
-            // are forwarded (counted as notify exits).
             crate::vmm::pci::log_bar_move("virtio-pci blk", m);
+            if let (0, Some(NotifyBinder(bind))) = (m.bar, self.notify_binder.as_mut()) {
+                if let Err(e) = bind(m.to + NOTIFY_OFFSET) {
+                    log::error!("virtio-pci blk: moving the notify ioeventfd: {e}");
+                }
+            }
         }
         if (self.msix_cap..self.msix_cap + 4).contains(&offset) {
             let control = (self.config.raw_dword(self.msix_cap / 4) >> 16) as u16;

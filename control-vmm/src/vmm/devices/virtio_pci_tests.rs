@@ -243,3 +243,22 @@ fn msix_follows_the_capability_and_the_table_and_bad_accesses_are_harmless() {
     assert_eq!(d.kick.read().ok(), Some(1), "queue 0's notify forwarded");
     assert!(d.counters.get(Counter::MsixTableAccess) >= 4);
 }
+
+#[test]
+fn moving_bar0_moves_the_notify_ioeventfd_but_sizing_does_not() {
+    let (d, _) = device();
+    let moves = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&moves);
+    let mut d = d.with_notify_binder(NotifyBinder(Box::new(move |to| {
+        seen.lock().unwrap().push(to);
+        Ok(())
+    })));
+    d.config_write(0x10, &u32::MAX.to_le_bytes());
+    d.config_write(0x10, &BAR0.to_le_bytes());
+    assert!(
+        moves.lock().unwrap().is_empty(),
+        "sizing and restoring is not a move"
+    );
+    d.config_write(0x10, &0xc001_0000u32.to_le_bytes());
+    assert_eq!(*moves.lock().unwrap(), [0xc001_0000 + NOTIFY_OFFSET]);
+}

@@ -19,8 +19,8 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
-use super::arch::{acpi, COM1_IRQ, GED_IRQ, RAM_LIMIT};
-use super::devices::virtio_pci::{VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
+use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
+use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
 use super::exits::{totals, ExitCounters, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
@@ -214,18 +214,42 @@ fn plug_disk(
         source,
     })?;
     let routes = Arc::new(KvmRoutes::new(Arc::clone(vm)));
-    let dev = Arc::new(Mutex::new(VirtioPciBlk::new(
-        backend,
-        kick,
-        call,
-        bar0 as u32,
-        IOAPIC_PINS,
-        routes,
-        Arc::clone(counters),
-    )));
+    let binder = notify_binder(vm, &kick, bar0 + NOTIFY_OFFSET).map_err(io("eventfd"))?;
+    let dev = Arc::new(Mutex::new(
+        VirtioPciBlk::new(
+            backend,
+            kick,
+            call,
+            bar0 as u32,
+            IOAPIC_PINS,
+            routes,
+            Arc::clone(counters),
+        )
+        .with_notify_binder(binder),
+    ));
     let slot = pci
         .add(Arc::clone(&dev) as Arc<Mutex<dyn super::pci::PciDevice>>)
         .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
     log::info!("virtio-blk (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}");
     Ok(dev)
+}
+
+/// Moves the notify ioeventfd (registered at `at`) with BAR0; an address outside the PCI
+/// window (a BAR being disabled) leaves it unregistered.
+fn notify_binder(vm: &Arc<VmFd>, kick: &EventFd, at: u64) -> std::io::Result<NotifyBinder> {
+    let vm = Arc::clone(vm);
+    let kick = kick.try_clone()?;
+    let mut bound = Some(at);
+    Ok(NotifyBinder(Box::new(move |to| {
+        if let Some(from) = bound.take() {
+            vm.unregister_ioevent(&kick, &IoEventAddress::Mmio(from), NoDatamatch)
+                .map_err(|e| format!("KVM_IOEVENTFD (deassign {from:#x}): {e}"))?;
+        }
+        if (PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&to) {
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(to), NoDatamatch)
+                .map_err(|e| format!("KVM_IOEVENTFD ({to:#x}): {e}"))?;
+            bound = Some(to);
+        }
+        Ok(())
+    })))
 }
