@@ -41,7 +41,7 @@ done
 kill -USR1 $vmm 2>/dev/null && echo "+ kill -USR1 $vmm (ACPI power button)"
 wait $vmm
 rc=$?
-grep -E "Linux version|^L2-|smpboot: Total|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/console.log | head -40
+grep -E "Linux version|^L2-|smpboot: Total|virtio_blk|vda|Kernel panic|BUG|WARNING|XSAVE" $W/console.log | head -40
 echo "--- VMM log:"
 grep -vE "unknown port|unbacked GPA" $W/vmm.log | tail -12
 grep -q "Linux version" $W/console.log || fail "no 'Linux version' line on the guest console"
