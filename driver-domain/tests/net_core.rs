@@ -389,7 +389,7 @@ fn calls_follow_used_event_and_no_interrupt() {
     a.mem.write_obj(1u16, a.tx_ring.avail).unwrap();
     post(&mut a, 2);
     let p = a.tx.process(&mut a.txq, &a.mem).unwrap();
-    assert_eq!(p.frames, 2);
+    assert_eq!(p.completed, 2);
     assert!(!p.notify, "NO_INTERRUPT honoured");
     a.mem.write_obj(0u16, a.tx_ring.avail).unwrap();
     // With EVENT_IDX: call only when used_event was crossed (used index goes 4 -> 7).

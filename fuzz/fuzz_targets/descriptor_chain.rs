@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 
-use driver_domain::blk::ring_driver::DriverRing;
+use driver_domain::virtio_core::ring_driver::DriverRing;
 use driver_domain::blk::{BlkConfig, BlkDisk, BlkQueue, InflightLog};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
