@@ -353,6 +353,18 @@ fn event_idx_suppresses_notifications() {
     assert!(p.notify);
 }
 
+/// A vring set up on `ring` as vhost-user-backend sets one up from the frontend's messages.
+fn vring_on(mem: &GuestMemoryAtomic<GuestMemoryMmap>, ring: &DriverRing) -> VringRwLock {
+    let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+    vring.set_queue_size(QSIZE);
+    vring
+        .set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
+        .unwrap();
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    vring
+}
+
 /// Two queues served through the real path of a kick: the vhost-user adapter's
 /// `handle_event` on each worker's vrings, which runs the shared scheduler
 /// (`virtio_core::serve_queues`) over the blk device. No socket: the vrings are configured the
@@ -375,13 +387,7 @@ fn scheduler_serves_two_queues_round_robin() {
     let mut calls = Vec::new();
     for q in 0..2u16 {
         let ring = DriverRing::new(GuestAddress(0x1000 + 0x2000 * u64::from(q)), QSIZE);
-        let vring = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
-        vring.set_queue_size(QSIZE);
-        vring
-            .set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
-            .unwrap();
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = vring_on(&atomic, &ring);
         let call = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
         vring.set_call(Some(File::from(call.as_fd().try_clone_to_owned().unwrap())));
         calls.push(call);
@@ -444,13 +450,7 @@ fn scheduler_waits_for_a_memory_table() {
     let disk = Arc::new(BlkDisk::null(1 << 20, false));
     let device = VhostUserDevice::new(BlkBackend::new(disk, cfg).unwrap()).unwrap();
     let mut ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
-    let vring = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
-    vring.set_queue_size(QSIZE);
-    vring
-        .set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
-        .unwrap();
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
+    let vring = vring_on(&atomic, &ring);
     header(&mem, HDR, 0, 0);
     ring.write_desc(&mem, 0, HDR, 16, DESC_F_NEXT, 1).unwrap();
     ring.write_desc(&mem, 1, STATUS, 1, DESC_F_WRITE, 0)

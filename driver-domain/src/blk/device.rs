@@ -219,6 +219,7 @@ impl BlkBackendQueue {
 }
 
 /// A virtio-blk device on one disk: its queues, configuration space and worker layout.
+#[derive(Debug)]
 pub struct BlkBackend {
     cfg: BlkBackendConfig,
     features: u64,
@@ -227,15 +228,6 @@ pub struct BlkBackend {
     /// Queue indexes served by each worker, in queue order.
     workers: Vec<Vec<usize>>,
     _inflight: InflightLog,
-}
-
-impl std::fmt::Debug for BlkBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlkBackend")
-            .field("cfg", &self.cfg)
-            .field("workers", &self.workers)
-            .finish()
-    }
 }
 
 impl BlkBackend {

@@ -30,6 +30,7 @@ pub enum NetBackendError {
 }
 
 /// A virtio-net device on one switch port (one per frontend connection).
+#[derive(Debug)]
 pub struct NetBackend {
     name: String,
     cfg: NetBackendConfig,
@@ -37,15 +38,6 @@ pub struct NetBackend {
     port: Arc<SwitchPort>,
     rx: Vec<Mutex<RxQueue>>,
     tx: Vec<Mutex<TxQueue>>,
-}
-
-impl std::fmt::Debug for NetBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NetBackend")
-            .field("cfg", &self.cfg)
-            .field("port", &self.port.id())
-            .finish()
-    }
 }
 
 impl NetBackend {

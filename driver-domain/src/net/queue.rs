@@ -135,10 +135,20 @@ fn write_chain<M: GuestMemory>(
     Ok(off)
 }
 
-/// What one direction of a queue pair keeps besides the state both directions share.
-pub trait Direction: Default + std::fmt::Debug {
+/// What one direction of a queue pair keeps and does besides what both directions share.
+pub trait Direction: Default + std::fmt::Debug + Sized {
+    /// The direction in logs.
+    const NAME: &'static str;
+
     /// Give the frame buffers this direction holds back to `port`'s pool.
     fn release(&mut self, port: &SwitchPort);
+
+    /// Move up to the budget of frames of `q` through `queue` (`notify` is left to the caller).
+    fn run<M: GuestMemory>(
+        q: &mut NetQueue<Self>,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueProgress, NetQueueError>;
 }
 
 /// One direction of a queue pair: [`TxQueue`] or [`RxQueue`].
@@ -199,6 +209,29 @@ impl<D: Direction> NetQueue<D> {
     pub fn set_idle_notify(&mut self, on: bool) {
         self.idle_notify = on;
     }
+
+    /// Move up to `budget` frames through `queue` (TX: into the switch; RX: queued frames
+    /// into the guest's buffers). An `Err` fails the queue until [`NetQueue::reset`]; the
+    /// buffers it holds go back to the pool.
+    pub fn process<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueProgress, NetQueueError> {
+        self.failure.check()?;
+        let old_used = queue.next_used();
+        let r = D::run(self, queue, mem).and_then(|mut progress| {
+            progress.notify =
+                needs_call(queue, mem, old_used).map_err(|e| NetQueueError::Ring(self.index, e))?;
+            Ok(progress)
+        });
+        let r = self.failure.latch(D::NAME, r);
+        if r.is_err() {
+            // Frames held by a failed queue can never move.
+            self.dir.release(&self.port);
+        }
+        r
+    }
 }
 
 /// Per-direction state of [`TxQueue`].
@@ -220,6 +253,55 @@ impl Default for Tx {
 }
 
 impl Direction for Tx {
+    const NAME: &'static str = "net TX";
+
+    fn run<M: GuestMemory>(
+        q: &mut TxQueue,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueProgress, NetQueueError> {
+        let mut heads = [0u16; TX_BATCH];
+        let index = q.index;
+        let ring = |e| NetQueueError::Ring(index, e);
+        let mut progress = QueueProgress::default();
+        loop {
+            queue.disable_notification(mem).map_err(ring)?;
+            // One avail-index read per batch; one used-index store per batch.
+            let mut n = 0;
+            {
+                let mut chains = queue.iter(mem).map_err(ring)?;
+                while n < TX_BATCH && progress.completed + n < q.budget {
+                    let Some(chain) = chains.next() else { break };
+                    heads[n] = chain.head_index();
+                    if let Err(e) = q.transmit(chain, mem) {
+                        q.port.count_tx_invalid();
+                        log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
+                    }
+                    n += 1;
+                }
+            }
+            // Switch the batch under one lock; unused buffers come back into the cache.
+            q.port.transmit_batch(&mut q.dir.pending, &mut q.dir.cache);
+            if q.dir.cache.len() > TX_CACHE + TX_BATCH {
+                let extra = q.dir.cache.len() - TX_CACHE;
+                q.port.recycle_all(q.dir.cache.drain(extra..));
+            }
+            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
+            progress.completed += n;
+            if progress.completed >= q.budget {
+                progress.more = true;
+                break;
+            }
+            if n == TX_BATCH {
+                continue;
+            }
+            if !q.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
+                break;
+            }
+        }
+        Ok(progress)
+    }
+
     fn release(&mut self, port: &SwitchPort) {
         port.recycle_all(self.cache.drain(..));
         port.recycle_all(self.pending.drain(..));
@@ -227,67 +309,6 @@ impl Direction for Tx {
 }
 
 impl TxQueue {
-    /// Transmit up to `budget` frames from `queue`.
-    pub fn process<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-    ) -> Result<QueueProgress, NetQueueError> {
-        self.failure.check()?;
-        let r = self.process_inner(queue, mem);
-        self.failure.latch("net TX", r)
-    }
-
-    fn process_inner<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-    ) -> Result<QueueProgress, NetQueueError> {
-        let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
-        let mut progress = QueueProgress::default();
-        let old_used = queue.next_used();
-        let mut heads = [0u16; TX_BATCH];
-        loop {
-            queue.disable_notification(mem).map_err(ring)?;
-            // One avail-index read per batch; one used-index store per batch.
-            let mut n = 0;
-            {
-                let mut chains = queue.iter(mem).map_err(ring)?;
-                while n < TX_BATCH && progress.completed + n < self.budget {
-                    let Some(chain) = chains.next() else { break };
-                    heads[n] = chain.head_index();
-                    if let Err(e) = self.transmit(chain, mem) {
-                        self.port.count_tx_invalid();
-                        log_sparse(&mut self.dir.invalid, "dropped transmitted frame", q, &e);
-                    }
-                    n += 1;
-                }
-            }
-            // Switch the batch under one lock; unused buffers come back into the cache.
-            self.port
-                .transmit_batch(&mut self.dir.pending, &mut self.dir.cache);
-            if self.dir.cache.len() > TX_CACHE + TX_BATCH {
-                let extra = self.dir.cache.len() - TX_CACHE;
-                self.port.recycle_all(self.dir.cache.drain(extra..));
-            }
-            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
-            progress.completed += n;
-            if progress.completed >= self.budget {
-                progress.more = true;
-                break;
-            }
-            if n == TX_BATCH {
-                continue;
-            }
-            if !self.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
-                break;
-            }
-        }
-        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
-        Ok(progress)
-    }
-
     fn transmit<M: GuestMemory>(
         &mut self,
         chain: DescriptorChain<&M>,
@@ -348,54 +369,39 @@ impl Default for Rx {
 }
 
 impl Direction for Rx {
+    const NAME: &'static str = "net RX";
+
     fn release(&mut self, port: &SwitchPort) {
         // Frames taken from the inbox but not delivered go back to the pool.
         port.recycle_all(self.batch.drain(..));
     }
+
+    /// When the inbox is empty the port is armed (its wake eventfd fires on the next frame);
+    /// when the ring has no buffers, guest notifications are enabled so the refill kicks the
+    /// device.
+    fn run<M: GuestMemory>(
+        q: &mut RxQueue,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueProgress, NetQueueError> {
+        q.dir.completed.clear();
+        let index = q.index;
+        let ring = |e| NetQueueError::Ring(index, e);
+        queue.disable_notification(mem).map_err(ring)?;
+        let mut progress = QueueProgress::default();
+        let r = q.deliver_all(queue, mem, &mut progress);
+        // Delivered and dropped buffers go back to the pool under one lock.
+        q.port.recycle_all(q.dir.done.drain(..));
+        // Completed chains are published with one used-index store, even if a later frame
+        // failed the queue (the driver gets back what the device finished).
+        let published = publish_used(queue, mem, q.dir.completed.drain(..)).map_err(ring);
+        r?;
+        published?;
+        Ok(progress)
+    }
 }
 
 impl RxQueue {
-    /// Deliver up to `budget` queued frames into `queue`. When the inbox is empty the port is
-    /// armed (its wake eventfd fires on the next frame); when the ring has no buffers, guest
-    /// notifications are enabled so the refill kicks the device.
-    pub fn process<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-    ) -> Result<QueueProgress, NetQueueError> {
-        self.failure.check()?;
-        let r = self.process_inner(queue, mem);
-        let r = self.failure.latch("net RX", r);
-        if r.is_err() {
-            // Queued frames can never be delivered on a failed queue.
-            self.dir.release(&self.port);
-        }
-        r
-    }
-
-    fn process_inner<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-    ) -> Result<QueueProgress, NetQueueError> {
-        let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
-        let mut progress = QueueProgress::default();
-        let old_used = queue.next_used();
-        self.dir.completed.clear();
-        queue.disable_notification(mem).map_err(ring)?;
-        let r = self.deliver_all(queue, mem, &mut progress);
-        // Delivered and dropped buffers go back to the pool under one lock.
-        self.port.recycle_all(self.dir.done.drain(..));
-        // Completed chains are published with one used-index store, even if a later frame
-        // failed the queue (the driver gets back what the device finished).
-        let published = publish_used(queue, mem, self.dir.completed.drain(..)).map_err(ring);
-        r?;
-        published?;
-        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
-        Ok(progress)
-    }
-
     fn deliver_all<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
