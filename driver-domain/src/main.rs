@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use driver_domain::blk::{BlkBackend, BlkBackendConfig, BlkDisk};
+use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
 use driver_domain::vhost_user::serve_forever;
@@ -155,7 +155,7 @@ fn main() -> Result<()> {
             };
             let disk = Arc::new(disk);
             serve_forever(&socket, &AtomicBool::new(false), || {
-                BlkBackend::new(disk.clone(), cfg.clone())
+                BlkBackendDevice::new(disk.clone(), cfg.clone())
             })?;
             Ok(())
         }

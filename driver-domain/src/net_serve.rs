@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use driver_domain::net::{
-    parse_mac, NetBackend, NetBackendConfig, Switch, SwitchConfig, TapUplink,
+    parse_mac, NetBackendConfig, NetBackendDevice, Switch, SwitchConfig, TapUplink,
 };
 use driver_domain::vhost_user::serve_forever;
 use driver_domain::virtio_core::SealPolicy;
@@ -51,7 +51,7 @@ pub fn run(
                 .name(format!("net-port-{i}"))
                 .spawn(move || {
                     serve_forever(&path, &AtomicBool::new(false), || {
-                        NetBackend::new(port.clone(), cfg.clone())
+                        NetBackendDevice::new(port.clone(), cfg.clone())
                     })
                 })?,
         );

@@ -181,7 +181,7 @@ fn multi_queue_and_null_device() {
 
 #[test]
 fn handed_over_listener_is_served() {
-    use driver_domain::blk::{BlkBackend, BlkBackendConfig, BlkDisk};
+    use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
     use driver_domain::vhost_user::serve_listener;
     use std::sync::Arc;
 
@@ -197,7 +197,7 @@ fn handed_over_listener_is_served() {
         .unwrap();
     let disk = Arc::new(BlkDisk::from_file(file, false).unwrap());
     let server = std::thread::spawn(move || {
-        let device = BlkBackend::new(disk, BlkBackendConfig::default()).unwrap();
+        let device = BlkBackendDevice::new(disk, BlkBackendConfig::default()).unwrap();
         serve_listener(listener, device, |_| {})
     });
     let mut c = connect(&sock, false).unwrap();

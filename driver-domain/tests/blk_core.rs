@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use driver_domain::blk::{
-    status, BlkBackend, BlkBackendConfig, BlkBackendQueue, BlkDisk, InflightLog,
+    status, BlkBackendConfig, BlkBackendDevice, BlkBackendQueue, BlkDisk, InflightLog,
 };
 use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{
@@ -380,7 +380,7 @@ fn scheduler_serves_two_queues_round_robin() {
         num_queues: 2,
         ..BlkBackendConfig::default()
     };
-    let device = VhostUserDevice::new(BlkBackend::new(disk, cfg).unwrap()).unwrap();
+    let device = VhostUserDevice::new(BlkBackendDevice::new(disk, cfg).unwrap()).unwrap();
     device.update_memory(atomic.clone()).unwrap();
     let mut rings = Vec::new();
     let mut vrings = Vec::new();
@@ -448,7 +448,7 @@ fn scheduler_waits_for_a_memory_table() {
         ..BlkBackendConfig::default()
     };
     let disk = Arc::new(BlkDisk::null(1 << 20, false));
-    let device = VhostUserDevice::new(BlkBackend::new(disk, cfg).unwrap()).unwrap();
+    let device = VhostUserDevice::new(BlkBackendDevice::new(disk, cfg).unwrap()).unwrap();
     let mut ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
     let vring = vring_on(&atomic, &ring);
     header(&mem, HDR, 0, 0);

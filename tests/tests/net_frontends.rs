@@ -235,7 +235,7 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
 /// handles, ports detached when dropped.
 #[test]
 fn managed_ports_on_handed_over_listeners() {
-    use driver_domain::net::{NetBackend, NetBackendConfig, Switch, SwitchConfig};
+    use driver_domain::net::{NetBackendConfig, NetBackendDevice, Switch, SwitchConfig};
     use driver_domain::vhost_user::serve_listener;
     use std::os::unix::net::UnixListener;
     use std::sync::{mpsc, Arc};
@@ -260,7 +260,7 @@ fn managed_ports_on_handed_over_listeners() {
         };
         let tx = tx.clone();
         servers.push(std::thread::spawn(move || {
-            let device = NetBackend::new(port, cfg).unwrap();
+            let device = NetBackendDevice::new(port, cfg).unwrap();
             serve_listener(listener, device, move |h| tx.send(h).unwrap())
         }));
     }

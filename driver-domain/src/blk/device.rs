@@ -1,4 +1,4 @@
-//! The virtio-blk backend device: the device ([`BlkBackend`], a [`BackendDevice`] any
+//! The virtio-blk backend device: the device ([`BlkBackendDevice`], a [`BackendDevice`] any
 //! transport can serve) and the processing of one of its virtqueues ([`BlkBackendQueue`]).
 //!
 //! [`BlkBackendQueue::process`] drains at most `budget` requests per call, so a worker that
@@ -220,7 +220,7 @@ impl BlkBackendQueue {
 
 /// A virtio-blk device on one disk: its queues, configuration space and worker layout.
 #[derive(Debug)]
-pub struct BlkBackend {
+pub struct BlkBackendDevice {
     cfg: BlkBackendConfig,
     features: u64,
     config_space: BlkConfigSpace,
@@ -230,7 +230,7 @@ pub struct BlkBackend {
     _inflight: InflightLog,
 }
 
-impl BlkBackend {
+impl BlkBackendDevice {
     /// A device on `disk` with options `cfg`.
     pub fn new(disk: Arc<BlkDisk>, cfg: BlkBackendConfig) -> Result<Self, BlkBackendError> {
         if cfg.num_queues == 0 || cfg.num_queues > 64 {
@@ -256,7 +256,7 @@ impl BlkBackend {
         for q in 0..usize::from(cfg.num_queues) {
             workers[q % nworkers].push(q);
         }
-        Ok(BlkBackend {
+        Ok(BlkBackendDevice {
             features: cfg.features(disk.read_only()),
             config_space: BlkConfigSpace::new(&cfg, disk.capacity_sectors()),
             cfg,
@@ -267,7 +267,7 @@ impl BlkBackend {
     }
 }
 
-impl BackendDevice for BlkBackend {
+impl BackendDevice for BlkBackendDevice {
     type QueueError = BlkBackendError;
 
     fn name(&self) -> &str {

@@ -1,6 +1,6 @@
 //! virtio-blk device core, independent of the transport.
 //!
-//! The core works on "guest memory + a split virtqueue + an in-flight log"; [`BlkBackend`]
+//! The core works on "guest memory + a split virtqueue + an in-flight log"; [`BlkBackendDevice`]
 //! implements [`crate::virtio_core::BackendDevice`], so the same core serves a vhost-user
 //! peer ([`crate::vhost_user`]), a process domain, or later a peer VM.
 //!
@@ -18,7 +18,7 @@ pub mod inflight;
 pub mod request;
 
 pub use config::{BlkBackendConfig, BlkConfigSpace};
-pub use device::{BlkBackend, BlkBackendError, BlkBackendQueue};
+pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};
 pub use disk::{BlkDisk, DiskError};
 pub use inflight::{InflightError, InflightLog, InflightQueue};
 pub use request::{execute, BlkRequestError, BlkRequestOutcome, Request, RequestType};

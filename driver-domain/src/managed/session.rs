@@ -10,9 +10,9 @@ use std::time::Duration;
 use ipc::xenbus::DeviceId;
 use vhost_user_backend::ShutdownHandle;
 
-use crate::blk::{BlkBackend, BlkBackendConfig, BlkDisk};
+use crate::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use crate::net::switch::Switch;
-use crate::net::{NetBackend, NetBackendConfig};
+use crate::net::{NetBackendConfig, NetBackendDevice};
 use crate::vhost_user::serve_listener;
 
 /// How long a stopping session waits for its connection to be accepted.
@@ -38,8 +38,8 @@ impl Session {
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
         Self::spawn(id, capacity_sectors, move |started| {
-            let device =
-                BlkBackend::new(disk, BlkBackendConfig::default()).map_err(|e| e.to_string())?;
+            let device = BlkBackendDevice::new(disk, BlkBackendConfig::default())
+                .map_err(|e| e.to_string())?;
             serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
@@ -60,7 +60,7 @@ impl Session {
             ..NetBackendConfig::default()
         };
         Self::spawn(id, 0, move |started| {
-            let device = NetBackend::new(Arc::new(port), cfg).map_err(|e| e.to_string())?;
+            let device = NetBackendDevice::new(Arc::new(port), cfg).map_err(|e| e.to_string())?;
             serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }

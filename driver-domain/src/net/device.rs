@@ -31,7 +31,7 @@ pub enum NetBackendError {
 
 /// A virtio-net device on one switch port (one per frontend connection).
 #[derive(Debug)]
-pub struct NetBackend {
+pub struct NetBackendDevice {
     name: String,
     cfg: NetBackendConfig,
     config_space: NetConfigSpace,
@@ -40,7 +40,7 @@ pub struct NetBackend {
     tx: Vec<Mutex<TxQueue>>,
 }
 
-impl NetBackend {
+impl NetBackendDevice {
     /// A device with options `cfg` on `port`.
     pub fn new(port: Arc<SwitchPort>, cfg: NetBackendConfig) -> Result<Self, NetBackendError> {
         if cfg.queue_pairs == 0 || cfg.queue_pairs > 16 {
@@ -61,7 +61,7 @@ impl NetBackend {
                 cfg.budget,
             )));
         }
-        Ok(NetBackend {
+        Ok(NetBackendDevice {
             name: format!("net port {}", port.id()),
             config_space: NetConfigSpace::new(&cfg),
             cfg,
@@ -77,7 +77,7 @@ impl NetBackend {
     }
 }
 
-impl BackendDevice for NetBackend {
+impl BackendDevice for NetBackendDevice {
     type QueueError = NetQueueError;
 
     fn name(&self) -> &str {

@@ -1,7 +1,7 @@
 //! virtio-net device core and the L2 switch between the driver domain's ports.
 //!
 //! Like [`crate::blk`], the core works on "guest memory + split virtqueues + eventfds";
-//! [`NetBackend`] implements [`crate::virtio_core::BackendDevice`], so the same queues serve a
+//! [`NetBackendDevice`] implements [`crate::virtio_core::BackendDevice`], so the same queues serve a
 //! vhost-user peer ([`crate::vhost_user`]), a process domain, or later a peer VM.
 //!
 //! - [`header`]: the virtio-net header and the validation of transmitted frames.
@@ -23,7 +23,7 @@ pub mod switch;
 pub mod tap;
 
 pub use config::{Negotiated, NetBackendConfig, NetConfigSpace};
-pub use device::{NetBackend, NetBackendError};
+pub use device::{NetBackendDevice, NetBackendError};
 pub use frame::{format_mac, parse_mac, FrameBox, FrameBuf, FramePool, Mac};
 pub use header::{HeaderError, TxHeader, TxOffloads};
 pub use queue::{Direction, FrameError, NetQueue, NetQueueError, Rx, RxQueue, Tx, TxQueue};

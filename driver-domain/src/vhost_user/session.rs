@@ -149,13 +149,13 @@ where
 ///
 /// ```no_run
 /// # use std::sync::Arc;
-/// # use driver_domain::net::{NetBackend, NetBackendConfig, Switch, SwitchConfig};
+/// # use driver_domain::net::{NetBackendDevice, NetBackendConfig, Switch, SwitchConfig};
 /// # use driver_domain::vhost_user::serve_listener;
 /// # fn handed_over() -> std::os::unix::net::UnixListener { unimplemented!() }
 /// let switch = Switch::new(SwitchConfig::default()); // one per driver domain
 /// let port = Arc::new(switch.attach("vif2.0")?);
 /// let cfg = NetBackendConfig { mac: [0x02, 0, 0, 0, 2, 0], ..NetBackendConfig::default() };
-/// serve_listener(handed_over(), NetBackend::new(port.clone(), cfg)?, |_shutdown| {})?;
+/// serve_listener(handed_over(), NetBackendDevice::new(port.clone(), cfg)?, |_shutdown| {})?;
 /// println!("{:?}", port.counters()); // per-port counters for the toolstack
 /// drop(port); // detaches the port from the switch
 /// # Ok::<(), Box<dyn std::error::Error>>(())

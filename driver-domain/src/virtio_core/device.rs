@@ -1,7 +1,7 @@
 //! The contract between a backend device core and the transport that carries its queues, and
 //! the one scheduler that serves a device's queues for every transport.
 //!
-//! A device core ([`crate::blk::BlkBackend`], [`crate::net::NetBackend`]) implements
+//! A device core ([`crate::blk::BlkBackendDevice`], [`crate::net::NetBackendDevice`]) implements
 //! [`BackendDevice`]: what it offers (features, configuration space, queues) and how it
 //! processes one queue given guest memory and the virtqueue. No transport type crosses this
 //! trait. A transport (today the vhost-user adapter in [`crate::vhost_user`]; later this
