@@ -16,10 +16,13 @@ use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{
     DriverRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
+use driver_domain::virtio_core::{serve_queues, CheckedMemory, SealPolicy, TransportQueue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 
 const MEM: usize = 1 << 20;
@@ -466,6 +469,73 @@ fn scheduler_waits_for_a_memory_table() {
     device.update_memory(atomic).unwrap();
     device.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     assert_eq!(ring.used_idx(&mem).unwrap(), 1);
+}
+
+/// A transport queue that adds a memory region while the worker waits for the queue, as
+/// vhost-user-backend's handler can while a worker waits for the vring lock.
+struct RegionAddedWhileWaiting {
+    queue: std::sync::Mutex<Queue>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    region: std::sync::Mutex<Option<GuestRegionMmap>>,
+}
+
+impl TransportQueue for RegionAddedWhileWaiting {
+    fn with_ready_queue<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+        if let Some(region) = self.region.lock().unwrap().take() {
+            let grown = self.mem.memory().insert_region(Arc::new(region)).unwrap();
+            self.mem.lock().unwrap().replace(grown);
+        }
+        Some(f(&mut self.queue.lock().unwrap()))
+    }
+
+    fn signal_driver(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Regression: the scheduler took its memory snapshot before waiting for the queue, so a
+/// request naming a region added meanwhile failed with IOERR (seen with libblkio and two
+/// queues under load).
+#[test]
+fn regression_snapshot_taken_after_waiting_for_the_queue() {
+    const NEW: u64 = 0x10_0000;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let memory = CheckedMemory::default();
+    memory
+        .update(atomic.clone(), SealPolicy::RequireSealed, "test")
+        .unwrap();
+    let cfg = BlkBackendConfig {
+        queue_size: QSIZE,
+        ..BlkBackendConfig::default()
+    };
+    let device = BlkBackendDevice::new(Arc::new(BlkDisk::null(1 << 20, false)), cfg).unwrap();
+    let mut ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
+    let mut queue = Queue::new(QSIZE).unwrap();
+    ring.configure(&mut queue, false);
+    // A read whose data buffer lies in the region the transport adds.
+    header(&mem, HDR, 0, 0);
+    mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    ring.write_desc(&mem, 0, HDR, 16, DESC_F_NEXT, 1).unwrap();
+    ring.write_desc(&mem, 1, NEW, 512, DESC_F_NEXT | DESC_F_WRITE, 2)
+        .unwrap();
+    ring.write_desc(&mem, 2, STATUS, 1, DESC_F_WRITE, 0)
+        .unwrap();
+    ring.push_avail(&mem, 0).unwrap();
+    let transport = RegionAddedWhileWaiting {
+        queue: std::sync::Mutex::new(queue),
+        mem: atomic,
+        region: std::sync::Mutex::new(Some(
+            GuestRegionMmap::from_range(GuestAddress(NEW), 0x1000, None).unwrap(),
+        )),
+    };
+    serve_queues(&device, &memory, &[0], std::slice::from_ref(&transport));
+    assert_eq!(ring.used_idx(&mem).unwrap(), 1);
+    assert_eq!(ring.used_elem(&mem, 0).unwrap(), (0, 513));
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        status::OK
+    );
 }
 
 #[test]

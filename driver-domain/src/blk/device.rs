@@ -227,7 +227,7 @@ pub struct BlkBackendDevice {
     queues: Vec<Mutex<BlkBackendQueue>>,
     /// Queue indexes served by each worker, in queue order.
     workers: Vec<Vec<usize>>,
-    _inflight: InflightLog,
+    inflight: InflightLog,
 }
 
 impl BlkBackendDevice {
@@ -262,8 +262,13 @@ impl BlkBackendDevice {
             cfg,
             queues,
             workers,
-            _inflight: log,
+            inflight: log,
         })
+    }
+
+    /// The in-flight log of all queues (what GET_INFLIGHT_FD hands to a frontend).
+    pub fn inflight_log(&self) -> &InflightLog {
+        &self.inflight
     }
 }
 

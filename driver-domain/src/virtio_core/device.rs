@@ -193,9 +193,11 @@ fn serve_one<D: BackendDevice, Q: TransportQueue>(
     if !memory.usable() {
         return QueueProgress::default();
     }
-    let snapshot = mem.memory();
+    // The snapshot is taken once the queue is held, right before it is processed: a worker
+    // that waited for the queue must not serve requests that name regions added meanwhile
+    // with the table it saw before.
     let progress = queue
-        .with_ready_queue(|q| device.process_queue(index, q, &snapshot))
+        .with_ready_queue(|q| device.process_queue(index, q, &mem.memory()))
         .and_then(Result::ok)
         .unwrap_or_default();
     if progress.notify {
