@@ -5,14 +5,16 @@
 //! I/O, re-attached, and its pattern verified again (it must have survived). Then everything
 //! is shut down, a table per domain is printed, and the exit status says whether every check
 //! passed. With `--stay` the host stays up after the checks, managed through the toolstack
-//! socket (`splitvmm block-attach`, `block-detach`, `disk-check`), until SIGINT or SIGTERM.
+//! socket (`splitvmm create`, `shutdown`, `block-attach`, ...), until SIGINT or SIGTERM; the
+//! exit status is then 128 + the signal's number (130 for SIGINT), as a shell reports a
+//! program the signal ended.
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 
 use crate::config::HostConfig;
 use crate::host::{Host, ShutdownReport};
@@ -30,21 +32,30 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
     let config = HostConfig::load(config_path)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let caught = Arc::new(AtomicI32::new(0));
+    let caught_by_handler = caught.clone();
     signals::handle_termination(move |signal| {
-        eprintln!("splitvmm: {signal}: shutting the host down");
+        log::warn!("{signal}: shutting the host down");
+        caught_by_handler.store(signal as i32, Ordering::SeqCst);
         flag.store(true, Ordering::SeqCst);
     })?;
 
-    let mut host = Host::bring_up(&config, stop.clone()).context("bringing the host up")?;
-    let mut checks = main_job(&mut host, &config);
+    let host = Arc::new(Host::bring_up(&config, stop.clone()).context("bringing the host up")?);
+    let mut checks = main_job(&host, &config);
     if stay && checks.is_ok() {
-        if let Err(e) = toolstack::serve(&mut host, &config.store_socket(), &stop) {
+        if let Err(e) = toolstack::serve(&host, &stop) {
             checks = Err(e);
         }
     }
+    let host = Arc::into_inner(host).ok_or_else(|| anyhow!("a request still holds the host"))?;
     let report = host.shut_down();
     print_table(&report);
     let clean = report.clean;
+    let signal = caught.load(Ordering::SeqCst);
+    if signal != 0 {
+        // Ended by a signal: the host was shut down in order; say so as a shell would.
+        return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)));
+    }
     match checks {
         Ok(report) => {
             println!("checks: {} passed, {} failed", report.passed, report.failed);
@@ -77,7 +88,7 @@ impl Report {
     }
 }
 
-fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
+fn main_job(host: &Host, config: &HostConfig) -> Result<Report> {
     let mut report = Report::default();
     for guest in &config.guests {
         for disk in &guest.disks {

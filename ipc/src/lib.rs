@@ -4,5 +4,6 @@
 //! as they would across a real isolation boundary.
 
 pub mod control;
+pub mod startup;
 pub mod xenbus;
 pub mod xenstore;
