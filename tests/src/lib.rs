@@ -1,5 +1,7 @@
 //! Helpers for end-to-end tests and benchmarks.
 
+pub mod running_host;
+
 use std::path::PathBuf;
 use std::process::Command;
 

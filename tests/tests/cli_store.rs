@@ -154,6 +154,7 @@ fn unreachable_store_is_a_clear_error() {
     let out = xs(&dir.path().join("nothing.sock"), &["xs", "read", "/"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the store"), "{err}");
+    assert!(err.contains("no store at"), "{err}");
+    assert!(err.contains("--run-dir"), "the error says what to pass: {err}");
     assert!(err.contains("nothing.sock"), "{err}");
 }

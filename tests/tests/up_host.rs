@@ -1,23 +1,16 @@
 //! `splitvmm up` end to end: the main job on a fresh host (disks and a network exchange
 //! between the guests), run-time block-attach/detach
 //! through the management socket, and reaping of every domain process on SIGTERM.
+//! Per-guest lifecycle and the command-line conventions are in toolstack_lifecycle.rs and
+//! cli_conventions.rs.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use splitvmm_tests::workspace_bin;
-
-fn splitvmm() -> Command {
-    workspace_bin("driver-domain");
-    workspace_bin("process-guest");
-    Command::new(workspace_bin("splitvmm"))
-}
+use nix::sys::signal::Signal;
+use splitvmm_tests::running_host::{children_of, run, splitvmm, StayingHost};
 
 fn write_config(dir: &Path) -> PathBuf {
     let config = dir.join("host.toml");
@@ -46,16 +39,6 @@ size_mib = 4
     )
     .unwrap();
     config
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    eprintln!(
-        "{cmd:?}\n--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn first_mib(path: &Path) -> Vec<u8> {
@@ -116,84 +99,17 @@ fn bad_config_fails_naming_file_and_key() {
     );
 }
 
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-        if after.split_whitespace().nth(1) == Some(&parent.to_string()) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-/// A `splitvmm up --stay` that is stopped if the test fails half-way, so no host outlives it.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
-            wait_for(&mut self.0, Duration::from_secs(20));
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn wait_for(child: &mut Child, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 #[test]
 fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
-    let store = dir.path().join("run/xenstored.sock");
-    let mut up = splitvmm()
-        .arg("up")
-        .arg(&config)
-        .arg("--stay")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = Running(up);
-    // Wait for the checks to finish and the management socket to open.
-    let mut seen = String::new();
-    loop {
-        let line = lines.next().expect("splitvmm up ended early").unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("host is up") {
-            break;
-        }
-    }
+    let up = StayingHost::start(&config, &dir.path().join("run"));
     assert!(
-        seen.contains("checks") || seen.contains("check passed"),
-        "{seen}"
+        up.startup.contains("checks") || up.startup.contains("check passed"),
+        "{}",
+        up.startup
     );
-    std::thread::spawn(move || lines.for_each(drop));
-    let cli = |args: &[&str]| {
-        let mut cmd = splitvmm();
-        cmd.args(args).arg("--store").arg(&store);
-        run(&mut cmd)
-    };
+    let cli = |args: &[&str]| up.cli(args);
 
     let list = cli(&["list"]);
     let list_out = String::from_utf8_lossy(&list.stdout);
@@ -213,14 +129,15 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
         "2",
     ]);
     assert!(out.status.success());
-    assert!(cli(&["disk-check", "guest-a", "51728", "--seed", "9"])
+    // Disks are named as Xen names them, or numbered (51728 is xvdb).
+    assert!(cli(&["disk-check", "guest-a", "xvdb", "--seed", "9"])
         .status
         .success());
     // The other guest is untouched and keeps working.
     assert!(cli(&["disk-check", "guest-b", "51712", "--seed", "10"])
         .status
         .success());
-    assert!(cli(&["block-detach", "guest-a", "51728"]).status.success());
+    assert!(cli(&["block-detach", "guest-a", "xvdb"]).status.success());
     // Gone from the store, and a second detach is a clean error.
     let read = cli(&["xs", "read", "/local/domain/2/device/vbd/51728/state"]);
     assert!(!read.status.success());
@@ -277,7 +194,7 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
 
     // Destroy a guest while the host runs: its process goes, so do its devices and entries.
     assert_eq!(
-        children_of(up.0.id()).len(),
+        children_of(up.child.id()).len(),
         3,
         "driver domain and two guests"
     );
@@ -300,16 +217,15 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
         .success());
     assert!(!cli(&["destroy", "guest-b"]).status.success());
 
-    let children = children_of(up.0.id());
+    let children = children_of(up.child.id());
     assert_eq!(children.len(), 2, "driver domain and guest-a: {children:?}");
-    kill(Pid::from_raw(up.0.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(
-        wait_for(&mut up.0, Duration::from_secs(20)),
-        "splitvmm up ignored SIGTERM"
-    );
+    let mut up = up;
+    let status = up.stop(Signal::SIGTERM).expect("splitvmm up ignored SIGTERM");
+    // Ended by SIGTERM after an orderly shutdown: 128 + 15, as a shell reports it.
+    assert_eq!(status.code(), Some(143));
     for pid in children {
         assert!(
-            kill(Pid::from_raw(pid), None).is_err(),
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
             "domain process {pid} outlived the toolstack"
         );
     }
@@ -346,24 +262,14 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
     )
     .unwrap();
     let store = dir.path().join("run/xenstored.sock");
-    let mut up = splitvmm()
-        .arg("up")
-        .arg(&config)
-        .arg("--stay")
-        .env("SPLITVMM_SYSFS_ROOT", &sysfs)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = Running(up);
-    while !lines
-        .next()
-        .expect("up ended early")
-        .unwrap()
-        .contains("host is up")
-    {}
-    std::thread::spawn(move || lines.for_each(drop));
-
+    let mut up = StayingHost::start_with(
+        splitvmm()
+            .arg("up")
+            .arg(&config)
+            .arg("--stay")
+            .env("SPLITVMM_SYSFS_ROOT", &sysfs),
+        &dir.path().join("run"),
+    );
     let out = run(splitvmm().args(["devices", "--store"]).arg(&store));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
@@ -398,6 +304,5 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
         .arg(&store));
     assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
 
-    kill(Pid::from_raw(up.0.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_for(&mut up.0, Duration::from_secs(20)));
+    assert!(up.stop(Signal::SIGTERM).is_some());
 }
