@@ -54,3 +54,12 @@ pub fn unblock_in_child() -> std::io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&termination_signals()), None)
         .map_err(std::io::Error::from)
 }
+
+/// The exit status of a program that shut down in order after termination signal `signal`
+/// (0 if none came): 128 + its number, as a shell reports a program the signal ended.
+pub fn exit_code(signal: i32) -> std::process::ExitCode {
+    match signal {
+        0 => std::process::ExitCode::SUCCESS,
+        n => std::process::ExitCode::from(u8::try_from(128 + n).unwrap_or(1)),
+    }
+}

@@ -94,12 +94,11 @@ impl DomainProcess {
                 signals::unblock_in_child()
             });
         }
-        let child = spawn_from_long_lived_thread(command).map_err(|source| {
-            SupervisorError::Spawn {
+        let child =
+            spawn_from_long_lived_thread(command).map_err(|source| SupervisorError::Spawn {
                 name: name.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         // The parent's copies close here; the child has its own.
         drop(fds);
         log::info!("started {name} (pid {})", child.id());
@@ -267,7 +266,10 @@ mod tests {
         .unwrap();
         // The thread that asked is gone; the parent-death signal must not have fired.
         let mut p = p;
-        assert!(p.wait_timeout(Duration::from_millis(300)).unwrap().is_none());
+        assert!(p
+            .wait_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none());
         assert!(p.stop().is_some());
     }
 

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 
 use crate::config::HostConfig;
 use crate::host::{Host, ShutdownReport};
@@ -40,7 +40,14 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
         flag.store(true, Ordering::SeqCst);
     })?;
 
-    let host = Arc::new(Host::bring_up(&config, stop.clone()).context("bringing the host up")?);
+    let host = match Host::bring_up(&config, stop.clone()) {
+        Ok(host) => Arc::new(host),
+        // Interrupted while coming up: what was started has been stopped on the way out.
+        Err(_) if caught.load(Ordering::SeqCst) != 0 => {
+            return Ok(signals::exit_code(caught.load(Ordering::SeqCst)))
+        }
+        Err(e) => return Err(e.context("bringing the host up")),
+    };
     let mut checks = main_job(&host, &config);
     if stay && checks.is_ok() {
         if let Err(e) = toolstack::serve(&host, &stop) {
@@ -54,7 +61,7 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
     let signal = caught.load(Ordering::SeqCst);
     if signal != 0 {
         // Ended by a signal: the host was shut down in order; say so as a shell would.
-        return Ok(ExitCode::from(u8::try_from(128 + signal).unwrap_or(1)));
+        return Ok(signals::exit_code(signal));
     }
     match checks {
         Ok(report) => {

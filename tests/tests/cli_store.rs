@@ -155,6 +155,9 @@ fn unreachable_store_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no store at"), "{err}");
-    assert!(err.contains("--run-dir"), "the error says what to pass: {err}");
+    assert!(
+        err.contains("--run-dir"),
+        "the error says what to pass: {err}"
+    );
     assert!(err.contains("nothing.sock"), "{err}");
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use splitvmm_tests::running_host::{child_with_arg, children_of, run, splitvmm, wait_for, StayingHost};
+use splitvmm_tests::running_host::{
+    child_with_arg, children_of, run, splitvmm, wait_for, StayingHost,
+};
 
 /// A host with a driver domain and `guests` process guests, each with one disk (xvda) and
 /// one interface.
@@ -68,12 +70,18 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
     let pid = child_with_arg(up.child.id(), "guest-c").expect("guest-c has a process");
     let list = json(&up.cli(&["list", "--json"]));
     let c = domain(&list, "guest-c").unwrap();
-    assert_eq!((c["domid"].as_u64(), c["vbds"].as_u64(), c["vifs"].as_u64()), (Some(4), Some(1), Some(1)));
+    assert_eq!(
+        (c["domid"].as_u64(), c["vbds"].as_u64(), c["vifs"].as_u64()),
+        (Some(4), Some(1), Some(1))
+    );
     let disks = json(&up.cli(&["block-list", "guest-c", "--json"]));
     let disk = &disks.as_array().unwrap()[0];
     assert_eq!(disk["vdev"], "xvda");
     assert_eq!(disk["devid"], 51712);
-    assert_eq!((disk["state"].as_u64(), disk["backend_state"].as_u64()), (Some(4), Some(4)));
+    assert_eq!(
+        (disk["state"].as_u64(), disk["backend_state"].as_u64()),
+        (Some(4), Some(4))
+    );
     assert_eq!(disk["mode"], "w");
     let nics = json(&up.cli(&["network-list", "4", "--json"]));
     assert_eq!(nics[0]["ip"], "10.0.0.4");
@@ -90,20 +98,36 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
     ok(&up.cli(&["reboot", "guest-c"]));
     let new_pid = child_with_arg(up.child.id(), "guest-c").expect("guest-c runs again");
     assert_ne!(pid, new_pid);
-    assert!(kill(Pid::from_raw(pid), None).is_err(), "old process survived");
-    ok(&up.cli(&["disk-check", "guest-c", "xvda", "--seed", "5", "--verify-only"]));
+    assert!(
+        kill(Pid::from_raw(pid), None).is_err(),
+        "old process survived"
+    );
+    ok(&up.cli(&[
+        "disk-check",
+        "guest-c",
+        "xvda",
+        "--seed",
+        "5",
+        "--verify-only",
+    ]));
     ok(&up.cli(&["net-ping", "guest-a", "0", "10.0.0.4", "--rounds", "2"]));
 
     // Orderly shutdown: counters reported, process gone, store entries gone.
     let said = ok(&up.cli(&["shutdown", "guest-c"]));
     assert!(said.contains("shut down guest-c"), "{said}");
-    assert!(kill(Pid::from_raw(new_pid), None).is_err(), "guest-c still runs");
+    assert!(
+        kill(Pid::from_raw(new_pid), None).is_err(),
+        "guest-c still runs"
+    );
     for gone in [
         "/local/domain/4/name",
         "/local/domain/1/backend/vbd/4/51712/state",
         "/local/domain/1/backend/vif/4/0/state",
     ] {
-        assert!(!up.cli(&["xs", "read", gone]).status.success(), "{gone} survived");
+        assert!(
+            !up.cli(&["xs", "read", gone]).status.success(),
+            "{gone} survived"
+        );
     }
     assert!(!up.cli(&["shutdown", "guest-c"]).status.success());
     // What the guest wrote is on the image, seen from the host.
@@ -124,7 +148,11 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
     ok(&up.cli(&["disk-check", "guest-a", "xvda", "--seed", "6"]));
 
     // A guest file with a mistake names the file and the key.
-    std::fs::write(&guest_file, "name = \"guest-d\"\ndomid = 5\nkernal = \"x\"\n").unwrap();
+    std::fs::write(
+        &guest_file,
+        "name = \"guest-d\"\ndomid = 5\nkernal = \"x\"\n",
+    )
+    .unwrap();
     let bad = up.cli(&["create", guest_file.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("kernal"), "{err}");
@@ -196,7 +224,10 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
         assert!(domain(&doc, "guest-b").is_some());
     }
     let plain = ok(&up.cli(&["top", "-n", "2", "--interval", "0"]));
-    assert!(!plain.contains('\x1b'), "terminal codes in a pipe: {plain:?}");
+    assert!(
+        !plain.contains('\x1b'),
+        "terminal codes in a pipe: {plain:?}"
+    );
     assert_eq!(plain.matches("guest-a").count(), 2, "{plain}");
 
     // The run directory from the environment; the wrong socket is named and explained.
@@ -207,7 +238,10 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success());
     assert!(err.contains("management socket"), "{err}");
-    assert!(err.contains(&format!("--run-dir {}", run_dir.display())), "{err}");
+    assert!(
+        err.contains(&format!("--run-dir {}", run_dir.display())),
+        "{err}"
+    );
     // A run directory given as --store works as --run-dir.
     ok(&run(splitvmm().arg("list").arg("--store").arg(&run_dir)));
     let nowhere = run(splitvmm()
@@ -215,11 +249,17 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
         .arg("--run-dir")
         .arg(dir.path().join("nothing")));
     let err = String::from_utf8_lossy(&nowhere.stderr);
-    assert!(!nowhere.status.success() && err.contains("no store at"), "{err}");
+    assert!(
+        !nowhere.status.success() && err.contains("no store at"),
+        "{err}"
+    );
     // A management request without a toolstack says so.
     let no_ts = run(splitvmm()
         .args(["shutdown", "guest-a", "--run-dir"])
         .arg(dir.path().join("nothing")));
     let err = String::from_utf8_lossy(&no_ts.stderr);
-    assert!(!no_ts.status.success() && err.contains("no running toolstack"), "{err}");
+    assert!(
+        !no_ts.status.success() && err.contains("no running toolstack"),
+        "{err}"
+    );
 }

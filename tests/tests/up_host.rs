@@ -220,7 +220,9 @@ fn stay_mode_attach_detach_at_run_time_and_sigterm_reaps_all() {
     let children = children_of(up.child.id());
     assert_eq!(children.len(), 2, "driver domain and guest-a: {children:?}");
     let mut up = up;
-    let status = up.stop(Signal::SIGTERM).expect("splitvmm up ignored SIGTERM");
+    let status = up
+        .stop(Signal::SIGTERM)
+        .expect("splitvmm up ignored SIGTERM");
     // Ended by SIGTERM after an orderly shutdown: 128 + 15, as a shell reports it.
     assert_eq!(status.code(), Some(143));
     for pid in children {
