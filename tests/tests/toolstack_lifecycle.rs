@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -215,6 +215,35 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
     let a = domain(&list, "guest-a").unwrap();
     assert!(a["io"]["requests"].as_u64().unwrap() > 0, "{a}");
     assert!(a["io"]["bytes"].as_u64().unwrap() > 0, "{a}");
+
+    // The driver domain's own per-device counters, as it publishes them (every 500 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let served = loop {
+        let list = json(&up.cli(&["list", "--json"]));
+        let driver = domain(&list, "driver").unwrap().clone();
+        let disk_a = driver["backend"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["kind"] == "vbd" && d["frontend"] == 2 && d["vdev"] == "xvda")
+            .cloned();
+        match disk_a {
+            Some(d) if d["counters"]["requests"].as_u64() > Some(0) => break d,
+            _ => assert!(Instant::now() < deadline, "no backend counters: {driver}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let c = &served["counters"];
+    // 1 MiB written and read back by the check, at least.
+    assert!(c["bytes"].as_u64().unwrap() >= 2 << 20, "{served}");
+    assert!(c["kicks"].as_u64().unwrap() > 0, "{served}");
+    assert!(c["interrupts"].as_u64().unwrap() > 0, "{served}");
+    assert_eq!(c["errors"].as_u64(), Some(0), "{served}");
+    let disks = json(&up.cli(&["block-list", "guest-a", "--json"]));
+    assert!(disks[0]["counters"]["requests"].as_u64() > Some(0), "{disks}");
+    // Interfaces count frames: the main job's pings went through them.
+    let nics = json(&up.cli(&["network-list", "guest-a", "--json"]));
+    assert!(nics[0]["counters"]["requests"].as_u64() > Some(0), "{nics}");
 
     // top: one JSON document per line and round; plain tables into a pipe.
     let top = ok(&up.cli(&["top", "--json", "-n", "2", "--interval", "0"]));

@@ -7,7 +7,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use std::sync::Arc;
+
 use super::memory::SealPolicy;
+use crate::virtio_core::counters::DeviceCounters;
 
 /// Largest number of ranges accepted in one DISCARD or WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 16;
@@ -31,6 +34,8 @@ pub struct BlkConfig {
     pub serial: String,
     /// What to accept from peer-supplied shared memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
+    /// Where the device counts what it serves (shared with whoever reports it).
+    pub counters: Arc<DeviceCounters>,
 }
 
 impl Default for BlkConfig {
@@ -42,6 +47,7 @@ impl Default for BlkConfig {
             poll_us: 0,
             serial: "splitvmm-blk".to_string(),
             seal_policy: SealPolicy::AllowUnsealedChecked,
+            counters: Arc::default(),
         }
     }
 }

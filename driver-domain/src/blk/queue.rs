@@ -25,6 +25,7 @@ use super::disk::BlkDisk;
 use super::executor::{execute, ID_LEN};
 use super::inflight::{InflightError, InflightQueue};
 use super::request::Request;
+use crate::virtio_core::counters::DeviceCounters;
 
 /// How long a polling worker spins between two `sched_yield`s.
 const YIELD_EVERY: Duration = Duration::from_micros(20);
@@ -73,6 +74,7 @@ pub struct BlkQueue {
     poll: Duration,
     req: Request,
     broken: Option<String>,
+    counters: Arc<DeviceCounters>,
 }
 
 impl BlkQueue {
@@ -91,6 +93,7 @@ impl BlkQueue {
             poll: Duration::from_micros(cfg.poll_us),
             req: Request::default(),
             broken: None,
+            counters: cfg.counters.clone(),
         }
     }
 
@@ -154,8 +157,18 @@ impl BlkQueue {
                     .set(head)
                     .map_err(|e| QueueError::Inflight(q, e))?;
                 let written = match self.req.parse(chain) {
-                    Ok(()) => execute(&self.req, &self.disk, mem, &self.serial).written,
+                    Ok(()) => {
+                        let done = execute(&self.req, &self.disk, mem, &self.serial);
+                        if done.status == super::status::OK {
+                            let bytes = self.req.readable_len() + self.req.writable_len();
+                            self.counters.add_request(bytes);
+                        } else {
+                            self.counters.add_error();
+                        }
+                        done.written
+                    }
                     Err(e) => {
+                        self.counters.add_error();
                         warn!("blk queue {q}: bad request at head {head}: {e}");
                         match self.req.status {
                             Some(addr) => {

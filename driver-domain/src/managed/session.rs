@@ -12,7 +12,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkConfig, BlkDisk};
-use crate::net::switch::Switch;
+use crate::net::switch::{Switch, SwitchPort};
+use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 use crate::net::NetConfig;
 use crate::vhost_user::blk::serve_blk_listener;
 use crate::vhost_user::net::serve_net_listener;
@@ -26,6 +27,15 @@ pub struct Session {
     shutdown: mpsc::Receiver<ShutdownHandle>,
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
+    counters: Counters,
+}
+
+/// Where a session's counters come from.
+enum Counters {
+    /// The block device core and its transport count everything.
+    Block(Arc<DeviceCounters>),
+    /// The transport counts kicks and interrupts; the switch port, frames and bytes.
+    Net(Arc<DeviceCounters>, Arc<SwitchPort>),
 }
 
 impl Session {
@@ -39,14 +49,11 @@ impl Session {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
-        Self::spawn(id, capacity_sectors, move |started| {
-            serve_blk_listener(
-                Listener::from(listener),
-                disk,
-                BlkConfig::default(),
-                started,
-            )
-            .map_err(|e| e.to_string())
+        let cfg = BlkConfig::default();
+        let counters = Counters::Block(cfg.counters.clone());
+        Self::spawn(id, capacity_sectors, counters, move |started| {
+            serve_blk_listener(Listener::from(listener), disk, cfg, started)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -58,20 +65,28 @@ impl Session {
         listener: UnixListener,
         mac: [u8; 6],
     ) -> Result<Session, String> {
-        let port = switch
-            .attach(&format!("vif{}.{}", id.frontend, id.devid))
-            .map_err(|e| format!("switch port: {e}"))?;
+        let port = Arc::new(
+            switch
+                .attach(&format!("vif{}.{}", id.frontend, id.devid))
+                .map_err(|e| format!("switch port: {e}"))?,
+        );
         let cfg = NetConfig {
             mac,
             ..NetConfig::default()
         };
-        Self::spawn(id, 0, move |started| {
-            serve_net_listener(Listener::from(listener), Arc::new(port), cfg, started)
+        let counters = Counters::Net(cfg.counters.clone(), port.clone());
+        Self::spawn(id, 0, counters, move |started| {
+            serve_net_listener(Listener::from(listener), port, cfg, started)
                 .map_err(|e| e.to_string())
         })
     }
 
-    fn spawn<F>(id: DeviceId, capacity_sectors: u64, serve: F) -> Result<Session, String>
+    fn spawn<F>(
+        id: DeviceId,
+        capacity_sectors: u64,
+        counters: Counters,
+        serve: F,
+    ) -> Result<Session, String>
     where
         F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
     {
@@ -93,7 +108,25 @@ impl Session {
             shutdown: rx,
             thread: Some(thread),
             capacity_sectors,
+            counters,
         })
+    }
+
+    /// The device's counters so far in this session. For a network interface, requests are
+    /// frames (sent and received), and errors are frames refused or dropped.
+    pub fn counters(&self) -> CounterValues {
+        match &self.counters {
+            Counters::Block(c) => c.snapshot(),
+            Counters::Net(c, port) => {
+                let p = port.counters();
+                CounterValues {
+                    requests: p.tx_frames + p.rx_frames,
+                    bytes: p.tx_bytes + p.rx_bytes,
+                    errors: p.tx_invalid + p.tx_dropped + p.rx_dropped,
+                    ..c.snapshot()
+                }
+            }
+        }
     }
 
     /// Capacity in 512-byte sectors (block devices).
@@ -101,8 +134,9 @@ impl Session {
         self.capacity_sectors
     }
 
-    /// Ends the session (the frontend sees its connection close) and joins the thread.
-    pub fn stop(mut self) {
+    /// Ends the session (the frontend sees its connection close), joins the thread, and
+    /// returns its final counters.
+    pub fn stop(mut self) -> CounterValues {
         if let Ok(handle) = self.shutdown.recv_timeout(START_WAIT) {
             handle.shutdown();
         }
@@ -111,5 +145,6 @@ impl Session {
                 log::error!("{}: session thread panicked", self.id);
             }
         }
+        self.counters()
     }
 }

@@ -163,11 +163,12 @@ impl VhostUserBlk {
                 let mem = atomic.memory();
                 if let Ok(p) = bq.process(state.get_queue_mut(), &*mem) {
                     if p.notify {
-                        if let Err(e) = state.signal_used_queue() {
-                            warn!(
+                        match state.signal_used_queue() {
+                            Ok(()) => self.cfg.counters.add_interrupt(),
+                            Err(e) => warn!(
                                 "blk queue {}: cannot signal the driver: {e}",
                                 globals[local]
-                            );
+                            ),
                         }
                     }
                     *more = p.more;
@@ -251,6 +252,7 @@ impl VhostUserBackend for VhostUserBlk {
         if usize::from(device_event) >= vrings.len() {
             return Ok(());
         }
+        self.cfg.counters.add_kick();
         if !self.memory.usable() {
             warn!("blk: kick ignored, the memory table was refused or is missing");
             return Ok(());

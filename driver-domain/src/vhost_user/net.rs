@@ -189,8 +189,9 @@ impl VhostUserNet {
             }
             if let Ok(prog) = q.process(state.get_queue_mut(), mem) {
                 if prog.notify {
-                    if let Err(e) = state.signal_used_queue() {
-                        warn!("net: cannot signal TX queue {}: {e}", 2 * p + 1);
+                    match state.signal_used_queue() {
+                        Ok(()) => self.cfg.counters.add_interrupt(),
+                        Err(e) => warn!("net: cannot signal TX queue {}: {e}", 2 * p + 1),
                     }
                 }
                 more |= prog.more;
@@ -204,8 +205,9 @@ impl VhostUserNet {
                 if q.broken().is_none() {
                     if let Ok(prog) = q.process(state.get_queue_mut(), mem) {
                         if prog.notify {
-                            if let Err(e) = state.signal_used_queue() {
-                                warn!("net: cannot signal RX queue 0: {e}");
+                            match state.signal_used_queue() {
+                                Ok(()) => self.cfg.counters.add_interrupt(),
+                                Err(e) => warn!("net: cannot signal RX queue 0: {e}"),
                             }
                         }
                         more |= prog.more;
@@ -311,6 +313,8 @@ impl VhostUserBackend for VhostUserNet {
             let _ = self.port.wake_fd().read();
         } else if usize::from(device_event) >= vrings.len() {
             return Ok(());
+        } else {
+            self.cfg.counters.add_kick();
         }
         if !self.memory.usable() {
             return Ok(());
