@@ -54,6 +54,7 @@ pub enum Command {
         socket: PathBuf,
     },
     /// Bring up a host described in a TOML file: the store, the driver domain, the guests.
+    /// --run-dir (or $SPLITVMM_RUN_DIR) replaces the file's run_dir.
     Up {
         config: PathBuf,
         /// Keep the host up after the checks, managed through its run directory, until

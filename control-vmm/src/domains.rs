@@ -182,9 +182,17 @@ pub fn remove_frontend(client: &mut StoreClient, dev: &DeviceId) -> Result<(), D
     }
 }
 
-/// Removes both directories of a device.
+/// Removes both directories of a device, and the counters its backend published for it
+/// (`data/io/<kind>/<frontend>/<devid>` under the backend domain).
 pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), DomainError> {
-    for path in [dev.frontend_path(), dev.backend_path()] {
+    let counters = format!(
+        "{}/data/io/{}/{}/{}",
+        domain_path(dev.backend),
+        dev.kind,
+        dev.frontend,
+        dev.devid
+    );
+    for path in [dev.frontend_path(), dev.backend_path(), counters] {
         match client.rm(&path) {
             Ok(()) => {}
             Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}

@@ -63,6 +63,14 @@ impl HostArg {
         }
     }
 
+    /// The run directory given by `--run-dir` or `$SPLITVMM_RUN_DIR`, if any: `splitvmm up`
+    /// puts its host there instead of the host file's `run_dir`.
+    pub fn explicit_run_dir(&self) -> Option<PathBuf> {
+        self.run_dir
+            .clone()
+            .or_else(|| std::env::var_os(RUN_DIR_ENV).map(PathBuf::from))
+    }
+
     fn given_run_dir(&self) -> Option<PathBuf> {
         self.run_dir
             .clone()

@@ -27,7 +27,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ask = |request| toolstack::request(&host.toolstack(), request);
     match cli.command {
         Command::Store { socket } => store_cmd::run(&socket),
-        Command::Up { config, stay } => up::run(&config, stay),
+        Command::Up { config, stay } => up::run(&config, stay, host.explicit_run_dir()),
         Command::Create { file } => {
             let file = std::path::absolute(&file)
                 .with_context(|| format!("locating {}", file.display()))?;

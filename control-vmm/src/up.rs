@@ -9,7 +9,7 @@
 //! exit status is then 128 + the signal's number (130 for SIGINT), as a shell reports a
 //! program the signal ended.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
@@ -27,9 +27,13 @@ fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
 
-/// Runs `splitvmm up`.
-pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
-    let config = HostConfig::load(config_path)?;
+/// Runs `splitvmm up`; `run_dir` (from `--run-dir` or `$SPLITVMM_RUN_DIR`) replaces the host
+/// file's.
+pub fn run(config_path: &Path, stay: bool, run_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let mut config = HostConfig::load(config_path)?;
+    if let Some(dir) = run_dir {
+        config.run_dir = dir;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let caught = Arc::new(AtomicI32::new(0));

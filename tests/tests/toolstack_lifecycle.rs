@@ -216,7 +216,10 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
     assert!(a["io"]["requests"].as_u64().unwrap() > 0, "{a}");
     assert!(a["io"]["bytes"].as_u64().unwrap() > 0, "{a}");
 
-    // The driver domain's own per-device counters, as it publishes them (every 500 ms).
+    // The driver domain's own per-device counters, as it publishes them (every 500 ms): it
+    // saw exactly the requests guest-a counted on its one disk.
+    let guest_requests = a["io"]["requests"].as_u64().unwrap();
+    let guest_bytes = a["io"]["bytes"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let served = loop {
         let list = json(&up.cli(&["list", "--json"]));
@@ -228,19 +231,23 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
             .find(|d| d["kind"] == "vbd" && d["frontend"] == 2 && d["vdev"] == "xvda")
             .cloned();
         match disk_a {
-            Some(d) if d["counters"]["requests"].as_u64() > Some(0) => break d,
-            _ => assert!(Instant::now() < deadline, "no backend counters: {driver}"),
+            Some(d) if d["counters"]["requests"].as_u64() == Some(guest_requests) => break d,
+            _ => assert!(Instant::now() < deadline, "backend counters: {driver}"),
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let c = &served["counters"];
-    // 1 MiB written and read back by the check, at least.
-    assert!(c["bytes"].as_u64().unwrap() >= 2 << 20, "{served}");
+    assert_eq!(c["bytes"].as_u64(), Some(guest_bytes), "{served}");
+    // 1 MiB written and read back by each check, at least.
+    assert!(guest_bytes >= 2 << 20, "{a}");
     assert!(c["kicks"].as_u64().unwrap() > 0, "{served}");
     assert!(c["interrupts"].as_u64().unwrap() > 0, "{served}");
     assert_eq!(c["errors"].as_u64(), Some(0), "{served}");
     let disks = json(&up.cli(&["block-list", "guest-a", "--json"]));
-    assert!(disks[0]["counters"]["requests"].as_u64() > Some(0), "{disks}");
+    assert!(
+        disks[0]["counters"]["requests"].as_u64() > Some(0),
+        "{disks}"
+    );
     // Interfaces count frames: the main job's pings went through them.
     let nics = json(&up.cli(&["network-list", "guest-a", "--json"]));
     assert!(nics[0]["counters"]["requests"].as_u64() > Some(0), "{nics}");

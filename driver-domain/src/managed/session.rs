@@ -13,10 +13,10 @@ use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkConfig, BlkDisk};
 use crate::net::switch::{Switch, SwitchPort};
-use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 use crate::net::NetConfig;
 use crate::vhost_user::blk::serve_blk_listener;
 use crate::vhost_user::net::serve_net_listener;
+use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);

@@ -13,8 +13,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use super::frame::Mac;
 use super::header::{TxOffloads, HDR_LEN, HDR_LEN_LEGACY, MTU};
-use crate::virtio_core::memory::SealPolicy;
 use crate::virtio_core::counters::DeviceCounters;
+use crate::virtio_core::memory::SealPolicy;
 
 /// Device handles checksum offload of transmitted frames.
 pub const NET_F_CSUM: u32 = 0;
