@@ -202,6 +202,16 @@ pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), Dom
     Ok(())
 }
 
+/// Waits until the backend of `dev` is Closed, then removes the device's directories.
+pub fn remove_once_closed(
+    client: &mut StoreClient,
+    dev: &DeviceId,
+    timeout: Duration,
+) -> Result<(), DomainError> {
+    wait_for_state(client, &dev.backend_path(), XenbusState::Closed, timeout)?;
+    remove_device(client, dev)
+}
+
 /// Reads a xenbus state; a missing node reads as Closed (a vanished peer is gone).
 pub fn read_state(client: &mut StoreClient, dir: &str) -> Result<XenbusState, DomainError> {
     let path = format!("{dir}/{}", keys::STATE);

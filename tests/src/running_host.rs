@@ -143,3 +143,31 @@ impl Drop for StayingHost {
         }
     }
 }
+
+/// A standalone `splitvmm store`, killed and reaped when dropped.
+pub struct StoreProcess(pub Child);
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `splitvmm store --socket socket` and waits until it listens.
+pub fn start_store(socket: &Path) -> StoreProcess {
+    let child = Command::new(workspace_bin("splitvmm"))
+        .arg("store")
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting splitvmm store");
+    let store = StoreProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "store never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    store
+}

@@ -8,31 +8,19 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipc::xenstore::client::StoreClient;
 use nix::sys::signal::Signal;
-use splitvmm_tests::running_host::{run, splitvmm, wait_for, StayingHost};
+use splitvmm_tests::running_host::{run, splitvmm, start_store, wait_for, StayingHost};
 use splitvmm_tests::workspace_bin;
 
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xs.sock");
-    let mut store = splitvmm()
-        .args(["store", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut client = loop {
-        if let Ok(c) = StoreClient::connect(&socket) {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "store never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let _store = start_store(&socket);
+    let mut client = StoreClient::connect(&socket).unwrap();
     // Far more than a pipe holds, so `xs ls` is still writing when its reader goes.
     let value = vec![b'x'; 200];
     for i in 0..2000 {
@@ -55,8 +43,6 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
     assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
-    let _ = store.kill();
-    let _ = store.wait();
 }
 
 #[test]
@@ -138,22 +124,12 @@ fn man_pages_and_completions_come_from_the_command_line() {
 fn a_standalone_store_ended_by_sigterm_exits_143() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xs.sock");
-    let mut store = splitvmm()
-        .args(["store", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while StoreClient::connect(&socket).is_err() {
-        assert!(Instant::now() < deadline, "store never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut store = start_store(&socket);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(store.id() as i32),
+        nix::unistd::Pid::from_raw(store.0.id() as i32),
         Signal::SIGTERM,
     )
     .unwrap();
-    let status = wait_for(&mut store, Duration::from_secs(10)).expect("store ignored SIGTERM");
+    let status = wait_for(&mut store.0, Duration::from_secs(10)).expect("store ignored SIGTERM");
     assert_eq!(status.code(), Some(143));
 }

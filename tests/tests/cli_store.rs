@@ -5,35 +5,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use splitvmm_tests::running_host::start_store;
 use splitvmm_tests::workspace_bin;
-
-struct StoreProcess(Child);
-
-impl Drop for StoreProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_store(socket: &Path) -> StoreProcess {
-    let child = Command::new(workspace_bin("splitvmm"))
-        .arg("store")
-        .arg("--socket")
-        .arg(socket)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "store never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    StoreProcess(child)
-}
 
 fn xs(socket: &Path, args: &[&str]) -> Output {
     Command::new(workspace_bin("splitvmm"))

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
 use ipc::control::messages::{BackendRequest, GuestEvent, GuestRequest};
-use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
+use ipc::xenbus::{keys, DeviceId, DeviceKind};
 
 use super::{lock, Guest, GuestSlot, Host, CHECK_TIMEOUT, WALK_TIMEOUT};
 use crate::config::{DiskConfig, NicConfig};
@@ -248,13 +248,7 @@ impl Host {
                 GuestEvent::Closed { devid: d } if d == devid => {}
                 other => bail!("{name}: detaching {kind} {shown}: {other:?}"),
             }
-            domains::wait_for_state(
-                &mut client,
-                &dev.backend_path(),
-                XenbusState::Closed,
-                WALK_TIMEOUT,
-            )?;
-            domains::remove_device(&mut client, &dev)?;
+            domains::remove_once_closed(&mut client, &dev, WALK_TIMEOUT)?;
             self.progress(&format!("{name}: {kind} {devid} detached"));
             Ok(())
         })

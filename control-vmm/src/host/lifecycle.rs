@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use ipc::control::messages::{
     BackendDeviceStats, BackendEvent, BackendRequest, GuestEvent, GuestRequest, GuestStats,
 };
-use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
+use ipc::xenbus::{DeviceId, DeviceKind};
 
 use super::{lock, start_domain, Guest, GuestSlot, Host, SHUTDOWN_TIMEOUT, WALK_TIMEOUT};
 use crate::config::{GuestConfig, HostConfig};
@@ -237,13 +237,7 @@ impl Host {
             // request already there when it sees its frontend gone, and its Closed comes last.
             domains::request_close(&mut client, &dev)?;
             domains::remove_frontend(&mut client, &dev)?;
-            domains::wait_for_state(
-                &mut client,
-                &dev.backend_path(),
-                XenbusState::Closed,
-                WALK_TIMEOUT,
-            )?;
-            domains::remove_device(&mut client, &dev)?;
+            domains::remove_once_closed(&mut client, &dev, WALK_TIMEOUT)?;
             log::info!("{name}: {kind} {devid} torn down");
         }
         Ok(())
