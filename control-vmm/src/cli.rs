@@ -17,8 +17,8 @@ Exit status:
          cleanly
   2      usage error (clap); an internal binary (driver-domain managed, process-guest,
          splitvmm-vmm --managed-domid) run without what `splitvmm up` hands it
-  128+N  `up` ended by signal N after shutting the host down in order (130 for SIGINT,
-         143 for SIGTERM)
+  130    `up` or `store` stopped by SIGINT (Ctrl-C) after shutting down in order (129 for
+         SIGHUP); stopped by SIGTERM, they exit 0 if all went well
 
 Commands find the running host through its run directory: --run-dir DIR, else
 $SPLITVMM_RUN_DIR, else <tmp>/splitvmm. Logs: RUST_LOG=info or debug; every domain's output
@@ -53,14 +53,19 @@ pub enum Command {
         #[arg(long)]
         socket: PathBuf,
     },
-    /// Bring up a host described in a TOML file: the store, the driver domain, the guests.
-    /// --run-dir (or $SPLITVMM_RUN_DIR) replaces the file's run_dir.
+    /// Bring up a host described in a TOML file: the store, the driver domain, the guests;
+    /// attach their devices and run the checks the file's [checks] asks for. --run-dir (or
+    /// $SPLITVMM_RUN_DIR) replaces the file's run_dir.
     Up {
         config: PathBuf,
         /// Keep the host up after the checks, managed through its run directory, until
         /// SIGINT or SIGTERM.
         #[arg(long)]
         stay: bool,
+        /// Run every check (disk, ping, replug) whatever [checks] says. Disk checks write
+        /// only to scratch images.
+        #[arg(long)]
+        check: bool,
     },
     /// Create a guest on a running host from its own description (the keys of a
     /// `[[guest]]` entry of the host file) and attach its disks and interfaces.
@@ -125,9 +130,12 @@ pub enum Command {
         devid: Vdev,
         #[arg(long)]
         readonly: bool,
-        /// Create (or grow) the image to this many MiB.
+        /// Create (or grow) the image to this many MiB. An image created so is scratch.
         #[arg(long)]
         size_mib: Option<u64>,
+        /// The image holds nothing anyone needs: `disk-check` may write to it.
+        #[arg(long)]
+        scratch: bool,
     },
     /// Detach a disk from a guest of a running host.
     BlockDetach {
@@ -158,7 +166,8 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         rounds: u32,
     },
-    /// Have a guest write and verify (or only verify) a pattern on one of its disks.
+    /// Have a guest write and verify (or only verify) a pattern on one of its disks. Writing
+    /// is refused unless the image is scratch.
     DiskCheck {
         guest: String,
         /// Disk name (xvda) or number (51712).

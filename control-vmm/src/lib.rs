@@ -10,6 +10,7 @@ pub mod connection;
 pub mod console;
 pub mod domains;
 pub mod host;
+pub mod image;
 pub mod listing;
 pub mod location;
 pub mod signals;

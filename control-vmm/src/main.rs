@@ -27,7 +27,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let ask = |request| toolstack::request(&host.toolstack(), request);
     match cli.command {
         Command::Store { socket } => store_cmd::run(&socket),
-        Command::Up { config, stay } => up::run(&config, stay, host.explicit_run_dir()),
+        Command::Up {
+            config,
+            stay,
+            check,
+        } => up::run(&config, stay, check, host.explicit_run_dir()),
         Command::Create { file } => {
             let file = std::path::absolute(&file)
                 .with_context(|| format!("locating {}", file.display()))?;
@@ -49,6 +53,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             devid,
             readonly,
             size_mib,
+            scratch,
         } => {
             let image = std::path::absolute(&image).unwrap_or(image);
             ask(ToolstackRequest::BlockAttach {
@@ -57,6 +62,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 devid: devid.0,
                 readonly,
                 size_mib,
+                scratch,
             })
         }
         Command::BlockDetach { guest, devid } => ask(ToolstackRequest::BlockDetach {

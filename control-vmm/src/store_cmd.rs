@@ -1,5 +1,5 @@
-//! `splitvmm store`: the store as a standalone daemon, until SIGINT or SIGTERM (exit status
-//! 130 or 143).
+//! `splitvmm store`: the store as a standalone daemon, until SIGINT (exit status 130) or
+//! SIGTERM (0).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -28,6 +28,6 @@ pub fn run(socket: &Path) -> Result<ExitCode> {
     })?;
     println!("store listening on {}", socket.display());
     store.run().context("store failed")?;
-    // Ended by a signal, after a clean shutdown: 128 + its number, as a shell reports it.
-    Ok(signals::exit_code(caught.load(Ordering::SeqCst)))
+    // After Ctrl-C: 130, as a shell reports it; after SIGTERM, a clean stop: 0.
+    Ok(signals::exit_code(caught.load(Ordering::SeqCst)).unwrap_or(ExitCode::SUCCESS))
 }

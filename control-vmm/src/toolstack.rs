@@ -89,12 +89,14 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
             devid,
             readonly,
             size_mib,
+            scratch,
         } => {
             let disk = DiskConfig {
                 image: image.into(),
                 size_mib,
                 devid,
                 readonly,
+                scratch,
             };
             let sectors = host.attach_disk(&guest, &disk)?;
             Ok(format!(

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use ipc::xenstore::client::StoreClient;
 use nix::sys::signal::Signal;
-use splitvmm_tests::running_host::{run, splitvmm, start_store, wait_for, StayingHost};
+use splitvmm_tests::running::{run, splitvmm, start_store, RunningHost};
+use splitvmm_tests::wait_for;
 use splitvmm_tests::workspace_bin;
 
 #[test]
@@ -74,13 +75,13 @@ fn sigint_shuts_the_host_down_and_exits_130() {
          [[guest.disk]]\nimage = \"g.img\"\nsize_mib = 1\n",
     )
     .unwrap();
-    let mut up = StayingHost::start_with(
+    let mut up = RunningHost::start_from(
         splitvmm()
             .arg("up")
             .arg(&config)
             .arg("--stay")
             .env("RUST_LOG", "info"),
-        &dir.path().join("run"),
+        &dir.path().join("run/xenstored.sock"),
     );
     let status = up.stop(Signal::SIGINT).expect("up ignored SIGINT");
     assert_eq!(status.code(), Some(130));
@@ -121,15 +122,20 @@ fn man_pages_and_completions_come_from_the_command_line() {
 }
 
 #[test]
-fn a_standalone_store_ended_by_sigterm_exits_143() {
+fn a_standalone_store_exits_130_on_sigint_and_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("xs.sock");
-    let mut store = start_store(&socket);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(store.0.id() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = wait_for(&mut store.0, Duration::from_secs(10)).expect("store ignored SIGTERM");
-    assert_eq!(status.code(), Some(143));
+    for (signal, code) in [(Signal::SIGINT, 130), (Signal::SIGTERM, 0)] {
+        let mut store = start_store(&socket);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(store.0.id() as i32), signal).unwrap();
+        assert!(
+            wait_for(&mut store.0, Duration::from_secs(10)),
+            "store ignored {signal}"
+        );
+        assert_eq!(
+            store.0.try_wait().unwrap().and_then(|s| s.code()),
+            Some(code),
+            "{signal}"
+        );
+    }
 }

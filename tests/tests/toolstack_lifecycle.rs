@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use splitvmm_tests::running_host::{
-    child_with_arg, children_of, run, splitvmm, wait_for, StayingHost,
-};
+use splitvmm_tests::running::{child_with_arg, children_of, run, splitvmm, RunningHost};
+use splitvmm_tests::wait_for;
 
 /// A host with a driver domain and `guests` process guests, each with one disk (xvda) and
 /// one interface.
@@ -56,7 +55,7 @@ fn domain<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
 fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
     let dir = tempfile::tempdir().unwrap();
     let config = host_file(dir.path(), &[("guest-a", 2)]);
-    let up = StayingHost::start(&config, &dir.path().join("run"));
+    let up = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
     let guest_file = dir.path().join("guest-c.toml");
     std::fs::write(
         &guest_file,
@@ -67,7 +66,7 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
 
     // Create: its process runs, its devices are Connected.
     assert!(ok(&up.cli(&["create", guest_file.to_str().unwrap()])).contains("created guest-c"));
-    let pid = child_with_arg(up.child.id(), "guest-c").expect("guest-c has a process");
+    let pid = child_with_arg(up.pid(), "guest-c").expect("guest-c has a process");
     let list = json(&up.cli(&["list", "--json"]));
     let c = domain(&list, "guest-c").unwrap();
     assert_eq!(
@@ -96,7 +95,7 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
 
     // Reboot: a new process, the same devices, the data still there.
     ok(&up.cli(&["reboot", "guest-c"]));
-    let new_pid = child_with_arg(up.child.id(), "guest-c").expect("guest-c runs again");
+    let new_pid = child_with_arg(up.pid(), "guest-c").expect("guest-c runs again");
     assert_ne!(pid, new_pid);
     assert!(
         kill(Pid::from_raw(pid), None).is_err(),
@@ -143,7 +142,7 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
     // The name is free again; destroy ends it at once.
     ok(&up.cli(&["create", guest_file.to_str().unwrap()]));
     ok(&up.cli(&["destroy", "guest-c"]));
-    assert_eq!(children_of(up.child.id()).len(), 2, "driver and guest-a");
+    assert_eq!(children_of(up.pid()).len(), 2, "driver and guest-a");
     // guest-a never noticed.
     ok(&up.cli(&["disk-check", "guest-a", "xvda", "--seed", "6"]));
 
@@ -162,8 +161,8 @@ fn create_reboot_shutdown_destroy_one_guest_on_a_running_host() {
 fn a_stalled_guest_holds_up_only_its_own_requests() {
     let dir = tempfile::tempdir().unwrap();
     let config = host_file(dir.path(), &[("guest-a", 2), ("guest-b", 3)]);
-    let up = StayingHost::start(&config, &dir.path().join("run"));
-    let a = Pid::from_raw(child_with_arg(up.child.id(), "guest-a").unwrap());
+    let up = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    let a = Pid::from_raw(child_with_arg(up.pid(), "guest-a").unwrap());
     kill(a, Signal::SIGSTOP).unwrap();
     // Resume guest-a whatever happens below.
     struct Resume(Pid);
@@ -184,11 +183,11 @@ fn a_stalled_guest_holds_up_only_its_own_requests() {
         .cmd(&["disk-check", "guest-b", "xvda", "--seed", "4"])
         .spawn()
         .unwrap();
-    let status = wait_for(&mut other, Duration::from_secs(20));
     assert!(
-        status.is_some_and(|s| s.success()),
-        "a request to guest-b waited behind guest-a's: {status:?}"
+        wait_for(&mut other, Duration::from_secs(20)),
+        "a request to guest-b waited behind guest-a's"
     );
+    assert!(other.wait().unwrap().success());
     ok(&up.cli(&["list"]));
     ok(&up.cli(&["block-list", "guest-b"]));
     assert!(
@@ -196,8 +195,8 @@ fn a_stalled_guest_holds_up_only_its_own_requests() {
         "guest-a's request ended although guest-a is stopped"
     );
     drop(resume);
-    let status = wait_for(&mut slow, Duration::from_secs(30));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(wait_for(&mut slow, Duration::from_secs(30)));
+    assert!(slow.wait().unwrap().success());
 }
 
 #[test]
@@ -205,8 +204,9 @@ fn list_and_top_for_scripts_and_the_host_found_by_its_run_directory() {
     let dir = tempfile::tempdir().unwrap();
     let config = host_file(dir.path(), &[("guest-a", 2), ("guest-b", 3)]);
     let run_dir = dir.path().join("run");
-    let up = StayingHost::start(&config, &run_dir);
+    let up = RunningHost::start(&config, &run_dir.join("xenstored.sock"), &[]);
     ok(&up.cli(&["disk-check", "guest-a", "xvda", "--seed", "1"]));
+    ok(&up.cli(&["net-ping", "guest-a", "0", "10.0.0.3", "--rounds", "2"]));
 
     let list = json(&up.cli(&["list", "--json"]));
     for name in ["driver", "guest-a", "guest-b"] {

@@ -1,7 +1,6 @@
 //! Devices of one guest: attach and detach with the xenbus walk, disk checks and pings. Each
 //! public operation holds that guest's lock only.
 
-use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
@@ -12,31 +11,6 @@ use super::{lock, Guest, GuestSlot, Host, CHECK_TIMEOUT, WALK_TIMEOUT};
 use crate::config::{DiskConfig, NicConfig};
 use crate::vdev::Vdev;
 use crate::{connection, domains};
-
-/// Opens (creating or growing as asked) a disk image for the driver domain.
-fn open_image(disk: &DiskConfig) -> Result<File> {
-    if disk.size_mib.is_some() && !disk.readonly {
-        if let Some(dir) = disk.image.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!disk.readonly)
-        .create(disk.size_mib.is_some() && !disk.readonly)
-        .truncate(false)
-        .open(&disk.image)
-        .with_context(|| format!("opening disk image {}", disk.image.display()))?;
-    if let Some(mib) = disk.size_mib {
-        let want = mib * 1024 * 1024;
-        let len = file.metadata()?.len();
-        if len < want && !disk.readonly {
-            file.set_len(want)
-                .with_context(|| format!("sizing {} to {mib} MiB", disk.image.display()))?;
-        }
-    }
-    Ok(file)
-}
 
 impl Host {
     fn device_id(&self, kind: DeviceKind, guest: &Guest, devid: u32) -> DeviceId {
@@ -66,11 +40,40 @@ impl Host {
         disk: &DiskConfig,
     ) -> Result<u64> {
         let dev = self.device_id(DeviceKind::Vbd, guest, disk.devid);
-        let vdev = Vdev(disk.devid);
         if guest.disks.contains_key(&disk.devid) {
-            bail!("{name} already has a vbd {vdev}");
+            bail!("{name} already has a vbd {}", Vdev(disk.devid));
         }
-        let image = open_image(disk)?;
+        lock(&self.images).hold(name, disk)?;
+        let result = self.connect_disk(name, slot, guest, disk, dev);
+        if result.is_err() {
+            // Leave nothing half-attached: no directories (if they were written), no lock.
+            let torn_down = self.client().and_then(|mut client| {
+                let written = client
+                    .read(&format!("{}/{}", dev.backend_path(), keys::FRONTEND))
+                    .is_ok();
+                if written {
+                    domains::tear_down(&mut client, &dev, WALK_TIMEOUT)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = torn_down {
+                log::warn!("{name}: removing the failed vbd {}: {e:#}", dev.devid);
+            }
+            lock(&self.images).release(name, disk.devid);
+        }
+        result
+    }
+
+    fn connect_disk(
+        &self,
+        name: &str,
+        slot: &GuestSlot,
+        guest: &mut Guest,
+        disk: &DiskConfig,
+        dev: DeviceId,
+    ) -> Result<u64> {
+        let vdev = Vdev(disk.devid);
+        let image = lock(&self.images).file(name, disk.devid)?;
         let serial = self
             .attach_serial
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -249,6 +252,9 @@ impl Host {
                 other => bail!("{name}: detaching {kind} {shown}: {other:?}"),
             }
             domains::remove_once_closed(&mut client, &dev, WALK_TIMEOUT)?;
+            if kind == DeviceKind::Vbd {
+                lock(&self.images).release(name, devid);
+            }
             self.progress(&format!("{name}: {kind} {devid} detached"));
             Ok(())
         })
@@ -256,8 +262,20 @@ impl Host {
 
     /// Asks guest `name` to write (unless `verify_only`) and verify a pattern on a disk, over
     /// as many bytes as its kind checks.
+    /// Writing is refused unless the image is scratch ([`Host::is_scratch`]).
     pub fn disk_check(&self, name: &str, devid: u32, seed: u64, verify_only: bool) -> Result<bool> {
         self.with_guest(name, |name, slot, guest| {
+            if !verify_only && !self.is_scratch(name, devid) {
+                let path = lock(&self.images)
+                    .path(name, devid)
+                    .map_or_else(|| "its image".to_owned(), |p| p.display().to_string());
+                bail!(
+                    "{name}: vbd {}: refusing to write a check pattern to {path}: it is not a \
+                     scratch image (not created by this toolstack, not marked scratch = true / \
+                     block-attach --scratch); --verify-only only reads",
+                    Vdev(devid)
+                );
+            }
             guest.domain.channel.send(
                 &GuestRequest::DiskCheck {
                     devid,

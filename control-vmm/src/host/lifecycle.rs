@@ -15,7 +15,7 @@ use ipc::control::messages::{
 use ipc::xenbus::{DeviceId, DeviceKind};
 
 use super::{lock, start_domain, Guest, GuestSlot, Host, SHUTDOWN_TIMEOUT, WALK_TIMEOUT};
-use crate::config::{GuestConfig, HostConfig};
+use crate::config::{ChecksConfig, GuestConfig, HostConfig};
 use crate::domains;
 use crate::supervisor::describe;
 
@@ -40,6 +40,7 @@ impl Host {
         let creating = lock(&self.creating);
         if let Some(file) = attach {
             let mut host = HostConfig {
+                checks: ChecksConfig::default(),
                 run_dir: self.run_dir.clone(),
                 driver_domain: self.driver_config.clone(),
                 guests: lock(&self.guests)
@@ -49,6 +50,7 @@ impl Host {
             };
             host.guests.push(config.clone());
             host.validate(file)?;
+            host.check_files(file)?;
         }
         let name = config.name.clone();
         domains::create_domain(&mut self.client()?, config.domid, &name)?;
@@ -108,6 +110,7 @@ impl Host {
             slot.gone.store(true, Ordering::SeqCst);
             lock(&self.guests).remove(name);
             let torn_down = self.tear_down(name, guest);
+            lock(&self.images).release_guest(name);
             let released = domains::destroy_domain(&mut self.client()?, guest.domain.domid);
             torn_down?;
             released?;
@@ -166,7 +169,9 @@ impl Host {
         lock(&self.guests).remove(&name);
         let mut guest = lock(&slot.state);
         let status = guest.domain.process.stop();
-        self.tear_down(&name, &mut guest)?;
+        let torn_down = self.tear_down(&name, &mut guest);
+        lock(&self.images).release_guest(&name);
+        torn_down?;
         domains::destroy_domain(&mut self.client()?, guest.domain.domid)?;
         let how = status.map_or_else(|| "ended".to_owned(), |s| describe(&s));
         self.progress(&format!("{name}: destroyed ({how})"));
@@ -213,9 +218,8 @@ impl Host {
         }
     }
 
-    /// Tears down every device of a guest whose process has ended: close requested, the
-    /// frontend directory removed, the backend waited for until Closed, both directories
-    /// removed.
+    /// Tears down every device of a guest whose process has ended ([`domains::tear_down`]).
+    /// The images stay held (a reboot attaches them again).
     fn tear_down(&self, name: &str, guest: &mut Guest) -> Result<()> {
         let devices: Vec<(DeviceKind, u32)> = guest
             .disks
@@ -233,11 +237,7 @@ impl Host {
                 frontend: guest.domain.domid,
                 devid,
             };
-            // Ask first, then take the guest's directory away: the backend then finds the
-            // request already there when it sees its frontend gone, and its Closed comes last.
-            domains::request_close(&mut client, &dev)?;
-            domains::remove_frontend(&mut client, &dev)?;
-            domains::remove_once_closed(&mut client, &dev, WALK_TIMEOUT)?;
+            domains::tear_down(&mut client, &dev, WALK_TIMEOUT)?;
             log::info!("{name}: {kind} {devid} torn down");
         }
         Ok(())

@@ -7,9 +7,11 @@
 //! driver domain's control channel is locked only while a message is sent.
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
+//! - [`images`]: the disk images held (and locked) for the guests;
 //! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
 
 mod devices;
+mod images;
 mod lifecycle;
 
 use std::collections::BTreeMap;
@@ -33,6 +35,7 @@ use crate::config::{
 };
 use crate::supervisor::DomainProcess;
 use crate::{connection, domains};
+use images::ImageRegistry;
 
 pub use lifecycle::ShutdownReport;
 
@@ -86,6 +89,8 @@ pub struct Host {
     /// Where private vhost-user connections are made (0700, paths unlinked at once).
     private_dir: PathBuf,
     attach_serial: AtomicU64,
+    /// The images held for the guests' disks (locked after a guest's own lock, briefly).
+    images: Mutex<ImageRegistry>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,6 +124,14 @@ impl Host {
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
         let started = Instant::now();
+        // Every image is opened and locked before anything starts: one held elsewhere, or
+        // named twice, fails here.
+        let mut images = ImageRegistry::default();
+        for guest in &config.guests {
+            for disk in &guest.disks {
+                images.hold(&guest.name, disk)?;
+            }
+        }
         std::fs::create_dir_all(config.run_dir.join("logs"))
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
         let private_dir = config.run_dir.join("vhost-user");
@@ -162,6 +175,7 @@ impl Host {
             creating: Mutex::new(()),
             private_dir,
             attach_serial: AtomicU64::new(0),
+            images: Mutex::new(images),
         };
         match lock(&host.driver)
             .channel
@@ -201,6 +215,12 @@ impl Host {
             bail!("interrupted");
         }
         Ok(())
+    }
+
+    /// Whether checks may write to guest `name`'s vbd `devid` (an image marked scratch, or
+    /// one this toolstack created).
+    pub fn is_scratch(&self, name: &str, devid: u32) -> bool {
+        lock(&self.images).is_scratch(name, devid)
     }
 
     /// Names of the guests, in order.

@@ -17,6 +17,7 @@ use crate::process::{
     BlockFrontend, FrontendConfig, FrontendStats, NetFrontend, NetFrontendConfig,
 };
 
+pub use disk_check::pattern_byte;
 pub use net_check::NetNic;
 
 /// A process domain's block frontends.

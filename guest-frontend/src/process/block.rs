@@ -124,7 +124,7 @@ impl BlockFrontend {
         if cfg.queues == 0 || cfg.queues > 64 {
             return Err(FrontendError::Config(format!("{} queues", cfg.queues)));
         }
-        if cfg.max_request_bytes == 0 || cfg.max_request_bytes % 512 != 0 {
+        if cfg.max_request_bytes == 0 || !cfg.max_request_bytes.is_multiple_of(512) {
             return Err(FrontendError::Config(format!(
                 "max_request_bytes {} is not a positive multiple of 512",
                 cfg.max_request_bytes
