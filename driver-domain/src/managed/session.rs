@@ -8,14 +8,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ipc::xenbus::DeviceId;
-use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 
-use crate::blk::{BlkConfig, BlkDisk};
+use crate::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use crate::net::switch::{Switch, SwitchPort};
-use crate::net::NetConfig;
-use crate::vhost_user::blk::serve_blk_listener;
-use crate::vhost_user::net::serve_net_listener;
+use crate::net::{NetBackendConfig, NetBackendDevice};
+use crate::vhost_user::serve_listener;
 use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 
 /// How long a stopping session waits for its connection to be accepted.
@@ -49,11 +47,11 @@ impl Session {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
-        let cfg = BlkConfig::default();
+        let cfg = BlkBackendConfig::default();
         let counters = Counters::Block(cfg.counters.clone());
         Self::spawn(id, capacity_sectors, counters, move |started| {
-            serve_blk_listener(Listener::from(listener), disk, cfg, started)
-                .map_err(|e| e.to_string())
+            let device = BlkBackendDevice::new(disk, cfg).map_err(|e| e.to_string())?;
+            serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
 
@@ -70,14 +68,14 @@ impl Session {
                 .attach(&format!("vif{}.{}", id.frontend, id.devid))
                 .map_err(|e| format!("switch port: {e}"))?,
         );
-        let cfg = NetConfig {
+        let cfg = NetBackendConfig {
             mac,
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         let counters = Counters::Net(cfg.counters.clone(), port.clone());
         Self::spawn(id, 0, counters, move |started| {
-            serve_net_listener(Listener::from(listener), port, cfg, started)
-                .map_err(|e| e.to_string())
+            let device = NetBackendDevice::new(port, cfg).map_err(|e| e.to_string())?;
+            serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
 
