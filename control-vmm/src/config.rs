@@ -109,7 +109,7 @@ pub enum GuestKind {
     /// A KVM virtual machine run by `splitvmm-vmm`, booting `kernel` (the tiny guest kernel).
     Kvm,
     /// An unmodified Linux kernel (bzImage) under `splitvmm-vmm --linux`, keys after xl.cfg:
-    /// `kernel`, `ramdisk`, `extra`, `memory`, `vcpus`, `share`. Not run by `splitvmm up` yet.
+    /// `kernel`, `ramdisk`, `extra`, `memory`, `vcpus`, `share`; runs until it powers off.
     Linux,
 }
 

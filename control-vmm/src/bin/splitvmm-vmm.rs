@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::arch::bzimage::LinuxBoot;
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
+use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
@@ -44,8 +45,11 @@ struct Cli {
     #[arg(long)]
     kernel: PathBuf,
     /// Boot an unmodified Linux bzImage (ACPI, PCI, COM1) until it powers off.
-    #[arg(long, conflicts_with_all = ["mode", "managed_domid"])]
+    #[arg(long, conflicts_with = "mode")]
     linux: bool,
+    /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
+    #[arg(long, requires = "linux", default_value_t = 0)]
+    disks: usize,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
@@ -83,7 +87,9 @@ struct Cli {
     #[arg(long)]
     no_idle_baseline: bool,
     /// Run as guest domain DOMID of `splitvmm up`: store connection on fd 3, control
-    /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel.
+    /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel
+    /// (with --linux: the guest boots once its disks are Connected and runs until it powers
+    /// off; a shutdown request presses its power button).
     #[arg(long, value_name = "DOMID", conflicts_with_all = ["blk_socket", "mode"])]
     managed_domid: Option<u32>,
     /// Sectors per disk request, with --check-kib and in managed mode (1..=8).
@@ -134,7 +140,10 @@ fn main() -> ExitCode {
         return ExitCode::from(101);
     }
     if let Some(button) = button {
-        return run_linux(cli, stop, button);
+        return match cli.managed_domid {
+            Some(domid) => run_managed_linux(domid, cli, stop, button),
+            None => run_linux(cli, stop, button),
+        };
     }
 
     if let Some(domid) = cli.managed_domid {
@@ -147,12 +156,8 @@ fn main() -> ExitCode {
             sectors_per_request: cli.sectors_per_request,
             idle_baseline: !cli.no_idle_baseline,
         };
-        if let Err(e) = ipc::startup::check_inherited_fds() {
-            eprintln!(
-                "{}",
-                ipc::startup::not_managed_message("splitvmm-vmm --managed-domid", &e)
-            );
-            return ExitCode::from(ipc::startup::EXIT_NOT_MANAGED);
+        if let Some(code) = not_managed() {
+            return code;
         }
         // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
         // program, and nothing else in this process uses them.
@@ -225,7 +230,9 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         console: Box::new(std::io::stdout()),
         stop,
         power_button: Some(button),
-        blk_socket: cli.blk_socket,
+        blk: cli
+            .blk_socket
+            .map_or(BlkAttachment::None, BlkAttachment::Socket),
         share_all_ram: cli.share_all_ram,
         connect_timeout: Duration::from_secs(5),
     };
@@ -238,6 +245,71 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
             eprintln!("splitvmm-vmm: {e}");
             ExitCode::from(101)
         }
+    }
+}
+
+/// Whether this process lacks the descriptors `splitvmm up` hands it (then its exit status).
+fn not_managed() -> Option<ExitCode> {
+    let e = ipc::startup::check_inherited_fds().err()?;
+    eprintln!(
+        "{}",
+        ipc::startup::not_managed_message("splitvmm-vmm --managed-domid", &e)
+    );
+    Some(ExitCode::from(ipc::startup::EXIT_NOT_MANAGED))
+}
+
+/// Runs a Linux guest as guest domain `domid` of `splitvmm up`: 0 once it powered off (by
+/// itself or at the toolstack's request) and the walk ended in order.
+fn run_managed_linux(
+    domid: u32,
+    cli: Cli,
+    stop: Arc<AtomicBool>,
+    button: Arc<EventFd>,
+) -> ExitCode {
+    if let Some(code) = not_managed() {
+        return code;
+    }
+    let settings = LinuxSettings {
+        boot: LinuxBoot {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+        },
+        ram_bytes: cli.mem_mib << 20,
+        vcpus: cli.vcpus,
+        disks: cli.disks,
+    };
+    let slot = MachineSlot::default();
+    let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            return ExitCode::from(101);
+        }
+    };
+    // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
+    // program, and nothing else in this process uses them.
+    let vm = unsafe { ManagedLinuxVm::from_inherited_fds(domid, machine) }
+        .with_stop_flag(Arc::clone(&stop));
+    let walk = vm.run();
+    let ended = slot.finish(&stop);
+    if let Some(Ok(report)) = &ended {
+        eprint!("{}", report.table());
+    }
+    match (walk, ended) {
+        (Err(e), _) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            ExitCode::from(101)
+        }
+        (Ok(()), Some(Err(e))) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            ExitCode::from(101)
+        }
+        (Ok(()), Some(Ok(report))) => match report.outcome {
+            Outcome::Poweroff(_) | Outcome::Terminated => ExitCode::SUCCESS,
+            other => exit_code(&other),
+        },
+        (Ok(()), None) => ExitCode::SUCCESS,
     }
 }
 

@@ -72,6 +72,19 @@ pub trait FrontendKind {
         usize::MAX
     }
 
+    /// When a block device has gone Connected (the toolstack has been told): a kind whose
+    /// guest boots with its disks cold-plugged starts it here. An error fails the device.
+    fn block_connected(&mut self, _devid: u32, _session: &mut Self::Session) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// On the toolstack's shutdown request: `true` (the default) closes every device and
+    /// ends now; `false` when the kind has asked its guest to power off (a Linux guest's
+    /// ACPI power button) and sets the stop flag once it has.
+    fn shutdown_requested(&mut self) -> bool {
+        true
+    }
+
     /// The data-path session of one network interface.
     type NetSession;
 
@@ -233,7 +246,10 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                         self.publish_counters();
                         self.control.send(&event, &[])?;
                     }
-                    GuestRequest::Shutdown => return self.shut_down(),
+                    GuestRequest::Shutdown if self.kind.shutdown_requested() => {
+                        return self.shut_down()
+                    }
+                    GuestRequest::Shutdown => log::info!("shutdown asked of the guest"),
                 }
             }
             // With an interface up, wake often enough to answer peers promptly.
@@ -394,7 +410,11 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                         mac: dev.mac,
                     },
                 };
-                self.control.send(&event, &[]).map_err(|e| e.to_string())
+                self.control.send(&event, &[]).map_err(|e| e.to_string())?;
+                match self.devices.get_mut(&key).and_then(|d| d.session.as_mut()) {
+                    Some(Session::Block(s)) => self.kind.block_connected(devid, s),
+                    _ => Ok(()),
+                }
             }
             (
                 XenbusState::Initialised | XenbusState::Connected,

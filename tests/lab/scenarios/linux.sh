@@ -80,3 +80,100 @@ while left=$(ps -o pid,args | grep -E '[s]plitvmm-vmm|[d]river-domain serve'); [
     i=$((i + 1))
 done
 echo "splitvmm-vmm exited 0 on the guest's ACPI power-off after the power button; driver domain stopped"
+
+# The same guest through the toolstack: `splitvmm up --stay` with a host file (kind = "linux"),
+# the disk attached by the xenbus walk before the guest boots, and `splitvmm shutdown`.
+step "splitvmm up --stay: a kind = \"linux\" guest with a disk served by the driver domain"
+UP_PATTERN=$LAB_PATTERN-up
+truncate -s 16M $W/up.img
+cat > $W/host.toml <<TOML
+run_dir = "$W/run"
+[driver_domain]
+name = "driver"
+domid = 1
+[[guest]]
+name = "debian"
+domid = 2
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$UP_PATTERN l2.button=1"
+memory = 256
+vcpus = 2
+share = "all-ram"
+[[guest.disk]]
+image = "$W/up.img"
+TOML
+SV="/bin/splitvmm --run-dir $W/run"
+RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
+up=$!
+background $up
+GLOG=$W/run/logs/debian.log
+i=0
+until grep -q "^L2-WAITING-BUTTON" $GLOG 2>/dev/null; do
+    kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
+    [ $i -ge 600 ] && { cat $W/up.log; fail "the guest did not wait for the power button within 60 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+grep -E "vbd .*Connected|created" $W/up.log
+run $SV list
+echo "$OUT" | grep -E "^2 +debian .* all-ram$" || fail "splitvmm list does not show debian with share all-ram"
+run $SV list --json
+echo "$OUT" | grep -qE '"share": ?"all-ram"' || fail "list --json has no share all-ram"
+step "splitvmm shutdown presses the guest's power button; the toolstack reaps the VMM"
+run $SV shutdown debian
+says "shut down debian"
+grep -E "Linux version|^L2-|smpboot: Total|Kernel panic|BUG|splitvmm-vmm:" $GLOG | head -20
+grep -q "Linux version" $GLOG || fail "no 'Linux version' line in the guest's log"
+grep -q "^L2-CPUS-ONLINE 0-1" $GLOG || fail "the guest did not report CPUs 0-1 online"
+grep -qE "^L2-IRQ .*PCI-MSI.*virtio0-req" $GLOG || fail "no virtio MSI-X vector in the guest's /proc/interrupts"
+grep -q "^L2-BUTTON pressed" $GLOG || fail "the guest did not see the power button"
+grep -q "guest powered off" $GLOG || fail "the VMM did not report an ACPI power-off"
+got=$(dd if=$W/up.img bs=512 skip=8 count=1 2>/dev/null | head -c ${#UP_PATTERN})
+echo "sector 8 of up.img: $got"
+[ "$got" = "$UP_PATTERN" ] || fail "the image holds '$got', expected '$UP_PATTERN'"
+left=$(ps -o pid,args | grep '[s]plitvmm-vmm')
+[ -z "$left" ] || fail "splitvmm-vmm left after the shutdown: $left"
+run $SV xs ls /local/domain
+echo "$OUT" | grep -E "^/local/domain/(2|1/(backend|data/io)/vbd/2)" && fail "domain 2 or its devices are still in the store"
+run $SV list
+echo "$OUT" | grep -q debian && fail "splitvmm list still shows debian"
+
+step "splitvmm create: a Linux guest that powers off by itself is reaped by the toolstack"
+ALONE_PATTERN=$LAB_PATTERN-alone
+truncate -s 16M $W/alone.img
+cat > $W/alone.toml <<TOML
+name = "alone"
+domid = 3
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "console=ttyS0 panic=-1 io_delay=none no_timer_check l2.pattern=$ALONE_PATTERN"
+memory = 256
+share = "all-ram"
+[[disk]]
+image = "$W/alone.img"
+TOML
+run $SV create $W/alone.toml
+says "created alone (domain 3)"
+i=0
+until grep -q "alone: powered off" $W/up.log; do
+    [ $i -ge 600 ] && { tail -5 $W/run/logs/alone.log; fail "alone was not reaped within 60 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+grep -E "alone: " $W/up.log
+grep -E "^L2-DONE|splitvmm-vmm:" $W/run/logs/alone.log
+got=$(dd if=$W/alone.img bs=512 skip=8 count=1 2>/dev/null | head -c ${#ALONE_PATTERN})
+[ "$got" = "$ALONE_PATTERN" ] || fail "alone.img holds '$got', expected '$ALONE_PATTERN'"
+left=$(ps -o pid,stat,args | grep '[s]plitvmm-vmm')
+[ -z "$left" ] || fail "splitvmm-vmm left (or a zombie) after alone powered off: $left"
+run $SV xs ls /local/domain
+echo "$OUT" | grep -E "^/local/domain/(3|1/(backend|data/io)/vbd/3)" && fail "domain 3 or its devices are still in the store"
+
+kill $up
+wait_gone $up 15 || fail "splitvmm up outlived its SIGTERM by 15 s"
+left=$(ps -o pid,args | grep -E '[s]plitvmm|[d]river-domain')
+[ -z "$left" ] || fail "processes left: $left"
+echo "splitvmm shutdown powered the Linux guest off through ACPI; VMM, driver domain and store entries gone"

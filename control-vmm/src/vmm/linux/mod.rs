@@ -7,9 +7,9 @@
 //! from outside.
 
 pub mod bus;
+pub mod managed;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,7 +22,9 @@ use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
 use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
 use super::exits::{totals, ExitCounters, PhaseLog};
-use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
+use super::machine::{
+    create_vm, install_kick_handler, stop_vcpus, wait_for_end, BlkAttachment, Outcome, VmError,
+};
 use super::memory::GuestRam;
 use super::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
 use super::pci::{BarAllocator, PciSegment};
@@ -47,8 +49,9 @@ pub struct LinuxVmConfig {
     pub stop: Arc<AtomicBool>,
     /// Written to press the ACPI power button (the guest's GED interrupt).
     pub power_button: Option<Arc<EventFd>>,
-    /// The disk's vhost-user-blk socket (the driver domain), if any.
-    pub blk_socket: Option<PathBuf>,
+    /// The disk: a vhost-user-blk socket of the driver domain, a session the toolstack's
+    /// connection already set up (managed mode), or none.
+    pub blk: BlkAttachment,
     /// Share all guest RAM with the disk's backend: required with a disk (explicit opt-in).
     pub share_all_ram: bool,
     /// How long to wait for the backend socket.
@@ -123,8 +126,15 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let com1 = Com1::new(serial_irq, cfg.console);
     let vm = Arc::new(vm);
     let mut pci = PciSegment::new(Arc::clone(&counters));
-    let disk = match &cfg.blk_socket {
-        Some(path) => {
+    let backend = match cfg.blk {
+        BlkAttachment::None => None,
+        BlkAttachment::Socket(path) => {
+            Some(VhostBlk::connect(&path, cfg.connect_timeout, Vec::new())?)
+        }
+        BlkAttachment::Connected(session) => Some(*session),
+    };
+    let disk = match backend {
+        Some(mut backend) => {
             if !cfg.share_all_ram {
                 return Err(VmError::Config(
                     "a Linux guest's disk needs all of its RAM shared with the driver domain \
@@ -137,10 +147,12 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                  buffers anywhere in it (explicit opt-in)",
                 cfg.ram_bytes >> 20
             );
-            let backend =
-                VhostBlk::connect(path, cfg.connect_timeout, vec![SharedRegion::of(&ram.ram)])?;
-            let dev = plug_disk(&vm, &mut pci, backend, &counters)?;
-            Some(dev)
+            if !backend.set_regions(vec![SharedRegion::of(&ram.ram)]) {
+                return Err(VmError::Config(
+                    "the disk's queue is already running".into(),
+                ));
+            }
+            Some(plug_disk(&vm, &mut pci, backend, &counters)?)
         }
         None => None,
     };
