@@ -6,7 +6,9 @@
 //! `--managed-domid`: 0 after an orderly shutdown, 101 on failure, 2 if run without the
 //! descriptors `splitvmm up` hands it.
 
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,6 +49,10 @@ struct Cli {
     /// Boot an unmodified Linux bzImage (ACPI, PCI, COM1) until it powers off.
     #[arg(long, conflicts_with = "mode")]
     linux: bool,
+    /// Linux: an interactive console on this Unix socket (`splitvmm console`): what a
+    /// client sends goes to COM1's input, COM1's output goes to it as well as to stdout.
+    #[arg(long, requires = "linux")]
+    console_socket: Option<PathBuf>,
     /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
     #[arg(long, requires = "linux", default_value_t = 0)]
     disks: usize,
@@ -219,6 +225,13 @@ fn main() -> ExitCode {
 
 /// Boots a Linux guest; `button` is its ACPI power button.
 fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode {
+    let console_socket = match console_listener(cli.console_socket.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            return ExitCode::from(101);
+        }
+    };
     let cfg = LinuxVmConfig {
         boot: LinuxBoot {
             kernel: cli.kernel,
@@ -228,6 +241,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         console: Box::new(std::io::stdout()),
+        console_socket,
         stop,
         power_button: Some(button),
         blk: cli
@@ -246,6 +260,22 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
             ExitCode::from(101)
         }
     }
+}
+
+/// Listens on the console socket `path` (a stale socket file there is replaced).
+fn console_listener(path: Option<&Path>) -> Result<Option<UnixListener>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        _ => {}
+    }
+    UnixListener::bind(path)
+        .map(Some)
+        .map_err(|e| format!("console socket {}: {e}", path.display()))
 }
 
 /// Whether this process lacks the descriptors `splitvmm up` hands it (then its exit status).
@@ -278,6 +308,13 @@ fn run_managed_linux(
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         disks: cli.disks,
+        console_socket: match console_listener(cli.console_socket.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("splitvmm-vmm: {e}");
+                return ExitCode::from(101);
+            }
+        },
     };
     let slot = MachineSlot::default();
     let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {

@@ -14,7 +14,9 @@ use ipc::control::messages::{
 };
 use ipc::xenbus::{DeviceId, DeviceKind};
 
-use super::{lock, shutdown_timeout, start_domain, Guest, GuestSlot, Host, WALK_TIMEOUT};
+use super::{
+    console_socket, lock, shutdown_timeout, start_domain, Guest, GuestSlot, Host, WALK_TIMEOUT,
+};
 use crate::config::{ChecksConfig, GuestConfig, GuestKind, HostConfig};
 use crate::domains;
 use crate::supervisor::describe;
@@ -162,6 +164,7 @@ impl Host {
         lock(&self.guests).remove(&name);
         let mut guest = lock(&slot.state);
         let status = guest.domain.process.stop();
+        let _ = std::fs::remove_file(console_socket(&self.run_dir, &name));
         let torn_down = self.tear_down(&name, &mut guest);
         lock(&self.images).release_guest(&name);
         torn_down?;
@@ -188,6 +191,7 @@ impl Host {
     fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
         slot.gone.store(true, Ordering::SeqCst);
         lock(&self.guests).remove(name);
+        let _ = std::fs::remove_file(console_socket(&self.run_dir, name));
         let torn_down = self.tear_down(name, guest);
         lock(&self.images).release_guest(name);
         let released = domains::destroy_domain(&mut self.client()?, guest.domain.domid);

@@ -133,6 +133,12 @@ pub fn log_path(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("logs").join(format!("{name}.log"))
 }
 
+/// The interactive console socket of Linux guest `name`: `<run_dir>/console/<name>.sock`,
+/// where its VMM listens and `splitvmm console NAME` connects.
+pub fn console_socket(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("console").join(format!("{name}.sock"))
+}
+
 impl Host {
     /// Starts the store, creates the driver domain in it and starts its process, then creates
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
@@ -148,6 +154,8 @@ impl Host {
         }
         std::fs::create_dir_all(config.run_dir.join("logs"))
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
+        connection::prepare_dir(&config.run_dir.join("console"))
+            .with_context(|| format!("creating {}/console", config.run_dir.display()))?;
         let private_dir = config.run_dir.join("vhost-user");
         connection::prepare_dir(&private_dir)
             .with_context(|| format!("creating {}", private_dir.display()))?;
@@ -322,7 +330,9 @@ impl Host {
                     .arg("--managed-domid")
                     .arg(config.domid.to_string())
                     .arg("--disks")
-                    .arg(config.disks.len().to_string());
+                    .arg(config.disks.len().to_string())
+                    .arg("--console-socket")
+                    .arg(console_socket(&self.run_dir, &config.name));
                 if let Some(ramdisk) = &config.ramdisk {
                     command.arg("--initrd").arg(ramdisk);
                 }

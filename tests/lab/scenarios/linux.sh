@@ -97,7 +97,7 @@ domid = 2
 kind = "linux"
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/linux/initrd.gz"
-extra = "console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$UP_PATTERN l2.button=1"
+extra = "console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$UP_PATTERN l2.console=1 l2.button=1"
 memory = 256
 vcpus = 2
 share = "all-ram"
@@ -109,18 +109,36 @@ RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
 up=$!
 background $up
 GLOG=$W/run/logs/debian.log
-i=0
-until grep -q "^L2-WAITING-BUTTON" $GLOG 2>/dev/null; do
-    kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
-    [ $i -ge 600 ] && { cat $W/up.log; fail "the guest did not wait for the power button within 60 s"; }
-    sleep 0.1
-    i=$((i + 1))
-done
+# wait_log PATTERN SECONDS: waits for a line of the guest's log.
+wait_log() {
+    i=0
+    until grep -q "$1" $GLOG 2>/dev/null; do
+        kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
+        [ $i -ge $(($2 * 10)) ] && { cat $W/up.log; fail "no '$1' in the guest's log within $2 s"; }
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+wait_log "^L2-CONSOLE-READY" 60
 grep -E "vbd .*Connected|created" $W/up.log
 run $SV list
 echo "$OUT" | grep -E "^2 +debian .* all-ram$" || fail "splitvmm list does not show debian with share all-ram"
 run $SV list --json
 echo "$OUT" | grep -qE '"share": ?"all-ram"' || fail "list --json has no share all-ram"
+step "splitvmm console: a typed line reaches the guest's COM1 and its answer comes back"
+TYPED=typed-$LAB_PATTERN
+echo "+ $SV console debian   (types '$TYPED', then Ctrl-] once the guest answered)"
+(
+    printf '%s\n' "$TYPED"
+    i=0
+    until grep -q "^L2-CONSOLE-GOT" $GLOG || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+    printf '\035'
+) | $SV console debian > $W/console.out 2>&1
+grep -E "L2-CONSOLE|attached|detached" $W/console.out
+grep -q "^L2-CONSOLE-GOT $TYPED" $GLOG || fail "the guest did not read '$TYPED' from its console"
+grep -q "L2-CONSOLE-GOT $TYPED" $W/console.out || fail "the guest's answer did not come back through the console"
+grep -q "\[detached\]" $W/console.out || fail "Ctrl-] did not detach"
+wait_log "^L2-WAITING-BUTTON" 30
 step "splitvmm shutdown presses the guest's power button; the toolstack reaps the VMM"
 run $SV shutdown debian
 says "shut down debian"

@@ -30,6 +30,11 @@ impl LinuxBus {
         }
     }
 
+    /// Console input for COM1; returns how many bytes the receive FIFO took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.com1).enqueue_input(bytes)
+    }
+
     /// The PCI segment (to stop its devices when the machine ends).
     pub fn pci(&self) -> &PciSegment {
         &self.pci

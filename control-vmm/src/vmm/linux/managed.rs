@@ -25,13 +25,15 @@ use crate::vmm::machine::{BlkAttachment, VmError};
 use crate::vmm::vhost_blk::{BlkBackend, VhostBlk};
 
 /// How the managed Linux machine is built.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LinuxSettings {
     pub boot: LinuxBoot,
     pub ram_bytes: u64,
     pub vcpus: u8,
     /// Disks the guest boots with: it starts once this many are Connected.
     pub disks: usize,
+    /// The interactive console's socket (see [`super::console`]).
+    pub console_socket: Option<std::os::unix::net::UnixListener>,
 }
 
 /// Where the machine stands.
@@ -129,6 +131,7 @@ impl LinuxMachine {
             ram_bytes: self.settings.ram_bytes,
             vcpus: self.settings.vcpus,
             console: Box::new(std::io::stdout()),
+            console_socket: self.settings.console_socket.take(),
             stop: Arc::clone(&self.stop),
             power_button: Some(Arc::clone(&self.button)),
             blk,

@@ -7,9 +7,11 @@
 //! from outside.
 
 pub mod bus;
+pub mod console;
 pub mod managed;
 
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -45,6 +47,9 @@ pub struct LinuxVmConfig {
     pub vcpus: u8,
     /// Where COM1's output goes.
     pub console: Box<dyn Write + Send>,
+    /// An interactive console: clients of this socket type into COM1 and see its output
+    /// (see [`console`]).
+    pub console_socket: Option<UnixListener>,
     /// Set to stop the machine from outside (the guest is not asked).
     pub stop: Arc<AtomicBool>,
     /// Written to press the ACPI power button (the guest's GED interrupt).
@@ -123,7 +128,14 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                 source,
             })?;
     }
-    let com1 = Com1::new(serial_irq, cfg.console);
+    let console_client = console::ConsoleClient::default();
+    let com1 = Com1::new(
+        serial_irq,
+        Box::new(console::ConsoleOutput::new(
+            cfg.console,
+            console_client.clone(),
+        )),
+    );
     let vm = Arc::new(vm);
     let mut pci = PciSegment::new(Arc::clone(&counters));
     let backend = match cfg.blk {
@@ -166,6 +178,21 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let (done_tx, done_rx) = mpsc::channel();
     install_kick_handler()?;
     let halt = Arc::new(AtomicBool::new(false));
+    let console_thread = match cfg.console_socket {
+        Some(listener) => Some(
+            console::spawn(
+                listener,
+                Arc::clone(&bus),
+                console_client,
+                Arc::clone(&halt),
+            )
+            .map_err(|source| VmError::Io {
+                op: "starting the console thread",
+                source,
+            })?,
+        ),
+        None => None,
+    };
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;
@@ -191,6 +218,9 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let outcome = wait_for_end(&done_rx, &cfg.stop);
     halt.store(true, Ordering::SeqCst);
     stop_vcpus(threads);
+    if console_thread.is_some_and(|t| t.join().is_err()) {
+        log::error!("the console thread panicked");
+    }
     // No vCPU runs any more; stop the backend before guest memory goes away.
     let backend_stopped_at =
         disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
