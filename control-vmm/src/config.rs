@@ -741,10 +741,21 @@ mod tests {
         image[0x202..0x206].copy_from_slice(b"HdrS");
         std::fs::write(dir.path().join("k"), &image).unwrap();
         HostConfig::load(&host).unwrap();
-        let missing = text.replace("kernel =", "ramdisk = \"nope.gz\"\nkernel =");
-        std::fs::write(&host, missing).unwrap();
+        let with_ramdisk = text.replace("kernel =", "ramdisk = \"r.gz\"\nkernel =");
+        std::fs::write(&host, &with_ramdisk).unwrap();
+        // Missing, empty, a directory: refused; a non-empty file: taken.
         let e = HostConfig::load(&host).unwrap_err().to_string();
         assert!(e.contains("guest[1].ramdisk"), "{e}");
+        std::fs::write(dir.path().join("r.gz"), b"").unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].ramdisk") && e.contains("empty"), "{e}");
+        std::fs::remove_file(dir.path().join("r.gz")).unwrap();
+        std::fs::create_dir(dir.path().join("r.gz")).unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(dir.path().join("r.gz")).unwrap();
+        std::fs::write(dir.path().join("r.gz"), b"\x1f\x8b").unwrap();
+        HostConfig::load(&host).unwrap();
     }
 
     #[test]
