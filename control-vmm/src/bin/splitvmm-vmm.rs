@@ -225,19 +225,12 @@ fn main() -> ExitCode {
 
 /// Boots a Linux guest; `button` is its ACPI power button.
 fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode {
-    let console_socket = match console_listener(cli.console_socket.as_deref()) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("splitvmm-vmm: {e}");
-            return ExitCode::from(101);
-        }
+    let (boot, console_socket) = match linux_boot(&cli) {
+        Ok(parts) => parts,
+        Err(code) => return code,
     };
     let cfg = LinuxVmConfig {
-        boot: LinuxBoot {
-            kernel: cli.kernel,
-            initrd: cli.initrd,
-            cmdline: cli.cmdline,
-        },
+        boot,
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         console: Box::new(std::io::stdout()),
@@ -260,6 +253,20 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
             ExitCode::from(101)
         }
     }
+}
+
+/// What a Linux guest boots, and its console socket (listening); the exit status on failure.
+fn linux_boot(cli: &Cli) -> Result<(LinuxBoot, Option<UnixListener>), ExitCode> {
+    let console = console_listener(cli.console_socket.as_deref()).map_err(|e| {
+        eprintln!("splitvmm-vmm: {e}");
+        ExitCode::from(101)
+    })?;
+    let boot = LinuxBoot {
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+    };
+    Ok((boot, console))
 }
 
 /// Listens on the console socket `path` (a stale socket file there is replaced).
@@ -299,22 +306,16 @@ fn run_managed_linux(
     if let Some(code) = not_managed() {
         return code;
     }
+    let (boot, console_socket) = match linux_boot(&cli) {
+        Ok(parts) => parts,
+        Err(code) => return code,
+    };
     let settings = LinuxSettings {
-        boot: LinuxBoot {
-            kernel: cli.kernel,
-            initrd: cli.initrd,
-            cmdline: cli.cmdline,
-        },
+        boot,
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         disks: cli.disks,
-        console_socket: match console_listener(cli.console_socket.as_deref()) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("splitvmm-vmm: {e}");
-                return ExitCode::from(101);
-            }
-        },
+        console_socket,
     };
     let slot = MachineSlot::default();
     let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {

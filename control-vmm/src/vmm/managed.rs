@@ -21,6 +21,42 @@ use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
 use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig};
 use super::vhost_blk::{BlkBackend, VhostBlk};
 
+/// The network half of [`FrontendKind`] for a kind of guest without network interfaces yet:
+/// every attach is refused with "`$who` has no network interface yet".
+macro_rules! no_network_interfaces {
+    ($who:literal) => {
+        type NetSession = std::convert::Infallible;
+
+        fn connect_net(
+            &mut self,
+            _devid: u32,
+            _connection: std::os::unix::net::UnixStream,
+            _ip: [u8; 4],
+        ) -> Result<(Self::NetSession, [u8; 6]), String> {
+            Err(concat!($who, " has no network interface yet").to_owned())
+        }
+
+        fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
+            match session {}
+        }
+
+        fn net_ping(
+            &mut self,
+            _devid: u32,
+            session: &mut Self::NetSession,
+            _peer: [u8; 4],
+            _rounds: u32,
+        ) -> Result<String, String> {
+            match *session {}
+        }
+
+        fn net_poll(&mut self, _devid: u32, session: &mut Self::NetSession) {
+            match *session {}
+        }
+    };
+}
+pub(crate) use no_network_interfaces;
+
 /// How each machine is built.
 #[derive(Debug, Clone)]
 pub struct MachineSettings {
@@ -105,35 +141,8 @@ impl FrontendKind for KvmMachines {
         self.totals
     }
 
-    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
-    type NetSession = std::convert::Infallible;
-
-    fn connect_net(
-        &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), String> {
-        Err("a KVM guest has no network interface yet".to_owned())
-    }
-
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
-    }
-
-    fn net_ping(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-        _peer: [u8; 4],
-        _rounds: u32,
-    ) -> Result<String, String> {
-        match *session {}
-    }
-
-    fn net_poll(&mut self, _devid: u32, session: &mut Self::NetSession) {
-        match *session {}
-    }
+    // The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
+    no_network_interfaces!("a KVM guest");
 
     fn disk_check(
         &mut self,

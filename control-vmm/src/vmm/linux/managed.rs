@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::{BlkAttachment, VmError};
+use crate::vmm::managed::no_network_interfaces;
 use crate::vmm::vhost_blk::{BlkBackend, VhostBlk};
 
 /// How the managed Linux machine is built.
@@ -227,33 +228,6 @@ impl FrontendKind for LinuxMachine {
         GuestStats::default()
     }
 
-    /// Network interfaces of Linux guests come with the next part of issue 12.
-    type NetSession = std::convert::Infallible;
-
-    fn connect_net(
-        &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), String> {
-        Err("a Linux guest has no network interface yet".to_owned())
-    }
-
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
-    }
-
-    fn net_ping(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-        _peer: [u8; 4],
-        _rounds: u32,
-    ) -> Result<String, String> {
-        match *session {}
-    }
-
-    fn net_poll(&mut self, _devid: u32, session: &mut Self::NetSession) {
-        match *session {}
-    }
+    // Network interfaces of Linux guests come with the next part of issue 12.
+    no_network_interfaces!("a Linux guest");
 }
