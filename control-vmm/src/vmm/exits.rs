@@ -77,11 +77,12 @@ pub enum Phase {
 
 impl Phase {
     pub fn from_byte(b: u8) -> Option<Self> {
+        use guest_abi::boot::{PHASE_IDLE_END, PHASE_IDLE_START, PHASE_IO_END, PHASE_IO_START};
         match b {
-            1 => Some(Self::IoStart),
-            2 => Some(Self::IoEnd),
-            3 => Some(Self::IdleStart),
-            4 => Some(Self::IdleEnd),
+            PHASE_IO_START => Some(Self::IoStart),
+            PHASE_IO_END => Some(Self::IoEnd),
+            PHASE_IDLE_START => Some(Self::IdleStart),
+            PHASE_IDLE_END => Some(Self::IdleEnd),
             _ => None,
         }
     }
