@@ -50,14 +50,14 @@ pub enum GuestMode {
 impl GuestMode {
     /// The mode numbered `v`, if there is one.
     pub fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            0 => Self::Hello,
-            1 => Self::Disk,
-            2 => Self::TripleFault,
-            3 => Self::BadInput,
-            4 => Self::Halt,
-            _ => return None,
-        })
+        let all = [
+            Self::Hello,
+            Self::Disk,
+            Self::TripleFault,
+            Self::BadInput,
+            Self::Halt,
+        ];
+        all.into_iter().find(|m| *m as u32 == v)
     }
 }
 

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use guest_frontend::process::{
-    BlockFrontend, BlockFrontendConfig, BlockFrontendError, BlockOp, WINDOW_SEALS,
+    BlockFrontend, BlockFrontendConfig, BlockOp, ProcessFrontendError, WINDOW_SEALS,
 };
 use guest_frontend::virtio::{BlkOp, FrontRequestError};
 
@@ -267,7 +267,7 @@ fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
     let cap = fe.capacity();
     let mut buf = vec![0u8; 4096];
     match fe.read(cap, &mut buf) {
-        Err(BlockFrontendError::Request(FrontRequestError::IoError)) => {}
+        Err(ProcessFrontendError::Request(FrontRequestError::IoError)) => {}
         other => panic!("expected an I/O error past the end, got {other:?}"),
     }
     // Oversized request is refused before reaching the device.
@@ -277,7 +277,7 @@ fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
         data: &big,
     });
     assert!(
-        matches!(err, Err(BlockFrontendError::BadRequest(_))),
+        matches!(err, Err(ProcessFrontendError::BadRequest(_))),
         "{err:?}"
     );
     // The queue still works.
@@ -501,7 +501,7 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
         let start = std::time::Instant::now();
         let err = q.complete(|_| panic!("a stopped backend completed a request"));
         assert!(
-            matches!(err, Err(BlockFrontendError::Timeout { in_flight: 1, .. })),
+            matches!(err, Err(ProcessFrontendError::Timeout { in_flight: 1, .. })),
             "poll={poll}: {err:?}"
         );
         assert!(
@@ -555,7 +555,7 @@ fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     assert!(
         matches!(
             err,
-            Err(BlockFrontendError::Blk(BlkError::Queue(
+            Err(ProcessFrontendError::Blk(BlkError::Queue(
                 FrontQueueError::UsedIdOutOfRange { id: 999 }
             )))
         ),
@@ -565,7 +565,7 @@ fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     assert!(
         matches!(
             again,
-            Err(BlockFrontendError::Blk(BlkError::Queue(
+            Err(ProcessFrontendError::Blk(BlkError::Queue(
                 FrontQueueError::Broken
             )))
         ),

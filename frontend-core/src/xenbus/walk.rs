@@ -74,6 +74,14 @@ const TICK: Duration = Duration::from_millis(20);
 /// How often it wakes up while a network interface is Connected.
 const NET_TICK: Duration = Duration::from_millis(1);
 
+/// A check's outcome as the toolstack hears it: passed, and the detail or the reason.
+fn verdict(result: Result<String, String>) -> (bool, String) {
+    match result {
+        Ok(detail) => (true, detail),
+        Err(reason) => (false, reason),
+    }
+}
+
 /// The watch token for a device's backend state.
 fn token((kind, devid): (DeviceKind, u32)) -> String {
     format!("backend-{kind}-{devid}")
@@ -447,10 +455,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                 .map_err(|e| error_chain(&e)),
             _ => Err("interface is not Connected".to_owned()),
         };
-        let (passed, detail) = match result {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
-        };
+        let (passed, detail) = verdict(result);
         GuestEvent::NetPing {
             devid,
             passed,
@@ -476,10 +481,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             }
             _ => Err("device is not Connected".to_owned()),
         };
-        let (passed, detail) = match result {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
-        };
+        let (passed, detail) = verdict(result);
         GuestEvent::DiskCheck {
             devid,
             passed,

@@ -2,7 +2,7 @@
 
 use thiserror::Error;
 
-use crate::process::{BlockFrontend, BlockFrontendError};
+use crate::process::{BlockFrontend, ProcessFrontendError};
 
 /// Why a disk check failed.
 #[derive(Debug, Error)]
@@ -13,15 +13,15 @@ pub enum DiskCheckError {
     Write {
         offset: u64,
         #[source]
-        source: BlockFrontendError,
+        source: ProcessFrontendError,
     },
     #[error("flush")]
-    Flush(#[source] BlockFrontendError),
+    Flush(#[source] ProcessFrontendError),
     #[error("read at byte {offset}")]
     Read {
         offset: u64,
         #[source]
-        source: BlockFrontendError,
+        source: ProcessFrontendError,
     },
     #[error("mismatch at byte {0}")]
     Mismatch(u64),

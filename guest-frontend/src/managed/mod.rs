@@ -16,8 +16,8 @@ use ipc::control::messages::GuestStats;
 use thiserror::Error;
 
 use crate::process::{
-    BlockFrontend, BlockFrontendConfig, BlockFrontendError, FrontendStats, NetFrontend,
-    NetFrontendConfig, NetFrontendError,
+    BlockFrontend, BlockFrontendConfig, FrontendStats, NetFrontend, NetFrontendConfig,
+    ProcessFrontendError,
 };
 
 pub use disk_check::DiskCheckError;
@@ -26,10 +26,8 @@ pub use net_check::{NetNic, PingError};
 /// Why a process domain's device could not be set up or checked.
 #[derive(Debug, Error)]
 pub enum ProcessDeviceError {
-    #[error("block device")]
-    Block(#[from] BlockFrontendError),
-    #[error("network interface")]
-    Net(#[from] NetFrontendError),
+    #[error("frontend")]
+    Frontend(#[from] ProcessFrontendError),
     #[error("the backend offered no MAC address (VIRTIO_NET_F_MAC)")]
     NoMac,
     #[error("disk check")]

@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::process::{NetFrontend, NetFrontendError};
+use crate::process::{NetFrontend, ProcessFrontendError};
 
 /// Why a ping or an answer failed.
 #[derive(Debug, Error)]
 pub enum PingError {
     #[error("send")]
-    Send(#[source] NetFrontendError),
+    Send(#[source] ProcessFrontendError),
     #[error("receive")]
-    Receive(#[source] NetFrontendError),
+    Receive(#[source] ProcessFrontendError),
     #[error("no ARP answer for {}", dotted(*.0))]
     NoArpAnswer([u8; 4]),
     #[error("round {round}: no echo from {}", dotted(*peer))]

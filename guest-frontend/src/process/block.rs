@@ -16,7 +16,7 @@ use frontend_core::vhost_user::{
     DEFAULT_REPLY_TIMEOUT,
 };
 
-use super::error::BlockFrontendError;
+use super::error::ProcessFrontendError;
 use super::queue::{BlockFrontendQueue, FrontendStats};
 use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
 use crate::virtio::blk::{negotiate_features, FrontBlkConfig, BLK_CONFIG_BYTES, VIRTIO_BLK_F_MQ};
@@ -84,7 +84,10 @@ impl std::fmt::Debug for BlockFrontend {
 impl BlockFrontend {
     /// Connects to the vhost-user-blk backend listening at `path`. A backend that is still
     /// starting is retried for up to `cfg.timeout`.
-    pub fn connect_path(path: &Path, cfg: BlockFrontendConfig) -> Result<Self, BlockFrontendError> {
+    pub fn connect_path(
+        path: &Path,
+        cfg: BlockFrontendConfig,
+    ) -> Result<Self, ProcessFrontendError> {
         Self::connect(connect_with_retry(path, cfg.timeout)?, cfg)
     }
 
@@ -92,9 +95,9 @@ impl BlockFrontend {
     pub fn connect(
         stream: UnixStream,
         cfg: BlockFrontendConfig,
-    ) -> Result<Self, BlockFrontendError> {
+    ) -> Result<Self, ProcessFrontendError> {
         if cfg.max_request_bytes == 0 || cfg.max_request_bytes % 512 != 0 {
-            return Err(BlockFrontendError::Config(format!(
+            return Err(ProcessFrontendError::Config(format!(
                 "max_request_bytes {} is not a positive multiple of 512",
                 cfg.max_request_bytes
             )));
@@ -109,13 +112,13 @@ impl BlockFrontend {
         let mut session = FrontendSession::connect(stream, spec)?;
         let features = negotiate_features(session.device_features(), cfg.event_idx)?;
         if cfg.queues > 1 && features & VIRTIO_BLK_F_MQ == 0 {
-            return Err(BlockFrontendError::Unsupported("VIRTIO_BLK_F_MQ".into()));
+            return Err(ProcessFrontendError::Unsupported("VIRTIO_BLK_F_MQ".into()));
         }
         session.set_features(features)?;
         let config = FrontBlkConfig::parse(session.config().unwrap_or_default(), features)?;
         if let Some(n) = config.num_queues {
             if n < cfg.queues {
-                return Err(BlockFrontendError::Unsupported(format!(
+                return Err(ProcessFrontendError::Unsupported(format!(
                     "{} queues (device config says {n})",
                     cfg.queues
                 )));
@@ -149,7 +152,7 @@ impl BlockFrontend {
         window: &IoWindow,
         cfg: &BlockFrontendConfig,
         features: u64,
-    ) -> Result<Vec<(FrontBlkQueue<DmaRegion>, Vec<DmaBuf>)>, BlockFrontendError> {
+    ) -> Result<Vec<(FrontBlkQueue<DmaRegion>, Vec<DmaBuf>)>, ProcessFrontendError> {
         let region = window.region();
         let mut alloc = BumpAllocator::new(&region);
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
@@ -173,7 +176,7 @@ impl BlockFrontend {
         // 3 descriptors per data request: more bounce buffers than that could never be in use.
         let depth = fit.min(u64::from(cfg.queue_size / 3).max(1));
         if depth == 0 {
-            return Err(BlockFrontendError::Config(format!(
+            return Err(ProcessFrontendError::Config(format!(
                 "window of {} bytes has no room for a {}-byte bounce buffer per queue",
                 window.len(),
                 cfg.max_request_bytes
@@ -201,7 +204,7 @@ impl BlockFrontend {
         bounce: Vec<DmaBuf>,
         window: &Arc<IoWindow>,
         cfg: &BlockFrontendConfig,
-    ) -> Result<BlockFrontendQueue, BlockFrontendError> {
+    ) -> Result<BlockFrontendQueue, ProcessFrontendError> {
         let addrs = blk.virtqueue_ref().addrs();
         session.start_vring(
             i,
@@ -213,7 +216,7 @@ impl BlockFrontend {
             },
         )?;
         let dup = |fd: &vmm_sys_util::eventfd::EventFd| {
-            fd.try_clone().map_err(|source| BlockFrontendError::Io {
+            fd.try_clone().map_err(|source| ProcessFrontendError::Io {
                 op: "dup eventfd",
                 source,
             })
@@ -259,33 +262,33 @@ impl BlockFrontend {
     pub fn queue(
         &self,
         index: u16,
-    ) -> Result<MutexGuard<'_, BlockFrontendQueue>, BlockFrontendError> {
+    ) -> Result<MutexGuard<'_, BlockFrontendQueue>, ProcessFrontendError> {
         self.queues
             .get(index as usize)
-            .ok_or(BlockFrontendError::NoQueue(index))?
+            .ok_or(ProcessFrontendError::NoQueue(index))?
             .lock()
-            .map_err(|_| BlockFrontendError::Poisoned(index))
+            .map_err(|_| ProcessFrontendError::Poisoned(index))
     }
 
     /// Reads from `sector` into `buf` (a multiple of 512 bytes) on queue 0.
-    pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), BlockFrontendError> {
+    pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.read(sector, buf)
     }
     /// Writes `data` (a multiple of 512 bytes) at `sector` on queue 0.
-    pub fn write(&self, sector: u64, data: &[u8]) -> Result<(), BlockFrontendError> {
+    pub fn write(&self, sector: u64, data: &[u8]) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.write(sector, data)
     }
     /// Flushes the device write cache (queue 0).
-    pub fn flush(&self) -> Result<(), BlockFrontendError> {
+    pub fn flush(&self) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.flush()
     }
     /// Reads the device id (queue 0).
-    pub fn get_id(&self) -> Result<[u8; 20], BlockFrontendError> {
+    pub fn get_id(&self) -> Result<[u8; 20], ProcessFrontendError> {
         self.queue(0)?.get_id()
     }
 
     /// Counters summed over all queues.
-    pub fn stats(&self) -> Result<FrontendStats, BlockFrontendError> {
+    pub fn stats(&self) -> Result<FrontendStats, ProcessFrontendError> {
         let mut total = FrontendStats::default();
         for i in 0..self.num_queues() {
             total.add(&self.queue(i)?.stats());
@@ -296,11 +299,11 @@ impl BlockFrontend {
     /// Stops every vring (GET_VRING_BASE) after draining in-flight requests, and closes the
     /// session. Returns, per queue, the avail index the backend reports it stopped at, which
     /// equals the number of requests this frontend published (mod 2^16).
-    pub fn shutdown(mut self) -> Result<Vec<u16>, BlockFrontendError> {
+    pub fn shutdown(mut self) -> Result<Vec<u16>, ProcessFrontendError> {
         let mut bases = Vec::with_capacity(self.queues.len());
         for (i, q) in self.queues.iter().enumerate() {
             q.lock()
-                .map_err(|_| BlockFrontendError::Poisoned(i as u16))?
+                .map_err(|_| ProcessFrontendError::Poisoned(i as u16))?
                 .drain()?;
             let base = self.session.stop_vring(i)?.unwrap_or_default();
             bases.push(base as u16);

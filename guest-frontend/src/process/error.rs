@@ -6,11 +6,13 @@ use frontend_core::vhost_user::FrontendSessionError;
 use thiserror::Error;
 
 use super::window::WindowError;
+use crate::virtio::net::NetError;
 use crate::virtio::{BlkError, FrontMemoryError, FrontQueueError, FrontRequestError};
 
-/// Errors of [`super::BlockFrontend`] and [`super::BlockFrontendQueue`].
+/// Errors of the process guest's frontends: [`super::BlockFrontend`] (and its
+/// [`super::BlockFrontendQueue`]s) and [`super::NetFrontend`].
 #[derive(Debug, Error)]
-pub enum BlockFrontendError {
+pub enum ProcessFrontendError {
     /// The configuration is unusable.
     #[error("invalid frontend configuration: {0}")]
     Config(String),
@@ -32,6 +34,9 @@ pub enum BlockFrontendError {
         #[source]
         source: io::Error,
     },
+    /// The virtio-net driver failed.
+    #[error("virtio-net")]
+    Net(#[from] NetError),
     /// The virtio-blk driver failed (queue full, or the device broke the queue).
     #[error("virtio-blk: {0}")]
     Blk(#[from] BlkError),
@@ -62,13 +67,13 @@ pub enum BlockFrontendError {
     Poisoned(u16),
 }
 
-impl From<FrontQueueError> for BlockFrontendError {
+impl From<FrontQueueError> for ProcessFrontendError {
     fn from(e: FrontQueueError) -> Self {
         Self::Blk(BlkError::Queue(e))
     }
 }
 
-impl From<FrontMemoryError> for BlockFrontendError {
+impl From<FrontMemoryError> for ProcessFrontendError {
     fn from(e: FrontMemoryError) -> Self {
         Self::Blk(BlkError::Memory(e))
     }

@@ -13,7 +13,7 @@ mod queue;
 mod window;
 
 pub use block::{BlockFrontend, BlockFrontendConfig};
-pub use error::BlockFrontendError;
-pub use net::{NetFrontend, NetFrontendConfig, NetFrontendError};
+pub use error::ProcessFrontendError;
+pub use net::{NetFrontend, NetFrontendConfig};
 pub use queue::{BlockFrontendCompletion, BlockFrontendQueue, BlockOp, FrontendStats, RequestId};
 pub use window::{IoWindow, WindowError, DEFAULT_WINDOW_GPA, WINDOW_SEALS};

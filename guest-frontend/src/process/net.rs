@@ -8,55 +8,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use frontend_core::vhost_user::{
-    connect_with_retry, ConfigSpace, DeviceSpec, FrontendSession, FrontendSessionError,
-    SharedRegion, VringSetup, DEFAULT_REPLY_TIMEOUT,
+    connect_with_retry, ConfigSpace, DeviceSpec, FrontendSession, SharedRegion, VringSetup,
+    DEFAULT_REPLY_TIMEOUT,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use thiserror::Error;
 
-use super::window::{IoWindow, WindowError, DEFAULT_WINDOW_GPA};
+use super::error::ProcessFrontendError;
+use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
 use crate::virtio::net::{
     negotiate_features, FrontNetConfig, NetError, NetQueuePair, NET_CONFIG_BYTES,
     VIRTIO_NET_F_MRG_RXBUF,
 };
-use crate::virtio::{
-    BumpAllocator, DmaRegion, FrontMemoryError, FrontQueueError, Notify, QueueAddrs, SplitQueue,
-};
+use crate::virtio::{BumpAllocator, DmaRegion, Notify, QueueAddrs, SplitQueue};
 
 const RX: usize = 0;
 const TX: usize = 1;
-
-/// Errors of [`NetFrontend`].
-#[derive(Debug, Error)]
-pub enum NetFrontendError {
-    /// The configuration is unusable.
-    #[error("invalid net frontend configuration: {0}")]
-    Config(String),
-    /// The I/O window could not be set up.
-    #[error("I/O window")]
-    Window(#[from] WindowError),
-    /// The vhost-user session failed.
-    #[error("vhost-user session")]
-    Session(#[from] FrontendSessionError),
-    /// Rings or buffers did not fit the window.
-    #[error("ring set-up")]
-    Queue(#[from] FrontQueueError),
-    /// Rings or buffers did not fit the window.
-    #[error("window memory")]
-    Memory(#[from] FrontMemoryError),
-    /// Kicking or waiting for an interrupt failed.
-    #[error("{op}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The virtio-net driver failed.
-    #[error("virtio-net")]
-    Net(#[from] NetError),
-}
 
 /// Settings of a [`NetFrontend`].
 #[derive(Debug, Clone)]
@@ -107,15 +73,18 @@ impl std::fmt::Debug for NetFrontend {
 impl NetFrontend {
     /// Connects to the vhost-user-net backend listening at `path` (retried for `cfg.timeout`
     /// while the backend starts).
-    pub fn connect_path(path: &Path, cfg: NetFrontendConfig) -> Result<Self, NetFrontendError> {
+    pub fn connect_path(path: &Path, cfg: NetFrontendConfig) -> Result<Self, ProcessFrontendError> {
         Self::connect(connect_with_retry(path, cfg.timeout)?, cfg)
     }
 
     /// Runs the vhost-user set-up over a connected socket and starts both queues.
-    pub fn connect(stream: UnixStream, cfg: NetFrontendConfig) -> Result<Self, NetFrontendError> {
+    pub fn connect(
+        stream: UnixStream,
+        cfg: NetFrontendConfig,
+    ) -> Result<Self, ProcessFrontendError> {
         let size = cfg.queue_size;
         if size == 0 || !size.is_power_of_two() || size > 1024 {
-            return Err(NetFrontendError::Config(format!("queue size {size}")));
+            return Err(ProcessFrontendError::Config(format!("queue size {size}")));
         }
         let spec = DeviceSpec {
             queues: 2,
@@ -138,20 +107,27 @@ impl NetFrontend {
         let mut rings = Vec::new();
         for _ in 0..2 {
             let addrs = QueueAddrs {
-                desc: alloc.alloc(QueueAddrs::desc_bytes(size), 64)?,
-                avail: alloc.alloc(QueueAddrs::avail_bytes(size), 64)?,
-                used: alloc.alloc(QueueAddrs::used_bytes(size), 64)?,
+                desc: alloc
+                    .alloc(QueueAddrs::desc_bytes(size), 64)
+                    .map_err(NetError::from)?,
+                avail: alloc
+                    .alloc(QueueAddrs::avail_bytes(size), 64)
+                    .map_err(NetError::from)?,
+                used: alloc
+                    .alloc(QueueAddrs::used_bytes(size), 64)
+                    .map_err(NetError::from)?,
             };
             // SAFETY: the rings are inside the window, which `NetFrontend` keeps alive (its
             // `window` field outlives `pair`); nothing else in this process uses those bytes.
-            rings.push(unsafe { SplitQueue::new(&region, addrs, size, false)? });
+            let ring = unsafe { SplitQueue::new(&region, addrs, size, false) };
+            rings.push(ring.map_err(NetError::from)?);
         }
         let tx = rings
             .pop()
-            .ok_or(NetFrontendError::Config("no TX ring".into()))?;
+            .ok_or(ProcessFrontendError::Config("no TX ring".into()))?;
         let rx = rings
             .pop()
-            .ok_or(NetFrontendError::Config("no RX ring".into()))?;
+            .ok_or(ProcessFrontendError::Config("no RX ring".into()))?;
         let mrg = features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let mut pair = NetQueuePair::new(rx, tx, region, &mut alloc, mrg)?;
         session.set_mem_table(&[SharedRegion {
@@ -187,11 +163,11 @@ impl NetFrontend {
         Ok(me)
     }
 
-    fn kick(&self, q: usize) -> Result<(), NetFrontendError> {
+    fn kick(&self, q: usize) -> Result<(), ProcessFrontendError> {
         self.session
             .kick(q)?
             .write(1)
-            .map_err(|source| NetFrontendError::Io { op: "kick", source })
+            .map_err(|source| ProcessFrontendError::Io { op: "kick", source })
     }
 
     /// The MAC address the device published, if any.
@@ -215,7 +191,7 @@ impl NetFrontend {
     }
 
     /// Sends one Ethernet frame (without FCS).
-    pub fn send(&mut self, frame: &[u8]) -> Result<(), NetFrontendError> {
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), ProcessFrontendError> {
         self.pair.reclaim_tx()?;
         self.pair.send(frame)?;
         if self.pair.publish_tx() == Notify::Kick {
@@ -229,7 +205,7 @@ impl NetFrontend {
         &mut self,
         out: &mut [u8],
         timeout: Duration,
-    ) -> Result<Option<usize>, NetFrontendError> {
+    ) -> Result<Option<usize>, ProcessFrontendError> {
         let deadline = Instant::now() + timeout;
         loop {
             let got = self.pair.recv(out);
@@ -251,7 +227,7 @@ impl NetFrontend {
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
-                    return Err(NetFrontendError::Io {
+                    return Err(ProcessFrontendError::Io {
                         op: "wait for a receive interrupt",
                         source: e.into(),
                     })
@@ -263,7 +239,7 @@ impl NetFrontend {
     }
 
     /// Stops both vrings (GET_VRING_BASE) and closes the session.
-    pub fn shutdown(mut self) -> Result<(), NetFrontendError> {
+    pub fn shutdown(mut self) -> Result<(), ProcessFrontendError> {
         for q in [RX, TX] {
             self.session.stop_vring(q)?;
         }

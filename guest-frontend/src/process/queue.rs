@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::error::BlockFrontendError;
+use super::error::ProcessFrontendError;
 use super::window::IoWindow;
 use crate::virtio::{
     BlkOp, BlkRequest, DmaBuf, DmaMemory, DmaRegion, FrontBlkQueue, FrontRequestError, Notify,
@@ -97,7 +97,7 @@ impl BlockFrontendCompletion<'_> {
 
     /// Copies the request's data out of its bounce buffer into `dst` (for reads and GET_ID);
     /// returns the number of bytes copied.
-    pub fn copy_data(&self, dst: &mut [u8]) -> Result<usize, BlockFrontendError> {
+    pub fn copy_data(&self, dst: &mut [u8]) -> Result<usize, ProcessFrontendError> {
         let n = dst.len().min(self.data_len());
         self.region.read_bytes(self.data.addr, &mut dst[..n])?;
         Ok(n)
@@ -194,13 +194,13 @@ impl BlockFrontendQueue {
 
     /// Adds a request to the ring (copying write data into a bounce buffer). It reaches the
     /// device at the next [`BlockFrontendQueue::publish`] or wait.
-    pub fn submit(&mut self, op: BlockOp<'_>) -> Result<RequestId, BlockFrontendError> {
+    pub fn submit(&mut self, op: BlockOp<'_>) -> Result<RequestId, ProcessFrontendError> {
         let max = self.max_request_bytes();
         let (blk_op, sector, len) = match op {
             BlockOp::Read { sector, len } => (BlkOp::Read, sector, len),
             BlockOp::Write { sector, data } => {
                 let len = u32::try_from(data.len()).map_err(|_| {
-                    BlockFrontendError::BadRequest(format!("{} bytes is too large", data.len()))
+                    ProcessFrontendError::BadRequest(format!("{} bytes is too large", data.len()))
                 })?;
                 (BlkOp::Write, sector, len)
             }
@@ -208,14 +208,14 @@ impl BlockFrontendQueue {
             BlockOp::GetId => (BlkOp::GetId, 0, crate::virtio::blk::BLK_ID_BYTES as u32),
         };
         if len > max {
-            return Err(BlockFrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "{len} bytes exceeds the {max}-byte bounce buffer"
             )));
         }
         let slot = *self
             .free_bounce
             .last()
-            .ok_or(BlockFrontendError::QueueFull(self.index))?;
+            .ok_or(ProcessFrontendError::QueueFull(self.index))?;
         let buf = DmaBuf {
             addr: self.bounce[slot as usize].addr,
             len,
@@ -235,7 +235,7 @@ impl BlockFrontendQueue {
         match self.blk.submit(&req, u64::from(slot)) {
             Ok(()) => {}
             Err(crate::virtio::BlkError::Queue(crate::virtio::FrontQueueError::Full)) => {
-                return Err(BlockFrontendError::QueueFull(self.index))
+                return Err(ProcessFrontendError::QueueFull(self.index))
             }
             Err(e) => return Err(e.into()),
         }
@@ -246,7 +246,7 @@ impl BlockFrontendQueue {
     }
 
     /// Makes submitted requests visible to the backend and kicks it if it asked to be kicked.
-    pub fn publish(&mut self) -> Result<(), BlockFrontendError> {
+    pub fn publish(&mut self) -> Result<(), ProcessFrontendError> {
         if !self.unpublished {
             return Ok(());
         }
@@ -254,7 +254,7 @@ impl BlockFrontendQueue {
         if self.blk.publish() == Notify::Kick {
             self.kick
                 .write(1)
-                .map_err(|source| BlockFrontendError::Io {
+                .map_err(|source| ProcessFrontendError::Io {
                     op: "kick eventfd write",
                     source,
                 })?;
@@ -265,7 +265,7 @@ impl BlockFrontendQueue {
     fn reap(
         &mut self,
         f: &mut dyn FnMut(BlockFrontendCompletion<'_>),
-    ) -> Result<usize, BlockFrontendError> {
+    ) -> Result<usize, ProcessFrontendError> {
         let mut n = 0;
         while let Some(c) = self.blk.complete()? {
             // Tokens are bounce-slot indices this queue handed out; a completion for anything
@@ -276,7 +276,7 @@ impl BlockFrontendQueue {
                 .get_mut(slot)
                 .and_then(Option::take)
                 .ok_or_else(|| {
-                    BlockFrontendError::BadRequest(format!("stray completion {slot}"))
+                    ProcessFrontendError::BadRequest(format!("stray completion {slot}"))
                 })?;
             self.stats.requests += 1;
             match (c.result, pending.op) {
@@ -306,7 +306,7 @@ impl BlockFrontendQueue {
     pub fn complete(
         &mut self,
         mut f: impl FnMut(BlockFrontendCompletion<'_>),
-    ) -> Result<usize, BlockFrontendError> {
+    ) -> Result<usize, ProcessFrontendError> {
         self.publish()?;
         if self.in_flight() == 0 {
             return Ok(0);
@@ -325,15 +325,15 @@ impl BlockFrontendQueue {
         }
     }
 
-    fn timeout_error(&self) -> BlockFrontendError {
-        BlockFrontendError::Timeout {
+    fn timeout_error(&self) -> ProcessFrontendError {
+        ProcessFrontendError::Timeout {
             queue: self.index,
             in_flight: self.in_flight(),
             timeout_ms: self.timeout.as_millis(),
         }
     }
 
-    fn spin_until_used(&mut self, deadline: Instant) -> Result<(), BlockFrontendError> {
+    fn spin_until_used(&mut self, deadline: Instant) -> Result<(), ProcessFrontendError> {
         loop {
             for _ in 0..4096 {
                 if self.blk.virtqueue_ref().has_used() {
@@ -347,7 +347,7 @@ impl BlockFrontendQueue {
         }
     }
 
-    fn sleep_until_used(&mut self, deadline: Instant) -> Result<(), BlockFrontendError> {
+    fn sleep_until_used(&mut self, deadline: Instant) -> Result<(), ProcessFrontendError> {
         let vq = self.blk.virtqueue();
         if vq.enable_interrupts() {
             vq.disable_interrupts();
@@ -369,7 +369,7 @@ impl BlockFrontendQueue {
             if source.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(());
             }
-            return Err(BlockFrontendError::Io {
+            return Err(ProcessFrontendError::Io {
                 op: "poll call eventfd",
                 source,
             });
@@ -383,7 +383,7 @@ impl BlockFrontendQueue {
             Ok(_) => vq.note_interrupt(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(source) => {
-                return Err(BlockFrontendError::Io {
+                return Err(ProcessFrontendError::Io {
                     op: "call eventfd read",
                     source,
                 })
@@ -394,7 +394,7 @@ impl BlockFrontendQueue {
 
     /// Waits for and reaps every request in flight, failing on the first device error after
     /// all have completed.
-    pub fn drain(&mut self) -> Result<(), BlockFrontendError> {
+    pub fn drain(&mut self) -> Result<(), ProcessFrontendError> {
         let mut first_err = None;
         while self.in_flight() > 0 {
             self.complete(|c| {
@@ -414,13 +414,13 @@ impl BlockFrontendQueue {
             &mut Self,
             u64,
             std::ops::Range<usize>,
-        ) -> Result<RequestId, BlockFrontendError>,
-        mut done: impl FnMut(&BlockFrontendCompletion<'_>, usize) -> Result<(), BlockFrontendError>,
-    ) -> Result<(), BlockFrontendError> {
+        ) -> Result<RequestId, ProcessFrontendError>,
+        mut done: impl FnMut(&BlockFrontendCompletion<'_>, usize) -> Result<(), ProcessFrontendError>,
+    ) -> Result<(), ProcessFrontendError> {
         self.require_idle()?;
         let chunk = self.max_request_bytes() as usize;
         if chunk == 0 || total % 512 != 0 {
-            return Err(BlockFrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "length {total} is not a multiple of 512"
             )));
         }
@@ -432,7 +432,7 @@ impl BlockFrontendQueue {
                 let end = (next + chunk).min(total);
                 match submit(self, sector + (next / 512) as u64, next..end) {
                     Ok(id) => offsets[id.0 as usize] = next,
-                    Err(BlockFrontendError::QueueFull(_)) => break,
+                    Err(ProcessFrontendError::QueueFull(_)) => break,
                     Err(e) => result = Err(e),
                 }
                 next = end;
@@ -441,7 +441,7 @@ impl BlockFrontendQueue {
             self.complete(|c| {
                 let r = c
                     .result
-                    .map_err(BlockFrontendError::from)
+                    .map_err(ProcessFrontendError::from)
                     .and_then(|()| done(&c, offsets[c.id.0 as usize]));
                 if let Err(e) = r {
                     cb_err.get_or_insert(e);
@@ -456,7 +456,7 @@ impl BlockFrontendQueue {
 
     /// Reads `buf.len()` bytes (a multiple of 512) from `sector`, split into as many concurrent
     /// requests as needed.
-    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockFrontendError> {
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), ProcessFrontendError> {
         let total = buf.len();
         self.chunked(
             sector,
@@ -470,7 +470,7 @@ impl BlockFrontendQueue {
             |c, off| {
                 let end = off + c.data_len();
                 let dst = buf.get_mut(off..end).ok_or_else(|| {
-                    BlockFrontendError::BadRequest("completion outside the buffer".into())
+                    ProcessFrontendError::BadRequest("completion outside the buffer".into())
                 })?;
                 c.copy_data(dst).map(|_| ())
             },
@@ -478,7 +478,7 @@ impl BlockFrontendQueue {
     }
 
     /// Writes `data` (a multiple of 512 bytes) at `sector`.
-    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), BlockFrontendError> {
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), ProcessFrontendError> {
         self.chunked(
             sector,
             data.len(),
@@ -494,9 +494,9 @@ impl BlockFrontendQueue {
 
     /// The synchronous helpers reap every completion of the queue; with requests of the
     /// batched API in flight they would swallow those completions, so they refuse to run.
-    fn require_idle(&self) -> Result<(), BlockFrontendError> {
+    fn require_idle(&self) -> Result<(), ProcessFrontendError> {
         if self.in_flight() > 0 {
-            return Err(BlockFrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "synchronous call with {} batched requests in flight",
                 self.in_flight()
             )));
@@ -504,7 +504,7 @@ impl BlockFrontendQueue {
         Ok(())
     }
 
-    fn single(&mut self, op: BlockOp<'_>, out: &mut [u8]) -> Result<(), BlockFrontendError> {
+    fn single(&mut self, op: BlockOp<'_>, out: &mut [u8]) -> Result<(), ProcessFrontendError> {
         self.require_idle()?;
         let id = self.submit(op)?;
         let mut result = None;
@@ -513,7 +513,7 @@ impl BlockFrontendQueue {
                 if c.id == id {
                     result = Some(
                         c.result
-                            .map_err(BlockFrontendError::from)
+                            .map_err(ProcessFrontendError::from)
                             .and_then(|()| c.copy_data(out).map(|_| ())),
                     );
                 }
@@ -523,12 +523,12 @@ impl BlockFrontendQueue {
     }
 
     /// Flushes the device's write cache.
-    pub fn flush(&mut self) -> Result<(), BlockFrontendError> {
+    pub fn flush(&mut self) -> Result<(), ProcessFrontendError> {
         self.single(BlockOp::Flush, &mut [])
     }
 
     /// Reads the device id string (up to 20 bytes, NUL-padded).
-    pub fn get_id(&mut self) -> Result<[u8; 20], BlockFrontendError> {
+    pub fn get_id(&mut self) -> Result<[u8; 20], ProcessFrontendError> {
         let mut id = [0u8; 20];
         self.single(BlockOp::GetId, &mut id)?;
         Ok(id)
