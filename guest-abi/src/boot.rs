@@ -16,12 +16,9 @@ pub const GUEST_REPORT_SLOTS: usize = 7;
 
 /// A byte written to this port powers the guest off with that byte as its status.
 pub const POWEROFF_PORT: u16 = 0xf4;
-/// A byte written to this port marks a measurement phase (`PHASE_*`).
+/// A byte written to this port marks a measurement [`Phase`]; the VMM snapshots its exit
+/// counters there.
 pub const PHASE_PORT: u16 = 0xf5;
-pub const PHASE_IO_START: u8 = 1;
-pub const PHASE_IO_END: u8 = 2;
-pub const PHASE_IDLE_START: u8 = 3;
-pub const PHASE_IDLE_END: u8 = 4;
 
 /// Ring flag: negotiate VIRTIO_RING_F_EVENT_IDX.
 pub const RING_EVENT_IDX: u32 = 1;
@@ -30,6 +27,24 @@ pub const RING_POLL: u32 = 2;
 
 const MAGIC: u64 = 0x4f46_4e49_4d4d_5653; // "SVMMINFO"
 const VERSION: u32 = 1;
+
+/// Measurement phases the guest marks on [`PHASE_PORT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    IoStart = 1,
+    IoEnd = 2,
+    IdleStart = 3,
+    IdleEnd = 4,
+}
+
+impl Phase {
+    /// The phase a byte on the port marks, if any.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        let all = [Self::IoStart, Self::IoEnd, Self::IdleStart, Self::IdleEnd];
+        all.into_iter().find(|p| *p as u8 == b)
+    }
+}
 
 /// What the guest kernel does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +225,20 @@ mod tests {
             (get32(&b, 0x48), get32(&b, 0x4c), get32(&b, 0x50)),
             (1, 8, 2048)
         );
+    }
+
+    #[test]
+    fn phases_are_the_port_bytes() {
+        for (byte, phase) in [
+            (1, Phase::IoStart),
+            (2, Phase::IoEnd),
+            (3, Phase::IdleStart),
+            (4, Phase::IdleEnd),
+        ] {
+            assert_eq!(Phase::from_byte(byte), Some(phase));
+        }
+        assert_eq!(Phase::from_byte(0), None);
+        assert_eq!(Phase::from_byte(5), None);
     }
 
     #[test]

@@ -187,7 +187,7 @@ pub fn run(info: &BootInfo) -> u8 {
     };
     let seed = info.seed;
     let mut requests = 0u64;
-    platform::phase(platform::PHASE_IO_START);
+    platform::phase(platform::Phase::IoStart);
     let mut bad_words = 0u64;
     for &read in passes {
         let mut sector = 0;
@@ -248,7 +248,7 @@ pub fn run(info: &BootInfo) -> u8 {
             }
         }
     }
-    platform::phase(platform::PHASE_IO_END);
+    platform::phase(platform::Phase::IoEnd);
 
     let stats = disk.blk.virtqueue_ref().stats();
     platform::report(0, stats.kicks_sent);
@@ -262,11 +262,11 @@ pub fn run(info: &BootInfo) -> u8 {
     if info.wake_irq != 0 {
         irq::route_pin(info.wake_irq, irq::VECTOR_WAKE);
         let seen = irq::wake_irqs();
-        platform::phase(platform::PHASE_IDLE_START);
+        platform::phase(platform::Phase::IdleStart);
         while irq::wake_irqs() == seen {
             irq::wait_for_interrupt();
         }
-        platform::phase(platform::PHASE_IDLE_END);
+        platform::phase(platform::Phase::IdleEnd);
     }
 
     print("disk: ");

@@ -6,10 +6,7 @@ use core::arch::asm;
 
 /// COM1 transmit register.
 const COM1: u16 = 0x3f8;
-pub use guest_abi::boot::{
-    BootInfo, GuestMode, PHASE_IDLE_END, PHASE_IDLE_START, PHASE_IO_END, PHASE_IO_START,
-    RING_EVENT_IDX, RING_POLL,
-};
+pub use guest_abi::boot::{BootInfo, GuestMode, Phase, RING_EVENT_IDX, RING_POLL};
 use guest_abi::boot::{
     BOOT_INFO_BYTES, BOOT_INFO_GPA, GUEST_REPORT_OFFSET, GUEST_REPORT_SLOTS, PHASE_PORT,
     POWEROFF_PORT,
@@ -89,8 +86,8 @@ pub fn print_u64(mut v: u64) {
     }
 }
 
-pub fn phase(p: u8) {
-    outb(PHASE_PORT, p);
+pub fn phase(p: Phase) {
+    outb(PHASE_PORT, p as u8);
 }
 
 pub fn poweroff(status: u8) -> ! {
