@@ -12,5 +12,6 @@
 //! through) and external crates only; the guest-domain crates depend on it; the driver domain
 //! never does.
 
+mod reply_watchdog;
 pub mod vhost_user;
 pub mod xenbus;

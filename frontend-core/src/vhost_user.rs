@@ -26,6 +26,8 @@ use vhost::vhost_user::{
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::reply_watchdog::ReplyWatchdog;
+
 /// Device feature: virtio 1.x. Every backend this frontend talks to must offer it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Most queues one session drives.
@@ -42,14 +44,16 @@ pub enum FrontendSessionError {
         #[source]
         source: std::io::Error,
     },
-    #[error("configuring the vhost-user socket")]
-    Socket(#[source] std::io::Error),
+    #[error("starting the reply watchdog")]
+    Watchdog(#[source] std::io::Error),
     #[error("vhost-user {op}")]
     Protocol {
         op: &'static str,
         #[source]
         source: vhost::Error,
     },
+    #[error("vhost-user {op}: no reply within {timeout:?}")]
+    ReplyTimeout { op: &'static str, timeout: Duration },
     #[error("backend lacks {0}")]
     Unsupported(&'static str),
     #[error("backend has {offered} queues, {wanted} wanted")]
@@ -60,10 +64,6 @@ pub enum FrontendSessionError {
     NoQueue(usize),
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
-}
-
-fn vu(op: &'static str) -> impl FnOnce(vhost::Error) -> FrontendSessionError {
-    move |source| FrontendSessionError::Protocol { op, source }
 }
 
 /// Whether a device needs its config space read over vhost-user.
@@ -82,7 +82,8 @@ pub struct DeviceSpec {
     pub queues: u16,
     /// Its config space.
     pub config: ConfigSpace,
-    /// How long one reply may take (None: wait forever).
+    /// How long one reply may take (None: wait forever). Past it the session's socket is
+    /// shut down and the session fails.
     pub reply_timeout: Option<Duration>,
 }
 
@@ -115,6 +116,8 @@ struct Vring {
 /// A connected vhost-user backend serving one device.
 pub struct FrontendSession {
     frontend: Frontend,
+    watchdog: Option<ReplyWatchdog>,
+    reply_timeout: Option<Duration>,
     /// Features the device offers (the vhost-user protocol bit removed).
     device_features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -185,18 +188,14 @@ impl FrontendSession {
             return Err(FrontendSessionError::QueueCount(spec.queues));
         }
         // A backend that stops answering fails the device instead of hanging its user.
-        stream
-            .set_read_timeout(spec.reply_timeout)
-            .map_err(FrontendSessionError::Socket)?;
-        let mut frontend = Frontend::from_stream(stream, u64::from(spec.queues));
-        let (device_features, protocol) = negotiate(&mut frontend, &spec)?;
-        let config = match spec.config {
-            ConfigSpace::Required { bytes } | ConfigSpace::IfOffered { bytes }
-                if protocol.contains(VhostUserProtocolFeatures::CONFIG) =>
-            {
-                Some(read_config(&mut frontend, bytes)?)
+        let watchdog = match spec.reply_timeout {
+            Some(timeout) => {
+                let watched = stream.try_clone().map_err(FrontendSessionError::Watchdog)?;
+                let w =
+                    ReplyWatchdog::new(watched, timeout).map_err(FrontendSessionError::Watchdog)?;
+                Some(w)
             }
-            _ => None,
+            None => None,
         };
         let efd = || {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -211,14 +210,43 @@ impl FrontendSession {
                 })
             })
             .collect::<Result<_, FrontendSessionError>>()?;
-        Ok(Self {
-            frontend,
-            device_features,
-            protocol,
-            config,
+        let mut session = Self {
+            frontend: Frontend::from_stream(stream, u64::from(spec.queues)),
+            watchdog,
+            reply_timeout: spec.reply_timeout,
+            device_features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            config: None,
             acked_features: None,
             memory: Vec::new(),
             vrings,
+        };
+        session.negotiate(&spec)?;
+        session.config = match spec.config {
+            ConfigSpace::Required { bytes } | ConfigSpace::IfOffered { bytes }
+                if session.protocol.contains(VhostUserProtocolFeatures::CONFIG) =>
+            {
+                Some(session.read_config(bytes)?)
+            }
+            _ => None,
+        };
+        Ok(session)
+    }
+
+    /// Sends one request (and waits for its reply, if it has one) under the reply deadline.
+    fn send<T>(
+        &mut self,
+        op: &'static str,
+        request: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, FrontendSessionError> {
+        let frontend = &mut self.frontend;
+        let (result, overran) = match &self.watchdog {
+            Some(w) => w.guard(|| request(frontend)),
+            None => (request(frontend), false),
+        };
+        result.map_err(|source| match self.reply_timeout {
+            Some(timeout) if overran => FrontendSessionError::ReplyTimeout { op, timeout },
+            _ => FrontendSessionError::Protocol { op, source },
         })
     }
 
@@ -274,9 +302,7 @@ impl FrontendSession {
     /// Acknowledges `features` (a subset of [`FrontendSession::device_features`]).
     pub fn set_features(&mut self, features: u64) -> Result<(), FrontendSessionError> {
         let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.frontend
-            .set_features(features | proto_bit)
-            .map_err(vu("SET_FEATURES"))?;
+        self.send("SET_FEATURES", |f| f.set_features(features | proto_bit))?;
         self.acked_features = Some(features);
         Ok(())
     }
@@ -295,19 +321,24 @@ impl FrontendSession {
                 mmap_handle: r.fd,
             })
             .collect();
-        self.frontend
-            .set_mem_table(&table)
-            .map_err(vu("SET_MEM_TABLE"))?;
+        self.send("SET_MEM_TABLE", |f| f.set_mem_table(&table))?;
         self.memory = regions.to_vec();
         Ok(())
     }
 
     /// Starts queue `q` with `ring` at avail index 0 and its kick and call eventfds.
     pub fn start_vring(&mut self, q: usize, ring: VringSetup) -> Result<(), FrontendSessionError> {
-        let vring = self.vrings.get(q).ok_or(FrontendSessionError::NoQueue(q))?;
-        let f = &mut self.frontend;
-        f.set_vring_num(q, ring.size).map_err(vu("SET_VRING_NUM"))?;
-        f.set_vring_base(q, 0).map_err(vu("SET_VRING_BASE"))?;
+        let vring = self.vring(q)?;
+        let (kick, call) = (
+            vring
+                .kick
+                .try_clone()
+                .map_err(FrontendSessionError::EventFd)?,
+            vring
+                .call
+                .try_clone()
+                .map_err(FrontendSessionError::EventFd)?,
+        );
         let addrs = VringConfigData {
             queue_max_size: ring.size,
             queue_size: ring.size,
@@ -317,13 +348,12 @@ impl FrontendSession {
             avail_ring_addr: ring.avail,
             log_addr: None,
         };
-        f.set_vring_addr(q, &addrs).map_err(vu("SET_VRING_ADDR"))?;
-        f.set_vring_call(q, &vring.call)
-            .map_err(vu("SET_VRING_CALL"))?;
-        f.set_vring_kick(q, &vring.kick)
-            .map_err(vu("SET_VRING_KICK"))?;
-        f.set_vring_enable(q, true)
-            .map_err(vu("SET_VRING_ENABLE"))?;
+        self.send("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
+        self.send("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
+        self.send("SET_VRING_ADDR", |f| f.set_vring_addr(q, &addrs))?;
+        self.send("SET_VRING_CALL", |f| f.set_vring_call(q, &call))?;
+        self.send("SET_VRING_KICK", |f| f.set_vring_kick(q, &kick))?;
+        self.send("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
         if let Some(v) = self.vrings.get_mut(q) {
             v.running = Some(ring);
         }
@@ -341,69 +371,143 @@ impl FrontendSession {
         if v.running.take().is_none() {
             return Ok(None);
         }
-        let base = self
-            .frontend
-            .get_vring_base(q)
-            .map_err(vu("GET_VRING_BASE"))?;
+        let base = self.send("GET_VRING_BASE", |f| f.get_vring_base(q))?;
         Ok(Some(base))
     }
 }
 
-/// SET_OWNER and the feature negotiation; returns the device features (protocol bit removed)
-/// and the protocol features acknowledged.
-fn negotiate(
-    frontend: &mut Frontend,
-    spec: &DeviceSpec,
-) -> Result<(u64, VhostUserProtocolFeatures), FrontendSessionError> {
-    use FrontendSessionError::Unsupported;
-    frontend.set_owner().map_err(vu("SET_OWNER"))?;
-    let offered = frontend.get_features().map_err(vu("GET_FEATURES"))?;
-    let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    if offered & proto_bit == 0 {
-        return Err(Unsupported("VHOST_USER_F_PROTOCOL_FEATURES"));
-    }
-    if offered & VIRTIO_F_VERSION_1 == 0 {
-        return Err(Unsupported("VIRTIO_F_VERSION_1"));
-    }
-    let proto = frontend
-        .get_protocol_features()
-        .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-    let config = VhostUserProtocolFeatures::CONFIG;
-    if matches!(spec.config, ConfigSpace::Required { .. }) && !proto.contains(config) {
-        return Err(Unsupported("the CONFIG protocol feature"));
-    }
-    // REPLY_ACK, where offered, makes set-up failures (a refused memory table) synchronous
-    // errors instead of a silently dead queue.
-    let mut want = proto & (config | VhostUserProtocolFeatures::REPLY_ACK);
-    if spec.queues > 1 {
-        if !proto.contains(VhostUserProtocolFeatures::MQ) {
-            return Err(Unsupported("the MQ protocol feature"));
+impl FrontendSession {
+    /// SET_OWNER and the feature negotiation: the device features (protocol bit removed) and
+    /// the protocol features acknowledged.
+    fn negotiate(&mut self, spec: &DeviceSpec) -> Result<(), FrontendSessionError> {
+        use FrontendSessionError::Unsupported;
+        self.send("SET_OWNER", |f| f.set_owner())?;
+        let offered = self.send("GET_FEATURES", |f| f.get_features())?;
+        let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & proto_bit == 0 {
+            return Err(Unsupported("VHOST_USER_F_PROTOCOL_FEATURES"));
         }
-        want |= VhostUserProtocolFeatures::MQ;
-    }
-    frontend
-        .set_protocol_features(want)
-        .map_err(vu("SET_PROTOCOL_FEATURES"))?;
-    if spec.queues > 1 {
-        let offered = frontend.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
-        if offered < u64::from(spec.queues) {
-            return Err(FrontendSessionError::TooFewQueues {
-                offered,
-                wanted: spec.queues,
-            });
+        if offered & VIRTIO_F_VERSION_1 == 0 {
+            return Err(Unsupported("VIRTIO_F_VERSION_1"));
         }
+        let proto = self.send("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+        let config = VhostUserProtocolFeatures::CONFIG;
+        if matches!(spec.config, ConfigSpace::Required { .. }) && !proto.contains(config) {
+            return Err(Unsupported("the CONFIG protocol feature"));
+        }
+        // REPLY_ACK, where offered, makes set-up failures (a refused memory table) synchronous
+        // errors instead of a silently dead queue.
+        let mut want = proto & (config | VhostUserProtocolFeatures::REPLY_ACK);
+        if spec.queues > 1 {
+            if !proto.contains(VhostUserProtocolFeatures::MQ) {
+                return Err(Unsupported("the MQ protocol feature"));
+            }
+            want |= VhostUserProtocolFeatures::MQ;
+        }
+        self.send("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(want))?;
+        if spec.queues > 1 {
+            let offered = self.send("GET_QUEUE_NUM", |f| f.get_queue_num())?;
+            if offered < u64::from(spec.queues) {
+                return Err(FrontendSessionError::TooFewQueues {
+                    offered,
+                    wanted: spec.queues,
+                });
+            }
+        }
+        self.device_features = offered & !proto_bit;
+        self.protocol = want;
+        Ok(())
     }
-    Ok((offered & !proto_bit, want))
+
+    /// GET_CONFIG of `bytes` bytes; a shorter answer is padded with zeros.
+    fn read_config(&mut self, bytes: usize) -> Result<Vec<u8>, FrontendSessionError> {
+        let len =
+            u32::try_from(bytes).map_err(|_| FrontendSessionError::Unsupported("config size"))?;
+        let zeros = vec![0u8; bytes];
+        let (_, raw) = self.send("GET_CONFIG", |f| {
+            f.get_config(0, len, VhostUserConfigFlags::empty(), &zeros)
+        })?;
+        let mut config = vec![0u8; bytes];
+        let n = raw.len().min(bytes);
+        config[..n].copy_from_slice(&raw[..n]);
+        Ok(config)
+    }
 }
 
-/// GET_CONFIG of `bytes` bytes; a shorter answer is padded with zeros.
-fn read_config(frontend: &mut Frontend, bytes: usize) -> Result<Vec<u8>, FrontendSessionError> {
-    let len = u32::try_from(bytes).map_err(|_| FrontendSessionError::Unsupported("config size"))?;
-    let (_, raw) = frontend
-        .get_config(0, len, VhostUserConfigFlags::empty(), &vec![0u8; bytes])
-        .map_err(vu("GET_CONFIG"))?;
-    let mut config = vec![0u8; bytes];
-    let n = raw.len().min(bytes);
-    config[..n].copy_from_slice(&raw[..n]);
-    Ok(config)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(queues: u16) -> DeviceSpec {
+        DeviceSpec {
+            queues,
+            config: ConfigSpace::Required { bytes: 8 },
+            reply_timeout: Some(Duration::from_millis(200)),
+        }
+    }
+
+    #[test]
+    fn a_silent_backend_fails_the_session_instead_of_hanging_it() {
+        let (ours, _silent_peer) = UnixStream::pair().expect("socketpair");
+        let started = Instant::now();
+        let err = FrontendSession::connect(ours, spec(1)).expect_err("no answer");
+        assert!(
+            matches!(
+                err,
+                FrontendSessionError::ReplyTimeout {
+                    op: "GET_FEATURES",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn impossible_queue_counts_are_refused_before_any_message() {
+        for queues in [0, MAX_QUEUES + 1] {
+            let (ours, peer) = UnixStream::pair().expect("socketpair");
+            let err = FrontendSession::connect(ours, spec(queues)).expect_err("refused");
+            assert!(matches!(err, FrontendSessionError::QueueCount(q) if q == queues));
+            peer.set_nonblocking(true).expect("nonblocking");
+            let mut byte = [0u8; 1];
+            let sent = std::io::Read::read(&mut &peer, &mut byte);
+            assert!(
+                !matches!(sent, Ok(n) if n > 0),
+                "a message was sent: {sent:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_socket_is_reported_with_its_path_once_the_deadline_passed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("no-such.sock");
+        let err = connect_with_retry(&path, Duration::ZERO).expect_err("missing");
+        match err {
+            FrontendSessionError::Connect { path: p, source } => {
+                assert_eq!(p, path.display().to_string());
+                assert_eq!(source.kind(), ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_listening_backend_is_reached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("be.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let stream = connect_with_retry(&path, Duration::from_secs(1)).expect("connects");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert_eq!(
+            stream
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_owned)),
+            Some(path.clone())
+        );
+        drop(accepted);
+    }
 }

@@ -113,3 +113,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("vhost-user set-up")]
+        SetUp(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let e = Outer::SetUp(std::io::Error::other("backend lacks CONFIG"));
+        assert_eq!(error_chain(&e), "vhost-user set-up: backend lacks CONFIG");
+    }
+}
