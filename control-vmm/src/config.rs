@@ -4,7 +4,7 @@
 //! Every error names the file, the key and what was expected, so a user can fix the file
 //! without reading this code.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -42,8 +42,44 @@ pub struct HostConfig {
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
     pub driver_domain: DriverDomainConfig,
+    /// Self-tests `up` runs after attaching; none unless asked for.
+    #[serde(default)]
+    pub checks: ChecksConfig,
     #[serde(default, rename = "guest")]
     pub guests: Vec<GuestConfig>,
+}
+
+/// The self-tests `splitvmm up` runs once every device is attached. Each is off unless the host
+/// file (`[checks]`) or the command line (`up --check`) asks for it: `up` alone attaches and
+/// serves, and never writes to an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// Each guest writes and verifies a pattern at the start of each of its scratch disks
+    /// (`scratch = true`, or created by the toolstack in this run); other disks are skipped.
+    #[serde(default)]
+    pub disk: bool,
+    /// Each guest resolves the next one's address and exchanges UDP echoes with it.
+    #[serde(default)]
+    pub ping: bool,
+    /// The last guest's first disk is detached and re-attached while the others keep working
+    /// (with `disk`, its pattern must survive).
+    #[serde(default)]
+    pub replug: bool,
+}
+
+impl ChecksConfig {
+    /// Every check (`up --check`).
+    pub const ALL: ChecksConfig = ChecksConfig {
+        disk: true,
+        ping: true,
+        replug: true,
+    };
+
+    /// Whether any check is asked for.
+    pub fn any(&self) -> bool {
+        self.disk || self.ping || self.replug
+    }
 }
 
 fn default_run_dir() -> PathBuf {
@@ -171,6 +207,10 @@ pub struct DiskConfig {
     pub devid: u32,
     #[serde(default)]
     pub readonly: bool,
+    /// The image holds nothing anyone needs: disk checks may write to it. An image the
+    /// toolstack creates (`size_mib` given, no file there) is scratch for the run anyway.
+    #[serde(default)]
+    pub scratch: bool,
 }
 
 fn default_devid() -> u32 {
@@ -178,16 +218,53 @@ fn default_devid() -> u32 {
 }
 
 impl HostConfig {
-    /// Reads and validates `file`.
+    /// Reads and validates `file`, and checks that the images, kernels and files it names
+    /// are what they claim (see [`crate::image`]), before anything is started.
     pub fn load(file: &Path) -> Result<HostConfig, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-            file: file.to_owned(),
-            source,
-        })?;
+        let text = read_bounded(file)?;
         let mut config = HostConfig::parse(file, &text)?;
         let base = file.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
+        config.check_files(file)?;
         Ok(config)
+    }
+
+    fn check_files(&self, file: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, expected: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            expected,
+        };
+        for (i, guest) in self.guests.iter().enumerate() {
+            if let (GuestKind::Kvm, Some(kernel)) = (guest.kind, &guest.kernel) {
+                match crate::image::kernel_format(kernel) {
+                    Ok(crate::image::KernelFormat::Elf) => {}
+                    Ok(crate::image::KernelFormat::BzImage) => {
+                        return Err(invalid(
+                            format!("guest[{i}].kernel"),
+                            format!(
+                                "{} is a Linux bzImage; a kind = \"kvm\" guest boots the tiny \
+                                 ELF kernel (guest-frontend/tiny-kernel/build.sh)",
+                                kernel.display()
+                            ),
+                        ))
+                    }
+                    Err(e) => {
+                        let hint = if kernel.exists() {
+                            ""
+                        } else {
+                            " (build the tiny kernel with guest-frontend/tiny-kernel/build.sh)"
+                        };
+                        return Err(invalid(format!("guest[{i}].kernel"), format!("{e}{hint}")));
+                    }
+                }
+            }
+            for (j, disk) in guest.disks.iter().enumerate() {
+                crate::image::check_disk(disk)
+                    .map_err(|e| invalid(format!("guest[{i}].disk[{j}].image"), e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Parses and validates `text`; `file` is only used in messages.
@@ -276,6 +353,29 @@ impl HostConfig {
                 ));
             }
         }
+        let mut macs = HashMap::new();
+        let mut ips = HashMap::new();
+        for (i, guest) in self.guests.iter().enumerate() {
+            for (j, nic) in guest.nics.iter().enumerate() {
+                let key = format!("guest[{i}].nic[{j}]");
+                if let Some(mac) = nic.mac_of(guest.domid) {
+                    if let Some(first) = macs.insert(mac, key.clone()) {
+                        return Err(invalid(
+                            format!("{key}.mac"),
+                            &format!("a MAC address unique on the host, {first} has it too"),
+                        ));
+                    }
+                }
+                if let Some(ip) = nic.ip_of(guest.domid) {
+                    if let Some(first) = ips.insert(ip, key.clone()) {
+                        return Err(invalid(
+                            format!("{key}.ip"),
+                            &format!("an IPv4 address unique on the host, {first} has it too"),
+                        ));
+                    }
+                }
+            }
+        }
         for (i, guest) in self.guests.iter().enumerate() {
             match (guest.kind, &guest.kernel) {
                 (GuestKind::Kvm, None) => {
@@ -357,6 +457,39 @@ impl HostConfig {
     pub fn store_socket(&self) -> PathBuf {
         self.run_dir.join("xenstored.sock")
     }
+}
+
+/// Largest host file `load` reads: a description of a host is a few KiB; anything bigger is
+/// the wrong file (`splitvmm up /dev/zero` must fail at once, not read until memory runs out).
+pub const MAX_HOST_FILE: u64 = 1024 * 1024;
+
+fn read_bounded(file: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read_err = |source| ConfigError::Read {
+        file: file.to_owned(),
+        source,
+    };
+    let parse_err = |message: String| ConfigError::Parse {
+        file: file.to_owned(),
+        message,
+    };
+    let handle = std::fs::File::open(file).map_err(read_err)?;
+    if !handle.metadata().map_err(read_err)?.is_file() {
+        return Err(parse_err(
+            "not a regular file (a host file is a TOML file)".to_owned(),
+        ));
+    }
+    let mut bytes = Vec::new();
+    handle
+        .take(MAX_HOST_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_HOST_FILE {
+        return Err(parse_err(format!(
+            "larger than {MAX_HOST_FILE} bytes: not a host description"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| parse_err("not UTF-8 text".to_owned()))
 }
 
 /// `DDDD:BB:DD.F` as sysfs spells it (lower-case hex, device <= 0x1f, function <= 7).
@@ -508,6 +641,87 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("host.toml"), "{text}");
         assert!(text.contains("sise_mib"), "{text}");
+    }
+
+    #[test]
+    fn checks_are_off_unless_asked_for() {
+        let config = parse(GOOD).unwrap();
+        assert!(!config.checks.any());
+        assert!(!config.guests[0].disks[0].scratch);
+        let asked = parse(&format!("{GOOD}\n[checks]\ndisk = true\n")).unwrap();
+        assert!(asked.checks.disk && !asked.checks.ping && !asked.checks.replug);
+    }
+
+    #[test]
+    fn macs_and_ips_are_unique_on_the_host() {
+        let nics = GOOD
+            .replace(
+                "size_mib = 8\n",
+                "size_mib = 8\n[[guest.nic]]\nip = \"10.0.0.9\"\n",
+            )
+            .replace(
+                "domid = 3\n",
+                "domid = 3\n[[guest.nic]]\nip = \"10.0.0.9\"\n",
+            );
+        expect_invalid(&nics, "guest[1].nic[0].ip");
+        let macs = GOOD
+            .replace(
+                "size_mib = 8\n",
+                "size_mib = 8\n[[guest.nic]]\nmac = \"02:00:00:00:00:09\"\n",
+            )
+            .replace(
+                "domid = 3\n",
+                "domid = 3\n[[guest.nic]]\nmac = \"02:00:00:00:00:09\"\n",
+            );
+        expect_invalid(&macs, "guest[1].nic[0].mac");
+    }
+
+    #[test]
+    fn the_host_file_is_bounded_and_regular() {
+        let started = std::time::Instant::now();
+        let err = HostConfig::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_HOST_FILE as usize + 1]).unwrap();
+        let err = HostConfig::load(&big).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn load_checks_images_and_kernels() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("host.toml");
+        let without_size = GOOD.replace("size_mib = 8", "");
+        std::fs::write(&file, &without_size).unwrap();
+        let err = HostConfig::load(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("guest[0].disk[0].image") && err.contains("no such file"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("a.img"), vec![0u8; 1000]).unwrap();
+        let err = HostConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("truncate -s 1024"), "{err}");
+        std::fs::write(dir.path().join("a.img"), vec![0u8; 1024]).unwrap();
+        HostConfig::load(&file).unwrap();
+        let kvm = without_size.replace(
+            "domid = 3",
+            "domid = 3\nkind = \"kvm\"\nkernel = \"/bin/ls\"",
+        );
+        std::fs::write(&file, kvm.replace("/bin/ls", "missing.elf")).unwrap();
+        let err = HostConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("guest[1].kernel"), "{err}");
+        std::fs::write(&file, &kvm).unwrap();
+        let err = HostConfig::load(&file).unwrap_err().to_string();
+        assert!(err.contains("/bin/ls is not a kernel"), "{err}");
+        std::fs::write(dir.path().join("notes"), b"not a kernel").unwrap();
+        std::fs::write(&file, kvm.replace("/bin/ls", "notes")).unwrap();
+        let err = HostConfig::load(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("guest[1].kernel") && err.contains("ELF"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! up, with the operations the toolstack performs on them (attach, detach, checks, shutdown).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
@@ -20,6 +20,7 @@ use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
 use crate::config::{DiskConfig, GuestKind, HostConfig, NicConfig};
+use crate::image::{self, OpenImage};
 use crate::supervisor::DomainProcess;
 use crate::{connection, domains};
 
@@ -60,6 +61,11 @@ pub struct Host {
     attach_serial: u64,
     /// (guest, kind, devid) of every attached device.
     attached: BTreeSet<(String, DeviceKind, u32)>,
+    /// The images held for each (guest, vbd), locked: the registry that names who holds an
+    /// image when another attach is refused.
+    images: BTreeMap<(String, u32), HeldImage>,
+    /// (st_dev, st_ino) of the images this toolstack created: scratch for as long as it runs.
+    created: BTreeSet<(u64, u64)>,
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -75,35 +81,52 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Opens (creating or growing as asked) a disk image for the driver domain.
-fn open_image(disk: &DiskConfig) -> Result<File> {
-    if disk.size_mib.is_some() && !disk.readonly {
-        if let Some(dir) = disk.image.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
+/// A disk image the toolstack holds for one guest's vbd, attached or about to be.
+struct HeldImage {
+    image: OpenImage,
+    path: PathBuf,
+    /// Disk checks may write to it (`scratch = true`, or the toolstack created it).
+    scratch: bool,
+}
+
+/// Opens and locks `disk`'s image; `images` is the registry that names a holder on this host.
+fn open_held(
+    disk: &DiskConfig,
+    images: &BTreeMap<(String, u32), HeldImage>,
+    created: &mut BTreeSet<(u64, u64)>,
+) -> Result<HeldImage> {
+    let holder_of = |id| {
+        images
+            .iter()
+            .find(|(_, h)| h.image.info.id == id)
+            .map(|((guest, devid), _)| format!("{guest}'s vbd {devid} on this host"))
+    };
+    let image = image::open_disk(disk, &holder_of)?;
+    if image.created {
+        created.insert(image.info.id);
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!disk.readonly)
-        .create(disk.size_mib.is_some() && !disk.readonly)
-        .truncate(false)
-        .open(&disk.image)
-        .with_context(|| format!("opening disk image {}", disk.image.display()))?;
-    if let Some(mib) = disk.size_mib {
-        let want = mib * 1024 * 1024;
-        let len = file.metadata()?.len();
-        if len < want && !disk.readonly {
-            file.set_len(want)
-                .with_context(|| format!("sizing {} to {mib} MiB", disk.image.display()))?;
-        }
-    }
-    Ok(file)
+    let scratch = disk.scratch || created.contains(&image.info.id);
+    Ok(HeldImage {
+        image,
+        path: disk.image.clone(),
+        scratch,
+    })
 }
 
 impl Host {
     /// Starts the store, creates the domains in it and starts their processes.
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
         let started = Instant::now();
+        // Every image is opened and locked before anything starts: one held elsewhere, or
+        // named twice, fails here.
+        let mut images = BTreeMap::new();
+        let mut created = BTreeSet::new();
+        for guest in &config.guests {
+            for disk in &guest.disks {
+                let held = open_held(disk, &images, &mut created)?;
+                images.insert((guest.name.clone(), disk.devid), held);
+            }
+        }
         std::fs::create_dir_all(&config.run_dir)
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
         let private_dir = config.run_dir.join("vhost-user");
@@ -140,6 +163,8 @@ impl Host {
             private_dir,
             attach_serial: 0,
             attached: BTreeSet::new(),
+            images,
+            created,
         };
         match host
             .driver
@@ -296,7 +321,37 @@ impl Host {
         {
             bail!("{name} already has a vbd {}", disk.devid);
         }
-        let image = open_image(disk)?;
+        let key = (name.to_owned(), disk.devid);
+        if !self.images.contains_key(&key) {
+            let held = open_held(disk, &self.images, &mut self.created)?;
+            self.images.insert(key.clone(), held);
+        }
+        let result = self.connect_disk(name, disk, dev);
+        if result.is_err() {
+            // Leave nothing half-attached: no directories (if they were written), no lock.
+            let written = self
+                .client
+                .read(&format!("{}/{}", dev.backend_path(), keys::FRONTEND))
+                .is_ok();
+            if let Err(e) = written.then(|| self.tear_down(&dev)).transpose() {
+                log::warn!("{name}: removing the failed vbd {}: {e:#}", dev.devid);
+            }
+            if let Some(held) = self.images.remove(&key) {
+                held.image.release();
+            }
+        }
+        result
+    }
+
+    fn connect_disk(&mut self, name: &str, disk: &DiskConfig, dev: DeviceId) -> Result<u64> {
+        let image = self
+            .images
+            .get(&(name.to_owned(), disk.devid))
+            .context("image not held")?
+            .image
+            .file
+            .try_clone()
+            .context("duplicating the image descriptor")?;
         self.attach_serial += 1;
         let sock_name = format!("{}-{}-{}.sock", dev.frontend, dev.devid, self.attach_serial);
         let (backend_end, frontend_end) =
@@ -464,6 +519,11 @@ impl Host {
             WALK_TIMEOUT,
         )?;
         domains::remove_device(&mut self.client, &dev)?;
+        if kind == DeviceKind::Vbd {
+            if let Some(held) = self.images.remove(&(name.to_owned(), devid)) {
+                held.image.release();
+            }
+        }
         self.progress(&format!("{name}: {kind} {devid} detached"));
         Ok(())
     }
@@ -478,6 +538,17 @@ impl Host {
         verify_only: bool,
     ) -> Result<bool> {
         let bytes = self.guest(name)?.check_bytes;
+        if !verify_only && !self.is_scratch(name, devid) {
+            let path = self
+                .images
+                .get(&(name.to_owned(), devid))
+                .map_or_else(|| "its image".to_owned(), |h| h.path.display().to_string());
+            bail!(
+                "{name}: vbd {devid}: refusing to write a check pattern to {path}: it is not a \
+                 scratch image (not created by this toolstack, not marked scratch = true / \
+                 block-attach --scratch); --verify-only only reads"
+            );
+        }
         self.guest(name)?.domain.channel.send(
             &GuestRequest::DiskCheck {
                 devid,
@@ -499,6 +570,13 @@ impl Host {
             }
             other => bail!("{name}: disk check on vbd {devid}: {other:?}"),
         }
+    }
+
+    /// Whether checks may write to guest `name`'s vbd `devid` (see [`HeldImage::scratch`]).
+    pub fn is_scratch(&self, name: &str, devid: u32) -> bool {
+        self.images
+            .get(&(name.to_owned(), devid))
+            .is_some_and(|h| h.scratch)
     }
 
     /// The store client, for reads by the caller (tests, the final table).
@@ -535,6 +613,12 @@ impl Host {
             .map(|(_, kind, devid)| (*kind, *devid))
             .collect();
         self.attached.retain(|(g, _, _)| g != name);
+        let held: Vec<(String, u32)> = self
+            .images
+            .keys()
+            .filter(|(g, _)| g == name)
+            .cloned()
+            .collect();
         for (kind, devid) in devices {
             let dev = DeviceId {
                 kind,
@@ -542,22 +626,34 @@ impl Host {
                 frontend: domid,
                 devid,
             };
-            // Ask first, then take the dead guest's directory away: the backend then finds the
-            // request already there when it sees its frontend gone, and its Closed comes last.
-            domains::request_close(&mut self.client, &dev)?;
-            domains::remove_frontend(&mut self.client, &dev)?;
-            domains::wait_for_state(
-                &mut self.client,
-                &dev.backend_path(),
-                XenbusState::Closed,
-                WALK_TIMEOUT,
-            )?;
-            domains::remove_device(&mut self.client, &dev)?;
+            self.tear_down(&dev)?;
+        }
+        for key in held {
+            if let Some(held) = self.images.remove(&key) {
+                held.image.release();
+            }
         }
         domains::destroy_domain(&mut self.client, domid)?;
         let how = status.map_or_else(|| "ended".to_owned(), |s| crate::supervisor::describe(&s));
         self.progress(&format!("{name}: destroyed ({how})"));
         Ok(())
+    }
+
+    /// Removes a device whose frontend is gone or never took it, from the backend's side.
+    fn tear_down(&mut self, dev: &DeviceId) -> Result<()> {
+        // Ask first, then take the frontend's directory away: the backend then finds the
+        // request already there when it sees its frontend gone, and its Closed comes last;
+        // only then do the directories go, so no late backend write brings one back.
+        domains::request_close(&mut self.client, dev)?;
+        domains::remove_frontend(&mut self.client, dev)?;
+        let closed = domains::wait_for_state(
+            &mut self.client,
+            &dev.backend_path(),
+            XenbusState::Closed,
+            WALK_TIMEOUT,
+        );
+        domains::remove_device(&mut self.client, dev)?;
+        Ok(closed?)
     }
 
     /// Stops every guest (collecting its counters), then the driver domain, then the store.

@@ -9,6 +9,7 @@ pub mod connection;
 pub mod console;
 pub mod domains;
 pub mod host;
+pub mod image;
 pub mod signals;
 pub mod store_cmd;
 pub mod supervisor;

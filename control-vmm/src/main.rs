@@ -26,13 +26,18 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
     },
-    /// Bring up a host described in a TOML file: the store, the driver domain, the guests.
+    /// Bring up a host described in a TOML file: the store, the driver domain, the guests;
+    /// attach their devices and run the checks the file's [checks] asks for.
     Up {
         config: PathBuf,
         /// Keep the host up after the checks, for `block-attach`/`block-detach`, until
         /// SIGINT or SIGTERM.
         #[arg(long)]
         stay: bool,
+        /// Run every check (disk, ping, replug) whatever [checks] says. Disk checks write
+        /// only to scratch images.
+        #[arg(long)]
+        check: bool,
     },
     /// Attach a disk image to a guest of a running `splitvmm up --stay`.
     BlockAttach {
@@ -45,9 +50,12 @@ enum Command {
         devid: u32,
         #[arg(long)]
         readonly: bool,
-        /// Create (or grow) the image to this many MiB.
+        /// Create (or grow) the image to this many MiB. An image created so is scratch.
         #[arg(long)]
         size_mib: Option<u64>,
+        /// The image holds nothing anyone needs: `disk-check` may write to it.
+        #[arg(long)]
+        scratch: bool,
     },
     /// Detach a disk from a guest of a running `splitvmm up --stay`.
     BlockDetach {
@@ -88,7 +96,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         rounds: u32,
     },
-    /// Have a guest write and verify (or only verify) a pattern on one of its disks.
+    /// Have a guest write and verify (or only verify) a pattern on one of its disks. Writing
+    /// is refused unless the image is scratch.
     DiskCheck {
         #[command(flatten)]
         store: xs::StoreArg,
@@ -154,7 +163,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Store { socket } => store_cmd::run(&socket),
-        Command::Up { config, stay } => up::run(&config, stay),
+        Command::Up {
+            config,
+            stay,
+            check,
+        } => up::run(&config, stay, check),
         Command::BlockAttach {
             store,
             guest,
@@ -162,6 +175,7 @@ fn main() -> ExitCode {
             devid,
             readonly,
             size_mib,
+            scratch,
         } => {
             let image = std::path::absolute(&image).unwrap_or(image);
             toolstack::request(
@@ -172,6 +186,7 @@ fn main() -> ExitCode {
                     devid,
                     readonly,
                     size_mib,
+                    scratch,
                 },
             )
         }

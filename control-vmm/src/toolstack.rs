@@ -67,12 +67,14 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             devid,
             readonly,
             size_mib,
+            scratch,
         } => {
             let disk = DiskConfig {
                 image: image.into(),
                 size_mib,
                 devid,
                 readonly,
+                scratch,
             };
             let sectors = host.attach_disk(&guest, &disk)?;
             Ok(format!("{guest}: vbd {devid} attached, {sectors} sectors"))

@@ -1,11 +1,15 @@
-//! `splitvmm up CONFIG.toml`: bring a host up and run the main job on it.
+//! `splitvmm up CONFIG.toml`: bring a host up, attach every guest's devices, and run the
+//! checks asked for.
 //!
-//! The main job: every guest attaches its disks and writes and verifies a pattern on each;
-//! the last guest's first disk is then detached at run time while the other guests keep doing
-//! I/O, re-attached, and its pattern verified again (it must have survived). Then everything
-//! is shut down, a table per domain is printed, and the exit status says whether every check
-//! passed. With `--stay` the host stays up after the checks, managed through the toolstack
-//! socket (`splitvmm block-attach`, `block-detach`, `disk-check`), until SIGINT or SIGTERM.
+//! Checks run only where the host file (`[checks]`) or the command line (`--check`) asks:
+//! `disk`, every guest writes and verifies a pattern on each of its scratch disks (others are
+//! skipped: a check never writes to a user's image); `ping`, the guests resolve each other
+//! and exchange UDP echoes through the driver domain's switch; `replug`, the last guest's first
+//! disk is detached at run time while the other guests keep doing I/O, re-attached, and (with
+//! `disk`) its pattern verified again. Then everything is shut down, a table per domain is
+//! printed, and the exit status says whether every check passed. With `--stay` the host stays
+//! up after the checks, managed through the toolstack socket (`splitvmm block-attach`,
+//! `block-detach`, `disk-check`), until SIGINT or SIGTERM.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -14,20 +18,28 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::config::HostConfig;
+use crate::config::{ChecksConfig, DiskConfig, HostConfig};
 use crate::host::{Host, ShutdownReport};
 use crate::{signals, toolstack};
 
 /// UDP echoes per ping check.
 const PING_ROUNDS: u32 = 20;
 
-fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
+/// The seed of the pattern the main job has a guest write on disk `devid` in `round` (0: the
+/// first check; 1: the check while another guest's disk is detached). Public so tests can
+/// recompute what the disk image must hold.
+pub fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
 
 /// Runs `splitvmm up`.
-pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
+pub fn run(config_path: &Path, stay: bool, check_all: bool) -> Result<ExitCode> {
     let config = HostConfig::load(config_path)?;
+    let checks = if check_all {
+        ChecksConfig::ALL
+    } else {
+        config.checks
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     signals::handle_termination(move |signal| {
@@ -36,7 +48,7 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
     })?;
 
     let mut host = Host::bring_up(&config, stop.clone()).context("bringing the host up")?;
-    let mut checks = main_job(&mut host, &config);
+    let mut checks = main_job(&mut host, &config, checks);
     if stay && checks.is_ok() {
         if let Err(e) = toolstack::serve(&mut host, &config.store_socket(), &stop) {
             checks = Err(e);
@@ -47,7 +59,10 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
     let clean = report.clean;
     match checks {
         Ok(report) => {
-            println!("checks: {} passed, {} failed", report.passed, report.failed);
+            println!(
+                "checks: {} passed, {} failed, {} skipped",
+                report.passed, report.failed, report.skipped
+            );
             if report.failed == 0 && clean {
                 Ok(ExitCode::SUCCESS)
             } else {
@@ -65,6 +80,7 @@ pub fn run(config_path: &Path, stay: bool) -> Result<ExitCode> {
 struct Report {
     passed: u32,
     failed: u32,
+    skipped: u32,
 }
 
 impl Report {
@@ -77,23 +93,14 @@ impl Report {
     }
 }
 
-fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
+fn main_job(host: &mut Host, config: &HostConfig, checks: ChecksConfig) -> Result<Report> {
     let mut report = Report::default();
     for guest in &config.guests {
         for disk in &guest.disks {
             host.attach_disk(&guest.name, disk)?;
         }
     }
-    for guest in &config.guests {
-        for disk in &guest.disks {
-            let seed = seed_for(guest.domid, disk.devid, 0);
-            let ok = host.disk_check(&guest.name, disk.devid, seed, disk.readonly)?;
-            report.record(ok);
-        }
-    }
-
-    // Network: every interface joins the driver domain's switch; each guest then resolves
-    // the next one's address and exchanges UDP echoes with it.
+    // Network: every interface joins the driver domain's switch.
     let mut interfaces = Vec::new();
     for guest in &config.guests {
         for nic in &guest.nics {
@@ -101,7 +108,21 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
             interfaces.push((guest.name.clone(), nic.devid, ip));
         }
     }
-    if interfaces.len() >= 2 {
+    if !checks.any() {
+        host.progress("every device attached; no checks asked for ([checks] or --check)");
+        return Ok(report);
+    }
+    if checks.disk {
+        for guest in &config.guests {
+            for disk in &guest.disks {
+                let seed = seed_for(guest.domid, disk.devid, 0);
+                disk_check(host, &mut report, &guest.name, disk, seed, false)?;
+            }
+        }
+    }
+
+    // Each guest resolves the next one's address and exchanges UDP echoes with it.
+    if checks.ping && interfaces.len() >= 2 {
         for (i, (name, devid, _)) in interfaces.iter().enumerate() {
             let (_, _, peer) = &interfaces[(i + 1) % interfaces.len()];
             let ok = host.net_ping(name, *devid, *peer, PING_ROUNDS)?;
@@ -115,22 +136,49 @@ fn main_job(host: &mut Host, config: &HostConfig) -> Result<Report> {
         .iter()
         .rev()
         .find_map(|g| g.disks.first().map(|d| (g, d)));
-    if let Some((guest, disk)) = target {
+    if let Some((guest, disk)) = target.filter(|_| checks.replug) {
         host.detach_disk(&guest.name, disk.devid)?;
-        for other in config.guests.iter().filter(|g| g.name != guest.name) {
-            for d in &other.disks {
-                let seed = seed_for(other.domid, d.devid, 1);
-                let ok = host.disk_check(&other.name, d.devid, seed, d.readonly)?;
-                report.record(ok);
+        if checks.disk {
+            for other in config.guests.iter().filter(|g| g.name != guest.name) {
+                for d in &other.disks {
+                    let seed = seed_for(other.domid, d.devid, 1);
+                    disk_check(host, &mut report, &other.name, d, seed, false)?;
+                }
             }
         }
         host.attach_disk(&guest.name, disk)?;
-        let seed = seed_for(guest.domid, disk.devid, 0);
-        // The pattern written before the detach must still be there.
-        let ok = host.disk_check(&guest.name, disk.devid, seed, true)?;
-        report.record(ok);
+        report.record(true);
+        if checks.disk {
+            // The pattern written before the detach must still be there.
+            let seed = seed_for(guest.domid, disk.devid, 0);
+            disk_check(host, &mut report, &guest.name, disk, seed, true)?;
+        }
     }
     Ok(report)
+}
+
+/// A disk check on a scratch, writable disk; any other disk is skipped, never written.
+fn disk_check(
+    host: &mut Host,
+    report: &mut Report,
+    name: &str,
+    disk: &DiskConfig,
+    seed: u64,
+    verify_only: bool,
+) -> Result<()> {
+    if disk.readonly || !host.is_scratch(name, disk.devid) {
+        host.progress(&format!(
+            "{name}: vbd {} check skipped: {} is not a scratch image (mark it scratch = true \
+             to let checks write to it)",
+            disk.devid,
+            disk.image.display()
+        ));
+        report.skipped += 1;
+        return Ok(());
+    }
+    let ok = host.disk_check(name, disk.devid, seed, verify_only)?;
+    report.record(ok);
+    Ok(())
 }
 
 fn print_table(report: &ShutdownReport) {

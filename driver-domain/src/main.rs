@@ -142,6 +142,7 @@ fn main() -> Result<()> {
                         .write(!readonly)
                         .open(&path)
                         .with_context(|| format!("opening {}", path.display()))?;
+                    lock_image(&file, &path, readonly)?;
                     BlkDisk::from_file(file, readonly)?
                 }
                 (None, None) => bail!("--blk IMAGE or --null SIZE is required"),
@@ -155,5 +156,25 @@ fn main() -> Result<()> {
             serve_blk(&socket, Arc::new(disk), cfg, &AtomicBool::new(false))?;
             Ok(())
         }
+    }
+}
+
+/// Locks the image as QEMU does (shared when read-only, exclusive when writable), so QEMU,
+/// qemu-storage-daemon and splitvmm refuse to write one image together.
+fn lock_image(file: &std::fs::File, path: &std::path::Path, readonly: bool) -> Result<()> {
+    use ipc::image::{ImageAccess, LockError};
+    let access = if readonly {
+        ImageAccess::ReadOnly
+    } else {
+        ImageAccess::ReadWrite
+    };
+    match ipc::image::lock::lock(file, access) {
+        Ok(()) => Ok(()),
+        Err(LockError::Conflict(e)) => bail!(
+            "{}: in use by {}: {e}",
+            path.display(),
+            ipc::image::describe_holders(file)
+        ),
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }

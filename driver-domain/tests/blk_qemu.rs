@@ -4,8 +4,8 @@
 //!
 //! Needs `qemu-system-x86_64` (apt: qemu-system-x86), a static busybox (apt: busybox-static)
 //! and the Debian cloud kernel, which is fetched once with `apt-get download` into
-//! `tests/lab/cache` (gitignored). If any of these is missing the test prints a loud SKIPPED
-//! line and passes.
+//! `tests/lab/cache` (gitignored). If any of these is missing the test records its skip
+//! (`test_support::skip`) and passes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,10 +21,6 @@ use std::time::{Duration, Instant};
 use common::{pattern, Backend};
 
 const GUEST_WRITE: &[u8] = b"splitvmm-guest-was-here\n";
-
-fn skip(why: &str) {
-    eprintln!("\n*** SKIPPED blk_qemu: {why} ***\n");
-}
 
 fn cache_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/lab/cache")
@@ -191,15 +187,16 @@ fn md5_hex(data: &[u8]) -> String {
 
 #[test]
 fn linux_guest_reads_and_writes_through_qemu() {
-    let Ok(qemu) = which("qemu-system-x86_64") else {
-        return skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)");
+    const TEST: &str = "linux_guest_reads_and_writes_through_qemu";
+    let Some(qemu) = test_support::require_value(TEST, test_support::peers::qemu_system_x86())
+    else {
+        return;
     };
-    let Ok(busybox) = which("busybox") else {
-        return skip("busybox not found (apt-get install busybox-static)");
+    let Some(busybox) = test_support::require_value(TEST, test_support::peers::busybox()) else {
+        return;
     };
-    let (vmlinuz, mods) = match kernel() {
-        Ok(k) => k,
-        Err(e) => return skip(&e),
+    let Some((vmlinuz, mods)) = test_support::require_value(TEST, kernel()) else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
@@ -275,13 +272,4 @@ fn linux_guest_reads_and_writes_through_qemu() {
     let expect: Vec<u8> = GUEST_WRITE.iter().copied().cycle().take(4096).collect();
     assert_eq!(got, expect, "the guest's write did not reach the image");
     assert!(be.alive());
-}
-
-fn which(name: &str) -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or(())
 }

@@ -1,7 +1,7 @@
 //! The tap uplink against the real kernel, inside a network namespace this test creates: a
 //! switch port plays a guest and sends an ARP request out of the tap; the namespace's kernel
 //! (address 10.77.0.1 on the tap) must answer through the tap and the switch.
-//! Skipped loudly when not root, without /dev/net/tun, or without `ip`.
+//! Skipped (and the skip recorded) when not root, without /dev/net/tun, or without `ip`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -25,20 +25,6 @@ fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?} failed");
 }
 
-fn skip_reason() -> Option<&'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root");
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("no `ip` (iproute2)");
-    }
-    None
-}
-
 const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x77, 0x02];
 
 fn arp_request() -> Vec<u8> {
@@ -55,8 +41,10 @@ fn arp_request() -> Vec<u8> {
 
 #[test]
 fn tap_uplink_exchanges_arp_with_the_kernel_in_a_namespace() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED net_tap: {why}");
+    if !test_support::require(
+        "tap_uplink_exchanges_arp_with_the_kernel_in_a_namespace",
+        test_support::peers::netns_tap(),
+    ) {
         return;
     }
     let ns = Netns(format!("svmm-net-{}", std::process::id()));

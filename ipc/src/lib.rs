@@ -1,8 +1,10 @@
 //! Cross-domain primitives shared by every domain of splitvmm.
 //!
 //! Nothing here knows what a domain is for: these are the channels domains meet through,
-//! as they would across a real isolation boundary.
+//! as they would across a real isolation boundary, and the disk images they share (sized and
+//! locked the same way by whichever domain opens one).
 
 pub mod control;
+pub mod image;
 pub mod xenbus;
 pub mod xenstore;

@@ -123,6 +123,11 @@ fn xs_watch_reports_changes_and_wait_sees_a_value() {
     assert_eq!(lines.next().unwrap().unwrap(), "/local/w/b");
     assert!(watch.wait().unwrap().success());
 
+    // `xs wait` ends when the node holds the value, not before. It watches the node before
+    // reading it, so a write lands either before its read (which sees it) or after its watch
+    // (which fires): whenever it starts relative to the writes below, it must end on the
+    // "4" and not on the "3", so there is no moment to wait for.
+    stdout(&xs(&socket, &["xs", "write", "/local/state", "2"]));
     let mut wait = Command::new(workspace_bin("splitvmm"))
         .args([
             "xs",
@@ -136,8 +141,11 @@ fn xs_watch_reports_changes_and_wait_sees_a_value() {
         .arg(&socket)
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
     stdout(&xs(&socket, &["xs", "write", "/local/state", "3"]));
+    assert!(
+        !matches!(wait.try_wait(), Ok(Some(_))),
+        "xs wait ended before the value was there"
+    );
     stdout(&xs(&socket, &["xs", "write", "/local/state", "4"]));
     assert!(wait.wait().unwrap().success());
 

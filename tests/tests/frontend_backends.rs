@@ -15,16 +15,9 @@ use guest_frontend::process::{
 use guest_frontend::virtio::{BlkOp, FrontRequestError};
 
 mod backend {
-    use std::io::Write;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
-
-    /// The daemon binary; `SPLITVMM_QSD` overrides it (a path, or a non-existent name to check
-    /// the skip path).
-    pub fn qsd() -> String {
-        std::env::var("SPLITVMM_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into())
-    }
 
     /// A running vhost-user-blk backend serving one raw image.
     pub struct Backend {
@@ -49,16 +42,6 @@ mod backend {
         }
     }
 
-    fn qsd_available() -> bool {
-        Command::new(qsd())
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-
     /// Which backend a test runs against.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Kind {
@@ -67,28 +50,23 @@ mod backend {
     }
 
     /// Starts the backend `kind` exporting a zero-filled image of `image_bytes` with `queues`
-    /// queues. Returns None (after printing a loud SKIPPED line) if it is not installed.
-    pub fn spawn(kind: Kind, test: &str, image_bytes: u64, queues: u16) -> Option<Backend> {
+    /// queues. Returns None (after recording the skip of the running test) if it is not
+    /// installed (`SPLITVMM_QSD` names another daemon, or a missing one to check the skip).
+    pub fn spawn(kind: Kind, image_bytes: u64, queues: u16) -> Option<Backend> {
         if kind == Kind::DriverDomain {
             return Some(spawn_driver_domain(image_bytes, queues));
         }
-        if !qsd_available() {
-            // Written to the stderr handle directly: libtest captures eprintln!, this is not.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: {} not found; install Debian package qemu-system-common \
-                 (provides /usr/bin/qemu-storage-daemon)",
-                qsd()
-            );
-            return None;
-        }
+        let qsd = test_support::require_value(
+            &test_support::test_name(),
+            test_support::peers::qemu_storage_daemon(),
+        )?;
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.img");
         let socket = dir.path().join("vhost-user-blk.sock");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(image_bytes))
             .expect("create image");
-        let child = Command::new(qsd())
+        let child = Command::new(qsd)
             .arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=disk,filename={}",
@@ -205,7 +183,7 @@ fn read_image(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
 }
 
 fn write_read_flush_and_host_view(kind: Kind) {
-    let Some(be) = backend::spawn(kind, "write_read_flush_and_host_view", 8 * MIB, 1) else {
+    let Some(be) = backend::spawn(kind, 8 * MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
@@ -260,7 +238,7 @@ fn write_read_flush_and_host_view(kind: Kind) {
 }
 
 fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
-    let Some(be) = backend::spawn(kind, "out_of_range", MIB, 1) else {
+    let Some(be) = backend::spawn(kind, MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(true, false)).unwrap();
@@ -389,8 +367,8 @@ fn streaming_workload(fe: &BlockFrontend, queue: u16, base: u64, span: u64, requ
     assert!(expected.is_empty());
 }
 
-fn run_batches(kind: Kind, event_idx: bool, poll: bool, test: &str) {
-    let Some(be) = backend::spawn(kind, test, 16 * MIB, 1) else {
+fn run_batches(kind: Kind, event_idx: bool, poll: bool) {
+    let Some(be) = backend::spawn(kind, 16 * MIB, 1) else {
         return;
     };
     let fe = BlockFrontend::connect_path(&be.socket, config(event_idx, poll)).unwrap();
@@ -405,15 +383,15 @@ fn run_batches(kind: Kind, event_idx: bool, poll: bool, test: &str) {
             "a polling frontend never sleeps on the call eventfd"
         );
     }
-    eprintln!("{test}: {s:?}");
+    eprintln!("{}: {s:?}", test_support::test_name());
     fe.shutdown().unwrap();
 }
 
 /// Ordering stress: one thread per queue, random batch sizes; a lost kick or interrupt makes a
 /// wait time out (3 s) and fail the test instead of hanging it.
-fn stress(kind: Kind, event_idx: bool, test: &str) {
+fn stress(kind: Kind, event_idx: bool) {
     const QUEUES: u16 = 4;
-    let Some(be) = backend::spawn(kind, test, 32 * MIB, QUEUES) else {
+    let Some(be) = backend::spawn(kind, 32 * MIB, QUEUES) else {
         return;
     };
     let cfg = BlockFrontendConfig {
@@ -433,7 +411,7 @@ fn stress(kind: Kind, event_idx: bool, test: &str) {
         }
     });
     let s = fe.stats().unwrap();
-    eprintln!("{test}: {s:?}");
+    eprintln!("{}: {s:?}", test_support::test_name());
     assert_eq!(s.failed, 0);
     if event_idx {
         // Streaming publishes while the backend is still consuming: with EVENT_IDX its
@@ -478,7 +456,7 @@ fn wait_until_stopped(pid: i32) {
 }
 
 fn stalled_backend_times_out_then_recovers(kind: Kind) {
-    let Some(be) = backend::spawn(kind, "stalled_backend", MIB, 1) else {
+    let Some(be) = backend::spawn(kind, MIB, 1) else {
         return;
     };
     for poll in [false, true] {
@@ -526,7 +504,7 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
 /// error, never panics or corrupts state, and the other queue keeps working.
 fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     use guest_frontend::virtio::{BlkError, DmaMemory, FrontQueueError};
-    let Some(be) = backend::spawn(kind, "hostile_used_ring", MIB, 2) else {
+    let Some(be) = backend::spawn(kind, MIB, 2) else {
         return;
     };
     let cfg = BlockFrontendConfig {
@@ -599,12 +577,12 @@ macro_rules! against_both_backends {
 against_both_backends! {
     write_read_flush_and_host_view => |kind| super::write_read_flush_and_host_view(kind);
     out_of_range_fails_the_request_not_the_queue => |kind| super::out_of_range_fails_the_request_not_the_queue(kind);
-    batches_event_idx_interrupts => |kind| run_batches(kind, true, false, "batches_event_idx_interrupts");
-    batches_no_event_idx_interrupts => |kind| run_batches(kind, false, false, "batches_no_event_idx_interrupts");
-    batches_event_idx_polling => |kind| run_batches(kind, true, true, "batches_event_idx_polling");
-    batches_no_event_idx_polling => |kind| run_batches(kind, false, true, "batches_no_event_idx_polling");
-    stress_multiqueue_event_idx => |kind| stress(kind, true, "stress_multiqueue_event_idx");
-    stress_multiqueue_no_event_idx => |kind| stress(kind, false, "stress_multiqueue_no_event_idx");
+    batches_event_idx_interrupts => |kind| run_batches(kind, true, false);
+    batches_no_event_idx_interrupts => |kind| run_batches(kind, false, false);
+    batches_event_idx_polling => |kind| run_batches(kind, true, true);
+    batches_no_event_idx_polling => |kind| run_batches(kind, false, true);
+    stress_multiqueue_event_idx => |kind| stress(kind, true);
+    stress_multiqueue_no_event_idx => |kind| stress(kind, false);
     stalled_backend_times_out_then_recovers => |kind| super::stalled_backend_times_out_then_recovers(kind);
     hostile_used_ring_breaks_only_that_queue => |kind| super::hostile_used_ring_breaks_only_that_queue(kind);
 }

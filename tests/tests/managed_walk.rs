@@ -44,18 +44,47 @@ fn wait_state(client: &mut StoreClient, dir: &str, want: XenbusState) {
 }
 
 fn serve(ctl: &ControlChannel, image: &File, readonly: bool) -> UnixStream {
+    serve_devid(ctl, image, readonly, 51712)
+}
+
+fn serve_devid(ctl: &ControlChannel, image: &File, readonly: bool, devid: u32) -> UnixStream {
     let dir = tempfile::tempdir().unwrap();
     let (listener, frontend_end) = private_connection(dir.path(), "dev.sock").unwrap();
     ctl.send(
         &BackendRequest::ServeBlock {
             frontend: GUEST,
-            devid: 51712,
+            devid,
             readonly,
         },
         &[image.as_fd(), listener.as_fd()],
     )
     .unwrap();
     frontend_end
+}
+
+/// Proves that the driver domain has taken at least one full look at its devices since this
+/// call began, so that a negative check after it means something: a witness device (a fresh
+/// device number each time, above every device under test, so it is stepped after them in
+/// each pass) is handed over and added, and reaches InitWait only in a pass that began after
+/// the control requests and store writes made before this call. It is then removed.
+fn backend_has_looked(
+    ctl: &ControlChannel,
+    dom0: &mut StoreClient,
+    image: &File,
+    witnesses: &mut u32,
+) {
+    *witnesses += 1;
+    let witness = DeviceId {
+        kind: DeviceKind::Vbd,
+        backend: DRIVER,
+        frontend: GUEST,
+        // xvdb, xvdc, ...: above the device under test (51712, xvda).
+        devid: 51712 + 16 * *witnesses,
+    };
+    let _connection = serve_devid(ctl, image, true, witness.devid);
+    domains::add_device(dom0, &witness, &[("mode", "r".into())], &[]).unwrap();
+    wait_state(dom0, &witness.backend_path(), XenbusState::InitWait);
+    domains::remove_device(dom0, &witness).unwrap();
 }
 
 /// Memfd mappings of a process that came from a peer: (name, bytes).
@@ -103,18 +132,23 @@ fn attach_io_detach_reattach_through_the_store() {
         devid: 51712,
     };
     let (be, fe) = (dev.backend_path(), dev.frontend_path());
+    let mut witnesses = 0;
 
     for round in 0..2u8 {
         // Attach: descriptors first, then the directories; the backend must not leave
-        // Initialising before both are there.
+        // Initialising (write a state of its own) before both are there. In the second round
+        // the first round's directory is gone, so there is no state either.
         let connection = serve(&ctl, &image, false);
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(guest.read(&format!("{be}/state")).is_err() || round > 0);
+        backend_has_looked(&ctl, &mut dom0, &image, &mut witnesses);
+        assert!(
+            guest.read(&format!("{be}/state")).is_err(),
+            "round {round}: a backend state before the directories were added"
+        );
         domains::add_device(&mut dom0, &dev, &[("mode", "w".into())], &[]).unwrap();
         wait_state(&mut dom0, &be, XenbusState::InitWait);
         assert_eq!(guest.read(&format!("{be}/sectors")).unwrap(), b"16384");
         // InitWait is not Connected: the backend waits for the frontend.
-        std::thread::sleep(Duration::from_millis(100));
+        backend_has_looked(&ctl, &mut dom0, &image, &mut witnesses);
         assert_eq!(guest.read(&format!("{be}/state")).unwrap(), b"2");
 
         let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default()).unwrap();

@@ -1,7 +1,7 @@
 //! Interop with DPDK: `dpdk-testpmd` virtio-user ports (a real, independently written virtio-net
 //! driver) against `driver-domain serve --net`: txonly on one port, rxonly on another, frames
 //! switched between them, and testpmd's counts matched against the backend's port counters.
-//! Skipped loudly when `dpdk-testpmd` (Debian package `dpdk-dev`) is absent.
+//! Skipped (and the skip recorded) when `dpdk-testpmd` (Debian package `dpdk-dev`) is absent.
 
 #![allow(clippy::unwrap_used)]
 
@@ -80,15 +80,24 @@ impl Drop for Backend {
     }
 }
 
+/// How long txonly sends: a load parameter, not a synchronisation. Nothing below waits for a
+/// moment; every assertion is a count relation that holds however the threads interleave,
+/// once frames flowed at all.
+const TRAFFIC: Duration = Duration::from_secs(1);
+/// Frames one ring holds (testpmd's default ring size; the backend's queue size too).
+const RING: u64 = 256;
+/// Frames one sender may have queued in a port's switch inbox (the switch's default
+/// `queue_limit`).
+const INBOX_SHARE: u64 = 256;
+
 /// testpmd instances pin lcores 0 and 1 and each touches 512 MiB: one run at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run(len: usize, tag: &str, queues: u16) {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !testpmd::available() {
-        eprintln!("SKIPPED net_dpdk: dpdk-testpmd not found (install Debian package dpdk-dev)");
+fn run(test: &str, len: usize, tag: &str, queues: u16) {
+    if !test_support::require(test, test_support::peers::dpdk_testpmd()) {
         return;
     }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.sock");
     let b = dir.path().join("b.sock");
@@ -127,9 +136,10 @@ fn run(len: usize, tag: &str, queues: u16) {
     )
     .unwrap();
     tx.wait_started(Duration::from_secs(15)).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(TRAFFIC);
     let sent = tx.stop(Duration::from_secs(5)).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // No pause for frames in flight: those still in the switch or in testpmd's RX ring when
+    // it stops are bounded below instead.
     let got = rx.stop(Duration::from_secs(5)).unwrap();
     let c = backend.counters(2);
     let (pa, pb) = (&c[&0], &c[&1]);
@@ -143,33 +153,49 @@ fn run(len: usize, tag: &str, queues: u16) {
         pa["tx_frames"] <= sent.tx,
         "the switch saw no frame testpmd did not send"
     );
+    let queues = u64::from(queues);
     assert!(
-        in_ring < 256 * u64::from(queues),
+        in_ring < RING * queues,
         "{in_ring} frames unaccounted for: more than the rings hold"
     );
-    assert_eq!(
-        pb["rx_frames"], got.rx,
-        "testpmd received every frame delivered to it"
+    // Delivered into testpmd's RX ring but not read before it stopped polling: at most what
+    // the rings hold.
+    assert!(
+        got.rx <= pb["rx_frames"],
+        "testpmd received frames the switch never delivered"
     );
-    assert_eq!(pb["rx_bytes"], got.rx * len as u64);
-    assert_eq!(
-        pa["tx_frames"],
-        pb["rx_frames"] + pa["tx_dropped"],
-        "each frame was delivered or dropped against the sender's share"
+    assert!(
+        pb["rx_frames"] - got.rx < RING * queues,
+        "{} delivered frames unread: more than the rings hold",
+        pb["rx_frames"] - got.rx
+    );
+    assert_eq!(pb["rx_bytes"], pb["rx_frames"] * len as u64);
+    // Each frame was delivered, dropped against the sender's share, or still queued for
+    // delivery when the receiver went away (at most the sender's inbox share).
+    let settled = pb["rx_frames"] + pa["tx_dropped"];
+    assert!(
+        settled <= pa["tx_frames"],
+        "more frames delivered or dropped ({settled}) than sent ({})",
+        pa["tx_frames"]
+    );
+    assert!(
+        pa["tx_frames"] - settled <= INBOX_SHARE,
+        "{} frames neither delivered nor dropped",
+        pa["tx_frames"] - settled
     );
 }
 
 #[test]
 fn testpmd_txonly_to_rxonly_64_bytes() {
-    run(64, "s", 1);
+    run("testpmd_txonly_to_rxonly_64_bytes", 64, "s", 1);
 }
 
 #[test]
 fn testpmd_txonly_to_rxonly_1500_bytes() {
-    run(1500, "l", 1);
+    run("testpmd_txonly_to_rxonly_1500_bytes", 1500, "l", 1);
 }
 
 #[test]
 fn testpmd_two_queue_pairs() {
-    run(64, "m", 2);
+    run("testpmd_two_queue_pairs", 64, "m", 2);
 }

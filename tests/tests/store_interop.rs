@@ -48,15 +48,40 @@ impl Drop for Running {
     }
 }
 
-/// True if xenstore-utils are installed; otherwise prints a loud SKIPPED line.
+/// True if xenstore-utils are installed; otherwise records the skip of `test`.
 fn have_utils(test: &str) -> bool {
-    let ok = Path::new("/usr/bin/xenstore-read").exists();
-    if !ok {
-        eprintln!(
-            "SKIPPED {test}: xenstore-utils are not installed (apt-get install xenstore-utils)"
-        );
-    }
-    ok
+    test_support::require(test, test_support::peers::xenstore_utils())
+}
+
+/// The fresh-machine case, on any machine: this binary's first test, run again with
+/// xenstore-utils hidden from PATH, passes and leaves a skip marker under its own name.
+#[test]
+fn a_hidden_peer_is_a_recorded_skip() {
+    let skips = tempfile::tempdir().unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "write_then_read_several_keys",
+            "--test-threads=1",
+        ])
+        .env("PATH", test_support::peers::path_without("xenstore-read"))
+        .env(test_support::SKIP_DIR_ENV, skips.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    let markers: Vec<_> = std::fs::read_dir(skips.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    let recorded = std::fs::read_to_string(&markers[0]).unwrap();
+    assert!(
+        recorded
+            .starts_with("store_interop::write_then_read_several_keys: xenstore-read not found"),
+        "{recorded}"
+    );
 }
 
 /// Kills a child that outlives its welcome.

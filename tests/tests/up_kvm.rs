@@ -6,9 +6,14 @@
 
 mod vmm_support;
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
-use splitvmm_tests::workspace_bin;
+use control_vmm::config::GuestKind;
+use control_vmm::up::seed_for;
+use std::time::Duration;
+
+use splitvmm_tests::{assert_process_guest_pattern, wait_for, workspace_bin, UpStay};
 
 #[test]
 fn main_job_with_a_kvm_guest() {
@@ -22,6 +27,7 @@ fn main_job_with_a_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\nreplug = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"proc\"\ndomid = 2\n\
              [[guest.disk]]\nimage = \"p.img\"\nsize_mib = 2\n\
@@ -42,19 +48,43 @@ fn main_job_with_a_kvm_guest() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success());
-    assert!(stdout.contains("checks: 4 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("checks: 5 passed, 0 failed, 0 skipped"),
+        "{stdout}"
+    );
     assert!(stdout.contains("tiny: vbd 51712 detached"), "{stdout}");
     assert!(stdout.contains("in a KVM guest"), "{stdout}");
     let tiny = stdout.lines().find(|l| l.starts_with("tiny ")).unwrap();
     let requests: u64 = tiny.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(requests > 0, "{tiny}");
+    // Judged from the host: the KVM guest (the detached disk: written in round 0, only
+    // verified after re-attach) left the tiny kernel's pattern on its checked sectors; the
+    // process guest wrote its own pattern again (round 1) while that disk was away.
+    let sectors = GuestKind::Kvm.check_bytes() / 512;
+    let t = std::fs::read(dir.path().join("t.img")).unwrap();
+    vmm_support::assert_pattern(&t, seed_for(3, 51712, 0), sectors);
+    assert!(
+        t[sectors as usize * 512..].iter().all(|&b| b == 0),
+        "the KVM guest wrote beyond its check"
+    );
+    assert_process_guest_pattern(
+        &dir.path().join("p.img"),
+        seed_for(2, 51712, 1),
+        GuestKind::Process.check_bytes(),
+    );
+}
+
+/// Exits of `row` (the last column of `splitvmm list`).
+fn vmm_exits(list: &str, name: &str) -> u64 {
+    let row = list
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{list}"));
+    row.split_whitespace().last().unwrap().parse().unwrap()
 }
 
 #[test]
 fn list_top_and_console_show_a_running_kvm_guest() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-
     if !vmm_support::kvm_or_skip("list_top_and_console_show_a_running_kvm_guest") {
         return;
     }
@@ -65,6 +95,7 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         &config,
         format!(
             "run_dir = \"run\"\n\
+             [checks]\ndisk = true\n\
              [driver_domain]\nname = \"driver\"\ndomid = 1\n\
              [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
              [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
@@ -83,13 +114,14 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut up = UpStay(up);
     while !lines
         .next()
         .expect("up ended early")
         .unwrap()
         .contains("host is up")
     {}
-    std::thread::spawn(move || lines.for_each(drop));
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     let cli = |args: &[&str]| {
         let out = Command::new(workspace_bin("splitvmm"))
             .args(args)
@@ -104,18 +136,36 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The guest is running: it answers a disk check now (each check boots the tiny kernel
+    // in its VMM process), its exit counter grows with it, and the host reads the pattern
+    // it wrote.
+    let before = vmm_exits(&cli(&["list"]), "tiny");
+    cli(&["disk-check", "tiny", "51712", "--seed", "77"]);
     let list = cli(&["list"]);
-    let row = list.lines().find(|l| l.contains("tiny")).unwrap();
-    let exits: u64 = row.split_whitespace().last().unwrap().parse().unwrap();
-    assert!(exits > 0, "{list}");
+    let after = vmm_exits(&list, "tiny");
+    assert!(after > before, "exits {before} -> {after}:\n{list}");
+    let sectors = GuestKind::Kvm.check_bytes() / 512;
+    let t = std::fs::read(dir.path().join("t.img")).unwrap();
+    vmm_support::assert_pattern(&t, 77, sectors);
     assert!(cli(&["top", "-n", "1"]).contains("tiny"));
     let console = cli(&["console", "tiny", "--no-follow"]);
     assert!(console.contains("hello"), "{console}");
     assert!(console.contains("verify ok"), "{console}");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::unistd::Pid::from_raw(up.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(up.wait().unwrap().code().is_some());
+    // SIGTERM is the way out of --stay: a clean shutdown after passed checks exits 0.
+    assert!(
+        wait_for(&mut up.0, Duration::from_secs(20)),
+        "splitvmm up ignored SIGTERM"
+    );
+    let status = up.0.wait().unwrap();
+    let rest = rest.join().unwrap().join("\n");
+    assert_eq!(status.code(), Some(0), "{rest}");
+    assert!(
+        rest.contains("checks: 1 passed, 0 failed, 0 skipped"),
+        "{rest}"
+    );
 }

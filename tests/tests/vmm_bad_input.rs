@@ -40,11 +40,16 @@ fn garbage_from_the_guest_gets_hardware_answers_and_the_backend_carries_on() {
     assert_eq!(run.field("totals:", "unknown_pio"), Some(4.0));
     assert_eq!(run.field("totals:", "unknown_mmio"), Some(2.0));
     assert!(dd.alive(), "driver domain survived the hostile guest");
+    // Judged from the host: 32 requests are 16 single-sector writes of the pattern (seed 0).
+    assert_pattern(&std::fs::read(&dd.image).unwrap(), 0, 16);
 
-    // The next guest on the same driver domain works.
+    // The next guest on the same driver domain works: the host wipes the sectors, the
+    // guest writes them again.
+    std::fs::write(&dd.image, vec![0u8; 1 << 20]).unwrap();
     let again = run_vmm(&["--mode", "disk", "--blk-socket", &socket]);
     assert_eq!(again.code, Some(0));
     assert!(again.console.contains("verify ok"));
+    assert_pattern(&std::fs::read(&dd.image).unwrap(), 0, 16);
     assert!(dd.alive());
 }
 

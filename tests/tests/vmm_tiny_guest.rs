@@ -28,10 +28,8 @@ fn sigterm_stops_a_running_guest() {
         return;
     }
     let child = spawn_vmm(&["--mode", "halt", "--vcpus", "2"]);
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let run = finish(child, Duration::from_secs(10));
+    // SIGTERM once the guest has said it is halting: it is running then.
+    let run = terminate_when_console_shows(child, "halting", Duration::from_secs(10));
     assert_eq!(run.code, Some(102), "terminated exit status");
     assert!(run.console.contains("halting"));
     assert!(run.log.contains("terminated"));

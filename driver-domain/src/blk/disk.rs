@@ -20,8 +20,8 @@ use super::{SECTOR_SHIFT, SECTOR_SIZE};
 #[derive(Debug, Error)]
 pub enum DiskError {
     /// The image could not be inspected.
-    #[error("cannot stat the disk image: {0}")]
-    Stat(#[source] io::Error),
+    #[error("cannot size the disk image: {0}")]
+    Stat(#[source] ipc::image::ProbeError),
     /// The image size is not a multiple of 512 bytes (the tail would be unreachable).
     #[error("disk image size {0} is not a multiple of 512 bytes")]
     UnalignedSize(u64),
@@ -64,9 +64,10 @@ const IOV_MAX: usize = 1024;
 static ZEROES: [u8; 4096] = [0u8; 4096];
 
 impl BlkDisk {
-    /// A disk backed by an already-open raw image. Its size must be a multiple of 512.
+    /// A disk backed by an already-open raw image (a regular file or a block device). Its size
+    /// must be a multiple of 512.
     pub fn from_file(file: File, read_only: bool) -> Result<Self, DiskError> {
-        let len = file.metadata().map_err(DiskError::Stat)?.len();
+        let len = ipc::image::probe(&file).map_err(DiskError::Stat)?.size;
         if len & (SECTOR_SIZE - 1) != 0 {
             return Err(DiskError::UnalignedSize(len));
         }

@@ -32,8 +32,9 @@ const SECTOR: u64 = 512;
 const CHUNK: usize = 64 * 1024;
 
 /// The pattern byte at `offset` for `seed`: position-dependent, so a misplaced or stale
-/// block is caught, not only a missing one.
-fn pattern_byte(seed: u64, offset: u64) -> u8 {
+/// block is caught, not only a missing one. Public so the host can judge a check from
+/// outside by reading the disk image.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
     let x = (offset / 8).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
     let x = x ^ (x >> 29);
     (x >> ((offset % 8) * 8)) as u8
@@ -48,7 +49,7 @@ pub fn run(
     verify_only: bool,
 ) -> Result<String, DiskCheckError> {
     let capacity = frontend.capacity() * SECTOR;
-    if bytes > capacity || bytes % SECTOR != 0 || bytes == 0 {
+    if bytes > capacity || !bytes.is_multiple_of(SECTOR) || bytes == 0 {
         return Err(DiskCheckError::DoesNotFit { bytes, capacity });
     }
     let mut offset = 0u64;

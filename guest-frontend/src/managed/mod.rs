@@ -20,7 +20,7 @@ use crate::process::{
     ProcessFrontendError,
 };
 
-pub use disk_check::DiskCheckError;
+pub use disk_check::{pattern_byte, DiskCheckError};
 pub use net_check::{NetNic, PingError};
 
 /// Why a process domain's device could not be set up or checked.

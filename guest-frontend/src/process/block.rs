@@ -96,7 +96,7 @@ impl BlockFrontend {
         stream: UnixStream,
         cfg: BlockFrontendConfig,
     ) -> Result<Self, ProcessFrontendError> {
-        if cfg.max_request_bytes == 0 || cfg.max_request_bytes % 512 != 0 {
+        if cfg.max_request_bytes == 0 || !cfg.max_request_bytes.is_multiple_of(512) {
             return Err(ProcessFrontendError::Config(format!(
                 "max_request_bytes {} is not a positive multiple of 512",
                 cfg.max_request_bytes

@@ -419,7 +419,7 @@ impl BlockFrontendQueue {
     ) -> Result<(), ProcessFrontendError> {
         self.require_idle()?;
         let chunk = self.max_request_bytes() as usize;
-        if chunk == 0 || total % 512 != 0 {
+        if chunk == 0 || !total.is_multiple_of(512) {
             return Err(ProcessFrontendError::BadRequest(format!(
                 "length {total} is not a multiple of 512"
             )));

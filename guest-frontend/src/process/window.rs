@@ -81,7 +81,7 @@ impl IoWindow {
             .map(|v| v & !(page - 1))
             .filter(|&v| v > 0)
             .ok_or(bad)?;
-        if gpa % page as u64 != 0 || gpa.checked_add(len as u64).is_none() {
+        if !gpa.is_multiple_of(page as u64) || gpa.checked_add(len as u64).is_none() {
             return Err(WindowError::BadGeometry { size, gpa });
         }
         let name = c"splitvmm-io-window";

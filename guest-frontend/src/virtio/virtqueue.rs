@@ -240,7 +240,10 @@ impl SplitQueue {
         if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
             return Err(FrontQueueError::BadSize(size));
         }
-        if addrs.desc % 16 != 0 || addrs.avail % 2 != 0 || addrs.used % 4 != 0 {
+        if !addrs.desc.is_multiple_of(16)
+            || !addrs.avail.is_multiple_of(2)
+            || !addrs.used.is_multiple_of(4)
+        {
             return Err(FrontQueueError::BadLayout);
         }
         let desc = mem

@@ -140,6 +140,8 @@ pub enum ToolstackRequest {
         devid: u32,
         readonly: bool,
         size_mib: Option<u64>,
+        /// Disk checks may write to the image (one the toolstack creates is scratch anyway).
+        scratch: bool,
     },
     /// Detach vbd `devid` from guest `guest`.
     BlockDetach { guest: String, devid: u32 },

@@ -367,15 +367,13 @@ fn main() -> Result<()> {
     let sock = dir.path().join("bench.sock");
     let img_s = img.to_string_lossy().to_string();
     let null_size = (1u64 << 30).to_string();
-    let qsd_ok = Command::new(&args.qsd)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !qsd_ok {
-        eprintln!("WARNING: {} not found; QSD rows are SKIPPED", args.qsd);
-    }
+    let qsd_ok = match test_support::peers::qemu_storage_daemon_named(&args.qsd) {
+        Ok(_) => true,
+        Err(why) => {
+            eprintln!("WARNING: {why}; QSD rows are SKIPPED");
+            false
+        }
+    };
     let mut rows: Vec<Row> = Vec::new();
     let secs = args.seconds;
     let want = |target: &str, mode: &str| {

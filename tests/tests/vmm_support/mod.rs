@@ -10,19 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// True if /dev/kvm can be opened; otherwise prints a loud SKIPPED line for `test`.
+/// True if /dev/kvm can be opened; otherwise records the skip of `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("!!!!! SKIPPED {test}: /dev/kvm is not usable ({e}); KVM tests need it");
-            false
-        }
-    }
+    test_support::require(test, test_support::peers::kvm())
 }
 
 fn workspace_root() -> PathBuf {
@@ -197,35 +187,67 @@ pub fn spawn_vmm(args: &[&str]) -> Child {
 }
 
 /// Waits for `child` up to `limit` (killing it after), collecting its output.
-pub fn finish(mut child: Child, limit: Duration) -> VmmRun {
+pub fn finish(child: Child, limit: Duration) -> VmmRun {
+    finish_signalled(child, limit, None)
+}
+
+/// As [`finish`], but sends SIGTERM to the VMM once its console shows `text` (the guest is
+/// provably running then); fails if it never does.
+pub fn terminate_when_console_shows(child: Child, text: &str, limit: Duration) -> VmmRun {
+    finish_signalled(child, limit, Some(text))
+}
+
+fn finish_signalled(mut child: Child, limit: Duration, mut sigterm_on: Option<&str>) -> VmmRun {
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
     });
     let err = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
         s
     });
+    let mut console = Vec::new();
     let deadline = Instant::now() + limit;
     let status = loop {
+        console.extend(rx.try_iter().flatten());
+        if let Some(text) = sigterm_on {
+            if String::from_utf8_lossy(&console).contains(text) {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                sigterm_on = None;
+            }
+        }
         if let Some(st) = child.try_wait().expect("waiting for splitvmm-vmm") {
             break st;
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("splitvmm-vmm did not finish within {limit:?}");
+            panic!(
+                "splitvmm-vmm did not finish within {limit:?}{}",
+                sigterm_on.map_or(String::new(), |t| format!(" (console never showed {t:?})"))
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let _ = out.join();
+    console.extend(rx.try_iter().flatten());
+    assert!(
+        sigterm_on.is_none(),
+        "the VMM exited before its console showed {sigterm_on:?}"
+    );
     let run = VmmRun {
         code: status.code(),
         signal: status.signal(),
-        console: out.join().unwrap_or_default(),
+        console: String::from_utf8_lossy(&console).into_owned(),
         log: err.join().unwrap_or_default(),
     };
     eprintln!(

@@ -177,8 +177,8 @@ fn cores() -> usize {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if !testpmd::available() {
-        bail!("dpdk-testpmd not found (Debian package dpdk-dev)");
+    if let Err(why) = test_support::peers::dpdk_testpmd() {
+        bail!("{why}");
     }
     let bin = match &args.driver_domain {
         Some(p) => p.clone(),

@@ -13,16 +13,6 @@ use std::time::{Duration, Instant};
 /// The binary Debian's `dpdk-dev` package ships.
 pub const TESTPMD: &str = "dpdk-testpmd";
 
-/// Whether `dpdk-testpmd` can be run.
-pub fn available() -> bool {
-    Command::new(TESTPMD)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
 /// Accumulated forward statistics of a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

@@ -1,0 +1,126 @@
+//! Driving `splitvmm` from tests: the CLI, a `splitvmm up --stay` host started and waited for
+//! until it serves (stopped when dropped, so no host outlives a failed test), and the
+//! processes it started.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{wait_for, workspace_bin, UpStay};
+
+/// `splitvmm`, with the domain binaries it starts built.
+pub fn splitvmm() -> Command {
+    workspace_bin("driver-domain");
+    workspace_bin("process-guest");
+    Command::new(workspace_bin("splitvmm"))
+}
+
+/// Runs `cmd`, echoing its output to the test's log.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running a command");
+    eprintln!(
+        "{cmd:?}\n--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A running `splitvmm up CONFIG --stay` (stopped when dropped, see [`UpStay`]).
+pub struct RunningHost {
+    up: UpStay,
+    store: PathBuf,
+    /// What it printed until it said it is up.
+    pub startup: String,
+}
+
+impl RunningHost {
+    /// Starts `splitvmm up config --stay` (plus `args`) and waits until it serves;
+    /// `store` is its store socket. Panics if it ends first.
+    pub fn start(config: &Path, store: &Path, args: &[&str]) -> RunningHost {
+        let mut child = splitvmm()
+            .arg("up")
+            .arg(config)
+            .arg("--stay")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning splitvmm up");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut host = RunningHost {
+            up: UpStay(child),
+            store: store.to_owned(),
+            startup: String::new(),
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                _ => panic!("splitvmm up ended early:\n{}", host.startup),
+            };
+            host.startup.push_str(&line);
+            host.startup.push('\n');
+            if line.contains("host is up") {
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        host
+    }
+
+    /// Runs `splitvmm ARGS --store <its store>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run(splitvmm().args(args).arg("--store").arg(&self.store))
+    }
+
+    /// Runs `splitvmm ARGS --store <its store>` and asserts it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?} failed");
+        out
+    }
+
+    /// Process id of `splitvmm up`.
+    pub fn pid(&self) -> u32 {
+        self.up.0.id()
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for it to exit; true if it did.
+    pub fn shut_down(&mut self, timeout: Duration) -> bool {
+        if matches!(self.up.0.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.up.0.id() as i32), Signal::SIGTERM);
+        }
+        wait_for(&mut self.up.0, timeout)
+    }
+}
+
+/// (pid, command name) of the processes whose parent is `parent`, zombies left out.
+pub fn children_of(parent: u32) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split at the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c).to_owned();
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        if fields.next() == Some(&parent.to_string()) && state != Some("Z") {
+            found.push((pid, comm));
+        }
+    }
+    found
+}
