@@ -2,8 +2,11 @@
 //!
 //! - [`blk`]: the transport-independent virtio-blk device core.
 //! - [`net`]: the virtio-net device core and the L2 switch between guests' ports.
-//! - [`virtio_core`]: pieces shared by the device cores (peer memory checks, a test driver ring).
-//! - [`vhost_user`]: vhost-user adapters that expose the device cores to any VMM.
+//! - [`virtio_core`]: the backend core shared by the devices: the transport-independent
+//!   [`virtio_core::BackendDevice`] contract and its queue scheduler, peer memory checks, a
+//!   test driver ring.
+//! - [`vhost_user`]: the vhost-user transport: one generic adapter and session layer that
+//!   expose any device core to any VMM.
 //! - [`managed`]: the driver domain as `splitvmm up` runs it, walking xenbus states through
 //!   the store.
 

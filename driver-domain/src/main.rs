@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use driver_domain::blk::{BlkConfig, BlkDisk, SealPolicy};
+use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
-use driver_domain::vhost_user::blk::serve_blk;
+use driver_domain::vhost_user::serve_forever;
+use driver_domain::virtio_core::SealPolicy;
 
 mod net_serve;
 
@@ -147,13 +148,16 @@ fn main() -> Result<()> {
                 }
                 (None, None) => bail!("--blk IMAGE or --null SIZE is required"),
             };
-            let cfg = BlkConfig {
+            let cfg = BlkBackendConfig {
                 num_queues: queues,
                 poll_us,
                 seal_policy,
-                ..BlkConfig::default()
+                ..BlkBackendConfig::default()
             };
-            serve_blk(&socket, Arc::new(disk), cfg, &AtomicBool::new(false))?;
+            let disk = Arc::new(disk);
+            serve_forever(&socket, &AtomicBool::new(false), || {
+                BlkBackendDevice::new(disk.clone(), cfg.clone())
+            })?;
             Ok(())
         }
     }

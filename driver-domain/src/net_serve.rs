@@ -6,9 +6,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use driver_domain::blk::SealPolicy;
-use driver_domain::net::{parse_mac, NetConfig, Switch, SwitchConfig, TapUplink};
-use driver_domain::vhost_user::net::serve_net;
+use driver_domain::net::{
+    parse_mac, NetBackendConfig, NetBackendDevice, Switch, SwitchConfig, TapUplink,
+};
+use driver_domain::vhost_user::serve_forever;
+use driver_domain::virtio_core::SealPolicy;
 
 /// Serve one port per socket until every port's accept loop fails.
 pub fn run(
@@ -35,19 +37,23 @@ pub fn run(
     for (i, path) in sockets.iter().enumerate() {
         let mut port_mac = base;
         port_mac[5] = port_mac[5].wrapping_add(i as u8);
-        let cfg = NetConfig {
+        let cfg = NetBackendConfig {
             mac: port_mac,
             queue_pairs,
             poll_us,
             seal_policy,
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         let port = Arc::new(switch.attach(&path.display().to_string())?);
         let path = path.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("net-port-{i}"))
-                .spawn(move || serve_net(&path, port, cfg, &AtomicBool::new(false)))?,
+                .spawn(move || {
+                    serve_forever(&path, &AtomicBool::new(false), || {
+                        NetBackendDevice::new(port.clone(), cfg.clone())
+                    })
+                })?,
         );
     }
     for t in threads {

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use common::{pattern, Backend};
+use common::{pattern, BackendProcess};
 
 const IMG: u64 = 4 << 20;
 
@@ -87,7 +87,7 @@ impl Client {
 fn write_read_flush_and_verify_on_host() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let mut be = Backend::start(dir.path(), &["--blk", img.to_str().unwrap()]);
+    let mut be = BackendProcess::start(dir.path(), &["--blk", img.to_str().unwrap()]);
     let mut c = connect(&be.socket, false).unwrap();
     assert_eq!(c.b.get_u64("capacity").unwrap(), IMG);
     // What the host wrote is what the frontend reads.
@@ -120,7 +120,7 @@ fn write_read_flush_and_verify_on_host() {
 fn reconnect_serves_again() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let mut be = Backend::start(dir.path(), &["--blk", img.to_str().unwrap()]);
+    let mut be = BackendProcess::start(dir.path(), &["--blk", img.to_str().unwrap()]);
     for round in 0..3u8 {
         let mut c = connect(&be.socket, false).unwrap();
         let p = pattern(4096, round);
@@ -137,7 +137,7 @@ fn reconnect_serves_again() {
 fn read_only_disk_is_published_and_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let mut be = Backend::start(dir.path(), &["--blk", img.to_str().unwrap(), "--readonly"]);
+    let mut be = BackendProcess::start(dir.path(), &["--blk", img.to_str().unwrap(), "--readonly"]);
     // The device offers VIRTIO_BLK_F_RO, so a read-write frontend is refused by libblkio.
     let e = connect(&be.socket, false)
         .err()
@@ -154,7 +154,7 @@ fn read_only_disk_is_published_and_enforced() {
 #[test]
 fn multi_queue_and_null_device() {
     let dir = tempfile::tempdir().unwrap();
-    let mut be = Backend::start(dir.path(), &["--null", "1048576", "--queues", "2"]);
+    let mut be = BackendProcess::start(dir.path(), &["--null", "1048576", "--queues", "2"]);
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", be.socket.to_str().unwrap()).unwrap();
     b.connect().unwrap();
@@ -181,8 +181,8 @@ fn multi_queue_and_null_device() {
 
 #[test]
 fn handed_over_listener_is_served() {
-    use driver_domain::blk::{BlkConfig, BlkDisk};
-    use driver_domain::vhost_user::blk::serve_blk_listener;
+    use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
+    use driver_domain::vhost_user::serve_listener;
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();
@@ -197,8 +197,8 @@ fn handed_over_listener_is_served() {
         .unwrap();
     let disk = Arc::new(BlkDisk::from_file(file, false).unwrap());
     let server = std::thread::spawn(move || {
-        let listener = vhost::vhost_user::Listener::from(listener);
-        serve_blk_listener(listener, disk, BlkConfig::default(), |_| {})
+        let device = BlkBackendDevice::new(disk, BlkBackendConfig::default()).unwrap();
+        serve_listener(listener, device, |_| {})
     });
     let mut c = connect(&sock, false).unwrap();
     let p = pattern(8192, 0x99);
@@ -223,7 +223,7 @@ fn handed_over_listener_is_served() {
 fn regression_polling_sees_regions_added_while_polling() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
-    let mut be = Backend::start(
+    let mut be = BackendProcess::start(
         dir.path(),
         &["--blk", img.to_str().unwrap(), "--poll-us", "300000"],
     );

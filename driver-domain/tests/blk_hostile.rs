@@ -17,8 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
-use common::{pattern, Backend};
-use driver_domain::blk::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
+use common::{pattern, BackendProcess};
+use driver_domain::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
@@ -35,18 +35,18 @@ const HDR: u64 = 0x8000;
 const DATA: u64 = 0x10000;
 const STATUS: u64 = 0x7000;
 
-fn setup(dir: &Path) -> (Backend, std::path::PathBuf) {
+fn setup(dir: &Path) -> (BackendProcess, std::path::PathBuf) {
     let img = dir.join("disk.img");
     let f = File::create(&img).unwrap();
     f.set_len(IMG).unwrap();
     f.write_all_at(&pattern(4096, 0x42), 0).unwrap();
-    let be = Backend::start(dir, &["--blk", img.to_str().unwrap()]);
+    let be = BackendProcess::start(dir, &["--blk", img.to_str().unwrap()]);
     (be, img)
 }
 
 /// After any hostile session: the same process serves a new, well-behaved frontend (it
 /// accepts the next connection only once the hostile one has ended).
-fn assert_still_serving(be: &mut Backend) {
+fn assert_still_serving(be: &mut BackendProcess) {
     assert!(be.alive(), "backend process died");
     let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
     b.set_str("path", be.socket.to_str().unwrap()).unwrap();

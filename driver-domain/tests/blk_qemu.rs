@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{pattern, Backend};
+use common::{pattern, BackendProcess};
 
 const GUEST_WRITE: &[u8] = b"splitvmm-guest-was-here\n";
 
@@ -208,7 +208,7 @@ fn linux_guest_reads_and_writes_through_qemu() {
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, initramfs(&mods, &busybox)).unwrap();
 
-    let mut be = Backend::start(dir.path(), &["--blk", img.to_str().unwrap()]);
+    let mut be = BackendProcess::start(dir.path(), &["--blk", img.to_str().unwrap()]);
     let mut q = Command::new(qemu)
         .args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"])
         .args(["-nographic", "-no-reboot", "-net", "none"])

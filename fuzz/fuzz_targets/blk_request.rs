@@ -6,9 +6,9 @@
 
 use libfuzzer_sys::fuzz_target;
 
-use driver_domain::blk::executor::execute;
+use driver_domain::blk::request::execute;
 use driver_domain::blk::{BlkDisk, Request};
-use driver_domain::blk::ring_driver::DriverRing;
+use driver_domain::virtio_core::ring_driver::DriverRing;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -1,5 +1,5 @@
 //! Fuzz the whole queue path: an arbitrary split ring (descriptor table, avail ring, used ring,
-//! indirect tables, buffers) in a small GuestMemoryMmap, processed by `BlkQueue::process` with
+//! indirect tables, buffers) in a small GuestMemoryMmap, processed by `BlkBackendQueue::process` with
 //! the in-flight log, EVENT_IDX on or off, and a tiny budget. Nothing may panic; a rejected
 //! ring must leave the queue failed, not the process.
 
@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 
-use driver_domain::blk::ring_driver::DriverRing;
-use driver_domain::blk::{BlkConfig, BlkDisk, BlkQueue, InflightLog};
+use driver_domain::blk::{BlkBackendConfig, BlkBackendQueue, BlkDisk, InflightLog};
+use driver_domain::virtio_core::ring_driver::DriverRing;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -31,14 +31,14 @@ fuzz_target!(|data: &[u8]| {
     let ring = DriverRing::new(GuestAddress(0x100), QSIZE);
     let mut queue = Queue::new(QSIZE).unwrap();
     ring.configure(&mut queue, event_idx);
-    let cfg = BlkConfig {
+    let cfg = BlkBackendConfig {
         queue_size: QSIZE,
         budget,
-        ..BlkConfig::default()
+        ..BlkBackendConfig::default()
     };
     let log = InflightLog::new(1, QSIZE).unwrap();
     let disk = Arc::new(BlkDisk::null(128 * 512, read_only));
-    let mut blk = BlkQueue::new(0, disk, &cfg, log.queue(0).unwrap());
+    let mut blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0).unwrap());
     for _ in 0..4 {
         match blk.process(&mut queue, &mem) {
             Ok(p) => {

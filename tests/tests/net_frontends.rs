@@ -231,12 +231,12 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
 }
 
 /// Managed mode as the toolstack will use it: listeners bound privately and handed to
-/// `serve_net_listener`, ports attached to one switch, sessions ended with their shutdown
+/// `serve_listener`, ports attached to one switch, sessions ended with their shutdown
 /// handles, ports detached when dropped.
 #[test]
 fn managed_ports_on_handed_over_listeners() {
-    use driver_domain::net::{NetConfig, Switch, SwitchConfig};
-    use driver_domain::vhost_user::net::serve_net_listener;
+    use driver_domain::net::{NetBackendConfig, NetBackendDevice, Switch, SwitchConfig};
+    use driver_domain::vhost_user::serve_listener;
     use std::os::unix::net::UnixListener;
     use std::sync::{mpsc, Arc};
 
@@ -254,13 +254,14 @@ fn managed_ports_on_handed_over_listeners() {
         }));
         let port = Arc::new(sw.attach(&format!("vif{i}.0")).unwrap());
         ports.push(port.clone());
-        let cfg = NetConfig {
+        let cfg = NetBackendConfig {
             mac: [0x02, 0, 0, 0, i, 0],
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         let tx = tx.clone();
         servers.push(std::thread::spawn(move || {
-            serve_net_listener(listener, port, cfg, move |h| tx.send(h).unwrap())
+            let device = NetBackendDevice::new(port, cfg).unwrap();
+            serve_listener(listener, device, move |h| tx.send(h).unwrap())
         }));
     }
     let mut fe: Vec<NetFrontend> = frontends.into_iter().map(|t| t.join().unwrap()).collect();

@@ -7,7 +7,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::memory::SealPolicy;
+use crate::virtio_core::memory::SealPolicy;
 
 /// Largest number of ranges accepted in one DISCARD or WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 16;
@@ -16,7 +16,7 @@ pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 
 /// Options of one block device, chosen by whoever creates it (CLI, toolstack).
 #[derive(Clone, Debug)]
-pub struct BlkConfig {
+pub struct BlkBackendConfig {
     /// Number of virtqueues (>= 1).
     pub num_queues: u16,
     /// Largest queue size the device accepts (a power of two, <= 32768).
@@ -33,9 +33,9 @@ pub struct BlkConfig {
     pub seal_policy: SealPolicy,
 }
 
-impl Default for BlkConfig {
+impl Default for BlkBackendConfig {
     fn default() -> Self {
-        BlkConfig {
+        BlkBackendConfig {
             num_queues: 1,
             queue_size: 256,
             budget: 64,
@@ -46,7 +46,7 @@ impl Default for BlkConfig {
     }
 }
 
-impl BlkConfig {
+impl BlkBackendConfig {
     /// The largest number of data segments a request may carry: queue size minus the header
     /// and status descriptors (Linux honours this and the kernel's own limit).
     pub fn seg_max(&self) -> u32 {
@@ -84,7 +84,7 @@ impl BlkConfigSpace {
     pub const LEN: usize = 60;
 
     /// Build the configuration space for a disk of `capacity_sectors` sectors.
-    pub fn new(cfg: &BlkConfig, capacity_sectors: u64) -> Self {
+    pub fn new(cfg: &BlkBackendConfig, capacity_sectors: u64) -> Self {
         let mut b = [0u8; Self::LEN];
         b[0..8].copy_from_slice(&capacity_sectors.to_le_bytes()); // capacity
                                                                   // 8..12 size_max: not offered.
@@ -126,9 +126,9 @@ mod tests {
 
     #[test]
     fn config_space_fields() {
-        let cfg = BlkConfig {
+        let cfg = BlkBackendConfig {
             num_queues: 4,
-            ..BlkConfig::default()
+            ..BlkBackendConfig::default()
         };
         let cs = BlkConfigSpace::new(&cfg, 2048);
         assert_eq!(cs.read(0, 8), 2048u64.to_le_bytes());
@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn read_only_hides_discard() {
-        let cfg = BlkConfig::default();
+        let cfg = BlkBackendConfig::default();
         let f = cfg.features(true);
         assert_ne!(f & (1 << VIRTIO_BLK_F_RO), 0);
         assert_eq!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);

@@ -1,33 +1,27 @@
 //! virtio-blk device core, independent of the transport.
 //!
-//! The core works on "guest memory + a split virtqueue + a kick eventfd + a call eventfd + an
-//! in-flight log". No vhost type crosses this interface, so the same core serves a vhost-user
-//! peer ([`crate::vhost_user::blk`]), a process domain, or later a peer VM.
+//! The core works on "guest memory + a split virtqueue + an in-flight log"; [`BlkBackendDevice`]
+//! implements [`crate::virtio_core::BackendDevice`], so the same core serves a vhost-user
+//! peer ([`crate::vhost_user`]), a process domain, or later a peer VM.
 //!
+//! - [`config`]: device options and the configuration space.
+//! - [`device`]: the device and the processing of one virtqueue with a per-wakeup budget.
+//! - [`request`]: reading a request out of a descriptor chain (header copied once, then
+//!   parsed) and executing it against the disk and guest memory.
 //! - [`disk`]: the backing store (raw image file or null device).
-//! - [`request`]: reading a request out of a descriptor chain (header copied once, then parsed).
-//! - [`executor`]: executing a parsed request against the disk and guest memory.
 //! - [`inflight`]: the memfd-backed in-flight log (vhost-user INFLIGHT_SHMFD layout).
-//! - [`queue`]: processing one virtqueue with a per-wakeup budget; a standalone worker thread.
-//! - [`memory`]: checks on peer-supplied memory regions (re-exported from
-//!   [`crate::virtio_core`]).
 
 pub mod config;
+pub mod device;
 pub mod disk;
-pub mod executor;
 pub mod inflight;
-pub mod queue;
 pub mod request;
 
-// Not blk-specific; kept reachable under their old paths.
-pub use crate::virtio_core::{memory, ring_driver};
-
-pub use config::{BlkConfig, BlkConfigSpace};
+pub use config::{BlkBackendConfig, BlkConfigSpace};
+pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};
 pub use disk::{BlkDisk, DiskError};
 pub use inflight::{InflightError, InflightLog, InflightQueue};
-pub use memory::{MemoryError, SealPolicy};
-pub use queue::{BlkQueue, Progress, QueueError, QueueWorker};
-pub use request::{Request, RequestError, RequestType};
+pub use request::{execute, BlkRequestError, BlkRequestOutcome, Request, RequestType};
 
 /// Sector size of the virtio-blk protocol (fixed at 512 bytes by the specification).
 pub const SECTOR_SIZE: u64 = 512;

@@ -8,14 +8,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ipc::xenbus::DeviceId;
-use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 
-use crate::blk::{BlkConfig, BlkDisk};
+use crate::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use crate::net::switch::Switch;
-use crate::net::NetConfig;
-use crate::vhost_user::blk::serve_blk_listener;
-use crate::vhost_user::net::serve_net_listener;
+use crate::net::{NetBackendConfig, NetBackendDevice};
+use crate::vhost_user::serve_listener;
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);
@@ -40,13 +38,9 @@ impl Session {
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
         Self::spawn(id, capacity_sectors, move |started| {
-            serve_blk_listener(
-                Listener::from(listener),
-                disk,
-                BlkConfig::default(),
-                started,
-            )
-            .map_err(|e| e.to_string())
+            let device = BlkBackendDevice::new(disk, BlkBackendConfig::default())
+                .map_err(|e| e.to_string())?;
+            serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
 
@@ -61,13 +55,13 @@ impl Session {
         let port = switch
             .attach(&format!("vif{}.{}", id.frontend, id.devid))
             .map_err(|e| format!("switch port: {e}"))?;
-        let cfg = NetConfig {
+        let cfg = NetBackendConfig {
             mac,
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         Self::spawn(id, 0, move |started| {
-            serve_net_listener(Listener::from(listener), Arc::new(port), cfg, started)
-                .map_err(|e| e.to_string())
+            let device = NetBackendDevice::new(Arc::new(port), cfg).map_err(|e| e.to_string())?;
+            serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
 

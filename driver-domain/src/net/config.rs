@@ -38,7 +38,7 @@ pub const NET_S_LINK_UP: u16 = 1;
 
 /// Options of one virtio-net device.
 #[derive(Clone, Debug)]
-pub struct NetConfig {
+pub struct NetBackendConfig {
     /// The MAC address published to the driver.
     pub mac: Mac,
     /// Queue pairs (RX/TX); `2 * queue_pairs` virtqueues.
@@ -54,9 +54,9 @@ pub struct NetConfig {
     pub seal_policy: SealPolicy,
 }
 
-impl Default for NetConfig {
+impl Default for NetBackendConfig {
     fn default() -> Self {
-        NetConfig {
+        NetBackendConfig {
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
             queue_pairs: 1,
             queue_size: 256,
@@ -67,7 +67,7 @@ impl Default for NetConfig {
     }
 }
 
-impl NetConfig {
+impl NetBackendConfig {
     /// The virtio feature bits offered (without the vhost-user PROTOCOL_FEATURES bit).
     pub fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
@@ -138,7 +138,7 @@ impl NetConfigSpace {
     pub const LEN: usize = 12;
 
     /// The space for `cfg`.
-    pub fn new(cfg: &NetConfig) -> Self {
+    pub fn new(cfg: &NetBackendConfig) -> Self {
         let mut bytes = [0u8; Self::LEN];
         bytes[0..6].copy_from_slice(&cfg.mac);
         bytes[6..8].copy_from_slice(&NET_S_LINK_UP.to_le_bytes());
@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn features_are_honest() {
-        let cfg = NetConfig::default();
+        let cfg = NetBackendConfig::default();
         let f = cfg.features();
         for b in [
             NET_F_CSUM,
@@ -174,9 +174,9 @@ mod tests {
             assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
         }
         assert_ne!(f & (1 << NET_F_MRG_RXBUF), 0);
-        let mq = NetConfig {
+        let mq = NetBackendConfig {
             queue_pairs: 4,
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         assert_ne!(mq.features() & (1 << NET_F_MQ), 0);
         assert_eq!(mq.num_queues(), 8);
@@ -197,9 +197,9 @@ mod tests {
 
     #[test]
     fn config_space_layout() {
-        let cfg = NetConfig {
+        let cfg = NetBackendConfig {
             queue_pairs: 2,
-            ..NetConfig::default()
+            ..NetBackendConfig::default()
         };
         let s = NetConfigSpace::new(&cfg);
         let all = s.read(0, 64);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::header::{HDR_LEN, MAX_FRAME};
+use crate::virtio_core::sync;
 
 /// Bytes kept in front of the frame for the receive header.
 pub const HEADROOM: usize = HDR_LEN;
@@ -153,10 +154,7 @@ impl FramePool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FrameBox>> {
-        match self.free.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sync::lock(&self.free)
     }
 
     /// A free buffer, or `None` when all `max` buffers are in flight.

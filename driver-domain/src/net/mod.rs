@@ -1,18 +1,20 @@
 //! virtio-net device core and the L2 switch between the driver domain's ports.
 //!
-//! Like [`crate::blk`], the core works on "guest memory + split virtqueues + eventfds"; no vhost
-//! type crosses it, so the same queues serve a vhost-user peer ([`crate::vhost_user::net`]), a
-//! process domain, or later a peer VM.
+//! Like [`crate::blk`], the core works on "guest memory + split virtqueues + eventfds";
+//! [`NetBackendDevice`] implements [`crate::virtio_core::BackendDevice`], so the same queues serve a
+//! vhost-user peer ([`crate::vhost_user`]), a process domain, or later a peer VM.
 //!
 //! - [`header`]: the virtio-net header and the validation of transmitted frames.
 //! - [`frame`]: pooled frame buffers (one copy in, one copy out, no per-frame allocation).
 //! - [`switch`]: MAC learning with ageing, flooding, no hairpin, bounded per-sender queues.
+//! - [`device`]: the device: the queue pairs of one switch port.
 //! - [`queue`]: the TX and RX data path of one queue pair.
 //! - [`ring`]: batched used-ring publication and the call decision.
 //! - [`config`]: device options, offered features, configuration space.
 //! - [`tap`]: an optional uplink port to a host tap device.
 
 pub mod config;
+pub mod device;
 pub mod frame;
 pub mod header;
 pub mod queue;
@@ -20,10 +22,11 @@ pub mod ring;
 pub mod switch;
 pub mod tap;
 
-pub use config::{Negotiated, NetConfig, NetConfigSpace};
+pub use config::{Negotiated, NetBackendConfig, NetConfigSpace};
+pub use device::{NetBackendDevice, NetBackendError};
 pub use frame::{format_mac, parse_mac, FrameBox, FrameBuf, FramePool, Mac};
 pub use header::{HeaderError, TxHeader, TxOffloads};
-pub use queue::{FrameError, NetQueueError, Progress, RxQueue, TxQueue};
+pub use queue::{Direction, FrameError, NetQueue, NetQueueError, Rx, RxQueue, Tx, TxQueue};
 pub use switch::{
     CounterSnapshot, Forwarded, PortId, Switch, SwitchConfig, SwitchError, SwitchPort,
 };

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{error, warn};
+use log::warn;
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
@@ -24,6 +24,7 @@ use super::frame::FrameBox;
 use super::header::{rx_header, HeaderError, TxHeader, HDR_LEN};
 use super::ring::{needs_call, publish_used};
 use super::switch::SwitchPort;
+use crate::virtio_core::{QueueFailedEarlier, QueueFailure, QueueProgress};
 
 /// Frames moved from the switch inbox per lock.
 const RX_BATCH: usize = 32;
@@ -42,8 +43,8 @@ pub enum NetQueueError {
     #[error("net queue {0}: receive chain at head {1}: {2}")]
     RxChain(u16, u16, &'static str),
     /// The queue failed earlier.
-    #[error("net queue {0} failed earlier: {1}")]
-    Broken(u16, String),
+    #[error(transparent)]
+    Broken(#[from] QueueFailedEarlier),
 }
 
 /// Why one frame was dropped (the queue continues).
@@ -61,17 +62,6 @@ pub enum FrameError {
     /// No frame buffer was free.
     #[error("switch out of frame buffers")]
     NoBuffer,
-}
-
-/// The outcome of one `process` call.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// Chains completed (TX) or frames delivered (RX).
-    pub frames: usize,
-    /// The driver must be signalled.
-    pub notify: bool,
-    /// The budget ran out with work left: call again after serving other queues.
-    pub more: bool,
 }
 
 fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display) {
@@ -145,40 +135,56 @@ fn write_chain<M: GuestMemory>(
     Ok(off)
 }
 
-/// The transmit side of a queue pair.
+/// What one direction of a queue pair keeps and does besides what both directions share.
+pub trait Direction: Default + std::fmt::Debug + Sized {
+    /// The direction in logs.
+    const NAME: &'static str;
+
+    /// Give the frame buffers this direction holds back to `port`'s pool.
+    fn release(&mut self, port: &SwitchPort);
+
+    /// Move up to the budget of frames of `q` through `queue` (`notify` is left to the caller).
+    fn run<M: GuestMemory>(
+        q: &mut NetQueue<Self>,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<QueueProgress, NetQueueError>;
+}
+
+/// One direction of a queue pair: [`TxQueue`] or [`RxQueue`].
 #[derive(Debug)]
-pub struct TxQueue {
+pub struct NetQueue<D: Direction> {
     index: u16,
     port: Arc<SwitchPort>,
     neg: Negotiated,
     budget: usize,
-    cache: Vec<FrameBox>,
-    pending: Vec<FrameBox>,
     idle_notify: bool,
-    invalid: u64,
-    broken: Option<String>,
+    failure: QueueFailure,
+    dir: D,
 }
 
-impl Drop for TxQueue {
+/// The transmit side of a queue pair: frames from a TX ring into the switch.
+pub type TxQueue = NetQueue<Tx>;
+/// The receive side of a queue pair: frames from the switch into an RX ring.
+pub type RxQueue = NetQueue<Rx>;
+
+impl<D: Direction> Drop for NetQueue<D> {
     fn drop(&mut self) {
-        self.port.recycle_all(self.cache.drain(..));
-        self.port.recycle_all(self.pending.drain(..));
+        self.dir.release(&self.port);
     }
 }
 
-impl TxQueue {
-    /// The TX side of virtqueue `index`, feeding `port`.
+impl<D: Direction> NetQueue<D> {
+    /// This direction of virtqueue `index`, on `port`.
     pub fn new(index: u16, port: Arc<SwitchPort>, budget: usize) -> Self {
-        TxQueue {
+        NetQueue {
             index,
             port,
             neg: Negotiated::default(),
             budget: budget.max(1),
-            cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
-            pending: Vec::with_capacity(TX_BATCH),
             idle_notify: true,
-            invalid: 0,
-            broken: None,
+            failure: QueueFailure::new(index),
+            dir: D::default(),
         }
     }
 
@@ -189,95 +195,129 @@ impl TxQueue {
 
     /// Why this queue failed, if it did.
     pub fn broken(&self) -> Option<&str> {
-        self.broken.as_deref()
+        self.failure.why()
     }
 
     /// Forget an earlier failure (the driver reset the device).
     pub fn reset(&mut self) {
-        self.broken = None;
+        self.failure.clear();
     }
 
-    /// Whether an idle queue re-enables guest kicks (the default). A busy-polling caller
-    /// turns this off while it polls and on again before it sleeps.
+    /// Whether an idle queue re-arms its notification (the default): TX re-enables guest
+    /// kicks, RX arms the port's wake eventfd. A busy-polling caller turns this off while it
+    /// polls and on again before it sleeps.
     pub fn set_idle_notify(&mut self, on: bool) {
         self.idle_notify = on;
     }
 
-    /// Transmit up to `budget` frames from `queue`.
+    /// Move up to `budget` frames through `queue` (TX: into the switch; RX: queued frames
+    /// into the guest's buffers). An `Err` fails the queue until [`NetQueue::reset`]; the
+    /// buffers it holds go back to the pool.
     pub fn process<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-    ) -> Result<Progress, NetQueueError> {
-        if let Some(why) = &self.broken {
-            return Err(NetQueueError::Broken(self.index, why.clone()));
-        }
-        let r = self.process_inner(queue, mem);
-        if let Err(e) = &r {
-            error!("net: failing TX queue: {e}");
-            self.broken = Some(e.to_string());
+    ) -> Result<QueueProgress, NetQueueError> {
+        self.failure.check()?;
+        let old_used = queue.next_used();
+        let r = D::run(self, queue, mem).and_then(|mut progress| {
+            progress.notify =
+                needs_call(queue, mem, old_used).map_err(|e| NetQueueError::Ring(self.index, e))?;
+            Ok(progress)
+        });
+        let r = self.failure.latch(D::NAME, r);
+        if r.is_err() {
+            // Frames held by a failed queue can never move.
+            self.dir.release(&self.port);
         }
         r
     }
+}
 
-    fn process_inner<M: GuestMemory>(
-        &mut self,
+/// Per-direction state of [`TxQueue`].
+#[derive(Debug)]
+pub struct Tx {
+    cache: Vec<FrameBox>,
+    pending: Vec<FrameBox>,
+    invalid: u64,
+}
+
+impl Default for Tx {
+    fn default() -> Self {
+        Tx {
+            cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
+            pending: Vec::with_capacity(TX_BATCH),
+            invalid: 0,
+        }
+    }
+}
+
+impl Direction for Tx {
+    const NAME: &'static str = "net TX";
+
+    fn run<M: GuestMemory>(
+        q: &mut TxQueue,
         queue: &mut Queue,
         mem: &M,
-    ) -> Result<Progress, NetQueueError> {
-        let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
-        let mut progress = Progress::default();
-        let old_used = queue.next_used();
+    ) -> Result<QueueProgress, NetQueueError> {
         let mut heads = [0u16; TX_BATCH];
+        let index = q.index;
+        let ring = |e| NetQueueError::Ring(index, e);
+        let mut progress = QueueProgress::default();
         loop {
             queue.disable_notification(mem).map_err(ring)?;
             // One avail-index read per batch; one used-index store per batch.
             let mut n = 0;
             {
                 let mut chains = queue.iter(mem).map_err(ring)?;
-                while n < TX_BATCH && progress.frames + n < self.budget {
+                while n < TX_BATCH && progress.completed + n < q.budget {
                     let Some(chain) = chains.next() else { break };
                     heads[n] = chain.head_index();
-                    if let Err(e) = self.transmit(chain, mem) {
-                        self.port.count_tx_invalid();
-                        log_sparse(&mut self.invalid, "dropped transmitted frame", q, &e);
+                    if let Err(e) = q.transmit(chain, mem) {
+                        q.port.count_tx_invalid();
+                        log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
                     }
                     n += 1;
                 }
             }
             // Switch the batch under one lock; unused buffers come back into the cache.
-            self.port.transmit_batch(&mut self.pending, &mut self.cache);
-            if self.cache.len() > TX_CACHE + TX_BATCH {
-                let extra = self.cache.len() - TX_CACHE;
-                self.port.recycle_all(self.cache.drain(extra..));
+            q.port.transmit_batch(&mut q.dir.pending, &mut q.dir.cache);
+            if q.dir.cache.len() > TX_CACHE + TX_BATCH {
+                let extra = q.dir.cache.len() - TX_CACHE;
+                q.port.recycle_all(q.dir.cache.drain(extra..));
             }
             publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
-            progress.frames += n;
-            if progress.frames >= self.budget {
+            progress.completed += n;
+            if progress.completed >= q.budget {
                 progress.more = true;
                 break;
             }
             if n == TX_BATCH {
                 continue;
             }
-            if !self.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
+            if !q.idle_notify || !queue.enable_notification(mem).map_err(ring)? {
                 break;
             }
         }
-        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
         Ok(progress)
     }
 
+    fn release(&mut self, port: &SwitchPort) {
+        port.recycle_all(self.cache.drain(..));
+        port.recycle_all(self.pending.drain(..));
+    }
+}
+
+impl TxQueue {
     fn transmit<M: GuestMemory>(
         &mut self,
         chain: DescriptorChain<&M>,
         mem: &M,
     ) -> Result<(), FrameError> {
-        if self.cache.is_empty() {
-            self.port.take_buffers(&mut self.cache, TX_CACHE);
+        if self.dir.cache.is_empty() {
+            self.port.take_buffers(&mut self.dir.cache, TX_CACHE);
         }
-        let mut buf = self.cache.pop().ok_or(FrameError::NoBuffer)?;
+        let mut buf = self.dir.cache.pop().ok_or(FrameError::NoBuffer)?;
         let hdr_len = self.neg.hdr_len;
         let parsed = {
             let area = buf.chain_area(hdr_len);
@@ -289,11 +329,11 @@ impl TxQueue {
         match parsed {
             Ok((_, len)) => {
                 buf.set_len(len);
-                self.pending.push(buf);
+                self.dir.pending.push(buf);
                 Ok(())
             }
             Err(e) => {
-                self.cache.push(buf);
+                self.dir.cache.push(buf);
                 Err(e)
             }
         }
@@ -306,147 +346,97 @@ enum Delivery {
     NoBuffers,
 }
 
-/// The receive side of a queue pair.
+/// Per-direction state of [`RxQueue`].
 #[derive(Debug)]
-pub struct RxQueue {
-    index: u16,
-    port: Arc<SwitchPort>,
-    neg: Negotiated,
-    budget: usize,
+pub struct Rx {
     batch: VecDeque<FrameBox>,
     used: Vec<(u16, u32)>,
     completed: Vec<(u16, u32)>,
     done: Vec<FrameBox>,
-    idle_notify: bool,
     dropped: u64,
-    broken: Option<String>,
 }
 
-impl Drop for RxQueue {
-    fn drop(&mut self) {
-        // Frames taken from the inbox but not delivered go back to the pool.
-        self.port.recycle_all(self.batch.drain(..));
-    }
-}
-
-impl RxQueue {
-    /// The RX side of virtqueue `index`, fed by `port`.
-    pub fn new(index: u16, port: Arc<SwitchPort>, budget: usize) -> Self {
-        RxQueue {
-            index,
-            port,
-            neg: Negotiated::default(),
-            budget: budget.max(1),
+impl Default for Rx {
+    fn default() -> Self {
+        Rx {
             batch: VecDeque::with_capacity(RX_BATCH),
             used: Vec::with_capacity(64),
             completed: Vec::with_capacity(256),
             done: Vec::with_capacity(64),
-            idle_notify: true,
             dropped: 0,
-            broken: None,
         }
     }
+}
 
-    /// Apply the negotiated features (before the queue starts).
-    pub fn set_negotiated(&mut self, neg: Negotiated) {
-        self.neg = neg;
+impl Direction for Rx {
+    const NAME: &'static str = "net RX";
+
+    fn release(&mut self, port: &SwitchPort) {
+        // Frames taken from the inbox but not delivered go back to the pool.
+        port.recycle_all(self.batch.drain(..));
     }
 
-    /// Why this queue failed, if it did.
-    pub fn broken(&self) -> Option<&str> {
-        self.broken.as_deref()
-    }
-
-    /// Forget an earlier failure (the driver reset the device).
-    pub fn reset(&mut self) {
-        self.broken = None;
-    }
-
-    /// Whether an idle queue arms the port's wake eventfd (the default). A busy-polling
-    /// caller turns this off while it polls and on again before it sleeps.
-    pub fn set_idle_notify(&mut self, on: bool) {
-        self.idle_notify = on;
-    }
-
-    /// Deliver up to `budget` queued frames into `queue`. When the inbox is empty the port is
-    /// armed (its wake eventfd fires on the next frame); when the ring has no buffers, guest
-    /// notifications are enabled so the refill kicks the device.
-    pub fn process<M: GuestMemory>(
-        &mut self,
+    /// When the inbox is empty the port is armed (its wake eventfd fires on the next frame);
+    /// when the ring has no buffers, guest notifications are enabled so the refill kicks the
+    /// device.
+    fn run<M: GuestMemory>(
+        q: &mut RxQueue,
         queue: &mut Queue,
         mem: &M,
-    ) -> Result<Progress, NetQueueError> {
-        if let Some(why) = &self.broken {
-            return Err(NetQueueError::Broken(self.index, why.clone()));
-        }
-        let r = self.process_inner(queue, mem);
-        if let Err(e) = &r {
-            error!("net: failing RX queue: {e}");
-            self.broken = Some(e.to_string());
-            // Queued frames can never be delivered on a failed queue.
-            self.port.recycle_all(self.batch.drain(..));
-        }
-        r
-    }
-
-    fn process_inner<M: GuestMemory>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-    ) -> Result<Progress, NetQueueError> {
-        let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
-        let mut progress = Progress::default();
-        let old_used = queue.next_used();
-        self.completed.clear();
+    ) -> Result<QueueProgress, NetQueueError> {
+        q.dir.completed.clear();
+        let index = q.index;
+        let ring = |e| NetQueueError::Ring(index, e);
         queue.disable_notification(mem).map_err(ring)?;
-        let r = self.deliver_all(queue, mem, &mut progress);
+        let mut progress = QueueProgress::default();
+        let r = q.deliver_all(queue, mem, &mut progress);
         // Delivered and dropped buffers go back to the pool under one lock.
-        self.port.recycle_all(self.done.drain(..));
+        q.port.recycle_all(q.dir.done.drain(..));
         // Completed chains are published with one used-index store, even if a later frame
         // failed the queue (the driver gets back what the device finished).
-        let published = publish_used(queue, mem, self.completed.drain(..)).map_err(ring);
+        let published = publish_used(queue, mem, q.dir.completed.drain(..)).map_err(ring);
         r?;
         published?;
-        progress.notify = needs_call(queue, mem, old_used).map_err(ring)?;
         Ok(progress)
     }
+}
 
+impl RxQueue {
     fn deliver_all<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        progress: &mut Progress,
+        progress: &mut QueueProgress,
     ) -> Result<(), NetQueueError> {
         let q = self.index;
         let ring = |e| NetQueueError::Ring(q, e);
         loop {
-            if progress.frames == self.budget {
+            if progress.completed == self.budget {
                 progress.more = true;
                 break;
             }
-            if self.batch.is_empty() && self.port.receive(&mut self.batch, RX_BATCH) == 0 {
+            if self.dir.batch.is_empty() && self.port.receive(&mut self.dir.batch, RX_BATCH) == 0 {
                 if self.idle_notify && self.port.arm() {
                     continue;
                 }
                 break;
             }
-            let Some(mut buf) = self.batch.pop_front() else {
+            let Some(mut buf) = self.dir.batch.pop_front() else {
                 break;
             };
             match self.deliver(queue, mem, &mut buf)? {
                 Delivery::Delivered => {
                     self.port.count_rx(buf.len());
-                    self.done.push(buf);
-                    progress.frames += 1;
+                    self.dir.done.push(buf);
+                    progress.completed += 1;
                 }
                 Delivery::Dropped => {
                     self.port.count_rx_dropped();
-                    self.done.push(buf);
-                    progress.frames += 1;
+                    self.dir.done.push(buf);
+                    progress.completed += 1;
                 }
                 Delivery::NoBuffers => {
-                    self.batch.push_front(buf);
+                    self.dir.batch.push_front(buf);
                     // The chains seen so far (possibly rolled back, with MRG_RXBUF) are not
                     // enough: ask for a kick when the driver adds past them, not before.
                     let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
@@ -480,7 +470,7 @@ impl RxQueue {
         let with_hdr = buf.with_header(&rx_header(if hdr_len == HDR_LEN { 1 } else { 0 }));
         let bytes = &with_hdr[HDR_LEN - hdr_len..];
         let saved = queue.next_avail();
-        self.used.clear();
+        self.dir.used.clear();
         let mut mark = NumBuffersAt::default();
         let mut off = 0usize;
         while off < bytes.len() {
@@ -490,7 +480,7 @@ impl RxQueue {
                 return Ok(Delivery::NoBuffers);
             };
             let head = chain.head_index();
-            let first = self.used.is_empty();
+            let first = self.dir.used.is_empty();
             let written = write_chain(chain, mem, &bytes[off..], first.then_some(&mut mark))
                 .map_err(|why| NetQueueError::RxChain(q, head, why))?;
             if first && written < hdr_len {
@@ -500,15 +490,15 @@ impl RxQueue {
             if !mrg && off < bytes.len() {
                 // One chain per frame without MRG_RXBUF: the frame does not fit, drop it.
                 log_sparse(
-                    &mut self.dropped,
+                    &mut self.dir.dropped,
                     "receive buffer too small, frame dropped",
                     q,
                     &bytes.len(),
                 );
-                self.completed.push((head, 0));
+                self.dir.completed.push((head, 0));
                 return Ok(Delivery::Dropped);
             }
-            if self.used.len() >= usize::from(queue.size()) {
+            if self.dir.used.len() >= usize::from(queue.size()) {
                 queue.set_next_avail(saved);
                 return Err(NetQueueError::RxChain(
                     q,
@@ -516,24 +506,24 @@ impl RxQueue {
                     "buffers too small for a frame",
                 ));
             }
-            self.used.push((head, written as u32));
+            self.dir.used.push((head, written as u32));
         }
-        if mrg && self.used.len() > 1 {
-            let n = (self.used.len() as u16).to_le_bytes();
+        if mrg && self.dir.used.len() > 1 {
+            let n = (self.dir.used.len() as u16).to_le_bytes();
             for (addr, byte) in mark.0.iter().zip(n) {
                 if let Some(a) = addr {
                     mem.write_obj(byte, *a).map_err(|_| {
-                        NetQueueError::RxChain(q, self.used[0].0, "header outside guest memory")
+                        NetQueueError::RxChain(q, self.dir.used[0].0, "header outside guest memory")
                     })?;
                 }
             }
         }
-        self.completed.extend_from_slice(&self.used);
+        self.dir.completed.extend_from_slice(&self.dir.used);
         Ok(Delivery::Delivered)
     }
 
     /// Frames taken from the switch but not yet delivered.
     pub fn backlog(&self) -> usize {
-        self.batch.len() + self.port.pending()
+        self.dir.batch.len() + self.port.pending()
     }
 }

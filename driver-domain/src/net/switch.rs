@@ -25,6 +25,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::frame::{format_mac, is_multicast, FrameBox, FramePool, Mac};
+use crate::virtio_core::sync;
 
 /// Milliseconds of the coarse monotonic clock (ageing needs no better, and it is read per
 /// frame: the coarse clock is a plain vDSO read).
@@ -157,10 +158,7 @@ struct Port {
 
 impl Port {
     fn inbox(&self) -> MutexGuard<'_, Inbox> {
-        match self.inbox.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sync::lock(&self.inbox)
     }
 
     /// Queue `buf` from `src`; gives it back when `src`'s share is full or the port is gone.
@@ -292,17 +290,11 @@ impl Switch {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Tables> {
-        match self.tables.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sync::read(&self.tables)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Tables> {
-        match self.tables.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        sync::write(&self.tables)
     }
 
     /// Milliseconds since the switch was created, from the coarse monotonic clock (ageing

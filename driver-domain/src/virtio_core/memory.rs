@@ -12,14 +12,24 @@
 //!    [`SealPolicy::AllowUnsealedChecked`] it is accepted with a logged warning: a peer that
 //!    later truncates the file can still make a userspace access (ring reads) raise `SIGBUS`.
 //!    Data transfers go through `preadv`/`pwritev`, which get `EFAULT` instead.
+//!
+//! [`CheckedMemory`] keeps a transport's current memory table together with its verdict: a
+//! refused table stops the device (its queues are not served) until a good one arrives.
 
 use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::RwLock;
 
-use log::info;
+use log::{error, info, warn};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use super::sync;
 
 /// What to do with shared memory that is not sealed against shrinking and cannot be sealed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +56,7 @@ pub enum SealState {
 
 /// Why a region is refused.
 #[derive(Debug, Error)]
-pub enum MemoryError {
+pub enum PeerMemoryError {
     /// `fstat` failed.
     #[error("cannot stat a memory region's file: {0}")]
     Stat(#[source] std::io::Error),
@@ -73,15 +83,15 @@ pub fn check_region_file(
     offset: u64,
     size: u64,
     policy: SealPolicy,
-) -> Result<SealState, MemoryError> {
-    let file_size = file.metadata().map_err(MemoryError::Stat)?.len();
-    let end = offset.checked_add(size).ok_or(MemoryError::PastEnd {
+) -> Result<SealState, PeerMemoryError> {
+    let file_size = file.metadata().map_err(PeerMemoryError::Stat)?.len();
+    let end = offset.checked_add(size).ok_or(PeerMemoryError::PastEnd {
         offset,
         size,
         file_size,
     })?;
     if end > file_size {
-        return Err(MemoryError::PastEnd {
+        return Err(PeerMemoryError::PastEnd {
             offset,
             size,
             file_size,
@@ -98,14 +108,14 @@ pub fn check_region_file(
         }
     }
     match policy {
-        SealPolicy::RequireSealed => Err(MemoryError::NotSealed),
+        SealPolicy::RequireSealed => Err(PeerMemoryError::NotSealed),
         // The caller logs (once per memory table, not once per region and update).
         SealPolicy::AllowUnsealedChecked => Ok(SealState::Unsealed),
     }
 }
 
 /// Check every file-backed region of `mem`.
-pub fn check_guest_memory<M>(mem: &M, policy: SealPolicy) -> Result<Vec<SealState>, MemoryError>
+pub fn check_guest_memory<M>(mem: &M, policy: SealPolicy) -> Result<Vec<SealState>, PeerMemoryError>
 where
     M: GuestMemoryBackend,
 {
@@ -118,6 +128,67 @@ where
         states.push(state);
     }
     Ok(states)
+}
+
+/// Guest memory as a transport hands it to a device: swappable while queues run.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The current memory table of one device and its verdict.
+///
+/// vhost-user-backend installs a new table before the device sees it, so the device keeps its
+/// own view here and serves queues only while [`CheckedMemory::usable`] holds.
+pub struct CheckedMemory {
+    mem: RwLock<Option<GuestMem>>,
+    usable: AtomicBool,
+    /// Unsealed regions in the current table (to log changes only).
+    unsealed: AtomicUsize,
+}
+
+impl Default for CheckedMemory {
+    fn default() -> Self {
+        CheckedMemory {
+            mem: RwLock::new(None),
+            usable: AtomicBool::new(false),
+            unsealed: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl CheckedMemory {
+    /// The current table, if any.
+    pub fn current(&self) -> Option<GuestMem> {
+        sync::read(&self.mem).clone()
+    }
+
+    /// Whether the current table passed its check (queues may be served).
+    pub fn usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    /// Takes a new table from the peer and checks it; `device` names the device in logs.
+    pub fn update(&self, mem: GuestMem, policy: SealPolicy, device: &str) -> io::Result<()> {
+        let checked = check_guest_memory(&*mem.memory(), policy);
+        *sync::write(&self.mem) = Some(mem);
+        match checked {
+            Ok(states) => {
+                let unsealed = states.iter().filter(|s| **s == SealState::Unsealed).count();
+                if self.unsealed.swap(unsealed, Ordering::AcqRel) != unsealed && unsealed > 0 {
+                    warn!(
+                        "{device}: {unsealed} shared memory region(s) cannot be sealed against \
+                         shrinking; a frontend that truncates them can fault this backend"
+                    );
+                }
+                self.usable.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // The transport has already installed the table; refuse to touch it.
+                self.usable.store(false, Ordering::Release);
+                error!("{device}: refusing the memory table, device stopped: {e}");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -142,11 +213,11 @@ mod tests {
         let f = memfd(4096, true);
         assert!(matches!(
             check_region_file(&f, 4096, 1, SealPolicy::AllowUnsealedChecked),
-            Err(MemoryError::PastEnd { .. })
+            Err(PeerMemoryError::PastEnd { .. })
         ));
         assert!(matches!(
             check_region_file(&f, u64::MAX, 2, SealPolicy::AllowUnsealedChecked),
-            Err(MemoryError::PastEnd { .. })
+            Err(PeerMemoryError::PastEnd { .. })
         ));
     }
 
@@ -166,7 +237,7 @@ mod tests {
         let f = memfd(8192, false);
         assert!(matches!(
             check_region_file(&f, 0, 8192, SealPolicy::RequireSealed),
-            Err(MemoryError::NotSealed)
+            Err(PeerMemoryError::NotSealed)
         ));
         assert_eq!(
             check_region_file(&f, 0, 8192, SealPolicy::AllowUnsealedChecked).unwrap(),

@@ -8,14 +8,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A `driver-domain serve` child process, killed on drop.
-pub struct Backend {
+pub struct BackendProcess {
     pub child: Child,
     pub socket: PathBuf,
 }
 
-impl Backend {
+impl BackendProcess {
     /// Start `driver-domain serve --socket <dir>/blk.sock <args>` and wait for the socket.
-    pub fn start(dir: &Path, args: &[&str]) -> Backend {
+    pub fn start(dir: &Path, args: &[&str]) -> BackendProcess {
         let socket = dir.join("blk.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_driver-domain"))
             .arg("serve")
@@ -31,7 +31,7 @@ impl Backend {
             assert!(Instant::now() < deadline, "backend socket never appeared");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Backend { child, socket }
+        BackendProcess { child, socket }
     }
 
     /// The backend process is still running.
@@ -40,7 +40,7 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
+impl Drop for BackendProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,0 +1,188 @@
+//! The vhost-user adapter: one generic [`VhostUserDevice`] that puts any [`BackendDevice`]
+//! behind `vhost-user-backend`.
+//!
+//! The adapter only translates: it answers feature and configuration queries from the device
+//! (adding the vhost-user PROTOCOL_FEATURES bit), checks every memory table the frontend sends
+//! ([`CheckedMemory`]), maps the device's workers onto vhost-user-backend's worker threads, and
+//! on a kick, or on the device's own wake event, runs [`serve_queues`] over the worker's vrings.
+
+use std::io;
+
+use log::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::virtio_core::{serve_queues, BackendDevice, CheckedMemory, GuestMem, TransportQueue};
+
+/// One device instance behind one vhost-user connection.
+pub struct VhostUserDevice<D: BackendDevice> {
+    device: D,
+    memory: CheckedMemory,
+    /// Device queue indexes served by each worker thread, in vring order.
+    workers: Vec<Vec<usize>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl<D: BackendDevice> std::fmt::Debug for VhostUserDevice<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("device", &self.device.name())
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl<D: BackendDevice> VhostUserDevice<D> {
+    /// Wraps `device`; fails only if the workers' exit events cannot be created.
+    pub fn new(device: D) -> io::Result<Self> {
+        let mut workers = device.queue_workers();
+        // vhost-user-backend addresses queues by bit: keep what fits and is a real queue.
+        for w in &mut workers {
+            w.retain(|q| *q < device.num_queues().min(64));
+        }
+        workers.retain(|w| !w.is_empty());
+        let exits = workers
+            .iter()
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(VhostUserDevice {
+            device,
+            memory: CheckedMemory::default(),
+            workers,
+            exits,
+        })
+    }
+
+    /// The device served.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The epoll token of the device's wake event: above the queues and the exit event.
+    pub fn wake_token(&self) -> u64 {
+        self.device.num_queues() as u64 + 1
+    }
+
+    /// Stop the worker threads (after the connection ended).
+    pub fn stop_workers(&self) {
+        for (_, n) in &self.exits {
+            let _ = n.notify();
+        }
+    }
+}
+
+impl TransportQueue for VringRwLock {
+    fn with_ready_queue<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+        let mut state = self.get_mut();
+        if !(state.get_queue().ready() && state.is_enabled()) {
+            return None;
+        }
+        Some(f(state.get_queue_mut()))
+    }
+
+    fn signal_driver(&self) -> io::Result<()> {
+        self.signal_used_queue()
+    }
+}
+
+impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.device.num_queues()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.max_queue_size())
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.device.ack_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // virtio-queue tracks EVENT_IDX per queue; vhost-user-backend sets it there.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device.read_config(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the configuration space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        self.memory
+            .update(mem, self.device.seal_policy(), self.device.name())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|qs| qs.iter().fold(0u64, |m, q| m | (1u64 << q)))
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.device.reset_queue(queue_index as usize);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let woken = u64::from(device_event) == self.wake_token();
+        if woken {
+            if let Some(wake) = self.device.wake_event() {
+                // Consume the wake-up; the counter value does not matter.
+                let _ = wake.read();
+            }
+        } else if usize::from(device_event) >= vrings.len() {
+            return Ok(());
+        }
+        if !self.memory.usable() {
+            if !woken {
+                warn!(
+                    "{}: kick ignored, the memory table was refused or is missing",
+                    self.device.name()
+                );
+            }
+            return Ok(());
+        }
+        let Some(indexes) = self.workers.get(thread_id) else {
+            return Ok(());
+        };
+        serve_queues(&self.device, &self.memory, indexes, vrings);
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! Serving vhost-user sessions: one frontend connection per [`VhostUserDevice`], for every
+//! device.
+//!
+//! - [`serve_forever`]: bind a socket path (atomically) and serve one frontend after another,
+//!   a fresh device each time.
+//! - [`serve_listener`]: serve the one frontend pending on a handed-over listener (managed
+//!   mode; see control-vmm's `connection` module for how the toolstack makes it), with a
+//!   handle that ends the session from another thread.
+//! - [`serve_one`]: serve one connection accepted from a listener.
+//!
+//! Errors of a session (a hostile or buggy frontend) are logged and end only that session.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use log::{info, warn};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::device::VhostUserDevice;
+use crate::virtio_core::BackendDevice;
+
+/// Errors of a vhost-user session.
+#[derive(Debug, Error)]
+pub enum VhostUserSessionError {
+    /// The device could not be created.
+    #[error("device: {0}")]
+    Device(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Eventfd creation failed.
+    #[error("cannot create an exit event: {0}")]
+    Event(#[source] io::Error),
+    /// Binding the socket failed.
+    #[error("cannot listen on the vhost-user socket: {0}")]
+    Listen(#[source] io::Error),
+    /// The vhost-user daemon could not be created, started or wired.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+type Daemon<D> = VhostUserDaemon<Arc<VhostUserDevice<D>>>;
+
+/// The daemon of one session, with the device's wake event on every worker's epoll.
+fn new_daemon<D: BackendDevice>(
+    device: D,
+) -> Result<(Arc<VhostUserDevice<D>>, Daemon<D>), VhostUserSessionError> {
+    let name = format!("vhost-user {}", device.name());
+    let backend = Arc::new(VhostUserDevice::new(device).map_err(VhostUserSessionError::Event)?);
+    let daemon = VhostUserDaemon::new(
+        name,
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
+    if let Some(wake) = backend.device().wake_event() {
+        for h in daemon.get_epoll_handlers() {
+            h.register_listener(wake.as_raw_fd(), EventSet::IN, backend.wake_token())
+                .map_err(|e| {
+                    VhostUserSessionError::Daemon(format!("registering the wake event: {e}"))
+                })?;
+        }
+    }
+    Ok((backend, daemon))
+}
+
+/// Waits for the connected frontend to leave, then stops the workers.
+fn run_session<D: BackendDevice>(backend: &VhostUserDevice<D>, daemon: &mut Daemon<D>) {
+    use vhost::vhost_user::Error as VuError;
+    use vhost_user_backend::Error as DaemonError;
+    let name = backend.device().name();
+    info!("{name}: frontend connected");
+    match daemon.wait() {
+        Ok(())
+        | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
+            info!("{name}: frontend disconnected")
+        }
+        Err(e) => warn!("{name}: session ended with an error: {e}"),
+    }
+    backend.stop_workers();
+    backend.device().disconnected();
+}
+
+/// Serve `device` to one frontend connection accepted from `listener`, until it disconnects.
+pub fn serve_one<D: BackendDevice>(
+    listener: &mut Listener,
+    device: D,
+) -> Result<(), VhostUserSessionError> {
+    let (backend, mut daemon) = new_daemon(device)?;
+    daemon
+        .start(listener)
+        .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
+    run_session(&backend, &mut daemon);
+    Ok(())
+}
+
+/// Bind and listen under a temporary name, then rename onto `socket`: the path appears only
+/// once it accepts connections (a plain bind creates the file before `listen`, and a client
+/// that connects in between gets ECONNREFUSED). A stale socket file is replaced.
+pub fn bind_atomically(socket: &Path) -> Result<Listener, VhostUserSessionError> {
+    let listen = VhostUserSessionError::Listen;
+    let name = socket
+        .file_name()
+        .ok_or_else(|| listen(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = socket.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(listen)?;
+    if let Err(e) = std::fs::rename(&tmp, socket) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(listen(e));
+    }
+    Ok(Listener::from(listener))
+}
+
+/// Bind `socket` (replacing a stale socket file) and serve frontends one after another, each
+/// with a device from `new_device`, until `stop` becomes true (checked between connections)
+/// or accepting fails.
+pub fn serve_forever<D, E>(
+    socket: &Path,
+    stop: &AtomicBool,
+    mut new_device: impl FnMut() -> Result<D, E>,
+) -> Result<(), VhostUserSessionError>
+where
+    D: BackendDevice,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut listener = bind_atomically(socket)?;
+    info!("vhost-user: listening on {}", socket.display());
+    while !stop.load(Ordering::Acquire) {
+        let device = new_device().map_err(|e| VhostUserSessionError::Device(Box::new(e)))?;
+        serve_one(&mut listener, device)?;
+    }
+    Ok(())
+}
+
+/// Serve `device` to the one frontend whose connection is pending on `listener` (managed
+/// mode: the toolstack bound a listener in a private directory, connected the frontend to it,
+/// unlinked the path and handed the listener over, so no other peer can ever reach it).
+/// `started` receives a handle that ends the session from another thread. Returns when the
+/// frontend disconnects or the session is shut down.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use driver_domain::net::{NetBackendDevice, NetBackendConfig, Switch, SwitchConfig};
+/// # use driver_domain::vhost_user::serve_listener;
+/// # fn handed_over() -> std::os::unix::net::UnixListener { unimplemented!() }
+/// let switch = Switch::new(SwitchConfig::default()); // one per driver domain
+/// let port = Arc::new(switch.attach("vif2.0")?);
+/// let cfg = NetBackendConfig { mac: [0x02, 0, 0, 0, 2, 0], ..NetBackendConfig::default() };
+/// serve_listener(handed_over(), NetBackendDevice::new(port.clone(), cfg)?, |_shutdown| {})?;
+/// println!("{:?}", port.counters()); // per-port counters for the toolstack
+/// drop(port); // detaches the port from the switch
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn serve_listener<D: BackendDevice>(
+    listener: impl Into<Listener>,
+    device: D,
+    started: impl FnOnce(ShutdownHandle),
+) -> Result<(), VhostUserSessionError> {
+    let mut listener = listener.into();
+    let (backend, mut daemon) = new_daemon(device)?;
+    daemon
+        .start(&mut listener)
+        .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
+    // Nobody else may connect: the listener goes as soon as its one connection is accepted.
+    drop(listener);
+    if let Some(handle) = daemon.shutdown_handle() {
+        started(handle);
+    }
+    run_session(&backend, &mut daemon);
+    Ok(())
+}
