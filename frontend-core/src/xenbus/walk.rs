@@ -504,6 +504,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
         let dir = format!("{}/data/io", domain_path(self.domid));
         for (key, value) in [
             ("requests", t.requests),
+            ("bytes", t.bytes),
             ("kicks", t.kicks_sent),
             ("interrupts", t.interrupts),
             ("vmm-exits", t.vmm_exits),
