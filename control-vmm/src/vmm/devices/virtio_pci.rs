@@ -19,7 +19,7 @@ use crate::vmm::exits::{Counter, ExitCounters};
 use crate::vmm::pci::config::{ConfigSpace, PciId};
 use crate::vmm::pci::msix::{IrqWiring, Msix, ENTRY_BYTES};
 use crate::vmm::pci::PciDevice;
-use crate::vmm::vhost_blk::{BlkBackend, QueueSetup};
+use crate::vmm::vhost_blk::{BlkBackend, VringSetup};
 
 /// BAR0 layout.
 pub const BAR0_BYTES: u32 = 0x8000;
@@ -280,7 +280,7 @@ impl<B: BlkBackend> VirtioPciBlk<B> {
     }
 
     fn activate(&mut self, status: u8) -> u8 {
-        let q = self.queue.enabled.then_some(QueueSetup {
+        let q = self.queue.enabled.then_some(VringSetup {
             size: self.queue.size,
             desc: self.queue.desc,
             avail: self.queue.avail,

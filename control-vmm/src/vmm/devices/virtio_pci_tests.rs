@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::vmm::pci::msix::tests::Recorder;
-use crate::vmm::vhost_blk::{SharedRegion, VhostBlkError};
+use crate::vmm::vhost_blk::SharedRegion;
+use frontend_core::vhost_user::FrontendSessionError;
 
 const RAM: u64 = 256 << 20;
 const BAR0: u32 = 0xc000_0000;
@@ -11,7 +12,7 @@ const BAR0: u32 = 0xc000_0000;
 #[derive(Debug, Default)]
 struct FakeBackend {
     regions: Vec<SharedRegion>,
-    started: Vec<(u64, QueueSetup)>,
+    started: Vec<(u64, VringSetup)>,
     running: bool,
 }
 
@@ -28,12 +29,12 @@ impl BlkBackend for FakeBackend {
     fn running(&self) -> bool {
         self.running
     }
-    fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
+    fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
         self.started.push((features, q));
         self.running = true;
         Ok(())
     }
-    fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
+    fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
         Ok(std::mem::take(&mut self.running).then_some(3))
     }
 }

@@ -2,7 +2,7 @@
 //! device status a driver may write, and whether a queue's size and rings are usable by a
 //! backend that sees only `regions`.
 
-use crate::vmm::vhost_blk::{BlkBackend, QueueSetup, SharedRegion};
+use crate::vmm::vhost_blk::{BlkBackend, SharedRegion, VringSetup};
 
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
@@ -80,7 +80,7 @@ pub fn activate<B: BlkBackend>(
     backend: &mut B,
     status: u32,
     features: u64,
-    queue: Option<QueueSetup>,
+    queue: Option<VringSetup>,
 ) -> u32 {
     let Some(q) = queue.filter(|_| status & STATUS_FEATURES_OK != 0) else {
         log::warn!("{what}: DRIVER_OK without negotiated features or a ready queue");

@@ -1,6 +1,6 @@
 //! `splitvmm-vmm --linux --managed-domid`: a Linux guest as a guest domain of `splitvmm up`.
 //!
-//! The xenbus walk, the control channel and the store are `ipc::xenbus::frontend`'s, as for
+//! The xenbus walk, the control channel and the store are `frontend_core::xenbus`'s, as for
 //! the tiny KVM guests ([`crate::vmm::managed`]). At backend InitWait the disk's vhost-user
 //! session is set up on the handed connection; once the disks the guest was started with are
 //! Connected (cold-plugged), the machine boots on its own thread with all of its RAM shared
@@ -15,14 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use frontend_core::vhost_user::FrontendSessionError;
+use frontend_core::xenbus::{DiskCheck, FrontendDiagnostics, FrontendLifecycle, ManagedFrontend};
 use ipc::control::messages::GuestStats;
-use ipc::xenbus::frontend::{FrontendKind, ManagedFrontend};
+use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::{BlkAttachment, VmError};
-use crate::vmm::managed::no_network_interfaces;
 use crate::vmm::vhost_blk::{BlkBackend, VhostBlk};
 
 /// How the managed Linux machine is built.
@@ -106,7 +107,7 @@ impl LinuxMachine {
         stop: Arc<AtomicBool>,
         button: Arc<EventFd>,
         machine: MachineSlot,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LinuxDeviceError> {
         let mut m = LinuxMachine {
             settings,
             stop,
@@ -121,7 +122,7 @@ impl LinuxMachine {
     }
 
     /// Starts the machine on its own thread with the Connected disks.
-    fn boot(&mut self) -> Result<(), String> {
+    fn boot(&mut self) -> Result<(), LinuxDeviceError> {
         let blk = match self.ready.pop() {
             Some(session) => BlkAttachment::Connected(Box::new(session)),
             None => BlkAttachment::None,
@@ -148,27 +149,55 @@ impl LinuxMachine {
                 stop.store(true, Ordering::SeqCst);
                 ended
             })
-            .map_err(|e| format!("starting the machine's thread: {e}"))?;
+            .map_err(LinuxDeviceError::Thread)?;
         *self.machine.lock() = Machine::Running(thread);
         log::info!("booting the Linux guest");
         Ok(())
     }
 }
 
-impl FrontendKind for LinuxMachine {
-    type Session = LinuxDisk;
+/// Why a Linux guest's device could not be set up or checked.
+#[derive(Debug, Error)]
+pub enum LinuxDeviceError {
+    #[error("vhost-user set-up")]
+    Session(#[from] FrontendSessionError),
+    #[error("short config space")]
+    ShortConfig,
+    #[error("vbd {0}: a Linux guest's disks are attached before it boots (no hotplug yet)")]
+    AfterBoot(u32),
+    #[error("the disk's session is gone")]
+    SessionGone,
+    #[error("starting the machine's thread")]
+    Thread(#[source] std::io::Error),
+    #[error("disk checks run in the tiny KVM guest, not in a Linux guest")]
+    NoChecks,
+    // Network interfaces of Linux guests come with the next part of issue 12.
+    #[error("a Linux guest has no network interface yet")]
+    NoNet,
+}
 
-    fn connect(&mut self, devid: u32, connection: UnixStream) -> Result<(LinuxDisk, u64), String> {
+impl FrontendLifecycle for LinuxMachine {
+    type BlockSession = LinuxDisk;
+    type NetSession = std::convert::Infallible;
+    type ConnectError = LinuxDeviceError;
+
+    fn connect_block(
+        &mut self,
+        devid: u32,
+        connection: UnixStream,
+    ) -> Result<(LinuxDisk, u64), LinuxDeviceError> {
         if !matches!(*self.machine.lock(), Machine::NotBooted) {
-            return Err(format!(
-                "vbd {devid}: a Linux guest's disks are attached before it boots (no hotplug yet)"
-            ));
+            return Err(LinuxDeviceError::AfterBoot(devid));
         }
         // The memory table (all of the guest's RAM) is sent when the machine boots.
-        let session = VhostBlk::from_stream(connection, Vec::new())
-            .map_err(|e| format!("vhost-user set-up: {e}"))?;
+        let session = VhostBlk::from_stream(connection, Vec::new())?;
         let mut cap = [0u8; 8];
-        cap.copy_from_slice(session.config().get(..8).ok_or("short config space")?);
+        cap.copy_from_slice(
+            session
+                .config()
+                .get(..8)
+                .ok_or(LinuxDeviceError::ShortConfig)?,
+        );
         Ok((
             LinuxDisk {
                 session: Some(session),
@@ -177,8 +206,12 @@ impl FrontendKind for LinuxMachine {
         ))
     }
 
-    fn block_connected(&mut self, _devid: u32, disk: &mut LinuxDisk) -> Result<(), String> {
-        let session = disk.session.take().ok_or("the disk's session is gone")?;
+    fn block_connected(
+        &mut self,
+        _devid: u32,
+        disk: &mut LinuxDisk,
+    ) -> Result<(), LinuxDeviceError> {
+        let session = disk.session.take().ok_or(LinuxDeviceError::SessionGone)?;
         self.ready.push(session);
         if self.ready.len() >= self.settings.disks {
             self.boot()?;
@@ -186,7 +219,7 @@ impl FrontendKind for LinuxMachine {
         Ok(())
     }
 
-    fn disconnect(&mut self, devid: u32, _disk: LinuxDisk) {
+    fn disconnect_block(&mut self, devid: u32, _disk: LinuxDisk) {
         // The machine holds the session: stop it before the backend lets go of its memory.
         if self.machine.is_running() {
             log::warn!("vbd {devid} closed under the running guest: stopping it");
@@ -209,25 +242,55 @@ impl FrontendKind for LinuxMachine {
     }
 
     /// One virtio-pci disk for now.
-    fn max_devices(&self) -> usize {
+    fn max_block_devices(&self) -> usize {
         1
     }
+
+    fn connect_net(
+        &mut self,
+        _devid: u32,
+        _connection: UnixStream,
+        _ip: [u8; 4],
+    ) -> Result<(Self::NetSession, [u8; 6]), LinuxDeviceError> {
+        Err(LinuxDeviceError::NoNet)
+    }
+
+    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
+        match session {}
+    }
+}
+
+impl FrontendDiagnostics for LinuxMachine {
+    type CheckError = LinuxDeviceError;
 
     fn disk_check(
         &mut self,
         _devid: u32,
         _disk: &mut LinuxDisk,
-        _seed: u64,
-        _bytes: u64,
-        _verify_only: bool,
-    ) -> Result<String, String> {
-        Err("disk checks run in the tiny KVM guest, not in a Linux guest".into())
+        _check: DiskCheck,
+    ) -> Result<String, LinuxDeviceError> {
+        Err(LinuxDeviceError::NoChecks)
+    }
+
+    fn net_ping(
+        &mut self,
+        _devid: u32,
+        session: &mut Self::NetSession,
+        _peer: [u8; 4],
+        _rounds: u32,
+    ) -> Result<String, LinuxDeviceError> {
+        match *session {}
+    }
+
+    fn answer_peers(
+        &mut self,
+        _devid: u32,
+        session: &mut Self::NetSession,
+    ) -> Result<(), LinuxDeviceError> {
+        match *session {}
     }
 
     fn stats<'a>(&self, _live: impl Iterator<Item = &'a LinuxDisk>) -> GuestStats {
         GuestStats::default()
     }
-
-    // Network interfaces of Linux guests come with the next part of issue 12.
-    no_network_interfaces!("a Linux guest");
 }

@@ -33,7 +33,7 @@ use super::pci::{BarAllocator, PciSegment};
 use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
-use super::vhost_blk::{SharedRegion, VhostBlk};
+use super::vhost_blk::{shared_region, VhostBlk};
 use bus::LinuxBus;
 
 /// Largest number of vCPUs of a Linux guest.
@@ -159,7 +159,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                  buffers anywhere in it (explicit opt-in)",
                 cfg.ram_bytes >> 20
             );
-            if !backend.set_regions(vec![SharedRegion::of(&ram.ram)]) {
+            if !backend.set_regions(vec![shared_region(&ram.ram)]) {
                 return Err(VmError::Config(
                     "the disk's queue is already running".into(),
                 ));
@@ -244,8 +244,8 @@ fn plug_disk(
     let bar0 = BarAllocator::default()
         .allocate(u64::from(BAR0_BYTES))
         .ok_or_else(|| VmError::Config("the PCI window is full".into()))?;
-    let kick = backend.kick.try_clone().map_err(io("eventfd"))?;
-    let call = backend.call.try_clone().map_err(io("eventfd"))?;
+    let kick = backend.kick()?.try_clone().map_err(io("eventfd"))?;
+    let call = backend.call()?.try_clone().map_err(io("eventfd"))?;
     vm.register_ioevent(
         &kick,
         &IoEventAddress::Mmio(bar0 + NOTIFY_OFFSET),
