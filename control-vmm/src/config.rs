@@ -706,11 +706,25 @@ mod tests {
             (g.kind, g.memory, g.vcpus),
             (GuestKind::Linux, Some(256), Some(2))
         );
+        // Two disks and two interfaces with the share: fine; an interface alone needs it too.
+        let devices = format!(
+            "{with_share}[[guest.disk]]\ndevid = \"xvdb\"\nimage = \"c.img\"\n\
+             [[guest.nic]]\n[[guest.nic]]\ndevid = 1\nip = \"10.0.1.3\"\n"
+        );
+        let g = &parse(&devices).unwrap().guests[1];
+        assert_eq!((g.disks.len(), g.nics.len()), (2, 2));
+        let nic_only = format!("{diskless}\n[[guest.nic]]\n");
+        let many: String = (0..=super::linux::LINUX_MAX_DEVICES)
+            .map(|i| format!("[[guest.nic]]\ndevid = {i}\nip = \"10.0.2.{i}\"\n"))
+            .collect();
+        let too_many = format!("{with_share}{many}");
         let needless = diskless.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
         let other = |k: &str| GOOD.replace("domid = 3", &format!("domid = 3\n{k}"));
         for (text, key) in [
             // A disk without an explicit share, a share the guest does not need, a bad one.
             (linux.clone(), "share"),
+            (nic_only, "share"),
+            (too_many, "disk"),
             (needless, "share"),
             (with_share.replace("\"all-ram\"", "\"window\""), "share"),
             (

@@ -20,6 +20,7 @@ use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
+use control_vmm::vmm::vhost_device::VhostDevice;
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -56,6 +57,9 @@ struct Cli {
     /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
     #[arg(long, requires = "linux", default_value_t = 0)]
     disks: usize,
+    /// Linux with --managed-domid: and this many network interfaces.
+    #[arg(long, requires = "linux", default_value_t = 0)]
+    nics: usize,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
@@ -229,6 +233,16 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         Ok(parts) => parts,
         Err(code) => return code,
     };
+    let mut devices = Vec::new();
+    if let Some(path) = &cli.blk_socket {
+        match VhostDevice::connect_blk(path, Duration::from_secs(5), Vec::new()) {
+            Ok(disk) => devices.push(disk),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: the disk's backend: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    }
     let cfg = LinuxVmConfig {
         boot,
         ram_bytes: cli.mem_mib << 20,
@@ -237,11 +251,9 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         console_socket,
         stop,
         power_button: Some(button),
-        blk: cli
-            .blk_socket
-            .map_or(BlkAttachment::None, BlkAttachment::Socket),
+        devices,
         share_all_ram: cli.share_all_ram,
-        connect_timeout: Duration::from_secs(5),
+        cmdline_extra: String::new(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -314,7 +326,7 @@ fn run_managed_linux(
         boot,
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
-        disks: cli.disks,
+        devices: cli.disks + cli.nics,
         console_socket,
     };
     let slot = MachineSlot::default();

@@ -5,6 +5,8 @@ use super::{GuestConfig, GuestKind};
 
 /// Largest `memory` (MiB) of a `linux` guest: RAM ends below the PCI hole.
 pub const LINUX_MAX_MEMORY_MIB: u64 = crate::vmm::arch::RAM_LIMIT >> 20;
+/// Most disks and interfaces of a `linux` guest together (one PCI slot each).
+pub const LINUX_MAX_DEVICES: usize = 16;
 /// Largest `vcpus` of a `linux` guest.
 pub const LINUX_MAX_VCPUS: u8 = crate::vmm::linux::MAX_VCPUS;
 
@@ -51,30 +53,28 @@ pub(super) fn validate_keys(i: usize, g: &GuestConfig) -> Result<(), (String, St
             "a command line shorter than 2048 bytes".into(),
         ));
     }
-    match (g.disks.is_empty(), g.share.as_deref()) {
+    let no_devices = g.disks.is_empty() && g.nics.is_empty();
+    match (no_devices, g.share.as_deref()) {
         (false, Some("all-ram")) | (true, None) => {}
         (false, _) => {
             return Err((
                 key("share"),
-                "\"all-ram\": Linux puts disk buffers anywhere in its RAM, so the driver \
-                 domain maps all of it, and the host file must say so"
+                "\"all-ram\": Linux puts disk and network buffers anywhere in its RAM, so \
+                 the driver domain maps all of it, and the host file must say so"
                     .into(),
             ))
         }
         (true, Some(_)) => {
             return Err((
                 key("share"),
-                "nothing: a guest without a disk shares no memory".into(),
+                "nothing: a guest without a disk or interface shares no memory".into(),
             ))
         }
     }
-    if g.disks.len() > 1 {
-        return Err((key("disk"), "at most one disk for a linux guest".into()));
-    }
-    if !g.nics.is_empty() {
+    if g.disks.len() + g.nics.len() > LINUX_MAX_DEVICES {
         return Err((
-            key("nic"),
-            "no network interface on a linux guest yet".into(),
+            key("disk"),
+            format!("at most {LINUX_MAX_DEVICES} disks and interfaces for a linux guest"),
         ));
     }
     Ok(())

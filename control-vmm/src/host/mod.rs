@@ -331,6 +331,8 @@ impl Host {
                     .arg(config.domid.to_string())
                     .arg("--disks")
                     .arg(config.disks.len().to_string())
+                    .arg("--nics")
+                    .arg(config.nics.len().to_string())
                     .arg("--console-socket")
                     .arg(console_socket(&self.run_dir, &config.name));
                 if let Some(ramdisk) = &config.ramdisk {

@@ -22,7 +22,7 @@ use super::layout::*;
 use super::memory::GuestRam;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext, VcpuStop};
-use super::vhost_blk::{shared_region, SharedRegion, VhostBlk};
+use super::vhost_device::{shared_region, SharedRegion, VhostDevice};
 use super::virtio_mmio::{VirtioMmioBlk, QUEUE_NOTIFY_OFFSET};
 
 /// Errors building or running a machine (guest behaviour is never one of them).
@@ -129,7 +129,7 @@ pub enum BlkAttachment {
     /// Connect to a vhost-user-blk socket.
     Socket(PathBuf),
     /// A session already set up (e.g. from a previous machine on the same connection).
-    Connected(Box<VhostBlk>),
+    Connected(Box<VhostDevice>),
 }
 
 /// How the machine ended.
@@ -182,7 +182,7 @@ pub fn run(cfg: VmConfig) -> Result<VmReport, VmError> {
 }
 
 /// As [`run`], and gives the (stopped) vhost-user session back for another machine.
-pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>), VmError> {
+pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostDevice>), VmError> {
     let started = Instant::now();
     if cfg.vcpus == 0 || cfg.vcpus > 8 {
         return Err(VmError::Config(format!("{} vCPUs", cfg.vcpus)));
@@ -201,12 +201,12 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     let virtio = attach_blk(cfg.blk, &ram, cfg.share_all_ram, cfg.connect_timeout)?;
     if let Some(backend) = &virtio {
         vm.register_ioevent(
-            backend.kick()?,
+            backend.kick(0)?,
             &IoEventAddress::Mmio(VIRTIO_MMIO_GPA + QUEUE_NOTIFY_OFFSET),
             0u32,
         )
         .map_err(setup("KVM_IOEVENTFD (queue notify)"))?;
-        vm.register_irqfd(backend.call()?, VIRTIO_MMIO_IRQ)
+        vm.register_irqfd(backend.call(0)?, VIRTIO_MMIO_IRQ)
             .map_err(setup("KVM_IRQFD (virtio-blk)"))?;
     }
     let virtio = virtio.map(|b| VirtioMmioBlk::new(b, Arc::clone(&counters)));
@@ -333,7 +333,7 @@ fn attach_blk(
     ram: &GuestRam,
     share_all_ram: bool,
     timeout: Duration,
-) -> Result<Option<VhostBlk>, VmError> {
+) -> Result<Option<VhostDevice>, VmError> {
     let mut regions: Vec<SharedRegion> = ram.window.iter().map(shared_region).collect();
     if share_all_ram {
         log::warn!("sharing all guest RAM with the driver domain (explicit opt-in)");
@@ -343,7 +343,7 @@ fn attach_blk(
     regions.sort_by_key(|r| r.gpa);
     match blk {
         BlkAttachment::None => Ok(None),
-        BlkAttachment::Socket(path) => Ok(Some(VhostBlk::connect(&path, timeout, regions)?)),
+        BlkAttachment::Socket(path) => Ok(Some(VhostDevice::connect_blk(&path, timeout, regions)?)),
         BlkAttachment::Connected(mut backend) => {
             if !backend.set_regions(regions) {
                 return Err(VmError::Config(

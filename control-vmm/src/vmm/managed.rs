@@ -21,7 +21,7 @@ use thiserror::Error;
 
 use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
 use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError};
-use super::vhost_blk::{BlkBackend, VhostBlk};
+use super::vhost_device::{VhostDevice, VirtioBackend, VirtioDeviceType};
 
 /// Why a KVM guest's device could not be set up or checked.
 #[derive(Debug, Error)]
@@ -65,7 +65,7 @@ pub const MAX_CHECK_BYTES: u64 = 4 << 20;
 /// disk's capacity.
 pub struct MachineDisk {
     /// None only while a machine has it, or after a machine lost it.
-    session: Option<VhostBlk>,
+    session: Option<VhostDevice>,
     capacity: u64,
 }
 
@@ -102,7 +102,7 @@ impl FrontendLifecycle for KvmMachines {
         connection: UnixStream,
     ) -> Result<(MachineDisk, u64), KvmDeviceError> {
         // The memory table is sent per machine (each has its own window).
-        let session = VhostBlk::from_stream(connection, Vec::new())?;
+        let session = VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())?;
         let mut cap = [0u8; 8];
         cap.copy_from_slice(
             session

@@ -17,7 +17,7 @@ pub mod pci;
 pub mod report;
 pub mod serial;
 pub mod vcpu;
-pub mod vhost_blk;
+pub mod vhost_device;
 pub mod virtio_mmio;
 
 pub use machine::{

@@ -23,7 +23,7 @@ use virtio_bindings::virtio_mmio::*;
 
 use super::devices::virtio_rules::{activate, check_queue, status_write, StatusWrite};
 use super::exits::{Counter, ExitCounters};
-use super::vhost_blk::{BlkBackend, VhostBlk, VringSetup};
+use super::vhost_device::{VhostDevice, VirtioBackend, VringSetup};
 
 /// What the MAGIC register reads: "virt".
 const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -46,9 +46,9 @@ struct QueueRegs {
     ready: bool,
 }
 
-/// The device, over a [`BlkBackend`] (the vhost-user session by default).
+/// The device, over a [`VirtioBackend`] (the vhost-user session by default).
 #[derive(Debug)]
-pub struct VirtioMmioBlk<B: BlkBackend = VhostBlk> {
+pub struct VirtioMmioBlk<B: VirtioBackend = VhostDevice> {
     backend: B,
     counters: Arc<ExitCounters>,
     status: u32,
@@ -67,7 +67,7 @@ fn set_high(v: &mut u64, high: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(high) << 32);
 }
 
-impl<B: BlkBackend> VirtioMmioBlk<B> {
+impl<B: VirtioBackend> VirtioMmioBlk<B> {
     pub fn new(backend: B, counters: Arc<ExitCounters>) -> Self {
         Self {
             backend,
@@ -161,7 +161,7 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
             used: self.queue.used,
         });
         let features = self.driver_features;
-        activate("virtio-blk", &mut self.backend, status, features, q)
+        activate("virtio-blk", &mut self.backend, status, features, &[q])
     }
 
     /// MMIO read at `offset` into `data` (little-endian).
@@ -289,7 +289,7 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::vhost_blk::SharedRegion;
+    use crate::vmm::vhost_device::{SharedRegion, VirtioDeviceType};
     use frontend_core::vhost_user::FrontendSessionError;
 
     fn r(offset: u32) -> u64 {
@@ -306,7 +306,13 @@ mod tests {
         running: bool,
     }
 
-    impl BlkBackend for FakeBackend {
+    impl VirtioBackend for FakeBackend {
+        fn device_type(&self) -> VirtioDeviceType {
+            VirtioDeviceType::Blk
+        }
+        fn num_queues(&self) -> usize {
+            1
+        }
         fn device_features(&self) -> u64 {
             (1 << 32) | (1 << 29) | (1 << 9)
         }
@@ -319,7 +325,12 @@ mod tests {
         fn running(&self) -> bool {
             self.running
         }
-        fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
+        fn start(
+            &mut self,
+            features: u64,
+            queues: &[Option<VringSetup>],
+        ) -> Result<(), FrontendSessionError> {
+            let q = queues.first().copied().flatten().expect("queue 0 enabled");
             self.started.push((features, q));
             self.running = true;
             Ok(())

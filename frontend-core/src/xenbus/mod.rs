@@ -63,6 +63,15 @@ pub trait FrontendLifecycle {
         Ok(())
     }
 
+    /// When a vif has gone Connected, as [`FrontendLifecycle::block_connected`] for vbds.
+    fn net_connected(
+        &mut self,
+        _devid: u32,
+        _session: &mut Self::NetSession,
+    ) -> Result<(), Self::ConnectError> {
+        Ok(())
+    }
+
     /// On the toolstack's shutdown request: `true` (the default) closes every device and
     /// ends now; `false` when the kind has asked its guest to power off (a Linux guest's
     /// ACPI power button) and sets the stop flag once it has.
@@ -104,6 +113,11 @@ pub trait FrontendDiagnostics: FrontendLifecycle {
         peer: [u8; 4],
         rounds: u32,
     ) -> Result<String, Self::CheckError>;
+
+    /// Whether this kind answers peers from the walk ([`FrontendDiagnostics::answer_peers`]):
+    /// the walk then wakes every millisecond while an interface is Connected. A guest with its
+    /// own network stack (Linux) says false and the walk keeps its slow tick.
+    const ANSWERS_PEERS: bool = true;
 
     /// Answers what the interface received meanwhile (ARP, UDP echo); called every tick
     /// while the interface is Connected, so a guest answers its peers' checks while idle.

@@ -386,7 +386,11 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         .kind
                         .block_connected(devid, s)
                         .map_err(|e| DeviceError::Connect(Box::new(e))),
-                    _ => Ok(()),
+                    Some(Session::Net(s)) => self
+                        .kind
+                        .net_connected(devid, s)
+                        .map_err(|e| DeviceError::Connect(Box::new(e))),
+                    None => Ok(()),
                 }
             }
             (
@@ -435,9 +439,11 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
     }
 
     fn has_connected_net(&self) -> bool {
-        self.devices
-            .iter()
-            .any(|(k, d)| k.0 == DeviceKind::Vif && d.state == XenbusState::Connected)
+        K::ANSWERS_PEERS
+            && self
+                .devices
+                .iter()
+                .any(|(k, d)| k.0 == DeviceKind::Vif && d.state == XenbusState::Connected)
     }
 
     /// Lets every Connected interface answer what it received.

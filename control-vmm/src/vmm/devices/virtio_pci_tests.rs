@@ -3,22 +3,34 @@
 
 use super::*;
 use crate::vmm::pci::msix::tests::Recorder;
-use crate::vmm::vhost_blk::SharedRegion;
+use crate::vmm::vhost_device::{SharedRegion, VirtioDeviceType};
 use frontend_core::vhost_user::FrontendSessionError;
 
 const RAM: u64 = 256 << 20;
 const BAR0: u32 = 0xc000_0000;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FakeBackend {
+    kind: VirtioDeviceType,
     regions: Vec<SharedRegion>,
     started: Vec<(u64, VringSetup)>,
+    /// Per start: which queues were enabled.
+    enabled: Vec<Vec<bool>>,
     running: bool,
 }
 
-impl BlkBackend for FakeBackend {
+impl VirtioBackend for FakeBackend {
+    fn device_type(&self) -> VirtioDeviceType {
+        self.kind
+    }
+    fn num_queues(&self) -> usize {
+        match self.kind {
+            VirtioDeviceType::Blk => 1,
+            VirtioDeviceType::Net => 2,
+        }
+    }
     fn device_features(&self) -> u64 {
-        (1 << 32) | VIRTIO_BLK_F_MQ | (1 << 9)
+        (1 << 32) | (1 << 9)
     }
     fn config(&self) -> &[u8] {
         &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
@@ -29,8 +41,16 @@ impl BlkBackend for FakeBackend {
     fn running(&self) -> bool {
         self.running
     }
-    fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
-        self.started.push((features, q));
+    fn start(
+        &mut self,
+        features: u64,
+        queues: &[Option<VringSetup>],
+    ) -> Result<(), FrontendSessionError> {
+        if let Some(q) = queues.iter().flatten().next() {
+            self.started.push((features, *q));
+        }
+        self.enabled
+            .push(queues.iter().map(Option::is_some).collect());
         self.running = true;
         Ok(())
     }
@@ -39,29 +59,41 @@ impl BlkBackend for FakeBackend {
     }
 }
 
-type Dev = VirtioPciBlk<FakeBackend>;
+type Dev = VirtioPciDevice<FakeBackend>;
 
-fn device() -> (Dev, Arc<Recorder>) {
+fn device_of(kind: VirtioDeviceType) -> (Dev, Arc<Recorder>) {
     let backend = FakeBackend {
+        kind,
         regions: vec![SharedRegion {
             gpa: 0,
             len: RAM,
             fd: -1,
         }],
-        ..Default::default()
+        started: Vec::new(),
+        enabled: Vec::new(),
+        running: false,
     };
     let rec = Arc::new(Recorder::default());
-    let efd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let d = VirtioPciBlk::new(
+    let efds = || {
+        (0..backend.num_queues())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (kicks, calls) = (efds(), efds());
+    let d = VirtioPciDevice::new(
         backend,
-        efd(),
-        efd(),
+        kicks,
+        calls,
         BAR0,
         24,
         rec.clone(),
         Arc::new(ExitCounters::default()),
     );
     (d, rec)
+}
+
+fn device() -> (Dev, Arc<Recorder>) {
+    device_of(VirtioDeviceType::Blk)
 }
 
 fn cfg_rd(d: &Dev, off: usize) -> u32 {
@@ -119,7 +151,7 @@ fn identity_bar_and_capabilities_as_linux_reads_them() {
             0x11 => {
                 assert_eq!(
                     head >> 16,
-                    u32::from(MSIX_VECTORS - 1),
+                    u32::from(msix_vectors(1) - 1),
                     "table size, disabled"
                 );
                 assert_eq!(cfg_rd(&d, at + 4), MSIX_TABLE_OFFSET as u32, "BIR 0");
@@ -143,7 +175,7 @@ fn identity_bar_and_capabilities_as_linux_reads_them() {
 #[test]
 fn a_driver_brings_the_queue_up_and_a_reset_stops_the_backend() {
     let (mut d, _) = device();
-    // Features: version 1 offered, MQ hidden (one queue).
+    // Features: the backend's.
     wr(&mut d, common::DEVICE_FEATURE_SELECT, 4, 1);
     assert_eq!(rd(&mut d, common::DEVICE_FEATURE, 4), 1);
     wr(&mut d, common::DEVICE_FEATURE_SELECT, 4, 0);
@@ -222,13 +254,16 @@ fn msix_follows_the_capability_and_the_table_and_bad_accesses_are_harmless() {
     // Function mask: unbound; the call eventfd's count shows in the PBA.
     d.config_write(cap + 2, &0xc000u16.to_le_bytes());
     assert!(rec.attached.lock().unwrap().is_empty());
-    d.call.write(1).unwrap();
+    d.calls[0].write(1).unwrap();
     assert_eq!(rd(&mut d, MSIX_PBA_OFFSET, 8), 0b10);
     d.config_write(cap + 2, &0x8000u16.to_le_bytes());
     assert_eq!(*rec.attached.lock().unwrap(), [25]);
     // The guest cannot change the table size or enable bits it does not own.
     d.config_write(cap, &0xffff_ffffu32.to_le_bytes());
-    assert_eq!(cfg_rd(&d, cap) >> 16, 0xc000 | u32::from(MSIX_VECTORS - 1));
+    assert_eq!(
+        cfg_rd(&d, cap) >> 16,
+        0xc000 | u32::from(msix_vectors(1) - 1)
+    );
     // Garbage: odd widths, unknown offsets, a notify naming another queue.
     assert_eq!(rd(&mut d, common::DEVICE_STATUS, 4), u64::from(u32::MAX));
     wr(&mut d, common::NUM_QUEUES, 2, 7);
@@ -239,9 +274,13 @@ fn msix_follows_the_capability_and_the_table_and_bad_accesses_are_harmless() {
     wr(&mut d, 0x7000, 4, 1);
     wr(&mut d, NOTIFY_OFFSET, 2, 3);
     assert_eq!(d.counters.get(Counter::VirtioNotifyExit), 1);
-    assert_eq!(d.kick.read().ok(), None, "not forwarded");
+    assert_eq!(d.kicks[0].read().ok(), None, "not forwarded");
     wr(&mut d, NOTIFY_OFFSET, 2, 0);
-    assert_eq!(d.kick.read().ok(), Some(1), "queue 0's notify forwarded");
+    assert_eq!(
+        d.kicks[0].read().ok(),
+        Some(1),
+        "queue 0's notify forwarded"
+    );
     assert!(d.counters.get(Counter::MsixTableAccess) >= 4);
 }
 
@@ -261,5 +300,61 @@ fn moving_bar0_moves_the_notify_ioeventfd_but_sizing_does_not() {
         "sizing and restoring is not a move"
     );
     d.config_write(0x10, &0xc001_0000u32.to_le_bytes());
-    assert_eq!(*moves.lock().unwrap(), [0xc001_0000 + NOTIFY_OFFSET]);
+    assert_eq!(*moves.lock().unwrap(), [0xc001_0000]);
+}
+
+#[test]
+fn a_network_function_has_two_queues_each_with_its_notify_address_and_vector() {
+    use common::*;
+    let (mut d, rec) = device_of(VirtioDeviceType::Net);
+    assert_eq!(cfg_rd(&d, 0), 0x1041_1af4, "virtio-net, modern");
+    assert_eq!(cfg_rd(&d, 8) >> 8, 0x02_0000, "network controller");
+    assert_eq!(rd(&mut d, NUM_QUEUES, 2), 2);
+    wr(&mut d, DEVICE_STATUS, 1, 1 | 2);
+    wr(&mut d, DRIVER_FEATURE_SELECT, 4, 1);
+    wr(&mut d, DRIVER_FEATURE, 4, 1);
+    wr(&mut d, DEVICE_STATUS, 1, 1 | 2 | 8);
+    for q in 0..2u64 {
+        wr(&mut d, QUEUE_SELECT, 2, q);
+        assert_eq!(rd(&mut d, QUEUE_NOTIFY_OFF, 2), q);
+        wr(&mut d, QUEUE_SIZE, 2, 64);
+        wr(&mut d, QUEUE_DESC, 4, 0x10_0000 + q * 0x1_0000);
+        wr(&mut d, QUEUE_DRIVER, 4, 0x10_4000 + q * 0x1_0000);
+        wr(&mut d, QUEUE_DEVICE, 4, 0x10_8000 + q * 0x1_0000);
+        wr(&mut d, QUEUE_MSIX_VECTOR, 2, q + 1);
+        assert_eq!(rd(&mut d, QUEUE_MSIX_VECTOR, 2), q + 1);
+        wr(&mut d, QUEUE_ENABLE, 2, 1);
+    }
+    // A third queue does not exist; a vector another queue has is refused.
+    wr(&mut d, QUEUE_SELECT, 2, 2);
+    assert_eq!(rd(&mut d, QUEUE_SIZE, 2), 0);
+    wr(&mut d, QUEUE_SELECT, 2, 1);
+    wr(&mut d, QUEUE_MSIX_VECTOR, 2, 1);
+    assert_eq!(rd(&mut d, QUEUE_MSIX_VECTOR, 2), u64::from(NO_VECTOR));
+    wr(&mut d, QUEUE_MSIX_VECTOR, 2, 2);
+    wr(&mut d, DEVICE_STATUS, 1, 1 | 2 | 8 | 4);
+    assert_eq!(rd(&mut d, DEVICE_STATUS, 1), 0xf);
+    assert_eq!(d.backend().enabled, [vec![true, true]]);
+    // Each queue's vector is its own GSI with its own call eventfd.
+    let entry = |v: u64| MSIX_TABLE_OFFSET + 16 * v;
+    for v in 1..3 {
+        wr(&mut d, entry(v), 8, 0xfee0_0000);
+        wr(&mut d, entry(v) + 8, 4, 0x4020 + v);
+        wr(&mut d, entry(v) + 12, 4, 0);
+    }
+    let cap = d.msix_cap;
+    d.config_write(cap + 2, &0x8000u16.to_le_bytes());
+    let mut attached = rec.attached.lock().unwrap().clone();
+    attached.sort_unstable();
+    assert_eq!(attached, [25, 26]);
+    // Notifies that miss the ioeventfds are forwarded to the right queue's kick.
+    wr(&mut d, notify_offset(1), 2, 1);
+    assert_eq!(d.kicks[1].read().ok(), Some(1));
+    assert_eq!(d.kicks[0].read().ok(), None);
+    wr(&mut d, notify_offset(1), 2, 0);
+    assert_eq!(
+        d.kicks[0].read().ok(),
+        None,
+        "queue 0 named at queue 1's address"
+    );
 }

@@ -2,7 +2,7 @@
 //! device status a driver may write, and whether a queue's size and rings are usable by a
 //! backend that sees only `regions`.
 
-use crate::vmm::vhost_blk::{BlkBackend, SharedRegion, VringSetup};
+use crate::vmm::vhost_device::{SharedRegion, VirtioBackend, VringSetup};
 
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
@@ -73,22 +73,24 @@ pub fn check_queue(
     Ok(())
 }
 
-/// DRIVER_OK: starts `backend` with the negotiated `features` and the queue (None: no usable
-/// queue). Returns the status to keep: DEVICE_NEEDS_RESET added if the device cannot run.
-pub fn activate<B: BlkBackend>(
+/// DRIVER_OK: starts `backend` with the negotiated `features` and the queues the driver
+/// enabled (`queues[i]`: queue i, None if not enabled). Returns the status to keep:
+/// DEVICE_NEEDS_RESET added if the device cannot run (no features, no usable queue, or the
+/// backend refused).
+pub fn activate<B: VirtioBackend>(
     what: &str,
     backend: &mut B,
     status: u32,
     features: u64,
-    queue: Option<VringSetup>,
+    queues: &[Option<VringSetup>],
 ) -> u32 {
-    let Some(q) = queue.filter(|_| status & STATUS_FEATURES_OK != 0) else {
+    if status & STATUS_FEATURES_OK == 0 || queues.iter().all(Option::is_none) {
         log::warn!("{what}: DRIVER_OK without negotiated features or a ready queue");
         return status | STATUS_NEEDS_RESET;
-    };
-    match backend.start(features, q) {
+    }
+    match backend.start(features, queues) {
         Ok(()) => {
-            log::info!("{what}: running, features {features:#x}, {q:?}");
+            log::info!("{what}: running, features {features:#x}, queues {queues:?}");
             status
         }
         Err(e) => {

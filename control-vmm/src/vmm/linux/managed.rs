@@ -1,19 +1,21 @@
 //! `splitvmm-vmm --linux --managed-domid`: a Linux guest as a guest domain of `splitvmm up`.
 //!
 //! The xenbus walk, the control channel and the store are `frontend_core::xenbus`'s, as for
-//! the tiny KVM guests ([`crate::vmm::managed`]). At backend InitWait the disk's vhost-user
-//! session is set up on the handed connection; once the disks the guest was started with are
-//! Connected (cold-plugged), the machine boots on its own thread with all of its RAM shared
-//! with the driver domain. It runs until the guest powers off (the machine's thread then sets
+//! the tiny KVM guests ([`crate::vmm::managed`]). At backend InitWait a device's vhost-user
+//! session (a disk, or a network interface on the driver domain's switch) is set up on the
+//! handed connection; once the devices the guest was started with are Connected (cold-plugged:
+//! disks, then interfaces, each by device number), the machine boots on its own thread with
+//! all of its RAM shared with the driver domain. The interfaces' addresses go on the kernel
+//! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. It runs until the guest powers off (the machine's thread then sets
 //! the stop flag, which ends the walk: devices close, counters go to the toolstack, the
 //! process exits), until the toolstack asks for a shutdown (the ACPI power button is pressed;
 //! the guest powers off in its own time), or until the process is stopped.
 
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use frontend_core::vhost_user::FrontendSessionError;
 use frontend_core::xenbus::{DiskCheck, FrontendDiagnostics, FrontendLifecycle, ManagedFrontend};
@@ -23,8 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
-use crate::vmm::machine::{BlkAttachment, VmError};
-use crate::vmm::vhost_blk::{BlkBackend, VhostBlk};
+use crate::vmm::machine::VmError;
+use crate::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
 
 /// How the managed Linux machine is built.
 #[derive(Debug)]
@@ -32,8 +34,9 @@ pub struct LinuxSettings {
     pub boot: LinuxBoot,
     pub ram_bytes: u64,
     pub vcpus: u8,
-    /// Disks the guest boots with: it starts once this many are Connected.
-    pub disks: usize,
+    /// Disks and network interfaces the guest boots with: it starts once this many are
+    /// Connected.
+    pub devices: usize,
     /// The interactive console's socket (see [`super::console`]).
     pub console_socket: Option<std::os::unix::net::UnixListener>,
 }
@@ -81,9 +84,13 @@ impl MachineSlot {
     }
 }
 
-/// A Linux guest's disk: its vhost-user session until the machine takes it at boot.
-pub struct LinuxDisk {
-    session: Option<VhostBlk>,
+/// A Linux guest's disk or network interface: its vhost-user session until the machine
+/// takes it at boot.
+pub struct LinuxDevice {
+    session: Option<VhostDevice>,
+    /// Network interfaces: the MAC address and the IPv4 address the toolstack gave.
+    mac: [u8; 6],
+    ip: [u8; 4],
 }
 
 /// The Linux machine of a managed VMM.
@@ -92,8 +99,10 @@ pub struct LinuxMachine {
     stop: Arc<AtomicBool>,
     button: Arc<EventFd>,
     machine: MachineSlot,
-    /// Sessions of the Connected disks, until boot.
-    ready: Vec<VhostBlk>,
+    /// Sessions of the Connected devices, until boot, in plugging order.
+    ready: BTreeMap<(VirtioDeviceType, u32), VhostDevice>,
+    /// The interfaces' addresses for the kernel command line.
+    addresses: Vec<String>,
 }
 
 /// The managed VMM process of a Linux guest.
@@ -113,21 +122,19 @@ impl LinuxMachine {
             stop,
             button,
             machine,
-            ready: Vec::new(),
+            ready: BTreeMap::new(),
+            addresses: Vec::new(),
         };
-        if m.settings.disks == 0 {
+        if m.settings.devices == 0 {
             m.boot()?;
         }
         Ok(m)
     }
 
-    /// Starts the machine on its own thread with the Connected disks.
+    /// Starts the machine on its own thread with the Connected devices.
     fn boot(&mut self) -> Result<(), LinuxDeviceError> {
-        let blk = match self.ready.pop() {
-            Some(session) => BlkAttachment::Connected(Box::new(session)),
-            None => BlkAttachment::None,
-        };
-        let share_all_ram = !matches!(blk, BlkAttachment::None);
+        let devices: Vec<VhostDevice> = std::mem::take(&mut self.ready).into_values().collect();
+        let share_all_ram = !devices.is_empty();
         let cfg = LinuxVmConfig {
             boot: self.settings.boot.clone(),
             ram_bytes: self.settings.ram_bytes,
@@ -136,9 +143,9 @@ impl LinuxMachine {
             console_socket: self.settings.console_socket.take(),
             stop: Arc::clone(&self.stop),
             power_button: Some(Arc::clone(&self.button)),
-            blk,
+            devices,
             share_all_ram,
-            connect_timeout: Duration::from_secs(5),
+            cmdline_extra: self.addresses.join(" "),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
@@ -154,6 +161,42 @@ impl LinuxMachine {
         log::info!("booting the Linux guest");
         Ok(())
     }
+
+    /// Queues a Connected device for boot; boots once all are there.
+    fn ready(
+        &mut self,
+        kind: VirtioDeviceType,
+        devid: u32,
+        dev: &mut LinuxDevice,
+    ) -> Result<(), LinuxDeviceError> {
+        let session = dev.session.take().ok_or(LinuxDeviceError::SessionGone)?;
+        if kind == VirtioDeviceType::Net {
+            let mac = dev.mac.map(|b| format!("{b:02x}")).join(":");
+            let ip = std::net::Ipv4Addr::from(dev.ip);
+            self.addresses
+                .push(format!("splitvmm.vif{devid}={mac},{ip}"));
+        }
+        self.ready.insert((kind, devid), session);
+        if self.ready.len() >= self.settings.devices {
+            self.boot()?;
+        }
+        Ok(())
+    }
+
+    fn before_boot(&self, devid: u32) -> Result<(), LinuxDeviceError> {
+        match *self.machine.lock() {
+            Machine::NotBooted => Ok(()),
+            _ => Err(LinuxDeviceError::AfterBoot(devid)),
+        }
+    }
+
+    fn device_closed(&mut self, what: &str, devid: u32) {
+        // The machine holds the session: stop it before the backend lets go of its memory.
+        if self.machine.is_running() {
+            log::warn!("{what} {devid} closed under the running guest: stopping it");
+            self.machine.finish(&self.stop);
+        }
+    }
 }
 
 /// Why a Linux guest's device could not be set up or checked.
@@ -163,68 +206,81 @@ pub enum LinuxDeviceError {
     Session(#[from] FrontendSessionError),
     #[error("short config space")]
     ShortConfig,
-    #[error("vbd {0}: a Linux guest's disks are attached before it boots (no hotplug yet)")]
+    #[error("device {0}: a Linux guest's devices are attached before it boots (no hotplug yet)")]
     AfterBoot(u32),
+    #[error("the backend gave the interface no MAC address (VIRTIO_NET_F_MAC)")]
+    NoMac,
     #[error("the disk's session is gone")]
     SessionGone,
     #[error("starting the machine's thread")]
     Thread(#[source] std::io::Error),
     #[error("disk checks run in the tiny KVM guest, not in a Linux guest")]
     NoChecks,
-    // Network interfaces of Linux guests come with the next part of issue 12.
-    #[error("a Linux guest has no network interface yet")]
-    NoNet,
+    #[error("pings run in the Linux guest itself (busybox ping), not in its VMM")]
+    NoPing,
 }
 
 impl FrontendLifecycle for LinuxMachine {
-    type BlockSession = LinuxDisk;
-    type NetSession = std::convert::Infallible;
+    type BlockSession = LinuxDevice;
+    type NetSession = LinuxDevice;
     type ConnectError = LinuxDeviceError;
 
     fn connect_block(
         &mut self,
         devid: u32,
         connection: UnixStream,
-    ) -> Result<(LinuxDisk, u64), LinuxDeviceError> {
-        if !matches!(*self.machine.lock(), Machine::NotBooted) {
-            return Err(LinuxDeviceError::AfterBoot(devid));
-        }
+    ) -> Result<(LinuxDevice, u64), LinuxDeviceError> {
+        self.before_boot(devid)?;
         // The memory table (all of the guest's RAM) is sent when the machine boots.
-        let session = VhostBlk::from_stream(connection, Vec::new())?;
-        let mut cap = [0u8; 8];
-        cap.copy_from_slice(
-            session
-                .config()
-                .get(..8)
-                .ok_or(LinuxDeviceError::ShortConfig)?,
-        );
+        let session = VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())?;
+        let capacity = session.capacity().ok_or(LinuxDeviceError::ShortConfig)?;
         Ok((
-            LinuxDisk {
+            LinuxDevice {
                 session: Some(session),
+                mac: [0; 6],
+                ip: [0; 4],
             },
-            u64::from_le_bytes(cap),
+            capacity,
         ))
     }
 
     fn block_connected(
         &mut self,
-        _devid: u32,
-        disk: &mut LinuxDisk,
+        devid: u32,
+        disk: &mut LinuxDevice,
     ) -> Result<(), LinuxDeviceError> {
-        let session = disk.session.take().ok_or(LinuxDeviceError::SessionGone)?;
-        self.ready.push(session);
-        if self.ready.len() >= self.settings.disks {
-            self.boot()?;
-        }
-        Ok(())
+        self.ready(VirtioDeviceType::Blk, devid, disk)
     }
 
-    fn disconnect_block(&mut self, devid: u32, _disk: LinuxDisk) {
-        // The machine holds the session: stop it before the backend lets go of its memory.
-        if self.machine.is_running() {
-            log::warn!("vbd {devid} closed under the running guest: stopping it");
-            self.machine.finish(&self.stop);
-        }
+    fn disconnect_block(&mut self, devid: u32, _disk: LinuxDevice) {
+        self.device_closed("vbd", devid);
+    }
+
+    fn connect_net(
+        &mut self,
+        devid: u32,
+        connection: UnixStream,
+        ip: [u8; 4],
+    ) -> Result<(LinuxDevice, [u8; 6]), LinuxDeviceError> {
+        self.before_boot(devid)?;
+        let session = VhostDevice::from_stream(VirtioDeviceType::Net, connection, Vec::new())?;
+        let mac = session.mac().ok_or(LinuxDeviceError::NoMac)?;
+        Ok((
+            LinuxDevice {
+                session: Some(session),
+                mac,
+                ip,
+            },
+            mac,
+        ))
+    }
+
+    fn net_connected(&mut self, devid: u32, nic: &mut LinuxDevice) -> Result<(), LinuxDeviceError> {
+        self.ready(VirtioDeviceType::Net, devid, nic)
+    }
+
+    fn disconnect_net(&mut self, devid: u32, _nic: LinuxDevice) {
+        self.device_closed("vif", devid);
     }
 
     fn shutdown_requested(&mut self) -> bool {
@@ -241,22 +297,9 @@ impl FrontendLifecycle for LinuxMachine {
         }
     }
 
-    /// One virtio-pci disk for now.
+    /// One PCI slot each (bus 0 has 31 after the host bridge).
     fn max_block_devices(&self) -> usize {
-        1
-    }
-
-    fn connect_net(
-        &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), LinuxDeviceError> {
-        Err(LinuxDeviceError::NoNet)
-    }
-
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
+        16
     }
 }
 
@@ -266,7 +309,7 @@ impl FrontendDiagnostics for LinuxMachine {
     fn disk_check(
         &mut self,
         _devid: u32,
-        _disk: &mut LinuxDisk,
+        _disk: &mut LinuxDevice,
         _check: DiskCheck,
     ) -> Result<String, LinuxDeviceError> {
         Err(LinuxDeviceError::NoChecks)
@@ -275,22 +318,25 @@ impl FrontendDiagnostics for LinuxMachine {
     fn net_ping(
         &mut self,
         _devid: u32,
-        session: &mut Self::NetSession,
+        _nic: &mut LinuxDevice,
         _peer: [u8; 4],
         _rounds: u32,
     ) -> Result<String, LinuxDeviceError> {
-        match *session {}
+        Err(LinuxDeviceError::NoPing)
     }
+
+    /// The guest's own network stack answers its peers.
+    const ANSWERS_PEERS: bool = false;
 
     fn answer_peers(
         &mut self,
         _devid: u32,
-        session: &mut Self::NetSession,
+        _nic: &mut LinuxDevice,
     ) -> Result<(), LinuxDeviceError> {
-        match *session {}
+        Ok(())
     }
 
-    fn stats<'a>(&self, _live: impl Iterator<Item = &'a LinuxDisk>) -> GuestStats {
+    fn stats<'a>(&self, _live: impl Iterator<Item = &'a LinuxDevice>) -> GuestStats {
         GuestStats::default()
     }
 }

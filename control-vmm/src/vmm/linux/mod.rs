@@ -1,14 +1,15 @@
 //! A Linux guest's machine: an unmodified bzImage with an initramfs, 1..N vCPUs (one thread
 //! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus
-//! with, optionally, a virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over
-//! vhost-user. Linux puts buffers anywhere in its RAM, so the backend sees all of it; the
-//! caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
+//! with the guest's disks and network interfaces (virtio-pci, MSI-X per queue) served by the
+//! driver domain over vhost-user. Linux puts buffers anywhere in its RAM, so the backends see
+//! all of it; the caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
 //! guest powers off or resets (the ACPI registers end the run loop), or until it is stopped
 //! from outside.
 
 pub mod bus;
 pub mod console;
 pub mod managed;
+pub mod plug;
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
@@ -17,24 +18,20 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
-use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
-use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
+use super::arch::{acpi, COM1_IRQ, GED_IRQ, RAM_LIMIT};
 use super::exits::{totals, ExitCounters, PhaseLog};
-use super::machine::{
-    create_vm, install_kick_handler, stop_vcpus, wait_for_end, BlkAttachment, Outcome, VmError,
-};
+use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
-use super::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
-use super::pci::{BarAllocator, PciSegment};
+use super::pci::PciSegment;
 use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
-use super::vhost_blk::{shared_region, VhostBlk};
+use super::vhost_device::{shared_region, VhostDevice, VirtioBackend};
 use bus::LinuxBus;
+use plug::{PciFunction, Plugger};
 
 /// Largest number of vCPUs of a Linux guest.
 pub const MAX_VCPUS: u8 = 32;
@@ -54,13 +51,14 @@ pub struct LinuxVmConfig {
     pub stop: Arc<AtomicBool>,
     /// Written to press the ACPI power button (the guest's GED interrupt).
     pub power_button: Option<Arc<EventFd>>,
-    /// The disk: a vhost-user-blk socket of the driver domain, a session the toolstack's
-    /// connection already set up (managed mode), or none.
-    pub blk: BlkAttachment,
-    /// Share all guest RAM with the disk's backend: required with a disk (explicit opt-in).
+    /// The disks and network interfaces, cold-plugged in this order: vhost-user sessions
+    /// to the driver domain, connected (their memory table is sent at DRIVER_OK).
+    pub devices: Vec<VhostDevice>,
+    /// Share all guest RAM with the devices' backends: required with any device (explicit
+    /// opt-in).
     pub share_all_ram: bool,
-    /// How long to wait for the backend socket.
-    pub connect_timeout: Duration,
+    /// Appended to the kernel command line (e.g. the interfaces' addresses).
+    pub cmdline_extra: String,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -77,7 +75,7 @@ impl std::fmt::Debug for LinuxVmConfig {
 #[derive(Debug, Clone)]
 pub struct LinuxReport {
     pub outcome: Outcome,
-    /// Avail index the disk's backend stopped at (GET_VRING_BASE), if its queue ran.
+    /// Avail index the first device's backend stopped at (GET_VRING_BASE), if its queue ran.
     pub backend_stopped_at: Option<u32>,
     pub totals: Vec<(&'static str, u64)>,
     pub wall: Duration,
@@ -138,40 +136,47 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     );
     let vm = Arc::new(vm);
     let mut pci = PciSegment::new(Arc::clone(&counters));
-    let backend = match cfg.blk {
-        BlkAttachment::None => None,
-        BlkAttachment::Socket(path) => {
-            Some(VhostBlk::connect(&path, cfg.connect_timeout, Vec::new())?)
+    if !cfg.devices.is_empty() {
+        if !cfg.share_all_ram {
+            return Err(VmError::Config(
+                "a Linux guest's devices need all of its RAM shared with the driver domain \
+                 (share_all_ram)"
+                    .into(),
+            ));
         }
-        BlkAttachment::Connected(session) => Some(*session),
-    };
-    let disk = match backend {
-        Some(mut backend) => {
-            if !cfg.share_all_ram {
-                return Err(VmError::Config(
-                    "a Linux guest's disk needs all of its RAM shared with the driver domain \
-                     (share_all_ram)"
-                        .into(),
-                ));
-            }
-            log::warn!(
-                "sharing all guest RAM ({} MiB) with the driver domain: Linux puts disk \
-                 buffers anywhere in it (explicit opt-in)",
-                cfg.ram_bytes >> 20
-            );
-            if !backend.set_regions(vec![shared_region(&ram.ram)]) {
-                return Err(VmError::Config(
-                    "the disk's queue is already running".into(),
-                ));
-            }
-            Some(plug_disk(&vm, &mut pci, backend, &counters)?)
+        log::warn!(
+            "sharing all guest RAM ({} MiB) with the driver domain: Linux puts disk and \
+             network buffers anywhere in it (explicit opt-in)",
+            cfg.ram_bytes >> 20
+        );
+    }
+    let mut plugger = Plugger::new(Arc::clone(&vm), Arc::clone(&counters));
+    let mut functions: Vec<Arc<Mutex<PciFunction>>> = Vec::new();
+    for mut backend in cfg.devices {
+        if !backend.set_regions(vec![shared_region(&ram.ram)]) {
+            return Err(VmError::Config(
+                "a device's queue is already running".into(),
+            ));
         }
-        None => None,
-    };
+        let kind = backend.device_type();
+        let (function, bar0) = plugger.function(backend)?;
+        let slot = pci
+            .add(Arc::clone(&function) as Arc<Mutex<dyn super::pci::PciDevice>>)
+            .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
+        log::info!(
+            "virtio-{} (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}",
+            kind.name()
+        );
+        functions.push(function);
+    }
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
-    let entry = bzimage::load(&ram.mem, cfg.ram_bytes, &cfg.boot, rsdp)
+    let mut boot = cfg.boot;
+    if !cfg.cmdline_extra.is_empty() {
+        boot.cmdline = format!("{} {}", boot.cmdline, cfg.cmdline_extra);
+    }
+    let entry = bzimage::load(&ram.mem, cfg.ram_bytes, &boot, rsdp)
         .map_err(|e| VmError::Config(e.to_string()))?;
 
     let bus = Arc::new(LinuxBus::new(com1, pci, Arc::clone(&counters)));
@@ -221,77 +226,18 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     if console_thread.is_some_and(|t| t.join().is_err()) {
         log::error!("the console thread panicked");
     }
-    // No vCPU runs any more; stop the backend before guest memory goes away.
-    let backend_stopped_at =
-        disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
+    // No vCPU runs any more; stop the backends before guest memory goes away.
+    let mut backend_stopped_at = None;
+    for (i, f) in functions.iter().enumerate() {
+        let stopped = f.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        if i == 0 {
+            backend_stopped_at = stopped;
+        }
+    }
     Ok(LinuxReport {
         outcome,
         backend_stopped_at,
         totals: totals(&counters),
         wall: started.elapsed(),
     })
-}
-
-/// Puts the virtio-blk function on the bus: BAR0 from the window, queue 0's notify address a
-/// KVM ioeventfd on the backend's kick eventfd, MSI-X vectors on GSIs after the I/O APIC's.
-fn plug_disk(
-    vm: &Arc<VmFd>,
-    pci: &mut PciSegment,
-    backend: VhostBlk,
-    counters: &Arc<ExitCounters>,
-) -> Result<Arc<Mutex<VirtioPciBlk<VhostBlk>>>, VmError> {
-    let io = |op: &'static str| move |source| VmError::Io { op, source };
-    let bar0 = BarAllocator::default()
-        .allocate(u64::from(BAR0_BYTES))
-        .ok_or_else(|| VmError::Config("the PCI window is full".into()))?;
-    let kick = backend.kick()?.try_clone().map_err(io("eventfd"))?;
-    let call = backend.call()?.try_clone().map_err(io("eventfd"))?;
-    vm.register_ioevent(
-        &kick,
-        &IoEventAddress::Mmio(bar0 + NOTIFY_OFFSET),
-        NoDatamatch,
-    )
-    .map_err(|source| VmError::Setup {
-        op: "KVM_IOEVENTFD (virtio-pci notify)",
-        source,
-    })?;
-    let routes = Arc::new(KvmRoutes::new(Arc::clone(vm)));
-    let binder = notify_binder(vm, &kick, bar0 + NOTIFY_OFFSET).map_err(io("eventfd"))?;
-    let dev = Arc::new(Mutex::new(
-        VirtioPciBlk::new(
-            backend,
-            kick,
-            call,
-            bar0 as u32,
-            IOAPIC_PINS,
-            routes,
-            Arc::clone(counters),
-        )
-        .with_notify_binder(binder),
-    ));
-    let slot = pci
-        .add(Arc::clone(&dev) as Arc<Mutex<dyn super::pci::PciDevice>>)
-        .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
-    log::info!("virtio-blk (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}");
-    Ok(dev)
-}
-
-/// Moves the notify ioeventfd (registered at `at`) with BAR0; an address outside the PCI
-/// window (a BAR being disabled) leaves it unregistered.
-fn notify_binder(vm: &Arc<VmFd>, kick: &EventFd, at: u64) -> std::io::Result<NotifyBinder> {
-    let vm = Arc::clone(vm);
-    let kick = kick.try_clone()?;
-    let mut bound = Some(at);
-    Ok(NotifyBinder(Box::new(move |to| {
-        if let Some(from) = bound.take() {
-            vm.unregister_ioevent(&kick, &IoEventAddress::Mmio(from), NoDatamatch)
-                .map_err(|e| format!("KVM_IOEVENTFD (deassign {from:#x}): {e}"))?;
-        }
-        if (PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&to) {
-            vm.register_ioevent(&kick, &IoEventAddress::Mmio(to), NoDatamatch)
-                .map_err(|e| format!("KVM_IOEVENTFD ({to:#x}): {e}"))?;
-            bound = Some(to);
-        }
-        Ok(())
-    })))
 }

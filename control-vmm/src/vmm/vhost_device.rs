@@ -1,0 +1,286 @@
+//! The VMM as vhost-user frontend of a virtio device (a disk or a network interface) served by
+//! the driver domain: frontend-core's session, seen through what a virtio transport needs
+//! ([`VirtioBackend`]).
+//!
+//! Set-up mirrors what the guest does on the transport's registers: at connect time the VMM
+//! learns the device's features and config space; when the guest sets DRIVER_OK the VMM hands
+//! the backend the memory table (the I/O window only, unless full sharing was asked for), the
+//! ring addresses of every queue the guest enabled, and the kick/call eventfds that KVM already
+//! has as ioeventfd/irqfd. From then on, requests and frames flow guest <-> backend without
+//! this process.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use frontend_core::vhost_user::{
+    ConfigSpace, DeviceSpec, FrontendSession, FrontendSessionError, DEFAULT_REPLY_TIMEOUT,
+};
+pub use frontend_core::vhost_user::{SharedRegion, VringSetup};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::MemfdRegion;
+
+/// Bytes of virtio-blk config space fetched from the backend (capacity .. num_queues).
+pub const BLK_CONFIG_BYTES: usize = 36;
+/// Bytes of virtio-net config space fetched from the backend (mac, status,
+/// max_virtqueue_pairs, mtu).
+pub const NET_CONFIG_BYTES: usize = 12;
+/// virtio-blk: more than one request queue (hidden: one queue per disk here).
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// virtio-net: the control queue and several queue pairs, both hidden (see
+/// [`VhostDevice::device_features`]).
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// virtio-net: the MAC address in the config space is valid.
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+
+/// Which virtio device a session serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VirtioDeviceType {
+    /// virtio-blk: one request queue.
+    Blk,
+    /// virtio-net: one receive and one transmit queue.
+    Net,
+}
+
+impl VirtioDeviceType {
+    /// The virtio device id (virtio 1.2, 5).
+    pub fn device_id(self) -> u16 {
+        match self {
+            Self::Blk => 2,
+            Self::Net => 1,
+        }
+    }
+
+    /// Short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Blk => "blk",
+            Self::Net => "net",
+        }
+    }
+
+    fn spec(self) -> DeviceSpec {
+        let (queues, config) = match self {
+            Self::Blk => (
+                1,
+                ConfigSpace::Required {
+                    bytes: BLK_CONFIG_BYTES,
+                },
+            ),
+            // A net backend without a config space (DPDK's vhost) still serves frames; the
+            // guest then picks its own MAC.
+            Self::Net => (
+                2,
+                ConfigSpace::IfOffered {
+                    bytes: NET_CONFIG_BYTES,
+                },
+            ),
+        };
+        DeviceSpec {
+            queues,
+            config,
+            // A backend that stops answering fails the device instead of hanging a vCPU thread.
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+        }
+    }
+}
+
+/// What a virtio transport (virtio-mmio, virtio-pci) needs from a device's backend: the
+/// vhost-user session in the VMM, a fake in unit tests.
+pub trait VirtioBackend: Send {
+    /// Which device it is.
+    fn device_type(&self) -> VirtioDeviceType;
+    /// Number of virtqueues.
+    fn num_queues(&self) -> usize;
+    /// Features the guest is offered.
+    fn device_features(&self) -> u64;
+    /// The device's config space.
+    fn config(&self) -> &[u8];
+    /// The guest-physical regions the backend can see.
+    fn regions(&self) -> &[SharedRegion];
+    /// Whether a queue is running in the backend.
+    fn running(&self) -> bool;
+    /// Starts the queues the guest enabled (`queues[i]` is queue i; None: not enabled) with
+    /// the guest's features.
+    fn start(
+        &mut self,
+        features: u64,
+        queues: &[Option<VringSetup>],
+    ) -> Result<(), FrontendSessionError>;
+    /// Stops every running queue; returns the avail index queue 0 stopped at, if it ran.
+    fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError>;
+}
+
+/// The region a memfd-backed piece of guest memory is announced as.
+pub fn shared_region(r: &MemfdRegion) -> SharedRegion {
+    SharedRegion {
+        gpa: r.gpa,
+        len: r.len,
+        fd: r.file.as_raw_fd(),
+    }
+}
+
+/// A connected vhost-user backend of one virtio device, and the memory it will be shown.
+#[derive(Debug)]
+pub struct VhostDevice {
+    kind: VirtioDeviceType,
+    session: FrontendSession,
+    /// The device's config space as read at connect (zeros where the backend sent less).
+    config: Vec<u8>,
+    /// What the next start announces (the current machine's memory).
+    regions: Vec<SharedRegion>,
+}
+
+impl VhostDevice {
+    /// Connects to a disk's backend (retrying while it starts, up to `timeout`) and reads the
+    /// device's features and configuration. `regions` is what the backend will see.
+    pub fn connect_blk(
+        path: &Path,
+        timeout: Duration,
+        regions: Vec<SharedRegion>,
+    ) -> Result<Self, FrontendSessionError> {
+        let kind = VirtioDeviceType::Blk;
+        Ok(Self::wrap(
+            kind,
+            FrontendSession::connect_path(path, timeout, kind.spec())?,
+            regions,
+        ))
+    }
+
+    /// Runs the set-up of a `kind` device over an already connected socket (one the
+    /// toolstack handed over).
+    pub fn from_stream(
+        kind: VirtioDeviceType,
+        stream: UnixStream,
+        regions: Vec<SharedRegion>,
+    ) -> Result<Self, FrontendSessionError> {
+        Ok(Self::wrap(
+            kind,
+            FrontendSession::connect(stream, kind.spec())?,
+            regions,
+        ))
+    }
+
+    fn wrap(kind: VirtioDeviceType, session: FrontendSession, regions: Vec<SharedRegion>) -> Self {
+        let bytes = match kind {
+            VirtioDeviceType::Blk => BLK_CONFIG_BYTES,
+            VirtioDeviceType::Net => NET_CONFIG_BYTES,
+        };
+        let mut config = vec![0u8; bytes];
+        let raw = session.config().unwrap_or_default();
+        let n = raw.len().min(bytes);
+        config[..n].copy_from_slice(&raw[..n]);
+        Self {
+            kind,
+            session,
+            config,
+            regions,
+        }
+    }
+
+    /// Queue `q`'s kick: KVM signals it on a notify write (ioeventfd); the backend waits on it.
+    pub fn kick(&self, q: usize) -> Result<&EventFd, FrontendSessionError> {
+        self.session.kick(q)
+    }
+
+    /// Queue `q`'s call: the backend signals it; KVM injects the queue's interrupt (irqfd).
+    pub fn call(&self, q: usize) -> Result<&EventFd, FrontendSessionError> {
+        self.session.call(q)
+    }
+
+    /// A disk's capacity in 512-byte sectors (None for other devices).
+    pub fn capacity(&self) -> Option<u64> {
+        let raw = self.config.get(..8)?;
+        (self.kind == VirtioDeviceType::Blk)
+            .then(|| u64::from_le_bytes(raw.try_into().unwrap_or_default()))
+    }
+
+    /// A network interface's MAC address, if the backend gave one.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        let offered = self.session.device_features() & VIRTIO_NET_F_MAC != 0;
+        let raw = self.config.get(..6)?;
+        (self.kind == VirtioDeviceType::Net && offered).then(|| raw.try_into().unwrap_or_default())
+    }
+
+    /// Replaces the regions the backend will see at the next start (a new machine's memory).
+    /// Refused while a queue runs.
+    pub fn set_regions(&mut self, regions: Vec<SharedRegion>) -> bool {
+        if self.session.any_running() {
+            return false;
+        }
+        self.regions = regions;
+        true
+    }
+}
+
+impl VirtioBackend for VhostDevice {
+    fn device_type(&self) -> VirtioDeviceType {
+        self.kind
+    }
+
+    fn num_queues(&self) -> usize {
+        self.session.num_queues()
+    }
+
+    /// Features the guest is offered: the backend's (the vhost-user protocol bit removed),
+    /// without several queues (one request queue per disk; one queue pair per interface: a
+    /// backend with more pairs still serves the first) and without the network control
+    /// queue, which a vhost-user frontend would have to serve itself.
+    fn device_features(&self) -> u64 {
+        let hidden = match self.kind {
+            VirtioDeviceType::Blk => VIRTIO_BLK_F_MQ,
+            VirtioDeviceType::Net => VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ,
+        };
+        self.session.device_features() & !hidden
+    }
+
+    fn config(&self) -> &[u8] {
+        &self.config
+    }
+
+    fn regions(&self) -> &[SharedRegion] {
+        &self.regions
+    }
+
+    fn running(&self) -> bool {
+        self.session.any_running()
+    }
+
+    /// Acknowledges the guest's `features`, sends the memory table and starts each enabled
+    /// queue.
+    fn start(
+        &mut self,
+        features: u64,
+        queues: &[Option<VringSetup>],
+    ) -> Result<(), FrontendSessionError> {
+        self.session.set_features(features)?;
+        self.session.set_mem_table(&self.regions)?;
+        for (q, ring) in queues.iter().enumerate() {
+            if let Some(ring) = ring {
+                self.session.start_vring(q, *ring)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every queue (GET_VRING_BASE): after this returns, the backend no longer touches
+    /// guest memory.
+    fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
+        let mut first = None;
+        let mut failed = None;
+        for q in 0..self.session.num_queues() {
+            match self.session.stop_vring(q) {
+                Ok(base) if q == 0 => first = base,
+                Ok(_) => {}
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(first),
+        }
+    }
+}
