@@ -151,6 +151,10 @@ pub struct GuestConfig {
     /// anywhere in its RAM), required with a disk and refused without one.
     #[serde(default)]
     pub share: Option<String>,
+    /// `linux`: seconds a detach waits for the guest to eject the device (ACPI hotplug)
+    /// before removing it by force (default 20).
+    #[serde(default)]
+    pub eject_timeout: Option<u64>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
@@ -713,6 +717,8 @@ mod tests {
         );
         let g = &parse(&devices).unwrap().guests[1];
         assert_eq!((g.disks.len(), g.nics.len()), (2, 2));
+        let timed = with_share.replace("vcpus = 2", "vcpus = 2\neject_timeout = 5");
+        assert_eq!(parse(&timed).unwrap().guests[1].eject_timeout, Some(5));
         let nic_only = format!("{diskless}\n[[guest.nic]]\n");
         let many: String = (0..=super::linux::LINUX_MAX_DEVICES)
             .map(|i| format!("[[guest.nic]]\ndevid = {i}\nip = \"10.0.2.{i}\"\n"))
@@ -733,6 +739,15 @@ mod tests {
             ),
             (with_share.replace("memory = 256", "memory = 255"), "memory"),
             (with_share.replace("vcpus = 2", "vcpus = 0"), "vcpus"),
+            (
+                with_share.replace("vcpus = 2", "vcpus = 2\neject_timeout = 0"),
+                "eject_timeout",
+            ),
+            (
+                with_share.replace("vcpus = 2", "vcpus = 2\neject_timeout = 26"),
+                "eject_timeout",
+            ),
+            (other("eject_timeout = 5"), "eject_timeout"),
             (with_share.replace("kernel = \"bzImage\"\n", ""), "kernel"),
             // Linux-only keys elsewhere.
             (other("memory = 64"), "memory"),

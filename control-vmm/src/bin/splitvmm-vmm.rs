@@ -20,7 +20,7 @@ use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
-use control_vmm::vmm::vhost_device::VhostDevice;
+use control_vmm::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,6 +60,10 @@ struct Cli {
     /// Linux with --managed-domid: and this many network interfaces.
     #[arg(long, requires = "linux", default_value_t = 0)]
     nics: usize,
+    /// Linux with --managed-domid: how long a detach waits for the guest to eject the device
+    /// (ACPI hotplug) before removing it by force, in seconds.
+    #[arg(long, requires = "linux", default_value_t = 20)]
+    eject_timeout_s: u64,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
@@ -236,7 +240,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
     let mut devices = Vec::new();
     if let Some(path) = &cli.blk_socket {
         match VhostDevice::connect_blk(path, Duration::from_secs(5), Vec::new()) {
-            Ok(disk) => devices.push(disk),
+            Ok(disk) => devices.push(((VirtioDeviceType::Blk, 0), disk)),
             Err(e) => {
                 eprintln!("splitvmm-vmm: the disk's backend: {e}");
                 return ExitCode::from(101);
@@ -254,6 +258,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         devices,
         share_all_ram: cli.share_all_ram,
         cmdline_extra: String::new(),
+        hotplug: None,
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -328,6 +333,8 @@ fn run_managed_linux(
         vcpus: cli.vcpus,
         devices: cli.disks + cli.nics,
         console_socket,
+        share_all_ram: cli.share_all_ram,
+        eject_timeout: Duration::from_secs(cli.eject_timeout_s),
     };
     let slot = MachineSlot::default();
     let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {

@@ -1,5 +1,5 @@
 //! The keys of a `kind = "linux"` guest (after xl.cfg: `kernel`, `ramdisk`, `extra`, `memory`,
-//! `vcpus`, `share`), and their absence on other kinds.
+//! `vcpus`, `share`; and `eject_timeout`), and their absence on other kinds.
 
 use super::{GuestConfig, GuestKind};
 
@@ -7,6 +7,9 @@ use super::{GuestConfig, GuestKind};
 pub const LINUX_MAX_MEMORY_MIB: u64 = crate::vmm::arch::RAM_LIMIT >> 20;
 /// Most disks and interfaces of a `linux` guest together (one PCI slot each).
 pub const LINUX_MAX_DEVICES: usize = 16;
+/// Longest `eject_timeout` of a `linux` guest (s): a detach must end well within the
+/// toolstack's wait for the walk.
+pub const LINUX_MAX_EJECT_TIMEOUT_S: u64 = 25;
 /// Largest `vcpus` of a `linux` guest.
 pub const LINUX_MAX_VCPUS: u8 = crate::vmm::linux::MAX_VCPUS;
 
@@ -20,6 +23,7 @@ pub(super) fn validate_keys(i: usize, g: &GuestConfig) -> Result<(), (String, St
             ("memory", g.memory.is_some()),
             ("vcpus", g.vcpus.is_some()),
             ("share", g.share.is_some()),
+            ("eject_timeout", g.eject_timeout.is_some()),
         ];
         return match linux_only.iter().find(|(_, set)| *set) {
             Some((k, _)) => Err((
@@ -45,6 +49,15 @@ pub(super) fn validate_keys(i: usize, g: &GuestConfig) -> Result<(), (String, St
         return Err((
             key("vcpus"),
             format!("1 to {LINUX_MAX_VCPUS} vCPUs, got {v}"),
+        ));
+    }
+    if let Some(t) = g
+        .eject_timeout
+        .filter(|t| *t == 0 || *t > LINUX_MAX_EJECT_TIMEOUT_S)
+    {
+        return Err((
+            key("eject_timeout"),
+            format!("1 to {LINUX_MAX_EJECT_TIMEOUT_S} seconds, got {t}"),
         ));
     }
     if g.extra.as_ref().is_some_and(|e| e.len() >= 2048) {

@@ -335,11 +335,18 @@ impl Host {
                     .arg(config.nics.len().to_string())
                     .arg("--console-socket")
                     .arg(console_socket(&self.run_dir, &config.name));
+                if config.share.as_deref() == Some("all-ram") {
+                    // The host file's consent: devices (also hot-plugged ones) see all RAM.
+                    command.arg("--share-all-ram");
+                }
                 if let Some(ramdisk) = &config.ramdisk {
                     command.arg("--initrd").arg(ramdisk);
                 }
                 if let Some(extra) = &config.extra {
                     command.arg("--cmdline").arg(extra);
+                }
+                if let Some(t) = config.eject_timeout {
+                    command.arg("--eject-timeout-s").arg(t.to_string());
                 }
                 let memory = config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB);
                 let vcpus = config.vcpus.unwrap_or(1);

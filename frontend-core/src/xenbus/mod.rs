@@ -48,6 +48,19 @@ pub trait FrontendLifecycle {
     /// When a vif closes.
     fn disconnect_net(&mut self, devid: u32, session: Self::NetSession);
 
+    /// The toolstack detaches a vbd (backend Closing; the frontend is Closing): take it away
+    /// from the guest. Called on every tick until it returns true, the guest having let go of
+    /// the device (or the kind having stopped waiting for it); only then does the session end
+    /// and the frontend go Closed. The default lets go at once.
+    fn release_block(&mut self, _devid: u32, _session: &mut Self::BlockSession) -> bool {
+        true
+    }
+
+    /// The same for a vif.
+    fn release_net(&mut self, _devid: u32, _session: &mut Self::NetSession) -> bool {
+        true
+    }
+
     /// How many block devices this kind can hold at once.
     fn max_block_devices(&self) -> usize {
         usize::MAX

@@ -396,9 +396,30 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             (
                 XenbusState::Initialised | XenbusState::Connected,
                 XenbusState::Closing | XenbusState::Closed,
-            ) => self.close(key),
+            ) => {
+                self.set_state(key, XenbusState::Closing)?;
+                self.finish_close(key)
+            }
+            (XenbusState::Closing, _) => self.finish_close(key),
             _ => Ok(()),
         }
+    }
+
+    /// A detach in progress: once the guest has let go of the device, ends the session and
+    /// goes Closed.
+    fn finish_close(&mut self, key: DevKey) -> Result<(), DeviceError> {
+        let (kind, devid) = (&mut self.kind, key.1);
+        let released = match self.devices.get_mut(&key).and_then(|d| d.session.as_mut()) {
+            Some(Session::Block(s)) => kind.release_block(devid, s),
+            Some(Session::Net(s)) => kind.release_net(devid, s),
+            None => true,
+        };
+        if !released {
+            return Ok(());
+        }
+        self.end_session(key);
+        self.set_state(key, XenbusState::Closed)?;
+        Ok(self.control.send(&GuestEvent::Closed { devid }, &[])?)
     }
 
     /// Ends the session and forgets the device.
@@ -415,7 +436,8 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
         }
     }
 
-    /// The frontend's side of a detach: stop I/O, end the session, Closing then Closed.
+    /// The frontend's side of a detach without waiting for the guest (the domain shuts
+    /// down): stop I/O, end the session, Closing then Closed.
     fn close(&mut self, key: DevKey) -> Result<(), DeviceError> {
         self.set_state(key, XenbusState::Closing)?;
         self.end_session(key);

@@ -2,7 +2,13 @@
 # a network interface on virtio-pci (MSI-X per queue) served by the driver domain: the guests
 # ping each other through the driver domain's switch (their addresses come from the host file,
 # on the kernel command line), write this run's pattern to their disks (checked in the image
-# files by the lab VM), and power off on `splitvmm shutdown`.
+# files by the lab VM). Then PCI hotplug (ACPI, acpiphp in the guest): a second disk is
+# hot-added to a running guest (a new PCI function appears, the guest reads what the lab VM
+# wrote and writes what the lab VM then finds in the image) and hot-removed (the guest ejects
+# it); the NIC is detached and re-attached and the ping resumes. A guest that never ejects
+# (right runs without acpiphp) loses its NIC by force after its 3 s eject_timeout, logged.
+# left powers off on `splitvmm shutdown`; right, whose kernel still drives a NIC that vanished
+# under it (its poweroff then hangs in the guest), is destroyed. The guests run commands typed on their consoles (`splitvmm console`).
 W=/tmp/linux-devices
 rm -rf $W
 mkdir -p $W
@@ -13,7 +19,7 @@ BASE="console=ttyS0 loglevel=4 panic=-1 io_delay=none no_timer_check"
 
 step "splitvmm up --stay: guests left (10.0.0.2) and right (10.0.0.3), each with a disk and a NIC"
 truncate -s 16M $W/left.img $W/right.img
-guest() { # guest NAME DOMID PEER
+guest() { # guest NAME DOMID PEER [EXTRA-ARGS [KEYS]]
     cat <<TOML
 [[guest]]
 name = "$1"
@@ -21,7 +27,8 @@ domid = $2
 kind = "linux"
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/linux/initrd.gz"
-extra = "$BASE l2.pattern=$LAB_PATTERN-$1 l2.peer=$3 l2.button=1"
+extra = "$BASE l2.pattern=$LAB_PATTERN-$1 l2.peer=$3 l2.shell=1 l2.button=1 $4"
+$5
 memory = 160
 vcpus = 1
 share = "all-ram"
@@ -33,7 +40,7 @@ TOML
 {
     printf 'run_dir = "%s/run"\n[driver_domain]\nname = "driver"\ndomid = 1\n' $W
     guest left 2 10.0.0.3
-    guest right 3 10.0.0.2
+    guest right 3 10.0.0.2 acpiphp.disable=1 "eject_timeout = 3"
 } > $W/host.toml
 RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
 up=$!
@@ -51,8 +58,31 @@ wait_log() {
         i=$((i + 1))
     done
 }
-wait_log left "^L2-WAITING-BUTTON" 120
-wait_log right "^L2-WAITING-BUTTON" 60
+# guest_sh NAME COMMAND: types COMMAND on NAME's console (its /init runs it) and waits up to
+# 60 s for its end; fails unless it exits 0. Its output lines are in $GOUT.
+guest_sh() {
+    log=$W/run/logs/$1.log
+    before=$(grep -c "L2-RAN [0-9]" "$log")
+    echo "+ [$1] $2"
+    (
+        printf '%s\n' "$2"
+        i=0
+        while [ "$(grep -c "L2-RAN [0-9]" "$log")" -le "$before" ] && [ $i -lt 600 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        printf '\035'
+    ) | $SV console "$1" > /dev/null 2>&1
+    [ "$(grep -c "L2-RAN [0-9]" "$log")" -gt "$before" ] || fail "[$1] '$2' did not finish within 60 s"
+    # The output of the last command: the L2-OUT lines after the previous L2-RAN.
+    GOUT=$(tr -d '\r' < "$log" | awk -v n="$before" '/L2-RAN [0-9]/ { r++; next } r == n && /^L2-OUT / { sub(/^L2-OUT /, ""); print }')
+    [ -n "$GOUT" ] && echo "$GOUT" | sed 's/^/  | /'
+    # (The VMM's log shares the file: a log line may land next to a guest line.)
+    rc=$(grep -o "L2-RAN [0-9]*" "$log" | sed -n "$((before + 1))p" | cut -d' ' -f2)
+    [ "$rc" = 0 ] || fail "[$1] '$2' exited $rc"
+}
+wait_log left "^L2-SHELL-READY" 120
+wait_log right "^L2-SHELL-READY" 60
 grep -E "vbd .*Connected|vif .*Connected" $W/up.log
 for g in left right; do
     echo "--- $g:"
@@ -74,11 +104,71 @@ done
 run $SV network-list left
 echo "$OUT" | grep -q "10.0.0.2" || fail "network-list does not show left's address"
 
-step "shutdown: both guests power off; the lab VM finds each pattern in its image"
-run $SV shutdown left
-run $SV shutdown right
+step "hot-add a second disk to left: a new PCI function appears; the guest reads and writes it"
+HOT=$LAB_PATTERN-hot
+truncate -s 8M $W/hot.img
+printf '%s' "$HOT-from-host" | dd of=$W/hot.img bs=512 seek=2 conv=notrunc status=none
+guest_sh left "ls /sys/bus/pci/devices"
+echo "$GOUT" | grep -q "0000:00:03.0" && fail "left has a function at 00:03.0 before the hot-add"
+run $SV block-attach left $W/hot.img --devid xvdb
+says "vbd xvdb attached"
+guest_sh left "i=0; while [ ! -b /dev/vdb ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i + 1)); done; cat /sys/bus/pci/devices/0000:00:03.0/device /sys/block/vdb/size"
+echo "$GOUT" | grep -q "^0x1042" || fail "no virtio-blk function at 00:03.0 in left"
+echo "$GOUT" | grep -q "^16384" || fail "left's vdb is not 8 MiB (16384 sectors)"
+guest_sh left "dd if=/dev/vdb bs=512 skip=2 count=1 2>/dev/null | head -c ${#HOT}; echo; printf '%s' '$HOT-from-guest' | dd of=/dev/vdb bs=512 seek=4 conv=sync,fsync 2>/dev/null"
+echo "$GOUT" | grep -q "^$HOT" || fail "left did not read the lab VM's pattern from the hot-added disk"
+got=$(dd if=$W/hot.img bs=512 skip=4 count=1 2>/dev/null | head -c $((${#HOT} + 11)))
+echo "sector 4 of hot.img: $got"
+[ "$got" = "$HOT-from-guest" ] || fail "hot.img holds '$got', expected '$HOT-from-guest'"
+grep -q "hot-plugged" $W/run/logs/left.log || fail "the VMM did not log the hot-plug"
+
+step "hot-remove it: the guest ejects the function, then the detach completes"
+run $SV block-detach left xvdb
+grep -q "ejected by the guest from slot 3" $W/run/logs/left.log || fail "the guest did not eject slot 3 (the detach did not wait for it)"
+guest_sh left "ls /sys/bus/pci/devices; ls /dev | grep '^vd'"
+echo "$GOUT" | grep -q "0000:00:03.0" && fail "00:03.0 is still in left after the detach"
+echo "$GOUT" | grep -qx "vdb" && fail "/dev/vdb is still in left after the detach"
+run $SV block-list left
+echo "$OUT" | grep -q "xvdb" && fail "block-list still shows xvdb"
+
+step "detach left's NIC (ejected by the guest), re-attach it, and the ping resumes"
+run $SV network-detach left 0
+grep -q "ejected by the guest from slot 2" $W/run/logs/left.log || fail "the guest did not eject its NIC (slot 2)"
+guest_sh left "ls /sys/class/net"
+echo "$GOUT" | grep -qx "eth0" && fail "eth0 is still in left after the detach"
+guest_sh left "! ping -c 1 -W 1 10.0.0.3"
+run $SV network-attach left
+guest_sh left "i=0; while [ ! -e /sys/class/net/eth0 ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i + 1)); done; ls /sys/class/net"
+echo "$GOUT" | grep -qx "eth0" || fail "eth0 did not come back in left"
+guest_sh left "net"
+guest_sh left "i=0; until ping -c 1 -W 2 10.0.0.3; do i=\$((i + 1)); [ \$i -ge 10 ] && exit 1; done"
+echo "$GOUT" | grep -q "1 packets received" || fail "the ping from left to right did not resume"
+
+step "right never ejects (no acpiphp): its NIC is removed by force after its 3 s deadline"
+t0=$(cut -d' ' -f1 /proc/uptime)
+run $SV network-detach right 0
+took=$(awk -v a="$t0" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN { printf "%.1f", b - a }')
+echo "the detach took $took s"
+grep "removing it by force" $W/run/logs/right.log
+grep -q "did not eject slot 2 within 3s; removing it by force" $W/run/logs/right.log ||
+    fail "the VMM did not log removing right's NIC by force"
+awk -v t="$took" 'BEGIN { exit !(t >= 3) }' || fail "the detach did not wait for the 3 s deadline"
+grep -q "ejected by the guest" $W/run/logs/right.log && fail "right ejected a device although it has no acpiphp"
+run $SV network-list right
+echo "$OUT" | grep -q "10.0.0.3" && fail "network-list still shows right's interface"
+
+step "left powers off on shutdown, right is destroyed; the lab VM finds each pattern in its image"
+echo "+ [left] exit"
+(printf 'exit\n'; sleep 1; printf '\035') | $SV console left > /dev/null 2>&1
+wait_log left "^L2-WAITING-BUTTON" 30
+echo "+ $SV shutdown left"
+if ! timeout 70 $SV shutdown left; then
+    tr -d '\r' < $W/run/logs/left.log | grep -vE "unbacked GPA|unknown port" | tail -30
+    fail "splitvmm shutdown left failed"
+fi
+grep -q "guest powered off" $W/run/logs/left.log || fail "left: the VMM did not report an ACPI power-off"
+run $SV destroy right
 for g in left right; do
-    grep -q "guest powered off" $W/run/logs/$g.log || fail "$g: the VMM did not report an ACPI power-off"
     got=$(dd if=$W/$g.img bs=512 skip=8 count=1 2>/dev/null | head -c $((${#LAB_PATTERN} + ${#g} + 1)))
     echo "sector 8 of $g.img: $got"
     [ "$got" = "$LAB_PATTERN-$g" ] || fail "$g.img holds '$got', expected '$LAB_PATTERN-$g'"

@@ -2,12 +2,16 @@
 //! Cloud Hypervisor and Firecracker do it. RSDP -> XSDT -> FADT (sleep control/status and
 //! reset registers, no fixed-feature hardware), MADT (a local APIC per vCPU, the I/O APIC, an
 //! interrupt source override for COM1), MCFG (ECAM of bus 0) and a DSDT holding `_S5_`, the
-//! PCI0 root bridge (`_CRS`, `_PRT`), COM1, and a Generic Event Device whose event notifies the
-//! power button.
+//! PCI0 root bridge (`_CRS`, `_PRT`, and ACPI PCI hotplug as Linux's `acpiphp` expects it: a
+//! device per slot with `_ADR`, `_SUN` and `_EJ0`, and `PSCN`, which notifies the slots the
+//! VMM flagged), COM1, and a Generic Event Device whose events notify the power button or run
+//! `PSCN`.
 
 use acpi_tables::aml::{
-    self, AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Method, Name, Notify,
-    Package, PackageBuilder, Path, ResourceTemplate, IO,
+    self, AddressSpace, AddressSpaceCacheable, Arg, Device, EISAName, Equal, Field,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Method,
+    MethodCall, Name, Notify, OpRegion, OpRegionSpace, Package, PackageBuilder, Path,
+    ResourceTemplate, ShiftLeft, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -65,6 +69,97 @@ fn madt_append(table: &mut Vec<u8>, structure: &[u8]) {
     table[9] = sum.wrapping_neg();
 }
 
+/// Already serialised AML, as a child of a builder object.
+struct Raw(Vec<u8>);
+
+impl Aml for Raw {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in &self.0 {
+            sink.byte(*b);
+        }
+    }
+}
+
+/// The name of slot `s`'s device under PCI0.
+fn slot_name(s: usize) -> String {
+    format!("S{s:03}")
+}
+
+/// ACPI PCI hotplug inside PCI0: the registers (`PCST` in system I/O: `PCIU`, `PCID`,
+/// `B0EJ`), `PCEJ(slot)` writing `1 << slot` to `B0EJ`, `PSCN` notifying device check (1) for
+/// the slots in `PCIU` and eject request (3) for those in `PCID`, and a device per slot 1..31
+/// (`_ADR` slot << 16, `_SUN` the slot, `_EJ0` calling `PCEJ`). `acpiphp` registers a
+/// hotplug slot for each, rescans it on device check, and on eject request removes the
+/// function's driver and calls `_EJ0`.
+fn pci_hotplug() -> Vec<Raw> {
+    let mut out = Vec::new();
+    let port = u32::from(PCI_HOTPLUG_PORT);
+    let len = u32::from(PCI_HOTPLUG_BYTES);
+    out.push(Raw(bytes(&OpRegion::new(
+        "PCST".into(),
+        OpRegionSpace::SystemIO,
+        &port,
+        &len,
+    ))));
+    out.push(Raw(bytes(&Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    ))));
+    let one = 1u8;
+    let shifted = ShiftLeft::new(&aml::ZERO, &one, &Arg(0));
+    let b0ej = Path::new("B0EJ");
+    out.push(Raw(bytes(&Method::new(
+        "PCEJ".into(),
+        1,
+        true,
+        vec![&Store::new(&b0ej, &shifted)],
+    ))));
+    let (up, down) = (Local(0), Local(1));
+    let (pciu, pcid) = (Path::new("PCIU"), Path::new("PCID"));
+    let mut scan = Vec::new();
+    scan.push(Raw(bytes(&Store::new(&up, &pciu))));
+    scan.push(Raw(bytes(&Store::new(&down, &pcid))));
+    for s in 1..crate::vmm::pci::SLOTS {
+        let bit = 1u32 << s;
+        let slot = Path::new(&slot_name(s));
+        let (check, eject) = (1u8, 3u8);
+        let up_bit = aml::And::new(&aml::ZERO, &up, &bit);
+        let down_bit = aml::And::new(&aml::ZERO, &down, &bit);
+        scan.push(Raw(bytes(&If::new(
+            &up_bit,
+            vec![&Notify::new(&slot, &check)],
+        ))));
+        scan.push(Raw(bytes(&If::new(
+            &down_bit,
+            vec![&Notify::new(&slot, &eject)],
+        ))));
+    }
+    let scan_refs: Vec<&dyn Aml> = scan.iter().map(|r| r as &dyn Aml).collect();
+    out.push(Raw(bytes(&Method::new("PSCN".into(), 0, true, scan_refs))));
+    for s in 1..crate::vmm::pci::SLOTS {
+        let adr = (s as u32) << 16;
+        let sun = s as u32;
+        let sun_path = Path::new("_SUN");
+        let eject = MethodCall::new("PCEJ".into(), vec![&sun_path]);
+        out.push(Raw(bytes(&Device::new(
+            slot_name(s).as_str().into(),
+            vec![
+                &Name::new("_ADR".into(), &adr),
+                &Name::new("_SUN".into(), &sun),
+                &Method::new("_EJ0".into(), 1, false, vec![&eject]),
+            ],
+        ))));
+    }
+    out
+}
+
 fn pci_root_bridge() -> Vec<u8> {
     let mmio_end = (PCI_MMIO_GPA + PCI_MMIO_BYTES - 1) as u32;
     let bus = AddressSpace::new_bus_number(0u16, 0u16);
@@ -92,19 +187,26 @@ fn pci_root_bridge() -> Vec<u8> {
     }
     let hid = EISAName::new("PNP0A08");
     let cid = EISAName::new("PNP0A03");
-    bytes(&Device::new(
-        "_SB_.PCI0".into(),
-        vec![
-            &Name::new("_HID".into(), &hid),
-            &Name::new("_CID".into(), &cid),
-            &Name::new("_ADR".into(), &0u32),
-            &Name::new("_SEG".into(), &0u16),
-            &Name::new("_UID".into(), &0u8),
-            &Name::new("_BBN".into(), &0u8),
-            &Name::new("_CRS".into(), &crs),
-            &Name::new("_PRT".into(), &prt),
-        ],
-    ))
+    let (n_hid, n_cid) = (
+        Name::new("_HID".into(), &hid),
+        Name::new("_CID".into(), &cid),
+    );
+    let (n_adr, n_seg, n_uid, n_bbn) = (
+        Name::new("_ADR".into(), &0u32),
+        Name::new("_SEG".into(), &0u16),
+        Name::new("_UID".into(), &0u8),
+        Name::new("_BBN".into(), &0u8),
+    );
+    let (n_crs, n_prt) = (
+        Name::new("_CRS".into(), &crs),
+        Name::new("_PRT".into(), &prt),
+    );
+    let hotplug = pci_hotplug();
+    let mut children: Vec<&dyn Aml> = vec![
+        &n_hid, &n_cid, &n_adr, &n_seg, &n_uid, &n_bbn, &n_crs, &n_prt,
+    ];
+    children.extend(hotplug.iter().map(|r| r as &dyn Aml));
+    bytes(&Device::new("_SB_.PCI0".into(), children))
 }
 
 fn com1() -> Vec<u8> {
@@ -123,7 +225,8 @@ fn com1() -> Vec<u8> {
 }
 
 /// The power button (a control-method button, PNP0C0C) and the Generic Event Device
-/// (ACPI0013) whose interrupt runs `_EVT`, which notifies the button (0x80: pressed).
+/// (ACPI0013) with two interrupts whose `_EVT(gsi)` notifies the button (0x80: pressed) on
+/// the first and runs the PCI hotplug scan on the second.
 fn power_button() -> Vec<u8> {
     let hid = EISAName::new("PNP0C0C");
     let mut out = bytes(&Device::new(
@@ -134,10 +237,17 @@ fn power_button() -> Vec<u8> {
         ],
     ));
     let irq = Interrupt::new(true, true, false, false, GED_IRQ);
-    let crs = ResourceTemplate::new(vec![&irq]);
+    let hotplug_irq = Interrupt::new(true, true, false, false, PCI_HOTPLUG_IRQ);
+    let crs = ResourceTemplate::new(vec![&irq, &hotplug_irq]);
     let button = Path::new("\\_SB_.PWRB");
     let pressed = 0x80u8;
     let notify = Notify::new(&button, &pressed);
+    let (button_gsi, hotplug_gsi) = (GED_IRQ, PCI_HOTPLUG_IRQ);
+    let is_button = Equal::new(&Arg(0), &button_gsi);
+    let is_hotplug = Equal::new(&Arg(0), &hotplug_gsi);
+    let scan = MethodCall::new("\\_SB_.PCI0.PSCN".into(), vec![]);
+    let on_button = If::new(&is_button, vec![&notify]);
+    let on_hotplug = If::new(&is_hotplug, vec![&scan]);
     let ged_hid: aml::AmlStr = "ACPI0013";
     out.extend(bytes(&Device::new(
         "_SB_.GED_".into(),
@@ -145,7 +255,7 @@ fn power_button() -> Vec<u8> {
             &Name::new("_HID".into(), &ged_hid),
             &Name::new("_UID".into(), &0u8),
             &Name::new("_CRS".into(), &crs),
-            &Method::new("_EVT".into(), 1, true, vec![&notify]),
+            &Method::new("_EVT".into(), 1, true, vec![&on_button, &on_hotplug]),
         ],
     )));
     out
@@ -308,6 +418,13 @@ mod tests {
             b"GED_",
             b"PWRB",
             b"_EVT",
+            b"PSCN",
+            b"PCEJ",
+            b"B0EJ",
+            b"S001",
+            b"S031",
+            b"_EJ0",
+            b"_SUN",
         ] {
             assert!(dsdt.windows(4).any(|w| w == name), "{name:?}");
         }

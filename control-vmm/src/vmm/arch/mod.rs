@@ -41,6 +41,13 @@ pub const RESET_VALUE: u8 = 1;
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// The Generic Event Device's interrupt (I/O APIC pin): raised for the power button.
 pub const GED_IRQ: u32 = 6;
+/// The Generic Event Device's second interrupt: raised when PCI slots changed (hotplug).
+pub const PCI_HOTPLUG_IRQ: u32 = 7;
+/// The PCI hotplug registers (ACPI, as `acpiphp` drives them): slots with a device to check
+/// (`PCIU`, read clears), slots whose device the VMM asks the guest to eject (`PCID`, read
+/// clears), and `B0EJ`, where the guest's `_EJ0` writes the slots it has let go of.
+pub const PCI_HOTPLUG_PORT: u16 = 0x610;
+pub const PCI_HOTPLUG_BYTES: u16 = 12;
 /// The 16550 UART's I/O APIC pin (COM1).
 pub const COM1_IRQ: u32 = 4;
 /// First I/O APIC pin used for PCI INTx routing in `_PRT` (pins 16..23).

@@ -272,6 +272,27 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
         }
     }
 
+    /// The function leaves the bus (hot-unplug): the backend's queues stop, the MSI-X
+    /// vectors are unbound and the notify ioeventfds unregistered. The session itself goes
+    /// when the device is dropped.
+    pub fn unplug(&mut self) {
+        if let Some(base) = self.quiesce() {
+            log::info!(
+                "{}: unplugged; backend stopped at avail index {base}",
+                self.what
+            );
+        }
+        self.msix.clear_sources();
+        if let Some(NotifyBinder(bind)) = self.notify_binder.as_mut() {
+            // An address outside the PCI window unregisters them.
+            if let Err(e) = bind(0) {
+                log::error!("{}: unregistering the notify ioeventfds: {e}", self.what);
+            }
+        }
+        self.status = 0;
+        self.queues.fill(Queue::default());
+    }
+
     fn reset(&mut self) {
         if let Some(base) = self.quiesce() {
             log::info!(

@@ -1,5 +1,5 @@
 //! Port and MMIO dispatch of a Linux guest's platform: COM1, the ACPI power-management
-//! registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
+//! registers, the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
 //! Anything else reads as all-ones and ignores writes, counted and logged (rate-limited).
 
 use std::sync::{Arc, Mutex};
@@ -11,20 +11,29 @@ use crate::vmm::layout::COM1_PORT;
 use crate::vmm::pci::PciSegment;
 use crate::vmm::serial::Com1;
 
+use super::hotplug::Hotplug;
+
 /// The devices behind a Linux guest's user-space exits.
 #[derive(Debug)]
 pub struct LinuxBus {
     com1: Mutex<Com1>,
-    pci: PciSegment,
+    pci: Arc<PciSegment>,
+    hotplug: Arc<Hotplug>,
     counters: Arc<ExitCounters>,
     unknown: Limiter,
 }
 
 impl LinuxBus {
-    pub fn new(com1: Com1, pci: PciSegment, counters: Arc<ExitCounters>) -> Self {
+    pub fn new(
+        com1: Com1,
+        pci: Arc<PciSegment>,
+        hotplug: Arc<Hotplug>,
+        counters: Arc<ExitCounters>,
+    ) -> Self {
         Self {
             com1: Mutex::new(com1),
             pci,
+            hotplug,
             counters,
             unknown: Limiter::default(),
         }
@@ -60,7 +69,7 @@ impl ExitBus for LinuxBus {
             data[0] = lock(&self.com1).read(off);
         } else if acpi_pm::decodes(port) {
             acpi_pm::read(port, data);
-        } else if !self.pci.pio_read(port, data) {
+        } else if !self.pci.pio_read(port, data) && !self.hotplug.pio_read(port, data) {
             self.unknown(
                 format_args!(
                     "guest read {} byte(s) from unknown port {port:#x}",
@@ -80,7 +89,7 @@ impl ExitBus for LinuxBus {
             lock(&self.com1).write(off, *v);
         } else if acpi_pm::decodes(port) {
             return acpi_pm::write(port, data);
-        } else if !self.pci.pio_write(port, data) {
+        } else if !self.pci.pio_write(port, data) && !self.hotplug.pio_write(port, data) {
             self.unknown(
                 format_args!("guest wrote {data:02x?} to unknown port {port:#x}; ignored"),
                 Counter::UnknownPio,

@@ -6,7 +6,10 @@
 //! handed connection; once the devices the guest was started with are Connected (cold-plugged:
 //! disks, then interfaces, each by device number), the machine boots on its own thread with
 //! all of its RAM shared with the driver domain. The interfaces' addresses go on the kernel
-//! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. It runs until the guest powers off (the machine's thread then sets
+//! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. A device
+//! attached while the guest runs is hot-plugged (ACPI, see [`super::hotplug`]); a detach
+//! waits for the guest to eject the device, up to a deadline after which it is removed by
+//! force. It runs until the guest powers off (the machine's thread then sets
 //! the stop flag, which ends the walk: devices close, counters go to the toolstack, the
 //! process exits), until the toolstack asks for a shutdown (the ACPI power button is pressed;
 //! the guest powers off in its own time), or until the process is stopped.
@@ -16,6 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use frontend_core::vhost_user::FrontendSessionError;
 use frontend_core::xenbus::{DiskCheck, FrontendDiagnostics, FrontendLifecycle, ManagedFrontend};
@@ -23,6 +27,7 @@ use ipc::control::messages::GuestStats;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::hotplug::{DeviceKey, Hotplug, HotplugError, HotplugSlot};
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::VmError;
@@ -39,6 +44,11 @@ pub struct LinuxSettings {
     pub devices: usize,
     /// The interactive console's socket (see [`super::console`]).
     pub console_socket: Option<std::os::unix::net::UnixListener>,
+    /// The guest's owner agreed to share all of its RAM with the driver domain: needed for any
+    /// device, cold- or hot-plugged.
+    pub share_all_ram: bool,
+    /// How long a detach waits for the guest to eject the device before removing it by force.
+    pub eject_timeout: Duration,
 }
 
 /// Where the machine stands.
@@ -100,9 +110,11 @@ pub struct LinuxMachine {
     button: Arc<EventFd>,
     machine: MachineSlot,
     /// Sessions of the Connected devices, until boot, in plugging order.
-    ready: BTreeMap<(VirtioDeviceType, u32), VhostDevice>,
+    ready: BTreeMap<DeviceKey, VhostDevice>,
     /// The interfaces' addresses for the kernel command line.
     addresses: Vec<String>,
+    /// The running machine's PCI hotplug.
+    hotplug: Arc<HotplugSlot>,
 }
 
 /// The managed VMM process of a Linux guest.
@@ -124,6 +136,7 @@ impl LinuxMachine {
             machine,
             ready: BTreeMap::new(),
             addresses: Vec::new(),
+            hotplug: Arc::default(),
         };
         if m.settings.devices == 0 {
             m.boot()?;
@@ -133,8 +146,8 @@ impl LinuxMachine {
 
     /// Starts the machine on its own thread with the Connected devices.
     fn boot(&mut self) -> Result<(), LinuxDeviceError> {
-        let devices: Vec<VhostDevice> = std::mem::take(&mut self.ready).into_values().collect();
-        let share_all_ram = !devices.is_empty();
+        let devices: Vec<(DeviceKey, VhostDevice)> =
+            std::mem::take(&mut self.ready).into_iter().collect();
         let cfg = LinuxVmConfig {
             boot: self.settings.boot.clone(),
             ram_bytes: self.settings.ram_bytes,
@@ -144,8 +157,9 @@ impl LinuxMachine {
             stop: Arc::clone(&self.stop),
             power_button: Some(Arc::clone(&self.button)),
             devices,
-            share_all_ram,
+            share_all_ram: self.settings.share_all_ram,
             cmdline_extra: self.addresses.join(" "),
+            hotplug: Some(Arc::clone(&self.hotplug)),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
@@ -162,39 +176,66 @@ impl LinuxMachine {
         Ok(())
     }
 
-    /// Queues a Connected device for boot; boots once all are there.
-    fn ready(
-        &mut self,
-        kind: VirtioDeviceType,
-        devid: u32,
-        dev: &mut LinuxDevice,
-    ) -> Result<(), LinuxDeviceError> {
+    /// The running machine's hotplug, if it runs.
+    fn running_hotplug(&self) -> Option<Arc<Hotplug>> {
+        self.hotplug
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A Connected device: queued for boot (which starts once all are there), or hot-plugged
+    /// into the running guest.
+    fn connected(&mut self, key: DeviceKey, dev: &mut LinuxDevice) -> Result<(), LinuxDeviceError> {
         let session = dev.session.take().ok_or(LinuxDeviceError::SessionGone)?;
-        if kind == VirtioDeviceType::Net {
-            let mac = dev.mac.map(|b| format!("{b:02x}")).join(":");
-            let ip = std::net::Ipv4Addr::from(dev.ip);
-            self.addresses
-                .push(format!("splitvmm.vif{devid}={mac},{ip}"));
+        if matches!(*self.machine.lock(), Machine::NotBooted) {
+            if key.0 == VirtioDeviceType::Net {
+                let mac = dev.mac.map(|b| format!("{b:02x}")).join(":");
+                let ip = std::net::Ipv4Addr::from(dev.ip);
+                self.addresses
+                    .push(format!("splitvmm.vif{}={mac},{ip}", key.1));
+            }
+            self.ready.insert(key, session);
+            if self.ready.len() >= self.settings.devices {
+                self.boot()?;
+            }
+            return Ok(());
         }
-        self.ready.insert((kind, devid), session);
-        if self.ready.len() >= self.settings.devices {
-            self.boot()?;
-        }
+        let hotplug = self
+            .running_hotplug()
+            .ok_or(LinuxDeviceError::NotRunning(key.1))?;
+        hotplug.plug(key, session, true)?;
         Ok(())
     }
 
-    fn before_boot(&self, devid: u32) -> Result<(), LinuxDeviceError> {
+    /// Devices are set up before boot and while the guest runs, not after it ended.
+    fn may_connect(&self, devid: u32) -> Result<(), LinuxDeviceError> {
         match *self.machine.lock() {
             Machine::NotBooted => Ok(()),
-            _ => Err(LinuxDeviceError::AfterBoot(devid)),
+            Machine::Running(_) if self.settings.share_all_ram => Ok(()),
+            Machine::Running(_) => Err(LinuxDeviceError::Hotplug(HotplugError::NotShared)),
+            Machine::Ended(_) => Err(LinuxDeviceError::NotRunning(devid)),
         }
     }
 
-    fn device_closed(&mut self, what: &str, devid: u32) {
-        // The machine holds the session: stop it before the backend lets go of its memory.
-        if self.machine.is_running() {
-            log::warn!("{what} {devid} closed under the running guest: stopping it");
-            self.machine.finish(&self.stop);
+    /// Detach: a device still waiting for boot lets go at once; one on the running guest's
+    /// bus once the guest ejected it (or the deadline passed).
+    fn release(&mut self, key: DeviceKey) -> bool {
+        self.ready.remove(&key);
+        match self.running_hotplug() {
+            Some(hotplug) => hotplug.release(key, self.settings.eject_timeout),
+            None => true,
+        }
+    }
+
+    /// The session ends. A device that is still on the running guest's bus (its walk failed)
+    /// is removed at once: the backend must not lose the guest's memory under a live queue.
+    fn device_closed(&mut self, key: DeviceKey) {
+        self.ready.remove(&key);
+        if let Some(hotplug) = self.running_hotplug() {
+            if !hotplug.release(key, Duration::ZERO) && !hotplug.release(key, Duration::ZERO) {
+                log::error!("{} {}: could not be removed", key.0.name(), key.1);
+            }
         }
     }
 }
@@ -206,8 +247,10 @@ pub enum LinuxDeviceError {
     Session(#[from] FrontendSessionError),
     #[error("short config space")]
     ShortConfig,
-    #[error("device {0}: a Linux guest's devices are attached before it boots (no hotplug yet)")]
-    AfterBoot(u32),
+    #[error("device {0}: the guest is not running")]
+    NotRunning(u32),
+    #[error("hotplug")]
+    Hotplug(#[from] HotplugError),
     #[error("the backend gave the interface no MAC address (VIRTIO_NET_F_MAC)")]
     NoMac,
     #[error("the disk's session is gone")]
@@ -230,8 +273,8 @@ impl FrontendLifecycle for LinuxMachine {
         devid: u32,
         connection: UnixStream,
     ) -> Result<(LinuxDevice, u64), LinuxDeviceError> {
-        self.before_boot(devid)?;
-        // The memory table (all of the guest's RAM) is sent when the machine boots.
+        self.may_connect(devid)?;
+        // The memory table (all of the guest's RAM) is sent when the guest's driver starts.
         let session = VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())?;
         let capacity = session.capacity().ok_or(LinuxDeviceError::ShortConfig)?;
         Ok((
@@ -249,11 +292,15 @@ impl FrontendLifecycle for LinuxMachine {
         devid: u32,
         disk: &mut LinuxDevice,
     ) -> Result<(), LinuxDeviceError> {
-        self.ready(VirtioDeviceType::Blk, devid, disk)
+        self.connected((VirtioDeviceType::Blk, devid), disk)
+    }
+
+    fn release_block(&mut self, devid: u32, _disk: &mut LinuxDevice) -> bool {
+        self.release((VirtioDeviceType::Blk, devid))
     }
 
     fn disconnect_block(&mut self, devid: u32, _disk: LinuxDevice) {
-        self.device_closed("vbd", devid);
+        self.device_closed((VirtioDeviceType::Blk, devid));
     }
 
     fn connect_net(
@@ -262,7 +309,7 @@ impl FrontendLifecycle for LinuxMachine {
         connection: UnixStream,
         ip: [u8; 4],
     ) -> Result<(LinuxDevice, [u8; 6]), LinuxDeviceError> {
-        self.before_boot(devid)?;
+        self.may_connect(devid)?;
         let session = VhostDevice::from_stream(VirtioDeviceType::Net, connection, Vec::new())?;
         let mac = session.mac().ok_or(LinuxDeviceError::NoMac)?;
         Ok((
@@ -276,11 +323,15 @@ impl FrontendLifecycle for LinuxMachine {
     }
 
     fn net_connected(&mut self, devid: u32, nic: &mut LinuxDevice) -> Result<(), LinuxDeviceError> {
-        self.ready(VirtioDeviceType::Net, devid, nic)
+        self.connected((VirtioDeviceType::Net, devid), nic)
+    }
+
+    fn release_net(&mut self, devid: u32, _nic: &mut LinuxDevice) -> bool {
+        self.release((VirtioDeviceType::Net, devid))
     }
 
     fn disconnect_net(&mut self, devid: u32, _nic: LinuxDevice) {
-        self.device_closed("vif", devid);
+        self.device_closed((VirtioDeviceType::Net, devid));
     }
 
     fn shutdown_requested(&mut self) -> bool {

@@ -8,20 +8,21 @@
 
 pub mod bus;
 pub mod console;
+pub mod hotplug;
 pub mod managed;
 pub mod plug;
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
-use super::arch::{acpi, COM1_IRQ, GED_IRQ, RAM_LIMIT};
+use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_HOTPLUG_IRQ, RAM_LIMIT};
 use super::exits::{totals, ExitCounters, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
@@ -29,9 +30,10 @@ use super::pci::PciSegment;
 use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
-use super::vhost_device::{shared_region, VhostDevice, VirtioBackend};
+use super::vhost_device::{shared_region, VhostDevice};
 use bus::LinuxBus;
-use plug::{PciFunction, Plugger};
+use hotplug::{DeviceKey, Hotplug, HotplugSlot};
+use plug::Plugger;
 
 /// Largest number of vCPUs of a Linux guest.
 pub const MAX_VCPUS: u8 = 32;
@@ -53,10 +55,12 @@ pub struct LinuxVmConfig {
     pub power_button: Option<Arc<EventFd>>,
     /// The disks and network interfaces, cold-plugged in this order: vhost-user sessions
     /// to the driver domain, connected (their memory table is sent at DRIVER_OK).
-    pub devices: Vec<VhostDevice>,
-    /// Share all guest RAM with the devices' backends: required with any device (explicit
-    /// opt-in).
+    pub devices: Vec<(DeviceKey, VhostDevice)>,
+    /// Share all guest RAM with the devices' backends: required with any device, cold- or
+    /// hot-plugged (explicit opt-in).
     pub share_all_ram: bool,
+    /// Where the machine publishes its PCI hotplug while it runs (managed mode).
+    pub hotplug: Option<Arc<HotplugSlot>>,
     /// Appended to the kernel command line (e.g. the interfaces' addresses).
     pub cmdline_extra: String,
 }
@@ -134,40 +138,39 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             console_client.clone(),
         )),
     );
+    let hotplug_irq = eventfd()?;
+    vm.register_irqfd(&hotplug_irq, PCI_HOTPLUG_IRQ)
+        .map_err(|source| VmError::Setup {
+            op: "KVM_IRQFD (PCI hotplug)",
+            source,
+        })?;
     let vm = Arc::new(vm);
-    let mut pci = PciSegment::new(Arc::clone(&counters));
-    if !cfg.devices.is_empty() {
-        if !cfg.share_all_ram {
-            return Err(VmError::Config(
-                "a Linux guest's devices need all of its RAM shared with the driver domain \
-                 (share_all_ram)"
-                    .into(),
-            ));
-        }
+    let pci = Arc::new(PciSegment::new(Arc::clone(&counters)));
+    if !cfg.devices.is_empty() && !cfg.share_all_ram {
+        return Err(VmError::Config(
+            "a Linux guest's devices need all of its RAM shared with the driver domain \
+             (share_all_ram)"
+                .into(),
+        ));
+    }
+    if cfg.share_all_ram {
         log::warn!(
             "sharing all guest RAM ({} MiB) with the driver domain: Linux puts disk and \
              network buffers anywhere in it (explicit opt-in)",
             cfg.ram_bytes >> 20
         );
     }
-    let mut plugger = Plugger::new(Arc::clone(&vm), Arc::clone(&counters));
-    let mut functions: Vec<Arc<Mutex<PciFunction>>> = Vec::new();
-    for mut backend in cfg.devices {
-        if !backend.set_regions(vec![shared_region(&ram.ram)]) {
-            return Err(VmError::Config(
-                "a device's queue is already running".into(),
-            ));
-        }
-        let kind = backend.device_type();
-        let (function, bar0) = plugger.function(backend)?;
-        let slot = pci
-            .add(Arc::clone(&function) as Arc<Mutex<dyn super::pci::PciDevice>>)
-            .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
-        log::info!(
-            "virtio-{} (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}",
-            kind.name()
-        );
-        functions.push(function);
+    let plugger = Plugger::new(Arc::clone(&vm), Arc::clone(&counters));
+    let hotplug = Arc::new(Hotplug::new(
+        plugger,
+        Arc::clone(&pci),
+        cfg.share_all_ram.then(|| shared_region(&ram.ram)),
+        hotplug_irq,
+    ));
+    for (key, device) in cfg.devices {
+        hotplug
+            .plug(key, device, false)
+            .map_err(|e| VmError::Config(format!("{} {}: {e}", key.0.name(), key.1)))?;
     }
 
     let rsdp =
@@ -179,7 +182,12 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let entry = bzimage::load(&ram.mem, cfg.ram_bytes, &boot, rsdp)
         .map_err(|e| VmError::Config(e.to_string()))?;
 
-    let bus = Arc::new(LinuxBus::new(com1, pci, Arc::clone(&counters)));
+    let bus = Arc::new(LinuxBus::new(
+        com1,
+        pci,
+        Arc::clone(&hotplug),
+        Arc::clone(&counters),
+    ));
     let (done_tx, done_rx) = mpsc::channel();
     install_kick_handler()?;
     let halt = Arc::new(AtomicBool::new(false));
@@ -219,8 +227,14 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         threads.push(t);
     }
     drop(done_tx);
+    if let Some(slot) = &cfg.hotplug {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&hotplug));
+    }
 
     let outcome = wait_for_end(&done_rx, &cfg.stop);
+    if let Some(slot) = &cfg.hotplug {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
     halt.store(true, Ordering::SeqCst);
     stop_vcpus(threads);
     if console_thread.is_some_and(|t| t.join().is_err()) {
@@ -228,7 +242,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     }
     // No vCPU runs any more; stop the backends before guest memory goes away.
     let mut backend_stopped_at = None;
-    for (i, f) in functions.iter().enumerate() {
+    for (i, f) in hotplug.close().iter().enumerate() {
         let stopped = f.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
         if i == 0 {
             backend_stopped_at = stopped;

@@ -2,12 +2,14 @@
 //! (0xCF8 address latch, 0xCFC..0xCFF data) and ECAM (`arch::ECAM_GPA`), with a host bridge at
 //! 00:00.0 and devices at the following slots, function 0 only. BARs are allocated by the VMM
 //! from the 32-bit window and decoded here; a function that does not exist reads all-ones.
+//! Functions come and go while the guest runs (hotplug): the slot table is behind a lock that
+//! config and BAR accesses take only to find the function.
 
 pub mod config;
 pub mod kvm_routes;
 pub mod msix;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use config::{BarMove, ConfigSpace, PciId};
 
@@ -16,7 +18,8 @@ use crate::vmm::exits::{Counter, ExitCounters};
 
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
-const SLOTS: usize = 32;
+/// Slots on bus 0 (slot 0 is the host bridge).
+pub const SLOTS: usize = 32;
 
 /// A function on the bus, as its model sees it.
 pub trait PciDevice: Send + std::fmt::Debug {
@@ -98,7 +101,7 @@ fn lock<'a>(
 /// Bus 0 of segment 0.
 #[derive(Debug)]
 pub struct PciSegment {
-    slots: Vec<Option<Slot>>,
+    slots: RwLock<Vec<Option<Slot>>>,
     address: Mutex<u32>,
     counters: Arc<ExitCounters>,
 }
@@ -109,34 +112,49 @@ impl PciSegment {
         let mut slots: Vec<Option<Slot>> = vec![None; SLOTS];
         slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
         Self {
-            slots,
+            slots: RwLock::new(slots),
             address: Mutex::new(0),
             counters,
         }
     }
 
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Slot>>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Plugs `device` into the first free slot; returns the slot.
-    pub fn add(&mut self, device: Slot) -> Option<usize> {
-        let slot = self.slots.iter().position(Option::is_none)?;
-        self.slots[slot] = Some(device);
+    pub fn add(&self, device: Slot) -> Option<usize> {
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.iter().position(Option::is_none)?;
+        slots[slot] = Some(device);
         Some(slot)
+    }
+
+    /// Takes the function out of `slot` (not the host bridge's); it reads all-ones from then
+    /// on. Returns it, if there was one.
+    pub fn remove(&self, slot: usize) -> Option<Slot> {
+        if slot == 0 {
+            return None;
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        slots.get_mut(slot)?.take()
     }
 
     fn latch(&self) -> u32 {
         *self.address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn function(&self, bus: u32, slot: u32, function: u32) -> Option<&Slot> {
+    fn function(&self, bus: u32, slot: u32, function: u32) -> Option<Slot> {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.slots.get(slot as usize)?.as_ref()
+        self.slots().get(slot as usize)?.clone()
     }
 
     fn config_read(&self, bus: u32, slot: u32, func: u32, offset: usize, data: &mut [u8]) {
         self.counters.bump(Counter::PciConfigRead);
         match self.function(bus, slot, func) {
-            Some(d) => lock(d).config().read(offset, data),
+            Some(d) => lock(&d).config().read(offset, data),
             None => data.fill(0xff),
         }
     }
@@ -144,7 +162,7 @@ impl PciSegment {
     fn config_write(&self, bus: u32, slot: u32, func: u32, offset: usize, data: &[u8]) {
         self.counters.bump(Counter::PciConfigWrite);
         if let Some(d) = self.function(bus, slot, func) {
-            lock(d).config_write(offset, data);
+            lock(&d).config_write(offset, data);
         }
     }
 
@@ -212,13 +230,13 @@ impl PciSegment {
         ))
     }
 
-    fn bar_owner(&self, addr: u64) -> Option<(&Slot, usize, u64)> {
+    fn bar_owner(&self, addr: u64) -> Option<(Slot, usize, u64)> {
         if !(PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&addr) {
             return None;
         }
-        self.slots.iter().flatten().find_map(|d| {
+        self.slots().iter().flatten().find_map(|d| {
             let (bar, off) = lock(d).config().decode(addr)?;
-            Some((d, bar, off))
+            Some((Arc::clone(d), bar, off))
         })
     }
 
@@ -234,7 +252,7 @@ impl PciSegment {
         }
         match self.bar_owner(addr) {
             Some((d, bar, off)) => {
-                lock(d).bar_read(bar, off, data);
+                lock(&d).bar_read(bar, off, data);
                 true
             }
             None => false,
@@ -250,7 +268,7 @@ impl PciSegment {
         }
         match self.bar_owner(addr) {
             Some((d, bar, off)) => {
-                lock(d).bar_write(bar, off, data);
+                lock(&d).bar_write(bar, off, data);
                 true
             }
             None => false,
