@@ -24,6 +24,9 @@ use control_vmm::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
+/// The virtio ring feature `--no-event-idx` hides.
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
     Hello,
@@ -60,6 +63,14 @@ struct Cli {
     /// Linux with --managed-domid: and this many network interfaces.
     #[arg(long, requires = "linux", default_value_t = 0)]
     nics: usize,
+    /// Linux: hide VIRTIO_RING_F_EVENT_IDX from the guest (measure an interrupt per
+    /// completion and a notify per request).
+    #[arg(long, requires = "linux")]
+    no_event_idx: bool,
+    /// Linux: read this tracefs histogram of `kvm_exit` keyed by `exit_reason` at the guest's
+    /// phase marks (exits by reason in the exit table).
+    #[arg(long, requires = "linux")]
+    exit_reason_hist: Option<PathBuf>,
     /// Linux with --managed-domid: how long a detach waits for the guest to eject the device
     /// (ACPI hotplug) before removing it by force, in seconds.
     #[arg(long, requires = "linux", default_value_t = 20)]
@@ -240,7 +251,12 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
     let mut devices = Vec::new();
     if let Some(path) = &cli.blk_socket {
         match VhostDevice::connect_blk(path, Duration::from_secs(5), Vec::new()) {
-            Ok(disk) => devices.push(((VirtioDeviceType::Blk, 0), disk)),
+            Ok(mut disk) => {
+                if cli.no_event_idx {
+                    disk.hide_features(VIRTIO_RING_F_EVENT_IDX);
+                }
+                devices.push(((VirtioDeviceType::Blk, 0), disk))
+            }
             Err(e) => {
                 eprintln!("splitvmm-vmm: the disk's backend: {e}");
                 return ExitCode::from(101);
@@ -259,6 +275,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         share_all_ram: cli.share_all_ram,
         cmdline_extra: String::new(),
         hotplug: None,
+        exit_reason_hist: cli.exit_reason_hist.clone(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {

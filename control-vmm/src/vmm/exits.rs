@@ -206,6 +206,8 @@ pub struct Snapshot {
     at: Instant,
     vmm: [u64; COUNTERS],
     kvm: Vec<u64>,
+    /// Exits by hardware reason, if a histogram is read ([`super::exit_reasons`]).
+    reasons: Vec<(u32, u64)>,
 }
 
 /// Counter deltas of one phase.
@@ -229,15 +231,61 @@ impl PhaseCounts {
 #[derive(Debug, Default)]
 pub struct PhaseLog {
     marks: Mutex<[Option<Snapshot>; 5]>,
+    /// A guest that measures several times (a Linux guest's benchmark): each completed round
+    /// (I/O, then idle) is kept here and the marks start afresh.
+    in_rounds: bool,
+    rounds: Mutex<Vec<(PhaseCounts, PhaseCounts)>>,
+    /// The exit-reason histogram to read at each mark.
+    hist: Option<std::path::PathBuf>,
 }
 
 impl PhaseLog {
+    /// A log that keeps every round the guest measures, reading `hist` at each mark.
+    pub fn in_rounds(hist: Option<std::path::PathBuf>) -> Self {
+        Self {
+            in_rounds: true,
+            hist,
+            ..Self::default()
+        }
+    }
+
+    /// After the idle baseline ended: keeps the round, if this log keeps rounds and the round
+    /// is complete, and clears the marks for the next one.
+    pub fn end_round(&self, kvm_names: &[String]) {
+        if !self.in_rounds {
+            return;
+        }
+        if let (Some(io), Some(idle)) = self.report(kvm_names) {
+            log::info!(
+                "measured round: I/O {:.1?}, idle {:.1?}",
+                io.duration,
+                idle.duration
+            );
+            if let Ok(mut r) = self.rounds.lock() {
+                r.push((io, idle));
+            }
+        }
+        if let Ok(mut m) = self.marks.lock() {
+            *m = Default::default();
+        }
+    }
+
+    /// The rounds kept so far: (I/O phase, idle baseline).
+    pub fn rounds(&self) -> Vec<(PhaseCounts, PhaseCounts)> {
+        self.rounds.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
     /// Records a snapshot for `phase` (the first mark of each phase counts).
     pub fn mark(&self, phase: Phase, counters: &ExitCounters, kvm: Option<&KvmStats>) {
         let snap = Snapshot {
             at: Instant::now(),
             vmm: counters.snapshot(),
             kvm: kvm.and_then(|k| k.read().ok()).unwrap_or_default(),
+            reasons: self
+                .hist
+                .as_deref()
+                .map(super::exit_reasons::read)
+                .unwrap_or_default(),
         };
         if let Ok(mut m) = self.marks.lock() {
             m[phase as usize].get_or_insert(snap);
@@ -265,6 +313,15 @@ impl PhaseLog {
                 counts.push((format!("kvm.{n}"), y.saturating_sub(x)));
             }
         }
+        for (reason, y) in &b.reasons {
+            let x = a
+                .reasons
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, v)| *v);
+            let name = super::exit_reasons::reason_name(*reason);
+            counts.push((format!("exit.{name}"), y.saturating_sub(x)));
+        }
         Some(PhaseCounts {
             duration: b.at.duration_since(a.at),
             counts,
@@ -284,4 +341,51 @@ impl PhaseLog {
 pub fn totals(counters: &ExitCounters) -> Vec<(&'static str, u64)> {
     let s = counters.snapshot();
     COUNTER_NAMES.iter().copied().zip(s).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_in_rounds_keeps_each_complete_round_and_starts_afresh() {
+        let log = PhaseLog::in_rounds(None);
+        let counters = ExitCounters::default();
+        for round in 1..=2u64 {
+            log.mark(Phase::IoStart, &counters, None);
+            for _ in 0..round * 10 {
+                counters.bump(Counter::MmioWrite);
+            }
+            log.mark(Phase::IoEnd, &counters, None);
+            log.mark(Phase::IdleStart, &counters, None);
+            counters.bump(Counter::MmioWrite);
+            log.mark(Phase::IdleEnd, &counters, None);
+            log.end_round(&[]);
+        }
+        // An I/O phase without its idle baseline is not a round.
+        log.mark(Phase::IoStart, &counters, None);
+        log.mark(Phase::IoEnd, &counters, None);
+        log.end_round(&[]);
+        let rounds = log.rounds();
+        assert_eq!(rounds.len(), 2);
+        assert_eq!(rounds[0].0.get("mmio_write"), 10);
+        assert_eq!(rounds[1].0.get("mmio_write"), 20);
+        assert_eq!(rounds[1].1.get("mmio_write"), 1);
+    }
+
+    #[test]
+    fn a_log_for_one_measurement_keeps_its_first_marks() {
+        let log = PhaseLog::default();
+        let counters = ExitCounters::default();
+        log.mark(Phase::IoStart, &counters, None);
+        counters.bump(Counter::PioOut);
+        log.mark(Phase::IoEnd, &counters, None);
+        log.end_round(&[]);
+        counters.bump(Counter::PioOut);
+        log.mark(Phase::IoEnd, &counters, None);
+        let (io, idle) = log.report(&[]);
+        assert_eq!(io.map(|p| p.get("pio_out")), Some(1));
+        assert!(idle.is_none());
+        assert!(log.rounds().is_empty());
+    }
 }

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod exit_reasons;
 pub mod exits;
 pub mod layout;
 pub mod linux;

@@ -211,6 +211,10 @@ fn internal_error(vcpu: &mut VcpuFd) -> VcpuStop {
 
 fn on_phase(p: Phase, ctx: &VcpuContext, stats: Option<&KvmStats>) {
     ctx.phases.mark(p, &ctx.counters, stats);
+    if p == Phase::IdleEnd {
+        ctx.phases
+            .end_round(stats.map(KvmStats::names).unwrap_or_default());
+    }
     if p != Phase::IdleStart {
         return;
     }

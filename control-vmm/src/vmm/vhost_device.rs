@@ -132,6 +132,8 @@ pub struct VhostDevice {
     config: Vec<u8>,
     /// What the next start announces (the current machine's memory).
     regions: Vec<SharedRegion>,
+    /// Features kept from the guest besides those this VMM never offers.
+    hidden: u64,
 }
 
 impl VhostDevice {
@@ -178,7 +180,14 @@ impl VhostDevice {
             session,
             config,
             regions,
+            hidden: 0,
         }
+    }
+
+    /// Keeps `features` from the guest too (e.g. `VIRTIO_RING_F_EVENT_IDX`, to measure
+    /// without notification suppression).
+    pub fn hide_features(&mut self, features: u64) {
+        self.hidden |= features;
     }
 
     /// Queue `q`'s kick: KVM signals it on a notify write (ioeventfd); the backend waits on it.
@@ -234,7 +243,7 @@ impl VirtioBackend for VhostDevice {
             VirtioDeviceType::Blk => VIRTIO_BLK_F_MQ,
             VirtioDeviceType::Net => VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ,
         };
-        self.session.device_features() & !hidden
+        self.session.device_features() & !hidden & !self.hidden
     }
 
     fn config(&self) -> &[u8] {

@@ -1,13 +1,14 @@
 //! Port and MMIO dispatch of a Linux guest's platform: COM1, the ACPI power-management
-//! registers, the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
+//! registers, the phase port a benchmark in the guest marks its measurements on (0xf5, as the
+//! tiny guest's), the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
 //! Anything else reads as all-ones and ignores writes, counted and logged (rate-limited).
 
 use std::sync::{Arc, Mutex};
 
 use crate::vmm::bus::{lock, BusEvent, ExitBus, Limiter};
 use crate::vmm::devices::acpi_pm;
-use crate::vmm::exits::{Counter, ExitCounters};
-use crate::vmm::layout::COM1_PORT;
+use crate::vmm::exits::{Counter, ExitCounters, Phase};
+use crate::vmm::layout::{COM1_PORT, PHASE_PORT};
 use crate::vmm::pci::PciSegment;
 use crate::vmm::serial::Com1;
 
@@ -89,6 +90,15 @@ impl ExitBus for LinuxBus {
             lock(&self.com1).write(off, *v);
         } else if acpi_pm::decodes(port) {
             return acpi_pm::write(port, data);
+        } else if let (PHASE_PORT, [v]) = (port, data) {
+            // A benchmark in the guest marks its phases, as the tiny guest does.
+            match Phase::from_byte(*v) {
+                Some(p) => return Some(BusEvent::Phase(p)),
+                None => self.unknown(
+                    format_args!("guest wrote {v:#x} to the phase port; ignored"),
+                    Counter::UnknownPio,
+                ),
+            }
         } else if !self.pci.pio_write(port, data) && !self.hotplug.pio_write(port, data) {
             self.unknown(
                 format_args!("guest wrote {data:02x?} to unknown port {port:#x}; ignored"),

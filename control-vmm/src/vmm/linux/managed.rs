@@ -160,6 +160,7 @@ impl LinuxMachine {
             share_all_ram: self.settings.share_all_ram,
             cmdline_extra: self.addresses.join(" "),
             hotplug: Some(Arc::clone(&self.hotplug)),
+            exit_reason_hist: None,
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

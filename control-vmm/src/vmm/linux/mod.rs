@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_HOTPLUG_IRQ, RAM_LIMIT};
-use super::exits::{totals, ExitCounters, PhaseLog};
+use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
 use super::pci::PciSegment;
@@ -63,6 +63,9 @@ pub struct LinuxVmConfig {
     pub hotplug: Option<Arc<HotplugSlot>>,
     /// Appended to the kernel command line (e.g. the interfaces' addresses).
     pub cmdline_extra: String,
+    /// Exit accounting: the host's `kvm_exit` histogram by exit reason, read at the guest's
+    /// phase marks (see [`crate::vmm::exit_reasons`]).
+    pub exit_reason_hist: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -83,17 +86,35 @@ pub struct LinuxReport {
     pub backend_stopped_at: Option<u32>,
     pub totals: Vec<(&'static str, u64)>,
     pub wall: Duration,
+    /// Measurements the guest marked on the phase port: (I/O phase, idle baseline) each.
+    pub rounds: Vec<(PhaseCounts, PhaseCounts)>,
 }
 
 impl LinuxReport {
-    /// The table printed at exit.
+    /// The table printed at exit: the rounds the guest measured (counter, I/O phase, idle
+    /// baseline of the same length, net), then the totals.
     pub fn table(&self) -> String {
-        format!(
-            "splitvmm-vmm: {} after {:.1?}\n{}",
-            self.outcome,
-            self.wall,
-            totals_lines(&self.totals, self.backend_stopped_at)
-        )
+        let mut s = format!("splitvmm-vmm: {} after {:.1?}\n", self.outcome, self.wall);
+        for (i, (io, idle)) in self.rounds.iter().enumerate() {
+            s.push_str(&format!(
+                "round {}: I/O phase {:.3?}, idle baseline {:.3?}\n",
+                i + 1,
+                io.duration,
+                idle.duration
+            ));
+            for (name, v) in &io.counts {
+                let b = idle.get(name);
+                if *v != 0 || b != 0 {
+                    s.push_str(&format!(
+                        "round {} {name:<28} {v:>10} {b:>10} {:>10}\n",
+                        i + 1,
+                        *v as i64 - b as i64
+                    ));
+                }
+            }
+        }
+        s.push_str(&totals_lines(&self.totals, self.backend_stopped_at));
+        s
     }
 }
 
@@ -206,13 +227,14 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         ),
         None => None,
     };
+    let phases = Arc::new(PhaseLog::in_rounds(cfg.exit_reason_hist.clone()));
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;
         let ctx = VcpuContext {
             bus: Arc::clone(&bus) as Arc<dyn super::bus::ExitBus>,
             counters: Arc::clone(&counters),
-            phases: Arc::new(PhaseLog::default()),
+            phases: Arc::clone(&phases),
             stop: Arc::clone(&halt),
             wake: None,
             done: done_tx.clone(),
@@ -253,5 +275,6 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         backend_stopped_at,
         totals: totals(&counters),
         wall: started.elapsed(),
+        rounds: phases.rounds(),
     })
 }
