@@ -80,6 +80,9 @@ pub enum ConfigSpace {
 pub struct DeviceSpec {
     /// Queues the device runs (more than one needs the MQ protocol feature).
     pub queues: u16,
+    /// Queues it may run if the backend offers more (MQ and GET_QUEUE_NUM): up to this many.
+    /// At most `queues` (e.g. 0) means exactly `queues`.
+    pub max_queues: u16,
     /// Its config space.
     pub config: ConfigSpace,
     /// How long one reply may take (None: wait forever). Past it the session's socket is
@@ -184,8 +187,10 @@ impl FrontendSession {
     /// Runs the connect-time set-up over an already connected socket (e.g. one the toolstack
     /// handed over): owner, features, protocol features, queue count, config space.
     pub fn connect(stream: UnixStream, spec: DeviceSpec) -> Result<Self, FrontendSessionError> {
-        if spec.queues == 0 || spec.queues > MAX_QUEUES {
-            return Err(FrontendSessionError::QueueCount(spec.queues));
+        if spec.queues == 0 || spec.queues > MAX_QUEUES || spec.max_queues > MAX_QUEUES {
+            return Err(FrontendSessionError::QueueCount(
+                spec.queues.max(spec.max_queues),
+            ));
         }
         // A backend that stops answering fails the device instead of hanging its user.
         let watchdog = match spec.reply_timeout {
@@ -201,7 +206,19 @@ impl FrontendSession {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(FrontendSessionError::EventFd)
         };
-        let vrings = (0..spec.queues)
+        let mut session = Self {
+            frontend: Frontend::from_stream(stream, u64::from(spec.queues.max(spec.max_queues))),
+            watchdog,
+            reply_timeout: spec.reply_timeout,
+            device_features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            config: None,
+            acked_features: None,
+            memory: Vec::new(),
+            vrings: Vec::new(),
+        };
+        let queues = session.negotiate(&spec)?;
+        session.vrings = (0..queues)
             .map(|_| {
                 Ok(Vring {
                     kick: efd()?,
@@ -210,18 +227,6 @@ impl FrontendSession {
                 })
             })
             .collect::<Result<_, FrontendSessionError>>()?;
-        let mut session = Self {
-            frontend: Frontend::from_stream(stream, u64::from(spec.queues)),
-            watchdog,
-            reply_timeout: spec.reply_timeout,
-            device_features: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
-            config: None,
-            acked_features: None,
-            memory: Vec::new(),
-            vrings,
-        };
-        session.negotiate(&spec)?;
         session.config = match spec.config {
             ConfigSpace::Required { bytes } | ConfigSpace::IfOffered { bytes }
                 if session.protocol.contains(VhostUserProtocolFeatures::CONFIG) =>
@@ -378,8 +383,8 @@ impl FrontendSession {
 
 impl FrontendSession {
     /// SET_OWNER and the feature negotiation: the device features (protocol bit removed) and
-    /// the protocol features acknowledged.
-    fn negotiate(&mut self, spec: &DeviceSpec) -> Result<(), FrontendSessionError> {
+    /// the protocol features acknowledged. Returns the number of queues the session runs.
+    fn negotiate(&mut self, spec: &DeviceSpec) -> Result<u16, FrontendSessionError> {
         use FrontendSessionError::Unsupported;
         self.send("SET_OWNER", |f| f.set_owner())?;
         let offered = self.send("GET_FEATURES", |f| f.get_features())?;
@@ -398,14 +403,17 @@ impl FrontendSession {
         // REPLY_ACK, where offered, makes set-up failures (a refused memory table) synchronous
         // errors instead of a silently dead queue.
         let mut want = proto & (config | VhostUserProtocolFeatures::REPLY_ACK);
-        if spec.queues > 1 {
-            if !proto.contains(VhostUserProtocolFeatures::MQ) {
-                return Err(Unsupported("the MQ protocol feature"));
-            }
+        let mq = proto.contains(VhostUserProtocolFeatures::MQ);
+        if spec.queues > 1 && !mq {
+            return Err(Unsupported("the MQ protocol feature"));
+        }
+        let may_grow = spec.max_queues > spec.queues && mq;
+        if spec.queues > 1 || may_grow {
             want |= VhostUserProtocolFeatures::MQ;
         }
         self.send("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(want))?;
-        if spec.queues > 1 {
+        let mut queues = spec.queues;
+        if spec.queues > 1 || may_grow {
             let offered = self.send("GET_QUEUE_NUM", |f| f.get_queue_num())?;
             if offered < u64::from(spec.queues) {
                 return Err(FrontendSessionError::TooFewQueues {
@@ -413,10 +421,14 @@ impl FrontendSession {
                     wanted: spec.queues,
                 });
             }
+            if may_grow {
+                // At most max_queues (a u16): the conversion cannot fail.
+                queues = u16::try_from(offered.min(u64::from(spec.max_queues))).unwrap_or(queues);
+            }
         }
         self.device_features = offered & !proto_bit;
         self.protocol = want;
-        Ok(())
+        Ok(queues)
     }
 
     /// GET_CONFIG of `bytes` bytes; a shorter answer is padded with zeros.
@@ -441,6 +453,7 @@ mod tests {
     fn spec(queues: u16) -> DeviceSpec {
         DeviceSpec {
             queues,
+            max_queues: 0,
             config: ConfigSpace::Required { bytes: 8 },
             reply_timeout: Some(Duration::from_millis(200)),
         }

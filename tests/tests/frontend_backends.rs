@@ -586,3 +586,33 @@ against_both_backends! {
     stalled_backend_times_out_then_recovers => |kind| super::stalled_backend_times_out_then_recovers(kind);
     hostile_used_ring_breaks_only_that_queue => |kind| super::hostile_used_ring_breaks_only_that_queue(kind);
 }
+
+/// A session asked for one queue and allowed more (`max_queues`) runs as many as the backend
+/// serves, up to that maximum (a Linux guest's disk gets as many request queues as the
+/// driver domain serves); without the allowance it runs exactly what it asked for.
+#[test]
+fn a_session_grows_to_the_queues_the_backend_serves_up_to_its_maximum() {
+    use frontend_core::vhost_user::{ConfigSpace, DeviceSpec, FrontendSession};
+    for kind in [Kind::DriverDomain, Kind::Qsd] {
+        for (served, max_queues, runs) in [(1u16, 16u16, 1usize), (4, 16, 4), (4, 2, 2), (4, 0, 1)]
+        {
+            let Some(be) = backend::spawn(kind, MIB, served) else {
+                return;
+            };
+            let spec = DeviceSpec {
+                queues: 1,
+                max_queues,
+                config: ConfigSpace::Required { bytes: 36 },
+                reply_timeout: Some(Duration::from_secs(5)),
+            };
+            let session =
+                FrontendSession::connect_path(&be.socket, Duration::from_secs(5), spec).unwrap();
+            assert_eq!(
+                session.num_queues(),
+                runs,
+                "{kind:?}: backend serves {served}, up to {max_queues} allowed"
+            );
+            assert!(session.kick(runs - 1).is_ok() && session.kick(runs).is_err());
+        }
+    }
+}

@@ -27,8 +27,12 @@ pub const BLK_CONFIG_BYTES: usize = 36;
 /// Bytes of virtio-net config space fetched from the backend (mac, status,
 /// max_virtqueue_pairs, mtu).
 pub const NET_CONFIG_BYTES: usize = 12;
-/// virtio-blk: more than one request queue (hidden: one queue per disk here).
+/// virtio-blk: more than one request queue; offered when the backend serves several.
 const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// Offset of `num_queues` (u16) in the virtio-blk config space.
+const BLK_NUM_QUEUES_OFFSET: usize = 34;
+/// Most request queues a disk runs (a virtio-pci function's limit).
+pub const MAX_BLK_QUEUES: u16 = 16;
 /// virtio-net: the control queue and several queue pairs, both hidden (see
 /// [`VhostDevice::device_features`]).
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
@@ -63,9 +67,11 @@ impl VirtioDeviceType {
     }
 
     fn spec(self) -> DeviceSpec {
-        let (queues, config) = match self {
+        let (queues, max_queues, config) = match self {
+            // As many request queues as the backend serves, up to MAX_BLK_QUEUES.
             Self::Blk => (
                 1,
+                MAX_BLK_QUEUES,
                 ConfigSpace::Required {
                     bytes: BLK_CONFIG_BYTES,
                 },
@@ -74,6 +80,7 @@ impl VirtioDeviceType {
             // guest then picks its own MAC.
             Self::Net => (
                 2,
+                0,
                 ConfigSpace::IfOffered {
                     bytes: NET_CONFIG_BYTES,
                 },
@@ -81,6 +88,7 @@ impl VirtioDeviceType {
         };
         DeviceSpec {
             queues,
+            max_queues,
             config,
             // A backend that stops answering fails the device instead of hanging a vCPU thread.
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
@@ -175,6 +183,14 @@ impl VhostDevice {
         let raw = session.config().unwrap_or_default();
         let n = raw.len().min(bytes);
         config[..n].copy_from_slice(&raw[..n]);
+        if kind == VirtioDeviceType::Blk {
+            // The queues this session runs (the backend's, at most MAX_BLK_QUEUES); read only
+            // with VIRTIO_BLK_F_MQ, offered when there are several.
+            let queues = u16::try_from(session.num_queues()).unwrap_or(1);
+            if let Some(field) = config.get_mut(BLK_NUM_QUEUES_OFFSET..BLK_NUM_QUEUES_OFFSET + 2) {
+                field.copy_from_slice(&queues.to_le_bytes());
+            }
+        }
         Self {
             kind,
             session,
@@ -234,12 +250,14 @@ impl VirtioBackend for VhostDevice {
         self.session.num_queues()
     }
 
-    /// Features the guest is offered: the backend's (the vhost-user protocol bit removed),
-    /// without several queues (one request queue per disk; one queue pair per interface: a
-    /// backend with more pairs still serves the first) and without the network control
-    /// queue, which a vhost-user frontend would have to serve itself.
+    /// Features the guest is offered: the backend's (the vhost-user protocol bit removed);
+    /// a disk's several request queues when the backend serves several (else MQ hidden); one
+    /// queue pair per interface (Linux enables more pairs only through the control queue,
+    /// which a vhost-user frontend would have to serve itself: both hidden; a backend with
+    /// more pairs still serves the first).
     fn device_features(&self) -> u64 {
         let hidden = match self.kind {
+            VirtioDeviceType::Blk if self.session.num_queues() > 1 => 0,
             VirtioDeviceType::Blk => VIRTIO_BLK_F_MQ,
             VirtioDeviceType::Net => VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ,
         };

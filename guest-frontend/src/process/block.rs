@@ -103,6 +103,7 @@ impl BlockFrontend {
             )));
         }
         let spec = DeviceSpec {
+            max_queues: 0,
             queues: cfg.queues,
             config: ConfigSpace::Required {
                 bytes: BLK_CONFIG_BYTES,

@@ -87,6 +87,7 @@ impl NetFrontend {
             return Err(ProcessFrontendError::Config(format!("queue size {size}")));
         }
         let spec = DeviceSpec {
+            max_queues: 0,
             queues: 2,
             config: ConfigSpace::IfOffered {
                 bytes: NET_CONFIG_BYTES,

@@ -38,6 +38,7 @@ pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
 pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 /// Most queues a function has (MSI-X table and notify area sized for it).
 pub const MAX_QUEUES: usize = 16;
+const _: () = assert!(crate::vmm::vhost_device::MAX_BLK_QUEUES as usize <= MAX_QUEUES);
 /// Largest queue the guest may configure.
 pub const QUEUE_MAX: u16 = 256;
 const NO_VECTOR: u16 = 0xffff;
