@@ -65,6 +65,13 @@ enum Cmd {
         #[arg(long)]
         require_sealed: bool,
     },
+    /// Confines this process as `managed` is confined, then tries what a driver domain must
+    /// not be able to do (tests judge the confinement with it; see the `confine` crate).
+    #[command(hide = true)]
+    ConfinementProbe {
+        /// open:PATH, connect:PATH, mem:PID, process-vm-readv:PID, forbidden-syscall
+        probes: Vec<String>,
+    },
     /// Hardware ownership: PCI functions, SR-IOV, VFIO (see docs/lab.md).
     Hw {
         #[command(subcommand)]
@@ -100,6 +107,10 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Hw { cmd } => std::process::exit(i32::from(cmd.run())),
+        Cmd::ConfinementProbe { probes } => std::process::exit(confine::probe::main(
+            confine::Profile::DriverDomain,
+            &probes,
+        )),
         Cmd::Managed {
             domid,
             owns,
@@ -116,6 +127,12 @@ fn main() -> Result<()> {
             // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
             driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
+            // Everything it needs from the host is held now: confine it before it serves
+            // any guest (the toolstack's plan is in the environment).
+            if let Err(e) = confine::enter_if_planned(confine::Profile::DriverDomain, &[]) {
+                eprintln!("driver-domain managed: cannot be confined: {e}");
+                std::process::exit(1);
+            }
             driver.run().context("managed driver domain")?;
             Ok(())
         }

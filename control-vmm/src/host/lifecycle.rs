@@ -49,6 +49,7 @@ impl Host {
                     .values()
                     .map(|s| s.config.clone())
                     .collect(),
+                confinement: Default::default(),
             };
             host.guests.push(config.clone());
             host.validate(file)?;
@@ -62,6 +63,7 @@ impl Host {
             &self.run_dir,
             (config.domid, &name),
             command,
+            self.plan(config.domid),
             false,
         )?;
         let slot = Arc::new(GuestSlot {
@@ -139,6 +141,7 @@ impl Host {
                 &self.run_dir,
                 (slot.config.domid, name),
                 command,
+                self.plan(slot.config.domid),
                 true,
             )?;
             guest.stats = None;

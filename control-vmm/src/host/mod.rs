@@ -33,7 +33,8 @@ use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, Stor
 use crate::config::{
     DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
-use crate::supervisor::DomainProcess;
+use crate::confinement::Confinement;
+use crate::supervisor::{DomainProcess, Launch};
 use crate::{connection, domains};
 use images::ImageRegistry;
 
@@ -105,6 +106,8 @@ pub struct Host {
     attach_serial: AtomicU64,
     /// The images held for the guests' disks (locked after a guest's own lock, briefly).
     images: Mutex<ImageRegistry>,
+    /// How domain processes are confined (`None`: the host file turned it off).
+    confinement: Option<Confinement>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +147,8 @@ impl Host {
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
         let started = Instant::now();
+        // What this machine cannot confine is said, and refused unless allowed, first.
+        let confinement = Confinement::prepare(&config.confinement)?;
         // Every image is opened and locked before anything starts: one held elsewhere, or
         // named twice, fails here.
         let mut images = ImageRegistry::default();
@@ -182,6 +187,7 @@ impl Host {
             &config.run_dir,
             (dd.domid, &dd.name),
             command,
+            confinement.as_ref().map(|c| c.plan(dd.domid)),
             false,
         )?;
         let host = Host {
@@ -198,6 +204,7 @@ impl Host {
             private_dir,
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
+            confinement,
         };
         match lock(&host.driver)
             .channel
@@ -210,6 +217,11 @@ impl Host {
             host.create_guest(guest.clone(), None)?;
         }
         Ok(host)
+    }
+
+    /// Domain `domid`'s confinement plan, unless confinement is off.
+    fn plan(&self, domid: u32) -> Option<confine::Plan> {
+        self.confinement.as_ref().map(|c| c.plan(domid))
     }
 
     /// The run directory: the store and management sockets, the logs.
@@ -366,6 +378,7 @@ fn start_domain(
     run_dir: &Path,
     (domid, name): (u32, &str),
     mut command: Command,
+    plan: Option<confine::Plan>,
     append: bool,
 ) -> Result<Domain> {
     let store_conn: OwnedFd = store
@@ -384,11 +397,12 @@ fn start_domain(
         .truncate(!append)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("opening {}", path.display()))?;
-    command.stdout(log).stderr(log_err);
-    let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
+    let launch = Launch {
+        command,
+        output: Some(log),
+        confine: plan,
+    };
+    let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])?;
     Ok(Domain {
         domid,
         name: name.to_owned(),

@@ -1,0 +1,176 @@
+//! The host file's `[confinement]` section and the toolstack's side of confining domains:
+//! what this machine cannot do is said once, loudly, when the host comes up, and refused
+//! unless the host file opts out; each domain then gets its [`Plan`] (its own uid and gid).
+//!
+//! ```toml
+//! [confinement]
+//! enabled = true              # false: every domain runs as root, unconfined (said loudly)
+//! uid_base = 200000           # domain N runs as uid and gid uid_base + N
+//! allow_missing = []          # ["landlock"]: run without Landlock where the kernel lacks it
+//! ```
+
+use confine::{Feature, Plan};
+use serde::Deserialize;
+
+use crate::config::DOMID_FIRST_RESERVED;
+
+/// The uid of domain 0 + N, by default.
+pub const DEFAULT_UID_BASE: u32 = 200_000;
+
+/// Errors of preparing confinement.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfinementError {
+    #[error(
+        "this machine cannot confine domains: it lacks {0}; run on a kernel that has it, or \
+         set `[confinement] enabled = false` in the host file to run every domain as root"
+    )]
+    Unsupported(String),
+    #[error(
+        "this kernel has no {feature}; every domain would run without it. Set `[confinement] \
+         allow_missing = [\"{feature}\"]` in the host file to accept that"
+    )]
+    Missing { feature: &'static str },
+    #[error("only root can start confined domains (each runs as its own uid); run as root, or set `[confinement] enabled = false`")]
+    NotRoot,
+}
+
+/// A feature the host file may let domains go without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptionalFeature {
+    Landlock,
+}
+
+impl OptionalFeature {
+    fn feature(self) -> Feature {
+        match self {
+            OptionalFeature::Landlock => Feature::Landlock,
+        }
+    }
+}
+
+/// `[confinement]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfinementConfig {
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
+    #[serde(default = "default_uid_base")]
+    pub uid_base: u32,
+    #[serde(default)]
+    pub allow_missing: Vec<OptionalFeature>,
+}
+
+fn enabled_by_default() -> bool {
+    true
+}
+
+fn default_uid_base() -> u32 {
+    DEFAULT_UID_BASE
+}
+
+impl Default for ConfinementConfig {
+    fn default() -> Self {
+        ConfinementConfig {
+            enabled: true,
+            uid_base: DEFAULT_UID_BASE,
+            allow_missing: Vec::new(),
+        }
+    }
+}
+
+impl ConfinementConfig {
+    /// What is wrong with `uid_base`, if anything (for the host file's validation).
+    pub fn invalid_uid_base(&self) -> Option<String> {
+        if self.uid_base < 1000 {
+            return Some(format!(
+                "at least 1000 (system users live below), not {}",
+                self.uid_base
+            ));
+        }
+        if self.uid_base.checked_add(DOMID_FIRST_RESERVED).is_none()
+            || self.uid_base + DOMID_FIRST_RESERVED >= u32::MAX - 1
+        {
+            return Some(format!(
+                "small enough that uid_base + every domain id is a uid, not {}",
+                self.uid_base
+            ));
+        }
+        None
+    }
+}
+
+/// The toolstack's confinement of its domains, once the machine was checked.
+#[derive(Debug, Clone)]
+pub struct Confinement {
+    uid_base: u32,
+    allow_missing: Vec<Feature>,
+}
+
+impl Confinement {
+    /// Checks this machine against `config`; `Ok(None)` if the host file turned confinement
+    /// off (said on stderr). What is missing and allowed is said on stderr too.
+    pub fn prepare(config: &ConfinementConfig) -> Result<Option<Confinement>, ConfinementError> {
+        if !config.enabled {
+            eprintln!(
+                "splitvmm: WARNING: confinement is off (`[confinement] enabled = false`): every \
+                 domain process runs as root with all capabilities, in the host's namespaces"
+            );
+            return Ok(None);
+        }
+        let required = confine::support::required();
+        if !required.is_empty() {
+            return Err(ConfinementError::Unsupported(required.join(", ")));
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return Err(ConfinementError::NotRoot);
+        }
+        let allowed: Vec<Feature> = config.allow_missing.iter().map(|f| f.feature()).collect();
+        for missing in confine::support::missing_optional() {
+            if !allowed.contains(&missing) {
+                return Err(ConfinementError::Missing {
+                    feature: missing.name(),
+                });
+            }
+            eprintln!(
+                "splitvmm: WARNING: this kernel has no {}: domains run without it, as the host \
+                 file allows",
+                missing.name()
+            );
+        }
+        Ok(Some(Confinement {
+            uid_base: config.uid_base,
+            allow_missing: allowed,
+        }))
+    }
+
+    /// Domain `domid`'s plan.
+    pub fn plan(&self, domid: u32) -> Plan {
+        Plan::for_domain(self.uid_base, domid, self.allow_missing.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_domain_gets_a_uid_of_its_own() {
+        let c = Confinement {
+            uid_base: DEFAULT_UID_BASE,
+            allow_missing: vec![],
+        };
+        assert_ne!(c.plan(1).uid, c.plan(2).uid);
+        assert_eq!(c.plan(2).uid, DEFAULT_UID_BASE + 2);
+    }
+
+    #[test]
+    fn uid_bases_that_reach_system_users_or_overflow_are_refused() {
+        let mut config = ConfinementConfig::default();
+        assert_eq!(config.invalid_uid_base(), None);
+        config.uid_base = 0;
+        assert!(config.invalid_uid_base().is_some());
+        config.uid_base = u32::MAX - 10;
+        assert!(config.invalid_uid_base().is_some());
+    }
+}
