@@ -30,7 +30,23 @@ fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
     let (ours, theirs) = ControlChannel::pair().unwrap();
     let mut cmd = Command::new(workspace_bin("driver-domain"));
     cmd.args(["managed", "--domid", &DRIVER.to_string()]);
-    let process = DomainProcess::spawn("driver", cmd, vec![store_conn, theirs.into_fd()]).unwrap();
+    let process = DomainProcess::spawn(
+        "driver",
+        control_vmm::supervisor::Launch {
+            command: cmd,
+            output: None,
+            // Confined as `splitvmm up` confines it, where this runs as root.
+            confine: nix::unistd::geteuid().is_root().then(|| {
+                confine::Plan::for_domain(
+                    control_vmm::confinement::DEFAULT_UID_BASE,
+                    DRIVER,
+                    vec![],
+                )
+            }),
+        },
+        vec![store_conn, theirs.into_fd()],
+    )
+    .unwrap();
     match ours.recv_timeout::<BackendEvent>(WAIT).unwrap() {
         Some((BackendEvent::Ready, _)) => {}
         other => panic!("driver domain not ready: {other:?}"),

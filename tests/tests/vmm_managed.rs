@@ -36,7 +36,19 @@ fn start(
 ) -> (DomainProcess, ControlChannel) {
     let store_conn: OwnedFd = store.connect_domain(domid).unwrap().into();
     let (ours, theirs) = ControlChannel::pair().unwrap();
-    let process = DomainProcess::spawn(name, cmd, vec![store_conn, theirs.into_fd()]).unwrap();
+    let process = DomainProcess::spawn(
+        name,
+        control_vmm::supervisor::Launch {
+            command: cmd,
+            output: None,
+            // Confined as `splitvmm up` confines it, where this runs as root.
+            confine: nix::unistd::geteuid().is_root().then(|| {
+                confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])
+            }),
+        },
+        vec![store_conn, theirs.into_fd()],
+    )
+    .unwrap();
     (process, ours)
 }
 

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod exits;
+pub mod kvm_device;
 pub mod layout;
 pub mod linux;
 pub mod machine;
