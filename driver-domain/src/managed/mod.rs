@@ -19,7 +19,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest};
+use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest, MemoryGrant};
 use ipc::control::{ChannelError, ControlChannel};
 use ipc::xenbus::{backend_kind_dir, keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::{ClientError, StoreClient};
@@ -60,10 +60,12 @@ enum Handed {
         image: File,
         listener: UnixListener,
         readonly: bool,
+        grant: MemoryGrant,
     },
     Net {
         listener: UnixListener,
         mac: [u8; 6],
+        grant: MemoryGrant,
     },
 }
 
@@ -134,6 +136,7 @@ impl ManagedDriverDomain {
                         frontend,
                         devid,
                         readonly,
+                        grant,
                     } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         let image = File::from(fds.pop()?);
@@ -141,15 +144,21 @@ impl ManagedDriverDomain {
                             image,
                             listener,
                             readonly,
+                            grant,
                         })
                     }),
                     BackendRequest::ServeNet {
                         frontend,
                         devid,
                         mac,
+                        grant,
                     } => self.take_handed((DeviceKind::Vif, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
-                        fds.is_empty().then_some(Handed::Net { listener, mac })
+                        fds.is_empty().then_some(Handed::Net {
+                            listener,
+                            mac,
+                            grant,
+                        })
                     }),
                     BackendRequest::Stats => {
                         let stats = self.stats();
@@ -349,8 +358,9 @@ impl ManagedDriverDomain {
                 image,
                 listener,
                 readonly,
+                grant,
             } => {
-                let session = Session::start_block(id, image, listener, readonly)?;
+                let session = Session::start_block(id, image, listener, readonly, grant)?;
                 let mut features = vec![
                     (keys::SECTORS, session.capacity_sectors().to_string()),
                     (keys::SECTOR_SIZE, "512".to_owned()),
@@ -361,8 +371,12 @@ impl ManagedDriverDomain {
                 }
                 (session, features)
             }
-            Handed::Net { listener, mac } => {
-                let session = Session::start_net(id, &self.switch, listener, mac)?;
+            Handed::Net {
+                listener,
+                mac,
+                grant,
+            } => {
+                let session = Session::start_net(id, &self.switch, listener, mac, grant)?;
                 (session, vec![("mac", format_mac(&mac))])
             }
         };

@@ -133,8 +133,12 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        self.memory
-            .update(mem, self.device.seal_policy(), self.device.name())
+        self.memory.update(
+            mem,
+            self.device.memory_grant(),
+            self.device.seal_policy(),
+            self.device.name(),
+        )
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
