@@ -8,15 +8,18 @@
 //!
 //! 1. a mount namespace of its own with a minimal, read-only root (`mounts`): `/dev/null`,
 //!    `/dev/zero`, `/dev/full`, `/dev/urandom`, its own `/proc`, nothing else;
-//! 2. no supplementary groups, its own gid and uid, no capabilities in any set (the bounding
+//! 2. resource limits (`limits`): its threads bounded (RLIMIT_NPROC counts its own uid's), no
+//!    locked memory, no core dumps;
+//! 3. no supplementary groups, its own gid and uid, no capabilities in any set (the bounding
 //!    set emptied), no_new_privs (`privileges`);
-//! 3. Landlock (`filesystem`): nothing opened by path but the files it was handed to read, no
+//! 4. Landlock (`filesystem`): nothing opened by path but the files it was handed to read, no
 //!    TCP, no abstract sockets or signals outside its sandbox (where the kernel has it);
-//! 4. a seccomp allowlist for its kind of process (`seccomp`), with clone3 answered ENOSYS.
+//! 5. a seccomp allowlist for its kind of process (`seccomp`), with clone3 answered ENOSYS.
 //!
 //! This crate depends on no other crate of the workspace: it is used by all the binaries.
 
 mod filesystem;
+mod limits;
 mod mounts;
 pub mod plan;
 mod privileges;
@@ -51,6 +54,8 @@ pub enum ConfineError {
     NoLandlock,
     #[error("seccomp")]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error("resource limits")]
+    Limits(#[from] limits::LimitError),
     #[error("installing the termination handlers of pid 1")]
     Signals(#[source] nix::Error),
 }
@@ -115,6 +120,7 @@ pub fn enter(
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWIPC)
         .map_err(ConfineError::Unshare)?;
     let root = mounts::enter_minimal_root()?;
+    limits::apply(profile)?;
     privileges::drop_to(plan.uid, plan.gid)?;
     let landlock = filesystem::restrict(read_only)?;
     if landlock == Enforced::Not {

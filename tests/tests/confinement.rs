@@ -101,6 +101,28 @@ fn every_domain_process_of_the_default_example_is_confined() {
                 "{comm} {pid} shares the toolstack's {ns} namespace"
             );
         }
+        // Limits: no locked memory, no core dumps, a bounded number of threads.
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let limit = |name: &str| {
+            let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+            let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+            (fields[0].to_owned(), fields[1].to_owned())
+        };
+        assert_eq!(
+            limit("Max locked memory"),
+            ("0".into(), "0".into()),
+            "{comm}"
+        );
+        assert_eq!(
+            limit("Max core file size"),
+            ("0".into(), "0".into()),
+            "{comm}"
+        );
+        let (soft, hard) = limit("Max processes");
+        assert!(
+            soft != "unlimited" && soft == hard,
+            "{comm}: threads {soft}/{hard}"
+        );
         // Its own root: nothing of the host's file system (the run directory, the images).
         let root = format!("/proc/{pid}/root");
         assert!(
