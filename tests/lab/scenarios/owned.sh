@@ -24,6 +24,9 @@ until grep -q "host is up" $W/up.log; do
     sleep 0.1
 done
 
+step "the driver domain is confined (the lab's root is an initramfs: MS_MOVE + chroot)"
+assert_confined $up
+
 step "splitvmm devices"
 run /bin/splitvmm devices --store $W/run/xenstored.sock
 echo "$OUT" | grep "^driver .*$PF .*nvme .*/2  present" || fail "$PF not reported as owned, on nvme, with its VF count"
