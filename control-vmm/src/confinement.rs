@@ -107,41 +107,81 @@ pub struct Confinement {
     allow_missing: Vec<Feature>,
 }
 
+/// What this machine offers, as [`Confinement::prepare`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineSupport {
+    /// Required features it lacks (seccomp, namespaces).
+    pub required_missing: Vec<&'static str>,
+    /// Optional features it lacks (Landlock).
+    pub optional_missing: Vec<Feature>,
+    pub root: bool,
+}
+
+impl MachineSupport {
+    /// This machine, now.
+    pub fn probe() -> MachineSupport {
+        MachineSupport {
+            required_missing: confine::support::required(),
+            optional_missing: confine::support::missing_optional(),
+            root: nix::unistd::geteuid().is_root(),
+        }
+    }
+}
+
 impl Confinement {
     /// Checks this machine against `config`; `Ok(None)` if the host file turned confinement
     /// off (said on stderr). What is missing and allowed is said on stderr too.
     pub fn prepare(config: &ConfinementConfig) -> Result<Option<Confinement>, ConfinementError> {
+        let decided = Self::decide(config, &MachineSupport::probe())?;
+        for warning in &decided.1 {
+            eprintln!("splitvmm: WARNING: {warning}");
+        }
+        Ok(decided.0)
+    }
+
+    /// What `config` makes of `machine`: the confinement (or none), and the warnings to say.
+    pub fn decide(
+        config: &ConfinementConfig,
+        machine: &MachineSupport,
+    ) -> Result<(Option<Confinement>, Vec<String>), ConfinementError> {
         if !config.enabled {
-            eprintln!(
-                "splitvmm: WARNING: confinement is off (`[confinement] enabled = false`): every \
-                 domain process runs as root with all capabilities, in the host's namespaces"
-            );
-            return Ok(None);
+            return Ok((
+                None,
+                vec![
+                    "confinement is off (`[confinement] enabled = false`): every domain \
+                      process runs as root with all capabilities, in the host's namespaces"
+                        .to_owned(),
+                ],
+            ));
         }
-        let required = confine::support::required();
-        if !required.is_empty() {
-            return Err(ConfinementError::Unsupported(required.join(", ")));
+        if !machine.required_missing.is_empty() {
+            return Err(ConfinementError::Unsupported(
+                machine.required_missing.join(", "),
+            ));
         }
-        if !nix::unistd::geteuid().is_root() {
+        if !machine.root {
             return Err(ConfinementError::NotRoot);
         }
         let allowed: Vec<Feature> = config.allow_missing.iter().map(|f| f.feature()).collect();
-        for missing in confine::support::missing_optional() {
-            if !allowed.contains(&missing) {
+        let mut warnings = Vec::new();
+        for missing in &machine.optional_missing {
+            if !allowed.contains(missing) {
                 return Err(ConfinementError::Missing {
                     feature: missing.name(),
                 });
             }
-            eprintln!(
-                "splitvmm: WARNING: this kernel has no {}: domains run without it, as the host \
-                 file allows",
+            warnings.push(format!(
+                "this kernel has no {}: domains run without it, as the host file allows",
                 missing.name()
-            );
+            ));
         }
-        Ok(Some(Confinement {
-            uid_base: config.uid_base,
-            allow_missing: allowed,
-        }))
+        Ok((
+            Some(Confinement {
+                uid_base: config.uid_base,
+                allow_missing: allowed,
+            }),
+            warnings,
+        ))
     }
 
     /// Domain `domid`'s plan.
@@ -172,5 +212,74 @@ mod tests {
         assert!(config.invalid_uid_base().is_some());
         config.uid_base = u32::MAX - 10;
         assert!(config.invalid_uid_base().is_some());
+    }
+
+    fn machine(optional_missing: Vec<Feature>) -> MachineSupport {
+        MachineSupport {
+            required_missing: vec![],
+            optional_missing,
+            root: true,
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_landlock_is_refused_unless_the_host_file_allows_it() {
+        let no_landlock = machine(vec![Feature::Landlock]);
+        let strict = ConfinementConfig::default();
+        let err = Confinement::decide(&strict, &no_landlock).unwrap_err();
+        assert!(
+            err.to_string().contains("allow_missing = [\"landlock\"]"),
+            "{err}"
+        );
+        let lenient: ConfinementConfig = toml::from_str("allow_missing = [\"landlock\"]").unwrap();
+        let (confinement, warnings) = Confinement::decide(&lenient, &no_landlock).unwrap();
+        assert!(confinement.is_some());
+        assert_eq!(warnings.len(), 1, "said loudly: {warnings:?}");
+        assert!(confinement
+            .unwrap()
+            .plan(1)
+            .allows_missing(Feature::Landlock));
+        // A kernel that has it needs no allowance and says nothing.
+        let (c, warnings) = Confinement::decide(&strict, &machine(vec![])).unwrap();
+        assert!(c.is_some() && warnings.is_empty());
+    }
+
+    #[test]
+    fn missing_namespaces_non_root_and_disabled_confinement() {
+        let mut m = machine(vec![]);
+        m.required_missing = vec!["seccomp filters"];
+        assert!(matches!(
+            Confinement::decide(&ConfinementConfig::default(), &m),
+            Err(ConfinementError::Unsupported(_))
+        ));
+        let mut m = machine(vec![]);
+        m.root = false;
+        assert!(matches!(
+            Confinement::decide(&ConfinementConfig::default(), &m),
+            Err(ConfinementError::NotRoot)
+        ));
+        let off: ConfinementConfig = toml::from_str("enabled = false").unwrap();
+        let (c, warnings) = Confinement::decide(&off, &m).unwrap();
+        assert!(c.is_none());
+        assert!(warnings[0].contains("runs as root"), "{warnings:?}");
+    }
+
+    #[test]
+    fn unknown_features_and_keys_are_refused() {
+        assert!(toml::from_str::<ConfinementConfig>("allow_missing = [\"seccomp\"]").is_err());
+        assert!(toml::from_str::<ConfinementConfig>("uid = 5").is_err());
+    }
+
+    #[test]
+    fn a_host_file_with_a_bad_uid_base_names_the_key() {
+        let text = "[confinement]\nuid_base = 10\n[driver_domain]\nname = \"d\"\ndomid = 1\n";
+        let err = crate::config::HostConfig::parse(std::path::Path::new("h.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("confinement.uid_base"), "{err}");
+        let good = text.replace("uid_base = 10", "uid_base = 300000");
+        let config =
+            crate::config::HostConfig::parse(std::path::Path::new("h.toml"), &good).unwrap();
+        assert_eq!(config.confinement.uid_base, 300_000);
     }
 }
