@@ -42,7 +42,7 @@ pub enum ConfineError {
     Threads(usize),
     #[error("not pid 1 of a pid namespace of its own (pid {0}): start it with `splitvmm up`")]
     NotInPidNamespace(u32),
-    #[error("unsharing the mount and IPC namespaces")]
+    #[error("unsharing namespaces")]
     Unshare(#[source] nix::Error),
     #[error("building the minimal root")]
     Mounts(#[from] mounts::MountError),
@@ -116,9 +116,44 @@ pub fn enter(
         return Err(ConfineError::NotInPidNamespace(pid));
     }
     terminate_on_signals_as_pid_1()?;
+    use nix::sched::CloneFlags;
     // Never touch the mounts of a namespace shared with anyone: make sure this one is ours.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS | nix::sched::CloneFlags::CLONE_NEWIPC)
-        .map_err(ConfineError::Unshare)?;
+    confine_self(
+        plan,
+        profile,
+        read_only,
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC,
+    )
+}
+
+/// Confines a backend run by hand (`driver-domain serve --confine-uid`), which no toolstack
+/// started in namespaces: it unshares its own mount, IPC, UTS and network namespaces (its
+/// sockets are bound already) but stays in the host's pid namespace (it would have to fork to
+/// leave it). Everything else is as [`enter`].
+pub fn enter_standalone(plan: &Plan, profile: Profile) -> Result<Confined, ConfineError> {
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(ConfineError::Threads(threads));
+    }
+    use nix::sched::CloneFlags;
+    confine_self(
+        plan,
+        profile,
+        &[],
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
+    )
+}
+
+fn confine_self(
+    plan: &Plan,
+    profile: Profile,
+    read_only: &[BorrowedFd<'_>],
+    unshare: nix::sched::CloneFlags,
+) -> Result<Confined, ConfineError> {
+    nix::sched::unshare(unshare).map_err(ConfineError::Unshare)?;
     let root = mounts::enter_minimal_root()?;
     limits::apply(profile)?;
     privileges::drop_to(plan.uid, plan.gid)?;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
-use driver_domain::vhost_user::serve_forever;
+use driver_domain::vhost_user::{bind_atomically, serve_forever_on};
 use driver_domain::virtio_core::SealPolicy;
 
 mod net_serve;
@@ -64,6 +64,15 @@ enum Cmd {
         /// Refuse shared memory that is not (and cannot be) sealed against shrinking.
         #[arg(long)]
         require_sealed: bool,
+        /// Once the image is open and the socket bound, confine this process as the driver
+        /// domain is confined (docs/security.md): uid and gid UID, no capabilities, its own
+        /// mount, IPC, UTS and network namespaces, Landlock, the driver domain's seccomp
+        /// allowlist. Needs root. Block devices only.
+        #[arg(long, value_name = "UID", conflicts_with = "net")]
+        confine_uid: Option<u32>,
+        /// With --confine-uid: run without Landlock where the kernel has none.
+        #[arg(long, requires = "confine_uid")]
+        allow_no_landlock: bool,
     },
     /// Confines this process as `managed` is confined, then tries what a driver domain must
     /// not be able to do (tests judge the confinement with it; see the `confine` crate).
@@ -145,6 +154,8 @@ fn main() -> Result<()> {
             poll_us,
             null,
             require_sealed,
+            confine_uid,
+            allow_no_landlock,
         } => {
             let seal_policy = if require_sealed {
                 SealPolicy::RequireSealed
@@ -186,7 +197,24 @@ fn main() -> Result<()> {
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);
-            serve_forever(&socket, &AtomicBool::new(false), || {
+            let listener = bind_atomically(&socket)?;
+            log::info!("vhost-user: listening on {}", socket.display());
+            if let Some(uid) = confine_uid {
+                let allow = if allow_no_landlock {
+                    vec![confine::Feature::Landlock]
+                } else {
+                    Vec::new()
+                };
+                let plan = confine::Plan {
+                    uid,
+                    gid: uid,
+                    allow_missing: allow,
+                };
+                confine::enter_standalone(&plan, confine::Profile::DriverDomain)
+                    .map_err(|e| anyhow::anyhow!(confine::error_chain(&e)))
+                    .context("confining")?;
+            }
+            serve_forever_on(listener, &AtomicBool::new(false), || {
                 BlkBackendDevice::new(disk.clone(), cfg.clone())
             })?;
             Ok(())

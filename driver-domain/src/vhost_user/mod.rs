@@ -10,5 +10,6 @@ pub mod session;
 
 pub use device::VhostUserDevice;
 pub use session::{
-    bind_atomically, serve_forever, serve_listener, serve_one, VhostUserSessionError,
+    bind_atomically, serve_forever, serve_forever_on, serve_listener, serve_one,
+    VhostUserSessionError,
 };
