@@ -18,6 +18,7 @@
 //!
 //! This crate depends on no other crate of the workspace: it is used by all the binaries.
 
+pub mod cgroup;
 mod filesystem;
 mod limits;
 mod mounts;

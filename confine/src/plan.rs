@@ -25,7 +25,7 @@ pub enum PlanError {
     Root,
     #[error("{ENV}: uid and gid are required")]
     Missing,
-    #[error("{ENV}: unknown feature `{0}` in allow-missing (known: landlock)")]
+    #[error("{ENV}: unknown feature `{0}` in allow-missing (known: landlock, cgroup)")]
     UnknownFeature(String),
 }
 
@@ -36,6 +36,8 @@ pub enum PlanError {
 pub enum Feature {
     /// Landlock (file system access control below the mount namespace).
     Landlock,
+    /// cgroup v2 with the memory and pids controllers (for the limits a host file asks for).
+    Cgroup,
 }
 
 impl Feature {
@@ -43,6 +45,7 @@ impl Feature {
     pub fn name(self) -> &'static str {
         match self {
             Feature::Landlock => "landlock",
+            Feature::Cgroup => "cgroup",
         }
     }
 
@@ -50,6 +53,7 @@ impl Feature {
     pub fn from_name(name: &str) -> Option<Feature> {
         match name {
             "landlock" => Some(Feature::Landlock),
+            "cgroup" => Some(Feature::Cgroup),
             _ => None,
         }
     }

@@ -61,6 +61,8 @@ pub struct SpawnSpec<'a> {
     pub unblock: libc::sigset_t,
     /// The signal the child gets when the forking thread dies (PR_SET_PDEATHSIG).
     pub parent_death_signal: libc::c_int,
+    /// A cgroup's `cgroup.procs`, open for writing: the child enters that group before exec.
+    pub cgroup_procs: Option<&'a OwnedFd>,
 }
 
 fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
@@ -121,6 +123,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<libc::pid_t, SpawnError> {
                 status_write,
                 unblock: &spec.unblock,
                 parent_death_signal: spec.parent_death_signal,
+                cgroup_procs: spec.cgroup_procs.map(|f| f.as_raw_fd()),
             })
         }
     }
@@ -165,6 +168,7 @@ struct ChildArgs<'a> {
     status_write: RawFd,
     unblock: &'a libc::sigset_t,
     parent_death_signal: libc::c_int,
+    cgroup_procs: Option<RawFd>,
 }
 
 /// Reports errno on the status pipe and exits: the child's end when a step fails.
@@ -189,6 +193,12 @@ unsafe fn child_exec(a: ChildArgs<'_>) -> ! {
     // SAFETY: (whole body) plain system calls on descriptors and pointers prepared before
     // the fork; on failure the errno goes to the status pipe and the child exits.
     unsafe {
+        // Into its cgroup first, so it runs under its limits from its first instruction.
+        if let Some(procs) = a.cgroup_procs {
+            if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                fail(a.status_write);
+            }
+        }
         if let Some((out, err)) = a.output {
             if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
                 fail(a.status_write);

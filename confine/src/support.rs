@@ -32,6 +32,11 @@ pub fn has_namespaces() -> bool {
         .all(|ns| std::path::Path::new("/proc/self/ns").join(ns).exists())
 }
 
+/// Where cgroup v2 is mounted with the memory and pids controllers, if it is.
+pub fn cgroup2_with_controllers() -> Option<std::path::PathBuf> {
+    cgroup2_root().filter(|root| crate::cgroup::has_controllers(root))
+}
+
 /// Where cgroup v2 is mounted, if it is.
 pub fn cgroup2_root() -> Option<std::path::PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;

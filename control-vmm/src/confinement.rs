@@ -6,9 +6,16 @@
 //! [confinement]
 //! enabled = true              # false: every domain runs as root, unconfined (said loudly)
 //! uid_base = 200000           # domain N runs as uid and gid uid_base + N
-//! allow_missing = []          # ["landlock"]: run without Landlock where the kernel lacks it
+//! allow_missing = []          # ["landlock", "cgroup"]: run without them where missing
+//! memory_max_mib = 512        # optional: cgroup v2 memory.max per domain (a VMM: + its RAM)
+//! pids_max = 256              # optional: cgroup v2 pids.max per domain
 //! ```
 
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use confine::cgroup::{CgroupError, DomainCgroups, Limits};
 use confine::{Feature, Plan};
 use serde::Deserialize;
 
@@ -30,6 +37,14 @@ pub enum ConfinementError {
          allow_missing = [\"{feature}\"]` in the host file to accept that"
     )]
     Missing { feature: &'static str },
+    #[error(
+        "the host file asks for cgroup limits (memory_max_mib, pids_max), but this machine has \
+         no cgroup v2 hierarchy with the memory and pids controllers; set `[confinement] \
+         allow_missing = [\"cgroup\"]` to run without them"
+    )]
+    NoCgroup,
+    #[error("cgroups")]
+    Cgroup(#[from] CgroupError),
     #[error("only root can start confined domains (each runs as its own uid); run as root, or set `[confinement] enabled = false`")]
     NotRoot,
 }
@@ -39,12 +54,14 @@ pub enum ConfinementError {
 #[serde(rename_all = "kebab-case")]
 pub enum OptionalFeature {
     Landlock,
+    Cgroup,
 }
 
 impl OptionalFeature {
     fn feature(self) -> Feature {
         match self {
             OptionalFeature::Landlock => Feature::Landlock,
+            OptionalFeature::Cgroup => Feature::Cgroup,
         }
     }
 }
@@ -59,6 +76,12 @@ pub struct ConfinementConfig {
     pub uid_base: u32,
     #[serde(default)]
     pub allow_missing: Vec<OptionalFeature>,
+    /// cgroup v2 `memory.max` of each domain, MiB (a VMM's is this plus its guest's RAM).
+    #[serde(default)]
+    pub memory_max_mib: Option<u64>,
+    /// cgroup v2 `pids.max` of each domain (threads count).
+    #[serde(default)]
+    pub pids_max: Option<u64>,
 }
 
 fn enabled_by_default() -> bool {
@@ -75,6 +98,8 @@ impl Default for ConfinementConfig {
             enabled: true,
             uid_base: DEFAULT_UID_BASE,
             allow_missing: Vec::new(),
+            memory_max_mib: None,
+            pids_max: None,
         }
     }
 }
@@ -105,6 +130,9 @@ impl ConfinementConfig {
 pub struct Confinement {
     uid_base: u32,
     allow_missing: Vec<Feature>,
+    /// Where to put domains' cgroups, when the host file asks for limits and the machine
+    /// has cgroup v2 (set up by [`Confinement::prepare`]).
+    cgroups: Option<(Arc<DomainCgroups>, Limits)>,
 }
 
 /// What this machine offers, as [`Confinement::prepare`] finds it.
@@ -115,6 +143,8 @@ pub struct MachineSupport {
     /// Optional features it lacks (Landlock).
     pub optional_missing: Vec<Feature>,
     pub root: bool,
+    /// The cgroup v2 root, if it has the memory and pids controllers.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl MachineSupport {
@@ -124,6 +154,7 @@ impl MachineSupport {
             required_missing: confine::support::required(),
             optional_missing: confine::support::missing_optional(),
             root: nix::unistd::geteuid().is_root(),
+            cgroup: confine::support::cgroup2_with_controllers(),
         }
     }
 }
@@ -132,11 +163,40 @@ impl Confinement {
     /// Checks this machine against `config`; `Ok(None)` if the host file turned confinement
     /// off (said on stderr). What is missing and allowed is said on stderr too.
     pub fn prepare(config: &ConfinementConfig) -> Result<Option<Confinement>, ConfinementError> {
-        let decided = Self::decide(config, &MachineSupport::probe())?;
-        for warning in &decided.1 {
+        let machine = MachineSupport::probe();
+        let (mut confinement, warnings) = Self::decide(config, &machine)?;
+        for warning in &warnings {
             eprintln!("splitvmm: WARNING: {warning}");
         }
-        Ok(decided.0)
+        if let (Some(c), Some(root), Some(limits)) =
+            (confinement.as_mut(), &machine.cgroup, Self::limits(config))
+        {
+            c.cgroups = Some((Arc::new(DomainCgroups::create(root)?), limits));
+        }
+        Ok(confinement)
+    }
+
+    /// The limits `config` asks for, if any.
+    fn limits(config: &ConfinementConfig) -> Option<Limits> {
+        (config.memory_max_mib.is_some() || config.pids_max.is_some()).then(|| Limits {
+            memory_bytes: config.memory_max_mib.map(|m| m << 20),
+            pids: config.pids_max,
+        })
+    }
+
+    /// Domain `name`'s cgroup, with `guest_ram_mib` more memory than the host file's limit
+    /// (a VMM holds its guest's RAM); `None` without limits.
+    pub fn cgroup(&self, name: &str, guest_ram_mib: u64) -> Result<Option<File>, ConfinementError> {
+        let Some((cgroups, limits)) = &self.cgroups else {
+            return Ok(None);
+        };
+        let limits = Limits {
+            memory_bytes: limits
+                .memory_bytes
+                .map(|m| m.saturating_add(guest_ram_mib << 20)),
+            ..*limits
+        };
+        Ok(Some(cgroups.leaf(name, limits)?))
     }
 
     /// What `config` makes of `machine`: the confinement (or none), and the warnings to say.
@@ -164,6 +224,16 @@ impl Confinement {
         }
         let allowed: Vec<Feature> = config.allow_missing.iter().map(|f| f.feature()).collect();
         let mut warnings = Vec::new();
+        if Self::limits(config).is_some() && machine.cgroup.is_none() {
+            if !allowed.contains(&Feature::Cgroup) {
+                return Err(ConfinementError::NoCgroup);
+            }
+            warnings.push(
+                "no cgroup v2 memory and pids controllers: domains run without the limits the \
+                 host file asks for, as it allows"
+                    .to_owned(),
+            );
+        }
         for missing in &machine.optional_missing {
             if !allowed.contains(missing) {
                 return Err(ConfinementError::Missing {
@@ -179,6 +249,7 @@ impl Confinement {
             Some(Confinement {
                 uid_base: config.uid_base,
                 allow_missing: allowed,
+                cgroups: None,
             }),
             warnings,
         ))
@@ -199,6 +270,7 @@ mod tests {
         let c = Confinement {
             uid_base: DEFAULT_UID_BASE,
             allow_missing: vec![],
+            cgroups: None,
         };
         assert_ne!(c.plan(1).uid, c.plan(2).uid);
         assert_eq!(c.plan(2).uid, DEFAULT_UID_BASE + 2);
@@ -219,6 +291,7 @@ mod tests {
             required_missing: vec![],
             optional_missing,
             root: true,
+            cgroup: None,
         }
     }
 
@@ -281,5 +354,22 @@ mod tests {
         let config =
             crate::config::HostConfig::parse(std::path::Path::new("h.toml"), &good).unwrap();
         assert_eq!(config.confinement.uid_base, 300_000);
+    }
+
+    #[test]
+    fn limits_without_cgroup_v2_are_refused_unless_allowed() {
+        let asked: ConfinementConfig = toml::from_str("pids_max = 64").unwrap();
+        let err = Confinement::decide(&asked, &machine(vec![])).unwrap_err();
+        assert!(matches!(err, ConfinementError::NoCgroup), "{err}");
+        let allowed: ConfinementConfig =
+            toml::from_str("pids_max = 64\nallow_missing = [\"cgroup\"]").unwrap();
+        let (c, warnings) = Confinement::decide(&allowed, &machine(vec![])).unwrap();
+        assert!(c.is_some());
+        assert!(warnings[0].contains("cgroup"), "{warnings:?}");
+        // With cgroup v2 there, nothing to allow; without limits asked, cgroups do not matter.
+        let mut with = machine(vec![]);
+        with.cgroup = Some("/sys/fs/cgroup".into());
+        assert!(Confinement::decide(&asked, &with).unwrap().1.is_empty());
+        assert!(Confinement::decide(&ConfinementConfig::default(), &machine(vec![])).is_ok());
     }
 }

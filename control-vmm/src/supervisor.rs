@@ -63,6 +63,8 @@ pub struct Launch {
     /// Confined: started in its own namespaces with this plan in its environment (the
     /// process applies it at start-up, see the `confine` crate).
     pub confine: Option<Plan>,
+    /// A cgroup's `cgroup.procs`, open: the process enters it before it executes.
+    pub cgroup: Option<File>,
 }
 
 impl Launch {
@@ -72,6 +74,7 @@ impl Launch {
             command,
             output: None,
             confine: None,
+            cgroup: None,
         }
     }
 }
@@ -119,6 +122,7 @@ impl DomainProcess {
             }
             None => None,
         };
+        let cgroup = launch.cgroup.map(OwnedFd::from);
         let name_owned = name.to_owned();
         let pid = spawn_from_long_lived_thread(Box::new(move || {
             let spec = SpawnSpec {
@@ -130,6 +134,7 @@ impl DomainProcess {
                 namespaces,
                 unblock: *signals::termination_sigset().as_ref(),
                 parent_death_signal: libc::SIGKILL,
+                cgroup_procs: cgroup.as_ref(),
             };
             // The parent's copies of `fds` and the output close when this returns.
             confine::spawn(&spec)

@@ -153,6 +153,7 @@ fn run_confined(program: &str, args: &[String], domid: u32) -> (ExitStatus, Stri
     let launch = Launch {
         command,
         output: Some(std::fs::File::create(&log).unwrap()),
+        cgroup: None,
         confine: Some(confine::Plan::for_domain(DEFAULT_UID_BASE, domid, vec![])),
     };
     let mut process = DomainProcess::spawn(program, launch, vec![]).unwrap();
@@ -309,4 +310,54 @@ fn a_probe_without_a_plan_refuses_to_run_unconfined() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("need a plan"));
+}
+
+#[test]
+fn cgroup_limits_apply_where_cgroup_v2_has_the_controllers_and_are_refused_elsewhere() {
+    if !is_root() {
+        test_support::skip(
+            "cgroup_limits_apply_where_cgroup_v2_has_the_controllers_and_are_refused_elsewhere",
+            "confined domains need root",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = default_example(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    // The section goes right after run_dir, before [checks] and the tables.
+    let body = text.replacen(
+        &format!("run_dir = \"{}/run\"\n", dir.path().display()),
+        "",
+        1,
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"{}/run\"\n[confinement]\nmemory_max_mib = 256\npids_max = 200\n{body}",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let Some(root) = confine::support::cgroup2_with_controllers() else {
+        // This machine (cgroup v2 without memory and pids): refused, saying how to opt out.
+        let out = splitvmm_tests::running::run(
+            splitvmm_tests::running::splitvmm().arg("up").arg(&config),
+        );
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("allow_missing = [\"cgroup\"]"), "{stderr}");
+        return;
+    };
+    let host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    let parent = root.join(format!("splitvmm-{}", host.pid()));
+    for (pid, comm) in children_of(host.pid()) {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let path = cgroup.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let leaf = root.join(path.trim_start_matches('/'));
+        assert_eq!(leaf.parent().unwrap(), parent, "{comm} in {path}");
+        let pids = std::fs::read_to_string(leaf.join("pids.max")).unwrap();
+        assert_eq!(pids.trim(), "200", "{comm}");
+        let memory = std::fs::read_to_string(leaf.join("memory.max")).unwrap();
+        assert_eq!(memory.trim(), (256u64 << 20).to_string(), "{comm}");
+    }
 }

@@ -50,6 +50,7 @@ fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
     let launch = Launch {
         command,
         output: None,
+        cgroup: None,
         // Confined as `splitvmm up` confines it, where this runs as root.
         confine: nix::unistd::geteuid().is_root().then(|| {
             confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, DRIVER, vec![])

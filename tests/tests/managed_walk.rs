@@ -42,6 +42,7 @@ fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
         control_vmm::supervisor::Launch {
             command: cmd,
             output: None,
+            cgroup: None,
             // Confined as `splitvmm up` confines it, where this runs as root.
             confine: nix::unistd::geteuid().is_root().then(|| {
                 confine::Plan::for_domain(

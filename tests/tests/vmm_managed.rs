@@ -41,6 +41,7 @@ fn start(
         control_vmm::supervisor::Launch {
             command: cmd,
             output: None,
+            cgroup: None,
             // Confined as `splitvmm up` confines it, where this runs as root.
             confine: nix::unistd::geteuid().is_root().then(|| {
                 confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])

@@ -63,7 +63,7 @@ impl Host {
             &self.run_dir,
             (config.domid, &name),
             command,
-            self.plan(config.domid),
+            self.confinement_of(&config)?,
             false,
         )?;
         let slot = Arc::new(GuestSlot {
@@ -141,7 +141,7 @@ impl Host {
                 &self.run_dir,
                 (slot.config.domid, name),
                 command,
-                self.plan(slot.config.domid),
+                self.confinement_of(&slot.config)?,
                 true,
             )?;
             guest.stats = None;

@@ -50,6 +50,29 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// nested boot takes 8-18 s), and its power-off runs its shutdown scripts.
 const LINUX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// RAM of a tiny KVM guest (`splitvmm-vmm`'s default, MiB).
+const KVM_GUEST_RAM_MIB: u64 = 8;
+
+/// A domain's plan and its cgroup's `cgroup.procs` (when the host file asks for limits).
+type DomainConfinement = (confine::Plan, Option<File>);
+
+/// Domain (`domid`, `name`)'s confinement under `confinement`, with `ram_mib` of guest RAM
+/// on top of its memory limit.
+fn domain_confinement(
+    confinement: Option<&Confinement>,
+    domid: u32,
+    name: &str,
+    ram_mib: u64,
+) -> Result<Option<DomainConfinement>> {
+    let Some(c) = confinement else {
+        return Ok(None);
+    };
+    let cgroup = c
+        .cgroup(name, ram_mib)
+        .with_context(|| format!("the cgroup of {name}"))?;
+    Ok(Some((c.plan(domid), cgroup)))
+}
+
 /// RAM of a Linux guest whose host file says nothing (MiB).
 const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
 
@@ -187,7 +210,7 @@ impl Host {
             &config.run_dir,
             (dd.domid, &dd.name),
             command,
-            confinement.as_ref().map(|c| c.plan(dd.domid)),
+            domain_confinement(confinement.as_ref(), dd.domid, &dd.name, 0)?,
             false,
         )?;
         let host = Host {
@@ -219,9 +242,19 @@ impl Host {
         Ok(host)
     }
 
-    /// Domain `domid`'s confinement plan, unless confinement is off.
-    fn plan(&self, domid: u32) -> Option<confine::Plan> {
-        self.confinement.as_ref().map(|c| c.plan(domid))
+    /// Guest `config`'s confinement: its plan and cgroup, unless confinement is off.
+    fn confinement_of(&self, config: &GuestConfig) -> Result<Option<DomainConfinement>> {
+        let ram_mib = match config.kind {
+            GuestKind::Process => 0,
+            GuestKind::Kvm => KVM_GUEST_RAM_MIB,
+            GuestKind::Linux => config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB),
+        };
+        domain_confinement(
+            self.confinement.as_ref(),
+            config.domid,
+            &config.name,
+            ram_mib,
+        )
     }
 
     /// The run directory: the store and management sockets, the logs.
@@ -378,7 +411,7 @@ fn start_domain(
     run_dir: &Path,
     (domid, name): (u32, &str),
     mut command: Command,
-    plan: Option<confine::Plan>,
+    confinement: Option<DomainConfinement>,
     append: bool,
 ) -> Result<Domain> {
     let store_conn: OwnedFd = store
@@ -397,10 +430,12 @@ fn start_domain(
         .truncate(!append)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
+    let (plan, cgroup) = confinement.map_or((None, None), |(p, c)| (Some(p), c));
     let launch = Launch {
         command,
         output: Some(log),
         confine: plan,
+        cgroup,
     };
     let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])?;
     Ok(Domain {
