@@ -32,6 +32,12 @@ pub enum SupervisorError {
     },
     #[error("the spawner thread is gone")]
     Spawner,
+    #[error("duplicating the output of {name}")]
+    Output {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("waiting for {name}")]
     Wait {
         name: String,
@@ -114,7 +120,7 @@ impl DomainProcess {
         let args: Vec<OsString> = launch.command.get_args().map(|a| a.to_owned()).collect();
         let output = match launch.output {
             Some(file) => {
-                let err = file.try_clone().map_err(|source| SupervisorError::Wait {
+                let err = file.try_clone().map_err(|source| SupervisorError::Output {
                     name: name.to_owned(),
                     source,
                 })?;

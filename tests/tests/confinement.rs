@@ -361,3 +361,41 @@ fn cgroup_limits_apply_where_cgroup_v2_has_the_controllers_and_are_refused_elsew
         assert_eq!(memory.trim(), (256u64 << 20).to_string(), "{comm}");
     }
 }
+
+#[test]
+fn confined_domains_die_with_a_killed_toolstack() {
+    if !is_root() {
+        test_support::skip(
+            "confined_domains_die_with_a_killed_toolstack",
+            "confined domains need root",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = default_example(dir.path());
+    let mut host = RunningHost::start(&config, &dir.path().join("run/xenstored.sock"), &[]);
+    let domains: Vec<i32> = children_of(host.pid())
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(domains.len(), 3);
+    // Each is pid 1 of its namespace, where signals without a handler are dropped; the
+    // parent-death signal (SIGKILL, sent from the parent's namespace) still reaches it.
+    host.stop(nix::sys::signal::Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for pid in domains {
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+                .unwrap_or(true);
+            if zombie {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "domain process {pid} outlived its toolstack"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
