@@ -50,9 +50,6 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_ftruncate,
-    libc::SYS_fallocate,
-    libc::SYS_fdatasync,
-    libc::SYS_fsync,
     // opening by path: the mount namespace and Landlock decide what there is to open
     libc::SYS_openat,
     // memory
@@ -110,6 +107,14 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
+];
+
+/// Allowed to the domains that serve disks or accept connections (the driver domain: images
+/// and the listeners it is handed; a VMM: its console listener), not to process guests.
+const DISKS_AND_LISTENERS: &[libc::c_long] = &[
+    libc::SYS_fallocate,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
     libc::SYS_accept4,
 ];
 
@@ -170,6 +175,9 @@ pub fn allowlist(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Se
         libc::SYS_prlimit64,
         vec![SeccompRule::new(vec![arg(2, SeccompCmpOp::Eq, 0)?])?],
     );
+    if profile != Profile::ProcessGuest {
+        rules.extend(DISKS_AND_LISTENERS.iter().map(|nr| (*nr, Vec::new())));
+    }
     match profile {
         Profile::DriverDomain | Profile::ProcessGuest => {
             rules.insert(
@@ -221,4 +229,35 @@ pub fn install(profile: Profile) -> Result<(), SeccompError> {
         seccompiler::apply_filter(&program)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_profile_compiles_and_none_allows_processes_or_tracing() {
+        for profile in [Profile::DriverDomain, Profile::ProcessGuest, Profile::Vmm] {
+            let rules = allowlist(profile).unwrap();
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_fork,
+                libc::SYS_ptrace,
+                libc::SYS_process_vm_readv,
+                libc::SYS_socket,
+                libc::SYS_mount,
+                libc::SYS_io_uring_setup,
+            ] {
+                assert!(!rules.contains_key(&forbidden), "{profile}: {forbidden}");
+            }
+            // clone only with CLONE_THREAD (one conditional rule).
+            assert_eq!(rules[&libc::SYS_clone].len(), 1);
+            assert!(programs(profile).is_ok());
+        }
+        let guest = allowlist(Profile::ProcessGuest).unwrap();
+        assert!(!guest.contains_key(&libc::SYS_accept4));
+        assert!(allowlist(Profile::DriverDomain)
+            .unwrap()
+            .contains_key(&libc::SYS_accept4));
+    }
 }
