@@ -13,6 +13,7 @@ pub mod outqueue;
 pub mod path;
 pub mod perms;
 pub mod server;
+pub mod store_handle;
 pub mod tree;
 pub mod watch;
 pub mod wire;
