@@ -24,7 +24,11 @@ fn rewriting_one_node_in_a_transaction_costs_once() {
         payload.extend_from_slice(v.as_bytes());
         h.tx_ok(G5, MsgType::Write, tx, &payload);
     }
-    assert_eq!(h.e.domain_memory(5), after_one, "journal grew with rewrites");
+    assert_eq!(
+        h.e.domain_memory(5),
+        after_one,
+        "journal grew with rewrites"
+    );
     let out = h.send(G5, MsgType::TransactionEnd, tx, b"T\0");
     assert_eq!(out[0].1.payload, b"OK\0");
 }
