@@ -44,7 +44,7 @@ pub fn run(
             seal_policy,
             ..NetBackendConfig::default()
         };
-        let port = Arc::new(switch.attach(&path.display().to_string())?);
+        let port = Arc::new(switch.attach_guest(&path.display().to_string(), port_mac)?);
         let path = path.clone();
         threads.push(
             std::thread::Builder::new()

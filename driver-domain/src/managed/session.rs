@@ -53,7 +53,7 @@ impl Session {
         mac: [u8; 6],
     ) -> Result<Session, String> {
         let port = switch
-            .attach(&format!("vif{}.{}", id.frontend, id.devid))
+            .attach_guest(&format!("vif{}.{}", id.frontend, id.devid), mac)
             .map_err(|e| format!("switch port: {e}"))?;
         let cfg = NetBackendConfig {
             mac,
