@@ -151,6 +151,10 @@ impl Host {
         for bdf in &dd.owns {
             command.arg("--owns").arg(bdf);
         }
+        if let Some(tap) = &dd.uplink {
+            // The driver domain opens the tap itself: it is the one moving its frames.
+            command.arg("--uplink").arg(tap);
+        }
         let driver = Self::start_domain(&store, dd.domid, &dd.name, command)?;
         let mut host = Host {
             started,

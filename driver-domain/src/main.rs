@@ -34,6 +34,9 @@ enum Cmd {
         /// A PCI function this domain owns (repeatable); reported in the store at start-up.
         #[arg(long, value_name = "DDDD:BB:DD.F")]
         owns: Vec<String>,
+        /// A tap interface (created if missing) to attach to the switch as the uplink.
+        #[arg(long, value_name = "TAP")]
+        uplink: Option<String>,
         /// Root of the sysfs tree to read devices from (tests point it at a fake tree).
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: std::path::PathBuf,
@@ -96,12 +99,18 @@ fn main() -> Result<()> {
         Cmd::Managed {
             domid,
             owns,
+            uplink,
             sysfs_root,
         } => {
             // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing
             // else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
             driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
+            if let Some(tap) = uplink {
+                driver
+                    .attach_uplink(&tap)
+                    .with_context(|| format!("uplink {tap}"))?;
+            }
             driver.run().context("managed driver domain")?;
             Ok(())
         }

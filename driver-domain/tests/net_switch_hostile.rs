@@ -55,7 +55,10 @@ fn the_uplink_carries_many_hosts_but_cannot_steal_a_guests_address() {
     let guest = sw.attach_guest("vif1.0", mac(1)).unwrap();
     let uplink = sw.attach("tap:tap0").unwrap();
     for n in 100..110 {
-        assert!(matches!(send(&uplink, BROADCAST, mac(n)), Forwarded::Flooded(1)));
+        assert!(matches!(
+            send(&uplink, BROADCAST, mac(n)),
+            Forwarded::Flooded(1)
+        ));
     }
     drain(&guest);
     assert_eq!(uplink.counters().tx_spoofed, 0);
@@ -63,7 +66,10 @@ fn the_uplink_carries_many_hosts_but_cannot_steal_a_guests_address() {
     // A frame from outside claiming the guest's address does not move it.
     send(&uplink, BROADCAST, mac(1));
     assert_eq!(sw.lookup(&mac(1)), Some(guest.id()));
-    assert_eq!(send(&uplink, mac(1), mac(100)), Forwarded::Unicast(guest.id()));
+    assert_eq!(
+        send(&uplink, mac(1), mac(100)),
+        Forwarded::Unicast(guest.id())
+    );
 }
 
 #[test]
@@ -92,5 +98,8 @@ fn a_port_spraying_source_addresses_fills_only_its_own_share() {
     assert_eq!(sw.lookup(&mac(1)), Some(g1.id()));
     // up1 is still served: its frames go out, they are just not learned.
     drain(&g1);
-    assert!(matches!(send(&up1, mac(1), mac(9999)), Forwarded::Unicast(_)));
+    assert!(matches!(
+        send(&up1, mac(1), mac(9999)),
+        Forwarded::Unicast(_)
+    ));
 }
