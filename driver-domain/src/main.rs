@@ -67,6 +67,10 @@ enum Cmd {
         /// Refuse shared memory that is not (and cannot be) sealed against shrinking.
         #[arg(long)]
         require_sealed: bool,
+        /// Disconnect a frontend that sends nothing for this long after connecting, so it
+        /// cannot hold the socket from the next frontend.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        greeting_timeout_ms: u64,
     },
     /// Hardware ownership: PCI functions, SR-IOV, VFIO (see docs/lab.md).
     Hw {
@@ -123,7 +127,9 @@ fn main() -> Result<()> {
             poll_us,
             null,
             require_sealed,
+            greeting_timeout_ms,
         } => {
+            let greeting = std::time::Duration::from_millis(greeting_timeout_ms);
             let seal_policy = if require_sealed {
                 SealPolicy::RequireSealed
             } else {
@@ -139,6 +145,7 @@ fn main() -> Result<()> {
                     queues,
                     poll_us,
                     seal_policy,
+                    greeting,
                 );
             }
             let Some(socket) = socket else {
@@ -164,7 +171,7 @@ fn main() -> Result<()> {
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);
-            serve_forever(&socket, &AtomicBool::new(false), || {
+            serve_forever(&socket, &AtomicBool::new(false), greeting, || {
                 BlkBackendDevice::new(disk.clone(), cfg.clone())
             })?;
             Ok(())
