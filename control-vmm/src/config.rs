@@ -139,6 +139,30 @@ pub struct GuestConfig {
     pub nics: Vec<NicConfig>,
 }
 
+impl GuestConfig {
+    /// Reads one guest's description, as `splitvmm create` takes it: the keys of a
+    /// `[[guest]]` entry of the host file, at the top level. Paths are relative to the file's
+    /// directory. The running toolstack checks it against the host it joins.
+    pub fn load(file: &Path) -> Result<GuestConfig, ConfigError> {
+        let text = read_bounded(file)?;
+        let mut guest: GuestConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        guest.resolve_paths(file.parent().unwrap_or(Path::new(".")));
+        Ok(guest)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(kernel) = self.kernel.as_mut().filter(|k| k.is_relative()) {
+            *kernel = base.join(&*kernel);
+        }
+        for disk in self.disks.iter_mut().filter(|d| d.image.is_relative()) {
+            disk.image = base.join(&disk.image);
+        }
+    }
+}
+
 /// A virtual network interface (vif) of a guest: a port of the driver domain's switch.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,8 +230,11 @@ pub struct DiskConfig {
     /// Create (or grow) the image to this many MiB if it is smaller.
     #[serde(default)]
     pub size_mib: Option<u64>,
-    /// Xen virtual device number (51712 is xvda).
-    #[serde(default = "default_devid")]
+    /// Xen virtual device number (51712 is xvda), or the disk's name (`"xvdb"`).
+    #[serde(
+        default = "default_devid",
+        deserialize_with = "crate::vdev::deserialize_devid"
+    )]
     pub devid: u32,
     #[serde(default)]
     pub readonly: bool,
@@ -233,7 +260,9 @@ impl HostConfig {
         Ok(config)
     }
 
-    fn check_files(&self, file: &Path) -> Result<(), ConfigError> {
+    /// Checks that the images and kernels named are what they claim; also what `splitvmm
+    /// create` checks a new guest with.
+    pub(crate) fn check_files(&self, file: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, expected: String| ConfigError::Invalid {
             file: file.to_owned(),
             key,
@@ -285,19 +314,14 @@ impl HostConfig {
         if self.run_dir.is_relative() {
             self.run_dir = base.join(&self.run_dir);
         }
-        for kernel in self.guests.iter_mut().filter_map(|g| g.kernel.as_mut()) {
-            if kernel.is_relative() {
-                *kernel = base.join(&*kernel);
-            }
-        }
-        for disk in self.guests.iter_mut().flat_map(|g| g.disks.iter_mut()) {
-            if disk.image.is_relative() {
-                disk.image = base.join(&disk.image);
-            }
+        for guest in &mut self.guests {
+            guest.resolve_paths(base);
         }
     }
 
-    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+    /// Checks the whole host: also what `splitvmm create` checks a new guest with, against
+    /// the guests already running.
+    pub(crate) fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, expected: &str| ConfigError::Invalid {
             file: file.to_owned(),
             key,
@@ -670,6 +694,31 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("host.toml"), "{text}");
         assert!(text.contains("sise_mib"), "{text}");
+    }
+
+    #[test]
+    fn disks_take_names_or_xen_numbers() {
+        let named = parse(&GOOD.replace("size_mib = 8", "size_mib = 8\ndevid = \"xvdb\""));
+        assert_eq!(named.unwrap().guests[0].disks[0].devid, 51728);
+        assert!(parse(&GOOD.replace("size_mib = 8", "size_mib = 8\ndevid = \"sda\"")).is_err());
+    }
+
+    #[test]
+    fn one_guest_file_loads_with_paths_next_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "name = \"c\"\ndomid = 4\n[[disk]]\nimage = \"c.img\"\n",
+        )
+        .unwrap();
+        let guest = GuestConfig::load(&file).unwrap();
+        assert_eq!(guest.disks[0].image, dir.path().join("c.img"));
+        std::fs::write(&file, "name = \"c\"\ndomid = 4\nbogus = 1\n").unwrap();
+        assert!(GuestConfig::load(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
     }
 
     #[test]

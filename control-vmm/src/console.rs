@@ -1,6 +1,7 @@
-//! `splitvmm console DOMAIN`: a KVM guest's serial console, as `splitvmm up` logs it
-//! (`<run_dir>/<name>.console.log`, next to the store socket), printed and followed like
-//! `tail -f`. Read-only: the tiny guest takes no console input.
+//! `splitvmm console DOMAIN`: a domain's output as `splitvmm up` logs it
+//! (`<run_dir>/logs/<name>.log`): a KVM guest's serial console and its VMM's log lines, a
+//! process domain's log lines; printed and followed like `tail -f`. Read-only: the tiny
+//! guest takes no console input.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -10,18 +11,20 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::config::is_valid_name;
+use crate::host::log_path;
 
 /// Prints the console log of `domain`; with `follow`, keeps printing what is appended until
 /// interrupted.
-pub fn show(store: &Path, domain: &str, follow: bool) -> Result<ExitCode> {
+pub fn show(run_dir: &Path, domain: &str, follow: bool) -> Result<ExitCode> {
     if !is_valid_name(domain) {
         bail!("{domain:?} is not a domain name");
     }
-    let path = store.with_file_name(format!("{domain}.console.log"));
+    let path = log_path(run_dir, domain);
     let mut file = std::fs::File::open(&path).with_context(|| {
         format!(
-            "no console log for {domain} at {} (only KVM guests have a console)",
-            path.display()
+            "no log for {domain} at {} (is it a domain of the host in {}? Pass --run-dir)",
+            path.display(),
+            run_dir.display()
         )
     })?;
     let mut out = std::io::stdout().lock();

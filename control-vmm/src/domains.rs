@@ -182,9 +182,17 @@ pub fn remove_frontend(client: &mut StoreClient, dev: &DeviceId) -> Result<(), D
     }
 }
 
-/// Removes both directories of a device.
+/// Removes both directories of a device, and the counters its backend published for it
+/// (`data/io/<kind>/<frontend>/<devid>` under the backend domain).
 pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), DomainError> {
-    for path in [dev.frontend_path(), dev.backend_path()] {
+    let counters = format!(
+        "{}/data/io/{}/{}/{}",
+        domain_path(dev.backend),
+        dev.kind,
+        dev.frontend,
+        dev.devid
+    );
+    for path in [dev.frontend_path(), dev.backend_path(), counters] {
         match client.rm(&path) {
             Ok(()) => {}
             Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
@@ -192,6 +200,32 @@ pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), Dom
         }
     }
     Ok(())
+}
+
+/// Waits until the backend of `dev` is Closed, then removes the device's directories (also
+/// when the wait fails: a backend that never closes is told so by its directory going).
+pub fn remove_once_closed(
+    client: &mut StoreClient,
+    dev: &DeviceId,
+    timeout: Duration,
+) -> Result<(), DomainError> {
+    let closed = wait_for_state(client, &dev.backend_path(), XenbusState::Closed, timeout);
+    remove_device(client, dev)?;
+    closed
+}
+
+/// Removes a device whose frontend is gone or never took it, from the backend's side: close
+/// requested first, then the frontend's directory taken away (the backend then finds the
+/// request already there when it sees its frontend gone, and its Closed comes last), then
+/// both directories once the backend is Closed, so no late backend write brings one back.
+pub fn tear_down(
+    client: &mut StoreClient,
+    dev: &DeviceId,
+    timeout: Duration,
+) -> Result<(), DomainError> {
+    request_close(client, dev)?;
+    remove_frontend(client, dev)?;
+    remove_once_closed(client, dev, timeout)
 }
 
 /// Reads a xenbus state; a missing node reads as Closed (a vanished peer is gone).

@@ -54,3 +54,16 @@ pub fn unblock_in_child() -> std::io::Result<()> {
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&termination_signals()), None)
         .map_err(std::io::Error::from)
 }
+
+/// The exit status of a program that shut down in order after termination signal `signal`
+/// (0 if none came), or `None` to report how the work went: SIGINT (Ctrl-C) and SIGHUP give
+/// 128 + their number (130, 129), as a shell reports a program they ended; SIGTERM is how a
+/// service manager or a script stops a daemon, and an orderly stop on request is a success.
+pub fn exit_code(signal: i32) -> Option<std::process::ExitCode> {
+    match signal {
+        libc::SIGINT | libc::SIGHUP => Some(std::process::ExitCode::from(
+            u8::try_from(128 + signal).unwrap_or(1),
+        )),
+        _ => None,
+    }
+}

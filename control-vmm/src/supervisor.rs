@@ -3,11 +3,14 @@
 //! A domain process inherits nothing but stdin/stdout/stderr and the descriptors given to
 //! [`DomainProcess::spawn`], which appear as fds 3, 4, ... in order. Dropping a
 //! [`DomainProcess`] that is still running kills it (SIGTERM, then SIGKILL after a grace
-//! period) and waits for it, so every exit path of the toolstack reaps its children.
+//! period) and waits for it, so every exit path of the toolstack reaps its children. Every
+//! domain process is forked by one long-lived thread (see `spawn_from_long_lived_thread`), so
+//! its parent-death signal follows the toolstack, not the request that started it.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -91,10 +94,11 @@ impl DomainProcess {
                 signals::unblock_in_child()
             });
         }
-        let child = command.spawn().map_err(|source| SupervisorError::Spawn {
-            name: name.to_owned(),
-            source,
-        })?;
+        let child =
+            spawn_from_long_lived_thread(command).map_err(|source| SupervisorError::Spawn {
+                name: name.to_owned(),
+                source,
+            })?;
         // The parent's copies close here; the child has its own.
         drop(fds);
         log::info!("started {name} (pid {})", child.id());
@@ -174,6 +178,45 @@ impl Drop for DomainProcess {
     }
 }
 
+/// A command to start, and where to send the result.
+struct SpawnJob {
+    command: Command,
+    reply: mpsc::Sender<std::io::Result<Child>>,
+}
+
+/// Starts `command` from one thread that lives as long as the process.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process: a
+/// domain started from a management request's thread would be killed when that request is
+/// answered. So every domain process is forked by the same long-lived thread.
+fn spawn_from_long_lived_thread(command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Option<Mutex<mpsc::Sender<SpawnJob>>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for mut job in rx {
+                    let _ = job.reply.send(job.command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| Mutex::new(tx))
+    });
+    let Some(spawner) = spawner else {
+        return Err(std::io::Error::other("the spawner thread could not start"));
+    };
+    let (reply, result) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(SpawnJob { command, reply })
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    result
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
 /// A short description of how a process ended, for tables and logs.
 pub fn describe(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -210,6 +253,24 @@ mod tests {
         assert_eq!(lines.next(), Some("three"));
         // 0, 1, 2, 3, 4 and the directory fd `ls` opens: nothing else was inherited.
         assert_eq!(lines.next().map(str::trim), Some("6"));
+    }
+
+    #[test]
+    fn a_process_started_from_a_short_lived_thread_outlives_it() {
+        let p = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("60");
+            DomainProcess::spawn("sleeper", cmd, vec![]).unwrap()
+        })
+        .join()
+        .unwrap();
+        // The thread that asked is gone; the parent-death signal must not have fired.
+        let mut p = p;
+        assert!(p
+            .wait_timeout(Duration::from_millis(300))
+            .unwrap()
+            .is_none());
+        assert!(p.stop().is_some());
     }
 
     #[test]

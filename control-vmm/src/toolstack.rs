@@ -1,65 +1,87 @@
-//! The running toolstack's management socket: `splitvmm up --stay` serves it, and
-//! `splitvmm block-attach` / `block-detach` / `disk-check` / `network-attach` /
-//! `network-detach` / `net-ping` talk to it.
+//! The running toolstack's management socket: `splitvmm up --stay` serves it, and the
+//! per-guest commands (`create`, `shutdown`, `reboot`, `destroy`, `block-attach`,
+//! `block-detach`, `disk-check`, `network-attach`, `network-detach`, `net-ping`) talk to it.
 //!
-//! It lives next to the store socket (`<run_dir>/toolstack.sock`); requests are
-//! [`ToolstackRequest`]s on a control channel, one reply each.
+//! It lives in the run directory (`<run_dir>/toolstack.sock`, next to the store socket);
+//! requests are [`ToolstackRequest`]s on a control channel, one reply each. Each request is
+//! served on its own thread, and the host locks per guest, so a slow request to one guest
+//! does not hold up requests to the others.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ipc::control::messages::{ToolstackReply, ToolstackRequest};
 use ipc::control::{ChannelError, ControlChannel, ControlListener};
 
-use crate::config::{DiskConfig, NicConfig};
+use crate::config::{DiskConfig, GuestConfig, NicConfig};
 use crate::host::Host;
+use crate::location;
+use crate::vdev::Vdev;
 
 /// How long a client waits for the toolstack to carry out a request.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The management socket that belongs with the store socket `store`.
-pub fn socket_path(store: &Path) -> PathBuf {
-    store.with_file_name("toolstack.sock")
-}
-
-/// Serves management requests on `host` until `stop` is set.
-pub fn serve(host: &mut Host, store: &Path, stop: &AtomicBool) -> Result<()> {
-    let path = socket_path(store);
+/// Serves management requests on `host` until `stop` is set, each on its own thread; returns
+/// once every request thread has ended.
+pub fn serve(host: &Arc<Host>, stop: &AtomicBool) -> Result<()> {
+    let path = host.run_dir().join(location::TOOLSTACK_SOCKET);
     let listener =
         ControlListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
     host.progress(&format!(
-        "host is up; manage it through {} (Ctrl-C to shut down)",
-        path.display()
+        "host is up; manage it with `splitvmm --run-dir {} COMMAND` (Ctrl-C to shut down)",
+        host.run_dir().display()
     ));
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        workers.retain(|w| !w.is_finished());
         let Some(client) = listener.accept_timeout(Duration::from_millis(200))? else {
             continue;
         };
-        let request = match client.recv_timeout::<ToolstackRequest>(Duration::from_secs(5)) {
-            Ok(Some((request, _))) => request,
-            // A probe (`toolstack::is_running`) connects and leaves without a word.
-            Ok(None) | Err(ChannelError::Closed) => continue,
-            Err(e) => {
-                log::warn!("management client: {e}");
-                continue;
-            }
-        };
-        let reply = match handle(host, request) {
-            Ok(done) => ToolstackReply::Done(done),
-            Err(e) => ToolstackReply::Failed(format!("{e:#}")),
-        };
-        if let Err(e) = client.send(&reply, &[]) {
-            log::warn!("management client went away: {e}");
+        let host = Arc::clone(host);
+        let worker = std::thread::Builder::new()
+            .name("request".into())
+            .spawn(move || serve_one(&host, client));
+        match worker {
+            Ok(worker) => workers.push(worker),
+            Err(e) => log::error!("starting a request thread: {e}"),
+        }
+    }
+    // Requests in flight see the stop flag and end.
+    for worker in workers {
+        if worker.join().is_err() {
+            log::error!("a request thread panicked");
         }
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
 }
 
-fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
+fn serve_one(host: &Host, client: ControlChannel) {
+    let request = match client.recv_timeout::<ToolstackRequest>(Duration::from_secs(5)) {
+        Ok(Some((request, _))) => request,
+        // A probe (`toolstack::is_running`) connects and leaves without a word.
+        Ok(None) | Err(ChannelError::Closed) => return,
+        Err(e) => {
+            log::warn!("management client: {e}");
+            return;
+        }
+    };
+    log::info!("request: {request:?}");
+    let reply = match handle(host, request) {
+        Ok(done) => ToolstackReply::Done(done),
+        Err(e) => ToolstackReply::Failed(format!("{e:#}")),
+    };
+    if let Err(e) = client.send(&reply, &[]) {
+        log::warn!("management client went away: {e}");
+    }
+}
+
+fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
     match request {
         ToolstackRequest::BlockAttach {
             guest,
@@ -77,11 +99,14 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
                 scratch,
             };
             let sectors = host.attach_disk(&guest, &disk)?;
-            Ok(format!("{guest}: vbd {devid} attached, {sectors} sectors"))
+            Ok(format!(
+                "{guest}: vbd {} attached, {sectors} sectors",
+                Vdev(devid)
+            ))
         }
         ToolstackRequest::BlockDetach { guest, devid } => {
             host.detach_disk(&guest, devid)?;
-            Ok(format!("{guest}: vbd {devid} detached"))
+            Ok(format!("{guest}: vbd {} detached", Vdev(devid)))
         }
         ToolstackRequest::NetworkAttach {
             guest,
@@ -92,8 +117,8 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             let nic = NicConfig { devid, mac, ip };
             let ip = host.attach_nic(&guest, &nic)?;
             Ok(format!(
-                "{guest}: vif {devid} attached, {}.{}.{}.{}",
-                ip[0], ip[1], ip[2], ip[3]
+                "{guest}: vif {devid} attached, {}",
+                std::net::Ipv4Addr::from(ip)
             ))
         }
         ToolstackRequest::NetworkDetach { guest, devid } => {
@@ -113,8 +138,29 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             }
         }
         ToolstackRequest::Destroy { guest } => {
-            host.destroy_guest(&guest)?;
-            Ok(format!("destroyed {guest}"))
+            let name = host.destroy_guest(&guest)?;
+            Ok(format!("destroyed {name}"))
+        }
+        ToolstackRequest::Create { file } => {
+            let file = Path::new(&file);
+            let config = GuestConfig::load(file)?;
+            let (name, domid) = (config.name.clone(), config.domid);
+            host.create_guest(config, Some(file))?;
+            Ok(format!("created {name} (domain {domid})"))
+        }
+        ToolstackRequest::Shutdown { guest } => {
+            let (name, stats) = host.shutdown_guest(&guest)?;
+            Ok(match stats {
+                Some(s) => format!(
+                    "shut down {name}: {} requests, {} bytes, {} kicks, {} interrupts",
+                    s.requests, s.bytes, s.kicks_sent, s.interrupts
+                ),
+                None => format!("shut down {name} (it reported no counters)"),
+            })
+        }
+        ToolstackRequest::Reboot { guest } => {
+            let name = host.reboot_guest(&guest)?;
+            Ok(format!("rebooted {name}"))
         }
         ToolstackRequest::DiskCheck {
             guest,
@@ -123,28 +169,22 @@ fn handle(host: &mut Host, request: ToolstackRequest) -> Result<String> {
             verify_only,
         } => {
             if host.disk_check(&guest, devid, seed, verify_only)? {
-                Ok(format!("{guest}: vbd {devid} check passed"))
+                Ok(format!("{guest}: vbd {} check passed", Vdev(devid)))
             } else {
-                bail!("{guest}: vbd {devid} check failed")
+                bail!("{guest}: vbd {} check failed", Vdev(devid))
             }
         }
     }
 }
 
-/// Whether a toolstack is running for the store at `store`.
-pub fn is_running(store: &Path) -> bool {
-    ControlChannel::connect(&socket_path(store)).is_ok()
+/// Whether a toolstack answers at `socket`.
+pub fn is_running(socket: &Path) -> bool {
+    ControlChannel::connect(socket).is_ok()
 }
 
-/// Sends one request to a running toolstack and prints its answer.
-pub fn request(store: &Path, request: ToolstackRequest) -> Result<ExitCode> {
-    let path = socket_path(store);
-    let channel = ControlChannel::connect(&path).with_context(|| {
-        format!(
-            "no running toolstack at {} (start one with `splitvmm up CONFIG --stay`)",
-            path.display()
-        )
-    })?;
+/// Sends one request to the toolstack at `socket` and prints its answer.
+pub fn request(socket: &Path, request: ToolstackRequest) -> Result<ExitCode> {
+    let channel = ControlChannel::connect(socket).map_err(|_| location::no_toolstack(socket))?;
     channel.send(&request, &[])?;
     match channel.recv_timeout::<ToolstackReply>(REPLY_TIMEOUT)? {
         Some((ToolstackReply::Done(text), _)) => {

@@ -8,15 +8,17 @@
 //! disk is detached at run time while the other guests keep doing I/O, re-attached, and (with
 //! `disk`) its pattern verified again. Then everything is shut down, a table per domain is
 //! printed, and the exit status says whether every check passed. With `--stay` the host stays
-//! up after the checks, managed through the toolstack socket (`splitvmm block-attach`,
-//! `block-detach`, `disk-check`), until SIGINT or SIGTERM.
+//! up after the checks, managed through its run directory (`splitvmm create`, `shutdown`,
+//! `block-attach`, ...), until SIGINT or SIGTERM. After SIGINT (Ctrl-C) the exit status is 130,
+//! as a shell reports a program Ctrl-C ended; after SIGTERM (how services are stopped) it
+//! says how the checks and the shutdown went, 0 if all was well.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Result};
 
 use crate::config::{ChecksConfig, DiskConfig, HostConfig};
 use crate::host::{Host, ShutdownReport};
@@ -32,9 +34,18 @@ pub fn seed_for(domid: u32, devid: u32, round: u64) -> u64 {
     (u64::from(domid) << 40) ^ (u64::from(devid) << 8) ^ round
 }
 
-/// Runs `splitvmm up`.
-pub fn run(config_path: &Path, stay: bool, check_all: bool) -> Result<ExitCode> {
-    let config = HostConfig::load(config_path)?;
+/// Runs `splitvmm up`; `check_all` runs every check whatever the host file asks; `run_dir`
+/// (from `--run-dir` or `$SPLITVMM_RUN_DIR`) replaces the host file's.
+pub fn run(
+    config_path: &Path,
+    stay: bool,
+    check_all: bool,
+    run_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let mut config = HostConfig::load(config_path)?;
+    if let Some(dir) = run_dir {
+        config.run_dir = dir;
+    }
     let checks = if check_all {
         ChecksConfig::ALL
     } else {
@@ -42,21 +53,39 @@ pub fn run(config_path: &Path, stay: bool, check_all: bool) -> Result<ExitCode> 
     };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let caught = Arc::new(AtomicI32::new(0));
+    let caught_by_handler = caught.clone();
     signals::handle_termination(move |signal| {
-        eprintln!("splitvmm: {signal}: shutting the host down");
+        log::warn!("{signal}: shutting the host down");
+        caught_by_handler.store(signal as i32, Ordering::SeqCst);
         flag.store(true, Ordering::SeqCst);
     })?;
 
-    let mut host = Host::bring_up(&config, stop.clone()).context("bringing the host up")?;
-    let mut checks = main_job(&mut host, &config, checks);
+    let host = match Host::bring_up(&config, stop.clone()) {
+        Ok(host) => Arc::new(host),
+        // Interrupted while coming up: what was started has been stopped on the way out.
+        Err(e) if caught.load(Ordering::SeqCst) != 0 => {
+            return match signals::exit_code(caught.load(Ordering::SeqCst)) {
+                Some(code) => Ok(code),
+                None => Err(e.context("interrupted while bringing the host up")),
+            };
+        }
+        Err(e) => return Err(e.context("bringing the host up")),
+    };
+    let mut checks = main_job(&host, &config, checks);
     if stay && checks.is_ok() {
-        if let Err(e) = toolstack::serve(&mut host, &config.store_socket(), &stop) {
+        if let Err(e) = toolstack::serve(&host, &stop) {
             checks = Err(e);
         }
     }
+    let host = Arc::into_inner(host).ok_or_else(|| anyhow!("a request still holds the host"))?;
     let report = host.shut_down();
     print_table(&report);
     let clean = report.clean;
+    if let Some(code) = signals::exit_code(caught.load(Ordering::SeqCst)) {
+        // Ended by Ctrl-C: the host was shut down in order; say so as a shell would.
+        return Ok(code);
+    }
     match checks {
         Ok(report) => {
             println!(
@@ -93,7 +122,7 @@ impl Report {
     }
 }
 
-fn main_job(host: &mut Host, config: &HostConfig, checks: ChecksConfig) -> Result<Report> {
+fn main_job(host: &Host, config: &HostConfig, checks: ChecksConfig) -> Result<Report> {
     let mut report = Report::default();
     for guest in &config.guests {
         for disk in &guest.disks {
@@ -159,7 +188,7 @@ fn main_job(host: &mut Host, config: &HostConfig, checks: ChecksConfig) -> Resul
 
 /// A disk check on a scratch, writable disk; any other disk is skipped, never written.
 fn disk_check(
-    host: &mut Host,
+    host: &Host,
     report: &mut Report,
     name: &str,
     disk: &DiskConfig,

@@ -1,39 +1,19 @@
-//! `splitvmm xs|list|destroy`: the store from the command line.
+//! `splitvmm xs|destroy|devices`: the store from the command line.
 //!
 //! Reads, writes, listings and removals go through the `xenstore-rs` client (the same code a
 //! third-party tool would use); watches and domain release need operations that client lacks,
 //! so they use this project's own client.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use ipc::xenstore::client::{ClientError, StoreClient};
 use xenstore_rs::unix::XsUnix;
 use xenstore_rs::Xs;
-
-/// Where the store is, for commands that talk to a running one.
-#[derive(Args, Debug)]
-pub struct StoreArg {
-    /// The store's privileged socket [default: $SPLITVMM_STORE, then $XENSTORED_PATH, then
-    /// <tmp>/splitvmm/xenstored.sock, where `splitvmm up` puts it by default].
-    #[arg(long = "store", value_name = "PATH", global = true)]
-    store: Option<PathBuf>,
-}
-
-impl StoreArg {
-    /// The socket path to use.
-    pub fn path(&self) -> PathBuf {
-        self.store
-            .clone()
-            .or_else(|| std::env::var_os("SPLITVMM_STORE").map(PathBuf::from))
-            .or_else(|| std::env::var_os("XENSTORED_PATH").map(PathBuf::from))
-            .unwrap_or_else(|| std::env::temp_dir().join("splitvmm").join("xenstored.sock"))
-    }
-}
 
 /// One store operation.
 #[derive(Subcommand, Debug)]
@@ -71,15 +51,15 @@ pub enum XsOp {
 /// Connects xenstore-rs to `socket`. It finds its socket through `XENSTORED_PATH`, and falls
 /// back to `/dev/xen/xenbus` when the socket is absent, so check the socket first for a clear
 /// error.
-fn xenstore_rs_client(socket: &Path) -> Result<XsUnix> {
-    std::os::unix::net::UnixStream::connect(socket)
-        .with_context(|| format!("cannot reach the store at {}", socket.display()))?;
+pub(crate) fn xenstore_rs_client(socket: &Path) -> Result<XsUnix> {
+    crate::location::check_store(socket)?;
     // The CLI is single-threaded at this point, so changing the environment races nobody.
     std::env::set_var("XENSTORED_PATH", socket);
     XsUnix::new().with_context(|| format!("connecting to the store at {}", socket.display()))
 }
 
 fn own_client(socket: &Path) -> Result<StoreClient> {
+    crate::location::check_store(socket)?;
     StoreClient::connect(socket)
         .with_context(|| format!("cannot reach the store at {}", socket.display()))
 }
@@ -176,62 +156,8 @@ fn print_tree(client: &XsUnix, path: &str, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// `splitvmm list`: one line per domain the store knows, with its I/O counters.
-pub fn list_domains(socket: &Path) -> Result<ExitCode> {
-    let client = xenstore_rs_client(socket)?;
-    print_domains(&client, &mut std::io::stdout().lock())?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `splitvmm top`: `list`, refreshed every `interval` (`rounds` times, or until interrupted).
-pub fn top(socket: &Path, interval: Duration, rounds: Option<u64>) -> Result<ExitCode> {
-    let client = xenstore_rs_client(socket)?;
-    let mut round = 0u64;
-    while rounds.is_none_or(|n| round < n) {
-        let mut out = std::io::stdout().lock();
-        // Clear the screen and home the cursor, as top does.
-        write!(out, "\x1b[2J\x1b[H")?;
-        print_domains(&client, &mut out)?;
-        out.flush()?;
-        drop(out);
-        round += 1;
-        if rounds.is_none_or(|n| round < n) {
-            std::thread::sleep(interval);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn print_domains(client: &XsUnix, out: &mut impl Write) -> Result<()> {
-    writeln!(
-        out,
-        "{:<6} {:<20} {:>8} {:>10} {:>10} {:>11} {:>10}",
-        "ID", "NAME", "DEVICES", "REQUESTS", "KICKS", "INTERRUPTS", "VMM EXITS"
-    )?;
-    for (domid, name) in domains(client)? {
-        let devices = client
-            .directory(&format!("/local/domain/{domid}/device/vbd"))
-            .map(|d| d.len())
-            .unwrap_or(0);
-        let io = |key: &str| {
-            client
-                .read(&format!("/local/domain/{domid}/data/io/{key}"))
-                .map(|v| v.to_string())
-                .unwrap_or_else(|_| "-".to_owned())
-        };
-        writeln!(
-            out,
-            "{domid:<6} {name:<20} {devices:>8} {:>10} {:>10} {:>11} {:>10}",
-            io("requests"),
-            io("kicks"),
-            io("interrupts"),
-            io("vmm-exits")
-        )?;
-    }
-    Ok(())
-}
-
-fn domains(client: &XsUnix) -> Result<Vec<(u32, String)>> {
+/// The domains the store knows: (id, name), by id.
+pub(crate) fn domains(client: &XsUnix) -> Result<Vec<(u32, String)>> {
     let mut domains = Vec::new();
     for entry in client.directory("/local/domain").unwrap_or_default() {
         let Ok(domid) = entry.parse::<u32>() else {

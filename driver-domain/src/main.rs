@@ -97,8 +97,15 @@ struct NetArgs {
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().cmd {
+    ipc::startup::restore_sigpipe();
+    let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Managed { domid, .. } => {
+            ipc::startup::init_logging(&format!("driver-domain[{domid}]"), "warn")
+        }
+        _ => ipc::startup::init_logging("driver-domain", "info"),
+    }
+    match cli.cmd {
         Cmd::Hw { cmd } => std::process::exit(i32::from(cmd.run())),
         Cmd::Managed {
             domid,
@@ -106,8 +113,15 @@ fn main() -> Result<()> {
             uplink,
             sysfs_root,
         } => {
-            // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing
-            // else in this process uses them.
+            if let Err(e) = ipc::startup::check_inherited_fds() {
+                eprintln!(
+                    "{}",
+                    ipc::startup::not_managed_message("driver-domain managed", &e)
+                );
+                std::process::exit(ipc::startup::EXIT_NOT_MANAGED.into());
+            }
+            // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands
+            // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
             driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
             if let Some(tap) = uplink {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guest_frontend::process::{BlockFrontend, BlockOp, FrontendConfig, FrontendStats};
+use guest_frontend::process::{BlockFrontend, BlockFrontendConfig, BlockOp, FrontendStats};
 use vmm_sys_util::eventfd::EventFd;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -99,13 +99,13 @@ struct Run {
 }
 
 fn random_reads(sock: &Path, qd: usize, poll: bool, seconds: f64) -> Res<Run> {
-    let cfg = FrontendConfig {
+    let cfg = BlockFrontendConfig {
         queue_size: 128,
         poll,
         event_idx: true,
         max_request_bytes: 4096,
         window_size: 1 << 20,
-        ..FrontendConfig::default()
+        ..BlockFrontendConfig::default()
     };
     let fe = BlockFrontend::connect_path(sock, cfg)?;
     let sectors = fe.capacity() / 8;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use guest_frontend::virtio::{
-    vring_need_event, BlkOp, BlkQueue, BlkRequest, BumpAllocator, DmaBuf, DmaMemory, DmaRegion,
-    Notify, QueueAddrs, QueueError, SplitQueue,
+    vring_need_event, BlkOp, BlkRequest, BumpAllocator, DmaBuf, DmaMemory, DmaRegion,
+    FrontBlkQueue, FrontQueueError, Notify, QueueAddrs, SplitQueue,
 };
 
 const BASE: u64 = 0x4000_0000;
@@ -264,7 +264,7 @@ fn serve(mem: &DmaRegion, desc_base: u64, head: u16, size: u16, disk: &mut [u8])
 
 /// Driver-side harness: RAM, one blk queue, the device thread and its doorbells.
 struct Rig {
-    blk: BlkQueue<DmaRegion>,
+    blk: FrontBlkQueue<DmaRegion>,
     dev: FakeBlk,
     kick: Arc<Doorbell>,
     irq: Arc<Doorbell>,
@@ -283,7 +283,7 @@ fn rig(size: u16, event_idx: bool, mode: DeviceMode) -> Rig {
     };
     // SAFETY: the Ram lives in the Rig as long as the queue.
     let vq = unsafe { SplitQueue::new(&mem, addrs, size, event_idx) }.unwrap();
-    let blk = BlkQueue::new(vq, mem, &mut alloc).unwrap();
+    let blk = FrontBlkQueue::new(vq, mem, &mut alloc).unwrap();
     let data = alloc.alloc(64 * 4096, 4096).unwrap();
     let (kick, irq) = (Arc::new(Doorbell::default()), Arc::new(Doorbell::default()));
     let dev = FakeBlk::start(mem, addrs, size, event_idx, kick.clone(), irq.clone(), mode);
@@ -416,7 +416,10 @@ fn device_errors_reach_the_caller() {
             assert!(r.irq.wait(WAIT));
         }
     };
-    assert_eq!(c.result, Err(guest_frontend::virtio::RequestError::IoError));
+    assert_eq!(
+        c.result,
+        Err(guest_frontend::virtio::FrontRequestError::IoError)
+    );
     // Driver-side validation: unaligned data never reaches the ring.
     let bad = BlkRequest {
         op: BlkOp::Read,
@@ -598,7 +601,7 @@ fn disabled_interrupts_stay_off_for_a_batch() {
 
 /// Hostile used rings, written directly (no device thread): the driver reports an error, keeps
 /// its free list intact and refuses further work.
-fn hostile(corrupt: impl Fn(&DmaRegion, QueueAddrs, u16), expect: fn(&QueueError) -> bool) {
+fn hostile(corrupt: impl Fn(&DmaRegion, QueueAddrs, u16), expect: fn(&FrontQueueError) -> bool) {
     let ram = Ram::new();
     let mem = ram.region();
     let mut alloc = BumpAllocator::new(&mem);
@@ -619,8 +622,8 @@ fn hostile(corrupt: impl Fn(&DmaRegion, QueueAddrs, u16), expect: fn(&QueueError
     corrupt(&mem, addrs, head);
     let err = vq.pop_used().unwrap_err();
     assert!(expect(&err), "unexpected error {err:?}");
-    assert_eq!(vq.pop_used(), Err(QueueError::Broken));
-    assert_eq!(vq.add(&[b], &[]), Err(QueueError::Broken));
+    assert_eq!(vq.pop_used(), Err(FrontQueueError::Broken));
+    assert_eq!(vq.add(&[b], &[]), Err(FrontQueueError::Broken));
     // Nothing was returned to the free list by the bad element.
     assert_eq!(vq.num_free(), size - 3);
 }
@@ -636,11 +639,11 @@ fn put_used(mem: &DmaRegion, addrs: QueueAddrs, slot: u16, id: u32, idx: u16) {
 fn hostile_used_id_out_of_range() {
     hostile(
         |m, a, _| put_used(m, a, 0, 8, 1),
-        |e| matches!(e, QueueError::UsedIdOutOfRange { id: 8 }),
+        |e| matches!(e, FrontQueueError::UsedIdOutOfRange { id: 8 }),
     );
     hostile(
         |m, a, _| put_used(m, a, 0, u32::MAX, 1),
-        |e| matches!(e, QueueError::UsedIdOutOfRange { .. }),
+        |e| matches!(e, FrontQueueError::UsedIdOutOfRange { .. }),
     );
 }
 
@@ -649,12 +652,12 @@ fn hostile_used_id_not_a_head_in_flight() {
     // Descriptor 1 is the second descriptor of the in-flight chain, not its head.
     hostile(
         |m, a, head| put_used(m, a, 0, u32::from(head) + 1, 1),
-        |e| matches!(e, QueueError::UsedIdNotInFlight { .. }),
+        |e| matches!(e, FrontQueueError::UsedIdNotInFlight { .. }),
     );
     // A free descriptor.
     hostile(
         |m, a, _| put_used(m, a, 0, 5, 1),
-        |e| matches!(e, QueueError::UsedIdNotInFlight { id: 5 }),
+        |e| matches!(e, FrontQueueError::UsedIdNotInFlight { id: 5 }),
     );
 }
 
@@ -665,7 +668,7 @@ fn hostile_used_index_runaway_and_duplicate() {
         |e| {
             matches!(
                 e,
-                QueueError::UsedIndexRunaway {
+                FrontQueueError::UsedIndexRunaway {
                     used_idx: 5,
                     last_used: 0
                 }
@@ -695,7 +698,7 @@ fn hostile_used_index_runaway_and_duplicate() {
     assert_eq!(vq.pop_used().unwrap().map(|u| u.head), Some(h1));
     assert_eq!(
         vq.pop_used(),
-        Err(QueueError::UsedIdNotInFlight { id: u32::from(h1) })
+        Err(FrontQueueError::UsedIdNotInFlight { id: u32::from(h1) })
     );
     assert_eq!(vq.num_free(), 6, "the duplicate freed nothing");
 }
@@ -727,7 +730,7 @@ fn out_of_order_completion_keeps_the_free_list_whole() {
             let n = 1 + (seed >> 16) as usize % 3;
             match vq.add(&vec![b; n], &[]) {
                 Ok(h) => heads.push(h),
-                Err(QueueError::Full) => break,
+                Err(FrontQueueError::Full) => break,
                 Err(e) => panic!("{e}"),
             }
         }

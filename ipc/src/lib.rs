@@ -6,5 +6,6 @@
 
 pub mod control;
 pub mod image;
+pub mod startup;
 pub mod xenbus;
 pub mod xenstore;

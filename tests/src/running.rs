@@ -4,8 +4,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -42,11 +42,15 @@ impl RunningHost {
     /// Starts `splitvmm up config --stay` (plus `args`) and waits until it serves;
     /// `store` is its store socket. Panics if it ends first.
     pub fn start(config: &Path, store: &Path, args: &[&str]) -> RunningHost {
-        let mut child = splitvmm()
-            .arg("up")
-            .arg(config)
-            .arg("--stay")
-            .args(args)
+        Self::start_from(
+            splitvmm().arg("up").arg(config).arg("--stay").args(args),
+            store,
+        )
+    }
+
+    /// As [`RunningHost::start`], from a prepared `splitvmm up ... --stay` command.
+    pub fn start_from(cmd: &mut Command, store: &Path) -> RunningHost {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawning splitvmm up");
@@ -74,7 +78,24 @@ impl RunningHost {
 
     /// Runs `splitvmm ARGS --store <its store>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        run(splitvmm().args(args).arg("--store").arg(&self.store))
+        run(&mut self.cmd(args))
+    }
+
+    /// `splitvmm ARGS --store <its store>`, to spawn.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = splitvmm();
+        cmd.args(args).arg("--store").arg(&self.store);
+        cmd
+    }
+
+    /// Sends `signal` and waits for the exit status (at most 30 s).
+    pub fn stop(&mut self, signal: Signal) -> Option<ExitStatus> {
+        let _ = kill(Pid::from_raw(self.up.0.id() as i32), signal);
+        if wait_for(&mut self.up.0, Duration::from_secs(30)) {
+            self.up.0.try_wait().ok().flatten()
+        } else {
+            None
+        }
     }
 
     /// Runs `splitvmm ARGS --store <its store>` and asserts it succeeded.
@@ -123,4 +144,44 @@ pub fn children_of(parent: u32) -> Vec<(i32, String)> {
         }
     }
     found
+}
+
+/// The child of `parent` whose command line has the argument `arg` (a guest's `--name`).
+pub fn child_with_arg(parent: u32, arg: &str) -> Option<i32> {
+    children_of(parent)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+                .unwrap_or(false)
+        })
+}
+
+/// A standalone `splitvmm store`, killed and reaped when dropped.
+pub struct StoreProcess(pub Child);
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `splitvmm store --socket socket` and waits until it listens.
+pub fn start_store(socket: &Path) -> StoreProcess {
+    let child = Command::new(workspace_bin("splitvmm"))
+        .arg("store")
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting splitvmm store");
+    let store = StoreProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "store never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    store
 }

@@ -5,35 +5,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
+use splitvmm_tests::running::start_store;
 use splitvmm_tests::workspace_bin;
-
-struct StoreProcess(Child);
-
-impl Drop for StoreProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_store(socket: &Path) -> StoreProcess {
-    let child = Command::new(workspace_bin("splitvmm"))
-        .arg("store")
-        .arg("--socket")
-        .arg(socket)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "store never listened");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    StoreProcess(child)
-}
 
 fn xs(socket: &Path, args: &[&str]) -> Output {
     Command::new(workspace_bin("splitvmm"))
@@ -162,6 +137,10 @@ fn unreachable_store_is_a_clear_error() {
     let out = xs(&dir.path().join("nothing.sock"), &["xs", "read", "/"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach the store"), "{err}");
+    assert!(err.contains("no store at"), "{err}");
+    assert!(
+        err.contains("--run-dir"),
+        "the error says what to pass: {err}"
+    );
     assert!(err.contains("nothing.sock"), "{err}");
 }

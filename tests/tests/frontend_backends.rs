@@ -10,9 +10,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use guest_frontend::process::{
-    BlockFrontend, BlockOp, FrontendConfig, FrontendError, WINDOW_SEALS,
+    BlockFrontend, BlockFrontendConfig, BlockOp, ProcessFrontendError, WINDOW_SEALS,
 };
-use guest_frontend::virtio::{BlkOp, RequestError};
+use guest_frontend::virtio::{BlkOp, FrontRequestError};
 
 mod backend {
     use std::path::{Path, PathBuf};
@@ -138,12 +138,12 @@ use backend::Kind;
 
 const MIB: u64 = 1 << 20;
 
-fn config(event_idx: bool, poll: bool) -> FrontendConfig {
-    FrontendConfig {
+fn config(event_idx: bool, poll: bool) -> BlockFrontendConfig {
+    BlockFrontendConfig {
         event_idx,
         poll,
         timeout: Duration::from_secs(3),
-        ..FrontendConfig::default()
+        ..BlockFrontendConfig::default()
     }
 }
 
@@ -245,7 +245,7 @@ fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
     let cap = fe.capacity();
     let mut buf = vec![0u8; 4096];
     match fe.read(cap, &mut buf) {
-        Err(FrontendError::Request(RequestError::IoError)) => {}
+        Err(ProcessFrontendError::Request(FrontRequestError::IoError)) => {}
         other => panic!("expected an I/O error past the end, got {other:?}"),
     }
     // Oversized request is refused before reaching the device.
@@ -254,7 +254,10 @@ fn out_of_range_fails_the_request_not_the_queue(kind: Kind) {
         sector: 0,
         data: &big,
     });
-    assert!(matches!(err, Err(FrontendError::BadRequest(_))), "{err:?}");
+    assert!(
+        matches!(err, Err(ProcessFrontendError::BadRequest(_))),
+        "{err:?}"
+    );
     // The queue still works.
     fe.write(cap - 8, &pattern(9, cap - 8, 4096)).unwrap();
     fe.read(cap - 8, &mut buf).unwrap();
@@ -391,7 +394,7 @@ fn stress(kind: Kind, event_idx: bool) {
     let Some(be) = backend::spawn(kind, 32 * MIB, QUEUES) else {
         return;
     };
-    let cfg = FrontendConfig {
+    let cfg = BlockFrontendConfig {
         queues: QUEUES,
         queue_size: 64,
         max_request_bytes: 8192,
@@ -457,7 +460,7 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
         return;
     };
     for poll in [false, true] {
-        let cfg = FrontendConfig {
+        let cfg = BlockFrontendConfig {
             timeout: Duration::from_millis(300),
             ..config(true, poll)
         };
@@ -476,7 +479,7 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
         let start = std::time::Instant::now();
         let err = q.complete(|_| panic!("a stopped backend completed a request"));
         assert!(
-            matches!(err, Err(FrontendError::Timeout { in_flight: 1, .. })),
+            matches!(err, Err(ProcessFrontendError::Timeout { in_flight: 1, .. })),
             "poll={poll}: {err:?}"
         );
         assert!(
@@ -500,11 +503,11 @@ fn stalled_backend_times_out_then_recovers(kind: Kind) {
 /// backend is stopped, through the same memory it maps): the frontend fails that queue with an
 /// error, never panics or corrupts state, and the other queue keeps working.
 fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
-    use guest_frontend::virtio::{BlkError, DmaMemory, QueueError};
+    use guest_frontend::virtio::{BlkError, DmaMemory, FrontQueueError};
     let Some(be) = backend::spawn(kind, MIB, 2) else {
         return;
     };
-    let cfg = FrontendConfig {
+    let cfg = BlockFrontendConfig {
         queues: 2,
         timeout: Duration::from_millis(500),
         ..config(true, false)
@@ -530,8 +533,8 @@ fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     assert!(
         matches!(
             err,
-            Err(FrontendError::Blk(BlkError::Queue(
-                QueueError::UsedIdOutOfRange { id: 999 }
+            Err(ProcessFrontendError::Blk(BlkError::Queue(
+                FrontQueueError::UsedIdOutOfRange { id: 999 }
             )))
         ),
         "{err:?}"
@@ -540,7 +543,9 @@ fn hostile_used_ring_breaks_only_that_queue(kind: Kind) {
     assert!(
         matches!(
             again,
-            Err(FrontendError::Blk(BlkError::Queue(QueueError::Broken)))
+            Err(ProcessFrontendError::Blk(BlkError::Queue(
+                FrontQueueError::Broken
+            )))
         ),
         "{again:?}"
     );

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use control_vmm::connection::private_connection;
 use control_vmm::domains;
 use control_vmm::supervisor::DomainProcess;
-use guest_frontend::process::{BlockFrontend, FrontendConfig};
+use guest_frontend::process::{BlockFrontend, BlockFrontendConfig};
 use ipc::control::messages::{BackendEvent, BackendRequest};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
@@ -151,7 +151,7 @@ fn attach_io_detach_reattach_through_the_store() {
         backend_has_looked(&ctl, &mut dom0, &image, &mut witnesses);
         assert_eq!(guest.read(&format!("{be}/state")).unwrap(), b"2");
 
-        let frontend = BlockFrontend::connect(connection, FrontendConfig::default()).unwrap();
+        let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default()).unwrap();
         guest.write(&format!("{fe}/state"), b"3").unwrap();
         wait_state(&mut dom0, &be, XenbusState::Connected);
         guest.write(&format!("{fe}/state"), b"4").unwrap();
@@ -174,7 +174,7 @@ fn attach_io_detach_reattach_through_the_store() {
         assert_eq!(maps.len(), 1, "driver domain memfd mappings: {maps:?}");
         assert_eq!(
             maps[0].1,
-            FrontendConfig::default().window_size as u64,
+            BlockFrontendConfig::default().window_size as u64,
             "{maps:?}"
         );
 
@@ -228,7 +228,7 @@ fn frontend_closing_on_its_own_ends_the_session() {
     let connection = serve(&ctl, &image, true);
     domains::add_device(&mut dom0, &dev, &[("mode", "r".into())], &[]).unwrap();
     wait_state(&mut dom0, &dev.backend_path(), XenbusState::InitWait);
-    let frontend = BlockFrontend::connect(connection, FrontendConfig::default()).unwrap();
+    let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default()).unwrap();
     guest
         .write(&format!("{}/state", dev.frontend_path()), b"3")
         .unwrap();

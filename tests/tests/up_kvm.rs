@@ -1,6 +1,7 @@
 //! `splitvmm up` with a KVM guest (the tiny kernel under `splitvmm-vmm`) next to a process
 //! guest: both are frontends of the same driver domain, the main job passes for both, and the
-//! KVM guest's disk is the one detached and re-attached at run time.
+//! KVM guest's disk is the one detached and re-attached at run time; a KVM guest reboots as a
+//! fresh VMM process with its disk.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
@@ -151,6 +152,11 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     let console = cli(&["console", "tiny", "--no-follow"]);
     assert!(console.contains("hello"), "{console}");
     assert!(console.contains("verify ok"), "{console}");
+    // Reboot: the VMM process restarts (a fresh VM booting the same kernel) with its disk
+    // attached again, and the new VM checks it.
+    assert!(cli(&["reboot", "tiny"]).contains("rebooted tiny"));
+    cli(&["disk-check", "tiny", "xvda", "--seed", "7"]);
+    cli(&["disk-check", "tiny", "xvda", "--seed", "7", "--verify-only"]);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

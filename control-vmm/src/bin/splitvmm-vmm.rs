@@ -1,7 +1,9 @@
 //! `splitvmm-vmm`: runs one KVM guest (the tiny kernel) until it powers off.
 //!
 //! Exit status: the guest's poweroff status (0..=99 by convention); 100 if the guest reset the
-//! machine (e.g. a triple fault); 101 if the VMM failed; 102 if stopped by a signal.
+//! machine (e.g. a triple fault); 101 if the VMM failed; 102 if stopped by a signal. With
+//! `--managed-domid`: 0 after an orderly shutdown, 101 on failure, 2 if run without the
+//! descriptors `splitvmm up` hands it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,8 +94,12 @@ fn ring_mode(r: Ring) -> RingMode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    ipc::startup::restore_sigpipe();
     let cli = Cli::parse();
+    match cli.managed_domid {
+        Some(domid) => ipc::startup::init_logging(&format!("splitvmm-vmm[{domid}]"), "warn"),
+        None => ipc::startup::init_logging("splitvmm-vmm", "warn"),
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let on_signal = Arc::clone(&stop);
     if let Err(e) = control_vmm::signals::handle_termination(move |sig| {
@@ -113,8 +119,15 @@ fn main() -> ExitCode {
             sectors_per_request: cli.sectors_per_request,
             idle_baseline: !cli.no_idle_baseline,
         };
-        // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up, and nothing else
-        // in this process uses them.
+        if let Err(e) = ipc::startup::check_inherited_fds() {
+            eprintln!(
+                "{}",
+                ipc::startup::not_managed_message("splitvmm-vmm --managed-domid", &e)
+            );
+            return ExitCode::from(ipc::startup::EXIT_NOT_MANAGED);
+        }
+        // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
+        // program, and nothing else in this process uses them.
         let vm = unsafe {
             ManagedVm::from_inherited_fds(domid, KvmMachines::new(settings, Arc::clone(&stop)))
         }

@@ -10,6 +10,8 @@ use linux_loader::loader::KernelLoader;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+pub use guest_abi::boot::BootInfo;
+
 use super::layout::*;
 
 /// Errors preparing the boot.
@@ -26,54 +28,6 @@ pub enum BootError {
     Entry(u64),
     #[error("writing boot structures into guest memory: {0}")]
     Write(vm_memory::GuestMemoryError),
-}
-
-/// What the VMM tells the guest kernel (written at [`BOOT_INFO_GPA`]).
-#[derive(Debug, Clone, Copy)]
-pub struct BootInfo {
-    pub mode: GuestMode,
-    pub mmio_base: u64,
-    pub mmio_irq: u32,
-    pub ring_flags: u32,
-    pub window_gpa: u64,
-    pub window_len: u64,
-    pub requests: u32,
-    pub batch: u32,
-    /// I/O APIC pin of the idle-baseline wake-up; 0: no idle phase.
-    pub wake_irq: u32,
-    /// Disk pattern seed.
-    pub seed: u64,
-    /// Only read and verify (the pattern is already there).
-    pub verify_only: bool,
-    /// Sectors per request (1..=8).
-    pub sectors_per_request: u32,
-    /// Sectors to check from sector 0; 0: `requests / 2`.
-    pub check_sectors: u32,
-}
-
-const BOOT_INFO_MAGIC: u64 = 0x4f46_4e49_4d4d_5653; // "SVMMINFO"
-const BOOT_INFO_VERSION: u32 = 1;
-
-impl BootInfo {
-    fn encode(&self) -> [u8; 0x60] {
-        let mut b = [0u8; 0x60];
-        b[0..8].copy_from_slice(&BOOT_INFO_MAGIC.to_le_bytes());
-        b[8..12].copy_from_slice(&BOOT_INFO_VERSION.to_le_bytes());
-        b[0x0c..0x10].copy_from_slice(&(self.mode as u32).to_le_bytes());
-        b[0x10..0x18].copy_from_slice(&self.mmio_base.to_le_bytes());
-        b[0x18..0x1c].copy_from_slice(&self.mmio_irq.to_le_bytes());
-        b[0x1c..0x20].copy_from_slice(&self.ring_flags.to_le_bytes());
-        b[0x20..0x28].copy_from_slice(&self.window_gpa.to_le_bytes());
-        b[0x28..0x30].copy_from_slice(&self.window_len.to_le_bytes());
-        b[0x30..0x34].copy_from_slice(&self.requests.to_le_bytes());
-        b[0x34..0x38].copy_from_slice(&self.batch.to_le_bytes());
-        b[0x38..0x3c].copy_from_slice(&self.wake_irq.to_le_bytes());
-        b[0x40..0x48].copy_from_slice(&self.seed.to_le_bytes());
-        b[0x48..0x4c].copy_from_slice(&u32::from(self.verify_only).to_le_bytes());
-        b[0x4c..0x50].copy_from_slice(&self.sectors_per_request.to_le_bytes());
-        b[0x50..0x54].copy_from_slice(&self.check_sectors.to_le_bytes());
-        b
-    }
 }
 
 /// Where the vCPU starts.
@@ -236,39 +190,6 @@ mod tests {
         assert_eq!(rd(PD_GPA + 8 * e), VIRTIO_MMIO_GPA | 0x83);
         assert_eq!(rd(PD_GPA + 3 * 0x1000 + 8 * 511), 0xffe0_0000 | 0x83);
         assert!(mem.address_in_range(GuestAddress(PD_GPA + 4 * 0x1000 - 1)));
-    }
-
-    #[test]
-    fn boot_info_layout_matches_the_guest() {
-        let info = BootInfo {
-            mode: GuestMode::BadInput,
-            mmio_base: 0xd000_0000,
-            mmio_irq: 5,
-            ring_flags: RING_POLL,
-            window_gpa: WINDOW_GPA,
-            window_len: 0x10_0000,
-            requests: 32,
-            batch: 8,
-            wake_irq: 6,
-            seed: 0x1122_3344_5566_7788,
-            verify_only: true,
-            sectors_per_request: 8,
-            check_sectors: 2048,
-        };
-        let b = info.encode();
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        assert_eq!(&b[0..8], b"SVMMINFO");
-        assert_eq!(u32_at(0x08), 1);
-        assert_eq!(u32_at(0x0c), 3);
-        assert_eq!(u64_at(0x10), 0xd000_0000);
-        assert_eq!(u32_at(0x18), 5);
-        assert_eq!(u32_at(0x1c), RING_POLL);
-        assert_eq!(u64_at(0x20), WINDOW_GPA);
-        assert_eq!(u64_at(0x28), 0x10_0000);
-        assert_eq!((u32_at(0x30), u32_at(0x34), u32_at(0x38)), (32, 8, 6));
-        assert_eq!(u64_at(0x40), 0x1122_3344_5566_7788);
-        assert_eq!((u32_at(0x48), u32_at(0x4c), u32_at(0x50)), (1, 8, 2048));
     }
 
     #[test]

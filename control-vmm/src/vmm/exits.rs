@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Measurement phases the guest marks on the phase port.
+pub use guest_abi::boot::Phase;
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
@@ -65,27 +67,6 @@ const COUNTER_NAMES: [&str; COUNTERS] = [
     "unknown_mmio",
     "serial_out",
 ];
-
-/// Measurement phases the guest marks on the phase port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    IoStart = 1,
-    IoEnd = 2,
-    IdleStart = 3,
-    IdleEnd = 4,
-}
-
-impl Phase {
-    pub fn from_byte(b: u8) -> Option<Self> {
-        match b {
-            1 => Some(Self::IoStart),
-            2 => Some(Self::IoEnd),
-            3 => Some(Self::IdleStart),
-            4 => Some(Self::IdleEnd),
-            _ => None,
-        }
-    }
-}
 
 /// A vCPU's binary statistics file.
 #[derive(Debug)]

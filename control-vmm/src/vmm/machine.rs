@@ -22,8 +22,8 @@ use super::layout::*;
 use super::memory::GuestRam;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext, VcpuStop};
-use super::vhost_blk::{SharedRegion, VhostBlk};
-use super::virtio_mmio::{reg, VirtioMmioBlk};
+use super::vhost_blk::{shared_region, VhostBlk};
+use super::virtio_mmio::{VirtioMmioBlk, QUEUE_NOTIFY_OFFSET};
 
 /// Errors building or running a machine (guest behaviour is never one of them).
 #[derive(Debug, Error)]
@@ -44,7 +44,7 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
     #[error(transparent)]
-    Backend(#[from] super::vhost_blk::VhostBlkError),
+    Backend(#[from] frontend_core::vhost_user::FrontendSessionError),
     #[error("{op}: {source}")]
     Io {
         op: &'static str,
@@ -212,12 +212,12 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     let virtio = attach_blk(cfg.blk, &ram, cfg.share_all_ram, cfg.connect_timeout)?;
     if let Some(backend) = &virtio {
         vm.register_ioevent(
-            &backend.kick,
-            &IoEventAddress::Mmio(VIRTIO_MMIO_GPA + reg::QUEUE_NOTIFY),
+            backend.kick()?,
+            &IoEventAddress::Mmio(VIRTIO_MMIO_GPA + QUEUE_NOTIFY_OFFSET),
             0u32,
         )
         .map_err(setup("KVM_IOEVENTFD (queue notify)"))?;
-        vm.register_irqfd(&backend.call, VIRTIO_MMIO_IRQ)
+        vm.register_irqfd(backend.call()?, VIRTIO_MMIO_IRQ)
             .map_err(setup("KVM_IRQFD (virtio-blk)"))?;
     }
     let virtio = virtio.map(|b| VirtioMmioBlk::new(b, Arc::clone(&counters)));
@@ -321,10 +321,10 @@ fn attach_blk(
     share_all_ram: bool,
     timeout: Duration,
 ) -> Result<Option<VhostBlk>, VmError> {
-    let mut regions = vec![SharedRegion::of(&ram.window)];
+    let mut regions = vec![shared_region(&ram.window)];
     if share_all_ram {
         log::warn!("sharing all guest RAM with the driver domain (explicit opt-in)");
-        regions.push(SharedRegion::of(&ram.ram));
+        regions.push(shared_region(&ram.ram));
     }
     // vhost-user backends expect the memory table sorted by guest-physical address.
     regions.sort_by_key(|r| r.gpa);

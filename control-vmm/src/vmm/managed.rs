@@ -1,6 +1,6 @@
 //! `splitvmm-vmm --managed-domid`: the VMM as a guest domain process of `splitvmm up`.
 //!
-//! The xenbus walk, the control channel and the store are `ipc::xenbus::frontend`'s, shared
+//! The xenbus walk, the control channel and the store are `frontend_core::xenbus`'s, shared
 //! with process-domain guests; this is what a KVM guest does at the walk's moments. At backend
 //! InitWait it sets up the vhost-user session on the handed connection (the memory table is
 //! sent per machine: each has its own I/O window). Each disk check boots the tiny kernel in a
@@ -14,12 +14,35 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use frontend_core::vhost_user::FrontendSessionError;
+use frontend_core::xenbus::{DiskCheck, FrontendDiagnostics, FrontendLifecycle, ManagedFrontend};
 use ipc::control::messages::GuestStats;
-use ipc::xenbus::frontend::{FrontendKind, ManagedFrontend};
+use thiserror::Error;
 
 use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
-use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig};
+use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError};
 use super::vhost_blk::{BlkBackend, VhostBlk};
+
+/// Why a KVM guest's device could not be set up or checked.
+#[derive(Debug, Error)]
+pub enum KvmDeviceError {
+    #[error("vhost-user set-up")]
+    Session(#[from] FrontendSessionError),
+    #[error("short config space")]
+    ShortConfig,
+    #[error("a KVM guest has no network interface yet")]
+    NoNet,
+    #[error("check of {0} bytes exceeds the tiny guest's limit of {MAX_CHECK_BYTES}")]
+    CheckTooLarge(u64),
+    #[error("check of {bytes} bytes does not fit the {sectors}-sector disk in whole sectors")]
+    CheckDoesNotFit { bytes: u64, sectors: u64 },
+    #[error("the vhost-user session was lost by an earlier machine")]
+    SessionLost,
+    #[error("machine")]
+    Machine(#[from] VmError),
+    #[error("guest ended with {0:?}")]
+    GuestFailed(Outcome),
+}
 
 /// How each machine is built.
 #[derive(Debug, Clone)]
@@ -67,20 +90,26 @@ impl KvmMachines {
 /// The managed VMM process: the shared frontend runtime with KVM machines.
 pub type ManagedVm = ManagedFrontend<KvmMachines>;
 
-impl FrontendKind for KvmMachines {
-    type Session = MachineDisk;
+impl FrontendLifecycle for KvmMachines {
+    type BlockSession = MachineDisk;
+    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
+    type NetSession = std::convert::Infallible;
+    type ConnectError = KvmDeviceError;
 
-    fn connect(
+    fn connect_block(
         &mut self,
         _devid: u32,
         connection: UnixStream,
-    ) -> Result<(MachineDisk, u64), String> {
+    ) -> Result<(MachineDisk, u64), KvmDeviceError> {
         // The memory table is sent per machine (each has its own window).
-        let session = VhostBlk::from_stream(connection, Vec::new())
-            .map_err(|e| format!("vhost-user set-up: {e}"))?;
-        let cfg = session.config();
+        let session = VhostBlk::from_stream(connection, Vec::new())?;
         let mut cap = [0u8; 8];
-        cap.copy_from_slice(cfg.get(..8).ok_or("short config space")?);
+        cap.copy_from_slice(
+            session
+                .config()
+                .get(..8)
+                .ok_or(KvmDeviceError::ShortConfig)?,
+        );
         let capacity = u64::from_le_bytes(cap);
         Ok((
             MachineDisk {
@@ -91,34 +120,35 @@ impl FrontendKind for KvmMachines {
         ))
     }
 
-    fn disconnect(&mut self, _devid: u32, _disk: MachineDisk) {
+    fn disconnect_block(&mut self, _devid: u32, _disk: MachineDisk) {
         // Machines stop their queue (GET_VRING_BASE) when they end; dropping the session
         // closes the connection.
     }
-
-    /// One virtio-mmio slot: one disk per machine.
-    fn max_devices(&self) -> usize {
-        1
-    }
-
-    fn stats<'a>(&self, _live: impl Iterator<Item = &'a MachineDisk>) -> GuestStats {
-        self.totals
-    }
-
-    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
-    type NetSession = std::convert::Infallible;
 
     fn connect_net(
         &mut self,
         _devid: u32,
         _connection: UnixStream,
         _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), String> {
-        Err("a KVM guest has no network interface yet".to_owned())
+    ) -> Result<(Self::NetSession, [u8; 6]), KvmDeviceError> {
+        Err(KvmDeviceError::NoNet)
     }
 
     fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
         match session {}
+    }
+
+    /// One virtio-mmio slot: one disk per machine.
+    fn max_block_devices(&self) -> usize {
+        1
+    }
+}
+
+impl FrontendDiagnostics for KvmMachines {
+    type CheckError = KvmDeviceError;
+
+    fn stats<'a>(&self, _live: impl Iterator<Item = &'a MachineDisk>) -> GuestStats {
+        self.totals
     }
 
     fn net_ping(
@@ -127,26 +157,33 @@ impl FrontendKind for KvmMachines {
         session: &mut Self::NetSession,
         _peer: [u8; 4],
         _rounds: u32,
-    ) -> Result<String, String> {
+    ) -> Result<String, KvmDeviceError> {
         match *session {}
     }
 
-    fn net_poll(&mut self, _devid: u32, session: &mut Self::NetSession) {
+    fn answer_peers(
+        &mut self,
+        _devid: u32,
+        session: &mut Self::NetSession,
+    ) -> Result<(), KvmDeviceError> {
         match *session {}
     }
 
+    /// Boots the tiny kernel in a fresh machine on the disk's session; the guest writes and
+    /// verifies the pattern and powers off with its verdict.
     fn disk_check(
         &mut self,
         _devid: u32,
         dev: &mut MachineDisk,
-        seed: u64,
-        bytes: u64,
-        verify_only: bool,
-    ) -> Result<String, String> {
+        check: DiskCheck,
+    ) -> Result<String, KvmDeviceError> {
+        let DiskCheck {
+            seed,
+            bytes,
+            verify_only,
+        } = check;
         if bytes > MAX_CHECK_BYTES {
-            return Err(format!(
-                "check of {bytes} bytes exceeds the tiny guest's limit of {MAX_CHECK_BYTES}"
-            ));
+            return Err(KvmDeviceError::CheckTooLarge(bytes));
         }
         let sectors = bytes / 512;
         if bytes == 0
@@ -154,14 +191,12 @@ impl FrontendKind for KvmMachines {
             || sectors > dev.capacity
             || sectors > u64::from(u32::MAX)
         {
-            return Err(format!(
-                "check of {bytes} bytes does not fit the {}-sector disk in whole sectors",
-                dev.capacity
-            ));
+            return Err(KvmDeviceError::CheckDoesNotFit {
+                bytes,
+                sectors: dev.capacity,
+            });
         }
-        let Some(session) = dev.session.take() else {
-            return Err("the vhost-user session was lost by an earlier machine".into());
-        };
+        let session = dev.session.take().ok_or(KvmDeviceError::SessionLost)?;
         let s = &self.settings;
         let cfg = VmConfig {
             kernel: s.kernel.clone(),
@@ -183,10 +218,7 @@ impl FrontendKind for KvmMachines {
             console: Box::new(std::io::stderr()),
             stop: Arc::clone(&self.stop),
         };
-        let (report, session) = match run_keeping_backend(cfg) {
-            Ok(r) => r,
-            Err(e) => return Err(format!("machine: {e}")),
-        };
+        let (report, session) = run_keeping_backend(cfg)?;
         dev.session = session;
         eprint!("{}", report.table());
         let g: [u64; GUEST_REPORT_SLOTS] = report.guest;
@@ -208,7 +240,7 @@ impl FrontendKind for KvmMachines {
         );
         match report.outcome {
             Outcome::Poweroff(0) => Ok(detail),
-            other => Err(format!("guest ended with {other:?}")),
+            other => Err(KvmDeviceError::GuestFailed(other)),
         }
     }
 }

@@ -12,51 +12,29 @@
 
 use std::sync::Arc;
 
-use super::exits::{Counter, ExitCounters};
-use super::vhost_blk::{BlkBackend, QueueSetup, VhostBlk};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as STATUS_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as STATUS_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as STATUS_NEEDS_RESET,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_mmio::*;
 
+use super::exits::{Counter, ExitCounters};
+use super::vhost_blk::{BlkBackend, VhostBlk, VringSetup};
+
+/// What the MAGIC register reads: "virt".
 const MAGIC_VALUE: u32 = 0x7472_6976;
+/// A modern (version 2) virtio-mmio device.
 const VERSION: u32 = 2;
-const DEVICE_ID_BLOCK: u32 = 2;
 const VENDOR_ID: u32 = 0x4d4d_5653; // "SVMM"
 /// Largest queue the guest may configure.
 pub const QUEUE_MAX: u16 = 256;
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 0x40;
-const STATUS_FAILED: u32 = 0x80;
-const INT_USED_BUFFER: u32 = 1;
-
-/// Register offsets.
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
+/// Offset of the queue-notify register, where KVM's ioeventfd sits.
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+/// Offset of the device-specific config space.
+const CONFIG: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct QueueRegs {
@@ -210,7 +188,7 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
             log::warn!("virtio-blk: DRIVER_OK without negotiated features or a ready queue");
             return status | STATUS_NEEDS_RESET;
         }
-        let q = QueueSetup {
+        let q = VringSetup {
             size: self.queue.size as u16,
             desc: self.queue.desc,
             avail: self.queue.avail,
@@ -233,10 +211,10 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
 
     /// MMIO read at `offset` into `data` (little-endian).
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
+        if offset >= CONFIG {
             let cfg = self.backend.config();
             for (i, b) in data.iter_mut().enumerate() {
-                *b = usize::try_from(offset - reg::CONFIG)
+                *b = usize::try_from(offset - CONFIG)
                     .ok()
                     .and_then(|o| cfg.get(o + i))
                     .copied()
@@ -252,27 +230,27 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
             data.fill(0xff);
             return;
         }
-        let v = match offset {
-            reg::MAGIC => MAGIC_VALUE,
-            reg::VERSION => VERSION,
-            reg::DEVICE_ID => DEVICE_ID_BLOCK,
-            reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
+        let v = match u32::try_from(offset).unwrap_or(u32::MAX) {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => VERSION,
+            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_BLOCK,
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.backend.device_features() as u32,
                 1 => (self.backend.device_features() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX if self.queue_selected() => u32::from(QUEUE_MAX),
-            reg::QUEUE_READY if self.queue_selected() => u32::from(self.queue.ready),
-            reg::INTERRUPT_STATUS => {
+            VIRTIO_MMIO_QUEUE_NUM_MAX if self.queue_selected() => u32::from(QUEUE_MAX),
+            VIRTIO_MMIO_QUEUE_READY if self.queue_selected() => u32::from(self.queue.ready),
+            VIRTIO_MMIO_INTERRUPT_STATUS => {
                 self.counters.bump(Counter::VirtioIsrRead);
                 if self.backend.running() {
-                    INT_USED_BUFFER
+                    VIRTIO_MMIO_INT_VRING
                 } else {
                     0
                 }
             }
-            reg::STATUS => self.status,
+            VIRTIO_MMIO_STATUS => self.status,
             _ => 0,
         };
         data.copy_from_slice(&v.to_le_bytes());
@@ -288,32 +266,34 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
             return;
         };
         let v = u32::from_le_bytes(raw);
-        match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
+        match u32::try_from(offset).unwrap_or(u32::MAX) {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => {
                 match self.driver_features_sel {
                     0 => set_low(&mut self.driver_features, v),
                     1 => set_high(&mut self.driver_features, v),
                     s => log::warn!("virtio-blk: driver features word {s} ignored"),
                 }
             }
-            reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM if self.configurable() => self.queue.size = v,
-            reg::QUEUE_DESC_LOW if self.configurable() => set_low(&mut self.queue.desc, v),
-            reg::QUEUE_DESC_HIGH if self.configurable() => set_high(&mut self.queue.desc, v),
-            reg::QUEUE_DRIVER_LOW if self.configurable() => set_low(&mut self.queue.avail, v),
-            reg::QUEUE_DRIVER_HIGH if self.configurable() => set_high(&mut self.queue.avail, v),
-            reg::QUEUE_DEVICE_LOW if self.configurable() => set_low(&mut self.queue.used, v),
-            reg::QUEUE_DEVICE_HIGH if self.configurable() => set_high(&mut self.queue.used, v),
-            reg::QUEUE_READY if self.queue_selected() => self.write_queue_ready(v),
-            reg::QUEUE_NOTIFY => {
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if self.configurable() => self.queue.size = v,
+            VIRTIO_MMIO_QUEUE_DESC_LOW if self.configurable() => set_low(&mut self.queue.desc, v),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if self.configurable() => set_high(&mut self.queue.desc, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if self.configurable() => set_low(&mut self.queue.avail, v),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if self.configurable() => {
+                set_high(&mut self.queue.avail, v)
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if self.configurable() => set_low(&mut self.queue.used, v),
+            VIRTIO_MMIO_QUEUE_USED_HIGH if self.configurable() => set_high(&mut self.queue.used, v),
+            VIRTIO_MMIO_QUEUE_READY if self.queue_selected() => self.write_queue_ready(v),
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 // The ioeventfd matches queue 0; anything reaching here names no queue.
                 self.counters.bump(Counter::VirtioNotifyExit);
                 log::warn!("virtio-blk: notify for nonexistent queue {v} ignored");
             }
-            reg::INTERRUPT_ACK => self.counters.bump(Counter::VirtioIsrAck),
-            reg::STATUS => self.set_status(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.counters.bump(Counter::VirtioIsrAck),
+            VIRTIO_MMIO_STATUS => self.set_status(v),
             _ => log::warn!(
                 "virtio-blk: write {v:#x} to {offset:#x} ignored (read-only, unknown or not now)"
             ),
@@ -354,14 +334,19 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::vhost_blk::{SharedRegion, VhostBlkError};
+    use crate::vmm::vhost_blk::SharedRegion;
+    use frontend_core::vhost_user::FrontendSessionError;
+
+    fn r(offset: u32) -> u64 {
+        u64::from(offset)
+    }
 
     const WINDOW: u64 = 0x4000_0000;
 
     #[derive(Debug, Default)]
     struct FakeBackend {
         regions: Vec<SharedRegion>,
-        started: Vec<(u64, QueueSetup)>,
+        started: Vec<(u64, VringSetup)>,
         stops: u32,
         running: bool,
     }
@@ -379,12 +364,12 @@ mod tests {
         fn running(&self) -> bool {
             self.running
         }
-        fn start(&mut self, features: u64, q: QueueSetup) -> Result<(), VhostBlkError> {
+        fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
             self.started.push((features, q));
             self.running = true;
             Ok(())
         }
-        fn stop(&mut self) -> Result<Option<u32>, VhostBlkError> {
+        fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
             self.stops += 1;
             Ok(std::mem::take(&mut self.running).then_some(7))
         }
@@ -413,24 +398,24 @@ mod tests {
     }
 
     fn negotiate(d: &mut VirtioMmioBlk<FakeBackend>) {
-        wr(d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        wr(d, reg::DRIVER_FEATURES_SEL, 1);
-        wr(d, reg::DRIVER_FEATURES, 1);
+        wr(d, r(VIRTIO_MMIO_STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(d, r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1);
+        wr(d, r(VIRTIO_MMIO_DRIVER_FEATURES), 1);
         wr(
             d,
-            reg::STATUS,
+            r(VIRTIO_MMIO_STATUS),
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
     }
 
     fn set_queue(d: &mut VirtioMmioBlk<FakeBackend>, size: u32, desc: u64) {
-        wr(d, reg::QUEUE_SEL, 0);
-        wr(d, reg::QUEUE_NUM, size);
-        wr(d, reg::QUEUE_DESC_LOW, desc as u32);
-        wr(d, reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        wr(d, reg::QUEUE_DRIVER_LOW, (WINDOW + 0x1000) as u32);
-        wr(d, reg::QUEUE_DEVICE_LOW, (WINDOW + 0x2000) as u32);
-        wr(d, reg::QUEUE_READY, 1);
+        wr(d, r(VIRTIO_MMIO_QUEUE_SEL), 0);
+        wr(d, r(VIRTIO_MMIO_QUEUE_NUM), size);
+        wr(d, r(VIRTIO_MMIO_QUEUE_DESC_LOW), desc as u32);
+        wr(d, r(VIRTIO_MMIO_QUEUE_DESC_HIGH), (desc >> 32) as u32);
+        wr(d, r(VIRTIO_MMIO_QUEUE_AVAIL_LOW), (WINDOW + 0x1000) as u32);
+        wr(d, r(VIRTIO_MMIO_QUEUE_USED_LOW), (WINDOW + 0x2000) as u32);
+        wr(d, r(VIRTIO_MMIO_QUEUE_READY), 1);
     }
 
     const RUNNING: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
@@ -438,18 +423,18 @@ mod tests {
     #[test]
     fn identity_features_and_config() {
         let mut d = device();
-        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
-        assert_eq!(rd(&mut d, reg::VERSION), 2);
-        assert_eq!(rd(&mut d, reg::DEVICE_ID), 2);
-        wr(&mut d, reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 1);
-        wr(&mut d, reg::DEVICE_FEATURES_SEL, 0x1234);
-        assert_eq!(rd(&mut d, reg::DEVICE_FEATURES), 0);
-        assert_eq!(rd(&mut d, reg::CONFIG), 0x800);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_MAGIC_VALUE)), MAGIC_VALUE);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_VERSION)), 2);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_DEVICE_ID)), 2);
+        wr(&mut d, r(VIRTIO_MMIO_DEVICE_FEATURES_SEL), 1);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_DEVICE_FEATURES)), 1);
+        wr(&mut d, r(VIRTIO_MMIO_DEVICE_FEATURES_SEL), 0x1234);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_DEVICE_FEATURES)), 0);
+        assert_eq!(rd(&mut d, CONFIG), 0x800);
         // Beyond the config space reads as zero; a read-only register ignores writes.
-        assert_eq!(rd(&mut d, reg::CONFIG + 0x400), 0);
-        wr(&mut d, reg::MAGIC, 0);
-        assert_eq!(rd(&mut d, reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(rd(&mut d, CONFIG + 0x400), 0);
+        wr(&mut d, r(VIRTIO_MMIO_MAGIC_VALUE), 0);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_MAGIC_VALUE)), MAGIC_VALUE);
     }
 
     #[test]
@@ -457,18 +442,18 @@ mod tests {
         let mut d = device();
         negotiate(&mut d);
         set_queue(&mut d, 64, WINDOW);
-        assert_eq!(rd(&mut d, reg::QUEUE_READY), 1);
-        wr(&mut d, reg::STATUS, RUNNING);
-        assert_eq!(rd(&mut d, reg::STATUS), RUNNING);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_QUEUE_READY)), 1);
+        wr(&mut d, r(VIRTIO_MMIO_STATUS), RUNNING);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_STATUS)), RUNNING);
         let (features, q) = d.backend().started[0];
         assert_eq!(features, 1 << 32);
         assert_eq!(q.size, 64);
         assert_eq!(q.desc, WINDOW);
         // Queue registers are frozen while the device runs.
-        wr(&mut d, reg::QUEUE_NUM, 8);
-        wr(&mut d, reg::STATUS, 0);
-        assert_eq!(rd(&mut d, reg::STATUS), 0);
-        assert_eq!(rd(&mut d, reg::QUEUE_READY), 0);
+        wr(&mut d, r(VIRTIO_MMIO_QUEUE_NUM), 8);
+        wr(&mut d, r(VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_STATUS)), 0);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_QUEUE_READY)), 0);
         assert!(!d.backend().running);
         assert_eq!(d.backend().started.len(), 1);
     }
@@ -489,45 +474,49 @@ mod tests {
         ] {
             set_queue(&mut d, size, desc);
             assert_eq!(
-                rd(&mut d, reg::QUEUE_READY),
+                rd(&mut d, r(VIRTIO_MMIO_QUEUE_READY)),
                 0,
                 "size {size} desc {desc:#x}"
             );
         }
-        wr(&mut d, reg::QUEUE_SEL, 3);
-        assert_eq!(rd(&mut d, reg::QUEUE_NUM_MAX), 0);
-        wr(&mut d, reg::STATUS, RUNNING);
-        assert_ne!(rd(&mut d, reg::STATUS) & STATUS_NEEDS_RESET, 0);
+        wr(&mut d, r(VIRTIO_MMIO_QUEUE_SEL), 3);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_QUEUE_NUM_MAX)), 0);
+        wr(&mut d, r(VIRTIO_MMIO_STATUS), RUNNING);
+        assert_ne!(rd(&mut d, r(VIRTIO_MMIO_STATUS)) & STATUS_NEEDS_RESET, 0);
         assert!(d.backend().started.is_empty());
     }
 
     #[test]
     fn unoffered_features_are_refused() {
         let mut d = device();
-        wr(&mut d, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        wr(&mut d, reg::DRIVER_FEATURES_SEL, 0);
-        wr(&mut d, reg::DRIVER_FEATURES, 1 << 5);
         wr(
             &mut d,
-            reg::STATUS,
+            r(VIRTIO_MMIO_STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+        );
+        wr(&mut d, r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 0);
+        wr(&mut d, r(VIRTIO_MMIO_DRIVER_FEATURES), 1 << 5);
+        wr(
+            &mut d,
+            r(VIRTIO_MMIO_STATUS),
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
-        assert_eq!(rd(&mut d, reg::STATUS) & STATUS_FEATURES_OK, 0);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_STATUS)) & STATUS_FEATURES_OK, 0);
     }
 
     #[test]
     fn interrupt_status_and_acks_are_counted_and_odd_widths_are_harmless() {
         let mut d = device();
-        assert_eq!(rd(&mut d, reg::INTERRUPT_STATUS), 0);
-        wr(&mut d, reg::INTERRUPT_ACK, 1);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_INTERRUPT_STATUS)), 0);
+        wr(&mut d, r(VIRTIO_MMIO_INTERRUPT_ACK), 1);
         assert_eq!(d.counters.get(Counter::VirtioIsrRead), 1);
         assert_eq!(d.counters.get(Counter::VirtioIsrAck), 1);
         let mut b = [0u8; 2];
-        d.read(reg::STATUS, &mut b);
+        d.read(r(VIRTIO_MMIO_STATUS), &mut b);
         assert_eq!(b, [0xff, 0xff]);
-        d.write(reg::STATUS, &[1]);
-        assert_eq!(rd(&mut d, reg::STATUS), 0);
-        wr(&mut d, reg::QUEUE_NOTIFY, 5);
+        d.write(r(VIRTIO_MMIO_STATUS), &[1]);
+        assert_eq!(rd(&mut d, r(VIRTIO_MMIO_STATUS)), 0);
+        wr(&mut d, r(VIRTIO_MMIO_QUEUE_NOTIFY), 5);
         assert_eq!(d.counters.get(Counter::VirtioNotifyExit), 1);
     }
 }

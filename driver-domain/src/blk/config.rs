@@ -7,6 +7,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use std::sync::Arc;
+
+use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
 
 /// Largest number of ranges accepted in one DISCARD or WRITE_ZEROES request.
@@ -31,6 +34,8 @@ pub struct BlkBackendConfig {
     pub serial: String,
     /// What to accept from peer-supplied shared memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
+    /// Where the device counts what it serves (shared with whoever reports it).
+    pub counters: Arc<DeviceCounters>,
 }
 
 impl Default for BlkBackendConfig {
@@ -42,6 +47,7 @@ impl Default for BlkBackendConfig {
             poll_us: 0,
             serial: "splitvmm-blk".to_string(),
             seal_policy: SealPolicy::AllowUnsealedChecked,
+            counters: Arc::default(),
         }
     }
 }

@@ -23,6 +23,7 @@ use super::config::{BlkBackendConfig, BlkConfigSpace};
 use super::disk::BlkDisk;
 use super::inflight::{InflightError, InflightLog, InflightQueue};
 use super::request::{execute, Request, ID_LEN};
+use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
 use crate::virtio_core::{sync, BackendDevice, QueueFailedEarlier, QueueFailure, QueueProgress};
 
@@ -62,6 +63,7 @@ pub struct BlkBackendQueue {
     poll: Duration,
     req: Request,
     failure: QueueFailure,
+    counters: Arc<DeviceCounters>,
 }
 
 impl BlkBackendQueue {
@@ -85,6 +87,7 @@ impl BlkBackendQueue {
             poll: Duration::from_micros(cfg.poll_us),
             req: Request::default(),
             failure: QueueFailure::new(index),
+            counters: cfg.counters.clone(),
         }
     }
 
@@ -141,8 +144,18 @@ impl BlkBackendQueue {
                     .set(head)
                     .map_err(|e| BlkBackendError::Inflight(q, e))?;
                 let written = match self.req.parse(chain) {
-                    Ok(()) => execute(&self.req, &self.disk, mem, &self.serial).written,
+                    Ok(()) => {
+                        let done = execute(&self.req, &self.disk, mem, &self.serial);
+                        if done.status == super::status::OK {
+                            let bytes = self.req.readable_len() + self.req.writable_len();
+                            self.counters.add_request(bytes);
+                        } else {
+                            self.counters.add_error();
+                        }
+                        done.written
+                    }
                     Err(e) => {
+                        self.counters.add_error();
                         warn!("blk queue {q}: bad request at head {head}: {e}");
                         match self.req.status {
                             Some(addr) => {
@@ -274,6 +287,10 @@ impl BlkBackendDevice {
 
 impl BackendDevice for BlkBackendDevice {
     type QueueError = BlkBackendError;
+
+    fn counters(&self) -> Option<&DeviceCounters> {
+        Some(&self.cfg.counters)
+    }
 
     fn name(&self) -> &str {
         "blk"

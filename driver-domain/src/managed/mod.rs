@@ -10,6 +10,7 @@
 //!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
 
 mod hardware;
+mod publish;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,8 @@ use ipc::xenstore::client::{ClientError, StoreClient};
 use ipc::xenstore::wire::XsError;
 
 use session::Session;
+
+use crate::virtio_core::counters::CounterValues;
 
 use crate::net::format_mac;
 use crate::net::switch::{Switch, SwitchConfig};
@@ -85,6 +88,11 @@ pub struct ManagedDriverDomain {
     handed: HashMap<DevKey, Handed>,
     devices: BTreeMap<DevKey, Device>,
     sessions: HashMap<DevKey, u64>,
+    /// Counters of sessions that ended, per device.
+    past_counters: HashMap<DevKey, CounterValues>,
+    /// What was last written to the store, per device, and when.
+    published: HashMap<DevKey, CounterValues>,
+    last_publish: Instant,
     /// The switch every vif is a port of.
     switch: Arc<Switch>,
     /// The tap uplink on that switch, if the host file names one.
@@ -112,6 +120,9 @@ impl ManagedDriverDomain {
             handed: HashMap::new(),
             devices: BTreeMap::new(),
             sessions: HashMap::new(),
+            past_counters: HashMap::new(),
+            published: HashMap::new(),
+            last_publish: Instant::now(),
             switch: Switch::new(SwitchConfig::default()),
             uplink: None,
         }
@@ -178,6 +189,7 @@ impl ManagedDriverDomain {
                     self.fail(key, reason)?;
                 }
             }
+            self.publish_counters();
         }
     }
 
@@ -236,7 +248,7 @@ impl ManagedDriverDomain {
             if let Some(mut dev) = self.devices.remove(&key) {
                 if let Some(session) = dev.session.take() {
                     log::warn!("{}: directory removed while serving; stopping", dev.id);
-                    session.stop();
+                    self.end_session(key, session);
                 }
             }
         }
@@ -402,7 +414,7 @@ impl ManagedDriverDomain {
             log::warn!("{}: frontend did not close within {CLOSE_GRACE:?}", dev.id);
         }
         if let Some(session) = dev.session.take() {
-            session.stop();
+            self.end_session(key, session);
         }
         self.set_state(key, XenbusState::Closed)
     }
@@ -410,7 +422,7 @@ impl ManagedDriverDomain {
     fn fail(&mut self, key: DevKey, reason: String) -> Result<(), ManagedError> {
         if let Some(mut dev) = self.devices.remove(&key) {
             if let Some(session) = dev.session.take() {
-                session.stop();
+                self.end_session(key, session);
             }
             let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
             let _ = self
@@ -442,7 +454,7 @@ impl ManagedDriverDomain {
     fn shut_down(&mut self) {
         for (_, mut dev) in std::mem::take(&mut self.devices) {
             if let Some(session) = dev.session.take() {
-                session.stop();
+                let _ = session.stop();
             }
         }
     }

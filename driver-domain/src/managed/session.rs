@@ -11,9 +11,10 @@ use ipc::xenbus::DeviceId;
 use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
-use crate::net::switch::Switch;
+use crate::net::switch::{Switch, SwitchPort};
 use crate::net::{NetBackendConfig, NetBackendDevice};
 use crate::vhost_user::serve_listener;
+use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);
@@ -24,6 +25,15 @@ pub struct Session {
     shutdown: mpsc::Receiver<ShutdownHandle>,
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
+    counters: Counters,
+}
+
+/// Where a session's counters come from.
+enum Counters {
+    /// The block device core and its transport count everything.
+    Block(Arc<DeviceCounters>),
+    /// The transport counts kicks and interrupts; the switch port, frames and bytes.
+    Net(Arc<DeviceCounters>, Arc<SwitchPort>),
 }
 
 impl Session {
@@ -37,9 +47,10 @@ impl Session {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
-        Self::spawn(id, capacity_sectors, move |started| {
-            let device = BlkBackendDevice::new(disk, BlkBackendConfig::default())
-                .map_err(|e| e.to_string())?;
+        let cfg = BlkBackendConfig::default();
+        let counters = Counters::Block(cfg.counters.clone());
+        Self::spawn(id, capacity_sectors, counters, move |started| {
+            let device = BlkBackendDevice::new(disk, cfg).map_err(|e| e.to_string())?;
             serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
@@ -52,20 +63,28 @@ impl Session {
         listener: UnixListener,
         mac: [u8; 6],
     ) -> Result<Session, String> {
-        let port = switch
-            .attach_guest(&format!("vif{}.{}", id.frontend, id.devid), mac)
-            .map_err(|e| format!("switch port: {e}"))?;
+        let port = Arc::new(
+            switch
+                .attach_guest(&format!("vif{}.{}", id.frontend, id.devid), mac)
+                .map_err(|e| format!("switch port: {e}"))?,
+        );
         let cfg = NetBackendConfig {
             mac,
             ..NetBackendConfig::default()
         };
-        Self::spawn(id, 0, move |started| {
-            let device = NetBackendDevice::new(Arc::new(port), cfg).map_err(|e| e.to_string())?;
+        let counters = Counters::Net(cfg.counters.clone(), port.clone());
+        Self::spawn(id, 0, counters, move |started| {
+            let device = NetBackendDevice::new(port, cfg).map_err(|e| e.to_string())?;
             serve_listener(listener, device, started).map_err(|e| e.to_string())
         })
     }
 
-    fn spawn<F>(id: DeviceId, capacity_sectors: u64, serve: F) -> Result<Session, String>
+    fn spawn<F>(
+        id: DeviceId,
+        capacity_sectors: u64,
+        counters: Counters,
+        serve: F,
+    ) -> Result<Session, String>
     where
         F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
     {
@@ -87,7 +106,25 @@ impl Session {
             shutdown: rx,
             thread: Some(thread),
             capacity_sectors,
+            counters,
         })
+    }
+
+    /// The device's counters so far in this session. For a network interface, requests are
+    /// frames (sent and received), and errors are frames refused (malformed or spoofed) or dropped.
+    pub fn counters(&self) -> CounterValues {
+        match &self.counters {
+            Counters::Block(c) => c.snapshot(),
+            Counters::Net(c, port) => {
+                let p = port.counters();
+                CounterValues {
+                    requests: p.tx_frames + p.rx_frames,
+                    bytes: p.tx_bytes + p.rx_bytes,
+                    errors: p.tx_invalid + p.tx_spoofed + p.tx_dropped + p.rx_dropped,
+                    ..c.snapshot()
+                }
+            }
+        }
     }
 
     /// Capacity in 512-byte sectors (block devices).
@@ -95,8 +132,9 @@ impl Session {
         self.capacity_sectors
     }
 
-    /// Ends the session (the frontend sees its connection close) and joins the thread.
-    pub fn stop(mut self) {
+    /// Ends the session (the frontend sees its connection close), joins the thread, and
+    /// returns its final counters.
+    pub fn stop(mut self) -> CounterValues {
         if let Ok(handle) = self.shutdown.recv_timeout(START_WAIT) {
             handle.shutdown();
         }
@@ -105,5 +143,6 @@ impl Session {
                 log::error!("{}: session thread panicked", self.id);
             }
         }
+        self.counters()
     }
 }

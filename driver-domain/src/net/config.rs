@@ -6,11 +6,14 @@
 //! TSO/UFO/USO), the control queue (CTRL_VQ; vhost-user frontends such as QEMU and DPDK handle
 //! it themselves and enable queue pairs with SET_VRING_ENABLE).
 
+use std::sync::Arc;
+
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::frame::Mac;
 use super::header::{TxOffloads, HDR_LEN, HDR_LEN_LEGACY, MTU};
+use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
 
 /// Device handles checksum offload of transmitted frames.
@@ -52,6 +55,9 @@ pub struct NetBackendConfig {
     pub poll_us: u64,
     /// What to accept from peer-supplied memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
+    /// Where the transport counts kicks and interrupts (frames and bytes are the switch
+    /// port's counters).
+    pub counters: Arc<DeviceCounters>,
 }
 
 impl Default for NetBackendConfig {
@@ -63,6 +69,7 @@ impl Default for NetBackendConfig {
             budget: 64,
             poll_us: 0,
             seal_policy: SealPolicy::AllowUnsealedChecked,
+            counters: Arc::default(),
         }
     }
 }

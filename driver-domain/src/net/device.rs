@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{Negotiated, NetBackendConfig, NetConfigSpace};
 use super::queue::{NetQueueError, RxQueue, TxQueue};
 use super::switch::SwitchPort;
+use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
 use crate::virtio_core::{sync, BackendDevice, QueueProgress};
 
@@ -79,6 +80,10 @@ impl NetBackendDevice {
 
 impl BackendDevice for NetBackendDevice {
     type QueueError = NetQueueError;
+
+    fn counters(&self) -> Option<&DeviceCounters> {
+        Some(&self.cfg.counters)
+    }
 
     fn name(&self) -> &str {
         &self.name

@@ -239,6 +239,8 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
             }
         } else if usize::from(device_event) >= vrings.len() {
             return Ok(());
+        } else if let Some(c) = self.device.counters() {
+            c.add_kick();
         }
         if !self.memory.usable() {
             if !woken {

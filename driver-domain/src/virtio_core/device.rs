@@ -26,6 +26,7 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::counters::DeviceCounters;
 use super::memory::{CheckedMemory, GuestMem, SealPolicy};
 
 /// What one [`BackendDevice::process_queue`] call did.
@@ -103,6 +104,12 @@ pub trait BackendDevice: Send + Sync + 'static {
 
     /// The peer went away (the session ended); log or reset what outlives it.
     fn disconnected(&self) {}
+
+    /// Where the device counts what it serves; the scheduler adds the interrupts it sends,
+    /// the transport the kicks it receives.
+    fn counters(&self) -> Option<&DeviceCounters> {
+        None
+    }
 }
 
 /// One virtqueue as a transport holds it.
@@ -201,11 +208,16 @@ fn serve_one<D: BackendDevice, Q: TransportQueue>(
         .and_then(Result::ok)
         .unwrap_or_default();
     if progress.notify {
-        if let Err(e) = queue.signal_driver() {
-            warn!(
+        match queue.signal_driver() {
+            Ok(()) => {
+                if let Some(c) = device.counters() {
+                    c.add_interrupt();
+                }
+            }
+            Err(e) => warn!(
                 "{} queue {index}: cannot signal the driver: {e}",
                 device.name()
-            );
+            ),
         }
     }
     progress

@@ -4,10 +4,12 @@
 //!
 //! - [`device`]: [`BackendDevice`], [`TransportQueue`], [`serve_queues`], the per-queue
 //!   failure latch.
+//! - [`counters`]: what a device served, as its backend counts it.
 //! - [`memory`]: sealing and size checks on peer memory; [`CheckedMemory`].
 //! - [`sync`]: lock helpers that recover from poisoning.
 //! - [`ring_driver`]: the driver side of a split ring.
 
+pub mod counters;
 pub mod device;
 pub mod memory;
 pub mod ring_driver;

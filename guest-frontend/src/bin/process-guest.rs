@@ -18,16 +18,15 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    ipc::startup::restore_sigpipe();
     let args = Args::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_millis()
-        .format(move |buf, record| {
-            use std::io::Write;
-            writeln!(buf, "{} {}: {}", record.level(), args.name, record.args())
-        })
-        .init();
-    // SAFETY: `splitvmm up` starts this program with fds 3 and 4 set up and nothing else
-    // in this process uses them.
+    ipc::startup::init_logging(&format!("{}[{}]", args.name, args.domid), "warn");
+    if let Err(e) = ipc::startup::check_inherited_fds() {
+        eprintln!("{}", ipc::startup::not_managed_message("process-guest", &e));
+        return ExitCode::from(ipc::startup::EXIT_NOT_MANAGED);
+    }
+    // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
+    // program, and nothing else in this process uses them.
     let guest =
         unsafe { ManagedGuest::from_inherited_fds(args.domid, ProcessFrontends::default()) };
     match guest.run() {

@@ -1,6 +1,31 @@
 //! The disk check a managed guest runs on request: write a pattern, read it back, compare.
 
-use crate::process::BlockFrontend;
+use thiserror::Error;
+
+use crate::process::{BlockFrontend, ProcessFrontendError};
+
+/// Why a disk check failed.
+#[derive(Debug, Error)]
+pub enum DiskCheckError {
+    #[error("check of {bytes} bytes does not fit the {capacity}-byte disk in whole sectors")]
+    DoesNotFit { bytes: u64, capacity: u64 },
+    #[error("write at byte {offset}")]
+    Write {
+        offset: u64,
+        #[source]
+        source: ProcessFrontendError,
+    },
+    #[error("flush")]
+    Flush(#[source] ProcessFrontendError),
+    #[error("read at byte {offset}")]
+    Read {
+        offset: u64,
+        #[source]
+        source: ProcessFrontendError,
+    },
+    #[error("mismatch at byte {0}")]
+    Mismatch(u64),
+}
 
 const SECTOR: u64 = 512;
 /// Bytes per request: several requests per check, each within one bounce buffer.
@@ -22,12 +47,10 @@ pub fn run(
     seed: u64,
     bytes: u64,
     verify_only: bool,
-) -> Result<String, String> {
+) -> Result<String, DiskCheckError> {
     let capacity = frontend.capacity() * SECTOR;
     if bytes > capacity || !bytes.is_multiple_of(SECTOR) || bytes == 0 {
-        return Err(format!(
-            "check of {bytes} bytes does not fit the {capacity}-byte disk in whole sectors"
-        ));
+        return Err(DiskCheckError::DoesNotFit { bytes, capacity });
     }
     let mut offset = 0u64;
     let mut chunk = vec![0u8; CHUNK];
@@ -39,19 +62,19 @@ pub fn run(
             }
             frontend
                 .write(offset / SECTOR, &chunk[..len])
-                .map_err(|e| format!("write at byte {offset}: {e}"))?;
+                .map_err(|source| DiskCheckError::Write { offset, source })?;
             offset += len as u64;
         }
-        frontend.flush().map_err(|e| format!("flush: {e}"))?;
+        frontend.flush().map_err(DiskCheckError::Flush)?;
     }
     offset = 0;
     while offset < bytes {
         let len = CHUNK.min((bytes - offset) as usize);
         frontend
             .read(offset / SECTOR, &mut chunk[..len])
-            .map_err(|e| format!("read at byte {offset}: {e}"))?;
+            .map_err(|source| DiskCheckError::Read { offset, source })?;
         if let Some(i) = (0..len).find(|&i| chunk[i] != pattern_byte(seed, offset + i as u64)) {
-            return Err(format!("mismatch at byte {}", offset + i as u64));
+            return Err(DiskCheckError::Mismatch(offset + i as u64));
         }
         offset += len as u64;
     }

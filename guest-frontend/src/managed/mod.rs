@@ -1,47 +1,64 @@
 //! A managed process domain: a guest that is a host process, started by `splitvmm up`.
 //!
-//! The xenbus walk, the control channel and the store are `ipc::xenbus::frontend`'s; this is
+//! The xenbus walk, the control channel and the store are `frontend_core::xenbus`'s; this is
 //! what a process domain does at the walk's moments: at backend InitWait it connects a
-//! [`BlockFrontend`] (rings and bounce buffers in its I/O window, the only memory it shares
-//! with the driver domain) on the handed vhost-user connection; on close it stops the vrings.
+//! [`BlockFrontend`] or [`NetFrontend`] (rings and buffers in its I/O window, the only memory
+//! it shares with the driver domain) on the handed vhost-user connection; on close it stops
+//! the vrings. Disk checks and pings run on request.
 
 mod disk_check;
 mod net_check;
 
 use std::os::unix::net::UnixStream;
 
+use frontend_core::xenbus::{DiskCheck, FrontendDiagnostics, FrontendLifecycle, ManagedFrontend};
 use ipc::control::messages::GuestStats;
-use ipc::xenbus::frontend::{FrontendKind, ManagedFrontend};
+use thiserror::Error;
 
 use crate::process::{
-    BlockFrontend, FrontendConfig, FrontendStats, NetFrontend, NetFrontendConfig,
+    BlockFrontend, BlockFrontendConfig, FrontendStats, NetFrontend, NetFrontendConfig,
+    ProcessFrontendError,
 };
 
-pub use disk_check::pattern_byte;
-pub use net_check::NetNic;
+pub use disk_check::{pattern_byte, DiskCheckError};
+pub use net_check::{NetNic, PingError};
 
-/// A process domain's block frontends.
+/// Why a process domain's device could not be set up or checked.
+#[derive(Debug, Error)]
+pub enum ProcessDeviceError {
+    #[error("frontend")]
+    Frontend(#[from] ProcessFrontendError),
+    #[error("the backend offered no MAC address (VIRTIO_NET_F_MAC)")]
+    NoMac,
+    #[error("disk check")]
+    DiskCheck(#[from] DiskCheckError),
+    #[error("ping")]
+    Ping(#[from] PingError),
+}
+
+/// A process domain's frontends.
 #[derive(Debug, Default)]
 pub struct ProcessFrontends {
     /// Counters of sessions that already ended.
     finished: FrontendStats,
 }
 
-impl FrontendKind for ProcessFrontends {
-    type Session = BlockFrontend;
+impl FrontendLifecycle for ProcessFrontends {
+    type BlockSession = BlockFrontend;
+    type NetSession = NetNic;
+    type ConnectError = ProcessDeviceError;
 
-    fn connect(
+    fn connect_block(
         &mut self,
         _devid: u32,
         connection: UnixStream,
-    ) -> Result<(BlockFrontend, u64), String> {
-        let frontend = BlockFrontend::connect(connection, FrontendConfig::default())
-            .map_err(|e| format!("vhost-user set-up: {e}"))?;
+    ) -> Result<(BlockFrontend, u64), ProcessDeviceError> {
+        let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default())?;
         let capacity = frontend.capacity();
         Ok((frontend, capacity))
     }
 
-    fn disconnect(&mut self, devid: u32, session: BlockFrontend) {
+    fn disconnect_block(&mut self, devid: u32, session: BlockFrontend) {
         if let Ok(stats) = session.stats() {
             self.finished.add(&stats);
         }
@@ -50,47 +67,14 @@ impl FrontendKind for ProcessFrontends {
         }
     }
 
-    fn disk_check(
-        &mut self,
-        _devid: u32,
-        session: &mut BlockFrontend,
-        seed: u64,
-        bytes: u64,
-        verify_only: bool,
-    ) -> Result<String, String> {
-        disk_check::run(session, seed, bytes, verify_only)
-    }
-
-    fn stats<'a>(&self, live: impl Iterator<Item = &'a BlockFrontend>) -> GuestStats {
-        let mut t = self.finished;
-        for frontend in live {
-            if let Ok(s) = frontend.stats() {
-                t.add(&s);
-            }
-        }
-        GuestStats {
-            requests: t.requests,
-            bytes: t.bytes_read + t.bytes_written,
-            kicks_sent: t.kicks_sent,
-            kicks_suppressed: t.kicks_suppressed,
-            interrupts: t.interrupts,
-            vmm_exits: 0,
-        }
-    }
-
-    type NetSession = NetNic;
-
     fn connect_net(
         &mut self,
         _devid: u32,
         connection: UnixStream,
         ip: [u8; 4],
-    ) -> Result<(NetNic, [u8; 6]), String> {
-        let frontend = NetFrontend::connect(connection, NetFrontendConfig::default())
-            .map_err(|e| format!("vhost-user set-up: {e}"))?;
-        let mac = frontend
-            .mac()
-            .ok_or("the backend offered no MAC address (VIRTIO_NET_F_MAC)")?;
+    ) -> Result<(NetNic, [u8; 6]), ProcessDeviceError> {
+        let frontend = NetFrontend::connect(connection, NetFrontendConfig::default())?;
+        let mac = frontend.mac().ok_or(ProcessDeviceError::NoMac)?;
         Ok((
             NetNic {
                 frontend,
@@ -107,6 +91,24 @@ impl FrontendKind for ProcessFrontends {
             log::warn!("vif {devid}: ending the vhost-user session: {e}");
         }
     }
+}
+
+impl FrontendDiagnostics for ProcessFrontends {
+    type CheckError = ProcessDeviceError;
+
+    fn disk_check(
+        &mut self,
+        _devid: u32,
+        session: &mut BlockFrontend,
+        check: DiskCheck,
+    ) -> Result<String, ProcessDeviceError> {
+        Ok(disk_check::run(
+            session,
+            check.seed,
+            check.bytes,
+            check.verify_only,
+        )?)
+    }
 
     fn net_ping(
         &mut self,
@@ -114,13 +116,28 @@ impl FrontendKind for ProcessFrontends {
         nic: &mut NetNic,
         peer: [u8; 4],
         rounds: u32,
-    ) -> Result<String, String> {
-        nic.ping(peer, rounds)
+    ) -> Result<String, ProcessDeviceError> {
+        Ok(nic.ping(peer, rounds)?)
     }
 
-    fn net_poll(&mut self, devid: u32, nic: &mut NetNic) {
-        if let Err(e) = nic.answer_pending() {
-            log::warn!("vif {devid}: {e}");
+    fn answer_peers(&mut self, _devid: u32, nic: &mut NetNic) -> Result<(), ProcessDeviceError> {
+        Ok(nic.answer_pending()?)
+    }
+
+    fn stats<'a>(&self, live: impl Iterator<Item = &'a BlockFrontend>) -> GuestStats {
+        let mut t = self.finished;
+        for frontend in live {
+            if let Ok(s) = frontend.stats() {
+                t.add(&s);
+            }
+        }
+        GuestStats {
+            requests: t.requests,
+            bytes: t.bytes_read + t.bytes_written,
+            kicks_sent: t.kicks_sent,
+            kicks_suppressed: t.kicks_suppressed,
+            interrupts: t.interrupts,
+            vmm_exits: 0,
         }
     }
 }

@@ -6,7 +6,22 @@
 
 use std::time::{Duration, Instant};
 
-use crate::process::NetFrontend;
+use thiserror::Error;
+
+use crate::process::{NetFrontend, ProcessFrontendError};
+
+/// Why a ping or an answer failed.
+#[derive(Debug, Error)]
+pub enum PingError {
+    #[error("send")]
+    Send(#[source] ProcessFrontendError),
+    #[error("receive")]
+    Receive(#[source] ProcessFrontendError),
+    #[error("no ARP answer for {}", dotted(*.0))]
+    NoArpAnswer([u8; 4]),
+    #[error("round {round}: no echo from {}", dotted(*peer))]
+    NoEcho { round: u32, peer: [u8; 4] },
+}
 
 /// The UDP echo port.
 pub const ECHO_PORT: u16 = 7;
@@ -125,18 +140,14 @@ fn arp_reply_from(f: &[u8], peer: [u8; 4]) -> Option<[u8; 6]> {
 }
 
 impl NetNic {
-    fn send(&mut self, frame: &[u8]) -> Result<(), String> {
+    fn send(&mut self, frame: &[u8]) -> Result<(), PingError> {
         self.frames += 1;
-        self.frontend.send(frame).map_err(|e| format!("send: {e}"))
+        self.frontend.send(frame).map_err(PingError::Send)
     }
 
     /// Answers one received frame if it is for us; true if a frame was received at all.
-    fn answer_one(&mut self, buf: &mut [u8], wait: Duration) -> Result<bool, String> {
-        let Some(len) = self
-            .frontend
-            .recv(buf, wait)
-            .map_err(|e| format!("receive: {e}"))?
-        else {
+    fn answer_one(&mut self, buf: &mut [u8], wait: Duration) -> Result<bool, PingError> {
+        let Some(len) = self.frontend.recv(buf, wait).map_err(PingError::Receive)? else {
             return Ok(false);
         };
         self.frames += 1;
@@ -156,25 +167,25 @@ impl NetNic {
     }
 
     /// Answers everything already received, without waiting.
-    pub fn answer_pending(&mut self) -> Result<(), String> {
+    pub fn answer_pending(&mut self) -> Result<(), PingError> {
         let mut buf = vec![0u8; 2048];
         while self.answer_one(&mut buf, Duration::ZERO)? {}
         Ok(())
     }
 
     /// Resolves `peer`, then exchanges `rounds` UDP echoes with it; a summary on success.
-    pub fn ping(&mut self, peer: [u8; 4], rounds: u32) -> Result<String, String> {
+    pub fn ping(&mut self, peer: [u8; 4], rounds: u32) -> Result<String, PingError> {
         let mut buf = vec![0u8; 2048];
         let started = Instant::now();
         self.send(&arp(1, self.mac, self.ip, [0; 6], peer, BROADCAST))?;
         let peer_mac = loop {
             if started.elapsed() > ANSWER_TIMEOUT {
-                return Err(format!("no ARP answer for {}", dotted(peer)));
+                return Err(PingError::NoArpAnswer(peer));
             }
             let Some(len) = self
                 .frontend
                 .recv(&mut buf, Duration::from_millis(50))
-                .map_err(|e| format!("receive: {e}"))?
+                .map_err(PingError::Receive)?
             else {
                 continue;
             };
@@ -201,12 +212,12 @@ impl NetNic {
             self.send(&frame)?;
             loop {
                 if sent.elapsed() > ANSWER_TIMEOUT {
-                    return Err(format!("round {round}: no echo from {}", dotted(peer)));
+                    return Err(PingError::NoEcho { round, peer });
                 }
                 let Some(len) = self
                     .frontend
                     .recv(&mut buf, Duration::from_millis(50))
-                    .map_err(|e| format!("receive: {e}"))?
+                    .map_err(PingError::Receive)?
                 else {
                     continue;
                 };

@@ -1,36 +1,33 @@
 //! `BlockFrontend`: a process domain's virtio-blk device, reached over vhost-user.
 //!
-//! Set-up (one vhost-user session, in the order QEMU uses): SET_OWNER, feature and protocol
-//! feature negotiation, GET_CONFIG (capacity), SET_MEM_TABLE with the one I/O window region,
-//! then per queue SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE. In the memory table the window's
-//! "user address" is set to its GPA, not to our mapping's address, so the ring addresses in
-//! SET_VRING_ADDR are GPAs too and no host pointer of this process reaches the backend.
+//! Set-up is frontend-core's vhost-user session ([`FrontendSession`]): negotiation and
+//! GET_CONFIG (capacity) at connect, then the memory table with the one I/O window region and
+//! every queue's vring. Ring addresses are GPAs in the window; no host pointer of this process
+//! reaches the backend.
 
-use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{
-    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+use frontend_core::vhost_user::{
+    connect_with_retry, ConfigSpace, DeviceSpec, FrontendSession, SharedRegion, VringSetup,
+    DEFAULT_REPLY_TIMEOUT,
 };
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::error::FrontendError;
-use super::queue::{BlockQueue, FrontendStats};
+use super::error::ProcessFrontendError;
+use super::queue::{BlockFrontendQueue, FrontendStats};
 use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
-use crate::virtio::blk::{negotiate_features, BlkConfig, BLK_CONFIG_BYTES, VIRTIO_BLK_F_MQ};
+use crate::virtio::blk::{negotiate_features, FrontBlkConfig, BLK_CONFIG_BYTES, VIRTIO_BLK_F_MQ};
 use crate::virtio::{
-    BlkQueue, BumpAllocator, DmaBuf, QueueAddrs, SplitQueue, VIRTIO_RING_F_EVENT_IDX,
+    BumpAllocator, DmaBuf, DmaRegion, FrontBlkQueue, QueueAddrs, SplitQueue,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Settings of a [`BlockFrontend`].
 #[derive(Debug, Clone)]
-pub struct FrontendConfig {
+pub struct BlockFrontendConfig {
     /// Entries per virtqueue (power of two, at most 1024).
     pub queue_size: u16,
     /// Number of request queues.
@@ -49,7 +46,7 @@ pub struct FrontendConfig {
     pub timeout: Duration,
 }
 
-impl Default for FrontendConfig {
+impl Default for BlockFrontendConfig {
     fn default() -> Self {
         Self {
             queue_size: 128,
@@ -66,10 +63,10 @@ impl Default for FrontendConfig {
 
 /// A virtio-blk frontend in a host process, connected to a vhost-user-blk backend.
 pub struct BlockFrontend {
-    queues: Vec<Mutex<BlockQueue>>,
-    vhost: Frontend,
+    queues: Vec<Mutex<BlockFrontendQueue>>,
+    session: FrontendSession,
     window: Arc<IoWindow>,
-    config: BlkConfig,
+    config: FrontBlkConfig,
     features: u64,
 }
 
@@ -84,105 +81,44 @@ impl std::fmt::Debug for BlockFrontend {
     }
 }
 
-fn vu(op: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
-    move |source| FrontendError::VhostUser { op, source }
-}
-
-fn eventfd(op: &'static str) -> Result<EventFd, FrontendError> {
-    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-        .map_err(|source| FrontendError::Io { op, source })
-}
-
 impl BlockFrontend {
     /// Connects to the vhost-user-blk backend listening at `path`. A backend that is still
-    /// starting (socket not yet created, or bound but not yet listening) is retried for up to
-    /// `cfg.timeout`.
-    pub fn connect_path(path: &Path, cfg: FrontendConfig) -> Result<Self, FrontendError> {
-        let deadline = Instant::now() + cfg.timeout;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound)
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(source) => {
-                    return Err(FrontendError::Io {
-                        op: "connect to vhost-user socket",
-                        source,
-                    })
-                }
-            }
-        };
-        Self::connect(stream, cfg)
+    /// starting is retried for up to `cfg.timeout`.
+    pub fn connect_path(
+        path: &Path,
+        cfg: BlockFrontendConfig,
+    ) -> Result<Self, ProcessFrontendError> {
+        Self::connect(connect_with_retry(path, cfg.timeout)?, cfg)
     }
 
     /// Runs the vhost-user set-up over a connected socket and starts every queue.
-    pub fn connect(stream: UnixStream, cfg: FrontendConfig) -> Result<Self, FrontendError> {
-        if cfg.queues == 0 || cfg.queues > 64 {
-            return Err(FrontendError::Config(format!("{} queues", cfg.queues)));
-        }
+    pub fn connect(
+        stream: UnixStream,
+        cfg: BlockFrontendConfig,
+    ) -> Result<Self, ProcessFrontendError> {
         if cfg.max_request_bytes == 0 || !cfg.max_request_bytes.is_multiple_of(512) {
-            return Err(FrontendError::Config(format!(
+            return Err(ProcessFrontendError::Config(format!(
                 "max_request_bytes {} is not a positive multiple of 512",
                 cfg.max_request_bytes
             )));
         }
-        let mut vhost = Frontend::from_stream(stream, u64::from(cfg.queues));
-        vhost.set_owner().map_err(vu("SET_OWNER"))?;
-        let offered = vhost.get_features().map_err(vu("GET_FEATURES"))?;
-        let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if offered & proto_bit == 0 {
-            return Err(FrontendError::Unsupported(
-                "VHOST_USER_F_PROTOCOL_FEATURES".into(),
-            ));
-        }
-        let proto = vhost
-            .get_protocol_features()
-            .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-        if !proto.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(FrontendError::Unsupported(
-                "the CONFIG protocol feature".into(),
-            ));
-        }
-        let mut want = VhostUserProtocolFeatures::CONFIG;
-        if cfg.queues > 1 {
-            if !proto.contains(VhostUserProtocolFeatures::MQ) {
-                return Err(FrontendError::Unsupported("the MQ protocol feature".into()));
-            }
-            want |= VhostUserProtocolFeatures::MQ;
-        }
-        vhost
-            .set_protocol_features(want)
-            .map_err(vu("SET_PROTOCOL_FEATURES"))?;
-        if cfg.queues > 1 {
-            let max = vhost.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
-            if max < u64::from(cfg.queues) {
-                return Err(FrontendError::Unsupported(format!(
-                    "{} queues (backend has {max})",
-                    cfg.queues
-                )));
-            }
-        }
-        let features = negotiate_features(offered, cfg.event_idx)? | proto_bit;
+        let spec = DeviceSpec {
+            queues: cfg.queues,
+            config: ConfigSpace::Required {
+                bytes: BLK_CONFIG_BYTES,
+            },
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+        };
+        let mut session = FrontendSession::connect(stream, spec)?;
+        let features = negotiate_features(session.device_features(), cfg.event_idx)?;
         if cfg.queues > 1 && features & VIRTIO_BLK_F_MQ == 0 {
-            return Err(FrontendError::Unsupported("VIRTIO_BLK_F_MQ".into()));
+            return Err(ProcessFrontendError::Unsupported("VIRTIO_BLK_F_MQ".into()));
         }
-        vhost.set_features(features).map_err(vu("SET_FEATURES"))?;
-        let (_, raw) = vhost
-            .get_config(
-                0,
-                BLK_CONFIG_BYTES as u32,
-                VhostUserConfigFlags::empty(),
-                &[0u8; BLK_CONFIG_BYTES],
-            )
-            .map_err(vu("GET_CONFIG"))?;
-        let config = BlkConfig::parse(&raw, features)?;
+        session.set_features(features)?;
+        let config = FrontBlkConfig::parse(session.config().unwrap_or_default(), features)?;
         if let Some(n) = config.num_queues {
             if n < cfg.queues {
-                return Err(FrontendError::Unsupported(format!(
+                return Err(ProcessFrontendError::Unsupported(format!(
                     "{} queues (device config says {n})",
                     cfg.queues
                 )));
@@ -191,26 +127,19 @@ impl BlockFrontend {
 
         let window = Arc::new(IoWindow::new(cfg.window_size, cfg.window_gpa)?);
         let queues = Self::build_queues(&window, &cfg, features)?;
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: window.gpa(),
-            memory_size: window.len() as u64,
-            // Deliberately the GPA, not our mapping: the backend needs only a consistent
-            // translation key, and our address space layout is none of its business.
-            userspace_addr: window.gpa(),
-            mmap_offset: 0,
-            mmap_handle: window.as_raw_fd(),
-        };
-        vhost
-            .set_mem_table(&[region])
-            .map_err(vu("SET_MEM_TABLE"))?;
+        session.set_mem_table(&[SharedRegion {
+            gpa: window.gpa(),
+            len: window.len() as u64,
+            fd: window.as_raw_fd(),
+        }])?;
         let mut started = Vec::with_capacity(queues.len());
         for (i, (blk, bounce)) in queues.into_iter().enumerate() {
-            let q = Self::start_queue(&mut vhost, i, blk, bounce, &window, &cfg)?;
+            let q = Self::start_queue(&mut session, i, blk, bounce, &window, &cfg)?;
             started.push(Mutex::new(q));
         }
         Ok(Self {
             queues: started,
-            vhost,
+            session,
             window,
             config,
             features,
@@ -221,9 +150,9 @@ impl BlockFrontend {
     #[allow(clippy::type_complexity)]
     fn build_queues(
         window: &IoWindow,
-        cfg: &FrontendConfig,
+        cfg: &BlockFrontendConfig,
         features: u64,
-    ) -> Result<Vec<(BlkQueue<crate::virtio::DmaRegion>, Vec<DmaBuf>)>, FrontendError> {
+    ) -> Result<Vec<(FrontBlkQueue<DmaRegion>, Vec<DmaBuf>)>, ProcessFrontendError> {
         let region = window.region();
         let mut alloc = BumpAllocator::new(&region);
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
@@ -235,10 +164,10 @@ impl BlockFrontend {
                 avail: alloc.alloc(QueueAddrs::avail_bytes(size), 64)?,
                 used: alloc.alloc(QueueAddrs::used_bytes(size), 64)?,
             };
-            // SAFETY: the rings are inside the window, which every BlockQueue keeps alive via
+            // SAFETY: the rings are inside the window, which every BlockFrontendQueue keeps alive via
             // its Arc<IoWindow>; nothing else in this process uses those bytes.
             let vq = unsafe { SplitQueue::new(&region, addrs, size, event_idx)? };
-            blks.push(BlkQueue::new(vq, region, &mut alloc)?);
+            blks.push(FrontBlkQueue::new(vq, region, &mut alloc)?);
         }
         let page = 4096u64;
         let per_request = u64::from(cfg.max_request_bytes).div_ceil(page) * page;
@@ -247,7 +176,7 @@ impl BlockFrontend {
         // 3 descriptors per data request: more bounce buffers than that could never be in use.
         let depth = fit.min(u64::from(cfg.queue_size / 3).max(1));
         if depth == 0 {
-            return Err(FrontendError::Config(format!(
+            return Err(ProcessFrontendError::Config(format!(
                 "window of {} bytes has no room for a {}-byte bounce buffer per queue",
                 window.len(),
                 cfg.max_request_bytes
@@ -269,47 +198,35 @@ impl BlockFrontend {
     }
 
     fn start_queue(
-        vhost: &mut Frontend,
+        session: &mut FrontendSession,
         i: usize,
-        blk: BlkQueue<crate::virtio::DmaRegion>,
+        blk: FrontBlkQueue<DmaRegion>,
         bounce: Vec<DmaBuf>,
         window: &Arc<IoWindow>,
-        cfg: &FrontendConfig,
-    ) -> Result<BlockQueue, FrontendError> {
+        cfg: &BlockFrontendConfig,
+    ) -> Result<BlockFrontendQueue, ProcessFrontendError> {
         let addrs = blk.virtqueue_ref().addrs();
-        let kick = eventfd("kick eventfd")?;
-        let call = eventfd("call eventfd")?;
-        vhost
-            .set_vring_num(i, cfg.queue_size)
-            .map_err(vu("SET_VRING_NUM"))?;
-        vhost.set_vring_base(i, 0).map_err(vu("SET_VRING_BASE"))?;
-        let ring = VringConfigData {
-            queue_max_size: cfg.queue_size,
-            queue_size: cfg.queue_size,
-            flags: 0,
-            desc_table_addr: addrs.desc,
-            used_ring_addr: addrs.used,
-            avail_ring_addr: addrs.avail,
-            log_addr: None,
+        session.start_vring(
+            i,
+            VringSetup {
+                size: cfg.queue_size,
+                desc: addrs.desc,
+                avail: addrs.avail,
+                used: addrs.used,
+            },
+        )?;
+        let dup = |fd: &vmm_sys_util::eventfd::EventFd| {
+            fd.try_clone().map_err(|source| ProcessFrontendError::Io {
+                op: "dup eventfd",
+                source,
+            })
         };
-        vhost
-            .set_vring_addr(i, &ring)
-            .map_err(vu("SET_VRING_ADDR"))?;
-        vhost
-            .set_vring_call(i, &call)
-            .map_err(vu("SET_VRING_CALL"))?;
-        vhost
-            .set_vring_kick(i, &kick)
-            .map_err(vu("SET_VRING_KICK"))?;
-        vhost
-            .set_vring_enable(i, true)
-            .map_err(vu("SET_VRING_ENABLE"))?;
-        Ok(BlockQueue::new(
+        Ok(BlockFrontendQueue::new(
             i as u16,
             blk,
             Arc::clone(window),
-            kick,
-            call,
+            dup(session.kick(i)?)?,
+            dup(session.call(i)?)?,
             bounce,
             cfg.poll,
             cfg.timeout,
@@ -321,7 +238,7 @@ impl BlockFrontend {
         self.config.capacity
     }
     /// The parsed device configuration.
-    pub fn config(&self) -> BlkConfig {
+    pub fn config(&self) -> FrontBlkConfig {
         self.config
     }
     /// The acknowledged virtio feature bits.
@@ -342,33 +259,36 @@ impl BlockFrontend {
     }
 
     /// Exclusive access to queue `index` (each thread of a multi-queue user takes its own).
-    pub fn queue(&self, index: u16) -> Result<MutexGuard<'_, BlockQueue>, FrontendError> {
+    pub fn queue(
+        &self,
+        index: u16,
+    ) -> Result<MutexGuard<'_, BlockFrontendQueue>, ProcessFrontendError> {
         self.queues
             .get(index as usize)
-            .ok_or(FrontendError::NoQueue(index))?
+            .ok_or(ProcessFrontendError::NoQueue(index))?
             .lock()
-            .map_err(|_| FrontendError::Poisoned(index))
+            .map_err(|_| ProcessFrontendError::Poisoned(index))
     }
 
     /// Reads from `sector` into `buf` (a multiple of 512 bytes) on queue 0.
-    pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), FrontendError> {
+    pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.read(sector, buf)
     }
     /// Writes `data` (a multiple of 512 bytes) at `sector` on queue 0.
-    pub fn write(&self, sector: u64, data: &[u8]) -> Result<(), FrontendError> {
+    pub fn write(&self, sector: u64, data: &[u8]) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.write(sector, data)
     }
     /// Flushes the device write cache (queue 0).
-    pub fn flush(&self) -> Result<(), FrontendError> {
+    pub fn flush(&self) -> Result<(), ProcessFrontendError> {
         self.queue(0)?.flush()
     }
     /// Reads the device id (queue 0).
-    pub fn get_id(&self) -> Result<[u8; 20], FrontendError> {
+    pub fn get_id(&self) -> Result<[u8; 20], ProcessFrontendError> {
         self.queue(0)?.get_id()
     }
 
     /// Counters summed over all queues.
-    pub fn stats(&self) -> Result<FrontendStats, FrontendError> {
+    pub fn stats(&self) -> Result<FrontendStats, ProcessFrontendError> {
         let mut total = FrontendStats::default();
         for i in 0..self.num_queues() {
             total.add(&self.queue(i)?.stats());
@@ -379,15 +299,13 @@ impl BlockFrontend {
     /// Stops every vring (GET_VRING_BASE) after draining in-flight requests, and closes the
     /// session. Returns, per queue, the avail index the backend reports it stopped at, which
     /// equals the number of requests this frontend published (mod 2^16).
-    pub fn shutdown(self) -> Result<Vec<u16>, FrontendError> {
+    pub fn shutdown(mut self) -> Result<Vec<u16>, ProcessFrontendError> {
         let mut bases = Vec::with_capacity(self.queues.len());
-        for i in 0..self.num_queues() {
-            let mut q = self.queue(i)?;
-            q.drain()?;
-            let base = self
-                .vhost
-                .get_vring_base(i as usize)
-                .map_err(vu("GET_VRING_BASE"))?;
+        for (i, q) in self.queues.iter().enumerate() {
+            q.lock()
+                .map_err(|_| ProcessFrontendError::Poisoned(i as u16))?
+                .drain()?;
+            let base = self.session.stop_vring(i)?.unwrap_or_default();
             bases.push(base as u16);
         }
         Ok(bases)

@@ -2,14 +2,17 @@
 
 use std::io;
 
+use frontend_core::vhost_user::FrontendSessionError;
 use thiserror::Error;
 
 use super::window::WindowError;
-use crate::virtio::{BlkError, MemoryError, QueueError, RequestError};
+use crate::virtio::net::NetError;
+use crate::virtio::{BlkError, FrontMemoryError, FrontQueueError, FrontRequestError};
 
-/// Errors of [`super::BlockFrontend`] and [`super::BlockQueue`].
+/// Errors of the process guest's frontends: [`super::BlockFrontend`] (and its
+/// [`super::BlockFrontendQueue`]s) and [`super::NetFrontend`].
 #[derive(Debug, Error)]
-pub enum FrontendError {
+pub enum ProcessFrontendError {
     /// The configuration is unusable.
     #[error("invalid frontend configuration: {0}")]
     Config(String),
@@ -19,15 +22,9 @@ pub enum FrontendError {
     /// The I/O window could not be set up.
     #[error("I/O window: {0}")]
     Window(#[from] WindowError),
-    /// A vhost-user message failed.
-    #[error("vhost-user {op}: {source}")]
-    VhostUser {
-        /// The request that failed.
-        op: &'static str,
-        /// The error.
-        #[source]
-        source: vhost::Error,
-    },
+    /// The vhost-user session failed (connect, negotiation, set-up, stop).
+    #[error("vhost-user session")]
+    Session(#[from] FrontendSessionError),
     /// Eventfd or socket I/O failed.
     #[error("{op}: {source}")]
     Io {
@@ -37,12 +34,15 @@ pub enum FrontendError {
         #[source]
         source: io::Error,
     },
+    /// The virtio-net driver failed.
+    #[error("virtio-net")]
+    Net(#[from] NetError),
     /// The virtio-blk driver failed (queue full, or the device broke the queue).
     #[error("virtio-blk: {0}")]
     Blk(#[from] BlkError),
     /// The device failed a request.
     #[error("request failed: {0}")]
-    Request(#[from] RequestError),
+    Request(#[from] FrontRequestError),
     /// No completion arrived in time (a lost kick or interrupt, or a stuck backend).
     #[error("queue {queue}: no completion within {timeout_ms} ms ({in_flight} in flight)")]
     Timeout {
@@ -67,14 +67,14 @@ pub enum FrontendError {
     Poisoned(u16),
 }
 
-impl From<QueueError> for FrontendError {
-    fn from(e: QueueError) -> Self {
+impl From<FrontQueueError> for ProcessFrontendError {
+    fn from(e: FrontQueueError) -> Self {
         Self::Blk(BlkError::Queue(e))
     }
 }
 
-impl From<MemoryError> for FrontendError {
-    fn from(e: MemoryError) -> Self {
+impl From<FrontMemoryError> for ProcessFrontendError {
+    fn from(e: FrontMemoryError) -> Self {
         Self::Blk(BlkError::Memory(e))
     }
 }

@@ -12,8 +12,8 @@ mod net;
 mod queue;
 mod window;
 
-pub use block::{BlockFrontend, FrontendConfig};
-pub use error::FrontendError;
-pub use net::{NetFrontend, NetFrontendConfig, NetFrontendError};
-pub use queue::{BlockOp, BlockQueue, Completion, FrontendStats, RequestId};
+pub use block::{BlockFrontend, BlockFrontendConfig};
+pub use error::ProcessFrontendError;
+pub use net::{NetFrontend, NetFrontendConfig};
+pub use queue::{BlockFrontendCompletion, BlockFrontendQueue, BlockOp, FrontendStats, RequestId};
 pub use window::{IoWindow, WindowError, DEFAULT_WINDOW_GPA, WINDOW_SEALS};

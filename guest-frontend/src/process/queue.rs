@@ -7,17 +7,18 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::error::FrontendError;
+use super::error::ProcessFrontendError;
 use super::window::IoWindow;
 use crate::virtio::{
-    BlkOp, BlkQueue, BlkRequest, DmaBuf, DmaMemory, DmaRegion, Notify, QueueAddrs, RequestError,
+    BlkOp, BlkRequest, DmaBuf, DmaMemory, DmaRegion, FrontBlkQueue, FrontRequestError, Notify,
+    QueueAddrs,
 };
 
 /// Identifies a submitted request within its queue until it completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RequestId(pub u16);
 
-/// A request to submit to a [`BlockQueue`].
+/// A request to submit to a [`BlockFrontendQueue`].
 #[derive(Debug, Clone, Copy)]
 pub enum BlockOp<'a> {
     /// Read `len` bytes (a multiple of 512) from `sector`.
@@ -74,19 +75,19 @@ impl FrontendStats {
 
 /// A completed request, valid during the completion callback.
 #[derive(Debug)]
-pub struct Completion<'a> {
-    /// The id [`BlockQueue::submit`] returned.
+pub struct BlockFrontendCompletion<'a> {
+    /// The id [`BlockFrontendQueue::submit`] returned.
     pub id: RequestId,
     /// The request type.
     pub op: BlkOp,
     /// The device verdict.
-    pub result: Result<(), RequestError>,
+    pub result: Result<(), FrontRequestError>,
     region: &'a DmaRegion,
     data: DmaBuf,
 }
 
-impl Completion<'_> {
-    /// Bytes of data the request carried (reads: bytes available to [`Completion::copy_data`]).
+impl BlockFrontendCompletion<'_> {
+    /// Bytes of data the request carried (reads: bytes available to [`BlockFrontendCompletion::copy_data`]).
     pub fn data_len(&self) -> usize {
         match self.op {
             BlkOp::Flush => 0,
@@ -96,7 +97,7 @@ impl Completion<'_> {
 
     /// Copies the request's data out of its bounce buffer into `dst` (for reads and GET_ID);
     /// returns the number of bytes copied.
-    pub fn copy_data(&self, dst: &mut [u8]) -> Result<usize, FrontendError> {
+    pub fn copy_data(&self, dst: &mut [u8]) -> Result<usize, ProcessFrontendError> {
         let n = dst.len().min(self.data_len());
         self.region.read_bytes(self.data.addr, &mut dst[..n])?;
         Ok(n)
@@ -111,9 +112,9 @@ struct Pending {
 
 /// One virtio-blk queue of a process-domain frontend.
 #[derive(Debug)]
-pub struct BlockQueue {
+pub struct BlockFrontendQueue {
     index: u16,
-    blk: BlkQueue<DmaRegion>,
+    blk: FrontBlkQueue<DmaRegion>,
     region: DmaRegion,
     kick: EventFd,
     call: EventFd,
@@ -128,11 +129,11 @@ pub struct BlockQueue {
     _window: Arc<IoWindow>,
 }
 
-impl BlockQueue {
+impl BlockFrontendQueue {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         index: u16,
-        blk: BlkQueue<DmaRegion>,
+        blk: FrontBlkQueue<DmaRegion>,
         window: Arc<IoWindow>,
         kick: EventFd,
         call: EventFd,
@@ -192,14 +193,14 @@ impl BlockQueue {
     }
 
     /// Adds a request to the ring (copying write data into a bounce buffer). It reaches the
-    /// device at the next [`BlockQueue::publish`] or wait.
-    pub fn submit(&mut self, op: BlockOp<'_>) -> Result<RequestId, FrontendError> {
+    /// device at the next [`BlockFrontendQueue::publish`] or wait.
+    pub fn submit(&mut self, op: BlockOp<'_>) -> Result<RequestId, ProcessFrontendError> {
         let max = self.max_request_bytes();
         let (blk_op, sector, len) = match op {
             BlockOp::Read { sector, len } => (BlkOp::Read, sector, len),
             BlockOp::Write { sector, data } => {
                 let len = u32::try_from(data.len()).map_err(|_| {
-                    FrontendError::BadRequest(format!("{} bytes is too large", data.len()))
+                    ProcessFrontendError::BadRequest(format!("{} bytes is too large", data.len()))
                 })?;
                 (BlkOp::Write, sector, len)
             }
@@ -207,14 +208,14 @@ impl BlockQueue {
             BlockOp::GetId => (BlkOp::GetId, 0, crate::virtio::blk::BLK_ID_BYTES as u32),
         };
         if len > max {
-            return Err(FrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "{len} bytes exceeds the {max}-byte bounce buffer"
             )));
         }
         let slot = *self
             .free_bounce
             .last()
-            .ok_or(FrontendError::QueueFull(self.index))?;
+            .ok_or(ProcessFrontendError::QueueFull(self.index))?;
         let buf = DmaBuf {
             addr: self.bounce[slot as usize].addr,
             len,
@@ -233,8 +234,8 @@ impl BlockQueue {
         };
         match self.blk.submit(&req, u64::from(slot)) {
             Ok(()) => {}
-            Err(crate::virtio::BlkError::Queue(crate::virtio::QueueError::Full)) => {
-                return Err(FrontendError::QueueFull(self.index))
+            Err(crate::virtio::BlkError::Queue(crate::virtio::FrontQueueError::Full)) => {
+                return Err(ProcessFrontendError::QueueFull(self.index))
             }
             Err(e) => return Err(e.into()),
         }
@@ -245,21 +246,26 @@ impl BlockQueue {
     }
 
     /// Makes submitted requests visible to the backend and kicks it if it asked to be kicked.
-    pub fn publish(&mut self) -> Result<(), FrontendError> {
+    pub fn publish(&mut self) -> Result<(), ProcessFrontendError> {
         if !self.unpublished {
             return Ok(());
         }
         self.unpublished = false;
         if self.blk.publish() == Notify::Kick {
-            self.kick.write(1).map_err(|source| FrontendError::Io {
-                op: "kick eventfd write",
-                source,
-            })?;
+            self.kick
+                .write(1)
+                .map_err(|source| ProcessFrontendError::Io {
+                    op: "kick eventfd write",
+                    source,
+                })?;
         }
         Ok(())
     }
 
-    fn reap(&mut self, f: &mut dyn FnMut(Completion<'_>)) -> Result<usize, FrontendError> {
+    fn reap(
+        &mut self,
+        f: &mut dyn FnMut(BlockFrontendCompletion<'_>),
+    ) -> Result<usize, ProcessFrontendError> {
         let mut n = 0;
         while let Some(c) = self.blk.complete()? {
             // Tokens are bounce-slot indices this queue handed out; a completion for anything
@@ -269,7 +275,9 @@ impl BlockQueue {
                 .pending
                 .get_mut(slot)
                 .and_then(Option::take)
-                .ok_or_else(|| FrontendError::BadRequest(format!("stray completion {slot}")))?;
+                .ok_or_else(|| {
+                    ProcessFrontendError::BadRequest(format!("stray completion {slot}"))
+                })?;
             self.stats.requests += 1;
             match (c.result, pending.op) {
                 (Err(_), _) => self.stats.failed += 1,
@@ -277,7 +285,7 @@ impl BlockQueue {
                 (Ok(()), BlkOp::Write) => self.stats.bytes_written += u64::from(pending.len),
                 _ => {}
             }
-            f(Completion {
+            f(BlockFrontendCompletion {
                 id: RequestId(slot as u16),
                 op: pending.op,
                 result: c.result,
@@ -295,7 +303,10 @@ impl BlockQueue {
 
     /// Publishes pending submissions, then waits (up to the configured timeout) until at least
     /// one request completes and hands every available completion to `f`. Returns how many.
-    pub fn complete(&mut self, mut f: impl FnMut(Completion<'_>)) -> Result<usize, FrontendError> {
+    pub fn complete(
+        &mut self,
+        mut f: impl FnMut(BlockFrontendCompletion<'_>),
+    ) -> Result<usize, ProcessFrontendError> {
         self.publish()?;
         if self.in_flight() == 0 {
             return Ok(0);
@@ -314,15 +325,15 @@ impl BlockQueue {
         }
     }
 
-    fn timeout_error(&self) -> FrontendError {
-        FrontendError::Timeout {
+    fn timeout_error(&self) -> ProcessFrontendError {
+        ProcessFrontendError::Timeout {
             queue: self.index,
             in_flight: self.in_flight(),
             timeout_ms: self.timeout.as_millis(),
         }
     }
 
-    fn spin_until_used(&mut self, deadline: Instant) -> Result<(), FrontendError> {
+    fn spin_until_used(&mut self, deadline: Instant) -> Result<(), ProcessFrontendError> {
         loop {
             for _ in 0..4096 {
                 if self.blk.virtqueue_ref().has_used() {
@@ -336,7 +347,7 @@ impl BlockQueue {
         }
     }
 
-    fn sleep_until_used(&mut self, deadline: Instant) -> Result<(), FrontendError> {
+    fn sleep_until_used(&mut self, deadline: Instant) -> Result<(), ProcessFrontendError> {
         let vq = self.blk.virtqueue();
         if vq.enable_interrupts() {
             vq.disable_interrupts();
@@ -358,7 +369,7 @@ impl BlockQueue {
             if source.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(());
             }
-            return Err(FrontendError::Io {
+            return Err(ProcessFrontendError::Io {
                 op: "poll call eventfd",
                 source,
             });
@@ -372,7 +383,7 @@ impl BlockQueue {
             Ok(_) => vq.note_interrupt(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(source) => {
-                return Err(FrontendError::Io {
+                return Err(ProcessFrontendError::Io {
                     op: "call eventfd read",
                     source,
                 })
@@ -383,7 +394,7 @@ impl BlockQueue {
 
     /// Waits for and reaps every request in flight, failing on the first device error after
     /// all have completed.
-    pub fn drain(&mut self) -> Result<(), FrontendError> {
+    pub fn drain(&mut self) -> Result<(), ProcessFrontendError> {
         let mut first_err = None;
         while self.in_flight() > 0 {
             self.complete(|c| {
@@ -403,13 +414,13 @@ impl BlockQueue {
             &mut Self,
             u64,
             std::ops::Range<usize>,
-        ) -> Result<RequestId, FrontendError>,
-        mut done: impl FnMut(&Completion<'_>, usize) -> Result<(), FrontendError>,
-    ) -> Result<(), FrontendError> {
+        ) -> Result<RequestId, ProcessFrontendError>,
+        mut done: impl FnMut(&BlockFrontendCompletion<'_>, usize) -> Result<(), ProcessFrontendError>,
+    ) -> Result<(), ProcessFrontendError> {
         self.require_idle()?;
         let chunk = self.max_request_bytes() as usize;
         if chunk == 0 || !total.is_multiple_of(512) {
-            return Err(FrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "length {total} is not a multiple of 512"
             )));
         }
@@ -421,7 +432,7 @@ impl BlockQueue {
                 let end = (next + chunk).min(total);
                 match submit(self, sector + (next / 512) as u64, next..end) {
                     Ok(id) => offsets[id.0 as usize] = next,
-                    Err(FrontendError::QueueFull(_)) => break,
+                    Err(ProcessFrontendError::QueueFull(_)) => break,
                     Err(e) => result = Err(e),
                 }
                 next = end;
@@ -430,7 +441,7 @@ impl BlockQueue {
             self.complete(|c| {
                 let r = c
                     .result
-                    .map_err(FrontendError::from)
+                    .map_err(ProcessFrontendError::from)
                     .and_then(|()| done(&c, offsets[c.id.0 as usize]));
                 if let Err(e) = r {
                     cb_err.get_or_insert(e);
@@ -445,7 +456,7 @@ impl BlockQueue {
 
     /// Reads `buf.len()` bytes (a multiple of 512) from `sector`, split into as many concurrent
     /// requests as needed.
-    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), FrontendError> {
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), ProcessFrontendError> {
         let total = buf.len();
         self.chunked(
             sector,
@@ -459,7 +470,7 @@ impl BlockQueue {
             |c, off| {
                 let end = off + c.data_len();
                 let dst = buf.get_mut(off..end).ok_or_else(|| {
-                    FrontendError::BadRequest("completion outside the buffer".into())
+                    ProcessFrontendError::BadRequest("completion outside the buffer".into())
                 })?;
                 c.copy_data(dst).map(|_| ())
             },
@@ -467,7 +478,7 @@ impl BlockQueue {
     }
 
     /// Writes `data` (a multiple of 512 bytes) at `sector`.
-    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), FrontendError> {
+    pub fn write(&mut self, sector: u64, data: &[u8]) -> Result<(), ProcessFrontendError> {
         self.chunked(
             sector,
             data.len(),
@@ -483,9 +494,9 @@ impl BlockQueue {
 
     /// The synchronous helpers reap every completion of the queue; with requests of the
     /// batched API in flight they would swallow those completions, so they refuse to run.
-    fn require_idle(&self) -> Result<(), FrontendError> {
+    fn require_idle(&self) -> Result<(), ProcessFrontendError> {
         if self.in_flight() > 0 {
-            return Err(FrontendError::BadRequest(format!(
+            return Err(ProcessFrontendError::BadRequest(format!(
                 "synchronous call with {} batched requests in flight",
                 self.in_flight()
             )));
@@ -493,7 +504,7 @@ impl BlockQueue {
         Ok(())
     }
 
-    fn single(&mut self, op: BlockOp<'_>, out: &mut [u8]) -> Result<(), FrontendError> {
+    fn single(&mut self, op: BlockOp<'_>, out: &mut [u8]) -> Result<(), ProcessFrontendError> {
         self.require_idle()?;
         let id = self.submit(op)?;
         let mut result = None;
@@ -502,7 +513,7 @@ impl BlockQueue {
                 if c.id == id {
                     result = Some(
                         c.result
-                            .map_err(FrontendError::from)
+                            .map_err(ProcessFrontendError::from)
                             .and_then(|()| c.copy_data(out).map(|_| ())),
                     );
                 }
@@ -512,12 +523,12 @@ impl BlockQueue {
     }
 
     /// Flushes the device's write cache.
-    pub fn flush(&mut self) -> Result<(), FrontendError> {
+    pub fn flush(&mut self) -> Result<(), ProcessFrontendError> {
         self.single(BlockOp::Flush, &mut [])
     }
 
     /// Reads the device id string (up to 20 bytes, NUL-padded).
-    pub fn get_id(&mut self) -> Result<[u8; 20], FrontendError> {
+    pub fn get_id(&mut self) -> Result<[u8; 20], ProcessFrontendError> {
         let mut id = [0u8; 20];
         self.single(BlockOp::GetId, &mut id)?;
         Ok(id)

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
 use thiserror::Error;
 
-use crate::virtio::memory::{DmaRegion, MemoryError};
+use crate::virtio::memory::{DmaRegion, FrontMemoryError};
 
 /// Guest-physical base at which windows are announced by default (4 GiB).
 pub const DEFAULT_WINDOW_GPA: u64 = 0x1_0000_0000;
@@ -45,7 +45,7 @@ pub enum WindowError {
     Map(#[source] io::Error),
     /// Region description error.
     #[error("window region: {0}")]
-    Region(MemoryError),
+    Region(FrontMemoryError),
 }
 
 /// A sealed, mapped memfd with a guest-physical base.

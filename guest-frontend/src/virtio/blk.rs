@@ -8,8 +8,8 @@
 
 use core::fmt;
 
-use super::memory::{BumpAllocator, DmaBuf, DmaMemory, MemoryError};
-use super::virtqueue::{Notify, QueueError, SplitQueue, MAX_QUEUE_SIZE};
+use super::memory::{BumpAllocator, DmaBuf, DmaMemory, FrontMemoryError};
+use super::virtqueue::{FrontQueueError, Notify, SplitQueue, MAX_QUEUE_SIZE};
 use super::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Sector size of the virtio-blk protocol (addresses are always in 512-byte units).
@@ -52,9 +52,9 @@ pub enum BlkError {
     /// A data buffer is empty or not a multiple of the sector size.
     BadLength(u32),
     /// Virtqueue error (full, or the device broke the queue).
-    Queue(QueueError),
+    Queue(FrontQueueError),
     /// DMA memory error.
-    Memory(MemoryError),
+    Memory(FrontMemoryError),
 }
 
 impl fmt::Display for BlkError {
@@ -71,20 +71,20 @@ impl fmt::Display for BlkError {
 
 impl core::error::Error for BlkError {}
 
-impl From<QueueError> for BlkError {
-    fn from(e: QueueError) -> Self {
+impl From<FrontQueueError> for BlkError {
+    fn from(e: FrontQueueError) -> Self {
         Self::Queue(e)
     }
 }
-impl From<MemoryError> for BlkError {
-    fn from(e: MemoryError) -> Self {
+impl From<FrontMemoryError> for BlkError {
+    fn from(e: FrontMemoryError) -> Self {
         Self::Memory(e)
     }
 }
 
 /// A request the device failed (the status byte it returned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestError {
+pub enum FrontRequestError {
     /// VIRTIO_BLK_S_IOERR.
     IoError,
     /// VIRTIO_BLK_S_UNSUPP.
@@ -93,7 +93,7 @@ pub enum RequestError {
     BadStatus(u8),
 }
 
-impl fmt::Display for RequestError {
+impl fmt::Display for FrontRequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::IoError => write!(f, "device reported an I/O error"),
@@ -103,7 +103,7 @@ impl fmt::Display for RequestError {
     }
 }
 
-impl core::error::Error for RequestError {}
+impl core::error::Error for FrontRequestError {}
 
 /// Request type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +137,12 @@ pub struct BlkCompletion {
     /// The request type.
     pub op: BlkOp,
     /// Device verdict.
-    pub result: Result<(), RequestError>,
+    pub result: Result<(), FrontRequestError>,
 }
 
 /// Device configuration (the fields this driver uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlkConfig {
+pub struct FrontBlkConfig {
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
     /// Logical block size, if VIRTIO_BLK_F_BLK_SIZE.
@@ -151,10 +151,10 @@ pub struct BlkConfig {
     pub num_queues: Option<u16>,
 }
 
-/// Bytes of config space [`BlkConfig::parse`] reads.
+/// Bytes of config space [`FrontBlkConfig::parse`] reads.
 pub const BLK_CONFIG_BYTES: usize = 36;
 
-impl BlkConfig {
+impl FrontBlkConfig {
     /// Parses the config space (little-endian) given the negotiated features.
     pub fn parse(raw: &[u8], features: u64) -> Result<Self, BlkError> {
         let field = |off: usize, n: usize| raw.get(off..off + n).ok_or(BlkError::ShortConfig);
@@ -208,7 +208,7 @@ struct Slot {
 }
 
 /// One virtio-blk request queue.
-pub struct BlkQueue<M: DmaMemory> {
+pub struct FrontBlkQueue<M: DmaMemory> {
     vq: SplitQueue,
     mem: M,
     headers: u64,
@@ -216,13 +216,15 @@ pub struct BlkQueue<M: DmaMemory> {
     slots: [Slot; MAX_QUEUE_SIZE as usize],
 }
 
-impl<M: DmaMemory> fmt::Debug for BlkQueue<M> {
+impl<M: DmaMemory> fmt::Debug for FrontBlkQueue<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BlkQueue").field("vq", &self.vq).finish()
+        f.debug_struct("FrontBlkQueue")
+            .field("vq", &self.vq)
+            .finish()
     }
 }
 
-impl<M: DmaMemory> BlkQueue<M> {
+impl<M: DmaMemory> FrontBlkQueue<M> {
     /// Wraps `vq`, allocating its header and status arrays from `alloc` (which must allocate
     /// from `mem`).
     pub fn new(vq: SplitQueue, mem: M, alloc: &mut BumpAllocator) -> Result<Self, BlkError> {
@@ -231,14 +233,15 @@ impl<M: DmaMemory> BlkQueue<M> {
         let status = alloc.alloc(n, 1)?;
         // Fail now, not per request, if the arrays are not inside `mem`.
         mem.translate(headers, 16 * n)
-            .ok_or(MemoryError::OutOfRange {
+            .ok_or(FrontMemoryError::OutOfRange {
                 addr: headers,
                 len: 16 * n,
             })?;
-        mem.translate(status, n).ok_or(MemoryError::OutOfRange {
-            addr: status,
-            len: n,
-        })?;
+        mem.translate(status, n)
+            .ok_or(FrontMemoryError::OutOfRange {
+                addr: status,
+                len: n,
+            })?;
         Ok(Self {
             vq,
             mem,
@@ -271,7 +274,7 @@ impl<M: DmaMemory> BlkQueue<M> {
         self.vq.num_free() / descs_per_request.max(1)
     }
 
-    /// Adds a request (not yet visible to the device: call [`BlkQueue::publish`]). `token` is
+    /// Adds a request (not yet visible to the device: call [`FrontBlkQueue::publish`]). `token` is
     /// returned in the completion.
     pub fn submit(&mut self, req: &BlkRequest, token: u64) -> Result<(), BlkError> {
         let (kind, data_writable) = match req.op {
@@ -299,7 +302,7 @@ impl<M: DmaMemory> BlkQueue<M> {
         };
         let needed = if data.is_some() { 3 } else { 2 };
         if self.vq.num_free() < needed {
-            return Err(BlkError::Queue(QueueError::Full));
+            return Err(BlkError::Queue(FrontQueueError::Full));
         }
         // Header and status are indexed by the chain's head, which is the head of the free list
         // now; the descriptors must carry their addresses, so look the head up before adding.
@@ -344,9 +347,9 @@ impl<M: DmaMemory> BlkQueue<M> {
         let status = self.mem.read_u8(self.status + u64::from(used.head))?;
         let result = match status {
             VIRTIO_BLK_S_OK => Ok(()),
-            VIRTIO_BLK_S_IOERR => Err(RequestError::IoError),
-            VIRTIO_BLK_S_UNSUPP => Err(RequestError::Unsupported),
-            other => Err(RequestError::BadStatus(other)),
+            VIRTIO_BLK_S_IOERR => Err(FrontRequestError::IoError),
+            VIRTIO_BLK_S_UNSUPP => Err(FrontRequestError::Unsupported),
+            other => Err(FrontRequestError::BadStatus(other)),
         };
         let slot = self.slots[used.head as usize];
         Ok(Some(BlkCompletion {

@@ -39,10 +39,10 @@ pub unsafe trait DmaMemory {
     }
 
     /// Copies `src` into device memory at `addr` (volatile, byte-wise semantics preserved).
-    fn write_bytes(&self, addr: u64, src: &[u8]) -> Result<(), MemoryError> {
+    fn write_bytes(&self, addr: u64, src: &[u8]) -> Result<(), FrontMemoryError> {
         let dst = self
             .translate(addr, src.len())
-            .ok_or(MemoryError::OutOfRange {
+            .ok_or(FrontMemoryError::OutOfRange {
                 addr,
                 len: src.len(),
             })?;
@@ -54,10 +54,10 @@ pub unsafe trait DmaMemory {
     }
 
     /// Copies device memory at `addr` into `dst`.
-    fn read_bytes(&self, addr: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+    fn read_bytes(&self, addr: u64, dst: &mut [u8]) -> Result<(), FrontMemoryError> {
         let src = self
             .translate(addr, dst.len())
-            .ok_or(MemoryError::OutOfRange {
+            .ok_or(FrontMemoryError::OutOfRange {
                 addr,
                 len: dst.len(),
             })?;
@@ -68,19 +68,19 @@ pub unsafe trait DmaMemory {
     }
 
     /// Volatile read of one byte at `addr`.
-    fn read_u8(&self, addr: u64) -> Result<u8, MemoryError> {
+    fn read_u8(&self, addr: u64) -> Result<u8, FrontMemoryError> {
         let p = self
             .translate(addr, 1)
-            .ok_or(MemoryError::OutOfRange { addr, len: 1 })?;
+            .ok_or(FrontMemoryError::OutOfRange { addr, len: 1 })?;
         // SAFETY: one byte at `p` is valid for reads (trait contract).
         Ok(unsafe { core::ptr::read_volatile(p.as_ptr()) })
     }
 
     /// Volatile write of one byte at `addr`.
-    fn write_u8(&self, addr: u64, value: u8) -> Result<(), MemoryError> {
+    fn write_u8(&self, addr: u64, value: u8) -> Result<(), FrontMemoryError> {
         let p = self
             .translate(addr, 1)
-            .ok_or(MemoryError::OutOfRange { addr, len: 1 })?;
+            .ok_or(FrontMemoryError::OutOfRange { addr, len: 1 })?;
         // SAFETY: one byte at `p` is valid for writes (trait contract).
         unsafe { core::ptr::write_volatile(p.as_ptr(), value) };
         Ok(())
@@ -89,7 +89,7 @@ pub unsafe trait DmaMemory {
 
 /// Errors of DMA memory handling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemoryError {
+pub enum FrontMemoryError {
     /// A device address range is not inside the memory.
     OutOfRange {
         /// Device address.
@@ -106,7 +106,7 @@ pub enum MemoryError {
     InvalidRegion,
 }
 
-impl fmt::Display for MemoryError {
+impl fmt::Display for FrontMemoryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::OutOfRange { addr, len } => {
@@ -118,7 +118,7 @@ impl fmt::Display for MemoryError {
     }
 }
 
-impl core::error::Error for MemoryError {}
+impl core::error::Error for FrontMemoryError {}
 
 /// A contiguous piece of DMA memory: a local mapping plus the device address of its first byte.
 #[derive(Debug, Clone, Copy)]
@@ -143,11 +143,15 @@ impl DmaRegion {
     /// `ptr..ptr+len` must be valid for reads and writes for the lifetime of the returned value
     /// (and of every copy of it), and must be accessed by nobody else except through volatile or
     /// atomic operations (the device included).
-    pub unsafe fn new(ptr: *mut u8, device_base: u64, len: usize) -> Result<Self, MemoryError> {
-        let ptr = NonNull::new(ptr).ok_or(MemoryError::InvalidRegion)?;
+    pub unsafe fn new(
+        ptr: *mut u8,
+        device_base: u64,
+        len: usize,
+    ) -> Result<Self, FrontMemoryError> {
+        let ptr = NonNull::new(ptr).ok_or(FrontMemoryError::InvalidRegion)?;
         device_base
             .checked_add(len as u64)
-            .ok_or(MemoryError::InvalidRegion)?;
+            .ok_or(FrontMemoryError::InvalidRegion)?;
         Ok(Self {
             ptr,
             device_base,
@@ -161,7 +165,7 @@ impl DmaRegion {
     /// # Safety
     ///
     /// As for [`DmaRegion::new`].
-    pub unsafe fn identity(ptr: *mut u8, len: usize) -> Result<Self, MemoryError> {
+    pub unsafe fn identity(ptr: *mut u8, len: usize) -> Result<Self, FrontMemoryError> {
         // SAFETY: forwarded caller contract.
         unsafe { Self::new(ptr, ptr as usize as u64, len) }
     }
@@ -227,21 +231,21 @@ impl BumpAllocator {
     }
 
     /// Allocates `size` bytes aligned to `align` (a power of two); returns the device address.
-    pub fn alloc(&mut self, size: usize, align: usize) -> Result<u64, MemoryError> {
+    pub fn alloc(&mut self, size: usize, align: usize) -> Result<u64, FrontMemoryError> {
         if !align.is_power_of_two() {
-            return Err(MemoryError::InvalidRegion);
+            return Err(FrontMemoryError::InvalidRegion);
         }
         let mask = align as u64 - 1;
         let start = self
             .next
             .checked_add(mask)
             .map(|v| v & !mask)
-            .ok_or(MemoryError::Exhausted { size })?;
+            .ok_or(FrontMemoryError::Exhausted { size })?;
         let end = start
             .checked_add(size as u64)
-            .ok_or(MemoryError::Exhausted { size })?;
+            .ok_or(FrontMemoryError::Exhausted { size })?;
         if end > self.end {
-            return Err(MemoryError::Exhausted { size });
+            return Err(FrontMemoryError::Exhausted { size });
         }
         self.next = end;
         Ok(start)
@@ -275,7 +279,7 @@ mod tests {
         assert_eq!(r.read_u8(0x1011), Ok(2));
         assert_eq!(
             r.write_bytes(0x103f, &[0, 0]),
-            Err(MemoryError::OutOfRange {
+            Err(FrontMemoryError::OutOfRange {
                 addr: 0x103f,
                 len: 2
             })
@@ -290,8 +294,11 @@ mod tests {
         let mut a = BumpAllocator::new(&r);
         assert_eq!(a.alloc(3, 1), Ok(0x10_0000));
         assert_eq!(a.alloc(16, 16), Ok(0x10_0010));
-        assert_eq!(a.alloc(1, 3), Err(MemoryError::InvalidRegion));
-        assert_eq!(a.alloc(256, 1), Err(MemoryError::Exhausted { size: 256 }));
+        assert_eq!(a.alloc(1, 3), Err(FrontMemoryError::InvalidRegion));
+        assert_eq!(
+            a.alloc(256, 1),
+            Err(FrontMemoryError::Exhausted { size: 256 })
+        );
         assert_eq!(a.used(), 0x20);
     }
 }

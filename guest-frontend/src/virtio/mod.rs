@@ -14,8 +14,10 @@ pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// Device feature: `used_event` / `avail_event` notification suppression.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
-pub use blk::{BlkCompletion, BlkConfig, BlkError, BlkOp, BlkQueue, BlkRequest, RequestError};
-pub use memory::{BumpAllocator, DmaBuf, DmaMemory, DmaRegion, MemoryError};
+pub use blk::{
+    BlkCompletion, BlkError, BlkOp, BlkRequest, FrontBlkConfig, FrontBlkQueue, FrontRequestError,
+};
+pub use memory::{BumpAllocator, DmaBuf, DmaMemory, DmaRegion, FrontMemoryError};
 pub use virtqueue::{
-    vring_need_event, Notify, QueueAddrs, QueueError, QueueStats, SplitQueue, UsedElem,
+    vring_need_event, FrontQueueError, Notify, QueueAddrs, QueueStats, SplitQueue, UsedElem,
 };

@@ -9,8 +9,8 @@
 
 use core::fmt;
 
-use super::memory::{BumpAllocator, DmaBuf, DmaMemory, MemoryError};
-use super::virtqueue::{Notify, QueueError, SplitQueue};
+use super::memory::{BumpAllocator, DmaBuf, DmaMemory, FrontMemoryError};
+use super::virtqueue::{FrontQueueError, Notify, SplitQueue};
 use super::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Feature: `mtu` in config is valid.
@@ -30,7 +30,7 @@ pub const NET_HDR_LEN: usize = 12;
 pub const NET_BUF_LEN: usize = 2048;
 /// The largest frame this driver sends or accepts.
 pub const NET_MAX_FRAME: usize = 1518;
-/// Bytes of config space [`NetConfig::parse`] reads.
+/// Bytes of config space [`FrontNetConfig::parse`] reads.
 pub const NET_CONFIG_BYTES: usize = 12;
 
 /// Errors of the virtio-net driver.
@@ -47,9 +47,9 @@ pub enum NetError {
     /// The device returned a length or buffer count that cannot be right.
     DeviceLength(u32),
     /// The virtqueue failed.
-    Queue(QueueError),
+    Queue(FrontQueueError),
     /// DMA memory access failed.
-    Memory(MemoryError),
+    Memory(FrontMemoryError),
 }
 
 impl fmt::Display for NetError {
@@ -68,21 +68,21 @@ impl fmt::Display for NetError {
 
 impl core::error::Error for NetError {}
 
-impl From<QueueError> for NetError {
-    fn from(e: QueueError) -> Self {
+impl From<FrontQueueError> for NetError {
+    fn from(e: FrontQueueError) -> Self {
         Self::Queue(e)
     }
 }
 
-impl From<MemoryError> for NetError {
-    fn from(e: MemoryError) -> Self {
+impl From<FrontMemoryError> for NetError {
+    fn from(e: FrontMemoryError) -> Self {
         Self::Memory(e)
     }
 }
 
 /// Device configuration (the fields this driver uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct FrontNetConfig {
     /// MAC address, if VIRTIO_NET_F_MAC.
     pub mac: Option<[u8; 6]>,
     /// Link status, if VIRTIO_NET_F_STATUS.
@@ -91,7 +91,7 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
 }
 
-impl NetConfig {
+impl FrontNetConfig {
     /// Parses the config space (little-endian) given the negotiated features.
     pub fn parse(raw: &[u8], features: u64) -> Result<Self, NetError> {
         let field = |off: usize, n: usize| raw.get(off..off + n).ok_or(NetError::ShortConfig);
@@ -176,7 +176,7 @@ impl<M: DmaMemory> NetQueuePair<M> {
         let tx_bufs = alloc.alloc(tx_len, 64)?;
         for (addr, len) in [(rx_bufs, rx_len), (tx_bufs, tx_len)] {
             mem.translate(addr, len)
-                .ok_or(MemoryError::OutOfRange { addr, len })?;
+                .ok_or(FrontMemoryError::OutOfRange { addr, len })?;
         }
         Ok(Self {
             rx,
@@ -233,7 +233,7 @@ impl<M: DmaMemory> NetQueuePair<M> {
             self.reclaim_tx()?;
         }
         if self.tx.num_free() == 0 {
-            return Err(NetError::Queue(QueueError::Full));
+            return Err(NetError::Queue(FrontQueueError::Full));
         }
         let head = self.tx.next_head();
         let addr = self.tx_bufs + NET_BUF_LEN as u64 * u64::from(head);
@@ -321,7 +321,7 @@ mod tests {
     #[test]
     fn config_parse_honours_features() {
         let raw = [2, 0, 0, 0, 0, 9, 1, 0, 1, 0, 0xdc, 0x05];
-        let c = NetConfig::parse(
+        let c = FrontNetConfig::parse(
             &raw,
             VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MTU,
         )
@@ -329,10 +329,10 @@ mod tests {
         assert_eq!(c.mac, Some([2, 0, 0, 0, 0, 9]));
         assert_eq!(c.status, Some(VIRTIO_NET_S_LINK_UP));
         assert_eq!(c.mtu, Some(1500));
-        let c = NetConfig::parse(&raw[..6], VIRTIO_NET_F_MAC).unwrap();
+        let c = FrontNetConfig::parse(&raw[..6], VIRTIO_NET_F_MAC).unwrap();
         assert_eq!(c.status, None);
         assert_eq!(
-            NetConfig::parse(&raw[..4], VIRTIO_NET_F_MAC),
+            FrontNetConfig::parse(&raw[..4], VIRTIO_NET_F_MAC),
             Err(NetError::ShortConfig)
         );
     }

@@ -37,7 +37,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{fence, AtomicU16, Ordering};
 
-use super::memory::{DmaBuf, DmaMemory, MemoryError};
+use super::memory::{DmaBuf, DmaMemory, FrontMemoryError};
 
 /// Largest queue size this driver supports (private state is sized statically: no allocator).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -58,7 +58,7 @@ pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
 
 /// Errors of the split virtqueue driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueError {
+pub enum FrontQueueError {
     /// Queue size is not a power of two in 1..=MAX_QUEUE_SIZE.
     BadSize(u16),
     /// A ring address is misaligned or outside DMA memory.
@@ -87,10 +87,10 @@ pub enum QueueError {
     /// The queue was broken by an earlier device error.
     Broken,
     /// DMA memory error.
-    Memory(MemoryError),
+    Memory(FrontMemoryError),
 }
 
-impl fmt::Display for QueueError {
+impl fmt::Display for FrontQueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::BadSize(n) => write!(
@@ -115,10 +115,10 @@ impl fmt::Display for QueueError {
     }
 }
 
-impl core::error::Error for QueueError {}
+impl core::error::Error for FrontQueueError {}
 
-impl From<MemoryError> for QueueError {
-    fn from(e: MemoryError) -> Self {
+impl From<FrontMemoryError> for FrontQueueError {
+    fn from(e: FrontMemoryError) -> Self {
         Self::Memory(e)
     }
 }
@@ -236,25 +236,25 @@ impl SplitQueue {
         addrs: QueueAddrs,
         size: u16,
         event_idx: bool,
-    ) -> Result<Self, QueueError> {
+    ) -> Result<Self, FrontQueueError> {
         if size == 0 || !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
-            return Err(QueueError::BadSize(size));
+            return Err(FrontQueueError::BadSize(size));
         }
         if !addrs.desc.is_multiple_of(16)
             || !addrs.avail.is_multiple_of(2)
             || !addrs.used.is_multiple_of(4)
         {
-            return Err(QueueError::BadLayout);
+            return Err(FrontQueueError::BadLayout);
         }
         let desc = mem
             .translate(addrs.desc, QueueAddrs::desc_bytes(size))
-            .ok_or(QueueError::BadLayout)?;
+            .ok_or(FrontQueueError::BadLayout)?;
         let avail = mem
             .translate(addrs.avail, QueueAddrs::avail_bytes(size))
-            .ok_or(QueueError::BadLayout)?;
+            .ok_or(FrontQueueError::BadLayout)?;
         let used = mem
             .translate(addrs.used, QueueAddrs::used_bytes(size))
-            .ok_or(QueueError::BadLayout)?;
+            .ok_or(FrontQueueError::BadLayout)?;
         // SAFETY: the three ranges were just checked to be inside `mem`, which the caller keeps
         // alive; the device is not running on this queue yet, so plain zeroing is race-free.
         unsafe {
@@ -372,16 +372,20 @@ impl SplitQueue {
     /// Adds a chain: `readable` buffers (device reads) followed by `writable` buffers (device
     /// writes). Returns the head index, which identifies the chain in [`UsedElem::head`]. The
     /// entry is not visible to the device until [`SplitQueue::publish`].
-    pub fn add(&mut self, readable: &[DmaBuf], writable: &[DmaBuf]) -> Result<u16, QueueError> {
+    pub fn add(
+        &mut self,
+        readable: &[DmaBuf],
+        writable: &[DmaBuf],
+    ) -> Result<u16, FrontQueueError> {
         if self.broken {
-            return Err(QueueError::Broken);
+            return Err(FrontQueueError::Broken);
         }
         let n = readable.len() + writable.len();
         if n == 0 || n > self.size as usize {
-            return Err(QueueError::BadChain);
+            return Err(FrontQueueError::BadChain);
         }
         if n > self.num_free as usize {
-            return Err(QueueError::Full);
+            return Err(FrontQueueError::Full);
         }
         let head = self.free_head;
         let mut cur = head;
@@ -454,9 +458,9 @@ impl SplitQueue {
 
     /// Reaps one completed chain, if any. A used element that does not name an in-flight head,
     /// or a used index that runs ahead of the requests in flight, breaks the queue.
-    pub fn pop_used(&mut self) -> Result<Option<UsedElem>, QueueError> {
+    pub fn pop_used(&mut self) -> Result<Option<UsedElem>, FrontQueueError> {
         if self.broken {
-            return Err(QueueError::Broken);
+            return Err(FrontQueueError::Broken);
         }
         // Acquire: the element contents are read only after the index that published them.
         let used_idx = self.used_idx_ref().load(Ordering::Acquire);
@@ -465,7 +469,7 @@ impl SplitQueue {
         }
         if used_idx.wrapping_sub(self.last_used) > self.in_flight {
             self.broken = true;
-            return Err(QueueError::UsedIndexRunaway {
+            return Err(FrontQueueError::UsedIndexRunaway {
                 used_idx,
                 last_used: self.last_used,
             });
@@ -479,13 +483,13 @@ impl SplitQueue {
         let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
         if id >= u32::from(self.size) {
             self.broken = true;
-            return Err(QueueError::UsedIdOutOfRange { id });
+            return Err(FrontQueueError::UsedIdOutOfRange { id });
         }
         let head = id as u16;
         let n = self.chain_len[head as usize];
         if n == 0 {
             self.broken = true;
-            return Err(QueueError::UsedIdNotInFlight { id });
+            return Err(FrontQueueError::UsedIdNotInFlight { id });
         }
         // Return the chain to the free list using the private links.
         let mut tail = head;
@@ -506,7 +510,7 @@ impl SplitQueue {
     }
 
     /// Busy-polls for up to `spins` iterations for a completion.
-    pub fn poll_used(&mut self, spins: u32) -> Result<Option<UsedElem>, QueueError> {
+    pub fn poll_used(&mut self, spins: u32) -> Result<Option<UsedElem>, FrontQueueError> {
         for _ in 0..spins {
             if let Some(e) = self.pop_used()? {
                 return Ok(Some(e));

@@ -9,7 +9,6 @@ use crate::platform::{inb, inl, mmio_read32, mmio_write32, outb, BootInfo};
 const UNKNOWN_PORT: u16 = 0x2f0;
 /// Guest-physical address with neither RAM nor a device.
 const UNKNOWN_MMIO: u64 = 0xc000_0000;
-const MAGIC_VALUE: u32 = 0x7472_6976;
 
 fn check(ok: bool, n: u32) -> Result<(), u32> {
     if ok {
@@ -43,7 +42,7 @@ pub fn run(info: &BootInfo) -> Result<(), u32> {
 
     let dev = Device::new(info.mmio_base);
     dev.write(mmio::MAGIC, 0xdead_beef);
-    check(dev.read(mmio::MAGIC) == MAGIC_VALUE, 4)?;
+    check(dev.read(mmio::MAGIC) == mmio::MAGIC_VALUE, 4)?;
     dev.write(mmio::DEVICE_FEATURES_SEL, 0x1234_5678);
     check(dev.read(mmio::DEVICE_FEATURES) == 0, 5)?;
     dev.negotiate(Some).map_err(|_| 6u32)?;

@@ -4,8 +4,8 @@
 
 use guest_frontend::virtio::blk::negotiate_features;
 use guest_frontend::virtio::{
-    BlkOp, BlkQueue, BlkRequest, BumpAllocator, DmaBuf, DmaMemory, DmaRegion, Notify, QueueAddrs,
-    SplitQueue, VIRTIO_RING_F_EVENT_IDX,
+    BlkOp, BlkRequest, BumpAllocator, DmaBuf, DmaMemory, DmaRegion, FrontBlkQueue, Notify,
+    QueueAddrs, SplitQueue, VIRTIO_RING_F_EVENT_IDX,
 };
 
 use crate::irq;
@@ -32,7 +32,7 @@ enum Wait {
 
 struct Disk {
     dev: Device,
-    blk: BlkQueue<DmaRegion>,
+    blk: FrontBlkQueue<DmaRegion>,
     wait: Wait,
     errors: u64,
 }
@@ -125,7 +125,7 @@ pub fn run(info: &BootInfo) -> u8 {
     };
     let mut alloc = BumpAllocator::new(&region);
     let addrs = (|| {
-        Ok::<_, guest_frontend::virtio::MemoryError>(QueueAddrs {
+        Ok::<_, guest_frontend::virtio::FrontMemoryError>(QueueAddrs {
             desc: alloc.alloc(QueueAddrs::desc_bytes(QUEUE_SIZE), 64)?,
             avail: alloc.alloc(QueueAddrs::avail_bytes(QUEUE_SIZE), 64)?,
             used: alloc.alloc(QueueAddrs::used_bytes(QUEUE_SIZE), 64)?,
@@ -139,7 +139,7 @@ pub fn run(info: &BootInfo) -> u8 {
     let Ok(vq) = (unsafe { SplitQueue::new(&region, addrs, QUEUE_SIZE, event_idx) }) else {
         return fail("virtqueue");
     };
-    let Ok(blk) = BlkQueue::new(vq, region, &mut alloc) else {
+    let Ok(blk) = FrontBlkQueue::new(vq, region, &mut alloc) else {
         return fail("request headers");
     };
     let batch = (info.batch as usize).clamp(1, MAX_BATCH);
@@ -187,7 +187,7 @@ pub fn run(info: &BootInfo) -> u8 {
     };
     let seed = info.seed;
     let mut requests = 0u64;
-    platform::phase(platform::PHASE_IO_START);
+    platform::phase(platform::Phase::IoStart);
     let mut bad_words = 0u64;
     for &read in passes {
         let mut sector = 0;
@@ -248,7 +248,7 @@ pub fn run(info: &BootInfo) -> u8 {
             }
         }
     }
-    platform::phase(platform::PHASE_IO_END);
+    platform::phase(platform::Phase::IoEnd);
 
     let stats = disk.blk.virtqueue_ref().stats();
     platform::report(0, stats.kicks_sent);
@@ -262,11 +262,11 @@ pub fn run(info: &BootInfo) -> u8 {
     if info.wake_irq != 0 {
         irq::route_pin(info.wake_irq, irq::VECTOR_WAKE);
         let seen = irq::wake_irqs();
-        platform::phase(platform::PHASE_IDLE_START);
+        platform::phase(platform::Phase::IdleStart);
         while irq::wake_irqs() == seen {
             irq::wait_for_interrupt();
         }
-        platform::phase(platform::PHASE_IDLE_END);
+        platform::phase(platform::Phase::IdleEnd);
     }
 
     print("disk: ");

@@ -13,25 +13,25 @@ mod mmio;
 mod platform;
 mod rt;
 
-use platform::{print, BootInfo};
+use platform::{print, GuestMode};
 
 /// Entry point: the VMM enters here in 64-bit mode with a stack and interrupts off.
 #[no_mangle]
 #[link_section = ".text.entry"]
 pub extern "C" fn _start() -> ! {
     print("hello\n");
-    let Some(info) = BootInfo::read() else {
+    let Some(info) = platform::read_boot_info() else {
         print("no boot info\n");
         platform::poweroff(platform::STATUS_NO_BOOT_INFO)
     };
     match info.mode {
-        platform::MODE_HELLO => platform::poweroff(platform::STATUS_OK),
-        platform::MODE_TRIPLE_FAULT => {
+        GuestMode::Hello => platform::poweroff(platform::STATUS_OK),
+        GuestMode::TripleFault => {
             print("triple fault\n");
             irq::triple_fault()
         }
-        platform::MODE_DISK => platform::poweroff(disk::run(&info)),
-        platform::MODE_BAD_INPUT => {
+        GuestMode::Disk => platform::poweroff(disk::run(&info)),
+        GuestMode::BadInput => {
             if let Err(check) = bad_input::run(&info) {
                 print("bad input check failed: ");
                 platform::print_u64(u64::from(check));
@@ -41,16 +41,12 @@ pub extern "C" fn _start() -> ! {
             print("bad input ok\n");
             platform::poweroff(disk::run(&info))
         }
-        platform::MODE_HALT => {
+        GuestMode::Halt => {
             print("halting\n");
             irq::init();
             loop {
                 irq::wait_for_interrupt();
             }
-        }
-        _ => {
-            print("unknown mode\n");
-            platform::poweroff(platform::STATUS_NO_BOOT_INFO)
         }
     }
 }

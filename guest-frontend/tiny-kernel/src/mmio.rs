@@ -1,40 +1,10 @@
 //! virtio-mmio (version 2) transport, driver side: register access and device initialisation.
+//! The register file is `guest-abi`'s, the one the VMM is checked against.
 
+pub use guest_abi::virtio_mmio::*;
 use guest_frontend::virtio::QueueAddrs;
 
 use crate::platform::{mmio_read32, mmio_write32};
-
-pub const MAGIC: u64 = 0x000;
-pub const VERSION: u64 = 0x004;
-pub const DEVICE_ID: u64 = 0x008;
-pub const DEVICE_FEATURES: u64 = 0x010;
-pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-pub const DRIVER_FEATURES: u64 = 0x020;
-pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-pub const QUEUE_SEL: u64 = 0x030;
-pub const QUEUE_NUM_MAX: u64 = 0x034;
-pub const QUEUE_NUM: u64 = 0x038;
-pub const QUEUE_READY: u64 = 0x044;
-pub const QUEUE_NOTIFY: u64 = 0x050;
-pub const INTERRUPT_STATUS: u64 = 0x060;
-pub const INTERRUPT_ACK: u64 = 0x064;
-pub const STATUS: u64 = 0x070;
-pub const QUEUE_DESC_LOW: u64 = 0x080;
-pub const QUEUE_DESC_HIGH: u64 = 0x084;
-pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-pub const CONFIG: u64 = 0x100;
-
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 0x40;
-
-const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
-const DEVICE_ID_BLOCK: u32 = 2;
 
 /// Why a device could not be brought up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +52,7 @@ impl Device {
     /// Steps up to FEATURES_OK: checks identity, offers `choose(device features)`.
     /// Returns the accepted feature set.
     pub fn negotiate(&self, choose: impl Fn(u64) -> Option<u64>) -> Result<u64, InitError> {
-        if self.read(MAGIC) != MAGIC_VALUE || self.read(VERSION) != 2 {
+        if self.read(MAGIC) != MAGIC_VALUE || self.read(VERSION) != VERSION_MODERN {
             return Err(InitError::NotVirtio);
         }
         if self.read(DEVICE_ID) != DEVICE_ID_BLOCK {

@@ -1,15 +1,16 @@
 //! The machine as the splitvmm VMM presents it: port I/O, the COM1 console, the poweroff and
-//! phase-marker ports, and the boot-info page. The layout is documented in docs/vmm.md and
-//! mirrored by control-vmm/src/vmm/layout.rs.
+//! phase-marker ports, and the boot-info page. What the VMM and this kernel agree on comes
+//! from `guest-abi`; the layout is documented in docs/vmm.md.
 
 use core::arch::asm;
 
 /// COM1 transmit register.
 const COM1: u16 = 0x3f8;
-/// Writing a byte here powers the machine off with that byte as the exit status.
-const POWEROFF_PORT: u16 = 0xf4;
-/// Writing a phase number here lets the VMM snapshot its exit counters.
-const PHASE_PORT: u16 = 0xf5;
+pub use guest_abi::boot::{BootInfo, GuestMode, Phase, RING_EVENT_IDX, RING_POLL};
+use guest_abi::boot::{
+    BOOT_INFO_BYTES, BOOT_INFO_GPA, GUEST_REPORT_OFFSET, GUEST_REPORT_SLOTS, PHASE_PORT,
+    POWEROFF_PORT,
+};
 
 /// Exit status: all checks passed.
 pub const STATUS_OK: u8 = 0;
@@ -21,12 +22,6 @@ pub const STATUS_BAD_INPUT_FAILED: u8 = 2;
 pub const STATUS_NO_BOOT_INFO: u8 = 4;
 /// Exit status: a Rust panic.
 pub const STATUS_PANIC: u8 = 0x7f;
-
-/// Phase markers.
-pub const PHASE_IO_START: u8 = 1;
-pub const PHASE_IO_END: u8 = 2;
-pub const PHASE_IDLE_START: u8 = 3;
-pub const PHASE_IDLE_END: u8 = 4;
 
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects on this machine; the VMM or KVM handles it.
@@ -91,8 +86,8 @@ pub fn print_u64(mut v: u64) {
     }
 }
 
-pub fn phase(p: u8) {
-    outb(PHASE_PORT, p);
+pub fn phase(p: Phase) {
+    outb(PHASE_PORT, p as u8);
 }
 
 pub fn poweroff(status: u8) -> ! {
@@ -103,71 +98,23 @@ pub fn poweroff(status: u8) -> ! {
     }
 }
 
-/// The boot information the VMM writes at [`BOOT_INFO_GPA`].
-pub const BOOT_INFO_GPA: u64 = 0x7000;
-const BOOT_INFO_MAGIC: u64 = 0x4f46_4e49_4d4d_5653; // "SVMMINFO"
-
-pub const MODE_HELLO: u32 = 0;
-pub const MODE_DISK: u32 = 1;
-pub const MODE_TRIPLE_FAULT: u32 = 2;
-pub const MODE_BAD_INPUT: u32 = 3;
-pub const MODE_HALT: u32 = 4;
-
-pub const RING_EVENT_IDX: u32 = 1;
-pub const RING_POLL: u32 = 2;
-
-#[derive(Clone, Copy)]
-pub struct BootInfo {
-    pub mode: u32,
-    pub mmio_base: u64,
-    pub mmio_irq: u32,
-    pub ring_flags: u32,
-    pub window_gpa: u64,
-    pub window_len: u64,
-    pub requests: u32,
-    pub batch: u32,
-    pub wake_irq: u32,
-    pub seed: u64,
-    pub verify_only: bool,
-    pub sectors_per_request: u32,
-    pub check_sectors: u32,
-}
-
-fn rd64(off: u64) -> u64 {
-    // SAFETY: the boot-info page is ordinary identity-mapped RAM written by the VMM.
-    unsafe { core::ptr::read_volatile((BOOT_INFO_GPA + off) as *const u64) }
-}
-
-fn rd32(off: u64) -> u32 {
-    // SAFETY: as for `rd64`.
-    unsafe { core::ptr::read_volatile((BOOT_INFO_GPA + off) as *const u32) }
-}
-
-impl BootInfo {
-    pub fn read() -> Option<Self> {
-        if rd64(0) != BOOT_INFO_MAGIC || rd32(8) != 1 {
-            return None;
-        }
-        Some(Self {
-            mode: rd32(0x0c),
-            mmio_base: rd64(0x10),
-            mmio_irq: rd32(0x18),
-            ring_flags: rd32(0x1c),
-            window_gpa: rd64(0x20),
-            window_len: rd64(0x28),
-            requests: rd32(0x30),
-            batch: rd32(0x34),
-            wake_irq: rd32(0x38),
-            seed: rd64(0x40),
-            verify_only: rd32(0x48) != 0,
-            sectors_per_request: rd32(0x4c),
-            check_sectors: rd32(0x50),
-        })
+/// Reads the boot information the VMM wrote at `BOOT_INFO_GPA`; None if there is none.
+pub fn read_boot_info() -> Option<BootInfo> {
+    let mut page = [0u8; BOOT_INFO_BYTES];
+    for (i, b) in page.iter_mut().enumerate() {
+        // SAFETY: the boot-info page is ordinary identity-mapped RAM written by the VMM.
+        *b = unsafe { core::ptr::read_volatile((BOOT_INFO_GPA as usize + i) as *const u8) };
     }
+    BootInfo::decode(&page)
 }
 
-/// Guest-side counters the VMM reads back after poweroff (boot-info page + 0x100).
-pub fn report(index: u64, value: u64) {
+/// Guest-side counters the VMM reads back after poweroff; an index beyond the slots is
+/// ignored.
+pub fn report(index: usize, value: u64) {
+    if index >= GUEST_REPORT_SLOTS {
+        return;
+    }
+    let addr = BOOT_INFO_GPA + GUEST_REPORT_OFFSET + 8 * index as u64;
     // SAFETY: the result slots lie in the boot-info page, plain RAM reserved for this.
-    unsafe { core::ptr::write_volatile((BOOT_INFO_GPA + 0x100 + 8 * index) as *mut u64, value) }
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
 }

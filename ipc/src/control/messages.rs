@@ -163,6 +163,14 @@ pub enum ToolstackRequest {
     },
     /// Destroy guest `guest` (its process, its devices, its store entries).
     Destroy { guest: String },
+    /// Create the guest described in the file at `file` (an absolute path; the keys of a
+    /// `[[guest]]` entry) and attach its devices.
+    Create { file: String },
+    /// Shut guest `guest` down in order (its devices closed through the xenbus walk, then its
+    /// process ends) and release it.
+    Shutdown { guest: String },
+    /// Shut guest `guest` down in order and start it again with the devices it had.
+    Reboot { guest: String },
     /// Write and verify a pattern on a guest's disk (or only verify it).
     DiskCheck {
         guest: String,

@@ -4,9 +4,8 @@
 //! - backend:  `/local/domain/<backend-id>/backend/<kind>/<frontend-id>/<devid>/...`
 //! - frontend: `/local/domain/<frontend-id>/device/<kind>/<devid>/...`
 //!
-//! [`frontend`] runs the frontend half of the walk for guest domain processes.
-
-pub mod frontend;
+//! The frontend half of the walk is `frontend-core`'s (`frontend_core::xenbus`); the backend
+//! half is the driver domain's.
 
 use std::fmt;
 use std::str::FromStr;

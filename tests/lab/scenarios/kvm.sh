@@ -28,9 +28,9 @@ size_mib = 2
 TOML
 
 step "splitvmm up with a KVM guest and a process guest"
-run /bin/splitvmm up $W/host.toml
+run /bin/splitvmm up --check $W/host.toml
 says "tiny: vbd 51712 detached"
-says "checks: 4 passed, 0 failed"
+says "checks: 5 passed, 0 failed"
 echo "$OUT" | grep "in a KVM guest" | head -2
 step "the KVM guest's console"
 grep -E "^(hello|disk:|per-request)" $W/run/tiny.console.log | head -6

@@ -1,13 +1,8 @@
-//! The frontend half of the xenbus walk for block devices and network interfaces, shared by every kind of guest
-//! domain `splitvmm up` runs (a process domain, a KVM guest's VMM), as Linux shares its xenbus
-//! frontend core between blkfront and netfront.
-//!
-//! A guest domain process is handed its store connection (bound to its domain id) and its
-//! control channel to the toolstack. [`ManagedFrontend::run`] serves both: `AttachBlock` and
-//! `AttachNet` bring a vhost-user connection for a device; the walk in the store sets the data path up
-//! when the backend reaches InitWait (Initialised), goes Connected when the backend does, and
-//! ends the session when the backend closes (Closing, Closed). What a kind of guest does at
-//! those moments, and for disk checks and pings, is its [`FrontendKind`].
+//! The walk: a guest domain process is handed its store connection (bound to its domain id)
+//! and its control channel to the toolstack. [`ManagedFrontend::run`] serves both: `AttachBlock`
+//! and `AttachNet` bring a vhost-user connection for a device; the walk in the store sets the
+//! data path up when the backend reaches InitWait (Initialised), goes Connected when the backend
+//! does, and ends the session when the backend closes (Closing, Closed).
 //!
 //! The loop is level-triggered: every wake-up (a watch event, or a tick) re-reads the states
 //! that matter, so a missed or coalesced event costs nothing but a tick.
@@ -19,86 +14,59 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::messages::{fds, GuestEvent, GuestRequest, GuestStats};
-use crate::control::{ChannelError, ControlChannel};
-use crate::xenbus::{domain_path, keys, DeviceKind, XenbusState};
-use crate::xenstore::client::{ClientError, StoreClient};
-use crate::xenstore::wire::XsError;
+use ipc::control::messages::{fds, GuestEvent, GuestRequest, GuestStats};
+use ipc::control::{ChannelError, ControlChannel};
+use ipc::xenbus::{domain_path, keys, DeviceKind, XenbusError, XenbusState};
+use ipc::xenstore::client::{ClientError, StoreClient};
+use ipc::xenstore::wire::XsError;
+use thiserror::Error;
+
+use super::{error_chain, DiskCheck, FrontendDiagnostics};
 
 /// Errors that end a managed guest domain.
-#[derive(Debug, thiserror::Error)]
-pub enum FrontendError {
+#[derive(Debug, Error)]
+pub enum WalkError {
     #[error("store")]
     Store(#[from] ClientError),
     #[error("control channel")]
     Control(#[from] ChannelError),
 }
 
-/// What one kind of guest does at the moments of the walk that need it, for its block
-/// devices (vbd) and network interfaces (vif).
-pub trait FrontendKind {
-    /// The data-path session of one device.
-    type Session;
-
-    /// At backend InitWait: sets the data path up on the handed vhost-user connection.
-    /// Returns the session and the disk's capacity in 512-byte sectors.
-    fn connect(
-        &mut self,
-        devid: u32,
-        connection: UnixStream,
-    ) -> Result<(Self::Session, u64), String>;
-
-    /// When the device closes: ends the session (stopping its vrings), keeping its counters.
-    fn disconnect(&mut self, devid: u32, session: Self::Session);
-
-    /// Writes (unless `verify_only`) and verifies a pattern over the first `bytes` of a
-    /// Connected disk; a short description on success, the reason on failure.
-    fn disk_check(
-        &mut self,
-        devid: u32,
-        session: &mut Self::Session,
-        seed: u64,
-        bytes: u64,
-        verify_only: bool,
-    ) -> Result<String, String>;
-
-    /// Counters over every session so far, the live ones included.
-    fn stats<'a>(&self, live: impl Iterator<Item = &'a Self::Session>) -> GuestStats
-    where
-        Self::Session: 'a;
-
-    /// How many block devices this kind can hold at once.
-    fn max_devices(&self) -> usize {
-        usize::MAX
-    }
-
-    /// The data-path session of one network interface.
-    type NetSession;
-
-    /// At backend InitWait of a vif: sets the data path up; returns the session and the MAC
-    /// address the backend gave the interface. A kind without network interfaces refuses.
-    fn connect_net(
-        &mut self,
-        devid: u32,
-        connection: UnixStream,
-        ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), String>;
-
-    /// When a vif closes.
-    fn disconnect_net(&mut self, devid: u32, session: Self::NetSession);
-
-    /// Resolves `peer` and exchanges `rounds` UDP echoes with it.
-    fn net_ping(
-        &mut self,
-        devid: u32,
-        session: &mut Self::NetSession,
-        peer: [u8; 4],
-        rounds: u32,
-    ) -> Result<String, String>;
-
-    /// Answers what the interface received meanwhile (ARP, UDP echo); called every tick
-    /// while the interface is Connected, so a guest answers its peers while idle.
-    fn net_poll(&mut self, devid: u32, session: &mut Self::NetSession);
+/// Why one device failed: it is closed and reported, the domain goes on.
+#[derive(Debug, Error)]
+enum DeviceError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("writing {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("watching {path}")]
+    Watch {
+        path: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("{path}")]
+    BadState {
+        path: String,
+        #[source]
+        source: XenbusError,
+    },
+    #[error("device vanished")]
+    Vanished,
+    #[error("no vhost-user connection was handed over")]
+    NoConnection,
+    #[error("vhost-user set-up")]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("control channel")]
+    Control(#[from] ChannelError),
 }
 
 /// How often the loop wakes up when nothing happens.
@@ -106,19 +74,27 @@ const TICK: Duration = Duration::from_millis(20);
 /// How often it wakes up while a network interface is Connected.
 const NET_TICK: Duration = Duration::from_millis(1);
 
+/// A check's outcome as the toolstack hears it: passed, and the detail or the reason.
+fn verdict(result: Result<String, String>) -> (bool, String) {
+    match result {
+        Ok(detail) => (true, detail),
+        Err(reason) => (false, reason),
+    }
+}
+
 /// The watch token for a device's backend state.
 fn token((kind, devid): (DeviceKind, u32)) -> String {
     format!("backend-{kind}-{devid}")
 }
 
 /// A device's data-path session.
-enum Session<K: FrontendKind> {
-    Block(K::Session),
+enum Session<K: FrontendDiagnostics> {
+    Block(K::BlockSession),
     Net(K::NetSession),
 }
 
 /// Where one device stands.
-struct Device<K: FrontendKind> {
+struct Device<K: FrontendDiagnostics> {
     /// The vhost-user connection, until the session takes it.
     connection: Option<UnixStream>,
     session: Option<Session<K>>,
@@ -134,7 +110,7 @@ struct Device<K: FrontendKind> {
 type DevKey = (DeviceKind, u32);
 
 /// A guest domain process managed by `splitvmm up`.
-pub struct ManagedFrontend<K: FrontendKind> {
+pub struct ManagedFrontend<K: FrontendDiagnostics> {
     domid: u32,
     store: StoreClient,
     control: ControlChannel,
@@ -143,7 +119,7 @@ pub struct ManagedFrontend<K: FrontendKind> {
     stop: Option<Arc<AtomicBool>>,
 }
 
-impl<K: FrontendKind> std::fmt::Debug for ManagedFrontend<K> {
+impl<K: FrontendDiagnostics> std::fmt::Debug for ManagedFrontend<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ManagedFrontend")
             .field("domid", &self.domid)
@@ -152,7 +128,7 @@ impl<K: FrontendKind> std::fmt::Debug for ManagedFrontend<K> {
     }
 }
 
-impl<K: FrontendKind> ManagedFrontend<K> {
+impl<K: FrontendDiagnostics> ManagedFrontend<K> {
     /// A guest domain on an already connected store client and control channel.
     pub fn new(domid: u32, store: StoreClient, control: ControlChannel, kind: K) -> Self {
         ManagedFrontend {
@@ -200,7 +176,7 @@ impl<K: FrontendKind> ManagedFrontend<K> {
 
     /// Runs until the toolstack says shut down (or the stop flag is set): Ok; or until the
     /// toolstack or the store goes away: Err.
-    pub fn run(mut self) -> Result<(), FrontendError> {
+    pub fn run(mut self) -> Result<(), WalkError> {
         let devices_dir = format!("{}/device", domain_path(self.domid));
         self.store.watch(&devices_dir, "devices")?;
         loop {
@@ -249,7 +225,8 @@ impl<K: FrontendKind> ManagedFrontend<K> {
             self.poll_nets();
             let keys: Vec<DevKey> = self.devices.keys().copied().collect();
             for key in keys {
-                if let Err(reason) = self.step(key) {
+                if let Err(e) = self.step(key) {
+                    let reason = error_chain(&e);
                     log::error!("{} {}: {reason}", key.0, key.1);
                     self.fail(key, reason)?;
                 }
@@ -257,12 +234,7 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         }
     }
 
-    fn attach(
-        &mut self,
-        key: DevKey,
-        ip: [u8; 4],
-        mut fds: Vec<OwnedFd>,
-    ) -> Result<(), FrontendError> {
+    fn attach(&mut self, key: DevKey, ip: [u8; 4], mut fds: Vec<OwnedFd>) -> Result<(), WalkError> {
         let (kind, devid) = key;
         let blocks = self
             .devices
@@ -272,10 +244,12 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         let reason = match fds.pop().filter(|_| fds.is_empty()) {
             None => "attach came without exactly one connection".to_owned(),
             Some(_) if self.devices.contains_key(&key) => format!("{kind} {devid} exists"),
-            Some(_) if kind == DeviceKind::Vbd && blocks >= self.kind.max_devices() => format!(
-                "this guest has room for {} block device(s)",
-                self.kind.max_devices()
-            ),
+            Some(_) if kind == DeviceKind::Vbd && blocks >= self.kind.max_block_devices() => {
+                format!(
+                    "this guest has room for {} block device(s)",
+                    self.kind.max_block_devices()
+                )
+            }
             Some(fd) => {
                 self.devices.insert(
                     key,
@@ -298,21 +272,22 @@ impl<K: FrontendKind> ManagedFrontend<K> {
     }
 
     /// A device's state as its peer wrote it; a missing node reads as Closed.
-    fn read_state(&mut self, dir: &str) -> Result<XenbusState, String> {
-        match self.store.read(&format!("{dir}/{}", keys::STATE)) {
+    fn read_state(&mut self, dir: &str) -> Result<XenbusState, DeviceError> {
+        let path = format!("{dir}/{}", keys::STATE);
+        match self.store.read(&path) {
             Ok(v) => String::from_utf8_lossy(&v)
                 .parse()
-                .map_err(|e| format!("{dir}: {e}")),
+                .map_err(|source| DeviceError::BadState { path, source }),
             Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(XenbusState::Closed),
-            Err(e) => Err(format!("{dir}: {e}")),
+            Err(source) => Err(DeviceError::Read { path, source }),
         }
     }
 
-    fn set_state(&mut self, key: DevKey, state: XenbusState) -> Result<(), String> {
+    fn set_state(&mut self, key: DevKey, state: XenbusState) -> Result<(), DeviceError> {
         let path = format!("{}/{}", self.device_dir(key), keys::STATE);
-        self.store
-            .write(&path, state.to_string().as_bytes())
-            .map_err(|e| format!("writing {path}: {e}"))?;
+        if let Err(source) = self.store.write(&path, state.to_string().as_bytes()) {
+            return Err(DeviceError::Write { path, source });
+        }
         if let Some(dev) = self.devices.get_mut(&key) {
             dev.state = state;
         }
@@ -320,32 +295,35 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         Ok(())
     }
 
-    fn backend_dir(&mut self, key: DevKey) -> Result<Option<String>, String> {
-        let dir = self.device_dir(key);
-        match self.store.read(&format!("{dir}/{}", keys::BACKEND)) {
+    fn backend_dir(&mut self, key: DevKey) -> Result<Option<String>, DeviceError> {
+        let path = format!("{}/{}", self.device_dir(key), keys::BACKEND);
+        match self.store.read(&path) {
             Ok(v) => Ok(Some(String::from_utf8_lossy(&v).into_owned())),
             // The toolstack has not written the directory yet.
             Err(e) if e.xs_error() == Some(XsError::ENOENT) => Ok(None),
-            Err(e) => Err(format!("reading {dir}/backend: {e}")),
+            Err(source) => Err(DeviceError::Read { path, source }),
         }
     }
 
     /// Sets the data path up on the handed connection, by device kind.
-    fn connect(&mut self, key: DevKey) -> Result<(), String> {
+    fn connect(&mut self, key: DevKey) -> Result<(), DeviceError> {
         let (kind, devid) = key;
-        let dev = self.devices.get_mut(&key).ok_or("device vanished")?;
-        let connection = dev
-            .connection
-            .take()
-            .ok_or("no vhost-user connection was handed over")?;
+        let dev = self.devices.get_mut(&key).ok_or(DeviceError::Vanished)?;
+        let connection = dev.connection.take().ok_or(DeviceError::NoConnection)?;
         let ip = dev.ip;
         let (session, capacity, mac) = match kind {
             DeviceKind::Vbd => {
-                let (s, capacity) = self.kind.connect(devid, connection)?;
+                let (s, capacity) = self
+                    .kind
+                    .connect_block(devid, connection)
+                    .map_err(|e| DeviceError::Connect(Box::new(e)))?;
                 (Session::Block(s), capacity, [0; 6])
             }
             DeviceKind::Vif => {
-                let (s, mac) = self.kind.connect_net(devid, connection, ip)?;
+                let (s, mac) = self
+                    .kind
+                    .connect_net(devid, connection, ip)
+                    .map_err(|e| DeviceError::Connect(Box::new(e)))?;
                 (Session::Net(s), 0, mac)
             }
         };
@@ -358,7 +336,7 @@ impl<K: FrontendKind> ManagedFrontend<K> {
     }
 
     /// One step of the frontend half of the walk for a device.
-    fn step(&mut self, key: DevKey) -> Result<(), String> {
+    fn step(&mut self, key: DevKey) -> Result<(), DeviceError> {
         let (kind, devid) = key;
         let Some(backend) = self.backend_dir(key)? else {
             return Ok(());
@@ -377,13 +355,18 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                     Ok(()) => {}
                     // Still registered from an earlier attach of the same device.
                     Err(e) if e.xs_error() == Some(XsError::EEXIST) => {}
-                    Err(e) => return Err(format!("watching {backend}/state: {e}")),
+                    Err(source) => {
+                        return Err(DeviceError::Watch {
+                            path: format!("{backend}/{}", keys::STATE),
+                            source,
+                        })
+                    }
                 }
                 self.set_state(key, XenbusState::Initialised)
             }
             (XenbusState::Initialised, XenbusState::Connected) => {
                 self.set_state(key, XenbusState::Connected)?;
-                let dev = self.devices.get(&key).ok_or("device vanished")?;
+                let dev = self.devices.get(&key).ok_or(DeviceError::Vanished)?;
                 let event = match kind {
                     DeviceKind::Vbd => GuestEvent::Connected {
                         devid,
@@ -394,7 +377,7 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                         mac: dev.mac,
                     },
                 };
-                self.control.send(&event, &[]).map_err(|e| e.to_string())
+                Ok(self.control.send(&event, &[])?)
             }
             (
                 XenbusState::Initialised | XenbusState::Connected,
@@ -412,23 +395,23 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                 .unwatch(&format!("{backend}/{}", keys::STATE), &token(key));
         }
         match self.devices.remove(&key).and_then(|d| d.session) {
-            Some(Session::Block(s)) => self.kind.disconnect(key.1, s),
+            Some(Session::Block(s)) => self.kind.disconnect_block(key.1, s),
             Some(Session::Net(s)) => self.kind.disconnect_net(key.1, s),
             None => {}
         }
     }
 
     /// The frontend's side of a detach: stop I/O, end the session, Closing then Closed.
-    fn close(&mut self, key: DevKey) -> Result<(), String> {
+    fn close(&mut self, key: DevKey) -> Result<(), DeviceError> {
         self.set_state(key, XenbusState::Closing)?;
         self.end_session(key);
         self.set_state(key, XenbusState::Closed)?;
-        self.control
-            .send(&GuestEvent::Closed { devid: key.1 }, &[])
-            .map_err(|e| e.to_string())
+        Ok(self
+            .control
+            .send(&GuestEvent::Closed { devid: key.1 }, &[])?)
     }
 
-    fn fail(&mut self, key: DevKey, reason: String) -> Result<(), FrontendError> {
+    fn fail(&mut self, key: DevKey, reason: String) -> Result<(), WalkError> {
         self.end_session(key);
         let _ = self.set_state(key, XenbusState::Closed);
         self.control.send(
@@ -453,7 +436,9 @@ impl<K: FrontendKind> ManagedFrontend<K> {
             if let (DeviceKind::Vif, XenbusState::Connected, Some(Session::Net(s))) =
                 (kind, dev.state, dev.session.as_mut())
             {
-                self.kind.net_poll(*devid, s);
+                if let Err(e) = self.kind.answer_peers(*devid, s) {
+                    log::warn!("vif {devid}: {}", error_chain(&e));
+                }
             }
         }
     }
@@ -464,13 +449,13 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                 state: XenbusState::Connected,
                 session: Some(Session::Net(session)),
                 ..
-            }) => self.kind.net_ping(devid, session, peer, rounds),
+            }) => self
+                .kind
+                .net_ping(devid, session, peer, rounds)
+                .map_err(|e| error_chain(&e)),
             _ => Err("interface is not Connected".to_owned()),
         };
-        let (passed, detail) = match result {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
-        };
+        let (passed, detail) = verdict(result);
         GuestEvent::NetPing {
             devid,
             passed,
@@ -484,15 +469,19 @@ impl<K: FrontendKind> ManagedFrontend<K> {
                 state: XenbusState::Connected,
                 session: Some(Session::Block(session)),
                 ..
-            }) => self
-                .kind
-                .disk_check(devid, session, seed, bytes, verify_only),
+            }) => {
+                let check = DiskCheck {
+                    seed,
+                    bytes,
+                    verify_only,
+                };
+                self.kind
+                    .disk_check(devid, session, check)
+                    .map_err(|e| error_chain(&e))
+            }
             _ => Err("device is not Connected".to_owned()),
         };
-        let (passed, detail) = match result {
-            Ok(detail) => (true, detail),
-            Err(detail) => (false, detail),
-        };
+        let (passed, detail) = verdict(result);
         GuestEvent::DiskCheck {
             devid,
             passed,
@@ -515,6 +504,7 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         let dir = format!("{}/data/io", domain_path(self.domid));
         for (key, value) in [
             ("requests", t.requests),
+            ("bytes", t.bytes),
             ("kicks", t.kicks_sent),
             ("interrupts", t.interrupts),
             ("vmm-exits", t.vmm_exits),
@@ -528,11 +518,16 @@ impl<K: FrontendKind> ManagedFrontend<K> {
         }
     }
 
-    fn shut_down(mut self) -> Result<(), FrontendError> {
+    fn shut_down(mut self) -> Result<(), WalkError> {
         let keys: Vec<DevKey> = self.devices.keys().copied().collect();
         for key in keys {
             if let Err(e) = self.close(key) {
-                log::warn!("{} {}: closing on shutdown: {e}", key.0, key.1);
+                log::warn!(
+                    "{} {}: closing on shutdown: {}",
+                    key.0,
+                    key.1,
+                    error_chain(&e)
+                );
             }
         }
         let stats = self.stats();

@@ -1,0 +1,203 @@
+//! The `splitvmm` command line: its commands and options, from which the help, the man pages
+//! (`splitvmm man`) and the shell completions (`splitvmm completions SHELL`) are generated.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::location::HostArg;
+use crate::vdev::Vdev;
+use crate::xs::XsOp;
+
+/// The exit statuses of `splitvmm`, for `--help` and the man page.
+pub const EXIT_STATUS: &str = "\
+Exit status:
+  0      success
+  1      the command failed: an error, a failed check, a domain that did not shut down
+         cleanly
+  2      usage error (clap); an internal binary (driver-domain managed, process-guest,
+         splitvmm-vmm --managed-domid) run without what `splitvmm up` hands it
+  130    `up` or `store` stopped by SIGINT (Ctrl-C) after shutting down in order (129 for
+         SIGHUP); stopped by SIGTERM, they exit 0 if all went well
+
+Commands find the running host through its run directory: --run-dir DIR, else
+$SPLITVMM_RUN_DIR, else <tmp>/splitvmm. Logs: RUST_LOG=info or debug; every domain's output
+goes to <run_dir>/logs/<name>.log.";
+
+#[derive(Parser)]
+#[command(
+    name = "splitvmm",
+    version,
+    about = "Toolstack of a Xen-style driver-domain split I/O stack on KVM",
+    after_help = EXIT_STATUS
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub host: HostArg,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--json`: machine-readable output.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct JsonArg {
+    /// Print JSON (a stable format: fields are added, never renamed or removed).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the xenstore-compatible store standalone; PATH is the privileged (dom0) socket.
+    Store {
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Bring up a host described in a TOML file: the store, the driver domain, the guests;
+    /// attach their devices and run the checks the file's [checks] asks for. --run-dir (or
+    /// $SPLITVMM_RUN_DIR) replaces the file's run_dir.
+    Up {
+        config: PathBuf,
+        /// Keep the host up after the checks, managed through its run directory, until
+        /// SIGINT or SIGTERM.
+        #[arg(long)]
+        stay: bool,
+        /// Run every check (disk, ping, replug) whatever [checks] says. Disk checks write
+        /// only to scratch images.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Create a guest on a running host from its own description (the keys of a
+    /// `[[guest]]` entry of the host file) and attach its disks and interfaces.
+    Create {
+        /// The guest's TOML file.
+        file: PathBuf,
+    },
+    /// Shut a guest down in order: its devices close through the xenbus walk, its process
+    /// ends, it is released.
+    Shutdown {
+        /// Domain name or id.
+        domain: String,
+    },
+    /// Reboot a guest: an orderly shutdown, then a fresh process (for a KVM guest, a fresh
+    /// VM) with the disks and interfaces it had.
+    Reboot {
+        /// Domain name or id.
+        domain: String,
+    },
+    /// Destroy a domain at once: with a running toolstack, stop its process and tear its
+    /// devices down; always remove its store directories and release it.
+    Destroy {
+        /// Domain name or id.
+        domain: String,
+    },
+    /// List the domains the store knows, with their counters and the devices they serve.
+    List {
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// `list`, refreshed every second, until Ctrl-C (plain tables when not on a terminal).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+        /// Stop after this many refreshes.
+        #[arg(short = 'n', long)]
+        rounds: Option<u64>,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List a domain's disks: name, number, states, mode, image, backend counters.
+    BlockList {
+        /// Domain name or id.
+        domain: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// List a domain's network interfaces: number, states, MAC, IPv4, backend counters.
+    NetworkList {
+        /// Domain name or id.
+        domain: String,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Attach a disk image to a guest of a running host.
+    BlockAttach {
+        guest: String,
+        image: PathBuf,
+        /// Disk name (xvda, xvdb, ...) or Xen device number (51728 is xvdb).
+        #[arg(long, default_value = "xvdb")]
+        devid: Vdev,
+        #[arg(long)]
+        readonly: bool,
+        /// Create (or grow) the image to this many MiB. An image created so is scratch.
+        #[arg(long)]
+        size_mib: Option<u64>,
+        /// The image holds nothing anyone needs: `disk-check` may write to it.
+        #[arg(long)]
+        scratch: bool,
+    },
+    /// Detach a disk from a guest of a running host.
+    BlockDetach {
+        guest: String,
+        /// Disk name (xvdb) or number (51728).
+        devid: Vdev,
+    },
+    /// Attach a network interface (a port of the driver domain's switch) to a guest of a
+    /// running host.
+    NetworkAttach {
+        guest: String,
+        #[arg(long, default_value_t = 0)]
+        devid: u32,
+        /// MAC address [default: 02:00:00:<domid>:<devid>].
+        #[arg(long)]
+        mac: Option<String>,
+        /// IPv4 address on the host's internal switch [default: 10.0.0.<domid>].
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    /// Detach a network interface from a guest of a running host.
+    NetworkDetach { guest: String, devid: u32 },
+    /// Have a guest resolve PEER (ARP) and exchange UDP echoes with it.
+    NetPing {
+        guest: String,
+        devid: u32,
+        peer: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 20)]
+        rounds: u32,
+    },
+    /// Have a guest write and verify (or only verify) a pattern on one of its disks. Writing
+    /// is refused unless the image is scratch.
+    DiskCheck {
+        guest: String,
+        /// Disk name (xvda) or number (51712).
+        devid: Vdev,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        verify_only: bool,
+    },
+    /// Show a domain's output (a KVM guest's serial console), following it.
+    Console {
+        /// Domain name.
+        domain: String,
+        /// Print what is there and exit instead of following.
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// List the PCI functions driver domains own, as they reported them.
+    Devices,
+    /// Read and change the store, like xenstore-read/-write/-ls/-rm/-watch.
+    Xs {
+        #[command(subcommand)]
+        op: XsOp,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or with --dir write one per command (splitvmm.1,
+    /// splitvmm-up.1, ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}

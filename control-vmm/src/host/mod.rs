@@ -1,0 +1,356 @@
+//! A running host: the store, the driver domain and the guests, as `splitvmm up` brings them
+//! up, with the operations the toolstack performs on them.
+//!
+//! Each guest sits behind its own lock, so management requests to different guests run at the
+//! same time (the toolstack serves each on its own thread): a guest that is slow to answer
+//! holds up requests to itself only. Store writes go through a connection per operation; the
+//! driver domain's control channel is locked only while a message is sent.
+//!
+//! - [`devices`]: attach, detach, disk checks and pings on one guest;
+//! - [`images`]: the disk images held (and locked) for the guests;
+//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
+
+mod devices;
+mod images;
+mod lifecycle;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipc::control::messages::{BackendEvent, GuestEvent, GuestStats};
+use ipc::control::ControlChannel;
+use ipc::xenstore::client::StoreClient;
+use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
+
+use crate::config::{
+    DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
+};
+use crate::supervisor::DomainProcess;
+use crate::{connection, domains};
+use images::ImageRegistry;
+
+pub use lifecycle::ShutdownReport;
+
+/// How long a device may take to walk to Connected or Closed.
+pub const WALK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a disk check or a ping may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a guest asked to shut down has to report and exit.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One domain process with its control channel.
+struct Domain {
+    domid: u32,
+    name: String,
+    process: DomainProcess,
+    channel: ControlChannel,
+}
+
+/// A guest's place in the host: what never changes, and the rest behind the guest's lock.
+struct GuestSlot {
+    config: GuestConfig,
+    /// Set when the guest is destroyed or shut down: requests waiting for it give up.
+    gone: AtomicBool,
+    state: Mutex<Guest>,
+}
+
+/// A guest's running state.
+struct Guest {
+    domain: Domain,
+    /// Disks and interfaces attached now, by device number.
+    disks: BTreeMap<u32, DiskConfig>,
+    nics: BTreeMap<u32, NicConfig>,
+    /// Counters reported by the guest when it shut down.
+    stats: Option<GuestStats>,
+}
+
+/// Everything `splitvmm up` started.
+pub struct Host {
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    store: StoreHandle,
+    store_thread: Mutex<Option<JoinHandle<Result<(), ServerError>>>>,
+    store_socket: PathBuf,
+    run_dir: PathBuf,
+    driver_config: DriverDomainConfig,
+    driver: Mutex<Domain>,
+    guests: Mutex<BTreeMap<String, Arc<GuestSlot>>>,
+    /// Held while a guest is checked against the others and added: two `create`s of the same
+    /// name or id cannot both pass.
+    creating: Mutex<()>,
+    /// Where private vhost-user connections are made (0700, paths unlinked at once).
+    private_dir: PathBuf,
+    attach_serial: AtomicU64,
+    /// The images held for the guests' disks (locked after a guest's own lock, briefly).
+    images: Mutex<ImageRegistry>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A request thread that panicked leaves the data as consistent as any failed request.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the splitvmm binary")?;
+    let dir = exe.parent().context("splitvmm binary has no directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not found next to splitvmm (build the workspace: cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The file a domain's standard output and error go to: `<run_dir>/logs/<name>.log`, where
+/// `splitvmm console NAME` reads it (a KVM guest's serial console is there too).
+pub fn log_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("logs").join(format!("{name}.log"))
+}
+
+impl Host {
+    /// Starts the store, creates the driver domain in it and starts its process, then creates
+    /// each guest (without attaching its devices: see [`Host::attach_all`]).
+    pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
+        let started = Instant::now();
+        // Every image is opened and locked before anything starts: one held elsewhere, or
+        // named twice, fails here.
+        let mut images = ImageRegistry::default();
+        for guest in &config.guests {
+            for disk in &guest.disks {
+                images.hold(&guest.name, disk)?;
+            }
+        }
+        std::fs::create_dir_all(config.run_dir.join("logs"))
+            .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
+        let private_dir = config.run_dir.join("vhost-user");
+        connection::prepare_dir(&private_dir)
+            .with_context(|| format!("creating {}", private_dir.display()))?;
+        let socket = config.store_socket();
+        let (store, store_thread) = spawn_store(StoreConfig {
+            socket: socket.clone(),
+            ..StoreConfig::default()
+        })
+        .with_context(|| format!("starting the store on {}", socket.display()))?;
+        log::info!("store listening on {}", socket.display());
+
+        let dd = &config.driver_domain;
+        domains::create_domain(&mut StoreClient::connect(&socket)?, dd.domid, &dd.name)?;
+        let mut command = Command::new(sibling_binary("driver-domain")?);
+        command
+            .arg("managed")
+            .arg("--domid")
+            .arg(dd.domid.to_string());
+        for bdf in &dd.owns {
+            command.arg("--owns").arg(bdf);
+        }
+        if let Some(tap) = &dd.uplink {
+            // The driver domain opens the tap itself: it is the one moving its frames.
+            command.arg("--uplink").arg(tap);
+        }
+        let driver = start_domain(
+            &store,
+            &config.run_dir,
+            (dd.domid, &dd.name),
+            command,
+            false,
+        )?;
+        let host = Host {
+            started,
+            stop,
+            store,
+            store_thread: Mutex::new(Some(store_thread)),
+            store_socket: socket,
+            run_dir: config.run_dir.clone(),
+            driver_config: dd.clone(),
+            driver: Mutex::new(driver),
+            guests: Mutex::new(BTreeMap::new()),
+            creating: Mutex::new(()),
+            private_dir,
+            attach_serial: AtomicU64::new(0),
+            images: Mutex::new(images),
+        };
+        match lock(&host.driver)
+            .channel
+            .recv_timeout::<BackendEvent>(WALK_TIMEOUT)?
+        {
+            Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
+            other => bail!("driver domain did not report ready: {other:?}"),
+        }
+        for guest in &config.guests {
+            host.create_guest(guest.clone(), None)?;
+        }
+        Ok(host)
+    }
+
+    /// The run directory: the store and management sockets, the logs.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The store's privileged socket.
+    pub fn store_socket(&self) -> &Path {
+        &self.store_socket
+    }
+
+    /// A fresh connection to the store, for one operation.
+    fn client(&self) -> Result<StoreClient> {
+        StoreClient::connect(&self.store_socket).context("connecting to the store")
+    }
+
+    /// Prints a progress line with the time since bring-up started.
+    pub fn progress(&self, what: &str) {
+        println!("[{:7.2}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn check_stop(&self) -> Result<()> {
+        if self.stop.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        Ok(())
+    }
+
+    /// Whether checks may write to guest `name`'s vbd `devid` (an image marked scratch, or
+    /// one this toolstack created).
+    pub fn is_scratch(&self, name: &str, devid: u32) -> bool {
+        lock(&self.images).is_scratch(name, devid)
+    }
+
+    /// Names of the guests, in order.
+    pub fn guest_names(&self) -> Vec<String> {
+        lock(&self.guests).keys().cloned().collect()
+    }
+
+    /// The guest called `domain`, or numbered so.
+    fn slot(&self, domain: &str) -> Result<(String, Arc<GuestSlot>)> {
+        let guests = lock(&self.guests);
+        let found = match guests.get_key_value(domain) {
+            Some((name, slot)) => Some((name.clone(), slot.clone())),
+            None => guests
+                .iter()
+                .find(|(_, s)| domain.parse() == Ok(s.config.domid))
+                .map(|(n, s)| (n.clone(), s.clone())),
+        };
+        found.ok_or_else(|| anyhow!("no guest named or numbered {domain:?}"))
+    }
+
+    /// Runs `op` on guest `domain` under its lock; requests to other guests go on meanwhile.
+    fn with_guest<T>(
+        &self,
+        domain: &str,
+        op: impl FnOnce(&str, &GuestSlot, &mut Guest) -> Result<T>,
+    ) -> Result<T> {
+        let (name, slot) = self.slot(domain)?;
+        let mut guest = lock(&slot.state);
+        if slot.gone.load(Ordering::SeqCst) {
+            bail!("{name} is gone (destroyed or shut down)");
+        }
+        op(&name, &slot, &mut guest)
+    }
+
+    /// Waits for the next event from a guest, failing on timeout, stop, destroy or a dead
+    /// guest.
+    fn guest_event(
+        &self,
+        name: &str,
+        slot: &GuestSlot,
+        guest: &mut Guest,
+        timeout: Duration,
+    ) -> Result<GuestEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_stop()?;
+            if slot.gone.load(Ordering::SeqCst) {
+                bail!("{name} was destroyed meanwhile");
+            }
+            if let Some(status) = guest.domain.process.try_wait()? {
+                bail!("{name} exited ({})", crate::supervisor::describe(&status));
+            }
+            if let Some((event, _)) = guest
+                .domain
+                .channel
+                .recv_timeout::<GuestEvent>(Duration::from_millis(100))?
+            {
+                return Ok(event);
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not answer within {timeout:?}");
+            }
+        }
+    }
+
+    /// The process that runs guest `config`, with its output going to its log file.
+    fn guest_command(&self, config: &GuestConfig) -> Result<Command> {
+        Ok(match (config.kind, &config.kernel) {
+            (GuestKind::Kvm, Some(kernel)) => {
+                let mut command = Command::new(sibling_binary("splitvmm-vmm")?);
+                command
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .arg("--managed-domid")
+                    .arg(config.domid.to_string())
+                    .args(["--no-idle-baseline", "--batch", "4"]);
+                command
+            }
+            _ => {
+                let mut command = Command::new(sibling_binary("process-guest")?);
+                command
+                    .arg("--domid")
+                    .arg(config.domid.to_string())
+                    .arg("--name")
+                    .arg(&config.name);
+                command
+            }
+        })
+    }
+}
+
+/// Starts domain `name`'s process with its store connection (fd 3) and control channel (fd 4);
+/// its standard output and error go to [`log_path`] (started afresh, or with `append` after
+/// what is there: a rebooted guest's log goes on).
+fn start_domain(
+    store: &StoreHandle,
+    run_dir: &Path,
+    (domid, name): (u32, &str),
+    mut command: Command,
+    append: bool,
+) -> Result<Domain> {
+    let store_conn: OwnedFd = store
+        .connect_domain(domid)
+        .with_context(|| format!("connecting {name} to the store"))?
+        .into();
+    let (ours, theirs) = ControlChannel::pair()?;
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "warn");
+    }
+    let path = log_path(run_dir, name);
+    let log = File::options()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let log_err = log
+        .try_clone()
+        .with_context(|| format!("opening {}", path.display()))?;
+    command.stdout(log).stderr(log_err);
+    let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
+    Ok(Domain {
+        domid,
+        name: name.to_owned(),
+        process,
+        channel: ours,
+    })
+}
