@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod linux;
+pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
+
 /// Errors found while reading a host description.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -109,6 +112,9 @@ pub enum GuestKind {
     Process,
     /// A KVM virtual machine run by `splitvmm-vmm`, booting `kernel` (the tiny guest kernel).
     Kvm,
+    /// An unmodified Linux kernel (bzImage) under `splitvmm-vmm --linux`, keys after xl.cfg:
+    /// `kernel`, `ramdisk`, `extra`, `memory`, `vcpus`, `share`; runs until it powers off.
+    Linux,
 }
 
 impl GuestKind {
@@ -117,7 +123,7 @@ impl GuestKind {
     pub fn check_bytes(self) -> u64 {
         match self {
             GuestKind::Process => 1024 * 1024,
-            GuestKind::Kvm => 64 * 1024,
+            GuestKind::Kvm | GuestKind::Linux => 64 * 1024,
         }
     }
 }
@@ -130,9 +136,25 @@ pub struct GuestConfig {
     pub domid: u32,
     #[serde(default = "default_kind")]
     pub kind: GuestKind,
-    /// The kernel a `kvm` guest boots (relative to the host file).
+    /// The kernel a `kvm` or `linux` guest boots (relative to the host file).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// `linux`: the initramfs (relative to the host file).
+    #[serde(default)]
+    pub ramdisk: Option<PathBuf>,
+    /// `linux`: the kernel command line (xl.cfg's `extra`).
+    #[serde(default)]
+    pub extra: Option<String>,
+    /// `linux`: RAM in MiB (default 256).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// `linux`: number of vCPUs (default 1).
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// `linux`: guest memory the driver domain may map; `"all-ram"` (Linux puts disk buffers
+    /// anywhere in its RAM), required with a disk and refused without one.
+    #[serde(default)]
+    pub share: Option<String>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
@@ -154,8 +176,9 @@ impl GuestConfig {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        if let Some(kernel) = self.kernel.as_mut().filter(|k| k.is_relative()) {
-            *kernel = base.join(&*kernel);
+        let boot_files = self.kernel.iter_mut().chain(self.ramdisk.iter_mut());
+        for path in boot_files.filter(|p| p.is_relative()) {
+            *path = base.join(&*path);
         }
         for disk in self.disks.iter_mut().filter(|d| d.image.is_relative()) {
             disk.image = base.join(&disk.image);
@@ -292,6 +315,38 @@ impl HostConfig {
                     }
                 }
             }
+            if let (GuestKind::Linux, Some(kernel)) = (guest.kind, &guest.kernel) {
+                match crate::image::kernel_format(kernel) {
+                    Ok(crate::image::KernelFormat::BzImage) => {}
+                    Ok(crate::image::KernelFormat::Elf) => {
+                        return Err(invalid(
+                            format!("guest[{i}].kernel"),
+                            format!(
+                                "{} is an ELF kernel; a kind = \"linux\" guest boots a bzImage",
+                                kernel.display()
+                            ),
+                        ))
+                    }
+                    Err(e) => return Err(invalid(format!("guest[{i}].kernel"), e.to_string())),
+                }
+            }
+            if let Some(ramdisk) = &guest.ramdisk {
+                let problem = match std::fs::metadata(ramdisk) {
+                    Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
+                    Ok(m) if m.len() == 0 => Some("empty".to_string()),
+                    Ok(_) => std::fs::File::open(ramdisk).err().map(|e| e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = problem {
+                    return Err(invalid(
+                        format!("guest[{i}].ramdisk"),
+                        format!(
+                            "a readable, non-empty initramfs; {}: {why}",
+                            ramdisk.display()
+                        ),
+                    ));
+                }
+            }
             for (j, disk) in guest.disks.iter().enumerate() {
                 crate::image::check_disk(disk)
                     .map_err(|e| invalid(format!("guest[{i}].disk[{j}].image"), e.to_string()))?;
@@ -419,7 +474,9 @@ impl HostConfig {
             }
         }
         for (i, guest) in self.guests.iter().enumerate() {
+            linux::validate_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {
+                (GuestKind::Linux, _) => {}
                 (GuestKind::Kvm, None) => {
                     return Err(invalid(
                         format!("guest[{i}].kernel"),
@@ -662,6 +719,72 @@ mod tests {
         assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
         let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
         expect_invalid(&process_with_kernel, "guest[1].kernel");
+    }
+
+    #[test]
+    fn linux_guest_keys_are_checked() {
+        let diskless = GOOD.replace(
+            "domid = 3",
+            "domid = 3\nkind = \"linux\"\nkernel = \"bzImage\"\nmemory = 256\nvcpus = 2",
+        );
+        parse(&diskless).unwrap();
+        let linux = format!("{diskless}\n[[guest.disk]]\nimage = \"b.img\"\n");
+        let with_share = linux.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
+        let g = &parse(&with_share).unwrap().guests[1];
+        assert_eq!(
+            (g.kind, g.memory, g.vcpus),
+            (GuestKind::Linux, Some(256), Some(2))
+        );
+        let needless = diskless.replace("vcpus = 2", "vcpus = 2\nshare = \"all-ram\"");
+        let other = |k: &str| GOOD.replace("domid = 3", &format!("domid = 3\n{k}"));
+        for (text, key) in [
+            // A disk without an explicit share, a share the guest does not need, a bad one.
+            (linux.clone(), "share"),
+            (needless, "share"),
+            (with_share.replace("\"all-ram\"", "\"window\""), "share"),
+            (
+                with_share.replace("memory = 256", "memory = 4096"),
+                "memory",
+            ),
+            (with_share.replace("memory = 256", "memory = 255"), "memory"),
+            (with_share.replace("vcpus = 2", "vcpus = 0"), "vcpus"),
+            (with_share.replace("kernel = \"bzImage\"\n", ""), "kernel"),
+            // Linux-only keys elsewhere.
+            (other("memory = 64"), "memory"),
+            (other("share = \"all-ram\""), "share"),
+        ] {
+            expect_invalid(&text, &format!("guest[1].{key}"));
+        }
+    }
+
+    #[test]
+    fn a_linux_kernel_must_be_a_bzimage() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host.toml");
+        let text = GOOD.replace("domid = 3", "domid = 3\nkind = \"linux\"\nkernel = \"k\"");
+        std::fs::write(&host, &text).unwrap();
+        let mut image = vec![0u8; 0x400];
+        std::fs::write(dir.path().join("k"), &image).unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].kernel") && e.contains("HdrS"), "{e}");
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(dir.path().join("k"), &image).unwrap();
+        HostConfig::load(&host).unwrap();
+        let with_ramdisk = text.replace("kernel =", "ramdisk = \"r.gz\"\nkernel =");
+        std::fs::write(&host, &with_ramdisk).unwrap();
+        // Missing, empty, a directory: refused; a non-empty file: taken.
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].ramdisk"), "{e}");
+        std::fs::write(dir.path().join("r.gz"), b"").unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("guest[1].ramdisk") && e.contains("empty"), "{e}");
+        std::fs::remove_file(dir.path().join("r.gz")).unwrap();
+        std::fs::create_dir(dir.path().join("r.gz")).unwrap();
+        let e = HostConfig::load(&host).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(dir.path().join("r.gz")).unwrap();
+        std::fs::write(dir.path().join("r.gz"), b"\x1f\x8b").unwrap();
+        HostConfig::load(&host).unwrap();
     }
 
     #[test]

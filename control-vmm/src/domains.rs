@@ -192,11 +192,23 @@ pub fn remove_device(client: &mut StoreClient, dev: &DeviceId) -> Result<(), Dom
         dev.frontend,
         dev.devid
     );
-    for path in [dev.frontend_path(), dev.backend_path(), counters] {
+    for path in [dev.frontend_path(), dev.backend_path(), counters.clone()] {
         match client.rm(&path) {
             Ok(()) => {}
             Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
             Err(e) => return Err(store_err(&path)(e)),
+        }
+    }
+    // The frontend's directories under the backend domain go with its last device.
+    for path in [dev.backend_path(), counters] {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            if client.directory(parent).is_ok_and(|c| c.is_empty()) {
+                match client.rm(parent) {
+                    Ok(()) => {}
+                    Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
+                    Err(e) => return Err(store_err(parent)(e)),
+                }
+            }
         }
     }
     Ok(())

@@ -37,6 +37,9 @@ pub struct DomainInfo {
     /// Block devices and network interfaces this domain has as a frontend.
     pub vbds: usize,
     pub vifs: usize,
+    /// Guest memory its disks' backend maps, when not only the I/O window: `all-ram` for a
+    /// Linux guest (the host file's `share`).
+    pub share: Option<String>,
     /// Its own counters (a guest's totals), by name.
     pub io: BTreeMap<String, Option<u64>>,
     /// Devices this domain serves as a backend, with their counters.
@@ -134,6 +137,7 @@ pub fn collect_domains(client: &XsUnix) -> Result<Vec<DomainInfo>> {
             name,
             vbds: children(client, &format!("{dom}/device/vbd")).len(),
             vifs: children(client, &format!("{dom}/device/vif")).len(),
+            share: read(client, &format!("{dom}/share")),
             io: counters(client, &format!("{dom}/data/io"), &GUEST_COUNTERS),
             backend,
         });
@@ -148,14 +152,14 @@ fn show(v: Option<u64>) -> String {
 fn print_domains(domains: &[DomainInfo], out: &mut impl Write) -> Result<()> {
     writeln!(
         out,
-        "{:<6} {:<20} {:>4} {:>4} {:>10} {:>12} {:>10} {:>11} {:>10}",
+        "{:<6} {:<20} {:>4} {:>4} {:>10} {:>12} {:>10} {:>11} {:>10}  SHARE",
         "ID", "NAME", "VBDS", "VIFS", "REQUESTS", "BYTES", "KICKS", "INTERRUPTS", "VMM EXITS"
     )?;
     for d in domains {
         let io = |k: &str| show(d.io.get(k).copied().flatten());
         writeln!(
             out,
-            "{:<6} {:<20} {:>4} {:>4} {:>10} {:>12} {:>10} {:>11} {:>10}",
+            "{:<6} {:<20} {:>4} {:>4} {:>10} {:>12} {:>10} {:>11} {:>10}  {}",
             d.domid,
             d.name,
             d.vbds,
@@ -164,7 +168,8 @@ fn print_domains(domains: &[DomainInfo], out: &mut impl Write) -> Result<()> {
             io("bytes"),
             io("kicks"),
             io("interrupts"),
-            io("vmm-exits")
+            io("vmm-exits"),
+            d.share.as_deref().unwrap_or("-")
         )?;
         for b in &d.backend {
             let c = |k: &str| show(b.counters.get(k).copied().flatten());

@@ -26,15 +26,33 @@ fn termination_signals() -> SigSet {
 ///
 /// Call it before starting other threads. Child processes inherit the blocked mask, so
 /// [`unblock_in_child`] must run between fork and exec.
-pub fn handle_termination<F>(mut on_signal: F) -> Result<(), SignalError>
+pub fn handle_termination<F>(on_signal: F) -> Result<(), SignalError>
 where
     F: FnMut(Signal) + Send + 'static,
 {
-    let set = termination_signals();
+    wait_on(termination_signals(), "signals", on_signal)
+}
+
+/// Blocks SIGUSR1 as [`handle_termination`] does its signals and runs `on_press` on a
+/// dedicated thread each time it arrives: `splitvmm-vmm --linux` presses the guest's ACPI power
+/// button.
+pub fn handle_power_button<F>(mut on_press: F) -> Result<(), SignalError>
+where
+    F: FnMut() + Send + 'static,
+{
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR1);
+    wait_on(set, "power-button", move |_| on_press())
+}
+
+fn wait_on<F>(set: SigSet, name: &str, mut on_signal: F) -> Result<(), SignalError>
+where
+    F: FnMut(Signal) + Send + 'static,
+{
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(SignalError::Mask)?;
     std::thread::Builder::new()
-        .name("signals".into())
+        .name(name.into())
         .spawn(move || loop {
             match set.wait() {
                 Ok(signal) => on_signal(signal),

@@ -1,20 +1,27 @@
-//! `splitvmm-vmm`: runs one KVM guest (the tiny kernel) until it powers off.
+//! `splitvmm-vmm`: runs one KVM guest (the tiny kernel, or with `--linux` a Linux bzImage)
+//! until it powers off.
 //!
 //! Exit status: the guest's poweroff status (0..=99 by convention); 100 if the guest reset the
 //! machine (e.g. a triple fault); 101 if the VMM failed; 102 if stopped by a signal. With
 //! `--managed-domid`: 0 after an orderly shutdown, 101 on failure, 2 if run without the
 //! descriptors `splitvmm up` hands it.
 
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use control_vmm::vmm::arch::bzimage::LinuxBoot;
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
+use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
+use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Mode {
@@ -36,9 +43,25 @@ enum Ring {
 #[derive(Debug, Parser)]
 #[command(name = "splitvmm-vmm", version)]
 struct Cli {
-    /// ELF kernel (the tiny kernel from guest-frontend/tiny-kernel).
+    /// ELF kernel (the tiny kernel from guest-frontend/tiny-kernel), or with --linux a bzImage.
     #[arg(long)]
     kernel: PathBuf,
+    /// Boot an unmodified Linux bzImage (ACPI, PCI, COM1) until it powers off.
+    #[arg(long, conflicts_with = "mode")]
+    linux: bool,
+    /// Linux: an interactive console on this Unix socket (`splitvmm console`): what a
+    /// client sends goes to COM1's input, COM1's output goes to it as well as to stdout.
+    #[arg(long, requires = "linux")]
+    console_socket: Option<PathBuf>,
+    /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
+    #[arg(long, requires = "linux", default_value_t = 0)]
+    disks: usize,
+    /// Linux: the initramfs.
+    #[arg(long, requires = "linux")]
+    initrd: Option<PathBuf>,
+    /// Linux: the kernel command line.
+    #[arg(long, requires = "linux", default_value = "console=ttyS0")]
+    cmdline: String,
     /// Guest RAM in MiB (a multiple of 2).
     #[arg(long, default_value_t = 8)]
     mem_mib: u64,
@@ -70,7 +93,9 @@ struct Cli {
     #[arg(long)]
     no_idle_baseline: bool,
     /// Run as guest domain DOMID of `splitvmm up`: store connection on fd 3, control
-    /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel.
+    /// channel on fd 4; disks arrive with AttachBlock and each DiskCheck boots the kernel
+    /// (with --linux: the guest boots once its disks are Connected and runs until it powers
+    /// off; a shutdown request presses its power button).
     #[arg(long, value_name = "DOMID", conflicts_with_all = ["blk_socket", "mode"])]
     managed_domid: Option<u32>,
     /// Sectors per disk request, with --check-kib and in managed mode (1..=8).
@@ -100,6 +125,17 @@ fn main() -> ExitCode {
         Some(domid) => ipc::startup::init_logging(&format!("splitvmm-vmm[{domid}]"), "warn"),
         None => ipc::startup::init_logging("splitvmm-vmm", "warn"),
     }
+    let button = if cli.linux {
+        match power_button_on_sigusr1() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    } else {
+        None
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let on_signal = Arc::clone(&stop);
     if let Err(e) = control_vmm::signals::handle_termination(move |sig| {
@@ -109,6 +145,13 @@ fn main() -> ExitCode {
         eprintln!("splitvmm-vmm: {e}");
         return ExitCode::from(101);
     }
+    if let Some(button) = button {
+        return match cli.managed_domid {
+            Some(domid) => run_managed_linux(domid, cli, stop, button),
+            None => run_linux(cli, stop, button),
+        };
+    }
+
     if let Some(domid) = cli.managed_domid {
         let settings = MachineSettings {
             kernel: cli.kernel,
@@ -119,12 +162,8 @@ fn main() -> ExitCode {
             sectors_per_request: cli.sectors_per_request,
             idle_baseline: !cli.no_idle_baseline,
         };
-        if let Err(e) = ipc::startup::check_inherited_fds() {
-            eprintln!(
-                "{}",
-                ipc::startup::not_managed_message("splitvmm-vmm --managed-domid", &e)
-            );
-            return ExitCode::from(ipc::startup::EXIT_NOT_MANAGED);
+        if let Some(code) = not_managed() {
+            return code;
         }
         // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
         // program, and nothing else in this process uses them.
@@ -175,16 +214,164 @@ fn main() -> ExitCode {
     match run(cfg) {
         Ok(report) => {
             eprint!("{}", report.table());
-            match report.outcome {
-                Outcome::Poweroff(s) => ExitCode::from(s),
-                Outcome::Reset(_) => ExitCode::from(100),
-                Outcome::Failed(_) => ExitCode::from(101),
-                Outcome::Terminated => ExitCode::from(102),
-            }
+            exit_code(&report.outcome)
         }
         Err(e) => {
             eprintln!("splitvmm-vmm: {e}");
             ExitCode::from(101)
         }
     }
+}
+
+/// Boots a Linux guest; `button` is its ACPI power button.
+fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode {
+    let (boot, console_socket) = match linux_boot(&cli) {
+        Ok(parts) => parts,
+        Err(code) => return code,
+    };
+    let cfg = LinuxVmConfig {
+        boot,
+        ram_bytes: cli.mem_mib << 20,
+        vcpus: cli.vcpus,
+        console: Box::new(std::io::stdout()),
+        console_socket,
+        stop,
+        power_button: Some(button),
+        blk: cli
+            .blk_socket
+            .map_or(BlkAttachment::None, BlkAttachment::Socket),
+        share_all_ram: cli.share_all_ram,
+        connect_timeout: Duration::from_secs(5),
+    };
+    match control_vmm::vmm::linux::run(cfg) {
+        Ok(report) => {
+            eprint!("{}", report.table());
+            exit_code(&report.outcome)
+        }
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            ExitCode::from(101)
+        }
+    }
+}
+
+/// What a Linux guest boots, and its console socket (listening); the exit status on failure.
+fn linux_boot(cli: &Cli) -> Result<(LinuxBoot, Option<UnixListener>), ExitCode> {
+    let console = console_listener(cli.console_socket.as_deref()).map_err(|e| {
+        eprintln!("splitvmm-vmm: {e}");
+        ExitCode::from(101)
+    })?;
+    let boot = LinuxBoot {
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+    };
+    Ok((boot, console))
+}
+
+/// Listens on the console socket `path` (a stale socket file there is replaced).
+fn console_listener(path: Option<&Path>) -> Result<Option<UnixListener>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        _ => {}
+    }
+    UnixListener::bind(path)
+        .map(Some)
+        .map_err(|e| format!("console socket {}: {e}", path.display()))
+}
+
+/// Whether this process lacks the descriptors `splitvmm up` hands it (then its exit status).
+fn not_managed() -> Option<ExitCode> {
+    let e = ipc::startup::check_inherited_fds().err()?;
+    eprintln!(
+        "{}",
+        ipc::startup::not_managed_message("splitvmm-vmm --managed-domid", &e)
+    );
+    Some(ExitCode::from(ipc::startup::EXIT_NOT_MANAGED))
+}
+
+/// Runs a Linux guest as guest domain `domid` of `splitvmm up`: 0 once it powered off (by
+/// itself or at the toolstack's request) and the walk ended in order.
+fn run_managed_linux(
+    domid: u32,
+    cli: Cli,
+    stop: Arc<AtomicBool>,
+    button: Arc<EventFd>,
+) -> ExitCode {
+    if let Some(code) = not_managed() {
+        return code;
+    }
+    let (boot, console_socket) = match linux_boot(&cli) {
+        Ok(parts) => parts,
+        Err(code) => return code,
+    };
+    let settings = LinuxSettings {
+        boot,
+        ram_bytes: cli.mem_mib << 20,
+        vcpus: cli.vcpus,
+        disks: cli.disks,
+        console_socket,
+    };
+    let slot = MachineSlot::default();
+    let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            return ExitCode::from(101);
+        }
+    };
+    // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands this
+    // program, and nothing else in this process uses them.
+    let vm = unsafe { ManagedLinuxVm::from_inherited_fds(domid, machine) }
+        .with_stop_flag(Arc::clone(&stop));
+    let walk = vm.run();
+    let ended = slot.finish(&stop);
+    if let Some(Ok(report)) = &ended {
+        eprint!("{}", report.table());
+    }
+    match (walk, ended) {
+        (Err(e), _) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            ExitCode::from(101)
+        }
+        (Ok(()), Some(Err(e))) => {
+            eprintln!("splitvmm-vmm: managed guest {domid}: {e}");
+            ExitCode::from(101)
+        }
+        (Ok(()), Some(Ok(report))) => match report.outcome {
+            Outcome::Poweroff(_) | Outcome::Terminated => ExitCode::SUCCESS,
+            other => exit_code(&other),
+        },
+        (Ok(()), None) => ExitCode::SUCCESS,
+    }
+}
+
+/// The process's exit status for how the machine ended.
+fn exit_code(outcome: &Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Poweroff(s) => ExitCode::from(*s),
+        Outcome::Reset(_) => ExitCode::from(100),
+        Outcome::Failed(_) => ExitCode::from(101),
+        Outcome::Terminated => ExitCode::from(102),
+    }
+}
+
+/// The power button of a Linux guest, pressed by SIGUSR1. Must run before any other thread
+/// starts, so that every thread blocks the signal and only the waiting thread takes it.
+fn power_button_on_sigusr1() -> Result<Arc<EventFd>, String> {
+    let button = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?);
+    let press = Arc::clone(&button);
+    control_vmm::signals::handle_power_button(move || {
+        log::warn!("SIGUSR1: pressing the guest's ACPI power button");
+        if let Err(e) = press.write(1) {
+            log::error!("pressing the power button: {e}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(button)
 }

@@ -14,8 +14,10 @@ use ipc::control::messages::{
 };
 use ipc::xenbus::{DeviceId, DeviceKind};
 
-use super::{lock, start_domain, Guest, GuestSlot, Host, SHUTDOWN_TIMEOUT, WALK_TIMEOUT};
-use crate::config::{ChecksConfig, GuestConfig, HostConfig};
+use super::{
+    console_socket, lock, shutdown_timeout, start_domain, Guest, GuestSlot, Host, WALK_TIMEOUT,
+};
+use crate::config::{ChecksConfig, GuestConfig, GuestKind, HostConfig};
 use crate::domains;
 use crate::supervisor::describe;
 
@@ -53,7 +55,7 @@ impl Host {
             host.check_files(file)?;
         }
         let name = config.name.clone();
-        domains::create_domain(&mut self.client()?, config.domid, &name)?;
+        self.create_domain(&config)?;
         let command = self.guest_command(&config)?;
         let domain = start_domain(
             &self.store,
@@ -106,14 +108,8 @@ impl Host {
     /// domain is released in the store. Returns its counters.
     pub fn shutdown_guest(&self, domain: &str) -> Result<(String, Option<GuestStats>)> {
         self.with_guest(domain, |name, slot, guest| {
-            let clean = self.stop_orderly(name, guest);
-            slot.gone.store(true, Ordering::SeqCst);
-            lock(&self.guests).remove(name);
-            let torn_down = self.tear_down(name, guest);
-            lock(&self.images).release_guest(name);
-            let released = domains::destroy_domain(&mut self.client()?, guest.domain.domid);
-            torn_down?;
-            released?;
+            let clean = self.stop_orderly(name, &slot.config, guest);
+            self.forget(name, slot, guest)?;
             if !clean {
                 bail!("{name} did not shut down cleanly and was stopped (see its log)");
             }
@@ -130,14 +126,13 @@ impl Host {
         self.with_guest(domain, |name, slot, guest| {
             let disks: Vec<_> = guest.disks.values().cloned().collect();
             let nics: Vec<_> = guest.nics.values().cloned().collect();
-            let clean = self.stop_orderly(name, guest);
+            let clean = self.stop_orderly(name, &slot.config, guest);
             self.tear_down(name, guest)?;
-            let mut client = self.client()?;
-            domains::destroy_domain(&mut client, guest.domain.domid)?;
+            domains::destroy_domain(&mut self.client()?, guest.domain.domid)?;
             if !clean {
                 log::warn!("{name} did not shut down cleanly before its reboot");
             }
-            domains::create_domain(&mut client, slot.config.domid, name)?;
+            self.create_domain(&slot.config)?;
             let command = self.guest_command(&slot.config)?;
             guest.domain = start_domain(
                 &self.store,
@@ -169,6 +164,7 @@ impl Host {
         lock(&self.guests).remove(&name);
         let mut guest = lock(&slot.state);
         let status = guest.domain.process.stop();
+        let _ = std::fs::remove_file(console_socket(&self.run_dir, &name));
         let torn_down = self.tear_down(&name, &mut guest);
         lock(&self.images).release_guest(&name);
         torn_down?;
@@ -178,11 +174,74 @@ impl Host {
         Ok(name)
     }
 
+    /// Creates guest `config`'s domain in the store, with what `splitvmm list` shows of it
+    /// (`share`: the memory its disks' backend maps, `all-ram` for a Linux guest's).
+    fn create_domain(&self, config: &GuestConfig) -> Result<()> {
+        let mut client = self.client()?;
+        domains::create_domain(&mut client, config.domid, &config.name)?;
+        if let Some(share) = &config.share {
+            let path = format!("{}/share", ipc::xenbus::domain_path(config.domid));
+            client.write(&path, share.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a guest whose process has ended: its devices are torn down, its images
+    /// released and its domain released in the store.
+    fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
+        slot.gone.store(true, Ordering::SeqCst);
+        lock(&self.guests).remove(name);
+        let _ = std::fs::remove_file(console_socket(&self.run_dir, name));
+        let torn_down = self.tear_down(name, guest);
+        lock(&self.images).release_guest(name);
+        let released = domains::destroy_domain(&mut self.client()?, guest.domain.domid);
+        torn_down?;
+        released?;
+        Ok(())
+    }
+
+    /// Reaps the Linux guests whose VMM has exited (the guest powered off by itself, or its
+    /// VMM failed) and tears their devices down. A guest busy with a request is looked at
+    /// next time.
+    pub fn reap_powered_off(&self) {
+        let slots: Vec<(String, Arc<GuestSlot>)> = lock(&self.guests)
+            .iter()
+            .filter(|(_, s)| s.config.kind == GuestKind::Linux)
+            .map(|(n, s)| (n.clone(), Arc::clone(s)))
+            .collect();
+        for (name, slot) in slots {
+            let Ok(mut guest) = slot.state.try_lock() else {
+                continue;
+            };
+            if slot.gone.load(Ordering::SeqCst) {
+                continue;
+            }
+            let status = match guest.domain.process.try_wait() {
+                Ok(Some(status)) => status,
+                Ok(None) => continue,
+                Err(e) => {
+                    log::error!("{name}: {e}");
+                    continue;
+                }
+            };
+            while let Ok(Some((event, _))) = guest.domain.channel.try_recv::<GuestEvent>() {
+                if let GuestEvent::Stats(s) = event {
+                    guest.stats = Some(s);
+                }
+            }
+            match self.forget(&name, &slot, &mut guest) {
+                Ok(()) => self.progress(&format!("{name}: powered off ({})", describe(&status))),
+                Err(e) => log::error!("{name}: tearing down after it powered off: {e:#}"),
+            }
+        }
+    }
+
     /// Asks the guest to shut down: it closes its devices and reports its counters; waits for
     /// its process to exit, stopping it if it does not. Returns whether it went cleanly.
-    fn stop_orderly(&self, name: &str, guest: &mut Guest) -> bool {
+    fn stop_orderly(&self, name: &str, config: &GuestConfig, guest: &mut Guest) -> bool {
         let _ = guest.domain.channel.send(&GuestRequest::Shutdown, &[]);
-        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let timeout = shutdown_timeout(config);
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             match guest
                 .domain
@@ -198,12 +257,7 @@ impl Host {
                 Err(_) => break,
             }
         }
-        let exited: Option<ExitStatus> = guest
-            .domain
-            .process
-            .wait_timeout(SHUTDOWN_TIMEOUT)
-            .ok()
-            .flatten();
+        let exited: Option<ExitStatus> = guest.domain.process.wait_timeout(timeout).ok().flatten();
         match exited {
             Some(status) if status.success() => true,
             Some(status) => {
@@ -253,7 +307,7 @@ impl Host {
             // Each guest closes its devices through the walk; the store goes away with the
             // host, so no directory needs removing (and a dead driver domain costs no waits).
             let mut guest = lock(&slot.state);
-            clean &= self.stop_orderly(&name, &mut guest);
+            clean &= self.stop_orderly(&name, &slot.config, &mut guest);
             stats.push((name.clone(), guest.domain.domid, guest.stats));
         }
         let mut driver = lock(&self.driver);

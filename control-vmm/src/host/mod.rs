@@ -45,6 +45,20 @@ pub const WALK_TIMEOUT: Duration = Duration::from_secs(30);
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a guest asked to shut down has to report and exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same for a Linux guest: its power button may be pressed while it still boots (a
+/// nested boot takes 8-18 s), and its power-off runs its shutdown scripts.
+const LINUX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// RAM of a Linux guest whose host file says nothing (MiB).
+const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// How long guest `config` has to shut down when asked.
+fn shutdown_timeout(config: &GuestConfig) -> Duration {
+    match config.kind {
+        GuestKind::Linux => LINUX_SHUTDOWN_TIMEOUT,
+        _ => SHUTDOWN_TIMEOUT,
+    }
+}
 
 /// One domain process with its control channel.
 struct Domain {
@@ -119,6 +133,12 @@ pub fn log_path(run_dir: &Path, name: &str) -> PathBuf {
     run_dir.join("logs").join(format!("{name}.log"))
 }
 
+/// The interactive console socket of Linux guest `name`: `<run_dir>/console/<name>.sock`,
+/// where its VMM listens and `splitvmm console NAME` connects.
+pub fn console_socket(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("console").join(format!("{name}.sock"))
+}
+
 impl Host {
     /// Starts the store, creates the driver domain in it and starts its process, then creates
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
@@ -134,6 +154,8 @@ impl Host {
         }
         std::fs::create_dir_all(config.run_dir.join("logs"))
             .with_context(|| format!("creating run_dir {}", config.run_dir.display()))?;
+        connection::prepare_dir(&config.run_dir.join("console"))
+            .with_context(|| format!("creating {}/console", config.run_dir.display()))?;
         let private_dir = config.run_dir.join("vhost-user");
         connection::prepare_dir(&private_dir)
             .with_context(|| format!("creating {}", private_dir.display()))?;
@@ -301,6 +323,30 @@ impl Host {
                     .arg("--managed-domid")
                     .arg(config.domid.to_string())
                     .args(["--no-idle-baseline", "--batch", "4"]);
+                command
+            }
+            (GuestKind::Linux, Some(kernel)) => {
+                let mut command = Command::new(sibling_binary("splitvmm-vmm")?);
+                command
+                    .arg("--linux")
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .arg("--managed-domid")
+                    .arg(config.domid.to_string())
+                    .arg("--disks")
+                    .arg(config.disks.len().to_string())
+                    .arg("--console-socket")
+                    .arg(console_socket(&self.run_dir, &config.name));
+                if let Some(ramdisk) = &config.ramdisk {
+                    command.arg("--initrd").arg(ramdisk);
+                }
+                if let Some(extra) = &config.extra {
+                    command.arg("--cmdline").arg(extra);
+                }
+                let memory = config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB);
+                let vcpus = config.vcpus.unwrap_or(1);
+                command.arg("--mem-mib").arg(memory.to_string());
+                command.arg("--vcpus").arg(vcpus.to_string());
                 command
             }
             _ => {

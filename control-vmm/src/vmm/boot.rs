@@ -35,6 +35,9 @@ pub enum BootError {
 pub struct EntryPoint {
     pub rip: u64,
     pub rsp: u64,
+    /// First and second argument registers (the tiny kernel's boot info; Linux's zero page).
+    pub rdi: u64,
+    pub rsi: u64,
 }
 
 /// Loads the ELF kernel and writes page tables, GDT and boot info. `ram_end` bounds RAM.
@@ -62,10 +65,12 @@ pub fn load(
     Ok(EntryPoint {
         rip: entry,
         rsp: ram_end - 8,
+        rdi: BOOT_INFO_GPA,
+        rsi: 0,
     })
 }
 
-fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub(crate) fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     const PRESENT_RW: u64 = 0x3;
     const HUGE: u64 = 0x80;
     let w = |v: u64, gpa: u64| {
@@ -90,7 +95,7 @@ const GDT: [u64; 3] = [
     0x00cf_9300_0000_ffff, // 0x10: data, DPL 0
 ];
 
-fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub(crate) fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, d) in GDT.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT_GPA + 8 * i as u64))
             .map_err(BootError::Write)?;
@@ -152,7 +157,8 @@ pub fn entry_regs(entry: EntryPoint) -> kvm_regs {
         rip: entry.rip,
         rsp: entry.rsp,
         rbp: 0,
-        rdi: BOOT_INFO_GPA,
+        rdi: entry.rdi,
+        rsi: entry.rsi,
         rflags: 0x2,
         ..Default::default()
     }

@@ -17,14 +17,25 @@ pub enum BusEvent {
     Poweroff(u8),
     /// The guest marked a measurement phase.
     Phase(Phase),
+    /// The guest asked for a reset (e.g. the ACPI reset register).
+    Reset(&'static str),
+}
+
+/// What a vCPU's run loop hands the exits that reach user space to: one implementation per
+/// machine kind (the tiny guest's [`Bus`], a Linux guest's platform bus).
+pub trait ExitBus: Send + Sync + std::fmt::Debug {
+    fn pio_in(&self, port: u16, data: &mut [u8]);
+    fn pio_out(&self, port: u16, data: &[u8]) -> Option<BusEvent>;
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<BusEvent>;
 }
 
 /// Logs the first few occurrences, then every 1000th.
 #[derive(Debug, Default)]
-struct Limiter(AtomicU64);
+pub struct Limiter(AtomicU64);
 
 impl Limiter {
-    fn allow(&self) -> bool {
+    pub fn allow(&self) -> bool {
         let n = self.0.fetch_add(1, Ordering::Relaxed);
         n < 16 || n.is_multiple_of(1000)
     }
@@ -39,7 +50,7 @@ pub struct Bus {
     unknown: Limiter,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a device lock leaves plain register state behind; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -71,7 +82,14 @@ impl Bus {
             .map(|o| o as u8)
     }
 
-    pub fn pio_in(&self, port: u16, data: &mut [u8]) {
+    fn virtio_offset(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(VIRTIO_MMIO_GPA)?;
+        (off < VIRTIO_MMIO_BYTES && self.virtio.is_some()).then_some(off)
+    }
+}
+
+impl ExitBus for Bus {
+    fn pio_in(&self, port: u16, data: &mut [u8]) {
         if let (Some(off), 1) = (Self::com1_offset(port), data.len()) {
             data[0] = lock(&self.com1).read(off);
             return;
@@ -86,7 +104,7 @@ impl Bus {
         data.fill(0xff);
     }
 
-    pub fn pio_out(&self, port: u16, data: &[u8]) -> Option<BusEvent> {
+    fn pio_out(&self, port: u16, data: &[u8]) -> Option<BusEvent> {
         match (port, data) {
             (POWEROFF_PORT, [status, ..]) => return Some(BusEvent::Poweroff(*status)),
             (PHASE_PORT, [p, ..]) => {
@@ -112,12 +130,7 @@ impl Bus {
         None
     }
 
-    fn virtio_offset(&self, addr: u64) -> Option<u64> {
-        let off = addr.checked_sub(VIRTIO_MMIO_GPA)?;
-        (off < VIRTIO_MMIO_BYTES && self.virtio.is_some()).then_some(off)
-    }
-
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if let (Some(off), Some(dev)) = (self.virtio_offset(addr), self.virtio.as_ref()) {
             lock(dev).read(off, data);
             return;
@@ -132,14 +145,15 @@ impl Bus {
         data.fill(0xff);
     }
 
-    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<BusEvent> {
         if let (Some(off), Some(dev)) = (self.virtio_offset(addr), self.virtio.as_ref()) {
             lock(dev).write(off, data);
-            return;
+            return None;
         }
         self.counters.bump(Counter::UnknownMmio);
         if self.unknown.allow() {
             log::warn!("guest wrote {data:02x?} to unbacked GPA {addr:#x}; ignored");
         }
+        None
     }
 }

@@ -51,9 +51,17 @@ pub enum Counter {
     UnknownMmio,
     /// Bytes written to COM1.
     SerialOut,
+    /// PCI configuration reads (0xCFC or ECAM), Linux guests.
+    PciConfigRead,
+    /// PCI configuration writes.
+    PciConfigWrite,
+    /// Accesses to a virtio-pci device's common, ISR and device configuration.
+    VirtioPciConfig,
+    /// MSI-X table and PBA accesses.
+    MsixTableAccess,
 }
 
-const COUNTERS: usize = 11;
+const COUNTERS: usize = 15;
 const COUNTER_NAMES: [&str; COUNTERS] = [
     "pio_in",
     "pio_out",
@@ -66,6 +74,10 @@ const COUNTER_NAMES: [&str; COUNTERS] = [
     "unknown_pio",
     "unknown_mmio",
     "serial_out",
+    "pci_config_read",
+    "pci_config_write",
+    "virtio_pci_config",
+    "msix_table_access",
 ];
 
 /// A vCPU's binary statistics file.

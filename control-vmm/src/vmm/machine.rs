@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +22,7 @@ use super::layout::*;
 use super::memory::GuestRam;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext, VcpuStop};
-use super::vhost_blk::{shared_region, VhostBlk};
+use super::vhost_blk::{shared_region, SharedRegion, VhostBlk};
 use super::virtio_mmio::{VirtioMmioBlk, QUEUE_NOTIFY_OFFSET};
 
 /// Errors building or running a machine (guest behaviour is never one of them).
@@ -161,6 +161,14 @@ pub struct VmReport {
     pub wall: Duration,
 }
 
+/// Installs the handler of [`kick_signal`] (it only interrupts KVM_RUN).
+pub(crate) fn install_kick_handler() -> Result<(), VmError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(|e| VmError::Io {
+        op: "installing the vCPU kick handler",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// The signal that interrupts KVM_RUN when a vCPU must stop.
@@ -179,26 +187,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     if cfg.vcpus == 0 || cfg.vcpus > 8 {
         return Err(VmError::Config(format!("{} vCPUs", cfg.vcpus)));
     }
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
-    for (cap, name) in [
-        (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (kvm_ioctls::Cap::Pit2, "KVM_CAP_PIT2"),
-        (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
-        (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
-    ] {
-        if !kvm.check_extension(cap) {
-            return Err(VmError::Capability(name));
-        }
-    }
-    let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
-    vm.set_tss_address(0xfffb_d000)
-        .map_err(setup("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
+    let (kvm, vm) = create_vm()?;
 
     let ram = GuestRam::new(cfg.ram_bytes, WINDOW_GPA, cfg.window_bytes)?;
     ram.register(&vm)?;
@@ -255,10 +244,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     let bus = Arc::new(Bus::new(com1, virtio, Arc::clone(&counters)));
     let phases = Arc::new(PhaseLog::default());
     let (done_tx, done_rx) = mpsc::channel();
-    register_signal_handler(kick_signal(), kick_handler).map_err(|e| VmError::Io {
-        op: "installing the vCPU kick handler",
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    })?;
+    install_kick_handler()?;
     // This machine's own stop flag: `cfg.stop` is the caller's and may outlive the machine.
     let halt = Arc::new(AtomicBool::new(false));
     let mut kvm_names = Vec::new();
@@ -269,7 +255,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
             kvm_names = vcpu::stats_names(&fd);
         }
         let ctx = VcpuContext {
-            bus: Arc::clone(&bus),
+            bus: Arc::clone(&bus) as Arc<dyn super::bus::ExitBus>,
             counters: Arc::clone(&counters),
             phases: Arc::clone(&phases),
             stop: Arc::clone(&halt),
@@ -313,6 +299,33 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostBlk>)
     Ok((report, backend))
 }
 
+/// Opens KVM and creates a VM with what every machine here needs: the in-kernel irqchip
+/// (PIC, I/O APIC, local APICs), PIT2 with a dummy speaker, the TSS address; ioeventfd and
+/// irqfd are checked for.
+pub(crate) fn create_vm() -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    for (cap, name) in [
+        (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (kvm_ioctls::Cap::Pit2, "KVM_CAP_PIT2"),
+        (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::Capability(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(setup("KVM_CREATE_VM"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(setup("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
+}
+
 /// Connects (or takes over) the disk's vhost-user session and tells it which memory the
 /// backend may see: the I/O window, and RAM only on explicit request.
 fn attach_blk(
@@ -321,7 +334,7 @@ fn attach_blk(
     share_all_ram: bool,
     timeout: Duration,
 ) -> Result<Option<VhostBlk>, VmError> {
-    let mut regions = vec![shared_region(&ram.window)];
+    let mut regions: Vec<SharedRegion> = ram.window.iter().map(shared_region).collect();
     if share_all_ram {
         log::warn!("sharing all guest RAM with the driver domain (explicit opt-in)");
         regions.push(shared_region(&ram.ram));
@@ -342,7 +355,7 @@ fn attach_blk(
     }
 }
 
-fn wait_for_end(done: &mpsc::Receiver<(u8, VcpuStop)>, stop: &AtomicBool) -> Outcome {
+pub(crate) fn wait_for_end(done: &mpsc::Receiver<(u8, VcpuStop)>, stop: &AtomicBool) -> Outcome {
     loop {
         match done.recv_timeout(Duration::from_millis(20)) {
             Ok((id, why)) => {
@@ -366,7 +379,7 @@ fn wait_for_end(done: &mpsc::Receiver<(u8, VcpuStop)>, stop: &AtomicBool) -> Out
 }
 
 /// Interrupts KVM_RUN in every vCPU thread until all have returned.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
+pub(crate) fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     for t in threads {
         while !t.is_finished() {
             if let Err(e) = t.kill(kick_signal()) {

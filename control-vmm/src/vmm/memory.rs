@@ -46,15 +46,16 @@ pub struct MemfdRegion {
     pub len: u64,
 }
 
-/// The guest's memory: RAM at GPA 0 and the I/O window.
+/// The guest's memory: RAM at GPA 0 and, for the tiny guest, the I/O window.
 #[derive(Debug)]
 pub struct GuestRam {
     /// vm-memory view of all regions (RAM and window).
     pub mem: GuestMemoryMmap,
     /// RAM (GPA 0).
     pub ram: MemfdRegion,
-    /// The I/O window shared with the driver domain.
-    pub window: MemfdRegion,
+    /// The I/O window shared with the driver domain (none for a Linux guest, which shares
+    /// all of its RAM).
+    pub window: Option<MemfdRegion>,
 }
 
 fn memfd(name: &'static str, len: u64, seal: bool) -> Result<File, MemoryError> {
@@ -114,7 +115,30 @@ impl GuestRam {
         };
         let regions = vec![map("RAM", &ram)?, map("I/O window", &window)?];
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::Overlap)?;
-        Ok(Self { mem, ram, window })
+        Ok(Self {
+            mem,
+            ram,
+            window: Some(window),
+        })
+    }
+
+    /// RAM only: `ram_bytes` (a multiple of 2 MiB, at most `limit`) at GPA 0.
+    pub fn ram_only(ram_bytes: u64, limit: u64) -> Result<Self, MemoryError> {
+        if ram_bytes == 0 || !ram_bytes.is_multiple_of(2 << 20) || ram_bytes > limit {
+            return Err(MemoryError::BadSize(ram_bytes));
+        }
+        let ram = MemfdRegion {
+            file: memfd("splitvmm-ram", ram_bytes, false)?,
+            gpa: 0,
+            len: ram_bytes,
+        };
+        let mem = GuestMemoryMmap::from_regions(vec![map("RAM", &ram)?])
+            .map_err(|_| MemoryError::Overlap)?;
+        Ok(Self {
+            mem,
+            ram,
+            window: None,
+        })
     }
 
     /// Registers every region as a KVM memory slot.

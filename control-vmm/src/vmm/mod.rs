@@ -3,13 +3,17 @@
 //! virtio-mmio transport whose data path runs guest <-> driver domain through KVM
 //! ioeventfd/irqfd, and counts exits. See docs/vmm.md.
 
+pub mod arch;
 pub mod boot;
 pub mod bus;
+pub mod devices;
 pub mod exits;
 pub mod layout;
+pub mod linux;
 pub mod machine;
 pub mod managed;
 pub mod memory;
+pub mod pci;
 pub mod report;
 pub mod serial;
 pub mod vcpu;

@@ -59,13 +59,7 @@ impl VmReport {
     /// The table printed at exit.
     pub fn table(&self) -> String {
         let mut s = String::new();
-        let outcome = match &self.outcome {
-            Outcome::Poweroff(st) => format!("guest powered off, status {st}"),
-            Outcome::Reset(why) => format!("guest reset: {why}; stopped"),
-            Outcome::Terminated => "terminated".to_string(),
-            Outcome::Failed(why) => format!("failed: {why}"),
-        };
-        let _ = writeln!(s, "splitvmm-vmm: {outcome} after {:.1?}", self.wall);
+        let _ = writeln!(s, "splitvmm-vmm: {} after {:.1?}", self.outcome, self.wall);
         if let Some(io) = &self.io {
             let idle = self.idle.as_ref();
             let _ = writeln!(
@@ -103,16 +97,33 @@ impl VmReport {
                 p.requests, p.kicks, p.interrupts, p.vmm_exits, p.kvm_exits
             );
         }
-        let totals: Vec<String> = self
-            .totals
-            .iter()
-            .filter(|(_, v)| *v != 0)
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect();
-        let _ = writeln!(s, "totals: {}", totals.join(" "));
-        if let Some(b) = self.backend_stopped_at {
-            let _ = writeln!(s, "backend stopped at avail index {b} (GET_VRING_BASE)");
-        }
+        s.push_str(&totals_lines(&self.totals, self.backend_stopped_at));
         s
     }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Poweroff(st) => write!(f, "guest powered off, status {st}"),
+            Outcome::Reset(why) => write!(f, "guest reset: {why}; stopped"),
+            Outcome::Terminated => f.write_str("terminated"),
+            Outcome::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+/// The nonzero VMM counters, and where the backend stopped, as the last lines of a table.
+pub fn totals_lines(totals: &[(&'static str, u64)], backend_stopped_at: Option<u32>) -> String {
+    let mut s = String::new();
+    let nonzero: Vec<String> = totals
+        .iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    let _ = writeln!(s, "totals: {}", nonzero.join(" "));
+    if let Some(b) = backend_stopped_at {
+        let _ = writeln!(s, "backend stopped at avail index {b} (GET_VRING_BASE)");
+    }
+    s
 }

@@ -41,6 +41,18 @@ impl Com1 {
         self.uart.read(offset)
     }
 
+    /// Queues console input for the guest (receive FIFO, data-ready interrupt); returns how
+    /// many bytes fitted (0 while the FIFO is full: the guest has not read it yet).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if self.uart.fifo_capacity() == 0 {
+            return 0;
+        }
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or_else(|e| {
+            log::warn!("COM1 input: {e:?}");
+            0
+        })
+    }
+
     /// Register write at `offset` (0..8). Output errors are logged, never fatal.
     pub fn write(&mut self, offset: u8, value: u8) {
         if let Err(e) = self.uart.write(offset, value) {

@@ -10,7 +10,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{entry_regs, initial_fpu, long_mode_sregs, EntryPoint};
-use super::bus::{Bus, BusEvent};
+use super::bus::{BusEvent, ExitBus};
 use super::exits::{Counter, ExitCounters, KvmStats, Phase, PhaseLog};
 
 /// Errors creating a vCPU.
@@ -30,6 +30,7 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 }
 
 const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
+const CPUID_TSC_DEADLINE_BIT: u32 = 1 << 24;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
 
@@ -48,10 +49,17 @@ pub fn create(
     let mut cpuid = kvm_sys
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    // KVM emulates the TSC-deadline timer but does not list it as supported; a Linux guest
+    // without the legacy PIT timer (hardware-reduced ACPI) programs its local APIC with it.
+    let tsc_deadline = if kvm_sys.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        CPUID_TSC_DEADLINE_BIT
+    } else {
+        0
+    };
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
-                e.ecx |= CPUID_HYPERVISOR_BIT;
+                e.ecx |= CPUID_HYPERVISOR_BIT | tsc_deadline;
                 e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
             }
             0xb | 0x1f => e.edx = u32::from(id),
@@ -93,7 +101,7 @@ pub enum VcpuStop {
 /// What a vCPU thread shares with the machine.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
-    pub bus: Arc<Bus>,
+    pub bus: Arc<dyn ExitBus>,
     pub counters: Arc<ExitCounters>,
     pub phases: Arc<PhaseLog>,
     pub stop: Arc<AtomicBool>,
@@ -146,8 +154,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, stats: Option<&KvmStats>) -> V
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 c.bump(Counter::MmioWrite);
-                ctx.bus.mmio_write(addr, data);
-                None
+                ctx.bus.mmio_write(addr, data)
             }
             Ok(VcpuExit::Intr) => None,
             Ok(VcpuExit::Shutdown) => {
@@ -176,6 +183,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctx: &VcpuContext, stats: Option<&KvmStats>) -> V
         match event {
             Some(BusEvent::Poweroff(status)) => return VcpuStop::Poweroff(status),
             Some(BusEvent::Phase(p)) => on_phase(p, ctx, stats),
+            Some(BusEvent::Reset(why)) => return VcpuStop::Reset(why.into()),
             None => {}
         }
     }

@@ -21,6 +21,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::*;
 
+use super::devices::virtio_rules::{activate, check_queue, status_write, StatusWrite};
 use super::exits::{Counter, ExitCounters};
 use super::vhost_blk::{BlkBackend, VhostBlk, VringSetup};
 
@@ -125,88 +126,42 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
         self.queue_selected() && !self.queue.ready && self.status & STATUS_DRIVER_OK == 0
     }
 
-    /// A ring of `bytes` at `gpa` with alignment `align` must lie inside one shared region.
-    fn ring_ok(&self, gpa: u64, bytes: u64, align: u64) -> bool {
-        if !gpa.is_multiple_of(align) {
-            return false;
-        }
-        let Some(end) = gpa.checked_add(bytes) else {
-            return false;
-        };
-        self.backend
-            .regions()
-            .iter()
-            .any(|r| gpa >= r.gpa && end <= r.gpa + r.len)
-    }
-
     fn queue_valid(&self) -> Result<(), String> {
         let q = &self.queue;
-        if q.size == 0 || q.size > u32::from(QUEUE_MAX) || !q.size.is_power_of_two() {
-            return Err(format!("impossible queue size {}", q.size));
-        }
-        let n = u64::from(q.size);
-        for (what, gpa, bytes, align) in [
-            ("descriptor table", q.desc, 16 * n, 16),
-            ("available ring", q.avail, 6 + 2 * n, 2),
-            ("used ring", q.used, 6 + 8 * n, 4),
-        ] {
-            if !self.ring_ok(gpa, bytes, align) {
-                return Err(format!(
-                    "{what} at {gpa:#x} (+{bytes:#x}) is misaligned or outside shared memory"
-                ));
-            }
-        }
-        Ok(())
+        check_queue(
+            self.backend.regions(),
+            q.size,
+            QUEUE_MAX,
+            q.desc,
+            q.avail,
+            q.used,
+        )
     }
 
     fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        if value & old != old & !STATUS_NEEDS_RESET {
-            log::warn!("virtio-blk: guest clears status bits {old:#x} -> {value:#x}; ignored");
-            return;
-        }
-        let mut new = value | (old & STATUS_NEEDS_RESET);
-        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            let unknown = self.driver_features & !self.backend.device_features();
-            if unknown != 0 {
-                log::warn!("virtio-blk: guest accepts unoffered features {unknown:#x}");
-                new &= !STATUS_FEATURES_OK;
+        let unoffered = self.driver_features & !self.backend.device_features();
+        match status_write("virtio-blk", self.status, value, unoffered) {
+            StatusWrite::Reset => self.reset(),
+            StatusWrite::Ignored => {}
+            StatusWrite::Set { status, activate } => {
+                self.status = if activate {
+                    self.activate(status)
+                } else {
+                    status
+                };
             }
         }
-        if new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
-            new = self.activate(new);
-        }
-        self.status = new;
     }
 
     fn activate(&mut self, status: u32) -> u32 {
-        if status & STATUS_FEATURES_OK == 0 || !self.queue.ready {
-            log::warn!("virtio-blk: DRIVER_OK without negotiated features or a ready queue");
-            return status | STATUS_NEEDS_RESET;
-        }
-        let q = VringSetup {
+        let q = self.queue.ready.then_some(VringSetup {
             size: self.queue.size as u16,
             desc: self.queue.desc,
             avail: self.queue.avail,
             used: self.queue.used,
-        };
-        match self.backend.start(self.driver_features, q) {
-            Ok(()) => {
-                log::info!(
-                    "virtio-blk: running, features {:#x}, {q:?}",
-                    self.driver_features
-                );
-                status
-            }
-            Err(e) => {
-                log::error!("virtio-blk: starting the backend: {e}");
-                status | STATUS_NEEDS_RESET
-            }
-        }
+        });
+        let features = self.driver_features;
+        activate("virtio-blk", &mut self.backend, status, features, q)
     }
 
     /// MMIO read at `offset` into `data` (little-endian).

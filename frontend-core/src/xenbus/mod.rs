@@ -52,6 +52,23 @@ pub trait FrontendLifecycle {
     fn max_block_devices(&self) -> usize {
         usize::MAX
     }
+
+    /// When a vbd has gone Connected (the toolstack has been told): a kind whose guest boots
+    /// with its disks cold-plugged starts it here. An error fails the device.
+    fn block_connected(
+        &mut self,
+        _devid: u32,
+        _session: &mut Self::BlockSession,
+    ) -> Result<(), Self::ConnectError> {
+        Ok(())
+    }
+
+    /// On the toolstack's shutdown request: `true` (the default) closes every device and
+    /// ends now; `false` when the kind has asked its guest to power off (a Linux guest's
+    /// ACPI power button) and sets the stop flag once it has.
+    fn shutdown_requested(&mut self) -> bool {
+        true
+    }
 }
 
 /// A disk check the toolstack asked for.

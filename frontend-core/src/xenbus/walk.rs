@@ -209,7 +209,10 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         self.publish_counters();
                         self.control.send(&event, &[])?;
                     }
-                    GuestRequest::Shutdown => return self.shut_down(),
+                    GuestRequest::Shutdown if self.kind.shutdown_requested() => {
+                        return self.shut_down()
+                    }
+                    GuestRequest::Shutdown => log::info!("shutdown asked of the guest"),
                 }
             }
             // With an interface up, wake often enough to answer peers promptly.
@@ -377,7 +380,14 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         mac: dev.mac,
                     },
                 };
-                Ok(self.control.send(&event, &[])?)
+                self.control.send(&event, &[])?;
+                match self.devices.get_mut(&key).and_then(|d| d.session.as_mut()) {
+                    Some(Session::Block(s)) => self
+                        .kind
+                        .block_connected(devid, s)
+                        .map_err(|e| DeviceError::Connect(Box::new(e))),
+                    _ => Ok(()),
+                }
             }
             (
                 XenbusState::Initialised | XenbusState::Connected,

@@ -1,0 +1,6 @@
+//! Devices a Linux guest's platform has beyond the tiny guest's (which keeps `vmm::serial` and
+//! `vmm::virtio_mmio`): the ACPI power-management registers and the virtio-pci transport.
+
+pub mod acpi_pm;
+pub mod virtio_pci;
+pub mod virtio_rules;

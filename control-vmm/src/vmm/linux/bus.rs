@@ -1,0 +1,114 @@
+//! Port and MMIO dispatch of a Linux guest's platform: COM1, the ACPI power-management
+//! registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
+//! Anything else reads as all-ones and ignores writes, counted and logged (rate-limited).
+
+use std::sync::{Arc, Mutex};
+
+use crate::vmm::bus::{lock, BusEvent, ExitBus, Limiter};
+use crate::vmm::devices::acpi_pm;
+use crate::vmm::exits::{Counter, ExitCounters};
+use crate::vmm::layout::COM1_PORT;
+use crate::vmm::pci::PciSegment;
+use crate::vmm::serial::Com1;
+
+/// The devices behind a Linux guest's user-space exits.
+#[derive(Debug)]
+pub struct LinuxBus {
+    com1: Mutex<Com1>,
+    pci: PciSegment,
+    counters: Arc<ExitCounters>,
+    unknown: Limiter,
+}
+
+impl LinuxBus {
+    pub fn new(com1: Com1, pci: PciSegment, counters: Arc<ExitCounters>) -> Self {
+        Self {
+            com1: Mutex::new(com1),
+            pci,
+            counters,
+            unknown: Limiter::default(),
+        }
+    }
+
+    /// Console input for COM1; returns how many bytes the receive FIFO took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        lock(&self.com1).enqueue_input(bytes)
+    }
+
+    /// The PCI segment (to stop its devices when the machine ends).
+    pub fn pci(&self) -> &PciSegment {
+        &self.pci
+    }
+
+    fn com1_offset(port: u16) -> Option<u8> {
+        port.checked_sub(COM1_PORT)
+            .filter(|o| *o < 8)
+            .map(|o| o as u8)
+    }
+
+    fn unknown(&self, what: std::fmt::Arguments<'_>, counter: Counter) {
+        self.counters.bump(counter);
+        if self.unknown.allow() {
+            log::warn!("{what}");
+        }
+    }
+}
+
+impl ExitBus for LinuxBus {
+    fn pio_in(&self, port: u16, data: &mut [u8]) {
+        if let (Some(off), 1) = (Self::com1_offset(port), data.len()) {
+            data[0] = lock(&self.com1).read(off);
+        } else if acpi_pm::decodes(port) {
+            acpi_pm::read(port, data);
+        } else if !self.pci.pio_read(port, data) {
+            self.unknown(
+                format_args!(
+                    "guest read {} byte(s) from unknown port {port:#x}",
+                    data.len()
+                ),
+                Counter::UnknownPio,
+            );
+            data.fill(0xff);
+        }
+    }
+
+    fn pio_out(&self, port: u16, data: &[u8]) -> Option<BusEvent> {
+        if let (Some(off), [v]) = (Self::com1_offset(port), data) {
+            if off == 0 {
+                self.counters.bump(Counter::SerialOut);
+            }
+            lock(&self.com1).write(off, *v);
+        } else if acpi_pm::decodes(port) {
+            return acpi_pm::write(port, data);
+        } else if !self.pci.pio_write(port, data) {
+            self.unknown(
+                format_args!("guest wrote {data:02x?} to unknown port {port:#x}; ignored"),
+                Counter::UnknownPio,
+            );
+        }
+        None
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.pci.mmio_read(addr, data) {
+            self.unknown(
+                format_args!(
+                    "guest read {} byte(s) from unbacked GPA {addr:#x}",
+                    data.len()
+                ),
+                Counter::UnknownMmio,
+            );
+            data.fill(0xff);
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<BusEvent> {
+        if !self.pci.mmio_write(addr, data) {
+            self.unknown(
+                format_args!("guest wrote {data:02x?} to unbacked GPA {addr:#x}; ignored"),
+                Counter::UnknownMmio,
+            );
+        }
+        None
+    }
+}

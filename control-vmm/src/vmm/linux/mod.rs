@@ -1,0 +1,297 @@
+//! A Linux guest's machine: an unmodified bzImage with an initramfs, 1..N vCPUs (one thread
+//! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus
+//! with, optionally, a virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over
+//! vhost-user. Linux puts buffers anywhere in its RAM, so the backend sees all of it; the
+//! caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
+//! guest powers off or resets (the ACPI registers end the run loop), or until it is stopped
+//! from outside.
+
+pub mod bus;
+pub mod console;
+pub mod managed;
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::arch::bzimage::{self, LinuxBoot};
+use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
+use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
+use super::exits::{totals, ExitCounters, PhaseLog};
+use super::machine::{
+    create_vm, install_kick_handler, stop_vcpus, wait_for_end, BlkAttachment, Outcome, VmError,
+};
+use super::memory::GuestRam;
+use super::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
+use super::pci::{BarAllocator, PciSegment};
+use super::report::totals_lines;
+use super::serial::Com1;
+use super::vcpu::{self, VcpuContext};
+use super::vhost_blk::{shared_region, VhostBlk};
+use bus::LinuxBus;
+
+/// Largest number of vCPUs of a Linux guest.
+pub const MAX_VCPUS: u8 = 32;
+
+/// What to run.
+pub struct LinuxVmConfig {
+    pub boot: LinuxBoot,
+    /// RAM in bytes (a multiple of 2 MiB, below the PCI hole).
+    pub ram_bytes: u64,
+    pub vcpus: u8,
+    /// Where COM1's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// An interactive console: clients of this socket type into COM1 and see its output
+    /// (see [`console`]).
+    pub console_socket: Option<UnixListener>,
+    /// Set to stop the machine from outside (the guest is not asked).
+    pub stop: Arc<AtomicBool>,
+    /// Written to press the ACPI power button (the guest's GED interrupt).
+    pub power_button: Option<Arc<EventFd>>,
+    /// The disk: a vhost-user-blk socket of the driver domain, a session the toolstack's
+    /// connection already set up (managed mode), or none.
+    pub blk: BlkAttachment,
+    /// Share all guest RAM with the disk's backend: required with a disk (explicit opt-in).
+    pub share_all_ram: bool,
+    /// How long to wait for the backend socket.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for LinuxVmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxVmConfig")
+            .field("boot", &self.boot)
+            .field("ram_bytes", &self.ram_bytes)
+            .field("vcpus", &self.vcpus)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a Linux machine ended and what passed through the VMM.
+#[derive(Debug, Clone)]
+pub struct LinuxReport {
+    pub outcome: Outcome,
+    /// Avail index the disk's backend stopped at (GET_VRING_BASE), if its queue ran.
+    pub backend_stopped_at: Option<u32>,
+    pub totals: Vec<(&'static str, u64)>,
+    pub wall: Duration,
+}
+
+impl LinuxReport {
+    /// The table printed at exit.
+    pub fn table(&self) -> String {
+        format!(
+            "splitvmm-vmm: {} after {:.1?}\n{}",
+            self.outcome,
+            self.wall,
+            totals_lines(&self.totals, self.backend_stopped_at)
+        )
+    }
+}
+
+/// Builds and runs a Linux machine to its end.
+pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
+    let started = Instant::now();
+    if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+        return Err(VmError::Config(format!(
+            "{} vCPUs (1..={MAX_VCPUS})",
+            cfg.vcpus
+        )));
+    }
+    let (kvm, vm) = create_vm()?;
+    let ram = GuestRam::ram_only(cfg.ram_bytes, RAM_LIMIT)?;
+    ram.register(&vm)?;
+    let counters = Arc::new(ExitCounters::default());
+
+    let eventfd = || {
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Io {
+            op: "eventfd",
+            source,
+        })
+    };
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|source| VmError::Setup {
+            op: "KVM_IRQFD (COM1)",
+            source,
+        })?;
+    if let Some(button) = &cfg.power_button {
+        vm.register_irqfd(button, GED_IRQ)
+            .map_err(|source| VmError::Setup {
+                op: "KVM_IRQFD (power button)",
+                source,
+            })?;
+    }
+    let console_client = console::ConsoleClient::default();
+    let com1 = Com1::new(
+        serial_irq,
+        Box::new(console::ConsoleOutput::new(
+            cfg.console,
+            console_client.clone(),
+        )),
+    );
+    let vm = Arc::new(vm);
+    let mut pci = PciSegment::new(Arc::clone(&counters));
+    let backend = match cfg.blk {
+        BlkAttachment::None => None,
+        BlkAttachment::Socket(path) => {
+            Some(VhostBlk::connect(&path, cfg.connect_timeout, Vec::new())?)
+        }
+        BlkAttachment::Connected(session) => Some(*session),
+    };
+    let disk = match backend {
+        Some(mut backend) => {
+            if !cfg.share_all_ram {
+                return Err(VmError::Config(
+                    "a Linux guest's disk needs all of its RAM shared with the driver domain \
+                     (share_all_ram)"
+                        .into(),
+                ));
+            }
+            log::warn!(
+                "sharing all guest RAM ({} MiB) with the driver domain: Linux puts disk \
+                 buffers anywhere in it (explicit opt-in)",
+                cfg.ram_bytes >> 20
+            );
+            if !backend.set_regions(vec![shared_region(&ram.ram)]) {
+                return Err(VmError::Config(
+                    "the disk's queue is already running".into(),
+                ));
+            }
+            Some(plug_disk(&vm, &mut pci, backend, &counters)?)
+        }
+        None => None,
+    };
+
+    let rsdp =
+        acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
+    let entry = bzimage::load(&ram.mem, cfg.ram_bytes, &cfg.boot, rsdp)
+        .map_err(|e| VmError::Config(e.to_string()))?;
+
+    let bus = Arc::new(LinuxBus::new(com1, pci, Arc::clone(&counters)));
+    let (done_tx, done_rx) = mpsc::channel();
+    install_kick_handler()?;
+    let halt = Arc::new(AtomicBool::new(false));
+    let console_thread = match cfg.console_socket {
+        Some(listener) => Some(
+            console::spawn(
+                listener,
+                Arc::clone(&bus),
+                console_client,
+                Arc::clone(&halt),
+            )
+            .map_err(|source| VmError::Io {
+                op: "starting the console thread",
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for id in 0..cfg.vcpus {
+        let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;
+        let ctx = VcpuContext {
+            bus: Arc::clone(&bus) as Arc<dyn super::bus::ExitBus>,
+            counters: Arc::clone(&counters),
+            phases: Arc::new(PhaseLog::default()),
+            stop: Arc::clone(&halt),
+            wake: None,
+            done: done_tx.clone(),
+        };
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu::run(id, fd, ctx))
+            .map_err(|source| VmError::Io {
+                op: "starting a vCPU thread",
+                source,
+            })?;
+        threads.push(t);
+    }
+    drop(done_tx);
+
+    let outcome = wait_for_end(&done_rx, &cfg.stop);
+    halt.store(true, Ordering::SeqCst);
+    stop_vcpus(threads);
+    if console_thread.is_some_and(|t| t.join().is_err()) {
+        log::error!("the console thread panicked");
+    }
+    // No vCPU runs any more; stop the backend before guest memory goes away.
+    let backend_stopped_at =
+        disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
+    Ok(LinuxReport {
+        outcome,
+        backend_stopped_at,
+        totals: totals(&counters),
+        wall: started.elapsed(),
+    })
+}
+
+/// Puts the virtio-blk function on the bus: BAR0 from the window, queue 0's notify address a
+/// KVM ioeventfd on the backend's kick eventfd, MSI-X vectors on GSIs after the I/O APIC's.
+fn plug_disk(
+    vm: &Arc<VmFd>,
+    pci: &mut PciSegment,
+    backend: VhostBlk,
+    counters: &Arc<ExitCounters>,
+) -> Result<Arc<Mutex<VirtioPciBlk<VhostBlk>>>, VmError> {
+    let io = |op: &'static str| move |source| VmError::Io { op, source };
+    let bar0 = BarAllocator::default()
+        .allocate(u64::from(BAR0_BYTES))
+        .ok_or_else(|| VmError::Config("the PCI window is full".into()))?;
+    let kick = backend.kick()?.try_clone().map_err(io("eventfd"))?;
+    let call = backend.call()?.try_clone().map_err(io("eventfd"))?;
+    vm.register_ioevent(
+        &kick,
+        &IoEventAddress::Mmio(bar0 + NOTIFY_OFFSET),
+        NoDatamatch,
+    )
+    .map_err(|source| VmError::Setup {
+        op: "KVM_IOEVENTFD (virtio-pci notify)",
+        source,
+    })?;
+    let routes = Arc::new(KvmRoutes::new(Arc::clone(vm)));
+    let binder = notify_binder(vm, &kick, bar0 + NOTIFY_OFFSET).map_err(io("eventfd"))?;
+    let dev = Arc::new(Mutex::new(
+        VirtioPciBlk::new(
+            backend,
+            kick,
+            call,
+            bar0 as u32,
+            IOAPIC_PINS,
+            routes,
+            Arc::clone(counters),
+        )
+        .with_notify_binder(binder),
+    ));
+    let slot = pci
+        .add(Arc::clone(&dev) as Arc<Mutex<dyn super::pci::PciDevice>>)
+        .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
+    log::info!("virtio-blk (virtio-pci) at 00:{slot:02x}.0, BAR0 {bar0:#x}");
+    Ok(dev)
+}
+
+/// Moves the notify ioeventfd (registered at `at`) with BAR0; an address outside the PCI
+/// window (a BAR being disabled) leaves it unregistered.
+fn notify_binder(vm: &Arc<VmFd>, kick: &EventFd, at: u64) -> std::io::Result<NotifyBinder> {
+    let vm = Arc::clone(vm);
+    let kick = kick.try_clone()?;
+    let mut bound = Some(at);
+    Ok(NotifyBinder(Box::new(move |to| {
+        if let Some(from) = bound.take() {
+            vm.unregister_ioevent(&kick, &IoEventAddress::Mmio(from), NoDatamatch)
+                .map_err(|e| format!("KVM_IOEVENTFD (deassign {from:#x}): {e}"))?;
+        }
+        if (PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&to) {
+            vm.register_ioevent(&kick, &IoEventAddress::Mmio(to), NoDatamatch)
+                .map_err(|e| format!("KVM_IOEVENTFD ({to:#x}): {e}"))?;
+            bound = Some(to);
+        }
+        Ok(())
+    })))
+}

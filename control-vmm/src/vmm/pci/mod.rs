@@ -1,0 +1,315 @@
+//! PCI for a Linux guest: one segment, bus 0, reached through configuration mechanism #1
+//! (0xCF8 address latch, 0xCFC..0xCFF data) and ECAM (`arch::ECAM_GPA`), with a host bridge at
+//! 00:00.0 and devices at the following slots, function 0 only. BARs are allocated by the VMM
+//! from the 32-bit window and decoded here; a function that does not exist reads all-ones.
+
+pub mod config;
+pub mod kvm_routes;
+pub mod msix;
+
+use std::sync::{Arc, Mutex};
+
+use config::{BarMove, ConfigSpace, PciId};
+
+use crate::vmm::arch::{ECAM_BYTES, ECAM_GPA, PCI_MMIO_BYTES, PCI_MMIO_GPA};
+use crate::vmm::exits::{Counter, ExitCounters};
+
+const CONFIG_ADDRESS: u16 = 0xcf8;
+const CONFIG_DATA: u16 = 0xcfc;
+const SLOTS: usize = 32;
+
+/// A function on the bus, as its model sees it.
+pub trait PciDevice: Send + std::fmt::Debug {
+    fn config(&self) -> &ConfigSpace;
+    /// A configuration write (after the segment checked its range).
+    fn config_write(&mut self, offset: usize, data: &[u8]);
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+}
+
+/// The host bridge at 00:00.0: identity only.
+#[derive(Debug)]
+pub struct HostBridge {
+    config: ConfigSpace,
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        let id = PciId {
+            vendor: 0x8086,
+            device: 0x0d57,
+            class: [0x06, 0x00, 0x00],
+            revision: 0,
+            subsystem_vendor: 0,
+            subsystem: 0,
+        };
+        Self {
+            config: ConfigSpace::new(id, 0),
+        }
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let _ = self.config.write(offset, data);
+    }
+    fn bar_read(&mut self, _: usize, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+}
+
+/// Hands out BAR addresses from the 32-bit window, each aligned to its size.
+#[derive(Debug)]
+pub struct BarAllocator {
+    next: u64,
+}
+
+impl Default for BarAllocator {
+    fn default() -> Self {
+        Self { next: PCI_MMIO_GPA }
+    }
+}
+
+impl BarAllocator {
+    /// `size` bytes (a power of two), or None when the window is full.
+    pub fn allocate(&mut self, size: u64) -> Option<u64> {
+        let at = self.next.next_multiple_of(size);
+        let end = at.checked_add(size)?;
+        (end <= PCI_MMIO_GPA + PCI_MMIO_BYTES).then(|| {
+            self.next = end;
+            at
+        })
+    }
+}
+
+type Slot = Arc<Mutex<dyn PciDevice>>;
+
+fn lock<'a>(
+    m: &'a Mutex<dyn PciDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn PciDevice + 'static> {
+    // A panic while holding a device lock leaves plain register state behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bus 0 of segment 0.
+#[derive(Debug)]
+pub struct PciSegment {
+    slots: Vec<Option<Slot>>,
+    address: Mutex<u32>,
+    counters: Arc<ExitCounters>,
+}
+
+impl PciSegment {
+    /// A bus holding only the host bridge.
+    pub fn new(counters: Arc<ExitCounters>) -> Self {
+        let mut slots: Vec<Option<Slot>> = vec![None; SLOTS];
+        slots[0] = Some(Arc::new(Mutex::new(HostBridge::default())));
+        Self {
+            slots,
+            address: Mutex::new(0),
+            counters,
+        }
+    }
+
+    /// Plugs `device` into the first free slot; returns the slot.
+    pub fn add(&mut self, device: Slot) -> Option<usize> {
+        let slot = self.slots.iter().position(Option::is_none)?;
+        self.slots[slot] = Some(device);
+        Some(slot)
+    }
+
+    fn latch(&self) -> u32 {
+        *self.address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn function(&self, bus: u32, slot: u32, function: u32) -> Option<&Slot> {
+        if bus != 0 || function != 0 {
+            return None;
+        }
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    fn config_read(&self, bus: u32, slot: u32, func: u32, offset: usize, data: &mut [u8]) {
+        self.counters.bump(Counter::PciConfigRead);
+        match self.function(bus, slot, func) {
+            Some(d) => lock(d).config().read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn config_write(&self, bus: u32, slot: u32, func: u32, offset: usize, data: &[u8]) {
+        self.counters.bump(Counter::PciConfigWrite);
+        if let Some(d) = self.function(bus, slot, func) {
+            lock(d).config_write(offset, data);
+        }
+    }
+
+    /// Configuration mechanism #1. Returns false if `port` is not the bridge's.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        match port {
+            CONFIG_ADDRESS if data.len() == 4 => {
+                data.copy_from_slice(&self.latch().to_le_bytes());
+            }
+            CONFIG_DATA..=0xcff => {
+                let a = self.latch();
+                let offset = (a & 0xfc) as usize + usize::from(port - CONFIG_DATA);
+                if a & 0x8000_0000 == 0 || offset % 4 + data.len() > 4 {
+                    data.fill(0xff);
+                } else {
+                    self.config_read(
+                        (a >> 16) & 0xff,
+                        (a >> 11) & 0x1f,
+                        (a >> 8) & 7,
+                        offset,
+                        data,
+                    );
+                }
+            }
+            0xcf9..CONFIG_DATA => data.fill(0xff),
+            _ => return false,
+        }
+        true
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        match port {
+            CONFIG_ADDRESS => {
+                if let Ok(v) = <[u8; 4]>::try_from(data) {
+                    *self.address.lock().unwrap_or_else(|p| p.into_inner()) =
+                        u32::from_le_bytes(v) & 0x80ff_fffc;
+                }
+            }
+            CONFIG_DATA..=0xcff => {
+                let a = self.latch();
+                let offset = (a & 0xfc) as usize + usize::from(port - CONFIG_DATA);
+                if a & 0x8000_0000 != 0 && offset % 4 + data.len() <= 4 {
+                    self.config_write(
+                        (a >> 16) & 0xff,
+                        (a >> 11) & 0x1f,
+                        (a >> 8) & 7,
+                        offset,
+                        data,
+                    );
+                }
+            }
+            0xcf9..CONFIG_DATA => {}
+            _ => return false,
+        }
+        true
+    }
+
+    fn ecam(addr: u64) -> Option<(u32, u32, u32, usize)> {
+        let off = addr.checked_sub(ECAM_GPA).filter(|o| *o < ECAM_BYTES)?;
+        Some((
+            (off >> 20) as u32,
+            ((off >> 15) & 0x1f) as u32,
+            ((off >> 12) & 7) as u32,
+            (off & 0xfff) as usize,
+        ))
+    }
+
+    fn bar_owner(&self, addr: u64) -> Option<(&Slot, usize, u64)> {
+        if !(PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&addr) {
+            return None;
+        }
+        self.slots.iter().flatten().find_map(|d| {
+            let (bar, off) = lock(d).config().decode(addr)?;
+            Some((d, bar, off))
+        })
+    }
+
+    /// ECAM and BAR reads. Returns false if nothing here decodes `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some((bus, slot, func, offset)) = Self::ecam(addr) {
+            if offset % 4 + data.len() > 4 {
+                data.fill(0xff);
+            } else {
+                self.config_read(bus, slot, func, offset, data);
+            }
+            return true;
+        }
+        match self.bar_owner(addr) {
+            Some((d, bar, off)) => {
+                lock(d).bar_read(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        if let Some((bus, slot, func, offset)) = Self::ecam(addr) {
+            if offset % 4 + data.len() <= 4 {
+                self.config_write(bus, slot, func, offset, data);
+            }
+            return true;
+        }
+        match self.bar_owner(addr) {
+            Some((d, bar, off)) => {
+                lock(d).bar_write(bar, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Logs a BAR the guest moved (the device re-binds what KVM decodes for it).
+pub fn log_bar_move(what: &str, m: BarMove) {
+    log::info!(
+        "{what}: guest moved BAR{} from {:#x} to {:#x}",
+        m.bar,
+        m.from,
+        m.to
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment() -> PciSegment {
+        PciSegment::new(Arc::new(ExitCounters::default()))
+    }
+
+    fn cf8_read(s: &PciSegment, bdf_reg: u32) -> u32 {
+        assert!(s.pio_write(CONFIG_ADDRESS, &(0x8000_0000 | bdf_reg).to_le_bytes()));
+        let mut b = [0u8; 4];
+        assert!(s.pio_read(CONFIG_DATA, &mut b));
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn host_bridge_through_both_mechanisms_and_empty_slots_read_all_ones() {
+        let s = segment();
+        assert_eq!(cf8_read(&s, 0), 0x0d57_8086);
+        assert_eq!(cf8_read(&s, 8) >> 8, 0x06_0000);
+        assert_eq!(cf8_read(&s, 1 << 11), 0xffff_ffff, "slot 1 is empty");
+        assert_eq!(cf8_read(&s, 1 << 8), 0xffff_ffff, "function 1");
+        assert_eq!(cf8_read(&s, 1 << 16), 0xffff_ffff, "bus 1");
+        let mut b = [0u8; 2];
+        assert!(s.mmio_read(ECAM_GPA + 2, &mut b));
+        assert_eq!(u16::from_le_bytes(b), 0x0d57);
+        assert!(s.mmio_read(ECAM_GPA + (3 << 15), &mut b));
+        assert_eq!(b, [0xff, 0xff]);
+        // Without the enable bit, data reads are all-ones; odd ports are not the bridge's.
+        assert!(s.pio_write(CONFIG_ADDRESS, &0u32.to_le_bytes()));
+        let mut d = [0u8; 4];
+        assert!(s.pio_read(CONFIG_DATA, &mut d));
+        assert_eq!(d, [0xff; 4]);
+        assert!(!s.pio_read(0xd00, &mut d));
+        assert_eq!(s.counters.get(Counter::PciConfigRead), 7);
+    }
+
+    #[test]
+    fn bars_are_aligned_and_the_window_runs_out() {
+        let mut a = BarAllocator::default();
+        assert_eq!(a.allocate(0x1000), Some(PCI_MMIO_GPA));
+        assert_eq!(a.allocate(0x8000), Some(PCI_MMIO_GPA + 0x8000));
+        assert_eq!(a.allocate(PCI_MMIO_BYTES), None);
+    }
+}
