@@ -34,6 +34,9 @@ enum Cmd {
         /// A PCI function this domain owns (repeatable); reported in the store at start-up.
         #[arg(long, value_name = "DDDD:BB:DD.F")]
         owns: Vec<String>,
+        /// A tap interface (created if missing) to attach to the switch as the uplink.
+        #[arg(long, value_name = "TAP")]
+        uplink: Option<String>,
         /// Root of the sysfs tree to read devices from (tests point it at a fake tree).
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: std::path::PathBuf,
@@ -64,6 +67,10 @@ enum Cmd {
         /// Refuse shared memory that is not (and cannot be) sealed against shrinking.
         #[arg(long)]
         require_sealed: bool,
+        /// Disconnect a frontend that sends nothing for this long after connecting, so it
+        /// cannot hold the socket from the next frontend.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        greeting_timeout_ms: u64,
     },
     /// Hardware ownership: PCI functions, SR-IOV, VFIO (see docs/lab.md).
     Hw {
@@ -103,6 +110,7 @@ fn main() -> Result<()> {
         Cmd::Managed {
             domid,
             owns,
+            uplink,
             sysfs_root,
         } => {
             if let Err(e) = ipc::startup::check_inherited_fds() {
@@ -116,6 +124,11 @@ fn main() -> Result<()> {
             // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
             driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
+            if let Some(tap) = uplink {
+                driver
+                    .attach_uplink(&tap)
+                    .with_context(|| format!("uplink {tap}"))?;
+            }
             driver.run().context("managed driver domain")?;
             Ok(())
         }
@@ -128,7 +141,9 @@ fn main() -> Result<()> {
             poll_us,
             null,
             require_sealed,
+            greeting_timeout_ms,
         } => {
+            let greeting = std::time::Duration::from_millis(greeting_timeout_ms);
             let seal_policy = if require_sealed {
                 SealPolicy::RequireSealed
             } else {
@@ -144,6 +159,7 @@ fn main() -> Result<()> {
                     queues,
                     poll_us,
                     seal_policy,
+                    greeting,
                 );
             }
             let Some(socket) = socket else {
@@ -169,7 +185,7 @@ fn main() -> Result<()> {
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);
-            serve_forever(&socket, &AtomicBool::new(false), || {
+            serve_forever(&socket, &AtomicBool::new(false), greeting, || {
                 BlkBackendDevice::new(disk.clone(), cfg.clone())
             })?;
             Ok(())

@@ -177,6 +177,10 @@ impl Host {
         for bdf in &dd.owns {
             command.arg("--owns").arg(bdf);
         }
+        if let Some(tap) = &dd.uplink {
+            // The driver domain opens the tap itself: it is the one moving its frames.
+            command.arg("--uplink").arg(tap);
+        }
         let driver = start_domain(
             &store,
             &config.run_dir,
