@@ -43,9 +43,11 @@ pub enum KvmDeviceError {
 }
 
 /// The network half of [`FrontendLifecycle`] for a kind of guest without network interfaces
-/// yet (its `NetSession` is `Infallible`): every attach is refused with `$refusal`.
+/// yet: no session can exist (`Infallible`), and every attach is refused with `$refusal`.
 macro_rules! refuse_network_interfaces {
     ($refusal:expr) => {
+        type NetSession = std::convert::Infallible;
+
         fn connect_net(
             &mut self,
             _devid: u32,
@@ -135,8 +137,6 @@ pub type ManagedVm = ManagedFrontend<KvmMachines>;
 
 impl FrontendLifecycle for KvmMachines {
     type BlockSession = MachineDisk;
-    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
-    type NetSession = std::convert::Infallible;
     type ConnectError = KvmDeviceError;
 
     fn connect_block(
@@ -161,6 +161,7 @@ impl FrontendLifecycle for KvmMachines {
         // closes the connection.
     }
 
+    // The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
     refuse_network_interfaces!(KvmDeviceError::NoNet);
 
     /// One virtio-mmio slot: one disk per machine.

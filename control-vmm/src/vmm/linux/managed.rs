@@ -177,7 +177,6 @@ pub enum LinuxDeviceError {
 
 impl FrontendLifecycle for LinuxMachine {
     type BlockSession = LinuxDisk;
-    type NetSession = std::convert::Infallible;
     type ConnectError = LinuxDeviceError;
 
     fn connect_block(
