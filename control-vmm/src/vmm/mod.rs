@@ -8,6 +8,8 @@ pub mod boot;
 pub mod bus;
 pub mod devices;
 pub mod exits;
+#[cfg(test)]
+pub(crate) mod fake_blk_backend;
 pub mod layout;
 pub mod linux;
 pub mod machine;
