@@ -1,5 +1,6 @@
 //! Helpers for end-to-end tests and benchmarks.
 
+pub mod backends;
 pub mod running;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
-//! Shared by the `vmm_*` tests: KVM detection, building the tiny kernel, a driver domain
-//! serving a disk image, and running `splitvmm-vmm` with a deadline.
+//! Shared by the `vmm_*` tests: KVM detection, building the tiny kernel, and running
+//! `splitvmm-vmm` with a deadline (their driver domain is `splitvmm_tests::backends`').
 
 #![allow(dead_code)]
 
@@ -83,62 +83,6 @@ pub fn tiny_kernel() -> PathBuf {
             path
         })
         .clone()
-}
-
-/// A child process killed (and reaped) on drop.
-pub struct Reaped(pub Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `driver-domain serve --blk IMAGE` on a socket in `dir`.
-pub struct DriverDomain {
-    pub socket: PathBuf,
-    pub image: PathBuf,
-    pub process: Reaped,
-}
-
-impl DriverDomain {
-    pub fn start(dir: &Path, image_bytes: u64, extra: &[&str]) -> Self {
-        let image = dir.join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(image_bytes))
-            .expect("creating the disk image");
-        let socket = dir.join("blk.sock");
-        let child = Command::new(splitvmm_tests::workspace_bin("driver-domain"))
-            .arg("serve")
-            .arg("--blk")
-            .arg(&image)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning driver-domain");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "driver-domain socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            socket,
-            image,
-            process: Reaped(child),
-        }
-    }
-
-    /// Still running?
-    pub fn alive(&mut self) -> bool {
-        matches!(self.process.0.try_wait(), Ok(None))
-    }
 }
 
 /// What a VMM run printed and how it ended.
