@@ -81,3 +81,23 @@ pub fn wait_for(child: &mut Child, timeout: Duration) -> bool {
     }
     false
 }
+
+/// A xorshift64 generator: reproducible pseudo-random offsets and sizes for tests and
+/// benchmarks (not for anything that needs real randomness). The seed must not be 0.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n` (which must not be 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}

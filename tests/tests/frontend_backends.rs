@@ -13,6 +13,7 @@ use guest_frontend::process::{
     BlockFrontend, BlockFrontendConfig, BlockOp, ProcessFrontendError, WINDOW_SEALS,
 };
 use guest_frontend::virtio::{BlkOp, FrontRequestError};
+use splitvmm_tests::XorShift;
 
 mod backend {
     use splitvmm_tests::backends::BlkBackendProcess;
@@ -85,19 +86,6 @@ fn pattern(seed: u64, sector: u64, len: usize) -> Vec<u8> {
                 % 251) as u8
         })
         .collect()
-}
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn read_image(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {

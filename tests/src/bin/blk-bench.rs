@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::Parser;
+use splitvmm_tests::backends::Reaped;
+use splitvmm_tests::XorShift;
 
 const BS: usize = 4096;
 
@@ -81,16 +83,6 @@ struct Row {
     stats: Stats,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
     lat_ns.sort_unstable();
     let pick = |q: f64| {
@@ -111,11 +103,11 @@ fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
 /// Random 4 KiB reads at queue depth `qd` for `secs` seconds on `q`.
 fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) -> Result<Stats> {
     let blocks = capacity / BS as u64;
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut start = vec![Instant::now(); qd];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
-    let submit = |q: &mut Blkioq, rng: &mut Rng, slot: usize| {
-        let off = (rng.next() % blocks) * BS as u64;
+    let submit = |q: &mut Blkioq, rng: &mut XorShift, slot: usize| {
+        let off = rng.below(blocks) * BS as u64;
         q.read(
             off,
             (buf + slot * BS) as *mut u8,
@@ -259,14 +251,6 @@ fn eventfd_pingpong(secs: f64) -> Result<Stats> {
     Ok(percentiles(lat, n, t0.elapsed().as_secs_f64()))
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !p.exists() {
@@ -281,7 +265,7 @@ fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
     Ok(())
 }
 
-fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Proc> {
+fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
     let mut c = Command::new(bin)
         .arg("serve")
@@ -298,10 +282,10 @@ fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     wait_socket(sock, &mut c)?;
-    Ok(Proc(c))
+    Ok(Reaped(c))
 }
 
-fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Proc> {
+fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
     let iothread = if poll {
         "iothread,id=io0".to_string()
@@ -326,7 +310,7 @@ fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Proc>
         .spawn()
         .with_context(|| format!("starting {qsd}"))?;
     wait_socket(sock, &mut c)?;
-    Ok(Proc(c))
+    Ok(Reaped(c))
 }
 
 fn main() -> Result<()> {

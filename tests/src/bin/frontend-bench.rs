@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig, BlockOp, FrontendStats};
 use splitvmm_tests::backends::BlkBackendProcess;
+use splitvmm_tests::XorShift;
 use vmm_sys_util::eventfd::EventFd;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -73,13 +74,8 @@ fn random_reads(sock: &Path, qd: usize, poll: bool, seconds: f64) -> Res<Run> {
     let fe = BlockFrontend::connect_path(sock, cfg)?;
     let sectors = fe.capacity() / 8;
     let mut q = fe.queue(0)?;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_sector = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % sectors) * 8
-    };
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut next_sector = || rng.below(sectors) * 8;
     let mut done = 0u64;
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds {
