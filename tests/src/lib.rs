@@ -2,6 +2,7 @@
 
 pub mod backends;
 pub mod running;
+pub mod toolstack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
