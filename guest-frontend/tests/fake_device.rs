@@ -276,13 +276,8 @@ fn rig(size: u16, event_idx: bool, mode: DeviceMode) -> Rig {
     let ram = Arc::new(Ram::new());
     let mem = ram.region();
     let mut alloc = BumpAllocator::new(&mem);
-    let addrs = QueueAddrs {
-        desc: alloc.alloc(QueueAddrs::desc_bytes(size), 16).unwrap(),
-        avail: alloc.alloc(QueueAddrs::avail_bytes(size), 2).unwrap(),
-        used: alloc.alloc(QueueAddrs::used_bytes(size), 4).unwrap(),
-    };
     // SAFETY: the Ram lives in the Rig as long as the queue.
-    let vq = unsafe { SplitQueue::new(&mem, addrs, size, event_idx) }.unwrap();
+    let (vq, addrs) = unsafe { queue_in(&mem, &mut alloc, size, event_idx) };
     let blk = FrontBlkQueue::new(vq, mem, &mut alloc).unwrap();
     let data = alloc.alloc(64 * 4096, 4096).unwrap();
     let (kick, irq) = (Arc::new(Doorbell::default()), Arc::new(Doorbell::default()));
@@ -599,18 +594,32 @@ fn disabled_interrupts_stay_off_for_a_batch() {
     );
 }
 
-/// A bare split queue of `size` in `ram` (no device thread: tests write the used ring), its
-/// ring addresses and a 16-byte buffer for descriptors.
-fn bare_queue(ram: &Ram, size: u16, event_idx: bool) -> (SplitQueue, QueueAddrs, DmaBuf) {
-    let mem = ram.region();
-    let mut alloc = BumpAllocator::new(&mem);
+/// A split queue of `size` with its rings allocated from `alloc`, and their addresses.
+///
+/// # Safety
+/// The memory behind `mem` must outlive the queue.
+unsafe fn queue_in(
+    mem: &DmaRegion,
+    alloc: &mut BumpAllocator,
+    size: u16,
+    event_idx: bool,
+) -> (SplitQueue, QueueAddrs) {
     let addrs = QueueAddrs {
         desc: alloc.alloc(QueueAddrs::desc_bytes(size), 16).unwrap(),
         avail: alloc.alloc(QueueAddrs::avail_bytes(size), 2).unwrap(),
         used: alloc.alloc(QueueAddrs::used_bytes(size), 4).unwrap(),
     };
+    // SAFETY: the caller keeps the memory alive as long as the queue.
+    let vq = unsafe { SplitQueue::new(mem, addrs, size, event_idx) }.unwrap();
+    (vq, addrs)
+}
+
+/// A bare split queue of `size` in `ram` (no device thread: tests write the used ring), its
+/// ring addresses and a 16-byte buffer for descriptors.
+fn bare_queue(ram: &Ram, size: u16, event_idx: bool) -> (SplitQueue, QueueAddrs, DmaBuf) {
+    let mem = ram.region();
     // SAFETY: the caller keeps `ram` alive as long as the queue.
-    let vq = unsafe { SplitQueue::new(&mem, addrs, size, event_idx) }.unwrap();
+    let (vq, addrs) = unsafe { queue_in(&mem, &mut BumpAllocator::new(&mem), size, event_idx) };
     let b = DmaBuf {
         addr: BASE + 0x8000,
         len: 16,
