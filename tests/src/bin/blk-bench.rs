@@ -180,6 +180,17 @@ fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usiz
     b.set_i32("num-poll-queues", npq)
         .map_err(|e| anyhow!("{e:?}"))?;
     b.set_i32("queue-size", 256).map_err(|e| anyhow!("{e:?}"))?;
+    measure_depths(&mut b, poll, secs, Some(pid))
+}
+
+/// Starts a connected `b` and runs QD1 and QD32 on its first queue (its polled one with
+/// `poll`), charging `backend`'s CPU time to each run when given.
+fn measure_depths(
+    b: &mut Blkio,
+    poll: bool,
+    secs: f64,
+    backend: Option<u32>,
+) -> Result<Vec<(usize, Stats)>> {
     let mut out = b.start().map_err(|e| anyhow!("start: {e:?}"))?;
     let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
     let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
@@ -191,9 +202,11 @@ fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usiz
     };
     let mut res = Vec::new();
     for qd in [1usize, 32] {
-        let c0 = cpu_secs(pid);
+        let c0 = backend.map(cpu_secs);
         let mut st = run_queue(q, region.addr, qd, capacity, secs)?;
-        st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        if let (Some(pid), Some(c0)) = (backend, c0) {
+            st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        }
         res.push((qd, st));
     }
     Ok(res)
@@ -207,18 +220,7 @@ fn bench_native(img: &Path, secs: f64) -> Result<Vec<(usize, Stats)>> {
     b.connect()
         .map_err(|e| anyhow!("io_uring connect: {e:?}"))?;
     b.set_i32("num-queues", 1).map_err(|e| anyhow!("{e:?}"))?;
-    let mut out = b.start().map_err(|e| anyhow!("{e:?}"))?;
-    let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
-    let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
-    b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
-    let mut res = Vec::new();
-    for qd in [1usize, 32] {
-        res.push((
-            qd,
-            run_queue(&mut out.queues[0], region.addr, qd, capacity, secs)?,
-        ));
-    }
-    Ok(res)
+    measure_depths(&mut b, false, secs, None)
 }
 
 /// Round trips through two eventfds between two threads: the notification floor.
