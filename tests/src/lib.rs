@@ -8,6 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// The workspace's root folder (the repository checkout).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace root")
+        .to_path_buf()
+}
+
 /// The path of a workspace binary, building it first if it is missing (integration tests of
 /// one package cannot ask cargo for another package's binaries).
 pub fn workspace_bin(name: &str) -> PathBuf {

@@ -3,17 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
-use std::path::{Path, PathBuf};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
+use splitvmm_tests::workspace_root;
 
 fn architecture() -> String {
-    std::fs::read_to_string(repo_root().join("docs/architecture.md")).unwrap()
+    std::fs::read_to_string(workspace_root().join("docs/architecture.md")).unwrap()
 }
 
 /// The text between backticks, in order.
@@ -34,7 +27,7 @@ fn expand(path: &str) -> Vec<String> {
 
 /// The workspace members, from the root Cargo.toml.
 fn members() -> Vec<String> {
-    let manifest = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
     let line = manifest
         .lines()
         .find(|l| l.trim_start().starts_with("members"))
@@ -60,7 +53,7 @@ fn is_repo_path(word: &str, top_level: &[String]) -> bool {
 
 #[test]
 fn every_path_in_the_architecture_doc_exists() {
-    let root = repo_root();
+    let root = workspace_root();
     let top_level: Vec<String> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -113,5 +106,5 @@ fn the_checker_sees_a_missing_path_and_expands_braces() {
         expand("a/{b,c}.rs"),
         vec!["a/b.rs".to_owned(), "a/c.rs".to_owned()]
     );
-    assert!(!repo_root().join("driver-domain/src/nope.rs").exists());
+    assert!(!workspace_root().join("driver-domain/src/nope.rs").exists());
 }

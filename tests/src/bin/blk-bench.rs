@@ -83,6 +83,20 @@ struct Row {
     stats: Stats,
 }
 
+/// The table rows of one target's runs, one per queue depth.
+fn rows_of(
+    target: &'static str,
+    mode: &'static str,
+    runs: Vec<(usize, Stats)>,
+) -> impl Iterator<Item = Row> {
+    runs.into_iter().map(move |(qd, stats)| Row {
+        target,
+        mode,
+        qd,
+        stats,
+    })
+}
+
 fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
     lat_ns.sort_unstable();
     let pick = |q: f64| {
@@ -376,14 +390,11 @@ fn main() -> Result<()> {
                 continue;
             }
             let p = spawn_ours(&bin, &sock, &disk, poll_us)?;
-            for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
-                rows.push(Row {
-                    target,
-                    mode,
-                    qd,
-                    stats,
-                });
-            }
+            rows.extend(rows_of(
+                target,
+                mode,
+                bench_vhost(&sock, p.0.id(), poll, secs)?,
+            ));
         }
         if qsd_ok {
             for (target, bdev) in [
@@ -402,26 +413,16 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
-                for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
-                    rows.push(Row {
-                        target,
-                        mode,
-                        qd,
-                        stats,
-                    });
-                }
+                rows.extend(rows_of(
+                    target,
+                    mode,
+                    bench_vhost(&sock, p.0.id(), poll, secs)?,
+                ));
             }
         }
     }
     if want("native-io_uring", "irq") {
-        for (qd, stats) in bench_native(&img, secs)? {
-            rows.push(Row {
-                target: "native-io_uring",
-                mode: "irq",
-                qd,
-                stats,
-            });
-        }
+        rows.extend(rows_of("native-io_uring", "irq", bench_native(&img, secs)?));
     }
     if want("eventfd-pingpong", "irq") {
         rows.push(Row {

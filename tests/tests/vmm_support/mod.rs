@@ -5,21 +5,16 @@
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+
+use splitvmm_tests::workspace_root;
 use std::time::{Duration, Instant};
 
 /// True if /dev/kvm can be opened; otherwise records the skip of `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
     test_support::require(test, test_support::peers::kvm())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
 }
 
 fn target_root() -> PathBuf {
