@@ -488,12 +488,7 @@ impl Engine {
     }
 
     fn special_change(name: &str) -> Change {
-        Change {
-            path: name.to_owned(),
-            how: Match::Subtree,
-            perms: Perms::owned_by(0),
-            old_perms: None,
-        }
+        Change::new(name, Match::Subtree, Perms::owned_by(0))
     }
 
     fn introduce(

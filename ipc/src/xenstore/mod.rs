@@ -3,7 +3,8 @@
 //!
 //! Layers, bottom up: [`wire`] (framing), [`perms`] and [`path`] (rules),
 //! [`tree`] (nodes and transactions), [`engine`] (I/O-free request handling),
-//! [`server`] (epoll daemon), [`client`] (blocking client). See `docs/store.md`.
+//! [`server`] (epoll daemon; [`store_thread`] runs one for a scope), [`client`] (blocking
+//! client). See `docs/store.md`.
 
 pub mod client;
 pub mod engine;
@@ -14,6 +15,7 @@ pub mod path;
 pub mod perms;
 pub mod server;
 pub mod store_handle;
+pub mod store_thread;
 pub mod tree;
 pub mod watch;
 pub mod wire;
@@ -22,6 +24,7 @@ pub use client::{ClientError, StoreClient, WatchEvent};
 pub use engine::{ConnId, DomainEvent, Engine};
 pub use perms::{Access, DomId, Perm, Perms};
 pub use server::{spawn, ServerError, Store, StoreConfig, StoreHandle, StoreStats};
+pub use store_thread::StoreThread;
 pub use wire::{Message, MsgType, XsError};
 
 /// Limits for unprivileged domains. The defaults are C xenstored's

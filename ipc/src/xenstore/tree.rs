@@ -70,6 +70,18 @@ pub struct Change {
     pub old_perms: Option<Perms>,
 }
 
+impl Change {
+    /// A change at `path` seen by whoever may read under `perms` (no earlier permissions).
+    pub fn new(path: impl Into<String>, how: Match, perms: Perms) -> Self {
+        Change {
+            path: path.into(),
+            how,
+            perms,
+            old_perms: None,
+        }
+    }
+}
+
 /// The live tree.
 #[derive(Debug)]
 pub struct Tree {
