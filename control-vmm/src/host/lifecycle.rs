@@ -62,7 +62,7 @@ impl Host {
             &self.store,
             &self.run_dir,
             (config.domid, &name),
-            command,
+            (command, Vec::new()),
             self.confinement_of(&config)?,
             false,
         )?;
@@ -140,7 +140,7 @@ impl Host {
                 &self.store,
                 &self.run_dir,
                 (slot.config.domid, name),
-                command,
+                (command, Vec::new()),
                 self.confinement_of(&slot.config)?,
                 true,
             )?;

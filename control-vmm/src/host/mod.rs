@@ -34,7 +34,7 @@ use crate::config::{
     DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
 use crate::confinement::Confinement;
-use crate::supervisor::{DomainProcess, Launch};
+use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
 use crate::{connection, domains};
 use images::ImageRegistry;
 
@@ -205,11 +205,25 @@ impl Host {
         for bdf in &dd.owns {
             command.arg("--owns").arg(bdf);
         }
+        let mut handed = Vec::new();
+        if let Some(tap) = &dd.uplink {
+            // Opened here, in the host's network namespace, and handed over: the confined
+            // driver domain has no /dev/net/tun and a network namespace of its own. It holds
+            // the only descriptor, so the tap goes with it.
+            let device = ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
+            let fd = FIRST_HANDED_FD + 2;
+            command
+                .arg("--uplink")
+                .arg(tap)
+                .arg("--uplink-fd")
+                .arg(fd.to_string());
+            handed.push(OwnedFd::from(device));
+        }
         let driver = start_domain(
             &store,
             &config.run_dir,
             (dd.domid, &dd.name),
-            command,
+            (command, handed),
             domain_confinement(confinement.as_ref(), dd.domid, &dd.name, 0)?,
             false,
         )?;
@@ -403,14 +417,14 @@ impl Host {
     }
 }
 
-/// Starts domain `name`'s process with its store connection (fd 3) and control channel (fd 4);
-/// its standard output and error go to [`log_path`] (started afresh, or with `append` after
-/// what is there: a rebooted guest's log goes on).
+/// Starts domain `name`'s process with its store connection (fd 3), control channel (fd 4)
+/// and `handed` (fds 5, ...); its standard output and error go to [`log_path`] (started
+/// afresh, or with `append` after what is there: a rebooted guest's log goes on).
 fn start_domain(
     store: &StoreHandle,
     run_dir: &Path,
     (domid, name): (u32, &str),
-    mut command: Command,
+    (mut command, handed): (Command, Vec<OwnedFd>),
     confinement: Option<DomainConfinement>,
     append: bool,
 ) -> Result<Domain> {
@@ -437,7 +451,9 @@ fn start_domain(
         confine: plan,
         cgroup,
     };
-    let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])?;
+    let mut fds = vec![store_conn, theirs.into_fd()];
+    fds.extend(handed);
+    let process = DomainProcess::spawn(name, launch, fds)?;
     Ok(Domain {
         domid,
         name: name.to_owned(),
