@@ -50,6 +50,9 @@ pub struct HostConfig {
     pub checks: ChecksConfig,
     #[serde(default, rename = "guest")]
     pub guests: Vec<GuestConfig>,
+    /// How domain processes are confined (see `confinement`).
+    #[serde(default)]
+    pub confinement: crate::confinement::ConfinementConfig,
 }
 
 /// The self-tests `splitvmm up` runs once every device is attached. Each is off unless the host
@@ -382,6 +385,9 @@ impl HostConfig {
             key,
             expected: expected.to_owned(),
         };
+        if let Some(expected) = self.confinement.invalid_uid_base() {
+            return Err(invalid("confinement.uid_base".to_owned(), &expected));
+        }
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
         let domains = std::iter::once((

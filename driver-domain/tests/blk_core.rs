@@ -504,7 +504,12 @@ fn regression_snapshot_taken_after_waiting_for_the_queue() {
     let atomic = GuestMemoryAtomic::new(mem.clone());
     let memory = CheckedMemory::default();
     memory
-        .update(atomic.clone(), SealPolicy::RequireSealed, "test")
+        .update(
+            atomic.clone(),
+            driver_domain::virtio_core::MemoryGrant::AllRam,
+            SealPolicy::RequireSealed,
+            "test",
+        )
         .unwrap();
     let cfg = BlkBackendConfig {
         queue_size: QSIZE,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use control_vmm::domains;
-use control_vmm::supervisor::DomainProcess;
+use control_vmm::supervisor::{DomainProcess, Launch};
 use ipc::control::ControlChannel;
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::StoreConfig;
@@ -63,7 +63,16 @@ impl ToolstackStore {
             .expect("a domain's store connection")
             .into();
         let (ours, theirs) = ControlChannel::pair().expect("a control channel");
-        let process = DomainProcess::spawn(name, cmd, vec![store_conn, theirs.into_fd()])
+        let launch = Launch {
+            command: cmd,
+            output: None,
+            cgroup: None,
+            // Confined as `splitvmm up` confines it, where this runs as root.
+            confine: nix::unistd::geteuid().is_root().then(|| {
+                confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])
+            }),
+        };
+        let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         (process, ours)
     }

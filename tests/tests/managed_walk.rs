@@ -14,7 +14,9 @@ use control_vmm::connection::private_connection;
 use control_vmm::domains;
 use control_vmm::supervisor::DomainProcess;
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig};
-use ipc::control::messages::{BackendEvent, BackendRequest};
+use ipc::control::messages::{
+    BackendEvent, BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
+};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
@@ -24,6 +26,11 @@ use splitvmm_tests::workspace_bin;
 const DRIVER: u32 = 1;
 const GUEST: u32 = 2;
 const WAIT: Duration = Duration::from_secs(20);
+/// What the toolstack grants a process guest's device.
+const PROCESS_GUEST_GRANT: MemoryGrant = MemoryGrant::Window {
+    guest_address: PROCESS_WINDOW_GPA,
+    max_bytes: PROCESS_WINDOW_MAX_BYTES,
+};
 
 fn start_driver_domain(host: &ToolstackStore) -> (DomainProcess, ControlChannel) {
     let mut cmd = Command::new(workspace_bin("driver-domain"));
@@ -53,6 +60,7 @@ fn serve_devid(ctl: &ControlChannel, image: &File, readonly: bool, devid: u32) -
             frontend: GUEST,
             devid,
             readonly,
+            grant: PROCESS_GUEST_GRANT,
         },
         &[image.as_fd(), listener.as_fd()],
     )

@@ -88,6 +88,10 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
                 frontend: GUEST,
                 devid: DEVID,
                 readonly: false,
+                grant: ipc::control::messages::MemoryGrant::Window {
+                    guest_address: control_vmm::vmm::layout::WINDOW_GPA,
+                    max_bytes: control_vmm::vmm::layout::WINDOW_DEFAULT_BYTES,
+                },
             },
             &[image.as_fd(), listener.as_fd()],
         )

@@ -49,6 +49,7 @@ impl Host {
                     .values()
                     .map(|s| s.config.clone())
                     .collect(),
+                confinement: Default::default(),
             };
             host.guests.push(config.clone());
             host.validate(file)?;
@@ -61,7 +62,8 @@ impl Host {
             &self.store,
             &self.run_dir,
             (config.domid, &name),
-            command,
+            (command, Vec::new()),
+            self.confinement_of(&config)?,
             false,
         )?;
         let slot = Arc::new(GuestSlot {
@@ -138,7 +140,8 @@ impl Host {
                 &self.store,
                 &self.run_dir,
                 (slot.config.domid, name),
-                command,
+                (command, Vec::new()),
+                self.confinement_of(&slot.config)?,
                 true,
             )?;
             guest.stats = None;

@@ -33,7 +33,8 @@ use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, Stor
 use crate::config::{
     DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
-use crate::supervisor::DomainProcess;
+use crate::confinement::Confinement;
+use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
 use crate::{connection, domains};
 use images::ImageRegistry;
 
@@ -48,6 +49,29 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same for a Linux guest: its power button may be pressed while it still boots (a
 /// nested boot takes 8-18 s), and its power-off runs its shutdown scripts.
 const LINUX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// RAM of a tiny KVM guest (`splitvmm-vmm`'s default, MiB).
+const KVM_GUEST_RAM_MIB: u64 = 8;
+
+/// A domain's plan and its cgroup's `cgroup.procs` (when the host file asks for limits).
+type DomainConfinement = (confine::Plan, Option<File>);
+
+/// Domain (`domid`, `name`)'s confinement under `confinement`, with `ram_mib` of guest RAM
+/// on top of its memory limit.
+fn domain_confinement(
+    confinement: Option<&Confinement>,
+    domid: u32,
+    name: &str,
+    ram_mib: u64,
+) -> Result<Option<DomainConfinement>> {
+    let Some(c) = confinement else {
+        return Ok(None);
+    };
+    let cgroup = c
+        .cgroup(name, ram_mib)
+        .with_context(|| format!("the cgroup of {name}"))?;
+    Ok(Some((c.plan(domid), cgroup)))
+}
 
 /// RAM of a Linux guest whose host file says nothing (MiB).
 const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
@@ -105,6 +129,8 @@ pub struct Host {
     attach_serial: AtomicU64,
     /// The images held for the guests' disks (locked after a guest's own lock, briefly).
     images: Mutex<ImageRegistry>,
+    /// How domain processes are confined (`None`: the host file turned it off).
+    confinement: Option<Confinement>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +170,8 @@ impl Host {
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
         let started = Instant::now();
+        // What this machine cannot confine is said, and refused unless allowed, first.
+        let confinement = Confinement::prepare(&config.confinement)?;
         // Every image is opened and locked before anything starts: one held elsewhere, or
         // named twice, fails here.
         let mut images = ImageRegistry::default();
@@ -177,15 +205,26 @@ impl Host {
         for bdf in &dd.owns {
             command.arg("--owns").arg(bdf);
         }
+        let mut handed = Vec::new();
         if let Some(tap) = &dd.uplink {
-            // The driver domain opens the tap itself: it is the one moving its frames.
-            command.arg("--uplink").arg(tap);
+            // Opened here, in the host's network namespace, and handed over: the confined
+            // driver domain has no /dev/net/tun and a network namespace of its own. It holds
+            // the only descriptor, so the tap goes with it.
+            let device = ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
+            let fd = FIRST_HANDED_FD + 2;
+            command
+                .arg("--uplink")
+                .arg(tap)
+                .arg("--uplink-fd")
+                .arg(fd.to_string());
+            handed.push(OwnedFd::from(device));
         }
         let driver = start_domain(
             &store,
             &config.run_dir,
             (dd.domid, &dd.name),
-            command,
+            (command, handed),
+            domain_confinement(confinement.as_ref(), dd.domid, &dd.name, 0)?,
             false,
         )?;
         let host = Host {
@@ -202,6 +241,7 @@ impl Host {
             private_dir,
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
+            confinement,
         };
         match lock(&host.driver)
             .channel
@@ -214,6 +254,21 @@ impl Host {
             host.create_guest(guest.clone(), None)?;
         }
         Ok(host)
+    }
+
+    /// Guest `config`'s confinement: its plan and cgroup, unless confinement is off.
+    fn confinement_of(&self, config: &GuestConfig) -> Result<Option<DomainConfinement>> {
+        let ram_mib = match config.kind {
+            GuestKind::Process => 0,
+            GuestKind::Kvm => KVM_GUEST_RAM_MIB,
+            GuestKind::Linux => config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB),
+        };
+        domain_confinement(
+            self.confinement.as_ref(),
+            config.domid,
+            &config.name,
+            ram_mib,
+        )
     }
 
     /// The run directory: the store and management sockets, the logs.
@@ -362,14 +417,15 @@ impl Host {
     }
 }
 
-/// Starts domain `name`'s process with its store connection (fd 3) and control channel (fd 4);
-/// its standard output and error go to [`log_path`] (started afresh, or with `append` after
-/// what is there: a rebooted guest's log goes on).
+/// Starts domain `name`'s process with its store connection (fd 3), control channel (fd 4)
+/// and `handed` (fds 5, ...); its standard output and error go to [`log_path`] (started
+/// afresh, or with `append` after what is there: a rebooted guest's log goes on).
 fn start_domain(
     store: &StoreHandle,
     run_dir: &Path,
     (domid, name): (u32, &str),
-    mut command: Command,
+    (mut command, handed): (Command, Vec<OwnedFd>),
+    confinement: Option<DomainConfinement>,
     append: bool,
 ) -> Result<Domain> {
     let store_conn: OwnedFd = store
@@ -388,11 +444,16 @@ fn start_domain(
         .truncate(!append)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("opening {}", path.display()))?;
-    command.stdout(log).stderr(log_err);
-    let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
+    let (plan, cgroup) = confinement.map_or((None, None), |(p, c)| (Some(p), c));
+    let launch = Launch {
+        command,
+        output: Some(log),
+        confine: plan,
+        cgroup,
+    };
+    let mut fds = vec![store_conn, theirs.into_fd()];
+    fds.extend(handed);
+    let process = DomainProcess::spawn(name, launch, fds)?;
     Ok(Domain {
         domid,
         name: name.to_owned(),

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod exits;
 #[cfg(test)]
 pub(crate) mod fake_blk_backend;
+pub mod kvm_device;
 pub mod layout;
 pub mod linux;
 pub mod machine;

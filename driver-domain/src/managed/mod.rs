@@ -19,7 +19,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest};
+use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest, MemoryGrant};
 use ipc::control::{ChannelError, ControlChannel};
 use ipc::xenbus::{backend_kind_dir, keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::{ClientError, StoreClient};
@@ -65,10 +65,12 @@ enum Handed {
         image: File,
         listener: UnixListener,
         readonly: bool,
+        grant: MemoryGrant,
     },
     Net {
         listener: UnixListener,
         mac: [u8; 6],
+        grant: MemoryGrant,
     },
 }
 
@@ -136,6 +138,13 @@ impl ManagedDriverDomain {
         Ok(())
     }
 
+    /// Attaches tap `name`, already open (the toolstack's descriptor), as the uplink.
+    pub fn attach_uplink_device(&mut self, name: &str, tap: File) -> Result<(), ManagedError> {
+        let port = self.switch.attach(&format!("tap:{name}"))?;
+        self.uplink = Some(TapUplink::from_device(tap, name, port)?);
+        Ok(())
+    }
+
     /// Runs until the toolstack says shut down (Ok) or goes away (Err).
     pub fn run(mut self) -> Result<(), ManagedError> {
         for kind in KINDS {
@@ -150,6 +159,7 @@ impl ManagedDriverDomain {
                         frontend,
                         devid,
                         readonly,
+                        grant,
                     } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         let image = File::from(fds.pop()?);
@@ -157,15 +167,21 @@ impl ManagedDriverDomain {
                             image,
                             listener,
                             readonly,
+                            grant,
                         })
                     }),
                     BackendRequest::ServeNet {
                         frontend,
                         devid,
                         mac,
+                        grant,
                     } => self.take_handed((DeviceKind::Vif, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
-                        fds.is_empty().then_some(Handed::Net { listener, mac })
+                        fds.is_empty().then_some(Handed::Net {
+                            listener,
+                            mac,
+                            grant,
+                        })
                     }),
                     BackendRequest::Stats => {
                         let stats = self.stats();
@@ -365,8 +381,9 @@ impl ManagedDriverDomain {
                 image,
                 listener,
                 readonly,
+                grant,
             } => {
-                let session = Session::start_block(id, image, listener, readonly)?;
+                let session = Session::start_block(id, image, listener, readonly, grant)?;
                 let mut features = vec![
                     (keys::SECTORS, session.capacity_sectors().to_string()),
                     (keys::SECTOR_SIZE, "512".to_owned()),
@@ -377,8 +394,12 @@ impl ManagedDriverDomain {
                 }
                 (session, features)
             }
-            Handed::Net { listener, mac } => {
-                let session = Session::start_net(id, &self.switch, listener, mac)?;
+            Handed::Net {
+                listener,
+                mac,
+                grant,
+            } => {
+                let session = Session::start_net(id, &self.switch, listener, mac, grant)?;
                 (session, vec![("mac", format_mac(&mac))])
             }
         };

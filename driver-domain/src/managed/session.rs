@@ -15,6 +15,7 @@ use crate::net::switch::{Switch, SwitchPort};
 use crate::net::{NetBackendConfig, NetBackendDevice};
 use crate::vhost_user::serve_listener;
 use crate::virtio_core::counters::{CounterValues, DeviceCounters};
+use crate::virtio_core::{MemoryGrant, SealPolicy};
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);
@@ -37,17 +38,23 @@ enum Counters {
 }
 
 impl Session {
-    /// Starts serving `image` to the one frontend connection pending on `listener`.
+    /// Starts serving `image` to the one frontend connection pending on `listener`, which
+    /// may share `grant` of its guest's memory, sealed.
     pub fn start_block(
         id: DeviceId,
         image: File,
         listener: UnixListener,
         readonly: bool,
+        grant: MemoryGrant,
     ) -> Result<Session, String> {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
-        let cfg = BlkBackendConfig::default();
+        let cfg = BlkBackendConfig {
+            seal_policy: SealPolicy::RequireSealed,
+            grant,
+            ..BlkBackendConfig::default()
+        };
         let counters = Counters::Block(cfg.counters.clone());
         Self::spawn(id, capacity_sectors, counters, move |started| {
             let device = BlkBackendDevice::new(disk, cfg).map_err(|e| e.to_string())?;
@@ -56,12 +63,13 @@ impl Session {
     }
 
     /// Starts serving a new port of `switch`, with address `mac`, to the one frontend
-    /// connection pending on `listener`.
+    /// connection pending on `listener`, which may share `grant` of its guest's memory, sealed.
     pub fn start_net(
         id: DeviceId,
         switch: &Arc<Switch>,
         listener: UnixListener,
         mac: [u8; 6],
+        grant: MemoryGrant,
     ) -> Result<Session, String> {
         let port = Arc::new(
             switch
@@ -70,6 +78,8 @@ impl Session {
         );
         let cfg = NetBackendConfig {
             mac,
+            seal_policy: SealPolicy::RequireSealed,
+            grant,
             ..NetBackendConfig::default()
         };
         let counters = Counters::Net(cfg.counters.clone(), port.clone());

@@ -123,6 +123,10 @@ impl BackendDevice for NetBackendDevice {
         self.cfg.seal_policy
     }
 
+    fn memory_grant(&self) -> crate::virtio_core::MemoryGrant {
+        self.cfg.grant
+    }
+
     fn queue_workers(&self) -> Vec<Vec<usize>> {
         vec![(0..self.cfg.num_queues()).collect()]
     }

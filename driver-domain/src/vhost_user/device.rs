@@ -196,8 +196,12 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        self.memory
-            .update(mem, self.device.seal_policy(), self.device.name())
+        self.memory.update(
+            mem,
+            self.device.memory_grant(),
+            self.device.seal_policy(),
+            self.device.name(),
+        )
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -231,6 +235,7 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
         vrings: &[CheckedVring],
         thread_id: usize,
     ) -> io::Result<()> {
+        restrict_worker_thread();
         let woken = u64::from(device_event) == self.wake_token();
         if woken {
             if let Some(wake) = self.device.wake_event() {
@@ -257,4 +262,31 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
         serve_queues(&self.device, &self.memory, indexes, vrings);
         Ok(())
     }
+}
+
+thread_local! {
+    /// Whether this worker thread has narrowed its seccomp filter.
+    static WORKER_RESTRICTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// In a confined driver domain, narrows the calling queue worker to the backend-worker
+/// allowlist the first time it handles an event, before it reads any ring: vhost-user-backend
+/// starts these threads, so this is where their own code first runs. A worker that cannot be
+/// narrowed ends the process rather than serve unfiltered.
+fn restrict_worker_thread() {
+    if !confine::is_confined() {
+        return;
+    }
+    WORKER_RESTRICTED.with(|done| {
+        if done.get() {
+            return;
+        }
+        if let Err(e) =
+            confine::seccomp::restrict_thread(confine::seccomp::ThreadClass::BackendWorker)
+        {
+            log::error!("narrowing a queue worker's seccomp filter: {e}");
+            std::process::exit(1);
+        }
+        done.set(true);
+    });
 }

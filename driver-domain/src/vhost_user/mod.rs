@@ -12,5 +12,6 @@ pub mod vring;
 
 pub use device::VhostUserDevice;
 pub use session::{
-    bind_atomically, serve_forever, serve_listener, serve_one, VhostUserSessionError,
+    bind_atomically, serve_forever, serve_forever_on, serve_listener, serve_one,
+    VhostUserSessionError,
 };

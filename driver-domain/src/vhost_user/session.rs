@@ -159,14 +159,29 @@ pub fn serve_forever<D, E>(
     socket: &Path,
     stop: &AtomicBool,
     greeting: Duration,
+    new_device: impl FnMut() -> Result<D, E>,
+) -> Result<(), VhostUserSessionError>
+where
+    D: BackendDevice,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let listener = bind_atomically(socket)?;
+    info!("vhost-user: listening on {}", socket.display());
+    serve_forever_on(listener, stop, greeting, new_device)
+}
+
+/// As [`serve_forever`], on a listener bound already (a confined backend binds before it is
+/// confined: afterwards it sees no file system).
+pub fn serve_forever_on<D, E>(
+    mut listener: Listener,
+    stop: &AtomicBool,
+    greeting: Duration,
     mut new_device: impl FnMut() -> Result<D, E>,
 ) -> Result<(), VhostUserSessionError>
 where
     D: BackendDevice,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let mut listener = bind_atomically(socket)?;
-    info!("vhost-user: listening on {}", socket.display());
     while !stop.load(Ordering::Acquire) {
         let device = new_device().map_err(|e| VhostUserSessionError::Device(Box::new(e)))?;
         serve_one(&mut listener, device, greeting)?;

@@ -14,6 +14,23 @@ pub mod fds {
     pub const CONTROL: i32 = 4;
 }
 
+/// What of a guest's memory the backend of one device may map: the memory table the guest's
+/// frontend sends (vhost-user SET_MEM_TABLE) must be exactly this, or the device is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryGrant {
+    /// One region starting at `guest_address`, at most `max_bytes` long: the device's I/O
+    /// window (rings and bounce buffers), the KVM-world analogue of Xen grants.
+    Window { guest_address: u64, max_bytes: u64 },
+    /// Any table: the guest shares all of its RAM (its host-file entry says
+    /// `share = "all-ram"`; an unmodified Linux guest puts buffers anywhere).
+    AllRam,
+}
+
+/// Where a process guest's I/O windows sit in the address space its backends see.
+pub const PROCESS_WINDOW_GPA: u64 = 0x1_0000_0000;
+/// The largest I/O window a process guest's device may have.
+pub const PROCESS_WINDOW_MAX_BYTES: u64 = 64 << 20;
+
 /// Toolstack to driver domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendRequest {
@@ -25,6 +42,8 @@ pub enum BackendRequest {
         frontend: u32,
         devid: u32,
         readonly: bool,
+        /// The guest memory this device's backend may map.
+        grant: MemoryGrant,
     },
     /// Serve a network interface of `frontend` as a port of the driver domain's switch.
     /// Descriptors: `[vhost-user listener]`, made as for [`BackendRequest::ServeBlock`].
@@ -32,6 +51,8 @@ pub enum BackendRequest {
         frontend: u32,
         devid: u32,
         mac: [u8; 6],
+        /// The guest memory this device's backend may map.
+        grant: MemoryGrant,
     },
     /// Report per-device counters.
     Stats,
