@@ -59,6 +59,10 @@ struct Cli {
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
+    /// Linux: assign this PCI function (DDDD:BB:DD.F, bound to vfio-pci; its IOMMU group is
+    /// found in sysfs and opened from /dev/vfio) to the guest. Repeatable.
+    #[arg(long, requires = "linux", value_name = "BDF")]
+    vfio: Vec<String>,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -229,6 +233,16 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         Ok(parts) => parts,
         Err(code) => return code,
     };
+    let mut assigned = Vec::new();
+    for bdf in &cli.vfio {
+        match control_vmm::vmm::vfio::Assignment::by_address(bdf) {
+            Ok(a) => assigned.push(a),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: --vfio {bdf}: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    }
     let cfg = LinuxVmConfig {
         boot,
         ram_bytes: cli.mem_mib << 20,
@@ -242,6 +256,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
             .map_or(BlkAttachment::None, BlkAttachment::Socket),
         share_all_ram: cli.share_all_ram,
         connect_timeout: Duration::from_secs(5),
+        assigned,
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {

@@ -140,6 +140,7 @@ impl LinuxMachine {
             blk,
             share_all_ram,
             connect_timeout: Duration::from_secs(5),
+            assigned: Vec::new(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
