@@ -187,6 +187,8 @@ pub enum Command {
     },
     /// List the PCI functions driver domains own, as they reported them.
     Devices,
+    /// List the PCI functions (VFs) assigned to guests, as the store records them.
+    PciList,
     /// Read and change the store, like xenstore-read/-write/-ls/-rm/-watch.
     Xs {
         #[command(subcommand)]

@@ -56,6 +56,10 @@ struct Cli {
     /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
     #[arg(long, requires = "linux", default_value_t = 0)]
     disks: usize,
+    /// Linux with --managed-domid: boot once this many PCI functions have been handed over
+    /// (AssignPci, each with its VFIO group).
+    #[arg(long, requires = "managed_domid", default_value_t = 0)]
+    pci: usize,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
@@ -330,6 +334,7 @@ fn run_managed_linux(
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         disks: cli.disks,
+        pci: cli.pci,
         console_socket,
     };
     let slot = MachineSlot::default();

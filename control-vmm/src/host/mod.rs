@@ -8,11 +8,13 @@
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
 //! - [`images`]: the disk images held (and locked) for the guests;
-//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
+//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown;
+//! - [`pci`]: VFs of the driver domain's PFs assigned to Linux guests.
 
 mod devices;
 mod images;
 mod lifecycle;
+mod pci;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -82,6 +84,8 @@ struct Guest {
     /// Disks and interfaces attached now, by device number.
     disks: BTreeMap<u32, DiskConfig>,
     nics: BTreeMap<u32, NicConfig>,
+    /// VFs the guest holds (its VMM has their VFIO groups).
+    pci: Vec<pci::HeldVf>,
     /// Counters reported by the guest when it shut down.
     stats: Option<GuestStats>,
 }
@@ -342,6 +346,9 @@ impl Host {
                 }
                 if let Some(extra) = &config.extra {
                     command.arg("--cmdline").arg(extra);
+                }
+                if !config.pci.is_empty() {
+                    command.arg("--pci").arg(config.pci.len().to_string());
                 }
                 let memory = config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB);
                 let vcpus = config.vcpus.unwrap_or(1);

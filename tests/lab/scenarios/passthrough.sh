@@ -3,6 +3,12 @@
 # runs an I/O phase whose exits the VMM counts (printed per request: near zero, the doorbells
 # are KVM memory slots and the completions KVM irqfds); after the guest is gone the lab VM
 # reads the pattern back through the VF's namespace with its own kernel nvme driver.
+# Then the handover through the toolstack: `splitvmm up` with a host file whose Linux guest
+# has `[[guest.pci]]` (VF 1 of the owned PF): the driver domain enables the VFs, binds VF 1 to
+# vfio-pci and passes its VFIO group through the toolstack to the guest's VMM, neither keeping
+# a copy (checked in /proc/<pid>/fd); `splitvmm pci-list` shows the VF held; on the guest's
+# shutdown the VF is reset and returned, and `splitvmm create` gives it to a second guest,
+# which finds the first guest's pattern on it and writes its own, read back by the lab VM.
 W=/tmp/passthrough
 rm -rf $W
 mkdir -p $W
@@ -74,6 +80,103 @@ kill -0 $vmm 2>/dev/null && fail "splitvmm-vmm still runs"
 read_vf_block $VF1 256 ${#PATTERN}
 echo "block 256 through $VF1: $GOT"
 [ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at 1 MiB, expected '$PATTERN'"
+
+step "tear down the by-hand VFs"
+vfs_down
+
+step "splitvmm up: a Linux guest with [[guest.pci]] VF 1 of the owned PF"
+P1=$LAB_PATTERN-vm1
+P2=$LAB_PATTERN-vm2
+GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.nvme=1 l2.nvme_requests=32"
+cat > $W/host.toml <<TOML
+run_dir = "$W/run"
+[driver_domain]
+name = "driver"
+domid = 1
+owns = ["$PF"]
+[[guest]]
+name = "vm1"
+domid = 2
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "$GUEST_CMDLINE l2.pattern=$P1 l2.button=1"
+memory = 256
+[[guest.pci]]
+pf = "$PF"
+vf = 1
+TOML
+SV="/bin/splitvmm --run-dir $W/run"
+RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
+up=$!
+background $up
+# wait_for FILE PATTERN SECONDS
+wait_for() {
+    i=0
+    until grep -q "$2" $1 2>/dev/null; do
+        kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
+        [ $i -ge $(($3 * 10)) ] && { cat $W/up.log; tail -5 $1; fail "no '$2' in $1 within $3 s"; }
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+wait_for $W/run/logs/vm1.log "^L2-WAITING-BUTTON" 90
+grep -E "VF|assigned|created|ready" $W/up.log
+grep -E "^L2-" $W/run/logs/vm1.log
+grep -q "^L2-NVME-WRITTEN" $W/run/logs/vm1.log || fail "vm1 did not write through its VF"
+run $SV pci-list
+echo "$OUT" | grep -E "^vm1 +2 +0  $VF1 +$PF +1  1$" || fail "pci-list does not show vm1 holding VF 1 ($VF1)"
+
+step "the VMM holds the only VFIO group descriptor"
+g=$(group_of $VF1)
+dd_pid=$(ps -o pid,args | grep '[d]river-domain managed' | awk '{print $1}')
+vmm_pid=$(ps -o pid,args | grep '[s]plitvmm-vmm --linux' | awk '{print $1}')
+held() { ls -l /proc/$1/fd 2>/dev/null | grep -c "/dev/vfio/$g\$"; }
+echo "/dev/vfio/$g open in: VMM $vmm_pid: $(held $vmm_pid), driver domain $dd_pid: $(held $dd_pid), toolstack $up: $(held $up)"
+[ "$(held $vmm_pid)" = 1 ] || fail "the guest's VMM does not hold /dev/vfio/$g"
+[ "$(held $dd_pid)" = 0 ] || fail "the driver domain kept a copy of the group"
+[ "$(held $up)" = 0 ] || fail "the toolstack kept a copy of the group"
+
+step "vm1 shuts down: its VF is reset and returned"
+run $SV shutdown vm1
+wait_for $W/up.log "vm1: $VF1 reset and returned to the driver domain" 30
+grep -E "vm1: " $W/up.log
+grep "reset at the end of the assignment" $W/run/logs/vm1.log || fail "vm1's VMM did not reset the VF"
+run $SV pci-list
+echo "$OUT" | grep -q "$VF1" && fail "pci-list still shows $VF1 held"
+
+step "splitvmm create: a second guest gets the same VF"
+cat > $W/vm2.toml <<TOML
+name = "vm2"
+domid = 3
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "$GUEST_CMDLINE l2.pattern=$P2"
+memory = 256
+[[pci]]
+pf = "$PF"
+vf = 1
+TOML
+run $SV create $W/vm2.toml
+says "created vm2 (domain 3)"
+wait_for $W/up.log "vm2: powered off" 90
+grep -E "vm2: " $W/up.log
+grep -E "^L2-NVME" $W/run/logs/vm2.log
+grep -q "VF 1 of $PF ($VF1) assigned" $W/up.log || fail "vm2 was not assigned VF 1"
+grep -q "^L2-NVME-BEFORE $P1" $W/run/logs/vm2.log || fail "vm2 did not find vm1's pattern on the VF"
+grep -q "^L2-NVME-WRITTEN" $W/run/logs/vm2.log || fail "vm2 did not write through the VF"
+wait_for $W/up.log "vm2: $VF1 reset and returned to the driver domain" 30
+
+kill $up
+wait_gone $up 15 || fail "splitvmm up outlived its SIGTERM by 15 s"
+left=$(ps -o pid,args | grep -E '[s]plitvmm|[d]river-domain')
+[ -z "$left" ] || fail "processes left: $left"
+
+step "vm2's pattern, read through the VF by the lab VM"
+read_vf_block $VF1 256 ${#P2}
+echo "block 256 through $VF1: $GOT"
+[ "$GOT" = "$P2" ] || fail "the VF's namespace holds '$GOT', expected '$P2'"
 
 step "tear down"
 vfs_down
