@@ -2,7 +2,11 @@
 # stock nvme driver binds the VF (Identify, I/O queues, MSI-X), writes this run's pattern and
 # runs an I/O phase whose exits the VMM counts (printed per request: near zero, the doorbells
 # are KVM memory slots and the completions KVM irqfds); after the guest is gone the lab VM
-# reads the pattern back through the VF's namespace with its own kernel nvme driver.
+# reads the pattern back through the VF's namespace with its own kernel nvme driver. The same
+# guest first misprograms the VF (read-only and hidden configuration registers, memory
+# decoding and bus mastering off, BAR0 moved out of the window and back, an FLR in the middle
+# of I/O): it hurts only itself, the VMM logs and carries on, and a last write still reaches
+# the namespace.
 # Then the handover through the toolstack: `splitvmm up` with a host file whose Linux guest
 # has `[[guest.pci]]` (VF 1 of the owned PF): the driver domain enables the VFs, binds VF 1 to
 # vfio-pci and passes its VFIO group through the toolstack to the guest's VMM, neither keeping
@@ -20,7 +24,7 @@ PATTERN=$LAB_PATTERN-VF
 REQUESTS=256
 # nvme_core.multipath=N: the namespace is the controller's own blk-mq disk (with multipath its
 # head node is bio-based and keeps no request counters).
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.pattern=$PATTERN l2.nvme=1 l2.nvme_requests=$REQUESTS"
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.pattern=$PATTERN l2.nvme=1 l2.nvme_requests=$REQUESTS l2.vfbad=1"
 
 # read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
 # lab VM's kernel nvme driver (the VF is bound to nvme for it, then back to vfio-pci).
@@ -75,11 +79,30 @@ echo "guest requests in the I/O phase: $n; exits to the VMM: $exits"
 grep "^I/O phase [0-9]" $W/vmm.log | grep -qE "assigned_bar_exit|msix_table_access|pci_config" &&
     fail "the VF's I/O path went through the VMM"
 
-step "the pattern, read through the VF's namespace by the lab VM after the guest is gone"
+step "the guest's misprogramming hurt only itself"
+grep "^L2-VFBAD" $W/console.log
+# The guest console's lines end in CR LF.
+ro=$(grep "^L2-VFBAD-RO" $W/console.log | tr -d "\r")
+set -- $ro
+[ -n "$ro" ] && [ "$3 $4" = "$6 $7" ] || fail "identity or class changed under the guest's writes: $ro"
+[ "$9 ${11}" = "0x00000000 0x00000000" ] || fail "the ROM BAR or the extended space is not hidden: $ro"
+bar=$(grep "^L2-VFBAD-BAR" $W/console.log | tr -d "\r")
+set -- $bar
+[ -n "$bar" ] && [ "$5" = 0x12340004 ] && [ "$7" = "$3" ] || fail "BAR0 did not move out and back: $bar"
+[ $(( $9 & 6 )) = 6 ] || fail "memory decoding or bus mastering not back on after the driver rebound: $bar"
+grep -q "guest moved BAR0 from .* to 0x12340000" $W/vmm.log || fail "the VMM did not log the BAR move"
+grep -q "^L2-VFBAD-FLR done" $W/console.log || fail "the guest's function-level reset failed"
+grep -q "^L2-VFBAD-WRITTEN" $W/console.log || fail "the guest's last write after the FLR failed"
+grep -c "MSI-X enabled" $W/vmm.log | grep -qv "^1$" || fail "MSI-X was not enabled again after the rebind"
+
+step "the patterns, read through the VF's namespace by the lab VM after the guest is gone"
 kill -0 $vmm 2>/dev/null && fail "splitvmm-vmm still runs"
 read_vf_block $VF1 256 ${#PATTERN}
 echo "block 256 through $VF1: $GOT"
 [ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at 1 MiB, expected '$PATTERN'"
+read_vf_block $VF1 512 $((${#PATTERN} + 10))
+echo "block 512 through $VF1: $GOT"
+[ "$GOT" = "$PATTERN-after-bad" ] || fail "the VF's namespace holds '$GOT' at 2 MiB, expected '$PATTERN-after-bad'"
 
 step "tear down the by-hand VFs"
 vfs_down
