@@ -261,6 +261,7 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         share_all_ram: cli.share_all_ram,
         connect_timeout: Duration::from_secs(5),
         assigned,
+        functions: Default::default(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {

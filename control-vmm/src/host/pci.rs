@@ -126,6 +126,41 @@ impl Host {
         Ok(())
     }
 
+    /// `splitvmm pci-detach`: guest `domain`'s VMM lets PCI function `index` go (a running
+    /// guest sees it vanish: no hotplug), then the VF goes back to the driver domain, reset.
+    pub fn detach_pci(&self, domain: &str, index: u32) -> Result<String> {
+        self.with_guest(domain, |name, slot, guest| {
+            let i = guest
+                .pci
+                .iter()
+                .position(|h| h.index == index)
+                .with_context(|| format!("{name} holds no PCI function {index}"))?;
+            guest
+                .domain
+                .channel
+                .send(&GuestRequest::DetachPci { index }, &[])?;
+            loop {
+                match self.guest_event(name, slot, guest, WALK_TIMEOUT)? {
+                    GuestEvent::PciDetached { index: n } if n == index => break,
+                    GuestEvent::PciFailed { index: n, reason } if n == index => {
+                        bail!("{name}: its VMM did not let PCI {index} go: {reason}")
+                    }
+                    other => log::warn!("{name}: {other:?} while detaching PCI {index}"),
+                }
+            }
+            // Release this one only: the others stay held.
+            let held = guest.pci.remove(i);
+            let address = held.address.clone();
+            let others = std::mem::replace(&mut guest.pci, vec![held]);
+            let released = self.release_pci(name, guest);
+            guest.pci = others;
+            released?;
+            Ok(format!(
+                "{name}: PCI {index} ({address}) detached, reset and returned"
+            ))
+        })
+    }
+
     /// Gives back the VFs of guest `name`, whose VMM has ended (it held the only group
     /// descriptors): the driver domain resets each. Their store entries go.
     pub(super) fn release_pci(&self, name: &str, guest: &mut Guest) -> Result<()> {

@@ -81,6 +81,12 @@ pub trait FrontendLifecycle {
     ) -> Result<(), String> {
         Err("this kind of guest cannot take PCI devices".into())
     }
+
+    /// Lets PCI function `index` go (reset, descriptors closed). Kinds without PCI devices
+    /// have none to let go.
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        Err(format!("no PCI function {index}"))
+    }
 }
 
 /// A disk check the toolstack asked for.

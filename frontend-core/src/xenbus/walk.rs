@@ -219,6 +219,13 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         };
                         self.control.send(&event, &[])?;
                     }
+                    GuestRequest::DetachPci { index } => {
+                        let event = match self.kind.detach_pci(index) {
+                            Ok(()) => GuestEvent::PciDetached { index },
+                            Err(reason) => GuestEvent::PciFailed { index, reason },
+                        };
+                        self.control.send(&event, &[])?;
+                    }
                     GuestRequest::Shutdown if self.kind.shutdown_requested() => {
                         return self.shut_down()
                     }

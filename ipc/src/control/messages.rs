@@ -120,6 +120,10 @@ pub enum GuestRequest {
     /// A PCI function to assign to the guest (a KVM Linux guest, before it boots), as its
     /// `index`-th. Descriptors: `[VFIO group]` holding the function `address`.
     AssignPci { index: u32, address: String },
+    /// Let the PCI function of [`GuestRequest::AssignPci`] `index` go (`pci-detach`): reset
+    /// it and close its descriptors, the guest running or not (no hotplug: a running guest
+    /// sees it vanish). Answered by [`GuestEvent::PciDetached`] or [`GuestEvent::PciFailed`].
+    DetachPci { index: u32 },
     /// Report counters and exit.
     Shutdown,
 }
@@ -149,6 +153,8 @@ pub enum GuestEvent {
     DeviceFailed { devid: u32, reason: String },
     /// The guest took the PCI function of [`GuestRequest::AssignPci`] `index`.
     PciAssigned { index: u32 },
+    /// The guest let PCI function `index` go; it holds nothing of it any more.
+    PciDetached { index: u32 },
     /// The guest could not take it, and why (it holds no copy of the group).
     PciFailed { index: u32, reason: String },
     /// Final counters, sent before exiting.
@@ -192,6 +198,9 @@ pub enum ToolstackRequest {
     },
     /// Detach network interface `devid` from guest `guest`.
     NetworkDetach { guest: String, devid: u32 },
+    /// Take PCI function `index` (its `[[pci]]` entry) away from guest `guest` and give the
+    /// VF back to the driver domain.
+    PciDetach { guest: String, index: u32 },
     /// Have guest `guest` resolve `peer` on interface `devid` and exchange UDP echoes with it.
     NetPing {
         guest: String,

@@ -10,9 +10,10 @@
 # Then the handover through the toolstack: `splitvmm up` with a host file whose Linux guest
 # has `[[guest.pci]]` (VF 1 of the owned PF): the driver domain enables the VFs, binds VF 1 to
 # vfio-pci and passes its VFIO group through the toolstack to the guest's VMM, neither keeping
-# a copy (checked in /proc/<pid>/fd); `splitvmm pci-list` shows the VF held; on the guest's
-# shutdown the VF is reset and returned, and `splitvmm create` gives it to a second guest,
-# which finds the first guest's pattern on it and writes its own, read back by the lab VM.
+# a copy (checked in /proc/<pid>/fd); `splitvmm pci-list` shows the VF held; `splitvmm
+# pci-detach` takes it from the running guest (its VMM resets and closes it), the VF is reset
+# and returned, and `splitvmm create` gives it to a second guest, which finds the first guest's
+# pattern on it, writes its own and powers off: the VF is returned again as the guest ends.
 W=/tmp/passthrough
 rm -rf $W
 mkdir -p $W
@@ -160,13 +161,17 @@ echo "/dev/vfio/$g open in: VMM $vmm_pid: $(held $vmm_pid), driver domain $dd_pi
 [ "$(held $dd_pid)" = 0 ] || fail "the driver domain kept a copy of the group"
 [ "$(held $up)" = 0 ] || fail "the toolstack kept a copy of the group"
 
-step "vm1 shuts down: its VF is reset and returned"
-run $SV shutdown vm1
-wait_for $W/up.log "vm1: $VF1 reset and returned to the driver domain" 30
+step "splitvmm pci-detach: vm1's VMM lets the VF go while vm1 runs; the VF is reset and returned"
+run $SV pci-detach vm1 0
+says "vm1: PCI 0 ($VF1) detached, reset and returned"
 grep -E "vm1: " $W/up.log
 grep "reset at the end of the assignment" $W/run/logs/vm1.log || fail "vm1's VMM did not reset the VF"
+grep "released (its descriptors closed)" $W/run/logs/vm1.log || fail "vm1's VMM did not close the VF"
+kill -0 $vmm_pid 2>/dev/null || fail "vm1's VMM ended with the detach"
+[ "$(held $vmm_pid)" = 0 ] || fail "vm1's VMM still holds /dev/vfio/$g after the detach"
 run $SV pci-list
 echo "$OUT" | grep -q "$VF1" && fail "pci-list still shows $VF1 held"
+run $SV shutdown vm1
 
 step "splitvmm create: a second guest gets the same VF"
 cat > $W/vm2.toml <<TOML

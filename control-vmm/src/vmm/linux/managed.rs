@@ -25,7 +25,7 @@ use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::{BlkAttachment, VmError};
 use crate::vmm::managed::{no_network_checks, refuse_network_interfaces};
-use crate::vmm::vfio::{Assignment, GroupSource};
+use crate::vmm::vfio::{AssignedFunctions, Assignment, GroupSource};
 use crate::vmm::vhost_blk::VhostBlk;
 
 /// How the managed Linux machine is built.
@@ -101,6 +101,10 @@ pub struct LinuxMachine {
     ready: Vec<VhostBlk>,
     /// Functions handed over, until boot.
     assigned: Vec<Assignment>,
+    /// Host address of each function handed over, by index.
+    pci_addresses: Vec<(u32, String)>,
+    /// The functions of the running machine.
+    functions: AssignedFunctions,
 }
 
 /// The managed VMM process of a Linux guest.
@@ -122,6 +126,8 @@ impl LinuxMachine {
             machine,
             ready: Vec::new(),
             assigned: Vec::new(),
+            pci_addresses: Vec::new(),
+            functions: AssignedFunctions::default(),
         };
         m.boot_when_ready()?;
         Ok(m)
@@ -154,6 +160,7 @@ impl LinuxMachine {
             share_all_ram,
             connect_timeout: Duration::from_secs(5),
             assigned: std::mem::take(&mut self.assigned),
+            functions: self.functions.clone(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
@@ -261,11 +268,33 @@ impl FrontendLifecycle for LinuxMachine {
             _ => return Err("expected exactly one descriptor (the VFIO group)".into()),
         };
         log::info!("PCI {index}: {address} handed over (its VFIO group)");
+        self.pci_addresses.push((index, address.to_owned()));
         self.assigned.push(Assignment {
             bdf: address.to_owned(),
             group: GroupSource::Fd(group),
         });
         self.boot_when_ready().map_err(|e| e.to_string())
+    }
+
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        let i = self
+            .pci_addresses
+            .iter()
+            .position(|(n, _)| *n == index)
+            .ok_or_else(|| format!("no PCI function {index}"))?;
+        let (_, address) = self.pci_addresses.remove(i);
+        if matches!(*self.machine.lock(), Machine::NotBooted) {
+            // Not plugged yet: drop its group; the guest no longer waits for it.
+            self.assigned.retain(|a| a.bdf != address);
+            self.settings.pci = self.settings.pci.saturating_sub(1);
+            return self.boot_when_ready().map_err(|e| e.to_string());
+        }
+        // A running machine: a surprise removal for the guest. A machine that has ended
+        // closed it already.
+        if self.functions.release(&address) {
+            log::warn!("PCI {index} ({address}) taken away from the running guest");
+        }
+        Ok(())
     }
 
     /// One virtio-pci disk for now.

@@ -37,7 +37,7 @@ use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
 use super::vfio::device::{Placement, VfioPciDevice};
-use super::vfio::{map_guest_ram, Assignment};
+use super::vfio::{map_guest_ram, AssignedFunctions, Assignment};
 use super::vhost_blk::{shared_region, VhostBlk};
 use bus::LinuxBus;
 
@@ -71,6 +71,8 @@ pub struct LinuxVmConfig {
     pub connect_timeout: Duration,
     /// PCI functions assigned to the guest through VFIO.
     pub assigned: Vec<Assignment>,
+    /// Where the machine registers them once plugged (for `pci-detach`).
+    pub functions: AssignedFunctions,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -229,7 +231,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             first_slot: FIRST_BAR_SLOT + i as u32 * BAR_SLOTS_PER_FUNCTION,
             counters: Arc::clone(&counters),
         };
-        next_gsi += plug_assigned(&ram, &mut pci, a, place)?;
+        next_gsi += plug_assigned(&ram, &mut pci, a, place, &cfg.functions)?;
     }
 
     let rsdp =
@@ -381,6 +383,7 @@ fn plug_assigned(
     pci: &mut PciSegment,
     assignment: Assignment,
     place: Placement<'_>,
+    functions: &AssignedFunctions,
 ) -> Result<u32, VmError> {
     let fail = |e: String| VmError::Config(format!("assigning a PCI function: {e}"));
     let (bdf, container, group) = assignment.open().map_err(|e| fail(e.to_string()))?;
@@ -398,8 +401,10 @@ fn plug_assigned(
     );
     let dev = VfioPciDevice::new(&bdf, container, group, place).map_err(|e| fail(e.to_string()))?;
     let vectors = u32::from(dev.vectors());
+    let dev = Arc::new(Mutex::new(dev));
+    functions.add(&bdf, Arc::clone(&dev));
     let slot = pci
-        .add(Arc::new(Mutex::new(dev)))
+        .add(dev)
         .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
     log::info!("{bdf}: assigned at 00:{slot:02x}.0, {vectors} MSI-X vectors");
     Ok(vectors)

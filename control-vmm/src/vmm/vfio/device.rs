@@ -28,7 +28,7 @@ use super::sys::{RegionInfo, VfioContainer, VfioDevice, VfioGroup, VfioSysError}
 use crate::vmm::arch::{PCI_MMIO_BYTES, PCI_MMIO_GPA};
 use crate::vmm::bus::Limiter;
 use crate::vmm::exits::{Counter, ExitCounters};
-use crate::vmm::pci::config::{ConfigSpace, BARS, COMMAND_MEMORY};
+use crate::vmm::pci::config::{ConfigSpace, BARS, COMMAND, COMMAND_MEMORY};
 use crate::vmm::pci::msix::{IrqWiring, Msix, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use crate::vmm::pci::{log_bar_move, BarAllocator, PciDevice};
 
@@ -105,25 +105,32 @@ struct MsixState {
     on_device: bool,
 }
 
-/// An assigned function. Dropping it removes its KVM slots, disables its interrupts, resets
-/// it and closes its descriptors (container last, which drops the DMA mappings).
+/// What an assigned function holds of the host while it is assigned.
+struct Live {
+    device: VfioDevice,
+    bars: Vec<MappedBar>,
+    // Kept open while assigned; the container holds the DMA mappings and closes last.
+    _group: VfioGroup,
+    _container: VfioContainer,
+}
+
+/// An assigned function. [`VfioPciDevice::release`] (or dropping it) removes its KVM slots,
+/// disables its interrupts, resets it and closes its descriptors (container last, which drops
+/// the DMA mappings); a released function reads all-ones, as a removed one does.
 pub struct VfioPciDevice {
     name: String,
-    device: VfioDevice,
     config_region: RegionInfo,
     layout: Layout,
     shadow: ConfigSpace,
     msix: Option<MsixState>,
-    bars: Vec<MappedBar>,
+    /// None once released.
+    live: Option<Live>,
     vm: Arc<VmFd>,
     first_slot: u32,
     /// KVM slots currently mapped: (slot, gpa).
     mapped: Vec<(u32, u64)>,
     counters: Arc<ExitCounters>,
     limiter: Limiter,
-    // Kept open for the device's lifetime; the container holds the DMA mappings.
-    _group: VfioGroup,
-    _container: VfioContainer,
 }
 
 // SAFETY: the raw pointers are mmaps of the device's BARs, used only to hand their addresses
@@ -280,19 +287,21 @@ impl VfioPciDevice {
         }
         Ok(Self {
             name: name.into(),
-            device,
             config_region,
             layout,
             shadow,
             msix,
-            bars,
+            live: Some(Live {
+                device,
+                bars,
+                _group: group,
+                _container: container,
+            }),
             vm: place.vm,
             first_slot: place.first_slot,
             mapped: Vec::new(),
             counters: place.counters,
             limiter: Limiter::default(),
-            _group: group,
-            _container: container,
         })
     }
 
@@ -321,13 +330,16 @@ impl VfioPciDevice {
                 log::error!("{}: removing KVM slot {slot}: {e}", self.name);
             }
         }
+        let Some(live) = self.live.as_ref() else {
+            return;
+        };
         if self.shadow.command() & COMMAND_MEMORY == 0 {
             return;
         }
         let window = PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES;
         let mut slot = self.first_slot;
         let mut mapped = Vec::new();
-        for b in &self.bars {
+        for b in &live.bars {
             let Some((base, _)) = self.shadow.bar(b.index) else {
                 continue;
             };
@@ -355,7 +367,7 @@ impl VfioPciDevice {
 
     fn set_msix_control(&mut self, control: u16) {
         let name = self.name.clone();
-        let Some(m) = self.msix.as_mut() else {
+        let (Some(m), Some(live)) = (self.msix.as_mut(), self.live.as_ref()) else {
             return;
         };
         let control = control & (CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
@@ -367,7 +379,7 @@ impl VfioPciDevice {
                 .iter()
                 .map(|f| std::os::fd::AsRawFd::as_raw_fd(&**f))
                 .collect();
-            match self.device.enable_irqs(VFIO_PCI_MSIX_IRQ_INDEX, &fds) {
+            match live.device.enable_irqs(VFIO_PCI_MSIX_IRQ_INDEX, &fds) {
                 Ok(()) => {
                     m.on_device = true;
                     log::info!("{name}: MSI-X enabled, {} vectors on irqfds", fds.len());
@@ -375,7 +387,7 @@ impl VfioPciDevice {
                 Err(e) => log::error!("{name}: enabling MSI-X: {e}"),
             }
         } else if !enable && m.on_device {
-            if let Err(e) = self.device.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX) {
+            if let Err(e) = live.device.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX) {
                 log::error!("{name}: disabling MSI-X: {e}");
             }
             m.on_device = false;
@@ -385,7 +397,10 @@ impl VfioPciDevice {
 
     fn device_dword(&self, dw: usize) -> u32 {
         let mut b = [0u8; 4];
-        match self.device.read(&self.config_region, dw as u64, &mut b) {
+        let Some(device) = self.device() else {
+            return 0xffff_ffff;
+        };
+        match device.read(&self.config_region, dw as u64, &mut b) {
             Ok(()) => u32::from_le_bytes(b),
             Err(e) => {
                 if self.limiter.allow() {
@@ -411,8 +426,48 @@ impl VfioPciDevice {
         None
     }
 
-    fn region_of(&self, bar: usize) -> Option<&RegionInfo> {
-        self.bars.iter().find(|b| b.index == bar).map(|b| &b.region)
+    fn device(&self) -> Option<&VfioDevice> {
+        self.live.as_ref().map(|l| &l.device)
+    }
+
+    /// The device and the region of BAR `bar`, while assigned.
+    fn region_of(&self, bar: usize) -> Option<(&VfioDevice, &RegionInfo)> {
+        let live = self.live.as_ref()?;
+        let b = live.bars.iter().find(|b| b.index == bar)?;
+        Some((&live.device, &b.region))
+    }
+
+    /// Whether the function is still assigned (not released).
+    pub fn is_assigned(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Lets the function go, the guest running or not (after `pci-detach` the guest sees a
+    /// surprise removal): KVM slots removed, interrupts disabled and unbound, the function
+    /// reset, its descriptors closed (the container last: the DMA mappings go). From then on
+    /// it reads all-ones and decodes nothing, as a removed function does.
+    pub fn release(&mut self) {
+        let Some(live) = self.live.take() else {
+            return;
+        };
+        for (slot, gpa) in std::mem::take(&mut self.mapped) {
+            let _ = self.set_slot(slot, gpa, 0, 0);
+        }
+        let _ = self.shadow.write(COMMAND, &[0, 0]);
+        if let Some(m) = self.msix.as_mut() {
+            m.model.set_control(0);
+            m.model.clear_sources();
+            if m.on_device {
+                let _ = live.device.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
+                m.on_device = false;
+            }
+        }
+        match live.device.reset() {
+            Ok(()) => log::info!("{}: reset at the end of the assignment", self.name),
+            Err(e) => log::warn!("{}: reset at the end of the assignment: {e}", self.name),
+        }
+        drop(live);
+        log::info!("{}: released (its descriptors closed)", self.name);
     }
 }
 
@@ -422,6 +477,10 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if self.live.is_none() {
+            data.fill(0xff);
+            return;
+        }
         let dw = offset & !3;
         let control = self.msix.as_ref().map_or(0, |m| m.control);
         let v = if dw < 0x100 {
@@ -442,15 +501,18 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        if self.live.is_none() {
+            return;
+        }
         match write_target(&self.layout, offset, data.len()) {
             WriteTarget::Command => {
                 let before = self.shadow.command();
                 let _ = self.shadow.write(offset, data);
                 let now = self.shadow.command();
-                if let Err(e) = self
-                    .device
-                    .write(&self.config_region, 4, &now.to_le_bytes())
-                {
+                let written = self
+                    .device()
+                    .map(|d| d.write(&self.config_region, 4, &now.to_le_bytes()));
+                if let Some(Err(e)) = written {
                     log::error!("{}: command register: {e}", self.name);
                 }
                 if (before ^ now) & COMMAND_MEMORY != 0 {
@@ -477,7 +539,10 @@ impl PciDevice for VfioPciDevice {
                 self.set_msix_control(u16::from_le_bytes([dw[2], dw[3]]));
             }
             WriteTarget::Device => {
-                if let Err(e) = self.device.write(&self.config_region, offset as u64, data) {
+                let written = self
+                    .device()
+                    .map(|d| d.write(&self.config_region, offset as u64, data));
+                if let Some(Err(e)) = written {
                     log::warn!("{}: configuration write at {offset:#x}: {e}", self.name);
                 }
             }
@@ -506,9 +571,7 @@ impl PciDevice for VfioPciDevice {
             }
             None => {
                 self.counters.bump(Counter::AssignedBarExit);
-                let r = self
-                    .region_of(bar)
-                    .map(|r| self.device.read(r, offset, data));
+                let r = self.region_of(bar).map(|(d, r)| d.read(r, offset, data));
                 if !matches!(r, Some(Ok(()))) {
                     data.fill(0xff);
                 }
@@ -532,8 +595,8 @@ impl PciDevice for VfioPciDevice {
             }
             None => {
                 self.counters.bump(Counter::AssignedBarExit);
-                if let Some(r) = self.region_of(bar) {
-                    if let Err(e) = self.device.write(r, offset, data) {
+                if let Some((d, r)) = self.region_of(bar) {
+                    if let Err(e) = d.write(r, offset, data) {
                         log::warn!("{}: BAR{bar} write at {offset:#x}: {e}", self.name);
                     }
                 }
@@ -544,18 +607,6 @@ impl PciDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        for (slot, gpa) in std::mem::take(&mut self.mapped) {
-            let _ = self.set_slot(slot, gpa, 0, 0);
-        }
-        if let Some(m) = self.msix.as_mut() {
-            m.model.clear_sources();
-            if m.on_device {
-                let _ = self.device.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
-            }
-        }
-        match self.device.reset() {
-            Ok(()) => log::info!("{}: reset at the end of the assignment", self.name),
-            Err(e) => log::warn!("{}: reset at the end of the assignment: {e}", self.name),
-        }
+        self.release();
     }
 }

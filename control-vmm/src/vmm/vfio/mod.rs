@@ -15,6 +15,9 @@ pub mod sys;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use device::VfioPciDevice;
 
 use sys::{VfioContainer, VfioGroup, VfioSysError};
 
@@ -164,5 +167,34 @@ pub unsafe fn map_guest_ram(
             })
         }
         Err(e) => Err(AssignmentError::MapRam(e)),
+    }
+}
+
+/// The assigned functions of a machine, by host address: the machine adds each as it plugs
+/// it; a managed VMM lets one go on `pci-detach` while the guest runs.
+#[derive(Debug, Clone, Default)]
+pub struct AssignedFunctions(Arc<Mutex<Vec<(String, SharedFunction)>>>);
+
+/// An assigned function, shared by the bus and [`AssignedFunctions`].
+pub type SharedFunction = Arc<Mutex<VfioPciDevice>>;
+
+impl AssignedFunctions {
+    pub fn add(&self, bdf: &str, device: SharedFunction) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((bdf.to_owned(), device));
+    }
+
+    /// Releases function `bdf` ([`VfioPciDevice::release`]); false if the machine has none.
+    pub fn release(&self, bdf: &str) -> bool {
+        let list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match list.iter().find(|(b, _)| b == bdf) {
+            Some((_, device)) => {
+                device.lock().unwrap_or_else(|p| p.into_inner()).release();
+                true
+            }
+            None => false,
+        }
     }
 }
