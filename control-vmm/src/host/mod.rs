@@ -4,7 +4,8 @@
 //! Each guest sits behind its own lock, so management requests to different guests run at the
 //! same time (the toolstack serves each on its own thread): a guest that is slow to answer
 //! holds up requests to itself only. Store writes go through a connection per operation; the
-//! driver domain's control channel is locked only while a message is sent.
+//! driver domain's control channel is locked only while a message is sent, and while the
+//! answer about a VF is awaited (up to a minute: enabling SR-IOV resets the PF).
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
 //! - [`images`]: the disk images held (and locked) for the guests;

@@ -72,19 +72,24 @@ struct MappedBar {
 impl MappedBar {
     /// The parts of the BAR given to KVM: (offset, length).
     fn direct_pieces(&self) -> Vec<(u64, u64)> {
-        let mut pieces = Vec::new();
-        let mut at = 0;
-        for &(t, len) in &self.traps {
-            if t > at {
-                pieces.push((at, t - at));
-            }
-            at = at.max(t + len);
-        }
-        if at < self.size {
-            pieces.push((at, self.size - at));
-        }
-        pieces
+        direct_pieces(self.size, &self.traps)
     }
+}
+
+/// The parts of `size` bytes outside the sorted `traps` (offset, length).
+fn direct_pieces(size: u64, traps: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for &(t, len) in traps {
+        if t > at {
+            pieces.push((at, t - at));
+        }
+        at = at.max(t + len);
+    }
+    if at < size {
+        pieces.push((at, size - at));
+    }
+    pieces
 }
 
 impl Drop for MappedBar {
@@ -608,5 +613,25 @@ impl PciDevice for VfioPciDevice {
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msix_pages_are_cut_out_of_the_kvm_slots() {
+        // The lab's NVMe VF: registers, then the table page, then the PBA page.
+        let traps = [pages(0x2000, 16), pages(0x3000, 8)];
+        assert_eq!(traps, [(0x2000, 0x1000), (0x3000, 0x1000)]);
+        assert_eq!(direct_pieces(0x4000, &traps), [(0, 0x2000)]);
+        // A table in the middle of a BAR, spanning two pages, with the PBA on its last page.
+        let traps = [pages(0x1f00, 0x200), pages(0x2100, 8)];
+        assert_eq!(
+            direct_pieces(0x8000, &traps),
+            [(0, 0x1000), (0x3000, 0x5000)]
+        );
+        assert_eq!(direct_pieces(0x1000, &[]), [(0, 0x1000)]);
     }
 }

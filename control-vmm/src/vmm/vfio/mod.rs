@@ -198,3 +198,20 @@ impl AssignedFunctions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses_are_checked_before_any_path_is_built() {
+        assert!(valid_bdf("0000:00:02.1"));
+        assert!(!valid_bdf("0000:00:02.1/../../x"));
+        assert!(!valid_bdf("00:02.1"));
+        assert!(!valid_bdf("0000-00:02.1"));
+        assert!(matches!(
+            Assignment::by_address("../../dev/sda0"),
+            Err(AssignmentError::BadAddress(_))
+        ));
+    }
+}
