@@ -5,8 +5,8 @@
 # reads the pattern back through the VF's namespace with its own kernel nvme driver. The same
 # guest first misprograms the VF (read-only and hidden configuration registers, memory
 # decoding and bus mastering off, BAR0 moved out of the window and back, an FLR in the middle
-# of I/O): it hurts only itself, the VMM logs and carries on, and a last write still reaches
-# the namespace.
+# of I/O, a command whose DMA targets 4 GiB, beyond its RAM, which the IOMMU refuses): it
+# hurts only itself, the VMM logs and carries on, and a last write still reaches the namespace.
 # Then the handover through the toolstack: `splitvmm up` with a host file whose Linux guest
 # has `[[guest.pci]]` (VF 1 of the owned PF): the driver domain enables the VFs, binds VF 1 to
 # vfio-pci and passes its VFIO group through the toolstack to the guest's VMM, neither keeping
@@ -93,6 +93,16 @@ set -- $bar
 [ $(( $9 & 6 )) = 6 ] || fail "memory decoding or bus mastering not back on after the driver rebound: $bar"
 grep -q "guest moved BAR0 from .* to 0x12340000" $W/vmm.log || fail "the VMM did not log the BAR move"
 grep -q "^L2-VFBAD-FLR done" $W/console.log || fail "the guest's function-level reset failed"
+cqe=$(grep "^L2-VFDMA" $W/console.log | tr -d "\r")
+set -- $cqe
+echo "$cqe"
+[ -n "$cqe" ] && [ $(( $3 & 0x10000 )) != 0 ] || fail "the guest's Identify to 4 GiB did not complete: $cqe"
+[ "$5" != 0 ] || fail "the device wrote to 4 GiB, outside the guest's RAM: $cqe"
+ctl=$(grep "^L2-VFDMA-CONTROL" $W/console.log | tr -d "\r")
+set -- $ctl
+echo "$ctl"
+[ -n "$ctl" ] && [ $(( $3 & 0x1ffff )) = $((0x11235)) ] && [ "$5" = 0 ] && [ "$7" = 0x1B36 ] ||
+    fail "the same command into the guest's RAM did not complete with the controller's identity: $ctl"
 grep -q "^L2-VFBAD-WRITTEN" $W/console.log || fail "the guest's last write after the FLR failed"
 grep -c "MSI-X enabled" $W/vmm.log | grep -qv "^1$" || fail "MSI-X was not enabled again after the rebind"
 
