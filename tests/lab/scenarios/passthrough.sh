@@ -171,6 +171,32 @@ echo "/dev/vfio/$g open in: VMM $vmm_pid: $(held $vmm_pid), driver domain $dd_pi
 [ "$(held $dd_pid)" = 0 ] || fail "the driver domain kept a copy of the group"
 [ "$(held $up)" = 0 ] || fail "the toolstack kept a copy of the group"
 
+step "a guest asking for the VF vm1 holds, or for a VF the PF lacks, is refused; vm1 keeps its VF"
+cat > $W/vm3.toml <<TOML
+name = "vm3"
+domid = 4
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+memory = 256
+[[pci]]
+pf = "$PF"
+vf = 1
+TOML
+# The host's check: another guest names VF 1.
+expect_fail 1 "names VF 1 of $PF too" $SV create $W/vm3.toml
+# The driver domain's: a VF the PF does not have (vm3's VMM was started, waits for it, and is
+# destroyed again).
+sed -i 's/^vf = 1$/vf = 3/' $W/vm3.toml
+expect_fail 1 "no VF of $PF ($PF has no VF 3 (2 enabled))" $SV create $W/vm3.toml
+grep "vm3" $W/up.log
+run $SV list
+echo "$OUT" | grep -q vm3 && fail "vm3 is left after its refused create"
+ps -o args | grep -q "[m]anaged-domid 4" && fail "vm3's VMM is left after its refused create"
+[ "$(held $vmm_pid)" = 1 ] || fail "vm1's VMM lost its VF to the refused create"
+run $SV pci-list
+echo "$OUT" | grep -qE "^vm1 +2 +0  $VF1" || fail "pci-list no longer shows vm1 holding $VF1"
+
 step "splitvmm pci-detach: vm1's VMM lets the VF go while vm1 runs; the VF is reset and returned"
 run $SV pci-detach vm1 0
 says "vm1: PCI 0 ($VF1) detached, reset and returned"

@@ -25,7 +25,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
-use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
+use super::devices::virtio_pci::{
+    NotifyBinder, VirtioPciBlk, BAR0_BYTES, MSIX_VECTORS, NOTIFY_OFFSET,
+};
 use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
 use super::machine::{
     create_vm, install_kick_handler, stop_vcpus, wait_for_end, BlkAttachment, Outcome, VmError,
@@ -220,8 +222,8 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         }
         None => None,
     };
-    // MSI-X GSIs after the disk's two.
-    let mut next_gsi = IOAPIC_PINS + 2;
+    // MSI-X GSIs after the disk's.
+    let mut next_gsi = IOAPIC_PINS + u32::from(MSIX_VECTORS);
     for (i, a) in cfg.assigned.into_iter().enumerate() {
         let place = Placement {
             vm: Arc::clone(&vm),
