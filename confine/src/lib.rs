@@ -165,7 +165,7 @@ fn confine_self(
 ) -> Result<Confined, ConfineError> {
     nix::sched::unshare(unshare).map_err(ConfineError::Unshare)?;
     let root = mounts::enter_minimal_root()?;
-    limits::apply(profile)?;
+    limits::apply(profile, plan.memlock)?;
     privileges::drop_to(plan.uid, plan.gid)?;
     let landlock = filesystem::restrict(read_only)?;
     if landlock == Enforced::Not {

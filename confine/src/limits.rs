@@ -1,8 +1,9 @@
 //! Resource limits a confined domain gets, set while it is still root (a process cannot raise
 //! its hard limits afterwards). Every domain has a uid of its own, so RLIMIT_NPROC, which
 //! counts the threads of a uid, bounds each domain's threads on its own: a pids limit that
-//! needs no cgroup. No domain pins memory (none uses VFIO or io_uring), so RLIMIT_MEMLOCK is
-//! 0, and none dumps core (a core file would hold guest memory).
+//! needs no cgroup. RLIMIT_MEMLOCK is what the plan says: 0, except for a VMM whose guest has
+//! an assigned PCI function (VFIO pins all of its RAM); no domain dumps core (a core file would
+//! hold guest memory).
 
 use crate::plan::Profile;
 
@@ -38,9 +39,9 @@ fn set(
     Ok(())
 }
 
-/// Sets the limits of `profile` (soft and hard alike).
-pub fn apply(profile: Profile) -> Result<(), LimitError> {
+/// Sets the limits of `profile` (soft and hard alike), with `memlock` bytes of locked memory.
+pub fn apply(profile: Profile, memlock: u64) -> Result<(), LimitError> {
     set("RLIMIT_NPROC", libc::RLIMIT_NPROC, max_threads(profile))?;
-    set("RLIMIT_MEMLOCK", libc::RLIMIT_MEMLOCK, 0)?;
+    set("RLIMIT_MEMLOCK", libc::RLIMIT_MEMLOCK, memlock)?;
     set("RLIMIT_CORE", libc::RLIMIT_CORE, 0)
 }

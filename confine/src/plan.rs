@@ -88,6 +88,9 @@ pub struct Plan {
     pub gid: u32,
     /// Features the domain may run without where the kernel lacks them (said loudly).
     pub allow_missing: Vec<Feature>,
+    /// RLIMIT_MEMLOCK in bytes: 0 unless the domain pins memory (a VMM whose guest has an
+    /// assigned PCI function: VFIO type1 pins all guest RAM and counts it there).
+    pub memlock: u64,
 }
 
 impl Plan {
@@ -98,7 +101,14 @@ impl Plan {
             uid: id,
             gid: id,
             allow_missing,
+            memlock: 0,
         }
+    }
+
+    /// This plan with RLIMIT_MEMLOCK set to `bytes`.
+    pub fn with_memlock(mut self, bytes: u64) -> Plan {
+        self.memlock = bytes;
+        self
     }
 
     /// Whether the domain may run without `feature`.
@@ -114,12 +124,15 @@ impl Plan {
             s.push_str(",allow-missing=");
             s.push_str(&names.join("+"));
         }
+        if self.memlock != 0 {
+            s.push_str(&format!(",memlock={}", self.memlock));
+        }
         s
     }
 
     /// Parses a value of [`ENV`].
     pub fn parse(value: &str) -> Result<Plan, PlanError> {
-        let (mut uid, mut gid, mut allow_missing) = (None, None, Vec::new());
+        let (mut uid, mut gid, mut allow_missing, mut memlock) = (None, None, Vec::new(), 0);
         for part in value.split(',').filter(|p| !p.is_empty()) {
             let (key, val) = part
                 .split_once('=')
@@ -133,6 +146,12 @@ impl Plan {
             match key {
                 "uid" => uid = Some(number()?),
                 "gid" => gid = Some(number()?),
+                "memlock" => {
+                    memlock = val.parse::<u64>().map_err(|_| PlanError::NotANumber {
+                        key: key.to_owned(),
+                        value: val.to_owned(),
+                    })?
+                }
                 "allow-missing" => {
                     for name in val.split('+').filter(|n| !n.is_empty()) {
                         let feature = Feature::from_name(name)
@@ -153,6 +172,7 @@ impl Plan {
             uid,
             gid,
             allow_missing,
+            memlock,
         })
     }
 
@@ -177,6 +197,9 @@ mod tests {
         let plain = Plan::for_domain(200_000, 1, vec![]);
         assert_eq!(plain.to_env(), "uid=200001,gid=200001");
         assert_eq!(Plan::parse(&plain.to_env()), Ok(plain));
+        let pinning = Plan::for_domain(200_000, 4, vec![]).with_memlock(320 << 20);
+        assert_eq!(pinning.to_env(), "uid=200004,gid=200004,memlock=335544320");
+        assert_eq!(Plan::parse(&pinning.to_env()), Ok(pinning));
     }
 
     #[test]

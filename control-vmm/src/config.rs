@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod linux;
+pub mod pci;
 pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
 
 /// Errors found while reading a host description.
@@ -162,6 +163,9 @@ pub struct GuestConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
     pub nics: Vec<NicConfig>,
+    /// `linux`: PCI functions (VFs of owned PFs) assigned to the guest.
+    #[serde(default, rename = "pci")]
+    pub pci: Vec<pci::PciConfig>,
 }
 
 impl GuestConfig {
@@ -479,6 +483,7 @@ impl HostConfig {
                 }
             }
         }
+        pci::validate(self).map_err(|(key, expected)| invalid(key, &expected))?;
         for (i, guest) in self.guests.iter().enumerate() {
             linux::validate_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {

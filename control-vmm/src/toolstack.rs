@@ -105,6 +105,7 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
                 Vdev(devid)
             ))
         }
+        ToolstackRequest::PciDetach { guest, index } => host.detach_pci(&guest, index),
         ToolstackRequest::BlockDetach { guest, devid } => {
             host.detach_disk(&guest, devid)?;
             Ok(format!("{guest}: vbd {} detached", Vdev(devid)))

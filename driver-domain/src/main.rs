@@ -235,6 +235,7 @@ fn main() -> Result<()> {
                     uid,
                     gid: uid,
                     allow_missing: allow,
+                    memlock: 0,
                 };
                 confine::enter_standalone(&plan, confine::Profile::DriverDomain)
                     .map_err(|e| anyhow::anyhow!(confine::error_chain(&e)))

@@ -56,9 +56,17 @@ struct Cli {
     /// Linux with --managed-domid: boot once this many disks are Connected (cold-plugged).
     #[arg(long, requires = "linux", default_value_t = 0)]
     disks: usize,
+    /// Linux with --managed-domid: boot once this many PCI functions have been handed over
+    /// (AssignPci, each with its VFIO group).
+    #[arg(long, requires = "managed_domid", default_value_t = 0)]
+    pci: usize,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
+    /// Linux: assign this PCI function (DDDD:BB:DD.F, bound to vfio-pci; its IOMMU group is
+    /// found in sysfs and opened from /dev/vfio) to the guest. Repeatable.
+    #[arg(long, requires = "linux", value_name = "BDF")]
+    vfio: Vec<String>,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -253,6 +261,16 @@ fn run_linux(
     button: Arc<EventFd>,
 ) -> ExitCode {
     let boot = linux_boot(&cli);
+    let mut assigned = Vec::new();
+    for bdf in &cli.vfio {
+        match control_vmm::vmm::vfio::Assignment::by_address(bdf) {
+            Ok(a) => assigned.push(a),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: --vfio {bdf}: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    }
     let cfg = LinuxVmConfig {
         boot,
         ram_bytes: cli.mem_mib << 20,
@@ -266,6 +284,8 @@ fn run_linux(
             .map_or(BlkAttachment::None, BlkAttachment::Socket),
         share_all_ram: cli.share_all_ram,
         connect_timeout: Duration::from_secs(5),
+        assigned,
+        functions: Default::default(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -299,6 +319,9 @@ fn confine_vmm(cli: &mut Cli) -> Result<Vec<std::fs::File>, String> {
         Err(e) => return Err(e.to_string()),
     };
     control_vmm::vmm::kvm_device::preopen().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+    // One VFIO container per function the toolstack will hand over (AssignPci).
+    control_vmm::vmm::vfio::preopen_containers(cli.pci)
+        .map_err(|e| format!("opening /dev/vfio/vfio: {e}"))?;
     let mut held = Vec::new();
     let open = |path: &Path| {
         std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))
@@ -361,6 +384,7 @@ fn run_managed_linux(
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         disks: cli.disks,
+        pci: cli.pci,
         console_socket,
     };
     let slot = MachineSlot::default();

@@ -73,6 +73,7 @@ impl Host {
                 domain,
                 disks: BTreeMap::new(),
                 nics: BTreeMap::new(),
+                pci: Vec::new(),
                 stats: None,
             }),
         });
@@ -80,6 +81,15 @@ impl Host {
         lock(&self.guests).insert(name.clone(), slot.clone());
         drop(creating);
         self.progress(&format!("{name}: created (domain {})", slot.config.domid));
+        // Its VFs before anything else: the guest boots once they (and its disks) are there.
+        let assigned = self.assign_pci_locked(&name, &slot, &mut guest);
+        if let Err(e) = assigned {
+            drop(guest);
+            if let Err(undo) = self.destroy_guest(&name) {
+                log::error!("{name}: destroying after a failed PCI assignment: {undo:#}");
+            }
+            return Err(e);
+        }
         if attach.is_none() {
             return Ok(());
         }
@@ -145,6 +155,7 @@ impl Host {
                 true,
             )?;
             guest.stats = None;
+            self.assign_pci_locked(name, slot, guest)?;
             for disk in &disks {
                 self.attach_disk_locked(name, slot, guest, disk)?;
             }
@@ -278,6 +289,7 @@ impl Host {
     /// Tears down every device of a guest whose process has ended ([`domains::tear_down`]).
     /// The images stay held (a reboot attaches them again).
     fn tear_down(&self, name: &str, guest: &mut Guest) -> Result<()> {
+        let vfs_back = self.release_pci(name, guest);
         let devices: Vec<(DeviceKind, u32)> = guest
             .disks
             .keys()
@@ -297,7 +309,7 @@ impl Host {
             domains::tear_down(&mut client, &dev, WALK_TIMEOUT)?;
             log::info!("{name}: {kind} {devid} torn down");
         }
-        Ok(())
+        vfs_back
     }
 
     /// Stops every guest in order (collecting its counters), then the driver domain, then
@@ -311,6 +323,10 @@ impl Host {
             // host, so no directory needs removing (and a dead driver domain costs no waits).
             let mut guest = lock(&slot.state);
             clean &= self.stop_orderly(&name, &slot.config, &mut guest);
+            if let Err(e) = self.release_pci(&name, &mut guest) {
+                log::error!("{e:#}");
+                clean = false;
+            }
             stats.push((name.clone(), guest.domain.domid, guest.stats));
         }
         let mut driver = lock(&self.driver);

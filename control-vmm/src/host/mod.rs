@@ -4,15 +4,18 @@
 //! Each guest sits behind its own lock, so management requests to different guests run at the
 //! same time (the toolstack serves each on its own thread): a guest that is slow to answer
 //! holds up requests to itself only. Store writes go through a connection per operation; the
-//! driver domain's control channel is locked only while a message is sent.
+//! driver domain's control channel is locked only while a message is sent, and while the
+//! answer about a VF is awaited (up to a minute: enabling SR-IOV resets the PF).
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
 //! - [`images`]: the disk images held (and locked) for the guests;
-//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
+//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown;
+//! - [`pci`]: VFs of the driver domain's PFs assigned to Linux guests.
 
 mod devices;
 mod images;
 mod lifecycle;
+mod pci;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -106,6 +109,8 @@ struct Guest {
     /// Disks and interfaces attached now, by device number.
     disks: BTreeMap<u32, DiskConfig>,
     nics: BTreeMap<u32, NicConfig>,
+    /// VFs the guest holds (its VMM has their VFIO groups).
+    pci: Vec<pci::HeldVf>,
     /// Counters reported by the guest when it shut down.
     stats: Option<GuestStats>,
 }
@@ -263,12 +268,20 @@ impl Host {
             GuestKind::Kvm => KVM_GUEST_RAM_MIB,
             GuestKind::Linux => config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB),
         };
-        domain_confinement(
+        let confinement = domain_confinement(
             self.confinement.as_ref(),
             config.domid,
             &config.name,
             ram_mib,
-        )
+        )?;
+        // VFIO pins all RAM of a guest with an assigned function, counted in RLIMIT_MEMLOCK,
+        // which a confined VMM cannot raise itself.
+        let pinned = if config.pci.is_empty() {
+            0
+        } else {
+            (ram_mib << 20) + crate::vmm::vfio::MEMLOCK_SLACK
+        };
+        Ok(confinement.map(|(plan, cgroup)| (plan.with_memlock(pinned), cgroup)))
     }
 
     /// The run directory: the store and management sockets, the logs.
@@ -397,6 +410,9 @@ impl Host {
                 }
                 if let Some(extra) = &config.extra {
                     command.arg("--cmdline").arg(extra);
+                }
+                if !config.pci.is_empty() {
+                    command.arg("--pci").arg(config.pci.len().to_string());
                 }
                 let memory = config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB);
                 let vcpus = config.vcpus.unwrap_or(1);

@@ -22,6 +22,7 @@ pub mod pci;
 pub mod report;
 pub mod serial;
 pub mod vcpu;
+pub mod vfio;
 pub mod vhost_blk;
 pub mod virtio_mmio;
 

@@ -3,19 +3,20 @@
 //! The driver domain is an unprivileged store client (its store connection, fd 3, is bound to
 //! its domain id) and gets everything else over its control channel (fd 4): each device's
 //! disk image and a vhost-user listener whose one pending connection is the frontend's. It opens no path after
-//! start-up. It watches its backend directories and walks the backend half of the xenbus
+//! start-up, except for the hardware it owns (sysfs, `/dev/vfio`: [`assign`]). It watches its backend directories and walks the backend half of the xenbus
 //! state machine for each device (see docs/protocol.md):
 //!
 //! Initialising --(handed fds)--> InitWait --(frontend Initialised)--> Connected
 //!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
 
+pub mod assign;
 mod hardware;
 mod publish;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -99,6 +100,8 @@ pub struct ManagedDriverDomain {
     switch: Arc<Switch>,
     /// The tap uplink on that switch, if the host file names one.
     uplink: Option<TapUplink>,
+    /// The owned PFs and the VFs guests hold.
+    vfs: assign::VfPool,
 }
 
 impl ManagedDriverDomain {
@@ -127,6 +130,7 @@ impl ManagedDriverDomain {
             last_publish: Instant::now(),
             switch: Switch::new(SwitchConfig::default()),
             uplink: None,
+            vfs: assign::VfPool::default(),
         }
     }
 
@@ -187,6 +191,28 @@ impl ManagedDriverDomain {
                         let stats = self.stats();
                         self.control.send(&BackendEvent::Stats(stats), &[])?;
                     }
+                    BackendRequest::AssignVf { frontend, pf, vf } => {
+                        drop(fds);
+                        self.assign_vf(frontend, &pf, vf)?;
+                    }
+                    BackendRequest::ReleaseVf { frontend, address } => {
+                        drop(fds);
+                        let event = match self.vfs.release(frontend, &address) {
+                            Ok((_, reset)) => BackendEvent::VfReleased {
+                                frontend,
+                                address,
+                                reset: reset.is_ok(),
+                                detail: reset.err().unwrap_or_default(),
+                            },
+                            Err(detail) => BackendEvent::VfReleased {
+                                frontend,
+                                address,
+                                reset: false,
+                                detail,
+                            },
+                        };
+                        self.control.send(&event, &[])?;
+                    }
                     BackendRequest::Shutdown => {
                         self.shut_down();
                         return Ok(());
@@ -207,6 +233,30 @@ impl ManagedDriverDomain {
             }
             self.publish_counters();
         }
+    }
+
+    /// Prepares a VF for `frontend` and hands its VFIO group over, keeping no copy.
+    fn assign_vf(&mut self, frontend: u32, pf: &str, vf: Option<u16>) -> Result<(), ManagedError> {
+        match self.vfs.assign(frontend, pf, vf) {
+            Ok(handed) => {
+                let event = BackendEvent::VfAssigned {
+                    frontend,
+                    pf: pf.to_owned(),
+                    vf: handed.vf,
+                    address: handed.address.to_string(),
+                };
+                let sent = self.control.send(&event, &[handed.group.as_fd()]);
+                // `handed.group` closes here: the receiver's is the only descriptor left.
+                drop(handed);
+                sent?;
+            }
+            Err(reason) => {
+                log::error!("VF for domain {frontend}: {reason}");
+                self.control
+                    .send(&BackendEvent::VfRefused { frontend, reason }, &[])?;
+            }
+        }
+        Ok(())
     }
 
     fn take_handed(

@@ -69,6 +69,24 @@ pub trait FrontendLifecycle {
     fn shutdown_requested(&mut self) -> bool {
         true
     }
+
+    /// A PCI function handed over for direct assignment as the guest's `index`-th:
+    /// `fds` is `[VFIO group]` of function `address`. Only a kind whose VMM assigns devices
+    /// takes it; the others refuse (and drop the descriptor, keeping no copy).
+    fn assign_pci(
+        &mut self,
+        _index: u32,
+        _address: &str,
+        _fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        Err("this kind of guest cannot take PCI devices".into())
+    }
+
+    /// Lets PCI function `index` go (reset, descriptors closed). Kinds without PCI devices
+    /// have none to let go.
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        Err(format!("no PCI function {index}"))
+    }
 }
 
 /// A disk check the toolstack asked for.

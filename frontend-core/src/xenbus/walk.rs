@@ -209,6 +209,23 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         self.publish_counters();
                         self.control.send(&event, &[])?;
                     }
+                    GuestRequest::AssignPci { index, address } => {
+                        let event = match self.kind.assign_pci(index, &address, fds) {
+                            Ok(()) => GuestEvent::PciAssigned { index },
+                            Err(reason) => {
+                                log::error!("PCI {index} ({address}): {reason}");
+                                GuestEvent::PciFailed { index, reason }
+                            }
+                        };
+                        self.control.send(&event, &[])?;
+                    }
+                    GuestRequest::DetachPci { index } => {
+                        let event = match self.kind.detach_pci(index) {
+                            Ok(()) => GuestEvent::PciDetached { index },
+                            Err(reason) => GuestEvent::PciFailed { index, reason },
+                        };
+                        self.control.send(&event, &[])?;
+                    }
                     GuestRequest::Shutdown if self.kind.shutdown_requested() => {
                         return self.shut_down()
                     }

@@ -56,6 +56,19 @@ pub enum BackendRequest {
     },
     /// Report per-device counters.
     Stats,
+    /// Prepare a VF of the owned PF `pf` for guest `frontend` (direct assignment): VF number
+    /// `vf` (1-based), or any free one; SR-IOV enabled if it is not (the NVMe secondary
+    /// controllers online), the VF bound to vfio-pci. Answered by
+    /// [`BackendEvent::VfAssigned`] with the VF's VFIO group, of which the driver domain keeps
+    /// no copy, or [`BackendEvent::VfRefused`].
+    AssignVf {
+        frontend: u32,
+        pf: String,
+        vf: Option<u16>,
+    },
+    /// Guest `frontend` no longer holds VF `address` (its VMM has exited or let it go): reset
+    /// it and take it back. Answered by [`BackendEvent::VfReleased`].
+    ReleaseVf { frontend: u32, address: String },
     /// Stop serving everything and exit.
     Shutdown,
 }
@@ -72,6 +85,24 @@ pub enum BackendEvent {
         frontend: u32,
         devid: u32,
         reason: String,
+    },
+    /// VF `vf` (address `address`) of `pf` is ready for `frontend`. Descriptors: `[VFIO
+    /// group]` (the driver domain closed its own).
+    VfAssigned {
+        frontend: u32,
+        pf: String,
+        vf: u16,
+        address: String,
+    },
+    /// No VF for `frontend`, and why.
+    VfRefused { frontend: u32, reason: String },
+    /// VF `address` is back: `reset` says whether its function reset succeeded (`detail`
+    /// says why not).
+    VfReleased {
+        frontend: u32,
+        address: String,
+        reset: bool,
+        detail: String,
     },
 }
 
@@ -107,6 +138,13 @@ pub enum GuestRequest {
         bytes: u64,
         verify_only: bool,
     },
+    /// A PCI function to assign to the guest (a KVM Linux guest, before it boots), as its
+    /// `index`-th. Descriptors: `[VFIO group]` holding the function `address`.
+    AssignPci { index: u32, address: String },
+    /// Let the PCI function of [`GuestRequest::AssignPci`] `index` go (`pci-detach`): reset
+    /// it and close its descriptors, the guest running or not (no hotplug: a running guest
+    /// sees it vanish). Answered by [`GuestEvent::PciDetached`] or [`GuestEvent::PciFailed`].
+    DetachPci { index: u32 },
     /// Report counters and exit.
     Shutdown,
 }
@@ -134,6 +172,12 @@ pub enum GuestEvent {
     },
     /// Something went wrong with a device; the guest keeps its other devices.
     DeviceFailed { devid: u32, reason: String },
+    /// The guest took the PCI function of [`GuestRequest::AssignPci`] `index`.
+    PciAssigned { index: u32 },
+    /// The guest let PCI function `index` go; it holds nothing of it any more.
+    PciDetached { index: u32 },
+    /// The guest could not take it, and why (it holds no copy of the group).
+    PciFailed { index: u32, reason: String },
     /// Final counters, sent before exiting.
     Stats(GuestStats),
 }
@@ -175,6 +219,9 @@ pub enum ToolstackRequest {
     },
     /// Detach network interface `devid` from guest `guest`.
     NetworkDetach { guest: String, devid: u32 },
+    /// Take PCI function `index` (its `[[pci]]` entry) away from guest `guest` and give the
+    /// VF back to the driver domain.
+    PciDetach { guest: String, index: u32 },
     /// Have guest `guest` resolve `peer` on interface `devid` and exchange UDP echoes with it.
     NetPing {
         guest: String,

@@ -2,8 +2,12 @@
 //! registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
 //! Anything else reads as all-ones and ignores writes, counted and logged (rate-limited).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use guest_abi::boot::Phase;
+
+use crate::vmm::arch::PHASE_MMIO_GPA;
 use crate::vmm::bus::{lock, BusEvent, ExitBus, Limiter};
 use crate::vmm::devices::acpi_pm;
 use crate::vmm::exits::{Counter, ExitCounters};
@@ -18,6 +22,7 @@ pub struct LinuxBus {
     pci: PciSegment,
     counters: Arc<ExitCounters>,
     unknown: Limiter,
+    io_requests: AtomicU64,
 }
 
 impl LinuxBus {
@@ -27,6 +32,7 @@ impl LinuxBus {
             pci,
             counters,
             unknown: Limiter::default(),
+            io_requests: AtomicU64::new(0),
         }
     }
 
@@ -38,6 +44,11 @@ impl LinuxBus {
     /// The PCI segment (to stop its devices when the machine ends).
     pub fn pci(&self) -> &PciSegment {
         &self.pci
+    }
+
+    /// Requests the guest said its I/O phase made (the phase register at +8).
+    pub fn io_requests(&self) -> u64 {
+        self.io_requests.load(Ordering::Relaxed)
     }
 
     fn com1_offset(port: u16) -> Option<u8> {
@@ -103,6 +114,15 @@ impl ExitBus for LinuxBus {
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<BusEvent> {
+        match (addr.checked_sub(PHASE_MMIO_GPA), data) {
+            (Some(0), [b]) => return Phase::from_byte(*b).map(BusEvent::Phase),
+            (Some(8), [a, b, c, d]) => {
+                let n = u32::from_le_bytes([*a, *b, *c, *d]);
+                self.io_requests.store(u64::from(n), Ordering::Relaxed);
+                return None;
+            }
+            _ => {}
+        }
         if !self.pci.mmio_write(addr, data) {
             self.unknown(
                 format_args!("guest wrote {data:02x?} to unbacked GPA {addr:#x}; ignored"),

@@ -25,6 +25,7 @@ use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::{BlkAttachment, VmError};
 use crate::vmm::managed::{no_network_checks, refuse_network_interfaces};
+use crate::vmm::vfio::{AssignedFunctions, Assignment, GroupSource};
 use crate::vmm::vhost_blk::VhostBlk;
 
 /// How the managed Linux machine is built.
@@ -35,6 +36,9 @@ pub struct LinuxSettings {
     pub vcpus: u8,
     /// Disks the guest boots with: it starts once this many are Connected.
     pub disks: usize,
+    /// PCI functions assigned to the guest: it starts once this many have been handed over
+    /// (their VFIO groups, from the driver domain through the toolstack).
+    pub pci: usize,
     /// The interactive console's socket (see [`super::console`]).
     pub console_socket: Option<std::os::unix::net::UnixListener>,
 }
@@ -95,6 +99,12 @@ pub struct LinuxMachine {
     machine: MachineSlot,
     /// Sessions of the Connected disks, until boot.
     ready: Vec<VhostBlk>,
+    /// Functions handed over, until boot.
+    assigned: Vec<Assignment>,
+    /// Host address of each function handed over, by index.
+    pci_addresses: Vec<(u32, String)>,
+    /// The functions of the running machine.
+    functions: AssignedFunctions,
 }
 
 /// The managed VMM process of a Linux guest.
@@ -115,11 +125,20 @@ impl LinuxMachine {
             button,
             machine,
             ready: Vec::new(),
+            assigned: Vec::new(),
+            pci_addresses: Vec::new(),
+            functions: AssignedFunctions::default(),
         };
-        if m.settings.disks == 0 {
-            m.boot()?;
-        }
+        m.boot_when_ready()?;
         Ok(m)
+    }
+
+    /// Boots once every disk is Connected and every PCI function handed over.
+    fn boot_when_ready(&mut self) -> Result<(), LinuxDeviceError> {
+        if self.ready.len() >= self.settings.disks && self.assigned.len() >= self.settings.pci {
+            self.boot()?;
+        }
+        Ok(())
     }
 
     /// Starts the machine on its own thread with the Connected disks.
@@ -140,6 +159,8 @@ impl LinuxMachine {
             blk,
             share_all_ram,
             connect_timeout: Duration::from_secs(5),
+            assigned: std::mem::take(&mut self.assigned),
+            functions: self.functions.clone(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
@@ -205,10 +226,7 @@ impl FrontendLifecycle for LinuxMachine {
     ) -> Result<(), LinuxDeviceError> {
         let session = disk.session.take().ok_or(LinuxDeviceError::SessionGone)?;
         self.ready.push(session);
-        if self.ready.len() >= self.settings.disks {
-            self.boot()?;
-        }
-        Ok(())
+        self.boot_when_ready()
     }
 
     fn disconnect_block(&mut self, devid: u32, _disk: LinuxDisk) {
@@ -231,6 +249,52 @@ impl FrontendLifecycle for LinuxMachine {
                 true
             }
         }
+    }
+
+    fn assign_pci(
+        &mut self,
+        index: u32,
+        address: &str,
+        mut fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        if !matches!(*self.machine.lock(), Machine::NotBooted) {
+            return Err("the guest has booted (no PCI hotplug yet)".into());
+        }
+        if !crate::vmm::vfio::valid_bdf(address) {
+            return Err(format!("{address:?} is not a PCI address"));
+        }
+        let group = match (fds.pop(), fds.is_empty()) {
+            (Some(group), true) => group,
+            _ => return Err("expected exactly one descriptor (the VFIO group)".into()),
+        };
+        log::info!("PCI {index}: {address} handed over (its VFIO group)");
+        self.pci_addresses.push((index, address.to_owned()));
+        self.assigned.push(Assignment {
+            bdf: address.to_owned(),
+            group: GroupSource::Fd(group),
+        });
+        self.boot_when_ready().map_err(|e| e.to_string())
+    }
+
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        let i = self
+            .pci_addresses
+            .iter()
+            .position(|(n, _)| *n == index)
+            .ok_or_else(|| format!("no PCI function {index}"))?;
+        let (_, address) = self.pci_addresses.remove(i);
+        if matches!(*self.machine.lock(), Machine::NotBooted) {
+            // Not plugged yet: drop its group; the guest no longer waits for it.
+            self.assigned.retain(|a| a.bdf != address);
+            self.settings.pci = self.settings.pci.saturating_sub(1);
+            return self.boot_when_ready().map_err(|e| e.to_string());
+        }
+        // A running machine: a surprise removal for the guest. A machine that has ended
+        // closed it already.
+        if self.functions.release(&address) {
+            log::warn!("PCI {index} ({address}) taken away from the running guest");
+        }
+        Ok(())
     }
 
     /// One virtio-pci disk for now.

@@ -2,7 +2,10 @@
 //! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus
 //! with, optionally, a virtio-blk disk (virtio-pci, MSI-X) served by the driver domain over
 //! vhost-user. Linux puts buffers anywhere in its RAM, so the backend sees all of it; the
-//! caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
+//! caller must have asked for that explicitly (`share_all_ram`). Functions assigned through
+//! VFIO ([`crate::vmm::vfio`]) join the bus after guest RAM is DMA-mapped for them. A guest's
+//! writes to the phase register (`arch::PHASE_MMIO_GPA`) mark its I/O phase, whose exits the
+//! report counts apart from the boot's. The machine runs until the
 //! guest powers off or resets (the ACPI registers end the run loop), or until it is stopped
 //! from outside.
 
@@ -22,8 +25,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
-use super::devices::virtio_pci::{NotifyBinder, VirtioPciBlk, BAR0_BYTES, NOTIFY_OFFSET};
-use super::exits::{totals, ExitCounters, PhaseLog};
+use super::devices::virtio_pci::{
+    NotifyBinder, VirtioPciBlk, BAR0_BYTES, MSIX_VECTORS, NOTIFY_OFFSET,
+};
+use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
 use super::machine::{
     create_vm, install_kick_handler, stop_vcpus, wait_for_end, BlkAttachment, Outcome, VmError,
 };
@@ -33,11 +38,16 @@ use super::pci::{BarAllocator, PciSegment};
 use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
+use super::vfio::device::{Placement, VfioPciDevice};
+use super::vfio::{map_guest_ram, AssignedFunctions, Assignment};
 use super::vhost_blk::{shared_region, VhostBlk};
 use bus::LinuxBus;
 
 /// Largest number of vCPUs of a Linux guest.
 pub const MAX_VCPUS: u8 = 32;
+/// First KVM memory slot of assigned functions' BARs (slot 0 is RAM); 18 per function.
+const FIRST_BAR_SLOT: u32 = 8;
+const BAR_SLOTS_PER_FUNCTION: u32 = 18;
 
 /// What to run.
 pub struct LinuxVmConfig {
@@ -61,6 +71,10 @@ pub struct LinuxVmConfig {
     pub share_all_ram: bool,
     /// How long to wait for the backend socket.
     pub connect_timeout: Duration,
+    /// PCI functions assigned to the guest through VFIO.
+    pub assigned: Vec<Assignment>,
+    /// Where the machine registers them once plugged (for `pci-detach`).
+    pub functions: AssignedFunctions,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -80,6 +94,10 @@ pub struct LinuxReport {
     /// Avail index the disk's backend stopped at (GET_VRING_BASE), if its queue ran.
     pub backend_stopped_at: Option<u32>,
     pub totals: Vec<(&'static str, u64)>,
+    /// Counters of the I/O phase the guest marked, if it did.
+    pub io: Option<PhaseCounts>,
+    /// Requests the guest said its I/O phase made (0: not said).
+    pub io_requests: u64,
     pub wall: Duration,
 }
 
@@ -87,11 +105,43 @@ impl LinuxReport {
     /// The table printed at exit.
     pub fn table(&self) -> String {
         format!(
-            "splitvmm-vmm: {} after {:.1?}\n{}",
+            "splitvmm-vmm: {} after {:.1?}\n{}{}",
             self.outcome,
             self.wall,
+            self.io_lines(),
             totals_lines(&self.totals, self.backend_stopped_at)
         )
+    }
+
+    /// The guest-marked I/O phase: its nonzero counters and, if the guest said how many
+    /// requests it made, the exits per request (VMM: port and MMIO exits to this process;
+    /// KVM: every exit, in-kernel ones included).
+    fn io_lines(&self) -> String {
+        let Some(io) = &self.io else {
+            return String::new();
+        };
+        let nonzero: Vec<String> = io
+            .counts
+            .iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        let mut s = format!("I/O phase {:.1?}: {}\n", io.duration, nonzero.join(" "));
+        if self.io_requests != 0 {
+            let n = self.io_requests as f64;
+            let vmm: u64 = ["pio_in", "pio_out", "mmio_read", "mmio_write"]
+                .iter()
+                .map(|c| io.get(c))
+                .sum();
+            s.push_str(&format!(
+                "I/O phase per request: requests={} vmm_exits={:.3} kvm_exits={:.3} \
+                 (vmm_exits={vmm}, the end marker's write included)\n",
+                self.io_requests,
+                vmm as f64 / n,
+                io.get("kvm.exits") as f64 / n
+            ));
+        }
+        s
     }
 }
 
@@ -138,6 +188,8 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     );
     let vm = Arc::new(vm);
     let mut pci = PciSegment::new(Arc::clone(&counters));
+    let mut bars = BarAllocator::default();
+    let routes = Arc::new(KvmRoutes::new(Arc::clone(&vm)));
     let backend = match cfg.blk {
         BlkAttachment::None => None,
         BlkAttachment::Socket(path) => {
@@ -164,10 +216,25 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                     "the disk's queue is already running".into(),
                 ));
             }
-            Some(plug_disk(&vm, &mut pci, backend, &counters)?)
+            Some(plug_disk(
+                &vm, &mut pci, &mut bars, &routes, backend, &counters,
+            )?)
         }
         None => None,
     };
+    // MSI-X GSIs after the disk's.
+    let mut next_gsi = IOAPIC_PINS + u32::from(MSIX_VECTORS);
+    for (i, a) in cfg.assigned.into_iter().enumerate() {
+        let place = Placement {
+            vm: Arc::clone(&vm),
+            bars: &mut bars,
+            gsi_base: next_gsi,
+            wiring: Arc::clone(&routes) as _,
+            first_slot: FIRST_BAR_SLOT + i as u32 * BAR_SLOTS_PER_FUNCTION,
+            counters: Arc::clone(&counters),
+        };
+        next_gsi += plug_assigned(&ram, &mut pci, a, place, &cfg.functions)?;
+    }
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
@@ -178,6 +245,8 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let (done_tx, done_rx) = mpsc::channel();
     install_kick_handler()?;
     let halt = Arc::new(AtomicBool::new(false));
+    let phases = Arc::new(PhaseLog::default());
+    let mut kvm_names = Vec::new();
     let console_thread = match cfg.console_socket {
         Some(listener) => Some(
             console::spawn(
@@ -196,10 +265,15 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;
+        if id == 0 {
+            kvm_names = vcpu::stats_names(&fd);
+        }
         let ctx = VcpuContext {
             bus: Arc::clone(&bus) as Arc<dyn super::bus::ExitBus>,
             counters: Arc::clone(&counters),
-            phases: Arc::new(PhaseLog::default()),
+            // One log for all vCPUs: a mark snapshots the KVM statistics of the vCPU that
+            // wrote it (all of them for a one-vCPU guest).
+            phases: Arc::clone(&phases),
             stop: Arc::clone(&halt),
             wake: None,
             done: done_tx.clone(),
@@ -224,10 +298,16 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     // No vCPU runs any more; stop the backend before guest memory goes away.
     let backend_stopped_at =
         disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
+    let io_requests = bus.io_requests();
+    // The bus holds the assigned functions: they are reset and their containers closed (DMA
+    // unmapped) here, before guest RAM goes away.
+    drop(bus);
     Ok(LinuxReport {
         outcome,
         backend_stopped_at,
         totals: totals(&counters),
+        io: phases.report(&kvm_names).0,
+        io_requests,
         wall: started.elapsed(),
     })
 }
@@ -237,11 +317,13 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
 fn plug_disk(
     vm: &Arc<VmFd>,
     pci: &mut PciSegment,
+    bars: &mut BarAllocator,
+    routes: &Arc<KvmRoutes>,
     backend: VhostBlk,
     counters: &Arc<ExitCounters>,
 ) -> Result<Arc<Mutex<VirtioPciBlk<VhostBlk>>>, VmError> {
     let io = |op: &'static str| move |source| VmError::Io { op, source };
-    let bar0 = BarAllocator::default()
+    let bar0 = bars
         .allocate(u64::from(BAR0_BYTES))
         .ok_or_else(|| VmError::Config("the PCI window is full".into()))?;
     let kick = backend.kick()?.try_clone().map_err(io("eventfd"))?;
@@ -255,7 +337,7 @@ fn plug_disk(
         op: "KVM_IOEVENTFD (virtio-pci notify)",
         source,
     })?;
-    let routes = Arc::new(KvmRoutes::new(Arc::clone(vm)));
+    let routes = Arc::clone(routes);
     let binder = notify_binder(vm, &kick, bar0 + NOTIFY_OFFSET).map_err(io("eventfd"))?;
     let dev = Arc::new(Mutex::new(
         VirtioPciBlk::new(
@@ -294,4 +376,38 @@ fn notify_binder(vm: &Arc<VmFd>, kick: &EventFd, at: u64) -> std::io::Result<Not
         }
         Ok(())
     })))
+}
+
+/// Assigns a function: its group attached to a fresh container, all guest RAM DMA-mapped at
+/// IOVA = GPA, the function on the bus. Returns the GSIs its MSI-X vectors use.
+fn plug_assigned(
+    ram: &GuestRam,
+    pci: &mut PciSegment,
+    assignment: Assignment,
+    place: Placement<'_>,
+    functions: &AssignedFunctions,
+) -> Result<u32, VmError> {
+    let fail = |e: String| VmError::Config(format!("assigning a PCI function: {e}"));
+    let (bdf, container, group) = assignment.open().map_err(|e| fail(e.to_string()))?;
+    use vm_memory::GuestMemoryBackend;
+    let host = ram
+        .mem
+        .get_host_address(vm_memory::GuestAddress(0))
+        .map_err(|e| fail(e.to_string()))? as u64;
+    // SAFETY: RAM stays mapped until `run` returns, after the bus (which owns the device and
+    // with it the container) is dropped.
+    unsafe { map_guest_ram(&container, host, ram.ram.len) }.map_err(|e| fail(e.to_string()))?;
+    log::info!(
+        "{bdf}: guest RAM ({} MiB) DMA-mapped at IOVA = GPA 0",
+        ram.ram.len >> 20
+    );
+    let dev = VfioPciDevice::new(&bdf, container, group, place).map_err(|e| fail(e.to_string()))?;
+    let vectors = u32::from(dev.vectors());
+    let dev = Arc::new(Mutex::new(dev));
+    functions.add(&bdf, Arc::clone(&dev));
+    let slot = pci
+        .add(dev)
+        .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
+    log::info!("{bdf}: assigned at 00:{slot:02x}.0, {vectors} MSI-X vectors");
+    Ok(vectors)
 }
