@@ -8,11 +8,14 @@
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
 //! - [`images`]: the disk images held (and locked) for the guests;
-//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
+//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown;
+//! - [`supervision`]: every domain process watched; dead guests torn down, a dead driver
+//!   domain restarted with its devices.
 
 mod devices;
 mod images;
 mod lifecycle;
+mod supervision;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -97,6 +100,8 @@ struct GuestSlot {
     config: GuestConfig,
     /// Set when the guest is destroyed or shut down: requests waiting for it give up.
     gone: AtomicBool,
+    /// Its current process's pidfd and control channel, for the supervisor.
+    watch: Mutex<supervision::Watched>,
     state: Mutex<Guest>,
 }
 
@@ -131,6 +136,10 @@ pub struct Host {
     images: Mutex<ImageRegistry>,
     /// How domain processes are confined (`None`: the host file turned it off).
     confinement: Option<Confinement>,
+    /// The thread watching every domain process, while it runs.
+    supervision: Mutex<Option<supervision::Supervisor>>,
+    /// When the driver domain was restarted lately.
+    restarts: Mutex<supervision::RestartHistory>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,22 +206,7 @@ impl Host {
 
         let dd = &config.driver_domain;
         domains::create_domain(&mut StoreClient::connect(&socket)?, dd.domid, &dd.name)?;
-        let mut command = Command::new(sibling_binary("driver-domain")?);
-        command
-            .arg("managed")
-            .arg("--domid")
-            .arg(dd.domid.to_string());
-        for bdf in &dd.owns {
-            command.arg("--owns").arg(bdf);
-        }
-        let driver = start_domain(
-            &store,
-            &config.run_dir,
-            (dd.domid, &dd.name),
-            command,
-            domain_confinement(confinement.as_ref(), dd.domid, &dd.name, 0)?,
-            false,
-        )?;
+        let driver = start_driver_domain(&store, &config.run_dir, dd, confinement.as_ref(), false)?;
         let host = Host {
             started,
             stop,
@@ -228,14 +222,10 @@ impl Host {
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
             confinement,
+            supervision: Mutex::new(None),
+            restarts: Mutex::new(Default::default()),
         };
-        match lock(&host.driver)
-            .channel
-            .recv_timeout::<BackendEvent>(WALK_TIMEOUT)?
-        {
-            Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
-            other => bail!("driver domain did not report ready: {other:?}"),
-        }
+        host.progress(&format!("{}: ready", dd.name));
         for guest in &config.guests {
             host.create_guest(guest.clone(), None)?;
         }
@@ -400,6 +390,37 @@ impl Host {
                 command
             }
         })
+    }
+}
+
+/// Starts the driver domain `dd` (its domain already in the store) and waits until it says
+/// it is ready; `append` continues its log (a restart).
+fn start_driver_domain(
+    store: &StoreHandle,
+    run_dir: &Path,
+    dd: &DriverDomainConfig,
+    confinement: Option<&Confinement>,
+    append: bool,
+) -> Result<Domain> {
+    let mut command = Command::new(sibling_binary("driver-domain")?);
+    command
+        .arg("managed")
+        .arg("--domid")
+        .arg(dd.domid.to_string());
+    for bdf in &dd.owns {
+        command.arg("--owns").arg(bdf);
+    }
+    let driver = start_domain(
+        store,
+        run_dir,
+        (dd.domid, &dd.name),
+        command,
+        domain_confinement(confinement, dd.domid, &dd.name, 0)?,
+        append,
+    )?;
+    match driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
+        Some((BackendEvent::Ready, _)) => Ok(driver),
+        other => bail!("driver domain did not report ready: {other:?}"),
     }
 }
 

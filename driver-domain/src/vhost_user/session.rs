@@ -42,6 +42,9 @@ pub enum VhostUserSessionError {
     /// The vhost-user daemon could not be created, started or wired.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// The session ended with an error (not a disconnect).
+    #[error("session: {0}")]
+    Failed(String),
 }
 
 type Daemon<D> = VhostUserDaemon<Arc<VhostUserDevice<D>>>;
@@ -69,21 +72,30 @@ fn new_daemon<D: BackendDevice>(
     Ok((backend, daemon))
 }
 
-/// Waits for the connected frontend to leave, then stops the workers.
-fn run_session<D: BackendDevice>(backend: &VhostUserDevice<D>, daemon: &mut Daemon<D>) {
+/// Waits for the connected frontend to leave, then stops the workers. An error other than
+/// the frontend going away is returned (and logged).
+fn run_session<D: BackendDevice>(
+    backend: &VhostUserDevice<D>,
+    daemon: &mut Daemon<D>,
+) -> Result<(), String> {
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
     let name = backend.device().name();
     info!("{name}: frontend connected");
-    match daemon.wait() {
+    let result = match daemon.wait() {
         Ok(())
         | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
-            info!("{name}: frontend disconnected")
+            info!("{name}: frontend disconnected");
+            Ok(())
         }
-        Err(e) => warn!("{name}: session ended with an error: {e}"),
-    }
+        Err(e) => {
+            warn!("{name}: session ended with an error: {e}");
+            Err(e.to_string())
+        }
+    };
     backend.stop_workers();
     backend.device().disconnected();
+    result
 }
 
 /// Serve `device` to one frontend connection accepted from `listener`, until it disconnects.
@@ -95,7 +107,8 @@ pub fn serve_one<D: BackendDevice>(
     daemon
         .start(listener)
         .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
-    run_session(&backend, &mut daemon);
+    // Logged; the next frontend gets a fresh device either way.
+    let _ = run_session(&backend, &mut daemon);
     Ok(())
 }
 
@@ -189,6 +202,5 @@ pub fn serve_listener<D: BackendDevice>(
     if let Some(handle) = daemon.shutdown_handle() {
         started(handle);
     }
-    run_session(&backend, &mut daemon);
-    Ok(())
+    run_session(&backend, &mut daemon).map_err(VhostUserSessionError::Failed)
 }
