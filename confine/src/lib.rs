@@ -68,6 +68,15 @@ pub struct Confined {
     pub landlock: Enforced,
 }
 
+/// Set once this process is confined.
+static CONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process confined itself ([`enter`], [`enter_standalone`]): threads with a
+/// class of their own narrow their filter then ([`seccomp::restrict_thread`]).
+pub fn is_confined() -> bool {
+    CONFINED.load(std::sync::atomic::Ordering::Acquire)
+}
+
 fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
@@ -168,6 +177,7 @@ fn confine_self(
         );
     }
     seccomp::install(profile)?;
+    CONFINED.store(true, std::sync::atomic::Ordering::Release);
     log::info!(
         "{profile}: confined as uid {} gid {} ({root:?}, landlock {landlock:?}, seccomp on)",
         plan.uid,

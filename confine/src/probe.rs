@@ -21,11 +21,14 @@ pub enum Probe {
     ProcessVmReadv(u32),
     /// A system call outside the allowlist (ptrace): kills.
     ForbiddenSyscall,
+    /// `clone3`, which must fail with ENOSYS (so that glibc falls back to `clone`); without
+    /// the filter, its empty arguments get EINVAL instead.
+    Clone3,
 }
 
 /// Errors of reading a probe.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown probe `{0}` (open:PATH, connect:PATH, mem:PID, process-vm-readv:PID, forbidden-syscall)")]
+#[error("unknown probe `{0}` (open:PATH, connect:PATH, mem:PID, process-vm-readv:PID, forbidden-syscall, clone3)")]
 pub struct ProbeError(String);
 
 impl std::str::FromStr for Probe {
@@ -39,6 +42,7 @@ impl std::str::FromStr for Probe {
             Some(("mem", p)) => Ok(Probe::Mem(pid(p)?)),
             Some(("process-vm-readv", p)) => Ok(Probe::ProcessVmReadv(pid(p)?)),
             None if s == "forbidden-syscall" => Ok(Probe::ForbiddenSyscall),
+            None if s == "clone3" => Ok(Probe::Clone3),
             _ => Err(bad()),
         }
     }
@@ -87,6 +91,18 @@ pub fn run(probe: &Probe) -> Result<(), String> {
             } else {
                 Ok(())
             })
+        }
+        Probe::Clone3 => {
+            // SAFETY: clone3 with a null argument block and size 0 creates nothing: the
+            // filter answers ENOSYS, an unfiltered kernel EINVAL.
+            let rc = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            let err = std::io::Error::last_os_error();
+            if rc < 0 && err.raw_os_error() == Some(libc::ENOSYS) {
+                println!("denied: {err}");
+                Ok(())
+            } else {
+                Err(format!("ALLOWED (not ENOSYS: {rc}, {err})"))
+            }
         }
         Probe::ForbiddenSyscall => {
             use std::io::Write;

@@ -101,6 +101,10 @@ pub struct DriverDomainConfig {
     /// PCI functions (`DDDD:BB:DD.F`) the driver domain owns and reports in the store.
     #[serde(default)]
     pub owns: Vec<String>,
+    /// A tap interface (created if missing) that the driver domain attaches to its switch as
+    /// the uplink: guests' frames reach the host's network through it.
+    #[serde(default)]
+    pub uplink: Option<String>,
 }
 
 /// How a guest runs.
@@ -438,6 +442,20 @@ impl HostConfig {
                 ));
             }
         }
+        if let Some(tap) = &self.driver_domain.uplink {
+            let ok = (1..=15).contains(&tap.len())
+                && tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !ok {
+                return Err(invalid(
+                    "driver_domain.uplink".to_owned(),
+                    &format!(
+                        "an interface name of 1-15 characters from [A-Za-z0-9_.-], got {tap:?}"
+                    ),
+                ));
+            }
+        }
         let mut macs = HashMap::new();
         let mut ips = HashMap::new();
         for (i, guest) in self.guests.iter().enumerate() {
@@ -666,6 +684,17 @@ mod tests {
     #[test]
     fn bad_name_is_refused() {
         expect_invalid(&GOOD.replace("\"guest-b\"", "\"guest b\""), "guest[1].name");
+    }
+
+    #[test]
+    fn uplink_is_an_interface_name() {
+        let with = |tap: &str| GOOD.replace("domid = 1\n", &format!("domid = 1\nuplink = {tap}\n"));
+        let config = parse(&with(r#""tap0""#)).unwrap();
+        assert_eq!(config.driver_domain.uplink.as_deref(), Some("tap0"));
+        assert_eq!(parse(GOOD).unwrap().driver_domain.uplink, None);
+        expect_invalid(&with(r#""a-name-longer-than-15""#), "driver_domain.uplink");
+        expect_invalid(&with(r#""tap/0""#), "driver_domain.uplink");
+        expect_invalid(&with(r#""""#), "driver_domain.uplink");
     }
 
     #[test]

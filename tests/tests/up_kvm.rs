@@ -7,14 +7,12 @@
 
 mod vmm_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use control_vmm::config::GuestKind;
 use control_vmm::up::seed_for;
-use std::time::Duration;
-
-use splitvmm_tests::{assert_process_guest_pattern, wait_for, workspace_bin, UpStay};
+use splitvmm_tests::running::RunningHost;
+use splitvmm_tests::{assert_process_guest_pattern, workspace_bin};
 
 #[test]
 fn main_job_with_a_kvm_guest() {
@@ -107,36 +105,8 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     workspace_bin("driver-domain");
     workspace_bin("splitvmm-vmm");
     let store = dir.path().join("run/xenstored.sock");
-    let mut up = Command::new(workspace_bin("splitvmm"))
-        .arg("up")
-        .arg(&config)
-        .arg("--stay")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = UpStay(up);
-    while !lines
-        .next()
-        .expect("up ended early")
-        .unwrap()
-        .contains("host is up")
-    {}
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let cli = |args: &[&str]| {
-        let out = Command::new(workspace_bin("splitvmm"))
-            .args(args)
-            .arg("--store")
-            .arg(&store)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let mut host = RunningHost::start(&config, &store, &[]);
+    let cli = |args: &[&str]| String::from_utf8_lossy(&host.cli_ok(args).stdout).into_owned();
     // The guest is running: it answers a disk check now (each check boots the tiny kernel
     // in its VMM process), its exit counter grows with it, and the host reads the pattern
     // it wrote.
@@ -157,18 +127,11 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     assert!(cli(&["reboot", "tiny"]).contains("rebooted tiny"));
     cli(&["disk-check", "tiny", "xvda", "--seed", "7"]);
     cli(&["disk-check", "tiny", "xvda", "--seed", "7", "--verify-only"]);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
     // SIGTERM is the way out of --stay: a clean shutdown after passed checks exits 0.
-    assert!(
-        wait_for(&mut up.0, Duration::from_secs(20)),
-        "splitvmm up ignored SIGTERM"
-    );
-    let status = up.0.wait().unwrap();
-    let rest = rest.join().unwrap().join("\n");
+    let status = host
+        .stop(nix::sys::signal::Signal::SIGTERM)
+        .expect("splitvmm up ignored SIGTERM");
+    let rest = host.output_after_startup();
     assert_eq!(status.code(), Some(0), "{rest}");
     assert!(
         rest.contains("checks: 1 passed, 0 failed, 0 skipped"),

@@ -63,7 +63,7 @@ impl Host {
             &self.store,
             &self.run_dir,
             (config.domid, &name),
-            command,
+            (command, Vec::new()),
             self.confinement_of(&config)?,
             false,
         )?;
@@ -142,7 +142,7 @@ impl Host {
                 &self.store,
                 &self.run_dir,
                 (slot.config.domid, name),
-                command,
+                (command, Vec::new()),
                 self.confinement_of(&slot.config)?,
                 true,
             )?;

@@ -37,7 +37,7 @@ use crate::config::{
     DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
 use crate::confinement::Confinement;
-use crate::supervisor::{DomainProcess, Launch};
+use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
 use crate::{connection, domains};
 use images::ImageRegistry;
 
@@ -136,6 +136,8 @@ pub struct Host {
     images: Mutex<ImageRegistry>,
     /// How domain processes are confined (`None`: the host file turned it off).
     confinement: Option<Confinement>,
+    /// The driver domain's uplink tap: its name and the toolstack's descriptor of it.
+    uplink: Option<(String, OwnedFd)>,
     /// The thread watching every domain process, while it runs.
     supervision: Mutex<Option<supervision::Supervisor>>,
     /// When the driver domain was restarted lately.
@@ -206,7 +208,25 @@ impl Host {
 
         let dd = &config.driver_domain;
         domains::create_domain(&mut StoreClient::connect(&socket)?, dd.domid, &dd.name)?;
-        let driver = start_driver_domain(&store, &config.run_dir, dd, confinement.as_ref(), false)?;
+        let uplink = match &dd.uplink {
+            // Opened here, in the host's network namespace: the confined driver domain has no
+            // /dev/net/tun and a network namespace of its own. The toolstack keeps a
+            // descriptor, so the tap outlives a driver domain that dies and is handed to the
+            // next one; it goes with the host.
+            Some(tap) => {
+                let device =
+                    ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
+                Some((tap.clone(), OwnedFd::from(device)))
+            }
+            None => None,
+        };
+        let driver = start_driver_domain(
+            &store,
+            &config.run_dir,
+            (dd, uplink.as_ref()),
+            confinement.as_ref(),
+            false,
+        )?;
         let host = Host {
             started,
             stop,
@@ -222,6 +242,7 @@ impl Host {
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
             confinement,
+            uplink,
             supervision: Mutex::new(None),
             restarts: Mutex::new(Default::default()),
         };
@@ -393,12 +414,13 @@ impl Host {
     }
 }
 
-/// Starts the driver domain `dd` (its domain already in the store) and waits until it says
-/// it is ready; `append` continues its log (a restart).
+/// Starts the driver domain `dd` (its domain already in the store), with a duplicate of the
+/// uplink tap's descriptor if it has one, and waits until it says it is ready; `append`
+/// continues its log (a restart).
 fn start_driver_domain(
     store: &StoreHandle,
     run_dir: &Path,
-    dd: &DriverDomainConfig,
+    (dd, uplink): (&DriverDomainConfig, Option<&(String, OwnedFd)>),
     confinement: Option<&Confinement>,
     append: bool,
 ) -> Result<Domain> {
@@ -410,11 +432,25 @@ fn start_driver_domain(
     for bdf in &dd.owns {
         command.arg("--owns").arg(bdf);
     }
+    let mut handed = Vec::new();
+    if let Some((tap, device)) = uplink {
+        let fd = FIRST_HANDED_FD + 2;
+        command
+            .arg("--uplink")
+            .arg(tap)
+            .arg("--uplink-fd")
+            .arg(fd.to_string());
+        handed.push(
+            device
+                .try_clone()
+                .with_context(|| format!("duplicating the uplink tap {tap}"))?,
+        );
+    }
     let driver = start_domain(
         store,
         run_dir,
         (dd.domid, &dd.name),
-        command,
+        (command, handed),
         domain_confinement(confinement, dd.domid, &dd.name, 0)?,
         append,
     )?;
@@ -424,14 +460,14 @@ fn start_driver_domain(
     }
 }
 
-/// Starts domain `name`'s process with its store connection (fd 3) and control channel (fd 4);
-/// its standard output and error go to [`log_path`] (started afresh, or with `append` after
-/// what is there: a rebooted guest's log goes on).
+/// Starts domain `name`'s process with its store connection (fd 3), control channel (fd 4)
+/// and `handed` (fds 5, ...); its standard output and error go to [`log_path`] (started
+/// afresh, or with `append` after what is there: a rebooted guest's log goes on).
 fn start_domain(
     store: &StoreHandle,
     run_dir: &Path,
     (domid, name): (u32, &str),
-    mut command: Command,
+    (mut command, handed): (Command, Vec<OwnedFd>),
     confinement: Option<DomainConfinement>,
     append: bool,
 ) -> Result<Domain> {
@@ -458,7 +494,9 @@ fn start_domain(
         confine: plan,
         cgroup,
     };
-    let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])?;
+    let mut fds = vec![store_conn, theirs.into_fd()];
+    fds.extend(handed);
+    let process = DomainProcess::spawn(name, launch, fds)?;
     Ok(Domain {
         domid,
         name: name.to_owned(),

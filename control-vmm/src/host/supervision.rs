@@ -247,7 +247,7 @@ impl Host {
         match start_driver_domain(
             &self.store,
             &self.run_dir,
-            &self.driver_config,
+            (&self.driver_config, self.uplink.as_ref()),
             self.confinement.as_ref(),
             true,
         ) {

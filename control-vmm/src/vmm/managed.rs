@@ -21,15 +21,13 @@ use thiserror::Error;
 
 use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
 use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError};
-use super::vhost_blk::{BlkBackend, VhostBlk};
+use super::vhost_blk::VhostBlk;
 
 /// Why a KVM guest's device could not be set up or checked.
 #[derive(Debug, Error)]
 pub enum KvmDeviceError {
     #[error("vhost-user set-up")]
     Session(#[from] FrontendSessionError),
-    #[error("short config space")]
-    ShortConfig,
     #[error("a KVM guest has no network interface yet")]
     NoNet,
     #[error("check of {0} bytes exceeds the tiny guest's limit of {MAX_CHECK_BYTES}")]
@@ -43,6 +41,53 @@ pub enum KvmDeviceError {
     #[error("guest ended with {0:?}")]
     GuestFailed(Outcome),
 }
+
+/// The network half of [`FrontendLifecycle`] for a kind of guest without network interfaces
+/// yet: no session can exist (`Infallible`), and every attach is refused with `$refusal`.
+macro_rules! refuse_network_interfaces {
+    ($refusal:expr) => {
+        type NetSession = std::convert::Infallible;
+
+        fn connect_net(
+            &mut self,
+            _devid: u32,
+            _connection: std::os::unix::net::UnixStream,
+            _ip: [u8; 4],
+        ) -> Result<(Self::NetSession, [u8; 6]), Self::ConnectError> {
+            Err($refusal)
+        }
+
+        fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
+            match session {}
+        }
+    };
+}
+pub(crate) use refuse_network_interfaces;
+
+/// The network half of [`FrontendDiagnostics`] for the same kind: with no session there is
+/// nothing to check.
+macro_rules! no_network_checks {
+    () => {
+        fn net_ping(
+            &mut self,
+            _devid: u32,
+            session: &mut Self::NetSession,
+            _peer: [u8; 4],
+            _rounds: u32,
+        ) -> Result<String, Self::CheckError> {
+            match *session {}
+        }
+
+        fn answer_peers(
+            &mut self,
+            _devid: u32,
+            session: &mut Self::NetSession,
+        ) -> Result<(), Self::CheckError> {
+            match *session {}
+        }
+    };
+}
+pub(crate) use no_network_checks;
 
 /// How each machine is built.
 #[derive(Debug, Clone)]
@@ -92,8 +137,6 @@ pub type ManagedVm = ManagedFrontend<KvmMachines>;
 
 impl FrontendLifecycle for KvmMachines {
     type BlockSession = MachineDisk;
-    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
-    type NetSession = std::convert::Infallible;
     type ConnectError = KvmDeviceError;
 
     fn connect_block(
@@ -103,14 +146,7 @@ impl FrontendLifecycle for KvmMachines {
     ) -> Result<(MachineDisk, u64), KvmDeviceError> {
         // The memory table is sent per machine (each has its own window).
         let session = VhostBlk::from_stream(connection, Vec::new())?;
-        let mut cap = [0u8; 8];
-        cap.copy_from_slice(
-            session
-                .config()
-                .get(..8)
-                .ok_or(KvmDeviceError::ShortConfig)?,
-        );
-        let capacity = u64::from_le_bytes(cap);
+        let capacity = session.capacity_sectors();
         Ok((
             MachineDisk {
                 session: Some(session),
@@ -125,18 +161,8 @@ impl FrontendLifecycle for KvmMachines {
         // closes the connection.
     }
 
-    fn connect_net(
-        &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), KvmDeviceError> {
-        Err(KvmDeviceError::NoNet)
-    }
-
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
-    }
+    // The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
+    refuse_network_interfaces!(KvmDeviceError::NoNet);
 
     /// One virtio-mmio slot: one disk per machine.
     fn max_block_devices(&self) -> usize {
@@ -151,23 +177,7 @@ impl FrontendDiagnostics for KvmMachines {
         self.totals
     }
 
-    fn net_ping(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-        _peer: [u8; 4],
-        _rounds: u32,
-    ) -> Result<String, KvmDeviceError> {
-        match *session {}
-    }
-
-    fn answer_peers(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-    ) -> Result<(), KvmDeviceError> {
-        match *session {}
-    }
+    no_network_checks!();
 
     /// Boots the tiny kernel in a fresh machine on the disk's session; the guest writes and
     /// verifies the pattern and powers off with its verdict.

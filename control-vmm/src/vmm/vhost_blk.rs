@@ -109,6 +109,13 @@ impl VhostBlk {
         }
     }
 
+    /// The disk's capacity in 512-byte sectors (virtio-blk config `capacity`).
+    pub fn capacity_sectors(&self) -> u64 {
+        let mut capacity = [0u8; 8];
+        capacity.copy_from_slice(&self.config[..8]);
+        u64::from_le_bytes(capacity)
+    }
+
     /// Kick: KVM signals it on a QueueNotify write (ioeventfd); the backend waits on it.
     pub fn kick(&self) -> Result<&EventFd, FrontendSessionError> {
         self.session.kick(QUEUE)

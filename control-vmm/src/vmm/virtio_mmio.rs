@@ -289,8 +289,8 @@ impl<B: BlkBackend> VirtioMmioBlk<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::fake_blk_backend::FakeBlkBackend;
     use crate::vmm::vhost_blk::SharedRegion;
-    use frontend_core::vhost_user::FrontendSessionError;
 
     fn r(offset: u32) -> u64 {
         u64::from(offset)
@@ -298,61 +298,29 @@ mod tests {
 
     const WINDOW: u64 = 0x4000_0000;
 
-    #[derive(Debug, Default)]
-    struct FakeBackend {
-        regions: Vec<SharedRegion>,
-        started: Vec<(u64, VringSetup)>,
-        stops: u32,
-        running: bool,
-    }
-
-    impl BlkBackend for FakeBackend {
-        fn device_features(&self) -> u64 {
-            (1 << 32) | (1 << 29) | (1 << 9)
-        }
-        fn config(&self) -> &[u8] {
-            &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
-        }
-        fn regions(&self) -> &[SharedRegion] {
-            &self.regions
-        }
-        fn running(&self) -> bool {
-            self.running
-        }
-        fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
-            self.started.push((features, q));
-            self.running = true;
-            Ok(())
-        }
-        fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
-            self.stops += 1;
-            Ok(std::mem::take(&mut self.running).then_some(7))
-        }
-    }
-
-    fn device() -> VirtioMmioBlk<FakeBackend> {
-        let backend = FakeBackend {
-            regions: vec![SharedRegion {
+    fn device() -> VirtioMmioBlk<FakeBlkBackend> {
+        let backend = FakeBlkBackend::new(
+            (1 << 32) | (1 << 29) | (1 << 9),
+            SharedRegion {
                 gpa: WINDOW,
                 len: 1 << 20,
                 fd: -1,
-            }],
-            ..Default::default()
-        };
+            },
+        );
         VirtioMmioBlk::new(backend, Arc::new(ExitCounters::default()))
     }
 
-    fn rd(d: &mut VirtioMmioBlk<FakeBackend>, off: u64) -> u32 {
+    fn rd(d: &mut VirtioMmioBlk<FakeBlkBackend>, off: u64) -> u32 {
         let mut b = [0u8; 4];
         d.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn wr(d: &mut VirtioMmioBlk<FakeBackend>, off: u64, v: u32) {
+    fn wr(d: &mut VirtioMmioBlk<FakeBlkBackend>, off: u64, v: u32) {
         d.write(off, &v.to_le_bytes());
     }
 
-    fn negotiate(d: &mut VirtioMmioBlk<FakeBackend>) {
+    fn negotiate(d: &mut VirtioMmioBlk<FakeBlkBackend>) {
         wr(d, r(VIRTIO_MMIO_STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         wr(d, r(VIRTIO_MMIO_DRIVER_FEATURES_SEL), 1);
         wr(d, r(VIRTIO_MMIO_DRIVER_FEATURES), 1);
@@ -363,7 +331,7 @@ mod tests {
         );
     }
 
-    fn set_queue(d: &mut VirtioMmioBlk<FakeBackend>, size: u32, desc: u64) {
+    fn set_queue(d: &mut VirtioMmioBlk<FakeBlkBackend>, size: u32, desc: u64) {
         wr(d, r(VIRTIO_MMIO_QUEUE_SEL), 0);
         wr(d, r(VIRTIO_MMIO_QUEUE_NUM), size);
         wr(d, r(VIRTIO_MMIO_QUEUE_DESC_LOW), desc as u32);

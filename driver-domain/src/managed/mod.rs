@@ -37,6 +37,7 @@ use crate::virtio_core::counters::CounterValues;
 
 use crate::net::format_mac;
 use crate::net::switch::{Switch, SwitchConfig};
+use crate::net::TapUplink;
 use std::sync::Arc;
 
 /// Errors that end the driver domain.
@@ -46,6 +47,10 @@ pub enum ManagedError {
     Store(#[from] ClientError),
     #[error("control channel")]
     Control(#[from] ChannelError),
+    #[error("uplink switch port")]
+    UplinkPort(#[from] crate::net::SwitchError),
+    #[error("uplink tap")]
+    Uplink(#[from] crate::net::TapError),
 }
 
 /// How often the loop wakes up when nothing happens.
@@ -101,6 +106,8 @@ pub struct ManagedDriverDomain {
     last_publish: Instant,
     /// The switch every vif is a port of.
     switch: Arc<Switch>,
+    /// The tap uplink on that switch, if the host file names one.
+    uplink: Option<TapUplink>,
 }
 
 impl ManagedDriverDomain {
@@ -128,7 +135,23 @@ impl ManagedDriverDomain {
             published: HashMap::new(),
             last_publish: Instant::now(),
             switch: Switch::new(SwitchConfig::default()),
+            uplink: None,
         }
+    }
+
+    /// Opens tap `name` (creating it if missing) and attaches it to the switch as the
+    /// uplink port: exempt from the source-address check, not from the table bounds.
+    pub fn attach_uplink(&mut self, name: &str) -> Result<(), ManagedError> {
+        let port = self.switch.attach(&format!("tap:{name}"))?;
+        self.uplink = Some(TapUplink::open(name, port)?);
+        Ok(())
+    }
+
+    /// Attaches tap `name`, already open (the toolstack's descriptor), as the uplink.
+    pub fn attach_uplink_device(&mut self, name: &str, tap: File) -> Result<(), ManagedError> {
+        let port = self.switch.attach(&format!("tap:{name}"))?;
+        self.uplink = Some(TapUplink::from_device(tap, name, port)?);
+        Ok(())
     }
 
     /// Runs until the toolstack says shut down (Ok) or goes away (Err).

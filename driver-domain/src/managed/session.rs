@@ -75,7 +75,7 @@ impl Session {
     ) -> Result<Session, String> {
         let port = Arc::new(
             switch
-                .attach(&format!("vif{}.{}", id.frontend, id.devid))
+                .attach_guest(&format!("vif{}.{}", id.frontend, id.devid), mac)
                 .map_err(|e| format!("switch port: {e}"))?,
         );
         let cfg = NetBackendConfig {
@@ -137,7 +137,7 @@ impl Session {
     }
 
     /// The device's counters so far in this session. For a network interface, requests are
-    /// frames (sent and received), and errors are frames refused or dropped.
+    /// frames (sent and received), and errors are frames refused (malformed or spoofed) or dropped.
     pub fn counters(&self) -> CounterValues {
         match &self.counters {
             Counters::Block(c) => c.snapshot(),
@@ -146,7 +146,7 @@ impl Session {
                 CounterValues {
                     requests: p.tx_frames + p.rx_frames,
                     bytes: p.tx_bytes + p.rx_bytes,
-                    errors: p.tx_invalid + p.tx_dropped + p.rx_dropped,
+                    errors: p.tx_invalid + p.tx_spoofed + p.tx_dropped + p.rx_dropped,
                     ..c.snapshot()
                 }
             }

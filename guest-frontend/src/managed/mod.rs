@@ -7,6 +7,7 @@
 //! the vrings. Disk checks and pings run on request.
 
 mod disk_check;
+pub mod frames;
 mod net_check;
 
 use std::os::unix::net::UnixStream;

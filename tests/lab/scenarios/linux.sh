@@ -133,7 +133,9 @@ echo "+ $SV console debian   (types '$TYPED', then Ctrl-] once the guest answere
 (
     printf '%s\n' "$TYPED"
     i=0
-    until grep -q "^L2-CONSOLE-GOT" $GLOG || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+    # The whole answer, not its start: the guest writes it a byte at a time through the UART
+    # (one exit each), and detaching mid-line cuts what the client and this check see.
+    until grep -q "^L2-CONSOLE-GOT $TYPED" $GLOG || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
     printf '\035'
 ) | $SV console debian > $W/console.out 2>&1
 grep -E "L2-CONSOLE|attached|detached" $W/console.out

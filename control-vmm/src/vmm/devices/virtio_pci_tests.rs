@@ -2,54 +2,24 @@
 //! fake backend and a recorder of GSI routes and irqfds (no /dev/kvm needed).
 
 use super::*;
+use crate::vmm::fake_blk_backend::FakeBlkBackend;
 use crate::vmm::pci::msix::tests::Recorder;
 use crate::vmm::vhost_blk::SharedRegion;
-use frontend_core::vhost_user::FrontendSessionError;
 
 const RAM: u64 = 256 << 20;
 const BAR0: u32 = 0xc000_0000;
 
-#[derive(Debug, Default)]
-struct FakeBackend {
-    regions: Vec<SharedRegion>,
-    started: Vec<(u64, VringSetup)>,
-    running: bool,
-}
-
-impl BlkBackend for FakeBackend {
-    fn device_features(&self) -> u64 {
-        (1 << 32) | VIRTIO_BLK_F_MQ | (1 << 9)
-    }
-    fn config(&self) -> &[u8] {
-        &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
-    }
-    fn regions(&self) -> &[SharedRegion] {
-        &self.regions
-    }
-    fn running(&self) -> bool {
-        self.running
-    }
-    fn start(&mut self, features: u64, q: VringSetup) -> Result<(), FrontendSessionError> {
-        self.started.push((features, q));
-        self.running = true;
-        Ok(())
-    }
-    fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
-        Ok(std::mem::take(&mut self.running).then_some(3))
-    }
-}
-
-type Dev = VirtioPciBlk<FakeBackend>;
+type Dev = VirtioPciBlk<FakeBlkBackend>;
 
 fn device() -> (Dev, Arc<Recorder>) {
-    let backend = FakeBackend {
-        regions: vec![SharedRegion {
+    let backend = FakeBlkBackend::new(
+        (1 << 32) | VIRTIO_BLK_F_MQ | (1 << 9),
+        SharedRegion {
             gpa: 0,
             len: RAM,
             fd: -1,
-        }],
-        ..Default::default()
-    };
+        },
+    );
     let rec = Arc::new(Recorder::default());
     let efd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let d = VirtioPciBlk::new(

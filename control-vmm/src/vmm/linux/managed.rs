@@ -24,7 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::{BlkAttachment, VmError};
-use crate::vmm::vhost_blk::{BlkBackend, VhostBlk};
+use crate::vmm::managed::{no_network_checks, refuse_network_interfaces};
+use crate::vmm::vhost_blk::VhostBlk;
 
 /// How the managed Linux machine is built.
 #[derive(Debug)]
@@ -161,8 +162,6 @@ impl LinuxMachine {
 pub enum LinuxDeviceError {
     #[error("vhost-user set-up")]
     Session(#[from] FrontendSessionError),
-    #[error("short config space")]
-    ShortConfig,
     #[error("vbd {0}: a Linux guest's disks are attached before it boots (no hotplug yet)")]
     AfterBoot(u32),
     #[error("the disk's session is gone")]
@@ -178,7 +177,6 @@ pub enum LinuxDeviceError {
 
 impl FrontendLifecycle for LinuxMachine {
     type BlockSession = LinuxDisk;
-    type NetSession = std::convert::Infallible;
     type ConnectError = LinuxDeviceError;
 
     fn connect_block(
@@ -191,18 +189,12 @@ impl FrontendLifecycle for LinuxMachine {
         }
         // The memory table (all of the guest's RAM) is sent when the machine boots.
         let session = VhostBlk::from_stream(connection, Vec::new())?;
-        let mut cap = [0u8; 8];
-        cap.copy_from_slice(
-            session
-                .config()
-                .get(..8)
-                .ok_or(LinuxDeviceError::ShortConfig)?,
-        );
+        let capacity = session.capacity_sectors();
         Ok((
             LinuxDisk {
                 session: Some(session),
             },
-            u64::from_le_bytes(cap),
+            capacity,
         ))
     }
 
@@ -246,18 +238,7 @@ impl FrontendLifecycle for LinuxMachine {
         1
     }
 
-    fn connect_net(
-        &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), LinuxDeviceError> {
-        Err(LinuxDeviceError::NoNet)
-    }
-
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
-    }
+    refuse_network_interfaces!(LinuxDeviceError::NoNet);
 }
 
 impl FrontendDiagnostics for LinuxMachine {
@@ -272,23 +253,7 @@ impl FrontendDiagnostics for LinuxMachine {
         Err(LinuxDeviceError::NoChecks)
     }
 
-    fn net_ping(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-        _peer: [u8; 4],
-        _rounds: u32,
-    ) -> Result<String, LinuxDeviceError> {
-        match *session {}
-    }
-
-    fn answer_peers(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-    ) -> Result<(), LinuxDeviceError> {
-        match *session {}
-    }
+    no_network_checks!();
 
     fn stats<'a>(&self, _live: impl Iterator<Item = &'a LinuxDisk>) -> GuestStats {
         GuestStats::default()
