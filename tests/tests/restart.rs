@@ -117,6 +117,22 @@ fn a_killed_process_guest_is_torn_down_within_a_second() {
     up.cli_ok(&["disk-check", "guest-b", "xvda", "--seed", "3"]);
 }
 
+/// Whether a thread of process `pid` waits in a process guest queue's poll on its call
+/// eventfd and its backend connection (the only two-descriptor poll a process guest makes,
+/// `BlockFrontendQueue`'s wait): it has a request in flight. Read from /proc/PID/task/*/syscall
+/// (`poll` is 7 on x86-64, `ppoll` 271; the second argument is the descriptor count).
+fn waits_for_a_completion(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("syscall")).is_ok_and(|line| {
+            let mut fields = line.split_whitespace();
+            matches!(fields.next(), Some("7" | "271")) && fields.nth(1).is_some_and(|n| n == "0x2")
+        })
+    })
+}
+
 /// Records every value of a store node, from a watch, until stopped.
 struct StateLog {
     seen: Arc<Mutex<Vec<String>>>,
@@ -196,7 +212,19 @@ fn a_killed_driver_domain_is_restarted_and_the_guests_lose_nothing() {
                 .unwrap()
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Both guests wait for a completion (their first write is in flight) before the kill.
+    let guests: Vec<i32> = seeds
+        .iter()
+        .map(|(name, _)| child_with_arg(up.pid(), name).unwrap())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !guests.iter().all(|pid| waits_for_a_completion(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "the checks never got a request in flight"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     kill(Pid::from_raw(driver), Signal::SIGKILL).unwrap();
     let killed = Instant::now();
 
