@@ -118,8 +118,8 @@ fn a_killed_process_guest_is_torn_down_within_a_second() {
 }
 
 /// Whether a thread of process `pid` waits in a process guest queue's poll on its call
-/// eventfd and its backend connection (the only two-descriptor poll a process guest makes,
-/// `BlockFrontendQueue`'s wait): it has a request in flight. Read from /proc/PID/task/*/syscall
+/// eventfd and its backend connection (`BlockFrontendQueue`'s wait; a ping's receive is the
+/// only other two-descriptor poll, and none runs meanwhile): it has a request in flight. Read from /proc/PID/task/*/syscall
 /// (`poll` is 7 on x86-64, `ppoll` 271; the second argument is the descriptor count).
 fn waits_for_a_completion(pid: i32) -> bool {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -282,4 +282,45 @@ fn a_killed_driver_domain_is_restarted_and_the_guests_lose_nothing() {
     }
     let text = run(&mut up.cmd(&["list"]));
     assert!(String::from_utf8_lossy(&text.stdout).contains("serves vbd 2/xvda"));
+}
+
+#[test]
+fn a_ping_running_when_the_driver_domain_dies_passes_after_the_restart() {
+    if !is_root() {
+        test_support::skip(
+            "a_ping_running_when_the_driver_domain_dies_passes_after_the_restart",
+            "confined domains need root",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("run/xenstored.sock");
+    let up = RunningHost::start(&host_file(dir.path()), &store, &[]);
+    let driver = child_with_arg(up.pid(), "managed").expect("the driver domain runs");
+    let guest = child_with_arg(up.pid(), "guest-a").unwrap();
+    // guest-a's ARP request is out and it waits for the answer when the driver domain dies.
+    kill(Pid::from_raw(driver), Signal::SIGSTOP).unwrap();
+    let mut ping = up
+        .cmd(&["net-ping", "guest-a", "0", "10.0.0.3", "--rounds", "5"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !waits_for_a_completion(guest) {
+        assert!(
+            Instant::now() < deadline,
+            "the ping never waited for a frame"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill(Pid::from_raw(driver), Signal::SIGKILL).unwrap();
+    let killed = Instant::now();
+    assert!(
+        wait_for(&mut ping, Duration::from_secs(5)),
+        "the ping did not end within 5 s of the kill"
+    );
+    assert!(ping.wait().unwrap().success(), "the ping failed");
+    eprintln!("ping passed {:?} after the kill", killed.elapsed());
+    // It was interrupted and ran again, rather than finishing before the kill.
+    let log = std::fs::read_to_string(dir.path().join("run/logs/guest-a.log")).unwrap();
+    assert!(log.contains("vif 0: backend gone (ping"), "{log}");
 }

@@ -149,7 +149,8 @@ impl FrontendDiagnostics for ProcessFrontends {
                 DiskCheckError::Write { source, .. }
                 | DiskCheckError::Read { source, .. }
                 | DiskCheckError::Flush(source),
-            ) => source,
+            )
+            | ProcessDeviceError::Ping(PingError::Receive(source)) => source,
             _ => return false,
         };
         matches!(frontend, ProcessFrontendError::BackendGone { .. })

@@ -17,6 +17,7 @@ use frontend_core::vhost_user::{
 };
 
 use super::error::ProcessFrontendError;
+use super::peer::BackendPeer;
 use super::queue::{BlockFrontendQueue, FrontendStats};
 use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
 use crate::virtio::blk::{negotiate_features, FrontBlkConfig, BLK_CONFIG_BYTES, VIRTIO_BLK_F_MQ};
@@ -135,7 +136,7 @@ impl BlockFrontend {
         let mut started = Vec::with_capacity(queues.len());
         for (i, (blk, bounce)) in queues.into_iter().enumerate() {
             let mut q = Self::start_queue(&mut session, i, blk, bounce, &window, &cfg)?;
-            q.set_peer(session.peer()?);
+            q.set_peer(BackendPeer::new(session.peer()?));
             started.push(Mutex::new(q));
         }
         Ok(Self {
@@ -304,7 +305,7 @@ impl BlockFrontend {
         self.session.reconnect(stream, spec)?;
         let mut resubmitted = 0u32;
         for i in 0..self.num_queues() {
-            let peer = self.session.peer()?;
+            let peer = BackendPeer::new(self.session.peer()?);
             let mut q = self.queue(i)?;
             q.set_peer(peer);
             resubmitted += u32::from(q.restart()?);

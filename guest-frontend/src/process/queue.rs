@@ -1,13 +1,14 @@
 //! One request queue of a process-domain block frontend: bounce buffers in the I/O window,
 //! kick/call eventfds, interrupt or polling completion.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::error::ProcessFrontendError;
+use super::peer::BackendPeer;
 use super::window::IoWindow;
 use crate::virtio::{
     BlkOp, BlkRequest, DmaBuf, DmaMemory, DmaRegion, FrontBlkQueue, FrontRequestError, Notify,
@@ -127,7 +128,7 @@ pub struct BlockFrontendQueue {
     stats: FrontendStats,
     /// The backend's connection (a duplicate), polled while waiting: its end means the
     /// backend is gone, which no completion would ever say.
-    peer: Option<OwnedFd>,
+    peer: Option<BackendPeer>,
     // Keeps the mapping behind `blk` and `region` alive; declared last so it drops last.
     _window: Arc<IoWindow>,
 }
@@ -330,7 +331,7 @@ impl BlockFrontendQueue {
     }
 
     /// Watches `peer`, the backend's connection, while waiting for completions.
-    pub(super) fn set_peer(&mut self, peer: OwnedFd) {
+    pub(super) fn set_peer(&mut self, peer: BackendPeer) {
         self.peer = Some(peer);
     }
 
@@ -351,43 +352,14 @@ impl BlockFrontendQueue {
         }
     }
 
-    /// Whether the backend's connection has ended (it hung up, or reads end of file).
+    /// Whether the backend's connection has ended, judging by poll's `revents` for it.
     fn peer_ended(&self, revents: libc::c_short) -> bool {
-        let Some(peer) = &self.peer else {
-            return false;
-        };
-        if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            return true;
-        }
-        if revents & libc::POLLIN == 0 {
-            return false;
-        }
-        let mut byte = 0u8;
-        // SAFETY: peeks at most one byte into `byte`, a valid buffer of one byte.
-        let n = unsafe {
-            libc::recv(
-                peer.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n == 0
+        self.peer.as_ref().is_some_and(|p| p.ended(revents))
     }
 
     /// Polls the backend's connection without waiting.
     fn peer_gone_now(&self) -> bool {
-        let Some(peer) = &self.peer else {
-            return false;
-        };
-        let mut pfd = libc::pollfd {
-            fd: peer.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
-        r == 1 && self.peer_ended(pfd.revents)
+        self.peer.as_ref().is_some_and(BackendPeer::gone_now)
     }
 
     fn timeout_error(&self) -> ProcessFrontendError {
@@ -422,7 +394,7 @@ impl BlockFrontendQueue {
             return Ok(());
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let peer = self.peer.as_ref().map_or(-1, |p| p.as_raw_fd());
+        let peer = self.peer.as_ref().map_or(-1, BackendPeer::raw);
         // A negative descriptor is ignored by poll: without a peer, only the call eventfd.
         let mut pfds = [
             libc::pollfd {
