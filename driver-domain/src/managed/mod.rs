@@ -379,6 +379,10 @@ impl ManagedDriverDomain {
                 if written == XenbusState::Closed && !restarted {
                     if let Some(dev) = self.devices.get_mut(&key) {
                         dev.restarted = true;
+                        log::warn!(
+                            "{}: found Closed: serving it again for a reconnecting frontend",
+                            dev.id
+                        );
                     }
                 }
                 self.start(key)
