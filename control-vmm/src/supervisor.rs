@@ -5,14 +5,16 @@
 //! [`DomainProcess`] that is still running kills it (SIGTERM, then SIGKILL after a grace
 //! period) and waits for it, so every exit path of the toolstack reaps its children. Every
 //! domain process is forked by one long-lived thread (see `spawn_from_long_lived_thread`), so
-//! its parent-death signal follows the toolstack, not the request that started it.
+//! its parent-death signal follows the toolstack, not the request that started it. Each
+//! process is also watched through a pidfd ([`DomainProcess::pidfd`]): readable once it has
+//! exited, so the toolstack notices a death at once (see `host::supervision`).
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus};
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use confine::{Plan, SpawnSpec};
@@ -57,6 +59,10 @@ pub struct DomainProcess {
     name: String,
     /// Its pid while it is not reaped.
     pid: Option<libc::pid_t>,
+    /// A pidfd for it (readable once it has exited); `None` where the kernel has none.
+    pidfd: Option<Arc<OwnedFd>>,
+    /// How it ended, once reaped.
+    exit: Option<ExitStatus>,
 }
 
 /// How a domain process is started: its command line and environment (from a `Command`), where
@@ -150,10 +156,30 @@ impl DomainProcess {
             source,
         })?;
         log::info!("started {name} (pid {pid})");
+        let pidfd = match open_pidfd(pid) {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(e) => {
+                log::warn!("{name}: no pidfd ({e}); its death is noticed only when polled");
+                None
+            }
+        };
         Ok(DomainProcess {
             name: name.to_owned(),
             pid: Some(pid),
+            pidfd,
+            exit: None,
         })
+    }
+
+    /// A pidfd of the process: it polls readable once the process has exited (reaped or
+    /// not), so a watcher can wait for many processes at once without reaping any.
+    pub fn pidfd(&self) -> Option<Arc<OwnedFd>> {
+        self.pidfd.clone()
+    }
+
+    /// How the process ended, once it has been reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.exit
     }
 
     /// The domain's name.
@@ -188,6 +214,7 @@ impl DomainProcess {
         }
         self.pid = None;
         let status = ExitStatus::from_raw(status);
+        self.exit = Some(status);
         if status.signal() == Some(libc::SIGSYS) {
             log::error!(
                 "{} was killed by SIGSYS: it made a system call outside its seccomp allowlist \
@@ -246,6 +273,19 @@ impl Drop for DomainProcess {
             self.stop();
         }
     }
+}
+
+/// `pidfd_open(pid)`: called right after the spawn, before anyone reaps the child, so the
+/// pid cannot have been reused.
+fn open_pidfd(pid: libc::pid_t) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 type SpawnResult = Result<libc::pid_t, confine::spawn::SpawnError>;
@@ -357,5 +397,33 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         // Reaped: the pid no longer names our child.
         assert!(kill(pid, None).is_err());
+    }
+
+    #[test]
+    fn the_pidfd_becomes_readable_when_the_process_dies_and_the_status_is_kept() {
+        use std::os::fd::AsRawFd;
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("60");
+        let mut p = DomainProcess::spawn("sleeper", Launch::plain(cmd), vec![]).unwrap();
+        let pidfd = p.pidfd().expect("a pidfd");
+        let readable = |ms| {
+            let mut pfd = libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+        };
+        assert!(!readable(100), "readable while the process runs");
+        kill(Pid::from_raw(p.pid().unwrap() as i32), Signal::SIGKILL).unwrap();
+        assert!(readable(5000), "not readable after SIGKILL");
+        let status = p.wait_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert_eq!(
+            p.exit_status().and_then(|s| s.signal()),
+            Some(libc::SIGKILL)
+        );
+        assert!(readable(0), "a reaped process's pidfd stays readable");
     }
 }

@@ -2,7 +2,9 @@
 //! only if it is sealed against shrinking and is exactly the I/O window the toolstack granted
 //! for that device. A guest that sends an unsealed window (which it could truncate under the
 //! shared driver domain: SIGBUS, every guest's disk and network gone) or a table that is not
-//! its window is refused, and the other guests keep working.
+//! its window is refused, and the other guests keep working. Each refusal is written to the
+//! store as a Xen backend reports a failure (state Closed and an `error` node) and shown by
+//! `splitvmm list`.
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
@@ -227,8 +229,54 @@ fn unsealed_windows_and_foreign_tables_are_refused_and_other_guests_keep_working
             driver.try_wait().unwrap().is_none(),
             "{what}: the driver domain died"
         );
+        // The failure is in the store, as a Xen backend reports one: Closed, and why.
+        let refused = vbd(EVIL, devid);
+        domains::wait_for_state(
+            &mut dom0,
+            &refused.backend_path(),
+            XenbusState::Closed,
+            WAIT,
+        )
+        .unwrap();
+        let error = dom0
+            .read(&format!("{}/error", refused.backend_path()))
+            .expect("an error node");
+        let error = String::from_utf8_lossy(&error);
+        assert!(
+            error.contains("sealed") || error.contains("granted I/O window"),
+            "{what}: error node {error:?}"
+        );
         good_guest_still_served(&frontend, round as u8 + 2);
     }
+    // `splitvmm list` shows each refused device's state and error; the good one has none.
+    let list = splitvmm_tests::running::run(
+        splitvmm_tests::running::splitvmm()
+            .args(["list", "--json", "--store"])
+            .arg(&socket),
+    );
+    assert!(list.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let served = list["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["domid"] == DRIVER)
+        .unwrap()["backend"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let refused: Vec<&serde_json::Value> = served
+        .iter()
+        .filter(|d| d["frontend"] == EVIL && d["devid"] != 51712)
+        .collect();
+    assert_eq!(refused.len(), cases.len(), "{served:?}");
+    for device in refused {
+        assert_eq!(device["state"], 6, "{device}");
+        assert!(device["error"].is_string(), "{device}");
+    }
+    let good_listed = served.iter().find(|d| d["frontend"] == GOOD).unwrap();
+    assert_eq!(good_listed["state"], 4);
+    assert!(good_listed["error"].is_null());
     frontend.shutdown().unwrap();
     ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
     let status = driver.wait_timeout(WAIT).unwrap().expect("driver exited");

@@ -1,7 +1,9 @@
 //! The tap uplink in managed mode: `splitvmm up --stay` with `[driver_domain] uplink = ...`,
 //! run inside a network namespace this test creates. The driver domain opens the tap on its
 //! switch; the namespace's kernel (10.0.0.1 on the tap) resolves guest-a (10.0.0.2) and gets
-//! its UDP echo back, so frames cross the tap, the switch and the guest's vif both ways.
+//! its UDP echo back, so frames cross the tap, the switch and the guest's vif both ways; and
+//! again after the driver domain is killed and restarted (the toolstack keeps the tap and
+//! hands it to the new one).
 //! Skipped (and the skip recorded) when not root, without /dev/net/tun, or without `ip`.
 
 #![allow(clippy::unwrap_used)]
@@ -95,8 +97,37 @@ fn managed_mode_uplink_carries_a_guests_frames_to_the_host() {
         .join()
         .unwrap();
     echoed.unwrap();
+
+    // Kill the driver domain: the tap survives (the toolstack holds it), the restarted
+    // driver domain gets it back, and the echo works again.
+    let driver = splitvmm_tests::running::child_with_arg(host.pid(), "managed")
+        .expect("the driver domain runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(driver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while splitvmm_tests::running::child_with_arg(host.pid(), "managed")
+        .is_none_or(|pid| pid == driver)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the driver domain was not restarted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ip(&["-n", &ns.0, "link", "show", TAP]),
+        "the tap went with the dead driver domain"
+    );
+    let ns_name = ns.0.clone();
+    let echoed = std::thread::spawn(move || echo_from_namespace(&ns_name))
+        .join()
+        .unwrap();
+    echoed.unwrap();
     drop(host);
-    // The tap goes with the driver domain.
+    // The tap goes with the host.
     assert!(
         !ip(&["-n", &ns.0, "link", "show", TAP]),
         "the tap outlived the host"

@@ -138,3 +138,66 @@ fn list_top_and_console_show_a_running_kvm_guest() {
         "{rest}"
     );
 }
+
+#[test]
+fn a_kvm_guest_keeps_its_disk_across_a_driver_domain_restart() {
+    if !vmm_support::kvm_or_skip("a_kvm_guest_keeps_its_disk_across_a_driver_domain_restart") {
+        return;
+    }
+    let kernel = vmm_support::tiny_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"run\"\n\
+             [driver_domain]\nname = \"driver\"\ndomid = 1\n\
+             [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
+             [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
+            kernel.display().to_string()
+        ),
+    )
+    .unwrap();
+    workspace_bin("driver-domain");
+    workspace_bin("splitvmm-vmm");
+    let store = dir.path().join("run/xenstored.sock");
+    let host = RunningHost::start(&config, &store, &[]);
+    host.cli_ok(&["disk-check", "tiny", "xvda", "--seed", "21"]);
+    let driver = splitvmm_tests::running::child_with_arg(host.pid(), "managed").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(driver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The disk walks back to Connected on both sides (the VMM reconnected idle).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = host.cli_ok(&["block-list", "tiny", "--json"]);
+        let disks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let new_driver = splitvmm_tests::running::child_with_arg(host.pid(), "managed");
+        if disks[0]["state"] == 4
+            && disks[0]["backend_state"] == 4
+            && new_driver.is_some_and(|p| p != driver)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not Connected again: {disks}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A new machine reads what the old backend wrote, through the new one, and writes anew.
+    host.cli_ok(&[
+        "disk-check",
+        "tiny",
+        "xvda",
+        "--seed",
+        "21",
+        "--verify-only",
+    ]);
+    host.cli_ok(&["disk-check", "tiny", "xvda", "--seed", "22"]);
+    let sectors = GuestKind::Kvm.check_bytes() / 512;
+    let t = std::fs::read(dir.path().join("t.img")).unwrap();
+    vmm_support::assert_pattern(&t, 22, sectors);
+}

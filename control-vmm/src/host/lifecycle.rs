@@ -14,10 +14,11 @@ use ipc::control::messages::{
 };
 use ipc::xenbus::{DeviceId, DeviceKind};
 
+use super::supervision::Watched;
 use super::{
     console_socket, lock, shutdown_timeout, start_domain, Guest, GuestSlot, Host, WALK_TIMEOUT,
 };
-use crate::config::{ChecksConfig, GuestConfig, GuestKind, HostConfig};
+use crate::config::{ChecksConfig, GuestConfig, HostConfig};
 use crate::domains;
 use crate::supervisor::describe;
 
@@ -69,6 +70,7 @@ impl Host {
         let slot = Arc::new(GuestSlot {
             config,
             gone: AtomicBool::new(false),
+            watch: Mutex::new(Watched::of(&domain)),
             state: Mutex::new(Guest {
                 domain,
                 disks: BTreeMap::new(),
@@ -154,6 +156,7 @@ impl Host {
                 self.confinement_of(&slot.config)?,
                 true,
             )?;
+            *lock(&slot.watch) = Watched::of(&guest.domain);
             guest.stats = None;
             self.assign_pci_locked(name, slot, guest)?;
             for disk in &disks {
@@ -202,7 +205,7 @@ impl Host {
 
     /// Forgets a guest whose process has ended: its devices are torn down, its images
     /// released and its domain released in the store.
-    fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
+    pub(super) fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
         slot.gone.store(true, Ordering::SeqCst);
         lock(&self.guests).remove(name);
         let _ = std::fs::remove_file(console_socket(&self.run_dir, name));
@@ -212,42 +215,6 @@ impl Host {
         torn_down?;
         released?;
         Ok(())
-    }
-
-    /// Reaps the Linux guests whose VMM has exited (the guest powered off by itself, or its
-    /// VMM failed) and tears their devices down. A guest busy with a request is looked at
-    /// next time.
-    pub fn reap_powered_off(&self) {
-        let slots: Vec<(String, Arc<GuestSlot>)> = lock(&self.guests)
-            .iter()
-            .filter(|(_, s)| s.config.kind == GuestKind::Linux)
-            .map(|(n, s)| (n.clone(), Arc::clone(s)))
-            .collect();
-        for (name, slot) in slots {
-            let Ok(mut guest) = slot.state.try_lock() else {
-                continue;
-            };
-            if slot.gone.load(Ordering::SeqCst) {
-                continue;
-            }
-            let status = match guest.domain.process.try_wait() {
-                Ok(Some(status)) => status,
-                Ok(None) => continue,
-                Err(e) => {
-                    log::error!("{name}: {e}");
-                    continue;
-                }
-            };
-            while let Ok(Some((event, _))) = guest.domain.channel.try_recv::<GuestEvent>() {
-                if let GuestEvent::Stats(s) = event {
-                    guest.stats = Some(s);
-                }
-            }
-            match self.forget(&name, &slot, &mut guest) {
-                Ok(()) => self.progress(&format!("{name}: powered off ({})", describe(&status))),
-                Err(e) => log::error!("{name}: tearing down after it powered off: {e:#}"),
-            }
-        }
     }
 
     /// Asks the guest to shut down: it closes its devices and reports its counters; waits for
@@ -315,6 +282,8 @@ impl Host {
     /// Stops every guest in order (collecting its counters), then the driver domain, then
     /// the store. Call it once no request is being served.
     pub fn shut_down(self) -> ShutdownReport {
+        // From here on, domains ending is the plan, not a death.
+        self.stop_supervision();
         let mut clean = true;
         let mut stats = Vec::new();
         let guests = std::mem::take(&mut *lock(&self.guests));

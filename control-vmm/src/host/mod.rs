@@ -11,11 +11,14 @@
 //! - [`images`]: the disk images held (and locked) for the guests;
 //! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown;
 //! - [`pci`]: VFs of the driver domain's PFs assigned to Linux guests.
+//! - [`supervision`]: every domain process watched; dead guests torn down, a dead driver
+//!   domain restarted with its devices.
 
 mod devices;
 mod images;
 mod lifecycle;
 mod pci;
+mod supervision;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -100,6 +103,8 @@ struct GuestSlot {
     config: GuestConfig,
     /// Set when the guest is destroyed or shut down: requests waiting for it give up.
     gone: AtomicBool,
+    /// Its current process's pidfd and control channel, for the supervisor.
+    watch: Mutex<supervision::Watched>,
     state: Mutex<Guest>,
 }
 
@@ -136,6 +141,12 @@ pub struct Host {
     images: Mutex<ImageRegistry>,
     /// How domain processes are confined (`None`: the host file turned it off).
     confinement: Option<Confinement>,
+    /// The driver domain's uplink tap: its name and the toolstack's descriptor of it.
+    uplink: Option<(String, OwnedFd)>,
+    /// The thread watching every domain process, while it runs.
+    supervision: Mutex<Option<supervision::Supervisor>>,
+    /// When the driver domain was restarted lately.
+    restarts: Mutex<supervision::RestartHistory>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -202,34 +213,23 @@ impl Host {
 
         let dd = &config.driver_domain;
         domains::create_domain(&mut StoreClient::connect(&socket)?, dd.domid, &dd.name)?;
-        let mut command = Command::new(sibling_binary("driver-domain")?);
-        command
-            .arg("managed")
-            .arg("--domid")
-            .arg(dd.domid.to_string());
-        for bdf in &dd.owns {
-            command.arg("--owns").arg(bdf);
-        }
-        let mut handed = Vec::new();
-        if let Some(tap) = &dd.uplink {
-            // Opened here, in the host's network namespace, and handed over: the confined
-            // driver domain has no /dev/net/tun and a network namespace of its own. It holds
-            // the only descriptor, so the tap goes with it.
-            let device = ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
-            let fd = FIRST_HANDED_FD + 2;
-            command
-                .arg("--uplink")
-                .arg(tap)
-                .arg("--uplink-fd")
-                .arg(fd.to_string());
-            handed.push(OwnedFd::from(device));
-        }
-        let driver = start_domain(
+        let uplink = match &dd.uplink {
+            // Opened here, in the host's network namespace: the confined driver domain has no
+            // /dev/net/tun and a network namespace of its own. The toolstack keeps a
+            // descriptor, so the tap outlives a driver domain that dies and is handed to the
+            // next one; it goes with the host.
+            Some(tap) => {
+                let device =
+                    ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
+                Some((tap.clone(), OwnedFd::from(device)))
+            }
+            None => None,
+        };
+        let driver = start_driver_domain(
             &store,
             &config.run_dir,
-            (dd.domid, &dd.name),
-            (command, handed),
-            domain_confinement(confinement.as_ref(), dd.domid, &dd.name, 0)?,
+            (dd, uplink.as_ref()),
+            confinement.as_ref(),
             false,
         )?;
         let host = Host {
@@ -247,14 +247,11 @@ impl Host {
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
             confinement,
+            uplink,
+            supervision: Mutex::new(None),
+            restarts: Mutex::new(Default::default()),
         };
-        match lock(&host.driver)
-            .channel
-            .recv_timeout::<BackendEvent>(WALK_TIMEOUT)?
-        {
-            Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
-            other => bail!("driver domain did not report ready: {other:?}"),
-        }
+        host.progress(&format!("{}: ready", dd.name));
         for guest in &config.guests {
             host.create_guest(guest.clone(), None)?;
         }
@@ -430,6 +427,52 @@ impl Host {
                 command
             }
         })
+    }
+}
+
+/// Starts the driver domain `dd` (its domain already in the store), with a duplicate of the
+/// uplink tap's descriptor if it has one, and waits until it says it is ready; `append`
+/// continues its log (a restart).
+fn start_driver_domain(
+    store: &StoreHandle,
+    run_dir: &Path,
+    (dd, uplink): (&DriverDomainConfig, Option<&(String, OwnedFd)>),
+    confinement: Option<&Confinement>,
+    append: bool,
+) -> Result<Domain> {
+    let mut command = Command::new(sibling_binary("driver-domain")?);
+    command
+        .arg("managed")
+        .arg("--domid")
+        .arg(dd.domid.to_string());
+    for bdf in &dd.owns {
+        command.arg("--owns").arg(bdf);
+    }
+    let mut handed = Vec::new();
+    if let Some((tap, device)) = uplink {
+        let fd = FIRST_HANDED_FD + 2;
+        command
+            .arg("--uplink")
+            .arg(tap)
+            .arg("--uplink-fd")
+            .arg(fd.to_string());
+        handed.push(
+            device
+                .try_clone()
+                .with_context(|| format!("duplicating the uplink tap {tap}"))?,
+        );
+    }
+    let driver = start_domain(
+        store,
+        run_dir,
+        (dd.domid, &dd.name),
+        (command, handed),
+        domain_confinement(confinement, dd.domid, &dd.name, 0)?,
+        append,
+    )?;
+    match driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
+        Some((BackendEvent::Ready, _)) => Ok(driver),
+        other => bail!("driver domain did not report ready: {other:?}"),
     }
 }
 

@@ -161,6 +161,32 @@ impl FrontendLifecycle for KvmMachines {
         // closes the connection.
     }
 
+    /// Between checks no machine runs and no vring is set up: the disk simply gets a new
+    /// session on the restarted backend (the next check's machine uses it). A restart during
+    /// a check fails that check (the machine's rings are the guest's; resuming them needs
+    /// the in-flight log, not done).
+    fn reconnect_block(
+        &mut self,
+        devid: u32,
+        disk: &mut MachineDisk,
+        connection: UnixStream,
+    ) -> Option<Result<(), KvmDeviceError>> {
+        Some(
+            VhostBlk::from_stream(connection, Vec::new())
+                .map_err(KvmDeviceError::from)
+                .map(|session| {
+                    if session.capacity_sectors() != disk.capacity {
+                        log::warn!(
+                            "vbd {devid}: the restarted backend reports {} sectors, not {}",
+                            session.capacity_sectors(),
+                            disk.capacity
+                        );
+                    }
+                    disk.session = Some(session);
+                }),
+        )
+    }
+
     // The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
     refuse_network_interfaces!(KvmDeviceError::NoNet);
 

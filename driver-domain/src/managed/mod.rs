@@ -8,6 +8,12 @@
 //!
 //! Initialising --(handed fds)--> InitWait --(frontend Initialised)--> Connected
 //!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
+//!
+//! A driver domain restarted by the toolstack finds its devices' directories already there,
+//! marked Closed by the toolstack; it serves each again once handed its descriptors, and goes
+//! Connected only when the frontend has reconnected (Initialised), not on a Connected left
+//! over from the dead backend. A device whose session fails is written Closed with an
+//! `error` node saying why, as a Xen backend's `xenbus_dev_fatal` does.
 
 pub mod assign;
 mod hardware;
@@ -81,6 +87,9 @@ struct Device {
     state: XenbusState,
     session: Option<Session>,
     closing_since: Option<Instant>,
+    /// Found marked Closed (by the toolstack, after this domain's predecessor died): the
+    /// frontend must reconnect (Initialised) before this backend goes Connected.
+    restarted: bool,
 }
 
 /// The driver domain in managed mode.
@@ -301,6 +310,7 @@ impl ManagedDriverDomain {
                 state: XenbusState::Initialising,
                 session: None,
                 closing_since: None,
+                restarted: false,
             });
         }
         // A directory removed under a live device: stop serving it.
@@ -405,10 +415,31 @@ impl ManagedDriverDomain {
         if close_requested && ours != XenbusState::Closed {
             return self.close_step(key, fe_state);
         }
+        if let Some(reason) = self
+            .devices
+            .get(&key)
+            .and_then(|d| d.session.as_ref())
+            .and_then(Session::failure)
+        {
+            return Err(reason);
+        }
+        let restarted = self.devices.get(&key).is_some_and(|d| d.restarted);
         match ours {
-            XenbusState::Initialising => self.start(key),
+            XenbusState::Initialising => {
+                if written == XenbusState::Closed && !restarted {
+                    if let Some(dev) = self.devices.get_mut(&key) {
+                        dev.restarted = true;
+                        log::warn!(
+                            "{}: found Closed: serving it again for a reconnecting frontend",
+                            dev.id
+                        );
+                    }
+                }
+                self.start(key)
+            }
             XenbusState::InitWait
-                if matches!(fe_state, XenbusState::Initialised | XenbusState::Connected) =>
+                if fe_state == XenbusState::Initialised
+                    || (fe_state == XenbusState::Connected && !restarted) =>
             {
                 self.set_state(key, XenbusState::Connected)
             }
@@ -457,6 +488,12 @@ impl ManagedDriverDomain {
             dev.session = Some(session);
         }
         *self.sessions.entry(key).or_default() += 1;
+        // A failure reported by an earlier session is history now.
+        match self.store.rm(&format!("{be}/{}", keys::ERROR)) {
+            Ok(()) => {}
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
+            Err(e) => log::warn!("{id}: removing the old error node: {e}"),
+        }
         for (k, v) in features {
             self.write(&format!("{be}/{k}"), &v)?;
         }
@@ -495,7 +532,13 @@ impl ManagedDriverDomain {
             if let Some(session) = dev.session.take() {
                 self.end_session(key, session);
             }
-            let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
+            // Why first, then the state: whoever sees Closed finds the reason there.
+            let be = dev.id.backend_path();
+            let error = format!("{be}/{}", keys::ERROR);
+            if let Err(e) = self.store.write(&error, reason.as_bytes()) {
+                log::warn!("{error}: {e}");
+            }
+            let path = format!("{be}/{}", keys::STATE);
             let _ = self
                 .store
                 .write(&path, XenbusState::Closed.to_string().as_bytes());

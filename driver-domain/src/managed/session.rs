@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ pub struct Session {
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
     counters: Counters,
+    /// Why the session ended, if it failed (not a frontend leaving).
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 /// Where a session's counters come from.
@@ -99,6 +101,8 @@ impl Session {
         F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = Arc::clone(&failure);
         let thread = std::thread::Builder::new()
             .name(format!("{}-{}-{}", id.kind, id.frontend, id.devid))
             .spawn(move || {
@@ -107,7 +111,10 @@ impl Session {
                 });
                 match serve(started) {
                     Ok(()) => log::info!("{id}: session ended"),
-                    Err(e) => log::warn!("{id}: session ended: {e}"),
+                    Err(e) => {
+                        log::warn!("{id}: session ended: {e}");
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
                 }
             })
             .map_err(|e| format!("starting the session thread: {e}"))?;
@@ -117,7 +124,16 @@ impl Session {
             thread: Some(thread),
             capacity_sectors,
             counters,
+            failure,
         })
+    }
+
+    /// Why the session failed, once it has (a frontend that left is no failure).
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The device's counters so far in this session. For a network interface, requests are

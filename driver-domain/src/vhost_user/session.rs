@@ -44,6 +44,9 @@ pub enum VhostUserSessionError {
     /// The vhost-user daemon could not be created, started or wired.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// The session ended with an error (not a disconnect).
+    #[error("session: {0}")]
+    Failed(String),
 }
 
 type Daemon<D> = VhostUserDaemon<Arc<VhostUserDevice<D>>>;
@@ -75,16 +78,17 @@ fn new_daemon<D: BackendDevice>(
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits for the connected frontend to leave, then stops the workers. With `greeting`, a
-/// frontend that has not sent a request by then is disconnected.
+/// frontend that has not sent a request by then is disconnected. An error other than the
+/// frontend going away is returned (and logged).
 fn run_session<D: BackendDevice>(
     backend: &VhostUserDevice<D>,
     daemon: &mut Daemon<D>,
     greeting: Option<Duration>,
-) {
+) -> Result<(), String> {
     let name = backend.device().name();
     info!("{name}: frontend connected");
     let handle = greeting.zip(daemon.shutdown_handle());
-    std::thread::scope(|s| {
+    let result = std::thread::scope(|s| {
         if let Some((timeout, handle)) = handle {
             // vhost-user-backend 0.24 blocks in the frontend's first read with no timeout
             // and offers no hook before it: a watchdog ends a silent session instead.
@@ -95,24 +99,33 @@ fn run_session<D: BackendDevice>(
                 }
             });
         }
-        wait_session(backend, daemon);
+        let result = wait_session(backend, daemon);
         // Releases the watchdog.
         backend.mark_greeted();
+        result
     });
     backend.stop_workers();
     backend.device().disconnected();
+    result
 }
 
-fn wait_session<D: BackendDevice>(backend: &VhostUserDevice<D>, daemon: &mut Daemon<D>) {
+fn wait_session<D: BackendDevice>(
+    backend: &VhostUserDevice<D>,
+    daemon: &mut Daemon<D>,
+) -> Result<(), String> {
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
     let name = backend.device().name();
     match daemon.wait() {
         Ok(())
         | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
-            info!("{name}: frontend disconnected")
+            info!("{name}: frontend disconnected");
+            Ok(())
         }
-        Err(e) => warn!("{name}: session ended with an error: {e}"),
+        Err(e) => {
+            warn!("{name}: session ended with an error: {e}");
+            Err(e.to_string())
+        }
     }
 }
 
@@ -127,7 +140,8 @@ pub fn serve_one<D: BackendDevice>(
     daemon
         .start(listener)
         .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
-    run_session(&backend, &mut daemon, Some(greeting));
+    // Logged; the next frontend gets a fresh device either way.
+    let _ = run_session(&backend, &mut daemon, Some(greeting));
     Ok(())
 }
 
@@ -225,6 +239,5 @@ pub fn serve_listener<D: BackendDevice>(
     }
     // The one connection is private to its frontend, which may speak only once its guest
     // has booted: no greeting deadline.
-    run_session(&backend, &mut daemon, None);
-    Ok(())
+    run_session(&backend, &mut daemon, None).map_err(VhostUserSessionError::Failed)
 }

@@ -28,6 +28,8 @@ pub const ECHO_PORT: u16 = 7;
 const POLL: Duration = Duration::from_millis(50);
 /// How long a ping waits for one answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a ping waits for an ARP answer before asking again.
+const ARP_RETRY: Duration = Duration::from_millis(250);
 
 /// A connected interface with its address.
 pub struct NetNic {
@@ -87,15 +89,18 @@ impl NetNic {
     pub fn ping(&mut self, peer: [u8; 4], rounds: u32) -> Result<String, PingError> {
         let mut buf = vec![0u8; 2048];
         let started = Instant::now();
-        self.send(&arp_frame(
-            ARP_REQUEST,
-            (self.mac, self.ip),
-            ([0; 6], peer),
-            BROADCAST,
-        ))?;
+        let request = arp_frame(ARP_REQUEST, (self.mac, self.ip), ([0; 6], peer), BROADCAST);
+        self.send(&request)?;
+        let mut asked = Instant::now();
         let peer_mac = loop {
             if started.elapsed() > ANSWER_TIMEOUT {
                 return Err(PingError::NoArpAnswer(peer));
+            }
+            // As an ARP cache does: a request can be lost (the peer's interface not up yet,
+            // its port's queue full), so it is asked again.
+            if asked.elapsed() > ARP_RETRY {
+                self.send(&request)?;
+                asked = Instant::now();
             }
             let Some(frame) = self.recv(&mut buf, POLL)? else {
                 continue;

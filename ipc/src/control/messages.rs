@@ -124,6 +124,13 @@ pub enum GuestRequest {
     /// A network interface is being attached, with this IPv4 address on the host's internal
     /// switch. Descriptors: `[frontend end of the vhost-user connection]`.
     AttachNet { devid: u32, ip: [u8; 4] },
+    /// The driver domain was restarted: a fresh vhost-user connection for block device
+    /// `devid`, already attached. Descriptors: `[frontend end of the new connection]`. The
+    /// guest keeps its queues and reconnects when its backend is back at InitWait
+    /// (docs/protocol.md, "Backend restart").
+    ReconnectBlock { devid: u32 },
+    /// The same for network interface `devid`.
+    ReconnectNet { devid: u32 },
     /// Resolve `peer` with ARP on interface `devid`, then exchange `rounds` UDP echoes with it.
     NetPing {
         devid: u32,
