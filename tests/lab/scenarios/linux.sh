@@ -88,11 +88,6 @@ UP_PATTERN=$LAB_PATTERN-up
 truncate -s 16M $W/up.img
 cat > $W/host.toml <<TOML
 run_dir = "$W/run"
-# Confinement is off for Linux guests in the lab: a confined splitvmm-vmm running a Linux L2
-# guest froze the whole lab VM in about a third of runs (no console output, no scenario
-# timeout; docs/security.md, "Not done"). The owned and kvm scenarios check confinement here.
-[confinement]
-enabled = false
 [driver_domain]
 name = "driver"
 domid = 1
@@ -126,6 +121,8 @@ wait_log() {
 }
 wait_log "^L2-CONSOLE-READY" 60
 grep -E "vbd .*Connected|created" $W/up.log
+step "the driver domain and the Linux guest's VMM are confined"
+assert_confined $up
 run $SV list
 echo "$OUT" | grep -E "^2 +debian .* all-ram$" || fail "splitvmm list does not show debian with share all-ram"
 run $SV list --json

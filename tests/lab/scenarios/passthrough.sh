@@ -124,9 +124,9 @@ P2=$LAB_PATTERN-vm2
 GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.nvme=1 l2.nvme_requests=32"
 cat > $W/host.toml <<TOML
 run_dir = "$W/run"
-# Confinement is off for Linux guests in the lab: a confined splitvmm-vmm running a Linux L2
-# guest froze the whole lab VM in about a third of runs (no console output, no scenario
-# timeout; docs/security.md, "Not done"). The owned and kvm scenarios check confinement here.
+# Unconfined: handing out a VF drives the PF through sysfs (SR-IOV, vfio-pci binding), which a
+# confined driver domain cannot reach until the privileged hardware helper exists
+# (docs/security.md, "Not done yet").
 [confinement]
 enabled = false
 [driver_domain]
