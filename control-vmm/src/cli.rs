@@ -187,6 +187,16 @@ pub enum Command {
     },
     /// List the PCI functions driver domains own, as they reported them.
     Devices,
+    /// List the PCI functions (VFs) assigned to guests, as the store records them.
+    PciList,
+    /// Take a PCI function away from a guest of a running host (no hotplug: a running guest
+    /// sees it vanish) and give the VF back to the driver domain, reset.
+    PciDetach {
+        guest: String,
+        /// Its index in the guest's `[[pci]]` entries (as `pci-list` shows it).
+        #[arg(default_value_t = 0)]
+        index: u32,
+    },
     /// Read and change the store, like xenstore-read/-write/-ls/-rm/-watch.
     Xs {
         #[command(subcommand)]

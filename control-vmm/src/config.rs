@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod linux;
+pub mod pci;
 pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
 
 /// Errors found while reading a host description.
@@ -50,6 +51,9 @@ pub struct HostConfig {
     pub checks: ChecksConfig,
     #[serde(default, rename = "guest")]
     pub guests: Vec<GuestConfig>,
+    /// How domain processes are confined (see `confinement`).
+    #[serde(default)]
+    pub confinement: crate::confinement::ConfinementConfig,
 }
 
 /// The self-tests `splitvmm up` runs once every device is attached. Each is off unless the host
@@ -98,6 +102,10 @@ pub struct DriverDomainConfig {
     /// PCI functions (`DDDD:BB:DD.F`) the driver domain owns and reports in the store.
     #[serde(default)]
     pub owns: Vec<String>,
+    /// A tap interface (created if missing) that the driver domain attaches to its switch as
+    /// the uplink: guests' frames reach the host's network through it.
+    #[serde(default)]
+    pub uplink: Option<String>,
 }
 
 /// How a guest runs.
@@ -159,6 +167,9 @@ pub struct GuestConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
     pub nics: Vec<NicConfig>,
+    /// `linux`: PCI functions (VFs of owned PFs) assigned to the guest.
+    #[serde(default, rename = "pci")]
+    pub pci: Vec<pci::PciConfig>,
 }
 
 impl GuestConfig {
@@ -382,6 +393,9 @@ impl HostConfig {
             key,
             expected: expected.to_owned(),
         };
+        if let Some(expected) = self.confinement.invalid_uid_base() {
+            return Err(invalid("confinement.uid_base".to_owned(), &expected));
+        }
         let mut ids = HashSet::new();
         let mut names = HashSet::new();
         let domains = std::iter::once((
@@ -436,6 +450,20 @@ impl HostConfig {
                 ));
             }
         }
+        if let Some(tap) = &self.driver_domain.uplink {
+            let ok = (1..=15).contains(&tap.len())
+                && tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !ok {
+                return Err(invalid(
+                    "driver_domain.uplink".to_owned(),
+                    &format!(
+                        "an interface name of 1-15 characters from [A-Za-z0-9_.-], got {tap:?}"
+                    ),
+                ));
+            }
+        }
         let mut macs = HashMap::new();
         let mut ips = HashMap::new();
         for (i, guest) in self.guests.iter().enumerate() {
@@ -459,6 +487,7 @@ impl HostConfig {
                 }
             }
         }
+        pci::validate(self).map_err(|(key, expected)| invalid(key, &expected))?;
         for (i, guest) in self.guests.iter().enumerate() {
             linux::validate_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {
@@ -664,6 +693,17 @@ mod tests {
     #[test]
     fn bad_name_is_refused() {
         expect_invalid(&GOOD.replace("\"guest-b\"", "\"guest b\""), "guest[1].name");
+    }
+
+    #[test]
+    fn uplink_is_an_interface_name() {
+        let with = |tap: &str| GOOD.replace("domid = 1\n", &format!("domid = 1\nuplink = {tap}\n"));
+        let config = parse(&with(r#""tap0""#)).unwrap();
+        assert_eq!(config.driver_domain.uplink.as_deref(), Some("tap0"));
+        assert_eq!(parse(GOOD).unwrap().driver_domain.uplink, None);
+        expect_invalid(&with(r#""a-name-longer-than-15""#), "driver_domain.uplink");
+        expect_invalid(&with(r#""tap/0""#), "driver_domain.uplink");
+        expect_invalid(&with(r#""""#), "driver_domain.uplink");
     }
 
     #[test]

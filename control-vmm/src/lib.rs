@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod confinement;
 pub mod connection;
 pub mod console;
 pub mod domains;

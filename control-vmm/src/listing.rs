@@ -54,6 +54,10 @@ pub struct BackendDeviceInfo {
     pub devid: u32,
     /// `xvda`, ... for disks.
     pub vdev: Option<String>,
+    /// The backend's xenbus state (4 is Connected), as in the store.
+    pub state: Option<u32>,
+    /// Why the device's session failed (the backend's `error` node), if it did.
+    pub error: Option<String>,
     pub counters: BTreeMap<String, Option<u64>>,
 }
 
@@ -72,6 +76,8 @@ pub struct DeviceInfo {
     pub image: Option<String>,
     pub mac: Option<String>,
     pub ip: Option<String>,
+    /// Why the device's session failed (the backend's `error` node), if it did.
+    pub error: Option<String>,
     /// The backend's counters for this device.
     pub counters: BTreeMap<String, Option<u64>>,
 }
@@ -112,24 +118,35 @@ pub fn collect_domains(client: &XsUnix) -> Result<Vec<DomainInfo>> {
         let dom = format!("/local/domain/{domid}");
         let mut backend = Vec::new();
         for kind in ["vbd", "vif"] {
-            let dir = format!("{dom}/data/io/{kind}");
-            for fe in children(client, &dir) {
-                for devid in children(client, &format!("{dir}/{fe}")) {
-                    let (Ok(frontend), Ok(devid)) = (fe.parse(), devid.parse()) else {
-                        continue;
-                    };
-                    backend.push(BackendDeviceInfo {
-                        kind: kind.to_owned(),
-                        frontend,
-                        devid,
-                        vdev: vdev_name(kind, devid),
-                        counters: counters(
-                            client,
-                            &format!("{dir}/{frontend}/{devid}"),
-                            &DEVICE_COUNTERS,
-                        ),
-                    });
+            // Devices it serves: its backend directories, and those it still has counters of.
+            let mut served = std::collections::BTreeSet::<(u32, u32)>::new();
+            for dir in [
+                format!("{dom}/backend/{kind}"),
+                format!("{dom}/data/io/{kind}"),
+            ] {
+                for fe in children(client, &dir) {
+                    for devid in children(client, &format!("{dir}/{fe}")) {
+                        if let (Ok(frontend), Ok(devid)) = (fe.parse(), devid.parse()) {
+                            served.insert((frontend, devid));
+                        }
+                    }
                 }
+            }
+            for (frontend, devid) in served {
+                let be = format!("{dom}/backend/{kind}/{frontend}/{devid}");
+                backend.push(BackendDeviceInfo {
+                    kind: kind.to_owned(),
+                    frontend,
+                    devid,
+                    vdev: vdev_name(kind, devid),
+                    state: read(client, &format!("{be}/state")).and_then(|v| v.parse().ok()),
+                    error: read(client, &format!("{be}/error")),
+                    counters: counters(
+                        client,
+                        &format!("{dom}/data/io/{kind}/{frontend}/{devid}"),
+                        &DEVICE_COUNTERS,
+                    ),
+                });
             }
         }
         out.push(DomainInfo {
@@ -177,18 +194,22 @@ fn print_domains(domains: &[DomainInfo], out: &mut impl Write) -> Result<()> {
                 Some(vdev) => format!("{} {}/{vdev}", b.kind, b.frontend),
                 None => format!("{} {}/{}", b.kind, b.frontend, b.devid),
             };
+            let state = b.state.map_or_else(|| "-".to_owned(), |s| s.to_string());
             writeln!(
                 out,
                 "{:<6} {:<20} {:>9} {:>10} {:>12} {:>10} {:>11} {:>10}",
                 "",
                 format!("  serves {device}"),
-                "",
+                format!("state {state}"),
                 c("requests"),
                 c("bytes"),
                 c("kicks"),
                 c("interrupts"),
                 format!("{} err", c("errors"))
             )?;
+            if let Some(error) = &b.error {
+                writeln!(out, "{:<6}     error: {error}", "")?;
+            }
         }
     }
     Ok(())
@@ -291,6 +312,7 @@ pub fn collect_devices(client: &XsUnix, domid: u32, kind: &str) -> Vec<DeviceInf
             image: be_read("params"),
             mac: read(client, &format!("{fe}/mac")),
             ip: be_read("ip"),
+            error: be_read("error"),
             counters,
         });
     }
@@ -331,6 +353,9 @@ pub fn list_devices_of(socket: &Path, domain: &str, kind: &str, json: bool) -> R
                 c(d, "bytes"),
                 opt(&d.image)
             )?;
+            if let Some(error) = &d.error {
+                writeln!(out, "       error: {error}")?;
+            }
         }
     } else {
         writeln!(
@@ -351,6 +376,9 @@ pub fn list_devices_of(socket: &Path, domain: &str, kind: &str, json: bool) -> R
                 c(d, "requests"),
                 c(d, "bytes")
             )?;
+            if let Some(error) = &d.error {
+                writeln!(out, "      error: {error}")?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -126,6 +126,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             console::show(&host.run_dir(), &domain, !no_follow)
         }
         Command::Devices => xs::list_devices(&host.store()),
+        Command::PciList => xs::list_pci(&host.store()),
+        Command::PciDetach { guest, index } => ask(ToolstackRequest::PciDetach { guest, index }),
         Command::Xs { op } => xs::run(&host.store(), op),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();

@@ -13,6 +13,11 @@ pub enum SignalError {
     Thread(#[source] std::io::Error),
 }
 
+/// The termination signals the toolstack blocks and a child gets unblocked.
+pub fn termination_sigset() -> SigSet {
+    termination_signals()
+}
+
 fn termination_signals() -> SigSet {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);

@@ -39,7 +39,6 @@ pub fn serve(host: &Arc<Host>, stop: &AtomicBool) -> Result<()> {
     let mut workers: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         workers.retain(|w| !w.is_finished());
-        host.reap_powered_off();
         let Some(client) = listener.accept_timeout(Duration::from_millis(200))? else {
             continue;
         };
@@ -105,6 +104,7 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
                 Vdev(devid)
             ))
         }
+        ToolstackRequest::PciDetach { guest, index } => host.detach_pci(&guest, index),
         ToolstackRequest::BlockDetach { guest, devid } => {
             host.detach_disk(&guest, devid)?;
             Ok(format!("{guest}: vbd {} detached", Vdev(devid)))

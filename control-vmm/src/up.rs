@@ -72,12 +72,16 @@ pub fn run(
         }
         Err(e) => return Err(e.context("bringing the host up")),
     };
+    // Every domain process is watched from here on: a dead guest is torn down, a dead driver
+    // domain restarted with its devices.
+    host.start_supervision()?;
     let mut checks = main_job(&host, &config, checks);
     if stay && checks.is_ok() {
         if let Err(e) = toolstack::serve(&host, &stop) {
             checks = Err(e);
         }
     }
+    host.stop_supervision();
     let host = Arc::into_inner(host).ok_or_else(|| anyhow!("a request still holds the host"))?;
     let report = host.shut_down();
     print_table(&report);

@@ -249,3 +249,40 @@ pub fn list_devices(socket: &Path) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `splitvmm pci-list`: the VFs each guest holds (`/local/domain/<id>/pci/<index>/...`, written
+/// by the toolstack when it handed the VF over).
+pub fn list_pci(socket: &Path) -> Result<ExitCode> {
+    let client = xenstore_rs_client(socket)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<12} {:>5} {:>5}  {:<13} {:<13} {:>3}  BACKEND",
+        "DOMAIN", "ID", "INDEX", "ADDRESS", "PF", "VF"
+    )?;
+    for (domid, name) in domains(&client)? {
+        let base = format!("/local/domain/{domid}/pci");
+        let Ok(entries) = client.directory(&base) else {
+            continue;
+        };
+        let mut entries: Vec<u32> = entries.iter().filter_map(|e| e.parse().ok()).collect();
+        entries.sort_unstable();
+        for index in entries {
+            let get = |key: &str| {
+                client
+                    .read(&format!("{base}/{index}/{key}"))
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| "-".to_owned())
+            };
+            writeln!(
+                out,
+                "{name:<12} {domid:>5} {index:>5}  {:<13} {:<13} {:>3}  {}",
+                get("address"),
+                get("pf"),
+                get("vf"),
+                get("backend"),
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
-use driver_domain::vhost_user::serve_forever;
+use driver_domain::vhost_user::{bind_atomically, serve_forever_on};
 use driver_domain::virtio_core::SealPolicy;
 
 mod net_serve;
@@ -34,6 +34,13 @@ enum Cmd {
         /// A PCI function this domain owns (repeatable); reported in the store at start-up.
         #[arg(long, value_name = "DDDD:BB:DD.F")]
         owns: Vec<String>,
+        /// A tap interface (created if missing) to attach to the switch as the uplink.
+        #[arg(long, value_name = "TAP")]
+        uplink: Option<String>,
+        /// The uplink's tap device, opened by the toolstack and handed over on this
+        /// descriptor (without it, TAP is opened by name).
+        #[arg(long, value_name = "FD", requires = "uplink")]
+        uplink_fd: Option<i32>,
         /// Root of the sysfs tree to read devices from (tests point it at a fake tree).
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: std::path::PathBuf,
@@ -64,6 +71,26 @@ enum Cmd {
         /// Refuse shared memory that is not (and cannot be) sealed against shrinking.
         #[arg(long)]
         require_sealed: bool,
+        /// Disconnect a frontend that sends nothing for this long after connecting, so it
+        /// cannot hold the socket from the next frontend.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        greeting_timeout_ms: u64,
+        /// Once the image is open and the socket bound, confine this process as the driver
+        /// domain is confined (docs/security.md): uid and gid UID, no capabilities, its own
+        /// mount, IPC, UTS and network namespaces, Landlock, the driver domain's seccomp
+        /// allowlist. Needs root. Block devices only.
+        #[arg(long, value_name = "UID", conflicts_with = "net")]
+        confine_uid: Option<u32>,
+        /// With --confine-uid: run without Landlock where the kernel has none.
+        #[arg(long, requires = "confine_uid")]
+        allow_no_landlock: bool,
+    },
+    /// Confines this process as `managed` is confined, then tries what a driver domain must
+    /// not be able to do (tests judge the confinement with it; see the `confine` crate).
+    #[command(hide = true)]
+    ConfinementProbe {
+        /// open:PATH, connect:PATH, mem:PID, process-vm-readv:PID, forbidden-syscall
+        probes: Vec<String>,
     },
     /// Hardware ownership: PCI functions, SR-IOV, VFIO (see docs/lab.md).
     Hw {
@@ -100,9 +127,15 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Hw { cmd } => std::process::exit(i32::from(cmd.run())),
+        Cmd::ConfinementProbe { probes } => std::process::exit(confine::probe::main(
+            confine::Profile::DriverDomain,
+            &probes,
+        )),
         Cmd::Managed {
             domid,
             owns,
+            uplink,
+            uplink_fd,
             sysfs_root,
         } => {
             if let Err(e) = ipc::startup::check_inherited_fds() {
@@ -116,6 +149,22 @@ fn main() -> Result<()> {
             // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
             driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
+            // Everything it needs from the host is held now (the uplink's tap too, handed
+            // over as a descriptor): confine it before it serves any guest or starts a thread
+            // (the toolstack's plan is in the environment).
+            let uplink = match uplink {
+                Some(name) => Some(uplink_device(&name, uplink_fd)?),
+                None => None,
+            };
+            if let Err(e) = confine::enter_if_planned(confine::Profile::DriverDomain, &[]) {
+                eprintln!("driver-domain managed: cannot be confined: {e}");
+                std::process::exit(1);
+            }
+            if let Some((name, tap)) = uplink {
+                driver
+                    .attach_uplink_device(&name, tap)
+                    .with_context(|| format!("uplink {name}"))?;
+            }
             driver.run().context("managed driver domain")?;
             Ok(())
         }
@@ -128,7 +177,11 @@ fn main() -> Result<()> {
             poll_us,
             null,
             require_sealed,
+            confine_uid,
+            allow_no_landlock,
+            greeting_timeout_ms,
         } => {
+            let greeting = std::time::Duration::from_millis(greeting_timeout_ms);
             let seal_policy = if require_sealed {
                 SealPolicy::RequireSealed
             } else {
@@ -144,6 +197,7 @@ fn main() -> Result<()> {
                     queues,
                     poll_us,
                     seal_policy,
+                    greeting,
                 );
             }
             let Some(socket) = socket else {
@@ -169,7 +223,25 @@ fn main() -> Result<()> {
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);
-            serve_forever(&socket, &AtomicBool::new(false), || {
+            let listener = bind_atomically(&socket)?;
+            log::info!("vhost-user: listening on {}", socket.display());
+            if let Some(uid) = confine_uid {
+                let allow = if allow_no_landlock {
+                    vec![confine::Feature::Landlock]
+                } else {
+                    Vec::new()
+                };
+                let plan = confine::Plan {
+                    uid,
+                    gid: uid,
+                    allow_missing: allow,
+                    memlock: 0,
+                };
+                confine::enter_standalone(&plan, confine::Profile::DriverDomain)
+                    .map_err(|e| anyhow::anyhow!(confine::error_chain(&e)))
+                    .context("confining")?;
+            }
+            serve_forever_on(listener, &AtomicBool::new(false), greeting, || {
                 BlkBackendDevice::new(disk.clone(), cfg.clone())
             })?;
             Ok(())
@@ -195,4 +267,24 @@ fn lock_image(file: &std::fs::File, path: &std::path::Path, readonly: bool) -> R
         ),
         Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
+}
+
+/// The uplink tap `name`: the descriptor the toolstack handed over as `fd`, or (run by hand)
+/// opened by name.
+fn uplink_device(name: &str, fd: Option<i32>) -> Result<(String, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let tap = match fd {
+        Some(fd) => {
+            // SAFETY: F_GETFD only asks whether `fd` is open.
+            let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+            if fd <= ipc::control::messages::fds::CONTROL || !open {
+                bail!("--uplink-fd {fd} is not an open descriptor handed to this process");
+            }
+            // SAFETY: `fd` is open, above the store and control descriptors, and handed to
+            // this process for the uplink alone; nothing else adopts it.
+            unsafe { std::fs::File::from_raw_fd(fd) }
+        }
+        None => ipc::tap::open(name).with_context(|| format!("uplink {name}"))?,
+    };
+    Ok((name.to_owned(), tap))
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use driver_domain::net::{
@@ -20,6 +21,7 @@ pub fn run(
     queue_pairs: u16,
     poll_us: u64,
     seal_policy: SealPolicy,
+    greeting: Duration,
 ) -> Result<()> {
     if sockets.is_empty() {
         bail!("--net needs --socket PATH and/or --net-sockets PATH,...");
@@ -44,13 +46,13 @@ pub fn run(
             seal_policy,
             ..NetBackendConfig::default()
         };
-        let port = Arc::new(switch.attach(&path.display().to_string())?);
+        let port = Arc::new(switch.attach_guest(&path.display().to_string(), port_mac)?);
         let path = path.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("net-port-{i}"))
                 .spawn(move || {
-                    serve_forever(&path, &AtomicBool::new(false), || {
+                    serve_forever(&path, &AtomicBool::new(false), greeting, || {
                         NetBackendDevice::new(port.clone(), cfg.clone())
                     })
                 })?,

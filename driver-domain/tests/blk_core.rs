@@ -12,13 +12,14 @@ use std::sync::Arc;
 use driver_domain::blk::{
     status, BlkBackendConfig, BlkBackendDevice, BlkBackendQueue, BlkDisk, InflightLog,
 };
+use driver_domain::vhost_user::vring::CheckedVring;
 use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{
     DriverRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
 use driver_domain::virtio_core::{serve_queues, CheckedMemory, SealPolicy, TransportQueue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
@@ -357,8 +358,8 @@ fn event_idx_suppresses_notifications() {
 }
 
 /// A vring set up on `ring` as vhost-user-backend sets one up from the frontend's messages.
-fn vring_on(mem: &GuestMemoryAtomic<GuestMemoryMmap>, ring: &DriverRing) -> VringRwLock {
-    let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+fn vring_on(mem: &GuestMemoryAtomic<GuestMemoryMmap>, ring: &DriverRing) -> CheckedVring {
+    let vring = CheckedVring::new(mem.clone(), QSIZE).unwrap();
     vring.set_queue_size(QSIZE);
     vring
         .set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
@@ -424,7 +425,7 @@ fn scheduler_serves_two_queues_round_robin() {
         "every queue has a worker"
     );
     for (worker, mask) in masks.iter().enumerate() {
-        let mine: Vec<VringRwLock> = (0..2)
+        let mine: Vec<CheckedVring> = (0..2)
             .filter(|q| mask & (1 << q) != 0)
             .map(|q| vrings[q].clone())
             .collect();
@@ -503,7 +504,12 @@ fn regression_snapshot_taken_after_waiting_for_the_queue() {
     let atomic = GuestMemoryAtomic::new(mem.clone());
     let memory = CheckedMemory::default();
     memory
-        .update(atomic.clone(), SealPolicy::RequireSealed, "test")
+        .update(
+            atomic.clone(),
+            driver_domain::virtio_core::MemoryGrant::AllRam,
+            SealPolicy::RequireSealed,
+            "test",
+        )
         .unwrap();
     let cfg = BlkBackendConfig {
         queue_size: QSIZE,

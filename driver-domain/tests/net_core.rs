@@ -12,10 +12,11 @@ use driver_domain::net::{
     Negotiated, NetBackendConfig, NetBackendDevice, RxQueue, Switch, SwitchConfig, SwitchPort,
     TxQueue,
 };
+use driver_domain::vhost_user::vring::CheckedVring;
 use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
 use driver_domain::virtio_core::BackendDevice;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -419,7 +420,7 @@ struct ServedPort {
     mem: GuestMemoryMmap,
     dev: VhostUserDevice<NetBackendDevice>,
     /// RX queue 0, TX queue 1.
-    vrings: Vec<VringRwLock>,
+    vrings: Vec<CheckedVring>,
     rx_ring: DriverRing,
     tx_ring: DriverRing,
 }
@@ -441,7 +442,7 @@ fn served_port(sw: &Arc<Switch>, name: &str, poll_us: u64) -> ServedPort {
     let vrings = [&rx_ring, &tx_ring]
         .iter()
         .map(|ring| {
-            let v = VringRwLock::new(atomic.clone(), QSIZE).unwrap();
+            let v = CheckedVring::new(atomic.clone(), QSIZE).unwrap();
             v.set_queue_size(QSIZE);
             v.set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
                 .unwrap();

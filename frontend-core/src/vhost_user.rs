@@ -13,7 +13,7 @@
 //! features, memory table, running vrings), which is what a new connection needs re-sent.
 
 use std::io::ErrorKind;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -64,6 +64,10 @@ pub enum FrontendSessionError {
     NoQueue(usize),
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("the restarted backend no longer offers features {missing:#x} acknowledged before")]
+    FeaturesLost { missing: u64 },
+    #[error("duplicating the connection")]
+    Duplicate(#[source] std::io::Error),
 }
 
 /// Whether a device needs its config space read over vhost-user.
@@ -148,6 +152,22 @@ impl std::fmt::Debug for FrontendSession {
     }
 }
 
+/// A backend that stops answering fails the device instead of hanging its user: the watchdog
+/// of `stream`, when `spec` has a reply timeout.
+fn watchdog_for(
+    stream: &UnixStream,
+    spec: &DeviceSpec,
+) -> Result<Option<ReplyWatchdog>, FrontendSessionError> {
+    match spec.reply_timeout {
+        Some(timeout) => {
+            let watched = stream.try_clone().map_err(FrontendSessionError::Watchdog)?;
+            let w = ReplyWatchdog::new(watched, timeout).map_err(FrontendSessionError::Watchdog)?;
+            Ok(Some(w))
+        }
+        None => Ok(None),
+    }
+}
+
 /// Connects to `path`, retrying for up to `timeout` while the backend starts (socket not yet
 /// created, or bound but not yet listening).
 pub fn connect_with_retry(
@@ -192,16 +212,7 @@ impl FrontendSession {
                 spec.queues.max(spec.max_queues),
             ));
         }
-        // A backend that stops answering fails the device instead of hanging its user.
-        let watchdog = match spec.reply_timeout {
-            Some(timeout) => {
-                let watched = stream.try_clone().map_err(FrontendSessionError::Watchdog)?;
-                let w =
-                    ReplyWatchdog::new(watched, timeout).map_err(FrontendSessionError::Watchdog)?;
-                Some(w)
-            }
-            None => None,
-        };
+        let watchdog = watchdog_for(&stream, &spec)?;
         let efd = || {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(FrontendSessionError::EventFd)
@@ -236,6 +247,53 @@ impl FrontendSession {
             _ => None,
         };
         Ok(session)
+    }
+
+    /// Runs the whole set-up again on `stream`, a new connection to a restarted backend: the
+    /// connect-time negotiation, then what this session sent before (acknowledged features,
+    /// memory table, every running vring with the same kick and call eventfds, from avail
+    /// index 0). The frontend re-posts its in-flight requests from index 0 (see
+    /// `SplitQueue::restart` on the guest side). The config space read at first connect is
+    /// kept.
+    pub fn reconnect(
+        &mut self,
+        stream: UnixStream,
+        spec: DeviceSpec,
+    ) -> Result<(), FrontendSessionError> {
+        if usize::from(spec.queues) != self.vrings.len() {
+            return Err(FrontendSessionError::QueueCount(spec.queues));
+        }
+        self.watchdog = watchdog_for(&stream, &spec)?;
+        self.reply_timeout = spec.reply_timeout;
+        self.frontend = Frontend::from_stream(stream, u64::from(spec.queues));
+        self.negotiate(&spec)?;
+        if let Some(acked) = self.acked_features {
+            let missing = acked & !self.device_features;
+            if missing != 0 {
+                return Err(FrontendSessionError::FeaturesLost { missing });
+            }
+            self.set_features(acked)?;
+        }
+        if !self.memory.is_empty() {
+            let memory = self.memory.clone();
+            self.set_mem_table(&memory)?;
+        }
+        for q in 0..self.vrings.len() {
+            if let Some(ring) = self.vrings[q].running.take() {
+                self.start_vring(q, ring)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A duplicate of the connection's socket: polling it shows when the backend goes away
+    /// (end of file, or a hang-up), which no reply is awaited to reveal.
+    pub fn peer(&self) -> Result<OwnedFd, FrontendSessionError> {
+        // SAFETY: the descriptor is the session's socket, open for as long as `self.frontend`
+        // lives, which outlasts this borrow; it is duplicated at once.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
+        fd.try_clone_to_owned()
+            .map_err(FrontendSessionError::Duplicate)
     }
 
     /// Sends one request (and waits for its reply, if it has one) under the reply deadline.

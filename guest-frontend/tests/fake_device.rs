@@ -276,13 +276,8 @@ fn rig(size: u16, event_idx: bool, mode: DeviceMode) -> Rig {
     let ram = Arc::new(Ram::new());
     let mem = ram.region();
     let mut alloc = BumpAllocator::new(&mem);
-    let addrs = QueueAddrs {
-        desc: alloc.alloc(QueueAddrs::desc_bytes(size), 16).unwrap(),
-        avail: alloc.alloc(QueueAddrs::avail_bytes(size), 2).unwrap(),
-        used: alloc.alloc(QueueAddrs::used_bytes(size), 4).unwrap(),
-    };
     // SAFETY: the Ram lives in the Rig as long as the queue.
-    let vq = unsafe { SplitQueue::new(&mem, addrs, size, event_idx) }.unwrap();
+    let (vq, addrs) = unsafe { queue_in(&mem, &mut alloc, size, event_idx) };
     let blk = FrontBlkQueue::new(vq, mem, &mut alloc).unwrap();
     let data = alloc.alloc(64 * 4096, 4096).unwrap();
     let (kick, irq) = (Arc::new(Doorbell::default()), Arc::new(Doorbell::default()));
@@ -599,24 +594,46 @@ fn disabled_interrupts_stay_off_for_a_batch() {
     );
 }
 
-/// Hostile used rings, written directly (no device thread): the driver reports an error, keeps
-/// its free list intact and refuses further work.
-fn hostile(corrupt: impl Fn(&DmaRegion, QueueAddrs, u16), expect: fn(&FrontQueueError) -> bool) {
-    let ram = Ram::new();
-    let mem = ram.region();
-    let mut alloc = BumpAllocator::new(&mem);
-    let size = 8u16;
+/// A split queue of `size` with its rings allocated from `alloc`, and their addresses.
+///
+/// # Safety
+/// The memory behind `mem` must outlive the queue.
+unsafe fn queue_in(
+    mem: &DmaRegion,
+    alloc: &mut BumpAllocator,
+    size: u16,
+    event_idx: bool,
+) -> (SplitQueue, QueueAddrs) {
     let addrs = QueueAddrs {
         desc: alloc.alloc(QueueAddrs::desc_bytes(size), 16).unwrap(),
         avail: alloc.alloc(QueueAddrs::avail_bytes(size), 2).unwrap(),
         used: alloc.alloc(QueueAddrs::used_bytes(size), 4).unwrap(),
     };
-    // SAFETY: `ram` outlives the queue.
-    let mut vq = unsafe { SplitQueue::new(&mem, addrs, size, true) }.unwrap();
+    // SAFETY: the caller keeps the memory alive as long as the queue.
+    let vq = unsafe { SplitQueue::new(mem, addrs, size, event_idx) }.unwrap();
+    (vq, addrs)
+}
+
+/// A bare split queue of `size` in `ram` (no device thread: tests write the used ring), its
+/// ring addresses and a 16-byte buffer for descriptors.
+fn bare_queue(ram: &Ram, size: u16, event_idx: bool) -> (SplitQueue, QueueAddrs, DmaBuf) {
+    let mem = ram.region();
+    // SAFETY: the caller keeps `ram` alive as long as the queue.
+    let (vq, addrs) = unsafe { queue_in(&mem, &mut BumpAllocator::new(&mem), size, event_idx) };
     let b = DmaBuf {
         addr: BASE + 0x8000,
         len: 16,
     };
+    (vq, addrs, b)
+}
+
+/// Hostile used rings, written directly (no device thread): the driver reports an error, keeps
+/// its free list intact and refuses further work.
+fn hostile(corrupt: impl Fn(&DmaRegion, QueueAddrs, u16), expect: fn(&FrontQueueError) -> bool) {
+    let ram = Ram::new();
+    let mem = ram.region();
+    let size = 8u16;
+    let (mut vq, addrs, b) = bare_queue(&ram, size, true);
     let head = vq.add(&[b], &[b, b]).unwrap();
     vq.publish();
     corrupt(&mem, addrs, head);
@@ -678,18 +695,7 @@ fn hostile_used_index_runaway_and_duplicate() {
     // Two in flight, the device completes the same head twice.
     let ram = Ram::new();
     let mem = ram.region();
-    let mut alloc = BumpAllocator::new(&mem);
-    let addrs = QueueAddrs {
-        desc: alloc.alloc(QueueAddrs::desc_bytes(8), 16).unwrap(),
-        avail: alloc.alloc(QueueAddrs::avail_bytes(8), 2).unwrap(),
-        used: alloc.alloc(QueueAddrs::used_bytes(8), 4).unwrap(),
-    };
-    // SAFETY: `ram` outlives the queue.
-    let mut vq = unsafe { SplitQueue::new(&mem, addrs, 8, false) }.unwrap();
-    let b = DmaBuf {
-        addr: BASE + 0x8000,
-        len: 16,
-    };
+    let (mut vq, addrs, b) = bare_queue(&ram, 8, false);
     let h1 = vq.add(&[b], &[b]).unwrap();
     let _h2 = vq.add(&[b], &[b]).unwrap();
     vq.publish();
@@ -707,19 +713,8 @@ fn hostile_used_index_runaway_and_duplicate() {
 fn out_of_order_completion_keeps_the_free_list_whole() {
     let ram = Ram::new();
     let mem = ram.region();
-    let mut alloc = BumpAllocator::new(&mem);
     let size = 16u16;
-    let addrs = QueueAddrs {
-        desc: alloc.alloc(QueueAddrs::desc_bytes(size), 16).unwrap(),
-        avail: alloc.alloc(QueueAddrs::avail_bytes(size), 2).unwrap(),
-        used: alloc.alloc(QueueAddrs::used_bytes(size), 4).unwrap(),
-    };
-    // SAFETY: `ram` outlives the queue.
-    let mut vq = unsafe { SplitQueue::new(&mem, addrs, size, true) }.unwrap();
-    let b = DmaBuf {
-        addr: BASE + 0x8000,
-        len: 16,
-    };
+    let (mut vq, addrs, b) = bare_queue(&ram, size, true);
     let mut used_idx = 0u16;
     let mut seed = 12345u32;
     for _round in 0..500 {

@@ -7,5 +7,6 @@
 pub mod control;
 pub mod image;
 pub mod startup;
+pub mod tap;
 pub mod xenbus;
 pub mod xenstore;

@@ -5,19 +5,18 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{domain_socket_path, spawn, ServerError, StoreConfig, StoreHandle};
 use ipc::xenstore::wire::{Decoder, Message, MsgType, XsError};
 use ipc::xenstore::Perms;
+use ipc::xenstore::StoreThread;
 
 struct Running {
-    _dir: tempfile::TempDir,
     path: PathBuf,
-    handle: StoreHandle,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    store: StoreThread,
+    _dir: tempfile::TempDir,
 }
 
 impl Running {
@@ -30,12 +29,10 @@ impl Running {
         let path = dir.path().join("xs.sock");
         let mut cfg = StoreConfig::new(&path);
         tweak(&mut cfg);
-        let (handle, thread) = spawn(cfg).unwrap();
         Running {
-            _dir: dir,
             path,
-            handle,
-            thread: Some(thread),
+            store: StoreThread::start(cfg).unwrap(),
+            _dir: dir,
         }
     }
 
@@ -51,7 +48,7 @@ impl Running {
         d0.mkdir(&home).unwrap();
         d0.set_perms(&home, &format!("n{domid}").parse().unwrap())
             .unwrap();
-        StoreClient::from_stream(self.handle.connect_domain(domid).unwrap())
+        StoreClient::from_stream(self.store.handle().connect_domain(domid).unwrap())
     }
 
     /// Asserts the store still answers a fresh client.
@@ -59,15 +56,6 @@ impl Running {
         let mut c = self.dom0();
         c.write("/alive", b"yes").unwrap();
         assert_eq!(c.read("/alive").unwrap(), b"yes");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.handle.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -276,7 +264,7 @@ fn client_that_never_reads_a_watch_flood_is_cut_off() {
         w.write(&format!("/flood/k{}", writes % 10), b"x").unwrap();
         writes += 1;
     }
-    let s = st.handle.stats(Duration::from_secs(5)).unwrap();
+    let s = st.store.handle().stats(Duration::from_secs(5)).unwrap();
     assert!(
         s.queued_output_bytes <= 64 * 1024,
         "output queue bounded: {s:?}"
@@ -294,7 +282,7 @@ fn pipelining_client_that_never_reads_is_throttled_not_fatal() {
     let st = Running::start();
     let g = st.guest(4);
     drop(g);
-    let stream = st.handle.connect_domain(4).unwrap();
+    let stream = st.store.handle().connect_domain(4).unwrap();
     let writer = stream.try_clone().unwrap();
     let t = std::thread::spawn(move || {
         let mut writer = writer;
@@ -308,7 +296,7 @@ fn pipelining_client_that_never_reads_is_throttled_not_fatal() {
     // While the client floods requests and reads nothing, the store's buffers stay bounded.
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(50));
-        let s = st.handle.stats(Duration::from_secs(5)).unwrap();
+        let s = st.store.handle().stats(Duration::from_secs(5)).unwrap();
         assert!(s.buffered_input_bytes <= 64 * 1024, "{s:?}");
         assert!(s.queued_output_bytes <= 1 << 20, "{s:?}");
     }
@@ -367,11 +355,11 @@ fn too_large_request_is_refused_by_the_client() {
 
 #[test]
 fn shutdown_stops_the_store_and_removes_the_socket() {
-    let mut st = Running::start();
-    st.handle.shutdown();
-    let r = st.thread.take().unwrap().join().unwrap();
-    assert!(r.is_ok());
-    assert!(!st.path.exists());
+    let Running { path, store, _dir } = Running::start();
+    store.handle().shutdown();
+    // Joins the store's thread, which the shutdown above has ended.
+    store.stop().unwrap();
+    assert!(!path.exists());
 }
 
 #[test]
@@ -389,7 +377,7 @@ fn deep_pipeline_is_answered_completely_and_in_order() {
     let value = vec![b'v'; 1500];
     g.write("big", &value).unwrap();
     drop(g);
-    let stream = st.handle.connect_domain(3).unwrap();
+    let stream = st.store.handle().connect_domain(3).unwrap();
     let mut writer = stream.try_clone().unwrap();
     const N: u32 = 2000; // ~3 MB of replies: far beyond socket buffers, so the store must throttle.
     let t = std::thread::spawn(move || {
@@ -439,7 +427,7 @@ fn handle_is_clone_and_send() {
     fn check<T: Clone + Send + Sync + 'static>() {}
     check::<StoreHandle>();
     let st = Running::start();
-    let h = st.handle.clone();
+    let h = st.store.handle().clone();
     let stream = std::thread::spawn(move || h.connect_domain(0).unwrap())
         .join()
         .unwrap();

@@ -64,3 +64,29 @@ wait_gone() {
 
 # background PID: remembers a background process, which /init kills after the scenario.
 background() { echo "$1" >> /tmp/lab-background.pids; }
+# assert_confined PID: every domain process `splitvmm up` (PID) started runs as a uid of its
+# own, without capabilities, with no_new_privs and a seccomp filter, in mount and pid
+# namespaces that are not the toolstack's (docs/security.md); judged from /proc, outside.
+assert_confined() {
+    n=0
+    for d in /proc/[0-9]*; do
+        p=${d#/proc/}
+        [ "$(cut -d' ' -f4 $d/stat 2>/dev/null)" = "$1" ] || continue
+        grep -q '^State:.*Z' $d/status 2>/dev/null && continue
+        name=$(cut -d' ' -f2 $d/stat)
+        uid=$(awk '/^Uid:/ { print $2 }' $d/status)
+        cap=$(awk '/^CapEff:/ { print $2 }' $d/status)
+        nnp=$(awk '/^NoNewPrivs:/ { print $2 }' $d/status)
+        sec=$(awk '/^Seccomp:/ { print $2 }' $d/status)
+        echo "confined? $name pid $p: uid $uid CapEff $cap NoNewPrivs $nnp Seccomp $sec"
+        [ "$uid" != 0 ] || fail "$name ($p) runs as root"
+        [ "$cap" = 0000000000000000 ] || fail "$name ($p) has capabilities $cap"
+        [ "$nnp" = 1 ] || fail "$name ($p) has no no_new_privs"
+        [ "$sec" = 2 ] || fail "$name ($p) has no seccomp filter"
+        for ns in mnt pid; do
+            [ "$(readlink $d/ns/$ns)" != "$(readlink /proc/$1/ns/$ns)" ] || fail "$name ($p) shares the toolstack's $ns namespace"
+        done
+        n=$((n + 1))
+    done
+    [ $n -gt 0 ] || fail "no domain process under pid $1"
+}

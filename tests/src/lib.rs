@@ -1,10 +1,20 @@
 //! Helpers for end-to-end tests and benchmarks.
 
+pub mod backends;
 pub mod running;
+pub mod toolstack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
+
+/// The workspace's root folder (the repository checkout).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace root")
+        .to_path_buf()
+}
 
 /// The path of a workspace binary, building it first if it is missing (integration tests of
 /// one package cannot ask cargo for another package's binaries).
@@ -79,4 +89,24 @@ pub fn wait_for(child: &mut Child, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A xorshift64 generator: reproducible pseudo-random offsets and sizes for tests and
+/// benchmarks (not for anything that needs real randomness). The seed must not be 0.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value below `n` (which must not be 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
 }

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -36,6 +37,8 @@ pub struct RunningHost {
     store: PathBuf,
     /// What it printed until it said it is up.
     pub startup: String,
+    /// Reads (and keeps) what it prints after that, so it never blocks on a full pipe.
+    rest: Option<JoinHandle<String>>,
 }
 
 impl RunningHost {
@@ -59,6 +62,7 @@ impl RunningHost {
             up: UpStay(child),
             store: store.to_owned(),
             startup: String::new(),
+            rest: None,
         };
         let mut lines = BufReader::new(stdout).lines();
         loop {
@@ -72,8 +76,21 @@ impl RunningHost {
                 break;
             }
         }
-        std::thread::spawn(move || lines.for_each(drop));
+        host.rest = Some(std::thread::spawn(move || {
+            lines
+                .map_while(Result::ok)
+                .fold(String::new(), |all, l| all + &l + "\n")
+        }));
         host
+    }
+
+    /// What it printed after it said it is up; waits for it to close its output (call it
+    /// once it has exited).
+    pub fn output_after_startup(&mut self) -> String {
+        self.rest
+            .take()
+            .and_then(|rest| rest.join().ok())
+            .unwrap_or_default()
     }
 
     /// Runs `splitvmm ARGS --store <its store>`.

@@ -13,32 +13,21 @@ use guest_frontend::process::{
     BlockFrontend, BlockFrontendConfig, BlockOp, ProcessFrontendError, WINDOW_SEALS,
 };
 use guest_frontend::virtio::{BlkOp, FrontRequestError};
+use splitvmm_tests::XorShift;
 
 mod backend {
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+    use splitvmm_tests::backends::BlkBackendProcess;
 
-    /// A running vhost-user-blk backend serving one raw image.
+    /// A backend on an image in its own temp dir.
     pub struct Backend {
-        child: Child,
-        pub socket: PathBuf,
-        pub image: PathBuf,
+        served: BlkBackendProcess,
         _dir: tempfile::TempDir,
     }
 
-    impl Backend {
-        /// Process id of the backend (to stop and continue it).
-        pub fn pid(&self) -> i32 {
-            self.child.id() as i32
-        }
-    }
-
-    impl Drop for Backend {
-        fn drop(&mut self) {
-            // Only the child this helper started.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+    impl std::ops::Deref for Backend {
+        type Target = BlkBackendProcess;
+        fn deref(&self) -> &BlkBackendProcess {
+            &self.served
         }
     }
 
@@ -53,84 +42,22 @@ mod backend {
     /// queues. Returns None (after recording the skip of the running test) if it is not
     /// installed (`SPLITVMM_QSD` names another daemon, or a missing one to check the skip).
     pub fn spawn(kind: Kind, image_bytes: u64, queues: u16) -> Option<Backend> {
-        if kind == Kind::DriverDomain {
-            return Some(spawn_driver_domain(image_bytes, queues));
-        }
-        let qsd = test_support::require_value(
-            &test_support::test_name(),
-            test_support::peers::qemu_storage_daemon(),
-        )?;
         let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("disk.img");
-        let socket = dir.path().join("vhost-user-blk.sock");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(image_bytes))
-            .expect("create image");
-        let child = Command::new(qsd)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=export0,node-name=disk,addr.type=unix,\
-                 addr.path={},writable=on,num-queues={queues}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-storage-daemon");
-        let backend = Backend {
-            child,
-            socket,
-            image,
-            _dir: dir,
+        let served = match kind {
+            Kind::DriverDomain => BlkBackendProcess::driver_domain(
+                dir.path(),
+                image_bytes,
+                &["--queues", &queues.to_string()],
+            ),
+            Kind::Qsd => {
+                let qsd = test_support::require_value(
+                    &test_support::test_name(),
+                    test_support::peers::qemu_storage_daemon(),
+                )?;
+                BlkBackendProcess::qemu_storage_daemon(&qsd, dir.path(), image_bytes, queues)
+            }
         };
-        wait_for_socket(&backend.socket, Duration::from_secs(10));
-        Some(backend)
-    }
-
-    fn spawn_driver_domain(image_bytes: u64, queues: u16) -> Backend {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let image = dir.path().join("disk.img");
-        let socket = dir.path().join("vhost-user-blk.sock");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(image_bytes))
-            .expect("create image");
-        let child = Command::new(splitvmm_tests::workspace_bin("driver-domain"))
-            .arg("serve")
-            .arg("--blk")
-            .arg(&image)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--queues")
-            .arg(queues.to_string())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn driver-domain");
-        let backend = Backend {
-            child,
-            socket,
-            image,
-            _dir: dir,
-        };
-        wait_for_socket(&backend.socket, Duration::from_secs(10));
-        backend
-    }
-
-    fn wait_for_socket(path: &Path, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !path.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "backend socket {path:?} never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        Some(Backend { served, _dir: dir })
     }
 }
 
@@ -159,19 +86,6 @@ fn pattern(seed: u64, sector: u64, len: usize) -> Vec<u8> {
                 % 251) as u8
         })
         .collect()
-}
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn read_image(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {

@@ -6,9 +6,8 @@
 
 use control_vmm::domains;
 use ipc::xenbus::{DeviceId, DeviceKind};
-use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::{spawn, StoreConfig};
 use ipc::xenstore::wire::XsError;
+use splitvmm_tests::toolstack::ToolstackStore;
 
 const DRIVER: u32 = 1;
 const GUEST_A: u32 = 2;
@@ -35,16 +34,15 @@ fn refused(result: Result<impl std::fmt::Debug, ipc::xenstore::client::ClientErr
 #[test]
 fn guests_reach_only_their_own_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, thread) = spawn(StoreConfig::new(dir.path().join("xs.sock"))).unwrap();
-    let mut dom0 = StoreClient::connect(dir.path().join("xs.sock")).unwrap();
-    for (domid, name) in [(DRIVER, "driver"), (GUEST_A, "a"), (GUEST_B, "b")] {
-        domains::create_domain(&mut dom0, domid, name).unwrap();
-    }
+    let mut host = ToolstackStore::start(
+        dir.path(),
+        &[(DRIVER, "driver"), (GUEST_A, "a"), (GUEST_B, "b")],
+    );
     for guest in [GUEST_A, GUEST_B] {
-        domains::add_device(&mut dom0, &vbd(guest), &[("mode", "w".into())], &[]).unwrap();
+        domains::add_device(&mut host.dom0, &vbd(guest), &[("mode", "w".into())], &[]).unwrap();
     }
-    let mut a = StoreClient::from_stream(store.connect_domain(GUEST_A).unwrap());
-    let mut driver = StoreClient::from_stream(store.connect_domain(DRIVER).unwrap());
+    let mut a = host.client_of(GUEST_A);
+    let mut driver = host.client_of(DRIVER);
     let (own, other) = (vbd(GUEST_A), vbd(GUEST_B));
 
     // Own frontend directory: read and write.
@@ -104,36 +102,31 @@ fn guests_reach_only_their_own_devices() {
         .write(&format!("{}/state", own.backend_path()), b"2")
         .unwrap();
 
-    store.shutdown();
-    thread.join().unwrap().unwrap();
+    host.stop();
 }
 
 #[test]
 fn released_domain_id_inherits_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, thread) = spawn(StoreConfig::new(dir.path().join("xs.sock"))).unwrap();
-    let mut dom0 = StoreClient::connect(dir.path().join("xs.sock")).unwrap();
-    for (domid, name) in [(DRIVER, "driver"), (GUEST_A, "a")] {
-        domains::create_domain(&mut dom0, domid, name).unwrap();
-    }
-    domains::add_device(&mut dom0, &vbd(GUEST_A), &[], &[]).unwrap();
+    let mut host = ToolstackStore::start(dir.path(), &[(DRIVER, "driver"), (GUEST_A, "a")]);
+    domains::add_device(&mut host.dom0, &vbd(GUEST_A), &[], &[]).unwrap();
     // The driver domain's backend dir names guest A as a reader.
     let be = vbd(GUEST_A).backend_path();
-    assert!(dom0
+    assert!(host
+        .dom0
         .get_perms(&be)
         .unwrap()
         .to_string()
         .contains(&format!("r{GUEST_A}")));
     // Guest A is destroyed; its id is reused by a new domain.
-    domains::destroy_domain(&mut dom0, GUEST_A).unwrap();
-    let perms = dom0.get_perms(&be).unwrap().to_string();
+    domains::destroy_domain(&mut host.dom0, GUEST_A).unwrap();
+    let perms = host.dom0.get_perms(&be).unwrap().to_string();
     assert!(!perms.contains(&format!("r{GUEST_A}")), "{perms}");
-    domains::create_domain(&mut dom0, GUEST_A, "impostor").unwrap();
-    let mut impostor = StoreClient::from_stream(store.connect_domain(GUEST_A).unwrap());
+    domains::create_domain(&mut host.dom0, GUEST_A, "impostor").unwrap();
+    let mut impostor = host.client_of(GUEST_A);
     assert_eq!(
         refused(impostor.read(&format!("{be}/state"))),
         XsError::EACCES
     );
-    store.shutdown();
-    thread.join().unwrap().unwrap();
+    host.stop();
 }

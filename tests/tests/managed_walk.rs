@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,23 +14,28 @@ use control_vmm::connection::private_connection;
 use control_vmm::domains;
 use control_vmm::supervisor::DomainProcess;
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig};
-use ipc::control::messages::{BackendEvent, BackendRequest};
+use ipc::control::messages::{
+    BackendEvent, BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
+};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
+use splitvmm_tests::toolstack::{create_image, ToolstackStore};
 use splitvmm_tests::workspace_bin;
 
 const DRIVER: u32 = 1;
 const GUEST: u32 = 2;
 const WAIT: Duration = Duration::from_secs(20);
+/// What the toolstack grants a process guest's device.
+const PROCESS_GUEST_GRANT: MemoryGrant = MemoryGrant::Window {
+    guest_address: PROCESS_WINDOW_GPA,
+    max_bytes: PROCESS_WINDOW_MAX_BYTES,
+};
 
-fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
-    let store_conn: OwnedFd = store.connect_domain(DRIVER).unwrap().into();
-    let (ours, theirs) = ControlChannel::pair().unwrap();
+fn start_driver_domain(host: &ToolstackStore) -> (DomainProcess, ControlChannel) {
     let mut cmd = Command::new(workspace_bin("driver-domain"));
     cmd.args(["managed", "--domid", &DRIVER.to_string()]);
-    let process = DomainProcess::spawn("driver", cmd, vec![store_conn, theirs.into_fd()]).unwrap();
+    let (process, ours) = host.start_domain(DRIVER, "driver", cmd);
     match ours.recv_timeout::<BackendEvent>(WAIT).unwrap() {
         Some((BackendEvent::Ready, _)) => {}
         other => panic!("driver domain not ready: {other:?}"),
@@ -55,6 +60,7 @@ fn serve_devid(ctl: &ControlChannel, image: &File, readonly: bool, devid: u32) -
             frontend: GUEST,
             devid,
             readonly,
+            grant: PROCESS_GUEST_GRANT,
         },
         &[image.as_fd(), listener.as_fd()],
     )
@@ -108,23 +114,12 @@ fn memfd_mappings(pid: u32) -> Vec<(String, u64)> {
 #[test]
 fn attach_io_detach_reattach_through_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("xs.sock");
-    let (store, thread) = spawn(StoreConfig::new(&socket)).unwrap();
-    let mut dom0 = StoreClient::connect(&socket).unwrap();
-    domains::create_domain(&mut dom0, DRIVER, "driver").unwrap();
-    domains::create_domain(&mut dom0, GUEST, "guest").unwrap();
-    let (driver, ctl) = start_driver_domain(&store);
-    let mut guest = StoreClient::from_stream(store.connect_domain(GUEST).unwrap());
+    let mut host = ToolstackStore::start(dir.path(), &[(DRIVER, "driver"), (GUEST, "guest")]);
+    let (driver, ctl) = start_driver_domain(&host);
+    let mut guest = host.client_of(GUEST);
 
     let image_path = dir.path().join("disk.img");
-    let image = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&image_path)
-        .unwrap();
-    image.set_len(8 << 20).unwrap();
+    let image = create_image(&image_path, 8 << 20);
     let dev = DeviceId {
         kind: DeviceKind::Vbd,
         backend: DRIVER,
@@ -139,21 +134,21 @@ fn attach_io_detach_reattach_through_the_store() {
         // Initialising (write a state of its own) before both are there. In the second round
         // the first round's directory is gone, so there is no state either.
         let connection = serve(&ctl, &image, false);
-        backend_has_looked(&ctl, &mut dom0, &image, &mut witnesses);
+        backend_has_looked(&ctl, &mut host.dom0, &image, &mut witnesses);
         assert!(
             guest.read(&format!("{be}/state")).is_err(),
             "round {round}: a backend state before the directories were added"
         );
-        domains::add_device(&mut dom0, &dev, &[("mode", "w".into())], &[]).unwrap();
-        wait_state(&mut dom0, &be, XenbusState::InitWait);
+        domains::add_device(&mut host.dom0, &dev, &[("mode", "w".into())], &[]).unwrap();
+        wait_state(&mut host.dom0, &be, XenbusState::InitWait);
         assert_eq!(guest.read(&format!("{be}/sectors")).unwrap(), b"16384");
         // InitWait is not Connected: the backend waits for the frontend.
-        backend_has_looked(&ctl, &mut dom0, &image, &mut witnesses);
+        backend_has_looked(&ctl, &mut host.dom0, &image, &mut witnesses);
         assert_eq!(guest.read(&format!("{be}/state")).unwrap(), b"2");
 
         let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default()).unwrap();
         guest.write(&format!("{fe}/state"), b"3").unwrap();
-        wait_state(&mut dom0, &be, XenbusState::Connected);
+        wait_state(&mut host.dom0, &be, XenbusState::Connected);
         guest.write(&format!("{fe}/state"), b"4").unwrap();
 
         // I/O; the second round reads what the first wrote.
@@ -179,12 +174,12 @@ fn attach_io_detach_reattach_through_the_store() {
         );
 
         // Detach, as the toolstack does it.
-        domains::request_close(&mut dom0, &dev).unwrap();
+        domains::request_close(&mut host.dom0, &dev).unwrap();
         frontend.shutdown().unwrap();
         guest.write(&format!("{fe}/state"), b"5").unwrap();
         guest.write(&format!("{fe}/state"), b"6").unwrap();
-        wait_state(&mut dom0, &be, XenbusState::Closed);
-        domains::remove_device(&mut dom0, &dev).unwrap();
+        wait_state(&mut host.dom0, &be, XenbusState::Closed);
+        domains::remove_device(&mut host.dom0, &dev).unwrap();
         // Nothing of the window stays mapped after the session ended.
         let deadline = Instant::now() + WAIT;
         while !memfd_mappings(driver.pid().unwrap()).is_empty() {
@@ -203,20 +198,15 @@ fn attach_io_detach_reattach_through_the_store() {
         .unwrap()
         .expect("driver domain exited");
     assert!(status.success());
-    store.shutdown();
-    thread.join().unwrap().unwrap();
+    host.stop();
 }
 
 #[test]
 fn frontend_closing_on_its_own_ends_the_session() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("xs.sock");
-    let (store, thread) = spawn(StoreConfig::new(&socket)).unwrap();
-    let mut dom0 = StoreClient::connect(&socket).unwrap();
-    domains::create_domain(&mut dom0, DRIVER, "driver").unwrap();
-    domains::create_domain(&mut dom0, GUEST, "guest").unwrap();
-    let (_driver, ctl) = start_driver_domain(&store);
-    let mut guest = StoreClient::from_stream(store.connect_domain(GUEST).unwrap());
+    let mut host = ToolstackStore::start(dir.path(), &[(DRIVER, "driver"), (GUEST, "guest")]);
+    let (_driver, ctl) = start_driver_domain(&host);
+    let mut guest = host.client_of(GUEST);
     let image = tempfile::tempfile().unwrap();
     image.set_len(1 << 20).unwrap();
     let dev = DeviceId {
@@ -226,13 +216,13 @@ fn frontend_closing_on_its_own_ends_the_session() {
         devid: 51712,
     };
     let connection = serve(&ctl, &image, true);
-    domains::add_device(&mut dom0, &dev, &[("mode", "r".into())], &[]).unwrap();
-    wait_state(&mut dom0, &dev.backend_path(), XenbusState::InitWait);
+    domains::add_device(&mut host.dom0, &dev, &[("mode", "r".into())], &[]).unwrap();
+    wait_state(&mut host.dom0, &dev.backend_path(), XenbusState::InitWait);
     let frontend = BlockFrontend::connect(connection, BlockFrontendConfig::default()).unwrap();
     guest
         .write(&format!("{}/state", dev.frontend_path()), b"3")
         .unwrap();
-    wait_state(&mut dom0, &dev.backend_path(), XenbusState::Connected);
+    wait_state(&mut host.dom0, &dev.backend_path(), XenbusState::Connected);
     // A read-only disk refuses writes, and the session survives the refusal.
     assert!(frontend.write(0, &[1u8; 512]).is_err());
     let mut buf = [0u8; 512];
@@ -245,8 +235,7 @@ fn frontend_closing_on_its_own_ends_the_session() {
     guest
         .write(&format!("{}/state", dev.frontend_path()), b"6")
         .unwrap();
-    wait_state(&mut dom0, &dev.backend_path(), XenbusState::Closed);
+    wait_state(&mut host.dom0, &dev.backend_path(), XenbusState::Closed);
     ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
-    store.shutdown();
-    thread.join().unwrap().unwrap();
+    host.stop();
 }

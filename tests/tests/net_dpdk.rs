@@ -103,8 +103,11 @@ fn run(test: &str, len: usize, tag: &str, queues: u16) {
     let b = dir.path().join("b.sock");
     let backend = Backend::start(dir.path(), &[a.clone(), b.clone()], queues);
     let mq = [format!("--rxq={queues}"), format!("--txq={queues}")];
+    // Each testpmd port takes the address its switch port is configured with (the backend's
+    // default: 52:54:00:12:34:56 plus the port's index): the switch drops frames from any
+    // other source address, and txonly sends from its port's address.
     let rx_vdev = [format!(
-        "net_virtio_user0,path={},queues={queues}",
+        "net_virtio_user0,path={},queues={queues},mac=52:54:00:12:34:57",
         b.display()
     )];
     let mut rx = Testpmd::spawn(
@@ -120,7 +123,7 @@ fn run(test: &str, len: usize, tag: &str, queues: u16) {
     .unwrap();
     rx.wait_started(Duration::from_secs(15)).unwrap();
     let tx_vdev = [format!(
-        "net_virtio_user0,path={},queues={queues}",
+        "net_virtio_user0,path={},queues={queues},mac=52:54:00:12:34:56",
         a.display()
     )];
     let txpkts = [format!("--txpkts={len}"), mq[0].clone(), mq[1].clone()];
@@ -146,6 +149,7 @@ fn run(test: &str, len: usize, tag: &str, queues: u16) {
     eprintln!("{len} B: testpmd sent {sent:?}, received {got:?}; backend a {pa:?} b {pb:?}");
     assert!(sent.tx > 0 && got.rx > 0, "frames must flow");
     assert_eq!(pa["tx_invalid"], 0, "testpmd's frames are valid");
+    assert_eq!(pa["tx_spoofed"], 0, "testpmd sends from its own address");
     // testpmd counts a frame as sent when it is in the ring; frames still in the ring when
     // testpmd stops the device (GET_VRING_BASE right after its last burst) are never consumed.
     let in_ring = sent.tx - pa["tx_frames"].min(sent.tx);

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use guest_frontend::managed::frames::{
+    arp_answer, arp_frame, arp_reply_from, UdpFrame, ARP_REQUEST, BROADCAST,
+};
 use guest_frontend::process::{NetFrontend, NetFrontendConfig};
 use splitvmm_tests::workspace_bin;
 
@@ -38,83 +41,6 @@ fn backend(dir: &Path, sockets: &[PathBuf]) -> Backend {
     Backend(child)
 }
 
-fn arp(op: u16, sha: [u8; 6], spa: [u8; 4], tha: [u8; 6], tpa: [u8; 4], dst: [u8; 6]) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&sha);
-    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
-    f.extend_from_slice(&op.to_be_bytes());
-    f.extend_from_slice(&sha);
-    f.extend_from_slice(&spa);
-    f.extend_from_slice(&tha);
-    f.extend_from_slice(&tpa);
-    f.resize(60, 0);
-    f
-}
-
-fn ip_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn udp(
-    src: [u8; 6],
-    dst: [u8; 6],
-    sip: [u8; 4],
-    dip: [u8; 4],
-    sport: u16,
-    dport: u16,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut f = dst.to_vec();
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&sip);
-    ip.extend_from_slice(&dip);
-    let c = ip_checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A parsed UDP/IPv4 frame: (src MAC, src IP, src port, dst port, payload).
-type Udp = ([u8; 6], [u8; 4], u16, u16, Vec<u8>);
-
-fn parse_udp(f: &[u8]) -> Option<Udp> {
-    if f.len() < 42 || f[12..14] != [0x08, 0x00] || f[23] != 17 {
-        return None;
-    }
-    assert_eq!(
-        ip_checksum(&f[14..34]),
-        0,
-        "IPv4 header checksum survives the switch"
-    );
-    let sport = u16::from_be_bytes([f[34], f[35]]);
-    let dport = u16::from_be_bytes([f[36], f[37]]);
-    let len = usize::from(u16::from_be_bytes([f[38], f[39]]));
-    Some((
-        f[6..12].try_into().ok()?,
-        f[26..30].try_into().ok()?,
-        sport,
-        dport,
-        f.get(42..34 + len)?.to_vec(),
-    ))
-}
-
 /// Guest B: answers ARP for IP_B and echoes UDP to PORT, `n` times, then returns.
 fn responder(mut b: NetFrontend, n: usize) -> NetFrontend {
     let mac = b.mac().unwrap();
@@ -127,16 +53,16 @@ fn responder(mut b: NetFrontend, n: usize) -> NetFrontend {
             continue;
         };
         let f = &buf[..len];
-        if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == IP_B {
-            let sha: [u8; 6] = f[22..28].try_into().unwrap();
-            let spa: [u8; 4] = f[28..32].try_into().unwrap();
-            b.send(&arp(2, mac, IP_B, sha, spa, sha)).unwrap();
-        } else if let Some((smac, sip, sport, dport, payload)) = parse_udp(f) {
-            if dport == PORT {
-                b.send(&udp(mac, smac, IP_B, sip, PORT, sport, &payload))
-                    .unwrap();
-                echoed += 1;
-            }
+        if let Some(answer) = arp_answer(f, mac, IP_B) {
+            b.send(&answer).unwrap();
+        } else if let Some(ping) = UdpFrame::parse(f, IP_B).filter(|u| u.dst.2 == PORT) {
+            let pong = UdpFrame {
+                src: (mac, IP_B, PORT),
+                dst: ping.src,
+                payload: ping.payload,
+            };
+            b.send(&pong.frame()).unwrap();
+            echoed += 1;
         }
     }
     b
@@ -173,14 +99,19 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
     let deadline = Instant::now() + WAIT;
     let resolved = loop {
         assert!(Instant::now() < deadline, "no ARP reply");
-        a.send(&arp(1, mac_a, IP_A, [0; 6], IP_B, [0xff; 6]))
-            .unwrap();
+        a.send(&arp_frame(
+            ARP_REQUEST,
+            (mac_a, IP_A),
+            ([0; 6], IP_B),
+            BROADCAST,
+        ))
+        .unwrap();
         let mut got = None;
         while let Some(len) = a.recv(&mut buf, Duration::from_millis(200)).unwrap() {
             let f = &buf[..len];
-            if f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == IP_B {
+            if let Some(mac) = arp_reply_from(f, IP_B) {
                 assert_eq!(&f[0..6], &mac_a, "the reply is unicast to A");
-                got = Some(<[u8; 6]>::try_from(&f[22..28]).unwrap());
+                got = Some(mac);
                 break;
             }
         }
@@ -195,28 +126,22 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
         let payload: Vec<u8> = (0..(i * 29) % 1473)
             .map(|k| (k as u8) ^ (i as u8))
             .collect();
-        a.send(&udp(
-            mac_a,
-            mac_b,
-            IP_A,
-            IP_B,
-            40000 + i as u16,
-            PORT,
-            &payload,
-        ))
-        .unwrap();
+        let ping = UdpFrame {
+            src: (mac_a, IP_A, 40000 + i as u16),
+            dst: (mac_b, IP_B, PORT),
+            payload: &payload,
+        };
+        a.send(&ping.frame()).unwrap();
         let deadline = Instant::now() + WAIT;
         loop {
             assert!(Instant::now() < deadline, "no pong {i}");
             let Some(len) = a.recv(&mut buf, Duration::from_millis(200)).unwrap() else {
                 continue;
             };
-            if let Some((smac, sip, sport, dport, p)) = parse_udp(&buf[..len]) {
-                assert_eq!(
-                    (smac, sip, sport, dport),
-                    (mac_b, IP_B, PORT, 40000 + i as u16)
-                );
-                assert_eq!(p, payload, "pong {i} carries the ping's payload");
+            // Parsing checks the IPv4 header checksum: a frame the switch damaged is no pong.
+            if let Some(pong) = UdpFrame::parse(&buf[..len], IP_A) {
+                assert_eq!((pong.src, pong.dst), (ping.dst, ping.src));
+                assert_eq!(pong.payload, payload, "pong {i} carries the ping's payload");
                 break;
             }
         }
@@ -224,8 +149,12 @@ fn two_guests_resolve_arp_and_ping_pong_udp_through_the_switch() {
     let b = responder.join().unwrap();
     // The stuck guest leaves; the others are unaffected.
     drop(c);
-    a.send(&udp(mac_a, mac_b, IP_A, IP_B, 1, 9, b"after"))
-        .unwrap();
+    let after = UdpFrame {
+        src: (mac_a, IP_A, 1),
+        dst: (mac_b, IP_B, 9),
+        payload: b"after",
+    };
+    a.send(&after.frame()).unwrap();
     a.shutdown().unwrap();
     b.shutdown().unwrap();
 }
@@ -267,7 +196,12 @@ fn managed_ports_on_handed_over_listeners() {
     let mut fe: Vec<NetFrontend> = frontends.into_iter().map(|t| t.join().unwrap()).collect();
     assert_eq!(fe[0].mac(), Some([0x02, 0, 0, 0, 0, 0]));
     assert_eq!(fe[1].mac(), Some([0x02, 0, 0, 0, 1, 0]));
-    let f = arp(1, [0x02, 0, 0, 0, 0, 0], IP_A, [0; 6], IP_B, [0xff; 6]);
+    let f = arp_frame(
+        ARP_REQUEST,
+        ([0x02, 0, 0, 0, 0, 0], IP_A),
+        ([0; 6], IP_B),
+        BROADCAST,
+    );
     fe[0].send(&f).unwrap();
     let mut buf = vec![0u8; 2048];
     let n = fe[1]

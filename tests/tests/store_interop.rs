@@ -6,45 +6,33 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::{domain_socket_path, spawn, ServerError, StoreConfig, StoreHandle};
+use ipc::xenstore::server::{domain_socket_path, StoreConfig};
+use ipc::xenstore::StoreThread;
 use ipc::xenstore::XsError;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Running {
-    _dir: tempfile::TempDir,
     path: PathBuf,
-    handle: StoreHandle,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    _store: StoreThread,
+    _dir: tempfile::TempDir,
 }
 
 impl Running {
     fn start() -> Running {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("xs.sock");
-        let (handle, thread) = spawn(StoreConfig::new(&path)).unwrap();
         Running {
-            _dir: dir,
+            _store: StoreThread::start(StoreConfig::new(&path)).unwrap(),
             path,
-            handle,
-            thread: Some(thread),
+            _dir: dir,
         }
     }
     fn client(&self) -> StoreClient {
         StoreClient::connect(&self.path).unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.handle.shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use control_vmm::config::GuestKind;
 use control_vmm::up::seed_for;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use splitvmm_tests::running::{children_of, run, splitvmm};
+use splitvmm_tests::running::{children_of, run, splitvmm, RunningHost};
 use splitvmm_tests::{assert_process_guest_pattern, wait_for, UpStay};
 
 fn write_config(dir: &Path) -> PathBuf {
@@ -292,27 +292,17 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
     )
     .unwrap();
     let store = dir.path().join("run/xenstored.sock");
-    let mut up = splitvmm()
-        .arg("up")
-        .arg(&config)
-        .arg("--stay")
-        .env("SPLITVMM_SYSFS_ROOT", &sysfs)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = UpStay(up);
-    while !lines
-        .next()
-        .expect("up ended early")
-        .unwrap()
-        .contains("host is up")
-    {}
-    std::thread::spawn(move || lines.for_each(drop));
+    let mut host = RunningHost::start_from(
+        splitvmm()
+            .arg("up")
+            .arg(&config)
+            .arg("--stay")
+            .env("SPLITVMM_SYSFS_ROOT", &sysfs),
+        &store,
+    );
 
-    let out = run(splitvmm().args(["devices", "--store"]).arg(&store));
+    let out = host.cli_ok(&["devices"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
     let present = text
         .lines()
         .find(|l| l.contains("0000:00:02.0"))
@@ -334,16 +324,8 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
         .unwrap_or_else(|| panic!("{text}"));
     assert!(missing.contains("missing"), "{missing}");
     // The driver domain wrote it, under its own directory, where guests cannot write.
-    let read = run(splitvmm()
-        .args([
-            "xs",
-            "read",
-            "/local/domain/1/hardware/pci/dev-0/address",
-            "--store",
-        ])
-        .arg(&store));
+    let read = host.cli(&["xs", "read", "/local/domain/1/hardware/pci/dev-0/address"]);
     assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
 
-    kill(Pid::from_raw(up.0.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_for(&mut up.0, Duration::from_secs(20)));
+    assert!(host.shut_down(Duration::from_secs(20)));
 }

@@ -7,14 +7,12 @@
 
 mod vmm_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use control_vmm::config::GuestKind;
 use control_vmm::up::seed_for;
-use std::time::Duration;
-
-use splitvmm_tests::{assert_process_guest_pattern, wait_for, workspace_bin, UpStay};
+use splitvmm_tests::running::RunningHost;
+use splitvmm_tests::{assert_process_guest_pattern, workspace_bin};
 
 #[test]
 fn main_job_with_a_kvm_guest() {
@@ -107,36 +105,8 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     workspace_bin("driver-domain");
     workspace_bin("splitvmm-vmm");
     let store = dir.path().join("run/xenstored.sock");
-    let mut up = Command::new(workspace_bin("splitvmm"))
-        .arg("up")
-        .arg(&config)
-        .arg("--stay")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut up = UpStay(up);
-    while !lines
-        .next()
-        .expect("up ended early")
-        .unwrap()
-        .contains("host is up")
-    {}
-    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let cli = |args: &[&str]| {
-        let out = Command::new(workspace_bin("splitvmm"))
-            .args(args)
-            .arg("--store")
-            .arg(&store)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let mut host = RunningHost::start(&config, &store, &[]);
+    let cli = |args: &[&str]| String::from_utf8_lossy(&host.cli_ok(args).stdout).into_owned();
     // The guest is running: it answers a disk check now (each check boots the tiny kernel
     // in its VMM process), its exit counter grows with it, and the host reads the pattern
     // it wrote.
@@ -157,21 +127,77 @@ fn list_top_and_console_show_a_running_kvm_guest() {
     assert!(cli(&["reboot", "tiny"]).contains("rebooted tiny"));
     cli(&["disk-check", "tiny", "xvda", "--seed", "7"]);
     cli(&["disk-check", "tiny", "xvda", "--seed", "7", "--verify-only"]);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
     // SIGTERM is the way out of --stay: a clean shutdown after passed checks exits 0.
-    assert!(
-        wait_for(&mut up.0, Duration::from_secs(20)),
-        "splitvmm up ignored SIGTERM"
-    );
-    let status = up.0.wait().unwrap();
-    let rest = rest.join().unwrap().join("\n");
+    let status = host
+        .stop(nix::sys::signal::Signal::SIGTERM)
+        .expect("splitvmm up ignored SIGTERM");
+    let rest = host.output_after_startup();
     assert_eq!(status.code(), Some(0), "{rest}");
     assert!(
         rest.contains("checks: 1 passed, 0 failed, 0 skipped"),
         "{rest}"
     );
+}
+
+#[test]
+fn a_kvm_guest_keeps_its_disk_across_a_driver_domain_restart() {
+    if !vmm_support::kvm_or_skip("a_kvm_guest_keeps_its_disk_across_a_driver_domain_restart") {
+        return;
+    }
+    let kernel = vmm_support::tiny_kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("host.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_dir = \"run\"\n\
+             [driver_domain]\nname = \"driver\"\ndomid = 1\n\
+             [[guest]]\nname = \"tiny\"\ndomid = 2\nkind = \"kvm\"\nkernel = {:?}\n\
+             [[guest.disk]]\nimage = \"t.img\"\nsize_mib = 2\n",
+            kernel.display().to_string()
+        ),
+    )
+    .unwrap();
+    workspace_bin("driver-domain");
+    workspace_bin("splitvmm-vmm");
+    let store = dir.path().join("run/xenstored.sock");
+    let host = RunningHost::start(&config, &store, &[]);
+    host.cli_ok(&["disk-check", "tiny", "xvda", "--seed", "21"]);
+    let driver = splitvmm_tests::running::child_with_arg(host.pid(), "managed").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(driver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The disk walks back to Connected on both sides (the VMM reconnected idle).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = host.cli_ok(&["block-list", "tiny", "--json"]);
+        let disks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let new_driver = splitvmm_tests::running::child_with_arg(host.pid(), "managed");
+        if disks[0]["state"] == 4
+            && disks[0]["backend_state"] == 4
+            && new_driver.is_some_and(|p| p != driver)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not Connected again: {disks}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A new machine reads what the old backend wrote, through the new one, and writes anew.
+    host.cli_ok(&[
+        "disk-check",
+        "tiny",
+        "xvda",
+        "--seed",
+        "21",
+        "--verify-only",
+    ]);
+    host.cli_ok(&["disk-check", "tiny", "xvda", "--seed", "22"]);
+    let sectors = GuestKind::Kvm.check_bytes() / 512;
+    let t = std::fs::read(dir.path().join("t.img")).unwrap();
+    vmm_support::assert_pattern(&t, 22, sectors);
 }

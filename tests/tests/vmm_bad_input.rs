@@ -6,6 +6,7 @@
 
 mod vmm_support;
 
+use splitvmm_tests::backends::BlkBackendProcess;
 use vmm_support::*;
 
 #[test]
@@ -14,7 +15,7 @@ fn garbage_from_the_guest_gets_hardware_answers_and_the_backend_carries_on() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut dd = DriverDomain::start(dir.path(), 1 << 20, &[]);
+    let mut dd = BlkBackendProcess::driver_domain(dir.path(), 1 << 20, &[]);
     let socket = dd.socket.to_str().unwrap().to_string();
     // The guest checks each answer itself (all-ones reads, a queue that stays not ready,
     // DEVICE_NEEDS_RESET) and then runs the disk check on the same device after a reset.
@@ -61,7 +62,7 @@ fn full_ram_sharing_is_an_opt_in_that_still_bounds_rings() {
     // With all of RAM shared (an explicit, logged opt-in), a ring at an address that is
     // neither window nor RAM is still refused, and the regular disk check passes.
     let dir = tempfile::tempdir().unwrap();
-    let dd = DriverDomain::start(dir.path(), 1 << 20, &[]);
+    let dd = BlkBackendProcess::driver_domain(dir.path(), 1 << 20, &[]);
     let run = run_vmm(&[
         "--mode",
         "bad-input",

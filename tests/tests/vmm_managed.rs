@@ -7,19 +7,16 @@
 
 mod vmm_support;
 
-use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::Duration;
 
 use control_vmm::connection::private_connection;
 use control_vmm::domains;
-use control_vmm::supervisor::DomainProcess;
 use ipc::control::messages::{BackendEvent, BackendRequest, GuestEvent, GuestRequest};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};
-use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
+use splitvmm_tests::toolstack::{create_image, ToolstackStore};
 use splitvmm_tests::workspace_bin;
 use vmm_support::*;
 
@@ -27,18 +24,6 @@ const DRIVER: u32 = 1;
 const GUEST: u32 = 2;
 const DEVID: u32 = 51712;
 const WAIT: Duration = Duration::from_secs(15);
-
-fn start(
-    store: &StoreHandle,
-    domid: u32,
-    name: &str,
-    cmd: Command,
-) -> (DomainProcess, ControlChannel) {
-    let store_conn: OwnedFd = store.connect_domain(domid).unwrap().into();
-    let (ours, theirs) = ControlChannel::pair().unwrap();
-    let process = DomainProcess::spawn(name, cmd, vec![store_conn, theirs.into_fd()]).unwrap();
-    (process, ours)
-}
 
 fn event(ctl: &ControlChannel) -> GuestEvent {
     match ctl.recv_timeout::<GuestEvent>(WAIT).unwrap() {
@@ -75,14 +60,11 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (store, store_thread) = spawn(StoreConfig::new(dir.path().join("xs.sock"))).unwrap();
-    let mut dom0 = StoreClient::connect(dir.path().join("xs.sock")).unwrap();
-    domains::create_domain(&mut dom0, DRIVER, "driver").unwrap();
-    domains::create_domain(&mut dom0, GUEST, "kvm-guest").unwrap();
+    let mut host = ToolstackStore::start(dir.path(), &[(DRIVER, "driver"), (GUEST, "kvm-guest")]);
 
     let mut cmd = Command::new(workspace_bin("driver-domain"));
     cmd.args(["managed", "--domid", &DRIVER.to_string()]);
-    let (mut driver, dd_ctl) = start(&store, DRIVER, "driver", cmd);
+    let (mut driver, dd_ctl) = host.start_domain(DRIVER, "driver", cmd);
     match dd_ctl.recv_timeout::<BackendEvent>(WAIT).unwrap() {
         Some((BackendEvent::Ready, _)) => {}
         other => panic!("driver domain not ready: {other:?}"),
@@ -94,18 +76,11 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
         "--batch",
         "4",
     ]);
-    let (mut vm, vm_ctl) = start(&store, GUEST, "kvm-guest", cmd);
+    let (mut vm, vm_ctl) = host.start_domain(GUEST, "kvm-guest", cmd);
 
     // Attach, as the toolstack does: descriptors first, then the store directories.
     let image_path = dir.path().join("disk.img");
-    let image = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&image_path)
-        .unwrap();
-    image.set_len(1 << 20).unwrap();
+    let image = create_image(&image_path, 1 << 20);
     let (listener, frontend_end) = private_connection(dir.path(), "vbd.sock").unwrap();
     dd_ctl
         .send(
@@ -113,6 +88,10 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
                 frontend: GUEST,
                 devid: DEVID,
                 readonly: false,
+                grant: ipc::control::messages::MemoryGrant::Window {
+                    guest_address: control_vmm::vmm::layout::WINDOW_GPA,
+                    max_bytes: control_vmm::vmm::layout::WINDOW_DEFAULT_BYTES,
+                },
             },
             &[image.as_fd(), listener.as_fd()],
         )
@@ -131,7 +110,7 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
         devid: DEVID,
     };
     domains::add_device(
-        &mut dom0,
+        &mut host.dom0,
         &dev,
         &[(keys::MODE, "w".into())],
         &[(keys::VIRTUAL_DEVICE, DEVID.to_string())],
@@ -142,7 +121,7 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
         other => panic!("expected Connected, got {other:?}"),
     }
     domains::wait_for_state(
-        &mut dom0,
+        &mut host.dom0,
         &dev.frontend_path(),
         XenbusState::Connected,
         WAIT,
@@ -164,13 +143,19 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
     assert!(detail.contains("does not fit"), "{detail}");
 
     // Detach with the xenbus walk.
-    domains::request_close(&mut dom0, &dev).unwrap();
+    domains::request_close(&mut host.dom0, &dev).unwrap();
     match event(&vm_ctl) {
         GuestEvent::Closed { devid } => assert_eq!(devid, DEVID),
         other => panic!("expected Closed, got {other:?}"),
     }
-    domains::wait_for_state(&mut dom0, &dev.backend_path(), XenbusState::Closed, WAIT).unwrap();
-    domains::remove_device(&mut dom0, &dev).unwrap();
+    domains::wait_for_state(
+        &mut host.dom0,
+        &dev.backend_path(),
+        XenbusState::Closed,
+        WAIT,
+    )
+    .unwrap();
+    domains::remove_device(&mut host.dom0, &dev).unwrap();
 
     vm_ctl.send(&GuestRequest::Shutdown, &[]).unwrap();
     match event(&vm_ctl) {
@@ -193,6 +178,5 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
         .unwrap()
         .expect("driver exited")
         .success());
-    store.shutdown();
-    store_thread.join().unwrap().unwrap();
+    host.stop();
 }

@@ -7,6 +7,7 @@ mod vmm_support;
 
 use std::time::Duration;
 
+use splitvmm_tests::backends::BlkBackendProcess;
 use vmm_support::*;
 
 #[test]
@@ -39,13 +40,13 @@ fn sigterm_stops_a_running_guest() {
 /// returned guard.
 struct DiskRun {
     run: VmmRun,
-    dd: DriverDomain,
+    dd: BlkBackendProcess,
     _dir: tempfile::TempDir,
 }
 
 fn disk_run(ring: &str, batch: &str, backend_args: &[&str]) -> DiskRun {
     let dir = tempfile::tempdir().unwrap();
-    let mut dd = DriverDomain::start(dir.path(), 1 << 20, backend_args);
+    let mut dd = BlkBackendProcess::driver_domain(dir.path(), 1 << 20, backend_args);
     let run = run_vmm(&[
         "--mode",
         "disk",

@@ -75,9 +75,17 @@ struct Cli {
     /// (ACPI hotplug) before removing it by force, in seconds.
     #[arg(long, requires = "linux", default_value_t = 20)]
     eject_timeout_s: u64,
+    /// Linux with --managed-domid: boot once this many PCI functions have been handed over
+    /// (AssignPci, each with its VFIO group).
+    #[arg(long, requires = "managed_domid", default_value_t = 0)]
+    pci: usize,
     /// Linux: the initramfs.
     #[arg(long, requires = "linux")]
     initrd: Option<PathBuf>,
+    /// Linux: assign this PCI function (DDDD:BB:DD.F, bound to vfio-pci; its IOMMU group is
+    /// found in sysfs and opened from /dev/vfio) to the guest. Repeatable.
+    #[arg(long, requires = "linux", value_name = "BDF")]
+    vfio: Vec<String>,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -139,11 +147,33 @@ fn ring_mode(r: Ring) -> RingMode {
 
 fn main() -> ExitCode {
     ipc::startup::restore_sigpipe();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     match cli.managed_domid {
         Some(domid) => ipc::startup::init_logging(&format!("splitvmm-vmm[{domid}]"), "warn"),
         None => ipc::startup::init_logging("splitvmm-vmm", "warn"),
     }
+    // A Linux guest's console listens from the start (before confinement: the confined VMM
+    // sees no run directory).
+    let console = if cli.linux {
+        match console_listener(cli.console_socket.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("splitvmm-vmm: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    } else {
+        None
+    };
+    // Confined (as `splitvmm up` asks) before its first thread starts; kept open meanwhile:
+    // the kernel and initrd it reads through /proc/self/fd.
+    let _held = match confine_vmm(&mut cli) {
+        Ok(held) => held,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: cannot be confined: {e}");
+            return ExitCode::from(101);
+        }
+    };
     let button = if cli.linux {
         match power_button_on_sigusr1() {
             Ok(b) => Some(b),
@@ -166,8 +196,8 @@ fn main() -> ExitCode {
     }
     if let Some(button) = button {
         return match cli.managed_domid {
-            Some(domid) => run_managed_linux(domid, cli, stop, button),
-            None => run_linux(cli, stop, button),
+            Some(domid) => run_managed_linux(domid, cli, console, stop, button),
+            None => run_linux(cli, console, stop, button),
         };
     }
 
@@ -243,11 +273,23 @@ fn main() -> ExitCode {
 }
 
 /// Boots a Linux guest; `button` is its ACPI power button.
-fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode {
-    let (boot, console_socket) = match linux_boot(&cli) {
-        Ok(parts) => parts,
-        Err(code) => return code,
-    };
+fn run_linux(
+    cli: Cli,
+    console_socket: Option<UnixListener>,
+    stop: Arc<AtomicBool>,
+    button: Arc<EventFd>,
+) -> ExitCode {
+    let boot = linux_boot(&cli);
+    let mut assigned = Vec::new();
+    for bdf in &cli.vfio {
+        match control_vmm::vmm::vfio::Assignment::by_address(bdf) {
+            Ok(a) => assigned.push(a),
+            Err(e) => {
+                eprintln!("splitvmm-vmm: --vfio {bdf}: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    }
     let mut devices = Vec::new();
     if let Some(path) = &cli.blk_socket {
         match VhostDevice::connect_blk(path, Duration::from_secs(5), Vec::new()) {
@@ -276,6 +318,8 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
         cmdline_extra: String::new(),
         hotplug: None,
         exit_reason_hist: cli.exit_reason_hist.clone(),
+        assigned,
+        functions: Default::default(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -289,18 +333,45 @@ fn run_linux(cli: Cli, stop: Arc<AtomicBool>, button: Arc<EventFd>) -> ExitCode 
     }
 }
 
-/// What a Linux guest boots, and its console socket (listening); the exit status on failure.
-fn linux_boot(cli: &Cli) -> Result<(LinuxBoot, Option<UnixListener>), ExitCode> {
-    let console = console_listener(cli.console_socket.as_deref()).map_err(|e| {
-        eprintln!("splitvmm-vmm: {e}");
-        ExitCode::from(101)
-    })?;
-    let boot = LinuxBoot {
+/// What a Linux guest boots.
+fn linux_boot(cli: &Cli) -> LinuxBoot {
+    LinuxBoot {
         kernel: cli.kernel.clone(),
         initrd: cli.initrd.clone(),
         cmdline: cli.cmdline.clone(),
+    }
+}
+
+/// Confines this VMM if `splitvmm up` asked for it (its plan is in the environment): opens
+/// `/dev/kvm`, the kernel and the initrd first, and points `cli` at the files through
+/// `/proc/self/fd` (the confined VMM sees no other path). Returns the files to keep open.
+fn confine_vmm(cli: &mut Cli) -> Result<Vec<std::fs::File>, String> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let plan = match confine::Plan::from_env() {
+        Ok(Some(plan)) => plan,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
     };
-    Ok((boot, console))
+    control_vmm::vmm::kvm_device::preopen().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+    // One VFIO container per function the toolstack will hand over (AssignPci).
+    control_vmm::vmm::vfio::preopen_containers(cli.pci)
+        .map_err(|e| format!("opening /dev/vfio/vfio: {e}"))?;
+    let mut held = Vec::new();
+    let open = |path: &Path| {
+        std::fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))
+    };
+    let kernel = open(&cli.kernel)?;
+    cli.kernel = PathBuf::from(format!("/proc/self/fd/{}", kernel.as_raw_fd()));
+    held.push(kernel);
+    if let Some(initrd) = &cli.initrd {
+        let file = open(initrd)?;
+        cli.initrd = Some(PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())));
+        held.push(file);
+    }
+    let read_only: Vec<_> = held.iter().map(|f| f.as_fd()).collect();
+    confine::enter(&plan, confine::Profile::Vmm, &read_only)
+        .map_err(|e| confine::error_chain(&e))?;
+    Ok(held)
 }
 
 /// Listens on the console socket `path` (a stale socket file there is replaced).
@@ -334,21 +405,20 @@ fn not_managed() -> Option<ExitCode> {
 fn run_managed_linux(
     domid: u32,
     cli: Cli,
+    console_socket: Option<UnixListener>,
     stop: Arc<AtomicBool>,
     button: Arc<EventFd>,
 ) -> ExitCode {
     if let Some(code) = not_managed() {
         return code;
     }
-    let (boot, console_socket) = match linux_boot(&cli) {
-        Ok(parts) => parts,
-        Err(code) => return code,
-    };
+    let boot = linux_boot(&cli);
     let settings = LinuxSettings {
         boot,
         ram_bytes: cli.mem_mib << 20,
         vcpus: cli.vcpus,
         devices: cli.disks + cli.nics,
+        pci: cli.pci,
         console_socket,
         share_all_ram: cli.share_all_ram,
         eject_timeout: Duration::from_secs(cli.eject_timeout_s),

@@ -4,11 +4,14 @@
 use std::os::fd::AsFd;
 
 use anyhow::{bail, Context, Result};
-use ipc::control::messages::{BackendRequest, GuestEvent, GuestRequest};
+use ipc::control::messages::{
+    BackendRequest, GuestEvent, GuestRequest, MemoryGrant, PROCESS_WINDOW_GPA,
+    PROCESS_WINDOW_MAX_BYTES,
+};
 use ipc::xenbus::{keys, DeviceId, DeviceKind};
 
 use super::{lock, Guest, GuestSlot, Host, CHECK_TIMEOUT, WALK_TIMEOUT};
-use crate::config::{DiskConfig, NicConfig};
+use crate::config::{DiskConfig, GuestConfig, GuestKind, NicConfig};
 use crate::vdev::Vdev;
 use crate::{connection, domains};
 
@@ -86,6 +89,7 @@ impl Host {
                 frontend: dev.frontend,
                 devid: dev.devid,
                 readonly: disk.readonly,
+                grant: memory_grant(&slot.config),
             },
             &[image.as_fd(), backend_end.as_fd()],
         )?;
@@ -157,6 +161,7 @@ impl Host {
                 frontend: domid,
                 devid: nic.devid,
                 mac,
+                grant: memory_grant(&slot.config),
             },
             &[backend_end.as_fd()],
         )?;
@@ -298,5 +303,30 @@ impl Host {
                 other => bail!("{name}: disk check on vbd {}: {other:?}", Vdev(devid)),
             }
         })
+    }
+}
+
+/// What of guest `config`'s memory the backends of its devices may map: the I/O window its
+/// kind of frontend puts each device's rings and buffers in, or all of its RAM where its
+/// host-file entry says `share = "all-ram"`.
+pub(super) fn memory_grant(config: &GuestConfig) -> MemoryGrant {
+    if config.share.as_deref() == Some("all-ram") {
+        return MemoryGrant::AllRam;
+    }
+    match config.kind {
+        GuestKind::Process => MemoryGrant::Window {
+            guest_address: PROCESS_WINDOW_GPA,
+            max_bytes: PROCESS_WINDOW_MAX_BYTES,
+        },
+        GuestKind::Kvm => MemoryGrant::Window {
+            guest_address: crate::vmm::layout::WINDOW_GPA,
+            max_bytes: crate::vmm::layout::WINDOW_DEFAULT_BYTES,
+        },
+        // A Linux guest with a disk must say share = "all-ram" (the host file is checked);
+        // without it there is nothing it could share.
+        GuestKind::Linux => MemoryGrant::Window {
+            guest_address: 0,
+            max_bytes: 0,
+        },
     }
 }

@@ -14,10 +14,11 @@ use ipc::control::messages::{
 };
 use ipc::xenbus::{DeviceId, DeviceKind};
 
+use super::supervision::Watched;
 use super::{
     console_socket, lock, shutdown_timeout, start_domain, Guest, GuestSlot, Host, WALK_TIMEOUT,
 };
-use crate::config::{ChecksConfig, GuestConfig, GuestKind, HostConfig};
+use crate::config::{ChecksConfig, GuestConfig, HostConfig};
 use crate::domains;
 use crate::supervisor::describe;
 
@@ -49,6 +50,7 @@ impl Host {
                     .values()
                     .map(|s| s.config.clone())
                     .collect(),
+                confinement: Default::default(),
             };
             host.guests.push(config.clone());
             host.validate(file)?;
@@ -61,16 +63,19 @@ impl Host {
             &self.store,
             &self.run_dir,
             (config.domid, &name),
-            command,
+            (command, Vec::new()),
+            self.confinement_of(&config)?,
             false,
         )?;
         let slot = Arc::new(GuestSlot {
             config,
             gone: AtomicBool::new(false),
+            watch: Mutex::new(Watched::of(&domain)),
             state: Mutex::new(Guest {
                 domain,
                 disks: BTreeMap::new(),
                 nics: BTreeMap::new(),
+                pci: Vec::new(),
                 stats: None,
             }),
         });
@@ -78,6 +83,15 @@ impl Host {
         lock(&self.guests).insert(name.clone(), slot.clone());
         drop(creating);
         self.progress(&format!("{name}: created (domain {})", slot.config.domid));
+        // Its VFs before anything else: the guest boots once they (and its disks) are there.
+        let assigned = self.assign_pci_locked(&name, &slot, &mut guest);
+        if let Err(e) = assigned {
+            drop(guest);
+            if let Err(undo) = self.destroy_guest(&name) {
+                log::error!("{name}: destroying after a failed PCI assignment: {undo:#}");
+            }
+            return Err(e);
+        }
         if attach.is_none() {
             return Ok(());
         }
@@ -138,10 +152,13 @@ impl Host {
                 &self.store,
                 &self.run_dir,
                 (slot.config.domid, name),
-                command,
+                (command, Vec::new()),
+                self.confinement_of(&slot.config)?,
                 true,
             )?;
+            *lock(&slot.watch) = Watched::of(&guest.domain);
             guest.stats = None;
+            self.assign_pci_locked(name, slot, guest)?;
             for disk in &disks {
                 self.attach_disk_locked(name, slot, guest, disk)?;
             }
@@ -188,7 +205,7 @@ impl Host {
 
     /// Forgets a guest whose process has ended: its devices are torn down, its images
     /// released and its domain released in the store.
-    fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
+    pub(super) fn forget(&self, name: &str, slot: &GuestSlot, guest: &mut Guest) -> Result<()> {
         slot.gone.store(true, Ordering::SeqCst);
         lock(&self.guests).remove(name);
         let _ = std::fs::remove_file(console_socket(&self.run_dir, name));
@@ -198,42 +215,6 @@ impl Host {
         torn_down?;
         released?;
         Ok(())
-    }
-
-    /// Reaps the Linux guests whose VMM has exited (the guest powered off by itself, or its
-    /// VMM failed) and tears their devices down. A guest busy with a request is looked at
-    /// next time.
-    pub fn reap_powered_off(&self) {
-        let slots: Vec<(String, Arc<GuestSlot>)> = lock(&self.guests)
-            .iter()
-            .filter(|(_, s)| s.config.kind == GuestKind::Linux)
-            .map(|(n, s)| (n.clone(), Arc::clone(s)))
-            .collect();
-        for (name, slot) in slots {
-            let Ok(mut guest) = slot.state.try_lock() else {
-                continue;
-            };
-            if slot.gone.load(Ordering::SeqCst) {
-                continue;
-            }
-            let status = match guest.domain.process.try_wait() {
-                Ok(Some(status)) => status,
-                Ok(None) => continue,
-                Err(e) => {
-                    log::error!("{name}: {e}");
-                    continue;
-                }
-            };
-            while let Ok(Some((event, _))) = guest.domain.channel.try_recv::<GuestEvent>() {
-                if let GuestEvent::Stats(s) = event {
-                    guest.stats = Some(s);
-                }
-            }
-            match self.forget(&name, &slot, &mut guest) {
-                Ok(()) => self.progress(&format!("{name}: powered off ({})", describe(&status))),
-                Err(e) => log::error!("{name}: tearing down after it powered off: {e:#}"),
-            }
-        }
     }
 
     /// Asks the guest to shut down: it closes its devices and reports its counters; waits for
@@ -275,6 +256,7 @@ impl Host {
     /// Tears down every device of a guest whose process has ended ([`domains::tear_down`]).
     /// The images stay held (a reboot attaches them again).
     fn tear_down(&self, name: &str, guest: &mut Guest) -> Result<()> {
+        let vfs_back = self.release_pci(name, guest);
         let devices: Vec<(DeviceKind, u32)> = guest
             .disks
             .keys()
@@ -294,12 +276,14 @@ impl Host {
             domains::tear_down(&mut client, &dev, WALK_TIMEOUT)?;
             log::info!("{name}: {kind} {devid} torn down");
         }
-        Ok(())
+        vfs_back
     }
 
     /// Stops every guest in order (collecting its counters), then the driver domain, then
     /// the store. Call it once no request is being served.
     pub fn shut_down(self) -> ShutdownReport {
+        // From here on, domains ending is the plan, not a death.
+        self.stop_supervision();
         let mut clean = true;
         let mut stats = Vec::new();
         let guests = std::mem::take(&mut *lock(&self.guests));
@@ -308,6 +292,10 @@ impl Host {
             // host, so no directory needs removing (and a dead driver domain costs no waits).
             let mut guest = lock(&slot.state);
             clean &= self.stop_orderly(&name, &slot.config, &mut guest);
+            if let Err(e) = self.release_pci(&name, &mut guest) {
+                log::error!("{e:#}");
+                clean = false;
+            }
             stats.push((name.clone(), guest.domain.domid, guest.stats));
         }
         let mut driver = lock(&self.driver);

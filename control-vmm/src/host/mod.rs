@@ -4,15 +4,21 @@
 //! Each guest sits behind its own lock, so management requests to different guests run at the
 //! same time (the toolstack serves each on its own thread): a guest that is slow to answer
 //! holds up requests to itself only. Store writes go through a connection per operation; the
-//! driver domain's control channel is locked only while a message is sent.
+//! driver domain's control channel is locked only while a message is sent, and while the
+//! answer about a VF is awaited (up to a minute: enabling SR-IOV resets the PF).
 //!
 //! - [`devices`]: attach, detach, disk checks and pings on one guest;
 //! - [`images`]: the disk images held (and locked) for the guests;
-//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown.
+//! - [`lifecycle`]: create, shutdown, reboot and destroy of one guest, and the host's shutdown;
+//! - [`pci`]: VFs of the driver domain's PFs assigned to Linux guests.
+//! - [`supervision`]: every domain process watched; dead guests torn down, a dead driver
+//!   domain restarted with its devices.
 
 mod devices;
 mod images;
 mod lifecycle;
+mod pci;
+mod supervision;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -33,7 +39,8 @@ use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, Stor
 use crate::config::{
     DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
-use crate::supervisor::DomainProcess;
+use crate::confinement::Confinement;
+use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
 use crate::{connection, domains};
 use images::ImageRegistry;
 
@@ -48,6 +55,29 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same for a Linux guest: its power button may be pressed while it still boots (a
 /// nested boot takes 8-18 s), and its power-off runs its shutdown scripts.
 const LINUX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// RAM of a tiny KVM guest (`splitvmm-vmm`'s default, MiB).
+const KVM_GUEST_RAM_MIB: u64 = 8;
+
+/// A domain's plan and its cgroup's `cgroup.procs` (when the host file asks for limits).
+type DomainConfinement = (confine::Plan, Option<File>);
+
+/// Domain (`domid`, `name`)'s confinement under `confinement`, with `ram_mib` of guest RAM
+/// on top of its memory limit.
+fn domain_confinement(
+    confinement: Option<&Confinement>,
+    domid: u32,
+    name: &str,
+    ram_mib: u64,
+) -> Result<Option<DomainConfinement>> {
+    let Some(c) = confinement else {
+        return Ok(None);
+    };
+    let cgroup = c
+        .cgroup(name, ram_mib)
+        .with_context(|| format!("the cgroup of {name}"))?;
+    Ok(Some((c.plan(domid), cgroup)))
+}
 
 /// RAM of a Linux guest whose host file says nothing (MiB).
 const LINUX_DEFAULT_MEMORY_MIB: u64 = 256;
@@ -73,6 +103,8 @@ struct GuestSlot {
     config: GuestConfig,
     /// Set when the guest is destroyed or shut down: requests waiting for it give up.
     gone: AtomicBool,
+    /// Its current process's pidfd and control channel, for the supervisor.
+    watch: Mutex<supervision::Watched>,
     state: Mutex<Guest>,
 }
 
@@ -82,6 +114,8 @@ struct Guest {
     /// Disks and interfaces attached now, by device number.
     disks: BTreeMap<u32, DiskConfig>,
     nics: BTreeMap<u32, NicConfig>,
+    /// VFs the guest holds (its VMM has their VFIO groups).
+    pci: Vec<pci::HeldVf>,
     /// Counters reported by the guest when it shut down.
     stats: Option<GuestStats>,
 }
@@ -105,6 +139,14 @@ pub struct Host {
     attach_serial: AtomicU64,
     /// The images held for the guests' disks (locked after a guest's own lock, briefly).
     images: Mutex<ImageRegistry>,
+    /// How domain processes are confined (`None`: the host file turned it off).
+    confinement: Option<Confinement>,
+    /// The driver domain's uplink tap: its name and the toolstack's descriptor of it.
+    uplink: Option<(String, OwnedFd)>,
+    /// The thread watching every domain process, while it runs.
+    supervision: Mutex<Option<supervision::Supervisor>>,
+    /// When the driver domain was restarted lately.
+    restarts: Mutex<supervision::RestartHistory>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +186,8 @@ impl Host {
     /// each guest (without attaching its devices: see [`Host::attach_all`]).
     pub fn bring_up(config: &HostConfig, stop: Arc<AtomicBool>) -> Result<Host> {
         let started = Instant::now();
+        // What this machine cannot confine is said, and refused unless allowed, first.
+        let confinement = Confinement::prepare(&config.confinement)?;
         // Every image is opened and locked before anything starts: one held elsewhere, or
         // named twice, fails here.
         let mut images = ImageRegistry::default();
@@ -169,19 +213,23 @@ impl Host {
 
         let dd = &config.driver_domain;
         domains::create_domain(&mut StoreClient::connect(&socket)?, dd.domid, &dd.name)?;
-        let mut command = Command::new(sibling_binary("driver-domain")?);
-        command
-            .arg("managed")
-            .arg("--domid")
-            .arg(dd.domid.to_string());
-        for bdf in &dd.owns {
-            command.arg("--owns").arg(bdf);
-        }
-        let driver = start_domain(
+        let uplink = match &dd.uplink {
+            // Opened here, in the host's network namespace: the confined driver domain has no
+            // /dev/net/tun and a network namespace of its own. The toolstack keeps a
+            // descriptor, so the tap outlives a driver domain that dies and is handed to the
+            // next one; it goes with the host.
+            Some(tap) => {
+                let device =
+                    ipc::tap::open(tap).with_context(|| format!("the uplink tap {tap}"))?;
+                Some((tap.clone(), OwnedFd::from(device)))
+            }
+            None => None,
+        };
+        let driver = start_driver_domain(
             &store,
             &config.run_dir,
-            (dd.domid, &dd.name),
-            command,
+            (dd, uplink.as_ref()),
+            confinement.as_ref(),
             false,
         )?;
         let host = Host {
@@ -198,18 +246,39 @@ impl Host {
             private_dir,
             attach_serial: AtomicU64::new(0),
             images: Mutex::new(images),
+            confinement,
+            uplink,
+            supervision: Mutex::new(None),
+            restarts: Mutex::new(Default::default()),
         };
-        match lock(&host.driver)
-            .channel
-            .recv_timeout::<BackendEvent>(WALK_TIMEOUT)?
-        {
-            Some((BackendEvent::Ready, _)) => host.progress(&format!("{}: ready", dd.name)),
-            other => bail!("driver domain did not report ready: {other:?}"),
-        }
+        host.progress(&format!("{}: ready", dd.name));
         for guest in &config.guests {
             host.create_guest(guest.clone(), None)?;
         }
         Ok(host)
+    }
+
+    /// Guest `config`'s confinement: its plan and cgroup, unless confinement is off.
+    fn confinement_of(&self, config: &GuestConfig) -> Result<Option<DomainConfinement>> {
+        let ram_mib = match config.kind {
+            GuestKind::Process => 0,
+            GuestKind::Kvm => KVM_GUEST_RAM_MIB,
+            GuestKind::Linux => config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB),
+        };
+        let confinement = domain_confinement(
+            self.confinement.as_ref(),
+            config.domid,
+            &config.name,
+            ram_mib,
+        )?;
+        // VFIO pins all RAM of a guest with an assigned function, counted in RLIMIT_MEMLOCK,
+        // which a confined VMM cannot raise itself.
+        let pinned = if config.pci.is_empty() {
+            0
+        } else {
+            (ram_mib << 20) + crate::vmm::vfio::MEMLOCK_SLACK
+        };
+        Ok(confinement.map(|(plan, cgroup)| (plan.with_memlock(pinned), cgroup)))
     }
 
     /// The run directory: the store and management sockets, the logs.
@@ -348,6 +417,9 @@ impl Host {
                 if let Some(t) = config.eject_timeout {
                     command.arg("--eject-timeout-s").arg(t.to_string());
                 }
+                if !config.pci.is_empty() {
+                    command.arg("--pci").arg(config.pci.len().to_string());
+                }
                 let memory = config.memory.unwrap_or(LINUX_DEFAULT_MEMORY_MIB);
                 let vcpus = config.vcpus.unwrap_or(1);
                 command.arg("--mem-mib").arg(memory.to_string());
@@ -367,14 +439,61 @@ impl Host {
     }
 }
 
-/// Starts domain `name`'s process with its store connection (fd 3) and control channel (fd 4);
-/// its standard output and error go to [`log_path`] (started afresh, or with `append` after
-/// what is there: a rebooted guest's log goes on).
+/// Starts the driver domain `dd` (its domain already in the store), with a duplicate of the
+/// uplink tap's descriptor if it has one, and waits until it says it is ready; `append`
+/// continues its log (a restart).
+fn start_driver_domain(
+    store: &StoreHandle,
+    run_dir: &Path,
+    (dd, uplink): (&DriverDomainConfig, Option<&(String, OwnedFd)>),
+    confinement: Option<&Confinement>,
+    append: bool,
+) -> Result<Domain> {
+    let mut command = Command::new(sibling_binary("driver-domain")?);
+    command
+        .arg("managed")
+        .arg("--domid")
+        .arg(dd.domid.to_string());
+    for bdf in &dd.owns {
+        command.arg("--owns").arg(bdf);
+    }
+    let mut handed = Vec::new();
+    if let Some((tap, device)) = uplink {
+        let fd = FIRST_HANDED_FD + 2;
+        command
+            .arg("--uplink")
+            .arg(tap)
+            .arg("--uplink-fd")
+            .arg(fd.to_string());
+        handed.push(
+            device
+                .try_clone()
+                .with_context(|| format!("duplicating the uplink tap {tap}"))?,
+        );
+    }
+    let driver = start_domain(
+        store,
+        run_dir,
+        (dd.domid, &dd.name),
+        (command, handed),
+        domain_confinement(confinement, dd.domid, &dd.name, 0)?,
+        append,
+    )?;
+    match driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
+        Some((BackendEvent::Ready, _)) => Ok(driver),
+        other => bail!("driver domain did not report ready: {other:?}"),
+    }
+}
+
+/// Starts domain `name`'s process with its store connection (fd 3), control channel (fd 4)
+/// and `handed` (fds 5, ...); its standard output and error go to [`log_path`] (started
+/// afresh, or with `append` after what is there: a rebooted guest's log goes on).
 fn start_domain(
     store: &StoreHandle,
     run_dir: &Path,
     (domid, name): (u32, &str),
-    mut command: Command,
+    (mut command, handed): (Command, Vec<OwnedFd>),
+    confinement: Option<DomainConfinement>,
     append: bool,
 ) -> Result<Domain> {
     let store_conn: OwnedFd = store
@@ -393,11 +512,16 @@ fn start_domain(
         .truncate(!append)
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let log_err = log
-        .try_clone()
-        .with_context(|| format!("opening {}", path.display()))?;
-    command.stdout(log).stderr(log_err);
-    let process = DomainProcess::spawn(name, command, vec![store_conn, theirs.into_fd()])?;
+    let (plan, cgroup) = confinement.map_or((None, None), |(p, c)| (Some(p), c));
+    let launch = Launch {
+        command,
+        output: Some(log),
+        confine: plan,
+        cgroup,
+    };
+    let mut fds = vec![store_conn, theirs.into_fd()];
+    fds.extend(handed);
+    let process = DomainProcess::spawn(name, launch, fds)?;
     Ok(Domain {
         domid,
         name: name.to_owned(),

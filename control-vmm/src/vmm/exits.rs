@@ -59,9 +59,12 @@ pub enum Counter {
     VirtioPciConfig,
     /// MSI-X table and PBA accesses.
     MsixTableAccess,
+    /// Accesses to an assigned function's BAR that reached the VMM (outside its MSI-X table
+    /// and PBA, on the pages left out of KVM's slots or while its slots are not mapped).
+    AssignedBarExit,
 }
 
-const COUNTERS: usize = 15;
+const COUNTERS: usize = 16;
 const COUNTER_NAMES: [&str; COUNTERS] = [
     "pio_in",
     "pio_out",
@@ -78,6 +81,7 @@ const COUNTER_NAMES: [&str; COUNTERS] = [
     "pci_config_write",
     "virtio_pci_config",
     "msix_table_access",
+    "assigned_bar_exit",
 ];
 
 /// A vCPU's binary statistics file.

@@ -303,7 +303,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostDevic
 /// (PIC, I/O APIC, local APICs), PIT2 with a dummy speaker, the TSS address; ioeventfd and
 /// irqfd are checked for.
 pub(crate) fn create_vm() -> Result<(Kvm, VmFd), VmError> {
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let kvm = super::kvm_device::open().map_err(VmError::Kvm)?;
     for (cap, name) in [
         (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (kvm_ioctls::Cap::Pit2, "KVM_CAP_PIT2"),

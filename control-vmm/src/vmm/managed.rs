@@ -21,15 +21,13 @@ use thiserror::Error;
 
 use super::layout::{GuestMode, GUEST_REPORT_SLOTS};
 use super::machine::{run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError};
-use super::vhost_device::{VhostDevice, VirtioBackend, VirtioDeviceType};
+use super::vhost_device::{VhostDevice, VirtioDeviceType};
 
 /// Why a KVM guest's device could not be set up or checked.
 #[derive(Debug, Error)]
 pub enum KvmDeviceError {
     #[error("vhost-user set-up")]
     Session(#[from] FrontendSessionError),
-    #[error("short config space")]
-    ShortConfig,
     #[error("a KVM guest has no network interface yet")]
     NoNet,
     #[error("check of {0} bytes exceeds the tiny guest's limit of {MAX_CHECK_BYTES}")]
@@ -42,6 +40,51 @@ pub enum KvmDeviceError {
     Machine(#[from] VmError),
     #[error("guest ended with {0:?}")]
     GuestFailed(Outcome),
+}
+
+/// The network half of [`FrontendLifecycle`] for a guest without network interfaces (the
+/// tiny KVM guest; a Linux guest has virtio-net): no session can exist (`Infallible`), and every attach is refused with `$refusal`.
+macro_rules! refuse_network_interfaces {
+    ($refusal:expr) => {
+        type NetSession = std::convert::Infallible;
+
+        fn connect_net(
+            &mut self,
+            _devid: u32,
+            _connection: std::os::unix::net::UnixStream,
+            _ip: [u8; 4],
+        ) -> Result<(Self::NetSession, [u8; 6]), Self::ConnectError> {
+            Err($refusal)
+        }
+
+        fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
+            match session {}
+        }
+    };
+}
+
+/// The network half of [`FrontendDiagnostics`] for the same kind: with no session there is
+/// nothing to check.
+macro_rules! no_network_checks {
+    () => {
+        fn net_ping(
+            &mut self,
+            _devid: u32,
+            session: &mut Self::NetSession,
+            _peer: [u8; 4],
+            _rounds: u32,
+        ) -> Result<String, Self::CheckError> {
+            match *session {}
+        }
+
+        fn answer_peers(
+            &mut self,
+            _devid: u32,
+            session: &mut Self::NetSession,
+        ) -> Result<(), Self::CheckError> {
+            match *session {}
+        }
+    };
 }
 
 /// How each machine is built.
@@ -92,8 +135,6 @@ pub type ManagedVm = ManagedFrontend<KvmMachines>;
 
 impl FrontendLifecycle for KvmMachines {
     type BlockSession = MachineDisk;
-    /// The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
-    type NetSession = std::convert::Infallible;
     type ConnectError = KvmDeviceError;
 
     fn connect_block(
@@ -103,14 +144,7 @@ impl FrontendLifecycle for KvmMachines {
     ) -> Result<(MachineDisk, u64), KvmDeviceError> {
         // The memory table is sent per machine (each has its own window).
         let session = VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())?;
-        let mut cap = [0u8; 8];
-        cap.copy_from_slice(
-            session
-                .config()
-                .get(..8)
-                .ok_or(KvmDeviceError::ShortConfig)?,
-        );
-        let capacity = u64::from_le_bytes(cap);
+        let capacity = session.capacity_sectors();
         Ok((
             MachineDisk {
                 session: Some(session),
@@ -125,18 +159,34 @@ impl FrontendLifecycle for KvmMachines {
         // closes the connection.
     }
 
-    fn connect_net(
+    /// Between checks no machine runs and no vring is set up: the disk simply gets a new
+    /// session on the restarted backend (the next check's machine uses it). A restart during
+    /// a check fails that check (the machine's rings are the guest's; resuming them needs
+    /// the in-flight log, not done).
+    fn reconnect_block(
         &mut self,
-        _devid: u32,
-        _connection: UnixStream,
-        _ip: [u8; 4],
-    ) -> Result<(Self::NetSession, [u8; 6]), KvmDeviceError> {
-        Err(KvmDeviceError::NoNet)
+        devid: u32,
+        disk: &mut MachineDisk,
+        connection: UnixStream,
+    ) -> Option<Result<(), KvmDeviceError>> {
+        Some(
+            VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())
+                .map_err(KvmDeviceError::from)
+                .map(|session| {
+                    if session.capacity_sectors() != disk.capacity {
+                        log::warn!(
+                            "vbd {devid}: the restarted backend reports {} sectors, not {}",
+                            session.capacity_sectors(),
+                            disk.capacity
+                        );
+                    }
+                    disk.session = Some(session);
+                }),
+        )
     }
 
-    fn disconnect_net(&mut self, _devid: u32, session: Self::NetSession) {
-        match session {}
-    }
+    // The tiny kernel has no virtio-net driver yet: a KVM guest refuses network interfaces.
+    refuse_network_interfaces!(KvmDeviceError::NoNet);
 
     /// One virtio-mmio slot: one disk per machine.
     fn max_block_devices(&self) -> usize {
@@ -151,23 +201,7 @@ impl FrontendDiagnostics for KvmMachines {
         self.totals
     }
 
-    fn net_ping(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-        _peer: [u8; 4],
-        _rounds: u32,
-    ) -> Result<String, KvmDeviceError> {
-        match *session {}
-    }
-
-    fn answer_peers(
-        &mut self,
-        _devid: u32,
-        session: &mut Self::NetSession,
-    ) -> Result<(), KvmDeviceError> {
-        match *session {}
-    }
+    no_network_checks!();
 
     /// Boots the tiny kernel in a fresh machine on the disk's session; the guest writes and
     /// verifies the pattern and powers off with its verdict.

@@ -104,7 +104,9 @@ impl GuestRam {
             return Err(MemoryError::BadSize(window_bytes));
         }
         let ram = MemfdRegion {
-            file: memfd("splitvmm-ram", ram_bytes, false)?,
+            // Sealed too: RAM never changes size, and a driver domain that maps it (a
+            // guest with share = "all-ram") refuses memory that could shrink under it.
+            file: memfd("splitvmm-ram", ram_bytes, true)?,
             gpa: 0,
             len: ram_bytes,
         };
@@ -128,7 +130,9 @@ impl GuestRam {
             return Err(MemoryError::BadSize(ram_bytes));
         }
         let ram = MemfdRegion {
-            file: memfd("splitvmm-ram", ram_bytes, false)?,
+            // Sealed too: RAM never changes size, and a driver domain that maps it (a
+            // guest with share = "all-ram") refuses memory that could shrink under it.
+            file: memfd("splitvmm-ram", ram_bytes, true)?,
             gpa: 0,
             len: ram_bytes,
         };

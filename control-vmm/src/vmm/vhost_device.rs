@@ -216,11 +216,15 @@ impl VhostDevice {
         self.session.call(q)
     }
 
-    /// A disk's capacity in 512-byte sectors (None for other devices).
-    pub fn capacity(&self) -> Option<u64> {
-        let raw = self.config.get(..8)?;
-        (self.kind == VirtioDeviceType::Blk)
-            .then(|| u64::from_le_bytes(raw.try_into().unwrap_or_default()))
+    /// A disk's capacity in 512-byte sectors (virtio-blk config `capacity`; 0 for other
+    /// devices).
+    pub fn capacity_sectors(&self) -> u64 {
+        match (self.kind, self.config.get(..8)) {
+            (VirtioDeviceType::Blk, Some(raw)) => {
+                u64::from_le_bytes(raw.try_into().unwrap_or_default())
+            }
+            _ => 0,
+        }
     }
 
     /// A network interface's MAC address, if the backend gave one.

@@ -289,8 +289,8 @@ impl<B: VirtioBackend> VirtioMmioBlk<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vmm::fake_backend::FakeBackend;
     use crate::vmm::vhost_device::{SharedRegion, VirtioDeviceType};
-    use frontend_core::vhost_user::FrontendSessionError;
 
     fn r(offset: u32) -> u64 {
         u64::from(offset)
@@ -298,58 +298,16 @@ mod tests {
 
     const WINDOW: u64 = 0x4000_0000;
 
-    #[derive(Debug, Default)]
-    struct FakeBackend {
-        regions: Vec<SharedRegion>,
-        started: Vec<(u64, VringSetup)>,
-        stops: u32,
-        running: bool,
-    }
-
-    impl VirtioBackend for FakeBackend {
-        fn device_type(&self) -> VirtioDeviceType {
-            VirtioDeviceType::Blk
-        }
-        fn num_queues(&self) -> usize {
-            1
-        }
-        fn device_features(&self) -> u64 {
-            (1 << 32) | (1 << 29) | (1 << 9)
-        }
-        fn config(&self) -> &[u8] {
-            &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
-        }
-        fn regions(&self) -> &[SharedRegion] {
-            &self.regions
-        }
-        fn running(&self) -> bool {
-            self.running
-        }
-        fn start(
-            &mut self,
-            features: u64,
-            queues: &[Option<VringSetup>],
-        ) -> Result<(), FrontendSessionError> {
-            let q = queues.first().copied().flatten().expect("queue 0 enabled");
-            self.started.push((features, q));
-            self.running = true;
-            Ok(())
-        }
-        fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
-            self.stops += 1;
-            Ok(std::mem::take(&mut self.running).then_some(7))
-        }
-    }
-
     fn device() -> VirtioMmioBlk<FakeBackend> {
-        let backend = FakeBackend {
-            regions: vec![SharedRegion {
+        let backend = FakeBackend::new(
+            VirtioDeviceType::Blk,
+            (1 << 32) | (1 << 29) | (1 << 9),
+            SharedRegion {
                 gpa: WINDOW,
                 len: 1 << 20,
                 fd: -1,
-            }],
-            ..Default::default()
-        };
+            },
+        );
         VirtioMmioBlk::new(backend, Arc::new(ExitCounters::default()))
     }
 

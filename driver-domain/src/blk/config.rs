@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
+use crate::virtio_core::MemoryGrant;
 
 /// Largest number of ranges accepted in one DISCARD or WRITE_ZEROES request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 16;
@@ -34,6 +35,9 @@ pub struct BlkBackendConfig {
     pub serial: String,
     /// What to accept from peer-supplied shared memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
+    /// The guest memory the peer may share: any table (a standalone backend serving QEMU,
+    /// say), or the I/O window the toolstack granted (managed mode).
+    pub grant: MemoryGrant,
     /// Where the device counts what it serves (shared with whoever reports it).
     pub counters: Arc<DeviceCounters>,
 }
@@ -47,6 +51,7 @@ impl Default for BlkBackendConfig {
             poll_us: 0,
             serial: "splitvmm-blk".to_string(),
             seal_policy: SealPolicy::AllowUnsealedChecked,
+            grant: MemoryGrant::AllRam,
             counters: Arc::default(),
         }
     }

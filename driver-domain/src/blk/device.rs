@@ -316,6 +316,10 @@ impl BackendDevice for BlkBackendDevice {
         self.cfg.seal_policy
     }
 
+    fn memory_grant(&self) -> crate::virtio_core::MemoryGrant {
+        self.cfg.grant
+    }
+
     fn queue_workers(&self) -> Vec<Vec<usize>> {
         self.workers.clone()
     }

@@ -3,7 +3,10 @@
 //! A memfd-backed region in the vhost-user "Inflight I/O tracking" layout for split queues, so
 //! that a restarted backend (a later issue) can find and resubmit the requests that were in
 //! flight when it died, and so that the region can be handed to a vhost-user frontend through
-//! GET_INFLIGHT_FD once the adapter supports it. Per queue:
+//! GET_INFLIGHT_FD once the adapter supports it. A log handed back (SET_INFLIGHT_FD) is
+//! taken over with [`InflightLog::adopt`] and [`InflightQueue::recover`] says what to
+//! resubmit; no transport calls them yet (vhost-user-backend 0.24 refuses both messages).
+//! Per queue:
 //!
 //! ```text
 //! u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
@@ -19,6 +22,8 @@ use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::virtio_core::memory::{check_region_file, PeerMemoryError};
+use crate::virtio_core::SealPolicy;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use thiserror::Error;
 use vm_memory::{
@@ -39,6 +44,12 @@ pub enum InflightError {
     /// Mapping the memfd failed.
     #[error("cannot map the in-flight memfd: {0}")]
     Map(String),
+    /// A region handed back by a frontend does not have the layout asked for.
+    #[error("the in-flight region handed back does not fit: {0}")]
+    Layout(String),
+    /// A region handed back by a frontend could shrink under the backend.
+    #[error("the in-flight region handed back")]
+    Unsealed(#[source] PeerMemoryError),
     /// A head index does not fit the queue.
     #[error("descriptor index {0} is past the queue size {1}")]
     BadIndex(u16, u16),
@@ -74,10 +85,59 @@ impl InflightLog {
     /// Create a zeroed log for `num_queues` queues of `queue_size` entries.
     pub fn new(num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         let len = queue_region_len(queue_size) * u64::from(num_queues.max(1));
-        let fd = memfd_create(c"splitvmm-blk-inflight", MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(|e| InflightError::Create(e.into()))?;
+        // Sealable: a frontend hands the log back after a restart, and the backend that takes
+        // it over seals it against shrinking first (see `adopt`).
+        let fd = memfd_create(
+            c"splitvmm-blk-inflight",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| InflightError::Create(e.into()))?;
         let file = File::from(fd);
         file.set_len(len).map_err(InflightError::Create)?;
+        let log = Self::map(file, len, num_queues, queue_size)?;
+        for q in 0..num_queues {
+            let base = GuestAddress(queue_region_len(queue_size) * u64::from(q));
+            log.mem.write_obj(INFLIGHT_VERSION, base.unchecked_add(8))?;
+            log.mem.write_obj(queue_size, base.unchecked_add(10))?;
+        }
+        Ok(log)
+    }
+
+    /// Takes over a log handed back by a frontend (SET_INFLIGHT_FD, after a backend restart)
+    /// for `num_queues` queues of `queue_size` entries. The frontend is not trusted: the file
+    /// must be at least that large and, under `policy`, sealed against shrinking (as guest
+    /// memory is: a log it could truncate would fault the backend), and each queue header
+    /// must say version 1 and `queue_size` entries, or the log is refused (and with it the
+    /// session, not the backend).
+    pub fn adopt(
+        file: File,
+        (num_queues, queue_size): (u16, u16),
+        policy: SealPolicy,
+    ) -> Result<Self, InflightError> {
+        let len = queue_region_len(queue_size) * u64::from(num_queues.max(1));
+        let actual = file.metadata().map_err(InflightError::Create)?.len();
+        if actual < len {
+            return Err(InflightError::Layout(format!(
+                "{actual} bytes, {len} needed for {num_queues} queue(s) of {queue_size}"
+            )));
+        }
+        check_region_file(&file, 0, len, policy).map_err(InflightError::Unsealed)?;
+        let log = Self::map(file, len, num_queues, queue_size)?;
+        for q in 0..num_queues {
+            let base = GuestAddress(queue_region_len(queue_size) * u64::from(q));
+            let version: u16 = log.mem.read_obj(base.unchecked_add(8))?;
+            let desc_num: u16 = log.mem.read_obj(base.unchecked_add(10))?;
+            if version != INFLIGHT_VERSION || desc_num != queue_size {
+                return Err(InflightError::Layout(format!(
+                    "queue {q}: version {version}, {desc_num} entries (want {INFLIGHT_VERSION}, \
+                     {queue_size})"
+                )));
+            }
+        }
+        Ok(log)
+    }
+
+    fn map(file: File, len: u64, num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
         let map_file = file.try_clone().map_err(InflightError::Create)?;
         let size = usize::try_from(len).map_err(|e| InflightError::Map(e.to_string()))?;
         let region = MmapRegion::from_file(FileOffset::new(map_file, 0), size)
@@ -86,18 +146,12 @@ impl InflightLog {
             .ok_or_else(|| InflightError::Map("region does not fit".into()))?;
         let mem = GuestMemoryMmap::from_regions(vec![region])
             .map_err(|e| InflightError::Map(e.to_string()))?;
-        let log = InflightLog {
+        Ok(InflightLog {
             file,
             mem: Arc::new(mem),
             queue_size,
             num_queues,
-        };
-        for q in 0..num_queues {
-            let base = GuestAddress(queue_region_len(queue_size) * u64::from(q));
-            log.mem.write_obj(INFLIGHT_VERSION, base.unchecked_add(8))?;
-            log.mem.write_obj(queue_size, base.unchecked_add(10))?;
-        }
-        Ok(log)
+        })
     }
 
     /// The memfd holding the log (what GET_INFLIGHT_FD would hand to a frontend).
@@ -176,6 +230,40 @@ impl InflightQueue {
         Ok(v.into_iter().map(|(_, h)| h).collect())
     }
 
+    /// What a restarted backend resubmits, as libvhost-user's `vu_check_queue_inflights`
+    /// decides it: if the log's `used_idx` lags the ring's (`ring_used_idx`, read from the
+    /// used ring), the backend died between publishing `last_batch_head` and clearing it, so
+    /// that head is done and is cleared now; the log then agrees with the ring. Returns the
+    /// heads still in flight in the order they were fetched (by counter); the restarted
+    /// backend resubmits them first and continues its counter after theirs.
+    pub fn recover(&mut self, ring_used_idx: u16) -> Result<Vec<u16>, InflightError> {
+        let logged = self.used_idx()?;
+        if logged != ring_used_idx {
+            let last: u16 = self
+                .mem
+                .load(GuestAddress(self.base + 12), Ordering::Acquire)?;
+            // A head out of range (a hostile or torn log) is refused by `desc`.
+            let d = self.desc(last)?;
+            self.mem.store(0u8, d, Ordering::Release)?;
+            self.mem.store(
+                ring_used_idx,
+                GuestAddress(self.base + 14),
+                Ordering::Release,
+            )?;
+        }
+        let mut max_counter = 0;
+        for h in 0..self.desc_num {
+            let d = self.desc(h)?;
+            let flag: u8 = self.mem.load(d, Ordering::Acquire)?;
+            if flag != 0 {
+                let c: u64 = self.mem.read_obj(d.unchecked_add(8))?;
+                max_counter = max_counter.max(c);
+            }
+        }
+        self.counter = max_counter;
+        self.pending()
+    }
+
     /// The `used_idx` recorded in the log.
     pub fn used_idx(&self) -> Result<u16, InflightError> {
         Ok(self
@@ -214,5 +302,69 @@ mod tests {
         assert_eq!(flag[0], 1);
         // Queue 0 untouched.
         assert!(log.queue(0).unwrap().pending().unwrap().is_empty());
+    }
+
+    /// A log a dead backend left: 3, 6 and 1 fetched in that order; 6 completed; 1 published
+    /// in the used ring (used index 2) but the backend died before clearing it.
+    fn log_of_a_dead_backend() -> InflightLog {
+        let log = InflightLog::new(1, 8).unwrap();
+        let mut q = log.queue(0).unwrap();
+        for head in [3, 6, 1] {
+            q.set(head).unwrap();
+        }
+        q.pre_complete(6).unwrap();
+        q.post_complete(6, 1).unwrap();
+        q.pre_complete(1).unwrap();
+        log
+    }
+
+    #[test]
+    fn a_restarted_backend_resubmits_what_was_in_flight_in_fetch_order() {
+        let dead = log_of_a_dead_backend();
+        let handed_back = dead.file().try_clone().unwrap();
+        let log = InflightLog::adopt(handed_back, (1, 8), SealPolicy::RequireSealed).unwrap();
+        // Sealed now: the frontend can no longer shrink it under the backend.
+        assert!(dead.file().set_len(0).is_err());
+        let mut q = log.queue(0).unwrap();
+        // The ring says 2 were used: head 1 was published, so only 3 is left.
+        assert_eq!(q.recover(2).unwrap(), vec![3]);
+        assert_eq!(q.used_idx().unwrap(), 2);
+        // New fetches count on after the recovered ones, so the order holds across restarts.
+        q.set(5).unwrap();
+        assert_eq!(q.pending().unwrap(), vec![3, 5]);
+    }
+
+    #[test]
+    fn when_the_ring_agrees_with_the_log_nothing_is_cleared() {
+        let log = log_of_a_dead_backend();
+        let mut q = log.queue(0).unwrap();
+        // Head 1 never reached the used ring (used index still 1): it is resubmitted too.
+        assert_eq!(q.recover(1).unwrap(), vec![3, 1]);
+    }
+
+    #[test]
+    fn a_handed_back_log_of_the_wrong_shape_is_refused() {
+        let log = InflightLog::new(1, 8).unwrap();
+        // Too small for two queues.
+        let adopt = |shape| {
+            InflightLog::adopt(
+                log.file().try_clone().unwrap(),
+                shape,
+                SealPolicy::RequireSealed,
+            )
+        };
+        assert!(matches!(adopt((2, 8)), Err(InflightError::Layout(_))));
+        // A different queue size in its header.
+        assert!(matches!(adopt((1, 4)), Err(InflightError::Layout(_))));
+        // A file that cannot be sealed (no MFD_ALLOW_SEALING) could shrink under the backend.
+        let unsealable = tempfile::tempfile().unwrap();
+        std::io::copy(&mut log.file().try_clone().unwrap(), &mut { &unsealable }).unwrap();
+        let refused = InflightLog::adopt(unsealable, (1, 8), SealPolicy::RequireSealed);
+        assert!(matches!(refused, Err(InflightError::Unsealed(_))));
+        // A torn last_batch_head is refused, not followed.
+        let mut q = log.queue(0).unwrap();
+        q.set(2).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(log.file(), &99u16.to_le_bytes(), 12).unwrap();
+        assert!(matches!(q.recover(7), Err(InflightError::BadIndex(99, 8))));
     }
 }

@@ -31,9 +31,11 @@ fn entries(f: &PciFunction) -> Vec<(&'static str, String)> {
 }
 
 impl ManagedDriverDomain {
-    /// Publishes the owned functions. A function that cannot be read is reported as
-    /// missing, with the reason; it fails nothing else.
+    /// Takes the owned functions (their VFs can be assigned to guests) and publishes them. A
+    /// function that cannot be read is reported as missing, with the reason; it fails nothing
+    /// else.
     pub fn report_hardware(&mut self, sysfs: &Sysfs, owns: &[String]) {
+        self.vfs = super::assign::VfPool::new(sysfs.clone(), owns);
         let base = format!("/local/domain/{}/hardware/pci", self.domid);
         for (n, address) in owns.iter().enumerate() {
             let dir = format!("{base}/dev-{n}");

@@ -3,23 +3,30 @@
 //! The driver domain is an unprivileged store client (its store connection, fd 3, is bound to
 //! its domain id) and gets everything else over its control channel (fd 4): each device's
 //! disk image and a vhost-user listener whose one pending connection is the frontend's. It opens no path after
-//! start-up. It watches its backend directories and walks the backend half of the xenbus
+//! start-up, except for the hardware it owns (sysfs, `/dev/vfio`: [`assign`]). It watches its backend directories and walks the backend half of the xenbus
 //! state machine for each device (see docs/protocol.md):
 //!
 //! Initialising --(handed fds)--> InitWait --(frontend Initialised)--> Connected
 //!   --(toolstack Closing / online=0 / frontend Closing)--> Closed
+//!
+//! A driver domain restarted by the toolstack finds its devices' directories already there,
+//! marked Closed by the toolstack; it serves each again once handed its descriptors, and goes
+//! Connected only when the frontend has reconnected (Initialised), not on a Connected left
+//! over from the dead backend. A device whose session fails is written Closed with an
+//! `error` node saying why, as a Xen backend's `xenbus_dev_fatal` does.
 
+pub mod assign;
 mod hardware;
 mod publish;
 mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
-use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest};
+use ipc::control::messages::{fds, BackendDeviceStats, BackendEvent, BackendRequest, MemoryGrant};
 use ipc::control::{ChannelError, ControlChannel};
 use ipc::xenbus::{backend_kind_dir, keys, DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::{ClientError, StoreClient};
@@ -31,6 +38,7 @@ use crate::virtio_core::counters::CounterValues;
 
 use crate::net::format_mac;
 use crate::net::switch::{Switch, SwitchConfig};
+use crate::net::TapUplink;
 use std::sync::Arc;
 
 /// Errors that end the driver domain.
@@ -40,6 +48,10 @@ pub enum ManagedError {
     Store(#[from] ClientError),
     #[error("control channel")]
     Control(#[from] ChannelError),
+    #[error("uplink switch port")]
+    UplinkPort(#[from] crate::net::SwitchError),
+    #[error("uplink tap")]
+    Uplink(#[from] crate::net::TapError),
 }
 
 /// How often the loop wakes up when nothing happens.
@@ -60,10 +72,12 @@ enum Handed {
         image: File,
         listener: UnixListener,
         readonly: bool,
+        grant: MemoryGrant,
     },
     Net {
         listener: UnixListener,
         mac: [u8; 6],
+        grant: MemoryGrant,
     },
 }
 
@@ -73,6 +87,9 @@ struct Device {
     state: XenbusState,
     session: Option<Session>,
     closing_since: Option<Instant>,
+    /// Found marked Closed (by the toolstack, after this domain's predecessor died): the
+    /// frontend must reconnect (Initialised) before this backend goes Connected.
+    restarted: bool,
 }
 
 /// The driver domain in managed mode.
@@ -90,6 +107,10 @@ pub struct ManagedDriverDomain {
     last_publish: Instant,
     /// The switch every vif is a port of.
     switch: Arc<Switch>,
+    /// The tap uplink on that switch, if the host file names one.
+    uplink: Option<TapUplink>,
+    /// The owned PFs and the VFs guests hold.
+    vfs: assign::VfPool,
 }
 
 impl ManagedDriverDomain {
@@ -117,7 +138,24 @@ impl ManagedDriverDomain {
             published: HashMap::new(),
             last_publish: Instant::now(),
             switch: Switch::new(SwitchConfig::default()),
+            uplink: None,
+            vfs: assign::VfPool::default(),
         }
+    }
+
+    /// Opens tap `name` (creating it if missing) and attaches it to the switch as the
+    /// uplink port: exempt from the source-address check, not from the table bounds.
+    pub fn attach_uplink(&mut self, name: &str) -> Result<(), ManagedError> {
+        let port = self.switch.attach(&format!("tap:{name}"))?;
+        self.uplink = Some(TapUplink::open(name, port)?);
+        Ok(())
+    }
+
+    /// Attaches tap `name`, already open (the toolstack's descriptor), as the uplink.
+    pub fn attach_uplink_device(&mut self, name: &str, tap: File) -> Result<(), ManagedError> {
+        let port = self.switch.attach(&format!("tap:{name}"))?;
+        self.uplink = Some(TapUplink::from_device(tap, name, port)?);
+        Ok(())
     }
 
     /// Runs until the toolstack says shut down (Ok) or goes away (Err).
@@ -134,6 +172,7 @@ impl ManagedDriverDomain {
                         frontend,
                         devid,
                         readonly,
+                        grant,
                     } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         let image = File::from(fds.pop()?);
@@ -141,19 +180,47 @@ impl ManagedDriverDomain {
                             image,
                             listener,
                             readonly,
+                            grant,
                         })
                     }),
                     BackendRequest::ServeNet {
                         frontend,
                         devid,
                         mac,
+                        grant,
                     } => self.take_handed((DeviceKind::Vif, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
-                        fds.is_empty().then_some(Handed::Net { listener, mac })
+                        fds.is_empty().then_some(Handed::Net {
+                            listener,
+                            mac,
+                            grant,
+                        })
                     }),
                     BackendRequest::Stats => {
                         let stats = self.stats();
                         self.control.send(&BackendEvent::Stats(stats), &[])?;
+                    }
+                    BackendRequest::AssignVf { frontend, pf, vf } => {
+                        drop(fds);
+                        self.assign_vf(frontend, &pf, vf)?;
+                    }
+                    BackendRequest::ReleaseVf { frontend, address } => {
+                        drop(fds);
+                        let event = match self.vfs.release(frontend, &address) {
+                            Ok((_, reset)) => BackendEvent::VfReleased {
+                                frontend,
+                                address,
+                                reset: reset.is_ok(),
+                                detail: reset.err().unwrap_or_default(),
+                            },
+                            Err(detail) => BackendEvent::VfReleased {
+                                frontend,
+                                address,
+                                reset: false,
+                                detail,
+                            },
+                        };
+                        self.control.send(&event, &[])?;
                     }
                     BackendRequest::Shutdown => {
                         self.shut_down();
@@ -175,6 +242,30 @@ impl ManagedDriverDomain {
             }
             self.publish_counters();
         }
+    }
+
+    /// Prepares a VF for `frontend` and hands its VFIO group over, keeping no copy.
+    fn assign_vf(&mut self, frontend: u32, pf: &str, vf: Option<u16>) -> Result<(), ManagedError> {
+        match self.vfs.assign(frontend, pf, vf) {
+            Ok(handed) => {
+                let event = BackendEvent::VfAssigned {
+                    frontend,
+                    pf: pf.to_owned(),
+                    vf: handed.vf,
+                    address: handed.address.to_string(),
+                };
+                let sent = self.control.send(&event, &[handed.group.as_fd()]);
+                // `handed.group` closes here: the receiver's is the only descriptor left.
+                drop(handed);
+                sent?;
+            }
+            Err(reason) => {
+                log::error!("VF for domain {frontend}: {reason}");
+                self.control
+                    .send(&BackendEvent::VfRefused { frontend, reason }, &[])?;
+            }
+        }
+        Ok(())
     }
 
     fn take_handed(
@@ -219,6 +310,7 @@ impl ManagedDriverDomain {
                 state: XenbusState::Initialising,
                 session: None,
                 closing_since: None,
+                restarted: false,
             });
         }
         // A directory removed under a live device: stop serving it.
@@ -323,10 +415,31 @@ impl ManagedDriverDomain {
         if close_requested && ours != XenbusState::Closed {
             return self.close_step(key, fe_state);
         }
+        if let Some(reason) = self
+            .devices
+            .get(&key)
+            .and_then(|d| d.session.as_ref())
+            .and_then(Session::failure)
+        {
+            return Err(reason);
+        }
+        let restarted = self.devices.get(&key).is_some_and(|d| d.restarted);
         match ours {
-            XenbusState::Initialising => self.start(key),
+            XenbusState::Initialising => {
+                if written == XenbusState::Closed && !restarted {
+                    if let Some(dev) = self.devices.get_mut(&key) {
+                        dev.restarted = true;
+                        log::warn!(
+                            "{}: found Closed: serving it again for a reconnecting frontend",
+                            dev.id
+                        );
+                    }
+                }
+                self.start(key)
+            }
             XenbusState::InitWait
-                if matches!(fe_state, XenbusState::Initialised | XenbusState::Connected) =>
+                if fe_state == XenbusState::Initialised
+                    || (fe_state == XenbusState::Connected && !restarted) =>
             {
                 self.set_state(key, XenbusState::Connected)
             }
@@ -349,8 +462,9 @@ impl ManagedDriverDomain {
                 image,
                 listener,
                 readonly,
+                grant,
             } => {
-                let session = Session::start_block(id, image, listener, readonly)?;
+                let session = Session::start_block(id, image, listener, readonly, grant)?;
                 let mut features = vec![
                     (keys::SECTORS, session.capacity_sectors().to_string()),
                     (keys::SECTOR_SIZE, "512".to_owned()),
@@ -361,8 +475,12 @@ impl ManagedDriverDomain {
                 }
                 (session, features)
             }
-            Handed::Net { listener, mac } => {
-                let session = Session::start_net(id, &self.switch, listener, mac)?;
+            Handed::Net {
+                listener,
+                mac,
+                grant,
+            } => {
+                let session = Session::start_net(id, &self.switch, listener, mac, grant)?;
                 (session, vec![("mac", format_mac(&mac))])
             }
         };
@@ -370,6 +488,12 @@ impl ManagedDriverDomain {
             dev.session = Some(session);
         }
         *self.sessions.entry(key).or_default() += 1;
+        // A failure reported by an earlier session is history now.
+        match self.store.rm(&format!("{be}/{}", keys::ERROR)) {
+            Ok(()) => {}
+            Err(e) if e.xs_error() == Some(XsError::ENOENT) => {}
+            Err(e) => log::warn!("{id}: removing the old error node: {e}"),
+        }
         for (k, v) in features {
             self.write(&format!("{be}/{k}"), &v)?;
         }
@@ -408,7 +532,13 @@ impl ManagedDriverDomain {
             if let Some(session) = dev.session.take() {
                 self.end_session(key, session);
             }
-            let path = format!("{}/{}", dev.id.backend_path(), keys::STATE);
+            // Why first, then the state: whoever sees Closed finds the reason there.
+            let be = dev.id.backend_path();
+            let error = format!("{be}/{}", keys::ERROR);
+            if let Err(e) = self.store.write(&error, reason.as_bytes()) {
+                log::warn!("{error}: {e}");
+            }
+            let path = format!("{be}/{}", keys::STATE);
             let _ = self
                 .store
                 .write(&path, XenbusState::Closed.to_string().as_bytes());

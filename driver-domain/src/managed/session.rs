@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use crate::net::switch::{Switch, SwitchPort};
 use crate::net::{NetBackendConfig, NetBackendDevice};
 use crate::vhost_user::serve_listener;
 use crate::virtio_core::counters::{CounterValues, DeviceCounters};
+use crate::virtio_core::{MemoryGrant, SealPolicy};
 
 /// How long a stopping session waits for its connection to be accepted.
 const START_WAIT: Duration = Duration::from_secs(2);
@@ -26,6 +27,8 @@ pub struct Session {
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
     counters: Counters,
+    /// Why the session ended, if it failed (not a frontend leaving).
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 /// Where a session's counters come from.
@@ -37,17 +40,23 @@ enum Counters {
 }
 
 impl Session {
-    /// Starts serving `image` to the one frontend connection pending on `listener`.
+    /// Starts serving `image` to the one frontend connection pending on `listener`, which
+    /// may share `grant` of its guest's memory, sealed.
     pub fn start_block(
         id: DeviceId,
         image: File,
         listener: UnixListener,
         readonly: bool,
+        grant: MemoryGrant,
     ) -> Result<Session, String> {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
-        let cfg = BlkBackendConfig::default();
+        let cfg = BlkBackendConfig {
+            seal_policy: SealPolicy::RequireSealed,
+            grant,
+            ..BlkBackendConfig::default()
+        };
         let counters = Counters::Block(cfg.counters.clone());
         Self::spawn(id, capacity_sectors, counters, move |started| {
             let device = BlkBackendDevice::new(disk, cfg).map_err(|e| e.to_string())?;
@@ -56,20 +65,23 @@ impl Session {
     }
 
     /// Starts serving a new port of `switch`, with address `mac`, to the one frontend
-    /// connection pending on `listener`.
+    /// connection pending on `listener`, which may share `grant` of its guest's memory, sealed.
     pub fn start_net(
         id: DeviceId,
         switch: &Arc<Switch>,
         listener: UnixListener,
         mac: [u8; 6],
+        grant: MemoryGrant,
     ) -> Result<Session, String> {
         let port = Arc::new(
             switch
-                .attach(&format!("vif{}.{}", id.frontend, id.devid))
+                .attach_guest(&format!("vif{}.{}", id.frontend, id.devid), mac)
                 .map_err(|e| format!("switch port: {e}"))?,
         );
         let cfg = NetBackendConfig {
             mac,
+            seal_policy: SealPolicy::RequireSealed,
+            grant,
             ..NetBackendConfig::default()
         };
         let counters = Counters::Net(cfg.counters.clone(), port.clone());
@@ -89,6 +101,8 @@ impl Session {
         F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
+        let failure = Arc::new(Mutex::new(None));
+        let failed = Arc::clone(&failure);
         let thread = std::thread::Builder::new()
             .name(format!("{}-{}-{}", id.kind, id.frontend, id.devid))
             .spawn(move || {
@@ -97,7 +111,10 @@ impl Session {
                 });
                 match serve(started) {
                     Ok(()) => log::info!("{id}: session ended"),
-                    Err(e) => log::warn!("{id}: session ended: {e}"),
+                    Err(e) => {
+                        log::warn!("{id}: session ended: {e}");
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
                 }
             })
             .map_err(|e| format!("starting the session thread: {e}"))?;
@@ -107,11 +124,20 @@ impl Session {
             thread: Some(thread),
             capacity_sectors,
             counters,
+            failure,
         })
     }
 
+    /// Why the session failed, once it has (a frontend that left is no failure).
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The device's counters so far in this session. For a network interface, requests are
-    /// frames (sent and received), and errors are frames refused or dropped.
+    /// frames (sent and received), and errors are frames refused (malformed or spoofed) or dropped.
     pub fn counters(&self) -> CounterValues {
         match &self.counters {
             Counters::Block(c) => c.snapshot(),
@@ -120,7 +146,7 @@ impl Session {
                 CounterValues {
                     requests: p.tx_frames + p.rx_frames,
                     bytes: p.tx_bytes + p.rx_bytes,
-                    errors: p.tx_invalid + p.tx_dropped + p.rx_dropped,
+                    errors: p.tx_invalid + p.tx_spoofed + p.tx_dropped + p.rx_dropped,
                     ..c.snapshot()
                 }
             }

@@ -15,6 +15,7 @@ use super::frame::Mac;
 use super::header::{TxOffloads, HDR_LEN, HDR_LEN_LEGACY, MTU};
 use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
+use crate::virtio_core::MemoryGrant;
 
 /// Device handles checksum offload of transmitted frames.
 pub const NET_F_CSUM: u32 = 0;
@@ -55,6 +56,9 @@ pub struct NetBackendConfig {
     pub poll_us: u64,
     /// What to accept from peer-supplied memory that is not sealed against shrinking.
     pub seal_policy: SealPolicy,
+    /// The guest memory the peer may share: any table (a standalone backend serving QEMU,
+    /// say), or the I/O window the toolstack granted (managed mode).
+    pub grant: MemoryGrant,
     /// Where the transport counts kicks and interrupts (frames and bytes are the switch
     /// port's counters).
     pub counters: Arc<DeviceCounters>,
@@ -69,6 +73,7 @@ impl Default for NetBackendConfig {
             budget: 64,
             poll_us: 0,
             seal_policy: SealPolicy::AllowUnsealedChecked,
+            grant: MemoryGrant::AllRam,
             counters: Arc::default(),
         }
     }

@@ -123,6 +123,10 @@ impl BackendDevice for NetBackendDevice {
         self.cfg.seal_policy
     }
 
+    fn memory_grant(&self) -> crate::virtio_core::MemoryGrant {
+        self.cfg.grant
+    }
+
     fn queue_workers(&self) -> Vec<Vec<usize>> {
         vec![(0..self.cfg.num_queues()).collect()]
     }
@@ -179,13 +183,14 @@ impl BackendDevice for NetBackendDevice {
         let c = self.port.counters();
         info!(
             "{}: counters tx_frames={} tx_bytes={} tx_invalid={} tx_dropped={} \
-             tx_filtered={} rx_frames={} rx_bytes={} rx_dropped={}",
+             tx_filtered={} tx_spoofed={} rx_frames={} rx_bytes={} rx_dropped={}",
             self.name,
             c.tx_frames,
             c.tx_bytes,
             c.tx_invalid,
             c.tx_dropped,
             c.tx_filtered,
+            c.tx_spoofed,
             c.rx_frames,
             c.rx_bytes,
             c.rx_dropped

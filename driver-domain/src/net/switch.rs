@@ -1,9 +1,14 @@
 //! A learning L2 switch between the ports of the driver domain (guests' virtio-net devices and
 //! an optional tap uplink), in the role a Linux bridge plays for Xen's netback.
 //!
+//! - **Source addresses are checked**: a guest's port ([`Switch::attach_guest`]) has one
+//!   configured MAC; frames with any other source are dropped and counted (`tx_spoofed`). The
+//!   configured MAC is pinned to the port: no other port's frames can move it, and it never
+//!   ages. An uplink port ([`Switch::attach`]) carries many hosts and is not checked.
 //! - **Learning with ageing**: the source MAC of every accepted frame is bound to its port; an
-//!   entry not refreshed for `ageing` is ignored and later swept. The table is bounded
-//!   (`max_macs`): a guest spraying source addresses stops being learned, not served.
+//!   entry not refreshed for `ageing` is ignored and later swept. The table is bounded in all
+//!   (`max_macs`) and per port (`max_macs_per_port`): a port spraying source addresses stops
+//!   being learned, not served, and cannot evict other ports' entries.
 //! - **Flooding**: broadcast, multicast and unknown unicast go to every port but the source.
 //! - **No hairpin**: a frame is never delivered to the port it came from; unicast to a MAC
 //!   learned on the source port is dropped (counted as `tx_filtered`).
@@ -55,8 +60,10 @@ pub struct SwitchConfig {
     pub queue_limit: usize,
     /// Frame buffers the switch may allocate in all.
     pub max_frames: usize,
-    /// Largest number of learned MAC addresses.
+    /// Largest number of learned MAC addresses (pinned guest addresses not included).
     pub max_macs: usize,
+    /// Largest number of MAC addresses learned on one port.
+    pub max_macs_per_port: usize,
     /// Largest number of ports.
     pub max_ports: usize,
 }
@@ -68,6 +75,7 @@ impl Default for SwitchConfig {
             queue_limit: 256,
             max_frames: 16384,
             max_macs: 4096,
+            max_macs_per_port: 1024,
             max_ports: 64,
         }
     }
@@ -93,6 +101,7 @@ pub struct PortCounters {
     tx_invalid: AtomicU64,
     tx_dropped: AtomicU64,
     tx_filtered: AtomicU64,
+    tx_spoofed: AtomicU64,
     rx_frames: AtomicU64,
     rx_bytes: AtomicU64,
     rx_dropped: AtomicU64,
@@ -111,6 +120,8 @@ pub struct CounterSnapshot {
     pub tx_dropped: u64,
     /// Unicast frames dropped because the destination lives on the source port.
     pub tx_filtered: u64,
+    /// Frames dropped because their source address is not the port's configured MAC.
+    pub tx_spoofed: u64,
     /// Frames delivered to the port.
     pub rx_frames: u64,
     /// Bytes delivered to the port.
@@ -132,6 +143,7 @@ impl PortCounters {
             tx_invalid: g(&self.tx_invalid),
             tx_dropped: g(&self.tx_dropped),
             tx_filtered: g(&self.tx_filtered),
+            tx_spoofed: g(&self.tx_spoofed),
             rx_frames: g(&self.rx_frames),
             rx_bytes: g(&self.rx_bytes),
             rx_dropped: g(&self.rx_dropped),
@@ -150,6 +162,8 @@ struct Inbox {
 struct Port {
     id: PortId,
     name: String,
+    /// The only source address the port may send from (`None`: an uplink, unchecked).
+    mac: Option<Mac>,
     inbox: Mutex<Inbox>,
     wake: EventFd,
     armed: AtomicBool,
@@ -189,6 +203,8 @@ impl Port {
 struct MacEntry {
     port: PortId,
     seen_ms: AtomicU64,
+    /// A guest port's configured address: never aged, never moved by learning.
+    pinned: bool,
 }
 
 /// Hashes a MAC address with a per-switch random key: cheaper than SipHash on the per-frame
@@ -237,6 +253,31 @@ impl std::hash::BuildHasher for MacHasherBuilder {
 struct Tables {
     ports: Vec<Option<Arc<Port>>>,
     macs: HashMap<Mac, MacEntry, MacHasherBuilder>,
+    /// Learned (unpinned) entries per port, indexed like `ports`.
+    learned: Vec<usize>,
+}
+
+impl Tables {
+    /// Recounts learned entries per port (after a sweep or a detach).
+    fn recount(&mut self) {
+        self.learned.iter_mut().for_each(|n| *n = 0);
+        for e in self.macs.values().filter(|e| !e.pinned) {
+            if let Some(n) = self.learned.get_mut(e.port) {
+                *n += 1;
+            }
+        }
+    }
+
+    fn learned_on(&self, port: PortId) -> usize {
+        self.learned.get(port).copied().unwrap_or(0)
+    }
+
+    fn learned_mut(&mut self, port: PortId) -> &mut usize {
+        if self.learned.len() <= port {
+            self.learned.resize(port + 1, 0);
+        }
+        &mut self.learned[port]
+    }
 }
 
 /// The switch. Create it with [`Switch::new`], then [`Switch::attach`] ports.
@@ -249,12 +290,12 @@ pub struct Switch {
     last_sweep_ms: AtomicU64,
 }
 
-/// Per-batch forwarding state: counters (frames, bytes, invalid, dropped, filtered) and the
-/// source addresses to learn once the read lock is released.
+/// Per-batch forwarding state: counters (frames, bytes, invalid, dropped, filtered, spoofed)
+/// and the source addresses to learn once the read lock is released.
 struct Batch<'a> {
     src: &'a Port,
     limit: usize,
-    stats: [u64; 5],
+    stats: [u64; 6],
     unlearned: [Mac; 4],
     n_unlearned: usize,
 }
@@ -272,6 +313,8 @@ pub enum Forwarded {
     Dropped,
     /// Dropped: a group source address.
     Invalid,
+    /// Dropped: the source address is not the sending guest port's configured MAC.
+    Spoofed,
 }
 
 impl Switch {
@@ -281,6 +324,7 @@ impl Switch {
             tables: RwLock::new(Tables {
                 ports: Vec::new(),
                 macs: HashMap::with_hasher(MacHasherBuilder::new()),
+                learned: Vec::new(),
             }),
             pool: FramePool::new(cfg.max_frames, cfg.queue_limit.min(cfg.max_frames)),
             cfg,
@@ -313,8 +357,24 @@ impl Switch {
         &self.pool
     }
 
-    /// Attach a new port named `name`. Detached when the returned handle is dropped.
+    /// Attach a new uplink port named `name`: frames from any source address are accepted
+    /// (it carries many hosts); learning on it is bounded by `max_macs_per_port`. Detached
+    /// when the returned handle is dropped.
     pub fn attach(self: &Arc<Self>, name: &str) -> Result<SwitchPort, SwitchError> {
+        self.attach_port(name, None)
+    }
+
+    /// Attach a new guest port named `name` whose frames must come from `mac`: others are
+    /// dropped and counted in `tx_spoofed`. `mac` is pinned to the port.
+    pub fn attach_guest(self: &Arc<Self>, name: &str, mac: Mac) -> Result<SwitchPort, SwitchError> {
+        self.attach_port(name, Some(mac))
+    }
+
+    fn attach_port(
+        self: &Arc<Self>,
+        name: &str,
+        mac: Option<Mac>,
+    ) -> Result<SwitchPort, SwitchError> {
         let wake = EventFd::new(EFD_NONBLOCK).map_err(SwitchError::Event)?;
         let mut t = self.write();
         let id = match t.ports.iter().position(Option::is_none) {
@@ -328,6 +388,7 @@ impl Switch {
         let port = Arc::new(Port {
             id,
             name: name.to_string(),
+            mac,
             inbox: Mutex::new(Inbox {
                 frames: VecDeque::with_capacity(self.cfg.queue_limit * 2),
                 per_source: Vec::new(),
@@ -338,6 +399,19 @@ impl Switch {
             counters: PortCounters::default(),
         });
         t.ports[id] = Some(port.clone());
+        if let Some(mac) = mac {
+            let entry = MacEntry {
+                port: id,
+                seen_ms: AtomicU64::new(self.now_ms()),
+                pinned: true,
+            };
+            if let Some(old) = t.macs.insert(mac, entry) {
+                if old.port != id {
+                    info!("switch: {} now pinned to port {id}", format_mac(&mac));
+                }
+                t.recount();
+            }
+        }
         info!("switch: port {id} ({name}) attached");
         Ok(SwitchPort {
             switch: self.clone(),
@@ -351,6 +425,7 @@ impl Switch {
             *slot = None;
         }
         t.macs.retain(|_, e| e.port != port.id);
+        t.recount();
         drop(t);
         let frames = {
             let mut inbox = port.inbox();
@@ -385,6 +460,9 @@ impl Switch {
     }
 
     fn fresh(&self, e: &MacEntry, now: u64) -> bool {
+        if e.pinned {
+            return true;
+        }
         let age = now.saturating_sub(e.seen_ms.load(Ordering::Relaxed));
         u128::from(age) < self.cfg.ageing.as_millis()
     }
@@ -411,7 +489,7 @@ impl Switch {
         let mut ctx = Batch {
             src,
             limit: self.cfg.queue_limit,
-            stats: [0; 5],
+            stats: [0; 6],
             unlearned: [[0; 6]; 4],
             n_unlearned: 0,
         };
@@ -434,6 +512,7 @@ impl Switch {
             (&c.tx_invalid, ctx.stats[2]),
             (&c.tx_dropped, ctx.stats[3]),
             (&c.tx_filtered, ctx.stats[4]),
+            (&c.tx_spoofed, ctx.stats[5]),
         ] {
             if n > 0 {
                 add(counter, n);
@@ -460,6 +539,10 @@ impl Switch {
         if is_multicast(&src_mac) {
             ctx.stats[2] += 1;
             return (Forwarded::Invalid, Some(buf));
+        }
+        if src.mac.is_some_and(|m| m != src_mac) {
+            ctx.stats[5] += 1;
+            return (Forwarded::Spoofed, Some(buf));
         }
         ctx.stats[0] += 1;
         ctx.stats[1] += buf.len() as u64;
@@ -552,34 +635,50 @@ impl Switch {
 
     fn sweep(&self, now: u64) {
         let mut t = self.write();
+        self.sweep_locked(&mut t, now);
+    }
+
+    fn sweep_locked(&self, t: &mut Tables, now: u64) {
         self.last_sweep_ms.store(now, Ordering::Relaxed);
         t.macs.retain(|_, e| self.fresh(e, now));
+        t.recount();
     }
 
     fn learn(&self, mac: Mac, port: PortId, now: u64) {
         let mut t = self.write();
         if self.sweep_due(now) {
-            self.last_sweep_ms.store(now, Ordering::Relaxed);
-            t.macs.retain(|_, e| self.fresh(e, now));
+            self.sweep_locked(&mut t, now);
         }
         if t.ports.get(port).and_then(Option::as_ref).is_none() {
             return; // detached meanwhile
         }
-        if let Some(e) = t.macs.get_mut(&mac) {
-            if e.port != port {
-                info!("switch: {} moved to port {port}", format_mac(&mac));
+        let room = t.learned_on(port) < self.cfg.max_macs_per_port;
+        let old = match t.macs.get(&mac) {
+            // A guest's configured address stays on its port.
+            Some(e) if e.pinned => return,
+            Some(e) if e.port == port => {
+                e.seen_ms.store(now, Ordering::Relaxed);
+                return;
             }
-            e.port = port;
-            e.seen_ms.store(now, Ordering::Relaxed);
-        } else if t.macs.len() < self.cfg.max_macs {
-            t.macs.insert(
-                mac,
-                MacEntry {
-                    port,
-                    seen_ms: AtomicU64::new(now),
-                },
-            );
+            Some(e) => Some(e.port),
+            None => None,
+        };
+        if !room || (old.is_none() && t.macs.len() >= self.cfg.max_macs) {
+            return;
         }
+        if let Some(old) = old {
+            info!("switch: {} moved to port {port}", format_mac(&mac));
+            *t.learned_mut(old) = t.learned_on(old).saturating_sub(1);
+        }
+        *t.learned_mut(port) += 1;
+        t.macs.insert(
+            mac,
+            MacEntry {
+                port,
+                seen_ms: AtomicU64::new(now),
+                pinned: false,
+            },
+        );
     }
 }
 

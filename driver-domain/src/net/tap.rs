@@ -3,10 +3,9 @@
 //! tap is switched, what the switch queues for the port is written to the tap.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,33 +17,17 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::header::{MAX_FRAME, MIN_FRAME};
 use super::switch::SwitchPort;
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 const BURST: usize = 64;
 
 /// Errors of the tap uplink.
 #[derive(Debug, Error)]
 pub enum TapError {
-    /// The interface name is empty or too long.
-    #[error("invalid tap interface name {0:?} (1..=15 bytes, no NUL)")]
-    Name(String),
-    /// `/dev/net/tun` could not be opened.
-    #[error("cannot open /dev/net/tun: {0}")]
-    Open(#[source] std::io::Error),
-    /// `TUNSETIFF` failed.
-    #[error("cannot create tap {0}: {1}")]
-    SetIff(String, #[source] std::io::Error),
+    /// The tap could not be opened.
+    #[error("tap device")]
+    Device(#[from] ipc::tap::TapDeviceError),
     /// Thread or eventfd setup failed.
     #[error("tap uplink setup: {0}")]
     Setup(#[source] std::io::Error),
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: libc::c_short,
-    _pad: [u8; 22],
 }
 
 /// A running tap uplink; stopped (and the tap closed) on drop.
@@ -58,30 +41,12 @@ pub struct TapUplink {
 impl TapUplink {
     /// Create (or attach to) tap `name` and start moving frames between it and `port`.
     pub fn open(name: &str, port: SwitchPort) -> Result<TapUplink, TapError> {
-        if name.is_empty() || name.len() > 15 || name.contains('\0') {
-            return Err(TapError::Name(name.to_string()));
-        }
-        let tap = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::Open)?;
-        let mut req = IfReq {
-            name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out (name,
-        // flags, padding to 40 bytes); `req` lives across the call and `tap` is an open fd.
-        let rc = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF as _, &mut req) };
-        if rc < 0 {
-            return Err(TapError::SetIff(
-                name.to_string(),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        Self::from_device(ipc::tap::open(name)?, name, port)
+    }
+
+    /// Start moving frames between `tap`, an open tap device called `name` (the toolstack
+    /// opened it and handed it over), and `port`.
+    pub fn from_device(tap: File, name: &str, port: SwitchPort) -> Result<TapUplink, TapError> {
         let stop = EventFd::new(EFD_NONBLOCK).map_err(TapError::Setup)?;
         let stop2 = stop.try_clone().map_err(TapError::Setup)?;
         let port = Arc::new(port);

@@ -7,17 +7,23 @@
 //! on a kick, or on the device's own wake event, runs [`serve_queues`] over the worker's vrings.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::virtio_core::{serve_queues, BackendDevice, CheckedMemory, GuestMem, TransportQueue};
+use super::vring::CheckedVring;
+use crate::virtio_core::{
+    serve_queues, sync, BackendDevice, CheckedMemory, GuestMem, TransportQueue,
+};
 
 /// One device instance behind one vhost-user connection.
 pub struct VhostUserDevice<D: BackendDevice> {
@@ -25,7 +31,14 @@ pub struct VhostUserDevice<D: BackendDevice> {
     memory: CheckedMemory,
     /// Device queue indexes served by each worker thread, in vring order.
     workers: Vec<Vec<usize>>,
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Each worker's exit event: the consumer goes to vhost-user-backend once (see
+    /// [`VhostUserBackend::exit_event`] below), the notifier stays to stop the worker.
+    exits: Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>,
+    /// Raw descriptors of the consumers handed out, closed when the device goes.
+    handed_out: Mutex<Vec<RawFd>>,
+    /// Whether the frontend has sent a request (or the session ended): set from the
+    /// request handler, waited on by the session's greeting deadline.
+    greeted: (Mutex<bool>, Condvar),
 }
 
 impl<D: BackendDevice> std::fmt::Debug for VhostUserDevice<D> {
@@ -48,14 +61,46 @@ impl<D: BackendDevice> VhostUserDevice<D> {
         workers.retain(|w| !w.is_empty());
         let exits = workers
             .iter()
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .map(|_| {
+                let (c, n) =
+                    new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+                Ok((Mutex::new(Some(c)), n))
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(VhostUserDevice {
             device,
             memory: CheckedMemory::default(),
             workers,
             exits,
+            handed_out: Mutex::new(Vec::new()),
+            greeted: (Mutex::new(false), Condvar::new()),
         })
+    }
+
+    /// Records that the frontend spoke (or that the session is over).
+    pub fn mark_greeted(&self) {
+        let (flag, cv) = &self.greeted;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Waits until the frontend has spoken or the session ended (true), or `timeout`
+    /// passed (false).
+    pub fn wait_greeted(&self, timeout: Duration) -> bool {
+        let (flag, cv) = &self.greeted;
+        let deadline = Instant::now() + timeout;
+        let mut greeted = flag.lock().unwrap_or_else(|e| e.into_inner());
+        while !*greeted {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            greeted = match cv.wait_timeout(greeted, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
     }
 
     /// The device served.
@@ -76,8 +121,22 @@ impl<D: BackendDevice> VhostUserDevice<D> {
     }
 }
 
-impl TransportQueue for VringRwLock {
+impl<D: BackendDevice> Drop for VhostUserDevice<D> {
+    fn drop(&mut self) {
+        for fd in sync::lock(&self.handed_out).drain(..) {
+            // SAFETY: `fd` is an exit-event consumer handed to vhost-user-backend, which gave
+            // up ownership with `into_raw_fd()` and never closes it; its worker and epoll are
+            // gone (they hold this device), so nothing else refers to the descriptor.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
+impl TransportQueue for CheckedVring {
     fn with_ready_queue<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+        if self.refused() {
+            return None;
+        }
         let mut state = self.get_mut();
         if !(state.get_queue().ready() && state.is_enabled()) {
             return None;
@@ -86,13 +145,13 @@ impl TransportQueue for VringRwLock {
     }
 
     fn signal_driver(&self) -> io::Result<()> {
-        self.signal_used_queue()
+        self.inner().signal_used_queue()
     }
 }
 
 impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = CheckedVring;
 
     fn num_queues(&self) -> usize {
         self.device.num_queues()
@@ -103,6 +162,9 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     }
 
     fn features(&self) -> u64 {
+        // GET_FEATURES is every frontend's first or second request (after SET_OWNER, which
+        // reaches no backend hook): the frontend has spoken.
+        self.mark_greeted();
         self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -111,6 +173,7 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.mark_greeted();
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -133,8 +196,12 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
-        self.memory
-            .update(mem, self.device.seal_policy(), self.device.name())
+        self.memory.update(
+            mem,
+            self.device.memory_grant(),
+            self.device.seal_policy(),
+            self.device.name(),
+        )
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -146,7 +213,14 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (c, n) = self.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        let notifier = n.try_clone().ok()?;
+        let consumer = c.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        // vhost-user-backend 0.24 (pinned in Cargo.lock) registers the consumer in the
+        // worker's epoll with `into_raw_fd()` (event_loop.rs, `VringEpollHandler::new`) and
+        // never closes it: one descriptor leaked per worker per session. It is handed out
+        // once; the device, which outlives that epoll, closes it on drop.
+        sync::lock(&self.handed_out).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -158,9 +232,10 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[CheckedVring],
         thread_id: usize,
     ) -> io::Result<()> {
+        restrict_worker_thread();
         let woken = u64::from(device_event) == self.wake_token();
         if woken {
             if let Some(wake) = self.device.wake_event() {
@@ -187,4 +262,31 @@ impl<D: BackendDevice> VhostUserBackend for VhostUserDevice<D> {
         serve_queues(&self.device, &self.memory, indexes, vrings);
         Ok(())
     }
+}
+
+thread_local! {
+    /// Whether this worker thread has narrowed its seccomp filter.
+    static WORKER_RESTRICTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// In a confined driver domain, narrows the calling queue worker to the backend-worker
+/// allowlist the first time it handles an event, before it reads any ring: vhost-user-backend
+/// starts these threads, so this is where their own code first runs. A worker that cannot be
+/// narrowed ends the process rather than serve unfiltered.
+fn restrict_worker_thread() {
+    if !confine::is_confined() {
+        return;
+    }
+    WORKER_RESTRICTED.with(|done| {
+        if done.get() {
+            return;
+        }
+        if let Err(e) =
+            confine::seccomp::restrict_thread(confine::seccomp::ThreadClass::BackendWorker)
+        {
+            log::error!("narrowing a queue worker's seccomp filter: {e}");
+            std::process::exit(1);
+        }
+        done.set(true);
+    });
 }

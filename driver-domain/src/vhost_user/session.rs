@@ -2,7 +2,8 @@
 //! device.
 //!
 //! - [`serve_forever`]: bind a socket path (atomically) and serve one frontend after another,
-//!   a fresh device each time.
+//!   a fresh device each time. A frontend that connects and does not speak within the
+//!   greeting deadline is disconnected, so it cannot hold the socket from the next one.
 //! - [`serve_listener`]: serve the one frontend pending on a handed-over listener (managed
 //!   mode; see control-vmm's `connection` module for how the toolstack makes it), with a
 //!   handle that ends the session from another thread.
@@ -16,6 +17,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{info, warn};
 use thiserror::Error;
@@ -42,6 +44,9 @@ pub enum VhostUserSessionError {
     /// The vhost-user daemon could not be created, started or wired.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    /// The session ended with an error (not a disconnect).
+    #[error("session: {0}")]
+    Failed(String),
 }
 
 type Daemon<D> = VhostUserDaemon<Arc<VhostUserDevice<D>>>;
@@ -69,33 +74,74 @@ fn new_daemon<D: BackendDevice>(
     Ok((backend, daemon))
 }
 
-/// Waits for the connected frontend to leave, then stops the workers.
-fn run_session<D: BackendDevice>(backend: &VhostUserDevice<D>, daemon: &mut Daemon<D>) {
+/// How long a frontend of [`serve_forever`] may stay silent after connecting (5 s).
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for the connected frontend to leave, then stops the workers. With `greeting`, a
+/// frontend that has not sent a request by then is disconnected. An error other than the
+/// frontend going away is returned (and logged).
+fn run_session<D: BackendDevice>(
+    backend: &VhostUserDevice<D>,
+    daemon: &mut Daemon<D>,
+    greeting: Option<Duration>,
+) -> Result<(), String> {
+    let name = backend.device().name();
+    info!("{name}: frontend connected");
+    let handle = greeting.zip(daemon.shutdown_handle());
+    let result = std::thread::scope(|s| {
+        if let Some((timeout, handle)) = handle {
+            // vhost-user-backend 0.24 blocks in the frontend's first read with no timeout
+            // and offers no hook before it: a watchdog ends a silent session instead.
+            s.spawn(move || {
+                if !backend.wait_greeted(timeout) {
+                    warn!("{name}: frontend silent for {timeout:?}, disconnecting it");
+                    handle.shutdown();
+                }
+            });
+        }
+        let result = wait_session(backend, daemon);
+        // Releases the watchdog.
+        backend.mark_greeted();
+        result
+    });
+    backend.stop_workers();
+    backend.device().disconnected();
+    result
+}
+
+fn wait_session<D: BackendDevice>(
+    backend: &VhostUserDevice<D>,
+    daemon: &mut Daemon<D>,
+) -> Result<(), String> {
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
     let name = backend.device().name();
-    info!("{name}: frontend connected");
     match daemon.wait() {
         Ok(())
         | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
-            info!("{name}: frontend disconnected")
+            info!("{name}: frontend disconnected");
+            Ok(())
         }
-        Err(e) => warn!("{name}: session ended with an error: {e}"),
+        Err(e) => {
+            warn!("{name}: session ended with an error: {e}");
+            Err(e.to_string())
+        }
     }
-    backend.stop_workers();
-    backend.device().disconnected();
 }
 
-/// Serve `device` to one frontend connection accepted from `listener`, until it disconnects.
+/// Serve `device` to one frontend connection accepted from `listener`, until it disconnects
+/// or stays silent for `greeting` after connecting.
 pub fn serve_one<D: BackendDevice>(
     listener: &mut Listener,
     device: D,
+    greeting: Duration,
 ) -> Result<(), VhostUserSessionError> {
     let (backend, mut daemon) = new_daemon(device)?;
     daemon
         .start(listener)
         .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
-    run_session(&backend, &mut daemon);
+    // Logged; the next frontend gets a fresh device either way.
+    let _ = run_session(&backend, &mut daemon, Some(greeting));
     Ok(())
 }
 
@@ -122,21 +168,37 @@ pub fn bind_atomically(socket: &Path) -> Result<Listener, VhostUserSessionError>
 
 /// Bind `socket` (replacing a stale socket file) and serve frontends one after another, each
 /// with a device from `new_device`, until `stop` becomes true (checked between connections)
-/// or accepting fails.
+/// or accepting fails. A frontend silent for `greeting` after connecting is disconnected.
 pub fn serve_forever<D, E>(
     socket: &Path,
     stop: &AtomicBool,
+    greeting: Duration,
+    new_device: impl FnMut() -> Result<D, E>,
+) -> Result<(), VhostUserSessionError>
+where
+    D: BackendDevice,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let listener = bind_atomically(socket)?;
+    info!("vhost-user: listening on {}", socket.display());
+    serve_forever_on(listener, stop, greeting, new_device)
+}
+
+/// As [`serve_forever`], on a listener bound already (a confined backend binds before it is
+/// confined: afterwards it sees no file system).
+pub fn serve_forever_on<D, E>(
+    mut listener: Listener,
+    stop: &AtomicBool,
+    greeting: Duration,
     mut new_device: impl FnMut() -> Result<D, E>,
 ) -> Result<(), VhostUserSessionError>
 where
     D: BackendDevice,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let mut listener = bind_atomically(socket)?;
-    info!("vhost-user: listening on {}", socket.display());
     while !stop.load(Ordering::Acquire) {
         let device = new_device().map_err(|e| VhostUserSessionError::Device(Box::new(e)))?;
-        serve_one(&mut listener, device)?;
+        serve_one(&mut listener, device, greeting)?;
     }
     Ok(())
 }
@@ -175,6 +237,7 @@ pub fn serve_listener<D: BackendDevice>(
     if let Some(handle) = daemon.shutdown_handle() {
         started(handle);
     }
-    run_session(&backend, &mut daemon);
-    Ok(())
+    // The one connection is private to its frontend, which may speak only once its guest
+    // has booted: no greeting deadline.
+    run_session(&backend, &mut daemon, None).map_err(VhostUserSessionError::Failed)
 }

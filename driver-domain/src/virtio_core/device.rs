@@ -27,7 +27,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::DeviceCounters;
-use super::memory::{CheckedMemory, GuestMem, SealPolicy};
+use super::memory::{CheckedMemory, GuestMem, MemoryGrant, SealPolicy};
 
 /// What one [`BackendDevice::process_queue`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,6 +69,11 @@ pub trait BackendDevice: Send + Sync + 'static {
 
     /// What to accept from peer memory that cannot be sealed against shrinking.
     fn seal_policy(&self) -> SealPolicy;
+
+    /// The guest memory the peer may share (its memory table must be exactly this).
+    fn memory_grant(&self) -> MemoryGrant {
+        MemoryGrant::AllRam
+    }
 
     /// The queues each worker serves, in visiting order: one entry per worker.
     fn queue_workers(&self) -> Vec<Vec<usize>>;

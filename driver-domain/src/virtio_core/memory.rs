@@ -13,6 +13,10 @@
 //!    later truncates the file can still make a userspace access (ring reads) raise `SIGBUS`.
 //!    Data transfers go through `preadv`/`pwritev`, which get `EFAULT` instead.
 //!
+//! Before any of that, a table must be what the toolstack granted for the device
+//! ([`MemoryGrant`]): in managed mode, one region exactly at the guest's I/O window, unless the
+//! guest shares all of its RAM (`share = "all-ram"`).
+//!
 //! [`CheckedMemory`] keeps a transport's current memory table together with its verdict: a
 //! refused table stops the device (its queues are not served) until a good one arrives.
 
@@ -30,6 +34,8 @@ use vm_memory::{
 };
 
 use super::sync;
+
+pub use ipc::control::messages::MemoryGrant;
 
 /// What to do with shared memory that is not sealed against shrinking and cannot be sealed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +81,42 @@ pub enum PeerMemoryError {
     /// The file may shrink and the policy requires a seal.
     #[error("region file is not sealed against shrinking (F_SEAL_SHRINK) and cannot be sealed")]
     NotSealed,
+    /// The table is not the window granted for the device.
+    #[error(
+        "the memory table is not the granted I/O window (one region at {guest_address:#x}, at \
+         most {max_bytes:#x} bytes): {found}"
+    )]
+    OutsideGrant {
+        guest_address: u64,
+        max_bytes: u64,
+        found: String,
+    },
+}
+
+/// Checks that `mem` is what `grant` allows: with a window, exactly one region, starting at
+/// the window's address and no longer than it.
+pub fn check_grant<M>(mem: &M, grant: MemoryGrant) -> Result<(), PeerMemoryError>
+where
+    M: GuestMemoryBackend,
+{
+    let MemoryGrant::Window {
+        guest_address,
+        max_bytes,
+    } = grant
+    else {
+        return Ok(());
+    };
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let refuse = |found: String| PeerMemoryError::OutsideGrant {
+        guest_address,
+        max_bytes,
+        found,
+    };
+    match regions.as_slice() {
+        [(start, len)] if *start == guest_address && *len <= max_bytes => Ok(()),
+        [(start, len)] => Err(refuse(format!("one region at {start:#x}, {len:#x} bytes"))),
+        more => Err(refuse(format!("{} regions", more.len()))),
+    }
 }
 
 /// Check one (file, offset, size) region against `policy`.
@@ -165,9 +207,17 @@ impl CheckedMemory {
         self.usable.load(Ordering::Acquire)
     }
 
-    /// Takes a new table from the peer and checks it; `device` names the device in logs.
-    pub fn update(&self, mem: GuestMem, policy: SealPolicy, device: &str) -> io::Result<()> {
-        let checked = check_guest_memory(&*mem.memory(), policy);
+    /// Takes a new table from the peer and checks it against `grant` and `policy`; `device`
+    /// names the device in logs.
+    pub fn update(
+        &self,
+        mem: GuestMem,
+        grant: MemoryGrant,
+        policy: SealPolicy,
+        device: &str,
+    ) -> io::Result<()> {
+        let checked = check_grant(&*mem.memory(), grant)
+            .and_then(|()| check_guest_memory(&*mem.memory(), policy));
         *sync::write(&self.mem) = Some(mem);
         match checked {
             Ok(states) => {
@@ -243,5 +293,41 @@ mod tests {
             check_region_file(&f, 0, 8192, SealPolicy::AllowUnsealedChecked).unwrap(),
             SealState::Unsealed
         );
+    }
+
+    fn mmap(regions: &[(u64, usize)]) -> GuestMemoryMmap {
+        let ranges: Vec<(vm_memory::GuestAddress, usize)> = regions
+            .iter()
+            .map(|(a, l)| (vm_memory::GuestAddress(*a), *l))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    #[test]
+    fn only_the_granted_window_passes() {
+        let grant = MemoryGrant::Window {
+            guest_address: 0x1_0000_0000,
+            max_bytes: 0x10_0000,
+        };
+        // The window itself, or a smaller one at its address.
+        assert!(check_grant(&mmap(&[(0x1_0000_0000, 0x10_0000)]), grant).is_ok());
+        assert!(check_grant(&mmap(&[(0x1_0000_0000, 0x1000)]), grant).is_ok());
+        // Elsewhere, larger, or more than one region (all of a guest's RAM, say).
+        for bad in [
+            mmap(&[(0, 0x10_0000)]),
+            mmap(&[(0x1_0000_0000, 0x20_0000)]),
+            mmap(&[(0, 0x1000), (0x1_0000_0000, 0x1000)]),
+        ] {
+            assert!(matches!(
+                check_grant(&bad, grant),
+                Err(PeerMemoryError::OutsideGrant { .. })
+            ));
+        }
+        // share = "all-ram": any table.
+        assert!(check_grant(
+            &mmap(&[(0, 0x1000), (0x10_0000, 0x1000)]),
+            MemoryGrant::AllRam
+        )
+        .is_ok());
     }
 }

@@ -18,4 +18,4 @@ pub mod sync;
 pub use device::{
     serve_queues, BackendDevice, QueueFailedEarlier, QueueFailure, QueueProgress, TransportQueue,
 };
-pub use memory::{CheckedMemory, GuestMem, PeerMemoryError, SealPolicy, SealState};
+pub use memory::{CheckedMemory, GuestMem, MemoryGrant, PeerMemoryError, SealPolicy, SealState};

@@ -61,6 +61,31 @@ pub trait FrontendLifecycle {
         true
     }
 
+    /// After a backend restart, at the new backend's InitWait: sets the vbd's data path up
+    /// again on the new `connection`, keeping its queues, and resubmits what was in flight.
+    /// `None` (the default): this kind keeps nothing across a restart, and the device fails.
+    fn reconnect_block(
+        &mut self,
+        _devid: u32,
+        _session: &mut Self::BlockSession,
+        _connection: UnixStream,
+    ) -> Option<Result<(), Self::ConnectError>> {
+        None
+    }
+
+    /// The same for a vif. The default sets a new session up on `connection` (frames in
+    /// flight are lost, as on a wire whose switch restarted); returns it and its MAC address.
+    fn reconnect_net(
+        &mut self,
+        devid: u32,
+        session: Self::NetSession,
+        connection: UnixStream,
+        ip: [u8; 4],
+    ) -> Result<(Self::NetSession, [u8; 6]), Self::ConnectError> {
+        drop(session);
+        self.connect_net(devid, connection, ip)
+    }
+
     /// How many block devices this kind can hold at once.
     fn max_block_devices(&self) -> usize {
         usize::MAX
@@ -90,6 +115,24 @@ pub trait FrontendLifecycle {
     /// ACPI power button) and sets the stop flag once it has.
     fn shutdown_requested(&mut self) -> bool {
         true
+    }
+
+    /// A PCI function handed over for direct assignment as the guest's `index`-th:
+    /// `fds` is `[VFIO group]` of function `address`. Only a kind whose VMM assigns devices
+    /// takes it; the others refuse (and drop the descriptor, keeping no copy).
+    fn assign_pci(
+        &mut self,
+        _index: u32,
+        _address: &str,
+        _fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        Err("this kind of guest cannot take PCI devices".into())
+    }
+
+    /// Lets PCI function `index` go (reset, descriptors closed). Kinds without PCI devices
+    /// have none to let go.
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        Err(format!("no PCI function {index}"))
     }
 }
 
@@ -139,6 +182,13 @@ pub trait FrontendDiagnostics: FrontendLifecycle {
         devid: u32,
         session: &mut Self::NetSession,
     ) -> Result<(), Self::CheckError>;
+
+    /// Whether `error` means only that the device's backend went away (it is being
+    /// restarted): the walk then waits for the device to reconnect and runs the check again,
+    /// so the toolstack sees a delay, not a failure.
+    fn backend_gone(_error: &Self::CheckError) -> bool {
+        false
+    }
 
     /// Counters over every session so far, the live block sessions included.
     fn stats<'a>(&self, live: impl Iterator<Item = &'a Self::BlockSession>) -> GuestStats

@@ -6,13 +6,21 @@
 //!
 //! The loop is level-triggered: every wake-up (a watch event, or a tick) re-reads the states
 //! that matter, so a missed or coalesced event costs nothing but a tick.
+//!
+//! A backend that goes away while the toolstack still wants the device (its state Closed,
+//! `online` still 1, no `error` node: the driver domain died and is being restarted) is
+//! waited for: the device keeps its session and queues, goes back to Initialising, and
+//! reconnects on the fresh connection the toolstack hands over (`ReconnectBlock`,
+//! `ReconnectNet`) once the new backend is at InitWait ([`reconnect`]).
 
-use std::collections::BTreeMap;
+mod reconnect;
+
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipc::control::messages::{fds, GuestEvent, GuestRequest, GuestStats};
 use ipc::control::{ChannelError, ControlChannel};
@@ -65,12 +73,16 @@ enum DeviceError {
     NoConnection,
     #[error("vhost-user set-up")]
     Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("this kind of guest cannot keep a disk across a backend restart")]
+    CannotReconnect,
     #[error("control channel")]
     Control(#[from] ChannelError),
 }
 
 /// How often the loop wakes up when nothing happens.
 const TICK: Duration = Duration::from_millis(20);
+/// How long a check waits for its device's backend to come back after a restart.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often it wakes up while a network interface is Connected.
 const NET_TICK: Duration = Duration::from_millis(1);
 
@@ -104,6 +116,9 @@ struct Device<K: FrontendDiagnostics> {
     ip: [u8; 4],
     mac: [u8; 6],
     state: XenbusState,
+    /// The backend went away while the device was wanted: the session is kept, to be
+    /// reconnected when the backend is back.
+    resuming: bool,
 }
 
 /// A device of this domain: its kind and number.
@@ -117,6 +132,8 @@ pub struct ManagedFrontend<K: FrontendDiagnostics> {
     kind: K,
     devices: BTreeMap<DevKey, Device<K>>,
     stop: Option<Arc<AtomicBool>>,
+    /// Requests that arrived while a check waited for its backend to come back.
+    deferred: VecDeque<(GuestRequest, Vec<OwnedFd>)>,
 }
 
 impl<K: FrontendDiagnostics> std::fmt::Debug for ManagedFrontend<K> {
@@ -138,6 +155,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             kind,
             devices: BTreeMap::new(),
             stop: None,
+            deferred: VecDeque::new(),
         }
     }
 
@@ -183,36 +201,9 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             if self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
                 return self.shut_down();
             }
-            while let Some((request, fds)) = self.control.try_recv::<GuestRequest>()? {
-                match request {
-                    GuestRequest::AttachBlock { devid } => {
-                        self.attach((DeviceKind::Vbd, devid), [0; 4], fds)?
-                    }
-                    GuestRequest::AttachNet { devid, ip } => {
-                        self.attach((DeviceKind::Vif, devid), ip, fds)?
-                    }
-                    GuestRequest::NetPing {
-                        devid,
-                        peer,
-                        rounds,
-                    } => {
-                        let event = self.net_ping(devid, peer, rounds);
-                        self.control.send(&event, &[])?;
-                    }
-                    GuestRequest::DiskCheck {
-                        devid,
-                        seed,
-                        bytes,
-                        verify_only,
-                    } => {
-                        let event = self.disk_check(devid, seed, bytes, verify_only);
-                        self.publish_counters();
-                        self.control.send(&event, &[])?;
-                    }
-                    GuestRequest::Shutdown if self.kind.shutdown_requested() => {
-                        return self.shut_down()
-                    }
-                    GuestRequest::Shutdown => log::info!("shutdown asked of the guest"),
+            while let Some((request, fds)) = self.next_request()? {
+                if self.handle(request, fds)? {
+                    return self.shut_down();
                 }
             }
             // With an interface up, wake often enough to answer peers promptly.
@@ -235,6 +226,70 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                 }
             }
         }
+    }
+
+    /// The next request: one deferred during a check first, then the control channel's.
+    fn next_request(&mut self) -> Result<Option<(GuestRequest, Vec<OwnedFd>)>, WalkError> {
+        if let Some(request) = self.deferred.pop_front() {
+            return Ok(Some(request));
+        }
+        Ok(self.control.try_recv::<GuestRequest>()?)
+    }
+
+    /// Serves one request of the toolstack; true when it asks this domain to shut down now.
+    fn handle(&mut self, request: GuestRequest, fds: Vec<OwnedFd>) -> Result<bool, WalkError> {
+        match request {
+            GuestRequest::AttachBlock { devid } => {
+                self.attach((DeviceKind::Vbd, devid), [0; 4], fds)?
+            }
+            GuestRequest::AttachNet { devid, ip } => {
+                self.attach((DeviceKind::Vif, devid), ip, fds)?
+            }
+            GuestRequest::ReconnectBlock { devid } => {
+                self.take_reconnection((DeviceKind::Vbd, devid), fds)
+            }
+            GuestRequest::ReconnectNet { devid } => {
+                self.take_reconnection((DeviceKind::Vif, devid), fds)
+            }
+            GuestRequest::NetPing {
+                devid,
+                peer,
+                rounds,
+            } => {
+                let event = self.net_ping(devid, peer, rounds);
+                self.control.send(&event, &[])?;
+            }
+            GuestRequest::DiskCheck {
+                devid,
+                seed,
+                bytes,
+                verify_only,
+            } => {
+                let event = self.disk_check(devid, seed, bytes, verify_only);
+                self.publish_counters();
+                self.control.send(&event, &[])?;
+            }
+            GuestRequest::AssignPci { index, address } => {
+                let event = match self.kind.assign_pci(index, &address, fds) {
+                    Ok(()) => GuestEvent::PciAssigned { index },
+                    Err(reason) => {
+                        log::error!("PCI {index} ({address}): {reason}");
+                        GuestEvent::PciFailed { index, reason }
+                    }
+                };
+                self.control.send(&event, &[])?;
+            }
+            GuestRequest::DetachPci { index } => {
+                let event = match self.kind.detach_pci(index) {
+                    Ok(()) => GuestEvent::PciDetached { index },
+                    Err(reason) => GuestEvent::PciFailed { index, reason },
+                };
+                self.control.send(&event, &[])?;
+            }
+            GuestRequest::Shutdown if self.kind.shutdown_requested() => return Ok(true),
+            GuestRequest::Shutdown => log::info!("shutdown asked of the guest"),
+        }
+        Ok(false)
     }
 
     fn attach(&mut self, key: DevKey, ip: [u8; 4], mut fds: Vec<OwnedFd>) -> Result<(), WalkError> {
@@ -263,6 +318,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         ip,
                         mac: [0; 6],
                         state: XenbusState::Initialising,
+                        resuming: false,
                     },
                 );
                 return Ok(());
@@ -345,9 +401,12 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             return Ok(());
         };
         let backend_state = self.read_state(&backend)?;
-        let Some(state) = self.devices.get(&key).map(|d| d.state) else {
+        let Some((state, resuming)) = self.devices.get(&key).map(|d| (d.state, d.resuming)) else {
             return Ok(());
         };
+        if let Some(result) = self.restart_step(key, &backend, state, backend_state, resuming) {
+            return result;
+        }
         match (state, backend_state) {
             (XenbusState::Initialising, XenbusState::InitWait) => {
                 self.connect(key)?;
@@ -482,16 +541,26 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
     }
 
     fn net_ping(&mut self, devid: u32, peer: [u8; 4], rounds: u32) -> GuestEvent {
-        let result = match self.devices.get_mut(&(DeviceKind::Vif, devid)) {
-            Some(Device {
-                state: XenbusState::Connected,
-                session: Some(Session::Net(session)),
-                ..
-            }) => self
-                .kind
-                .net_ping(devid, session, peer, rounds)
-                .map_err(|e| error_chain(&e)),
-            _ => Err("interface is not Connected".to_owned()),
+        let key = (DeviceKind::Vif, devid);
+        let deadline = Instant::now() + RECONNECT_TIMEOUT;
+        let result = loop {
+            let attempt = match self.devices.get_mut(&key) {
+                Some(Device {
+                    state: XenbusState::Connected,
+                    session: Some(Session::Net(session)),
+                    ..
+                }) => self.kind.net_ping(devid, session, peer, rounds),
+                _ => break Err("interface is not Connected".to_owned()),
+            };
+            match attempt {
+                Ok(detail) => break Ok(detail),
+                Err(e) if K::backend_gone(&e) => {
+                    if let Err(reason) = self.await_reconnect(key, deadline, &e) {
+                        break Err(reason);
+                    }
+                }
+                Err(e) => break Err(error_chain(&e)),
+            }
         };
         let (passed, detail) = verdict(result);
         GuestEvent::NetPing {
@@ -502,22 +571,33 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
     }
 
     fn disk_check(&mut self, devid: u32, seed: u64, bytes: u64, verify_only: bool) -> GuestEvent {
-        let result = match self.devices.get_mut(&(DeviceKind::Vbd, devid)) {
-            Some(Device {
-                state: XenbusState::Connected,
-                session: Some(Session::Block(session)),
-                ..
-            }) => {
-                let check = DiskCheck {
-                    seed,
-                    bytes,
-                    verify_only,
-                };
-                self.kind
-                    .disk_check(devid, session, check)
-                    .map_err(|e| error_chain(&e))
+        let key = (DeviceKind::Vbd, devid);
+        let check = DiskCheck {
+            seed,
+            bytes,
+            verify_only,
+        };
+        let deadline = Instant::now() + RECONNECT_TIMEOUT;
+        let result = loop {
+            let attempt = match self.devices.get_mut(&key) {
+                Some(Device {
+                    state: XenbusState::Connected,
+                    session: Some(Session::Block(session)),
+                    ..
+                }) => self.kind.disk_check(devid, session, check),
+                _ => break Err("device is not Connected".to_owned()),
+            };
+            match attempt {
+                Ok(detail) => break Ok(detail),
+                // The backend is being restarted: the requests in flight are resubmitted on
+                // reconnect, and the check runs again.
+                Err(e) if K::backend_gone(&e) => {
+                    if let Err(reason) = self.await_reconnect(key, deadline, &e) {
+                        break Err(reason);
+                    }
+                }
+                Err(e) => break Err(error_chain(&e)),
             }
-            _ => Err("device is not Connected".to_owned()),
         };
         let (passed, detail) = verdict(result);
         GuestEvent::DiskCheck {

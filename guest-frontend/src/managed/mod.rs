@@ -7,6 +7,7 @@
 //! the vrings. Disk checks and pings run on request.
 
 mod disk_check;
+pub mod frames;
 mod net_check;
 
 use std::os::unix::net::UnixStream;
@@ -67,6 +68,23 @@ impl FrontendLifecycle for ProcessFrontends {
         }
     }
 
+    fn reconnect_block(
+        &mut self,
+        devid: u32,
+        session: &mut BlockFrontend,
+        connection: UnixStream,
+    ) -> Option<Result<(), ProcessDeviceError>> {
+        Some(match session.reconnect(connection) {
+            Ok(resubmitted) => {
+                log::warn!(
+                    "vbd {devid}: reconnected; {resubmitted} request(s) in flight resubmitted"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        })
+    }
+
     fn connect_net(
         &mut self,
         _devid: u32,
@@ -122,6 +140,20 @@ impl FrontendDiagnostics for ProcessFrontends {
 
     fn answer_peers(&mut self, _devid: u32, nic: &mut NetNic) -> Result<(), ProcessDeviceError> {
         Ok(nic.answer_pending()?)
+    }
+
+    fn backend_gone(error: &ProcessDeviceError) -> bool {
+        let frontend = match error {
+            ProcessDeviceError::Frontend(e) => e,
+            ProcessDeviceError::DiskCheck(
+                DiskCheckError::Write { source, .. }
+                | DiskCheckError::Read { source, .. }
+                | DiskCheckError::Flush(source),
+            )
+            | ProcessDeviceError::Ping(PingError::Receive(source)) => source,
+            _ => return false,
+        };
+        matches!(frontend, ProcessFrontendError::BackendGone { .. })
     }
 
     fn stats<'a>(&self, live: impl Iterator<Item = &'a BlockFrontend>) -> GuestStats {

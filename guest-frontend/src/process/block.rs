@@ -17,6 +17,7 @@ use frontend_core::vhost_user::{
 };
 
 use super::error::ProcessFrontendError;
+use super::peer::BackendPeer;
 use super::queue::{BlockFrontendQueue, FrontendStats};
 use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
 use crate::virtio::blk::{negotiate_features, FrontBlkConfig, BLK_CONFIG_BYTES, VIRTIO_BLK_F_MQ};
@@ -135,7 +136,8 @@ impl BlockFrontend {
         }])?;
         let mut started = Vec::with_capacity(queues.len());
         for (i, (blk, bounce)) in queues.into_iter().enumerate() {
-            let q = Self::start_queue(&mut session, i, blk, bounce, &window, &cfg)?;
+            let mut q = Self::start_queue(&mut session, i, blk, bounce, &window, &cfg)?;
+            q.set_peer(BackendPeer::new(session.peer()?));
             started.push(Mutex::new(q));
         }
         Ok(Self {
@@ -286,6 +288,43 @@ impl BlockFrontend {
     /// Reads the device id (queue 0).
     pub fn get_id(&self) -> Result<[u8; 20], ProcessFrontendError> {
         self.queue(0)?.get_id()
+    }
+
+    /// Reconnects to a restarted backend on `stream`, keeping everything else: the same I/O
+    /// window, rings, bounce buffers and eventfds, and the requests in flight when the old
+    /// backend went away, which are re-posted oldest first and waited for (their results are
+    /// those of the new backend). A caller that saw [`ProcessFrontendError::BackendGone`]
+    /// then goes on as if the request had only been slow.
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<u32, ProcessFrontendError> {
+        let spec = DeviceSpec {
+            queues: self.num_queues(),
+            max_queues: 0,
+            config: ConfigSpace::Required {
+                bytes: BLK_CONFIG_BYTES,
+            },
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+        };
+        self.session.reconnect(stream, spec)?;
+        let mut resubmitted = 0u32;
+        for i in 0..self.num_queues() {
+            let peer = BackendPeer::new(self.session.peer()?);
+            let mut q = self.queue(i)?;
+            q.set_peer(peer);
+            resubmitted += u32::from(q.restart()?);
+        }
+        for i in 0..self.num_queues() {
+            let mut q = self.queue(i)?;
+            while q.in_flight() > 0 {
+                // Completed for callers that gave up waiting: the data is on the disk (or
+                // read and dropped); only a failure is worth saying.
+                q.complete(|c| {
+                    if let Err(e) = c.result {
+                        log::warn!("a request resubmitted after the restart failed: {e}");
+                    }
+                })?;
+            }
+        }
+        Ok(resubmitted)
     }
 
     /// Counters summed over all queues.

@@ -53,6 +53,16 @@ pub enum ProcessFrontendError {
         /// The timeout.
         timeout_ms: u128,
     },
+    /// The backend's connection ended with requests in flight (the driver domain died). The
+    /// requests stay queued: a reconnect re-posts them
+    /// ([`super::BlockFrontend::reconnect`]).
+    #[error("queue {queue}: the backend is gone ({in_flight} in flight)")]
+    BackendGone {
+        /// Queue index.
+        queue: u16,
+        /// Requests in flight.
+        in_flight: usize,
+    },
     /// A request does not fit the device or the bounce buffers.
     #[error("bad request: {0}")]
     BadRequest(String),

@@ -9,6 +9,7 @@
 mod block;
 mod error;
 mod net;
+mod peer;
 mod queue;
 mod window;
 

@@ -14,6 +14,7 @@ use frontend_core::vhost_user::{
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::error::ProcessFrontendError;
+use super::peer::BackendPeer;
 use super::window::{IoWindow, DEFAULT_WINDOW_GPA};
 use crate::virtio::net::{
     negotiate_features, FrontNetConfig, NetError, NetQueuePair, NET_CONFIG_BYTES,
@@ -54,6 +55,8 @@ impl Default for NetFrontendConfig {
 /// A virtio-net frontend in a host process, connected to a vhost-user-net backend.
 pub struct NetFrontend {
     session: FrontendSession,
+    /// The backend's connection, watched while receiving.
+    peer: BackendPeer,
     pair: NetQueuePair<DmaRegion>,
     config: FrontNetConfig,
     features: u64,
@@ -153,8 +156,10 @@ impl NetFrontend {
                 },
             )?;
         }
+        let peer = BackendPeer::new(session.peer()?);
         let me = Self {
             session,
+            peer,
             pair,
             config,
             features,
@@ -223,8 +228,13 @@ impl NetFrontend {
             let call = self.session.call(RX)?;
             // SAFETY: the session owns the eventfd and outlives this borrow.
             let fd = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) };
+            // SAFETY: `self.peer` owns the descriptor and outlives this borrow.
+            let peer = unsafe { BorrowedFd::borrow_raw(self.peer.raw()) };
             let ms = u16::try_from(left.as_millis().min(100)).unwrap_or(100);
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            let mut fds = [
+                PollFd::new(fd, PollFlags::POLLIN),
+                PollFd::new(peer, PollFlags::POLLIN),
+            ];
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
@@ -233,6 +243,14 @@ impl NetFrontend {
                         source: e.into(),
                     })
                 }
+            }
+            let call_ready = fds[0].any().unwrap_or(false);
+            let peer_events = fds[1].revents().map_or(0, |r| r.bits());
+            if !call_ready && self.peer.ended(peer_events) {
+                return Err(ProcessFrontendError::BackendGone {
+                    queue: RX as u16,
+                    in_flight: 0,
+                });
             }
             let _ = call.read();
             self.pair.rx_queue().note_interrupt();

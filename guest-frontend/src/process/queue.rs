@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::error::ProcessFrontendError;
+use super::peer::BackendPeer;
 use super::window::IoWindow;
 use crate::virtio::{
     BlkOp, BlkRequest, DmaBuf, DmaMemory, DmaRegion, FrontBlkQueue, FrontRequestError, Notify,
@@ -125,6 +126,9 @@ pub struct BlockFrontendQueue {
     poll: bool,
     timeout: Duration,
     stats: FrontendStats,
+    /// The backend's connection (a duplicate), polled while waiting: its end means the
+    /// backend is gone, which no completion would ever say.
+    peer: Option<BackendPeer>,
     // Keeps the mapping behind `blk` and `region` alive; declared last so it drops last.
     _window: Arc<IoWindow>,
 }
@@ -155,6 +159,7 @@ impl BlockFrontendQueue {
             poll,
             timeout,
             stats: FrontendStats::default(),
+            peer: None,
             _window: window,
         };
         // Interrupts are requested only while the driver sleeps (see `wait`).
@@ -325,6 +330,38 @@ impl BlockFrontendQueue {
         }
     }
 
+    /// Watches `peer`, the backend's connection, while waiting for completions.
+    pub(super) fn set_peer(&mut self, peer: BackendPeer) {
+        self.peer = Some(peer);
+    }
+
+    /// Starts over on a new session with a restarted backend: every request in flight is
+    /// re-posted from avail index 0, oldest first, and published (see
+    /// [`crate::virtio::SplitQueue::restart`]). Returns how many.
+    pub(super) fn restart(&mut self) -> Result<u16, ProcessFrontendError> {
+        let n = self.blk.virtqueue().restart();
+        self.unpublished = n > 0;
+        self.publish()?;
+        Ok(n)
+    }
+
+    fn backend_gone(&self) -> ProcessFrontendError {
+        ProcessFrontendError::BackendGone {
+            queue: self.index,
+            in_flight: self.in_flight(),
+        }
+    }
+
+    /// Whether the backend's connection has ended, judging by poll's `revents` for it.
+    fn peer_ended(&self, revents: libc::c_short) -> bool {
+        self.peer.as_ref().is_some_and(|p| p.ended(revents))
+    }
+
+    /// Polls the backend's connection without waiting.
+    fn peer_gone_now(&self) -> bool {
+        self.peer.as_ref().is_some_and(BackendPeer::gone_now)
+    }
+
     fn timeout_error(&self) -> ProcessFrontendError {
         ProcessFrontendError::Timeout {
             queue: self.index,
@@ -341,6 +378,9 @@ impl BlockFrontendQueue {
                 }
                 std::hint::spin_loop();
             }
+            if self.peer_gone_now() {
+                return Err(self.backend_gone());
+            }
             if Instant::now() >= deadline {
                 return Err(self.timeout_error());
             }
@@ -354,14 +394,27 @@ impl BlockFrontendQueue {
             return Ok(());
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let peer = self.peer.as_ref().map_or(-1, BackendPeer::raw);
+        // A negative descriptor is ignored by poll: without a peer, only the call eventfd.
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: peer,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         let ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfds` is a valid pollfd array of length 2 for the duration of the call.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+        if r > 0 && pfds[0].revents == 0 && self.peer_ended(pfds[1].revents) {
+            self.blk.virtqueue().disable_interrupts();
+            return Err(self.backend_gone());
+        }
         let vq = self.blk.virtqueue();
         vq.disable_interrupts();
         if r < 0 {

@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::virtio::memory::{DmaRegion, FrontMemoryError};
 
 /// Guest-physical base at which windows are announced by default (4 GiB).
-pub const DEFAULT_WINDOW_GPA: u64 = 0x1_0000_0000;
+pub const DEFAULT_WINDOW_GPA: u64 = ipc::control::messages::PROCESS_WINDOW_GPA;
 
 /// The seals every window carries before it is shared.
 pub const WINDOW_SEALS: i32 = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;

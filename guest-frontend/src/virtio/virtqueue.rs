@@ -194,6 +194,8 @@ pub struct SplitQueue {
     next: [u16; MAX_QUEUE_SIZE as usize],
     /// Number of descriptors in the chain headed here; 0 if this is not an in-flight head.
     chain_len: [u16; MAX_QUEUE_SIZE as usize],
+    /// The avail index each in-flight head was added at: their order, for a restart.
+    added_at: [u16; MAX_QUEUE_SIZE as usize],
     free_head: u16,
     num_free: u16,
     in_flight: u16,
@@ -275,6 +277,7 @@ impl SplitQueue {
             used,
             next,
             chain_len: [0; MAX_QUEUE_SIZE as usize],
+            added_at: [0; MAX_QUEUE_SIZE as usize],
             free_head: 0,
             num_free: size,
             in_flight: 0,
@@ -410,6 +413,7 @@ impl SplitQueue {
         self.free_head = self.next[cur as usize];
         self.num_free -= n as u16;
         self.chain_len[head as usize] = n as u16;
+        self.added_at[head as usize] = self.avail_idx;
         self.in_flight += 1;
         let slot = (self.avail_idx & (self.size - 1)) as usize;
         // SAFETY: slot < size, so the entry is inside the avail ring validated in `new`.
@@ -509,6 +513,58 @@ impl SplitQueue {
         Ok(Some(UsedElem { head, len }))
     }
 
+    /// Starts the rings over for a new device session (a restarted backend told to begin at
+    /// avail index 0), keeping every chain in flight: the avail and used rings are cleared and
+    /// the in-flight heads re-posted from index 0 in the order they were first added (so a
+    /// write is never overtaken by an older one to the same place). Their descriptors are
+    /// untouched. Returns how many were re-posted; [`SplitQueue::publish`] then makes them
+    /// visible. A broken queue (the old device misbehaved) starts over too.
+    pub fn restart(&mut self) -> u16 {
+        let mut heads: [u16; MAX_QUEUE_SIZE as usize] = [0; MAX_QUEUE_SIZE as usize];
+        let mut n = 0usize;
+        for head in 0..self.size {
+            if self.chain_len[head as usize] != 0 {
+                heads[n] = head;
+                n += 1;
+            }
+        }
+        // Oldest first: the furthest behind the current avail index.
+        let avail_idx = self.avail_idx;
+        let added_at = self.added_at;
+        heads[..n].sort_unstable_by_key(|h| {
+            core::cmp::Reverse(avail_idx.wrapping_sub(added_at[*h as usize]))
+        });
+        // SAFETY: both ranges were validated in `new`; a new session has not started on them
+        // yet (the caller restarts before the device is told the ring), so plain writes are
+        // race-free.
+        unsafe {
+            core::ptr::write_bytes(self.avail.as_ptr(), 0, QueueAddrs::avail_bytes(self.size));
+            core::ptr::write_bytes(self.used.as_ptr(), 0, QueueAddrs::used_bytes(self.size));
+        }
+        self.avail_idx = 0;
+        self.published_idx = 0;
+        self.last_used = 0;
+        self.used_event_shadow = 0;
+        self.broken = false;
+        for (i, head) in heads[..n].iter().enumerate() {
+            // SAFETY: i < n <= size, so the entry is inside the avail ring.
+            unsafe {
+                core::ptr::write_volatile(
+                    self.avail.as_ptr().add(4 + 2 * i) as *mut u16,
+                    head.to_le(),
+                )
+            };
+            self.added_at[*head as usize] = self.avail_idx;
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        if self.interrupts_enabled {
+            self.enable_interrupts();
+        } else {
+            self.disable_interrupts();
+        }
+        n as u16
+    }
+
     /// Busy-polls for up to `spins` iterations for a completion.
     pub fn poll_used(&mut self, spins: u32) -> Result<Option<UsedElem>, FrontQueueError> {
         for _ in 0..spins {
@@ -562,6 +618,72 @@ impl SplitQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Completes `head` as a device would: used element at the device's used index.
+    fn device_completes(q: &SplitQueue, used_idx: &mut u16, head: u16) {
+        let slot = (*used_idx & (q.size - 1)) as usize;
+        // SAFETY: the slot is inside the used ring of the test's buffer.
+        unsafe {
+            core::ptr::write_volatile(
+                q.used.as_ptr().add(4 + 8 * slot) as *mut [u8; 8],
+                [head as u8, (head >> 8) as u8, 0, 0, 0, 0, 0, 0],
+            )
+        };
+        *used_idx = used_idx.wrapping_add(1);
+        q.used_idx_ref().store(*used_idx, Ordering::Release);
+    }
+
+    fn avail_entry(q: &SplitQueue, i: usize) -> u16 {
+        // SAFETY: the entry is inside the avail ring of the test's buffer.
+        unsafe { core::ptr::read_volatile(q.avail.as_ptr().add(4 + 2 * i) as *const u16) }
+    }
+
+    #[test]
+    fn a_restart_reposts_exactly_the_chains_in_flight_oldest_first() {
+        use crate::virtio::DmaRegion;
+        let mut buf = vec![0u8; 0x4000];
+        // SAFETY: `buf` outlives the region and the queue; nobody else touches it.
+        let mem = unsafe { DmaRegion::new(buf.as_mut_ptr(), 0x10_0000, buf.len()) }.unwrap();
+        let addrs = QueueAddrs {
+            desc: 0x10_0000,
+            avail: 0x10_1000,
+            used: 0x10_2000,
+        };
+        // SAFETY: the rings are inside `buf`, used by this queue only.
+        let mut q = unsafe { SplitQueue::new(&mem, addrs, 8, true) }.unwrap();
+        let buf_at = |i: u64| DmaBuf {
+            addr: 0x10_3000 + 16 * i,
+            len: 16,
+        };
+        let heads: Vec<u16> = (0..5).map(|i| q.add(&[buf_at(i)], &[]).unwrap()).collect();
+        q.publish();
+        // The old device completes the second and the fourth, out of order, then dies.
+        let mut used_idx = 0;
+        device_completes(&q, &mut used_idx, heads[3]);
+        device_completes(&q, &mut used_idx, heads[1]);
+        assert_eq!(q.pop_used().unwrap().unwrap().head, heads[3]);
+        assert_eq!(q.pop_used().unwrap().unwrap().head, heads[1]);
+        assert_eq!(q.in_flight(), 3);
+
+        assert_eq!(q.restart(), 3);
+        assert_eq!(q.avail_idx(), 3);
+        assert_eq!(q.used_idx_ref().load(Ordering::Acquire), 0);
+        // In the order they were first added.
+        let reposted: Vec<u16> = (0..3).map(|i| avail_entry(&q, i)).collect();
+        assert_eq!(reposted, vec![heads[0], heads[2], heads[4]]);
+        assert!(matches!(q.publish(), Notify::Kick | Notify::Suppressed));
+        assert_eq!(q.avail_idx_ref().load(Ordering::Acquire), 3);
+        // The new device starts at index 0 and completes them; nothing else is in flight.
+        let mut used_idx = 0;
+        for h in &reposted {
+            device_completes(&q, &mut used_idx, *h);
+        }
+        for h in &reposted {
+            assert_eq!(q.pop_used().unwrap().unwrap().head, *h);
+        }
+        assert_eq!(q.in_flight(), 0);
+        assert_eq!(q.num_free(), 8);
+    }
 
     #[test]
     fn need_event_matches_the_spec_formula() {

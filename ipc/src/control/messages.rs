@@ -14,6 +14,23 @@ pub mod fds {
     pub const CONTROL: i32 = 4;
 }
 
+/// What of a guest's memory the backend of one device may map: the memory table the guest's
+/// frontend sends (vhost-user SET_MEM_TABLE) must be exactly this, or the device is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryGrant {
+    /// One region starting at `guest_address`, at most `max_bytes` long: the device's I/O
+    /// window (rings and bounce buffers), the KVM-world analogue of Xen grants.
+    Window { guest_address: u64, max_bytes: u64 },
+    /// Any table: the guest shares all of its RAM (its host-file entry says
+    /// `share = "all-ram"`; an unmodified Linux guest puts buffers anywhere).
+    AllRam,
+}
+
+/// Where a process guest's I/O windows sit in the address space its backends see.
+pub const PROCESS_WINDOW_GPA: u64 = 0x1_0000_0000;
+/// The largest I/O window a process guest's device may have.
+pub const PROCESS_WINDOW_MAX_BYTES: u64 = 64 << 20;
+
 /// Toolstack to driver domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendRequest {
@@ -25,6 +42,8 @@ pub enum BackendRequest {
         frontend: u32,
         devid: u32,
         readonly: bool,
+        /// The guest memory this device's backend may map.
+        grant: MemoryGrant,
     },
     /// Serve a network interface of `frontend` as a port of the driver domain's switch.
     /// Descriptors: `[vhost-user listener]`, made as for [`BackendRequest::ServeBlock`].
@@ -32,9 +51,24 @@ pub enum BackendRequest {
         frontend: u32,
         devid: u32,
         mac: [u8; 6],
+        /// The guest memory this device's backend may map.
+        grant: MemoryGrant,
     },
     /// Report per-device counters.
     Stats,
+    /// Prepare a VF of the owned PF `pf` for guest `frontend` (direct assignment): VF number
+    /// `vf` (1-based), or any free one; SR-IOV enabled if it is not (the NVMe secondary
+    /// controllers online), the VF bound to vfio-pci. Answered by
+    /// [`BackendEvent::VfAssigned`] with the VF's VFIO group, of which the driver domain keeps
+    /// no copy, or [`BackendEvent::VfRefused`].
+    AssignVf {
+        frontend: u32,
+        pf: String,
+        vf: Option<u16>,
+    },
+    /// Guest `frontend` no longer holds VF `address` (its VMM has exited or let it go): reset
+    /// it and take it back. Answered by [`BackendEvent::VfReleased`].
+    ReleaseVf { frontend: u32, address: String },
     /// Stop serving everything and exit.
     Shutdown,
 }
@@ -51,6 +85,24 @@ pub enum BackendEvent {
         frontend: u32,
         devid: u32,
         reason: String,
+    },
+    /// VF `vf` (address `address`) of `pf` is ready for `frontend`. Descriptors: `[VFIO
+    /// group]` (the driver domain closed its own).
+    VfAssigned {
+        frontend: u32,
+        pf: String,
+        vf: u16,
+        address: String,
+    },
+    /// No VF for `frontend`, and why.
+    VfRefused { frontend: u32, reason: String },
+    /// VF `address` is back: `reset` says whether its function reset succeeded (`detail`
+    /// says why not).
+    VfReleased {
+        frontend: u32,
+        address: String,
+        reset: bool,
+        detail: String,
     },
 }
 
@@ -72,6 +124,13 @@ pub enum GuestRequest {
     /// A network interface is being attached, with this IPv4 address on the host's internal
     /// switch. Descriptors: `[frontend end of the vhost-user connection]`.
     AttachNet { devid: u32, ip: [u8; 4] },
+    /// The driver domain was restarted: a fresh vhost-user connection for block device
+    /// `devid`, already attached. Descriptors: `[frontend end of the new connection]`. The
+    /// guest keeps its queues and reconnects when its backend is back at InitWait
+    /// (docs/protocol.md, "Backend restart").
+    ReconnectBlock { devid: u32 },
+    /// The same for network interface `devid`.
+    ReconnectNet { devid: u32 },
     /// Resolve `peer` with ARP on interface `devid`, then exchange `rounds` UDP echoes with it.
     NetPing {
         devid: u32,
@@ -86,6 +145,13 @@ pub enum GuestRequest {
         bytes: u64,
         verify_only: bool,
     },
+    /// A PCI function to assign to the guest (a KVM Linux guest, before it boots), as its
+    /// `index`-th. Descriptors: `[VFIO group]` holding the function `address`.
+    AssignPci { index: u32, address: String },
+    /// Let the PCI function of [`GuestRequest::AssignPci`] `index` go (`pci-detach`): reset
+    /// it and close its descriptors, the guest running or not (no hotplug: a running guest
+    /// sees it vanish). Answered by [`GuestEvent::PciDetached`] or [`GuestEvent::PciFailed`].
+    DetachPci { index: u32 },
     /// Report counters and exit.
     Shutdown,
 }
@@ -113,6 +179,12 @@ pub enum GuestEvent {
     },
     /// Something went wrong with a device; the guest keeps its other devices.
     DeviceFailed { devid: u32, reason: String },
+    /// The guest took the PCI function of [`GuestRequest::AssignPci`] `index`.
+    PciAssigned { index: u32 },
+    /// The guest let PCI function `index` go; it holds nothing of it any more.
+    PciDetached { index: u32 },
+    /// The guest could not take it, and why (it holds no copy of the group).
+    PciFailed { index: u32, reason: String },
     /// Final counters, sent before exiting.
     Stats(GuestStats),
 }
@@ -154,6 +226,9 @@ pub enum ToolstackRequest {
     },
     /// Detach network interface `devid` from guest `guest`.
     NetworkDetach { guest: String, devid: u32 },
+    /// Take PCI function `index` (its `[[pci]]` entry) away from guest `guest` and give the
+    /// VF back to the driver domain.
+    PciDetach { guest: String, index: u32 },
     /// Have guest `guest` resolve `peer` on interface `devid` and exchange UDP echoes with it.
     NetPing {
         guest: String,

@@ -229,6 +229,9 @@ pub mod keys {
     /// Backend side, added by this project: the vhost-user connection the frontend was
     /// handed, as "fd" (a pre-connected descriptor) or a socket path.
     pub const VHOST_USER: &str = "vhost-user";
+    /// Backend side: why the device's session failed, as a Xen backend's `xenbus_dev_fatal`
+    /// reports it (written with state Closed; removed when a new session starts).
+    pub const ERROR: &str = "error";
 }
 
 #[cfg(test)]

@@ -141,12 +141,7 @@ fn create(
     for (bp, node) in built {
         view.put(&bp, node)?;
     }
-    view.changed(Change {
-        path: p.to_owned(),
-        how: Match::Subtree,
-        perms,
-        old_perms: None,
-    });
+    view.changed(Change::new(p, Match::Subtree, perms));
     Ok(())
 }
 
@@ -169,12 +164,7 @@ pub fn write(
             check_node_size(caller, quotas, &node)?;
             let perms = node.perms.clone();
             view.put(p, node)?;
-            view.changed(Change {
-                path: p.to_owned(),
-                how: Match::Subtree,
-                perms,
-                old_perms: None,
-            });
+            view.changed(Change::new(p, Match::Subtree, perms));
             Ok(())
         }
         Err(XsError::ENOENT) => create(view, caller, quotas, p, value),
@@ -240,12 +230,7 @@ pub fn remove_subtree(view: &mut View<'_>, p: &str) -> Result<(), XsError> {
         } else {
             Match::Exact
         };
-        view.changed(Change {
-            path: cur.clone(),
-            how,
-            perms: node.perms,
-            old_perms: None,
-        });
+        view.changed(Change::new(cur.clone(), how, node.perms));
         view.remove(cur)?;
     }
     let parent_path = path::parent(p);

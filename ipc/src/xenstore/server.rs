@@ -7,7 +7,7 @@
 //! socket and the domain's connections. [`StoreHandle::connect_domain`] hands
 //! out one end of a socket pair already registered as a domain.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
@@ -16,14 +16,20 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::engine::{ConnId, DomainEvent, Engine};
+use super::limits::{ConnLimits, DomainBooks};
+use super::outqueue::{OutQueue, Queued};
 use super::perms::DomId;
+use super::store_handle::Command;
+pub use super::store_handle::{
+    domain_socket_dir, domain_socket_path, StoreConfig, StoreHandle, StoreStats,
+};
 use super::wire::{Decoder, Message, WireError, XsError};
-use super::Quotas;
 
 /// Errors of the store daemon.
 #[derive(Debug, thiserror::Error)]
@@ -44,123 +50,6 @@ pub enum ServerError {
     Panicked,
 }
 
-/// Store settings.
-#[derive(Debug, Clone)]
-pub struct StoreConfig {
-    /// The privileged (dom0) socket. Domain sockets live in `<socket>.d/`.
-    pub socket: PathBuf,
-    /// Limits for unprivileged domains.
-    pub quotas: Quotas,
-    /// Most bytes queued towards one client before it is disconnected (1 MiB).
-    pub max_output_bytes: usize,
-    /// Most simultaneous connections; further ones are refused (1024).
-    pub max_connections: usize,
-}
-
-impl StoreConfig {
-    /// Defaults with the given privileged socket path.
-    pub fn new(socket: impl Into<PathBuf>) -> StoreConfig {
-        StoreConfig {
-            socket: socket.into(),
-            ..StoreConfig::default()
-        }
-    }
-}
-
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig {
-            socket: PathBuf::from("/run/xenstored/socket"),
-            quotas: Quotas::default(),
-            max_output_bytes: 1 << 20,
-            max_connections: 1024,
-        }
-    }
-}
-
-/// The directory holding per-domain sockets for a store socket.
-pub fn domain_socket_dir(socket: &Path) -> PathBuf {
-    let mut s = socket.as_os_str().to_owned();
-    s.push(".d");
-    PathBuf::from(s)
-}
-
-/// The socket a domain connects to once introduced.
-pub fn domain_socket_path(socket: &Path, domid: DomId) -> PathBuf {
-    domain_socket_dir(socket).join(domid.to_string())
-}
-
-enum Command {
-    Attach(DomId, UnixStream),
-    Stats(Sender<StoreStats>),
-    Shutdown,
-}
-
-/// A snapshot of the store's resource use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreStats {
-    /// Open client connections.
-    pub connections: usize,
-    /// Bytes queued towards clients, over all connections.
-    pub queued_output_bytes: usize,
-    /// Bytes received but not yet handled, over all connections.
-    pub buffered_input_bytes: usize,
-    /// Nodes in the tree, the root included.
-    pub nodes: usize,
-}
-
-/// A cloneable, sendable handle to a running (or about to run) store.
-#[derive(Clone)]
-pub struct StoreHandle {
-    tx: Sender<Command>,
-    wake: Arc<EventFd>,
-    socket: PathBuf,
-}
-
-impl std::fmt::Debug for StoreHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreHandle")
-            .field("socket", &self.socket)
-            .finish()
-    }
-}
-
-impl StoreHandle {
-    /// A connection already registered as `domid` (privileged if 0), for the
-    /// toolstack to hand to a domain's process.
-    pub fn connect_domain(&self, domid: DomId) -> Result<UnixStream, ServerError> {
-        let (ours, theirs) =
-            UnixStream::pair().map_err(|source| ServerError::SocketPair { domid, source })?;
-        self.tx
-            .send(Command::Attach(domid, ours))
-            .map_err(|_| ServerError::ShutDown)?;
-        self.wake.write(1).map_err(|_| ServerError::ShutDown)?;
-        Ok(theirs)
-    }
-
-    /// Current resource use, as seen by the store's thread (waits at most `timeout`).
-    pub fn stats(&self, timeout: std::time::Duration) -> Result<StoreStats, ServerError> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Command::Stats(tx))
-            .map_err(|_| ServerError::ShutDown)?;
-        self.wake.write(1).map_err(|_| ServerError::ShutDown)?;
-        rx.recv_timeout(timeout).map_err(|_| ServerError::ShutDown)
-    }
-
-    /// Asks the store to stop; `run` returns soon after.
-    pub fn shutdown(&self) {
-        if self.tx.send(Command::Shutdown).is_ok() {
-            let _ = self.wake.write(1);
-        }
-    }
-
-    /// The privileged socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Source {
     MainListener,
@@ -177,11 +66,10 @@ struct Client {
     /// decoded up to `in_pos`.
     inbuf: Vec<u8>,
     in_pos: usize,
-    /// Encoded messages waiting to be written, and whether each is a reply.
-    out: VecDeque<(Vec<u8>, bool)>,
-    out_offset: usize,
-    out_bytes: usize,
+    out: OutQueue,
     pending_replies: usize,
+    /// When the message the decoder holds in part began to arrive.
+    partial_since: Option<Instant>,
     interest: EventSet,
     dead: bool,
 }
@@ -203,6 +91,17 @@ pub struct Store {
     /// Clients to close at the end of this loop iteration.
     doomed: Vec<ConnId>,
     next_token: u64,
+    books: DomainBooks,
+    /// When to next look for half-sent messages and stale watch events.
+    next_sweep: Instant,
+    counters: Counters,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    refused: u64,
+    timed_out: u64,
+    dropped_events: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -277,6 +176,9 @@ impl Store {
             throttled: BTreeSet::new(),
             doomed: Vec::new(),
             next_token: 2,
+            books: DomainBooks::default(),
+            next_sweep: Instant::now(),
+            counters: Counters::default(),
         })
     }
 
@@ -293,7 +195,13 @@ impl Store {
     pub fn run(mut self) -> Result<(), ServerError> {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let wait = self
+                .next_sweep
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .saturating_add(1);
+            let wait = i32::try_from(wait).unwrap_or(i32::MAX);
+            let n = match self.epoll.wait(wait, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ServerError::Epoll(e)),
@@ -328,6 +236,9 @@ impl Store {
                     }
                 }
             }
+            if Instant::now() >= self.next_sweep {
+                self.sweep();
+            }
             self.resume_throttled();
             self.reap();
         }
@@ -336,13 +247,16 @@ impl Store {
     fn stats(&self) -> StoreStats {
         StoreStats {
             connections: self.clients.len(),
-            queued_output_bytes: self.clients.values().map(|c| c.out_bytes).sum(),
+            queued_output_bytes: self.clients.values().map(|c| c.out.bytes()).sum(),
             buffered_input_bytes: self
                 .clients
                 .values()
                 .map(|c| c.inbuf.len() - c.in_pos)
                 .sum(),
             nodes: self.engine.tree().len(),
+            refused_connections: self.counters.refused,
+            timed_out_messages: self.counters.timed_out,
+            dropped_events: self.counters.dropped_events,
         }
     }
 
@@ -375,8 +289,14 @@ impl Store {
     }
 
     fn add_client(&mut self, stream: UnixStream, domid: DomId) {
-        if self.clients.len() >= self.cfg.max_connections {
+        let lim = ConnLimits {
+            total: self.cfg.max_connections,
+            reserved_for_dom0: self.cfg.reserved_for_dom0,
+            per_domain: self.cfg.quotas.connections_per_domain,
+        };
+        if !self.books.may_connect(domid, self.clients.len(), lim) {
             log::warn!("store: connection limit reached, refusing a client of domain {domid}");
+            self.counters.refused += 1;
             return;
         }
         if domid != 0
@@ -411,16 +331,17 @@ impl Store {
             decoder: Decoder::new(),
             inbuf: Vec::new(),
             in_pos: 0,
-            out: VecDeque::new(),
-            out_offset: 0,
-            out_bytes: 0,
+            out: OutQueue::default(),
             pending_replies: 0,
+            partial_since: None,
             interest: EventSet::IN,
             dead: false,
         };
+        self.books.connected(domid);
         self.clients.insert(id, client);
     }
 
+    /// Unread replies one connection may have before the store stops reading it.
     fn read_limit(&self, domid: DomId) -> usize {
         if domid == 0 {
             // dom0 pipelines more deeply; 128 full-size replies still fit
@@ -431,6 +352,18 @@ impl Store {
         }
     }
 
+    /// Whether the store may handle another request of `id`: its connection
+    /// is under its reply limit and (guests) its domain under its
+    /// outstanding-request quota, which also counts the watch events it caused.
+    fn may_read(&self, id: ConnId) -> bool {
+        let Some(c) = self.clients.get(&id) else {
+            return false;
+        };
+        c.pending_replies < self.read_limit(c.domid)
+            && (c.domid == 0
+                || self.books.outstanding(c.domid) < self.cfg.quotas.outstanding_requests)
+    }
+
     /// Reads what the client sent and handles complete requests, stopping
     /// while too many replies are unread.
     fn read_client(&mut self, id: ConnId) {
@@ -439,11 +372,11 @@ impl Store {
         // starve the others; epoll reports it again if more is waiting.
         for _ in 0..READS_PER_WAKEUP {
             self.process_input(id);
-            let limit = self.read_limit_for(id);
+            let may_read = self.may_read(id);
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
-            if c.dead || c.pending_replies >= limit || c.in_pos < c.inbuf.len() {
+            if c.dead || !may_read || c.in_pos < c.inbuf.len() {
                 break;
             }
             match c.stream.read(&mut buf) {
@@ -472,30 +405,31 @@ impl Store {
         self.update_interest(id);
     }
 
-    fn read_limit_for(&self, id: ConnId) -> usize {
-        self.clients
-            .get(&id)
-            .map_or(0, |c| self.read_limit(c.domid))
-    }
-
     fn process_input(&mut self, id: ConnId) {
-        let limit = self.read_limit_for(id);
         loop {
+            let may_read = self.may_read(id);
             let Some(c) = self.clients.get_mut(&id) else {
                 return;
             };
             if c.dead || c.in_pos == c.inbuf.len() {
                 c.inbuf.clear();
                 c.in_pos = 0;
+                if c.decoder.is_mid_message() {
+                    c.partial_since.get_or_insert_with(Instant::now);
+                }
                 self.throttled.remove(&id);
                 return;
             }
-            if c.pending_replies >= limit {
+            if !may_read {
                 self.throttled.insert(id);
                 return;
             }
             let (used, res) = c.decoder.decode(&c.inbuf[c.in_pos..]);
             c.in_pos += used;
+            if !matches!(res, Ok(None)) {
+                c.partial_since = None;
+            }
+            let domid = c.domid;
             match res {
                 Ok(None) => {}
                 Ok(Some(msg)) => {
@@ -503,11 +437,12 @@ impl Store {
                     // Sockets open/close before the reply leaves, so a client
                     // seeing OK can rely on them.
                     self.domain_events();
-                    self.deliver(out);
+                    self.deliver(out, (domid != 0).then_some(domid));
                 }
                 Err(WireError::UnknownType { req_id, tx_id, ty }) => {
                     log::debug!("store: {id:?} sent unknown type {ty}");
-                    self.deliver(vec![(id, Message::error(req_id, tx_id, XsError::ENOSYS))]);
+                    let err = Message::error(req_id, tx_id, XsError::ENOSYS);
+                    self.deliver(vec![(id, err)], None);
                 }
                 Err(e @ WireError::TooLong(_)) => {
                     log::warn!("store: disconnecting {id:?}: {e}");
@@ -519,8 +454,12 @@ impl Store {
         }
     }
 
-    fn deliver(&mut self, out: Vec<(ConnId, Message)>) {
+    /// Queues an engine output: the reply first, then watch events, which
+    /// are charged to `causer` (the unprivileged domain whose request caused
+    /// them, `None` for dom0).
+    fn deliver(&mut self, out: Vec<(ConnId, Message)>, causer: Option<DomId>) {
         let mut touched = Vec::new();
+        let now = Instant::now();
         for (i, (cid, msg)) in out.into_iter().enumerate() {
             let Some(c) = self.clients.get_mut(&cid) else {
                 continue;
@@ -529,27 +468,66 @@ impl Store {
                 continue;
             }
             let bytes = msg.encode();
-            if c.out_bytes + bytes.len() > self.cfg.max_output_bytes {
-                log::warn!(
-                    "store: disconnecting {cid:?} (domain {}): it does not read its messages",
-                    c.domid
-                );
-                c.dead = true;
-                self.doomed.push(cid);
-                continue;
-            }
             // The first message of an engine output is the reply to the request.
             let is_reply = i == 0 && msg.ty != super::wire::MsgType::WatchEvent;
-            c.out_bytes += bytes.len();
             if is_reply {
+                // Replies are bounded by the reply limit, never dropped.
                 c.pending_replies += 1;
+                if c.domid != 0 {
+                    self.books.charge(c.domid);
+                }
+                c.out.push(bytes, Queued::Reply);
+                touched.push(cid);
+                continue;
             }
-            c.out.push_back((bytes, is_reply));
+            if c.out.bytes() + bytes.len() > self.cfg.max_output_bytes {
+                if c.domid != 0 {
+                    // C xenstored drops events beyond a guest's memory quota.
+                    log::debug!(
+                        "store: dropping a watch event for {cid:?} (domain {})",
+                        c.domid
+                    );
+                    self.counters.dropped_events += 1;
+                    continue;
+                }
+                if causer.is_none() {
+                    log::warn!(
+                        "store: disconnecting {cid:?} (domain 0): it does not read its messages"
+                    );
+                    c.dead = true;
+                    self.doomed.push(cid);
+                    continue;
+                }
+                // dom0 receives every event a guest causes: the guest waits
+                // (outstanding quota) until dom0 has read or they time out.
+            }
+            if let Some(d) = causer {
+                self.books.charge(d);
+            }
+            c.out.push(
+                bytes,
+                Queued::Event {
+                    causer,
+                    queued_at: now,
+                },
+            );
             touched.push(cid);
         }
         touched.dedup();
         for cid in touched {
             self.flush(cid);
+        }
+    }
+
+    /// Discharges a message that left (or was dropped from) `receiver`'s queue.
+    fn discharge(&mut self, receiver: DomId, kind: Queued) {
+        let limit = self.cfg.quotas.outstanding_requests;
+        match kind {
+            Queued::Reply if receiver != 0 => self.books.discharge(receiver, limit),
+            Queued::Event {
+                causer: Some(d), ..
+            } => self.books.discharge(d, limit),
+            _ => {}
         }
     }
 
@@ -560,25 +538,22 @@ impl Store {
         if c.dead {
             return;
         }
-        while let Some((front, is_reply)) = c.out.front() {
-            let is_reply = *is_reply;
+        let mut done = Vec::new();
+        while let Some(front) = c.out.unsent() {
             // MSG_NOSIGNAL: a vanished peer is an error here, never a SIGPIPE.
             let sent = nix::sys::socket::send(
                 c.stream.as_raw_fd(),
-                &front[c.out_offset..],
+                front,
                 nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
             )
             .map_err(io::Error::from);
             match sent {
                 Ok(n) => {
-                    c.out_offset += n;
-                    if c.out_offset == front.len() {
-                        c.out_bytes -= front.len();
-                        c.out_offset = 0;
-                        c.out.pop_front();
-                        if is_reply {
+                    if let Some(kind) = c.out.advance(n) {
+                        if kind == Queued::Reply {
                             c.pending_replies -= 1;
                         }
+                        done.push(kind);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -590,22 +565,24 @@ impl Store {
                 }
             }
         }
+        let domid = c.domid;
+        for kind in done {
+            self.discharge(domid, kind);
+        }
         self.update_interest(id);
     }
 
-    /// Lets throttled clients whose replies have drained continue with the
-    /// requests they already sent. Runs from the main loop, never nested in
-    /// request handling, so the stack stays flat.
+    /// Lets throttled clients whose replies have drained, and clients of
+    /// domains whose outstanding count dropped, continue. Runs from the main
+    /// loop, never nested in request handling, so the stack stays flat.
     fn resume_throttled(&mut self) {
+        let woken = self.books.take_woken();
         let ready: Vec<ConnId> = self
-            .throttled
+            .clients
             .iter()
-            .copied()
-            .filter(|id| {
-                self.clients
-                    .get(id)
-                    .is_some_and(|c| c.pending_replies < self.read_limit_for(*id))
-            })
+            .filter(|(id, c)| self.throttled.contains(id) || woken.contains(&c.domid))
+            .map(|(id, _)| *id)
+            .filter(|id| self.may_read(*id))
             .collect();
         for id in ready {
             self.process_input(id);
@@ -613,8 +590,46 @@ impl Store {
         }
     }
 
+    /// Closes connections whose message stayed half-sent too long and drops
+    /// watch events unread too long; schedules the next sweep.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let (partial, events) = (
+            self.cfg.partial_message_timeout,
+            self.cfg.watch_event_timeout,
+        );
+        let mut next = now + partial.min(events);
+        let mut discharges = Vec::new();
+        for (id, c) in self.clients.iter_mut().filter(|(_, c)| !c.dead) {
+            if let Some(since) = c.partial_since {
+                if now.saturating_duration_since(since) >= partial {
+                    log::warn!(
+                        "store: closing {id:?} (domain {}): half-sent message timed out",
+                        c.domid
+                    );
+                    self.counters.timed_out += 1;
+                    c.dead = true;
+                    self.doomed.push(*id);
+                    continue;
+                }
+                next = next.min(since + partial);
+            }
+            for kind in c.out.expire(now, events) {
+                self.counters.dropped_events += 1;
+                discharges.push((c.domid, kind));
+            }
+            if let Some(oldest) = c.out.oldest_event() {
+                next = next.min(oldest + events);
+            }
+        }
+        for (domid, kind) in discharges {
+            self.discharge(domid, kind);
+        }
+        self.next_sweep = next;
+    }
+
     fn update_interest(&mut self, id: ConnId) {
-        let limit = self.read_limit_for(id);
+        let may_read = self.may_read(id);
         let Some(c) = self.clients.get_mut(&id) else {
             return;
         };
@@ -622,7 +637,7 @@ impl Store {
             return;
         }
         let mut want = EventSet::empty();
-        if c.pending_replies < limit && c.in_pos == c.inbuf.len() {
+        if may_read && c.in_pos == c.inbuf.len() {
             want |= EventSet::IN;
         }
         if !c.out.is_empty() {
@@ -693,12 +708,16 @@ impl Store {
     fn reap(&mut self) {
         let dead = std::mem::take(&mut self.doomed);
         for id in dead {
-            if let Some(c) = self.clients.remove(&id) {
+            if let Some(mut c) = self.clients.remove(&id) {
                 let _ = self.epoll.ctl(
                     ControlOperation::Delete,
                     c.stream.as_raw_fd(),
                     EpollEvent::default(),
                 );
+                self.books.disconnected(c.domid);
+                for kind in c.out.clear() {
+                    self.discharge(c.domid, kind);
+                }
             }
             self.sources.remove(&id.0);
             self.throttled.remove(&id);

@@ -39,7 +39,16 @@ impl Node {
             + self.children.iter().map(|c| c.len() + 1).sum::<usize>()
             + 5 * self.perms.entries().len()
     }
+
+    /// Bytes the store charges for holding this node at `path`: the path,
+    /// the stored size and a fixed bookkeeping overhead.
+    pub fn charge(&self, path: &str) -> usize {
+        path.len() + self.stored_size() + NODE_OVERHEAD
+    }
 }
+
+/// Bookkeeping bytes charged per stored node, journal entry or recorded change.
+pub const NODE_OVERHEAD: usize = 64;
 
 /// How a change is matched against watches (Xen's `enum watch_match`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,12 +70,26 @@ pub struct Change {
     pub old_perms: Option<Perms>,
 }
 
+impl Change {
+    /// A change at `path` seen by whoever may read under `perms` (no earlier permissions).
+    pub fn new(path: impl Into<String>, how: Match, perms: Perms) -> Self {
+        Change {
+            path: path.into(),
+            how,
+            perms,
+            old_perms: None,
+        }
+    }
+}
+
 /// The live tree.
 #[derive(Debug)]
 pub struct Tree {
     nodes: HashMap<String, Node>,
     generation: u64,
     owned: HashMap<DomId, usize>,
+    /// Bytes of the nodes each domain owns ([`Node::charge`]).
+    owned_bytes: HashMap<DomId, usize>,
 }
 
 impl Default for Tree {
@@ -84,6 +107,7 @@ impl Tree {
             nodes,
             generation: 0,
             owned: HashMap::new(),
+            owned_bytes: HashMap::new(),
         }
     }
 
@@ -107,34 +131,48 @@ impl Tree {
         self.owned.get(&domid).copied().unwrap_or(0)
     }
 
+    /// Bytes of the nodes `domid` owns (the root is not counted).
+    pub fn bytes_owned_by(&self, domid: DomId) -> usize {
+        self.owned_bytes.get(&domid).copied().unwrap_or(0)
+    }
+
     /// Stores `node` at `path` with a fresh generation.
     pub fn put(&mut self, path: &str, mut node: Node) {
         self.generation += 1;
         node.generation = self.generation;
         let new_owner = node.perms.owner();
+        let bytes = node.charge(path);
         if let Some(old) = self.nodes.insert(path.to_owned(), node) {
-            self.uncount(path, old.perms.owner());
+            self.uncount(path, &old);
         }
         if path != "/" {
             *self.owned.entry(new_owner).or_insert(0) += 1;
+            *self.owned_bytes.entry(new_owner).or_insert(0) += bytes;
         }
     }
 
     /// Removes the node at `path` (children are the caller's business).
     pub fn remove(&mut self, path: &str) -> Option<Node> {
         let old = self.nodes.remove(path)?;
-        self.uncount(path, old.perms.owner());
+        self.uncount(path, &old);
         Some(old)
     }
 
-    fn uncount(&mut self, path: &str, owner: DomId) {
+    fn uncount(&mut self, path: &str, old: &Node) {
         if path == "/" {
             return;
         }
+        let owner = old.perms.owner();
         if let Some(n) = self.owned.get_mut(&owner) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.owned.remove(&owner);
+            }
+        }
+        if let Some(b) = self.owned_bytes.get_mut(&owner) {
+            *b = b.saturating_sub(old.charge(path));
+            if *b == 0 {
+                self.owned_bytes.remove(&owner);
             }
         }
     }
@@ -175,14 +213,44 @@ struct TxEntry {
 #[derive(Debug, Default)]
 pub struct Transaction {
     entries: HashMap<String, TxEntry>,
+    /// Changes to fire at commit: one per node and kind, in order of first
+    /// change, with the final permissions (C xenstored fires each modified
+    /// node once), so rewriting one node costs one entry however often.
     changes: Vec<Change>,
+    change_index: HashMap<(String, bool), usize>,
     owned_delta: HashMap<DomId, isize>,
+    /// Bytes held by the journal: copied nodes and recorded changes.
+    bytes: usize,
 }
 
 impl Transaction {
     /// Number of nodes this transaction has touched.
     pub fn touched(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Bytes the journal holds (copied nodes, recorded changes), charged to
+    /// the transaction's domain.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn record(&mut self, ch: Change) {
+        let key = (ch.path.clone(), ch.how == Match::Subtree);
+        match self.change_index.get(&key) {
+            Some(&i) => {
+                let first = &mut self.changes[i];
+                first.perms = ch.perms;
+                if first.old_perms.is_none() {
+                    first.old_perms = ch.old_perms;
+                }
+            }
+            None => {
+                self.bytes += 2 * ch.path.len() + NODE_OVERHEAD;
+                self.change_index.insert(key, self.changes.len());
+                self.changes.push(ch);
+            }
+        }
     }
 
     /// Checks for conflicts and, if there are none, applies the transaction
@@ -209,32 +277,8 @@ impl Transaction {
         for (path, node) in puts {
             tree.put(&path, node);
         }
-        Ok(dedup_changes(self.changes))
+        Ok(self.changes)
     }
-}
-
-/// One event per node and kind, in order of first change, with the final
-/// permissions (C xenstored fires each modified node once at commit).
-fn dedup_changes(changes: Vec<Change>) -> Vec<Change> {
-    let mut out: Vec<Change> = Vec::with_capacity(changes.len());
-    let mut index: HashMap<(String, bool), usize> = HashMap::new();
-    for ch in changes {
-        let key = (ch.path.clone(), ch.how == Match::Subtree);
-        match index.get(&key) {
-            Some(&i) => {
-                let first = &mut out[i];
-                first.perms = ch.perms;
-                if first.old_perms.is_none() {
-                    first.old_perms = ch.old_perms;
-                }
-            }
-            None => {
-                index.insert(key, out.len());
-                out.push(ch);
-            }
-        }
-    }
-    out
 }
 
 /// Read/write access to the tree, either directly or through a transaction.
@@ -282,6 +326,7 @@ impl<'a> View<'a> {
                         return Err(XsError::ENOSPC);
                     }
                     let live = self.tree.get(path);
+                    tx.bytes += live.map_or(path.len() + NODE_OVERHEAD, |n| n.charge(path));
                     let entry = TxEntry {
                         base: live.map(|n| n.generation),
                         node: live.cloned(),
@@ -312,6 +357,8 @@ impl<'a> View<'a> {
                     *tx.owned_delta.entry(node.perms.owner()).or_insert(0) += 1;
                 }
                 if let Some(e) = tx.entries.get_mut(path) {
+                    let old = e.node.as_ref().map_or(0, |n| n.stored_size());
+                    tx.bytes = (tx.bytes + node.stored_size()).saturating_sub(old);
                     e.node = Some(node);
                     e.modified = true;
                 }
@@ -332,6 +379,8 @@ impl<'a> View<'a> {
                     *tx.owned_delta.entry(o).or_insert(0) -= 1;
                 }
                 if let Some(e) = tx.entries.get_mut(path) {
+                    let old = e.node.as_ref().map_or(0, |n| n.stored_size());
+                    tx.bytes = tx.bytes.saturating_sub(old);
                     e.node = None;
                     e.modified = true;
                 }
@@ -355,7 +404,7 @@ impl<'a> View<'a> {
     pub fn changed(&mut self, change: Change) {
         match &mut self.tx {
             None => self.fired.push(change),
-            Some(tx) => tx.changes.push(change),
+            Some(tx) => tx.record(change),
         }
     }
 }

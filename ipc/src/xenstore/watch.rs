@@ -92,12 +92,7 @@ mod tests {
     use crate::xenstore::perms::Perms;
 
     fn change(p: &str, how: Match) -> Change {
-        Change {
-            path: p.into(),
-            how,
-            perms: Perms::owned_by(0),
-            old_perms: None,
-        }
+        Change::new(p, how, Perms::owned_by(0))
     }
 
     #[test]

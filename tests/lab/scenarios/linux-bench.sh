@@ -1,7 +1,7 @@
 # linux-bench (a benchmark, not in the default order): exits per request of a Linux guest's
 # virtio-blk disk. The L2 guest (1 vCPU, 256 MiB) runs tests/lab/l2-bench, 4 KiB O_DIRECT random
 # reads and writes through io_uring at queue depth 1 and 32, each round an I/O phase and an idle
-# baseline of the same length marked on the phase port. Three boots: interrupts without
+# baseline of the same length marked on the phase register. Three boots: interrupts without
 # notification suppression (EVENT_IDX hidden), EVENT_IDX, and EVENT_IDX with the backend
 # polling. The VMM snapshots its counters, KVM's binary stats and the L1 kernel's kvm_exit
 # histogram by exit reason at each mark; this prints one line per round with the net (I/O

@@ -125,6 +125,8 @@ wait_log() {
 # Unanchored: the VMM's log lines share the file and can land in front of a guest line.
 wait_log "L2-CONSOLE-READY" 60
 grep -E "vbd .*Connected|created" $W/up.log
+step "the driver domain and the Linux guest's VMM are confined"
+assert_confined $up
 run $SV list
 echo "$OUT" | grep -E "^2 +debian .* all-ram$" || fail "splitvmm list does not show debian with share all-ram"
 run $SV list --json

@@ -5,6 +5,9 @@ W=/tmp/owned
 mkdir -p $W
 cat > $W/host.toml <<TOML
 run_dir = "$W/run"
+[confinement]
+memory_max_mib = 64
+pids_max = 300
 [driver_domain]
 name = "driver"
 domid = 1
@@ -24,6 +27,15 @@ until grep -q "host is up" $W/up.log; do
     sleep 0.1
 done
 
+step "the driver domain is confined (the lab's root is an initramfs: MS_MOVE + chroot)"
+assert_confined $up
+dd=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f4 $d/stat 2>/dev/null)" = "$up" ] && echo ${d#/proc/}; done | head -1)
+cg=$(sed -n 's/^0:://p' /proc/$dd/cgroup)
+echo "driver domain cgroup: $cg, pids.max $(cat /sys/fs/cgroup$cg/pids.max), memory.max $(cat /sys/fs/cgroup$cg/memory.max)"
+[ "$cg" = "/splitvmm-$up/driver" ] || fail "the driver domain is in cgroup '$cg', not /splitvmm-$up/driver"
+[ "$(cat /sys/fs/cgroup$cg/pids.max)" = 300 ] || fail "pids.max is not 300"
+[ "$(cat /sys/fs/cgroup$cg/memory.max)" = $((64 << 20)) ] || fail "memory.max is not 64 MiB"
+
 step "splitvmm devices"
 run /bin/splitvmm devices --store $W/run/xenstored.sock
 echo "$OUT" | grep "^driver .*$PF .*nvme .*/2  present" || fail "$PF not reported as owned, on nvme, with its VF count"
@@ -32,4 +44,5 @@ step "shut the host down"
 kill $up
 wait $up || true
 kill -0 $up 2>/dev/null && fail "splitvmm up survived SIGTERM"
+[ -d /sys/fs/cgroup/splitvmm-$up ] && fail "the toolstack left its cgroup behind"
 echo "owned: reported and shut down"

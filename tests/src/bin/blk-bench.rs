@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::Parser;
+use splitvmm_tests::backends::Reaped;
+use splitvmm_tests::XorShift;
 
 const BS: usize = 4096;
 
@@ -81,14 +83,18 @@ struct Row {
     stats: Stats,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
+/// The table rows of one target's runs, one per queue depth.
+fn rows_of(
+    target: &'static str,
+    mode: &'static str,
+    runs: Vec<(usize, Stats)>,
+) -> impl Iterator<Item = Row> {
+    runs.into_iter().map(move |(qd, stats)| Row {
+        target,
+        mode,
+        qd,
+        stats,
+    })
 }
 
 fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
@@ -111,11 +117,11 @@ fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
 /// Random 4 KiB reads at queue depth `qd` for `secs` seconds on `q`.
 fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) -> Result<Stats> {
     let blocks = capacity / BS as u64;
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut start = vec![Instant::now(); qd];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
-    let submit = |q: &mut Blkioq, rng: &mut Rng, slot: usize| {
-        let off = (rng.next() % blocks) * BS as u64;
+    let submit = |q: &mut Blkioq, rng: &mut XorShift, slot: usize| {
+        let off = rng.below(blocks) * BS as u64;
         q.read(
             off,
             (buf + slot * BS) as *mut u8,
@@ -188,6 +194,17 @@ fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usiz
     b.set_i32("num-poll-queues", npq)
         .map_err(|e| anyhow!("{e:?}"))?;
     b.set_i32("queue-size", 256).map_err(|e| anyhow!("{e:?}"))?;
+    measure_depths(&mut b, poll, secs, Some(pid))
+}
+
+/// Starts a connected `b` and runs QD1 and QD32 on its first queue (its polled one with
+/// `poll`), charging `backend`'s CPU time to each run when given.
+fn measure_depths(
+    b: &mut Blkio,
+    poll: bool,
+    secs: f64,
+    backend: Option<u32>,
+) -> Result<Vec<(usize, Stats)>> {
     let mut out = b.start().map_err(|e| anyhow!("start: {e:?}"))?;
     let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
     let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
@@ -199,9 +216,11 @@ fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usiz
     };
     let mut res = Vec::new();
     for qd in [1usize, 32] {
-        let c0 = cpu_secs(pid);
+        let c0 = backend.map(cpu_secs);
         let mut st = run_queue(q, region.addr, qd, capacity, secs)?;
-        st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        if let (Some(pid), Some(c0)) = (backend, c0) {
+            st.backend_cpu = (cpu_secs(pid) - c0) / secs;
+        }
         res.push((qd, st));
     }
     Ok(res)
@@ -215,18 +234,7 @@ fn bench_native(img: &Path, secs: f64) -> Result<Vec<(usize, Stats)>> {
     b.connect()
         .map_err(|e| anyhow!("io_uring connect: {e:?}"))?;
     b.set_i32("num-queues", 1).map_err(|e| anyhow!("{e:?}"))?;
-    let mut out = b.start().map_err(|e| anyhow!("{e:?}"))?;
-    let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
-    let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
-    b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
-    let mut res = Vec::new();
-    for qd in [1usize, 32] {
-        res.push((
-            qd,
-            run_queue(&mut out.queues[0], region.addr, qd, capacity, secs)?,
-        ));
-    }
-    Ok(res)
+    measure_depths(&mut b, false, secs, None)
 }
 
 /// Round trips through two eventfds between two threads: the notification floor.
@@ -259,14 +267,6 @@ fn eventfd_pingpong(secs: f64) -> Result<Stats> {
     Ok(percentiles(lat, n, t0.elapsed().as_secs_f64()))
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !p.exists() {
@@ -281,7 +281,7 @@ fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
     Ok(())
 }
 
-fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Proc> {
+fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
     let mut c = Command::new(bin)
         .arg("serve")
@@ -298,10 +298,10 @@ fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     wait_socket(sock, &mut c)?;
-    Ok(Proc(c))
+    Ok(Reaped(c))
 }
 
-fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Proc> {
+fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
     let iothread = if poll {
         "iothread,id=io0".to_string()
@@ -326,7 +326,7 @@ fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Proc>
         .spawn()
         .with_context(|| format!("starting {qsd}"))?;
     wait_socket(sock, &mut c)?;
-    Ok(Proc(c))
+    Ok(Reaped(c))
 }
 
 fn main() -> Result<()> {
@@ -390,14 +390,11 @@ fn main() -> Result<()> {
                 continue;
             }
             let p = spawn_ours(&bin, &sock, &disk, poll_us)?;
-            for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
-                rows.push(Row {
-                    target,
-                    mode,
-                    qd,
-                    stats,
-                });
-            }
+            rows.extend(rows_of(
+                target,
+                mode,
+                bench_vhost(&sock, p.0.id(), poll, secs)?,
+            ));
         }
         if qsd_ok {
             for (target, bdev) in [
@@ -416,26 +413,16 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
-                for (qd, stats) in bench_vhost(&sock, p.0.id(), poll, secs)? {
-                    rows.push(Row {
-                        target,
-                        mode,
-                        qd,
-                        stats,
-                    });
-                }
+                rows.extend(rows_of(
+                    target,
+                    mode,
+                    bench_vhost(&sock, p.0.id(), poll, secs)?,
+                ));
             }
         }
     }
     if want("native-io_uring", "irq") {
-        for (qd, stats) in bench_native(&img, secs)? {
-            rows.push(Row {
-                target: "native-io_uring",
-                mode: "irq",
-                qd,
-                stats,
-            });
-        }
+        rows.extend(rows_of("native-io_uring", "irq", bench_native(&img, secs)?));
     }
     if want("eventfd-pingpong", "irq") {
         rows.push(Row {

@@ -1,25 +1,20 @@
-//! Shared by the `vmm_*` tests: KVM detection, building the tiny kernel, a driver domain
-//! serving a disk image, and running `splitvmm-vmm` with a deadline.
+//! Shared by the `vmm_*` tests: KVM detection, building the tiny kernel, and running
+//! `splitvmm-vmm` with a deadline (their driver domain is `splitvmm_tests::backends`').
 
 #![allow(dead_code)]
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+
+use splitvmm_tests::workspace_root;
 use std::time::{Duration, Instant};
 
 /// True if /dev/kvm can be opened; otherwise records the skip of `test`.
 pub fn kvm_or_skip(test: &str) -> bool {
     test_support::require(test, test_support::peers::kvm())
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
 }
 
 fn target_root() -> PathBuf {
@@ -83,62 +78,6 @@ pub fn tiny_kernel() -> PathBuf {
             path
         })
         .clone()
-}
-
-/// A child process killed (and reaped) on drop.
-pub struct Reaped(pub Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `driver-domain serve --blk IMAGE` on a socket in `dir`.
-pub struct DriverDomain {
-    pub socket: PathBuf,
-    pub image: PathBuf,
-    pub process: Reaped,
-}
-
-impl DriverDomain {
-    pub fn start(dir: &Path, image_bytes: u64, extra: &[&str]) -> Self {
-        let image = dir.join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(image_bytes))
-            .expect("creating the disk image");
-        let socket = dir.join("blk.sock");
-        let child = Command::new(splitvmm_tests::workspace_bin("driver-domain"))
-            .arg("serve")
-            .arg("--blk")
-            .arg(&image)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning driver-domain");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "driver-domain socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            socket,
-            image,
-            process: Reaped(child),
-        }
-    }
-
-    /// Still running?
-    pub fn alive(&mut self) -> bool {
-        matches!(self.process.0.try_wait(), Ok(None))
-    }
 }
 
 /// What a VMM run printed and how it ended.

@@ -27,6 +27,11 @@ pub const PCI_MMIO_BYTES: u64 = 0x1000_0000;
 /// PCI Express enhanced configuration (ECAM) for bus 0: 32 devices x 8 functions x 4 KiB.
 pub const ECAM_GPA: u64 = 0xe000_0000;
 pub const ECAM_BYTES: u64 = 1 << 20;
+/// The phase register (a measurement aid, after the tiny guest's phase port, which a Linux
+/// guest cannot reach: its kernel has no `/dev/port`): a byte written at +0 marks a
+/// [`guest_abi::boot::Phase`] (`devmem 0xd0000000 8 1`), a 32-bit value written at +8 is the
+/// number of requests the guest's I/O phase made. Reads return all-ones.
+pub const PHASE_MMIO_GPA: u64 = 0xd000_0000;
 /// Guest RAM ends below the PCI hole.
 pub const RAM_LIMIT: u64 = PCI_MMIO_GPA;
 

@@ -2,77 +2,25 @@
 //! fake backend and a recorder of GSI routes and irqfds (no /dev/kvm needed).
 
 use super::*;
+use crate::vmm::fake_backend::FakeBackend;
 use crate::vmm::pci::msix::tests::Recorder;
 use crate::vmm::vhost_device::{SharedRegion, VirtioDeviceType};
-use frontend_core::vhost_user::FrontendSessionError;
 
 const RAM: u64 = 256 << 20;
 const BAR0: u32 = 0xc000_0000;
 
-#[derive(Debug)]
-struct FakeBackend {
-    kind: VirtioDeviceType,
-    regions: Vec<SharedRegion>,
-    started: Vec<(u64, VringSetup)>,
-    /// Per start: which queues were enabled.
-    enabled: Vec<Vec<bool>>,
-    running: bool,
-}
-
-impl VirtioBackend for FakeBackend {
-    fn device_type(&self) -> VirtioDeviceType {
-        self.kind
-    }
-    fn num_queues(&self) -> usize {
-        match self.kind {
-            VirtioDeviceType::Blk => 1,
-            VirtioDeviceType::Net => 2,
-        }
-    }
-    fn device_features(&self) -> u64 {
-        (1 << 32) | (1 << 9)
-    }
-    fn config(&self) -> &[u8] {
-        &[0x00, 0x08, 0, 0, 0, 0, 0, 0]
-    }
-    fn regions(&self) -> &[SharedRegion] {
-        &self.regions
-    }
-    fn running(&self) -> bool {
-        self.running
-    }
-    fn start(
-        &mut self,
-        features: u64,
-        queues: &[Option<VringSetup>],
-    ) -> Result<(), FrontendSessionError> {
-        if let Some(q) = queues.iter().flatten().next() {
-            self.started.push((features, *q));
-        }
-        self.enabled
-            .push(queues.iter().map(Option::is_some).collect());
-        self.running = true;
-        Ok(())
-    }
-    fn stop(&mut self) -> Result<Option<u32>, FrontendSessionError> {
-        Ok(std::mem::take(&mut self.running).then_some(3))
-    }
-}
-
 type Dev = VirtioPciDevice<FakeBackend>;
 
 fn device_of(kind: VirtioDeviceType) -> (Dev, Arc<Recorder>) {
-    let backend = FakeBackend {
+    let backend = FakeBackend::new(
         kind,
-        regions: vec![SharedRegion {
+        (1 << 32) | (1 << 9),
+        SharedRegion {
             gpa: 0,
             len: RAM,
             fd: -1,
-        }],
-        started: Vec::new(),
-        enabled: Vec::new(),
-        running: false,
-    };
+        },
+    );
     let rec = Arc::new(Recorder::default());
     let efds = || {
         (0..backend.num_queues())

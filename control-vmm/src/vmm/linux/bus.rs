@@ -1,14 +1,17 @@
 //! Port and MMIO dispatch of a Linux guest's platform: COM1, the ACPI power-management
-//! registers, the phase port a benchmark in the guest marks its measurements on (0xf5, as the
-//! tiny guest's), the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at 0xCF8/0xCFC, ECAM, BARs).
+//! registers, the phase register a measurement in the guest marks its phases on
+//! (`arch::PHASE_MMIO_GPA`), the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at
+//! 0xCF8/0xCFC, ECAM, BARs).
 //! Anything else reads as all-ones and ignores writes, counted and logged (rate-limited).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::vmm::arch::PHASE_MMIO_GPA;
 use crate::vmm::bus::{lock, BusEvent, ExitBus, Limiter};
 use crate::vmm::devices::acpi_pm;
 use crate::vmm::exits::{Counter, ExitCounters, Phase};
-use crate::vmm::layout::{COM1_PORT, PHASE_PORT};
+use crate::vmm::layout::COM1_PORT;
 use crate::vmm::pci::PciSegment;
 use crate::vmm::serial::Com1;
 
@@ -22,6 +25,7 @@ pub struct LinuxBus {
     hotplug: Arc<Hotplug>,
     counters: Arc<ExitCounters>,
     unknown: Limiter,
+    io_requests: AtomicU64,
 }
 
 impl LinuxBus {
@@ -37,6 +41,7 @@ impl LinuxBus {
             hotplug,
             counters,
             unknown: Limiter::default(),
+            io_requests: AtomicU64::new(0),
         }
     }
 
@@ -48,6 +53,11 @@ impl LinuxBus {
     /// The PCI segment (to stop its devices when the machine ends).
     pub fn pci(&self) -> &PciSegment {
         &self.pci
+    }
+
+    /// Requests the guest said its I/O phase made (the phase register at +8).
+    pub fn io_requests(&self) -> u64 {
+        self.io_requests.load(Ordering::Relaxed)
     }
 
     fn com1_offset(port: u16) -> Option<u8> {
@@ -90,15 +100,6 @@ impl ExitBus for LinuxBus {
             lock(&self.com1).write(off, *v);
         } else if acpi_pm::decodes(port) {
             return acpi_pm::write(port, data);
-        } else if let (PHASE_PORT, [v]) = (port, data) {
-            // A benchmark in the guest marks its phases, as the tiny guest does.
-            match Phase::from_byte(*v) {
-                Some(p) => return Some(BusEvent::Phase(p)),
-                None => self.unknown(
-                    format_args!("guest wrote {v:#x} to the phase port; ignored"),
-                    Counter::UnknownPio,
-                ),
-            }
         } else if !self.pci.pio_write(port, data) && !self.hotplug.pio_write(port, data) {
             self.unknown(
                 format_args!("guest wrote {data:02x?} to unknown port {port:#x}; ignored"),
@@ -122,6 +123,15 @@ impl ExitBus for LinuxBus {
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<BusEvent> {
+        match (addr.checked_sub(PHASE_MMIO_GPA), data) {
+            (Some(0), [b]) => return Phase::from_byte(*b).map(BusEvent::Phase),
+            (Some(8), [a, b, c, d]) => {
+                let n = u32::from_le_bytes([*a, *b, *c, *d]);
+                self.io_requests.store(u64::from(n), Ordering::Relaxed);
+                return None;
+            }
+            _ => {}
+        }
         if !self.pci.mmio_write(addr, data) {
             self.unknown(
                 format_args!("guest wrote {data:02x?} to unbacked GPA {addr:#x}; ignored"),

@@ -307,6 +307,12 @@ impl Hotplug {
         }
     }
 
+    /// Runs `f` with the plugger: functions other than virtio devices (assigned ones, cold-plugged)
+    /// take BARs and GSIs from the same allocators.
+    pub fn with_plugger<T>(&self, f: impl FnOnce(&mut Plugger) -> T) -> T {
+        f(&mut self.lock().plugger)
+    }
+
     /// A guest access to the hotplug registers. Returns false if `port` is not theirs.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
         let Some(offset) = Self::offset(port) else {

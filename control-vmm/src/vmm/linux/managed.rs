@@ -5,7 +5,8 @@
 //! session (a disk, or a network interface on the driver domain's switch) is set up on the
 //! handed connection; once the devices the guest was started with are Connected (cold-plugged:
 //! disks, then interfaces, each by device number), the machine boots on its own thread with
-//! all of its RAM shared with the driver domain. The interfaces' addresses go on the kernel
+//! all of its RAM shared with the driver domain, once the PCI functions assigned to it
+//! (`[[guest.pci]]`, their VFIO groups handed over by the toolstack) are here too. The interfaces' addresses go on the kernel
 //! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. A device
 //! attached while the guest runs is hot-plugged (ACPI, see [`super::hotplug`]); a detach
 //! waits for the guest to eject the device, up to a deadline after which it is removed by
@@ -31,6 +32,7 @@ use super::hotplug::{DeviceKey, Hotplug, HotplugError, HotplugSlot};
 use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::VmError;
+use crate::vmm::vfio::{AssignedFunctions, Assignment, GroupSource};
 use crate::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
 
 /// How the managed Linux machine is built.
@@ -42,6 +44,9 @@ pub struct LinuxSettings {
     /// Disks and network interfaces the guest boots with: it starts once this many are
     /// Connected.
     pub devices: usize,
+    /// PCI functions assigned to the guest: it starts once this many have been handed over
+    /// too (their VFIO groups, from the driver domain through the toolstack).
+    pub pci: usize,
     /// The interactive console's socket (see [`super::console`]).
     pub console_socket: Option<std::os::unix::net::UnixListener>,
     /// The guest's owner agreed to share all of its RAM with the driver domain: needed for any
@@ -115,6 +120,12 @@ pub struct LinuxMachine {
     addresses: Vec<String>,
     /// The running machine's PCI hotplug.
     hotplug: Arc<HotplugSlot>,
+    /// Functions handed over, until boot.
+    assigned: Vec<Assignment>,
+    /// Host address of each function handed over, by index.
+    pci_addresses: Vec<(u32, String)>,
+    /// The functions of the running machine.
+    functions: AssignedFunctions,
 }
 
 /// The managed VMM process of a Linux guest.
@@ -137,14 +148,24 @@ impl LinuxMachine {
             ready: BTreeMap::new(),
             addresses: Vec::new(),
             hotplug: Arc::default(),
+            assigned: Vec::new(),
+            pci_addresses: Vec::new(),
+            functions: AssignedFunctions::default(),
         };
-        if m.settings.devices == 0 {
-            m.boot()?;
-        }
+        m.boot_when_ready()?;
         Ok(m)
     }
 
-    /// Starts the machine on its own thread with the Connected devices.
+    /// Boots once every device is Connected and every PCI function handed over.
+    fn boot_when_ready(&mut self) -> Result<(), LinuxDeviceError> {
+        if self.ready.len() >= self.settings.devices && self.assigned.len() >= self.settings.pci {
+            self.boot()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the machine on its own thread with the Connected devices and the functions
+    /// handed over.
     fn boot(&mut self) -> Result<(), LinuxDeviceError> {
         let devices: Vec<(DeviceKey, VhostDevice)> =
             std::mem::take(&mut self.ready).into_iter().collect();
@@ -161,6 +182,8 @@ impl LinuxMachine {
             cmdline_extra: self.addresses.join(" "),
             hotplug: Some(Arc::clone(&self.hotplug)),
             exit_reason_hist: None,
+            assigned: std::mem::take(&mut self.assigned),
+            functions: self.functions.clone(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()
@@ -197,10 +220,7 @@ impl LinuxMachine {
                     .push(format!("splitvmm.vif{}={mac},{ip}", key.1));
             }
             self.ready.insert(key, session);
-            if self.ready.len() >= self.settings.devices {
-                self.boot()?;
-            }
-            return Ok(());
+            return self.boot_when_ready();
         }
         let hotplug = self
             .running_hotplug()
@@ -246,14 +266,14 @@ impl LinuxMachine {
 pub enum LinuxDeviceError {
     #[error("vhost-user set-up")]
     Session(#[from] FrontendSessionError),
-    #[error("short config space")]
-    ShortConfig,
     #[error("device {0}: the guest is not running")]
     NotRunning(u32),
     #[error("hotplug")]
     Hotplug(#[from] HotplugError),
     #[error("the backend gave the interface no MAC address (VIRTIO_NET_F_MAC)")]
     NoMac,
+    #[error("vif {0}: a Linux guest's interface does not survive a driver-domain restart")]
+    NoReconnect(u32),
     #[error("the disk's session is gone")]
     SessionGone,
     #[error("starting the machine's thread")]
@@ -277,7 +297,7 @@ impl FrontendLifecycle for LinuxMachine {
         self.may_connect(devid)?;
         // The memory table (all of the guest's RAM) is sent when the guest's driver starts.
         let session = VhostDevice::from_stream(VirtioDeviceType::Blk, connection, Vec::new())?;
-        let capacity = session.capacity().ok_or(LinuxDeviceError::ShortConfig)?;
+        let capacity = session.capacity_sectors();
         Ok((
             LinuxDevice {
                 session: Some(session),
@@ -349,9 +369,69 @@ impl FrontendLifecycle for LinuxMachine {
         }
     }
 
+    /// A restarted driver domain: the guest's virtio-pci function runs on the dead session
+    /// (its rings are the guest's; resuming them needs the in-flight log, not done), so the
+    /// interface is taken off the bus and fails, as a disk does (no `reconnect_block`).
+    fn reconnect_net(
+        &mut self,
+        devid: u32,
+        _nic: LinuxDevice,
+        _connection: UnixStream,
+        _ip: [u8; 4],
+    ) -> Result<(LinuxDevice, [u8; 6]), LinuxDeviceError> {
+        self.device_closed((VirtioDeviceType::Net, devid));
+        Err(LinuxDeviceError::NoReconnect(devid))
+    }
+
     /// One PCI slot each (bus 0 has 31 after the host bridge).
     fn max_block_devices(&self) -> usize {
         16
+    }
+
+    fn assign_pci(
+        &mut self,
+        index: u32,
+        address: &str,
+        mut fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        if !matches!(*self.machine.lock(), Machine::NotBooted) {
+            return Err("the guest has booted (no hotplug of assigned functions yet)".into());
+        }
+        if !crate::vmm::vfio::valid_bdf(address) {
+            return Err(format!("{address:?} is not a PCI address"));
+        }
+        let group = match (fds.pop(), fds.is_empty()) {
+            (Some(group), true) => group,
+            _ => return Err("expected exactly one descriptor (the VFIO group)".into()),
+        };
+        log::info!("PCI {index}: {address} handed over (its VFIO group)");
+        self.pci_addresses.push((index, address.to_owned()));
+        self.assigned.push(Assignment {
+            bdf: address.to_owned(),
+            group: GroupSource::Fd(group),
+        });
+        self.boot_when_ready().map_err(|e| e.to_string())
+    }
+
+    fn detach_pci(&mut self, index: u32) -> Result<(), String> {
+        let i = self
+            .pci_addresses
+            .iter()
+            .position(|(n, _)| *n == index)
+            .ok_or_else(|| format!("no PCI function {index}"))?;
+        let (_, address) = self.pci_addresses.remove(i);
+        if matches!(*self.machine.lock(), Machine::NotBooted) {
+            // Not plugged yet: drop its group; the guest no longer waits for it.
+            self.assigned.retain(|a| a.bdf != address);
+            self.settings.pci = self.settings.pci.saturating_sub(1);
+            return self.boot_when_ready().map_err(|e| e.to_string());
+        }
+        // A running machine: a surprise removal for the guest. A machine that has ended
+        // closed it already.
+        if self.functions.release(&address) {
+            log::warn!("PCI {index} ({address}) taken away from the running guest");
+        }
+        Ok(())
     }
 }
 

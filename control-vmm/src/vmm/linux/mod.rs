@@ -2,7 +2,11 @@
 //! each), the in-kernel irqchip and PIT, COM1 on IRQ 4, hardware-reduced ACPI, and a PCI bus
 //! with the guest's disks and network interfaces (virtio-pci, MSI-X per queue) served by the
 //! driver domain over vhost-user. Linux puts buffers anywhere in its RAM, so the backends see
-//! all of it; the caller must have asked for that explicitly (`share_all_ram`). The machine runs until the
+//! all of it; the caller must have asked for that explicitly (`share_all_ram`). Functions
+//! assigned through VFIO ([`crate::vmm::vfio`]) join the bus after the virtio devices, once
+//! guest RAM is DMA-mapped for them. A guest's writes to the phase register
+//! (`arch::PHASE_MMIO_GPA`) delimit its measurements, whose exits the report counts apart
+//! from the boot's. The machine runs until the
 //! guest powers off or resets (the ACPI registers end the run loop), or until it is stopped
 //! from outside.
 
@@ -15,7 +19,7 @@ pub mod plug;
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +34,8 @@ use super::pci::PciSegment;
 use super::report::totals_lines;
 use super::serial::Com1;
 use super::vcpu::{self, VcpuContext};
+use super::vfio::device::VfioPciDevice;
+use super::vfio::{map_guest_ram, AssignedFunctions, Assignment};
 use super::vhost_device::{shared_region, VhostDevice};
 use bus::LinuxBus;
 use hotplug::{DeviceKey, Hotplug, HotplugSlot};
@@ -66,6 +72,10 @@ pub struct LinuxVmConfig {
     /// Exit accounting: the host's `kvm_exit` histogram by exit reason, read at the guest's
     /// phase marks (see [`crate::vmm::exit_reasons`]).
     pub exit_reason_hist: Option<std::path::PathBuf>,
+    /// PCI functions assigned to the guest through VFIO (cold-plugged after the devices).
+    pub assigned: Vec<Assignment>,
+    /// Where the machine registers them once plugged (for `pci-detach`).
+    pub functions: AssignedFunctions,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -85,8 +95,12 @@ pub struct LinuxReport {
     /// Avail index the first device's backend stopped at (GET_VRING_BASE), if its queue ran.
     pub backend_stopped_at: Option<u32>,
     pub totals: Vec<(&'static str, u64)>,
+    /// Counters of the I/O phase the guest marked, if it did.
+    pub io: Option<PhaseCounts>,
+    /// Requests the guest said its I/O phase made (0: not said).
+    pub io_requests: u64,
     pub wall: Duration,
-    /// Measurements the guest marked on the phase port: (I/O phase, idle baseline) each.
+    /// Measurements the guest marked on the phase register: (I/O phase, idle baseline) each.
     pub rounds: Vec<(PhaseCounts, PhaseCounts)>,
 }
 
@@ -95,6 +109,7 @@ impl LinuxReport {
     /// baseline of the same length, net), then the totals.
     pub fn table(&self) -> String {
         let mut s = format!("splitvmm-vmm: {} after {:.1?}\n", self.outcome, self.wall);
+        s.push_str(&self.io_lines());
         for (i, (io, idle)) in self.rounds.iter().enumerate() {
             s.push_str(&format!(
                 "round {}: I/O phase {:.3?}, idle baseline {:.3?}\n",
@@ -114,6 +129,37 @@ impl LinuxReport {
             }
         }
         s.push_str(&totals_lines(&self.totals, self.backend_stopped_at));
+        s
+    }
+
+    /// The guest-marked I/O phase: its nonzero counters and, if the guest said how many
+    /// requests it made, the exits per request (VMM: port and MMIO exits to this process;
+    /// KVM: every exit, in-kernel ones included).
+    fn io_lines(&self) -> String {
+        let Some(io) = &self.io else {
+            return String::new();
+        };
+        let nonzero: Vec<String> = io
+            .counts
+            .iter()
+            .filter(|(_, v)| *v != 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        let mut s = format!("I/O phase {:.1?}: {}\n", io.duration, nonzero.join(" "));
+        if self.io_requests != 0 {
+            let n = self.io_requests as f64;
+            let vmm: u64 = ["pio_in", "pio_out", "mmio_read", "mmio_write"]
+                .iter()
+                .map(|c| io.get(c))
+                .sum();
+            s.push_str(&format!(
+                "I/O phase per request: requests={} vmm_exits={:.3} kvm_exits={:.3} \
+                 (vmm_exits={vmm}, the end marker's write included)\n",
+                self.io_requests,
+                vmm as f64 / n,
+                io.get("kvm.exits") as f64 / n
+            ));
+        }
         s
     }
 }
@@ -193,6 +239,11 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             .plug(key, device, false)
             .map_err(|e| VmError::Config(format!("{} {}: {e}", key.0.name(), key.1)))?;
     }
+    for (i, a) in cfg.assigned.into_iter().enumerate() {
+        hotplug.with_plugger(|plugger| {
+            plug_assigned(&ram, &pci, plugger, i as u32, a, &cfg.functions)
+        })?;
+    }
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
@@ -212,6 +263,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let (done_tx, done_rx) = mpsc::channel();
     install_kick_handler()?;
     let halt = Arc::new(AtomicBool::new(false));
+    let mut kvm_names = Vec::new();
     let console_thread = match cfg.console_socket {
         Some(listener) => Some(
             console::spawn(
@@ -231,9 +283,14 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;
+        if id == 0 {
+            kvm_names = vcpu::stats_names(&fd);
+        }
         let ctx = VcpuContext {
             bus: Arc::clone(&bus) as Arc<dyn super::bus::ExitBus>,
             counters: Arc::clone(&counters),
+            // One log for all vCPUs: a mark snapshots the KVM statistics of the vCPU that
+            // wrote it (all of them for a one-vCPU guest).
             phases: Arc::clone(&phases),
             stop: Arc::clone(&halt),
             wake: None,
@@ -270,11 +327,56 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             backend_stopped_at = stopped;
         }
     }
+    let io_requests = bus.io_requests();
+    // The bus holds the assigned functions: they are reset and their containers closed (DMA
+    // unmapped) here, before guest RAM goes away.
+    drop(bus);
+    drop(hotplug);
     Ok(LinuxReport {
         outcome,
         backend_stopped_at,
         totals: totals(&counters),
+        io: phases.report(&kvm_names).0,
+        io_requests,
         wall: started.elapsed(),
         rounds: phases.rounds(),
     })
+}
+
+/// Assigns a function: its group attached to a fresh container, all guest RAM DMA-mapped at
+/// IOVA = GPA, the function on the bus with BARs from the window and MSI-X GSIs after those
+/// handed out so far. `index` picks its KVM memory slots.
+fn plug_assigned(
+    ram: &GuestRam,
+    pci: &PciSegment,
+    plugger: &mut Plugger,
+    index: u32,
+    assignment: Assignment,
+    functions: &AssignedFunctions,
+) -> Result<(), VmError> {
+    let fail = |e: String| VmError::Config(format!("assigning a PCI function: {e}"));
+    let (bdf, container, group) = assignment.open().map_err(|e| fail(e.to_string()))?;
+    use vm_memory::GuestMemoryBackend;
+    let host = ram
+        .mem
+        .get_host_address(vm_memory::GuestAddress(0))
+        .map_err(|e| fail(e.to_string()))? as u64;
+    // SAFETY: RAM stays mapped until `run` returns, after the bus (which owns the device and
+    // with it the container) is dropped.
+    unsafe { map_guest_ram(&container, host, ram.ram.len) }.map_err(|e| fail(e.to_string()))?;
+    log::info!(
+        "{bdf}: guest RAM ({} MiB) DMA-mapped at IOVA = GPA 0",
+        ram.ram.len >> 20
+    );
+    let dev = VfioPciDevice::new(&bdf, container, group, plugger.placement(index))
+        .map_err(|e| fail(e.to_string()))?;
+    let vectors = dev.vectors();
+    plugger.took_gsis(u32::from(vectors))?;
+    let dev = Arc::new(Mutex::new(dev));
+    functions.add(&bdf, Arc::clone(&dev));
+    let slot = pci
+        .add(dev)
+        .ok_or_else(|| VmError::Config("no free PCI slot".into()))?;
+    log::info!("{bdf}: assigned at 00:{slot:02x}.0, {vectors} MSI-X vectors");
+    Ok(())
 }

@@ -1,7 +1,8 @@
 //! Plugging virtio-pci functions into a Linux guest's PCI bus: each device served by the
 //! driver domain gets a BAR0 from the PCI window, one KVM ioeventfd per queue (its notify
 //! address, on that queue's kick eventfd), and MSI-X vectors on GSIs of its own. All devices
-//! of a VM share one table of GSI routes (`KVM_SET_GSI_ROUTING` replaces the whole table).
+//! of a VM share one table of GSI routes (`KVM_SET_GSI_ROUTING` replaces the whole table),
+//! the window and the GSIs with functions assigned through VFIO ([`Plugger::placement`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,7 @@ use crate::vmm::exits::ExitCounters;
 use crate::vmm::machine::VmError;
 use crate::vmm::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
 use crate::vmm::pci::BarAllocator;
+use crate::vmm::vfio::device::Placement;
 use crate::vmm::vhost_device::{VhostDevice, VirtioBackend};
 
 /// A virtio-pci function on a vhost-user session.
@@ -33,6 +35,9 @@ pub struct Plugger {
 
 /// Most MSI GSIs handed out (KVM's routing table holds 4096 entries; far fewer are needed).
 const GSI_LIMIT: u32 = 1024;
+/// First KVM memory slot of assigned functions' BARs (slot 0 is RAM); 18 per function.
+const FIRST_BAR_SLOT: u32 = 8;
+const BAR_SLOTS_PER_FUNCTION: u32 = 18;
 
 impl Plugger {
     pub fn new(vm: Arc<VmFd>, counters: Arc<ExitCounters>) -> Self {
@@ -94,6 +99,29 @@ impl Plugger {
         )
         .with_notify_binder(binder);
         Ok((Arc::new(Mutex::new(dev)), bar0))
+    }
+
+    /// Where assigned function `index` goes: BARs from the same window, MSI-X vectors on GSIs
+    /// after those handed out so far (say how many it took with [`Plugger::took_gsis`]), the
+    /// same routes, KVM memory slots of its own.
+    pub fn placement(&mut self, index: u32) -> Placement<'_> {
+        Placement {
+            vm: Arc::clone(&self.vm),
+            bars: &mut self.bars,
+            gsi_base: self.next_gsi,
+            wiring: Arc::clone(&self.routes) as _,
+            first_slot: FIRST_BAR_SLOT + index * BAR_SLOTS_PER_FUNCTION,
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
+    /// An assigned function placed last uses `vectors` GSIs from the next free one.
+    pub fn took_gsis(&mut self, vectors: u32) -> Result<(), VmError> {
+        if self.next_gsi + vectors > GSI_LIMIT {
+            return Err(VmError::Config("out of MSI GSIs".into()));
+        }
+        self.next_gsi += vectors;
+        Ok(())
     }
 }
 

@@ -87,11 +87,18 @@ impl ConfigSpace {
     /// Declares BAR `bar` as 32-bit, non-prefetchable memory of `size` bytes (a power of two,
     /// at least 4 KiB) at `gpa` (size-aligned).
     pub fn add_mem_bar(&mut self, bar: usize, size: u32, gpa: u32) {
-        assert!(bar < BARS && size.is_power_of_two() && size >= 0x1000);
+        self.add_mem_bar_typed(bar, size, gpa, 0);
+    }
+
+    /// As [`ConfigSpace::add_mem_bar`] with the BAR's read-only type bits `flags` (bit 2:
+    /// 64-bit, bit 3: prefetchable). A 64-bit BAR's upper half (the next register) reads 0
+    /// and ignores writes: the VMM places BARs below 4 GiB.
+    pub fn add_mem_bar_typed(&mut self, bar: usize, size: u32, gpa: u32, flags: u32) {
+        assert!(bar < BARS && size.is_power_of_two() && size >= 0x1000 && flags & !0xc == 0);
         assert!(gpa.is_multiple_of(size));
         self.bar_sizes[bar] = size;
         self.bar_addrs[bar] = gpa;
-        self.regs[BAR0 / 4 + bar] = gpa;
+        self.regs[BAR0 / 4 + bar] = gpa | flags;
         self.wmask[BAR0 / 4 + bar] = !(size - 1);
     }
 
@@ -159,7 +166,7 @@ impl ConfigSpace {
         let old = self.regs[dw];
         self.regs[dw] = (old & !mask) | (value & mask);
         let bar = dw.checked_sub(BAR0 / 4).filter(|b| *b < BARS)?;
-        let new = self.regs[dw];
+        let new = self.regs[dw] & !0xf;
         // All-ones is a sizing probe, not an address; the guest writes the address back.
         if self.bar_sizes[bar] == 0 || new == self.wmask[dw] || new == self.bar_addrs[bar] {
             return None;

@@ -24,6 +24,11 @@ pub const SLOTS: usize = 32;
 /// A function on the bus, as its model sees it.
 pub trait PciDevice: Send + std::fmt::Debug {
     fn config(&self) -> &ConfigSpace;
+    /// A configuration read (after the segment checked its range); an emulated function
+    /// answers from [`PciDevice::config`], an assigned one partly from the device.
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     /// A configuration write (after the segment checked its range).
     fn config_write(&mut self, offset: usize, data: &[u8]);
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
@@ -154,7 +159,7 @@ impl PciSegment {
     fn config_read(&self, bus: u32, slot: u32, func: u32, offset: usize, data: &mut [u8]) {
         self.counters.bump(Counter::PciConfigRead);
         match self.function(bus, slot, func) {
-            Some(d) => lock(&d).config().read(offset, data),
+            Some(d) => lock(&d).config_read(offset, data),
             None => data.fill(0xff),
         }
     }

@@ -1,12 +1,14 @@
 //! `l2-bench DEVICE QD REQUESTS`: 4 KiB O_DIRECT random reads and writes (half each) on a
 //! block device through io_uring, QD requests in flight, with completions by interrupt (the
 //! ring is not polled). The I/O phase and an idle baseline of the same length (the guest
-//! sleeps) are marked on the VMM's phase port (0xf5: 1 I/O start, 2 I/O end, 3 idle start,
-//! 4 idle end), where the VMM snapshots its counters and KVM's. Prints one line:
+//! sleeps) are marked on the VMM's phase register (a byte at `0xd0000000`, the Linux machine's
+//! `arch::PHASE_MMIO_GPA`: 1 I/O start, 2 I/O end, 3 idle start, 4 idle end), where the VMM
+//! snapshots its counters and KVM's. Prints one line:
 //! `BENCH qd=.. requests=.. seconds=.. iops=.. disk-irqs=..` (the disk's interrupts during the
 //! I/O phase, from `/proc/interrupts`).
 //!
-//! Runs as root in the lab's L2 Linux guest (the phase port needs ioperm); built static
+//! Runs as root in the lab's L2 Linux guest (the phase register is mapped from `/dev/mem`,
+//! which `STRICT_DEVMEM` allows there: it is not RAM); built static
 //! (`build.sh`) because the guest's initramfs has no C library.
 
 use std::fs::OpenOptions;
@@ -33,14 +35,54 @@ fn disk_interrupts() -> u64 {
         })
         .sum()
 }
-const PHASE_PORT: u16 = 0xf5;
+/// The VMM's phase register (guest-physical).
+const PHASE_REGISTER: libc::off_t = 0xd000_0000;
+const PAGE: usize = 4096;
 
-/// Marks a measurement phase for the VMM.
-fn mark(phase: u8) {
-    // SAFETY: `out` to the phase port, which main made accessible with ioperm; the VMM
-    // decodes it and nothing else listens there.
-    unsafe {
-        std::arch::asm!("out dx, al", in("dx") PHASE_PORT, in("al") phase, options(nomem, nostack));
+/// The phase register's page, mapped from `/dev/mem`.
+struct PhaseRegister(*mut u8);
+
+impl PhaseRegister {
+    fn map() -> Result<Self, String> {
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open("/dev/mem")
+            .map_err(|e| format!("/dev/mem: {e}"))?;
+        // SAFETY: a fresh shared mapping of one page of /dev/mem at the register's address;
+        // the result is checked. The mapping outlives the descriptor, which may close.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                PHASE_REGISTER,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of /dev/mem at {PHASE_REGISTER:#x}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Self(p.cast()))
+    }
+
+    /// Marks a measurement phase for the VMM (one byte written at +0: one MMIO exit).
+    fn mark(&self, phase: u8) {
+        // SAFETY: self.0 is the start of the mapped page; a volatile write so it happens,
+        // once, in program order.
+        unsafe { std::ptr::write_volatile(self.0, phase) };
+    }
+}
+
+impl Drop for PhaseRegister {
+    fn drop(&mut self) {
+        // SAFETY: the page mapped in map(), unmapped once.
+        unsafe { libc::munmap(self.0.cast(), PAGE) };
     }
 }
 
@@ -84,10 +126,7 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
     if blocks == 0 || qd == 0 || qd > 256 {
         return Err(format!("{blocks} blocks, queue depth {qd}"));
     }
-    // SAFETY: ioperm on one port for this process; the result is checked.
-    if unsafe { libc::ioperm(u64::from(PHASE_PORT), 1, 1) } != 0 {
-        return Err(format!("ioperm: {}", std::io::Error::last_os_error()));
-    }
+    let phases = PhaseRegister::map()?;
     let mut ring = IoUring::new(qd as u32).map_err(|e| format!("io_uring: {e}"))?;
     let buffers: Vec<Block> = (0..qd).map(|i| Block::new(i as u8)).collect();
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -100,7 +139,7 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
     let (mut issued, mut done) = (0usize, 0usize);
     let irqs_before = disk_interrupts();
     let started = Instant::now();
-    mark(1);
+    phases.mark(1);
     let submit = |ring: &mut IoUring, slot: usize, n: usize, offset: u64| {
         let buf = buffers[slot].0;
         let sqe = if n.is_multiple_of(2) {
@@ -140,11 +179,11 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
         }
     }
     let io = started.elapsed();
-    mark(2);
+    phases.mark(2);
     let irqs = disk_interrupts().saturating_sub(irqs_before);
-    mark(3);
+    phases.mark(3);
     std::thread::sleep(io);
-    mark(4);
+    phases.mark(4);
     let secs = io.as_secs_f64().max(f64::MIN_POSITIVE);
     println!(
         "BENCH qd={qd} requests={requests} seconds={:.3} iops={:.1} disk-irqs={irqs}",

@@ -14,12 +14,13 @@
 mod testpmd;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use splitvmm_tests::backends::Reaped;
 use testpmd::{Spec, Testpmd};
 
 #[derive(Parser)]
@@ -43,15 +44,6 @@ struct Args {
     poll_us: u64,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_sockets(paths: &[PathBuf]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !paths.iter().all(|p| p.exists()) {
@@ -63,7 +55,7 @@ fn wait_sockets(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn ours(args: &Args, bin: &Path, sockets: &[PathBuf]) -> Result<Proc> {
+fn ours(args: &Args, bin: &Path, sockets: &[PathBuf]) -> Result<Reaped> {
     let list: Vec<String> = sockets.iter().map(|p| p.display().to_string()).collect();
     let child = Command::new(bin)
         .args(["serve", "--net", "--net-sockets", &list.join(",")])
@@ -73,7 +65,7 @@ fn ours(args: &Args, bin: &Path, sockets: &[PathBuf]) -> Result<Proc> {
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let p = Proc(child);
+    let p = Reaped(child);
     wait_sockets(sockets)?;
     Ok(p)
 }

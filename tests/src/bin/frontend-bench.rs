@@ -2,54 +2,18 @@
 //! QD32, interrupt vs polling completion, each as a ratio to an eventfd ping-pong measured in
 //! the same run (the floor of one kick + one call between two threads).
 //!
-//! `cargo run --release -p splitvmm-guest-frontend --example frontend-bench [-- SECONDS]`
+//! `cargo run --release -p splitvmm-tests --bin frontend-bench [-- SECONDS]`
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig, BlockOp, FrontendStats};
+use splitvmm_tests::backends::BlkBackendProcess;
+use splitvmm_tests::XorShift;
 use vmm_sys_util::eventfd::EventFd;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-struct Qsd(Child);
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_qsd(dir: &Path, image_bytes: u64) -> Res<(Qsd, std::path::PathBuf)> {
-    let image = dir.join("bench.img");
-    let sock = dir.join("bench.sock");
-    std::fs::File::create(&image)?.set_len(image_bytes)?;
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let qsd = Qsd(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        if Instant::now() > deadline {
-            return Err("qemu-storage-daemon socket never appeared".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok((qsd, sock))
-}
 
 fn wait_readable(fd: &EventFd) -> Res<()> {
     let mut pfd = libc::pollfd {
@@ -110,13 +74,8 @@ fn random_reads(sock: &Path, qd: usize, poll: bool, seconds: f64) -> Res<Run> {
     let fe = BlockFrontend::connect_path(sock, cfg)?;
     let sectors = fe.capacity() / 8;
     let mut q = fe.queue(0)?;
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_sector = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % sectors) * 8
-    };
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut next_sector = || rng.below(sectors) * 8;
     let mut done = 0u64;
     let start = Instant::now();
     while start.elapsed().as_secs_f64() < seconds {
@@ -146,8 +105,10 @@ fn main() -> Res<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(2.0);
+    let qsd = test_support::peers::qemu_storage_daemon()?;
     let dir = tempfile::tempdir()?;
-    let (_qsd, sock) = spawn_qsd(dir.path(), 256 << 20)?;
+    let backend = BlkBackendProcess::qemu_storage_daemon(&qsd, dir.path(), 256 << 20, 1);
+    let sock = &backend.socket;
     let floor = eventfd_pingpong(seconds)?;
     println!("eventfd ping-pong floor: {floor:.0} round trips/s");
     println!(
@@ -155,7 +116,7 @@ fn main() -> Res<()> {
         "4 KiB random reads", "IOPS", "/floor", "kicks/req", "supp/req", "irq/req"
     );
     for (qd, poll) in [(1, false), (1, true), (32, false), (32, true)] {
-        let r = random_reads(&sock, qd, poll, seconds)?;
+        let r = random_reads(sock, qd, poll, seconds)?;
         let req = r.stats.requests.max(1) as f64;
         let mode = if poll { "polling" } else { "interrupt" };
         println!(

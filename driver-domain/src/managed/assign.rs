@@ -1,0 +1,196 @@
+//! Direct assignment, the driver domain's half (after `xl pci-assignable-add`): the driver
+//! domain owns the PF; on the toolstack's request it prepares a VF for a guest (SR-IOV
+//! enabled with the NVMe secondary controllers online if it is not yet, the VF bound to
+//! vfio-pci), opens the VF's VFIO group and hands the descriptor over, closing its own: the
+//! guest's VMM then holds the only one (a VFIO group can be open only once, so nobody else can
+//! take the VF meanwhile, the driver domain included). When the guest ends, the toolstack
+//! says so; the driver domain resets the VF (function reset through sysfs) and can give it to
+//! the next guest.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::fd::OwnedFd;
+
+use crate::hw::pci::{Bdf, Sysfs};
+use crate::hw::sriov::{set_num_vfs, NvmePf};
+
+/// NVMe queue (admin + one I/O) and interrupt resources given to each secondary controller.
+const VF_QUEUES: u16 = 2;
+const VF_INTERRUPTS: u16 = 1;
+
+/// The owned PFs and which guest holds which VF.
+#[derive(Debug, Default)]
+pub struct VfPool {
+    sysfs: Sysfs,
+    owns: Vec<Bdf>,
+    /// VF address -> the guest (domain id) holding it.
+    held: BTreeMap<Bdf, u32>,
+}
+
+/// A VF handed over.
+#[derive(Debug)]
+pub struct HandedVf {
+    pub address: Bdf,
+    /// 1-based VF number on its PF.
+    pub vf: u16,
+    pub group: OwnedFd,
+}
+
+impl VfPool {
+    pub fn new(sysfs: Sysfs, owns: &[String]) -> Self {
+        Self {
+            sysfs,
+            owns: owns.iter().filter_map(|a| a.parse().ok()).collect(),
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// Prepares VF `vf` (1-based) of `pf`, or the first VF no guest holds, for `frontend`.
+    pub fn assign(&mut self, frontend: u32, pf: &str, vf: Option<u16>) -> Result<HandedVf, String> {
+        let pf: Bdf = pf.parse().map_err(|e| format!("{e}"))?;
+        if !self.owns.contains(&pf) {
+            return Err(format!("{pf} is not owned by this driver domain"));
+        }
+        let f = self.sysfs.function(pf).map_err(|e| e.to_string())?;
+        let sriov = f.sriov.ok_or_else(|| format!("{pf} is not an SR-IOV PF"))?;
+        if sriov.num_vfs == 0 {
+            self.enable_vfs(pf, sriov.total_vfs, f.driver.as_deref() == Some("nvme"))?;
+        }
+        let vfs = self.sysfs.virtfns(pf).map_err(|e| e.to_string())?;
+        let (index, address) = match vf {
+            Some(n) => {
+                let address = *usize::from(n)
+                    .checked_sub(1)
+                    .and_then(|i| vfs.get(i))
+                    .ok_or_else(|| format!("{pf} has no VF {n} ({} enabled)", vfs.len()))?;
+                if let Some(holder) = self.held.get(&address) {
+                    return Err(format!("VF {n} ({address}) is held by domain {holder}"));
+                }
+                (n, address)
+            }
+            None => vfs
+                .iter()
+                .enumerate()
+                .find(|(_, a)| !self.held.contains_key(a))
+                .map(|(i, a)| (i as u16 + 1, *a))
+                .ok_or_else(|| format!("every VF of {pf} is held by a guest"))?,
+        };
+        self.sysfs
+            .bind(address, "vfio-pci")
+            .map_err(|e| e.to_string())?;
+        let group = self
+            .sysfs
+            .function(address)
+            .map_err(|e| e.to_string())?
+            .iommu_group
+            .ok_or_else(|| format!("{address} is in no IOMMU group"))?;
+        let path = format!("/dev/vfio/{group}");
+        let group_fd: OwnedFd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {path}: {e}"))?
+            .into();
+        self.held.insert(address, frontend);
+        log::info!("VF {index} of {pf} ({address}, group {group}) handed to domain {frontend}");
+        Ok(HandedVf {
+            address,
+            vf: index,
+            group: group_fd,
+        })
+    }
+
+    fn enable_vfs(&self, pf: Bdf, total: u16, nvme: bool) -> Result<(), String> {
+        let mut log = |step: &str| log::info!("{pf}: {step}");
+        if nvme {
+            NvmePf::open(&self.sysfs, pf)
+                .and_then(|p| p.enable_vfs(total, VF_QUEUES, VF_INTERRUPTS, &mut log))
+                .map_err(|e| e.to_string())?;
+        } else {
+            set_num_vfs(&self.sysfs, pf, total, false).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Takes VF `address` back from `frontend`: function reset through sysfs (the guest's VMM
+    /// has closed the group, so nobody uses it). Returns whether the reset succeeded, and why
+    /// not.
+    pub fn release(
+        &mut self,
+        frontend: u32,
+        address: &str,
+    ) -> Result<(Bdf, Result<(), String>), String> {
+        let address: Bdf = address.parse().map_err(|e| format!("{e}"))?;
+        match self.held.get(&address) {
+            Some(holder) if *holder == frontend => {}
+            Some(holder) => {
+                return Err(format!(
+                    "{address} is held by domain {holder}, not {frontend}"
+                ))
+            }
+            None => return Err(format!("{address} is held by no guest")),
+        }
+        self.held.remove(&address);
+        let reset = std::fs::write(self.sysfs.device_dir(address).join("reset"), "1")
+            .map_err(|e| format!("function reset of {address}: {e}"));
+        match &reset {
+            Ok(()) => log::info!("{address}: reset and back from domain {frontend}"),
+            Err(e) => log::error!("{address}: back from domain {frontend}, but {e}"),
+        }
+        Ok((address, reset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hw::pci::fake::FakeSysfs;
+
+    fn pool() -> (FakeSysfs, VfPool) {
+        let fake = FakeSysfs::new();
+        fake.add_driver("nvme");
+        fake.add_driver("vfio-pci");
+        fake.add_function("0000:00:02.0", 0x1b36, 0x0010, 0x010802, 1);
+        fake.make_pf("0000:00:02.0", 2);
+        fake.add_vf("0000:00:02.0", 0, "0000:00:02.1", 4);
+        fake.add_vf("0000:00:02.0", 1, "0000:00:02.2", 5);
+        let numvfs = fake
+            .sysfs()
+            .root()
+            .join("bus/pci/devices/0000:00:02.0/sriov_numvfs");
+        std::fs::write(numvfs, "2\n").unwrap();
+        let pool = VfPool::new(fake.sysfs(), &["0000:00:02.0".into()]);
+        (fake, pool)
+    }
+
+    #[test]
+    fn only_owned_pfs_and_existing_vfs_are_assigned() {
+        let (_fake, mut pool) = pool();
+        let e = pool.assign(2, "0000:00:03.0", None).unwrap_err();
+        assert!(e.contains("not owned"), "{e}");
+        let e = pool.assign(2, "0000:00:02.0", Some(3)).unwrap_err();
+        assert!(e.contains("has no VF 3"), "{e}");
+        let e = pool.assign(2, "0000:00:02.0", Some(0)).unwrap_err();
+        assert!(e.contains("has no VF 0"), "{e}");
+        let e = pool.assign(2, "not-an-address", None).unwrap_err();
+        assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn a_vf_is_released_only_by_its_holder() {
+        let (_fake, mut pool) = pool();
+        pool.held.insert("0000:00:02.1".parse().unwrap(), 2);
+        let e = pool.assign(3, "0000:00:02.0", Some(1)).unwrap_err();
+        assert!(e.contains("held by domain 2"), "{e}");
+        let e = pool.release(3, "0000:00:02.1").unwrap_err();
+        assert!(e.contains("held by domain 2, not 3"), "{e}");
+        let e = pool.release(2, "0000:00:02.2").unwrap_err();
+        assert!(e.contains("held by no guest"), "{e}");
+        let (bdf, reset) = pool.release(2, "0000:00:02.1").unwrap();
+        assert_eq!(bdf.to_string(), "0000:00:02.1");
+        assert!(reset.is_ok(), "the fake function has a reset file");
+        assert!(pool.held.is_empty());
+        let e = pool.release(2, "0000:00:02.1").unwrap_err();
+        assert!(e.contains("held by no guest"), "{e}");
+    }
+}
