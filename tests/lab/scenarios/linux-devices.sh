@@ -1,5 +1,6 @@
 # linux-devices: two Linux guests of the toolstack (`splitvmm up --stay`), each with a disk and
-# a network interface on virtio-pci (MSI-X per queue) served by the driver domain: the guests
+# a network interface on virtio-pci (MSI-X per queue) served by the driver domain, every domain
+# confined: the guests
 # ping each other through the driver domain's switch (their addresses come from the host file,
 # on the kernel command line), write this run's pattern to their disks (checked in the image
 # files by the lab VM). Then PCI hotplug (ACPI, acpiphp in the guest): a second disk is
@@ -88,6 +89,8 @@ for g in left right; do
     echo "--- $g:"
     grep -E "^L2-|virtio-(blk|net) \(virtio-pci\)|Kernel panic|BUG|WARNING" $W/run/logs/$g.log | head -20
 done
+step "the driver domain and both guests' VMMs are confined"
+assert_confined $up
 
 step "both guests reached each other through the driver domain's switch"
 grep -q "^L2-NET eth0 02:00:00:00:02:00 10.0.0.2" $W/run/logs/left.log ||
