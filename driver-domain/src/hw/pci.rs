@@ -434,6 +434,12 @@ pub mod fake {
         pub dir: tempfile::TempDir,
     }
 
+    impl Default for FakeSysfs {
+        fn default() -> Self {
+            FakeSysfs::new()
+        }
+    }
+
     impl FakeSysfs {
         pub fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
