@@ -176,6 +176,33 @@ mod tests {
     }
 
     #[test]
+    fn any_free_vf_goes_to_the_next_guest_with_its_group() {
+        let (fake, mut pool) = pool();
+        // The fake kernel binds nothing: the VFs are on vfio-pci already.
+        fake.bind("0000:00:02.1", "vfio-pci");
+        fake.bind("0000:00:02.2", "vfio-pci");
+        fake.write("vfio/4", "group 4");
+        fake.write("vfio/5", "group 5");
+        let first = pool.assign(2, "0000:00:02.0", None).unwrap();
+        assert_eq!(
+            (first.vf, first.address.to_string()),
+            (1, "0000:00:02.1".into())
+        );
+        let second = pool.assign(3, "0000:00:02.0", None).unwrap();
+        assert_eq!(
+            (second.vf, second.address.to_string()),
+            (2, "0000:00:02.2".into())
+        );
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(second.group), &mut text).unwrap();
+        assert_eq!(text, "group 5");
+        let e = pool.assign(4, "0000:00:02.0", None).unwrap_err();
+        assert!(e.contains("every VF of 0000:00:02.0 is held"), "{e}");
+        pool.release(2, "0000:00:02.1").unwrap().1.unwrap();
+        assert_eq!(pool.assign(4, "0000:00:02.0", None).unwrap().vf, 1);
+    }
+
+    #[test]
     fn a_vf_is_released_only_by_its_holder() {
         let (_fake, mut pool) = pool();
         pool.held.insert("0000:00:02.1".parse().unwrap(), 2);
