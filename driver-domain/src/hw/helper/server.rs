@@ -12,16 +12,11 @@ use super::super::ops::{DirectHardware, HardwareOps, HwOpsError};
 use super::super::pci::Bdf;
 use super::policy::{Ownership, PolicyError};
 
-/// Errors that end the helper.
+/// Errors of the helper: a broken channel ends it; the others refuse one request.
 #[derive(Debug, thiserror::Error)]
 pub enum HelperServerError {
     #[error("the driver domain's channel")]
     Channel(#[source] ChannelError),
-}
-
-/// Why one request was refused.
-#[derive(Debug, thiserror::Error)]
-enum Refusal {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
@@ -70,7 +65,7 @@ impl HardwareHelper {
     fn carry_out(
         &mut self,
         request: &HardwareRequest,
-    ) -> Result<(HardwareReply, Option<OwnedFd>), Refusal> {
+    ) -> Result<(HardwareReply, Option<OwnedFd>), HelperServerError> {
         Ok(match request {
             HardwareRequest::DescribePf { pf } => {
                 let pf = self.ownership.owned_pf(pf)?;
