@@ -68,7 +68,8 @@ background() { echo "$1" >> /tmp/lab-background.pids; }
 # own, without capabilities, with no_new_privs and a seccomp filter, in mount and pid
 # namespaces that are not the toolstack's (docs/security.md); judged from /proc, outside.
 # The driver domain's hardware helper (splitvmm-hw-helper, root by design) is not a domain:
-# it is checked to have no_new_privs and no descriptor but its stdin, its log and its channel.
+# it is checked to hold CAP_SYS_ADMIN alone, no_new_privs and no descriptor but its stdin, its
+# log and its channel.
 assert_confined() {
     n=0
     for d in /proc/[0-9]*; do
@@ -78,9 +79,12 @@ assert_confined() {
         name=$(cut -d' ' -f2 $d/stat)
         if [ "$name" = "(splitvmm-hw-hel)" ]; then
             nnp=$(awk '/^NoNewPrivs:/ { print $2 }' $d/status)
+            cap=$(awk '/^CapEff:/ { print $2 }' $d/status)
+            bnd=$(awk '/^CapBnd:/ { print $2 }' $d/status)
             fds=$(ls $d/fd | wc -l)
-            echo "hardware helper pid $p: uid $(awk '/^Uid:/ { print $2 }' $d/status) NoNewPrivs $nnp, $fds descriptors"
+            echo "hardware helper pid $p: uid $(awk '/^Uid:/ { print $2 }' $d/status) CapEff $cap CapBnd $bnd NoNewPrivs $nnp, $fds descriptors"
             [ "$nnp" = 1 ] || fail "the hardware helper ($p) has no no_new_privs"
+            [ "$cap $bnd" = "0000000000200000 0000000000200000" ] || fail "the hardware helper ($p) holds more than CAP_SYS_ADMIN"
             [ "$fds" = 4 ] || fail "the hardware helper ($p) holds $fds descriptors, not 4: $(ls -l $d/fd)"
             continue
         fi

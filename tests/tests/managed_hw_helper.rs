@@ -126,13 +126,20 @@ fn a_confined_driver_domain_hands_out_vfs_through_the_hardware_helper() {
         other => panic!("driver domain not ready: {other:?}"),
     }
     let driver_pid = driver.pid().unwrap();
-    // Judged from outside: the driver domain is confined, the helper is root without
-    // no_new_privs to gain.
+    // Judged from outside: the driver domain is confined; the helper is root with one
+    // capability and no_new_privs.
     assert!(status_field(driver_pid, "Uid").parse::<u32>().unwrap() >= 200_000);
     assert_eq!(status_field(driver_pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(driver_pid, "Seccomp"), "2");
     assert_eq!(status_field(helper_pid, "Uid"), "0");
     assert_eq!(status_field(helper_pid, "NoNewPrivs"), "1");
+    // CAP_SYS_ADMIN (21) alone, and nothing else can come back.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(helper_pid, set), "0000000000200000", "{set}");
+    }
+    for set in ["CapInh", "CapAmb"] {
+        assert_eq!(status_field(helper_pid, set), "0000000000000000", "{set}");
+    }
 
     // VF 1 of the owned PF: the helper binds it and opens its group; the group reaches this
     // "toolstack" with neither the helper nor the driver domain keeping a copy.

@@ -328,8 +328,8 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
     assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
 
     // Confined (as root), a driver domain that owns PCI functions has its hardware helper
-    // beside it: root by design, but with no_new_privs and only stdin, its log and its
-    // channel. Unconfined, it does the hardware work itself and has none.
+    // beside it: root by design, but with CAP_SYS_ADMIN alone, no_new_privs, and only stdin,
+    // its log and its channel. Unconfined, it does the hardware work itself and has none.
     let helpers: Vec<i32> = children_of(host.pid())
         .into_iter()
         .filter(|(_, comm)| comm == "splitvmm-hw-hel")
@@ -340,6 +340,8 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
     if let Some(helper) = helpers.first() {
         let status = std::fs::read_to_string(format!("/proc/{helper}/status")).unwrap();
         assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+        assert!(status.contains("\nCapEff:\t0000000000200000\n"), "{status}");
+        assert!(status.contains("\nCapBnd:\t0000000000200000\n"), "{status}");
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{helper}/fd"))
             .unwrap()
             .flatten()

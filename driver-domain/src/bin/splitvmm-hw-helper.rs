@@ -16,6 +16,8 @@ use ipc::control::ControlChannel;
 
 /// The descriptor the channel to the driver domain is handed on.
 const CHANNEL_FD: i32 = 3;
+/// `CAP_SYS_ADMIN` of `<linux/capability.h>` (libc does not define capability numbers).
+const CAP_SYS_ADMIN: u32 = 21;
 
 #[derive(Parser)]
 #[command(
@@ -55,8 +57,10 @@ fn main() -> Result<()> {
         );
         std::process::exit(ipc::startup::EXIT_NOT_MANAGED.into());
     }
-    // It never executes anything, so it never needs to gain privileges either.
-    nix::sys::prctl::set_no_new_privs().context("setting no_new_privs")?;
+    // Root it stays (sysfs and the device nodes are root's), but with CAP_SYS_ADMIN alone (the
+    // NVMe admin passthrough needs it) and no_new_privs: it never executes anything.
+    confine::keep_only_capabilities(1 << CAP_SYS_ADMIN)
+        .context("dropping every capability but CAP_SYS_ADMIN")?;
     // SAFETY: fd 3 was just checked to be the seqpacket socket `splitvmm up` hands this
     // program, and nothing else in this process uses it.
     let channel = ControlChannel::from_fd(unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) });
