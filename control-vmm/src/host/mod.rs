@@ -490,9 +490,10 @@ fn start_driver_domain(
     }
 }
 
-/// Starts the confined driver domain `dd`'s hardware helper (docs/security.md): as root,
-/// unconfined, acting only on the PFs `dd` owns and their VFs; its output goes to
-/// `<name>-hw-helper`'s log. Returns it and the driver domain's end of its channel.
+/// Starts the confined driver domain `dd`'s hardware helper (docs/security.md): as root in
+/// the host's namespaces (it keeps CAP_SYS_ADMIN alone itself), acting only on the PFs `dd`
+/// owns and their VFs; its output goes to `<name>-hw-helper`'s log. Returns it and the driver
+/// domain's end of its channel.
 fn start_hw_helper(
     run_dir: &Path,
     dd: &DriverDomainConfig,
