@@ -34,6 +34,7 @@ use std::os::fd::BorrowedFd;
 pub use filesystem::Enforced;
 pub use mounts::RootSwitch;
 pub use plan::{Feature, Plan, Profile};
+pub use privileges::{keep_only as keep_only_capabilities, PrivilegeError};
 pub use spawn::{spawn, SpawnSpec, DOMAIN_NAMESPACES};
 
 /// Why a domain process could not be confined (it must then not run).

@@ -1,6 +1,7 @@
 //! Giving up root: no supplementary groups, the domain's own gid and uid (real, effective and
 //! saved), an empty bounding set, no ambient, inheritable, permitted or effective
 //! capabilities, and no_new_privs (so nothing the domain could execute gains any back).
+//! [`keep_only`] narrows a process that must stay root (the hardware helper) instead.
 
 /// Errors of dropping privileges.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +10,12 @@ pub enum PrivilegeError {
     Call(&'static str, #[source] std::io::Error),
     #[error("capabilities remain after dropping them (effective {effective:#x}, permitted {permitted:#x})")]
     CapabilitiesRemain { effective: u64, permitted: u64 },
+    #[error("capabilities {wanted:#x} are not all held (effective {effective:#x}, permitted {permitted:#x})")]
+    CapabilitiesMissing {
+        wanted: u64,
+        effective: u64,
+        permitted: u64,
+    },
 }
 
 fn check(what: &'static str, rc: libc::c_long) -> Result<(), PrivilegeError> {
@@ -53,25 +60,99 @@ pub fn current_capabilities() -> Result<(u64, u64), PrivilegeError> {
     ))
 }
 
+/// Empties the bounding set of every capability not in `keep`.
+fn narrow_bounding_set(keep: u64) -> Result<(), PrivilegeError> {
+    for cap in 0..64u32 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: a prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(PrivilegeError::Call(
+                "PR_CAPBSET_DROP",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the capabilities in `keep` (bits by capability number, effective and permitted)
+/// and drops every other one, from the bounding set too; clears the ambient and inheritable
+/// sets and sets no_new_privs. The uid stays what it is (root, for a process that writes
+/// root's sysfs files). Must run in a process with a single thread.
+pub fn keep_only(keep: u64) -> Result<(), PrivilegeError> {
+    narrow_bounding_set(keep)?;
+    // Truncation intended: the low and high halves of the 64-bit set.
+    let (lo, hi) = (keep as u32, (keep >> 32) as u32);
+    let data = [
+        CapData {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        CapData {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: (each call below) plain system calls with integer arguments or pointers to
+    // local data of the right type.
+    unsafe {
+        check(
+            "PR_CAP_AMBIENT_CLEAR_ALL",
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+            .into(),
+        )?;
+        check(
+            "capset",
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+        )?;
+        check(
+            "PR_SET_NO_NEW_PRIVS",
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
+        )?;
+    }
+    let (effective, permitted) = current_capabilities()?;
+    if effective & !keep != 0 || permitted & !keep != 0 {
+        return Err(PrivilegeError::CapabilitiesRemain {
+            effective,
+            permitted,
+        });
+    }
+    if effective & keep != keep {
+        return Err(PrivilegeError::CapabilitiesMissing {
+            wanted: keep,
+            effective,
+            permitted,
+        });
+    }
+    Ok(())
+}
+
 /// Drops everything. Must run in a process with a single thread (capabilities are per
 /// thread), as root, after the mounts are built (they need CAP_SYS_ADMIN).
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    // The bounding set: every capability the kernel knows (until prctl says EINVAL).
+    narrow_bounding_set(0)?;
     // SAFETY: (each call below) plain system calls with integer arguments or pointers to
     // local data of the right type.
     unsafe {
         check("setgroups", libc::setgroups(0, std::ptr::null()).into())?;
-        // The bounding set: every capability the kernel knows (until prctl says EINVAL).
-        for cap in 0..64 {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-                    break;
-                }
-                return Err(PrivilegeError::Call(
-                    "PR_CAPBSET_DROP",
-                    std::io::Error::last_os_error(),
-                ));
-            }
-        }
         check(
             "PR_CAP_AMBIENT_CLEAR_ALL",
             libc::prctl(

@@ -7,10 +7,14 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
+use driver_domain::hw::helper::HelperClient;
+use driver_domain::hw::ops::{DirectHardware, HardwareOps};
 use driver_domain::hw::pci::Sysfs;
 use driver_domain::managed::ManagedDriverDomain;
 use driver_domain::vhost_user::{bind_atomically, serve_forever_on};
 use driver_domain::virtio_core::SealPolicy;
+use ipc::control::ControlChannel;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 mod net_serve;
 
@@ -44,6 +48,11 @@ enum Cmd {
         /// Root of the sysfs tree to read devices from (tests point it at a fake tree).
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: std::path::PathBuf,
+        /// The channel to the privileged hardware helper, handed over on this descriptor: VFs
+        /// are enabled, bound, opened and reset through it (without it, through sysfs and
+        /// /dev directly, which needs root).
+        #[arg(long, value_name = "FD")]
+        hw_helper_fd: Option<i32>,
     },
     /// Serve a vhost-user-blk device, or with `--net` vhost-user-net ports on one switch, on
     /// Unix sockets, one frontend after another.
@@ -116,6 +125,20 @@ struct NetArgs {
     mac: String,
 }
 
+/// The hardware operations of a managed driver domain: the helper's channel on `fd` if the
+/// toolstack handed one, sysfs and /dev directly otherwise.
+fn hardware_ops(fd: Option<i32>, sysfs: &Sysfs) -> Result<Box<dyn HardwareOps>> {
+    let Some(fd) = fd else {
+        return Ok(Box::new(DirectHardware::new(sysfs.clone(), "/dev/vfio")));
+    };
+    ipc::startup::check_inherited_channel(fd, "the hardware helper's channel")
+        .context("--hw-helper-fd")?;
+    // SAFETY: `fd` was just checked to be an open seqpacket socket; the toolstack handed it
+    // to this process for this use alone and nothing else here knows of it.
+    let channel = ControlChannel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(Box::new(HelperClient::new(channel)))
+}
+
 fn main() -> Result<()> {
     ipc::startup::restore_sigpipe();
     let cli = Cli::parse();
@@ -137,6 +160,7 @@ fn main() -> Result<()> {
             uplink,
             uplink_fd,
             sysfs_root,
+            hw_helper_fd,
         } => {
             if let Err(e) = ipc::startup::check_inherited_fds() {
                 eprintln!(
@@ -148,7 +172,9 @@ fn main() -> Result<()> {
             // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands
             // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
-            driver.report_hardware(&Sysfs::new(sysfs_root), &owns);
+            let sysfs = Sysfs::new(sysfs_root);
+            let hw = hardware_ops(hw_helper_fd, &sysfs)?;
+            driver.report_hardware(&sysfs, &owns, hw);
             // Everything it needs from the host is held now (the uplink's tap too, handed
             // over as a descriptor): confine it before it serves any guest or starts a thread
             // (the toolstack's plan is in the environment).

@@ -98,6 +98,12 @@ pub fn check_inherited_fds() -> Result<(), InheritedFdError> {
     check_socket(fds::CONTROL, "the control channel", SockType::SeqPacket)
 }
 
+/// Checks that `fd` is a seqpacket socket (a [`crate::control::ControlChannel`] end handed
+/// over at start-up, described as `what`), before it is adopted.
+pub fn check_inherited_channel(fd: RawFd, what: &'static str) -> Result<(), InheritedFdError> {
+    check_socket(fd, what, SockType::SeqPacket)
+}
+
 /// The message an internal binary prints when [`check_inherited_fds`] fails.
 pub fn not_managed_message(program: &str, err: &InheritedFdError) -> String {
     format!(

@@ -56,6 +56,17 @@ impl ToolstackStore {
         name: &str,
         cmd: Command,
     ) -> (DomainProcess, ControlChannel) {
+        self.start_domain_with_fds(domid, name, cmd, Vec::new())
+    }
+
+    /// [`ToolstackStore::start_domain`], with `handed` as its fds 5, 6, ...
+    pub fn start_domain_with_fds(
+        &self,
+        domid: u32,
+        name: &str,
+        cmd: Command,
+        handed: Vec<OwnedFd>,
+    ) -> (DomainProcess, ControlChannel) {
         let store_conn: OwnedFd = self
             .store
             .handle()
@@ -72,7 +83,9 @@ impl ToolstackStore {
                 confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])
             }),
         };
-        let process = DomainProcess::spawn(name, launch, vec![store_conn, theirs.into_fd()])
+        let mut fds = vec![store_conn, theirs.into_fd()];
+        fds.extend(handed);
+        let process = DomainProcess::spawn(name, launch, fds)
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         (process, ours)
     }

@@ -327,5 +327,42 @@ fn owned_hardware_is_reported_in_the_store_and_by_splitvmm_devices() {
     let read = host.cli(&["xs", "read", "/local/domain/1/hardware/pci/dev-0/address"]);
     assert_eq!(String::from_utf8_lossy(&read.stdout), "0000:00:02.0\n");
 
+    // Confined (as root), a driver domain that owns PCI functions has its hardware helper
+    // beside it: root by design, but with CAP_SYS_ADMIN alone, no_new_privs, and only stdin,
+    // its log and its channel. Unconfined, it does the hardware work itself and has none.
+    let helpers: Vec<i32> = children_of(host.pid())
+        .into_iter()
+        .filter(|(_, comm)| comm == "splitvmm-hw-hel")
+        .map(|(pid, _)| pid)
+        .collect();
+    let confined = nix::unistd::geteuid().is_root();
+    assert_eq!(helpers.len(), usize::from(confined), "helpers: {helpers:?}");
+    if let Some(helper) = helpers.first() {
+        let status = std::fs::read_to_string(format!("/proc/{helper}/status")).unwrap();
+        assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+        assert!(status.contains("\nCapEff:\t0000000000200000\n"), "{status}");
+        assert!(status.contains("\nCapBnd:\t0000000000200000\n"), "{status}");
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{helper}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(fds.len(), 4, "the helper holds {fds:?}");
+        let log = std::fs::read_to_string(dir.path().join("run/logs/driver-hw-helper.log"));
+        assert!(
+            log.as_deref().is_ok_and(
+                |l| l.contains("serving the driver domain for 0000:00:02.0 0000:00:09.0")
+            ),
+            "{log:?}"
+        );
+    }
+
     assert!(host.shut_down(Duration::from_secs(20)));
+    for helper in helpers {
+        let stat = std::fs::read_to_string(format!("/proc/{helper}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "the hardware helper outlived the host: {stat}"
+        );
+    }
 }

@@ -96,6 +96,9 @@ struct Domain {
     name: String,
     process: DomainProcess,
     channel: ControlChannel,
+    /// The privileged hardware helper serving it (a confined driver domain that owns PCI
+    /// functions); it goes with the domain.
+    hw_helper: Option<DomainProcess>,
 }
 
 /// A guest's place in the host: what never changes, and the rest behind the guest's lock.
@@ -440,8 +443,9 @@ impl Host {
 }
 
 /// Starts the driver domain `dd` (its domain already in the store), with a duplicate of the
-/// uplink tap's descriptor if it has one, and waits until it says it is ready; `append`
-/// continues its log (a restart).
+/// uplink tap's descriptor if it has one and, confined with PCI functions to own, a channel to
+/// its hardware helper (started here); waits until it says it is ready. `append` continues its
+/// log (a restart).
 fn start_driver_domain(
     store: &StoreHandle,
     run_dir: &Path,
@@ -471,7 +475,16 @@ fn start_driver_domain(
                 .with_context(|| format!("duplicating the uplink tap {tap}"))?,
         );
     }
-    let driver = start_domain(
+    let hw_helper = if confinement.is_some() && !dd.owns.is_empty() {
+        let (helper, driver_end) = start_hw_helper(run_dir, dd, append)?;
+        let fd = FIRST_HANDED_FD + 2 + i32::try_from(handed.len())?;
+        command.arg("--hw-helper-fd").arg(fd.to_string());
+        handed.push(driver_end.into_fd());
+        Some(helper)
+    } else {
+        None
+    };
+    let mut driver = start_domain(
         store,
         run_dir,
         (dd.domid, &dd.name),
@@ -479,10 +492,48 @@ fn start_driver_domain(
         domain_confinement(confinement, dd.domid, &dd.name, 0)?,
         append,
     )?;
+    driver.hw_helper = hw_helper;
     match driver.channel.recv_timeout::<BackendEvent>(WALK_TIMEOUT)? {
         Some((BackendEvent::Ready, _)) => Ok(driver),
         other => bail!("driver domain did not report ready: {other:?}"),
     }
+}
+
+/// Starts the confined driver domain `dd`'s hardware helper (docs/security.md): as root in
+/// the host's namespaces (it keeps CAP_SYS_ADMIN alone itself), acting only on the PFs `dd`
+/// owns and their VFs; its output goes to `<name>-hw-helper`'s log. Returns it and the driver
+/// domain's end of its channel.
+fn start_hw_helper(
+    run_dir: &Path,
+    dd: &DriverDomainConfig,
+    append: bool,
+) -> Result<(DomainProcess, ControlChannel)> {
+    let name = format!("{}-hw-helper", dd.name);
+    let mut command = Command::new(sibling_binary("splitvmm-hw-helper")?);
+    command.arg("--domid").arg(dd.domid.to_string());
+    for bdf in &dd.owns {
+        command.arg("--owns").arg(bdf);
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    let path = log_path(run_dir, &name);
+    let log = File::options()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let (helper_end, driver_end) = ControlChannel::pair()?;
+    let launch = Launch {
+        command,
+        output: Some(log),
+        confine: None,
+        cgroup: None,
+    };
+    let process = DomainProcess::spawn(&name, launch, vec![helper_end.into_fd()])?;
+    Ok((process, driver_end))
 }
 
 /// Starts domain `name`'s process with its store connection (fd 3), control channel (fd 4)
@@ -527,5 +578,6 @@ fn start_domain(
         name: name.to_owned(),
         process,
         channel: ours,
+        hw_helper: None,
     })
 }

@@ -8,6 +8,9 @@
 //! - [`vfio`]: functions owned through VFIO (`vfio-ioctls`): config space, BARs, DMA
 //!   mapping, interrupts to eventfds, and the device request interrupt.
 //! - [`nvme_probe`]: a minimal user-space NVMe driver proving the VFIO path end to end.
+//! - [`ops`]: the privileged operations behind VF assignment, as a trait ([`ops::HardwareOps`])
+//!   done directly through sysfs or asked of the hardware helper;
+//! - [`helper`]: the privileged hardware helper (`splitvmm-hw-helper`) and its client.
 //! - [`cli`]: `driver-domain hw ...`.
 //!
 //! Everything that reads sysfs takes a [`pci::Sysfs`] root, so it is tested against a fake
@@ -15,8 +18,10 @@
 //! (`tests/lab/run`, see docs/lab.md).
 
 pub mod cli;
+pub mod helper;
 pub mod nvme_admin;
 pub mod nvme_probe;
+pub mod ops;
 pub mod pci;
 pub mod sriov;
 pub mod vfio;

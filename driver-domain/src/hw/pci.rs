@@ -423,14 +423,21 @@ pub(crate) fn write_value(bdf: Bdf, path: &Path, value: &str) -> Result<(), PciE
     })
 }
 
-#[cfg(test)]
-pub(crate) mod fake {
-    //! A fake sysfs tree for tests.
+#[cfg(any(test, feature = "fake-sysfs"))]
+pub mod fake {
+    //! A fake sysfs tree for tests (the `fake-sysfs` feature lends it to other crates' tests).
+    #![allow(clippy::unwrap_used)] // a test fixture: a failure is the test's
     use super::*;
     use std::os::unix::fs::symlink;
 
     pub struct FakeSysfs {
         pub dir: tempfile::TempDir,
+    }
+
+    impl Default for FakeSysfs {
+        fn default() -> Self {
+            FakeSysfs::new()
+        }
     }
 
     impl FakeSysfs {
@@ -496,6 +503,15 @@ pub(crate) mod fake {
                 real.join("driver"),
             )
             .unwrap();
+        }
+
+        /// Writes `text` to `rel` under the tree, making its directory if needed.
+        pub fn write(&self, rel: &str, text: &str) {
+            let path = self.dir.path().join(rel);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).unwrap();
+            }
+            fs::write(path, text).unwrap();
         }
 
         pub fn read(&self, rel: &str) -> String {

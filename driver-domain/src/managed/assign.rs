@@ -6,25 +6,38 @@
 //! take the VF meanwhile, the driver domain included). When the guest ends, the toolstack
 //! says so; the driver domain resets the VF (function reset through sysfs) and can give it to
 //! the next guest.
+//!
+//! The pool decides which guest gets which VF; the hardware work goes through
+//! [`HardwareOps`]: sysfs directly when this driver domain runs unconfined, the privileged
+//! hardware helper (`crate::hw::helper`) when it is confined.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::os::fd::OwnedFd;
 
-use crate::hw::pci::{Bdf, Sysfs};
-use crate::hw::sriov::{set_num_vfs, NvmePf};
+use ipc::control::hardware::{NvmeVfResources, VfEnabling};
+
+use crate::hw::ops::{DirectHardware, HardwareOps};
+use crate::hw::pci::Bdf;
 
 /// NVMe queue (admin + one I/O) and interrupt resources given to each secondary controller.
-const VF_QUEUES: u16 = 2;
-const VF_INTERRUPTS: u16 = 1;
+const VF_RESOURCES: NvmeVfResources = NvmeVfResources {
+    queues: 2,
+    interrupts: 1,
+};
 
 /// The owned PFs and which guest holds which VF.
-#[derive(Debug, Default)]
 pub struct VfPool {
-    sysfs: Sysfs,
+    /// The hardware: sysfs directly, or the hardware helper of a confined driver domain.
+    hw: Box<dyn HardwareOps>,
     owns: Vec<Bdf>,
     /// VF address -> the guest (domain id) holding it.
     held: BTreeMap<Bdf, u32>,
+}
+
+impl Default for VfPool {
+    fn default() -> Self {
+        VfPool::new(Box::new(DirectHardware::default()), &[])
+    }
 }
 
 /// A VF handed over.
@@ -37,9 +50,9 @@ pub struct HandedVf {
 }
 
 impl VfPool {
-    pub fn new(sysfs: Sysfs, owns: &[String]) -> Self {
+    pub fn new(hw: Box<dyn HardwareOps>, owns: &[String]) -> Self {
         Self {
-            sysfs,
+            hw,
             owns: owns.iter().filter_map(|a| a.parse().ok()).collect(),
             held: BTreeMap::new(),
         }
@@ -51,12 +64,20 @@ impl VfPool {
         if !self.owns.contains(&pf) {
             return Err(format!("{pf} is not owned by this driver domain"));
         }
-        let f = self.sysfs.function(pf).map_err(|e| e.to_string())?;
-        let sriov = f.sriov.ok_or_else(|| format!("{pf} is not an SR-IOV PF"))?;
-        if sriov.num_vfs == 0 {
-            self.enable_vfs(pf, sriov.total_vfs, f.driver.as_deref() == Some("nvme"))?;
-        }
-        let vfs = self.sysfs.virtfns(pf).map_err(|e| e.to_string())?;
+        let state = self.hw.describe_pf(pf).map_err(|e| e.to_string())?;
+        let vfs = if state.num_vfs == 0 {
+            let how = if state.driver.as_deref() == Some("nvme") {
+                VfEnabling::Nvme(VF_RESOURCES)
+            } else {
+                VfEnabling::Plain
+            };
+            log::info!("{pf}: enabling its {} VFs ({how:?})", state.total_vfs);
+            self.hw
+                .enable_vfs(pf, state.total_vfs, how)
+                .map_err(|e| e.to_string())?
+        } else {
+            state.vfs
+        };
         let (index, address) = match vf {
             Some(n) => {
                 let address = *usize::from(n)
@@ -75,46 +96,21 @@ impl VfPool {
                 .map(|(i, a)| (i as u16 + 1, *a))
                 .ok_or_else(|| format!("every VF of {pf} is held by a guest"))?,
         };
-        self.sysfs
-            .bind(address, "vfio-pci")
-            .map_err(|e| e.to_string())?;
-        let group = self
-            .sysfs
-            .function(address)
-            .map_err(|e| e.to_string())?
-            .iommu_group
-            .ok_or_else(|| format!("{address} is in no IOMMU group"))?;
-        let path = format!("/dev/vfio/{group}");
-        let group_fd: OwnedFd = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("opening {path}: {e}"))?
-            .into();
+        let group = self.hw.bind_vfio(address).map_err(|e| e.to_string())?;
         self.held.insert(address, frontend);
-        log::info!("VF {index} of {pf} ({address}, group {group}) handed to domain {frontend}");
+        log::info!(
+            "VF {index} of {pf} ({address}, group {}) handed to domain {frontend}",
+            group.number
+        );
         Ok(HandedVf {
             address,
             vf: index,
-            group: group_fd,
+            group: group.fd,
         })
     }
 
-    fn enable_vfs(&self, pf: Bdf, total: u16, nvme: bool) -> Result<(), String> {
-        let mut log = |step: &str| log::info!("{pf}: {step}");
-        if nvme {
-            NvmePf::open(&self.sysfs, pf)
-                .and_then(|p| p.enable_vfs(total, VF_QUEUES, VF_INTERRUPTS, &mut log))
-                .map_err(|e| e.to_string())?;
-        } else {
-            set_num_vfs(&self.sysfs, pf, total, false).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// Takes VF `address` back from `frontend`: function reset through sysfs (the guest's VMM
-    /// has closed the group, so nobody uses it). Returns whether the reset succeeded, and why
-    /// not.
+    /// Takes VF `address` back from `frontend`: function reset (the guest's VMM has closed
+    /// the group, so nobody uses it). Returns whether the reset succeeded, and why not.
     pub fn release(
         &mut self,
         frontend: u32,
@@ -131,7 +127,9 @@ impl VfPool {
             None => return Err(format!("{address} is held by no guest")),
         }
         self.held.remove(&address);
-        let reset = std::fs::write(self.sysfs.device_dir(address).join("reset"), "1")
+        let reset = self
+            .hw
+            .reset_vf(address)
             .map_err(|e| format!("function reset of {address}: {e}"));
         match &reset {
             Ok(()) => log::info!("{address}: reset and back from domain {frontend}"),
@@ -159,7 +157,8 @@ mod tests {
             .root()
             .join("bus/pci/devices/0000:00:02.0/sriov_numvfs");
         std::fs::write(numvfs, "2\n").unwrap();
-        let pool = VfPool::new(fake.sysfs(), &["0000:00:02.0".into()]);
+        let hw = DirectHardware::new(fake.sysfs(), fake.dir.path().join("vfio"));
+        let pool = VfPool::new(Box::new(hw), &["0000:00:02.0".into()]);
         (fake, pool)
     }
 
@@ -174,6 +173,33 @@ mod tests {
         assert!(e.contains("has no VF 0"), "{e}");
         let e = pool.assign(2, "not-an-address", None).unwrap_err();
         assert!(!e.is_empty());
+    }
+
+    #[test]
+    fn any_free_vf_goes_to_the_next_guest_with_its_group() {
+        let (fake, mut pool) = pool();
+        // The fake kernel binds nothing: the VFs are on vfio-pci already.
+        fake.bind("0000:00:02.1", "vfio-pci");
+        fake.bind("0000:00:02.2", "vfio-pci");
+        fake.write("vfio/4", "group 4");
+        fake.write("vfio/5", "group 5");
+        let first = pool.assign(2, "0000:00:02.0", None).unwrap();
+        assert_eq!(
+            (first.vf, first.address.to_string()),
+            (1, "0000:00:02.1".into())
+        );
+        let second = pool.assign(3, "0000:00:02.0", None).unwrap();
+        assert_eq!(
+            (second.vf, second.address.to_string()),
+            (2, "0000:00:02.2".into())
+        );
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(second.group), &mut text).unwrap();
+        assert_eq!(text, "group 5");
+        let e = pool.assign(4, "0000:00:02.0", None).unwrap_err();
+        assert!(e.contains("every VF of 0000:00:02.0 is held"), "{e}");
+        pool.release(2, "0000:00:02.1").unwrap().1.unwrap();
+        assert_eq!(pool.assign(4, "0000:00:02.0", None).unwrap().vf, 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `iommu-group`, `sriov-total-vfs`, `sriov-num-vfs` and `state` ("present", or "missing: why").
 //! `splitvmm devices` shows them.
 
+use crate::hw::ops::HardwareOps;
 use crate::hw::pci::{PciFunction, Sysfs};
 
 use super::ManagedDriverDomain;
@@ -31,11 +32,11 @@ fn entries(f: &PciFunction) -> Vec<(&'static str, String)> {
 }
 
 impl ManagedDriverDomain {
-    /// Takes the owned functions (their VFs can be assigned to guests) and publishes them. A
-    /// function that cannot be read is reported as missing, with the reason; it fails nothing
-    /// else.
-    pub fn report_hardware(&mut self, sysfs: &Sysfs, owns: &[String]) {
-        self.vfs = super::assign::VfPool::new(sysfs.clone(), owns);
+    /// Takes the owned functions (their VFs can be assigned to guests, through `hw`) and
+    /// publishes them, read from `sysfs` (before this domain is confined). A function that
+    /// cannot be read is reported as missing, with the reason; it fails nothing else.
+    pub fn report_hardware(&mut self, sysfs: &Sysfs, owns: &[String], hw: Box<dyn HardwareOps>) {
+        self.vfs = super::assign::VfPool::new(hw, owns);
         let base = format!("/local/domain/{}/hardware/pci", self.domid);
         for (n, address) in owns.iter().enumerate() {
             let dir = format!("{base}/dev-{n}");

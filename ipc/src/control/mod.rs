@@ -2,6 +2,7 @@
 //! descriptors attached (`SCM_RIGHTS`).
 
 mod channel;
+pub mod hardware;
 pub mod messages;
 
 pub use channel::{

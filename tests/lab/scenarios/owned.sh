@@ -29,7 +29,8 @@ done
 
 step "the driver domain is confined (the lab's root is an initramfs: MS_MOVE + chroot)"
 assert_confined $up
-dd=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f4 $d/stat 2>/dev/null)" = "$up" ] && echo ${d#/proc/}; done | head -1)
+dd=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f2,4 $d/stat 2>/dev/null)" = "(driver-domain) $up" ] && echo ${d#/proc/}; done | head -1)
+[ -n "$dd" ] || fail "no driver domain under splitvmm up ($up)"
 cg=$(sed -n 's/^0:://p' /proc/$dd/cgroup)
 echo "driver domain cgroup: $cg, pids.max $(cat /sys/fs/cgroup$cg/pids.max), memory.max $(cat /sys/fs/cgroup$cg/memory.max)"
 [ "$cg" = "/splitvmm-$up/driver" ] || fail "the driver domain is in cgroup '$cg', not /splitvmm-$up/driver"
@@ -44,5 +45,6 @@ step "shut the host down"
 kill $up
 wait $up || true
 kill -0 $up 2>/dev/null && fail "splitvmm up survived SIGTERM"
+ps -o pid,args | grep "[s]plitvmm-hw-helper" && fail "the hardware helper outlived the host"
 [ -d /sys/fs/cgroup/splitvmm-$up ] && fail "the toolstack left its cgroup behind"
 echo "owned: reported and shut down"

@@ -7,10 +7,13 @@
 # decoding and bus mastering off, BAR0 moved out of the window and back, an FLR in the middle
 # of I/O, a command whose DMA targets 4 GiB, beyond its RAM, which the IOMMU refuses): it
 # hurts only itself, the VMM logs and carries on, and a last write still reaches the namespace.
-# Then the handover through the toolstack: `splitvmm up` with a host file whose Linux guest
-# has `[[guest.pci]]` (VF 1 of the owned PF): the driver domain enables the VFs, binds VF 1 to
-# vfio-pci and passes its VFIO group through the toolstack to the guest's VMM, neither keeping
-# a copy (checked in /proc/<pid>/fd); `splitvmm pci-list` shows the VF held; `splitvmm
+# Then the handover through the toolstack, every domain confined: `splitvmm up` with a host
+# file whose Linux guest has `[[guest.pci]]` (VF 1 of the owned PF): the confined driver
+# domain has its hardware helper (root, started by the toolstack) enable the VFs, bind VF 1 to
+# vfio-pci and open its VFIO group, and passes the group through the toolstack to the guest's
+# confined VMM, none of them keeping a copy (checked in /proc/<pid>/fd); the driver domain and
+# the VMM are checked confined from /proc while the guest uses the VF; `splitvmm pci-list`
+# shows the VF held; `splitvmm
 # pci-detach` takes it from the running guest (its VMM resets and closes it), the VF is reset
 # and returned, and `splitvmm create` gives it to a second guest, which finds the first guest's
 # pattern on it, writes its own and powers off: the VF is returned again as the guest ends.
@@ -125,11 +128,7 @@ P2=$LAB_PATTERN-vm2
 GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.nvme=1 l2.nvme_requests=32"
 cat > $W/host.toml <<TOML
 run_dir = "$W/run"
-# Unconfined: handing out a VF drives the PF through sysfs (SR-IOV, vfio-pci binding), which a
-# confined driver domain cannot reach until the privileged hardware helper exists
-# (docs/security.md, "Not done yet").
-[confinement]
-enabled = false
+# Confined (the default): the driver domain drives the PF through its hardware helper.
 [driver_domain]
 name = "driver"
 domid = 1
@@ -176,6 +175,17 @@ echo "/dev/vfio/$g open in: VMM $vmm_pid: $(held $vmm_pid), driver domain $dd_pi
 [ "$(held $vmm_pid)" = 1 ] || fail "the guest's VMM does not hold /dev/vfio/$g"
 [ "$(held $dd_pid)" = 0 ] || fail "the driver domain kept a copy of the group"
 [ "$(held $up)" = 0 ] || fail "the toolstack kept a copy of the group"
+helper_pid=$(ps -o pid,args | grep '[s]plitvmm-hw-helper' | awk '{print $1}')
+[ -n "$helper_pid" ] || fail "no hardware helper beside the confined driver domain"
+[ "$(held $helper_pid)" = 0 ] || fail "the hardware helper kept a copy of the group"
+
+step "the driver domain and the VMM are confined while vm1 uses the VF; the helper did the hardware work"
+assert_confined $up
+grep -E "EnableVfs|BindVfio" $W/run/logs/driver-hw-helper.log
+grep -q "BindVfio { vf: \"$VF1\" }: done" $W/run/logs/driver-hw-helper.log ||
+    fail "the hardware helper did not bind $VF1"
+grep -q "EnableVfs { pf: \"$PF\", count: 2, how: Nvme" $W/run/logs/driver-hw-helper.log ||
+    fail "the hardware helper did not enable the VFs the NVMe way"
 
 step "a guest asking for the VF vm1 holds, or for a VF the PF lacks, is refused; vm1 keeps its VF"
 cat > $W/vm3.toml <<TOML
@@ -213,6 +223,8 @@ kill -0 $vmm_pid 2>/dev/null || fail "vm1's VMM ended with the detach"
 [ "$(held $vmm_pid)" = 0 ] || fail "vm1's VMM still holds /dev/vfio/$g after the detach"
 run $SV pci-list
 echo "$OUT" | grep -q "$VF1" && fail "pci-list still shows $VF1 held"
+grep -q "ResetVf { vf: \"$VF1\" }: done" $W/run/logs/driver-hw-helper.log ||
+    fail "the hardware helper did not reset $VF1"
 run $SV shutdown vm1
 
 step "splitvmm create: a second guest gets the same VF"
