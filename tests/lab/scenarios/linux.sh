@@ -16,7 +16,7 @@ mkdir -p $W
 VMM=/bin/splitvmm-vmm
 PATTERN=$LAB_PATTERN-L2
 # iomem=relaxed: the guest's bad-input step pokes its own virtio BAR through /dev/mem.
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed l2.pattern=$PATTERN l2.button=1 l2.garbage=1"
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS iomem=relaxed l2.pattern=$PATTERN l2.button=1 l2.garbage=1"
 
 step "the driver domain serves a 16 MiB image with two request queues"
 truncate -s 16M $W/disk.img
@@ -100,7 +100,7 @@ domid = 2
 kind = "linux"
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/linux/initrd.gz"
-extra = "console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check l2.pattern=$UP_PATTERN l2.console=1 l2.button=1"
+extra = "console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$UP_PATTERN l2.console=1 l2.button=1"
 memory = 256
 vcpus = 2
 share = "all-ram"
@@ -175,7 +175,7 @@ domid = 3
 kind = "linux"
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/linux/initrd.gz"
-extra = "console=ttyS0 panic=-1 io_delay=none no_timer_check l2.pattern=$ALONE_PATTERN"
+extra = "console=ttyS0 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$ALONE_PATTERN"
 memory = 256
 share = "all-ram"
 [[disk]]

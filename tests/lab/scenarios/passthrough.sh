@@ -29,7 +29,7 @@ REQUESTS=256
 # nvme_core.multipath=N: the namespace is the controller's own blk-mq disk (with multipath its
 # head node is bio-based and keeps no request counters). Short nvme_core timeouts: the FLR the
 # guest does mid-I/O (l2.vfbad) costs a timeout and a controller reset, 60 s with the defaults.
-CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N nvme_core.io_timeout=5 nvme_core.admin_timeout=5 l2.pattern=$PATTERN l2.nvme=1 l2.nvme_requests=$REQUESTS l2.vfbad=1"
+CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS iomem=relaxed nvme_core.multipath=N nvme_core.io_timeout=5 nvme_core.admin_timeout=5 l2.pattern=$PATTERN l2.nvme=1 l2.nvme_requests=$REQUESTS l2.vfbad=1"
 
 # read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
 # lab VM's kernel nvme driver (the VF is bound to nvme for it, then back to vfio-pci).
@@ -125,7 +125,7 @@ vfs_down
 step "splitvmm up: a Linux guest with [[guest.pci]] VF 1 of the owned PF"
 P1=$LAB_PATTERN-vm1
 P2=$LAB_PATTERN-vm2
-GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check iomem=relaxed nvme_core.multipath=N l2.nvme=1 l2.nvme_requests=32"
+GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS iomem=relaxed nvme_core.multipath=N l2.nvme=1 l2.nvme_requests=32"
 cat > $W/host.toml <<TOML
 run_dir = "$W/run"
 # Confined (the default): the driver domain drives the PF through its hardware helper.
