@@ -41,6 +41,8 @@ pub struct LinuxSettings {
     pub pci: usize,
     /// The interactive console's socket (see [`super::console`]).
     pub console_socket: Option<std::os::unix::net::UnixListener>,
+    /// Emulated NVMe namespaces, on files the toolstack opened and handed over.
+    pub nvme: Vec<crate::vmm::devices::nvme::Namespace>,
 }
 
 /// Where the machine stands.
@@ -161,6 +163,7 @@ impl LinuxMachine {
             connect_timeout: Duration::from_secs(5),
             assigned: std::mem::take(&mut self.assigned),
             functions: self.functions.clone(),
+            nvme: std::mem::take(&mut self.settings.nvme),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_MMIO_BYTES, PCI_MMIO_GPA, RAM_LIMIT};
+use super::devices::nvme::{self, Namespace};
 use super::devices::virtio_pci::{
     NotifyBinder, VirtioPciBlk, BAR0_BYTES, MSIX_VECTORS, NOTIFY_OFFSET,
 };
@@ -75,6 +76,8 @@ pub struct LinuxVmConfig {
     pub assigned: Vec<Assignment>,
     /// Where the machine registers them once plugged (for `pci-detach`).
     pub functions: AssignedFunctions,
+    /// Emulated NVMe controllers (full emulation), one namespace each, on their backing files.
+    pub nvme: Vec<Namespace>,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -235,6 +238,21 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         };
         next_gsi += plug_assigned(&ram, &mut pci, a, place, &cfg.functions)?;
     }
+    let mut emulated = Vec::new();
+    for ns in cfg.nvme {
+        let wiring = Arc::clone(&routes) as _;
+        let (dev, gsis) = nvme::plug(
+            &mut pci,
+            &mut bars,
+            (ram.mem.clone(), ns),
+            next_gsi,
+            wiring,
+            &counters,
+        )
+        .map_err(|e| VmError::Config(format!("emulated NVMe: {e}")))?;
+        emulated.push(dev);
+        next_gsi += gsis;
+    }
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
@@ -299,6 +317,22 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let backend_stopped_at =
         disk.and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).quiesce());
     let io_requests = bus.io_requests();
+    for (i, dev) in emulated.iter().enumerate() {
+        let s = dev.lock().unwrap_or_else(|p| p.into_inner()).stats();
+        log::info!(
+            "emulated NVMe {i}: doorbells={} commands={} reads={} writes={} flushes={} \
+             errors={} interrupts={} bad_doorbells={}",
+            s.doorbells,
+            s.commands,
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.errors,
+            s.interrupts,
+            s.bad_doorbells
+        );
+    }
+    drop(emulated);
     // The bus holds the assigned functions: they are reset and their containers closed (DMA
     // unmapped) here, before guest RAM goes away.
     drop(bus);
