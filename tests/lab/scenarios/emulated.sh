@@ -5,9 +5,9 @@
 # guest checks the driver bound it (/sys), reads block 0 (put there by the lab VM), writes
 # this run's pattern at 1 MiB with O_DIRECT and runs an I/O phase whose exits the VMM counts
 # (at least one MMIO exit per request: this is the approach where the VMM is on the data
-# path); the lab VM then reads the pattern from the file. A second boot gets the same file
-# read-only (`--nvme IMG`): the guest sees a read-only disk, its write fails, the file is
-# unchanged.
+# path); the lab VM then reads the pattern from the file. Then `splitvmm up` boots the guest
+# with the same file as `[[guest.nvme]]` without `writable`: the confined VMM gets a read-only
+# descriptor from the toolstack, the guest a read-only disk, and the file stays unchanged.
 W=/tmp/emulated
 rm -rf $W
 mkdir -p $W
@@ -71,11 +71,64 @@ got=$(dd if=$IMG bs=4096 skip=256 count=1 2>/dev/null | head -c ${#PATTERN})
 echo "file at 1 MiB: $got"
 sum=$(md5sum < $IMG)
 
-step "the same file read-only: the guest cannot write it"
-boot ro "$IMG" "$PATTERN-RO"
-grep -q "^L2-NVME-DRIVER .* ro 1" $W/ro.console || fail "the read-only disk is writable in the guest"
-grep -q "^L2-NVME-WRITTEN" $W/ro.console && fail "the guest wrote to a read-only emulated disk"
+# The toolstack: a Linux guest whose host file gives it the same file as `[[guest.nvme]]`
+# without `writable`. The toolstack opens and locks the image and hands the descriptor to the
+# confined VMM: read-only, as seen in /proc from outside; the guest sees a read-only disk, its
+# write fails, and the file is unchanged when the guest has powered off and been reaped.
+step "splitvmm up: [[guest.nvme]] without writable gives the guest a read-only disk"
+cat > $W/host.toml <<TOML
+run_dir = "$W/run"
+[driver_domain]
+name = "driver"
+domid = 1
+[[guest]]
+name = "emu"
+domid = 2
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "$CMDLINE l2.pattern=$PATTERN-RO"
+memory = 256
+[[guest.nvme]]
+image = "$IMG"
+TOML
+RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
+up=$!
+background $up
+GLOG=$W/run/logs/emu.log
+i=0
+until grep -q "^L2-NVME " $GLOG 2>/dev/null; do
+    kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
+    [ $i -ge 1200 ] && { cat $W/up.log; tail -20 $GLOG; fail "no emulated disk in the guest within 120 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+vmm=$(ps -o pid,args | grep '[s]plitvmm-vmm --linux' | awk '{ print $1; exit }')
+[ -n "$vmm" ] || fail "no splitvmm-vmm running"
+echo "VMM $vmm: $(grep -E '^(Uid|CapEff)' /proc/$vmm/status | tr -s '\t' ' ' | tr '\n' ' ')"
+[ "$(awk '/^Uid:/ { print $2 }' /proc/$vmm/status)" != 0 ] || fail "the guest's VMM runs as root"
+img_fd=
+for f in /proc/$vmm/fd/*; do [ "$(readlink $f)" = "$IMG" ] && img_fd=${f##*/}; done
+[ -n "$img_fd" ] || fail "the VMM holds no descriptor of $IMG"
+flags=$(awk '/^flags:/ { print $2 }' /proc/$vmm/fdinfo/$img_fd)
+echo "VMM fd $img_fd -> $IMG, flags $flags"
+[ $((0$flags & 3)) = 0 ] || fail "the VMM's descriptor of the image is writable (flags $flags)"
+tr '\0' ' ' < /proc/$vmm/cmdline | grep -q -- "--nvme-fd $img_fd " || fail "the VMM was not given the image as --nvme-fd $img_fd"
+i=0
+until grep -q "emu: powered off" $W/up.log; do
+    [ $i -ge 900 ] && { tail -20 $GLOG; fail "emu was not reaped within 90 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+grep -E "emu: " $W/up.log
+grep -E "^L2-NVME|^L2-IRQ|^L2-DONE" $GLOG
+grep -q "^L2-NVME-DRIVER nvme id 0x1b36:0x00f0 class 0x010802 ro 1" $GLOG || fail "the guest's disk is not a read-only emulated NVMe disk"
+grep -q "^L2-NVME-BLOCK0 $BLOCK0" $GLOG || fail "the guest did not read block 0"
+grep -q "^L2-NVME-WRITTEN" $GLOG && fail "the guest wrote to a read-only emulated disk"
 [ "$(md5sum < $IMG)" = "$sum" ] || fail "the read-only file changed"
 echo "read-only file unchanged"
-pgrep -f splitvmm-vmm >/dev/null && fail "a splitvmm-vmm is left running"
+kill $up
+wait_gone $up 15 || fail "splitvmm up outlived its SIGTERM by 15 s"
+left=$(ps -o pid,args | grep -E '[s]plitvmm|[d]river-domain')
+[ -z "$left" ] || fail "processes left: $left"
 echo "emulated: PASS"

@@ -269,6 +269,16 @@ impl NvmeController {
             if let Some(c) = done {
                 if c.status != 0 {
                     self.stats.errors += 1;
+                    if self.stats.errors.is_power_of_two() {
+                        log::info!(
+                            "nvme: queue {qid}: opcode {:#04x} (cdw10 {:#x}) completed with \
+                             status {:#x} ({} so far)",
+                            cmd.opcode,
+                            cmd.cdw10,
+                            c.status,
+                            self.stats.errors
+                        );
+                    }
                 }
                 // The command may have deleted queues; the head is that of `qid` now.
                 let sqhd = self.sqs[qid].map_or(0, |q| q.head);

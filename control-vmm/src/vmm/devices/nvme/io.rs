@@ -40,8 +40,12 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    pub fn new(file: File, writable: bool) -> Result<Self, NamespaceError> {
-        let len = file.metadata().map_err(NamespaceError::Size)?.len();
+    /// `file` is a regular file or a block device (whose size `metadata` does not give).
+    pub fn new(mut file: File, writable: bool) -> Result<Self, NamespaceError> {
+        use std::io::Seek;
+        let len = file
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(NamespaceError::Size)?;
         let blocks = len / BLOCK;
         if blocks == 0 {
             return Err(NamespaceError::Empty);
