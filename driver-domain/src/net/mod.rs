@@ -6,7 +6,8 @@
 //!
 //! - [`header`]: the virtio-net header and the validation of transmitted frames.
 //! - [`frame`]: pooled frame buffers (one copy in, one copy out, no per-frame allocation).
-//! - [`switch`]: MAC learning with ageing, flooding, no hairpin, bounded per-sender queues.
+//! - [`switch`]: MAC learning with ageing, flooding, no hairpin, source-address checks.
+//! - [`switch_port`]: one port: its inbox bounded per sender, its counters, its handle.
 //! - [`device`]: the device: the queue pairs of one switch port.
 //! - [`queue`]: the TX and RX data path of one queue pair.
 //! - [`ring`]: batched used-ring publication and the call decision.
@@ -20,6 +21,7 @@ pub mod header;
 pub mod queue;
 pub mod ring;
 pub mod switch;
+pub mod switch_port;
 pub mod tap;
 
 pub use config::{Negotiated, NetBackendConfig, NetConfigSpace};
