@@ -536,3 +536,91 @@ fn a_bad_enable_sets_the_fatal_status_and_a_reset_clears_it() {
     g.w32(0x1008, 1);
     assert_eq!(g.dev.stats().bad_doorbells, before + 1, "SQ 1 is gone");
 }
+
+/// A small deterministic generator (xorshift64*), so a failure replays.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn random_registers_doorbells_and_queue_contents_never_fail_the_vmm() {
+    let mut g = Rig::new(true);
+    let mut n = Noise(0x5eed_1234_abcd_0001);
+    for round in 0..20_000u32 {
+        if round % 64 == 0 {
+            // A reset, a well-formed enable and I/O queues now and then, so commands run.
+            g.w32(0x14, 0);
+            g.sq_tail = [0; 2];
+            g.cq_head = [0; 2];
+            g.phase = [true; 2];
+            g.enable();
+            g.io_queues();
+        }
+        let r = n.next();
+        let v = (r >> 32) as u32;
+        match r % 8 {
+            0 => g.w32((r >> 8) % 0x40 & !3, v),
+            1 | 2 => g.w32(0x1000 + ((r >> 8) % 0x48) * 4, v % 20),
+            3 => {
+                // Garbage (or a plausible command) in either admin queue page.
+                let at = ASQ + (r >> 8) % 0x2000;
+                let _ = g.mem.write_obj(v, GuestAddress(at & !3));
+            }
+            4 => {
+                let mut e = sqe(
+                    (v % 16) as u8,
+                    v >> 28,
+                    n.next() % (2 * RAM as u64),
+                    n.next(),
+                    [n.next() as u32, n.next() as u32, (n.next() % 0x40) as u32],
+                );
+                e[1] = if v & 0x100 != 0 { 0 } else { (v >> 9) as u8 };
+                // Half to the admin queue, half (mostly plausible NVM commands) to SQ 1.
+                let q = (v >> 27) as usize & 1;
+                if q == 1 {
+                    e[0] = (v % 4) as u8;
+                    e[4..8].copy_from_slice(&(1 + (v >> 20) % 2).to_le_bytes());
+                    let prp1 = (n.next() % RAM as u64) & !0x1ff;
+                    e[24..32].copy_from_slice(&prp1.to_le_bytes());
+                    e[40..44].copy_from_slice(&((v >> 4) % 2048).to_le_bytes());
+                    e[44..48].copy_from_slice(&u32::from(v & 0x800 != 0).to_le_bytes());
+                    e[48..52].copy_from_slice(&(v % 8).to_le_bytes());
+                    e[1] &= 0x40;
+                }
+                let tail = g.sq_tail[q];
+                let _ = g
+                    .mem
+                    .write_slice(&e, GuestAddress(g.sq_base[q] + u64::from(tail) * 64));
+                g.sq_tail[q] = (tail + 1) % ENTRIES;
+                g.w32(0x1000 + 8 * q as u64, g.sq_tail[q]);
+            }
+            _ => {
+                let mut b = [0u8; 8];
+                g.dev.bar_read(0, (r >> 8) % 0x4000, &mut b[..4]);
+            }
+        }
+    }
+    let s = g.dev.stats();
+    assert!(
+        s.commands > 1000 && s.reads + s.writes > 50,
+        "commands ran: {s:?}"
+    );
+    assert!(s.errors > 0 && s.bad_doorbells > 0, "{s:?}");
+    // The controller still works after all of it.
+    g.w32(0x14, 0);
+    g.sq_tail = [0; 2];
+    g.cq_head = [0; 2];
+    g.phase = [true; 2];
+    g.enable();
+    g.io_queues();
+    g.mem.write_slice(b"STILL-HERE", GuestAddress(BUF)).unwrap();
+    assert_eq!(g.run(1, sqe(WRITE, 1, BUF, 0, [7, 0, 0])).status, 0);
+    assert_eq!(g.image_at(7 * 512, 10), b"STILL-HERE");
+}
