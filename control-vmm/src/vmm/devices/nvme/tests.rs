@@ -566,7 +566,7 @@ fn random_registers_doorbells_and_queue_contents_never_fail_the_vmm() {
         let r = n.next();
         let v = (r >> 32) as u32;
         match r % 8 {
-            0 => g.w32((r >> 8) % 0x40 & !3, v),
+            0 => g.w32(((r >> 8) % 0x40) & !3, v),
             1 | 2 => g.w32(0x1000 + ((r >> 8) % 0x48) * 4, v % 20),
             3 => {
                 // Garbage (or a plausible command) in either admin queue page.
