@@ -6,7 +6,6 @@
 
 #![no_main]
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
@@ -17,24 +16,28 @@ use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 64 * 1024;
 
-/// One backing file per fuzzing process (64 KiB, writable).
-fn image() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
+/// One backing file per fuzzing process (64 KiB, writable), unlinked at once: each run
+/// gets a duplicate of the descriptor (the controller uses pread/pwrite only).
+fn image() -> &'static std::fs::File {
+    static FILE: OnceLock<std::fs::File> = OnceLock::new();
+    FILE.get_or_init(|| {
         let p = std::env::temp_dir().join(format!("splitvmm-nvme-fuzz-{}", std::process::id()));
-        let f = std::fs::File::create(&p).unwrap();
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
         f.set_len(64 * 1024).unwrap();
-        p
+        std::fs::remove_file(&p).unwrap();
+        f
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open(image())
-        .unwrap();
+    let file = image().try_clone().unwrap();
     let ns = Namespace::new(file, true).unwrap();
     let irqs = (0..9)
         .map(|_| Arc::new(EventFd::new(libc_nonblock()).unwrap()))
