@@ -48,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
         let at = u16::from_le_bytes([op[2], op[3]]);
         match op[0] % 4 {
             0 => c.mmio_write(u64::from(op[1] & 0x3f) & !3, &v.to_le_bytes()),
-            1 => c.mmio_write(0x1000 + (u64::from(at) * 4) % 0x1000, &(v % 64).to_le_bytes()),
+            1 => c.mmio_write(
+                0x1000 + (u64::from(at) * 4) % 0x1000,
+                &(v % 64).to_le_bytes(),
+            ),
             2 => {
                 let _ = mem.write_obj(v, GuestAddress((u64::from(at) * 4) % MEM as u64));
             }
