@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 mod linux;
 mod load;
+pub mod nvme;
 pub mod pci;
 pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
 use load::read_bounded;
@@ -172,6 +173,9 @@ pub struct GuestConfig {
     /// `linux`: PCI functions (VFs of owned PFs) assigned to the guest.
     #[serde(default, rename = "pci")]
     pub pci: Vec<pci::PciConfig>,
+    /// `linux`: emulated NVMe controllers (full emulation in the guest's VMM).
+    #[serde(default)]
+    pub nvme: Vec<nvme::NvmeConfig>,
 }
 
 impl GuestConfig {
@@ -195,6 +199,9 @@ impl GuestConfig {
         }
         for disk in self.disks.iter_mut().filter(|d| d.image.is_relative()) {
             disk.image = base.join(&disk.image);
+        }
+        for n in self.nvme.iter_mut().filter(|n| n.image.is_relative()) {
+            n.image = base.join(&n.image);
         }
     }
 }
@@ -419,6 +426,33 @@ mod tests {
         assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
         let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
         expect_invalid(&process_with_kernel, "guest[1].kernel");
+    }
+
+    #[test]
+    fn emulated_nvme_belongs_to_linux_guests_and_is_read_only_by_default() {
+        let linux = GOOD.replace(
+            "domid = 3",
+            "domid = 3\nkind = \"linux\"\nkernel = \"bzImage\"",
+        );
+        let one = format!("{linux}\n[[guest.nvme]]\nimage = \"n.img\"\n");
+        let g = &parse(&one).unwrap().guests[1];
+        assert_eq!(g.nvme.len(), 1);
+        assert!(!g.nvme[0].writable, "read-only unless asked");
+        assert!(g.nvme[0].as_disk().readonly);
+        let rw = format!("{one}writable = true\n");
+        assert!(parse(&rw).unwrap().guests[1].nvme[0].writable);
+        let process = format!("{GOOD}\n[[guest.nvme]]\nimage = \"n.img\"\n");
+        expect_invalid(&process, "guest[1].nvme");
+        let five = format!(
+            "{linux}{}",
+            "\n[[guest.nvme]]\nimage = \"n.img\"\n".repeat(5)
+        );
+        expect_invalid(&five, "guest[1].nvme");
+        expect_invalid(
+            &format!("{linux}\n[[guest.nvme]]\nimage = \"\"\n"),
+            "guest[1].nvme[0].image",
+        );
+        assert!(parse(&format!("{one}size = 3\n")).is_err(), "unknown key");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::arch::bzimage::LinuxBoot;
+use control_vmm::vmm::devices::nvme::Namespace;
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
@@ -86,6 +87,14 @@ struct Cli {
     /// found in sysfs and opened from /dev/vfio) to the guest. Repeatable.
     #[arg(long, requires = "linux", value_name = "BDF")]
     vfio: Vec<String>,
+    /// Linux: an emulated NVMe controller (full emulation: every register and doorbell access
+    /// traps to the VMM) whose namespace is this file, read-only unless `,rw` follows.
+    /// Repeatable.
+    #[arg(long, requires = "linux", value_name = "PATH[,rw]")]
+    nvme: Vec<String>,
+    /// Linux: as --nvme, on descriptor N inherited from the toolstack (N >= 5).
+    #[arg(long, requires = "linux", value_name = "N[,rw]")]
+    nvme_fd: Vec<String>,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -165,6 +174,18 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // The emulated NVMe disks' files: opened (or adopted) before confinement.
+    let nvme = if cli.linux {
+        match nvme_namespaces(&cli) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("splitvmm-vmm: {e}");
+                return ExitCode::from(101);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     // Confined (as `splitvmm up` asks) before its first thread starts; kept open meanwhile:
     // the kernel and initrd it reads through /proc/self/fd.
     let _held = match confine_vmm(&mut cli) {
@@ -196,8 +217,8 @@ fn main() -> ExitCode {
     }
     if let Some(button) = button {
         return match cli.managed_domid {
-            Some(domid) => run_managed_linux(domid, cli, console, stop, button),
-            None => run_linux(cli, console, stop, button),
+            Some(domid) => run_managed_linux(domid, cli, (console, nvme), stop, button),
+            None => run_linux(cli, (console, nvme), stop, button),
         };
     }
 
@@ -275,7 +296,7 @@ fn main() -> ExitCode {
 /// Boots a Linux guest; `button` is its ACPI power button.
 fn run_linux(
     cli: Cli,
-    console_socket: Option<UnixListener>,
+    (console_socket, nvme): (Option<UnixListener>, Vec<Namespace>),
     stop: Arc<AtomicBool>,
     button: Arc<EventFd>,
 ) -> ExitCode {
@@ -320,6 +341,7 @@ fn run_linux(
         exit_reason_hist: cli.exit_reason_hist.clone(),
         assigned,
         functions: Default::default(),
+        nvme,
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -331,6 +353,47 @@ fn run_linux(
             ExitCode::from(101)
         }
     }
+}
+
+/// The namespaces of `--nvme` (files opened here, read-write only with `,rw`) and
+/// `--nvme-fd` (descriptors the toolstack opened and handed over).
+fn nvme_namespaces(cli: &Cli) -> Result<Vec<Namespace>, String> {
+    use std::os::fd::FromRawFd;
+    let split = |spec: &str| match spec.strip_suffix(",rw") {
+        Some(rest) => (rest.to_owned(), true),
+        None => (spec.to_owned(), false),
+    };
+    let mut out = Vec::new();
+    for spec in &cli.nvme {
+        let (path, writable) = split(spec);
+        let file = std::fs::File::options()
+            .read(true)
+            .write(writable)
+            .open(&path)
+            .map_err(|e| format!("--nvme {path}: {e}"))?;
+        out.push(Namespace::new(file, writable).map_err(|e| format!("--nvme {path}: {e}"))?);
+    }
+    let mut fds = Vec::new();
+    for spec in &cli.nvme_fd {
+        let (n, writable) = split(spec);
+        let fd: i32 = n
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= 5 && !fds.iter().any(|(f, _)| f == fd))
+            .ok_or_else(|| format!("--nvme-fd {spec}: not a descriptor >= 5 given once"))?;
+        // SAFETY: F_GETFD only inspects the descriptor table; the result is checked.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--nvme-fd {fd}: not an open descriptor"));
+        }
+        fds.push((fd, writable));
+    }
+    for (fd, writable) in fds {
+        // SAFETY: the toolstack handed this descriptor for this disk alone; it is open (checked
+        // above), named once, and nothing else in this process owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        out.push(Namespace::new(file, writable).map_err(|e| format!("--nvme-fd {fd}: {e}"))?);
+    }
+    Ok(out)
 }
 
 /// What a Linux guest boots.
@@ -405,7 +468,7 @@ fn not_managed() -> Option<ExitCode> {
 fn run_managed_linux(
     domid: u32,
     cli: Cli,
-    console_socket: Option<UnixListener>,
+    (console_socket, nvme): (Option<UnixListener>, Vec<Namespace>),
     stop: Arc<AtomicBool>,
     button: Arc<EventFd>,
 ) -> ExitCode {
@@ -422,6 +485,7 @@ fn run_managed_linux(
         console_socket,
         share_all_ram: cli.share_all_ram,
         eject_timeout: Duration::from_secs(cli.eject_timeout_s),
+        nvme,
     };
     let slot = MachineSlot::default();
     let machine = match LinuxMachine::new(settings, Arc::clone(&stop), button, slot.clone()) {

@@ -87,6 +87,10 @@ impl HostConfig {
                 crate::image::check_disk(disk)
                     .map_err(|e| invalid(format!("guest[{i}].disk[{j}].image"), e.to_string()))?;
             }
+            for (j, n) in guest.nvme.iter().enumerate() {
+                crate::image::check_disk(&n.as_disk())
+                    .map_err(|e| invalid(format!("guest[{i}].nvme[{j}].image"), e.to_string()))?;
+            }
         }
         Ok(())
     }
@@ -213,6 +217,7 @@ impl HostConfig {
             }
         }
         pci::validate(self).map_err(|(key, expected)| invalid(key, &expected))?;
+        nvme::validate(self).map_err(|(key, expected)| invalid(key, &expected))?;
         for (i, guest) in self.guests.iter().enumerate() {
             linux::validate_keys(i, guest).map_err(|(key, expected)| invalid(key, &expected))?;
             match (guest.kind, &guest.kernel) {

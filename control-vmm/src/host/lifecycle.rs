@@ -58,12 +58,12 @@ impl Host {
         }
         let name = config.name.clone();
         self.create_domain(&config)?;
-        let command = self.guest_command(&config)?;
+        let (command, handed) = self.guest_launch(&config)?;
         let domain = start_domain(
             &self.store,
             &self.run_dir,
             (config.domid, &name),
-            (command, Vec::new()),
+            (command, handed),
             self.confinement_of(&config)?,
             false,
         )?;
@@ -147,12 +147,12 @@ impl Host {
                 log::warn!("{name} did not shut down cleanly before its reboot");
             }
             self.create_domain(&slot.config)?;
-            let command = self.guest_command(&slot.config)?;
+            let (command, handed) = self.guest_launch(&slot.config)?;
             guest.domain = start_domain(
                 &self.store,
                 &self.run_dir,
                 (slot.config.domid, name),
-                (command, Vec::new()),
+                (command, handed),
                 self.confinement_of(&slot.config)?,
                 true,
             )?;

@@ -17,6 +17,7 @@
 mod devices;
 mod images;
 mod lifecycle;
+mod nvme;
 mod pci;
 mod supervision;
 

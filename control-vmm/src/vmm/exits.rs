@@ -62,9 +62,13 @@ pub enum Counter {
     /// Accesses to an assigned function's BAR that reached the VMM (outside its MSI-X table
     /// and PBA, on the pages left out of KVM's slots or while its slots are not mapped).
     AssignedBarExit,
+    /// Accesses to an emulated NVMe controller's registers (everything below its doorbells).
+    NvmeRegister,
+    /// Writes to an emulated NVMe controller's doorbells.
+    NvmeDoorbell,
 }
 
-const COUNTERS: usize = 16;
+const COUNTERS: usize = 18;
 const COUNTER_NAMES: [&str; COUNTERS] = [
     "pio_in",
     "pio_out",
@@ -82,6 +86,8 @@ const COUNTER_NAMES: [&str; COUNTERS] = [
     "virtio_pci_config",
     "msix_table_access",
     "assigned_bar_exit",
+    "nvme_register",
+    "nvme_doorbell",
 ];
 
 /// A vCPU's binary statistics file.

@@ -54,6 +54,8 @@ pub struct LinuxSettings {
     pub share_all_ram: bool,
     /// How long a detach waits for the guest to eject the device before removing it by force.
     pub eject_timeout: Duration,
+    /// Emulated NVMe namespaces, on files the toolstack opened and handed over.
+    pub nvme: Vec<crate::vmm::devices::nvme::Namespace>,
 }
 
 /// Where the machine stands.
@@ -184,6 +186,7 @@ impl LinuxMachine {
             exit_reason_hist: None,
             assigned: std::mem::take(&mut self.assigned),
             functions: self.functions.clone(),
+            nvme: std::mem::take(&mut self.settings.nvme),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
 use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_HOTPLUG_IRQ, RAM_LIMIT};
+use super::devices::nvme::{self, Namespace};
 use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
@@ -76,6 +77,8 @@ pub struct LinuxVmConfig {
     pub assigned: Vec<Assignment>,
     /// Where the machine registers them once plugged (for `pci-detach`).
     pub functions: AssignedFunctions,
+    /// Emulated NVMe controllers (full emulation), one namespace each, on their backing files.
+    pub nvme: Vec<Namespace>,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -244,6 +247,23 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
             plug_assigned(&ram, &pci, plugger, i as u32, a, &cfg.functions)
         })?;
     }
+    let mut emulated = Vec::new();
+    for ns in cfg.nvme {
+        let dev = hotplug.with_plugger(|plugger| {
+            plugger.emulated(|bars, gsi_base, wiring, counters| {
+                nvme::plug(
+                    &pci,
+                    bars,
+                    (ram.mem.clone(), ns),
+                    gsi_base,
+                    wiring,
+                    counters,
+                )
+                .map_err(|e| VmError::Config(format!("emulated NVMe: {e}")))
+            })
+        })?;
+        emulated.push(dev);
+    }
 
     let rsdp =
         acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
@@ -328,6 +348,22 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         }
     }
     let io_requests = bus.io_requests();
+    for (i, dev) in emulated.iter().enumerate() {
+        let s = dev.lock().unwrap_or_else(|p| p.into_inner()).stats();
+        log::info!(
+            "emulated NVMe {i}: doorbells={} commands={} reads={} writes={} flushes={} \
+             errors={} interrupts={} bad_doorbells={}",
+            s.doorbells,
+            s.commands,
+            s.reads,
+            s.writes,
+            s.flushes,
+            s.errors,
+            s.interrupts,
+            s.bad_doorbells
+        );
+    }
+    drop(emulated);
     // The bus holds the assigned functions: they are reset and their containers closed (DMA
     // unmapped) here, before guest RAM goes away.
     drop(bus);

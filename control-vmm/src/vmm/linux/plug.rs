@@ -16,6 +16,7 @@ use crate::vmm::devices::virtio_pci::{
 use crate::vmm::exits::ExitCounters;
 use crate::vmm::machine::VmError;
 use crate::vmm::pci::kvm_routes::{KvmRoutes, IOAPIC_PINS};
+use crate::vmm::pci::msix::IrqWiring;
 use crate::vmm::pci::BarAllocator;
 use crate::vmm::vfio::device::Placement;
 use crate::vmm::vhost_device::{VhostDevice, VirtioBackend};
@@ -113,6 +114,24 @@ impl Plugger {
             first_slot: FIRST_BAR_SLOT + index * BAR_SLOTS_PER_FUNCTION,
             counters: Arc::clone(&self.counters),
         }
+    }
+
+    /// Places a function the VMM emulates itself (the NVMe controller): `place` gets the BAR
+    /// window, the first free GSI, the routes and the exit counters, and returns the function
+    /// and how many GSIs from that one it took.
+    pub fn emulated<T>(
+        &mut self,
+        place: impl FnOnce(
+            &mut BarAllocator,
+            u32,
+            Arc<dyn IrqWiring>,
+            &Arc<ExitCounters>,
+        ) -> Result<(T, u32), VmError>,
+    ) -> Result<T, VmError> {
+        let wiring = Arc::clone(&self.routes) as Arc<dyn IrqWiring>;
+        let (function, vectors) = place(&mut self.bars, self.next_gsi, wiring, &self.counters)?;
+        self.took_gsis(vectors)?;
+        Ok(function)
     }
 
     /// An assigned function placed last uses `vectors` GSIs from the next free one.
