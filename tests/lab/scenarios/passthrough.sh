@@ -4,7 +4,7 @@
 # are KVM memory slots and the completions KVM irqfds); after the guest is gone the lab VM
 # reads the pattern back through the VF's namespace with its own kernel nvme driver. The same
 # guest first misprograms the VF (read-only and hidden configuration registers, memory
-# decoding and bus mastering off, BAR0 moved out of the window and back, an FLR in the middle
+# decoding and bus mastering off, BAR0 moved out of the window and back, an FLR after a burst
 # of I/O, a command whose DMA targets 4 GiB, beyond its RAM, which the IOMMU refuses): it
 # hurts only itself, the VMM logs and carries on, and a last write still reaches the namespace.
 # Then the handover through the toolstack, every domain confined: `splitvmm up` with a host
@@ -27,8 +27,8 @@ VMM=/bin/splitvmm-vmm
 PATTERN=$LAB_PATTERN-VF
 REQUESTS=256
 # nvme_core.multipath=N: the namespace is the controller's own blk-mq disk (with multipath its
-# head node is bio-based and keeps no request counters). Short nvme_core timeouts: the FLR the
-# guest does mid-I/O (l2.vfbad) costs a timeout and a controller reset, 60 s with the defaults.
+# head node is bio-based and keeps no request counters). Short nvme_core timeouts: a mistake in the
+# guest's misbehaviour (l2.vfbad) costs seconds, not the defaults' 60 s per timeout.
 CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS iomem=relaxed nvme_core.multipath=N nvme_core.io_timeout=5 nvme_core.admin_timeout=5 l2.pattern=$PATTERN l2.nvme=1 l2.nvme_requests=$REQUESTS l2.vfbad=1"
 
 # read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
