@@ -21,7 +21,6 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::info;
 use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -204,10 +203,7 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
             .resume_queue(index as usize, vring.lock().queue_mut(), &mem)
             .map_err(HandlerError::Inflight)?;
         if n > 0 {
-            info!(
-                "{} queue {index}: {n} request(s) in flight before the restart",
-                self.device.device().name()
-            );
+            // The device logged what it resubmits; the worker serves it on this kick.
             vring
                 .kick()
                 .map_err(|e| HandlerError::Inflight(Box::new(e)))?;
