@@ -21,6 +21,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use log::info;
 use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -455,6 +456,12 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
                 msg.queue_size,
             )
             .map_err(HandlerError::Inflight)?;
+        info!(
+            "{}: in-flight log taken over ({} queue(s) of {})",
+            self.device.device().name(),
+            msg.num_queues,
+            msg.queue_size
+        );
         self.inflight_adopted = true;
         Ok(())
     }

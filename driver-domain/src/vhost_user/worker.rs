@@ -81,7 +81,7 @@ impl Workers {
             workers: Vec::new(),
             threads: Vec::new(),
         };
-        for (index, queues) in device.workers().iter().enumerate() {
+        for queues in device.workers() {
             let epoll = Epoll::new().map_err(WorkerError::Create)?;
             let exit = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Create)?;
             let watch = |fd: RawFd, token| {
@@ -104,7 +104,7 @@ impl Workers {
                 .collect();
             let (w, d, qs) = (worker.clone(), device.clone(), queues.clone());
             let thread = std::thread::Builder::new()
-                .name(format!("vu-worker-{index}"))
+                .name("vring_worker".into())
                 .spawn(move || run(&w, &d, &qs, &mine))
                 .map_err(WorkerError::Spawn)?;
             workers.workers.push(worker);
