@@ -498,3 +498,18 @@ fn switch_wake_ups_drive_rx_through_the_scheduler() {
         assert_eq!((id, len as usize), (0, HDR_LEN + 60));
     }
 }
+
+/// A net port keeps no in-flight log (frames in flight are lost on a restart, as on a wire):
+/// its sessions do not offer INFLIGHT_SHMFD, while a blk device's do.
+#[test]
+fn only_blk_offers_inflight_tracking() {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    let sw = Switch::new(SwitchConfig::default());
+    let port = served_port(&sw, "p", 0);
+    assert!(port.dev.device().inflight().is_none());
+    assert!(!port.dev.protocol_features().contains(P::INFLIGHT_SHMFD));
+    let disk = Arc::new(driver_domain::blk::BlkDisk::null(1 << 20, false));
+    let blk = driver_domain::blk::BlkBackendDevice::new(disk, Default::default()).unwrap();
+    let blk = VhostUserDevice::new(blk).unwrap();
+    assert!(blk.protocol_features().contains(P::INFLIGHT_SHMFD));
+}

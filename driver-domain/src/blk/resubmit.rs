@@ -73,3 +73,44 @@ pub fn replay_queue(
     replay.set_ready(true);
     Ok((with_scratch, replay))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::virtio_core::ring_driver::DriverRing;
+    use virtio_queue::QueueOwnedT;
+
+    #[test]
+    fn the_replay_ring_offers_the_heads_in_the_order_given() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let ring = DriverRing::new(GuestAddress(0x1000), 8);
+        let mut queue = Queue::new(8).unwrap();
+        ring.configure(&mut queue, false);
+        for d in 0..8 {
+            ring.write_desc(&mem, d, 0x8000, 16, 0, 0).unwrap();
+        }
+        let (with, mut replay) = replay_queue(&queue, &mem, &[6, 3, 0]).unwrap();
+        // The scratch page lies above guest memory, not in it.
+        assert!(with.last_addr() > mem.last_addr());
+        let heads: Vec<u16> = replay
+            .iter(&with)
+            .unwrap()
+            .map(|c| c.head_index())
+            .collect();
+        assert_eq!(heads, vec![6, 3, 0]);
+        // The guest's own queue is untouched.
+        assert_eq!(queue.next_avail(), 0);
+    }
+
+    #[test]
+    fn guest_memory_at_the_top_of_the_address_space_leaves_no_room() {
+        let top = GuestAddress(u64::MAX - 0x1fff);
+        let mem = GuestMemoryMmap::from_ranges(&[(top, 0x1000)]).unwrap();
+        let queue = Queue::new(8).unwrap();
+        assert!(matches!(
+            replay_queue(&queue, &mem, &[1]),
+            Err(ResubmitError::NoRoom)
+        ));
+    }
+}

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 
 use crate::virtio_core::{serve_queues, BackendDevice, CheckedMemory, GuestMem, TransportQueue};
 
@@ -120,6 +121,17 @@ impl<D: BackendDevice> VhostUserDevice<D> {
             f |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
         f
+    }
+
+    /// Checks a memory table before it is installed: a refused one stops the device (until a
+    /// good one arrives) and must not be installed.
+    pub fn precheck_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
+        self.memory.precheck(
+            mem,
+            self.device.memory_grant(),
+            self.device.seal_policy(),
+            self.device.name(),
+        )
     }
 
     /// A new memory table (installed already): checked against the device's grant and seal

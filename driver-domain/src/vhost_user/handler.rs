@@ -173,8 +173,12 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
         Ok(())
     }
 
-    /// Installs `mem` as the memory table and has the device check it.
+    /// Installs `mem` as the memory table once the device's check passed (a refused table
+    /// is never installed, so no queue pass can read it).
     fn install_memory(&mut self, mem: GuestMemoryMmap) -> Result<(), HandlerError> {
+        self.device
+            .precheck_memory(&mem)
+            .map_err(|e| HandlerError::Memory(e.to_string()))?;
         self.mem
             .lock()
             .map_err(|e| HandlerError::Memory(e.to_string()))?

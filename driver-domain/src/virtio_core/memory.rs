@@ -207,6 +207,26 @@ impl CheckedMemory {
         self.usable.load(Ordering::Acquire)
     }
 
+    /// Checks a table before the transport installs it: if it is refused, the device stops
+    /// at once (the current table is no longer served either) and the transport keeps the
+    /// refused table away from the queues. `device` names the device in logs.
+    pub fn precheck(
+        &self,
+        mem: &GuestMemoryMmap,
+        grant: MemoryGrant,
+        policy: SealPolicy,
+        device: &str,
+    ) -> io::Result<()> {
+        match check_grant(mem, grant).and_then(|()| check_guest_memory(mem, policy)) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.usable.store(false, Ordering::Release);
+                error!("{device}: refusing the memory table, device stopped: {e}");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+            }
+        }
+    }
+
     /// Takes a new table from the peer and checks it against `grant` and `policy`; `device`
     /// names the device in logs.
     pub fn update(
