@@ -4,7 +4,8 @@
 //!
 //! Why not vhost-user-backend's: its handler (0.24) is private and refuses GET_INFLIGHT_FD
 //! and SET_INFLIGHT_FD, and in-flight tracking that survives the backend needs both. This one
-//! serves them for a device that keeps an in-flight log ([`InflightTracking`]): GET hands the
+//! serves them for a device that keeps an in-flight log
+//! ([`crate::virtio_core::InflightTracking`]): GET hands the
 //! frontend a fresh log (a memfd in the libvhost-user layout); SET takes over the log the
 //! frontend hands back after a restart; when such a ring starts, the device resumes at the
 //! ring's used index plus what is in flight, resubmits those in counter order, and the ring is
@@ -188,8 +189,7 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
             .map_err(|e| HandlerError::Memory(e.to_string()))
     }
 
-    /// The ring was just started: with a log taken over, resume from it and kick the ring
-    /// if there is anything to resubmit.
+    /// The ring was just started: with a log taken over, resume from it and kick the ring.
     fn resume(&self, index: u32) -> Result<(), HandlerError> {
         let Some(inflight) = self
             .device
@@ -207,12 +207,15 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
         let n = inflight
             .resume_queue(index as usize, vring.lock().queue_mut(), &mem)
             .map_err(HandlerError::Inflight)?;
-        if n > 0 {
-            // The device logged what it resubmits; the worker serves it on this kick.
-            vring
-                .kick()
-                .map_err(|e| HandlerError::Inflight(Box::new(e)))?;
-        }
+        log::debug!(
+            "{} queue {index}: resumed, {n} request(s) to resubmit",
+            self.device.device().name()
+        );
+        // Kicked even with nothing to resubmit: requests the driver added while the backend
+        // was gone were announced to nobody.
+        vring
+            .kick()
+            .map_err(|e| HandlerError::Inflight(Box::new(e)))?;
         Ok(())
     }
 }
