@@ -167,6 +167,14 @@ impl BlkBackendQueue {
             u16::try_from(heads.len()).map_err(|_| BlkBackendError::InflightHead(q, size, size))?;
         queue.set_next_used(used.0);
         queue.set_next_avail(used.0.wrapping_add(count));
+        log::debug!(
+            "blk queue {q}: resume: used {}, avail ring at {}, heads {heads:?}",
+            used.0,
+            queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map(|w| w.0)
+                .unwrap_or(0)
+        );
         if count > 0 {
             info!("blk queue {q}: resubmitting {count} request(s) in flight at the restart");
         }
@@ -210,9 +218,18 @@ impl BlkBackendQueue {
             self.serve_chain(chain, queue, mem)?;
             progress.completed += 1;
         }
-        progress.notify = queue
+        // Always signalled: whether the dead backend signalled what it completed last is
+        // unknown, and with EVENT_IDX a missed interrupt is never made up for.
+        queue
             .needs_notification(mem)
             .map_err(|e| BlkBackendError::Ring(q, e))?;
+        progress.notify = true;
+        log::debug!(
+            "blk queue {q}: resubmitted {heads:?}: {} done, used {}, notify {}",
+            progress.completed,
+            queue.next_used(),
+            progress.notify
+        );
         Ok(progress)
     }
 

@@ -43,7 +43,7 @@ use vm_memory::{
 use super::device::VhostUserDevice;
 use super::vring::{Vring, VringError};
 use super::worker::{WorkerError, Workers};
-use crate::virtio_core::{BackendDevice, GuestMem, InflightSetupError};
+use crate::virtio_core::{BackendDevice, GuestMem, InflightSetupError, TransportQueue};
 
 /// Memory slots offered (the kernel's vhost limit, as vhost-user-backend offered).
 const MAX_MEM_SLOTS: u64 = 509;
@@ -75,6 +75,9 @@ pub enum HandlerError {
     /// Features not offered were acknowledged.
     #[error("features {0:#x} were not offered")]
     Features(u64),
+    /// Signalling a ring's new call eventfd failed.
+    #[error("vring {0}: signalling the call eventfd: {1}")]
+    Call(u8, #[source] io::Error),
     /// The workers could not be started or steered.
     #[error(transparent)]
     Worker(#[from] WorkerError),
@@ -115,7 +118,7 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
             .map(|i| {
                 Vring::new(max)
                     .map(Arc::new)
-                    .map_err(|e| HandlerError::Vring(i as u32, VringError::Address(e)))
+                    .map_err(|e| HandlerError::Vring(i as u32, VringError::Queue(e)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let workers = Workers::start(&device, &vrings)?;
@@ -212,10 +215,15 @@ impl<D: BackendDevice> VhostUserReqHandler<D> {
             self.device.device().name()
         );
         // Kicked even with nothing to resubmit: requests the driver added while the backend
-        // was gone were announced to nobody.
+        // was gone were announced to nobody. And the driver is signalled once: the previous
+        // backend may have died between publishing used elements and signalling them
+        // (EVENT_IDX then suppresses every later interrupt, and the guest waits forever).
         vring
             .kick()
             .map_err(|e| HandlerError::Inflight(Box::new(e)))?;
+        vring
+            .signal_driver()
+            .map_err(|e| HandlerError::Call(index as u8, e))?;
         Ok(())
     }
 }
@@ -337,12 +345,14 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        log::debug!("vring {index}: base {base}");
         let base = u16::try_from(base).map_err(|_| VuError::InvalidParam)?;
         self.vring(index)?.set_next_avail(base);
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        log::debug!("vring {index}: stop");
         let vring = self.vring(index)?.clone();
         vring.set_ready(false);
         self.update_registration(index as usize)?;
@@ -354,6 +364,7 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        log::debug!("vring {index}: kick {:?}", fd.is_some());
         let vring = self.vring(u32::from(index))?.clone();
         let worker = self.workers.for_queue(&self.device, usize::from(index));
         if let Some(old) = vring.set_kick(fd) {
@@ -374,7 +385,17 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        self.vring(u32::from(index))?.set_call(fd);
+        log::debug!("vring {index}: call {:?}", fd.is_some());
+        let vring = self.vring(u32::from(index))?;
+        vring.set_call(fd);
+        // A started ring may have completed requests and signalled the previous call eventfd
+        // (or none), which the frontend no longer watches: signal the new one once. A
+        // spurious interrupt is harmless (the driver finds nothing new in the used ring).
+        if vring.lock().queue().ready() {
+            vring
+                .signal_driver()
+                .map_err(|e| HandlerError::Call(index, e))?;
+        }
         Ok(())
     }
 
@@ -398,6 +419,7 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        log::debug!("vring {index}: enable {enable}");
         if self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
             return Err(VuError::InactiveFeature(
                 VhostUserVirtioFeatures::PROTOCOL_FEATURES,

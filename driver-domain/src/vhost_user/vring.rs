@@ -24,9 +24,9 @@ pub enum VringError {
     /// The queue size is not a power of two or above the device's maximum.
     #[error("queue size {0} refused (a power of two up to {1} is needed)")]
     Size(u32, u16),
-    /// virtio-queue refused a ring address (misaligned).
-    #[error("ring address refused: {0}")]
-    Address(virtio_queue::Error),
+    /// virtio-queue refused the queue or a ring address (misaligned).
+    #[error("refused by virtio-queue: {0}")]
+    Queue(virtio_queue::Error),
 }
 
 /// The state of one vring, behind the vring's lock.
@@ -115,7 +115,7 @@ impl Vring {
         q.try_set_desc_table_address(GuestAddress(desc))
             .and_then(|()| q.try_set_avail_ring_address(GuestAddress(avail)))
             .and_then(|()| q.try_set_used_ring_address(GuestAddress(used)))
-            .map_err(VringError::Address)
+            .map_err(VringError::Queue)
     }
 
     /// Start (`true`, the kick arrived) or stop the ring.
