@@ -386,16 +386,7 @@ impl<D: BackendDevice> VhostUserBackendReqHandlerMut for VhostUserReqHandler<D> 
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         log::debug!("vring {index}: call {:?}", fd.is_some());
-        let vring = self.vring(u32::from(index))?;
-        vring.set_call(fd);
-        // A started ring may have completed requests and signalled the previous call eventfd
-        // (or none), which the frontend no longer watches: signal the new one once. A
-        // spurious interrupt is harmless (the driver finds nothing new in the used ring).
-        if vring.lock().queue().ready() {
-            vring
-                .signal_driver()
-                .map_err(|e| HandlerError::Call(index, e))?;
-        }
+        self.vring(u32::from(index))?.set_call(fd);
         Ok(())
     }
 

@@ -177,8 +177,9 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// The current memory table of one device and its verdict.
 ///
-/// vhost-user-backend installs a new table before the device sees it, so the device keeps its
-/// own view here and serves queues only while [`CheckedMemory::usable`] holds.
+/// The transport checks a table before installing it ([`CheckedMemory::precheck`]); the
+/// device keeps its own view here and serves queues only while [`CheckedMemory::usable`]
+/// holds.
 pub struct CheckedMemory {
     mem: RwLock<Option<GuestMem>>,
     usable: AtomicBool,
