@@ -12,19 +12,17 @@ use std::sync::Arc;
 use driver_domain::blk::{
     status, BlkBackendConfig, BlkBackendDevice, BlkBackendQueue, BlkDisk, InflightLog,
 };
-use driver_domain::vhost_user::vring::CheckedVring;
+use driver_domain::vhost_user::vring::Vring;
 use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{
     DriverRing, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
 };
 use driver_domain::virtio_core::{serve_queues, CheckedMemory, SealPolicy, TransportQueue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
 };
-use vmm_sys_util::epoll::EventSet;
 
 const MEM: usize = 1 << 20;
 const QSIZE: u16 = 16;
@@ -357,22 +355,22 @@ fn event_idx_suppresses_notifications() {
     assert!(p.notify);
 }
 
-/// A vring set up on `ring` as vhost-user-backend sets one up from the frontend's messages.
-fn vring_on(mem: &GuestMemoryAtomic<GuestMemoryMmap>, ring: &DriverRing) -> CheckedVring {
-    let vring = CheckedVring::new(mem.clone(), QSIZE).unwrap();
-    vring.set_queue_size(QSIZE);
+/// A vring set up on `ring` as the request handler sets one up from the frontend's messages.
+fn vring_on(ring: &DriverRing) -> Vring {
+    let vring = Vring::new(QSIZE).unwrap();
+    vring.set_size(u32::from(QSIZE)).unwrap();
     vring
-        .set_queue_info(ring.desc.0, ring.avail.0, ring.used.0)
+        .set_addresses(ring.desc.0, ring.avail.0, ring.used.0)
         .unwrap();
-    vring.set_queue_ready(true);
+    vring.set_ready(true);
     vring.set_enabled(true);
     vring
 }
 
-/// Two queues served through the real path of a kick: the vhost-user adapter's
-/// `handle_event` on each worker's vrings, which runs the shared scheduler
-/// (`virtio_core::serve_queues`) over the blk device. No socket: the vrings are configured the
-/// way vhost-user-backend configures them from the frontend's messages.
+/// Two queues served through the real path of a kick: the vhost-user device's `serve` on
+/// each worker's vrings, which runs the shared scheduler (`virtio_core::serve_queues`) over
+/// the blk device. No socket: the vrings are configured the way the request handler
+/// configures them from the frontend's messages.
 #[test]
 fn scheduler_serves_two_queues_round_robin() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
@@ -391,7 +389,7 @@ fn scheduler_serves_two_queues_round_robin() {
     let mut calls = Vec::new();
     for q in 0..2u16 {
         let ring = DriverRing::new(GuestAddress(0x1000 + 0x2000 * u64::from(q)), QSIZE);
-        let vring = vring_on(&atomic, &ring);
+        let vring = vring_on(&ring);
         let call = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
         vring.set_call(Some(File::from(call.as_fd().try_clone_to_owned().unwrap())));
         calls.push(call);
@@ -417,19 +415,14 @@ fn scheduler_serves_two_queues_round_robin() {
             ring.push_avail(&mem, b).unwrap();
         }
     }
-    // One kick per worker, on the worker's own vrings, as vhost-user-backend delivers it.
-    let masks = device.queues_per_thread();
-    assert_eq!(
-        masks.iter().fold(0, |a, m| a | m),
-        0b11,
-        "every queue has a worker"
-    );
-    for (worker, mask) in masks.iter().enumerate() {
-        let mine: Vec<CheckedVring> = (0..2)
-            .filter(|q| mask & (1 << q) != 0)
-            .map(|q| vrings[q].clone())
-            .collect();
-        device.handle_event(0, EventSet::IN, &mine, worker).unwrap();
+    // One kick per worker, on the worker's own vrings, as a worker thread serves it.
+    let mut served: Vec<usize> = device.workers().concat();
+    served.sort_unstable();
+    assert_eq!(served, vec![0, 1], "every queue has a worker");
+    let vrings: Vec<Arc<Vring>> = vrings.into_iter().map(Arc::new).collect();
+    for queues in device.workers() {
+        let mine: Vec<Arc<Vring>> = queues.iter().map(|q| vrings[*q].clone()).collect();
+        device.serve(queues, &mine, true);
     }
     // The scheduler kept calling queue 0 past its budget of 2 until it was drained.
     assert_eq!(rings[0].used_idx(&mem).unwrap(), 5);
@@ -454,21 +447,21 @@ fn scheduler_waits_for_a_memory_table() {
     let disk = Arc::new(BlkDisk::null(1 << 20, false));
     let device = VhostUserDevice::new(BlkBackendDevice::new(disk, cfg).unwrap()).unwrap();
     let mut ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
-    let vring = vring_on(&atomic, &ring);
+    let vring = vring_on(&ring);
     header(&mem, HDR, 0, 0);
     ring.write_desc(&mem, 0, HDR, 16, DESC_F_NEXT, 1).unwrap();
     ring.write_desc(&mem, 1, STATUS, 1, DESC_F_WRITE, 0)
         .unwrap();
     ring.push_avail(&mem, 0).unwrap();
     let vrings = [vring];
-    device.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    device.serve(&[0], &vrings, true);
     assert_eq!(
         ring.used_idx(&mem).unwrap(),
         0,
         "served without a memory table"
     );
     device.update_memory(atomic).unwrap();
-    device.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    device.serve(&[0], &vrings, true);
     assert_eq!(ring.used_idx(&mem).unwrap(), 1);
 }
 

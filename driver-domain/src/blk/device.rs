@@ -9,23 +9,29 @@
 //! concurrently) only before going to sleep. Queues are spread over at most
 //! `min(num_queues, cores)` workers.
 
+use std::collections::VecDeque;
+use std::fs::File;
 use std::num::Wrapping;
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 use thiserror::Error;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
 
 use super::config::{BlkBackendConfig, BlkConfigSpace};
 use super::disk::BlkDisk;
-use super::inflight::{InflightError, InflightLog, InflightQueue};
+use super::inflight::{queue_region_len, InflightError, InflightLog, InflightQueue};
 use super::request::{execute, Request, ID_LEN};
 use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
-use crate::virtio_core::{sync, BackendDevice, QueueFailedEarlier, QueueFailure, QueueProgress};
+use crate::virtio_core::{
+    sync, BackendDevice, InflightSetupError, InflightTracking, QueueFailedEarlier, QueueFailure,
+    QueueProgress,
+};
 
 /// How long a polling worker spins between two `sched_yield`s.
 const YIELD_EVERY: Duration = Duration::from_micros(20);
@@ -47,6 +53,15 @@ pub enum BlkBackendError {
     /// The in-flight log rejected an index.
     #[error("virtqueue {0}: in-flight log: {1}")]
     Inflight(u16, InflightError),
+    /// The in-flight log handed back names a request the ring cannot hold.
+    #[error("virtqueue {0}: in-flight log names head {1}, past the ring's {2} entries")]
+    InflightHead(u16, u16, u16),
+    /// The requests to resubmit could not be set up.
+    #[error("virtqueue {0}: resubmitting in-flight requests: {1}")]
+    Resubmit(u16, String),
+    /// GET/SET_INFLIGHT_FD asked for a shape the device cannot serve.
+    #[error("in-flight log for {0} queue(s) of {1} refused: {2} queue(s) of at most {3} here")]
+    InflightShape(u16, u16, usize, u16),
     /// The queue already failed earlier.
     #[error(transparent)]
     Broken(#[from] QueueFailedEarlier),
@@ -59,6 +74,9 @@ pub struct BlkBackendQueue {
     disk: Arc<BlkDisk>,
     serial: [u8; ID_LEN],
     inflight: InflightQueue,
+    /// Heads found in flight in a log taken over, to serve before the avail ring, in fetch
+    /// order (see [`BlkBackendQueue::resume`]).
+    resubmit: VecDeque<u16>,
     budget: usize,
     poll: Duration,
     req: Request,
@@ -83,6 +101,7 @@ impl BlkBackendQueue {
             disk,
             serial,
             inflight,
+            resubmit: VecDeque::new(),
             budget: cfg.budget.max(1),
             poll: Duration::from_micros(cfg.poll_us),
             req: Request::default(),
@@ -104,6 +123,164 @@ impl BlkBackendQueue {
     /// Forget an earlier failure (the driver reset the device).
     pub fn reset(&mut self) {
         self.failure.clear();
+    }
+
+    /// Log into `inflight` from now on (a log handed out or taken over); nothing is left to
+    /// resubmit from the previous one.
+    pub fn set_inflight(&mut self, inflight: InflightQueue) {
+        self.inflight = inflight;
+        self.resubmit.clear();
+    }
+
+    /// The ring starts on a log taken over (SET_INFLIGHT_FD): as libvhost-user's
+    /// `vu_check_queue_inflights`, the queue goes on at the ring's used index plus the
+    /// requests still in flight, and those are served first, in fetch (counter) order.
+    /// Returns how many. An error (a log naming heads the ring cannot hold) fails the queue.
+    pub fn resume<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<usize, BlkBackendError> {
+        let r = self.resume_inner(queue, mem);
+        self.failure.latch("blk", r)
+    }
+
+    fn resume_inner<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<usize, BlkBackendError> {
+        let q = self.index;
+        let used = queue
+            .used_idx(mem, Ordering::Acquire)
+            .map_err(|e| BlkBackendError::Ring(q, e))?;
+        let heads = self
+            .inflight
+            .recover(used.0)
+            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        let size = queue.size();
+        if let Some(h) = heads.iter().find(|h| **h >= size) {
+            return Err(BlkBackendError::InflightHead(q, *h, size));
+        }
+        // Unique heads below the ring size: the count fits a u16.
+        let count =
+            u16::try_from(heads.len()).map_err(|_| BlkBackendError::InflightHead(q, size, size))?;
+        queue.set_next_used(used.0);
+        queue.set_next_avail(used.0.wrapping_add(count));
+        log::debug!(
+            "blk queue {q}: resume: used {}, avail ring at {}, heads {heads:?}",
+            used.0,
+            queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map(|w| w.0)
+                .unwrap_or(0)
+        );
+        if count > 0 {
+            info!("blk queue {q}: resubmitting {count} request(s) in flight at the restart");
+        }
+        self.resubmit = heads.into();
+        Ok(usize::from(count))
+    }
+
+    /// Serves the requests left to resubmit (see [`BlkBackendQueue::resume`]) before any new
+    /// one. virtio-queue builds a descriptor chain only from an avail ring, so the heads are
+    /// laid out as one in a scratch page above guest memory that only this walk sees; the
+    /// chains are read from the guest's descriptor table and executed against guest memory
+    /// alone (a descriptor naming the scratch page fails its request).
+    pub fn resubmit_pending(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueProgress, BlkBackendError> {
+        self.failure.check()?;
+        if self.resubmit.is_empty() {
+            return Ok(QueueProgress::default());
+        }
+        let r = self.resubmit_inner(queue, mem);
+        self.failure.latch("blk", r)
+    }
+
+    fn resubmit_inner(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<QueueProgress, BlkBackendError> {
+        let q = self.index;
+        let heads: Vec<u16> = self.resubmit.drain(..).collect();
+        let (with_scratch, mut replay) = super::resubmit::replay_queue(queue, mem, &heads)
+            .map_err(|e| BlkBackendError::Resubmit(q, e.to_string()))?;
+        let mut progress = QueueProgress::default();
+        let chains: Vec<_> = replay
+            .iter(&with_scratch)
+            .map_err(|e| BlkBackendError::Ring(q, e))?
+            .collect();
+        for chain in chains {
+            self.serve_chain(chain, queue, mem)?;
+            progress.completed += 1;
+        }
+        // Always signalled: whether the dead backend signalled what it completed last is
+        // unknown, and with EVENT_IDX a missed interrupt is never made up for.
+        queue
+            .needs_notification(mem)
+            .map_err(|e| BlkBackendError::Ring(q, e))?;
+        progress.notify = true;
+        log::debug!(
+            "blk queue {q}: resubmitted {heads:?}: {} done, used {}, notify {}",
+            progress.completed,
+            queue.next_used(),
+            progress.notify
+        );
+        Ok(progress)
+    }
+
+    /// Parses and executes one fetched chain (logged in flight already) against `mem`, and
+    /// publishes its completion, clearing it from the log around the used-ring update.
+    fn serve_chain<C, M>(
+        &mut self,
+        chain: DescriptorChain<C>,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<(), BlkBackendError>
+    where
+        C: Deref + Clone,
+        C::Target: GuestMemory,
+        M: GuestMemory,
+    {
+        let q = self.index;
+        let head = chain.head_index();
+        let written = match self.req.parse(chain) {
+            Ok(()) => {
+                let done = execute(&self.req, &self.disk, mem, &self.serial);
+                if done.status == super::status::OK {
+                    let bytes = self.req.readable_len() + self.req.writable_len();
+                    self.counters.add_request(bytes);
+                } else {
+                    self.counters.add_error();
+                }
+                done.written
+            }
+            Err(e) => {
+                self.counters.add_error();
+                warn!("blk queue {q}: bad request at head {head}: {e}");
+                match self.req.status {
+                    Some(addr) => {
+                        let ok = mem.write_obj(super::status::IOERR, addr).is_ok();
+                        u32::from(ok)
+                    }
+                    None => 0,
+                }
+            }
+        };
+        self.inflight
+            .pre_complete(head)
+            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        queue
+            .add_used(mem, head, written)
+            .map_err(|e| BlkBackendError::Ring(q, e))?;
+        self.inflight
+            .post_complete(head, queue.next_used())
+            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        Ok(())
     }
 
     /// Serve up to `budget` requests from `queue`. An `Err` fails the queue: it is logged
@@ -143,36 +320,7 @@ impl BlkBackendQueue {
                 self.inflight
                     .set(head)
                     .map_err(|e| BlkBackendError::Inflight(q, e))?;
-                let written = match self.req.parse(chain) {
-                    Ok(()) => {
-                        let done = execute(&self.req, &self.disk, mem, &self.serial);
-                        if done.status == super::status::OK {
-                            let bytes = self.req.readable_len() + self.req.writable_len();
-                            self.counters.add_request(bytes);
-                        } else {
-                            self.counters.add_error();
-                        }
-                        done.written
-                    }
-                    Err(e) => {
-                        self.counters.add_error();
-                        warn!("blk queue {q}: bad request at head {head}: {e}");
-                        match self.req.status {
-                            Some(addr) => {
-                                let ok = mem.write_obj(super::status::IOERR, addr).is_ok();
-                                u32::from(ok)
-                            }
-                            None => 0,
-                        }
-                    }
-                };
-                self.inflight
-                    .pre_complete(head)
-                    .map_err(|e| BlkBackendError::Inflight(q, e))?;
-                queue.add_used(mem, head, written).map_err(ring)?;
-                self.inflight
-                    .post_complete(head, queue.next_used())
-                    .map_err(|e| BlkBackendError::Inflight(q, e))?;
+                self.serve_chain(chain, queue, mem)?;
                 progress.completed += 1;
             }
             if !self.poll.is_zero() {
@@ -240,7 +388,9 @@ pub struct BlkBackendDevice {
     queues: Vec<Mutex<BlkBackendQueue>>,
     /// Queue indexes served by each worker, in queue order.
     workers: Vec<Vec<usize>>,
-    inflight: InflightLog,
+    /// The log the queues write (the device's own until a frontend asks for or hands back
+    /// one).
+    inflight: Mutex<InflightLog>,
 }
 
 impl BlkBackendDevice {
@@ -275,13 +425,87 @@ impl BlkBackendDevice {
             cfg,
             queues,
             workers,
-            inflight: log,
+            inflight: Mutex::new(log),
         })
     }
 
-    /// The in-flight log of all queues (what GET_INFLIGHT_FD hands to a frontend).
-    pub fn inflight_log(&self) -> &InflightLog {
-        &self.inflight
+    /// The memfd of the in-flight log the queues write now.
+    pub fn inflight_file(&self) -> std::io::Result<File> {
+        sync::lock(&self.inflight).file().try_clone()
+    }
+
+    /// Checks a log shape a frontend asks for: 1..=queues, a power of two up to the maximum.
+    fn check_shape(&self, num_queues: u16, queue_size: u16) -> Result<(), BlkBackendError> {
+        let fits = (1..=self.queues.len()).contains(&usize::from(num_queues))
+            && queue_size.is_power_of_two()
+            && queue_size <= self.cfg.queue_size;
+        if fits {
+            Ok(())
+        } else {
+            Err(BlkBackendError::InflightShape(
+                num_queues,
+                queue_size,
+                self.queues.len(),
+                self.cfg.queue_size,
+            ))
+        }
+    }
+
+    /// Makes `log` the one the first `num_queues` queues write.
+    fn install(&self, log: InflightLog, num_queues: u16) -> Result<(), BlkBackendError> {
+        for (q, queue) in self.queues.iter().enumerate().take(usize::from(num_queues)) {
+            let index = u16::try_from(q).map_err(|_| BlkBackendError::Config("queue index"))?;
+            let iq = log
+                .queue(index)
+                .ok_or(BlkBackendError::Config("in-flight log too small"))?;
+            sync::lock(queue).set_inflight(iq);
+        }
+        *sync::lock(&self.inflight) = log;
+        Ok(())
+    }
+}
+
+impl InflightTracking for BlkBackendDevice {
+    fn new_log(&self, num_queues: u16, queue_size: u16) -> Result<(File, u64), InflightSetupError> {
+        self.check_shape(num_queues, queue_size)?;
+        let log = InflightLog::new(num_queues, queue_size).map_err(BlkBackendError::InflightLog)?;
+        let file = log.file().try_clone()?;
+        let len = file.metadata()?.len();
+        self.install(log, num_queues)?;
+        Ok((file, len))
+    }
+
+    fn adopt_log(
+        &self,
+        file: File,
+        (offset, size): (u64, u64),
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(), InflightSetupError> {
+        self.check_shape(num_queues, queue_size)?;
+        let needed = queue_region_len(queue_size) * u64::from(num_queues);
+        if offset != 0 || size < needed {
+            return Err(BlkBackendError::InflightLog(InflightError::Layout(format!(
+                "{size} bytes at offset {offset}; {needed} at offset 0 needed"
+            )))
+            .into());
+        }
+        let log = InflightLog::adopt(file, (num_queues, queue_size), self.cfg.seal_policy)
+            .map_err(BlkBackendError::InflightLog)?;
+        self.install(log, num_queues)?;
+        Ok(())
+    }
+
+    fn resume_queue(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<usize, InflightSetupError> {
+        match self.queues.get(index) {
+            Some(q) => Ok(sync::lock(q).resume(queue, mem)?),
+            None => Ok(0),
+        }
     }
 }
 
@@ -330,10 +554,19 @@ impl BackendDevice for BlkBackendDevice {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueProgress, BlkBackendError> {
-        match self.queues.get(index) {
-            Some(q) => sync::lock(q).process(queue, mem),
-            None => Ok(QueueProgress::default()),
-        }
+        let Some(q) = self.queues.get(index) else {
+            return Ok(QueueProgress::default());
+        };
+        let mut q = sync::lock(q);
+        let resubmitted = q.resubmit_pending(queue, mem)?;
+        let mut progress = q.process(queue, mem)?;
+        progress.completed += resubmitted.completed;
+        progress.notify |= resubmitted.notify;
+        Ok(progress)
+    }
+
+    fn inflight(&self) -> Option<&dyn InflightTracking> {
+        Some(self)
     }
 
     fn reset_queue(&self, index: usize) {

@@ -1,12 +1,11 @@
 //! The in-flight log: which fetched requests have not completed yet.
 //!
-//! A memfd-backed region in the vhost-user "Inflight I/O tracking" layout for split queues, so
-//! that a restarted backend (a later issue) can find and resubmit the requests that were in
-//! flight when it died, and so that the region can be handed to a vhost-user frontend through
-//! GET_INFLIGHT_FD once the adapter supports it. A log handed back (SET_INFLIGHT_FD) is
-//! taken over with [`InflightLog::adopt`] and [`InflightQueue::recover`] says what to
-//! resubmit; no transport calls them yet (vhost-user-backend 0.24 refuses both messages).
-//! Per queue:
+//! A memfd-backed region in the vhost-user "Inflight I/O tracking" layout for split queues,
+//! handed to a vhost-user frontend through GET_INFLIGHT_FD, so that a restarted backend can
+//! find and resubmit the requests that were in flight when it died. A log handed back
+//! (SET_INFLIGHT_FD) is taken over with [`InflightLog::adopt`] and [`InflightQueue::recover`]
+//! says what to resubmit (the request handler is [`crate::vhost_user::handler`]; the
+//! resubmission [`crate::blk::device::BlkBackendQueue::resume`]). Per queue:
 //!
 //! ```text
 //! u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;
@@ -154,7 +153,7 @@ impl InflightLog {
         })
     }
 
-    /// The memfd holding the log (what GET_INFLIGHT_FD would hand to a frontend).
+    /// The memfd holding the log (what GET_INFLIGHT_FD hands to a frontend).
     pub fn file(&self) -> &File {
         &self.file
     }

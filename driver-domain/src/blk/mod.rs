@@ -10,12 +10,14 @@
 //!   parsed) and executing it against the disk and guest memory.
 //! - [`disk`]: the backing store (raw image file or null device).
 //! - [`inflight`]: the memfd-backed in-flight log (vhost-user INFLIGHT_SHMFD layout).
+//! - [`resubmit`]: descriptor chains for the requests a restarted backend resubmits.
 
 pub mod config;
 pub mod device;
 pub mod disk;
 pub mod inflight;
 pub mod request;
+pub mod resubmit;
 
 pub use config::{BlkBackendConfig, BlkConfigSpace};
 pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};

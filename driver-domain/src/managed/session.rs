@@ -8,12 +8,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ipc::xenbus::DeviceId;
-use vhost_user_backend::ShutdownHandle;
 
 use crate::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
 use crate::net::switch::{Switch, SwitchPort};
 use crate::net::{NetBackendConfig, NetBackendDevice};
-use crate::vhost_user::serve_listener;
+use crate::vhost_user::{serve_listener, SessionShutdown};
 use crate::virtio_core::counters::{CounterValues, DeviceCounters};
 use crate::virtio_core::{MemoryGrant, SealPolicy};
 
@@ -23,7 +22,7 @@ const START_WAIT: Duration = Duration::from_secs(2);
 /// A device being served.
 pub struct Session {
     id: DeviceId,
-    shutdown: mpsc::Receiver<ShutdownHandle>,
+    shutdown: mpsc::Receiver<SessionShutdown>,
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
     counters: Counters,
@@ -98,7 +97,7 @@ impl Session {
         serve: F,
     ) -> Result<Session, String>
     where
-        F: FnOnce(Box<dyn FnOnce(ShutdownHandle) + Send>) -> Result<(), String> + Send + 'static,
+        F: FnOnce(Box<dyn FnOnce(SessionShutdown) + Send>) -> Result<(), String> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
         let failure = Arc::new(Mutex::new(None));
@@ -106,7 +105,7 @@ impl Session {
         let thread = std::thread::Builder::new()
             .name(format!("{}-{}-{}", id.kind, id.frontend, id.devid))
             .spawn(move || {
-                let started: Box<dyn FnOnce(ShutdownHandle) + Send> = Box::new(move |handle| {
+                let started: Box<dyn FnOnce(SessionShutdown) + Send> = Box::new(move |handle| {
                     let _ = tx.send(handle);
                 });
                 match serve(started) {

@@ -9,25 +9,27 @@
 //!   handle that ends the session from another thread.
 //! - [`serve_one`]: serve one connection accepted from a listener.
 //!
+//! Each session is one [`VhostUserReqHandler`] (this project's request handler, see
+//! [`super::handler`]) behind the `vhost` crate's `BackendReqHandler`, which reads the
+//! frontend's messages on this thread; the queues are served by the handler's workers.
+//!
 //! Errors of a session (a hostile or buggy frontend) are logged and end only that session.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
 use thiserror::Error;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VuError, Listener};
 
 use super::device::VhostUserDevice;
-use crate::virtio_core::BackendDevice;
+use super::handler::{HandlerError, VhostUserReqHandler};
+use crate::virtio_core::{sync, BackendDevice};
 
 /// Errors of a vhost-user session.
 #[derive(Debug, Error)]
@@ -35,94 +37,135 @@ pub enum VhostUserSessionError {
     /// The device could not be created.
     #[error("device: {0}")]
     Device(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// Eventfd creation failed.
-    #[error("cannot create an exit event: {0}")]
-    Event(#[source] io::Error),
+    /// The request handler or its workers could not be created.
+    #[error("request handler: {0}")]
+    Handler(#[source] HandlerError),
     /// Binding the socket failed.
     #[error("cannot listen on the vhost-user socket: {0}")]
     Listen(#[source] io::Error),
-    /// The vhost-user daemon could not be created, started or wired.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    /// Accepting the frontend's connection failed.
+    #[error("cannot accept the frontend: {0}")]
+    Accept(#[source] VuError),
     /// The session ended with an error (not a disconnect).
     #[error("session: {0}")]
     Failed(String),
 }
 
-type Daemon<D> = VhostUserDaemon<Arc<VhostUserDevice<D>>>;
+/// Ends a session from another thread: the connection is shut down, which ends the request
+/// loop (the frontend sees the backend go).
+#[derive(Debug)]
+pub struct SessionShutdown {
+    conn: UnixStream,
+    requested: Arc<AtomicBool>,
+}
 
-/// The daemon of one session, with the device's wake event on every worker's epoll.
-fn new_daemon<D: BackendDevice>(
+impl SessionShutdown {
+    /// Ends the session.
+    pub fn shutdown(&self) {
+        self.requested.store(true, Ordering::Release);
+        let _ = self.conn.shutdown(Shutdown::Both);
+    }
+}
+
+type Handler<D> = Mutex<VhostUserReqHandler<D>>;
+
+/// One accepted session: the device, its handler, and the vhost crate's message loop on it.
+struct Session<D: BackendDevice> {
+    device: Arc<VhostUserDevice<D>>,
+    handler: Arc<Handler<D>>,
+    req: BackendReqHandler<Handler<D>>,
+}
+
+/// Accepts one frontend on `listener` for `device`.
+fn accept<D: BackendDevice>(
+    listener: &mut Listener,
     device: D,
-) -> Result<(Arc<VhostUserDevice<D>>, Daemon<D>), VhostUserSessionError> {
-    let name = format!("vhost-user {}", device.name());
-    let backend = Arc::new(VhostUserDevice::new(device).map_err(VhostUserSessionError::Event)?);
-    let daemon = VhostUserDaemon::new(
-        name,
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
-    if let Some(wake) = backend.device().wake_event() {
-        for h in daemon.get_epoll_handlers() {
-            h.register_listener(wake.as_raw_fd(), EventSet::IN, backend.wake_token())
-                .map_err(|e| {
-                    VhostUserSessionError::Daemon(format!("registering the wake event: {e}"))
-                })?;
+) -> Result<Session<D>, VhostUserSessionError> {
+    let device = Arc::new(
+        VhostUserDevice::new(device).map_err(|e| VhostUserSessionError::Device(Box::new(e)))?,
+    );
+    let handler =
+        VhostUserReqHandler::new(device.clone()).map_err(VhostUserSessionError::Handler)?;
+    let handler = Arc::new(Mutex::new(handler));
+    let mut backend =
+        BackendListener::new(listener, handler.clone()).map_err(VhostUserSessionError::Accept)?;
+    loop {
+        match backend.accept() {
+            Ok(Some(req)) => {
+                return Ok(Session {
+                    device,
+                    handler,
+                    req,
+                })
+            }
+            Ok(None) => continue,
+            Err(e) => return Err(VhostUserSessionError::Accept(e)),
         }
     }
-    Ok((backend, daemon))
 }
 
 /// How long a frontend of [`serve_forever`] may stay silent after connecting (5 s).
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Waits for the connected frontend to leave, then stops the workers. With `greeting`, a
-/// frontend that has not sent a request by then is disconnected. An error other than the
-/// frontend going away is returned (and logged).
+/// Serves the connected frontend's requests until it leaves or the session is shut down;
+/// then stops the workers. With `greeting`, a frontend that has not sent a request by then
+/// is disconnected. An error other than the frontend going away is returned (and logged).
 fn run_session<D: BackendDevice>(
-    backend: &VhostUserDevice<D>,
-    daemon: &mut Daemon<D>,
+    session: Session<D>,
     greeting: Option<Duration>,
+    started: impl FnOnce(SessionShutdown),
 ) -> Result<(), String> {
-    let name = backend.device().name();
+    let Session {
+        device,
+        handler,
+        mut req,
+    } = session;
+    let device = &*device;
+    let name = device.device().name();
     info!("{name}: frontend connected");
-    let handle = greeting.zip(daemon.shutdown_handle());
+    let requested = Arc::new(AtomicBool::new(false));
+    let handle = |conn| SessionShutdown {
+        conn,
+        requested: requested.clone(),
+    };
+    let (mine, theirs) = match (req.try_clone_connection(), req.try_clone_connection()) {
+        (Ok(a), Ok(b)) => (handle(a), handle(b)),
+        (Err(e), _) | (_, Err(e)) => return Err(format!("cloning the connection: {e}")),
+    };
+    started(theirs);
     let result = std::thread::scope(|s| {
-        if let Some((timeout, handle)) = handle {
-            // vhost-user-backend 0.24 blocks in the frontend's first read with no timeout
-            // and offers no hook before it: a watchdog ends a silent session instead.
+        if let Some(timeout) = greeting {
+            let watchdog = &mine;
             s.spawn(move || {
-                if !backend.wait_greeted(timeout) {
+                if !device.wait_greeted(timeout) {
                     warn!("{name}: frontend silent for {timeout:?}, disconnecting it");
-                    handle.shutdown();
+                    watchdog.shutdown();
                 }
             });
         }
-        let result = wait_session(backend, daemon);
+        let result = loop {
+            if let Err(e) = req.handle_request() {
+                break e;
+            }
+        };
         // Releases the watchdog.
-        backend.mark_greeted();
+        device.mark_greeted();
         result
     });
-    backend.stop_workers();
-    backend.device().disconnected();
-    result
-}
-
-fn wait_session<D: BackendDevice>(
-    backend: &VhostUserDevice<D>,
-    daemon: &mut Daemon<D>,
-) -> Result<(), String> {
-    use vhost::vhost_user::Error as VuError;
-    use vhost_user_backend::Error as DaemonError;
-    let name = backend.device().name();
-    match daemon.wait() {
-        Ok(())
-        | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
+    let _ = mine.conn.shutdown(Shutdown::Both);
+    drop(req);
+    sync::lock(&handler).stop_workers();
+    device.device().disconnected();
+    match result {
+        VuError::Disconnected | VuError::PartialMessage => {
             info!("{name}: frontend disconnected");
             Ok(())
         }
-        Err(e) => {
+        _ if requested.load(Ordering::Acquire) => {
+            info!("{name}: session shut down");
+            Ok(())
+        }
+        e => {
             warn!("{name}: session ended with an error: {e}");
             Err(e.to_string())
         }
@@ -136,12 +179,9 @@ pub fn serve_one<D: BackendDevice>(
     device: D,
     greeting: Duration,
 ) -> Result<(), VhostUserSessionError> {
-    let (backend, mut daemon) = new_daemon(device)?;
-    daemon
-        .start(listener)
-        .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
+    let session = accept(listener, device)?;
     // Logged; the next frontend gets a fresh device either way.
-    let _ = run_session(&backend, &mut daemon, Some(greeting));
+    let _ = run_session(session, Some(greeting), |_| {});
     Ok(())
 }
 
@@ -225,19 +265,13 @@ where
 pub fn serve_listener<D: BackendDevice>(
     listener: impl Into<Listener>,
     device: D,
-    started: impl FnOnce(ShutdownHandle),
+    started: impl FnOnce(SessionShutdown),
 ) -> Result<(), VhostUserSessionError> {
     let mut listener = listener.into();
-    let (backend, mut daemon) = new_daemon(device)?;
-    daemon
-        .start(&mut listener)
-        .map_err(|e| VhostUserSessionError::Daemon(e.to_string()))?;
+    let session = accept(&mut listener, device)?;
     // Nobody else may connect: the listener goes as soon as its one connection is accepted.
     drop(listener);
-    if let Some(handle) = daemon.shutdown_handle() {
-        started(handle);
-    }
     // The one connection is private to its frontend, which may speak only once its guest
     // has booted: no greeting deadline.
-    run_session(&backend, &mut daemon, None).map_err(VhostUserSessionError::Failed)
+    run_session(session, None, started).map_err(VhostUserSessionError::Failed)
 }

@@ -1,159 +1,196 @@
-//! [`CheckedVring`]: vhost-user-backend's `VringRwLock` with the queue size checked.
+//! [`Vring`]: one virtqueue as the vhost-user request handler sets it up from the frontend's
+//! messages (size, addresses, base, kick/call/err eventfds, enable), on virtio-queue's
+//! [`Queue`], shared between the request handler and the worker that serves it.
 //!
-//! Why a wrapper: vhost-user-backend 0.24 checks SET_VRING_NUM only against the range
-//! `1..=max_queue_size` and then calls `VringT::set_queue_size`, which returns nothing;
-//! virtio-queue refuses a size that is not a power of two by logging and keeping the old
-//! size. The frontend would get an acknowledgement for a size nobody uses, and the backend
-//! would walk a ring of a different size than the frontend's. The backend trait has no hook
-//! for SET_VRING_NUM, so this wrapper remembers a refused size and fails the ring's set-up:
-//! SET_VRING_ADDR (which every frontend sends before using a ring) gets an error, which ends
-//! the session, and the queue never becomes ready. Everything else is delegated unchanged.
+//! The queue size is checked here: a size that is not a power of two, or above the device's
+//! maximum, is refused when the frontend sends it (virtio-queue would keep the old size
+//! silently, and the backend would walk a ring of a different size than the frontend's).
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
 
-use log::warn;
-use vhost_user_backend::{VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as VirtQueError;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use thiserror::Error;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+use crate::virtio_core::{sync, TransportQueue};
 
-/// A vring whose queue size must be a power of two within the device's maximum.
-#[derive(Clone)]
-pub struct CheckedVring {
-    inner: VringRwLock<Mem>,
+/// Why a vring set-up message is refused.
+#[derive(Debug, Error)]
+pub enum VringError {
+    /// The queue size is not a power of two or above the device's maximum.
+    #[error("queue size {0} refused (a power of two up to {1} is needed)")]
+    Size(u32, u16),
+    /// virtio-queue refused the queue or a ring address (misaligned).
+    #[error("refused by virtio-queue: {0}")]
+    Queue(virtio_queue::Error),
+}
+
+/// The state of one vring, behind the vring's lock.
+#[derive(Debug)]
+pub struct VringState {
+    queue: Queue,
+    kick: Option<EventFd>,
+    call: Option<EventFd>,
+    err: Option<EventFd>,
+    enabled: bool,
+}
+
+impl VringState {
+    /// The virtqueue.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The virtqueue, to change.
+    pub fn queue_mut(&mut self) -> &mut Queue {
+        &mut self.queue
+    }
+
+    /// The kick eventfd's descriptor, if the frontend sent one.
+    pub fn kick_fd(&self) -> Option<RawFd> {
+        self.kick.as_ref().map(|k| k.as_raw_fd())
+    }
+
+    /// Whether the ring was started (a kick eventfd arrived after its addresses) and enabled.
+    pub fn running(&self) -> bool {
+        self.queue.ready() && self.enabled
+    }
+}
+
+/// One virtqueue of a vhost-user session.
+#[derive(Debug)]
+pub struct Vring {
+    state: Mutex<VringState>,
     max_size: u16,
-    /// The frontend asked for a size virtio cannot use; shared by every clone.
-    refused: Arc<AtomicBool>,
 }
 
-impl CheckedVring {
-    /// The wrapped vring.
-    pub fn inner(&self) -> &VringRwLock<Mem> {
-        &self.inner
-    }
-
-    /// Whether the frontend asked for a queue size that was refused.
-    pub fn refused(&self) -> bool {
-        self.refused.load(Ordering::Acquire)
+/// An eventfd from a descriptor the frontend sent.
+fn eventfd(file: File) -> EventFd {
+    let fd: OwnedFd = file.into();
+    // SAFETY: `fd` is an owned, open descriptor; EventFd takes over its ownership.
+    unsafe {
+        <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd))
     }
 }
 
-impl<'a> VringStateGuard<'a, Mem> for CheckedVring {
-    type G = <VringRwLock<Mem> as VringStateGuard<'a, Mem>>::G;
-}
-
-impl<'a> VringStateMutGuard<'a, Mem> for CheckedVring {
-    type G = <VringRwLock<Mem> as VringStateMutGuard<'a, Mem>>::G;
-}
-
-impl VringT<Mem> for CheckedVring {
-    fn new(mem: Mem, max_queue_size: u16) -> Result<Self, VirtQueError> {
-        Ok(CheckedVring {
-            inner: VringRwLock::new(mem, max_queue_size)?,
-            max_size: max_queue_size,
-            refused: Arc::new(AtomicBool::new(false)),
+impl Vring {
+    /// A vring of at most `max_size` entries; disabled, not ready, size `max_size`.
+    pub fn new(max_size: u16) -> Result<Self, virtio_queue::Error> {
+        Ok(Vring {
+            state: Mutex::new(VringState {
+                queue: Queue::new(max_size)?,
+                kick: None,
+                call: None,
+                err: None,
+                enabled: false,
+            }),
+            max_size,
         })
     }
 
-    fn get_ref(&self) -> <Self as VringStateGuard<'_, Mem>>::G {
-        self.inner.get_ref()
+    /// The vring's state, locked.
+    pub fn lock(&self) -> MutexGuard<'_, VringState> {
+        sync::lock(&self.state)
     }
 
-    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, Mem>>::G {
-        self.inner.get_mut()
-    }
-
-    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
-        self.inner.add_used(desc_index, len)
-    }
-
-    fn signal_used_queue(&self) -> io::Result<()> {
-        self.inner.signal_used_queue()
-    }
-
-    fn enable_notification(&self) -> Result<bool, VirtQueError> {
-        self.inner.enable_notification()
-    }
-
-    fn disable_notification(&self) -> Result<(), VirtQueError> {
-        self.inner.disable_notification()
-    }
-
-    fn needs_notification(&self) -> Result<bool, VirtQueError> {
-        self.inner.needs_notification()
-    }
-
-    fn set_enabled(&self, enabled: bool) {
-        self.inner.set_enabled(enabled)
-    }
-
-    fn set_queue_info(
-        &self,
-        desc_table: u64,
-        avail_ring: u64,
-        used_ring: u64,
-    ) -> Result<(), VirtQueError> {
-        if self.refused() {
-            return Err(VirtQueError::InvalidSize);
-        }
-        self.inner.set_queue_info(desc_table, avail_ring, used_ring)
-    }
-
-    fn queue_next_avail(&self) -> u16 {
-        self.inner.queue_next_avail()
-    }
-
-    fn set_queue_next_avail(&self, base: u16) {
-        self.inner.set_queue_next_avail(base)
-    }
-
-    fn set_queue_next_used(&self, idx: u16) {
-        self.inner.set_queue_next_used(idx)
-    }
-
-    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
-        self.inner.queue_used_idx()
-    }
-
-    fn set_queue_size(&self, num: u16) {
-        let ok = num.is_power_of_two() && num <= self.max_size;
-        if !ok {
-            warn!(
-                "vhost-user: queue size {num} refused (a power of two up to {} is needed)",
-                self.max_size
-            );
-        }
-        self.refused.store(!ok, Ordering::Release);
-        if ok {
-            self.inner.set_queue_size(num)
+    /// SET_VRING_NUM.
+    pub fn set_size(&self, num: u32) -> Result<(), VringError> {
+        match u16::try_from(num) {
+            Ok(n) if n.is_power_of_two() && n <= self.max_size => {
+                self.lock().queue.set_size(n);
+                Ok(())
+            }
+            _ => Err(VringError::Size(num, self.max_size)),
         }
     }
 
-    fn set_queue_event_idx(&self, enabled: bool) {
-        self.inner.set_queue_event_idx(enabled)
+    /// SET_VRING_ADDR, with guest physical addresses.
+    pub fn set_addresses(&self, desc: u64, avail: u64, used: u64) -> Result<(), VringError> {
+        let mut s = self.lock();
+        let q = &mut s.queue;
+        q.try_set_desc_table_address(GuestAddress(desc))
+            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(avail)))
+            .and_then(|()| q.try_set_used_ring_address(GuestAddress(used)))
+            .map_err(VringError::Queue)
     }
 
-    fn set_queue_ready(&self, ready: bool) {
-        self.inner.set_queue_ready(ready && !self.refused())
+    /// Start (`true`, the kick arrived) or stop the ring.
+    pub fn set_ready(&self, ready: bool) {
+        self.lock().queue.set_ready(ready);
     }
 
-    fn set_kick(&self, file: Option<File>) {
-        self.inner.set_kick(file)
+    /// SET_VRING_ENABLE.
+    pub fn set_enabled(&self, enabled: bool) {
+        self.lock().enabled = enabled;
     }
 
-    fn read_kick(&self) -> io::Result<bool> {
-        self.inner.read_kick()
+    /// EVENT_IDX negotiated or not.
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.lock().queue.set_event_idx(enabled);
     }
 
-    fn set_call(&self, file: Option<File>) {
-        self.inner.set_call(file)
+    /// SET_VRING_BASE.
+    pub fn set_next_avail(&self, base: u16) {
+        self.lock().queue.set_next_avail(base);
     }
 
-    fn set_err(&self, file: Option<File>) {
-        self.inner.set_err(file)
+    /// SET_VRING_KICK; returns the descriptor of the kick it replaces.
+    pub fn set_kick(&self, file: Option<File>) -> Option<EventFd> {
+        std::mem::replace(&mut self.lock().kick, file.map(eventfd))
+    }
+
+    /// SET_VRING_CALL.
+    pub fn set_call(&self, file: Option<File>) {
+        self.lock().call = file.map(eventfd);
+    }
+
+    /// SET_VRING_ERR.
+    pub fn set_err(&self, file: Option<File>) {
+        self.lock().err = file.map(eventfd);
+    }
+
+    /// Writes the kick eventfd, as the frontend does (a restarted ring with requests to
+    /// resubmit is kicked once so its worker serves them).
+    pub fn kick(&self) -> io::Result<()> {
+        match &self.lock().kick {
+            Some(k) => k.write(1),
+            None => Ok(()),
+        }
+    }
+
+    /// Consumes a pending kick, if any, without blocking (the frontend's eventfd may be
+    /// blocking, and another reader may have taken the count).
+    pub fn take_kick(&self) -> bool {
+        let s = self.lock();
+        let Some(k) = &s.kick else { return false };
+        let mut pfd = libc::pollfd {
+            fd: k.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout; the kernel writes only `revents`.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n == 1 && pfd.revents & libc::POLLIN != 0 && k.read().is_ok()
+    }
+}
+
+impl TransportQueue for Vring {
+    fn with_ready_queue<R>(&self, f: impl FnOnce(&mut Queue) -> R) -> Option<R> {
+        let mut s = self.lock();
+        if !s.running() {
+            return None;
+        }
+        Some(f(&mut s.queue))
+    }
+
+    fn signal_driver(&self) -> io::Result<()> {
+        match &self.lock().call {
+            Some(c) => c.write(1),
+            None => Ok(()),
+        }
     }
 }

@@ -17,6 +17,7 @@
 //! is skipped while the current table is refused.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,46 @@ pub trait BackendDevice: Send + Sync + 'static {
     fn counters(&self) -> Option<&DeviceCounters> {
         None
     }
+
+    /// The device's in-flight log, if it keeps one a frontend can hold across a backend
+    /// restart (vhost-user INFLIGHT_SHMFD; blk does, net does not).
+    fn inflight(&self) -> Option<&dyn InflightTracking> {
+        None
+    }
+}
+
+/// Why an in-flight log was not handed out, taken over or resumed from.
+pub type InflightSetupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// In-flight tracking that outlives the backend: the device logs every request it fetched
+/// and has not completed in a shared region (the libvhost-user layout of
+/// [`crate::blk::inflight`]) that the frontend keeps and hands back to a restarted backend.
+pub trait InflightTracking: Send + Sync {
+    /// GET_INFLIGHT_FD: a new, zeroed log for `num_queues` queues of `queue_size` entries,
+    /// which the device logs into from now on. Returns the log's memfd and length.
+    fn new_log(&self, num_queues: u16, queue_size: u16) -> Result<(File, u64), InflightSetupError>;
+
+    /// SET_INFLIGHT_FD: take over a log the frontend hands back (`file`, `(offset, size)`
+    /// of it), after checking its size, seals and headers. The device logs into it from now
+    /// on; each queue resumes from it when its ring starts ([`Self::resume_queue`]).
+    fn adopt_log(
+        &self,
+        file: File,
+        region: (u64, u64),
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(), InflightSetupError>;
+
+    /// Ring `index` starts on a log taken over: the queue resumes at the ring's used index
+    /// plus the requests still in flight, which the device serves first, in the order they
+    /// were fetched. Returns how many there are (the transport kicks the ring if any). An
+    /// error fails that queue.
+    fn resume_queue(
+        &self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<usize, InflightSetupError>;
 }
 
 /// One virtqueue as a transport holds it.

@@ -177,8 +177,9 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// The current memory table of one device and its verdict.
 ///
-/// vhost-user-backend installs a new table before the device sees it, so the device keeps its
-/// own view here and serves queues only while [`CheckedMemory::usable`] holds.
+/// The transport checks a table before installing it ([`CheckedMemory::precheck`]); the
+/// device keeps its own view here and serves queues only while [`CheckedMemory::usable`]
+/// holds.
 pub struct CheckedMemory {
     mem: RwLock<Option<GuestMem>>,
     usable: AtomicBool,
@@ -205,6 +206,26 @@ impl CheckedMemory {
     /// Whether the current table passed its check (queues may be served).
     pub fn usable(&self) -> bool {
         self.usable.load(Ordering::Acquire)
+    }
+
+    /// Checks a table before the transport installs it: if it is refused, the device stops
+    /// at once (the current table is no longer served either) and the transport keeps the
+    /// refused table away from the queues. `device` names the device in logs.
+    pub fn precheck(
+        &self,
+        mem: &GuestMemoryMmap,
+        grant: MemoryGrant,
+        policy: SealPolicy,
+        device: &str,
+    ) -> io::Result<()> {
+        match check_grant(mem, grant).and_then(|()| check_guest_memory(mem, policy)) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.usable.store(false, Ordering::Release);
+                error!("{device}: refusing the memory table, device stopped: {e}");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+            }
+        }
     }
 
     /// Takes a new table from the peer and checks it against `grant` and `policy`; `device`

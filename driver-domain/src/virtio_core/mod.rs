@@ -16,6 +16,7 @@ pub mod ring_driver;
 pub mod sync;
 
 pub use device::{
-    serve_queues, BackendDevice, QueueFailedEarlier, QueueFailure, QueueProgress, TransportQueue,
+    serve_queues, BackendDevice, InflightSetupError, InflightTracking, QueueFailedEarlier,
+    QueueFailure, QueueProgress, TransportQueue,
 };
 pub use memory::{CheckedMemory, GuestMem, MemoryGrant, PeerMemoryError, SealPolicy, SealState};

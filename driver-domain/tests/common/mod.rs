@@ -16,6 +16,11 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Start `driver-domain serve --socket <dir>/blk.sock <args>` and wait for the socket.
     pub fn start(dir: &Path, args: &[&str]) -> BackendProcess {
+        Self::start_logging(dir, args, Stdio::inherit())
+    }
+
+    /// As [`BackendProcess::start`], its log (stderr) going to `log`.
+    pub fn start_logging(dir: &Path, args: &[&str], log: impl Into<Stdio>) -> BackendProcess {
         let socket = dir.join("blk.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_driver-domain"))
             .arg("serve")
@@ -24,6 +29,7 @@ impl BackendProcess {
             .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
