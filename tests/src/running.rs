@@ -136,6 +136,36 @@ impl RunningHost {
     }
 }
 
+/// Lines of each domain log shown when a test using the host fails.
+const LOG_TAIL_LINES: usize = 40;
+
+impl Drop for RunningHost {
+    /// A failing test shows the end of every domain's log (`<run_dir>/logs/*.log`, the run
+    /// directory holding the store socket) before the host is stopped and its directory goes.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(logs) = self.store.parent().map(|run| run.join("logs")) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(&logs) else {
+            return;
+        };
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("--- last {} lines of {}", tail.len(), file.display());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// (pid, command name) of the processes whose parent is `parent`, zombies left out.
 pub fn children_of(parent: u32) -> Vec<(i32, String)> {
     let mut found = Vec::new();
