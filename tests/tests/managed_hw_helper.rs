@@ -29,25 +29,7 @@ const FOREIGN_PF: &str = "0000:00:03.0";
 /// An NVMe PF with two VFs enabled (VF 1 already on vfio-pci, IOMMU group 4) and a foreign PF
 /// with one; the VFIO group nodes are plain files naming their group.
 fn fake_host() -> FakeSysfs {
-    let fake = FakeSysfs::new();
-    fake.add_driver("nvme");
-    fake.add_driver("vfio-pci");
-    for (pf, group) in [(PF, 1), (FOREIGN_PF, 2)] {
-        fake.add_function(pf, 0x1b36, 0x0010, 0x010802, group);
-        fake.make_pf(pf, 2);
-        fake.bind(pf, "nvme");
-    }
-    fake.add_vf(PF, 0, VF1, 4);
-    fake.add_vf(PF, 1, "0000:00:02.2", 5);
-    fake.add_vf(FOREIGN_PF, 0, "0000:00:03.1", 6);
-    fake.bind(VF1, "vfio-pci");
-    fake.bind("0000:00:03.1", "vfio-pci");
-    fake.write(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "2\n");
-    fake.write(&format!("bus/pci/devices/{FOREIGN_PF}/sriov_numvfs"), "1\n");
-    for group in [4, 5, 6] {
-        fake.write(&format!("vfio/{group}"), &format!("group {group}"));
-    }
-    fake
+    FakeSysfs::owned_and_foreign_pfs()
 }
 
 /// The `Key:` line of /proc/<pid>/status, its first field.

@@ -517,6 +517,32 @@ pub mod fake {
         pub fn read(&self, rel: &str) -> String {
             fs::read_to_string(self.dir.path().join(rel)).unwrap()
         }
+
+        /// The hardware-helper fixture: an owned NVMe PF `0000:00:02.0` (group 1) with two VFs
+        /// enabled (`.1` on vfio-pci in group 4, `.2` unbound in group 5) and a foreign NVMe PF
+        /// `0000:00:03.0` (group 2) with one VF (`.1` on vfio-pci, group 6); `vfio/N` are plain
+        /// files naming their group, standing in for `/dev/vfio/N`.
+        pub fn owned_and_foreign_pfs() -> FakeSysfs {
+            let fake = FakeSysfs::new();
+            fake.add_driver("nvme");
+            fake.add_driver("vfio-pci");
+            for (pf, group) in [("0000:00:02.0", 1), ("0000:00:03.0", 2)] {
+                fake.add_function(pf, 0x1b36, 0x0010, 0x010802, group);
+                fake.make_pf(pf, 2);
+                fake.bind(pf, "nvme");
+            }
+            fake.add_vf("0000:00:02.0", 0, "0000:00:02.1", 4);
+            fake.add_vf("0000:00:02.0", 1, "0000:00:02.2", 5);
+            fake.add_vf("0000:00:03.0", 0, "0000:00:03.1", 6);
+            fake.bind("0000:00:02.1", "vfio-pci");
+            fake.bind("0000:00:03.1", "vfio-pci");
+            fake.write("bus/pci/devices/0000:00:02.0/sriov_numvfs", "2\n");
+            fake.write("bus/pci/devices/0000:00:03.0/sriov_numvfs", "1\n");
+            for group in [4, 5, 6] {
+                fake.write(&format!("vfio/{group}"), &format!("group {group}"));
+            }
+            fake
+        }
     }
 }
 

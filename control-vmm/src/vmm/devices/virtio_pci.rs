@@ -541,6 +541,13 @@ impl<B: VirtioBackend + std::fmt::Debug> PciDevice for VirtioPciDevice<B> {
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        if self
+            .msix
+            .bar_read((MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET), offset, data)
+        {
+            self.counters.bump(Counter::MsixTableAccess);
+            return;
+        }
         match offset {
             o if o < COMMON_OFFSET + COMMON_BYTES => {
                 self.counters.bump(Counter::VirtioPciConfig);
@@ -563,19 +570,15 @@ impl<B: VirtioBackend + std::fmt::Debug> PciDevice for VirtioPciDevice<B> {
                     *b = cfg.get(start + i).copied().unwrap_or(0);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.table_read(o - MSIX_TABLE_OFFSET, data);
-            }
-            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.msix.pba_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.pba_read(o - MSIX_PBA_OFFSET, data);
-            }
             _ => data.fill(0),
         }
     }
 
     fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        if self.msix.bar_write(MSIX_TABLE_OFFSET, offset, data) {
+            self.counters.bump(Counter::MsixTableAccess);
+            return;
+        }
         match offset {
             o if o < COMMON_OFFSET + COMMON_BYTES => {
                 self.counters.bump(Counter::VirtioPciConfig);
@@ -595,10 +598,6 @@ impl<B: VirtioBackend + std::fmt::Debug> PciDevice for VirtioPciDevice<B> {
                     }
                     _ => log::warn!("{}: notify {data:02x?} at {o:#x} names no queue", self.what),
                 }
-            }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
             }
             o => {
                 self.counters.bump(Counter::VirtioPciConfig);

@@ -107,6 +107,29 @@ impl Msix {
         (self.entries.len() as u64).div_ceil(64) * 8
     }
 
+    /// A read at BAR offset `offset` of a function whose table sits at `table_at` and PBA at
+    /// `pba_at` in that BAR: served, and true, when it falls in either; false otherwise.
+    pub fn bar_read(&self, (table_at, pba_at): (u64, u64), offset: u64, data: &mut [u8]) -> bool {
+        if (table_at..table_at + self.table_bytes()).contains(&offset) {
+            self.table_read(offset - table_at, data);
+        } else if (pba_at..pba_at + self.pba_bytes()).contains(&offset) {
+            self.pba_read(offset - pba_at, data);
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// A write at BAR offset `offset` into the table placed at `table_at`: served, and true,
+    /// when it falls in the table (the PBA is read-only); false otherwise.
+    pub fn bar_write(&mut self, table_at: u64, offset: u64, data: &[u8]) -> bool {
+        if !(table_at..table_at + self.table_bytes()).contains(&offset) {
+            return false;
+        }
+        self.table_write(offset - table_at, data);
+        true
+    }
+
     fn gsi(&self, v: usize) -> u32 {
         self.gsi_base + v as u32
     }

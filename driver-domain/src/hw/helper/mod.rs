@@ -38,28 +38,10 @@ mod tests {
     const FOREIGN_PF: &str = "0000:00:03.0";
     const FOREIGN_VF: &str = "0000:00:03.1";
 
-    /// An owned NVMe PF with two VFs (VF 1 on vfio-pci, group 4; VF 2 unbound, group 5) and a
-    /// foreign PF with one VF (on vfio-pci, group 6); `/dev/vfio/N` are plain files.
+    /// The owned PF (VF 1 on vfio-pci, group 4; VF 2 unbound, group 5) and a foreign PF with
+    /// one VF (on vfio-pci, group 6).
     fn fake() -> FakeSysfs {
-        let fake = FakeSysfs::new();
-        fake.add_driver("nvme");
-        fake.add_driver("vfio-pci");
-        for (pf, group) in [(PF, 1), (FOREIGN_PF, 2)] {
-            fake.add_function(pf, 0x1b36, 0x0010, 0x010802, group);
-            fake.make_pf(pf, 2);
-            fake.bind(pf, "nvme");
-        }
-        fake.add_vf(PF, 0, VF1, 4);
-        fake.add_vf(PF, 1, VF2, 5);
-        fake.add_vf(FOREIGN_PF, 0, FOREIGN_VF, 6);
-        fake.bind(VF1, "vfio-pci");
-        fake.bind(FOREIGN_VF, "vfio-pci");
-        fake.write(&format!("bus/pci/devices/{PF}/sriov_numvfs"), "2\n");
-        fake.write(&format!("bus/pci/devices/{FOREIGN_PF}/sriov_numvfs"), "1\n");
-        for group in [4, 5, 6] {
-            fake.write(&format!("vfio/{group}"), &format!("group {group}"));
-        }
-        fake
+        FakeSysfs::owned_and_foreign_pfs()
     }
 
     fn helper(fake: &FakeSysfs) -> HardwareHelper {

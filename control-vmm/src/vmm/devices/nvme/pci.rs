@@ -120,24 +120,27 @@ impl PciDevice for NvmePci {
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+        if self
+            .msix
+            .bar_read((MSIX_TABLE_OFFSET, MSIX_PBA_OFFSET), offset, data)
+        {
+            self.counters.bump(Counter::MsixTableAccess);
+            return;
+        }
         match offset {
             o if o < CONTROLLER_BYTES => {
                 self.counters.bump(Counter::NvmeRegister);
                 self.controller.mmio_read(o, data);
-            }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.table_read(o - MSIX_TABLE_OFFSET, data);
-            }
-            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + self.msix.pba_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.pba_read(o - MSIX_PBA_OFFSET, data);
             }
             _ => data.fill(0),
         }
     }
 
     fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+        if self.msix.bar_write(MSIX_TABLE_OFFSET, offset, data) {
+            self.counters.bump(Counter::MsixTableAccess);
+            return;
+        }
         match offset {
             o if o < super::regs::DOORBELL_OFFSET => {
                 self.counters.bump(Counter::NvmeRegister);
@@ -150,10 +153,6 @@ impl PciDevice for NvmePci {
                     return;
                 }
                 self.controller.mmio_write(o, data);
-            }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + self.msix.table_bytes()).contains(&o) => {
-                self.counters.bump(Counter::MsixTableAccess);
-                self.msix.table_write(o - MSIX_TABLE_OFFSET, data);
             }
             o => log::warn!("nvme: write {data:02x?} to BAR0 {o:#x} ignored"),
         }
