@@ -86,6 +86,49 @@ fn narrow_bounding_set(keep: u64) -> Result<(), PrivilegeError> {
 /// root's sysfs files). Must run in a process with a single thread.
 pub fn keep_only(keep: u64) -> Result<(), PrivilegeError> {
     narrow_bounding_set(keep)?;
+    clear_ambient()?;
+    set_capabilities(keep)?;
+    set_no_new_privs()?;
+    expect_capabilities(keep)
+}
+
+/// Drops everything. Must run in a process with a single thread (capabilities are per
+/// thread), as root, after the mounts are built (they need CAP_SYS_ADMIN).
+pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    // The bounding set: every capability the kernel knows (until prctl says EINVAL).
+    narrow_bounding_set(0)?;
+    // SAFETY: (each call below) plain system calls with integer arguments or a null list.
+    unsafe {
+        check("setgroups", libc::setgroups(0, std::ptr::null()).into())?;
+    }
+    clear_ambient()?;
+    // SAFETY: (each call below) plain system calls with integer arguments.
+    unsafe {
+        check("setresgid", libc::setresgid(gid, gid, gid).into())?;
+        // Leaving uid 0 clears the permitted and effective sets (no SECBIT_KEEP_CAPS).
+        check("setresuid", libc::setresuid(uid, uid, uid).into())?;
+    }
+    set_capabilities(0)?;
+    set_no_new_privs()?;
+    expect_capabilities(0)
+}
+
+fn clear_ambient() -> Result<(), PrivilegeError> {
+    // SAFETY: a prctl with integer arguments.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    check("PR_CAP_AMBIENT_CLEAR_ALL", rc.into())
+}
+
+/// Sets the effective and permitted sets to `keep` and the inheritable set to nothing.
+fn set_capabilities(keep: u64) -> Result<(), PrivilegeError> {
     // Truncation intended: the low and high halves of the 64-bit set.
     let (lo, hi) = (keep as u32, (keep >> 32) as u32);
     let data = [
@@ -104,29 +147,19 @@ pub fn keep_only(keep: u64) -> Result<(), PrivilegeError> {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    // SAFETY: (each call below) plain system calls with integer arguments or pointers to
-    // local data of the right type.
-    unsafe {
-        check(
-            "PR_CAP_AMBIENT_CLEAR_ALL",
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-            .into(),
-        )?;
-        check(
-            "capset",
-            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-        )?;
-        check(
-            "PR_SET_NO_NEW_PRIVS",
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
-        )?;
-    }
+    // SAFETY: capset reads the header and two data entries, both local and of the right type.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    check("capset", rc)
+}
+
+fn set_no_new_privs() -> Result<(), PrivilegeError> {
+    // SAFETY: a prctl with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check("PR_SET_NO_NEW_PRIVS", rc.into())
+}
+
+/// Checks from the kernel that exactly `keep` is effective and permitted.
+fn expect_capabilities(keep: u64) -> Result<(), PrivilegeError> {
     let (effective, permitted) = current_capabilities()?;
     if effective & !keep != 0 || permitted & !keep != 0 {
         return Err(PrivilegeError::CapabilitiesRemain {
@@ -137,53 +170,6 @@ pub fn keep_only(keep: u64) -> Result<(), PrivilegeError> {
     if effective & keep != keep {
         return Err(PrivilegeError::CapabilitiesMissing {
             wanted: keep,
-            effective,
-            permitted,
-        });
-    }
-    Ok(())
-}
-
-/// Drops everything. Must run in a process with a single thread (capabilities are per
-/// thread), as root, after the mounts are built (they need CAP_SYS_ADMIN).
-pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
-    // The bounding set: every capability the kernel knows (until prctl says EINVAL).
-    narrow_bounding_set(0)?;
-    // SAFETY: (each call below) plain system calls with integer arguments or pointers to
-    // local data of the right type.
-    unsafe {
-        check("setgroups", libc::setgroups(0, std::ptr::null()).into())?;
-        check(
-            "PR_CAP_AMBIENT_CLEAR_ALL",
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-            .into(),
-        )?;
-        check("setresgid", libc::setresgid(gid, gid, gid).into())?;
-        // Leaving uid 0 clears the permitted and effective sets (no SECBIT_KEEP_CAPS).
-        check("setresuid", libc::setresuid(uid, uid, uid).into())?;
-        let mut header = CapHeader {
-            version: CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let data = [CapData::default(); 2];
-        check(
-            "capset",
-            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-        )?;
-        check(
-            "PR_SET_NO_NEW_PRIVS",
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
-        )?;
-    }
-    let (effective, permitted) = current_capabilities()?;
-    if effective != 0 || permitted != 0 {
-        return Err(PrivilegeError::CapabilitiesRemain {
             effective,
             permitted,
         });
