@@ -140,7 +140,6 @@ fn hardware_ops(fd: Option<i32>, sysfs: &Sysfs) -> Result<Box<dyn HardwareOps>> 
 }
 
 fn main() -> Result<()> {
-    ipc::startup::restore_sigpipe();
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::Managed { domid, .. } => {

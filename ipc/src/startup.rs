@@ -1,5 +1,5 @@
 //! What every binary of splitvmm does first: one log format on stderr, the default SIGPIPE
-//! action, and, for the domain processes `splitvmm up` starts, a check that the descriptors it
+//! action for the command-line tool, and, for the domain processes `splitvmm up` starts, a check that the descriptors it
 //! hands them are there before they are adopted.
 //!
 //! One format for every process means the toolstack's stderr and the per-domain log files
@@ -40,6 +40,11 @@ pub fn init_logging(who: &str, default: &str) {
 /// Restores the default action of SIGPIPE, which the Rust runtime ignores: a program whose
 /// output goes to a closed pipe (`splitvmm xs ls / | head`) then ends quietly, as C tools do,
 /// instead of failing with "Broken pipe".
+///
+/// Only for the command-line tool (`splitvmm`), whose sockets all send with MSG_NOSIGNAL. The
+/// domain processes (driver domain, VMM, process guest, hardware helper) keep SIGPIPE ignored:
+/// a peer that goes away mid-write (a `splitvmm console` client, a vhost-user frontend, a
+/// restarted backend) is then an EPIPE for that one connection, never the end of the domain.
 pub fn restore_sigpipe() {
     // SAFETY: setting a signal's disposition to SIG_DFL installs no handler and touches no
     // memory; it runs at the start of main, before any thread exists.

@@ -97,6 +97,9 @@ assert_confined() {
         [ "$cap" = 0000000000000000 ] || fail "$name ($p) has capabilities $cap"
         [ "$nnp" = 1 ] || fail "$name ($p) has no no_new_privs"
         [ "$sec" = 2 ] || fail "$name ($p) has no seccomp filter"
+        # A console client or vhost-user peer gone mid-write must not end the domain.
+        ign=$(awk '/^SigIgn:/ { print $2 }' $d/status)
+        [ $((0x$ign & 0x1000)) != 0 ] || fail "$name ($p) does not ignore SIGPIPE (SigIgn $ign)"
         for ns in mnt pid; do
             [ "$(readlink $d/ns/$ns)" != "$(readlink /proc/$1/ns/$ns)" ] || fail "$name ($p) shares the toolstack's $ns namespace"
         done

@@ -94,6 +94,14 @@ fn every_domain_process_of_the_default_example_is_confined() {
         }
         assert_eq!(status_field(pid, "NoNewPrivs"), "1", "{comm} {pid}");
         assert_eq!(status_field(pid, "Seccomp"), "2", "{comm} {pid}: a filter");
+        // A peer gone mid-write is an EPIPE for that connection, never a SIGPIPE that ends
+        // the domain (and every guest it serves).
+        let ignored = u64::from_str_radix(&status_field(pid, "SigIgn"), 16).unwrap();
+        assert_ne!(
+            ignored & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "{comm} {pid}: SIGPIPE not ignored (SigIgn {ignored:#x})"
+        );
         for ns in ["pid", "mnt", "ipc", "net", "uts"] {
             assert_ne!(
                 namespace(&pid.to_string(), ns),

@@ -155,7 +155,6 @@ fn ring_mode(r: Ring) -> RingMode {
 }
 
 fn main() -> ExitCode {
-    ipc::startup::restore_sigpipe();
     let mut cli = Cli::parse();
     match cli.managed_domid {
         Some(domid) => ipc::startup::init_logging(&format!("splitvmm-vmm[{domid}]"), "warn"),

@@ -46,7 +46,6 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    ipc::startup::restore_sigpipe();
     let cli = Cli::parse();
     ipc::startup::init_logging(&format!("hw-helper[{}]", cli.domid), "info");
     if let Err(e) = ipc::startup::check_inherited_channel(CHANNEL_FD, "the driver domain's channel")

@@ -23,7 +23,6 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    ipc::startup::restore_sigpipe();
     let args = Args::parse();
     ipc::startup::init_logging(&format!("{}[{}]", args.name, args.domid), "warn");
     if !args.confinement_probe.is_empty() {

@@ -200,14 +200,10 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                 source,
             })?;
     }
-    let console_client = console::ConsoleClient::default();
-    let com1 = Com1::new(
-        serial_irq,
-        Box::new(console::ConsoleOutput::new(
-            cfg.console,
-            console_client.clone(),
-        )),
-    );
+    // With a console socket the log is the domain's, shared with this VMM's log lines: the
+    // guest's output goes to it a line at a time (see `console::ConsoleSink`).
+    let console_sink = console::ConsoleSink::new(cfg.console, cfg.console_socket.is_some());
+    let com1 = Com1::new(serial_irq, Box::new(console_sink.output()));
     let hotplug_irq = eventfd()?;
     vm.register_irqfd(&hotplug_irq, PCI_HOTPLUG_IRQ)
         .map_err(|source| VmError::Setup {
@@ -286,16 +282,12 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let mut kvm_names = Vec::new();
     let console_thread = match cfg.console_socket {
         Some(listener) => Some(
-            console::spawn(
-                listener,
-                Arc::clone(&bus),
-                console_client,
-                Arc::clone(&halt),
-            )
-            .map_err(|source| VmError::Io {
-                op: "starting the console thread",
-                source,
-            })?,
+            console::spawn(listener, Arc::clone(&bus), console_sink, Arc::clone(&halt)).map_err(
+                |source| VmError::Io {
+                    op: "starting the console thread",
+                    source,
+                },
+            )?,
         ),
         None => None,
     };
