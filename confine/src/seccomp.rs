@@ -135,6 +135,8 @@ const BACKEND_WORKER: &[libc::c_long] = &[
     libc::SYS_fdatasync,
     libc::SYS_fsync,
     libc::SYS_fallocate,
+    // its queue's ring, made before the thread started (no io_uring_setup or _register)
+    libc::SYS_io_uring_enter,
     libc::SYS_fstat,
     libc::SYS_close,
     libc::SYS_mmap,
@@ -276,6 +278,21 @@ pub fn allowlist(profile: Profile) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Se
     if profile != Profile::ProcessGuest {
         rules.extend(DISKS_AND_LISTENERS.iter().map(|nr| (*nr, Vec::new())));
     }
+    if profile == Profile::DriverDomain {
+        // A disk queue's ring (driver-domain's blk::uring): created and locked down to reads
+        // and writes (IORING_REGISTER_RESTRICTIONS) when the queue is set up; its workers may
+        // only enter it. Requests in a ring are not filtered here, but Landlock and the
+        // namespaces apply to them as to system calls.
+        rules.extend(
+            [
+                libc::SYS_io_uring_setup,
+                libc::SYS_io_uring_register,
+                libc::SYS_io_uring_enter,
+            ]
+            .iter()
+            .map(|nr| (*nr, Vec::new())),
+        );
+    }
     match profile {
         Profile::DriverDomain | Profile::ProcessGuest => {
             rules.insert(
@@ -344,10 +361,15 @@ mod tests {
                 libc::SYS_process_vm_readv,
                 libc::SYS_socket,
                 libc::SYS_mount,
-                libc::SYS_io_uring_setup,
             ] {
                 assert!(!rules.contains_key(&forbidden), "{profile}: {forbidden}");
             }
+            // Rings (whose requests seccomp does not see) only for the driver domain's disks.
+            assert_eq!(
+                rules.contains_key(&libc::SYS_io_uring_setup),
+                profile == Profile::DriverDomain,
+                "{profile}: io_uring_setup"
+            );
             // clone only with CLONE_THREAD (one conditional rule).
             assert_eq!(rules[&libc::SYS_clone].len(), 1);
             assert!(programs(profile).is_ok());
@@ -360,6 +382,9 @@ mod tests {
             libc::SYS_memfd_create,
             libc::SYS_clone,
             libc::SYS_dup,
+            // a worker enters its queue's locked-down ring; it makes and changes none
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_register,
         ] {
             assert!(
                 !worker.contains_key(&fresh_descriptors),

@@ -187,6 +187,30 @@ fn md5_hex(data: &[u8]) -> String {
         .to_string()
 }
 
+/// A QEMU process that does not outlive its test: a failing assertion kills it too (an
+/// orphaned QEMU holds the test run's output pipe open and keeps its CPU).
+struct Qemu(std::process::Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Qemu {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Qemu {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 /// Boots the guest under QEMU with its disk on `socket` (with `reconnect`, QEMU reconnects
 /// to a restarted backend every second); the console's lines arrive on the receiver.
 fn boot(
@@ -195,7 +219,7 @@ fn boot(
     initrd: &Path,
     socket: &Path,
     reconnect: bool,
-) -> (std::process::Child, mpsc::Receiver<String>) {
+) -> (Qemu, mpsc::Receiver<String>) {
     let reconnect = if reconnect { ",reconnect=1" } else { "" };
     let mut q = Command::new(qemu)
         .args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"])
@@ -230,7 +254,7 @@ fn boot(
             }
         }
     });
-    (q, rx)
+    (Qemu(q), rx)
 }
 
 #[test]

@@ -40,6 +40,10 @@ pub struct BlkBackendConfig {
     pub grant: MemoryGrant,
     /// Where the device counts what it serves (shared with whoever reports it).
     pub counters: Arc<DeviceCounters>,
+    /// Batch each pass's reads and writes through an io_uring per queue (see
+    /// [`super::uring`]); without it, or where the kernel refuses a ring, every request is a
+    /// `preadv`/`pwritev` of its own.
+    pub io_uring: bool,
 }
 
 impl Default for BlkBackendConfig {
@@ -53,6 +57,7 @@ impl Default for BlkBackendConfig {
             seal_policy: SealPolicy::AllowUnsealedChecked,
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
+            io_uring: true,
         }
     }
 }

@@ -20,12 +20,14 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
+use vm_memory::bitmap::BS;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::config::{BlkBackendConfig, BlkConfigSpace};
 use super::disk::BlkDisk;
 use super::inflight::{queue_region_len, InflightError, InflightLog, InflightQueue};
-use super::request::{execute, Request, ID_LEN};
+use super::request::{complete, execute, prepare_transfer, Request, RequestType, Transfer, ID_LEN};
+use super::uring::{DiskRing, DiskRingError};
 use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
 use crate::virtio_core::{
@@ -56,6 +58,10 @@ pub enum BlkBackendError {
     /// The in-flight log handed back names a request the ring cannot hold.
     #[error("virtqueue {0}: in-flight log names head {1}, past the ring's {2} entries")]
     InflightHead(u16, u16, u16),
+    /// The queue's io_uring kept failing (a transfer may still be running: nothing more is
+    /// published on this queue).
+    #[error("virtqueue {0}: {1}")]
+    Uring(u16, DiskRingError),
     /// The requests to resubmit could not be set up.
     #[error("virtqueue {0}: resubmitting in-flight requests: {1}")]
     Resubmit(u16, String),
@@ -80,6 +86,11 @@ pub struct BlkBackendQueue {
     budget: usize,
     poll: Duration,
     req: Request,
+    /// The queue's batched I/O, if the disk is a file and the kernel gave a ring.
+    ring: Option<DiskRing>,
+    /// The requests of the pass being batched, and their results.
+    batch_reqs: Vec<Request>,
+    batch_results: Vec<i32>,
     failure: QueueFailure,
     counters: Arc<DeviceCounters>,
 }
@@ -96,15 +107,33 @@ impl BlkBackendQueue {
         let s = cfg.serial.as_bytes();
         let n = s.len().min(ID_LEN);
         serial[..n].copy_from_slice(&s[..n]);
+        let budget = cfg.budget.max(1);
+        let ring = match disk.file() {
+            Some(file) if cfg.io_uring => {
+                match DiskRing::new(file, u32::try_from(budget).unwrap_or(u32::MAX)) {
+                    Ok(r) => Some(r).filter(|r| r.capacity() >= budget),
+                    Err(e) => {
+                        if index == 0 {
+                            warn!("blk: no io_uring ({e}); one preadv/pwritev per request");
+                        }
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         BlkBackendQueue {
             index,
             disk,
             serial,
             inflight,
             resubmit: VecDeque::new(),
-            budget: cfg.budget.max(1),
+            budget,
             poll: Duration::from_micros(cfg.poll_us),
             req: Request::default(),
+            ring,
+            batch_reqs: Vec::new(),
+            batch_results: Vec::new(),
             failure: QueueFailure::new(index),
             counters: cfg.counters.clone(),
         }
@@ -246,31 +275,54 @@ impl BlkBackendQueue {
         C::Target: GuestMemory,
         M: GuestMemory,
     {
-        let q = self.index;
         let head = chain.head_index();
         let written = match self.req.parse(chain) {
             Ok(()) => {
                 let done = execute(&self.req, &self.disk, mem, &self.serial);
-                if done.status == super::status::OK {
-                    let bytes = self.req.readable_len() + self.req.writable_len();
-                    self.counters.add_request(bytes);
-                } else {
-                    self.counters.add_error();
-                }
+                self.count(done.status, &self.req);
                 done.written
             }
-            Err(e) => {
-                self.counters.add_error();
-                warn!("blk queue {q}: bad request at head {head}: {e}");
-                match self.req.status {
-                    Some(addr) => {
-                        let ok = mem.write_obj(super::status::IOERR, addr).is_ok();
-                        u32::from(ok)
-                    }
-                    None => 0,
-                }
-            }
+            Err(e) => self.refuse(head, &e, self.req.status, mem),
         };
+        self.publish(head, written, queue, mem)
+    }
+
+    /// Counts a finished request.
+    fn count(&self, status: u8, req: &Request) {
+        if status == super::status::OK {
+            self.counters
+                .add_request(req.readable_len() + req.writable_len());
+        } else {
+            self.counters.add_error();
+        }
+    }
+
+    /// A chain that is no request: IOERR where it shows a status byte; the bytes written.
+    fn refuse<M: GuestMemory>(
+        &self,
+        head: u16,
+        e: &dyn std::fmt::Display,
+        status: Option<GuestAddress>,
+        mem: &M,
+    ) -> u32 {
+        self.counters.add_error();
+        warn!("blk queue {}: bad request at head {head}: {e}", self.index);
+        match status {
+            Some(addr) => u32::from(mem.write_obj(super::status::IOERR, addr).is_ok()),
+            None => 0,
+        }
+    }
+
+    /// Publishes the completion of `head`, clearing it from the log around the used-ring
+    /// update.
+    fn publish<M: GuestMemory>(
+        &mut self,
+        head: u16,
+        written: u32,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<(), BlkBackendError> {
+        let q = self.index;
         self.inflight
             .pre_complete(head)
             .map_err(|e| BlkBackendError::Inflight(q, e))?;
@@ -304,24 +356,11 @@ impl BlkBackendQueue {
         let q = self.index;
         let ring = |e| BlkBackendError::Ring(q, e);
         let mut progress = QueueProgress::default();
-        'outer: loop {
+        loop {
             queue.disable_notification(mem).map_err(ring)?;
-            loop {
-                if progress.completed == self.budget {
-                    progress.more = true;
-                    break 'outer;
-                }
-                let chain = {
-                    let mut it = queue.iter(mem).map_err(ring)?;
-                    it.next()
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                self.inflight
-                    .set(head)
-                    .map_err(|e| BlkBackendError::Inflight(q, e))?;
-                self.serve_chain(chain, queue, mem)?;
-                progress.completed += 1;
+            if self.serve_available(queue, mem, &mut progress)? {
+                progress.more = true;
+                break;
             }
             if !self.poll.is_zero() {
                 if progress.completed > 0 {
@@ -344,6 +383,115 @@ impl BlkBackendQueue {
             progress.notify = queue.needs_notification(mem).map_err(ring)?;
         }
         Ok(progress)
+    }
+
+    /// Serves what the avail ring holds, up to the budget; true if the budget ran out. With a
+    /// ring, the reads and writes among them go to the kernel together (in the order they
+    /// came, each batch before any other kind of request, so a FLUSH follows the writes that
+    /// came before it); the others are served one by one.
+    fn serve_available<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        progress: &mut QueueProgress,
+    ) -> Result<bool, BlkBackendError> {
+        let q = self.index;
+        let mut batch: Vec<(usize, Transfer<'_, BS<'_, M::Bitmap>>)> = Vec::new();
+        loop {
+            if progress.completed == self.budget {
+                self.run_batch(&mut batch, queue, mem)?;
+                return Ok(true);
+            }
+            let chain = {
+                let mut it = queue.iter(mem).map_err(|e| BlkBackendError::Ring(q, e))?;
+                it.next()
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            self.inflight
+                .set(head)
+                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+            progress.completed += 1;
+            if self.ring.is_none() {
+                self.serve_chain(chain, queue, mem)?;
+                continue;
+            }
+            let slot = batch.len();
+            if self.batch_reqs.len() <= slot {
+                self.batch_reqs.resize_with(slot + 1, Request::default);
+            }
+            let req = &mut self.batch_reqs[slot];
+            if let Err(e) = req.parse(chain) {
+                let status = req.status;
+                let written = self.refuse(head, &e, status, mem);
+                self.publish(head, written, queue, mem)?;
+                continue;
+            }
+            let req = &self.batch_reqs[slot];
+            if !matches!(req.kind, RequestType::In | RequestType::Out) {
+                self.run_batch(&mut batch, queue, mem)?;
+                let req = &self.batch_reqs[slot];
+                let done = execute(req, &self.disk, mem, &self.serial);
+                self.count(done.status, req);
+                self.publish(head, done.written, queue, mem)?;
+                continue;
+            }
+            match prepare_transfer(req, &self.disk, mem) {
+                Ok(t) => batch.push((slot, t)),
+                Err(st) => {
+                    let done = complete(req, mem, st, 0);
+                    self.count(done.status, req);
+                    self.publish(head, done.written, queue, mem)?;
+                }
+            }
+        }
+        self.run_batch(&mut batch, queue, mem)?;
+        Ok(false)
+    }
+
+    /// Does the batched transfers and publishes their completions (in the order they came).
+    /// A transfer the ring did not finish (an error, a short count) is done again with
+    /// `preadv`/`pwritev`, whose outcome stands.
+    fn run_batch<M: GuestMemory>(
+        &mut self,
+        batch: &mut Vec<(usize, Transfer<'_, BS<'_, M::Bitmap>>)>,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<(), BlkBackendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let q = self.index;
+        if let Some(ring) = self.ring.as_mut() {
+            let ops: Vec<&Transfer<'_, _>> = batch.iter().map(|(_, t)| t).collect();
+            ring.run(&ops, &mut self.batch_results)
+                .map_err(|e| BlkBackendError::Uring(q, e))?;
+        } else {
+            self.batch_results.clear();
+            self.batch_results.resize(batch.len(), -libc::ECANCELED);
+        }
+        for (i, (slot, t)) in batch.drain(..).enumerate() {
+            let req = &self.batch_reqs[slot];
+            let result = self
+                .batch_results
+                .get(i)
+                .copied()
+                .unwrap_or(-libc::ECANCELED);
+            let done = if u64::try_from(result).is_ok_and(|n| n == t.len) {
+                complete(req, mem, super::status::OK, t.written())
+            } else {
+                log::debug!(
+                    "blk queue {q}: head {} {:?}: io_uring gave {result}; done again with preadv/pwritev",
+                    req.head,
+                    req.kind
+                );
+                execute(req, &self.disk, mem, &self.serial)
+            };
+            self.count(done.status, req);
+            let head = req.head;
+            self.publish(head, done.written, queue, mem)?;
+        }
+        Ok(())
     }
 
     /// Spin for the polling window with notifications still disabled; true if work arrived.

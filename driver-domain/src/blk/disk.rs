@@ -88,6 +88,14 @@ impl BlkDisk {
         }
     }
 
+    /// The image file (none for a null device).
+    pub fn file(&self) -> Option<&File> {
+        match &self.store {
+            Store::File(f) => Some(f),
+            Store::Null => None,
+        }
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
@@ -265,11 +273,16 @@ fn transfer<B: BitmapSlice>(
             }
         }
         if matches!(dir, Direction::Read) {
-            for s in chunk {
-                s.bitmap().mark_dirty(0, s.len());
-            }
+            mark_dirty(chunk);
         }
         drop(guards);
     }
     Ok(())
+}
+
+/// Records guest buffers the device has written into (the dirty log of a migration).
+pub fn mark_dirty<B: BitmapSlice>(bufs: &[VolatileSlice<'_, B>]) {
+    for s in bufs {
+        s.bitmap().mark_dirty(0, s.len());
+    }
 }

@@ -11,6 +11,7 @@
 //! - [`disk`]: the backing store (raw image file or null device).
 //! - [`inflight`]: the memfd-backed in-flight log (vhost-user INFLIGHT_SHMFD layout).
 //! - [`resubmit`]: descriptor chains for the requests a restarted backend resubmits.
+//! - [`uring`]: a queue's reads and writes batched through a restricted io_uring.
 
 pub mod config;
 pub mod device;
@@ -18,6 +19,7 @@ pub mod disk;
 pub mod inflight;
 pub mod request;
 pub mod resubmit;
+pub mod uring;
 
 pub use config::{BlkBackendConfig, BlkConfigSpace};
 pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};

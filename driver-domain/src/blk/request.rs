@@ -244,7 +244,8 @@ pub struct BlkRequestOutcome {
     pub written: u32,
 }
 
-fn fail(why: &str, req: &Request) -> u8 {
+/// Logs why `req` fails; the status it completes with.
+pub fn fail(why: &str, req: &Request) -> u8 {
     debug!("blk request head {} {:?}: {}", req.head, req.kind, why);
     status::IOERR
 }
@@ -275,6 +276,73 @@ fn slices<'m, M: GuestMemory>(
     Some(out)
 }
 
+/// A validated read or write: the guest buffers, the disk offset and the direction.
+pub struct Transfer<'m, B> {
+    /// The guest buffers, in order.
+    pub bufs: Vec<VolatileSlice<'m, B>>,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Whether the guest's data goes to the disk (OUT) rather than from it (IN).
+    pub write: bool,
+    /// Total bytes.
+    pub len: u64,
+}
+
+impl<B> Transfer<'_, B> {
+    /// The bytes the device writes into guest memory for this transfer (data only).
+    pub fn written(&self) -> u32 {
+        if self.write {
+            0
+        } else {
+            // len <= total chain length, which the parser bounded by u32.
+            u32::try_from(self.len).unwrap_or(u32::MAX)
+        }
+    }
+}
+
+/// Checks an IN or OUT request against the disk and guest memory and gives its transfer, or
+/// the status it fails with (the same checks whether it is then done at once or batched).
+pub fn prepare_transfer<'m, M: GuestMemory>(
+    req: &Request,
+    disk: &BlkDisk,
+    mem: &'m M,
+) -> Result<Transfer<'m, BS<'m, M::Bitmap>>, u8> {
+    let write = match req.kind {
+        RequestType::In => false,
+        RequestType::Out => true,
+        _ => return Err(fail("not a read or a write", req)),
+    };
+    let (len, segs, access) = if write {
+        if disk.read_only() {
+            return Err(fail("write to a read-only disk", req));
+        }
+        if !req.writable.is_empty() {
+            return Err(fail("OUT request carries device-writable data", req));
+        }
+        (req.readable_len(), &req.readable, Permissions::Read)
+    } else {
+        if !req.readable.is_empty() {
+            return Err(fail("IN request carries device-readable data", req));
+        }
+        (req.writable_len(), &req.writable, Permissions::Write)
+    };
+    let Some(offset) = checked_range(disk, req.sector, len) else {
+        return Err(fail(
+            "sector range past the disk end or unaligned length",
+            req,
+        ));
+    };
+    let Some(bufs) = slices(mem, segs, access) else {
+        return Err(fail("data buffer outside guest memory", req));
+    };
+    Ok(Transfer {
+        bufs,
+        offset,
+        write,
+        len,
+    })
+}
+
 /// Execute `req` (already parsed) and write its status byte. `serial` is the GET_ID reply.
 pub fn execute<M: GuestMemory>(
     req: &Request,
@@ -284,44 +352,23 @@ pub fn execute<M: GuestMemory>(
 ) -> BlkRequestOutcome {
     let mut written = 0u32;
     let st = match req.kind {
-        RequestType::In => {
-            let len = req.writable_len();
-            if !req.readable.is_empty() {
-                fail("IN request carries device-readable data", req)
-            } else if let Some(off) = checked_range(disk, req.sector, len) {
-                match slices(mem, &req.writable, Permissions::Write) {
-                    None => fail("data buffer outside guest memory", req),
-                    Some(bufs) => match disk.read_at(&bufs, off) {
-                        Ok(()) => {
-                            // len <= total chain length, which the parser bounded by u32.
-                            written = u32::try_from(len).unwrap_or(u32::MAX);
-                            status::OK
-                        }
-                        Err(e) => io_fail(e, req),
-                    },
+        RequestType::In | RequestType::Out => match prepare_transfer(req, disk, mem) {
+            Ok(t) => {
+                let done = if t.write {
+                    disk.write_at(&t.bufs, t.offset)
+                } else {
+                    disk.read_at(&t.bufs, t.offset)
+                };
+                match done {
+                    Ok(()) => {
+                        written = t.written();
+                        status::OK
+                    }
+                    Err(e) => io_fail(e, req),
                 }
-            } else {
-                fail("sector range past the disk end or unaligned length", req)
             }
-        }
-        RequestType::Out => {
-            let len = req.readable_len();
-            if disk.read_only() {
-                fail("write to a read-only disk", req)
-            } else if !req.writable.is_empty() {
-                fail("OUT request carries device-writable data", req)
-            } else if let Some(off) = checked_range(disk, req.sector, len) {
-                match slices(mem, &req.readable, Permissions::Read) {
-                    None => fail("data buffer outside guest memory", req),
-                    Some(bufs) => match disk.write_at(&bufs, off) {
-                        Ok(()) => status::OK,
-                        Err(e) => io_fail(e, req),
-                    },
-                }
-            } else {
-                fail("sector range past the disk end or unaligned length", req)
-            }
-        }
+            Err(st) => st,
+        },
         RequestType::Flush => match disk.flush() {
             Ok(()) => status::OK,
             Err(e) => io_fail(e, req),
@@ -356,6 +403,17 @@ pub fn execute<M: GuestMemory>(
         }
         RequestType::Unsupported(_) => status::UNSUPP,
     };
+    complete(req, mem, st, written)
+}
+
+/// Writes `req`'s status byte `st`; the outcome, with `data_written` bytes of data before it.
+pub fn complete<M: GuestMemory>(
+    req: &Request,
+    mem: &M,
+    st: u8,
+    data_written: u32,
+) -> BlkRequestOutcome {
+    let mut written = data_written;
     if let Some(addr) = req.status {
         if mem.write_obj(st, addr).is_ok() {
             written = written.saturating_add(1);
@@ -367,7 +425,8 @@ pub fn execute<M: GuestMemory>(
     }
 }
 
-fn io_fail(e: DiskError, req: &Request) -> u8 {
+/// Logs a failed disk operation of `req`; the status it completes with.
+pub fn io_fail(e: DiskError, req: &Request) -> u8 {
     log::warn!(
         "blk request head {} {:?} sector {}: {}",
         req.head,

@@ -32,12 +32,20 @@ impl BackendProcess {
             .stderr(log)
             .spawn()
             .unwrap();
+        let mut process = BackendProcess { child, socket };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "backend socket never appeared");
+        while !process.socket.exists() {
+            let ended = process.child.try_wait().unwrap();
+            if ended.is_some() || Instant::now() >= deadline {
+                panic!(
+                    "backend socket never appeared (backend {}){}",
+                    ended.map_or("still running".to_owned(), |s| s.to_string()),
+                    logs_in(dir)
+                );
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        BackendProcess { child, socket }
+        process
     }
 
     /// The backend process is still running.
@@ -58,4 +66,17 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ ((i >> 9) as u8))
         .collect()
+}
+
+/// The `*.log` files in `dir`, for a failure message.
+pub fn logs_in(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            out.push_str(&format!("\n--- {}\n{text}", path.display()));
+        }
+    }
+    out
 }
