@@ -3,7 +3,9 @@
 //! Set-up runs in the order QEMU uses: SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES,
 //! GET_QUEUE_NUM (several queues), GET_CONFIG at connect; then, when the user knows them,
 //! SET_FEATURES, SET_MEM_TABLE and per queue SET_VRING_NUM/BASE/ADDR/CALL/KICK/ENABLE. A queue
-//! stops with GET_VRING_BASE: once that returns, the backend no longer touches the ring.
+//! stops with GET_VRING_BASE: once that returns, the backend no longer touches the ring. With
+//! REPLY_ACK (negotiated where offered) each of those set-up messages waits for the backend's
+//! acknowledgement: a refused one fails at once, and a returned one has been acted on.
 //!
 //! In every memory table a region's "user address" is its guest-physical address, so ring
 //! addresses are passed as GPAs and no host pointer of the frontend reaches the backend.
@@ -19,7 +21,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -128,6 +130,10 @@ pub struct FrontendSession {
     /// Features the device offers (the vhost-user protocol bit removed).
     device_features: u64,
     protocol: VhostUserProtocolFeatures,
+    /// REPLY_ACK was negotiated: every set-up message asks for the backend's acknowledgement
+    /// and waits for it, so a refusal is an error of that message, and once a message has
+    /// returned the backend has acted on it.
+    acks: bool,
     config: Option<Vec<u8>>,
     /// What was sent, for a new connection.
     acked_features: Option<u64>,
@@ -223,6 +229,7 @@ impl FrontendSession {
             reply_timeout: spec.reply_timeout,
             device_features: 0,
             protocol: VhostUserProtocolFeatures::empty(),
+            acks: false,
             config: None,
             acked_features: None,
             memory: Vec::new(),
@@ -253,8 +260,10 @@ impl FrontendSession {
     /// connect-time negotiation, then what this session sent before (acknowledged features,
     /// memory table, every running vring with the same kick and call eventfds, from avail
     /// index 0). The frontend re-posts its in-flight requests from index 0 (see
-    /// `SplitQueue::restart` on the guest side). The config space read at first connect is
-    /// kept.
+    /// `SplitQueue::restart` on the guest side) *before* calling this: the backend may read a
+    /// ring as soon as SET_VRING_KICK and SET_VRING_ENABLE reach it (at once if a kick the
+    /// dead backend never read is pending), so a ring rewritten afterwards loses what it
+    /// completed. The config space read at first connect is kept.
     pub fn reconnect(
         &mut self,
         stream: UnixStream,
@@ -294,6 +303,22 @@ impl FrontendSession {
         let fd = unsafe { BorrowedFd::borrow_raw(self.frontend.as_raw_fd()) };
         fd.try_clone_to_owned()
             .map_err(FrontendSessionError::Duplicate)
+    }
+
+    /// Sends a set-up request that has no reply of its own: with REPLY_ACK negotiated it asks
+    /// for (NEED_REPLY) and waits for the backend's acknowledgement, under the reply deadline.
+    fn send_acked<T>(
+        &mut self,
+        op: &'static str,
+        request: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, FrontendSessionError> {
+        if !self.acks {
+            return self.send(op, request);
+        }
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let result = self.send(op, request);
+        self.frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        result
     }
 
     /// Sends one request (and waits for its reply, if it has one) under the reply deadline.
@@ -365,7 +390,7 @@ impl FrontendSession {
     /// Acknowledges `features` (a subset of [`FrontendSession::device_features`]).
     pub fn set_features(&mut self, features: u64) -> Result<(), FrontendSessionError> {
         let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.send("SET_FEATURES", |f| f.set_features(features | proto_bit))?;
+        self.send_acked("SET_FEATURES", |f| f.set_features(features | proto_bit))?;
         self.acked_features = Some(features);
         Ok(())
     }
@@ -384,7 +409,7 @@ impl FrontendSession {
                 mmap_handle: r.fd,
             })
             .collect();
-        self.send("SET_MEM_TABLE", |f| f.set_mem_table(&table))?;
+        self.send_acked("SET_MEM_TABLE", |f| f.set_mem_table(&table))?;
         self.memory = regions.to_vec();
         Ok(())
     }
@@ -411,12 +436,12 @@ impl FrontendSession {
             avail_ring_addr: ring.avail,
             log_addr: None,
         };
-        self.send("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
-        self.send("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
-        self.send("SET_VRING_ADDR", |f| f.set_vring_addr(q, &addrs))?;
-        self.send("SET_VRING_CALL", |f| f.set_vring_call(q, &call))?;
-        self.send("SET_VRING_KICK", |f| f.set_vring_kick(q, &kick))?;
-        self.send("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
+        self.send_acked("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
+        self.send_acked("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
+        self.send_acked("SET_VRING_ADDR", |f| f.set_vring_addr(q, &addrs))?;
+        self.send_acked("SET_VRING_CALL", |f| f.set_vring_call(q, &call))?;
+        self.send_acked("SET_VRING_KICK", |f| f.set_vring_kick(q, &kick))?;
+        self.send_acked("SET_VRING_ENABLE", |f| f.set_vring_enable(q, true))?;
         if let Some(v) = self.vrings.get_mut(q) {
             v.running = Some(ring);
         }
@@ -444,6 +469,7 @@ impl FrontendSession {
     /// the protocol features acknowledged. Returns the number of queues the session runs.
     fn negotiate(&mut self, spec: &DeviceSpec) -> Result<u16, FrontendSessionError> {
         use FrontendSessionError::Unsupported;
+        self.acks = false;
         self.send("SET_OWNER", |f| f.set_owner())?;
         let offered = self.send("GET_FEATURES", |f| f.get_features())?;
         let proto_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -470,6 +496,7 @@ impl FrontendSession {
             want |= VhostUserProtocolFeatures::MQ;
         }
         self.send("SET_PROTOCOL_FEATURES", |f| f.set_protocol_features(want))?;
+        self.acks = want.contains(VhostUserProtocolFeatures::REPLY_ACK);
         let mut queues = spec.queues;
         if spec.queues > 1 || may_grow {
             let offered = self.send("GET_QUEUE_NUM", |f| f.get_queue_num())?;

@@ -441,6 +441,9 @@ impl ManagedDriverDomain {
                 if fe_state == XenbusState::Initialised
                     || (fe_state == XenbusState::Connected && !restarted) =>
             {
+                if restarted {
+                    log::info!("{id}: the frontend reconnected (Initialised)");
+                }
                 self.set_state(key, XenbusState::Connected)
             }
             _ => Ok(()),

@@ -106,6 +106,7 @@ impl Session {
             .name(format!("{}-{}-{}", id.kind, id.frontend, id.devid))
             .spawn(move || {
                 let started: Box<dyn FnOnce(SessionShutdown) + Send> = Box::new(move |handle| {
+                    log::info!("{id}: the frontend's connection is accepted; serving it");
                     let _ = tx.send(handle);
                 });
                 match serve(started) {

@@ -83,6 +83,8 @@ enum DeviceError {
 const TICK: Duration = Duration::from_millis(20);
 /// How long a check waits for its device's backend to come back after a restart.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Why a check waits for its device rather than running.
+const RESTARTING: &str = "the backend is being restarted";
 /// How often it wakes up while a network interface is Connected.
 const NET_TICK: Duration = Duration::from_millis(1);
 
@@ -119,6 +121,9 @@ struct Device<K: FrontendDiagnostics> {
     /// The backend went away while the device was wanted: the session is kept, to be
     /// reconnected when the backend is back.
     resuming: bool,
+    /// A check saw the backend's connection end: the session is dead until it has been set
+    /// up again on a restarted backend, whatever the store still says.
+    backend_lost: bool,
 }
 
 /// A device of this domain: its kind and number.
@@ -319,6 +324,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                         mac: [0; 6],
                         state: XenbusState::Initialising,
                         resuming: false,
+                        backend_lost: false,
                     },
                 );
                 return Ok(());
@@ -543,7 +549,13 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
     fn net_ping(&mut self, devid: u32, peer: [u8; 4], rounds: u32) -> GuestEvent {
         let key = (DeviceKind::Vif, devid);
         let deadline = Instant::now() + RECONNECT_TIMEOUT;
+        let mut cause = RESTARTING.to_owned();
         let result = loop {
+            if self.reconnecting(key) {
+                if let Err(reason) = self.await_reconnect(key, deadline, &cause) {
+                    break Err(reason);
+                }
+            }
             let attempt = match self.devices.get_mut(&key) {
                 Some(Device {
                     state: XenbusState::Connected,
@@ -555,13 +567,15 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             match attempt {
                 Ok(detail) => break Ok(detail),
                 Err(e) if K::backend_gone(&e) => {
-                    if let Err(reason) = self.await_reconnect(key, deadline, &e) {
-                        break Err(reason);
-                    }
+                    cause = error_chain(&e);
+                    self.lose_backend(key, &cause);
                 }
                 Err(e) => break Err(error_chain(&e)),
             }
         };
+        if let Err(reason) = &result {
+            log::warn!("vif {devid}: ping failed: {reason}");
+        }
         let (passed, detail) = verdict(result);
         GuestEvent::NetPing {
             devid,
@@ -578,7 +592,15 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             verify_only,
         };
         let deadline = Instant::now() + RECONNECT_TIMEOUT;
+        let mut cause = RESTARTING.to_owned();
         let result = loop {
+            // The backend is being restarted: the requests in flight are resubmitted on
+            // reconnect, and the check runs (again) once the disk is back.
+            if self.reconnecting(key) {
+                if let Err(reason) = self.await_reconnect(key, deadline, &cause) {
+                    break Err(reason);
+                }
+            }
             let attempt = match self.devices.get_mut(&key) {
                 Some(Device {
                     state: XenbusState::Connected,
@@ -589,16 +611,16 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             };
             match attempt {
                 Ok(detail) => break Ok(detail),
-                // The backend is being restarted: the requests in flight are resubmitted on
-                // reconnect, and the check runs again.
                 Err(e) if K::backend_gone(&e) => {
-                    if let Err(reason) = self.await_reconnect(key, deadline, &e) {
-                        break Err(reason);
-                    }
+                    cause = error_chain(&e);
+                    self.lose_backend(key, &cause);
                 }
                 Err(e) => break Err(error_chain(&e)),
             }
         };
+        if let Err(reason) = &result {
+            log::warn!("vbd {devid}: check failed: {reason}");
+        }
         let (passed, detail) = verdict(result);
         GuestEvent::DiskCheck {
             devid,

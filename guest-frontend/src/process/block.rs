@@ -295,6 +295,12 @@ impl BlockFrontend {
     /// backend went away, which are re-posted oldest first and waited for (their results are
     /// those of the new backend). A caller that saw [`ProcessFrontendError::BackendGone`]
     /// then goes on as if the request had only been slow.
+    ///
+    /// The rings start over (cleared, in-flight requests re-posted from avail index 0 and
+    /// published) before the new backend is told them: it may read a ring as soon as it has
+    /// it, and does at once when the dead backend left a kick unread on the kick eventfd. A
+    /// ring cleared under it would lose what it completed meanwhile (the request would never
+    /// complete and the reconnect would time out).
     pub fn reconnect(&mut self, stream: UnixStream) -> Result<u32, ProcessFrontendError> {
         let spec = DeviceSpec {
             queues: self.num_queues(),
@@ -304,13 +310,14 @@ impl BlockFrontend {
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
         };
-        self.session.reconnect(stream, spec)?;
         let mut resubmitted = 0u32;
         for i in 0..self.num_queues() {
+            resubmitted += u32::from(self.queue(i)?.restart()?);
+        }
+        self.session.reconnect(stream, spec)?;
+        for i in 0..self.num_queues() {
             let peer = BackendPeer::new(self.session.peer()?);
-            let mut q = self.queue(i)?;
-            q.set_peer(peer);
-            resubmitted += u32::from(q.restart()?);
+            self.queue(i)?.set_peer(peer);
         }
         for i in 0..self.num_queues() {
             let mut q = self.queue(i)?;

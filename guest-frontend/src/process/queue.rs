@@ -337,7 +337,8 @@ impl BlockFrontendQueue {
 
     /// Starts over on a new session with a restarted backend: every request in flight is
     /// re-posted from avail index 0, oldest first, and published (see
-    /// [`crate::virtio::SplitQueue::restart`]). Returns how many.
+    /// [`crate::virtio::SplitQueue::restart`]). Returns how many. Only before the new backend
+    /// is told the ring: it may read (and complete into) the ring as soon as it has it.
     pub(super) fn restart(&mut self) -> Result<u16, ProcessFrontendError> {
         let n = self.blk.virtqueue().restart();
         self.unpublished = n > 0;

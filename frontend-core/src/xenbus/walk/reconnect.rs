@@ -28,7 +28,10 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             return;
         };
         match self.devices.get_mut(&(kind, devid)) {
-            Some(dev) => dev.connection = Some(UnixStream::from(fd)),
+            Some(dev) => {
+                log::info!("{kind} {devid}: the connection to the restarted backend arrived");
+                dev.connection = Some(UnixStream::from(fd));
+            }
             None => log::warn!("{kind} {devid}: a reconnection for a device this guest lacks"),
         }
     }
@@ -124,6 +127,7 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
             // The toolstack's fresh connection has not arrived yet.
             return Ok(());
         };
+        log::info!("{kind} {devid}: backend at InitWait; reconnecting on the handed connection");
         match (kind, dev.session.take()) {
             (DeviceKind::Vbd, Some(Session::Block(mut session))) => {
                 let result = k.reconnect_block(devid, &mut session, connection);
@@ -146,27 +150,61 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                 return Err(DeviceError::NoConnection);
             }
         }
+        dev.backend_lost = false;
+        log::info!("{kind} {devid}: vhost-user set-up done on the restarted backend");
         self.set_state(key, XenbusState::Initialised)
     }
 
-    /// While a check waits: walks the device until it is Connected again (taking the
-    /// toolstack's reconnections, deferring its other requests), by `deadline`. The reason it
-    /// did not, otherwise.
+    /// A check saw the backend's connection end under device `key` (`cause`, its error).
+    pub(super) fn lose_backend(&mut self, key: DevKey, cause: &str) {
+        if let Some(dev) = self.devices.get_mut(&key) {
+            log::warn!(
+                "{} {}: backend gone ({cause}); waiting for it to come back",
+                key.0,
+                key.1
+            );
+            dev.backend_lost = true;
+        }
+    }
+
+    /// Whether device `key` waits for a restarted backend: its session is dead (a check saw
+    /// the connection end) or it is walking back to Connected on the new backend.
+    pub(super) fn reconnecting(&self, key: DevKey) -> bool {
+        self.devices
+            .get(&key)
+            .is_some_and(|d| d.backend_lost || d.resuming)
+    }
+
+    /// While a check waits: walks the device until it is Connected again on a restarted
+    /// backend (taking the toolstack's reconnections, deferring its other requests), by
+    /// `deadline`. The reason it did not, otherwise, after `cause`.
+    ///
+    /// A dead session is not back until it has been set up again: the store may still say
+    /// Connected on both sides for a while (the guest can notice the death before the
+    /// toolstack has marked the backend Closed).
     pub(super) fn await_reconnect(
         &mut self,
         key: DevKey,
         deadline: Instant,
-        cause: &dyn std::error::Error,
+        cause: &str,
     ) -> Result<(), String> {
         let (kind, devid) = key;
-        log::warn!(
-            "{kind} {devid}: backend gone ({}); waiting for it to come back",
-            error_chain(cause)
-        );
-        let gone = |why: String| format!("{}; {why}", error_chain(cause));
+        let result = self
+            .walk_until_back(key, deadline)
+            .map_err(|why| format!("{cause}; {why}"));
+        if let Err(reason) = &result {
+            log::warn!("{kind} {devid}: not back: {reason}");
+        }
+        result
+    }
+
+    /// [`Self::await_reconnect`]'s walk: Ok once the device is Connected again, the reason
+    /// otherwise.
+    fn walk_until_back(&mut self, key: DevKey, deadline: Instant) -> Result<(), String> {
+        let (kind, devid) = key;
         loop {
             if Instant::now() >= deadline {
-                return Err(gone("the backend did not come back in time".to_owned()));
+                return Err("the backend did not come back in time".to_owned());
             }
             loop {
                 match self.control.try_recv::<GuestRequest>() {
@@ -178,23 +216,25 @@ impl<K: FrontendDiagnostics> ManagedFrontend<K> {
                     }
                     Ok(Some(other)) => self.deferred.push_back(other),
                     Ok(None) => break,
-                    Err(e) => return Err(gone(format!("control channel: {e}"))),
+                    Err(e) => return Err(format!("control channel: {e}")),
                 }
             }
             match self.store.read_watch_event(Some(TICK)) {
                 Ok(_) | Err(ClientError::Timeout) => {}
-                Err(e) => return Err(gone(format!("store: {e}"))),
+                Err(e) => return Err(format!("store: {e}")),
             }
-            if let Err(e) = self.step(key) {
-                return Err(gone(error_chain(&e)));
-            }
+            self.step(key).map_err(|e| error_chain(&e))?;
             match self.devices.get(&key) {
-                Some(dev) if dev.state == XenbusState::Connected && !dev.resuming => {
+                Some(dev)
+                    if dev.state == XenbusState::Connected
+                        && !dev.resuming
+                        && !dev.backend_lost =>
+                {
                     log::warn!("{kind} {devid}: back; running the check again");
                     return Ok(());
                 }
                 Some(_) => {}
-                None => return Err(gone("the device closed".to_owned())),
+                None => return Err("the device closed".to_owned()),
             }
         }
     }
