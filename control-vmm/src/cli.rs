@@ -258,6 +258,11 @@ pub struct BenchArgs {
     /// Seconds a row may take, boot included.
     #[arg(long, default_value_t = 300)]
     pub row_timeout_s: u64,
+    /// Also count exits by hardware reason: this tracefs histogram of `kvm_exit` keyed by
+    /// `exit_reason`, which must exist (`echo 'hist:keys=exit_reason:size=256' >
+    /// /sys/kernel/tracing/events/kvm/kvm_exit/trigger`; the file is `.../kvm_exit/hist`).
+    #[arg(long)]
+    pub exit_reason_hist: Option<PathBuf>,
     /// More guest kernel arguments.
     #[arg(
         long,

@@ -180,6 +180,7 @@ fn bench_approaches(a: control_vmm::cli::BenchArgs) -> ExitCode {
         row_timeout: std::time::Duration::from_secs(a.row_timeout_s),
         guest_args: a.guest_args,
         bin_dir,
+        exit_reason_hist: a.exit_reason_hist,
     };
     match control_vmm::bench::run(&settings) {
         Ok(code) => code,

@@ -75,6 +75,9 @@ pub struct Settings {
     pub guest_args: String,
     /// The binaries (`splitvmm-vmm`, `driver-domain`); default: next to splitvmm.
     pub bin_dir: PathBuf,
+    /// A tracefs histogram of `kvm_exit` keyed by `exit_reason` the VMM reads at each phase
+    /// mark (exits by hardware reason, `exit.*`); the caller sets its trigger.
+    pub exit_reason_hist: Option<PathBuf>,
 }
 
 /// The workloads, in the order the guest runs them: (queue depth, op).
@@ -149,6 +152,9 @@ fn check_host(s: &Settings) -> Result<(), BenchError> {
             if !f.is_file() {
                 return unsupported(format!("no guest file {}", f.display()));
             }
+        }
+        if let Some(h) = s.exit_reason_hist.as_deref().filter(|h| !h.is_file()) {
+            return unsupported(format!("no exit-reason histogram {}", h.display()));
         }
     }
     match std::fs::metadata(&s.store) {
@@ -255,6 +261,10 @@ fn vmm_row(s: &Settings, name: &str, pattern: &str) -> Result<Row, BenchError> {
         _ => return Err(row_err("not a VMM row".into())),
     };
     args.push("--count-vmm-threads".into());
+    if let Some(h) = &s.exit_reason_hist {
+        args.push("--exit-reason-hist".into());
+        args.push(h.display().to_string());
+    }
     let console_path = s.work_dir.join(format!("{name}.console"));
     let vmm_path = s.work_dir.join(format!("{name}.vmm"));
     let mut vmm = Command::new(s.bin_dir.join("splitvmm-vmm"));
@@ -574,6 +584,7 @@ mod tests {
             row_timeout: Duration::from_secs(1),
             guest_args: "nvme_core.io_timeout=5".into(),
             bin_dir: "/bin".into(),
+            exit_reason_hist: None,
         };
         let c = guest_cmdline(&s, "vda", "P-virtio");
         for want in [

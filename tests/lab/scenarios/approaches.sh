@@ -43,10 +43,17 @@ expect_fail 3 "no store /dev/nonexistent" $BENCH --store /dev/nonexistent --vf $
 expect_fail 3 "is on nvme, not vfio-pci" $BENCH --store $DEV --vf $VF2
 expect_fail 3 "needs --vf" $BENCH --store $DEV --rows vf
 
+# Exits by hardware reason: the lab kernel's kvm_exit histogram (as linux-bench reads it).
+T=/sys/kernel/tracing
+[ -d $T/events ] || mount -t tracefs nodev $T 2>/dev/null || fail "no tracefs"
+echo 'hist:keys=exit_reason:size=256' > $T/events/kvm/kvm_exit/trigger ||
+    fail "cannot set a histogram trigger on kvm_exit"
+
 step "splitvmm bench-approaches --store $DEV --vf $VF1 --seconds $SECS"
 $BENCH --store $DEV --vf $VF1 --seconds $SECS --work-dir $W --row-timeout-s 170 \
-    > $W/table.md 2> $W/bench.log
+    --exit-reason-hist $T/events/kvm/kvm_exit/hist > $W/table.md 2> $W/bench.log
 rc=$?
+echo '!hist:keys=exit_reason:size=256' > $T/events/kvm/kvm_exit/trigger
 grep -v "^bench-approaches: \"" $W/bench.log
 for r in emulated virtio vf; do grep -hE "^L2-WARN|Kernel panic" $W/$r.console 2>/dev/null; done
 echo "--- the table"
