@@ -15,6 +15,7 @@ Exit status:
   0      success
   1      the command failed: an error, a failed check, a domain that did not shut down
          cleanly
+  3      bench-approaches: this host lacks KVM, the store, the VF or the guest files
   2      usage error (clap); an internal binary (driver-domain managed, process-guest,
          splitvmm-vmm --managed-domid) run without what `splitvmm up` hands it
   130    `up` or `store` stopped by SIGINT (Ctrl-C) after shutting down in order (129 for
@@ -202,6 +203,11 @@ pub enum Command {
         #[command(subcommand)]
         op: XsOp,
     },
+    /// Measure the three I/O approaches and native on one store with one guest program
+    /// (docs/approaches.md): an emulated NVMe controller, virtio-blk through the driver
+    /// domain, an assigned NVMe VF, and the program on the host. Prints a markdown table:
+    /// ops/s, % of native, exits, interrupts and host thread runs per request.
+    BenchApproaches(BenchArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page, or with --dir write one per command (splitvmm.1,
@@ -210,4 +216,57 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+/// `splitvmm bench-approaches`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The guest's Linux bzImage.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The guest's initramfs: tests/lab/guest-init as /init and l2-bench in /bin (the lab
+    /// packs one: tests/lab/work/root/lab/linux/initrd.gz).
+    #[arg(long)]
+    pub initrd: PathBuf,
+    /// The backing store: the NVMe namespace's block device on the host's nvme driver (e.g.
+    /// /dev/nvme1n1). Its data from 8 MiB on is overwritten.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The NVMe VF to assign for the vf row (DDDD:BB:DD.F, bound to vfio-pci), a function of
+    /// the device whose namespace is the store.
+    #[arg(long, value_name = "BDF")]
+    pub vf: Option<String>,
+    /// The rows, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "emulated,virtio,vf,native"
+    )]
+    pub rows: Vec<String>,
+    /// Seconds each workload runs (4 KiB random read and write at QD1 and QD32).
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    /// The guest's RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem_mib: u64,
+    /// l2-bench for the native row [default: next to splitvmm, else /bin/l2-bench].
+    #[arg(long)]
+    pub l2_bench: Option<PathBuf>,
+    /// Where each row's console and VMM output are kept [default: <tmp>/splitvmm-bench].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Seconds a row may take, boot included.
+    #[arg(long, default_value_t = 300)]
+    pub row_timeout_s: u64,
+    /// Also count exits by hardware reason: this tracefs histogram of `kvm_exit` keyed by
+    /// `exit_reason`, which must exist (`echo 'hist:keys=exit_reason:size=256' >
+    /// /sys/kernel/tracing/events/kvm/kvm_exit/trigger`; the file is `.../kvm_exit/hist`).
+    #[arg(long)]
+    pub exit_reason_hist: Option<PathBuf>,
+    /// More guest kernel arguments.
+    #[arg(
+        long,
+        default_value = "nvme_core.io_timeout=5 nvme_core.admin_timeout=5"
+    )]
+    pub guest_args: String,
 }

@@ -4,6 +4,7 @@
 //! separate processes, creates their store directories as Xen's libxl does, and stays off the
 //! data path.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod confinement;

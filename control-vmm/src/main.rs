@@ -129,6 +129,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::PciList => xs::list_pci(&host.store()),
         Command::PciDetach { guest, index } => ask(ToolstackRequest::PciDetach { guest, index }),
         Command::Xs { op } => xs::run(&host.store(), op),
+        Command::BenchApproaches(args) => Ok(bench_approaches(args)),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "splitvmm", &mut std::io::stdout());
@@ -146,6 +147,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `splitvmm bench-approaches`: the table on stdout; 3 when the host lacks what it needs.
+fn bench_approaches(a: control_vmm::cli::BenchArgs) -> ExitCode {
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    let l2_bench = a.l2_bench.unwrap_or_else(|| {
+        let sibling = bin_dir.join("l2-bench");
+        if sibling.is_file() {
+            sibling
+        } else {
+            "/bin/l2-bench".into()
+        }
+    });
+    let settings = control_vmm::bench::Settings {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        store: a.store,
+        vf: a.vf,
+        rows: a.rows,
+        seconds: a.seconds,
+        mem_mib: a.mem_mib,
+        l2_bench,
+        work_dir: a
+            .work_dir
+            .unwrap_or_else(|| std::env::temp_dir().join("splitvmm-bench")),
+        row_timeout: std::time::Duration::from_secs(a.row_timeout_s),
+        guest_args: a.guest_args,
+        bin_dir,
+        exit_reason_hist: a.exit_reason_hist,
+    };
+    match control_vmm::bench::run(&settings) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("splitvmm: bench-approaches: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

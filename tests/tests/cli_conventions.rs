@@ -139,3 +139,55 @@ fn a_standalone_store_exits_130_on_sigint_and_0_on_sigterm() {
         );
     }
 }
+
+#[test]
+fn bench_approaches_refuses_a_host_without_the_store_or_the_vf_with_status_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-device");
+    std::fs::write(&file, b"x").unwrap();
+    for (store, extra, says) in [
+        ("/nonexistent/store", &[][..], "no store /nonexistent/store"),
+        (file.to_str().unwrap(), &[][..], "is not a block device"),
+        (
+            "/dev/null",
+            &["--rows", "native", "--l2-bench", "/nonexistent/l2-bench"][..],
+            "is not a block device",
+        ),
+    ] {
+        let out = run(splitvmm()
+            .args(["bench-approaches", "--kernel"])
+            .arg(&file)
+            .arg("--initrd")
+            .arg(&file)
+            .args(["--store", store])
+            .args(extra)
+            .arg("--work-dir")
+            .arg(dir.path().join("work")));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{store}: {stderr}");
+        assert!(
+            stderr.contains("cannot run the benchmark") && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "nothing measured, no table");
+    }
+    // A row that does not exist is a usage mistake, not a missing device.
+    let out = run(splitvmm()
+        .args([
+            "bench-approaches",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--store",
+            "/dev/null",
+        ])
+        .args(["--rows", "emulated,paravirt"]));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("paravirt: not a row"));
+}

@@ -22,6 +22,7 @@ use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot,
 use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
+use control_vmm::vmm::wakeups::ThreadWatch;
 use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -72,6 +73,14 @@ struct Cli {
     /// phase marks (exits by reason in the exit table).
     #[arg(long, requires = "linux")]
     exit_reason_hist: Option<PathBuf>,
+    /// Linux: count, over each measured phase, how many times this VMM's threads other than
+    /// its vCPUs were scheduled in (`host.vmm_thread_runs`, from schedstat).
+    #[arg(long, requires = "linux")]
+    count_vmm_threads: bool,
+    /// Linux: the same for every thread of process PID (e.g. the driver domain serving the
+    /// disk): `host.backend_thread_runs`. Repeatable.
+    #[arg(long, requires = "linux", value_name = "PID")]
+    count_threads_of: Vec<u32>,
     /// Linux with --managed-domid: how long a detach waits for the guest to eject the device
     /// (ACPI hotplug) before removing it by force, in seconds.
     #[arg(long, requires = "linux", default_value_t = 20)]
@@ -341,6 +350,10 @@ fn run_linux(
         assigned,
         functions: Default::default(),
         nvme,
+        watch_threads: ThreadWatch {
+            own_non_vcpu: cli.count_vmm_threads,
+            others: cli.count_threads_of.clone(),
+        },
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {

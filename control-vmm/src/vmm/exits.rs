@@ -14,6 +14,8 @@ pub use guest_abi::boot::Phase;
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
+use super::wakeups::{ThreadRuns, ThreadWatch};
+
 /// Errors reading KVM statistics.
 #[derive(Debug, Error)]
 pub enum StatsError {
@@ -218,6 +220,8 @@ pub struct Snapshot {
     kvm: Vec<u64>,
     /// Exits by hardware reason, if a histogram is read ([`super::exit_reasons`]).
     reasons: Vec<(u32, u64)>,
+    /// Run counts of the watched host threads ([`super::wakeups`]).
+    threads: ThreadRuns,
 }
 
 /// Counter deltas of one phase.
@@ -247,6 +251,8 @@ pub struct PhaseLog {
     rounds: Mutex<Vec<(PhaseCounts, PhaseCounts)>>,
     /// The exit-reason histogram to read at each mark.
     hist: Option<std::path::PathBuf>,
+    /// Host threads whose runs are counted at each mark.
+    threads: ThreadWatch,
 }
 
 impl PhaseLog {
@@ -257,6 +263,12 @@ impl PhaseLog {
             hist,
             ..Self::default()
         }
+    }
+
+    /// Also counts the runs of these host threads at each mark (`host.*` counters).
+    pub fn with_threads(mut self, watch: ThreadWatch) -> Self {
+        self.threads = watch;
+        self
     }
 
     /// After the idle baseline ended: keeps the round, if this log keeps rounds and the round
@@ -296,6 +308,7 @@ impl PhaseLog {
                 .as_deref()
                 .map(super::exit_reasons::read)
                 .unwrap_or_default(),
+            threads: self.threads.read(),
         };
         if let Ok(mut m) = self.marks.lock() {
             m[phase as usize].get_or_insert(snap);
@@ -332,6 +345,7 @@ impl PhaseLog {
             let name = super::exit_reasons::reason_name(*reason);
             counts.push((format!("exit.{name}"), y.saturating_sub(x)));
         }
+        counts.extend(a.threads.delta(&b.threads, &self.threads));
         Some(PhaseCounts {
             duration: b.at.duration_since(a.at),
             counts,

@@ -26,6 +26,7 @@ pub mod vcpu;
 pub mod vfio;
 pub mod vhost_device;
 pub mod virtio_mmio;
+pub mod wakeups;
 
 pub use machine::{
     run, run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError, VmReport,

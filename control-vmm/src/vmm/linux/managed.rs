@@ -187,6 +187,7 @@ impl LinuxMachine {
             assigned: std::mem::take(&mut self.assigned),
             functions: self.functions.clone(),
             nvme: std::mem::take(&mut self.settings.nvme),
+            watch_threads: Default::default(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

@@ -38,6 +38,7 @@ use super::vcpu::{self, VcpuContext};
 use super::vfio::device::VfioPciDevice;
 use super::vfio::{map_guest_ram, AssignedFunctions, Assignment};
 use super::vhost_device::{shared_region, VhostDevice};
+use super::wakeups::ThreadWatch;
 use bus::LinuxBus;
 use hotplug::{DeviceKey, Hotplug, HotplugSlot};
 use plug::Plugger;
@@ -79,6 +80,8 @@ pub struct LinuxVmConfig {
     pub functions: AssignedFunctions,
     /// Emulated NVMe controllers (full emulation), one namespace each, on their backing files.
     pub nvme: Vec<Namespace>,
+    /// Host threads whose runs the measured phases count (`host.*`, [`super::wakeups`]).
+    pub watch_threads: ThreadWatch,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -291,7 +294,9 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         ),
         None => None,
     };
-    let phases = Arc::new(PhaseLog::in_rounds(cfg.exit_reason_hist.clone()));
+    let phases = Arc::new(
+        PhaseLog::in_rounds(cfg.exit_reason_hist.clone()).with_threads(cfg.watch_threads.clone()),
+    );
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vcpu::create(&kvm, &vm, id, (id == 0).then_some(entry))?;

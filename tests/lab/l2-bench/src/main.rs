@@ -1,15 +1,21 @@
-//! `l2-bench DEVICE QD REQUESTS`: 4 KiB O_DIRECT random reads and writes (half each) on a
-//! block device through io_uring, QD requests in flight, with completions by interrupt (the
-//! ring is not polled). The I/O phase and an idle baseline of the same length (the guest
-//! sleeps) are marked on the VMM's phase register (a byte at `0xd0000000`, the Linux machine's
-//! `arch::PHASE_MMIO_GPA`: 1 I/O start, 2 I/O end, 3 idle start, 4 idle end), where the VMM
-//! snapshots its counters and KVM's. Prints one line:
-//! `BENCH qd=.. requests=.. seconds=.. iops=.. disk-irqs=..` (the disk's interrupts during the
-//! I/O phase, from `/proc/interrupts`).
+//! `l2-bench DEVICE QD REQUESTS|SECONDSs [op=read|write|mixed] [from-mib=N] [idle=0|1]
+//! [marks=0|1]`: 4 KiB O_DIRECT random requests on a block device through io_uring, QD in
+//! flight, completions by interrupt (the ring is not polled). A run makes a number of requests
+//! or submits for a fixed time and then waits for those in flight; reads, writes, or both
+//! alternating (the default); at random 4 KiB-aligned offsets from `from-mib` to the end.
+//! The I/O phase and an idle baseline of the same length (the guest sleeps; `idle=0`: none,
+//! its marks follow at once) are marked on the VMM's phase register (a byte at `0xd0000000`,
+//! the Linux machine's `arch::PHASE_MMIO_GPA`: 1 I/O start, 2 I/O end, 3 idle start, 4 idle
+//! end), where the VMM snapshots its counters and KVM's; `marks=0` (outside a guest of the
+//! VMM, e.g. natively in the lab VM) marks nothing. Prints one line:
+//! `BENCH qd=.. requests=.. seconds=.. iops=.. disk-irqs=.. op=..` (requests completed; the
+//! disk's interrupts during the I/O phase, from `/proc/interrupts`: its I/O queue vectors).
 //!
 //! Runs as root in the lab's L2 Linux guest (the phase register is mapped from `/dev/mem`,
-//! which `STRICT_DEVMEM` allows there: it is not RAM); built static
+//! which `STRICT_DEVMEM` allows there: it is not RAM) or in the lab VM; built static
 //! (`build.sh`) because the guest's initramfs has no C library.
+
+mod args;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -17,23 +23,16 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use args::{Amount, Args};
 use io_uring::{opcode, types, IoUring};
 
 const BLOCK: usize = 4096;
 
-/// Interrupts the guest took for the disk's request queues so far (`/proc/interrupts` lines
-/// naming `virtio<N>-req`): exact device interrupts, without the timer's.
-fn disk_interrupts() -> u64 {
+/// Interrupts the guest took for `device`'s request queues so far: exact device interrupts,
+/// without the timer's.
+fn disk_interrupts(device: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
-    text.lines()
-        .filter(|l| l.contains("-req."))
-        .map(|l| {
-            l.split_whitespace()
-                .skip(1)
-                .map_while(|w| w.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
+    args::disk_interrupts(device, &text)
 }
 /// The VMM's phase register (guest-physical).
 const PHASE_REGISTER: libc::off_t = 0xd000_0000;
@@ -112,7 +111,8 @@ impl Drop for Block {
     }
 }
 
-fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
+fn run(a: &Args) -> Result<(), String> {
+    let device = a.device.as_str();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -122,11 +122,26 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
     let fd = file.as_raw_fd();
     // SAFETY: lseek on an open descriptor; the result is checked.
     let size = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
-    let blocks = u64::try_from(size).map_err(|_| "lseek failed")? / BLOCK as u64;
-    if blocks == 0 || qd == 0 || qd > 256 {
-        return Err(format!("{blocks} blocks, queue depth {qd}"));
+    let size = u64::try_from(size).map_err(|_| "lseek failed")?;
+    let first = a.from / BLOCK as u64;
+    let blocks = (size / BLOCK as u64).saturating_sub(first);
+    if blocks == 0 {
+        return Err(format!(
+            "{device}: no 4 KiB block from {} MiB",
+            a.from >> 20
+        ));
     }
-    let phases = PhaseRegister::map()?;
+    let qd = a.qd;
+    let phases = if a.marks {
+        Some(PhaseRegister::map()?)
+    } else {
+        None
+    };
+    let mark = |p: u8| {
+        if let Some(r) = &phases {
+            r.mark(p)
+        }
+    };
     let mut ring = IoUring::new(qd as u32).map_err(|e| format!("io_uring: {e}"))?;
     let buffers: Vec<Block> = (0..qd).map(|i| Block::new(i as u8)).collect();
     let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -134,20 +149,24 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        (rng % blocks) * BLOCK as u64
+        (first + rng % blocks) * BLOCK as u64
     };
     let (mut issued, mut done) = (0usize, 0usize);
-    let irqs_before = disk_interrupts();
+    let more = |issued: usize, started: &Instant| match a.amount {
+        Amount::Requests(n) => issued < n,
+        Amount::Duration(d) => started.elapsed() < d,
+    };
+    let irqs_before = disk_interrupts(device);
     let started = Instant::now();
-    phases.mark(1);
+    mark(1);
     let submit = |ring: &mut IoUring, slot: usize, n: usize, offset: u64| {
         let buf = buffers[slot].0;
-        let sqe = if n.is_multiple_of(2) {
-            opcode::Read::new(types::Fd(fd), buf, BLOCK as u32)
+        let sqe = if a.op.is_write(n) {
+            opcode::Write::new(types::Fd(fd), buf, BLOCK as u32)
                 .offset(offset)
                 .build()
         } else {
-            opcode::Write::new(types::Fd(fd), buf, BLOCK as u32)
+            opcode::Read::new(types::Fd(fd), buf, BLOCK as u32)
                 .offset(offset)
                 .build()
         }
@@ -156,11 +175,14 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
         // completion is reaped below.
         unsafe { ring.submission().push(&sqe) }.map_err(|_| "submission queue full".to_string())
     };
-    for slot in 0..qd.min(requests) {
+    for slot in 0..qd {
+        if !more(issued, &started) {
+            break;
+        }
         submit(&mut ring, slot, issued, next_offset())?;
         issued += 1;
     }
-    while done < requests {
+    while done < issued {
         ring.submit_and_wait(1)
             .map_err(|e| format!("io_uring_enter: {e}"))?;
         let finished: Vec<(usize, i32)> = ring
@@ -172,42 +194,40 @@ fn run(device: &str, qd: usize, requests: usize) -> Result<(), String> {
                 return Err(format!("request failed: {res}"));
             }
             done += 1;
-            if issued < requests {
+            if more(issued, &started) {
                 submit(&mut ring, slot, issued, next_offset())?;
                 issued += 1;
             }
         }
     }
     let io = started.elapsed();
-    phases.mark(2);
-    let irqs = disk_interrupts().saturating_sub(irqs_before);
-    phases.mark(3);
-    std::thread::sleep(io);
-    phases.mark(4);
+    mark(2);
+    let irqs = disk_interrupts(device).saturating_sub(irqs_before);
+    mark(3);
+    if a.idle {
+        std::thread::sleep(io);
+    }
+    mark(4);
     let secs = io.as_secs_f64().max(f64::MIN_POSITIVE);
     println!(
-        "BENCH qd={qd} requests={requests} seconds={:.3} iops={:.1} disk-irqs={irqs}",
+        "BENCH qd={qd} requests={done} seconds={:.3} iops={:.1} disk-irqs={irqs} op={}",
         secs,
-        requests as f64 / secs
+        done as f64 / secs,
+        a.op.name()
     );
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().collect();
-    let parsed = match args.as_slice() {
-        [_, dev, qd, n] => qd
-            .parse()
-            .ok()
-            .zip(n.parse().ok())
-            .map(|(q, n)| (dev, q, n)),
-        _ => None,
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let a = match args::parse(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("l2-bench: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let Some((device, qd, requests)) = parsed else {
-        eprintln!("usage: l2-bench DEVICE QUEUE-DEPTH REQUESTS");
-        return ExitCode::from(2);
-    };
-    match run(device, qd, requests) {
+    match run(&a) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("l2-bench: {e}");
