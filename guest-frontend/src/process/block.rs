@@ -110,6 +110,8 @@ impl BlockFrontend {
                 bytes: BLK_CONFIG_BYTES,
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // It re-posts its own chains after a backend restart.
+            inflight: false,
         };
         let mut session = FrontendSession::connect(stream, spec)?;
         let features = negotiate_features(session.device_features(), cfg.event_idx)?;
@@ -303,6 +305,8 @@ impl BlockFrontend {
                 bytes: BLK_CONFIG_BYTES,
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // It re-posts its own chains after a backend restart.
+            inflight: false,
         };
         self.session.reconnect(stream, spec)?;
         let mut resubmitted = 0u32;

@@ -1,0 +1,300 @@
+//! The VMM's side of in-flight tracking (vhost-user INFLIGHT_SHMFD), with no KVM: frontend-core's
+//! `FrontendSession` as a VMM drives it (rings in memory the frontend does not post into itself),
+//! against the driver domain's real backend (`driver-domain serve --blk`).
+//!
+//! The session asks for the log after the features (GET_INFLIGHT_FD) and keeps its memfd; the
+//! backend is killed (SIGKILL) at a moment that log, read here from the session's own memfd,
+//! marks requests in flight; a new backend on the same image gets the log back
+//! (SET_INFLIGHT_FD) and each ring at the used index read from the used ring
+//! (`FrontendSession::resume`), and it resubmits what was in flight. Judged from outside: the
+//! used ring, the status bytes, the image file read from the host, the new backend's log.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use driver_domain::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
+use frontend_core::vhost_user::{
+    connect_with_retry, ConfigSpace, DeviceSpec, FrontendSession, SharedRegion, VringSetup,
+    VIRTIO_F_VERSION_1,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use splitvmm_tests::backends::Reaped;
+use splitvmm_tests::workspace_bin;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+
+const MEM: u64 = 4 << 20;
+const QSIZE: u16 = 16;
+const RING: u64 = 0x1000;
+const HDR: u64 = 0x8000;
+const STATUS: u64 = 0x7000;
+const DATA: u64 = 0x10_0000;
+/// Requests per round and bytes each writes (large, so that one is often caught mid-write).
+const REQUESTS: u16 = 4;
+const CHUNK: u64 = 256 << 10;
+const IMAGE: u64 = REQUESTS as u64 * CHUNK;
+const T_OUT: u32 = 1;
+
+fn spec() -> DeviceSpec {
+    DeviceSpec {
+        queues: 1,
+        max_queues: 0,
+        config: ConfigSpace::Required { bytes: 36 },
+        reply_timeout: Some(Duration::from_secs(5)),
+        inflight: true,
+    }
+}
+
+/// The bytes request `i` of round `round` writes.
+fn pattern(round: u32, i: u16) -> Vec<u8> {
+    (0..CHUNK as usize)
+        .map(|b| {
+            (b as u8).wrapping_mul(7) ^ (round as u8).wrapping_mul(31) ^ (i as u8) ^ (b >> 9) as u8
+        })
+        .collect()
+}
+
+/// `driver-domain serve` on `image`, its log (stderr, info) in `log`.
+fn serve(image: &Path, socket: &Path, log: &Path) -> Reaped {
+    let _ = std::fs::remove_file(socket);
+    let child = Command::new(workspace_bin("driver-domain"))
+        .arg("serve")
+        .arg("--blk")
+        .arg(image)
+        .arg("--socket")
+        .arg(socket)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Reaped(child)
+}
+
+/// Guest memory the "guest" (this test) owns: a memfd, mapped here and shared with the backend.
+fn guest_memory() -> (File, GuestMemoryMmap) {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM as usize,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    (file, mem)
+}
+
+/// Posts one round of writes: request i (head 3i) writes `pattern(round, i)` at its chunk.
+fn post_round(mem: &GuestMemoryMmap, ring: &mut DriverRing, round: u32) {
+    for i in 0..REQUESTS {
+        let head = 3 * i;
+        let hdr = HDR + 16 * u64::from(i);
+        let data = DATA + CHUNK * u64::from(i);
+        let status = STATUS + u64::from(i);
+        let sector = CHUNK * u64::from(i) / 512;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        mem.write_slice(&pattern(round, i), GuestAddress(data))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        ring.write_desc(mem, head, hdr, 16, DESC_F_NEXT, head + 1)
+            .unwrap();
+        ring.write_desc(mem, head + 1, data, CHUNK as u32, DESC_F_NEXT, head + 2)
+            .unwrap();
+        ring.write_desc(mem, head + 2, status, 1, DESC_F_WRITE, 0)
+            .unwrap();
+        ring.push_avail(mem, head).unwrap();
+    }
+}
+
+/// How many requests the in-flight log (queue 0, vhost-user layout) marks in flight.
+fn in_flight(log: &File) -> usize {
+    let len = usize::try_from(log.metadata().unwrap().len()).unwrap();
+    let mut raw = vec![0u8; len.max(16 + 16 * usize::from(QSIZE))];
+    log.read_at(&mut raw, 0).unwrap();
+    let desc_num = usize::from(u16::from_le_bytes([raw[10], raw[11]]));
+    (0..desc_num).filter(|h| raw[16 + 16 * h] == 1).count()
+}
+
+fn stopped(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .split(") ")
+        .nth(1)
+        .is_some_and(|s| s.starts_with('T'))
+}
+
+#[test]
+fn a_killed_backend_resumes_the_guests_rings_from_the_in_flight_log_the_session_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    File::create(&image).unwrap().set_len(IMAGE).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let (first_log, second_log) = (dir.path().join("first.log"), dir.path().join("second.log"));
+    let mut backend = serve(&image, &socket, &first_log);
+
+    let (memfd, mem) = guest_memory();
+    let stream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
+    let mut session = FrontendSession::connect(stream, spec()).unwrap();
+    assert!(
+        session.inflight_negotiated(),
+        "the driver domain offers INFLIGHT_SHMFD"
+    );
+    session
+        .set_features(session.device_features() & VIRTIO_F_VERSION_1)
+        .unwrap();
+    assert!(session.prepare_inflight(QSIZE).unwrap());
+    assert!(session.holds_inflight_log());
+    session
+        .set_mem_table(&[SharedRegion {
+            gpa: 0,
+            len: MEM,
+            fd: memfd.as_raw_fd(),
+        }])
+        .unwrap();
+    let mut ring = DriverRing::new(GuestAddress(RING), QSIZE);
+    let setup = VringSetup {
+        size: QSIZE,
+        desc: ring.desc.0,
+        avail: ring.avail.0,
+        used: ring.used.0,
+    };
+    session.start_vring(0, setup).unwrap();
+
+    // Rounds of writes until one SIGSTOP finds the log marking requests in flight; then
+    // SIGKILL there.
+    let pid = Pid::from_raw(i32::try_from(backend.0.id()).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut round = 0u32;
+    let caught = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no try found a request in flight"
+        );
+        if ring.used_idx(&mem).unwrap() == ring.avail_idx {
+            round += 1;
+            post_round(&mem, &mut ring, round);
+            session.kick(0).unwrap().write(1).unwrap();
+        }
+        kill(pid, Signal::SIGSTOP).unwrap();
+        while !stopped(pid) {
+            std::thread::yield_now();
+        }
+        let n = in_flight(session.inflight_log().unwrap());
+        if n > 0 {
+            backend.0.kill().unwrap();
+            backend.0.wait().unwrap();
+            break n;
+        }
+        kill(pid, Signal::SIGCONT).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let used_at_kill = ring.used_idx(&mem).unwrap();
+    let round_start = ring.avail_idx.wrapping_sub(REQUESTS);
+    eprintln!("round {round}: {caught} in flight at the kill, used index {used_at_kill}");
+    assert_ne!(
+        used_at_kill, ring.avail_idx,
+        "the round was not complete at the kill"
+    );
+
+    // A new backend on the same image; the session resumes the ring where the guest's used
+    // ring says, with the log handed back.
+    let _backend = serve(&image, &socket, &second_log);
+    let stream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
+    let mut bases = Vec::new();
+    let handed_back = session
+        .resume(stream, spec(), &mut |q, r: VringSetup| {
+            let used = mem
+                .read_obj::<u16>(GuestAddress(r.used + 2))
+                .map_err(|e| e.to_string())?;
+            bases.push((q, used));
+            Ok(used)
+        })
+        .unwrap();
+    assert!(handed_back, "the log went back to the new backend");
+    assert_eq!(bases, [(0, used_at_kill)]);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ring.used_idx(&mem).unwrap() != ring.avail_idx {
+        assert!(
+            Instant::now() < deadline,
+            "used index {} of {} 5 s after the resume; backend log:\n{}",
+            ring.used_idx(&mem).unwrap(),
+            ring.avail_idx,
+            std::fs::read_to_string(&second_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Every request of the round completed exactly once, successfully.
+    let mut heads: Vec<u32> = (0..REQUESTS)
+        .map(|k| ring.used_elem(&mem, round_start.wrapping_add(k)).unwrap().0)
+        .collect();
+    heads.sort_unstable();
+    assert_eq!(heads, [0, 3, 6, 9], "each head used once");
+    for i in 0..REQUESTS {
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
+        assert_eq!(status, 0, "request {i} status");
+    }
+    // What the image holds, read from the host: the last round, whole.
+    let img = File::open(&image).unwrap();
+    for i in 0..REQUESTS {
+        let mut got = vec![0u8; CHUNK as usize];
+        img.read_exact_at(&mut got, CHUNK * u64::from(i)).unwrap();
+        assert!(got == pattern(round, i), "request {i}'s chunk on the image");
+    }
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    assert!(log.contains("in-flight log taken over"), "{log}");
+    assert!(
+        log.contains("resubmitting")
+            || usize::from(used_at_kill.wrapping_sub(round_start)) + caught > usize::from(REQUESTS),
+        "requests in flight and not used at the kill were resubmitted from the log:\n{log}"
+    );
+
+    // Stopping the ring ends what the log tracks: the next start asks for a fresh one.
+    session.stop_vring(0).unwrap();
+    assert!(!session.holds_inflight_log());
+}
+
+/// The process guests' way is unchanged: a session that did not ask for in-flight tracking
+/// never negotiates it, holds no log, and `resume` hands nothing back.
+#[test]
+fn a_session_without_in_flight_tracking_hands_no_log_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    File::create(&image).unwrap().set_len(IMAGE).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let _backend = serve(&image, &socket, &dir.path().join("be.log"));
+    let plain = DeviceSpec {
+        inflight: false,
+        ..spec()
+    };
+    let stream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
+    let mut session = FrontendSession::connect(stream, plain).unwrap();
+    assert!(!session.inflight_negotiated());
+    session
+        .set_features(session.device_features() & VIRTIO_F_VERSION_1)
+        .unwrap();
+    assert!(!session.prepare_inflight(QSIZE).unwrap());
+    assert!(session.inflight_log().is_none());
+    drop(_backend);
+    let _again = serve(&image, &socket, &dir.path().join("be2.log"));
+    let stream: UnixStream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
+    let handed_back = session
+        .resume(stream, plain, &mut |_, _| Err("no ring runs".into()))
+        .unwrap();
+    assert!(!handed_back);
+}
