@@ -1,0 +1,166 @@
+# linux-restart: a Linux guest of the toolstack (`splitvmm up --stay`, `kind = "linux"`, 1 vCPU,
+# 160 MiB, `share = "all-ram"`) with a disk and a network interface on virtio-pci served by the
+# managed driver domain keeps both through a `kill -9` of the driver domain. The guest writes
+# 4 KiB blocks with O_DIRECT in a loop (l2.writer=1 in tests/lab/guest-init); the driver
+# domain is killed mid-I/O; the toolstack restarts it; the guest's VMM resumes each device on
+# the new backend (the disk's in-flight log handed back, its rings at the used index); the
+# writes go on within 5 s of the kill (read from the image by the lab VM), the guest's writer
+# and kernel log show no I/O error, the NIC is still the guest's, and every write the guest saw
+# complete is in the image file, read from the lab VM (never the guest's word on contents).
+W=/tmp/linux-restart
+rm -rf $W
+mkdir -p $W
+[ -c /dev/kvm ] || fail "no /dev/kvm in the lab VM"
+[ -f /lab/linux/bzImage ] || fail "the guest kernel was not packed"
+SV="/bin/splitvmm --run-dir $W/run"
+BASE="console=ttyS0 loglevel=4 panic=-1 io_delay=none no_timer_check"
+P=$LAB_PATTERN-r
+
+step "splitvmm up --stay: guest 'writer' with a disk and a NIC"
+truncate -s 16M $W/writer.img
+cat > $W/host.toml <<TOML
+run_dir = "$W/run"
+[driver_domain]
+name = "driver"
+domid = 1
+[[guest]]
+name = "writer"
+domid = 2
+kind = "linux"
+kernel = "/lab/linux/bzImage"
+ramdisk = "/lab/linux/initrd.gz"
+extra = "$BASE l2.pattern=$P l2.writer=1 l2.shell=1"
+memory = 160
+vcpus = 1
+share = "all-ram"
+[[guest.disk]]
+image = "$W/writer.img"
+[[guest.nic]]
+TOML
+RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
+up=$!
+background $up
+LOG=$W/run/logs/writer.log
+# wait_log PATTERN SECONDS: waits for a line of the guest's log.
+wait_log() {
+    i=0
+    until grep -q "$1" "$LOG" 2>/dev/null; do
+        kill -0 $up 2>/dev/null || { cat $W/up.log; fail "splitvmm up ended early"; }
+        if [ $i -ge $(($2 * 10)) ]; then
+            tail -15 "$LOG"
+            fail "no '$1' in the guest's log within $2 s"
+        fi
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+# guest_sh COMMAND: types COMMAND on the guest's console (its /init runs it) and waits up to
+# 60 s for its end; fails unless it exits 0. Its output lines are in $GOUT.
+guest_sh() {
+    before=$(grep -c "L2-RAN [a-z]" "$LOG")
+    echo "+ [writer] $1"
+    (
+        printf '%s\n' "$1"
+        i=0
+        while [ "$(grep -c "L2-RAN [a-z]" "$LOG")" -le "$before" ] && [ $i -lt 600 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        printf '\035'
+    ) | $SV console writer > /dev/null 2>&1
+    [ "$(grep -c "L2-RAN [a-z]" "$LOG")" -gt "$before" ] || fail "'$1' did not finish within 60 s"
+    GOUT=$(tr -d '\r' < "$LOG" | awk -v n="$before" '/L2-RAN [a-z]/ { r++; next } r == n && /^L2-OUT / { sub(/^L2-OUT /, ""); print }')
+    [ -n "$GOUT" ] && echo "$GOUT" | sed 's/^/  | /'
+    ran=$(grep -o "L2-RAN [a-z]*" "$LOG" | sed -n "$((before + 1))p")
+    [ "$ran" = "L2-RAN ok" ] || fail "'$1' failed"
+}
+# block_is I: whether image block 2048+I holds the writer's pattern for I (read from here).
+block_is() {
+    want="$P-w$1"
+    [ "$(dd if=$W/writer.img bs=4096 skip=$((2048 + $1)) count=1 2>/dev/null | head -c ${#want})" = "$want" ]
+}
+# written_from I: the first block from I on that the writer has not written yet.
+written_from() {
+    i=$1
+    while block_is $i; do i=$((i + 1)); done
+    echo $i
+}
+wait_log "L2-SHELL-READY" 120
+grep -q "^L2-WRITER started" $LOG || fail "the guest's writer did not start"
+grep -E "^L2-|virtio-(blk|net) \(virtio-pci\)|in-flight" $LOG | head -20
+
+step "kill -9 the driver domain while the guest writes"
+# Mid-I/O: the writer has been going for a while and still goes.
+n0=$(written_from 1)
+sleep 1
+n1=$(written_from $n0)
+echo "the writer is at block $n1 ($((n1 - n0)) written in the last second)"
+[ $n1 -gt $n0 ] || fail "the writer made no progress before the kill"
+dd=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f2,4 $d/stat 2>/dev/null)" = "(driver-domain) $up" ] && echo ${d#/proc/}; done | head -1)
+[ -n "$dd" ] || fail "no driver domain under splitvmm up ($up)"
+t0=$(cut -d' ' -f1 /proc/uptime)
+kill -9 $dd
+at_kill=$(written_from $n1)
+echo "killed the driver domain (pid $dd) at ${t0} s, the writer at block $at_kill"
+
+step "the toolstack restarts it; the guest's writes go on within 5 s of the kill"
+i=0
+until grep -q "driver: restarted (pid" $W/up.log; do
+    [ $i -ge 100 ] && { tail -20 $W/up.log; fail "the driver domain was not restarted within 10 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+grep -E "driver: (died|restarted)" $W/up.log
+resumed=
+while :; do
+    now=$(cut -d' ' -f1 /proc/uptime)
+    n=$(written_from $at_kill)
+    if [ $n -gt $((at_kill + 1)) ]; then
+        resumed=$now
+        break
+    fi
+    awk -v a=$t0 -v b=$now 'BEGIN { exit !(b - a > 5) }' && break
+    sleep 0.1
+done
+grep -E "vbd|vif|resumed|in-flight|backend gone" $LOG | grep -v "^L2-" | tail -8
+[ -n "$resumed" ] || { tail -20 $LOG; fail "the writer did not get past block $((at_kill + 1)) within 5 s of the kill"; }
+echo "writes resumed: block $n written $(awk -v a=$t0 -v b=$resumed 'BEGIN { printf "%.1f", b - a }') s after the kill"
+grep -q "blk [0-9]*: resumed on the restarted backend (in-flight log handed back)" $LOG ||
+    fail "the guest's VMM did not resume the disk with its in-flight log"
+grep -q "net [0-9]*: resumed on the restarted backend" $LOG || fail "the guest's VMM did not resume the NIC"
+
+step "stop the writer: no write failed, no I/O error in the guest's kernel log"
+guest_sh "touch /tmp/stop-writer; i=0; while [ ! -e /tmp/writer.done ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i + 1)); done; cat /tmp/writer.done"
+echo "$GOUT" | grep -q "^L2-WRITER acked [0-9]" || fail "the writer did not finish cleanly: $GOUT"
+acked=$(echo "$GOUT" | sed -n 's/^L2-WRITER acked \([0-9]*\).*/\1/p')
+grep -q "L2-WRITE-FAILED" $LOG && fail "a write failed in the guest"
+guest_sh "dmesg | grep -iE 'I/O error|blk_update|critical|virtio.*(error|broken)|Buffer I/O' || true"
+[ -z "$GOUT" ] || fail "the guest's kernel logged I/O errors"
+guest_sh "ls /sys/class/net; ls /dev | grep '^vd'"
+echo "$GOUT" | grep -qx "eth0" || fail "the guest lost its NIC"
+echo "$GOUT" | grep -qx "vda" || fail "the guest lost its disk"
+[ $acked -gt $at_kill ] || fail "the writer acknowledged $acked writes, not more than the $at_kill before the kill"
+
+step "every write the guest saw complete is in the image (read from the lab VM)"
+bad=0
+i=1
+while [ $i -le $acked ]; do
+    block_is $i || { echo "block $((2048 + i)) does not hold '$P-w$i'"; bad=$((bad + 1)); }
+    i=$((i + 1))
+done
+[ $bad = 0 ] || fail "$bad of $acked acknowledged writes are missing from the image"
+echo "all $acked acknowledged writes are in the image ($at_kill before the kill)"
+run $SV list
+echo "$OUT" | grep -E "writer|driver"
+
+step "the guest is destroyed, the host stopped: no process is left"
+run $SV destroy writer
+kill $up
+wait_gone $up 15 || fail "splitvmm up outlived its SIGTERM by 15 s"
+i=0
+while left=$(ps -o pid,args | grep -E '[s]plitvmm|[d]river-domain'); [ -n "$left" ]; do
+    [ $i -ge 30 ] && fail "processes left after 3 s: $left"
+    sleep 0.1
+    i=$((i + 1))
+done
+echo "a Linux guest kept its disk and NIC through a driver-domain restart; nothing it wrote was lost"
