@@ -1,12 +1,15 @@
 # linux-restart: a Linux guest of the toolstack (`splitvmm up --stay`, `kind = "linux"`, 1 vCPU,
 # 160 MiB, `share = "all-ram"`) with a disk and a network interface on virtio-pci served by the
 # managed driver domain keeps both through a `kill -9` of the driver domain. The guest writes
-# 4 KiB blocks with O_DIRECT in a loop (l2.writer=1 in tests/lab/guest-init); the driver
-# domain is killed mid-I/O; the toolstack restarts it; the guest's VMM resumes each device on
-# the new backend (the disk's in-flight log handed back, its rings at the used index); the
-# writes go on within 5 s of the kill (read from the image by the lab VM), the guest's writer
-# and kernel log show no I/O error, the NIC is still the guest's, and every write the guest saw
-# complete is in the image file, read from the lab VM (never the guest's word on contents).
+# 4 KiB blocks with O_DIRECT in a loop (l2.writer=1 in tests/lab/guest-init) and pings the lab
+# VM through the switch's tap uplink; the driver domain is stopped (SIGSTOP) until the
+# in-flight log its guest's VMM holds (read from the lab VM through /proc) marks a request in
+# flight, and killed there (SIGKILL); the toolstack restarts it; the guest's VMM resumes each
+# device on the new backend (the disk's in-flight log handed back, its rings at the used
+# index); the writes go on within 5 s of the kill (read from the image by the lab VM), the
+# guest's writer and kernel log show no I/O error, the ping to the lab VM works again, and
+# every write the guest saw complete is in the image file, read from the lab VM (never the
+# guest's word on contents).
 W=/tmp/linux-restart
 rm -rf $W
 mkdir -p $W
@@ -23,13 +26,14 @@ run_dir = "$W/run"
 [driver_domain]
 name = "driver"
 domid = 1
+uplink = "svtap0"
 [[guest]]
 name = "writer"
 domid = 2
 kind = "linux"
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/linux/initrd.gz"
-extra = "$BASE l2.pattern=$P l2.writer=1 l2.shell=1"
+extra = "$BASE l2.pattern=$P l2.writer=1 l2.peer=10.0.0.1 l2.shell=1"
 memory = 160
 vcpus = 1
 share = "all-ram"
@@ -41,6 +45,15 @@ RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
 up=$!
 background $up
 LOG=$W/run/logs/writer.log
+# The lab VM is 10.0.0.1 on the switch's uplink, which the toolstack creates.
+i=0
+until [ -e /sys/class/net/svtap0 ]; do
+    [ $i -ge 300 ] && { cat $W/up.log; fail "no uplink tap svtap0 within 30 s"; }
+    sleep 0.1
+    i=$((i + 1))
+done
+ip addr add 10.0.0.1/24 dev svtap0
+ip link set svtap0 up
 # wait_log PATTERN SECONDS: waits for a line of the guest's log.
 wait_log() {
     i=0
@@ -87,6 +100,7 @@ written_from() {
 }
 wait_log "L2-SHELL-READY" 120
 grep -q "^L2-WRITER started" $LOG || fail "the guest's writer did not start"
+grep -q "^L2-PING-OK 10.0.0.1" $LOG || fail "the guest got no answer from the lab VM through the uplink"
 grep -E "^L2-|virtio-(blk|net) \(virtio-pci\)|in-flight" $LOG | head -20
 
 step "kill -9 the driver domain while the guest writes"
@@ -98,10 +112,33 @@ echo "the writer is at block $n1 ($((n1 - n0)) written in the last second)"
 [ $n1 -gt $n0 ] || fail "the writer made no progress before the kill"
 dd=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f2,4 $d/stat 2>/dev/null)" = "(driver-domain) $up" ] && echo ${d#/proc/}; done | head -1)
 [ -n "$dd" ] || fail "no driver domain under splitvmm up ($up)"
+vmm=$(for d in /proc/[0-9]*; do [ "$(cut -d' ' -f2,4 $d/stat 2>/dev/null)" = "(splitvmm-vmm) $up" ] && echo ${d#/proc/}; done | head -1)
+[ -n "$vmm" ] || fail "no splitvmm-vmm under splitvmm up ($up)"
+# The in-flight log is the guest's VMM's to keep: a memfd among its descriptors.
+log_fd=$(ls -l /proc/$vmm/fd | grep "splitvmm-blk-inflight" | sed 's/.* \([0-9]*\) -> .*/\1/' | head -1)
+[ -n "$log_fd" ] || { ls -l /proc/$vmm/fd; fail "the guest's VMM holds no in-flight log"; }
+# in_flight: requests the log marks in flight (queue 0: a 16-byte header, then 16 bytes per
+# descriptor, the first of which is 1 while the request is in flight).
+in_flight() {
+    od -An -v -tu1 -j16 -N4096 /proc/$vmm/fd/$log_fd | awk '$1 == 1' | wc -l
+}
+# Stop the driver domain until its log marks a request in flight, then kill it there.
+caught=0
+tries=0
+while [ $tries -lt 200 ]; do
+    tries=$((tries + 1))
+    kill -STOP $dd
+    while [ "$(cut -d' ' -f3 /proc/$dd/stat)" != T ]; do :; done
+    caught=$(in_flight)
+    [ "$caught" -gt 0 ] && break
+    kill -CONT $dd
+    sleep 0.0$((tries % 7 + 1))
+done
+[ "$caught" -gt 0 ] || fail "no try of $tries found a request in flight"
 t0=$(cut -d' ' -f1 /proc/uptime)
 kill -9 $dd
 at_kill=$(written_from $n1)
-echo "killed the driver domain (pid $dd) at ${t0} s, the writer at block $at_kill"
+echo "killed the driver domain (pid $dd) at ${t0} s with $caught request(s) in flight (try $tries), the writer at block $at_kill"
 
 step "the toolstack restarts it; the guest's writes go on within 5 s of the kill"
 i=0
@@ -128,6 +165,8 @@ echo "writes resumed: block $n written $(awk -v a=$t0 -v b=$resumed 'BEGIN { pri
 grep -q "blk [0-9]*: resumed on the restarted backend (in-flight log handed back)" $LOG ||
     fail "the guest's VMM did not resume the disk with its in-flight log"
 grep -q "net [0-9]*: resumed on the restarted backend" $LOG || fail "the guest's VMM did not resume the NIC"
+grep -E "in-flight log taken over|resubmitting" $W/run/logs/driver.log | tail -3
+grep -q "in-flight log taken over" $W/run/logs/driver.log || fail "the new driver domain did not take the log over"
 
 step "stop the writer: no write failed, no I/O error in the guest's kernel log"
 guest_sh "touch /tmp/stop-writer; i=0; while [ ! -e /tmp/writer.done ] && [ \$i -lt 300 ]; do sleep 0.1; i=\$((i + 1)); done; cat /tmp/writer.done"
@@ -139,6 +178,8 @@ guest_sh "dmesg | grep -iE 'I/O error|blk_update|critical|virtio.*(error|broken)
 guest_sh "ls /sys/class/net; ls /dev | grep '^vd'"
 echo "$GOUT" | grep -qx "eth0" || fail "the guest lost its NIC"
 echo "$GOUT" | grep -qx "vda" || fail "the guest lost its disk"
+guest_sh "i=0; until ping -c 1 -W 2 10.0.0.1; do i=\$((i + 1)); [ \$i -ge 10 ] && exit 1; done"
+echo "$GOUT" | grep -q "1 packets received" || fail "the ping from the guest to the lab VM did not resume"
 [ $acked -gt $at_kill ] || fail "the writer acknowledged $acked writes, not more than the $at_kill before the kill"
 
 step "every write the guest saw complete is in the image (read from the lab VM)"
