@@ -8,6 +8,10 @@
 //! ring addresses of every queue the guest enabled, and the kick/call eventfds that KVM already
 //! has as ioeventfd/irqfd. From then on, requests and frames flow guest <-> backend without
 //! this process.
+//!
+//! Each session asks for the backend's in-flight log (the guest owns the rings, so the VMM
+//! cannot re-post anything itself), gets it at the first start and hands it back when a device
+//! resumes on a restarted backend ([`VhostDevice::resume`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -10,7 +10,10 @@
 //! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. A device
 //! attached while the guest runs is hot-plugged (ACPI, see [`super::hotplug`]); a detach
 //! waits for the guest to eject the device, up to a deadline after which it is removed by
-//! force. It runs until the guest powers off (the machine's thread then sets
+//! force. A driver domain that dies and is restarted by the toolstack does not cost the guest
+//! its devices: each resumes on the new backend with the guest's rings as they are
+//! ([`LinuxMachine::reconnect_block`], [`Hotplug::resume`]; a disk's in-flight requests are
+//! resubmitted from the log its session kept). It runs until the guest powers off (the machine's thread then sets
 //! the stop flag, which ends the walk: devices close, counters go to the toolstack, the
 //! process exits), until the toolstack asks for a shutdown (the ACPI power button is pressed;
 //! the guest powers off in its own time), or until the process is stopped.
