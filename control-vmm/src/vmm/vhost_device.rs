@@ -9,9 +9,9 @@
 //! has as ioeventfd/irqfd. From then on, requests and frames flow guest <-> backend without
 //! this process.
 //!
-//! Each session asks for the backend's in-flight log (the guest owns the rings, so the VMM
-//! cannot re-post anything itself), gets it at the first start and hands it back when a device
-//! resumes on a restarted backend ([`VhostDevice::resume`]).
+//! A disk's session asks for the backend's in-flight log (the guest owns the rings, so the VMM
+//! cannot re-post anything itself), gets it at the first start and hands it back when the
+//! device resumes on a restarted backend ([`VhostDevice::resume`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -96,9 +96,10 @@ impl VirtioDeviceType {
             config,
             // A backend that stops answering fails the device instead of hanging a vCPU thread.
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
-            // The guest owns the rings: a restarted backend resubmits from the log the
-            // session keeps (a disk; the driver domain's network interfaces keep none).
-            inflight: true,
+            // The guest owns the rings: a restarted backend resubmits a disk's requests from
+            // the log the session keeps. A network interface asks for none (as QEMU's
+            // vhost-user-net): its rings restart at the used index.
+            inflight: self == Self::Blk,
         }
     }
 }
