@@ -289,19 +289,38 @@ fn a_killed_backend_resumes_the_guests_rings_from_the_in_flight_log_the_session_
     assert!(!session.holds_inflight_log());
 }
 
-/// The process guests' way is unchanged: a session that did not ask for in-flight tracking
-/// never negotiates it, holds no log, and `resume` hands nothing back.
+/// Waits up to 5 s for the used index to reach the avail index.
+fn wait_all_used(mem: &GuestMemoryMmap, ring: &DriverRing, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ring.used_idx(mem).unwrap() != ring.avail_idx {
+        assert!(
+            Instant::now() < deadline,
+            "used index {} of {} after 5 s; backend log:\n{}",
+            ring.used_idx(mem).unwrap(),
+            ring.avail_idx,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A session without a log (what the VMM's network interfaces get, and what process guests
+/// have): it never negotiates INFLIGHT_SHMFD and holds no log; `resume` hands nothing back,
+/// starts the ring at the used index the caller read and kicks it, so the requests the guest
+/// added while the backend was gone (never fetched) are served by the new backend, once each.
 #[test]
-fn a_session_without_in_flight_tracking_hands_no_log_back() {
+fn a_session_without_a_log_resumes_its_ring_at_the_used_index_and_kicks_it() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     File::create(&image).unwrap().set_len(IMAGE).unwrap();
     let socket = dir.path().join("blk.sock");
-    let _backend = serve(&image, &socket, &dir.path().join("be.log"));
+    let first_log = dir.path().join("first.log");
+    let mut backend = serve(&image, &socket, &first_log);
     let plain = DeviceSpec {
         inflight: false,
         ..spec()
     };
+    let (memfd, mem) = guest_memory();
     let stream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
     let mut session = FrontendSession::connect(stream, plain).unwrap();
     assert!(!session.inflight_negotiated());
@@ -310,11 +329,68 @@ fn a_session_without_in_flight_tracking_hands_no_log_back() {
         .unwrap();
     assert!(!session.prepare_inflight(QSIZE).unwrap());
     assert!(session.inflight_log().is_none());
-    drop(_backend);
-    let _again = serve(&image, &socket, &dir.path().join("be2.log"));
-    let stream: UnixStream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
-    let handed_back = session
-        .resume(stream, plain, &mut |_, _| Err("no ring runs".into()))
+    session
+        .set_mem_table(&[SharedRegion {
+            gpa: 0,
+            len: MEM,
+            fd: memfd.as_raw_fd(),
+        }])
         .unwrap();
-    assert!(!handed_back);
+    let mut ring = DriverRing::new(GuestAddress(RING), QSIZE);
+    let setup = VringSetup {
+        size: QSIZE,
+        desc: ring.desc.0,
+        avail: ring.avail.0,
+        used: ring.used.0,
+    };
+    session.start_vring(0, setup).unwrap();
+    post_round(&mem, &mut ring, 1);
+    session.kick(0).unwrap().write(1).unwrap();
+    wait_all_used(&mem, &ring, &first_log);
+
+    // The backend stops before the next round is fetched and dies; the guest adds it anyway.
+    let pid = Pid::from_raw(i32::try_from(backend.0.id()).unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    while !stopped(pid) {
+        std::thread::yield_now();
+    }
+    post_round(&mem, &mut ring, 2);
+    session.kick(0).unwrap().write(1).unwrap();
+    backend.0.kill().unwrap();
+    backend.0.wait().unwrap();
+    assert_eq!(
+        ring.used_idx(&mem).unwrap(),
+        REQUESTS,
+        "round 2 was not fetched"
+    );
+
+    let second_log = dir.path().join("second.log");
+    let _again = serve(&image, &socket, &second_log);
+    let stream: UnixStream = connect_with_retry(&socket, Duration::from_secs(10)).unwrap();
+    let mut bases = Vec::new();
+    let handed_back = session
+        .resume(stream, plain, &mut |q, r: VringSetup| {
+            let used = mem
+                .read_obj::<u16>(GuestAddress(r.used + 2))
+                .map_err(|e| e.to_string())?;
+            bases.push((q, used));
+            Ok(used)
+        })
+        .unwrap();
+    assert!(!handed_back, "no log to hand back");
+    assert_eq!(bases, [(0, REQUESTS)]);
+    wait_all_used(&mem, &ring, &second_log);
+    let mut heads: Vec<u16> = used_since(&mem, &ring, REQUESTS);
+    heads.sort_unstable();
+    assert_eq!(heads, [0, 3, 6, 9], "each of round 2's heads used once");
+    let img = File::open(&image).unwrap();
+    for i in 0..REQUESTS {
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(i))).unwrap();
+        assert_eq!(status, 0, "request {i} status");
+        let mut got = vec![0u8; CHUNK as usize];
+        img.read_exact_at(&mut got, CHUNK * u64::from(i)).unwrap();
+        assert!(got == pattern(2, i), "request {i}'s chunk on the image");
+    }
+    let log = std::fs::read_to_string(&second_log).unwrap();
+    assert!(!log.contains("in-flight log taken over"), "{log}");
 }
