@@ -13,7 +13,16 @@
 //! The session owns each queue's kick and call eventfds (a VMM binds them in KVM as
 //! ioeventfd/irqfd; a process guest writes and polls them) and keeps what it sent (acked
 //! features, memory table, running vrings), which is what a new connection needs re-sent.
+//!
+//! A device whose rings belong to someone else (a VMM's guest) asks for in-flight tracking
+//! ([`DeviceSpec::inflight`]): with INFLIGHT_SHMFD offered, the session gets the backend's log
+//! (GET_INFLIGHT_FD) after the features and before the rings start, as QEMU's
+//! `vhost_dev_prepare_inflight` does, and keeps its memfd. [`FrontendSession::resume`] hands it
+//! to a restarted backend (SET_INFLIGHT_FD) before the rings, starts each ring at the used
+//! index the caller read from the guest's used ring, and kicks: the backend resubmits what
+//! the log marks in flight (libvhost-user's `vu_check_queue_inflights`).
 
+use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -21,7 +30,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -70,6 +79,12 @@ pub enum FrontendSessionError {
     FeaturesLost { missing: u64 },
     #[error("duplicating the connection")]
     Duplicate(#[source] std::io::Error),
+    #[error("the restarted backend no longer offers in-flight tracking (INFLIGHT_SHMFD)")]
+    InflightLost,
+    #[error("queue {queue}: reading the guest's used index: {why}")]
+    UsedIndex { queue: usize, why: String },
+    #[error("signalling queue {0}")]
+    Signal(usize, #[source] std::io::Error),
 }
 
 /// Whether a device needs its config space read over vhost-user.
@@ -94,6 +109,10 @@ pub struct DeviceSpec {
     /// How long one reply may take (None: wait forever). Past it the session's socket is
     /// shut down and the session fails.
     pub reply_timeout: Option<Duration>,
+    /// Ask for the backend's in-flight log (INFLIGHT_SHMFD, if offered), to hand it back to a
+    /// restarted backend ([`FrontendSession::resume`]): for rings the frontend cannot re-post
+    /// itself (a VMM's guest owns them). A process guest re-posts its own chains instead.
+    pub inflight: bool,
 }
 
 /// A shared memory region announced to the backend: `len` bytes of the memfd `fd` from offset
@@ -113,6 +132,23 @@ pub struct VringSetup {
     pub desc: u64,
     pub avail: u64,
     pub used: u64,
+}
+
+/// The in-flight log a backend handed out (GET_INFLIGHT_FD): its memfd and shape, kept for
+/// the next backend while the rings run.
+struct InflightRegion {
+    file: File,
+    shape: VhostUserInflight,
+}
+
+impl std::fmt::Debug for InflightRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InflightRegion")
+            .field("mmap_size", &self.shape.mmap_size)
+            .field("num_queues", &self.shape.num_queues)
+            .field("queue_size", &self.shape.queue_size)
+            .finish()
+    }
 }
 
 /// One queue's notifiers and, while it runs, its layout.
@@ -139,6 +175,8 @@ pub struct FrontendSession {
     acked_features: Option<u64>,
     memory: Vec<SharedRegion>,
     vrings: Vec<Vring>,
+    /// The backend's in-flight log, while the rings run on one (see the module comment).
+    inflight: Option<InflightRegion>,
 }
 
 impl std::fmt::Debug for FrontendSession {
@@ -150,6 +188,7 @@ impl std::fmt::Debug for FrontendSession {
             )
             .field("protocol", &self.protocol)
             .field("memory", &self.memory)
+            .field("inflight", &self.inflight)
             .field(
                 "running",
                 &self.vrings.iter().map(|v| v.running).collect::<Vec<_>>(),
@@ -234,6 +273,7 @@ impl FrontendSession {
             acked_features: None,
             memory: Vec::new(),
             vrings: Vec::new(),
+            inflight: None,
         };
         let queues = session.negotiate(&spec)?;
         session.vrings = (0..queues)
@@ -269,13 +309,64 @@ impl FrontendSession {
         stream: UnixStream,
         spec: DeviceSpec,
     ) -> Result<(), FrontendSessionError> {
-        if usize::from(spec.queues) != self.vrings.len() {
+        self.restart(stream, spec, &mut |_, _| Ok(0))?;
+        Ok(())
+    }
+
+    /// Resumes rings the frontend cannot re-post (a VMM's guest owns them) on `stream`, a new
+    /// connection to a restarted backend, as QEMU's vhost-user-blk does after a reconnect:
+    /// the negotiation and features again, SET_INFLIGHT_FD with the log kept from the first
+    /// backend (if one was negotiated), the memory table, then each running ring with its
+    /// base set to `used_index(q, ring)` (the used index the caller reads from the guest's
+    /// used ring); each ring is kicked, and its call signalled once (the dead backend may
+    /// have published used elements without signalling them). With a log the backend
+    /// resubmits what it marks in flight; without one (a network interface) requests between
+    /// the used and the avail index are served again, and those the old backend had already
+    /// fetched are served twice or not at all (frames resent or lost). Returns whether the
+    /// log was handed back.
+    pub fn resume(
+        &mut self,
+        stream: UnixStream,
+        spec: DeviceSpec,
+        used_index: &mut dyn FnMut(usize, VringSetup) -> Result<u16, String>,
+    ) -> Result<bool, FrontendSessionError> {
+        let handed_back = self.restart(stream, spec, used_index)?;
+        for (q, v) in self.vrings.iter().enumerate() {
+            if v.running.is_some() {
+                v.kick
+                    .write(1)
+                    .map_err(|e| FrontendSessionError::Signal(q, e))?;
+                v.call
+                    .write(1)
+                    .map_err(|e| FrontendSessionError::Signal(q, e))?;
+            }
+        }
+        Ok(handed_back)
+    }
+
+    /// The set-up again on a new connection, each running ring at `base(q, ring)`. Returns
+    /// whether the in-flight log was handed back.
+    fn restart(
+        &mut self,
+        stream: UnixStream,
+        spec: DeviceSpec,
+        base: &mut dyn FnMut(usize, VringSetup) -> Result<u16, String>,
+    ) -> Result<bool, FrontendSessionError> {
+        if usize::from(spec.queues) > self.vrings.len()
+            || usize::from(spec.queues.max(spec.max_queues)) < self.vrings.len()
+        {
             return Err(FrontendSessionError::QueueCount(spec.queues));
         }
         self.watchdog = watchdog_for(&stream, &spec)?;
         self.reply_timeout = spec.reply_timeout;
-        self.frontend = Frontend::from_stream(stream, u64::from(spec.queues));
-        self.negotiate(&spec)?;
+        self.frontend = Frontend::from_stream(stream, self.vrings.len() as u64);
+        let queues = self.negotiate(&spec)?;
+        if usize::from(queues) < self.vrings.len() {
+            return Err(FrontendSessionError::TooFewQueues {
+                offered: u64::from(queues),
+                wanted: self.vrings.len() as u16,
+            });
+        }
         if let Some(acked) = self.acked_features {
             let missing = acked & !self.device_features;
             if missing != 0 {
@@ -283,16 +374,35 @@ impl FrontendSession {
             }
             self.set_features(acked)?;
         }
+        let mut handed_back = false;
+        if self.any_running() {
+            if let Some(log) = &self.inflight {
+                if !self
+                    .protocol
+                    .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+                {
+                    return Err(FrontendSessionError::InflightLost);
+                }
+                let (shape, fd) = (log.shape, log.file.as_raw_fd());
+                self.send_acked("SET_INFLIGHT_FD", |f| f.set_inflight_fd(&shape, fd))?;
+                handed_back = true;
+            }
+        } else {
+            // Nothing in flight survives rings that were stopped.
+            self.inflight = None;
+        }
         if !self.memory.is_empty() {
             let memory = self.memory.clone();
             self.set_mem_table(&memory)?;
         }
         for q in 0..self.vrings.len() {
             if let Some(ring) = self.vrings[q].running.take() {
-                self.start_vring(q, ring)?;
+                let at = base(q, ring)
+                    .map_err(|why| FrontendSessionError::UsedIndex { queue: q, why })?;
+                self.start_vring_at(q, ring, at)?;
             }
         }
-        Ok(())
+        Ok(handed_back)
     }
 
     /// A duplicate of the connection's socket: polling it shows when the backend goes away
@@ -414,8 +524,58 @@ impl FrontendSession {
         Ok(())
     }
 
+    /// Whether the backend keeps an in-flight log this session holds (see
+    /// [`FrontendSession::prepare_inflight`]).
+    pub fn holds_inflight_log(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// Whether in-flight tracking was asked for and the backend offered it.
+    pub fn inflight_negotiated(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// The in-flight log's memfd, while the session holds one (to inspect it from outside).
+    pub fn inflight_log(&self) -> Option<&File> {
+        self.inflight.as_ref().map(|r| &r.file)
+    }
+
+    /// After the features and before the rings start: gets the backend's in-flight log for
+    /// every queue, of `queue_size` entries each (at least the largest ring), if tracking was
+    /// negotiated and no log is held yet. Returns whether the session holds one.
+    pub fn prepare_inflight(&mut self, queue_size: u16) -> Result<bool, FrontendSessionError> {
+        if !self.inflight_negotiated() {
+            return Ok(false);
+        }
+        if self.inflight.is_none() {
+            let num_queues = u16::try_from(self.vrings.len())
+                .map_err(|_| FrontendSessionError::QueueCount(MAX_QUEUES))?;
+            let ask = VhostUserInflight::new(0, 0, num_queues, queue_size);
+            let (shape, file) = self.send("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
+            log::debug!(
+                "in-flight log: {} bytes for {} queue(s) of {}",
+                shape.mmap_size,
+                shape.num_queues,
+                shape.queue_size
+            );
+            self.inflight = Some(InflightRegion { file, shape });
+        }
+        Ok(true)
+    }
+
     /// Starts queue `q` with `ring` at avail index 0 and its kick and call eventfds.
     pub fn start_vring(&mut self, q: usize, ring: VringSetup) -> Result<(), FrontendSessionError> {
+        self.start_vring_at(q, ring, 0)
+    }
+
+    /// Starts queue `q` with `ring` at avail index `base` (SET_VRING_BASE).
+    fn start_vring_at(
+        &mut self,
+        q: usize,
+        ring: VringSetup,
+        base: u16,
+    ) -> Result<(), FrontendSessionError> {
         let vring = self.vring(q)?;
         let (kick, call) = (
             vring
@@ -437,7 +597,7 @@ impl FrontendSession {
             log_addr: None,
         };
         self.send_acked("SET_VRING_NUM", |f| f.set_vring_num(q, ring.size))?;
-        self.send_acked("SET_VRING_BASE", |f| f.set_vring_base(q, 0))?;
+        self.send_acked("SET_VRING_BASE", |f| f.set_vring_base(q, base))?;
         self.send_acked("SET_VRING_ADDR", |f| f.set_vring_addr(q, &addrs))?;
         self.send_acked("SET_VRING_CALL", |f| f.set_vring_call(q, &call))?;
         self.send_acked("SET_VRING_KICK", |f| f.set_vring_kick(q, &kick))?;
@@ -458,6 +618,10 @@ impl FrontendSession {
             .ok_or(FrontendSessionError::NoQueue(q))?;
         if v.running.take().is_none() {
             return Ok(None);
+        }
+        if !self.any_running() {
+            // Stopped rings keep nothing in flight: the next start gets a fresh log.
+            self.inflight = None;
         }
         let base = self.send("GET_VRING_BASE", |f| f.get_vring_base(q))?;
         Ok(Some(base))
@@ -487,6 +651,9 @@ impl FrontendSession {
         // REPLY_ACK, where offered, makes set-up failures (a refused memory table) synchronous
         // errors instead of a silently dead queue.
         let mut want = proto & (config | VhostUserProtocolFeatures::REPLY_ACK);
+        if spec.inflight {
+            want |= proto & VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
         let mq = proto.contains(VhostUserProtocolFeatures::MQ);
         if spec.queues > 1 && !mq {
             return Err(Unsupported("the MQ protocol feature"));
@@ -541,6 +708,7 @@ mod tests {
             max_queues: 0,
             config: ConfigSpace::Required { bytes: 8 },
             reply_timeout: Some(Duration::from_millis(200)),
+            inflight: false,
         }
     }
 

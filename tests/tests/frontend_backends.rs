@@ -518,6 +518,7 @@ fn a_session_grows_to_the_queues_the_backend_serves_up_to_its_maximum() {
                 max_queues,
                 config: ConfigSpace::Required { bytes: 36 },
                 reply_timeout: Some(Duration::from_secs(5)),
+                inflight: false,
             };
             let session =
                 FrontendSession::connect_path(&be.socket, Duration::from_secs(5), spec).unwrap();

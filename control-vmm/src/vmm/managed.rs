@@ -161,8 +161,9 @@ impl FrontendLifecycle for KvmMachines {
 
     /// Between checks no machine runs and no vring is set up: the disk simply gets a new
     /// session on the restarted backend (the next check's machine uses it). A restart during
-    /// a check fails that check (the machine's rings are the guest's; resuming them needs
-    /// the in-flight log, not done).
+    /// a check is not resumed: the machine runs on the walk's thread, which therefore cannot
+    /// take the reconnection until the check has ended (a Linux guest's machine runs
+    /// on a thread of its own and resumes, see `linux::managed`).
     fn reconnect_block(
         &mut self,
         devid: u32,

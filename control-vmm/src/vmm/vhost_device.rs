@@ -8,6 +8,10 @@
 //! ring addresses of every queue the guest enabled, and the kick/call eventfds that KVM already
 //! has as ioeventfd/irqfd. From then on, requests and frames flow guest <-> backend without
 //! this process.
+//!
+//! A disk's session asks for the backend's in-flight log (the guest owns the rings, so the VMM
+//! cannot re-post anything itself), gets it at the first start and hands it back when the
+//! device resumes on a restarted backend ([`VhostDevice::resume`]).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -92,6 +96,10 @@ impl VirtioDeviceType {
             config,
             // A backend that stops answering fails the device instead of hanging a vCPU thread.
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // The guest owns the rings: a restarted backend resubmits a disk's requests from
+            // the log the session keeps. A network interface asks for none (as QEMU's
+            // vhost-user-net): its rings restart at the used index.
+            inflight: self == Self::Blk,
         }
     }
 }
@@ -234,6 +242,33 @@ impl VhostDevice {
         (self.kind == VirtioDeviceType::Net && offered).then(|| raw.try_into().unwrap_or_default())
     }
 
+    /// Resumes the running queues on `stream`, a connection to a restarted backend
+    /// ([`FrontendSession::resume`]): the in-flight log handed back, each ring at the used
+    /// index `used_index` reads from the guest's used ring, kicked. A disk's running rings
+    /// need the log (requests completed out of order would otherwise be served twice); a
+    /// network interface resumes without one (frames in flight resent or lost). Returns
+    /// whether the log was handed back.
+    pub fn resume(
+        &mut self,
+        stream: UnixStream,
+        used_index: &mut dyn FnMut(usize, VringSetup) -> Result<u16, String>,
+    ) -> Result<bool, FrontendSessionError> {
+        if self.kind == VirtioDeviceType::Blk
+            && self.session.any_running()
+            && !self.session.holds_inflight_log()
+        {
+            return Err(FrontendSessionError::Unsupported(
+                "in-flight tracking (INFLIGHT_SHMFD), which a running disk needs to resume",
+            ));
+        }
+        self.session.resume(stream, self.kind.spec(), used_index)
+    }
+
+    /// Whether the session holds the backend's in-flight log.
+    pub fn holds_inflight_log(&self) -> bool {
+        self.session.holds_inflight_log()
+    }
+
     /// Replaces the regions the backend will see at the next start (a new machine's memory).
     /// Refused while a queue runs.
     pub fn set_regions(&mut self, regions: Vec<SharedRegion>) -> bool {
@@ -280,14 +315,18 @@ impl VirtioBackend for VhostDevice {
         self.session.any_running()
     }
 
-    /// Acknowledges the guest's `features`, sends the memory table and starts each enabled
-    /// queue.
+    /// Acknowledges the guest's `features`, gets the in-flight log (if the backend keeps
+    /// one; sized for the largest ring), sends the memory table and starts each enabled queue.
     fn start(
         &mut self,
         features: u64,
         queues: &[Option<VringSetup>],
     ) -> Result<(), FrontendSessionError> {
         self.session.set_features(features)?;
+        let largest = queues.iter().flatten().map(|r| r.size).max().unwrap_or(0);
+        if largest > 0 {
+            self.session.prepare_inflight(largest)?;
+        }
         self.session.set_mem_table(&self.regions)?;
         for (q, ring) in queues.iter().enumerate() {
             if let Some(ring) = ring {

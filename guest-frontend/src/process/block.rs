@@ -110,6 +110,8 @@ impl BlockFrontend {
                 bytes: BLK_CONFIG_BYTES,
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // It re-posts its own chains after a backend restart.
+            inflight: false,
         };
         let mut session = FrontendSession::connect(stream, spec)?;
         let features = negotiate_features(session.device_features(), cfg.event_idx)?;
@@ -309,6 +311,8 @@ impl BlockFrontend {
                 bytes: BLK_CONFIG_BYTES,
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // It re-posts its own chains after a backend restart.
+            inflight: false,
         };
         let mut resubmitted = 0u32;
         for i in 0..self.num_queues() {

@@ -96,6 +96,8 @@ impl NetFrontend {
                 bytes: NET_CONFIG_BYTES,
             },
             reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            // It re-posts its own chains after a backend restart.
+            inflight: false,
         };
         let mut session = FrontendSession::connect(stream, spec)?;
         let features = negotiate_features(session.device_features(), cfg.mrg_rxbuf, false)?;

@@ -261,6 +261,12 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
         &self.backend
     }
 
+    /// The backend, to resume it on a restarted driver domain (the guest's rings, the
+    /// eventfds bound in KVM and the MSI-X routes stay as they are).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     /// Stops the backend's queue (GET_VRING_BASE) if it runs: on reset and before guest
     /// memory goes away. Returns the avail index it stopped at.
     pub fn quiesce(&mut self) -> Option<u32> {

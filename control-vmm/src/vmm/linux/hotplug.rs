@@ -11,17 +11,19 @@
 //! ejects), without KVM, so unit tests drive it; [`Hotplug`] puts it on a running machine.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::plug::{PciFunction, Plugger};
 use crate::vmm::arch::PCI_HOTPLUG_PORT;
 use crate::vmm::machine::VmError;
 use crate::vmm::pci::{PciDevice, PciSegment, SLOTS};
-use crate::vmm::vhost_device::{SharedRegion, VhostDevice, VirtioDeviceType};
+use crate::vmm::vhost_device::{SharedRegion, VhostDevice, VirtioDeviceType, VringSetup};
 
 /// A device of the guest: its type and xenbus device number.
 pub type DeviceKey = (VirtioDeviceType, u32);
@@ -48,6 +50,8 @@ pub enum HotplugError {
     Plug(#[source] VmError),
     #[error("raising the hotplug interrupt")]
     Interrupt(#[source] std::io::Error),
+    #[error("resuming on the restarted backend")]
+    Resume(#[source] frontend_core::vhost_user::FrontendSessionError),
 }
 
 /// Where a detach stands ([`SlotTable::release`]).
@@ -110,6 +114,14 @@ impl<F> SlotTable<F> {
     /// Whether device `key` is on the bus.
     pub fn contains(&self, key: DeviceKey) -> bool {
         self.slots.values().any(|p| p.key == key)
+    }
+
+    /// Device `key`'s function, if it is on the bus.
+    pub fn get(&self, key: DeviceKey) -> Option<&F> {
+        self.slots
+            .values()
+            .find(|p| p.key == key)
+            .map(|p| &p.function)
     }
 
     /// A guest read of the registers (4 bytes at `offset`): `PCIU` and `PCID` clear on read.
@@ -192,6 +204,8 @@ struct Inner {
 pub struct Hotplug {
     inner: Mutex<Inner>,
     pci: Arc<PciSegment>,
+    /// Guest memory, to read a ring's used index when a device resumes on a restarted backend.
+    mem: GuestMemoryMmap,
     /// Raises the GED's hotplug interrupt (an irqfd on [`crate::vmm::arch::PCI_HOTPLUG_IRQ`]).
     irq: EventFd,
 }
@@ -215,7 +229,7 @@ impl Hotplug {
     pub fn new(
         plugger: Plugger,
         pci: Arc<PciSegment>,
-        ram: Option<SharedRegion>,
+        (mem, ram): (GuestMemoryMmap, Option<SharedRegion>),
         irq: EventFd,
     ) -> Self {
         Self {
@@ -226,6 +240,7 @@ impl Hotplug {
                 open: true,
             }),
             pci,
+            mem,
             irq,
         }
     }
@@ -270,6 +285,34 @@ impl Hotplug {
             self.irq.write(1).map_err(HotplugError::Interrupt)?;
         }
         Ok(slot)
+    }
+
+    /// Resumes device `key` on `stream`, a connection to the restarted driver domain
+    /// ([`VhostDevice::resume`]): each running ring restarts at the used index read here from
+    /// the guest's used ring. The function stays on the bus with its rings, KVM bindings and
+    /// vectors; the guest sees a delay. Returns None if the device is not on the bus, else
+    /// whether the in-flight log was handed back.
+    pub fn resume(
+        &self,
+        key: DeviceKey,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<Option<bool>, HotplugError> {
+        let Some(function) = self.lock().table.get(key).cloned() else {
+            return Ok(None);
+        };
+        let mem = &self.mem;
+        let mut used_index = |_q: usize, ring: VringSetup| {
+            let at = GuestAddress(ring.used)
+                .checked_add(2)
+                .ok_or_else(|| "used ring at the top".to_owned())?;
+            mem.load::<u16>(at, Ordering::Acquire)
+                .map_err(|e| e.to_string())
+        };
+        let mut f = function.lock().unwrap_or_else(|p| p.into_inner());
+        f.backend_mut()
+            .resume(stream, &mut used_index)
+            .map(Some)
+            .map_err(HotplugError::Resume)
     }
 
     /// Detach of device `key`, asked on every tick until it returns true: asks the guest to

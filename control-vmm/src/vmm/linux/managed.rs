@@ -10,7 +10,10 @@
 //! command line (`splitvmm.vif<devid>=<mac>,<ip>`) for the guest to configure. A device
 //! attached while the guest runs is hot-plugged (ACPI, see [`super::hotplug`]); a detach
 //! waits for the guest to eject the device, up to a deadline after which it is removed by
-//! force. It runs until the guest powers off (the machine's thread then sets
+//! force. A driver domain that dies and is restarted by the toolstack does not cost the guest
+//! its devices: each resumes on the new backend with the guest's rings as they are
+//! ([`LinuxMachine::reconnect_block`], [`Hotplug::resume`]; a disk's in-flight requests are
+//! resubmitted from the log its session kept). It runs until the guest powers off (the machine's thread then sets
 //! the stop flag, which ends the walk: devices close, counters go to the toolstack, the
 //! process exits), until the toolstack asks for a shutdown (the ACPI power button is pressed;
 //! the guest powers off in its own time), or until the process is stopped.
@@ -33,7 +36,7 @@ use super::{run, LinuxReport, LinuxVmConfig};
 use crate::vmm::arch::bzimage::LinuxBoot;
 use crate::vmm::machine::VmError;
 use crate::vmm::vfio::{AssignedFunctions, Assignment, GroupSource};
-use crate::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
+use crate::vmm::vhost_device::{VhostDevice, VirtioDeviceType, VringSetup};
 
 /// How the managed Linux machine is built.
 #[derive(Debug)]
@@ -233,6 +236,41 @@ impl LinuxMachine {
         Ok(())
     }
 
+    /// Resumes device `key` on `connection` to a restarted driver domain, wherever its
+    /// session is: still in the walk, waiting for boot (no ring runs: the set-up is simply
+    /// sent again), or on the running guest's bus ([`Hotplug::resume`]).
+    fn resume(
+        &mut self,
+        key: DeviceKey,
+        dev: &mut LinuxDevice,
+        connection: UnixStream,
+    ) -> Result<(), LinuxDeviceError> {
+        let mut no_ring = |q: usize, _: VringSetup| Err(format!("queue {q} runs before boot"));
+        if let Some(session) = dev.session.as_mut().or_else(|| self.ready.get_mut(&key)) {
+            session.resume(connection, &mut no_ring)?;
+            return Ok(());
+        }
+        let hotplug = self
+            .running_hotplug()
+            .ok_or(LinuxDeviceError::NotRunning(key.1))?;
+        match hotplug.resume(key, connection)? {
+            Some(log) => {
+                log::warn!(
+                    "{} {}: resumed on the restarted backend ({})",
+                    key.0.name(),
+                    key.1,
+                    if log {
+                        "in-flight log handed back"
+                    } else {
+                        "no in-flight log: rings restarted at their used index"
+                    }
+                );
+                Ok(())
+            }
+            None => Err(LinuxDeviceError::NotPlugged(key.1)),
+        }
+    }
+
     /// Devices are set up before boot and while the guest runs, not after it ended.
     fn may_connect(&self, devid: u32) -> Result<(), LinuxDeviceError> {
         match *self.machine.lock() {
@@ -276,8 +314,8 @@ pub enum LinuxDeviceError {
     Hotplug(#[from] HotplugError),
     #[error("the backend gave the interface no MAC address (VIRTIO_NET_F_MAC)")]
     NoMac,
-    #[error("vif {0}: a Linux guest's interface does not survive a driver-domain restart")]
-    NoReconnect(u32),
+    #[error("device {0} is not on the guest's bus")]
+    NotPlugged(u32),
     #[error("the disk's session is gone")]
     SessionGone,
     #[error("starting the machine's thread")]
@@ -373,18 +411,31 @@ impl FrontendLifecycle for LinuxMachine {
         }
     }
 
-    /// A restarted driver domain: the guest's virtio-pci function runs on the dead session
-    /// (its rings are the guest's; resuming them needs the in-flight log, not done), so the
-    /// interface is taken off the bus and fails, as a disk does (no `reconnect_block`).
+    /// A restarted driver domain: the disk resumes on the new connection with the guest's
+    /// rings as they are (the in-flight log handed back, each ring at its used index,
+    /// kicked); the guest sees a delay.
+    fn reconnect_block(
+        &mut self,
+        devid: u32,
+        disk: &mut LinuxDevice,
+        connection: UnixStream,
+    ) -> Option<Result<(), LinuxDeviceError>> {
+        Some(self.resume((VirtioDeviceType::Blk, devid), disk, connection))
+    }
+
+    /// The same for an interface, without an in-flight log: its rings restart at their used
+    /// indexes (frames the old backend had taken but not completed are sent again or lost,
+    /// as on a wire whose switch restarted). The MAC address stays the one the guest has.
     fn reconnect_net(
         &mut self,
         devid: u32,
-        _nic: LinuxDevice,
-        _connection: UnixStream,
+        mut nic: LinuxDevice,
+        connection: UnixStream,
         _ip: [u8; 4],
     ) -> Result<(LinuxDevice, [u8; 6]), LinuxDeviceError> {
-        self.device_closed((VirtioDeviceType::Net, devid));
-        Err(LinuxDeviceError::NoReconnect(devid))
+        self.resume((VirtioDeviceType::Net, devid), &mut nic, connection)?;
+        let mac = nic.mac;
+        Ok((nic, mac))
     }
 
     /// One PCI slot each (bus 0 has 31 after the host bridge).

@@ -233,7 +233,10 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let hotplug = Arc::new(Hotplug::new(
         plugger,
         Arc::clone(&pci),
-        cfg.share_all_ram.then(|| shared_region(&ram.ram)),
+        (
+            ram.mem.clone(),
+            cfg.share_all_ram.then(|| shared_region(&ram.ram)),
+        ),
         hotplug_irq,
     ));
     for (key, device) in cfg.devices {
