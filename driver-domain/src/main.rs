@@ -74,6 +74,11 @@ enum Cmd {
         /// Busy-poll an idle queue (net: an idle port) this many microseconds before sleeping.
         #[arg(long, default_value_t = 0)]
         poll_us: u64,
+        /// How a disk queue does its reads and writes: `io-uring` (each pass over the ring
+        /// as one submission; falls back to `sync` where the kernel refuses a ring) or `sync`
+        /// (one preadv/pwritev per request).
+        #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
+        io_engine: IoEngine,
         /// Serve a null device of SIZE bytes instead of an image (benchmarks).
         #[arg(long, value_name = "SIZE", conflicts_with = "blk")]
         null: Option<u64>,
@@ -139,6 +144,15 @@ fn hardware_ops(fd: Option<i32>, sysfs: &Sysfs) -> Result<Box<dyn HardwareOps>> 
     Ok(Box::new(HelperClient::new(channel)))
 }
 
+/// How a disk queue does its reads and writes (`serve --io-engine`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum IoEngine {
+    /// One preadv/pwritev per request, in the queue's thread.
+    Sync,
+    /// Each pass over the ring as one io_uring submission.
+    IoUring,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match &cli.cmd {
@@ -200,6 +214,7 @@ fn main() -> Result<()> {
             readonly,
             queues,
             poll_us,
+            io_engine,
             null,
             require_sealed,
             confine_uid,
@@ -245,6 +260,7 @@ fn main() -> Result<()> {
                 num_queues: queues,
                 poll_us,
                 seal_policy,
+                io_uring: io_engine == IoEngine::IoUring,
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);

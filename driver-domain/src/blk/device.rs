@@ -139,6 +139,11 @@ impl BlkBackendQueue {
         }
     }
 
+    /// Whether this queue batches its reads and writes through io_uring.
+    pub fn batched_io(&self) -> bool {
+        self.ring.is_some()
+    }
+
     /// The in-flight log of this queue.
     pub fn inflight(&self) -> &InflightQueue {
         &self.inflight
