@@ -1,15 +1,23 @@
 //! blk-bench: 4 KiB random reads through the same frontend (libblkio's Rust core) against
 //! `driver-domain serve` and `qemu-storage-daemon` (file and null devices), plus native
-//! io_uring on the same file and an eventfd ping-pong as floors. Prints IOPS and p50/p99
-//! latency per (target, mode, queue depth) and the ratios ours/QSD and ours/native.
+//! io_uring on the same file and an eventfd ping-pong as floors.
 //!
-//! Modes: `irq` = frontend waits on the call eventfd, backends do not busy-poll;
-//! `poll` = frontend busy-polls the used ring (a libblkio poll queue), backends busy-poll
-//! (ours: `--poll-us`, QSD: its iothread's default adaptive polling).
+//! Every target runs once per round, the order reversed every other round (alternated pairs),
+//! for `--rounds` rounds; the tables give per (target, mode, queue depth) the median IOPS with
+//! its spread (lowest-highest), the median p50/p99 latency and the backend's CPU time per
+//! request, then the ratios ours/QSD and ours/native, each computed within a round and given
+//! as the median of the rounds with its spread. Never best-of.
+//!
+//! Modes: `irq` = frontend waits on the call eventfd; ours does not poll, QSD's iothread keeps
+//! its default adaptive polling (QSD at its best); `poll` = frontend busy-polls the used ring
+//! (a libblkio poll queue), backends busy-poll (ours: `--poll-us`, QSD: its default adaptive
+//! polling). `ours-file` batches through io_uring (`--io-engine io-uring`, the default),
+//! `ours-file-sync` does one preadv per request (`--io-engine sync`).
 //!
 //! Build and run: `cargo build --release -p splitvmm-driver-domain -p splitvmm-tests &&
-//! target/release/blk-bench --seconds 1`
+//! target/release/blk-bench --seconds 1 --rounds 3`
 
+use std::collections::BTreeMap;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -48,6 +56,12 @@ struct Args {
     /// Modes to run: `irq`, `poll` or both (comma separated).
     #[arg(long, default_value = "irq,poll")]
     modes: String,
+    /// Rounds (each target once per round, the order reversed every other round).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Directory for the image (a real file system, not tmpfs, where io_uring punts reads).
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -74,27 +88,6 @@ struct Stats {
     p99_us: f64,
     /// CPU used by the backend process during the run, in CPUs (NaN when not measured).
     backend_cpu: f64,
-}
-
-struct Row {
-    target: &'static str,
-    mode: &'static str,
-    qd: usize,
-    stats: Stats,
-}
-
-/// The table rows of one target's runs, one per queue depth.
-fn rows_of(
-    target: &'static str,
-    mode: &'static str,
-    runs: Vec<(usize, Stats)>,
-) -> impl Iterator<Item = Row> {
-    runs.into_iter().map(move |(qd, stats)| Row {
-        target,
-        mode,
-        qd,
-        stats,
-    })
 }
 
 fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
@@ -301,13 +294,10 @@ fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<
     Ok(Reaped(c))
 }
 
-fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Reaped> {
+fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
-    let iothread = if poll {
-        "iothread,id=io0".to_string()
-    } else {
-        "iothread,id=io0,poll-max-ns=0".to_string()
-    };
+    // Its iothread's default adaptive polling in both modes: QSD at its best.
+    let iothread = "iothread,id=io0".to_string();
     let export = format!(
         "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={},writable=on,iothread=io0",
         sock.display()
@@ -329,6 +319,59 @@ fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str, poll: bool) -> Result<Reape
     Ok(Reaped(c))
 }
 
+/// One way to run a backend under test.
+struct Target {
+    name: &'static str,
+    kind: TargetKind,
+}
+
+enum TargetKind {
+    Ours(Vec<String>),
+    Qsd(String),
+    Native,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+/// Runs `t` in `mode` once: QD1 and QD32.
+fn run_target(
+    t: &Target,
+    (bin, sock, img): (&Path, &Path, &Path),
+    poll: bool,
+    args: &Args,
+) -> Result<Vec<(usize, Stats)>> {
+    match &t.kind {
+        TargetKind::Ours(disk) => {
+            let poll_us = if poll { args.poll_us } else { 0 };
+            let p = spawn_ours(bin, sock, disk, poll_us)?;
+            bench_vhost(sock, p.0.id(), poll, args.seconds)
+        }
+        TargetKind::Qsd(bdev) => {
+            let p = spawn_qsd(&args.qsd, sock, bdev)?;
+            bench_vhost(sock, p.0.id(), poll, args.seconds)
+        }
+        TargetKind::Native => bench_native(img, args.seconds),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let bin = match &args.driver_domain {
@@ -344,8 +387,12 @@ fn main() -> Result<()> {
             bin.display()
         );
     }
-    let dir = tempfile::tempdir()?;
+    let dir = match &args.dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
     let img = dir.path().join("bench.img");
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
     {
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -353,17 +400,20 @@ fn main() -> Result<()> {
             .create(true)
             .truncate(true)
             .open(&img)?;
-        let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
         for i in 0..args.image_mib {
             f.write_all_at(&chunk, i << 20)?;
         }
         f.sync_all()?;
-        // Warm the page cache.
+    }
+    // Re-read before every run: the machine's reclaim daemon evicts pages between runs.
+    let warm = || -> Result<()> {
+        let f = std::fs::File::open(&img)?;
         let mut buf = vec![0u8; 1 << 20];
         for i in 0..args.image_mib {
             f.read_exact_at(&mut buf, i << 20)?;
         }
-    }
+        Ok(())
+    };
     let sock = dir.path().join("bench.sock");
     let img_s = img.to_string_lossy().to_string();
     let null_size = (1u64 << 30).to_string();
@@ -374,113 +424,129 @@ fn main() -> Result<()> {
             false
         }
     };
-    let mut rows: Vec<Row> = Vec::new();
-    let secs = args.seconds;
-    let want = |target: &str, mode: &str| {
-        args.only.as_deref().is_none_or(|o| target.contains(o))
-            && args.modes.split(',').any(|m| m == mode)
-    };
-    for (mode, poll) in [("irq", false), ("poll", true)] {
-        let poll_us = if poll { args.poll_us } else { 0 };
-        for (target, disk) in [
-            ("ours-file", vec!["--blk".to_string(), img_s.clone()]),
-            ("ours-null", vec!["--null".to_string(), null_size.clone()]),
-        ] {
-            if !want(target, mode) {
-                continue;
-            }
-            let p = spawn_ours(&bin, &sock, &disk, poll_us)?;
-            rows.extend(rows_of(
-                target,
-                mode,
-                bench_vhost(&sock, p.0.id(), poll, secs)?,
-            ));
-        }
-        if qsd_ok {
-            for (target, bdev) in [
-                (
-                    "qsd-file",
-                    format!(
-                        "driver=file,filename={img_s},node-name=n,aio=io_uring,cache.direct=off"
-                    ),
-                ),
-                (
-                    "qsd-null",
-                    "driver=null-co,node-name=n,size=1073741824,read-zeroes=on".to_string(),
-                ),
-            ] {
-                if !want(target, mode) {
-                    continue;
-                }
-                let p = spawn_qsd(&args.qsd, &sock, &bdev, poll)?;
-                rows.extend(rows_of(
-                    target,
-                    mode,
-                    bench_vhost(&sock, p.0.id(), poll, secs)?,
-                ));
-            }
-        }
-    }
-    if want("native-io_uring", "irq") {
-        rows.extend(rows_of("native-io_uring", "irq", bench_native(&img, secs)?));
-    }
-    if want("eventfd-pingpong", "irq") {
-        rows.push(Row {
-            target: "eventfd-pingpong",
-            mode: "irq",
-            qd: 1,
-            stats: eventfd_pingpong(secs)?,
+    let mut targets = vec![
+        Target {
+            name: "ours-file",
+            kind: TargetKind::Ours(vec!["--blk".into(), img_s.clone()]),
+        },
+        Target {
+            name: "ours-file-sync",
+            kind: TargetKind::Ours(vec![
+                "--blk".into(),
+                img_s.clone(),
+                "--io-engine".into(),
+                "sync".into(),
+            ]),
+        },
+        Target {
+            name: "ours-null",
+            kind: TargetKind::Ours(vec!["--null".into(), null_size.clone()]),
+        },
+    ];
+    if qsd_ok {
+        targets.push(Target {
+            name: "qsd-file",
+            kind: TargetKind::Qsd(format!(
+                "driver=file,filename={img_s},node-name=n,aio=io_uring,cache.direct=off"
+            )),
+        });
+        targets.push(Target {
+            name: "qsd-null",
+            kind: TargetKind::Qsd(
+                "driver=null-co,node-name=n,size=1073741824,read-zeroes=on".to_string(),
+            ),
         });
     }
+    targets.push(Target {
+        name: "native-io_uring",
+        kind: TargetKind::Native,
+    });
+    let modes: Vec<(&'static str, bool)> = [("irq", false), ("poll", true)]
+        .into_iter()
+        .filter(|(m, _)| args.modes.split(',').any(|x| x == *m))
+        .collect();
+    let want = |t: &Target, mode: &str| {
+        args.only.as_deref().is_none_or(|o| t.name.contains(o))
+            && (mode == "irq" || !matches!(t.kind, TargetKind::Native))
+    };
+    // (target, mode, qd) -> one Stats per round, in round order.
+    let mut results: BTreeMap<(&'static str, &'static str, usize), Vec<Stats>> = BTreeMap::new();
+    for round in 0..args.rounds.max(1) {
+        let mut order: Vec<&Target> = targets.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for &(mode, poll) in &modes {
+            for t in &order {
+                if !want(t, mode) {
+                    continue;
+                }
+                warm()?;
+                for (qd, st) in run_target(t, (&bin, &sock, &img), poll, &args)? {
+                    results.entry((t.name, mode, qd)).or_default().push(st);
+                }
+            }
+        }
+    }
+    let pingpong = eventfd_pingpong(args.seconds)?;
 
-    println!("| target | mode | QD | IOPS | p50 µs | p99 µs | backend CPUs |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
-    for r in &rows {
-        let cpu = if r.stats.backend_cpu.is_nan() {
+    println!(
+        "| target | mode | QD | IOPS (median) | IOPS spread | p50 µs | p99 µs | backend CPU µs/request |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for ((target, mode, qd), runs) in &results {
+        let iops: Vec<f64> = runs.iter().map(|s| s.iops).collect();
+        let (lo, hi) = spread(&iops);
+        let cpu = median(runs.iter().map(|s| s.backend_cpu / s.iops * 1e6).collect());
+        let cpu = if cpu.is_nan() {
             "-".to_string()
         } else {
-            format!("{:.2}", r.stats.backend_cpu)
+            format!("{cpu:.2}")
         };
         println!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {} |",
-            r.target, r.mode, r.qd, r.stats.iops, r.stats.p50_us, r.stats.p99_us, cpu
-        );
-    }
-    let find = |t: &str, m: &str, qd: usize| {
-        rows.iter()
-            .find(|r| r.target == t && r.mode == m && r.qd == qd)
-            .map(|r| r.stats)
-    };
-    println!();
-    println!("| ratio | mode | QD | IOPS ratio | p50 ratio (lower is better) |");
-    println!("| --- | --- | ---: | ---: | ---: |");
-    let ratio = |name: &str, a: &str, b: &str, m: &'static str, qd: usize| {
-        if let (Some(x), Some(y)) = (find(a, m, qd), find(b, m, qd)) {
-            println!(
-                "| {name} | {m} | {qd} | {:.2} | {:.2} |",
-                x.iops / y.iops,
-                x.p50_us / y.p50_us
-            );
-        }
-    };
-    for m in ["irq", "poll"] {
-        for qd in [1, 32] {
-            ratio("ours-file / qsd-file", "ours-file", "qsd-file", m, qd);
-            ratio("ours-null / qsd-null", "ours-null", "qsd-null", m, qd);
-        }
-    }
-    for qd in [1, 32] {
-        ratio(
-            "ours-file / native-io_uring",
-            "ours-file",
-            "native-io_uring",
-            "irq",
-            qd,
+            "| {target} | {mode} | {qd} | {:.0} | {lo:.0}-{hi:.0} | {:.1} | {:.1} | {cpu} |",
+            median(iops.clone()),
+            median(runs.iter().map(|s| s.p50_us).collect()),
+            median(runs.iter().map(|s| s.p99_us).collect()),
         );
     }
     println!(
-        "\n(host: {} CPUs; seconds per point: {secs})",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "| eventfd-pingpong | irq | 1 | {:.0} | - | {:.1} | {:.1} | - |",
+        pingpong.iops, pingpong.p50_us, pingpong.p99_us
+    );
+    println!();
+    println!("| ratio (within each round) | mode | QD | IOPS ratio (median, spread) | p50 ratio (median; lower is better) |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    let ratio = |a: &'static str, b: &'static str, m: &'static str, qd: usize| {
+        let (Some(x), Some(y)) = (results.get(&(a, m, qd)), results.get(&(b, m, qd))) else {
+            return;
+        };
+        let iops: Vec<f64> = x.iter().zip(y).map(|(x, y)| x.iops / y.iops).collect();
+        let p50: Vec<f64> = x.iter().zip(y).map(|(x, y)| x.p50_us / y.p50_us).collect();
+        let (lo, hi) = spread(&iops);
+        println!(
+            "| {a} / {b} | {m} | {qd} | {:.2} ({lo:.2}-{hi:.2}) | {:.2} |",
+            median(iops.clone()),
+            median(p50)
+        );
+    };
+    for m in ["irq", "poll"] {
+        for qd in [1, 32] {
+            ratio("ours-file", "qsd-file", m, qd);
+            ratio("ours-file-sync", "qsd-file", m, qd);
+            ratio("ours-null", "qsd-null", m, qd);
+            ratio("ours-file", "ours-file-sync", m, qd);
+        }
+    }
+    for qd in [1, 32] {
+        ratio("ours-file", "native-io_uring", "irq", qd);
+        ratio("ours-file-sync", "native-io_uring", "irq", qd);
+    }
+    println!(
+        "\n(host: {} CPUs; {} round(s), order reversed every other round; seconds per point: {})",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.rounds.max(1),
+        args.seconds
     );
     Ok(())
 }
