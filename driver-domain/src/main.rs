@@ -71,9 +71,16 @@ enum Cmd {
         /// Number of virtqueues (with --net: queue pairs per port).
         #[arg(long, default_value_t = 1)]
         queues: u16,
-        /// Busy-poll an idle queue (net: an idle port) this many microseconds before sleeping.
+        /// Busy-poll an idle queue (net: an idle port) this many microseconds before sleeping
+        /// (a fixed window, for experiments; disk queues otherwise poll adaptively, see
+        /// --poll-max-us).
         #[arg(long, default_value_t = 0)]
         poll_us: u64,
+        /// Without --poll-us, a disk queue polls adaptively as QEMU's iothreads do: while
+        /// requests keep arriving within this many microseconds, never while it is idle
+        /// (0: no polling).
+        #[arg(long, value_name = "US", default_value_t = 32)]
+        poll_max_us: u64,
         /// How a disk queue does its reads and writes: `io-uring` (each pass over the ring
         /// as one submission; falls back to `sync` where the kernel refuses a ring) or `sync`
         /// (one preadv/pwritev per request).
@@ -214,6 +221,7 @@ fn main() -> Result<()> {
             readonly,
             queues,
             poll_us,
+            poll_max_us,
             io_engine,
             null,
             require_sealed,
@@ -259,6 +267,7 @@ fn main() -> Result<()> {
             let cfg = BlkBackendConfig {
                 num_queues: queues,
                 poll_us,
+                poll_max_us,
                 seal_policy,
                 io_uring: io_engine == IoEngine::IoUring,
                 ..BlkBackendConfig::default()

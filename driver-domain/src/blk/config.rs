@@ -29,8 +29,11 @@ pub struct BlkBackendConfig {
     /// worker get a turn.
     pub budget: usize,
     /// Busy-poll an empty queue this long (with guest notifications disabled) before going to
-    /// sleep on the kick eventfd; 0 disables polling.
+    /// sleep on the kick eventfd; 0: the adaptive window below.
     pub poll_us: u64,
+    /// With `poll_us` 0, poll adaptively up to this long (QEMU's iothread default, 32 µs; see
+    /// [`crate::virtio_core::poll_window`]); 0 disables polling.
+    pub poll_max_us: u64,
     /// The 20-byte serial returned by GET_ID (shorter strings are zero padded).
     pub serial: String,
     /// What to accept from peer-supplied shared memory that is not sealed against shrinking.
@@ -53,6 +56,7 @@ impl Default for BlkBackendConfig {
             queue_size: 256,
             budget: 64,
             poll_us: 0,
+            poll_max_us: 32,
             serial: "splitvmm-blk".to_string(),
             seal_policy: SealPolicy::AllowUnsealedChecked,
             grant: MemoryGrant::AllRam,

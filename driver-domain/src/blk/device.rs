@@ -30,6 +30,7 @@ use super::request::{complete, execute, prepare_transfer, Request, RequestType, 
 use super::uring::{DiskRing, DiskRingError};
 use crate::virtio_core::counters::DeviceCounters;
 use crate::virtio_core::memory::SealPolicy;
+use crate::virtio_core::poll_window::PollWindow;
 use crate::virtio_core::{
     sync, BackendDevice, InflightSetupError, InflightTracking, QueueFailedEarlier, QueueFailure,
     QueueProgress,
@@ -84,7 +85,7 @@ pub struct BlkBackendQueue {
     /// order (see [`BlkBackendQueue::resume`]).
     resubmit: VecDeque<u16>,
     budget: usize,
-    poll: Duration,
+    poll: PollWindow,
     req: Request,
     /// The queue's batched I/O, if the disk is a file and the kernel gave a ring.
     ring: Option<DiskRing>,
@@ -129,7 +130,7 @@ impl BlkBackendQueue {
             inflight,
             resubmit: VecDeque::new(),
             budget,
-            poll: Duration::from_micros(cfg.poll_us),
+            poll: PollWindow::from_config(cfg.poll_us, cfg.poll_max_us),
             req: Request::default(),
             ring,
             batch_reqs: Vec::new(),
@@ -361,13 +362,14 @@ impl BlkBackendQueue {
         let q = self.index;
         let ring = |e| BlkBackendError::Ring(q, e);
         let mut progress = QueueProgress::default();
+        self.poll.woken();
         loop {
             queue.disable_notification(mem).map_err(ring)?;
             if self.serve_available(queue, mem, &mut progress)? {
                 progress.more = true;
                 break;
             }
-            if !self.poll.is_zero() {
+            if !self.poll.window().is_zero() {
                 if progress.completed > 0 {
                     // Let the caller signal the driver first; it calls again to poll.
                     progress.more = true;
@@ -381,6 +383,8 @@ impl BlkBackendQueue {
                 }
             }
             if !queue.enable_notification(mem).map_err(ring)? {
+                // Asleep until the next kick.
+                self.poll.sleeping();
                 break;
             }
         }
@@ -506,7 +510,7 @@ impl BlkBackendQueue {
         mem: &M,
     ) -> Result<bool, BlkBackendError> {
         let start = Instant::now();
-        let deadline = start + self.poll;
+        let deadline = start + self.poll.window();
         let mut next_yield = start + YIELD_EVERY;
         loop {
             let avail = queue

@@ -12,6 +12,7 @@
 pub mod counters;
 pub mod device;
 pub mod memory;
+pub mod poll_window;
 pub mod ring_driver;
 pub mod sync;
 
