@@ -137,6 +137,9 @@ pub enum Command {
         /// The image holds nothing anyone needs: `disk-check` may write to it.
         #[arg(long)]
         scratch: bool,
+        /// Virtqueues the driver domain serves the disk with (a Linux guest's, 1-16).
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
     },
     /// Detach a disk from a guest of a running host.
     BlockDetach {

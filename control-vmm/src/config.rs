@@ -285,6 +285,17 @@ pub struct DiskConfig {
     /// toolstack creates (`size_mib` given, no file there) is scratch for the run anyway.
     #[serde(default)]
     pub scratch: bool,
+    /// Virtqueues the driver domain serves the disk with (VIRTIO_BLK_F_MQ when more than
+    /// one, each polled adaptively; Linux guests only), 1 to [`MAX_DISK_QUEUES`].
+    #[serde(default = "default_disk_queues")]
+    pub queues: u16,
+}
+
+/// The most virtqueues a disk may have (a Linux guest's MSI-X table has one vector each).
+pub const MAX_DISK_QUEUES: u16 = 16;
+
+fn default_disk_queues() -> u16 {
+    1
 }
 
 fn default_devid() -> u32 {
@@ -426,6 +437,25 @@ mod tests {
         assert_eq!(parse(&with_kernel).unwrap().guests[1].kind, GuestKind::Kvm);
         let process_with_kernel = GOOD.replace("domid = 3", "domid = 3\nkernel = \"k.elf\"");
         expect_invalid(&process_with_kernel, "guest[1].kernel");
+    }
+
+    #[test]
+    fn several_disk_queues_are_for_linux_guests_and_at_most_sixteen() {
+        let linux = GOOD.replace(
+            "domid = 3",
+            "domid = 3\nkind = \"linux\"\nkernel = \"bzImage\"",
+        );
+        let disk = |queues: u16| {
+            format!(
+                "{linux}share = \"all-ram\"\n[[guest.disk]]\nimage = \"b.img\"\nqueues = {queues}\n"
+            )
+        };
+        assert_eq!(parse(&disk(4)).unwrap().guests[1].disks[0].queues, 4);
+        assert_eq!(parse(GOOD).unwrap().guests[0].disks[0].queues, 1);
+        expect_invalid(&disk(0), "guest[1].disk[0].queues");
+        expect_invalid(&disk(17), "guest[1].disk[0].queues");
+        let process = GOOD.replace("size_mib = 8", "size_mib = 8\nqueues = 2");
+        expect_invalid(&process, "guest[0].disk[0].queues");
     }
 
     #[test]

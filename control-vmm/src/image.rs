@@ -282,6 +282,7 @@ mod tests {
             devid: 51712,
             readonly: false,
             scratch: false,
+            queues: 1,
         }
     }
 

@@ -54,6 +54,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             readonly,
             size_mib,
             scratch,
+            queues,
         } => {
             let image = std::path::absolute(&image).unwrap_or(image);
             ask(ToolstackRequest::BlockAttach {
@@ -63,6 +64,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 readonly,
                 size_mib,
                 scratch,
+                queues,
             })
         }
         Command::BlockDetach { guest, devid } => ask(ToolstackRequest::BlockDetach {

@@ -90,6 +90,7 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
             readonly,
             size_mib,
             scratch,
+            queues,
         } => {
             let disk = DiskConfig {
                 image: image.into(),
@@ -97,6 +98,7 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
                 devid,
                 readonly,
                 scratch,
+                queues,
             };
             let sectors = host.attach_disk(&guest, &disk)?;
             Ok(format!(

@@ -83,6 +83,7 @@ fn attach(
             devid: dev.devid,
             readonly: false,
             grant: GRANT,
+            queues: 1,
         },
         &[image.as_fd(), listener.as_fd()],
     )

@@ -53,6 +53,15 @@ fn serve(ctl: &ControlChannel, image: &File, readonly: bool) -> UnixStream {
 }
 
 fn serve_devid(ctl: &ControlChannel, image: &File, readonly: bool, devid: u32) -> UnixStream {
+    serve_queues(ctl, image, (readonly, 1), devid)
+}
+
+fn serve_queues(
+    ctl: &ControlChannel,
+    image: &File,
+    (readonly, queues): (bool, u16),
+    devid: u32,
+) -> UnixStream {
     let dir = tempfile::tempdir().unwrap();
     let (listener, frontend_end) = private_connection(dir.path(), "dev.sock").unwrap();
     ctl.send(
@@ -61,6 +70,7 @@ fn serve_devid(ctl: &ControlChannel, image: &File, readonly: bool, devid: u32) -
             devid,
             readonly,
             grant: PROCESS_GUEST_GRANT,
+            queues,
         },
         &[image.as_fd(), listener.as_fd()],
     )
@@ -238,4 +248,37 @@ fn frontend_closing_on_its_own_ends_the_session() {
     wait_state(&mut host.dom0, &dev.backend_path(), XenbusState::Closed);
     ctl.send(&BackendRequest::Shutdown, &[]).unwrap();
     host.stop();
+}
+
+#[test]
+fn a_disk_handed_with_four_queues_is_served_with_four() {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = ToolstackStore::start(dir.path(), &[(DRIVER, "driver"), (GUEST, "guest")]);
+    let (_driver, ctl) = start_driver_domain(&host);
+    let image = create_image(&dir.path().join("disk.img"), 1 << 20);
+    let dev = DeviceId {
+        kind: DeviceKind::Vbd,
+        backend: DRIVER,
+        frontend: GUEST,
+        devid: 51712,
+    };
+    let connection = serve_queues(&ctl, &image, (false, 4), dev.devid);
+    domains::add_device(&mut host.dom0, &dev, &[("mode", "w".into())], &[]).unwrap();
+    wait_state(&mut host.dom0, &dev.backend_path(), XenbusState::InitWait);
+    // Asked as any vhost-user frontend asks: the MQ protocol feature, then the queue count.
+    let mut frontend = Frontend::from_stream(connection, 4);
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    frontend.set_features(features).unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    assert!(protocol.contains(VhostUserProtocolFeatures::MQ));
+    frontend
+        .set_protocol_features(VhostUserProtocolFeatures::MQ)
+        .unwrap();
+    assert_eq!(frontend.get_queue_num().unwrap(), 4);
+    // VIRTIO_BLK_F_MQ (bit 12) is offered with it.
+    assert_ne!(features & (1 << 12), 0, "features {features:#x}");
 }

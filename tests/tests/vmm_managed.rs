@@ -92,6 +92,7 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
                     guest_address: control_vmm::vmm::layout::WINDOW_GPA,
                     max_bytes: control_vmm::vmm::layout::WINDOW_DEFAULT_BYTES,
                 },
+                queues: 1,
             },
             &[image.as_fd(), listener.as_fd()],
         )

@@ -292,6 +292,23 @@ impl HostConfig {
                         "a size of at least 1 MiB",
                     ));
                 }
+                if !(1..=super::MAX_DISK_QUEUES).contains(&disk.queues) {
+                    return Err(invalid(
+                        format!("guest[{i}].disk[{j}].queues"),
+                        &format!(
+                            "1 to {} queues, got {}",
+                            super::MAX_DISK_QUEUES,
+                            disk.queues
+                        ),
+                    ));
+                }
+                if disk.queues > 1 && guest.kind != GuestKind::Linux {
+                    return Err(invalid(
+                        format!("guest[{i}].disk[{j}].queues"),
+                        "1: only a Linux guest's disk has several queues (its virtio-blk \
+                         driver spreads them over its CPUs)",
+                    ));
+                }
             }
         }
         Ok(())

@@ -38,6 +38,7 @@ impl NvmeConfig {
             devid: 0,
             readonly: !self.writable,
             scratch: false,
+            queues: 1,
         }
     }
 }

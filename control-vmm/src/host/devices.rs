@@ -46,6 +46,13 @@ impl Host {
         if guest.disks.contains_key(&disk.devid) {
             bail!("{name} already has a vbd {}", Vdev(disk.devid));
         }
+        let max = crate::config::MAX_DISK_QUEUES;
+        if !(1..=max).contains(&disk.queues) {
+            bail!("a disk has 1 to {max} queues, not {}", disk.queues);
+        }
+        if disk.queues > 1 && slot.config.kind != crate::config::GuestKind::Linux {
+            bail!("{name} is not a Linux guest: its disks have one queue");
+        }
         lock(&self.images).hold(name, disk)?;
         let result = self.connect_disk(name, slot, guest, disk, dev);
         if result.is_err() {
@@ -90,6 +97,7 @@ impl Host {
                 devid: dev.devid,
                 readonly: disk.readonly,
                 grant: memory_grant(&slot.config),
+                queues: disk.queues,
             },
             &[image.as_fd(), backend_end.as_fd()],
         )?;
@@ -108,6 +116,7 @@ impl Host {
                 (keys::PARAMS, disk.image.display().to_string()),
                 (keys::TRANSPORT, "vhost-user".to_owned()),
                 (keys::VHOST_USER, "fd".to_owned()),
+                (keys::MULTI_QUEUE_MAX_QUEUES, disk.queues.to_string()),
                 ("dev", vdev.to_string()),
             ],
             &[(keys::VIRTUAL_DEVICE, dev.devid.to_string())],

@@ -305,12 +305,18 @@ impl Host {
             DeviceKind::Vbd => {
                 let image = lock(&self.images).file(&name, dev.devid)?;
                 let readonly = backend_key(&mut client, keys::MODE)? == "r";
+                // The same queues as before the restart (one where the key is missing).
+                let queues = backend_key(&mut client, keys::MULTI_QUEUE_MAX_QUEUES)
+                    .ok()
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(1);
                 driver.channel.send(
                     &BackendRequest::ServeBlock {
                         frontend: dev.frontend,
                         devid: dev.devid,
                         readonly,
                         grant: memory_grant(&slot.config),
+                        queues,
                     },
                     &[image.as_fd(), backend_end.as_fd()],
                 )?;

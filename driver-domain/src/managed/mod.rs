@@ -73,6 +73,7 @@ enum Handed {
         listener: UnixListener,
         readonly: bool,
         grant: MemoryGrant,
+        queues: u16,
     },
     Net {
         listener: UnixListener,
@@ -173,6 +174,7 @@ impl ManagedDriverDomain {
                         devid,
                         readonly,
                         grant,
+                        queues,
                     } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         let image = File::from(fds.pop()?);
@@ -181,6 +183,7 @@ impl ManagedDriverDomain {
                             listener,
                             readonly,
                             grant,
+                            queues,
                         })
                     }),
                     BackendRequest::ServeNet {
@@ -466,8 +469,9 @@ impl ManagedDriverDomain {
                 listener,
                 readonly,
                 grant,
+                queues,
             } => {
-                let session = Session::start_block(id, image, listener, readonly, grant)?;
+                let session = Session::start_block(id, image, listener, (readonly, queues), grant)?;
                 let mut features = vec![
                     (keys::SECTORS, session.capacity_sectors().to_string()),
                     (keys::SECTOR_SIZE, "512".to_owned()),

@@ -39,19 +39,21 @@ enum Counters {
 }
 
 impl Session {
-    /// Starts serving `image` to the one frontend connection pending on `listener`, which
-    /// may share `grant` of its guest's memory, sealed.
+    /// Starts serving `image` (read-only or not, with `queues` virtqueues) to the one
+    /// frontend connection pending on `listener`, which may share `grant` of its guest's
+    /// memory, sealed.
     pub fn start_block(
         id: DeviceId,
         image: File,
         listener: UnixListener,
-        readonly: bool,
+        (readonly, queues): (bool, u16),
         grant: MemoryGrant,
     ) -> Result<Session, String> {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
         let cfg = BlkBackendConfig {
+            num_queues: queues,
             seal_policy: SealPolicy::RequireSealed,
             grant,
             ..BlkBackendConfig::default()

@@ -31,6 +31,10 @@ pub const PROCESS_WINDOW_GPA: u64 = 0x1_0000_0000;
 /// The largest I/O window a process guest's device may have.
 pub const PROCESS_WINDOW_MAX_BYTES: u64 = 64 << 20;
 
+fn one_queue() -> u16 {
+    1
+}
+
 /// Toolstack to driver domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendRequest {
@@ -44,6 +48,9 @@ pub enum BackendRequest {
         readonly: bool,
         /// The guest memory this device's backend may map.
         grant: MemoryGrant,
+        /// Virtqueues to offer (VIRTIO_BLK_F_MQ when more than one).
+        #[serde(default = "one_queue")]
+        queues: u16,
     },
     /// Serve a network interface of `frontend` as a port of the driver domain's switch.
     /// Descriptors: `[vhost-user listener]`, made as for [`BackendRequest::ServeBlock`].
@@ -214,6 +221,9 @@ pub enum ToolstackRequest {
         size_mib: Option<u64>,
         /// Disk checks may write to the image (one the toolstack creates is scratch anyway).
         scratch: bool,
+        /// Virtqueues (Linux guests: more than one).
+        #[serde(default = "one_queue")]
+        queues: u16,
     },
     /// Detach vbd `devid` from guest `guest`.
     BlockDetach { guest: String, devid: u32 },

@@ -221,6 +221,9 @@ pub mod keys {
     pub const SECTORS: &str = "sectors";
     /// Backend side (vbd): logical sector size.
     pub const SECTOR_SIZE: &str = "sector-size";
+    /// Backend side (vbd): the queues the disk is served with (Xen blkback's name; here set
+    /// by the toolstack from the host file, absent for one).
+    pub const MULTI_QUEUE_MAX_QUEUES: &str = "multi-queue-max-queues";
     /// Frontend side: the virtual device number, also the directory name.
     pub const VIRTUAL_DEVICE: &str = "virtual-device";
     /// Backend side, added by this project: the transport the backend serves the device on
