@@ -106,6 +106,7 @@ vcpus = 2
 share = "all-ram"
 [[guest.disk]]
 image = "$W/up.img"
+queues = 2
 TOML
 SV="/bin/splitvmm --run-dir $W/run"
 RUST_LOG=info /bin/splitvmm up --stay $W/host.toml > $W/up.log 2>&1 &
@@ -154,6 +155,8 @@ grep -E "Linux version|^L2-|smpboot: Total|Kernel panic|BUG|splitvmm-vmm:" $GLOG
 grep -q "Linux version" $GLOG || fail "no 'Linux version' line in the guest's log"
 grep -q "^L2-CPUS-ONLINE 0-1" $GLOG || fail "the guest did not report CPUs 0-1 online"
 grep -qE "^L2-IRQ .*PCI-MSI.*virtio0-req" $GLOG || fail "no virtio MSI-X vector in the guest's /proc/interrupts"
+grep -qE "^L2-IRQ .*PCI-MSI.*virtio0-req.1" $GLOG ||
+    fail "the host file's queues = 2 did not reach the guest (no second request queue vector)"
 grep -q "^L2-BUTTON pressed" $GLOG || fail "the guest did not see the power button"
 grep -q "guest powered off" $GLOG || fail "the VMM did not report an ACPI power-off"
 got=$(dd if=$W/up.img bs=512 skip=8 count=1 2>/dev/null | head -c ${#UP_PATTERN})
