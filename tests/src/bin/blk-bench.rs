@@ -62,6 +62,43 @@ struct Args {
     /// Directory for the image (a real file system, not tmpfs, where io_uring punts reads).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Pin the frontend (this process) to CPU A and every backend to CPU B ("A,B"): on a
+    /// two-CPU machine polling is otherwise at the mercy of the scheduler.
+    #[arg(long, value_name = "A,B")]
+    pin: Option<String>,
+}
+
+/// The backend's CPU, when `--pin` asked for one (set once in main).
+static BACKEND_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// `program`, run on the backend's CPU when pinned (through taskset, which execs it: the pid
+/// is the program's).
+fn backend_command(program: &Path) -> Command {
+    match BACKEND_CPU.get() {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Pins the calling thread (and the threads it starts) to `cpu`.
+fn pin_self(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it (cpu is
+    // checked against its size first); sched_setaffinity reads it for its stated size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            bail!("CPU {cpu} is past the affinity mask");
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -276,7 +313,7 @@ fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
 
 fn spawn_ours(bin: &Path, sock: &Path, disk: &[String], poll_us: u64) -> Result<Reaped> {
     let _ = std::fs::remove_file(sock);
-    let mut c = Command::new(bin)
+    let mut c = backend_command(bin)
         .arg("serve")
         .arg("--socket")
         .arg(sock)
@@ -302,7 +339,7 @@ fn spawn_qsd(qsd: &str, sock: &Path, blockdev: &str) -> Result<Reaped> {
         "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={},writable=on,iothread=io0",
         sock.display()
     );
-    let mut c = Command::new(qsd)
+    let mut c = backend_command(Path::new(qsd))
         .args([
             "--blockdev",
             blockdev,
@@ -374,6 +411,19 @@ fn run_target(
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    if let Some(pin) = &args.pin {
+        let cpus: Vec<usize> = pin
+            .split(',')
+            .map(|c| c.trim().parse())
+            .collect::<Result<_, _>>()
+            .context("--pin A,B: two CPU numbers")?;
+        let [frontend, backend] = cpus[..] else {
+            bail!("--pin A,B: two CPU numbers");
+        };
+        pin_self(frontend)?;
+        let _ = BACKEND_CPU.set(backend);
+    }
     let bin = match &args.driver_domain {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
@@ -543,10 +593,14 @@ fn main() -> Result<()> {
         ratio("ours-file-sync", "native-io_uring", "irq", qd);
     }
     println!(
-        "\n(host: {} CPUs; {} round(s), order reversed every other round; seconds per point: {})",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "\n(host: {} CPUs; {} round(s), order reversed every other round; seconds per point: {}; {})",
+        host_cpus,
         args.rounds.max(1),
-        args.seconds
+        args.seconds,
+        match &args.pin {
+            Some(p) => format!("frontend and backend pinned to CPUs {p}"),
+            None => "not pinned".to_owned(),
+        }
     );
     Ok(())
 }
