@@ -83,18 +83,30 @@ fn header(mem: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
     mem.write_slice(&h, GuestAddress(at)).unwrap();
 }
 
-/// Three-descriptor request at descriptors base..base+2: header, data, status.
+/// Three-descriptor request at descriptors base..base+2: header, data (at DATA), status.
 fn request3(r: &mut Rig, base: u16, t: u32, sector: u64, data_len: u32, data_write: bool) {
+    request_with(r, base, (t, sector), (DATA, data_len), data_write);
+}
+
+/// A request at descriptors base..base+2 with its data buffer `(address, length)` (one per
+/// request, so a pass can hold several).
+fn request_with(
+    r: &mut Rig,
+    base: u16,
+    (t, sector): (u32, u64),
+    (data, data_len): (u64, u32),
+    device_writes: bool,
+) {
     let hdr = HDR + u64::from(base) * 16;
     header(&r.mem, hdr, t, sector);
     let st = STATUS + u64::from(base);
     r.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
-    let dflags = DESC_F_NEXT | if data_write { DESC_F_WRITE } else { 0 };
+    let dflags = DESC_F_NEXT | if device_writes { DESC_F_WRITE } else { 0 };
     r.ring
         .write_desc(&r.mem, base, hdr, 16, DESC_F_NEXT, base + 1)
         .unwrap();
     r.ring
-        .write_desc(&r.mem, base + 1, DATA, data_len, dflags, base + 2)
+        .write_desc(&r.mem, base + 1, data, data_len, dflags, base + 2)
         .unwrap();
     r.ring
         .write_desc(&r.mem, base + 2, st, 1, DESC_F_WRITE, 0)
@@ -661,24 +673,9 @@ fn writes_flush_reads_in_one_pass_keep_fetch_order() {
     assert!(blk.inflight().pending().unwrap().is_empty());
 }
 
-/// A request at descriptors base..base+2 with its data at `data` (one per request, so a pass
-/// can hold several).
+/// A 4 KiB request at descriptors base..base+2 with its data at `data`.
 fn request_at(r: &mut Rig, base: u16, t: u32, sector: u64, data: u64, device_writes: bool) {
-    let hdr = HDR + u64::from(base) * 16;
-    header(&r.mem, hdr, t, sector);
-    let st = STATUS + u64::from(base);
-    r.mem.write_obj(0xffu8, GuestAddress(st)).unwrap();
-    let dflags = DESC_F_NEXT | if device_writes { DESC_F_WRITE } else { 0 };
-    r.ring
-        .write_desc(&r.mem, base, hdr, 16, DESC_F_NEXT, base + 1)
-        .unwrap();
-    r.ring
-        .write_desc(&r.mem, base + 1, data, 4096, dflags, base + 2)
-        .unwrap();
-    r.ring
-        .write_desc(&r.mem, base + 2, st, 1, DESC_F_WRITE, 0)
-        .unwrap();
-    r.ring.push_avail(&r.mem, base).unwrap();
+    request_with(r, base, (t, sector), (data, 4096), device_writes);
 }
 
 #[test]
