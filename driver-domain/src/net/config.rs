@@ -4,9 +4,10 @@
 //! up), MTU (1500), MRG_RXBUF, MQ when more than one queue pair is configured, and (unless
 //! `offloads` is off) checksum offload and TCP segmentation both ways: CSUM, GUEST_CSUM,
 //! HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6, GUEST_ECN (the switch finishes the work for a port
-//! that did not negotiate it, [`super::offload`]). Not offered, because not implemented: UDP
-//! fragmentation/segmentation (UFO, USO), the control queue (CTRL_VQ; vhost-user frontends
-//! such as QEMU and DPDK handle it themselves and enable queue pairs with SET_VRING_ENABLE).
+//! that did not negotiate it, [`super::offload`]), and (unless `ctrl_vq` is off) the control
+//! queue with CTRL_RX ([`super::ctrl`]; frontends such as QEMU and DPDK serve their own and
+//! never hand it over). Not offered, because not implemented: UDP fragmentation/segmentation
+//! (UFO, USO), CTRL_VLAN, CTRL_MAC_ADDR, GUEST_ANNOUNCE.
 
 use std::sync::Arc;
 
@@ -49,6 +50,8 @@ pub const NET_F_MRG_RXBUF: u32 = 15;
 pub const NET_F_STATUS: u32 = 16;
 /// Control queue.
 pub const NET_F_CTRL_VQ: u32 = 17;
+/// Receive filtering commands on the control queue (promiscuous, all-multicast).
+pub const NET_F_CTRL_RX: u32 = 18;
 /// Multiple queue pairs.
 pub const NET_F_MQ: u32 = 22;
 /// `status`: link is up.
@@ -78,6 +81,8 @@ pub struct NetBackendConfig {
     pub counters: Arc<DeviceCounters>,
     /// Offer checksum offload and TCP segmentation (both ways).
     pub offloads: bool,
+    /// Offer the control queue (CTRL_VQ, CTRL_RX): one more virtqueue after the pairs.
+    pub ctrl_vq: bool,
 }
 
 impl Default for NetBackendConfig {
@@ -92,6 +97,7 @@ impl Default for NetBackendConfig {
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
             offloads: true,
+            ctrl_vq: true,
         }
     }
 }
@@ -108,6 +114,9 @@ impl NetBackendConfig {
             | (1u64 << NET_F_MRG_RXBUF);
         if self.queue_pairs > 1 {
             f |= 1u64 << NET_F_MQ;
+        }
+        if self.ctrl_vq {
+            f |= 1u64 << NET_F_CTRL_VQ | 1u64 << NET_F_CTRL_RX;
         }
         if self.offloads {
             for b in [
@@ -126,9 +135,9 @@ impl NetBackendConfig {
         f
     }
 
-    /// The number of virtqueues.
+    /// The number of virtqueues: the pairs, then the control queue if offered.
     pub fn num_queues(&self) -> usize {
-        2 * usize::from(self.queue_pairs)
+        2 * usize::from(self.queue_pairs) + usize::from(self.ctrl_vq)
     }
 }
 
@@ -230,11 +239,13 @@ mod tests {
     fn features_are_honest() {
         let cfg = NetBackendConfig::default();
         let f = cfg.features();
-        for b in [NET_F_HOST_UFO, NET_F_GUEST_UFO, NET_F_CTRL_VQ, NET_F_MQ] {
+        for b in [NET_F_HOST_UFO, NET_F_GUEST_UFO, NET_F_MQ] {
             assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
         }
         for b in [
             NET_F_MRG_RXBUF,
+            NET_F_CTRL_VQ,
+            NET_F_CTRL_RX,
             NET_F_CSUM,
             NET_F_GUEST_CSUM,
             NET_F_HOST_TSO4,
@@ -267,7 +278,16 @@ mod tests {
             ..NetBackendConfig::default()
         };
         assert_ne!(mq.features() & (1 << NET_F_MQ), 0);
-        assert_eq!(mq.num_queues(), 8);
+        assert_eq!(mq.num_queues(), 9, "four pairs and the control queue");
+        let no_ctrl = NetBackendConfig {
+            ctrl_vq: false,
+            ..mq
+        };
+        assert_eq!(no_ctrl.num_queues(), 8);
+        assert_eq!(
+            no_ctrl.features() & (1 << NET_F_CTRL_VQ | 1 << NET_F_CTRL_RX),
+            0
+        );
     }
 
     #[test]

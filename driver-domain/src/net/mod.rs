@@ -13,9 +13,11 @@
 //! - [`queue`]: the TX and RX data path of one queue pair.
 //! - [`ring`]: batched used-ring publication and the call decision.
 //! - [`config`]: device options, offered features, configuration space.
+//! - [`ctrl`]: the control queue (receive filters, MAC table, queue pairs).
 //! - [`tap`]: an optional uplink port to a host tap device.
 
 pub mod config;
+pub mod ctrl;
 pub mod device;
 pub mod frame;
 pub mod header;

@@ -51,6 +51,9 @@ pub enum NetQueueError {
     /// The queue failed earlier.
     #[error(transparent)]
     Broken(#[from] QueueFailedEarlier),
+    /// The control queue failed.
+    #[error(transparent)]
+    Ctrl(#[from] super::ctrl::CtrlQueueError),
 }
 
 /// Why one frame was dropped (the queue continues).
