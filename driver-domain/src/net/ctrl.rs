@@ -71,6 +71,7 @@ pub struct RxFilter {
 /// The control queue of one device.
 #[derive(Debug)]
 pub struct CtrlQueue {
+    name: String,
     index: u16,
     max_pairs: u16,
     mq: bool,
@@ -80,9 +81,10 @@ pub struct CtrlQueue {
 }
 
 impl CtrlQueue {
-    /// Control virtqueue `index` of a device with `max_pairs` queue pairs.
-    pub fn new(index: u16, max_pairs: u16) -> Self {
+    /// Control virtqueue `index` of device `name` (in logs) with `max_pairs` queue pairs.
+    pub fn new(name: &str, index: u16, max_pairs: u16) -> Self {
         CtrlQueue {
+            name: name.to_string(),
             index,
             max_pairs,
             mq: false,
@@ -204,8 +206,8 @@ impl CtrlQueue {
         self.refused += 1;
         if self.refused.is_power_of_two() {
             warn!(
-                "net control queue {}: command {head:?} refused ({why}), #{}",
-                self.index, self.refused
+                "{}: control queue {}: command {head:?} refused ({why}), #{}",
+                self.name, self.index, self.refused
             );
         }
     }
@@ -226,7 +228,8 @@ impl CtrlQueue {
                     self.filter.allmulti = on;
                 }
                 info!(
-                    "net control queue {}: {} {}",
+                    "{}: control queue {}: {} {}",
+                    self.name,
                     self.index,
                     if c == CTRL_RX_PROMISC {
                         "promiscuous"
@@ -246,8 +249,8 @@ impl CtrlQueue {
                 self.filter.unicast = unicast;
                 self.filter.multicast = multicast;
                 info!(
-                    "net control queue {}: MAC table of {unicast} unicast and {multicast} multicast addresses",
-                    self.index
+                    "{}: control queue {}: MAC table of {unicast} unicast and {multicast} multicast addresses",
+                    self.name, self.index
                 );
                 Ok(())
             }
@@ -263,7 +266,10 @@ impl CtrlQueue {
                     return Err("queue pairs out of range");
                 }
                 self.filter.pairs = pairs;
-                info!("net control queue {}: {pairs} queue pairs", self.index);
+                info!(
+                    "{}: control queue {}: {pairs} queue pairs",
+                    self.name, self.index
+                );
                 Ok(())
             }
             _ => Err("unknown class or command"),

@@ -19,7 +19,7 @@ fn rig(max_pairs: u16, mq: bool) -> Rig {
     let ring = DriverRing::new(GuestAddress(0x1000), 16);
     let mut queue = Queue::new(16).unwrap();
     ring.configure(&mut queue, false);
-    let mut ctrl = CtrlQueue::new(2, max_pairs);
+    let mut ctrl = CtrlQueue::new("net test", 2, max_pairs);
     ctrl.set_mq(mq);
     Rig {
         mem,

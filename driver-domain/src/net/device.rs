@@ -69,9 +69,13 @@ impl NetBackendDevice {
             )));
         }
         let ctrl_index = 2 * usize::from(cfg.queue_pairs);
-        let ctrl = cfg
-            .ctrl_vq
-            .then(|| Mutex::new(CtrlQueue::new(2 * cfg.queue_pairs, cfg.queue_pairs)));
+        let ctrl = cfg.ctrl_vq.then(|| {
+            Mutex::new(CtrlQueue::new(
+                &format!("net {}", port.name()),
+                2 * cfg.queue_pairs,
+                cfg.queue_pairs,
+            ))
+        });
         Ok(NetBackendDevice {
             ctrl,
             ctrl_index: AtomicUsize::new(ctrl_index),
