@@ -390,6 +390,67 @@ mod tests {
     }
 
     #[test]
+    fn gso_types_follow_each_negotiated_offload() {
+        let tso4_only = TxOffloads {
+            csum: true,
+            tso4: true,
+            ..NONE
+        };
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 74, 1400, 54, 16), 100);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, tso4_only),
+            Err(HeaderError::GsoType(GSO_TCPV6))
+        );
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 54, 1400, 34, 16),
+            100,
+        );
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, tso4_only),
+            Err(HeaderError::GsoType(_))
+        ));
+        assert!(TxHeader::parse(&c, HDR_LEN, ALL).is_ok());
+        for udp in [GSO_UDP, GSO_UDP_L4] {
+            let c = chain(hdr(HDR_F_NEEDS_CSUM, udp, 42, 1400, 34, 6), 100);
+            assert_eq!(
+                TxHeader::parse(&c, HDR_LEN, ALL),
+                Err(HeaderError::GsoType(udp)),
+                "UFO/USO are not offered"
+            );
+        }
+        // A GSO frame up to 64 KiB passes the length check; its headers are checked by
+        // `offload` (here: 0xab bytes are no IPv4 frame).
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1400, 34, 16),
+            MAX_GSO_FRAME,
+        );
+        let (h, len) = TxHeader::parse(&c, HDR_LEN, ALL).unwrap();
+        assert_eq!(len, MAX_GSO_FRAME);
+        assert!(matches!(
+            h.offload(&c[HDR_LEN..]),
+            Err(HeaderError::Gso(OffloadError::EtherType(_)))
+        ));
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1400, 34, 16),
+            MAX_GSO_FRAME + 1,
+        );
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::Oversized(_))
+        ));
+        // A partial checksum alone is recorded as such.
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16), 100);
+        let (h, _) = TxHeader::parse(&c, HDR_LEN, ALL).unwrap();
+        assert_eq!(
+            h.offload(&c[HDR_LEN..]),
+            Ok(Offload {
+                csum: Some((34, 16)),
+                gso: None
+            })
+        );
+    }
+
+    #[test]
     fn rx_header_carries_num_buffers() {
         let h = rx_header(3);
         assert_eq!(&h[..10], &[0u8; 10]);
