@@ -6,141 +6,18 @@
 
 use std::sync::Arc;
 
-use driver_domain::net::config::NET_F_MRG_RXBUF;
+mod net_guest;
+use net_guest::*;
+
 use driver_domain::net::header::{HDR_LEN, MAX_FRAME};
-use driver_domain::net::{
-    Negotiated, NetBackendConfig, NetBackendDevice, RxQueue, Switch, SwitchConfig, SwitchPort,
-    TxQueue,
-};
+use driver_domain::net::{NetBackendConfig, NetBackendDevice, Switch, SwitchConfig};
 use driver_domain::vhost_user::vring::Vring;
 use driver_domain::vhost_user::VhostUserDevice;
 use driver_domain::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
 use driver_domain::virtio_core::BackendDevice;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-
-const MEM: usize = 1 << 20;
-const QSIZE: u16 = 64;
-const TX_BUF: u64 = 0x10000;
-const RX_BUF: u64 = 0x60000;
-const SLOT: u64 = 2048;
-
-struct Guest {
-    mem: GuestMemoryMmap,
-    rx_ring: DriverRing,
-    tx_ring: DriverRing,
-    rxq: Queue,
-    txq: Queue,
-    rx: RxQueue,
-    tx: TxQueue,
-    port: Arc<SwitchPort>,
-    tx_next: u16,
-    rx_next: u16,
-    rx_seen: u16,
-}
-
-fn guest(sw: &Arc<Switch>, name: &str, mrg: bool) -> Guest {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    let port = Arc::new(sw.attach(name).unwrap());
-    let rx_ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
-    let tx_ring = DriverRing::new(GuestAddress(0x4000), QSIZE);
-    let mut rxq = Queue::new(QSIZE).unwrap();
-    let mut txq = Queue::new(QSIZE).unwrap();
-    rx_ring.configure(&mut rxq, false);
-    tx_ring.configure(&mut txq, false);
-    let mut features = 1u64 << VIRTIO_F_VERSION_1;
-    if mrg {
-        features |= 1 << NET_F_MRG_RXBUF;
-    }
-    let neg = Negotiated::from_features(features);
-    let mut rx = RxQueue::new(0, port.clone(), 64);
-    let mut tx = TxQueue::new(1, port.clone(), 64);
-    rx.set_negotiated(neg);
-    tx.set_negotiated(neg);
-    Guest {
-        mem,
-        rx_ring,
-        tx_ring,
-        rxq,
-        txq,
-        rx,
-        tx,
-        port,
-        tx_next: 0,
-        rx_next: 0,
-        rx_seen: 0,
-    }
-}
-
-fn frame(dst: u8, src: u8, len: usize, fill: u8) -> Vec<u8> {
-    let mut f = vec![fill; len];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, dst]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, src]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f
-}
-
-fn bcast(src: u8, len: usize) -> Vec<u8> {
-    let mut f = frame(0, src, len, 0x11);
-    f[0..6].copy_from_slice(&[0xff; 6]);
-    f
-}
-
-impl Guest {
-    /// Post one TX chain of `hdr` + `frame` as a single descriptor and run TX.
-    fn send_raw(&mut self, bytes: &[u8]) {
-        let d = self.tx_next % QSIZE;
-        self.tx_next = self.tx_next.wrapping_add(1);
-        let addr = TX_BUF + u64::from(d) * SLOT * 2;
-        self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-        self.tx_ring
-            .write_desc(&self.mem, d, addr, bytes.len() as u32, 0, 0)
-            .unwrap();
-        self.tx_ring.push_avail(&self.mem, d).unwrap();
-        self.tx.process(&mut self.txq, &self.mem).unwrap();
-    }
-
-    fn send(&mut self, f: &[u8]) {
-        let mut b = vec![0u8; HDR_LEN];
-        b.extend_from_slice(f);
-        self.send_raw(&b);
-    }
-
-    /// Post `n` RX buffers of `len` bytes.
-    fn refill(&mut self, n: u16, len: u32) {
-        for _ in 0..n {
-            let d = self.rx_next % QSIZE;
-            self.rx_next = self.rx_next.wrapping_add(1);
-            let addr = RX_BUF + u64::from(d) * SLOT;
-            self.rx_ring
-                .write_desc(&self.mem, d, addr, len, DESC_F_WRITE, 0)
-                .unwrap();
-            self.rx_ring.push_avail(&self.mem, d).unwrap();
-        }
-    }
-
-    /// Run RX and return every newly used (buffer bytes) entry.
-    fn receive(&mut self) -> Vec<Vec<u8>> {
-        self.rx.process(&mut self.rxq, &self.mem).unwrap();
-        let mut out = Vec::new();
-        let used = self.rx_ring.used_idx(&self.mem).unwrap();
-        while self.rx_seen != used {
-            let (id, len) = self.rx_ring.used_elem(&self.mem, self.rx_seen).unwrap();
-            let mut b = vec![0u8; len as usize];
-            self.mem
-                .read_slice(&mut b, GuestAddress(RX_BUF + u64::from(id) * SLOT))
-                .unwrap();
-            out.push(b);
-            self.rx_seen = self.rx_seen.wrapping_add(1);
-        }
-        out
-    }
-}
-
-fn num_buffers(b: &[u8]) -> u16 {
-    u16::from_le_bytes([b[10], b[11]])
-}
 
 #[test]
 fn frames_cross_the_switch_between_two_guests() {

@@ -4,7 +4,8 @@
 //! Input layout: byte 0 selects offloads and header length; the rest is either parsed directly
 //! as header + frame, or (bit 7 of byte 0) laid out as a TX chain of up to 4 descriptors whose
 //! lengths and flags come from the input, and switched to a second port whose RX chain is
-//! also taken from the input.
+//! also taken from the input (bits 4 and 5 of byte 0: the sender negotiated checksum offload
+//! and TSO, the receiver their GUEST_* counterparts, so GSO frames are segmented or handed on).
 
 #![no_main]
 
@@ -28,7 +29,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let offloads = TxOffloads {
         csum: sel & 1 != 0,
-        gso: sel & 2 != 0,
+        tso4: sel & 2 != 0,
+        tso6: sel & 2 != 0,
+        ecn: sel & 0x40 != 0,
     };
     let hdr_len = if sel & 4 != 0 {
         HDR_LEN_LEGACY
@@ -38,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((h, len)) = TxHeader::parse(rest, hdr_len, offloads) {
         assert_eq!(len, rest.len() - hdr_len);
         assert!(h.validate(len, offloads).is_ok());
+        let _ = h.offload(&rest[hdr_len..]);
     }
     if sel & 0x80 != 0 {
         ring_path(sel, rest);
@@ -53,7 +57,12 @@ fn ring_path(sel: u8, rest: &[u8]) {
     });
     let a = Arc::new(sw.attach("a").expect("port"));
     let b = Arc::new(sw.attach("b").expect("port"));
-    let neg = Negotiated::from_features(if sel & 8 != 0 { 1 << 15 } else { 0 } | 1 << 32);
+    // Bit 4: the sender negotiated CSUM and TSO; bit 5: the receiver GUEST_CSUM and TSO.
+    let base = if sel & 8 != 0 { 1 << 15 } else { 0 } | 1 << 32;
+    let host = 1 << 0 | 1 << 11 | 1 << 12 | 1 << 13;
+    let guest = 1 << 1 | 1 << 7 | 1 << 8 | 1 << 9;
+    let neg_tx = Negotiated::from_features(base | if sel & 0x10 != 0 { host } else { 0 });
+    let neg_rx = Negotiated::from_features(base | if sel & 0x20 != 0 { guest } else { 0 });
     let tx_ring = DriverRing::new(GuestAddress(0x100), 8);
     let rx_ring = DriverRing::new(GuestAddress(0x1000), 8);
     let mut txq = Queue::new(8).expect("queue");
@@ -64,8 +73,8 @@ fn ring_path(sel: u8, rest: &[u8]) {
     let mut rx_ring = rx_ring;
     let mut tx = TxQueue::new(1, a.clone(), 16);
     let mut rx = RxQueue::new(0, b.clone(), 16);
-    tx.set_negotiated(neg);
-    rx.set_negotiated(neg);
+    tx.set_negotiated(neg_tx);
+    rx.set_negotiated(neg_rx);
     // Descriptor table: 4 TX descriptors, 4 RX descriptors, lengths and flags from the input.
     let (ctl, payload) = rest.split_at(rest.len().min(16));
     let _ = mem.write_slice(payload, GuestAddress(DATA));

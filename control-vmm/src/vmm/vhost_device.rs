@@ -37,10 +37,19 @@ const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
 const BLK_NUM_QUEUES_OFFSET: usize = 34;
 /// Most request queues a disk runs (a virtio-pci function's limit).
 pub const MAX_BLK_QUEUES: u16 = 16;
-/// virtio-net: the control queue and several queue pairs, both hidden (see
-/// [`VhostDevice::device_features`]).
+/// virtio-net: the control queue (passed through to the backend as virtqueue 2 when it
+/// serves one) and several queue pairs (hidden; see [`VhostDevice::device_features`]).
 const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+/// virtio-net features that need the control queue (virtio 1.2, 5.1.3.1): hidden with it.
+const VIRTIO_NET_CTRL_DEPENDENT: u64 = 1 << 2 // CTRL_GUEST_OFFLOADS
+    | 1 << 18 // CTRL_RX
+    | 1 << 19 // CTRL_VLAN
+    | 1 << 20 // CTRL_RX_EXTRA
+    | 1 << 21 // GUEST_ANNOUNCE
+    | 1 << 23; // CTRL_MAC_ADDR
+/// virtio-net: the receive and transmit queue, then the control queue.
+const NET_QUEUES_WITH_CTRL: u16 = 3;
 /// virtio-net: the MAC address in the config space is valid.
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 
@@ -82,9 +91,12 @@ impl VirtioDeviceType {
             ),
             // A net backend without a config space (DPDK's vhost) still serves frames; the
             // guest then picks its own MAC.
+            // One queue pair, and the control queue if the backend serves one (a third
+            // queue; a backend with several pairs has its second receive queue there, and
+            // then the control queue stays hidden).
             Self::Net => (
                 2,
-                0,
+                NET_QUEUES_WITH_CTRL,
                 ConfigSpace::IfOffered {
                     bytes: NET_CONFIG_BYTES,
                 },
@@ -150,6 +162,10 @@ pub struct VhostDevice {
     regions: Vec<SharedRegion>,
     /// Features kept from the guest besides those this VMM never offers.
     hidden: u64,
+    /// The backend is known to serve the virtio-net control queue (the project's driver
+    /// domain); other vhost-user backends (DPDK's vhost library, say) offer CTRL_VQ for a
+    /// frontend that serves it itself, as QEMU does.
+    backend_ctrl_vq: bool,
 }
 
 impl VhostDevice {
@@ -205,7 +221,15 @@ impl VhostDevice {
             config,
             regions,
             hidden: 0,
+            backend_ctrl_vq: false,
         }
+    }
+
+    /// Passes the virtio-net control queue through to the backend when it offers one (as the
+    /// third queue): only for a backend known to serve it, the project's driver domain.
+    pub fn with_backend_control_queue(mut self) -> Self {
+        self.backend_ctrl_vq = true;
+        self
     }
 
     /// Keeps `features` from the guest too (e.g. `VIRTIO_RING_F_EVENT_IDX`, to measure
@@ -291,16 +315,29 @@ impl VirtioBackend for VhostDevice {
 
     /// Features the guest is offered: the backend's (the vhost-user protocol bit removed);
     /// a disk's several request queues when the backend serves several (else MQ hidden); one
-    /// queue pair per interface (Linux enables more pairs only through the control queue,
-    /// which a vhost-user frontend would have to serve itself: both hidden; a backend with
-    /// more pairs still serves the first).
+    /// queue pair per interface (MQ hidden; a backend with more pairs still serves the
+    /// first). The control queue is offered when the backend is the driver domain
+    /// ([`VhostDevice::with_backend_control_queue`]), offers CTRL_VQ and serves a third queue:
+    /// with MQ not negotiated that is the control queue (virtio 1.2, 5.1.2), served by the
+    /// driver domain's `net::ctrl`, so this VMM stays off that path too. Otherwise the
+    /// control queue and every feature that needs it are hidden.
     fn device_features(&self) -> u64 {
+        let offered = self.session.device_features();
         let hidden = match self.kind {
             VirtioDeviceType::Blk if self.session.num_queues() > 1 => 0,
             VirtioDeviceType::Blk => VIRTIO_BLK_F_MQ,
-            VirtioDeviceType::Net => VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ,
+            VirtioDeviceType::Net
+                if self.backend_ctrl_vq
+                    && offered & VIRTIO_NET_F_CTRL_VQ != 0
+                    && self.session.num_queues() == usize::from(NET_QUEUES_WITH_CTRL) =>
+            {
+                VIRTIO_NET_F_MQ
+            }
+            VirtioDeviceType::Net => {
+                VIRTIO_NET_F_MQ | VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_CTRL_DEPENDENT
+            }
         };
-        self.session.device_features() & !hidden & !self.hidden
+        offered & !hidden & !self.hidden
     }
 
     fn config(&self) -> &[u8] {

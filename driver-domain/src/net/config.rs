@@ -1,10 +1,13 @@
 //! Device options, the feature bits offered, and the virtio-net configuration space.
 //!
 //! Offered, because implemented: VERSION_1, EVENT_IDX, INDIRECT_DESC, MAC, STATUS (link always
-//! up), MTU (1500), MRG_RXBUF, and MQ when more than one queue pair is configured. Not offered,
-//! because not implemented: checksum offload (CSUM, GUEST_CSUM), segmentation (HOST_/GUEST_
-//! TSO/UFO/USO), the control queue (CTRL_VQ; vhost-user frontends such as QEMU and DPDK handle
-//! it themselves and enable queue pairs with SET_VRING_ENABLE).
+//! up), MTU (1500), MRG_RXBUF, MQ when more than one queue pair is configured, and (unless
+//! `offloads` is off) checksum offload and TCP segmentation both ways: CSUM, GUEST_CSUM,
+//! HOST_TSO4/6, HOST_ECN, GUEST_TSO4/6, GUEST_ECN (the switch finishes the work for a port
+//! that did not negotiate it, [`super::offload`]), and (unless `ctrl_vq` is off) the control
+//! queue with CTRL_RX ([`super::ctrl`]; frontends such as QEMU and DPDK serve their own and
+//! never hand it over). Not offered, because not implemented: UDP fragmentation/segmentation
+//! (UFO, USO), CTRL_VLAN, CTRL_MAC_ADDR, GUEST_ANNOUNCE.
 
 use std::sync::Arc;
 
@@ -25,16 +28,30 @@ pub const NET_F_GUEST_CSUM: u32 = 1;
 pub const NET_F_MTU: u32 = 3;
 /// `mac` in the configuration space is valid.
 pub const NET_F_MAC: u32 = 5;
+/// Driver takes TSOv4 frames.
+pub const NET_F_GUEST_TSO4: u32 = 7;
+/// Driver takes TSOv6 frames.
+pub const NET_F_GUEST_TSO6: u32 = 8;
+/// Driver takes TSO frames with ECN.
+pub const NET_F_GUEST_ECN: u32 = 9;
+/// Driver takes UFO frames.
+pub const NET_F_GUEST_UFO: u32 = 10;
 /// Device accepts TSOv4.
 pub const NET_F_HOST_TSO4: u32 = 11;
 /// Device accepts TSOv6.
 pub const NET_F_HOST_TSO6: u32 = 12;
+/// Device accepts TSO frames with ECN.
+pub const NET_F_HOST_ECN: u32 = 13;
 /// Device accepts UFO.
 pub const NET_F_HOST_UFO: u32 = 14;
 /// Driver can merge receive buffers.
 pub const NET_F_MRG_RXBUF: u32 = 15;
 /// `status` in the configuration space is valid.
 pub const NET_F_STATUS: u32 = 16;
+/// Control queue.
+pub const NET_F_CTRL_VQ: u32 = 17;
+/// Receive filtering commands on the control queue (promiscuous, all-multicast).
+pub const NET_F_CTRL_RX: u32 = 18;
 /// Multiple queue pairs.
 pub const NET_F_MQ: u32 = 22;
 /// `status`: link is up.
@@ -62,6 +79,10 @@ pub struct NetBackendConfig {
     /// Where the transport counts kicks and interrupts (frames and bytes are the switch
     /// port's counters).
     pub counters: Arc<DeviceCounters>,
+    /// Offer checksum offload and TCP segmentation (both ways).
+    pub offloads: bool,
+    /// Offer the control queue (CTRL_VQ, CTRL_RX): one more virtqueue after the pairs.
+    pub ctrl_vq: bool,
 }
 
 impl Default for NetBackendConfig {
@@ -75,6 +96,8 @@ impl Default for NetBackendConfig {
             seal_policy: SealPolicy::AllowUnsealedChecked,
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
+            offloads: true,
+            ctrl_vq: true,
         }
     }
 }
@@ -92,12 +115,29 @@ impl NetBackendConfig {
         if self.queue_pairs > 1 {
             f |= 1u64 << NET_F_MQ;
         }
+        if self.ctrl_vq {
+            f |= 1u64 << NET_F_CTRL_VQ | 1u64 << NET_F_CTRL_RX;
+        }
+        if self.offloads {
+            for b in [
+                NET_F_CSUM,
+                NET_F_GUEST_CSUM,
+                NET_F_HOST_TSO4,
+                NET_F_HOST_TSO6,
+                NET_F_HOST_ECN,
+                NET_F_GUEST_TSO4,
+                NET_F_GUEST_TSO6,
+                NET_F_GUEST_ECN,
+            ] {
+                f |= 1u64 << b;
+            }
+        }
         f
     }
 
-    /// The number of virtqueues.
+    /// The number of virtqueues: the pairs, then the control queue if offered.
     pub fn num_queues(&self) -> usize {
-        2 * usize::from(self.queue_pairs)
+        2 * usize::from(self.queue_pairs) + usize::from(self.ctrl_vq)
     }
 }
 
@@ -110,6 +150,9 @@ pub struct Negotiated {
     pub mrg_rxbuf: bool,
     /// Offloads allowed on transmitted frames.
     pub tx_offloads: TxOffloads,
+    /// Offloads the driver takes on received frames (the work on other frames is done by the
+    /// device).
+    pub rx_offloads: TxOffloads,
 }
 
 impl Negotiated {
@@ -124,10 +167,30 @@ impl Negotiated {
                 HDR_LEN_LEGACY
             },
             mrg_rxbuf,
-            tx_offloads: TxOffloads {
-                csum: has(NET_F_CSUM),
-                gso: has(NET_F_HOST_TSO4) || has(NET_F_HOST_TSO6) || has(NET_F_HOST_UFO),
-            },
+            // Segmentation needs checksum offload (virtio 1.2, 5.1.3.1), ECN needs some
+            // segmentation: a driver that acks one without the other gets neither.
+            tx_offloads: Self::offloads(
+                has(NET_F_CSUM),
+                has(NET_F_HOST_TSO4),
+                has(NET_F_HOST_TSO6),
+                has(NET_F_HOST_ECN),
+            ),
+            rx_offloads: Self::offloads(
+                has(NET_F_GUEST_CSUM),
+                has(NET_F_GUEST_TSO4),
+                has(NET_F_GUEST_TSO6),
+                has(NET_F_GUEST_ECN),
+            ),
+        }
+    }
+
+    fn offloads(csum: bool, tso4: bool, tso6: bool, ecn: bool) -> TxOffloads {
+        let (tso4, tso6) = (csum && tso4, csum && tso6);
+        TxOffloads {
+            csum,
+            tso4,
+            tso6,
+            ecn: ecn && (tso4 || tso6),
         }
     }
 }
@@ -176,22 +239,55 @@ mod tests {
     fn features_are_honest() {
         let cfg = NetBackendConfig::default();
         let f = cfg.features();
+        for b in [NET_F_HOST_UFO, NET_F_GUEST_UFO, NET_F_MQ] {
+            assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
+        }
+        for b in [
+            NET_F_MRG_RXBUF,
+            NET_F_CTRL_VQ,
+            NET_F_CTRL_RX,
+            NET_F_CSUM,
+            NET_F_GUEST_CSUM,
+            NET_F_HOST_TSO4,
+            NET_F_HOST_TSO6,
+            NET_F_HOST_ECN,
+            NET_F_GUEST_TSO4,
+            NET_F_GUEST_TSO6,
+            NET_F_GUEST_ECN,
+        ] {
+            assert_ne!(f & (1 << b), 0, "bit {b} must be offered");
+        }
+        let plain = NetBackendConfig {
+            offloads: false,
+            ..NetBackendConfig::default()
+        };
         for b in [
             NET_F_CSUM,
             NET_F_GUEST_CSUM,
             NET_F_HOST_TSO4,
-            NET_F_HOST_UFO,
-            NET_F_MQ,
+            NET_F_GUEST_TSO4,
         ] {
-            assert_eq!(f & (1 << b), 0, "bit {b} must not be offered");
+            assert_eq!(
+                plain.features() & (1 << b),
+                0,
+                "bit {b} offered without offloads"
+            );
         }
-        assert_ne!(f & (1 << NET_F_MRG_RXBUF), 0);
         let mq = NetBackendConfig {
             queue_pairs: 4,
             ..NetBackendConfig::default()
         };
         assert_ne!(mq.features() & (1 << NET_F_MQ), 0);
-        assert_eq!(mq.num_queues(), 8);
+        assert_eq!(mq.num_queues(), 9, "four pairs and the control queue");
+        let no_ctrl = NetBackendConfig {
+            ctrl_vq: false,
+            ..mq
+        };
+        assert_eq!(no_ctrl.num_queues(), 8);
+        assert_eq!(
+            no_ctrl.features() & (1 << NET_F_CTRL_VQ | 1 << NET_F_CTRL_RX),
+            0
+        );
     }
 
     #[test]
@@ -205,6 +301,26 @@ mod tests {
         assert_eq!(n.hdr_len, HDR_LEN);
         assert!(!n.mrg_rxbuf);
         assert_eq!(n.tx_offloads, TxOffloads::default());
+        assert_eq!(n.rx_offloads, TxOffloads::default());
+    }
+
+    #[test]
+    fn offloads_follow_their_dependencies() {
+        let all = NetBackendConfig::default().features();
+        let n = Negotiated::from_features(all);
+        assert_eq!(n.tx_offloads, TxOffloads::ALL);
+        assert_eq!(n.rx_offloads, TxOffloads::ALL);
+        // TSO without CSUM, ECN without TSO: ignored.
+        let n = Negotiated::from_features(
+            1 << NET_F_HOST_TSO4
+                | 1 << NET_F_GUEST_TSO6
+                | 1 << NET_F_GUEST_CSUM
+                | 1 << NET_F_HOST_ECN,
+        );
+        assert_eq!(n.tx_offloads, TxOffloads::default());
+        assert!(n.rx_offloads.csum && n.rx_offloads.tso6 && !n.rx_offloads.tso4);
+        let n = Negotiated::from_features(1 << NET_F_GUEST_CSUM | 1 << NET_F_GUEST_ECN);
+        assert!(!n.rx_offloads.ecn);
     }
 
     #[test]

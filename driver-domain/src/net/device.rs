@@ -2,10 +2,12 @@
 //! [`BackendDevice`] so any transport can serve them.
 //!
 //! Frames are received on the first queue pair (any enabled RX queue is valid for virtio);
-//! every pair transmits. RX work arrives two ways: the driver's kick (buffers added) and the
+//! every pair transmits. The control queue, when offered, is virtqueue 2N with MQ negotiated
+//! (N pairs) and virtqueue 2 without (virtio 1.2, 5.1.2). RX work arrives two ways: the driver's kick (buffers added) and the
 //! switch (frames queued for the port), which writes the port's wake eventfd, the device's
 //! [`BackendDevice::wake_event`]. One worker serves all queues, so the wake-up reaches it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +17,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{Negotiated, NetBackendConfig, NetConfigSpace};
+use super::config::{Negotiated, NetBackendConfig, NetConfigSpace, NET_F_MQ};
+use super::ctrl::CtrlQueue;
 use super::queue::{NetQueueError, RxQueue, TxQueue};
 use super::switch::SwitchPort;
 use crate::virtio_core::counters::DeviceCounters;
@@ -39,6 +42,9 @@ pub struct NetBackendDevice {
     port: Arc<SwitchPort>,
     rx: Vec<Mutex<RxQueue>>,
     tx: Vec<Mutex<TxQueue>>,
+    ctrl: Option<Mutex<CtrlQueue>>,
+    /// Which virtqueue the control queue is (it depends on MQ being negotiated).
+    ctrl_index: AtomicUsize,
 }
 
 impl NetBackendDevice {
@@ -62,7 +68,17 @@ impl NetBackendDevice {
                 cfg.budget,
             )));
         }
+        let ctrl_index = 2 * usize::from(cfg.queue_pairs);
+        let ctrl = cfg.ctrl_vq.then(|| {
+            Mutex::new(CtrlQueue::new(
+                &format!("net {}", port.name()),
+                2 * cfg.queue_pairs,
+                cfg.queue_pairs,
+            ))
+        });
         Ok(NetBackendDevice {
+            ctrl,
+            ctrl_index: AtomicUsize::new(ctrl_index),
             name: format!("net port {}", port.id()),
             config_space: NetConfigSpace::new(&cfg),
             cfg,
@@ -105,6 +121,13 @@ impl BackendDevice for NetBackendDevice {
         for q in &self.tx {
             sync::lock(q).set_negotiated(neg);
         }
+        let mq = features & (1u64 << NET_F_MQ) != 0;
+        let pairs = if mq { self.cfg.queue_pairs } else { 1 };
+        self.ctrl_index
+            .store(2 * usize::from(pairs), Ordering::Relaxed);
+        if let Some(c) = &self.ctrl {
+            sync::lock(c).set_mq(mq);
+        }
     }
 
     fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -137,6 +160,11 @@ impl BackendDevice for NetBackendDevice {
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
     ) -> Result<QueueProgress, NetQueueError> {
+        if let Some(c) = &self.ctrl {
+            if index == self.ctrl_index.load(Ordering::Relaxed) {
+                return Ok(sync::lock(c).process(queue, mem)?);
+            }
+        }
         match (index & 1, index / 2) {
             // Only the first pair receives.
             (0, 0) => match self.rx.first() {
@@ -152,6 +180,12 @@ impl BackendDevice for NetBackendDevice {
     }
 
     fn reset_queue(&self, index: usize) {
+        if let Some(c) = &self.ctrl {
+            if index == self.ctrl_index.load(Ordering::Relaxed) {
+                sync::lock(c).reset();
+                return;
+            }
+        }
         let pair = index / 2;
         if index & 1 == 0 {
             if let Some(q) = self.rx.get(pair) {

@@ -5,17 +5,24 @@
 //! it after delivery, so the data path allocates nothing once the pool has warmed up. Each
 //! buffer keeps [`HEADROOM`] bytes in front of the frame where the receive path builds the
 //! virtio-net header, so header and frame usually reach the guest in one copy.
+//!
+//! A buffer also carries what is left to do on its frame ([`Offload`]: a partial checksum, TCP
+//! segmentation). Segmentation-offload frames (up to [`MAX_GSO_FRAME`] bytes) live in large
+//! buffers, a separate, smaller share of the pool.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::header::{HDR_LEN, MAX_FRAME};
+use super::header::{HDR_LEN, MAX_FRAME, MAX_GSO_FRAME};
+use super::offload::Offload;
 use crate::virtio_core::sync;
 
 /// Bytes kept in front of the frame for the receive header.
 pub const HEADROOM: usize = HDR_LEN;
 /// Size of the data area of a [`FrameBuf`].
 pub const BUF_LEN: usize = HEADROOM + MAX_FRAME;
+/// Size of the data area of a large [`FrameBuf`] (for segmentation-offload frames).
+pub const LARGE_BUF_LEN: usize = HEADROOM + MAX_GSO_FRAME;
 
 /// A MAC address.
 pub type Mac = [u8; 6];
@@ -47,13 +54,18 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 /// One frame with headroom. The frame lives at `data[HEADROOM..HEADROOM + len]`.
 #[derive(Clone)]
 pub struct FrameBuf {
-    data: [u8; BUF_LEN],
+    data: Box<[u8]>,
     len: usize,
+    offload: Offload,
 }
 
 impl std::fmt::Debug for FrameBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameBuf").field("len", &self.len).finish()
+        f.debug_struct("FrameBuf")
+            .field("len", &self.len)
+            .field("large", &self.is_large())
+            .field("offload", &self.offload)
+            .finish()
     }
 }
 
@@ -63,15 +75,50 @@ pub type FrameBox = Box<FrameBuf>;
 impl FrameBuf {
     /// An empty buffer on the heap.
     pub fn new_boxed() -> FrameBox {
+        Self::with_capacity(BUF_LEN)
+    }
+
+    /// An empty large buffer (for a frame of up to [`MAX_GSO_FRAME`] bytes) on the heap.
+    pub fn new_large() -> FrameBox {
+        Self::with_capacity(LARGE_BUF_LEN)
+    }
+
+    fn with_capacity(n: usize) -> FrameBox {
         Box::new(FrameBuf {
-            data: [0; BUF_LEN],
+            data: vec![0; n].into_boxed_slice(),
             len: 0,
+            offload: Offload::NONE,
         })
+    }
+
+    /// A large buffer.
+    pub fn is_large(&self) -> bool {
+        self.data.len() > BUF_LEN
+    }
+
+    /// The longest frame this buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.data.len() - HEADROOM
     }
 
     /// The frame.
     pub fn frame(&self) -> &[u8] {
         &self.data[HEADROOM..HEADROOM + self.len]
+    }
+
+    /// The frame, to finish work left on it (a checksum).
+    pub fn frame_mut(&mut self) -> &mut [u8] {
+        &mut self.data[HEADROOM..HEADROOM + self.len]
+    }
+
+    /// What is left to do on the frame.
+    pub fn offload(&self) -> Offload {
+        self.offload
+    }
+
+    /// Record what is left to do on the frame (validated by the caller).
+    pub fn set_offload(&mut self, offload: Offload) {
+        self.offload = offload;
     }
 
     /// Frame length.
@@ -93,14 +140,21 @@ impl FrameBuf {
 
     /// Set the frame length after filling [`FrameBuf::chain_area`] (clamped to the buffer).
     pub fn set_len(&mut self, len: usize) {
-        self.len = len.min(MAX_FRAME);
+        self.len = len.min(self.capacity());
     }
 
-    /// Copy `frame` in (truncated to [`MAX_FRAME`]).
+    /// Copy `frame` in (truncated to the capacity), with nothing left to do on it.
     pub fn fill(&mut self, frame: &[u8]) {
-        let n = frame.len().min(MAX_FRAME);
+        let n = frame.len().min(self.capacity());
         self.data[HEADROOM..HEADROOM + n].copy_from_slice(&frame[..n]);
         self.len = n;
+        self.offload = Offload::NONE;
+    }
+
+    /// Copy `other`'s frame and offload state in (the frame truncated to the capacity).
+    pub fn copy_from(&mut self, other: &FrameBuf) {
+        self.fill(other.frame());
+        self.offload = other.offload;
     }
 
     /// Header followed by the frame, for the receive path: writes `hdr` into the headroom.
@@ -129,14 +183,20 @@ impl FrameBuf {
 }
 
 /// A pool of frame buffers shared by every port of a switch. It grows on demand up to `max`
-/// buffers (the switch's queue limits keep the number in flight far below that) and never
-/// shrinks while the switch lives.
+/// buffers (the switch's queue limits keep the number in flight far below that), and up to
+/// `max_large` large ones, and never shrinks while the switch lives.
 #[derive(Debug)]
 pub struct FramePool {
     free: Mutex<Vec<FrameBox>>,
     allocated: AtomicUsize,
     max: usize,
+    free_large: Mutex<Vec<FrameBox>>,
+    allocated_large: AtomicUsize,
+    max_large: usize,
 }
+
+/// Large buffers a pool holds at most by default (64 KiB each).
+pub const DEFAULT_MAX_LARGE: usize = 512;
 
 impl FramePool {
     /// A pool that holds at most `max` buffers, `prealloc` of them allocated now.
@@ -150,7 +210,37 @@ impl FramePool {
             free: Mutex::new(free),
             allocated: AtomicUsize::new(n),
             max,
+            free_large: Mutex::new(Vec::new()),
+            allocated_large: AtomicUsize::new(0),
+            max_large: DEFAULT_MAX_LARGE.min(max),
         }
+    }
+
+    /// A free large buffer, or `None` when all of them are in flight.
+    pub fn take_large(&self) -> Option<FrameBox> {
+        if let Some(b) = sync::lock(&self.free_large).pop() {
+            return Some(b);
+        }
+        let prev = self.allocated_large.fetch_add(1, Ordering::Relaxed);
+        if prev >= self.max_large {
+            self.allocated_large.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(FrameBuf::new_large())
+    }
+
+    /// A free buffer that holds a frame of `len` bytes.
+    pub fn take_for(&self, len: usize) -> Option<FrameBox> {
+        if len > MAX_FRAME {
+            self.take_large()
+        } else {
+            self.take()
+        }
+    }
+
+    /// Large buffers allocated so far.
+    pub fn allocated_large(&self) -> usize {
+        self.allocated_large.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FrameBox>> {
@@ -193,14 +283,24 @@ impl FramePool {
     /// Give a buffer back.
     pub fn put(&self, mut buf: FrameBox) {
         buf.len = 0;
-        self.lock().push(buf);
+        buf.offload = Offload::NONE;
+        if buf.is_large() {
+            sync::lock(&self.free_large).push(buf);
+        } else {
+            self.lock().push(buf);
+        }
     }
 
     /// Give several buffers back at once.
     pub fn put_all(&self, bufs: impl Iterator<Item = FrameBox>) {
         let mut free = self.lock();
         for mut b in bufs {
+            if b.is_large() {
+                self.put(b);
+                continue;
+            }
             b.len = 0;
+            b.offload = Offload::NONE;
             free.push(b);
         }
     }
@@ -258,5 +358,21 @@ mod tests {
         p.put_all([b].into_iter());
         assert_eq!(p.free(), 2);
         assert!(p.take().is_some());
+    }
+
+    #[test]
+    fn large_buffers_are_a_bounded_share() {
+        let p = FramePool::new(2, 0);
+        let big = p.take_for(MAX_FRAME + 1).unwrap();
+        assert!(big.is_large());
+        assert_eq!(big.capacity(), MAX_GSO_FRAME);
+        let small = p.take_for(MAX_FRAME).unwrap();
+        assert!(!small.is_large());
+        let _second = p.take_large().unwrap();
+        assert!(p.take_large().is_none(), "max_large is at most max");
+        p.put_all([big, small].into_iter());
+        assert_eq!(p.free(), 1, "the large buffer goes to its own list");
+        assert!(p.take_large().unwrap().is_large());
+        assert_eq!(p.allocated_large(), 2);
     }
 }

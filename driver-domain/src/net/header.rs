@@ -3,9 +3,12 @@
 //! Every frame a driver transmits starts with this header. Its fields are guest-controlled, so
 //! [`TxHeader::parse`] validates them against the features that were actually negotiated: a
 //! device that did not offer checksum offload or segmentation must not act on a header that asks
-//! for them, and one that did must check that the offsets lie inside the frame.
+//! for them, and one that did must check that the offsets lie inside the frame, and that a GSO
+//! frame really is the TCP frame its header says ([`super::offload::parse_gso`]).
 
 use thiserror::Error;
+
+use super::offload::{parse_gso, Offload, OffloadError};
 
 /// Length of the header with `num_buffers` (VERSION_1 or MRG_RXBUF negotiated).
 pub const HDR_LEN: usize = 12;
@@ -40,14 +43,51 @@ pub const MIN_FRAME: usize = ETH_HLEN;
 pub const MTU: u16 = 1500;
 /// The longest frame accepted: Ethernet header + MTU + one 802.1Q tag.
 pub const MAX_FRAME: usize = ETH_HLEN + MTU as usize + 4;
+/// The longest GSO frame accepted: Ethernet header + one 802.1Q tag + a 64 KiB IP packet.
+pub const MAX_GSO_FRAME: usize = ETH_HLEN + 4 + u16::MAX as usize;
 
-/// Offloads the driver and device agreed on for transmitted frames.
+/// Offloads the driver and device agreed on for transmitted frames (`CSUM`, `HOST_TSO4`,
+/// `HOST_TSO6`, `HOST_ECN`), or for received frames (`GUEST_CSUM`, `GUEST_TSO4`, ...).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TxOffloads {
-    /// VIRTIO_NET_F_CSUM: the driver may leave checksums to the device.
+    /// The checksum may be left partial (`NEEDS_CSUM`).
     pub csum: bool,
-    /// VIRTIO_NET_F_HOST_TSO4/6 / HOST_UFO: the driver may hand over GSO frames.
-    pub gso: bool,
+    /// TCPv4 segmentation (`GSO_TCPV4`).
+    pub tso4: bool,
+    /// TCPv6 segmentation (`GSO_TCPV6`).
+    pub tso6: bool,
+    /// GSO frames may carry the ECN bit (`GSO_ECN`).
+    pub ecn: bool,
+}
+
+impl TxOffloads {
+    /// Every offload.
+    pub const ALL: TxOffloads = TxOffloads {
+        csum: true,
+        tso4: true,
+        tso6: true,
+        ecn: true,
+    };
+
+    /// Some GSO type is allowed.
+    pub fn gso(&self) -> bool {
+        self.tso4 || self.tso6
+    }
+
+    /// Whether a frame with `offload` may go to a driver with these offloads as it is (its
+    /// header handing the work on); otherwise the device does the work.
+    pub fn accept(&self, offload: &Offload) -> bool {
+        match offload.gso {
+            Some(g) => {
+                let tso = match g.ip {
+                    super::offload::IpVersion::V4 => self.tso4,
+                    super::offload::IpVersion::V6 => self.tso6,
+                };
+                self.csum && tso && (!g.ecn || self.ecn)
+            }
+            None => offload.csum.is_none() || self.csum,
+        }
+    }
 }
 
 /// Why a transmitted frame is refused.
@@ -78,6 +118,9 @@ pub enum HeaderError {
     /// A GSO type that was not negotiated or does not exist.
     #[error("GSO type {0:#x} not allowed by the negotiated features")]
     GsoType(u8),
+    /// A GSO frame whose headers do not match its virtio-net header.
+    #[error(transparent)]
+    Gso(#[from] OffloadError),
     /// A GSO frame with a zero segment size or a header length past the frame.
     #[error("GSO frame with gso_size {gso_size} and hdr_len {hdr_len} in a {len}-byte frame")]
     GsoSize {
@@ -138,8 +181,8 @@ impl TxHeader {
             return Err(HeaderError::Runt(len));
         }
         let gso = self.gso_type & !GSO_ECN;
-        let max = if offloads.gso && gso != GSO_NONE {
-            usize::from(u16::MAX)
+        let max = if offloads.gso() && gso != GSO_NONE {
+            MAX_GSO_FRAME
         } else {
             MAX_FRAME
         };
@@ -169,7 +212,13 @@ impl TxHeader {
             }
             return Ok(());
         }
-        if !offloads.gso || !matches!(gso, GSO_TCPV4 | GSO_TCPV6 | GSO_UDP | GSO_UDP_L4) {
+        // UDP fragmentation and segmentation (UFO, USO) are not offered.
+        let allowed = match gso {
+            GSO_TCPV4 => offloads.tso4,
+            GSO_TCPV6 => offloads.tso6,
+            _ => false,
+        };
+        if !allowed || (self.gso_type & GSO_ECN != 0 && !offloads.ecn) {
             return Err(HeaderError::GsoType(self.gso_type));
         }
         // GSO needs a checksum to fill in per segment, a segment size and headers in the frame.
@@ -184,6 +233,25 @@ impl TxHeader {
             });
         }
         Ok(())
+    }
+
+    /// What is left to do on `frame` (this header's frame, validated by [`TxHeader::parse`]):
+    /// a GSO frame's headers are checked here.
+    pub fn offload(&self, frame: &[u8]) -> Result<Offload, HeaderError> {
+        let csum =
+            (self.flags & HDR_F_NEEDS_CSUM != 0).then_some((self.csum_start, self.csum_offset));
+        let gso = match (self.gso_type & !GSO_ECN, csum) {
+            (GSO_NONE, _) => None,
+            (_, Some(c)) => Some(parse_gso(frame, self.gso_type, self.gso_size, c)?),
+            (_, None) => {
+                return Err(HeaderError::GsoSize {
+                    gso_size: self.gso_size,
+                    hdr_len: self.hdr_len,
+                    len: frame.len(),
+                })
+            }
+        };
+        Ok(Offload { csum, gso })
     }
 }
 
@@ -221,12 +289,11 @@ mod tests {
 
     const NONE: TxOffloads = TxOffloads {
         csum: false,
-        gso: false,
+        tso4: false,
+        tso6: false,
+        ecn: false,
     };
-    const ALL: TxOffloads = TxOffloads {
-        csum: true,
-        gso: true,
-    };
+    const ALL: TxOffloads = TxOffloads::ALL;
 
     #[test]
     fn plain_frame_passes() {
@@ -320,6 +387,67 @@ mod tests {
             TxHeader::parse(&c, HDR_LEN, ALL),
             Err(HeaderError::GsoType(9))
         ));
+    }
+
+    #[test]
+    fn gso_types_follow_each_negotiated_offload() {
+        let tso4_only = TxOffloads {
+            csum: true,
+            tso4: true,
+            ..NONE
+        };
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, GSO_TCPV6, 74, 1400, 54, 16), 100);
+        assert_eq!(
+            TxHeader::parse(&c, HDR_LEN, tso4_only),
+            Err(HeaderError::GsoType(GSO_TCPV6))
+        );
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4 | GSO_ECN, 54, 1400, 34, 16),
+            100,
+        );
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, tso4_only),
+            Err(HeaderError::GsoType(_))
+        ));
+        assert!(TxHeader::parse(&c, HDR_LEN, ALL).is_ok());
+        for udp in [GSO_UDP, GSO_UDP_L4] {
+            let c = chain(hdr(HDR_F_NEEDS_CSUM, udp, 42, 1400, 34, 6), 100);
+            assert_eq!(
+                TxHeader::parse(&c, HDR_LEN, ALL),
+                Err(HeaderError::GsoType(udp)),
+                "UFO/USO are not offered"
+            );
+        }
+        // A GSO frame up to 64 KiB passes the length check; its headers are checked by
+        // `offload` (here: 0xab bytes are no IPv4 frame).
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1400, 34, 16),
+            MAX_GSO_FRAME,
+        );
+        let (h, len) = TxHeader::parse(&c, HDR_LEN, ALL).unwrap();
+        assert_eq!(len, MAX_GSO_FRAME);
+        assert!(matches!(
+            h.offload(&c[HDR_LEN..]),
+            Err(HeaderError::Gso(OffloadError::EtherType(_)))
+        ));
+        let c = chain(
+            hdr(HDR_F_NEEDS_CSUM, GSO_TCPV4, 54, 1400, 34, 16),
+            MAX_GSO_FRAME + 1,
+        );
+        assert!(matches!(
+            TxHeader::parse(&c, HDR_LEN, ALL),
+            Err(HeaderError::Oversized(_))
+        ));
+        // A partial checksum alone is recorded as such.
+        let c = chain(hdr(HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16), 100);
+        let (h, _) = TxHeader::parse(&c, HDR_LEN, ALL).unwrap();
+        assert_eq!(
+            h.offload(&c[HDR_LEN..]),
+            Ok(Offload {
+                csum: Some((34, 16)),
+                gso: None
+            })
+        );
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! pooled [`FrameBuf`](super::frame::FrameBuf) (the header lands in its headroom), RX writes
 //! header and frame from that buffer into the guest's buffers. Nothing is allocated per frame.
 //!
+//! Work a sender left to the device (a partial checksum, TCP segmentation) travels with the
+//! frame ([`FrameBuf::offload`](super::frame::FrameBuf::offload)); the receiving queue hands it
+//! on in the virtio-net header when its driver negotiated it, and otherwise finishes the
+//! checksum or cuts the frame into segments ([`super::offload`]) as it delivers it.
+//!
 //! Errors split in two: a bad *frame* (malformed header, runt, oversized, a write-only TX
 //! descriptor) is dropped, counted and logged (rate-limited), and the queue goes on; a bad
 //! *ring* (unreadable ring, index jump, an RX chain with no room for a header) fails that queue
@@ -20,8 +25,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::config::Negotiated;
-use super::frame::FrameBox;
-use super::header::{rx_header, HeaderError, TxHeader, HDR_LEN};
+use super::frame::{FrameBox, FrameBuf};
+use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_GSO_FRAME};
+use super::offload::{complete_checksum, Offload, Segments};
 use super::ring::{needs_call, publish_used};
 use super::switch::SwitchPort;
 use crate::virtio_core::{QueueFailedEarlier, QueueFailure, QueueProgress};
@@ -45,6 +51,9 @@ pub enum NetQueueError {
     /// The queue failed earlier.
     #[error(transparent)]
     Broken(#[from] QueueFailedEarlier),
+    /// The control queue failed.
+    #[error(transparent)]
+    Ctrl(#[from] super::ctrl::CtrlQueueError),
 }
 
 /// Why one frame was dropped (the queue continues).
@@ -318,19 +327,32 @@ impl TxQueue {
             self.port.take_buffers(&mut self.dir.cache, TX_CACHE);
         }
         let mut buf = self.dir.cache.pop().ok_or(FrameError::NoBuffer)?;
-        let hdr_len = self.neg.hdr_len;
-        let parsed = {
-            let area = buf.chain_area(hdr_len);
-            read_chain(chain, mem, area).and_then(|total| {
-                TxHeader::parse(&area[..total], hdr_len, self.neg.tx_offloads)
-                    .map_err(FrameError::from)
-            })
-        };
-        match parsed {
-            Ok((_, len)) => {
-                buf.set_len(len);
+        // A segmentation-offload frame does not fit a pooled buffer: read it again into a
+        // large one (only a driver that negotiated TSO may send one).
+        let again = self.neg.tx_offloads.gso().then(|| chain.clone());
+        match self.read_frame(&mut buf, chain, mem) {
+            Ok(()) => {
                 self.dir.pending.push(buf);
                 Ok(())
+            }
+            Err(FrameError::Header(HeaderError::Oversized(total)))
+                if again.is_some() && total <= self.neg.hdr_len + MAX_GSO_FRAME =>
+            {
+                self.dir.cache.push(buf);
+                let mut large = self.port.take_large_buffer().ok_or(FrameError::NoBuffer)?;
+                let Some(chain) = again else {
+                    return Err(FrameError::NoBuffer);
+                };
+                match self.read_frame(&mut large, chain, mem) {
+                    Ok(()) => {
+                        self.dir.pending.push(large);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.port.recycle(large);
+                        Err(e)
+                    }
+                }
             }
             Err(e) => {
                 self.dir.cache.push(buf);
@@ -338,12 +360,37 @@ impl TxQueue {
             }
         }
     }
+
+    /// Read `chain` into `buf`, validate its header and record the work left on the frame.
+    fn read_frame<M: GuestMemory>(
+        &self,
+        buf: &mut FrameBuf,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+    ) -> Result<(), FrameError> {
+        let hdr_len = self.neg.hdr_len;
+        let area = buf.chain_area(hdr_len);
+        let total = read_chain(chain, mem, area)?;
+        let (h, len) = TxHeader::parse(&area[..total], hdr_len, self.neg.tx_offloads)?;
+        let offload = h.offload(&area[hdr_len..total])?;
+        buf.set_len(len);
+        buf.set_offload(offload);
+        Ok(())
+    }
 }
 
 enum Delivery {
     Delivered,
     Dropped,
     NoBuffers,
+}
+
+/// A segmentation-offload frame being delivered segment by segment to a driver that did not
+/// negotiate it.
+#[derive(Debug)]
+struct Segmenting {
+    frame: FrameBox,
+    segments: Segments,
 }
 
 /// Per-direction state of [`RxQueue`].
@@ -354,6 +401,11 @@ pub struct Rx {
     completed: Vec<(u16, u32)>,
     done: Vec<FrameBox>,
     dropped: u64,
+    segmenting: Option<Segmenting>,
+    /// The segment being delivered (not from the pool: it is the queue's own; `None` only
+    /// while it is being written into the ring).
+    segment: Option<FrameBox>,
+    segment_ready: bool,
 }
 
 impl Default for Rx {
@@ -364,6 +416,9 @@ impl Default for Rx {
             completed: Vec::with_capacity(256),
             done: Vec::with_capacity(64),
             dropped: 0,
+            segmenting: None,
+            segment: Some(FrameBuf::new_boxed()),
+            segment_ready: false,
         }
     }
 }
@@ -374,6 +429,10 @@ impl Direction for Rx {
     fn release(&mut self, port: &SwitchPort) {
         // Frames taken from the inbox but not delivered go back to the pool.
         port.recycle_all(self.batch.drain(..));
+        if let Some(s) = self.segmenting.take() {
+            port.recycle(s.frame);
+        }
+        self.segment_ready = false;
     }
 
     /// When the inbox is empty the port is armed (its wake eventfd fires on the next frame);
@@ -408,12 +467,16 @@ impl RxQueue {
         mem: &M,
         progress: &mut QueueProgress,
     ) -> Result<(), NetQueueError> {
-        let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
         loop {
             if progress.completed == self.budget {
                 progress.more = true;
                 break;
+            }
+            if self.dir.segmenting.is_some() {
+                if !self.deliver_segment(queue, mem, progress)? {
+                    break;
+                }
+                continue;
             }
             if self.dir.batch.is_empty() && self.port.receive(&mut self.dir.batch, RX_BATCH) == 0 {
                 if self.idle_notify && self.port.arm() {
@@ -424,6 +487,22 @@ impl RxQueue {
             let Some(mut buf) = self.dir.batch.pop_front() else {
                 break;
             };
+            let offload = buf.offload();
+            if !self.neg.rx_offloads.accept(&offload) {
+                // The driver cannot take the work left on this frame: the device does it.
+                if let Some(gso) = offload.gso {
+                    let segments = Segments::new(buf.frame(), gso);
+                    self.dir.segmenting = Some(Segmenting {
+                        frame: buf,
+                        segments,
+                    });
+                    continue;
+                }
+                if let Some((start, off)) = offload.csum {
+                    complete_checksum(buf.frame_mut(), start, off);
+                }
+                buf.set_offload(Offload::NONE);
+            }
             match self.deliver(queue, mem, &mut buf)? {
                 Delivery::Delivered => {
                     self.port.count_rx(buf.len());
@@ -437,16 +516,7 @@ impl RxQueue {
                 }
                 Delivery::NoBuffers => {
                     self.dir.batch.push_front(buf);
-                    // The chains seen so far (possibly rolled back, with MRG_RXBUF) are not
-                    // enough: ask for a kick when the driver adds past them, not before.
-                    let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
-                    let resume = queue.next_avail();
-                    queue.set_next_avail(seen.0);
-                    let added = queue.enable_notification(mem);
-                    queue.set_next_avail(resume);
-                    if added.map_err(ring)? {
-                        // Buffers arrived meanwhile.
-                        queue.disable_notification(mem).map_err(ring)?;
+                    if self.wait_for_buffers(queue, mem)? {
                         continue;
                     }
                     break;
@@ -456,18 +526,93 @@ impl RxQueue {
         Ok(())
     }
 
+    /// The chains seen so far (possibly rolled back, with MRG_RXBUF) are not enough for the
+    /// next frame: ask for a kick when the driver adds past them, not before. Returns true if
+    /// buffers arrived meanwhile.
+    fn wait_for_buffers<M: GuestMemory>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<bool, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+        let resume = queue.next_avail();
+        queue.set_next_avail(seen.0);
+        let added = queue.enable_notification(mem);
+        queue.set_next_avail(resume);
+        if added.map_err(ring)? {
+            queue.disable_notification(mem).map_err(ring)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Deliver the next segment of the frame being segmented; returns false when the queue
+    /// has to wait for buffers.
+    fn deliver_segment<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        progress: &mut QueueProgress,
+    ) -> Result<bool, NetQueueError> {
+        let Some(s) = self.dir.segmenting.as_mut() else {
+            return Ok(true);
+        };
+        let Some(mut seg) = self.dir.segment.take() else {
+            return Ok(true);
+        };
+        if !self.dir.segment_ready {
+            let area = seg.chain_area(0);
+            match s.segments.write_next(s.frame.frame(), area) {
+                Some(n) => {
+                    seg.set_len(n);
+                    self.dir.segment_ready = true;
+                }
+                None => {
+                    // Every segment went out.
+                    self.dir.segment = Some(seg);
+                    if let Some(done) = self.dir.segmenting.take() {
+                        self.dir.done.push(done.frame);
+                    }
+                    return Ok(true);
+                }
+            }
+        }
+        let r = self.deliver(queue, mem, &mut seg);
+        let len = seg.len();
+        self.dir.segment = Some(seg);
+        match r? {
+            Delivery::Delivered => {
+                self.port.count_rx(len);
+                progress.completed += 1;
+            }
+            Delivery::Dropped => {
+                self.port.count_rx_dropped();
+                progress.completed += 1;
+            }
+            Delivery::NoBuffers => return self.wait_for_buffers(queue, mem),
+        }
+        self.dir.segment_ready = false;
+        Ok(true)
+    }
+
     fn deliver<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
-        buf: &mut FrameBox,
+        buf: &mut FrameBuf,
     ) -> Result<Delivery, NetQueueError> {
         let q = self.index;
         let ring = |e| NetQueueError::Ring(q, e);
         let hdr_len = self.neg.hdr_len;
         let mrg = self.neg.mrg_rxbuf;
-        // Legacy 10-byte headers carry no num_buffers; the 12-byte header is all zeros but it.
-        let with_hdr = buf.with_header(&rx_header(if hdr_len == HDR_LEN { 1 } else { 0 }));
+        // Legacy 10-byte headers carry no num_buffers; the 12-byte header is all zeros but it
+        // and the work handed on to the driver.
+        let hdr = buf
+            .offload()
+            .rx_header(if hdr_len == HDR_LEN { 1 } else { 0 });
+        let with_hdr = buf.with_header(&hdr);
         let bytes = &with_hdr[HDR_LEN - hdr_len..];
         let saved = queue.next_avail();
         self.dir.used.clear();

@@ -491,9 +491,9 @@ impl Switch {
         };
         let mut queued = 0;
         for next in others {
-            match self.pool.take() {
+            match self.pool.take_for(buf.len()) {
                 Some(mut copy) => {
-                    copy.fill(buf.frame());
+                    copy.copy_from(&buf);
                     match current.enqueue(src.id, copy, ctx.limit) {
                         Ok(()) => queued += 1,
                         Err(b) => {

@@ -155,6 +155,11 @@ impl SwitchPort {
         self.switch.pool().take()
     }
 
+    /// A large buffer (for a segmentation-offload frame), or `None` if none is left.
+    pub fn take_large_buffer(&self) -> Option<FrameBox> {
+        self.switch.pool().take_large()
+    }
+
     /// Move up to `n` buffers into `out` (one pool lock); returns how many.
     pub fn take_buffers(&self, out: &mut Vec<FrameBox>, n: usize) -> usize {
         self.switch.pool().take_many(out, n)

@@ -1,6 +1,10 @@
 //! An uplink port: a host tap device (`/dev/net/tun`, `IFF_TAP | IFF_NO_PI`) attached to the
 //! switch like any guest port. A thread moves frames both ways: what the host writes to the
 //! tap is switched, what the switch queues for the port is written to the tap.
+//!
+//! The tap is opened without `IFF_VNET_HDR`, so it takes no offloads: a frame whose sender
+//! left its checksum or its segmentation to the device is finished here ([`super::offload`])
+//! before the host sees it.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,7 +18,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::frame::FrameBox;
 use super::header::{MAX_FRAME, MIN_FRAME};
+use super::offload::{complete_checksum, Segments};
 use super::switch::SwitchPort;
 
 const BURST: usize = 64;
@@ -80,6 +86,7 @@ impl Drop for TapUplink {
 
 fn run(mut tap: File, port: &SwitchPort, stop: &EventFd, name: &str) {
     let mut out: VecDeque<_> = VecDeque::with_capacity(BURST);
+    let mut segment = vec![0u8; MAX_FRAME];
     loop {
         let armed_empty = !port.arm();
         if armed_empty {
@@ -129,13 +136,31 @@ fn run(mut tap: File, port: &SwitchPort, stop: &EventFd, name: &str) {
         // Switch -> host.
         port.receive(&mut out, BURST);
         for buf in out.drain(..) {
-            match tap.write(buf.frame()) {
-                Ok(_) => port.count_rx(buf.len()),
-                Err(_) => port.count_rx_dropped(),
-            }
-            port.recycle(buf);
+            write_frame(&mut tap, port, buf, &mut segment);
         }
     }
+}
+
+/// Write `buf` to the tap, its checksum completed or cut into segments first if its sender
+/// left that to the device; counted per frame written.
+fn write_frame(tap: &mut File, port: &SwitchPort, mut buf: FrameBox, segment: &mut [u8]) {
+    let offload = buf.offload();
+    let mut put = |frame: &[u8]| match tap.write(frame) {
+        Ok(_) => port.count_rx(frame.len()),
+        Err(_) => port.count_rx_dropped(),
+    };
+    if let Some(gso) = offload.gso {
+        let mut segments = Segments::new(buf.frame(), gso);
+        while let Some(n) = segments.write_next(buf.frame(), segment) {
+            put(&segment[..n]);
+        }
+    } else {
+        if let Some((start, off)) = offload.csum {
+            complete_checksum(buf.frame_mut(), start, off);
+        }
+        put(buf.frame());
+    }
+    port.recycle(buf);
 }
 
 fn borrow(e: &EventFd) -> BorrowedFd<'_> {

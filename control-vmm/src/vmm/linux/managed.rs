@@ -373,7 +373,9 @@ impl FrontendLifecycle for LinuxMachine {
         ip: [u8; 4],
     ) -> Result<(LinuxDevice, [u8; 6]), LinuxDeviceError> {
         self.may_connect(devid)?;
-        let session = VhostDevice::from_stream(VirtioDeviceType::Net, connection, Vec::new())?;
+        // The toolstack's driver domain serves the control queue itself.
+        let session = VhostDevice::from_stream(VirtioDeviceType::Net, connection, Vec::new())?
+            .with_backend_control_queue();
         let mac = session.mac().ok_or(LinuxDeviceError::NoMac)?;
         Ok((
             LinuxDevice {
