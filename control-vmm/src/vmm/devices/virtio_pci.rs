@@ -540,10 +540,8 @@ impl<B: VirtioBackend + std::fmt::Debug> PciDevice for VirtioPciDevice<B> {
                 }
             }
         }
-        if (self.msix_cap..self.msix_cap + 4).contains(&offset) {
-            let control = (self.config.raw_dword(self.msix_cap / 4) >> 16) as u16;
-            self.msix.set_control(control);
-        }
+        self.msix
+            .config_written(&self.config, self.msix_cap, offset);
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {

@@ -122,9 +122,14 @@ impl Write for ConsoleOutput {
             state.partial_since = Some(Instant::now());
         }
         state.partial.extend_from_slice(buf);
+        // Only the new bytes can hold a line's end (what was held back has none).
+        let line_end = buf
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map(|i| state.partial.len() - buf.len() + i);
         if state.partial.len() >= PARTIAL_LINE_MAX {
             state.log_partial()?;
-        } else if let Some(end) = state.partial.iter().rposition(|b| *b == b'\n') {
+        } else if let Some(end) = line_end {
             let rest = state.partial.split_off(end + 1);
             let lines = std::mem::replace(&mut state.partial, rest);
             state.partial_since = (!state.partial.is_empty()).then(Instant::now);

@@ -203,6 +203,19 @@ impl Msix {
         self.sync_all();
     }
 
+    /// After a guest write at `offset` of `config`: if it touched the message control dword
+    /// of the capability at `cap`, takes the new control bits.
+    pub fn config_written(
+        &mut self,
+        config: &super::config::ConfigSpace,
+        cap: usize,
+        offset: usize,
+    ) {
+        if (cap..cap + 4).contains(&offset) {
+            self.set_control((config.raw_dword(cap / 4) >> 16) as u16);
+        }
+    }
+
     /// A table read at `offset` (4 or 8 bytes, aligned).
     pub fn table_read(&self, offset: u64, data: &mut [u8]) {
         let v = (offset / ENTRY_BYTES) as usize;

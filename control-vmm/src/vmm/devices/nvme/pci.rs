@@ -113,10 +113,8 @@ impl PciDevice for NvmePci {
         if let Some(m) = self.config.write(offset, data) {
             crate::vmm::pci::log_bar_move("nvme", m);
         }
-        if (self.msix_cap..self.msix_cap + 4).contains(&offset) {
-            let control = (self.config.raw_dword(self.msix_cap / 4) >> 16) as u16;
-            self.msix.set_control(control);
-        }
+        self.msix
+            .config_written(&self.config, self.msix_cap, offset);
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
