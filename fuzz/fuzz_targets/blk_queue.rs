@@ -71,6 +71,7 @@ fuzz_target!(|data: &[u8]| {
     ring.configure(&mut queue, false);
     let cfg = BlkBackendConfig {
         queue_size: QSIZE,
+        io_uring: true,
         ..BlkBackendConfig::default()
     };
     let log = InflightLog::new(1, QSIZE).unwrap();

@@ -45,7 +45,8 @@ pub struct BlkBackendConfig {
     pub counters: Arc<DeviceCounters>,
     /// Batch each pass's reads and writes through an io_uring per queue (see
     /// [`super::uring`]); without it, or where the kernel refuses a ring, every request is a
-    /// `preadv`/`pwritev` of its own.
+    /// `preadv`/`pwritev` of its own. Off by default: a backend killed with ring requests in
+    /// flight can leave its image's lock held for a while after it died (see `uring`).
     pub io_uring: bool,
 }
 
@@ -61,7 +62,7 @@ impl Default for BlkBackendConfig {
             seal_policy: SealPolicy::AllowUnsealedChecked,
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
-            io_uring: true,
+            io_uring: false,
         }
     }
 }

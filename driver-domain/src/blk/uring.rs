@@ -11,6 +11,13 @@
 //! descriptors it holds could. The number of io-wq workers (buffered writes go to them) is
 //! capped.
 //!
+//! Off by default (`BlkBackendConfig::io_uring`): a CI run of
+//! `frontend_inflight::a_killed_backend_resumes_the_guests_rings_from_the_in_flight_log_the_session_kept`
+//! with the ring on found the image of a `kill -9`'d backend (four requests in flight) still
+//! locked 10 s later, so a backend restarted by path could not open it. The toolstack's
+//! managed mode hands the same locked descriptor to a restarted driver domain and would not
+//! see this, but until the lingering reference is understood the ring is opt-in.
+//!
 //! The image is not a registered file: a ring's registered files are released after its
 //! process has gone, by the kernel's ring teardown, and while they are the image's open file
 //! description and so its lock stay alive (a `kill -9`'d `serve` restarted at once found its
