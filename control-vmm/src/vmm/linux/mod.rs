@@ -267,8 +267,8 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         emulated.push(dev);
     }
 
-    let rsdp =
-        acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
+    let rsdp = acpi::write_tables(&ram.mem, cfg.vcpus, false)
+        .map_err(|e| VmError::Config(e.to_string()))?;
     let mut boot = cfg.boot;
     if !cfg.cmdline_extra.is_empty() {
         boot.cmdline = format!("{} {}", boot.cmdline, cfg.cmdline_extra);
