@@ -59,6 +59,7 @@ pub mod fake {
     //! A KVM that records what it is asked (for the device's and the relay's tests).
 
     use std::collections::BTreeMap;
+    use std::os::fd::AsRawFd;
     use std::sync::Mutex;
 
     use super::*;
@@ -91,6 +92,11 @@ pub mod fake {
 
     impl CrossVmKvm for FakeKvm {
         fn register_doorbell(&self, call: &EventFd, gpa: u64) -> Result<(), kvm_ioctls::Error> {
+            // KVM takes nothing but an eventfd.
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", call.as_raw_fd()));
+            if !link.is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]") {
+                return Err(kvm_ioctls::Error::new(libc::EINVAL));
+            }
             let mut s = self.state();
             if s.doorbells.contains_key(&gpa) {
                 return Err(kvm_ioctls::Error::new(libc::EEXIST));

@@ -458,4 +458,4 @@ pub fn plug(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
