@@ -458,4 +458,6 @@ pub fn plug(
 }
 
 #[cfg(test)]
+mod kvm_tests;
+#[cfg(test)]
 pub(crate) mod tests;
