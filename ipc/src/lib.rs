@@ -8,5 +8,6 @@ pub mod control;
 pub mod image;
 pub mod startup;
 pub mod tap;
+pub mod tunnel;
 pub mod xenbus;
 pub mod xenstore;
