@@ -85,7 +85,7 @@ ok=1
 wait_line $W/dvm.console "^DVM-SERVE starting" 120 $dvm || ok=0
 # vm-serve has opened the tunnel and the cross-VM device once it says HELLO.
 [ $ok = 1 ] && { wait_line $W/dvm.console "vm-serve: ready" 30 $dvm || ok=0; }
-grep -E "Linux version|^DVM-|nvme|vm-serve|Kernel panic|BUG|WARNING" $W/dvm.console | head -30
+grep -E "Linux version|^DVM-|nvme|vm-serve|cross-VM|^Error|Caused by|^ +[0-9]+: |Kernel panic|BUG|WARNING" $W/dvm.console | head -30
 echo "--- driver VM's VMM log:"
 grep -vE "unknown port|unbacked GPA" $W/dvm.vmm | tail -15
 grep -q "Linux version" $W/dvm.console || fail "no 'Linux version' on the driver VM's console"
@@ -127,7 +127,8 @@ grep -q "^L2-DISK-WRITTEN" $W/guest.console || fail "the guest did not write its
 
 step "host thread runs during the guest's I/O phase (schedstat)"
 n=$(sed -n 's/^L2-DVM-IO-END requests \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
-echo "guest requests in the I/O phase: ${n:-none}"
+ms=$(sed -n 's/^L2-DVM-IO-END requests [0-9]* ms \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
+echo "guest requests in the I/O phase: ${n:-none} in ${ms:-?} ms of guest time (QD1, 4 KiB, direct)"
 [ "${n:-0}" -ge $REQUESTS ] || fail "the guest made ${n:-0} requests, expected $REQUESTS"
 runs_between $W/guest.before $W/guest.after $n guest-vmm
 guest_other=$NONVCPU
