@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::arch::bzimage::LinuxBoot;
 use control_vmm::vmm::devices::nvme::Namespace;
+use control_vmm::vmm::driver_vm::DriverVmConfig;
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
@@ -104,6 +105,16 @@ struct Cli {
     /// Linux: as --nvme, on descriptor N inherited from the toolstack (N >= 5).
     #[arg(long, requires = "linux", value_name = "N[,rw]")]
     nvme_fd: Vec<String>,
+    /// Linux: make this machine a driver VM serving guests over vhost-user socket PATH (a
+    /// listener bound here; the first is channel 0, the next channel 1, ...): COM2 (ttyS1)
+    /// carries the tunnel to `driver-domain vm-serve` in the VM, the cross-VM PCI device
+    /// (1af4:1130) the guests' memory and doorbells. Repeatable (up to 16).
+    #[arg(long, requires = "linux", value_name = "PATH")]
+    driver_vm_socket: Vec<PathBuf>,
+    /// Linux with --driver-vm-socket: the cross-VM device's shared-memory BAR in MiB (a power
+    /// of two): room for every guest region the driver VM maps at once.
+    #[arg(long, requires = "driver_vm_socket", default_value_t = control_vmm::vmm::driver_vm::SHM_DEFAULT_MIB)]
+    driver_vm_shm_mib: u64,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -182,6 +193,14 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    // A driver VM's sockets: bound before confinement, as the console's.
+    let driver_vm = match driver_vm_listeners(&cli) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            return ExitCode::from(101);
+        }
+    };
     // The emulated NVMe disks' files: opened (or adopted) before confinement.
     let nvme = if cli.linux {
         match nvme_namespaces(&cli) {
@@ -226,7 +245,7 @@ fn main() -> ExitCode {
     if let Some(button) = button {
         return match cli.managed_domid {
             Some(domid) => run_managed_linux(domid, cli, (console, nvme), stop, button),
-            None => run_linux(cli, (console, nvme), stop, button),
+            None => run_linux(cli, (console, nvme, driver_vm), stop, button),
         };
     }
 
@@ -304,7 +323,11 @@ fn main() -> ExitCode {
 /// Boots a Linux guest; `button` is its ACPI power button.
 fn run_linux(
     cli: Cli,
-    (console_socket, nvme): (Option<UnixListener>, Vec<Namespace>),
+    (console_socket, nvme, driver_vm): (
+        Option<UnixListener>,
+        Vec<Namespace>,
+        Option<DriverVmConfig>,
+    ),
     stop: Arc<AtomicBool>,
     button: Arc<EventFd>,
 ) -> ExitCode {
@@ -354,6 +377,7 @@ fn run_linux(
             own_non_vcpu: cli.count_vmm_threads,
             others: cli.count_threads_of.clone(),
         },
+        driver_vm,
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {
@@ -447,6 +471,33 @@ fn confine_vmm(cli: &mut Cli) -> Result<Vec<std::fs::File>, String> {
     confine::enter(&plan, confine::Profile::Vmm, &read_only)
         .map_err(|e| confine::error_chain(&e))?;
     Ok(held)
+}
+
+/// The listeners of `--driver-vm-socket` (stale socket files replaced), if any.
+fn driver_vm_listeners(cli: &Cli) -> Result<Option<DriverVmConfig>, String> {
+    if cli.driver_vm_socket.is_empty() {
+        return Ok(None);
+    }
+    if cli.managed_domid.is_some() {
+        return Err("--driver-vm-socket: not with --managed-domid (phase 1 runs by hand)".into());
+    }
+    let mib = cli.driver_vm_shm_mib;
+    if !mib.is_power_of_two() || !(2..=32 << 10).contains(&mib) {
+        return Err(format!(
+            "--driver-vm-shm-mib {mib}: a power of two from 2 to 32768"
+        ));
+    }
+    let mut sockets = Vec::new();
+    for path in &cli.driver_vm_socket {
+        let listener = console_listener(Some(path))
+            .map_err(|e| format!("--driver-vm-socket: {e}"))?
+            .ok_or("--driver-vm-socket: no path")?;
+        sockets.push(listener);
+    }
+    Ok(Some(DriverVmConfig {
+        sockets,
+        shm_bytes: mib << 20,
+    }))
 }
 
 /// Listens on the console socket `path` (a stale socket file there is replaced).

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod driver_vm;
 pub mod exit_reasons;
 pub mod exits;
 #[cfg(test)]

@@ -173,7 +173,14 @@ fn pci_root_bridge() -> Vec<u8> {
         mmio_end,
         None,
     );
-    let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mem]);
+    let mem64 = AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO64_GPA,
+        PCI_MMIO64_GPA + PCI_MMIO64_BYTES - 1,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, &mem, &mem64]);
     // INTx of every slot and pin, swizzled over I/O APIC pins 16..23 (devices here use MSI-X;
     // the table is what a driver falls back to).
     let mut prt = PackageBuilder::new();
@@ -209,16 +216,17 @@ fn pci_root_bridge() -> Vec<u8> {
     bytes(&Device::new("_SB_.PCI0".into(), children))
 }
 
-fn com1() -> Vec<u8> {
+/// A 16550 UART (PNP0501): COM1 (`uid` 0) or COM2 (`uid` 1).
+fn uart(name: &str, uid: u8, port: u16, irq: u32) -> Vec<u8> {
     let hid = EISAName::new("PNP0501");
-    let ports = IO::new(0x3f8, 0x3f8, 0, 8);
-    let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let ports = IO::new(port, port, 0, 8);
+    let irq = Interrupt::new(true, true, false, false, irq);
     let crs = ResourceTemplate::new(vec![&ports, &irq]);
     bytes(&Device::new(
-        "_SB_.COM1".into(),
+        format!("_SB_.{name}").as_str().into(),
         vec![
             &Name::new("_HID".into(), &hid),
-            &Name::new("_UID".into(), &0u8),
+            &Name::new("_UID".into(), &uid),
             &Name::new("_CRS".into(), &crs),
         ],
     ))
@@ -261,8 +269,8 @@ fn power_button() -> Vec<u8> {
     out
 }
 
-/// The DSDT's definition block.
-pub fn dsdt() -> Sdt {
+/// The DSDT's definition block; COM2 (a driver VM's tunnel) only if `com2`.
+pub fn dsdt(com2: bool) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5 = S5_SLEEP_TYPE;
     let zero = 0u8;
@@ -271,7 +279,10 @@ pub fn dsdt() -> Sdt {
         &Package::new(vec![&s5, &s5, &zero, &zero]),
     )));
     dsdt.append_slice(&pci_root_bridge());
-    dsdt.append_slice(&com1());
+    dsdt.append_slice(&uart("COM1", 0, 0x3f8, COM1_IRQ));
+    if com2 {
+        dsdt.append_slice(&uart("COM2", 1, COM2_PORT, COM2_IRQ));
+    }
     dsdt.append_slice(&power_button());
     dsdt
 }
@@ -323,8 +334,8 @@ fn mcfg() -> Vec<u8> {
     bytes(&m)
 }
 
-/// Writes every table from [`ACPI_GPA`]; returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> {
+/// Writes every table from [`ACPI_GPA`] (with COM2 if `com2`); returns the RSDP's address.
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, com2: bool) -> Result<u64, AcpiError> {
     if vcpus == 0 || vcpus == u8::MAX {
         return Err(AcpiError::Vcpus(vcpus));
     }
@@ -340,7 +351,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> 
             .map_err(AcpiError::Write)?;
         Ok(at)
     };
-    let dsdt_gpa = place(dsdt().as_slice())?;
+    let dsdt_gpa = place(dsdt(com2).as_slice())?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(place(&fadt(dsdt_gpa))?);
     xsdt.add_entry(place(&madt(vcpus))?);
@@ -378,7 +389,7 @@ mod tests {
     #[test]
     fn tables_chain_from_the_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp_gpa = write_tables(&mem, 3).unwrap();
+        let rsdp_gpa = write_tables(&mem, 3, false).unwrap();
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, GuestAddress(rsdp_gpa)).unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -458,7 +469,23 @@ mod tests {
     #[test]
     fn too_many_vcpus_are_refused() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        assert!(write_tables(&mem, 0).is_err());
-        assert!(write_tables(&mem, 255).is_err());
+        assert!(write_tables(&mem, 0, false).is_err());
+        assert!(write_tables(&mem, 255, false).is_err());
+    }
+
+    #[test]
+    fn com2_and_the_64_bit_window_are_declared() {
+        let without = dsdt(false);
+        let with = dsdt(true);
+        let has = |t: &Sdt, name: &[u8]| t.as_slice().windows(name.len()).any(|w| w == name);
+        assert!(has(&without, b"COM1") && !has(&without, b"COM2"));
+        assert!(has(&with, b"COM1") && has(&with, b"COM2"));
+        // COM2's IO descriptor: 0x47, decode16, min = max = 0x2f8, alignment 0, 8 ports.
+        assert!(has(&with, &[0x47, 1, 0xf8, 0x02, 0xf8, 0x02, 0, 8]));
+        // The 64-bit window: a QWord memory descriptor (0x8a) whose minimum is 4 GiB.
+        let qword = with.as_slice().windows(1).position(|w| w[0] == 0x8a);
+        let at = qword.expect("a QWord address space descriptor");
+        let min = u64::from_le_bytes(with.as_slice()[at + 14..at + 22].try_into().unwrap());
+        assert_eq!(min, PCI_MMIO64_GPA);
     }
 }

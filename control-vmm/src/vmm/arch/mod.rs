@@ -24,6 +24,11 @@ pub const HIGH_RAM_GPA: u64 = 0x10_0000;
 /// The 32-bit PCI memory window (BARs are allocated from it).
 pub const PCI_MMIO_GPA: u64 = 0xc000_0000;
 pub const PCI_MMIO_BYTES: u64 = 0x1000_0000;
+/// The 64-bit PCI memory window, above 4 GiB (64-bit BARs are allocated from it: the
+/// cross-VM device's shared-memory BAR of a driver VM, up to tens of GiB). It ends at 64 GiB,
+/// within the 36 physical address bits every x86-64 CPU has.
+pub const PCI_MMIO64_GPA: u64 = 0x1_0000_0000;
+pub const PCI_MMIO64_BYTES: u64 = 0xf_0000_0000;
 /// PCI Express enhanced configuration (ECAM) for bus 0: 32 devices x 8 functions x 4 KiB.
 pub const ECAM_GPA: u64 = 0xe000_0000;
 pub const ECAM_BYTES: u64 = 1 << 20;
@@ -55,5 +60,8 @@ pub const PCI_HOTPLUG_PORT: u16 = 0x610;
 pub const PCI_HOTPLUG_BYTES: u16 = 12;
 /// The 16550 UART's I/O APIC pin (COM1).
 pub const COM1_IRQ: u32 = 4;
+/// COM2, the driver VM's tunnel to dom0 (`vmm::driver_vm`), and its I/O APIC pin.
+pub const COM2_PORT: u16 = 0x2f8;
+pub const COM2_IRQ: u32 = 3;
 /// First I/O APIC pin used for PCI INTx routing in `_PRT` (pins 16..23).
 pub const PCI_INTX_GSI_BASE: u32 = 16;

@@ -1,4 +1,4 @@
-//! Port and MMIO dispatch of a Linux guest's platform: COM1, the ACPI power-management
+//! Port and MMIO dispatch of a Linux guest's platform: COM1 (and a driver VM's COM2), the ACPI power-management
 //! registers, the phase register a measurement in the guest marks its phases on
 //! (`arch::PHASE_MMIO_GPA`), the PCI hotplug registers, and the PCI segment (configuration mechanism #1 at
 //! 0xCF8/0xCFC, ECAM, BARs).
@@ -7,9 +7,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::vmm::arch::COM2_PORT;
 use crate::vmm::arch::PHASE_MMIO_GPA;
 use crate::vmm::bus::{lock, BusEvent, ExitBus, Limiter};
 use crate::vmm::devices::acpi_pm;
+use crate::vmm::driver_vm::com2::TunnelUart;
 use crate::vmm::exits::{Counter, ExitCounters, Phase};
 use crate::vmm::layout::COM1_PORT;
 use crate::vmm::pci::PciSegment;
@@ -21,6 +23,8 @@ use super::hotplug::Hotplug;
 #[derive(Debug)]
 pub struct LinuxBus {
     com1: Mutex<Com1>,
+    /// A driver VM's COM2, the tunnel to dom0's relay.
+    com2: Option<Arc<Mutex<TunnelUart>>>,
     pci: Arc<PciSegment>,
     hotplug: Arc<Hotplug>,
     counters: Arc<ExitCounters>,
@@ -37,12 +41,19 @@ impl LinuxBus {
     ) -> Self {
         Self {
             com1: Mutex::new(com1),
+            com2: None,
             pci,
             hotplug,
             counters,
             unknown: Limiter::default(),
             io_requests: AtomicU64::new(0),
         }
+    }
+
+    /// With a driver VM's COM2.
+    pub fn with_com2(mut self, com2: Arc<Mutex<TunnelUart>>) -> Self {
+        self.com2 = Some(com2);
+        self
     }
 
     /// Console input for COM1; returns how many bytes the receive FIFO took.
@@ -66,6 +77,12 @@ impl LinuxBus {
             .map(|o| o as u8)
     }
 
+    /// COM2 and the register at `port`, if this machine has it and `port` is its.
+    fn com2_at(&self, port: u16) -> Option<(&Mutex<TunnelUart>, u8)> {
+        let off = port.checked_sub(COM2_PORT).filter(|o| *o < 8)?;
+        Some((self.com2.as_deref()?, off as u8))
+    }
+
     fn unknown(&self, what: std::fmt::Arguments<'_>, counter: Counter) {
         self.counters.bump(counter);
         if self.unknown.allow() {
@@ -78,6 +95,8 @@ impl ExitBus for LinuxBus {
     fn pio_in(&self, port: u16, data: &mut [u8]) {
         if let (Some(off), 1) = (Self::com1_offset(port), data.len()) {
             data[0] = lock(&self.com1).read(off);
+        } else if let (Some((com2, off)), 1) = (self.com2_at(port), data.len()) {
+            data[0] = lock(com2).read(off);
         } else if acpi_pm::decodes(port) {
             acpi_pm::read(port, data);
         } else if !self.pci.pio_read(port, data) && !self.hotplug.pio_read(port, data) {
@@ -98,6 +117,8 @@ impl ExitBus for LinuxBus {
                 self.counters.bump(Counter::SerialOut);
             }
             lock(&self.com1).write(off, *v);
+        } else if let (Some((com2, off)), [v]) = (self.com2_at(port), data) {
+            lock(com2).write(off, *v);
         } else if acpi_pm::decodes(port) {
             return acpi_pm::write(port, data);
         } else if !self.pci.pio_write(port, data) && !self.hotplug.pio_write(port, data) {

@@ -191,6 +191,7 @@ impl LinuxMachine {
             functions: self.functions.clone(),
             nvme: std::mem::take(&mut self.settings.nvme),
             watch_threads: Default::default(),
+            driver_vm: None,
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

@@ -26,8 +26,10 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::arch::bzimage::{self, LinuxBoot};
-use super::arch::{acpi, COM1_IRQ, GED_IRQ, PCI_HOTPLUG_IRQ, RAM_LIMIT};
+use super::arch::{acpi, COM1_IRQ, COM2_IRQ, GED_IRQ, PCI_HOTPLUG_IRQ, RAM_LIMIT};
+use super::devices::cross_vm;
 use super::devices::nvme::{self, Namespace};
+use super::driver_vm::{DriverVm, DriverVmConfig, Tunnel};
 use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
 use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
 use super::memory::GuestRam;
@@ -82,6 +84,9 @@ pub struct LinuxVmConfig {
     pub nvme: Vec<Namespace>,
     /// Host threads whose runs the measured phases count (`host.*`, [`super::wakeups`]).
     pub watch_threads: ThreadWatch,
+    /// Make this machine a driver VM: COM2, the cross-VM device and the relay of these
+    /// vhost-user sockets ([`crate::vmm::driver_vm`]).
+    pub driver_vm: Option<DriverVmConfig>,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -267,8 +272,31 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         emulated.push(dev);
     }
 
-    let rsdp =
-        acpi::write_tables(&ram.mem, cfg.vcpus).map_err(|e| VmError::Config(e.to_string()))?;
+    // A driver VM: COM2 for the tunnel and the cross-VM device, last on the bus.
+    let driver_vm = match cfg.driver_vm {
+        Some(dvm) => {
+            let com2_irq = eventfd()?;
+            vm.register_irqfd(&com2_irq, COM2_IRQ)
+                .map_err(|source| VmError::Setup {
+                    op: "KVM_IRQFD (COM2)",
+                    source,
+                })?;
+            let tunnel = Tunnel::new(com2_irq).map_err(|e| VmError::Config(e.to_string()))?;
+            let kvm = Arc::clone(&vm) as Arc<dyn cross_vm::kvm::CrossVmKvm>;
+            let shm_bytes = dvm.shm_bytes;
+            let state = hotplug.with_plugger(|plugger| {
+                plugger.emulated(|bars, _, _, _| {
+                    cross_vm::plug(&pci, bars, kvm, shm_bytes)
+                        .map(|state| (state, 0))
+                        .map_err(|e| VmError::Config(format!("cross-VM device: {e}")))
+                })
+            })?;
+            Some((dvm, tunnel, state))
+        }
+        None => None,
+    };
+    let rsdp = acpi::write_tables(&ram.mem, cfg.vcpus, driver_vm.is_some())
+        .map_err(|e| VmError::Config(e.to_string()))?;
     let mut boot = cfg.boot;
     if !cfg.cmdline_extra.is_empty() {
         boot.cmdline = format!("{} {}", boot.cmdline, cfg.cmdline_extra);
@@ -276,12 +304,11 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     let entry = bzimage::load(&ram.mem, cfg.ram_bytes, &boot, rsdp)
         .map_err(|e| VmError::Config(e.to_string()))?;
 
-    let bus = Arc::new(LinuxBus::new(
-        com1,
-        pci,
-        Arc::clone(&hotplug),
-        Arc::clone(&counters),
-    ));
+    let mut bus = LinuxBus::new(com1, pci, Arc::clone(&hotplug), Arc::clone(&counters));
+    if let Some((_, tunnel, _)) = &driver_vm {
+        bus = bus.with_com2(Arc::clone(&tunnel.uart));
+    }
+    let bus = Arc::new(bus);
     let (done_tx, done_rx) = mpsc::channel();
     install_kick_handler()?;
     let halt = Arc::new(AtomicBool::new(false));
@@ -294,6 +321,13 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
                     source,
                 },
             )?,
+        ),
+        None => None,
+    };
+    let relay = match driver_vm {
+        Some((dvm, tunnel, state)) => Some(
+            DriverVm::start(dvm, tunnel, state, Arc::clone(&halt))
+                .map_err(|e| VmError::Config(e.to_string()))?,
         ),
         None => None,
     };
@@ -338,6 +372,10 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     stop_vcpus(threads);
     if console_thread.is_some_and(|t| t.join().is_err()) {
         log::error!("the console thread panicked");
+    }
+    // The relay's channels close (CLOSE is not heard any more) and free their BAR2 mappings.
+    if let Some(relay) = relay {
+        relay.join();
     }
     // No vCPU runs any more; stop the backends before guest memory goes away.
     let mut backend_stopped_at = None;

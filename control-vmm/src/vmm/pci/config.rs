@@ -1,6 +1,6 @@
 //! A PCI function's configuration space (type 0 header, 4 KiB for ECAM): registers with
-//! per-bit write masks, 32-bit memory BARs that answer sizing (all-ones written, size mask
-//! read back), and a capability list. What a guest writes to read-only bits is dropped, as on
+//! per-bit write masks, memory BARs that answer sizing (all-ones written, size mask read
+//! back; 32-bit, or 64-bit over two registers), and a capability list. What a guest writes to read-only bits is dropped, as on
 //! hardware; reads beyond the header and capabilities are zero.
 
 /// Dwords of configuration space (4 KiB).
@@ -42,9 +42,11 @@ pub struct BarMove {
 pub struct ConfigSpace {
     regs: Box<[u32; CONFIG_DWORDS]>,
     wmask: Box<[u32; CONFIG_DWORDS]>,
-    bar_sizes: [u32; BARS],
+    bar_sizes: [u64; BARS],
     /// Each BAR's address as last programmed (sizing writes aside).
-    bar_addrs: [u32; BARS],
+    bar_addrs: [u64; BARS],
+    /// Registers that are the upper half of the 64-bit BAR below them.
+    upper_half: [bool; BARS],
     last_cap: Option<usize>,
     next_cap: usize,
 }
@@ -79,6 +81,7 @@ impl ConfigSpace {
             wmask,
             bar_sizes: [0; BARS],
             bar_addrs: [0; BARS],
+            upper_half: [false; BARS],
             last_cap: None,
             next_cap: FIRST_CAP,
         }
@@ -96,10 +99,27 @@ impl ConfigSpace {
     pub fn add_mem_bar_typed(&mut self, bar: usize, size: u32, gpa: u32, flags: u32) {
         assert!(bar < BARS && size.is_power_of_two() && size >= 0x1000 && flags & !0xc == 0);
         assert!(gpa.is_multiple_of(size));
-        self.bar_sizes[bar] = size;
-        self.bar_addrs[bar] = gpa;
+        self.bar_sizes[bar] = u64::from(size);
+        self.bar_addrs[bar] = u64::from(gpa);
         self.regs[BAR0 / 4 + bar] = gpa | flags;
         self.wmask[BAR0 / 4 + bar] = !(size - 1);
+    }
+
+    /// Declares BARs `bar` and `bar + 1` as one 64-bit memory BAR of `size` bytes (a power of
+    /// two, at least 4 KiB) at `gpa` (size-aligned), prefetchable if asked. Both halves are
+    /// writable: the guest may move it anywhere in the 64-bit space.
+    pub fn add_mem_bar64(&mut self, bar: usize, size: u64, gpa: u64, prefetchable: bool) {
+        assert!(bar + 1 < BARS && size.is_power_of_two() && size >= 0x1000);
+        assert!(gpa.is_multiple_of(size));
+        let mask = !(size - 1);
+        self.bar_sizes[bar] = size;
+        self.bar_addrs[bar] = gpa;
+        self.upper_half[bar + 1] = true;
+        let flags = 4 | if prefetchable { 8 } else { 0 };
+        self.regs[BAR0 / 4 + bar] = gpa as u32 | flags;
+        self.wmask[BAR0 / 4 + bar] = mask as u32 & !0xf;
+        self.regs[BAR0 / 4 + bar + 1] = (gpa >> 32) as u32;
+        self.wmask[BAR0 / 4 + bar + 1] = (mask >> 32) as u32;
     }
 
     /// Appends a capability (`body` without its ID and next-pointer bytes); `wmask` gives the
@@ -165,18 +185,31 @@ impl ConfigSpace {
         let mask = self.wmask[dw] & touched;
         let old = self.regs[dw];
         self.regs[dw] = (old & !mask) | (value & mask);
-        let bar = dw.checked_sub(BAR0 / 4).filter(|b| *b < BARS)?;
-        let new = self.regs[dw] & !0xf;
+        let reg = dw.checked_sub(BAR0 / 4).filter(|b| *b < BARS)?;
         // All-ones is a sizing probe, not an address; the guest writes the address back.
-        if self.bar_sizes[bar] == 0 || new == self.wmask[dw] || new == self.bar_addrs[bar] {
+        if self.regs[dw] & self.wmask[dw] == self.wmask[dw] && self.wmask[dw] != 0 {
+            return None;
+        }
+        let bar = if self.upper_half[reg] { reg - 1 } else { reg };
+        if self.bar_sizes[bar] == 0 {
+            return None;
+        }
+        let new = self.bar_address(bar);
+        if new == self.bar_addrs[bar] {
             return None;
         }
         let from = std::mem::replace(&mut self.bar_addrs[bar], new);
-        Some(BarMove {
-            bar,
-            from: u64::from(from),
-            to: u64::from(new),
-        })
+        Some(BarMove { bar, from, to: new })
+    }
+
+    /// BAR `bar`'s address as its register(s) hold it now.
+    fn bar_address(&self, bar: usize) -> u64 {
+        let low = u64::from(self.regs[BAR0 / 4 + bar] & !0xf);
+        if bar + 1 < BARS && self.upper_half[bar + 1] {
+            low | u64::from(self.regs[BAR0 / 4 + bar + 1]) << 32
+        } else {
+            low
+        }
     }
 
     /// The command register.
@@ -187,7 +220,7 @@ impl ConfigSpace {
     /// BAR `bar`'s current address and size, if it is a BAR.
     pub fn bar(&self, bar: usize) -> Option<(u64, u64)> {
         let size = *self.bar_sizes.get(bar)?;
-        (size != 0).then(|| (u64::from(self.regs[BAR0 / 4 + bar] & !0xf), u64::from(size)))
+        (size != 0).then(|| (self.bar_address(bar), size))
     }
 
     /// Which BAR decodes `addr` (memory decoding on), and the offset into it.
@@ -264,6 +297,32 @@ mod tests {
         // Unimplemented BARs read zero whatever is written.
         wr(&mut c, 0x14, 0xffff_ffff);
         assert_eq!(rd(&c, 0x14), 0);
+    }
+
+    #[test]
+    fn a_64_bit_bar_sizes_and_moves_over_both_registers() {
+        let mut c = space();
+        c.add_mem_bar64(2, 1 << 30, 0x1_4000_0000, true);
+        assert_eq!(rd(&c, 0x18), 0x4000_000c, "64-bit, prefetchable");
+        assert_eq!(rd(&c, 0x1c), 1);
+        assert_eq!(c.bar(2), Some((0x1_4000_0000, 1 << 30)));
+        assert_eq!(c.bar(3), None, "the upper half is no BAR of its own");
+        // Linux's sizing: each half in turn, all-ones then the old value back.
+        assert_eq!(wr(&mut c, 0x18, 0xffff_ffff), None);
+        assert_eq!(rd(&c, 0x18), 0xc000_000c);
+        assert_eq!(wr(&mut c, 0x18, 0x4000_0000), None);
+        assert_eq!(wr(&mut c, 0x1c, 0xffff_ffff), None);
+        assert_eq!(rd(&c, 0x1c), 0xffff_ffff);
+        assert_eq!(wr(&mut c, 0x1c, 1), None);
+        assert_eq!(c.bar(2), Some((0x1_4000_0000, 1 << 30)));
+        // A move: the upper half, then the lower one.
+        let m = wr(&mut c, 0x1c, 2).unwrap();
+        assert_eq!((m.bar, m.from, m.to), (2, 0x1_4000_0000, 0x2_4000_0000));
+        let m = wr(&mut c, 0x18, 0x8000_0000).unwrap();
+        assert_eq!((m.bar, m.from, m.to), (2, 0x2_4000_0000, 0x2_8000_0000));
+        wr(&mut c, COMMAND, u32::from(COMMAND_MEMORY));
+        assert_eq!(c.decode(0x2_8000_1000), Some((2, 0x1000)));
+        assert_eq!(c.decode(0x2_4000_1000), None);
     }
 
     #[test]

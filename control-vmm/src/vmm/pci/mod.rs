@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use config::{BarMove, ConfigSpace, PciId};
 
-use crate::vmm::arch::{ECAM_BYTES, ECAM_GPA, PCI_MMIO_BYTES, PCI_MMIO_GPA};
+use crate::vmm::arch::{
+    ECAM_BYTES, ECAM_GPA, PCI_MMIO64_BYTES, PCI_MMIO64_GPA, PCI_MMIO_BYTES, PCI_MMIO_GPA,
+};
 use crate::vmm::exits::{Counter, ExitCounters};
 
 const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -70,28 +72,53 @@ impl PciDevice for HostBridge {
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
 }
 
-/// Hands out BAR addresses from the 32-bit window, each aligned to its size.
+/// Hands out BAR addresses from the 32-bit window and, for 64-bit BARs, from the 64-bit
+/// window above 4 GiB, each aligned to its size.
 #[derive(Debug)]
 pub struct BarAllocator {
     next: u64,
+    next64: u64,
 }
 
 impl Default for BarAllocator {
     fn default() -> Self {
-        Self { next: PCI_MMIO_GPA }
+        Self {
+            next: PCI_MMIO_GPA,
+            next64: PCI_MMIO64_GPA,
+        }
     }
 }
 
+/// The next `size`-aligned `size` bytes at or after `*next` that end within `end`.
+fn bump(next: &mut u64, end: u64, size: u64) -> Option<u64> {
+    let at = next.checked_next_multiple_of(size)?;
+    let stop = at.checked_add(size)?;
+    (stop <= end).then(|| {
+        *next = stop;
+        at
+    })
+}
+
 impl BarAllocator {
-    /// `size` bytes (a power of two), or None when the window is full.
+    /// `size` bytes (a power of two) of the 32-bit window, or None when it is full.
     pub fn allocate(&mut self, size: u64) -> Option<u64> {
-        let at = self.next.next_multiple_of(size);
-        let end = at.checked_add(size)?;
-        (end <= PCI_MMIO_GPA + PCI_MMIO_BYTES).then(|| {
-            self.next = end;
-            at
-        })
+        bump(&mut self.next, PCI_MMIO_GPA + PCI_MMIO_BYTES, size)
     }
+
+    /// `size` bytes (a power of two) of the 64-bit window, or None when it is full.
+    pub fn allocate_64(&mut self, size: u64) -> Option<u64> {
+        bump(&mut self.next64, PCI_MMIO64_GPA + PCI_MMIO64_BYTES, size)
+    }
+}
+
+/// Whether `base..base + size` lies in the 32-bit PCI window (`wide`: the 64-bit one).
+pub fn in_window(base: u64, size: u64, wide: bool) -> bool {
+    let (start, len) = if wide {
+        (PCI_MMIO64_GPA, PCI_MMIO64_BYTES)
+    } else {
+        (PCI_MMIO_GPA, PCI_MMIO_BYTES)
+    };
+    base >= start && base.checked_add(size).is_some_and(|end| end <= start + len)
 }
 
 type Slot = Arc<Mutex<dyn PciDevice>>;
@@ -236,7 +263,7 @@ impl PciSegment {
     }
 
     fn bar_owner(&self, addr: u64) -> Option<(Slot, usize, u64)> {
-        if !(PCI_MMIO_GPA..PCI_MMIO_GPA + PCI_MMIO_BYTES).contains(&addr) {
+        if !in_window(addr, 1, false) && !in_window(addr, 1, true) {
             return None;
         }
         self.slots().iter().flatten().find_map(|d| {
@@ -334,5 +361,12 @@ mod tests {
         assert_eq!(a.allocate(0x1000), Some(PCI_MMIO_GPA));
         assert_eq!(a.allocate(0x8000), Some(PCI_MMIO_GPA + 0x8000));
         assert_eq!(a.allocate(PCI_MMIO_BYTES), None);
+        assert_eq!(a.allocate_64(1 << 30), Some(PCI_MMIO64_GPA));
+        assert_eq!(a.allocate_64(0x1000), Some(PCI_MMIO64_GPA + (1 << 30)));
+        assert_eq!(a.allocate_64(1 << 31), Some(PCI_MMIO64_GPA + (1 << 31)));
+        assert_eq!(a.allocate_64(PCI_MMIO64_BYTES), None);
+        assert!(in_window(PCI_MMIO64_GPA, 1 << 30, true));
+        assert!(!in_window(PCI_MMIO64_GPA, 1 << 30, false));
+        assert!(!in_window(u64::MAX - 10, 100, true));
     }
 }

@@ -1,0 +1,266 @@
+//! The relay between the guests' vhost-user connections and the driver VM: a thread per
+//! listening socket (channel 0, 1, ... in `--driver-vm-socket` order) accepts one frontend at
+//! a time once the driver VM said HELLO, and turns its messages into frames
+//! ([`ChannelSession`]); frames from the driver VM go back to the right connection, GET_PROTOCOL_FEATURES
+//! replies masked. A channel that misbehaves, on either side, is closed alone: CLOSE to the
+//! driver VM, the frontend's connection shut, its BAR2 space and doorbells freed.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ipc::tunnel::vhost_msg::{mask_protocol_features_reply, MsgHeader};
+use ipc::tunnel::{Frame, FrameKind, VERSION};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use crate::vmm::bus::Limiter;
+use crate::vmm::devices::cross_vm::CrossVmState;
+
+use super::bar2_space::Bar2Space;
+use super::session::ChannelSession;
+use super::wire::{read_message, write_message};
+
+/// How often waiting threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(100);
+/// How long a reply may wait for a frontend that does not read before its channel fails.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A channel's connection, as the frames from the driver VM reach it.
+#[derive(Debug, Default)]
+struct Link {
+    conn: Option<UnixStream>,
+    /// The driver VM closed the channel (no CLOSE goes back to it).
+    vm_closed: bool,
+}
+
+/// What the channel threads and the tunnel's reader share.
+#[derive(Debug)]
+pub struct Relay {
+    device: Arc<CrossVmState>,
+    space: Mutex<Bar2Space>,
+    to_vm: Mutex<mpsc::Sender<Vec<u8>>>,
+    /// The driver VM said HELLO.
+    ready: Mutex<bool>,
+    ready_changed: Condvar,
+    links: Vec<Mutex<Link>>,
+    stop: Arc<AtomicBool>,
+    noise: Limiter,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Relay {
+    /// A relay of `channels` channels over the cross-VM device `device`; encoded frames for
+    /// the driver VM go to `to_vm` (COM2's feeder).
+    pub fn new(
+        device: Arc<CrossVmState>,
+        channels: usize,
+        to_vm: mpsc::Sender<Vec<u8>>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        let size = device.bar2_size();
+        Self {
+            device,
+            space: Mutex::new(Bar2Space::new(size)),
+            to_vm: Mutex::new(to_vm),
+            ready: Mutex::new(false),
+            ready_changed: Condvar::new(),
+            links: (0..channels).map(|_| Mutex::default()).collect(),
+            stop,
+            noise: Limiter::default(),
+        }
+    }
+
+    /// Bytes of BAR2 in use.
+    pub fn bar2_used(&self) -> u64 {
+        lock(&self.space).used()
+    }
+
+    fn send(&self, frame: &Frame) {
+        match frame.encode() {
+            // The feeder ends only with the machine.
+            Ok(bytes) => {
+                let _ = lock(&self.to_vm).send(bytes);
+            }
+            Err(e) => log::error!("driver-VM tunnel: channel {}: {e}", frame.channel),
+        }
+    }
+
+    /// Waits for the driver VM's HELLO; false once stopping.
+    fn wait_ready(&self) -> bool {
+        let mut ready = lock(&self.ready);
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            if *ready {
+                return true;
+            }
+            ready = self
+                .ready_changed
+                .wait_timeout(ready, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Shuts channel `channel`'s connection (its thread then closes the channel).
+    fn shut(&self, channel: u16, by_vm: bool) {
+        let Some(link) = self.links.get(usize::from(channel)) else {
+            return;
+        };
+        let mut link = lock(link);
+        if let Some(conn) = &link.conn {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            link.vm_closed |= by_vm;
+        }
+    }
+
+    /// A frame from the driver VM.
+    pub fn from_vm(&self, frame: Frame) {
+        match frame.kind {
+            FrameKind::Hello => {
+                let version = frame.hello_version();
+                if version != Some(VERSION) {
+                    log::error!("driver-VM tunnel: HELLO of version {version:?}; ignored");
+                    return;
+                }
+                let mut ready = lock(&self.ready);
+                if *ready {
+                    // The server in the driver VM started again: what was open is gone there.
+                    log::warn!("driver-VM tunnel: HELLO again; closing every channel");
+                    for ch in 0..self.links.len() {
+                        self.shut(ch as u16, true);
+                    }
+                } else {
+                    log::info!("driver-VM tunnel: HELLO (version {VERSION}): accepting frontends");
+                }
+                *ready = true;
+                self.ready_changed.notify_all();
+            }
+            FrameKind::Close => self.shut(frame.channel, true),
+            FrameKind::Open => {
+                if self.noise.allow() {
+                    log::warn!("driver-VM tunnel: OPEN from the driver VM; ignored");
+                }
+            }
+            FrameKind::Vhost => self.reply(frame),
+        }
+    }
+
+    /// A VHOST frame from the driver VM: to its channel's frontend, masked.
+    fn reply(&self, frame: Frame) {
+        let channel = frame.channel;
+        let Some(link) = self.links.get(usize::from(channel)) else {
+            if self.noise.allow() {
+                log::warn!("driver-VM tunnel: VHOST for channel {channel}, which does not exist");
+            }
+            return;
+        };
+        let mut msg = frame.payload;
+        let checked = if frame.refs.is_empty() {
+            MsgHeader::parse(&msg)
+                .and_then(|_| mask_protocol_features_reply(&mut msg))
+                .map_err(|e| e.to_string())
+        } else {
+            Err("references in a message from the driver VM".to_owned())
+        };
+        if let Err(e) = checked {
+            log::warn!("driver-VM tunnel: channel {channel}: {e}; closing the channel");
+            self.send(&Frame::close(channel));
+            self.shut(channel, true);
+            return;
+        }
+        let written = {
+            let link = lock(link);
+            match &link.conn {
+                Some(conn) => write_message(conn, &msg).map_err(|e| e.to_string()),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = written {
+            log::warn!("driver-VM channel {channel}: writing to the frontend: {e}; closing");
+            self.shut(channel, false);
+        }
+    }
+
+    /// Serves channel `channel` on `listener` until stopped.
+    pub fn serve_channel(&self, channel: u16, listener: &UnixListener) {
+        while self.wait_ready() {
+            let Some(conn) = self.accept(listener) else {
+                continue;
+            };
+            self.serve_connection(channel, conn);
+        }
+    }
+
+    /// The next frontend, or None after a poll interval with none.
+    fn accept(&self, listener: &UnixListener) -> Option<UnixStream> {
+        let mut pfd = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut pfd, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+            return None;
+        }
+        match listener.accept() {
+            Ok((conn, _)) => Some(conn),
+            Err(e) => {
+                if self.noise.allow() {
+                    log::warn!("driver-VM relay: accept: {e}");
+                }
+                None
+            }
+        }
+    }
+
+    /// Relays one frontend's connection on `channel` until either side ends it.
+    pub fn serve_connection(&self, channel: u16, conn: UnixStream) {
+        let Some(link) = self.links.get(usize::from(channel)) else {
+            return;
+        };
+        let writer = match conn
+            .try_clone()
+            .and_then(|w| w.set_write_timeout(Some(WRITE_TIMEOUT)).map(|()| w))
+        {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!("driver-VM channel {channel}: {e}");
+                return;
+            }
+        };
+        *lock(link) = Link {
+            conn: Some(writer),
+            vm_closed: false,
+        };
+        log::info!("driver-VM channel {channel}: frontend connected");
+        self.send(&Frame::open(channel));
+        let mut session = ChannelSession::new(channel);
+        let why = loop {
+            let incoming = match read_message(&conn, &self.stop) {
+                Ok(m) => m,
+                Err(e) => break e.to_string(),
+            };
+            match session.translate(&self.device, &self.space, incoming.bytes, incoming.fds) {
+                Ok(frame) => self.send(&frame),
+                Err(e) => {
+                    log::warn!("driver-VM channel {channel}: {e}; closing the channel");
+                    break e.to_string();
+                }
+            }
+        };
+        session.close(&self.device, &self.space);
+        let vm_closed = {
+            let mut link = lock(link);
+            let vm_closed = link.vm_closed;
+            *link = Link::default();
+            vm_closed
+        };
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        if !vm_closed {
+            self.send(&Frame::close(channel));
+        }
+        log::info!("driver-VM channel {channel}: closed ({why})");
+    }
+}
