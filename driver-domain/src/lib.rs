@@ -9,6 +9,8 @@
 //!   expose any device core to any VMM.
 //! - [`managed`]: the driver domain as `splitvmm up` runs it, walking xenbus states through
 //!   the store.
+//! - [`vm_tunnel`]: the driver domain inside a VM (`vm-serve`): vhost-user sessions over the
+//!   tunnel from dom0, shared memory and doorbells of the cross-VM device.
 
 pub mod blk;
 pub mod hw;
@@ -16,3 +18,4 @@ pub mod managed;
 pub mod net;
 pub mod vhost_user;
 pub mod virtio_core;
+pub mod vm_tunnel;

@@ -107,6 +107,23 @@ enum Cmd {
         #[arg(long, requires = "confine_uid")]
         allow_no_landlock: bool,
     },
+    /// Inside a driver-domain VM: serve virtio-blk disks to the guests whose vhost-user
+    /// connections dom0's VMM relays over the tunnel (docs/driver-vm.md).
+    VmServe {
+        /// The tunnel's serial port (COM2 of the driver VM's VMM).
+        #[arg(long, value_name = "TTY", default_value = "/dev/ttyS1")]
+        tunnel: PathBuf,
+        /// A disk to serve (a block device such as an assigned NVMe function's namespace, or
+        /// a raw image); the Nth `--blk` serves channel N.
+        #[arg(long, value_name = "DEV", required = true)]
+        blk: Vec<PathBuf>,
+        /// Number of virtqueues of each disk.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Root of the sysfs tree the cross-VM device is found in (tests point it at a fake).
+        #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
+        sysfs_root: PathBuf,
+    },
     /// Confines this process as `managed` is confined, then tries what a driver domain must
     /// not be able to do (tests judge the confinement with it; see the `confine` crate).
     #[command(hide = true)]
@@ -215,6 +232,12 @@ fn main() -> Result<()> {
             driver.run().context("managed driver domain")?;
             Ok(())
         }
+        Cmd::VmServe {
+            tunnel,
+            blk,
+            queues,
+            sysfs_root,
+        } => vm_serve(&tunnel, &blk, queues, sysfs_root),
         Cmd::Serve {
             blk,
             socket,
@@ -298,6 +321,47 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `vm-serve`: the disks opened (buffered: the guest's memory is BAR2 of the cross-VM
+/// device, a PFN mapping that O_DIRECT cannot pin), the cross-VM device and the tunnel set up,
+/// then the server until the tunnel ends.
+fn vm_serve(tunnel: &std::path::Path, blk: &[PathBuf], queues: u16, sysfs: PathBuf) -> Result<()> {
+    use driver_domain::vm_tunnel::{tty, CrossVmDevice, TunnelWriter, VmServer};
+    let mut disks = Vec::new();
+    for path in blk {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        lock_image(&file, path, false)?;
+        let disk = BlkDisk::from_file(file, false)?;
+        log::info!(
+            "vm-serve: channel {} serves {} ({} sectors)",
+            disks.len(),
+            path.display(),
+            disk.capacity_sectors()
+        );
+        disks.push(Arc::new(disk));
+    }
+    let device = Arc::new(CrossVmDevice::open(&Sysfs::new(sysfs)).context("cross-VM device")?);
+    let tty = tty::open_raw(tunnel)?;
+    let out = tty.try_clone().context("the tunnel's tty")?;
+    let writer = Arc::new(TunnelWriter::new(Box::new(out)));
+    let cfg = BlkBackendConfig {
+        num_queues: queues,
+        seal_policy: SealPolicy::RequireSealedOrSysfs,
+        ..BlkBackendConfig::default()
+    };
+    let mut server = VmServer::new(device, writer, |channel: u16| {
+        let disk = disks
+            .get(usize::from(channel))
+            .ok_or_else(|| format!("no --blk for channel {channel}"))?;
+        BlkBackendDevice::new(disk.clone(), cfg.clone()).map_err(|e| e.to_string())
+    })?;
+    server.run(tty)?;
+    Ok(())
 }
 
 /// Locks the image as QEMU does (shared when read-only, exclusive when writable), so QEMU,

@@ -20,6 +20,6 @@ pub mod worker;
 pub use device::VhostUserDevice;
 pub use handler::{HandlerError, VhostUserReqHandler};
 pub use session::{
-    bind_atomically, serve_forever, serve_forever_on, serve_listener, serve_one, SessionShutdown,
-    VhostUserSessionError,
+    bind_atomically, serve_forever, serve_forever_on, serve_listener, serve_one, serve_stream,
+    SessionShutdown, VhostUserSessionError,
 };

@@ -8,6 +8,8 @@
 //!   mode; see control-vmm's `connection` module for how the toolstack makes it), with a
 //!   handle that ends the session from another thread.
 //! - [`serve_one`]: serve one connection accepted from a listener.
+//! - [`serve_stream`]: serve the frontend at the other end of a connected socket (the driver
+//!   VM's tunnel, [`crate::vm_tunnel`]).
 //!
 //! Each session is one [`VhostUserReqHandler`] (this project's request handler, see
 //! [`super::handler`]) behind the `vhost` crate's `BackendReqHandler`, which reads the
@@ -76,17 +78,27 @@ struct Session<D: BackendDevice> {
     req: BackendReqHandler<Handler<D>>,
 }
 
-/// Accepts one frontend on `listener` for `device`.
-fn accept<D: BackendDevice>(
-    listener: &mut Listener,
+/// A session's device and its request handler.
+type DeviceAndHandler<D> = (Arc<VhostUserDevice<D>>, Arc<Handler<D>>);
+
+/// The device of a session and its request handler (its workers started).
+fn device_and_handler<D: BackendDevice>(
     device: D,
-) -> Result<Session<D>, VhostUserSessionError> {
+) -> Result<DeviceAndHandler<D>, VhostUserSessionError> {
     let device = Arc::new(
         VhostUserDevice::new(device).map_err(|e| VhostUserSessionError::Device(Box::new(e)))?,
     );
     let handler =
         VhostUserReqHandler::new(device.clone()).map_err(VhostUserSessionError::Handler)?;
-    let handler = Arc::new(Mutex::new(handler));
+    Ok((device, Arc::new(Mutex::new(handler))))
+}
+
+/// Accepts one frontend on `listener` for `device`.
+fn accept<D: BackendDevice>(
+    listener: &mut Listener,
+    device: D,
+) -> Result<Session<D>, VhostUserSessionError> {
+    let (device, handler) = device_and_handler(device)?;
     let mut backend =
         BackendListener::new(listener, handler.clone()).map_err(VhostUserSessionError::Accept)?;
     loop {
@@ -273,5 +285,25 @@ pub fn serve_listener<D: BackendDevice>(
     drop(listener);
     // The one connection is private to its frontend, which may speak only once its guest
     // has booted: no greeting deadline.
+    run_session(session, None, started).map_err(VhostUserSessionError::Failed)
+}
+
+/// Serve `device` to the frontend at the other end of `stream`, a connected socket (the
+/// driver VM's tunnel hands each channel's messages to the session through a socketpair, see
+/// [`crate::vm_tunnel`]). No greeting deadline: the peer speaks when its guest boots.
+/// `started` receives a handle that ends the session from another thread. Returns when the
+/// peer disconnects or the session is shut down.
+pub fn serve_stream<D: BackendDevice>(
+    stream: UnixStream,
+    device: D,
+    started: impl FnOnce(SessionShutdown),
+) -> Result<(), VhostUserSessionError> {
+    let (device, handler) = device_and_handler(device)?;
+    let req = BackendReqHandler::from_stream(stream, handler.clone());
+    let session = Session {
+        device,
+        handler,
+        req,
+    };
     run_session(session, None, started).map_err(VhostUserSessionError::Failed)
 }

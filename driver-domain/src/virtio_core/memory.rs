@@ -12,6 +12,8 @@
 //!    [`SealPolicy::AllowUnsealedChecked`] it is accepted with a logged warning: a peer that
 //!    later truncates the file can still make a userspace access (ring reads) raise `SIGBUS`.
 //!    Data transfers go through `preadv`/`pwritev`, which get `EFAULT` instead.
+//!    [`SealPolicy::RequireSealedOrSysfs`] (the driver VM's tunnel) accepts a sysfs file
+//!    unsealed: a PCI BAR's `resource` file, whose size nobody can change.
 //!
 //! Before any of that, a table must be what the toolstack granted for the device
 //! ([`MemoryGrant`]): in managed mode, one region exactly at the guest's I/O window, unless the
@@ -45,6 +47,10 @@ pub enum SealPolicy {
     /// Accept it if its current size covers the mapping, and log that shrinking it would
     /// fault the backend (needed for peers that create memfds without `MFD_ALLOW_SEALING`).
     AllowUnsealedChecked,
+    /// Refuse it, unless it is a sysfs file: the driver VM's tunnel maps a BAR of the
+    /// cross-VM device through its sysfs `resource` file, whose size is the BAR's and which
+    /// nobody can truncate (nor seal). The region must still lie within it.
+    RequireSealedOrSysfs,
 }
 
 /// How a region is protected against shrinking.
@@ -58,6 +64,9 @@ pub enum SealState {
     SealedByBackend,
     /// Accepted without a seal (see [`SealPolicy::AllowUnsealedChecked`]).
     Unsealed,
+    /// A sysfs file (a PCI BAR's `resource` file): fixed size (see
+    /// [`SealPolicy::RequireSealedOrSysfs`]).
+    Sysfs,
 }
 
 /// Why a region is refused.
@@ -151,9 +160,18 @@ pub fn check_region_file(
     }
     match policy {
         SealPolicy::RequireSealed => Err(PeerMemoryError::NotSealed),
+        SealPolicy::RequireSealedOrSysfs if is_sysfs(file) => Ok(SealState::Sysfs),
+        SealPolicy::RequireSealedOrSysfs => Err(PeerMemoryError::NotSealed),
         // The caller logs (once per memory table, not once per region and update).
         SealPolicy::AllowUnsealedChecked => Ok(SealState::Unsealed),
     }
+}
+
+/// Whether `file` lives on sysfs (`SYSFS_MAGIC`).
+fn is_sysfs(file: &File) -> bool {
+    nix::sys::statfs::fstatfs(file)
+        .map(|fs| fs.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Check every file-backed region of `mem`.
@@ -301,6 +319,46 @@ mod tests {
         assert!(f.set_len(4096).is_err());
         let st = check_region_file(&f, 0, 8192, SealPolicy::RequireSealed).unwrap();
         assert_eq!(st, SealState::Sealed);
+    }
+
+    #[test]
+    fn require_sealed_or_sysfs_takes_a_sysfs_file_within_its_size_and_nothing_unsealed() {
+        // Unsealable and not sysfs: refused, as under RequireSealed; a sealable one is sealed.
+        let policy = SealPolicy::RequireSealedOrSysfs;
+        assert!(matches!(
+            check_region_file(&memfd(8192, false), 0, 8192, policy),
+            Err(PeerMemoryError::NotSealed)
+        ));
+        let tmp = tempfile::tempfile().unwrap();
+        tmp.set_len(8192).unwrap();
+        assert!(matches!(
+            check_region_file(&tmp, 0, 8192, policy),
+            Err(PeerMemoryError::NotSealed)
+        ));
+        assert_eq!(
+            check_region_file(&memfd(8192, true), 0, 8192, policy).unwrap(),
+            SealState::SealedByBackend
+        );
+        // A sysfs attribute (4096 bytes by stat, as a BAR's resource file is its BAR's size).
+        let Ok(sysfs) = File::open("/sys/kernel/uevent_seqnum") else {
+            test_support::skip(
+                "require_sealed_or_sysfs_takes_a_sysfs_file_within_its_size_and_nothing_unsealed",
+                "no /sys/kernel/uevent_seqnum (sysfs not mounted)",
+            );
+            return;
+        };
+        assert_eq!(
+            check_region_file(&sysfs, 0, 4096, policy).unwrap(),
+            SealState::Sysfs
+        );
+        assert!(matches!(
+            check_region_file(&sysfs, 4096, 1, policy),
+            Err(PeerMemoryError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            check_region_file(&sysfs, 0, 4096, SealPolicy::RequireSealed),
+            Err(PeerMemoryError::NotSealed)
+        ));
     }
 
     #[test]

@@ -1,0 +1,155 @@
+# driver-vm: the driver domain as a VM (issue 21, phase 1). A driver-domain VM (the lab's
+# Debian kernel under splitvmm-vmm, 1 vCPU, 160 MiB) owns NVMe VF 1 by VFIO: its kernel's nvme
+# driver binds the VF and its /init (tests/lab/driver-init) runs `driver-domain vm-serve
+# --tunnel /dev/ttyS1 --blk /dev/nvme0n1`. Its VMM (`--driver-vm-socket`) relays a vhost-user
+# socket to it over COM2 and maps the guest's memory into a BAR of the cross-VM device. A Linux
+# guest (`--blk-socket` on that socket, all RAM shared) writes this run's pattern to its
+# virtio-blk disk and runs an I/O phase; around it the lab VM reads every host thread's run
+# count of both VMMs from schedstat and prints them per request: only the two VMs' vCPU
+# threads may run. After both VMs are gone the lab VM reads the pattern back from the VF's
+# namespace with its own nvme driver.
+W=/tmp/driver-vm
+rm -rf $W
+mkdir -p $W
+[ -c /dev/kvm ] || fail "no /dev/kvm in the lab VM"
+[ -f /lab/linux/bzImage ] || fail "the guest kernel was not packed"
+[ -f /lab/driver/initrd.gz ] || fail "the driver VM's initramfs was not packed"
+VMM=/bin/splitvmm-vmm
+[ -x $VMM ] || fail "no $VMM in the lab VM"
+PATTERN=$LAB_PATTERN-DVM
+REQUESTS=64
+SOCK=$W/blk0.sock
+DVM_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS nvme_core.multipath=N nvme_core.io_timeout=10 nvme_core.admin_timeout=10"
+GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$PATTERN l2.dvm_requests=$REQUESTS"
+
+# thread_runs PID: one line per thread of PID: tid, name, times scheduled in (schedstat).
+thread_runs() {
+    for t in /proc/$1/task/*; do
+        echo "${t##*/} $(cat $t/comm) $(cut -d' ' -f3 $t/schedstat 2>/dev/null)"
+    done
+}
+# runs_between BEFORE AFTER REQUESTS LABEL: prints each thread's runs between two thread_runs
+# files (per request too) and sets NONVCPU to the runs of threads not named vcpu<N>.
+runs_between() {
+    awk -v n="$3" -v label="$4" '
+        FNR == NR { before[$1] = $3; next }
+        { d = $3 - ($1 in before ? before[$1] : 0)
+          printf "%s thread %s %-16s runs %6d  per request %.2f\n", label, $1, $2, d, d / n
+          if ($2 !~ /^vcpu[0-9]+$/) other += d }
+        END { printf "%s non-vCPU runs %d\n", label, other }' "$1" "$2" > $W/runs.$4
+    cat $W/runs.$4
+    NONVCPU=$(sed -n 's/.* non-vCPU runs \([0-9]*\)$/\1/p' $W/runs.$4)
+}
+
+# read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
+# lab VM's kernel nvme driver (the VF is bound to nvme for it).
+read_vf_block() {
+    run $DD hw bind $1 nvme
+    ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
+    [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
+    i=0
+    until [ -b /dev/${ctrl}n1 ]; do
+        [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
+        sleep 0.1; i=$((i + 1))
+    done
+    GOT=$(dd if=/dev/${ctrl}n1 bs=4096 skip=$2 count=1 iflag=direct 2>/dev/null | head -c $3)
+}
+
+# wait_line FILE PATTERN SECONDS PID: waits for PATTERN in FILE while PID lives.
+wait_line() {
+    i=0
+    until grep -q "$2" $1 2>/dev/null; do
+        kill -0 $4 2>/dev/null || return 1
+        [ $i -ge $(($3 * 10)) ] && return 1
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
+step "VFs up, VF1 on vfio-pci"
+[ "$(numvfs)" = 0 ] || vfs_down
+vfs_up
+run $DD hw bind $VF1 vfio-pci
+[ -c /dev/vfio/$(group_of $VF1) ] || fail "no /dev/vfio/$(group_of $VF1)"
+
+step "boot the driver-domain VM with VF1 assigned (1 vCPU, 160 MiB), serving $SOCK"
+relay=
+$VMM --help 2>&1 | grep -q -- --driver-vm-socket && relay="--driver-vm-socket $SOCK --driver-vm-shm-mib 256"
+echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
+RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
+    --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
+    --cmdline "$DVM_CMDLINE" > $W/dvm.console 2> $W/dvm.vmm &
+dvm=$!
+background $dvm
+ok=1
+wait_line $W/dvm.console "^DVM-SERVE starting" 120 $dvm || ok=0
+# vm-serve has opened the tunnel and the cross-VM device once it says HELLO.
+[ $ok = 1 ] && { wait_line $W/dvm.console "vm-serve: ready" 30 $dvm || ok=0; }
+grep -E "Linux version|^DVM-|nvme|vm-serve|cross-VM|^Error|Caused by|^ +[0-9]+: |Kernel panic|BUG|WARNING" $W/dvm.console | head -30
+echo "--- driver VM's VMM log:"
+grep -vE "unknown port|unbacked GPA" $W/dvm.vmm | tail -15
+grep -q "Linux version" $W/dvm.console || fail "no 'Linux version' on the driver VM's console"
+grep -q "MSI-X enabled" $W/dvm.vmm || fail "the driver VM's kernel never enabled the VF's MSI-X"
+grep -qE "^DVM-NVME /dev/nvme0n1 [0-9]+ sectors driver nvme" $W/dvm.console ||
+    fail "the driver VM's nvme driver did not bind the VF (no /dev/nvme0n1)"
+grep -q "^DVM-SERVE starting" $W/dvm.console || fail "the driver VM's /init did not start vm-serve"
+[ -n "$relay" ] || fail "splitvmm-vmm has no --driver-vm-socket (the dom0 side, branch dvm-host, is not merged): the driver VM booted with the VF and vm-serve started, nothing to serve"
+[ $ok = 1 ] || fail "vm-serve did not get ready (tunnel, cross-VM device)"
+[ -S $SOCK ] || fail "the driver VM's VMM does not listen on $SOCK"
+
+step "boot the Linux guest whose disk the driver VM serves (1 vCPU, 160 MiB, all RAM shared)"
+echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads --cmdline '$GUEST_CMDLINE'"
+RUST_LOG=info timeout 200 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
+    --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads \
+    --cmdline "$GUEST_CMDLINE" > $W/guest.console 2> $W/guest.vmm &
+guest=$!
+background $guest
+wait_line $W/guest.console "^L2-DVM-IO-BEGIN" 150 $guest || {
+    grep -E "Linux version|^L2-|virtio|vda|Kernel panic" $W/guest.console | tail -20
+    tail -20 $W/guest.vmm
+    grep -E "vm-serve|channel|vhost" $W/dvm.console | tail -20
+    fail "the guest did not reach its I/O phase"
+}
+thread_runs $dvm > $W/dvm.before
+thread_runs $guest > $W/guest.before
+wait_line $W/guest.console "^L2-DVM-IO-END" 120 $guest || fail "the guest's I/O phase did not end within 120 s"
+thread_runs $dvm > $W/dvm.after
+thread_runs $guest > $W/guest.after
+wait $guest
+rc=$?
+grep -E "Linux version|^L2-|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/guest.console | head -30
+echo "--- guest VMM log:"
+grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -15
+echo "--- driver VM (vm-serve):"
+grep -E "vm-serve|channel|poller" $W/dvm.console | tail -20
+[ "$rc" = 0 ] || fail "the guest's splitvmm-vmm exited $rc (0 = it powered off)"
+grep -q "^L2-DISK-WRITTEN" $W/guest.console || fail "the guest did not write its pattern to /dev/vda"
+
+step "host thread runs during the guest's I/O phase (schedstat)"
+n=$(sed -n 's/^L2-DVM-IO-END requests \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
+ms=$(sed -n 's/^L2-DVM-IO-END requests [0-9]* ms \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
+echo "guest requests in the I/O phase: ${n:-none} in ${ms:-?} ms of guest time (QD1, 4 KiB, direct)"
+[ "${n:-0}" -ge $REQUESTS ] || fail "the guest made ${n:-0} requests, expected $REQUESTS"
+runs_between $W/guest.before $W/guest.after $n guest-vmm
+guest_other=$NONVCPU
+runs_between $W/dvm.before $W/dvm.after $n driver-vmm
+dvm_other=$NONVCPU
+grep "^I/O phase" $W/guest.vmm
+echo "DVM-THREAD-RUNS requests $n guest-vmm-non-vcpu $guest_other driver-vmm-non-vcpu $dvm_other"
+# A run per request would be $n; the console lines and timer work of the VMMs are a few.
+[ "$guest_other" -lt $((n / 4)) ] || fail "the guest's VMM threads other than its vCPU ran $guest_other times for $n requests"
+[ "$dvm_other" -lt $((n / 4)) ] || fail "the driver VM's VMM threads other than its vCPU ran $dvm_other times for $n requests"
+
+step "the driver VM is stopped; the pattern is read back from the VF's namespace"
+kill $dvm
+wait_gone $dvm 20 || fail "the driver VM's VMM outlived its SIGTERM by 20 s"
+grep -E "poller|vm-serve" $W/dvm.console | tail -5
+read_vf_block $VF1 1 ${#PATTERN}
+echo "block 1 (sector 8) through $VF1: $GOT"
+[ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at sector 8, expected '$PATTERN'"
+
+step "tear down"
+vfs_down
+left=$(ps -o pid,args | grep -E '[s]plitvmm-vmm')
+[ -z "$left" ] || fail "processes left: $left"
+echo "driver-vm: ok"
