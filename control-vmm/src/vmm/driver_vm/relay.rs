@@ -30,6 +30,12 @@ struct Link {
     conn: Option<UnixStream>,
     /// The driver VM closed the channel (no CLOSE goes back to it).
     vm_closed: bool,
+    /// The request code of the last message relayed to the driver VM, until a reply to it
+    /// came back. A frontend waits for the reply to a request before it sends another, so a
+    /// reply to anything else (one the driver VM sent before it saw this connection's
+    /// predecessor close, or a message nothing asked for) is dropped, never handed to this
+    /// frontend.
+    awaiting: Option<u32>,
 }
 
 /// What the channel threads and the tunnel's reader share.
@@ -167,22 +173,44 @@ impl Relay {
             }
             return;
         };
+        if lock(link).conn.is_none() {
+            // The channel closed meanwhile (its CLOSE is on its way to the driver VM).
+            return;
+        }
         let mut msg = frame.payload;
         let checked = if frame.refs.is_empty() {
             MsgHeader::parse(&msg)
-                .and_then(|_| mask_protocol_features_reply(&mut msg))
+                .and_then(|h| mask_protocol_features_reply(&mut msg).map(|_| h))
                 .map_err(|e| e.to_string())
         } else {
             Err("references in a message from the driver VM".to_owned())
         };
-        if let Err(e) = checked {
-            log::warn!("driver-VM tunnel: channel {channel}: {e}; closing the channel");
-            self.send(&Frame::close(channel));
-            self.shut(channel, true);
-            return;
-        }
+        let header = match checked {
+            Ok(h) if !h.is_reply() => Err(format!("request {} from the driver VM", h.request)),
+            other => other,
+        };
+        let header = match header {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!("driver-VM tunnel: channel {channel}: {e}; closing the channel");
+                self.send(&Frame::close(channel));
+                self.shut(channel, true);
+                return;
+            }
+        };
         let written = {
-            let link = lock(link);
+            let mut link = lock(link);
+            if link.conn.is_none() || link.awaiting != Some(header.request) {
+                if self.noise.allow() {
+                    log::warn!(
+                        "driver-VM channel {channel}: a reply to request {} that its frontend \
+                         is not waiting for; dropped",
+                        header.request
+                    );
+                }
+                return;
+            }
+            link.awaiting = None;
             match &link.conn {
                 Some(conn) => write_message(conn, &msg).map_err(|e| e.to_string()),
                 None => Ok(()),
@@ -239,6 +267,7 @@ impl Relay {
         *lock(link) = Link {
             conn: Some(writer),
             vm_closed: false,
+            awaiting: None,
         };
         log::info!("driver-VM channel {channel}: frontend connected");
         self.send(&Frame::open(channel));
@@ -249,7 +278,12 @@ impl Relay {
                 Err(e) => break e.to_string(),
             };
             match session.translate(&self.device, &self.space, incoming.bytes, incoming.fds) {
-                Ok(frame) => self.send(&frame),
+                Ok(frame) => {
+                    // Before it goes: the reply may come back at once.
+                    let code = MsgHeader::parse(&frame.payload).map(|h| h.request);
+                    lock(link).awaiting = code.ok();
+                    self.send(&frame);
+                }
                 Err(e) => {
                     log::warn!("driver-VM channel {channel}: {e}; closing the channel");
                     break e.to_string();

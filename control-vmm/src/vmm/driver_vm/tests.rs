@@ -221,6 +221,9 @@ fn each_message_kind_is_translated_and_undone_at_close() {
     assert_eq!(h.frame().refs, vec![Ref::doorbell(18)]);
 
     // Replies from the driver VM reach the frontend; protocol features masked.
+    let ask = request(FrontendReq::GET_PROTOCOL_FEATURES, &[]);
+    send(&fe, &ask, &[]);
+    assert_eq!(h.frame(), Frame::vhost(1, vec![], ask));
     let all = VhostUserProtocolFeatures::all().bits();
     let reply = encode_message(
         FrontendReq::GET_PROTOCOL_FEATURES.into(),
@@ -240,16 +243,34 @@ fn each_message_kind_is_translated_and_undone_at_close() {
             | VhostUserProtocolFeatures::RESET_DEVICE)
             .bits()
     );
-    // Other replies pass as they are.
+    // Other replies pass as they are; one reply per request, and only to the request the
+    // frontend waits for.
+    let ask = request(FrontendReq::GET_FEATURES, &[]);
+    send(&fe, &ask, &[]);
+    assert_eq!(h.frame(), Frame::vhost(1, vec![], ask));
     let features = encode_message(
         FrontendReq::GET_FEATURES.into(),
         VhostUserHeaderFlag::REPLY.bits(),
         &u64::MAX.to_ne_bytes(),
     );
+    let stale = encode_message(
+        FrontendReq::GET_VRING_BASE.into(),
+        VhostUserHeaderFlag::REPLY.bits(),
+        &[0; 8],
+    );
+    h.relay.from_vm(Frame::vhost(1, vec![], stale));
+    h.relay.from_vm(Frame::vhost(1, vec![], features.clone()));
     h.relay.from_vm(Frame::vhost(1, vec![], features.clone()));
     let mut got = vec![0u8; features.len()];
     fe.read_exact(&mut got).unwrap();
-    assert_eq!(got, features);
+    assert_eq!(got, features, "the stale reply before it was dropped");
+    fe.set_nonblocking(true).unwrap();
+    assert!(
+        fe.read(&mut [0u8; 1]).is_err(),
+        "and the second reply after it"
+    );
+    fe.set_nonblocking(false).unwrap();
+    h.no_frame();
 
     // A new table replaces the old: the old regions go.
     let c = memfd(0x1000, 0xc3, true);
