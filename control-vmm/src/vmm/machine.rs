@@ -270,7 +270,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostDevic
     }
     drop(done_tx);
 
-    let outcome = wait_for_end(&done_rx, &cfg.stop);
+    let outcome = wait_for_end(&done_rx, &cfg.stop, STOP_POLL_TINY);
     halt.store(true, Ordering::SeqCst);
     stop_vcpus(threads);
 
@@ -355,9 +355,21 @@ fn attach_blk(
     }
 }
 
-pub(crate) fn wait_for_end(done: &mpsc::Receiver<(u8, VcpuStop)>, stop: &AtomicBool) -> Outcome {
+/// How often the tiny machine's main thread looks at the stop flag.
+pub(crate) const STOP_POLL_TINY: Duration = Duration::from_millis(20);
+/// How often a Linux machine's main thread looks at it: rarely, as every wake-up is a run of a
+/// host thread that is not a vCPU (the driver-VM lab measures them per request); a stop from
+/// outside (SIGTERM, the toolstack) takes effect within this.
+pub(crate) const STOP_POLL_LINUX: Duration = Duration::from_secs(1);
+
+/// Waits for a vCPU to say how the machine ended, or for `stop` (looked at every `poll`).
+pub(crate) fn wait_for_end(
+    done: &mpsc::Receiver<(u8, VcpuStop)>,
+    stop: &AtomicBool,
+    poll: Duration,
+) -> Outcome {
     loop {
-        match done.recv_timeout(Duration::from_millis(20)) {
+        match done.recv_timeout(poll) {
             Ok((id, why)) => {
                 log::info!("vCPU {id} stopped: {why:?}");
                 match why {

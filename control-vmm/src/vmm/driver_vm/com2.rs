@@ -8,7 +8,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use ipc::tunnel::{Frame, FrameDecoder};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -21,8 +20,6 @@ use crate::vmm::serial::IrqLine;
 
 /// How long the feeder waits for a full FIFO to drain before looking again.
 const DRAIN_WAIT_MS: u16 = 20;
-/// How often an idle feeder looks at the stop flag.
-const IDLE_WAIT: Duration = Duration::from_millis(100);
 
 /// Signals an eventfd when the driver VM has read the last byte of the receive FIFO.
 #[derive(Debug)]
@@ -41,7 +38,7 @@ impl SerialEvents for FifoDrained {
 /// The UART's output: the tunnel's decoder, frames to the relay.
 pub struct TunnelOutput {
     decoder: FrameDecoder,
-    frames: mpsc::Sender<Frame>,
+    frames: mpsc::Sender<Option<Frame>>,
     errors: Limiter,
 }
 
@@ -52,7 +49,7 @@ impl Write for TunnelOutput {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => {
                     // The relay's reader ends only with the machine.
-                    let _ = self.frames.send(frame);
+                    let _ = self.frames.send(Some(frame));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -84,7 +81,10 @@ impl std::fmt::Debug for TunnelUart {
 impl TunnelUart {
     /// A UART interrupting through `irq` whose output's frames go to `frames`; the eventfd
     /// returned is signalled when its receive FIFO empties.
-    pub fn new(irq: EventFd, frames: mpsc::Sender<Frame>) -> std::io::Result<(Self, Arc<EventFd>)> {
+    pub fn new(
+        irq: EventFd,
+        frames: mpsc::Sender<Option<Frame>>,
+    ) -> std::io::Result<(Self, Arc<EventFd>)> {
         let drained = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let out = TunnelOutput {
             decoder: FrameDecoder::new(),
@@ -120,7 +120,8 @@ impl TunnelUart {
 }
 
 /// Feeds encoded frames from `rx` into COM2's receive FIFO, in order, waiting for the driver
-/// VM to drain it, until `halt` is set.
+/// VM to drain it, until `halt` is set (an empty frame wakes it to see that). It waits for
+/// frames without waking up.
 pub fn spawn_feeder(
     uart: Arc<Mutex<TunnelUart>>,
     drained: Arc<EventFd>,
@@ -131,10 +132,8 @@ pub fn spawn_feeder(
         .name("tunnel-tx".into())
         .spawn(move || {
             while !halt.load(Ordering::SeqCst) {
-                let mut bytes = match rx.recv_timeout(IDLE_WAIT) {
-                    Ok(b) => b,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                let Ok(mut bytes) = rx.recv() else {
+                    return;
                 };
                 let mut at = 0;
                 while at < bytes.len() && !halt.load(Ordering::SeqCst) {
@@ -153,21 +152,16 @@ pub fn spawn_feeder(
         })
 }
 
-/// Hands the frames COM2 decodes to `deliver` (the relay) until `halt` is set.
+/// Hands the frames COM2 decodes to `deliver` (the relay) until a `None` comes.
 pub fn spawn_reader(
-    rx: mpsc::Receiver<Frame>,
-    halt: Arc<AtomicBool>,
+    rx: mpsc::Receiver<Option<Frame>>,
     deliver: impl Fn(Frame) + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("tunnel-rx".into())
         .spawn(move || {
-            while !halt.load(Ordering::SeqCst) {
-                match rx.recv_timeout(IDLE_WAIT) {
-                    Ok(frame) => deliver(frame),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                }
+            while let Ok(Some(frame)) = rx.recv() {
+                deliver(frame);
             }
         })
 }
@@ -175,6 +169,7 @@ pub fn spawn_reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// The driver VM's 8250 driver, as far as the tunnel needs it: reads the data register
     /// while the line status says data is ready.
@@ -197,8 +192,8 @@ mod tests {
         for b in bytes {
             uart.write(0, b);
         }
-        assert_eq!(rx.try_recv().unwrap(), Frame::hello());
-        assert_eq!(rx.try_recv().unwrap(), Frame::close(3));
+        assert_eq!(rx.try_recv().unwrap(), Some(Frame::hello()));
+        assert_eq!(rx.try_recv().unwrap(), Some(Frame::close(3)));
         assert!(rx.try_recv().is_err());
     }
 
@@ -236,6 +231,7 @@ mod tests {
         assert_eq!(frames, vec![frame, Frame::open(2)]);
         assert!(irq.read().is_ok(), "the driver VM was interrupted");
         halt.store(true, Ordering::SeqCst);
+        to_vm.send(Vec::new()).unwrap();
         feeder.join().unwrap();
     }
 }

@@ -55,13 +55,16 @@ pub enum DriverVmError {
 pub struct Tunnel {
     pub uart: Arc<Mutex<TunnelUart>>,
     drained: Arc<EventFd>,
-    from_vm: mpsc::Receiver<Frame>,
+    from_vm: mpsc::Receiver<Option<Frame>>,
+    /// To stop the tunnel's reader (a `None`).
+    stop_reader: mpsc::Sender<Option<Frame>>,
 }
 
 impl Tunnel {
     /// COM2, interrupting through `irq`.
     pub fn new(irq: EventFd) -> Result<Self, DriverVmError> {
         let (frames, from_vm) = mpsc::channel();
+        let stop_reader = frames.clone();
         let (uart, drained) = TunnelUart::new(irq, frames).map_err(|source| DriverVmError::Io {
             op: "COM2 eventfd",
             source,
@@ -70,6 +73,7 @@ impl Tunnel {
             uart: Arc::new(Mutex::new(uart)),
             drained,
             from_vm,
+            stop_reader,
         })
     }
 }
@@ -78,6 +82,7 @@ impl Tunnel {
 #[derive(Debug)]
 pub struct DriverVm {
     relay: Arc<Relay>,
+    stop_reader: mpsc::Sender<Option<Frame>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -95,7 +100,9 @@ impl DriverVm {
         }
         let io = |op| move |source| DriverVmError::Io { op, source };
         let (to_vm, for_vm) = mpsc::channel();
-        let relay = Arc::new(Relay::new(device, n, to_vm, Arc::clone(&halt)));
+        let relay = Arc::new(
+            Relay::new(device, n, to_vm, Arc::clone(&halt)).map_err(io("the relay's eventfd"))?,
+        );
         let mut threads = vec![com2::spawn_feeder(
             Arc::clone(&tunnel.uart),
             tunnel.drained,
@@ -105,10 +112,8 @@ impl DriverVm {
         .map_err(io("starting the tunnel's feeder"))?];
         let deliver = Arc::clone(&relay);
         threads.push(
-            com2::spawn_reader(tunnel.from_vm, Arc::clone(&halt), move |f| {
-                deliver.from_vm(f)
-            })
-            .map_err(io("starting the tunnel's reader"))?,
+            com2::spawn_reader(tunnel.from_vm, move |f| deliver.from_vm(f))
+                .map_err(io("starting the tunnel's reader"))?,
         );
         for (channel, listener) in cfg.sockets.into_iter().enumerate() {
             let relay = Arc::clone(&relay);
@@ -120,11 +125,18 @@ impl DriverVm {
             );
         }
         log::info!("driver VM: {n} channel(s), waiting for the driver VM's HELLO on COM2 (ttyS1)");
-        Ok(Self { relay, threads })
+        Ok(Self {
+            relay,
+            stop_reader: tunnel.stop_reader,
+            threads,
+        })
     }
 
-    /// Waits for the threads (after the machine's halt flag was set).
+    /// Stops the threads and waits for them (their channels close, BAR2 is unmapped). None
+    /// of them wakes up before: they wait on their sockets, COM2's queues and the stop.
     pub fn join(self) {
+        self.relay.stop();
+        let _ = self.stop_reader.send(None);
         for t in self.threads {
             if t.join().is_err() {
                 log::error!("a driver-VM relay thread panicked");

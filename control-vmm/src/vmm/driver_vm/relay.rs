@@ -7,23 +7,20 @@
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ipc::tunnel::vhost_msg::{mask_protocol_features_reply, MsgHeader};
 use ipc::tunnel::{Frame, FrameKind, VERSION};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::vmm::bus::Limiter;
 use crate::vmm::devices::cross_vm::CrossVmState;
 
 use super::bar2_space::Bar2Space;
 use super::session::ChannelSession;
-use super::wire::{read_message, write_message};
+use super::wire::{read_message, write_message, Stop};
 
-/// How often waiting threads look at the stop flag.
-const POLL: Duration = Duration::from_millis(100);
 /// How long a reply may wait for a frontend that does not read before its channel fails.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -45,7 +42,7 @@ pub struct Relay {
     ready: Mutex<bool>,
     ready_changed: Condvar,
     links: Vec<Mutex<Link>>,
-    stop: Arc<AtomicBool>,
+    stop: Stop,
     noise: Limiter,
 }
 
@@ -61,18 +58,28 @@ impl Relay {
         channels: usize,
         to_vm: mpsc::Sender<Vec<u8>>,
         stop: Arc<AtomicBool>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let size = device.bar2_size();
-        Self {
+        Ok(Self {
             device,
             space: Mutex::new(Bar2Space::new(size)),
             to_vm: Mutex::new(to_vm),
             ready: Mutex::new(false),
             ready_changed: Condvar::new(),
             links: (0..channels).map(|_| Mutex::default()).collect(),
-            stop,
+            stop: Stop::new(stop)?,
             noise: Limiter::default(),
-        }
+        })
+    }
+
+    /// Stops the channel threads (they wait without waking up until this) and the feeder.
+    pub fn stop(&self) {
+        self.stop.stop();
+        // Under the lock, so that no waiter misses it between its check and its wait.
+        let _ready = lock(&self.ready);
+        self.ready_changed.notify_all();
+        // An empty frame wakes the feeder, which then sees the stop.
+        let _ = lock(&self.to_vm).send(Vec::new());
     }
 
     /// Bytes of BAR2 in use.
@@ -94,7 +101,7 @@ impl Relay {
     fn wait_ready(&self) -> bool {
         let mut ready = lock(&self.ready);
         loop {
-            if self.stop.load(Ordering::SeqCst) {
+            if self.stop.stopped() {
                 return false;
             }
             if *ready {
@@ -102,9 +109,8 @@ impl Relay {
             }
             ready = self
                 .ready_changed
-                .wait_timeout(ready, POLL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+                .wait(ready)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -198,10 +204,9 @@ impl Relay {
         }
     }
 
-    /// The next frontend, or None after a poll interval with none.
+    /// The next frontend, or None when stopping (or accept failed).
     fn accept(&self, listener: &UnixListener) -> Option<UnixStream> {
-        let mut pfd = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        if !matches!(poll(&mut pfd, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+        if !matches!(self.stop.wait_readable(listener.as_fd()), Ok(true)) {
             return None;
         }
         match listener.accept() {
@@ -210,6 +215,7 @@ impl Relay {
                 if self.noise.allow() {
                     log::warn!("driver-VM relay: accept: {e}");
                 }
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 None
             }
         }

@@ -5,7 +5,7 @@
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -34,7 +34,7 @@ struct Harness {
     device: Arc<CrossVmState>,
     kvm: Arc<FakeKvm>,
     com2: mpsc::Receiver<Vec<u8>>,
-    stop: Arc<AtomicBool>,
+    _stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -45,18 +45,14 @@ impl Harness {
         let device = dev.state();
         let (tx, com2) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let relay = Arc::new(Relay::new(
-            Arc::clone(&device),
-            channels,
-            tx,
-            Arc::clone(&stop),
-        ));
+        let relay = Relay::new(Arc::clone(&device), channels, tx, Arc::clone(&stop)).unwrap();
+        let relay = Arc::new(relay);
         Self {
             relay,
             device,
             kvm,
             com2,
-            stop,
+            _stop: stop,
             threads: Vec::new(),
         }
     }
@@ -92,7 +88,7 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.relay.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -448,7 +444,7 @@ fn frontends_are_accepted_only_after_hello() {
     assert!(closed(&mut fe));
     let _next = UnixStream::connect(&path).unwrap();
     assert_eq!(h.frame(), Frame::open(0));
-    h.stop.store(true, Ordering::SeqCst);
+    h.relay.stop();
     t.join().unwrap();
     let _ = OwnedFd::from(fe).as_fd();
 }

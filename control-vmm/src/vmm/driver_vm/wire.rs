@@ -3,18 +3,17 @@
 //! VM's replies back (they carry no fds).
 
 use std::io::{IoSliceMut, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use ipc::tunnel::vhost_msg::{MsgHeader, HEADER_LEN};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
-
-/// How often a blocked reader looks at its stop flag.
-const POLL_MS: u16 = 100;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why no message came.
 #[derive(Debug, thiserror::Error)]
@@ -38,23 +37,76 @@ pub struct Incoming {
     pub fds: Vec<OwnedFd>,
 }
 
-/// Reads exactly `buf.len()` bytes, collecting fds, waiting while `stop` is clear.
+/// How a blocked reader learns that it must stop: a flag, and an eventfd that becomes
+/// readable (and stays so) when the flag is set. Waiting costs no wake-ups.
+#[derive(Debug)]
+pub struct Stop {
+    pub flag: Arc<AtomicBool>,
+    pub wake: EventFd,
+}
+
+impl Stop {
+    pub fn new(flag: Arc<AtomicBool>) -> std::io::Result<Self> {
+        Ok(Self {
+            flag,
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets the flag and wakes every waiter.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        // Nobody reads it: it stays readable.
+        let _ = self.wake.write(1);
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `fd` is readable (true) or the stop is set (false).
+    pub fn wait_readable(&self, fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+        loop {
+            if self.stopped() {
+                return Ok(false);
+            }
+            // SAFETY: the eventfd lives as long as `self`, past this call.
+            let wake = unsafe { BorrowedFd::borrow_raw(self.wake.as_raw_fd()) };
+            let mut pfd = [
+                PollFd::new(fd, PollFlags::POLLIN),
+                PollFd::new(wake, PollFlags::POLLIN),
+            ];
+            match poll(&mut pfd, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+            let ready = |p: &PollFd<'_>| {
+                p.revents().is_some_and(|r| {
+                    r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                })
+            };
+            if ready(&pfd[1]) || self.stopped() {
+                return Ok(false);
+            }
+            if ready(&pfd[0]) {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, collecting fds, until `stop`.
 fn read_full(
     stream: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<(), WireError> {
     let mut got = 0;
     while got < buf.len() {
-        if stop.load(Ordering::SeqCst) {
+        if !stop.wait_readable(stream.as_fd()).map_err(WireError::Io)? {
             return Err(WireError::Stopped);
-        }
-        let mut pfd = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut pfd, PollTimeout::from(POLL_MS)) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => {}
-            Err(e) => return Err(WireError::Io(e)),
         }
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_ATTACHED_FD_ENTRIES]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
@@ -91,7 +143,7 @@ fn read_full(
 
 /// Reads the next whole message; fds that came with it are owned (closed on drop) whatever
 /// becomes of it.
-pub fn read_message(stream: &UnixStream, stop: &AtomicBool) -> Result<Incoming, WireError> {
+pub fn read_message(stream: &UnixStream, stop: &Stop) -> Result<Incoming, WireError> {
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER_LEN];
     read_full(stream, &mut header, &mut fds, stop)?;

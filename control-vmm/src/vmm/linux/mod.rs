@@ -31,7 +31,9 @@ use super::devices::cross_vm;
 use super::devices::nvme::{self, Namespace};
 use super::driver_vm::{DriverVm, DriverVmConfig, Tunnel};
 use super::exits::{totals, ExitCounters, PhaseCounts, PhaseLog};
-use super::machine::{create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError};
+use super::machine::{
+    create_vm, install_kick_handler, stop_vcpus, wait_for_end, Outcome, VmError, STOP_POLL_LINUX,
+};
 use super::memory::GuestRam;
 use super::pci::PciSegment;
 use super::report::totals_lines;
@@ -364,7 +366,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&hotplug));
     }
 
-    let outcome = wait_for_end(&done_rx, &cfg.stop);
+    let outcome = wait_for_end(&done_rx, &cfg.stop, STOP_POLL_LINUX);
     if let Some(slot) = &cfg.hotplug {
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
