@@ -87,6 +87,10 @@ enum Cmd {
         /// leave the image locked for a while, so restart by path may have to wait).
         #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
         io_engine: IoEngine,
+        /// Requests a disk queue serves per pass before it publishes them and signals the
+        /// driver (experiments; default: the device's).
+        #[arg(long, hide = true)]
+        budget: Option<usize>,
         /// Serve a null device of SIZE bytes instead of an image (benchmarks).
         #[arg(long, value_name = "SIZE", conflicts_with = "blk")]
         null: Option<u64>,
@@ -224,6 +228,7 @@ fn main() -> Result<()> {
             poll_us,
             poll_max_us,
             io_engine,
+            budget,
             null,
             require_sealed,
             confine_uid,
@@ -271,6 +276,7 @@ fn main() -> Result<()> {
                 poll_max_us,
                 seal_policy,
                 io_uring: io_engine == IoEngine::IoUring,
+                budget: budget.unwrap_or(BlkBackendConfig::default().budget),
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);
