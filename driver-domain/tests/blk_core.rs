@@ -62,7 +62,7 @@ fn rig_with(read_only: bool, event_idx: bool, budget: usize, io_uring: bool) -> 
         ..BlkBackendConfig::default()
     };
     let log = InflightLog::new(1, QSIZE).unwrap();
-    let blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0).unwrap());
+    let blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0));
     let ring = DriverRing::new(GuestAddress(0x1000), QSIZE);
     let mut queue = Queue::new(QSIZE).unwrap();
     ring.configure(&mut queue, event_idx);
@@ -137,8 +137,8 @@ fn read_write_flush_get_id() {
         got,
         pattern((DISK_SECTORS * 512) as usize, 0x5a)[1024..5120]
     );
-    assert!(r.blk.inflight().pending().unwrap().is_empty());
-    assert_eq!(r.blk.inflight().used_idx().unwrap(), 1);
+    assert!(r.blk.inflight().unwrap().pending().unwrap().is_empty());
+    assert_eq!(r.blk.inflight().unwrap().used_idx().unwrap(), 1);
 
     // OUT: a new pattern to sector 100.
     let p2 = pattern(1024, 0x33);
@@ -591,7 +591,7 @@ fn malformed_indirect_tables() {
         assert_eq!(r.ring.used_elem(&r.mem, i).unwrap(), (u32::from(i), 0));
     }
     assert!(r.blk.broken().is_none());
-    assert!(r.blk.inflight().pending().unwrap().is_empty());
+    assert!(r.blk.inflight().unwrap().pending().unwrap().is_empty());
 }
 
 #[test]
@@ -607,7 +607,7 @@ fn writes_flush_reads_in_one_pass_keep_fetch_order() {
         ..BlkBackendConfig::default()
     };
     let log = InflightLog::new(1, Q).unwrap();
-    let mut blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0).unwrap());
+    let mut blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0));
     let mut ring = DriverRing::new(GuestAddress(0x1000), Q);
     let mut queue = Queue::new(Q).unwrap();
     ring.configure(&mut queue, false);
@@ -670,7 +670,7 @@ fn writes_flush_reads_in_one_pass_keep_fetch_order() {
         assert_eq!(on_file, pattern(4096, 0x10 + i as u8), "file {i}");
     }
     assert_eq!(ring.used_elem(&mem, 6).unwrap(), (18, 4097));
-    assert!(blk.inflight().pending().unwrap().is_empty());
+    assert!(blk.inflight().unwrap().pending().unwrap().is_empty());
 }
 
 /// A 4 KiB request at descriptors base..base+2 with its data at `data`.
@@ -729,7 +729,7 @@ fn both_io_engines_serve_a_pass_of_reads_and_writes_alike() {
             let at = (64 + 8 * usize::from(i)) * 512;
             assert_eq!(got, original[at..at + 4096], "io_uring {io_uring}");
         }
-        assert!(r.blk.inflight().pending().unwrap().is_empty());
+        assert!(r.blk.inflight().unwrap().pending().unwrap().is_empty());
     }
 }
 

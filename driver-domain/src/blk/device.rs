@@ -80,7 +80,10 @@ pub struct BlkBackendQueue {
     index: u16,
     disk: Arc<BlkDisk>,
     serial: [u8; ID_LEN],
-    inflight: InflightQueue,
+    /// Where fetched requests are logged until completed: only once a frontend asked for a
+    /// log (GET_INFLIGHT_FD) or handed one back (SET_INFLIGHT_FD); a log nobody holds would
+    /// be three stores per request for no one.
+    inflight: Option<InflightQueue>,
     /// Heads found in flight in a log taken over, to serve before the avail ring, in fetch
     /// order (see [`BlkBackendQueue::resume`]).
     resubmit: VecDeque<u16>,
@@ -100,12 +103,12 @@ pub struct BlkBackendQueue {
 }
 
 impl BlkBackendQueue {
-    /// State for queue `index` of a device on `disk`, logging into `inflight`.
+    /// State for queue `index` of a device on `disk`, logging into `inflight` if given.
     pub fn new(
         index: u16,
         disk: Arc<BlkDisk>,
         cfg: &BlkBackendConfig,
-        inflight: InflightQueue,
+        inflight: Option<InflightQueue>,
     ) -> Self {
         let mut serial = [0u8; ID_LEN];
         let s = cfg.serial.as_bytes();
@@ -150,8 +153,8 @@ impl BlkBackendQueue {
     }
 
     /// The in-flight log of this queue.
-    pub fn inflight(&self) -> &InflightQueue {
-        &self.inflight
+    pub fn inflight(&self) -> Option<&InflightQueue> {
+        self.inflight.as_ref()
     }
 
     /// Why this queue failed, if it did.
@@ -167,7 +170,7 @@ impl BlkBackendQueue {
     /// Log into `inflight` from now on (a log handed out or taken over); nothing is left to
     /// resubmit from the previous one.
     pub fn set_inflight(&mut self, inflight: InflightQueue) {
-        self.inflight = inflight;
+        self.inflight = Some(inflight);
         self.resubmit.clear();
     }
 
@@ -193,8 +196,11 @@ impl BlkBackendQueue {
         let used = queue
             .used_idx(mem, Ordering::Acquire)
             .map_err(|e| BlkBackendError::Ring(q, e))?;
-        let heads = self
-            .inflight
+        let Some(log) = self.inflight.as_mut() else {
+            // No log taken over: nothing to resubmit.
+            return Ok(0);
+        };
+        let heads = log
             .recover(used.0)
             .map_err(|e| BlkBackendError::Inflight(q, e))?;
         let size = queue.size();
@@ -333,15 +339,17 @@ impl BlkBackendQueue {
         mem: &M,
     ) -> Result<(), BlkBackendError> {
         let q = self.index;
-        self.inflight
-            .pre_complete(head)
-            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        if let Some(log) = self.inflight.as_mut() {
+            log.pre_complete(head)
+                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        }
         queue
             .add_used(mem, head, written)
             .map_err(|e| BlkBackendError::Ring(q, e))?;
-        self.inflight
-            .post_complete(head, queue.next_used())
-            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        if let Some(log) = self.inflight.as_mut() {
+            log.post_complete(head, queue.next_used())
+                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        }
         Ok(())
     }
 
@@ -460,9 +468,9 @@ impl BlkBackendQueue {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            self.inflight
-                .set(head)
-                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+            if let Some(log) = self.inflight.as_mut() {
+                log.set(head).map_err(|e| BlkBackendError::Inflight(q, e))?;
+            }
             progress.completed += 1;
             if self.ring.is_none() {
                 self.serve_chain(chain, queue, mem)?;
@@ -606,9 +614,8 @@ pub struct BlkBackendDevice {
     queues: Vec<Mutex<BlkBackendQueue>>,
     /// Queue indexes served by each worker, in queue order.
     workers: Vec<Vec<usize>>,
-    /// The log the queues write (the device's own until a frontend asks for or hands back
-    /// one).
-    inflight: Mutex<InflightLog>,
+    /// The log the queues write, once a frontend asked for one or handed one back.
+    inflight: Mutex<Option<InflightLog>>,
 }
 
 impl BlkBackendDevice {
@@ -622,15 +629,9 @@ impl BlkBackendDevice {
                 "queue size must be a power of two <= 32768",
             ));
         }
-        let log = InflightLog::new(cfg.num_queues, cfg.queue_size)
-            .map_err(BlkBackendError::InflightLog)?;
-        let mut queues = Vec::new();
-        for q in 0..cfg.num_queues {
-            let iq = log
-                .queue(q)
-                .ok_or(BlkBackendError::Config("in-flight log too small"))?;
-            queues.push(Mutex::new(BlkBackendQueue::new(q, disk.clone(), &cfg, iq)));
-        }
+        let queues = (0..cfg.num_queues)
+            .map(|q| Mutex::new(BlkBackendQueue::new(q, disk.clone(), &cfg, None)))
+            .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let nworkers = usize::from(cfg.num_queues).min(cores).max(1);
         let mut workers = vec![Vec::new(); nworkers];
@@ -643,13 +644,16 @@ impl BlkBackendDevice {
             cfg,
             queues,
             workers,
-            inflight: Mutex::new(log),
+            inflight: Mutex::new(None),
         })
     }
 
-    /// The memfd of the in-flight log the queues write now.
-    pub fn inflight_file(&self) -> std::io::Result<File> {
-        sync::lock(&self.inflight).file().try_clone()
+    /// The memfd of the in-flight log the queues write now, if a frontend asked for one or
+    /// handed one back.
+    pub fn inflight_file(&self) -> Option<std::io::Result<File>> {
+        sync::lock(&self.inflight)
+            .as_ref()
+            .map(|log| log.file().try_clone())
     }
 
     /// Checks a log shape a frontend asks for: 1..=queues, a power of two up to the maximum.
@@ -678,7 +682,7 @@ impl BlkBackendDevice {
                 .ok_or(BlkBackendError::Config("in-flight log too small"))?;
             sync::lock(queue).set_inflight(iq);
         }
-        *sync::lock(&self.inflight) = log;
+        *sync::lock(&self.inflight) = Some(log);
         Ok(())
     }
 }
