@@ -81,11 +81,10 @@ enum Cmd {
         /// (0: no polling).
         #[arg(long, value_name = "US", default_value_t = 32)]
         poll_max_us: u64,
-        /// How a disk queue does its reads and writes: `sync` (one preadv/pwritev per
-        /// request) or `io-uring` (each pass over the ring as one submission; falls back to
-        /// `sync` where the kernel refuses a ring; a `kill -9` with requests in flight can
-        /// leave the image locked for a while, so restart by path may have to wait).
-        #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
+        /// How a disk queue does its reads and writes: `io-uring` (each pass over the ring
+        /// as one submission of inline transfers; falls back to `sync` where the kernel
+        /// refuses a ring) or `sync` (one preadv/pwritev per request).
+        #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
         io_engine: IoEngine,
         /// Requests a disk queue serves per pass before it publishes them and signals the
         /// driver (experiments; default: the device's).

@@ -11,8 +11,8 @@
 //! Modes: `irq` = frontend waits on the call eventfd; ours does not poll, QSD's iothread keeps
 //! its default adaptive polling (QSD at its best); `poll` = frontend busy-polls the used ring
 //! (a libblkio poll queue), backends busy-poll (ours: `--poll-us`, QSD: its default adaptive
-//! polling). `ours-file` batches through io_uring (`--io-engine io-uring`),
-//! `ours-file-sync` does one preadv per request (`--io-engine sync`, the default).
+//! polling). `ours-file` batches through io_uring (`--io-engine io-uring`, the default),
+//! `ours-file-sync` does one preadv per request (`--io-engine sync`).
 //!
 //! Build and run: `cargo build --release -p splitvmm-driver-domain -p splitvmm-tests &&
 //! target/release/blk-bench --seconds 1 --rounds 3`
