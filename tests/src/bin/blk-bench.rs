@@ -66,6 +66,10 @@ struct Args {
     /// two-CPU machine polling is otherwise at the mercy of the scheduler.
     #[arg(long, value_name = "A,B")]
     pin: Option<String>,
+    /// 4 KiB random writes instead of reads (buffered, into the page cache; the image is
+    /// rewritten before the run and re-read before each target).
+    #[arg(long)]
+    write: bool,
     /// Queue depths to measure (comma separated).
     #[arg(long, default_value = "1,32")]
     depths: String,
@@ -74,6 +78,9 @@ struct Args {
     #[arg(long)]
     driver_domain_b: Option<PathBuf>,
 }
+
+/// Whether the workload is 4 KiB random writes instead of reads (`--write`, set once in main).
+static WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The backend's CPU, when `--pin` asked for one (set once in main).
 static BACKEND_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -151,21 +158,22 @@ fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
     }
 }
 
-/// Random 4 KiB reads at queue depth `qd` for `secs` seconds on `q`.
+/// Random 4 KiB reads (or writes, with `WRITES` set) at queue depth `qd` for `secs` seconds
+/// on `q`.
 fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) -> Result<Stats> {
+    let writes = WRITES.load(std::sync::atomic::Ordering::Relaxed);
     let blocks = capacity / BS as u64;
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut start = vec![Instant::now(); qd];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
     let submit = |q: &mut Blkioq, rng: &mut XorShift, slot: usize| {
         let off = rng.below(blocks) * BS as u64;
-        q.read(
-            off,
-            (buf + slot * BS) as *mut u8,
-            BS,
-            slot,
-            ReqFlags::empty(),
-        );
+        let at = buf + slot * BS;
+        if writes {
+            q.write(off, at as *const u8, BS, slot, ReqFlags::empty());
+        } else {
+            q.read(off, at as *mut u8, BS, slot, ReqFlags::empty());
+        }
     };
     for (slot, s) in start.iter_mut().enumerate() {
         *s = Instant::now();
@@ -193,7 +201,7 @@ fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) ->
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             if c.ret != 0 {
-                bail!("read at QD{qd} failed: {}", c.ret);
+                bail!("request at QD{qd} failed: {}", c.ret);
             }
             let slot = c.user_data;
             if measuring {
@@ -252,7 +260,9 @@ fn measure_depths(
     let mut out = b.start().map_err(|e| anyhow!("start: {e:?}"))?;
     let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
     let max_qd = depths.iter().copied().max().unwrap_or(1);
-    let region = b.alloc_mem_region(max_qd * BS).map_err(|e| anyhow!("{e:?}"))?;
+    let region = b
+        .alloc_mem_region(max_qd * BS)
+        .map_err(|e| anyhow!("{e:?}"))?;
     b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
     let q = if poll {
         &mut out.poll_queues[0]
@@ -435,6 +445,7 @@ fn run_target(
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    WRITES.store(args.write, std::sync::atomic::Ordering::Relaxed);
     let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     if let Some(pin) = &args.pin {
         let cpus: Vec<usize> = pin
@@ -664,8 +675,13 @@ fn main() -> Result<()> {
         ratio("ours-file-sync", "native-io_uring", "irq", qd);
     }
     println!(
-        "\n(host: {} CPUs; load average {load_before} before, {load_after} after; {} round(s), \
-         order reversed every other round; seconds per point: {}; {})",
+        "\n({}; host: {} CPUs; load average {load_before} before, {load_after} after; {} \
+         round(s), order reversed every other round; seconds per point: {}; {})",
+        if args.write {
+            "4 KiB random writes"
+        } else {
+            "4 KiB random reads"
+        },
         host_cpus,
         args.rounds.max(1),
         args.seconds,
