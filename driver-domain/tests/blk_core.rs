@@ -373,6 +373,59 @@ fn event_idx_suppresses_notifications() {
     assert!(p.notify);
 }
 
+/// With EVENT_IDX, a pass ends once it served half of what is in flight and the driver waits
+/// for a completion: the caller signals it then and calls again for the other half, so that
+/// the driver reaps and posts while the backend serves. A driver that does not wait gets the
+/// whole ring in one pass and no signal; without EVENT_IDX the pass takes the whole ring and
+/// signals at its end. On both engines.
+#[test]
+fn a_waiting_driver_is_signalled_once_half_of_what_is_in_flight_is_served() {
+    for io_uring in [false, true] {
+        let post4 = |r: &mut Rig| {
+            for i in 0..4u16 {
+                request_with(
+                    r,
+                    3 * i,
+                    (0, u64::from(i)),
+                    (DATA + 512 * u64::from(i), 512),
+                    true,
+                );
+            }
+        };
+        // The driver waits for the first completion (used_event 0).
+        let mut r = rig_with(false, true, 64, io_uring);
+        r.ring.set_used_event(&r.mem, 0).unwrap();
+        post4(&mut r);
+        let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+        assert_eq!(
+            (p.completed, p.notify, p.more),
+            (2, true, true),
+            "io_uring {io_uring}"
+        );
+        assert_eq!(r.ring.used_idx(&r.mem).unwrap(), 2);
+        // The driver has not reaped yet: the other half without another signal.
+        let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+        assert_eq!((p.completed, p.notify), (2, false), "io_uring {io_uring}");
+        assert_eq!(r.ring.used_idx(&r.mem).unwrap(), 4);
+        for i in 0..4u16 {
+            assert_eq!(status_of(&r, 3 * i), 0);
+        }
+
+        // A driver busy elsewhere (used_event far ahead): one pass, no signal.
+        let mut r = rig_with(false, true, 64, io_uring);
+        r.ring.set_used_event(&r.mem, 100).unwrap();
+        post4(&mut r);
+        let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+        assert_eq!((p.completed, p.notify), (4, false), "io_uring {io_uring}");
+
+        // No EVENT_IDX: one pass, signalled at its end.
+        let mut r = rig_with(false, false, 64, io_uring);
+        post4(&mut r);
+        let p = r.blk.process(&mut r.queue, &r.mem).unwrap();
+        assert_eq!((p.completed, p.notify), (4, true), "io_uring {io_uring}");
+    }
+}
+
 /// A vring set up on `ring` as the request handler sets one up from the frontend's messages.
 fn vring_on(ring: &DriverRing) -> Vring {
     let vring = Vring::new(QSIZE).unwrap();
