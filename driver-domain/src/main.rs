@@ -81,12 +81,15 @@ enum Cmd {
         /// (0: no polling).
         #[arg(long, value_name = "US", default_value_t = 32)]
         poll_max_us: u64,
-        /// How a disk queue does its reads and writes: `sync` (one preadv/pwritev per
-        /// request) or `io-uring` (each pass over the ring as one submission; falls back to
-        /// `sync` where the kernel refuses a ring; a `kill -9` with requests in flight can
-        /// leave the image locked for a while, so restart by path may have to wait).
-        #[arg(long, value_enum, default_value_t = IoEngine::Sync)]
+        /// How a disk queue does its reads and writes: `io-uring` (each pass over the ring
+        /// as one submission of inline transfers; falls back to `sync` where the kernel
+        /// refuses a ring) or `sync` (one preadv/pwritev per request).
+        #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
         io_engine: IoEngine,
+        /// Requests a disk queue serves per pass before it publishes them and signals the
+        /// driver (experiments; default: the device's).
+        #[arg(long, hide = true)]
+        budget: Option<usize>,
         /// Serve a null device of SIZE bytes instead of an image (benchmarks).
         #[arg(long, value_name = "SIZE", conflicts_with = "blk")]
         null: Option<u64>,
@@ -247,6 +250,7 @@ fn main() -> Result<()> {
             poll_us,
             poll_max_us,
             io_engine,
+            budget,
             null,
             require_sealed,
             confine_uid,
@@ -294,6 +298,7 @@ fn main() -> Result<()> {
                 poll_max_us,
                 seal_policy,
                 io_uring: io_engine == IoEngine::IoUring,
+                budget: budget.unwrap_or(BlkBackendConfig::default().budget),
                 ..BlkBackendConfig::default()
             };
             let disk = Arc::new(disk);

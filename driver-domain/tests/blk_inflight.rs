@@ -259,6 +259,7 @@ fn a_session_negotiates_inflight_shmfd_and_logs_into_the_region_it_handed_out() 
     assert_eq!(u16::from_le_bytes([hdr[8], hdr[9]]), 1, "version");
     assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), QSIZE, "desc_num");
     fe.set_inflight_fd(&got, log.as_raw_fd()).unwrap();
+    assert!(inflight_memfds(be.child.id()) >= 1, "the log handed out");
     let mut p = Peer::new(fe, QSIZE);
     p.start(0).unwrap();
     let head = p.chain(0, T_OUT, &pattern(512, 7));
@@ -281,6 +282,41 @@ fn a_session_negotiates_inflight_shmfd_and_logs_into_the_region_it_handed_out() 
     assert_eq!(on_disk, pattern(512, 7));
     drop(p);
     assert_still_serving(&mut be, &pattern(512, 7));
+}
+
+/// The in-flight memfds `pid` holds (their /proc/<pid>/fd links name the memfd).
+fn inflight_memfds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains("splitvmm-blk-inflight"))
+        .count()
+}
+
+/// A frontend that never asks for a log (libblkio, Cloud Hypervisor) gets none: the backend
+/// creates no in-flight memfd and logs nothing per request, and still serves.
+#[test]
+fn a_session_that_asks_for_no_log_gets_none_and_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut be, img) = image(dir.path());
+    let (fe, offered) = Peer::connect(&be.socket);
+    assert!(offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    let mut p = Peer::new(fe, QSIZE);
+    p.start(0).unwrap();
+    let head = p.chain(0, T_OUT, &pattern(512, 9));
+    p.ring.push_avail(&p.mem, head).unwrap();
+    p.kick.write(1).unwrap();
+    p.wait_used(1);
+    assert_eq!(p.status(0), 0);
+    assert_eq!(inflight_memfds(be.child.id()), 0, "a log nobody asked for");
+    let mut on_disk = vec![0u8; 512];
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut on_disk, 0)
+        .unwrap();
+    assert_eq!(on_disk, pattern(512, 9));
+    drop(p);
+    assert_still_serving(&mut be, &pattern(512, 9));
 }
 
 /// A restarted backend is handed a log with three writes in flight, fetched in counter

@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
         ..BlkBackendConfig::default()
     };
     let log = InflightLog::new(1, QSIZE).unwrap();
-    let mut blk = BlkBackendQueue::new(0, disk(), &cfg, log.queue(0).unwrap());
+    let mut blk = BlkBackendQueue::new(0, disk(), &cfg, log.queue(0));
     match blk.process(&mut queue, &mem) {
         Ok(progress) => {
             assert_eq!(progress.completed, heads.len());

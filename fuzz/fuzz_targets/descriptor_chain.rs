@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let log = InflightLog::new(1, QSIZE).unwrap();
     let disk = Arc::new(BlkDisk::null(128 * 512, read_only));
-    let mut blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0).unwrap());
+    let mut blk = BlkBackendQueue::new(0, disk, &cfg, log.queue(0));
     for _ in 0..4 {
         match blk.process(&mut queue, &mem) {
             Ok(p) => {

@@ -143,6 +143,20 @@ fn used_since(mem: &GuestMemoryMmap, ring: &DriverRing, from: u16) -> Vec<u16> {
         .collect()
 }
 
+/// Whether some open file description holds a lock that would conflict with a write lock
+/// over the whole of `image` (QEMU's and this backend's locks are OFD locks on single bytes).
+fn write_locked(image: &Path) -> bool {
+    let probe = File::open(image).unwrap();
+    // SAFETY: an all-zero flock is a valid value; the fields F_OFD_GETLK reads are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: an open descriptor and a valid flock the kernel fills in.
+    let r = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as i16
+}
+
 fn stopped(pid: Pid) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .unwrap()
@@ -231,6 +245,13 @@ fn a_killed_backend_resumes_the_guests_rings_from_the_in_flight_log_the_session_
         "the round was not complete at the kill"
     );
 
+    // The killed backend's image lock went with it: with ring transfers handed to io-wq
+    // workers, the lock outlived the reaped process by up to 20 ms (the ring's deferred
+    // teardown), and a restart in that window found the image in use.
+    assert!(
+        !write_locked(&image),
+        "the image is still locked after the killed backend was reaped"
+    );
     // A new backend on the same image; the session resumes the ring where the guest's used
     // ring says, with the log handed back.
     let _backend = serve(&image, &socket, &second_log);

@@ -44,9 +44,8 @@ pub struct BlkBackendConfig {
     /// Where the device counts what it serves (shared with whoever reports it).
     pub counters: Arc<DeviceCounters>,
     /// Batch each pass's reads and writes through an io_uring per queue (see
-    /// [`super::uring`]); without it, or where the kernel refuses a ring, every request is a
-    /// `preadv`/`pwritev` of its own. Off by default: a backend killed with ring requests in
-    /// flight can leave its image's lock held for a while after it died (see `uring`).
+    /// [`super::uring`]; the default); without it, or where the kernel refuses a ring, every
+    /// request is a `preadv`/`pwritev` of its own.
     pub io_uring: bool,
 }
 
@@ -62,7 +61,7 @@ impl Default for BlkBackendConfig {
             seal_policy: SealPolicy::AllowUnsealedChecked,
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
-            io_uring: false,
+            io_uring: true,
         }
     }
 }

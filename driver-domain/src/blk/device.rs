@@ -80,7 +80,10 @@ pub struct BlkBackendQueue {
     index: u16,
     disk: Arc<BlkDisk>,
     serial: [u8; ID_LEN],
-    inflight: InflightQueue,
+    /// Where fetched requests are logged until completed: only once a frontend asked for a
+    /// log (GET_INFLIGHT_FD) or handed one back (SET_INFLIGHT_FD); a log nobody holds would
+    /// be three stores per request for no one.
+    inflight: Option<InflightQueue>,
     /// Heads found in flight in a log taken over, to serve before the avail ring, in fetch
     /// order (see [`BlkBackendQueue::resume`]).
     resubmit: VecDeque<u16>,
@@ -92,17 +95,20 @@ pub struct BlkBackendQueue {
     /// The requests of the pass being batched, and their results.
     batch_reqs: Vec<Request>,
     batch_results: Vec<i32>,
+    /// Completions of the current `process` call whose signal was decided already (see
+    /// [`BlkBackendQueue::driver_waits`]).
+    checked: usize,
     failure: QueueFailure,
     counters: Arc<DeviceCounters>,
 }
 
 impl BlkBackendQueue {
-    /// State for queue `index` of a device on `disk`, logging into `inflight`.
+    /// State for queue `index` of a device on `disk`, logging into `inflight` if given.
     pub fn new(
         index: u16,
         disk: Arc<BlkDisk>,
         cfg: &BlkBackendConfig,
-        inflight: InflightQueue,
+        inflight: Option<InflightQueue>,
     ) -> Self {
         let mut serial = [0u8; ID_LEN];
         let s = cfg.serial.as_bytes();
@@ -135,6 +141,7 @@ impl BlkBackendQueue {
             ring,
             batch_reqs: Vec::new(),
             batch_results: Vec::new(),
+            checked: 0,
             failure: QueueFailure::new(index),
             counters: cfg.counters.clone(),
         }
@@ -146,8 +153,8 @@ impl BlkBackendQueue {
     }
 
     /// The in-flight log of this queue.
-    pub fn inflight(&self) -> &InflightQueue {
-        &self.inflight
+    pub fn inflight(&self) -> Option<&InflightQueue> {
+        self.inflight.as_ref()
     }
 
     /// Why this queue failed, if it did.
@@ -163,7 +170,7 @@ impl BlkBackendQueue {
     /// Log into `inflight` from now on (a log handed out or taken over); nothing is left to
     /// resubmit from the previous one.
     pub fn set_inflight(&mut self, inflight: InflightQueue) {
-        self.inflight = inflight;
+        self.inflight = Some(inflight);
         self.resubmit.clear();
     }
 
@@ -189,8 +196,11 @@ impl BlkBackendQueue {
         let used = queue
             .used_idx(mem, Ordering::Acquire)
             .map_err(|e| BlkBackendError::Ring(q, e))?;
-        let heads = self
-            .inflight
+        let Some(log) = self.inflight.as_mut() else {
+            // No log taken over: nothing to resubmit.
+            return Ok(0);
+        };
+        let heads = log
             .recover(used.0)
             .map_err(|e| BlkBackendError::Inflight(q, e))?;
         let size = queue.size();
@@ -329,15 +339,17 @@ impl BlkBackendQueue {
         mem: &M,
     ) -> Result<(), BlkBackendError> {
         let q = self.index;
-        self.inflight
-            .pre_complete(head)
-            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        if let Some(log) = self.inflight.as_mut() {
+            log.pre_complete(head)
+                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        }
         queue
             .add_used(mem, head, written)
             .map_err(|e| BlkBackendError::Ring(q, e))?;
-        self.inflight
-            .post_complete(head, queue.next_used())
-            .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        if let Some(log) = self.inflight.as_mut() {
+            log.post_complete(head, queue.next_used())
+                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+        }
         Ok(())
     }
 
@@ -362,6 +374,7 @@ impl BlkBackendQueue {
         let q = self.index;
         let ring = |e| BlkBackendError::Ring(q, e);
         let mut progress = QueueProgress::default();
+        self.checked = 0;
         self.poll.woken();
         loop {
             queue.disable_notification(mem).map_err(ring)?;
@@ -388,13 +401,51 @@ impl BlkBackendQueue {
                 break;
             }
         }
-        if progress.completed > 0 {
+        if progress.completed > 0 && !progress.notify {
             progress.notify = queue.needs_notification(mem).map_err(ring)?;
         }
         Ok(progress)
     }
 
-    /// Serves what the avail ring holds, up to the budget; true if the budget ran out. With a
+    /// With EVENT_IDX, whether the driver waits for what this pass published so far and
+    /// should hear of it now: the pass then ends, the caller signals the driver at once and
+    /// calls again for the rest of the ring. Checked once the completions not yet checked are
+    /// at least as many as the requests still waiting in the ring, so that the driver reaps
+    /// and posts one half of what is in flight while the queue serves the other half (the two
+    /// sides overlap instead of taking turns over whole batches) at no more than about two
+    /// signals per ring's worth. Without EVENT_IDX every completion asks for a signal: the
+    /// driver is signalled at the end of the pass instead.
+    fn driver_waits<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        progress: &mut QueueProgress,
+    ) -> Result<bool, BlkBackendError> {
+        let unchecked = progress.completed - self.checked;
+        if !queue.event_idx_enabled() || unchecked == 0 {
+            return Ok(false);
+        }
+        if unchecked < self.waiting(queue, mem)? {
+            return Ok(false);
+        }
+        self.checked = progress.completed;
+        let waits = queue
+            .needs_notification(mem)
+            .map_err(|e| BlkBackendError::Ring(self.index, e))?;
+        progress.notify |= waits;
+        Ok(waits)
+    }
+
+    /// How many requests the avail ring holds that were not fetched yet.
+    fn waiting<M: GuestMemory>(&self, queue: &Queue, mem: &M) -> Result<usize, BlkBackendError> {
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(|e| BlkBackendError::Ring(self.index, e))?;
+        Ok(usize::from((avail - Wrapping(queue.next_avail())).0))
+    }
+
+    /// Serves what the avail ring holds, up to the budget; true if the pass ends early (the
+    /// budget ran out, or [`Self::driver_waits`] for what was published). With a
     /// ring, the reads and writes among them go to the kernel together (in the order they
     /// came, each batch before any other kind of request, so a FLUSH follows the writes that
     /// came before it); the others are served one by one.
@@ -417,12 +468,15 @@ impl BlkBackendQueue {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            self.inflight
-                .set(head)
-                .map_err(|e| BlkBackendError::Inflight(q, e))?;
+            if let Some(log) = self.inflight.as_mut() {
+                log.set(head).map_err(|e| BlkBackendError::Inflight(q, e))?;
+            }
             progress.completed += 1;
             if self.ring.is_none() {
                 self.serve_chain(chain, queue, mem)?;
+                if self.driver_waits(queue, mem, progress)? {
+                    return Ok(true);
+                }
                 continue;
             }
             let slot = batch.len();
@@ -446,7 +500,17 @@ impl BlkBackendQueue {
                 continue;
             }
             match prepare_transfer(req, &self.disk, mem) {
-                Ok(t) => batch.push((slot, t)),
+                Ok(t) => {
+                    batch.push((slot, t));
+                    // Half of what is in flight batched: send it, so that the driver can
+                    // hear of it while the other half is fetched (see `driver_waits`).
+                    if queue.event_idx_enabled() && batch.len() >= self.waiting(queue, mem)? {
+                        self.run_batch(&mut batch, queue, mem)?;
+                        if self.driver_waits(queue, mem, progress)? {
+                            return Ok(true);
+                        }
+                    }
+                }
                 Err(st) => {
                     let done = complete(req, mem, st, 0);
                     self.count(done.status, req);
@@ -455,7 +519,7 @@ impl BlkBackendQueue {
             }
         }
         self.run_batch(&mut batch, queue, mem)?;
-        Ok(false)
+        self.driver_waits(queue, mem, progress)
     }
 
     /// Does the batched transfers and publishes their completions (in the order they came).
@@ -550,9 +614,8 @@ pub struct BlkBackendDevice {
     queues: Vec<Mutex<BlkBackendQueue>>,
     /// Queue indexes served by each worker, in queue order.
     workers: Vec<Vec<usize>>,
-    /// The log the queues write (the device's own until a frontend asks for or hands back
-    /// one).
-    inflight: Mutex<InflightLog>,
+    /// The log the queues write, once a frontend asked for one or handed one back.
+    inflight: Mutex<Option<InflightLog>>,
 }
 
 impl BlkBackendDevice {
@@ -566,15 +629,9 @@ impl BlkBackendDevice {
                 "queue size must be a power of two <= 32768",
             ));
         }
-        let log = InflightLog::new(cfg.num_queues, cfg.queue_size)
-            .map_err(BlkBackendError::InflightLog)?;
-        let mut queues = Vec::new();
-        for q in 0..cfg.num_queues {
-            let iq = log
-                .queue(q)
-                .ok_or(BlkBackendError::Config("in-flight log too small"))?;
-            queues.push(Mutex::new(BlkBackendQueue::new(q, disk.clone(), &cfg, iq)));
-        }
+        let queues = (0..cfg.num_queues)
+            .map(|q| Mutex::new(BlkBackendQueue::new(q, disk.clone(), &cfg, None)))
+            .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let nworkers = usize::from(cfg.num_queues).min(cores).max(1);
         let mut workers = vec![Vec::new(); nworkers];
@@ -587,13 +644,16 @@ impl BlkBackendDevice {
             cfg,
             queues,
             workers,
-            inflight: Mutex::new(log),
+            inflight: Mutex::new(None),
         })
     }
 
-    /// The memfd of the in-flight log the queues write now.
-    pub fn inflight_file(&self) -> std::io::Result<File> {
-        sync::lock(&self.inflight).file().try_clone()
+    /// The memfd of the in-flight log the queues write now, if a frontend asked for one or
+    /// handed one back.
+    pub fn inflight_file(&self) -> Option<std::io::Result<File>> {
+        sync::lock(&self.inflight)
+            .as_ref()
+            .map(|log| log.file().try_clone())
     }
 
     /// Checks a log shape a frontend asks for: 1..=queues, a power of two up to the maximum.
@@ -622,7 +682,7 @@ impl BlkBackendDevice {
                 .ok_or(BlkBackendError::Config("in-flight log too small"))?;
             sync::lock(queue).set_inflight(iq);
         }
-        *sync::lock(&self.inflight) = log;
+        *sync::lock(&self.inflight) = Some(log);
         Ok(())
     }
 }

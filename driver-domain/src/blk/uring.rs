@@ -8,21 +8,27 @@
 //! READ, WRITE, READV and WRITEV, and no `io_uring_register` call is allowed afterwards.
 //! Submissions do not pass through seccomp, so without this a compromised worker could open
 //! files or sockets through the ring; with it, it can do what `preadv`/`pwritev` on the
-//! descriptors it holds could. The number of io-wq workers (buffered writes go to them) is
-//! capped.
+//! descriptors it holds could. The number of io-wq workers is capped too, although nothing
+//! is handed to them (below).
 //!
-//! Off by default (`BlkBackendConfig::io_uring`): a CI run of
-//! `frontend_inflight::a_killed_backend_resumes_the_guests_rings_from_the_in_flight_log_the_session_kept`
-//! with the ring on found the image of a `kill -9`'d backend (four requests in flight) still
-//! locked 10 s later, so a backend restarted by path could not open it. The toolstack's
-//! managed mode hands the same locked descriptor to a restarted driver domain and would not
-//! see this, but until the lingering reference is understood the ring is opt-in.
+//! Every transfer is submitted with `RWF_NOWAIT`, so the kernel does it inline in
+//! `io_uring_enter` or fails it with `EAGAIN` (a page-cache miss, a buffered write the file
+//! system would block in, as ext4's buffered writes), and nothing is ever handed to an io-wq
+//! worker; what failed is redone with `preadv`/`pwritev`, and after a write's `EAGAIN` writes
+//! go straight there. Without it, a backend killed (`kill -9`) with writes punted to io-wq
+//! workers kept its image's lock for up to 20 ms after it had been reaped (the ring's
+//! deferred teardown releasing the requests' references to the image), and a backend
+//! restarted at once on the same image found it in use and exited (5 of 8 runs of
+//! `frontend_inflight`'s kill-and-restart test, probed with `F_OFD_GETLK` right after the
+//! reap; the earlier note of a lock held "more than 10 s" was the test's 10 s wait for a
+//! socket the second backend, which had exited, never bound). With it, 30
+//! of 30 runs found the image unlocked at the reap (17 of 30 runs of the test failed
+//! without it).
 //!
 //! The image is not a registered file: a ring's registered files are released after its
-//! process has gone, by the kernel's ring teardown, and while they are the image's open file
-//! description and so its lock stay alive (a `kill -9`'d `serve` restarted at once found its
-//! own image "in use by another process" for more than 10 s). With a plain descriptor a
-//! request holds the file only while it runs, and a dying process waits for those.
+//! process has gone, by the same deferred ring teardown, and until then the image's open
+//! file description and so its lock stay alive. With a plain descriptor and inline transfers
+//! only, nothing but the process's descriptor table holds the image.
 //!
 //! Guest memory is not registered as fixed buffers: that pins every page of the guest
 //! (confined domains have no locked-memory allowance) and a descriptor spanning two regions
@@ -81,6 +87,10 @@ pub struct DiskRing {
     entries: usize,
     /// Every transfer's iovecs, back to back (reused across passes).
     iovecs: Vec<libc::iovec>,
+    /// A write came back `EAGAIN` (the file system cannot do a buffered write without
+    /// blocking, as ext4): writes are no longer sent to the ring, where each would only fail
+    /// before its `pwritev`.
+    writes_block: bool,
 }
 
 impl std::fmt::Debug for DiskRing {
@@ -128,6 +138,7 @@ impl DiskRing {
             image: file.as_raw_fd(),
             entries: entries as usize,
             iovecs: Vec::new(),
+            writes_block: false,
         })
     }
 
@@ -169,6 +180,10 @@ impl DiskRing {
             let n = op.bufs.len();
             let iovs = &self.iovecs[first_iovec..first_iovec + n];
             first_iovec += n;
+            if op.write && self.writes_block {
+                // Left at ECANCELED: the caller writes it with pwritev.
+                continue;
+            }
             let entry = prepare(self.image, op.write, iovs, op.offset).user_data(i as u64);
             // SAFETY: the entry's buffers (or iovec array) stay valid until its completion is
             // reaped below: the iovecs live in `self.iovecs`, untouched until this call
@@ -202,6 +217,16 @@ impl DiskRing {
                 if let Some(r) = results.get_mut(i) {
                     *r = cqe.result();
                 }
+                if cqe.result() == -libc::EAGAIN
+                    && ops.get(i).is_some_and(|op| op.write)
+                    && !self.writes_block
+                {
+                    log::info!(
+                        "blk: a buffered write would block on this file system; writes use \
+                         pwritev from now on"
+                    );
+                    self.writes_block = true;
+                }
                 reaped += 1;
             }
         }
@@ -215,22 +240,30 @@ impl DiskRing {
     }
 }
 
-/// The submission of one transfer on `image`.
+/// The submission of one transfer on `image`, with `RWF_NOWAIT`: a transfer the kernel cannot
+/// do at once (a page-cache miss, a buffered write the file system would block in) fails
+/// with `EAGAIN` and is redone with `preadv`/`pwritev`, instead of being handed to an io-wq
+/// worker that would go on holding the image after a `kill -9`.
 fn prepare(image: RawFd, write: bool, iovs: &[libc::iovec], offset: u64) -> squeue::Entry {
     let file = types::Fd(image);
+    let nowait = libc::RWF_NOWAIT;
     match (write, iovs) {
         // One buffer (a 4 KiB request, mostly): no iovec array for the kernel to copy in.
         (false, [one]) => opcode::Read::new(file, one.iov_base.cast(), one.iov_len as u32)
             .offset(offset)
+            .rw_flags(nowait)
             .build(),
         (true, [one]) => opcode::Write::new(file, one.iov_base.cast(), one.iov_len as u32)
             .offset(offset)
+            .rw_flags(nowait)
             .build(),
         (false, _) => opcode::Readv::new(file, iovs.as_ptr(), iovs.len() as u32)
             .offset(offset)
+            .rw_flags(nowait)
             .build(),
         (true, _) => opcode::Writev::new(file, iovs.as_ptr(), iovs.len() as u32)
             .offset(offset)
+            .rw_flags(nowait)
             .build(),
     }
 }

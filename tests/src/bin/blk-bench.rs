@@ -11,8 +11,8 @@
 //! Modes: `irq` = frontend waits on the call eventfd; ours does not poll, QSD's iothread keeps
 //! its default adaptive polling (QSD at its best); `poll` = frontend busy-polls the used ring
 //! (a libblkio poll queue), backends busy-poll (ours: `--poll-us`, QSD: its default adaptive
-//! polling). `ours-file` batches through io_uring (`--io-engine io-uring`),
-//! `ours-file-sync` does one preadv per request (`--io-engine sync`, the default).
+//! polling). `ours-file` batches through io_uring (`--io-engine io-uring`, the default),
+//! `ours-file-sync` does one preadv per request (`--io-engine sync`).
 //!
 //! Build and run: `cargo build --release -p splitvmm-driver-domain -p splitvmm-tests &&
 //! target/release/blk-bench --seconds 1 --rounds 3`
@@ -66,7 +66,21 @@ struct Args {
     /// two-CPU machine polling is otherwise at the mercy of the scheduler.
     #[arg(long, value_name = "A,B")]
     pin: Option<String>,
+    /// 4 KiB random writes instead of reads (buffered, into the page cache; the image is
+    /// rewritten before the run and re-read before each target).
+    #[arg(long)]
+    write: bool,
+    /// Queue depths to measure (comma separated).
+    #[arg(long, default_value = "1,32")]
+    depths: String,
+    /// A second driver-domain binary (an A/B of two builds): every `ours-*` target runs
+    /// with it too, as `ours-*@b`, in the same alternated rounds, with its ratio to A.
+    #[arg(long)]
+    driver_domain_b: Option<PathBuf>,
 }
+
+/// Whether the workload is 4 KiB random writes instead of reads (`--write`, set once in main).
+static WRITES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The backend's CPU, when `--pin` asked for one (set once in main).
 static BACKEND_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -144,21 +158,22 @@ fn percentiles(mut lat_ns: Vec<u32>, ops: u64, secs: f64) -> Stats {
     }
 }
 
-/// Random 4 KiB reads at queue depth `qd` for `secs` seconds on `q`.
+/// Random 4 KiB reads (or writes, with `WRITES` set) at queue depth `qd` for `secs` seconds
+/// on `q`.
 fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) -> Result<Stats> {
+    let writes = WRITES.load(std::sync::atomic::Ordering::Relaxed);
     let blocks = capacity / BS as u64;
     let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
     let mut start = vec![Instant::now(); qd];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
     let submit = |q: &mut Blkioq, rng: &mut XorShift, slot: usize| {
         let off = rng.below(blocks) * BS as u64;
-        q.read(
-            off,
-            (buf + slot * BS) as *mut u8,
-            BS,
-            slot,
-            ReqFlags::empty(),
-        );
+        let at = buf + slot * BS;
+        if writes {
+            q.write(off, at as *const u8, BS, slot, ReqFlags::empty());
+        } else {
+            q.read(off, at as *mut u8, BS, slot, ReqFlags::empty());
+        }
     };
     for (slot, s) in start.iter_mut().enumerate() {
         *s = Instant::now();
@@ -186,7 +201,7 @@ fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) ->
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_read() };
             if c.ret != 0 {
-                bail!("read at QD{qd} failed: {}", c.ret);
+                bail!("request at QD{qd} failed: {}", c.ret);
             }
             let slot = c.user_data;
             if measuring {
@@ -206,7 +221,13 @@ fn run_queue(q: &mut Blkioq, buf: usize, qd: usize, capacity: u64, secs: f64) ->
 }
 
 /// Connect libblkio to a vhost-user-blk socket and run QD1 and QD32.
-fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usize, Stats)>> {
+fn bench_vhost(
+    sock: &Path,
+    pid: u32,
+    poll: bool,
+    secs: f64,
+    depths: &[usize],
+) -> Result<Vec<(usize, Stats)>> {
     let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| anyhow!("{e:?}"))?;
     b.set_str("path", sock.to_str().context("socket path")?)
         .map_err(|e| anyhow!("{e:?}"))?;
@@ -224,7 +245,7 @@ fn bench_vhost(sock: &Path, pid: u32, poll: bool, secs: f64) -> Result<Vec<(usiz
     b.set_i32("num-poll-queues", npq)
         .map_err(|e| anyhow!("{e:?}"))?;
     b.set_i32("queue-size", 256).map_err(|e| anyhow!("{e:?}"))?;
-    measure_depths(&mut b, poll, secs, Some(pid))
+    measure_depths(&mut b, poll, secs, Some(pid), depths)
 }
 
 /// Starts a connected `b` and runs QD1 and QD32 on its first queue (its polled one with
@@ -234,10 +255,14 @@ fn measure_depths(
     poll: bool,
     secs: f64,
     backend: Option<u32>,
+    depths: &[usize],
 ) -> Result<Vec<(usize, Stats)>> {
     let mut out = b.start().map_err(|e| anyhow!("start: {e:?}"))?;
     let capacity = b.get_u64("capacity").map_err(|e| anyhow!("{e:?}"))?;
-    let region = b.alloc_mem_region(32 * BS).map_err(|e| anyhow!("{e:?}"))?;
+    let max_qd = depths.iter().copied().max().unwrap_or(1);
+    let region = b
+        .alloc_mem_region(max_qd * BS)
+        .map_err(|e| anyhow!("{e:?}"))?;
     b.map_mem_region(&region).map_err(|e| anyhow!("{e:?}"))?;
     let q = if poll {
         &mut out.poll_queues[0]
@@ -245,7 +270,7 @@ fn measure_depths(
         &mut out.queues[0]
     };
     let mut res = Vec::new();
-    for qd in [1usize, 32] {
+    for &qd in depths {
         let c0 = backend.map(cpu_secs);
         let mut st = run_queue(q, region.addr, qd, capacity, secs)?;
         if let (Some(pid), Some(c0)) = (backend, c0) {
@@ -256,7 +281,7 @@ fn measure_depths(
     Ok(res)
 }
 
-fn bench_native(img: &Path, secs: f64) -> Result<Vec<(usize, Stats)>> {
+fn bench_native(img: &Path, secs: f64, depths: &[usize]) -> Result<Vec<(usize, Stats)>> {
     let mut b = Blkio::new("io_uring").map_err(|e| anyhow!("{e:?}"))?;
     b.set_str("path", img.to_str().context("image path")?)
         .map_err(|e| anyhow!("{e:?}"))?;
@@ -264,7 +289,7 @@ fn bench_native(img: &Path, secs: f64) -> Result<Vec<(usize, Stats)>> {
     b.connect()
         .map_err(|e| anyhow!("io_uring connect: {e:?}"))?;
     b.set_i32("num-queues", 1).map_err(|e| anyhow!("{e:?}"))?;
-    measure_depths(&mut b, false, secs, None)
+    measure_depths(&mut b, false, secs, None, depths)
 }
 
 /// Round trips through two eventfds between two threads: the notification floor.
@@ -363,9 +388,17 @@ struct Target {
 }
 
 enum TargetKind {
-    Ours(Vec<String>),
+    /// `driver-domain serve` (this binary) with these disk arguments.
+    Ours(PathBuf, Vec<String>),
     Qsd(String),
     Native,
+}
+
+/// The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -391,26 +424,28 @@ fn spread(v: &[f64]) -> (f64, f64) {
 /// Runs `t` in `mode` once: QD1 and QD32.
 fn run_target(
     t: &Target,
-    (bin, sock, img): (&Path, &Path, &Path),
+    (sock, img): (&Path, &Path),
     poll: bool,
     args: &Args,
+    depths: &[usize],
 ) -> Result<Vec<(usize, Stats)>> {
     match &t.kind {
-        TargetKind::Ours(disk) => {
+        TargetKind::Ours(bin, disk) => {
             let poll_us = if poll { args.poll_us } else { 0 };
             let p = spawn_ours(bin, sock, disk, poll_us)?;
-            bench_vhost(sock, p.0.id(), poll, args.seconds)
+            bench_vhost(sock, p.0.id(), poll, args.seconds, depths)
         }
         TargetKind::Qsd(bdev) => {
             let p = spawn_qsd(&args.qsd, sock, bdev)?;
-            bench_vhost(sock, p.0.id(), poll, args.seconds)
+            bench_vhost(sock, p.0.id(), poll, args.seconds, depths)
         }
-        TargetKind::Native => bench_native(img, args.seconds),
+        TargetKind::Native => bench_native(img, args.seconds, depths),
     }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    WRITES.store(args.write, std::sync::atomic::Ordering::Relaxed);
     let host_cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     if let Some(pin) = &args.pin {
         let cpus: Vec<usize> = pin
@@ -477,27 +512,56 @@ fn main() -> Result<()> {
     let mut targets = vec![
         Target {
             name: "ours-file",
-            kind: TargetKind::Ours(vec![
-                "--blk".into(),
-                img_s.clone(),
-                "--io-engine".into(),
-                "io-uring".into(),
-            ]),
+            kind: TargetKind::Ours(
+                bin.clone(),
+                vec![
+                    "--blk".into(),
+                    img_s.clone(),
+                    "--io-engine".into(),
+                    "io-uring".into(),
+                ],
+            ),
         },
         Target {
             name: "ours-file-sync",
-            kind: TargetKind::Ours(vec![
-                "--blk".into(),
-                img_s.clone(),
-                "--io-engine".into(),
-                "sync".into(),
-            ]),
+            kind: TargetKind::Ours(
+                bin.clone(),
+                vec![
+                    "--blk".into(),
+                    img_s.clone(),
+                    "--io-engine".into(),
+                    "sync".into(),
+                ],
+            ),
         },
         Target {
             name: "ours-null",
-            kind: TargetKind::Ours(vec!["--null".into(), null_size.clone()]),
+            kind: TargetKind::Ours(bin.clone(), vec!["--null".into(), null_size.clone()]),
         },
     ];
+    if let Some(b) = &args.driver_domain_b {
+        if !b.exists() {
+            bail!("--driver-domain-b {}: not found", b.display());
+        }
+        let with_b: Vec<Target> = targets
+            .iter()
+            .filter_map(|t| match &t.kind {
+                TargetKind::Ours(_, disk) => Some(Target {
+                    // Leaked once per target: the result table is keyed by static names.
+                    name: Box::leak(format!("{}@b", t.name).into_boxed_str()),
+                    kind: TargetKind::Ours(b.clone(), disk.clone()),
+                }),
+                _ => None,
+            })
+            .collect();
+        targets.extend(with_b);
+    }
+    let depths: Vec<usize> = args
+        .depths
+        .split(',')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--depths: queue depths, comma separated")?;
     if qsd_ok {
         targets.push(Target {
             name: "qsd-file",
@@ -524,6 +588,7 @@ fn main() -> Result<()> {
         args.only.as_deref().is_none_or(|o| t.name.contains(o))
             && (mode == "irq" || !matches!(t.kind, TargetKind::Native))
     };
+    let load_before = load_average();
     // (target, mode, qd) -> one Stats per round, in round order.
     let mut results: BTreeMap<(&'static str, &'static str, usize), Vec<Stats>> = BTreeMap::new();
     for round in 0..args.rounds.max(1) {
@@ -537,13 +602,14 @@ fn main() -> Result<()> {
                     continue;
                 }
                 warm()?;
-                for (qd, st) in run_target(t, (&bin, &sock, &img), poll, &args)? {
+                for (qd, st) in run_target(t, (&sock, &img), poll, &args, &depths)? {
                     results.entry((t.name, mode, qd)).or_default().push(st);
                 }
             }
         }
     }
     let pingpong = eventfd_pingpong(args.seconds)?;
+    let load_after = load_average();
 
     println!(
         "| target | mode | QD | IOPS (median) | IOPS spread | p50 µs | p99 µs | backend CPU µs/request |"
@@ -585,20 +651,37 @@ fn main() -> Result<()> {
             median(p50)
         );
     };
+    let b_names: Vec<(&'static str, &'static str)> = targets
+        .iter()
+        .filter_map(|t| {
+            let a = t.name.strip_suffix("@b")?;
+            let a = targets.iter().find(|x| x.name == a)?.name;
+            Some((t.name, a))
+        })
+        .collect();
     for m in ["irq", "poll"] {
-        for qd in [1, 32] {
+        for &qd in &depths {
+            for &(b, a) in &b_names {
+                ratio(b, a, m, qd);
+            }
             ratio("ours-file", "qsd-file", m, qd);
             ratio("ours-file-sync", "qsd-file", m, qd);
             ratio("ours-null", "qsd-null", m, qd);
             ratio("ours-file", "ours-file-sync", m, qd);
         }
     }
-    for qd in [1, 32] {
+    for &qd in &depths {
         ratio("ours-file", "native-io_uring", "irq", qd);
         ratio("ours-file-sync", "native-io_uring", "irq", qd);
     }
     println!(
-        "\n(host: {} CPUs; {} round(s), order reversed every other round; seconds per point: {}; {})",
+        "\n({}; host: {} CPUs; load average {load_before} before, {load_after} after; {} \
+         round(s), order reversed every other round; seconds per point: {}; {})",
+        if args.write {
+            "4 KiB random writes"
+        } else {
+            "4 KiB random reads"
+        },
         host_cpus,
         args.rounds.max(1),
         args.seconds,
