@@ -27,6 +27,7 @@ pub mod ring;
 pub mod switch;
 pub mod switch_port;
 pub mod tap;
+mod tx_gather;
 
 pub use config::{Negotiated, NetBackendConfig, NetConfigSpace};
 pub use device::{NetBackendDevice, NetBackendError};

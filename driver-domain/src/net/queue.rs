@@ -26,10 +26,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::config::Negotiated;
 use super::frame::{FrameBox, FrameBuf};
-use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_GSO_FRAME};
+use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_FRAME, MAX_GSO_FRAME};
 use super::offload::{complete_checksum, Offload, Segments};
 use super::ring::{needs_call, publish_used};
 use super::switch::SwitchPort;
+use super::tx_gather::TxGather;
 use crate::virtio_core::{QueueFailedEarlier, QueueFailure, QueueProgress};
 
 /// Frames moved from the switch inbox per lock.
@@ -57,7 +58,7 @@ pub enum NetQueueError {
 }
 
 /// Why one frame was dropped (the queue continues).
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
     /// The header or the frame length is invalid.
     #[error(transparent)]
@@ -71,6 +72,9 @@ pub enum FrameError {
     /// No frame buffer was free.
     #[error("switch out of frame buffers")]
     NoBuffer,
+    /// A TX chain has more non-empty descriptors than a frame may have.
+    #[error("transmit chain of more than {0} descriptors")]
+    Descriptors(usize),
 }
 
 fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display) {
@@ -78,35 +82,6 @@ fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display
     if count.is_power_of_two() {
         warn!("net queue {index}: {what} #{count}: {e}");
     }
-}
-
-/// Read the device-readable chain into `area`; returns the bytes read, or the total length
-/// when it exceeds `area` (as [`HeaderError::Oversized`] after header subtraction).
-fn read_chain<M: GuestMemory>(
-    chain: DescriptorChain<&M>,
-    mem: &M,
-    area: &mut [u8],
-) -> Result<usize, FrameError> {
-    let mut off = 0usize;
-    let mut too_long = false;
-    for desc in chain {
-        if desc.is_write_only() {
-            return Err(FrameError::WriteOnly);
-        }
-        let len = desc.len() as usize;
-        let end = off.saturating_add(len);
-        if end > area.len() {
-            too_long = true;
-        } else {
-            mem.read_slice(&mut area[off..end], desc.addr())
-                .map_err(|_| FrameError::Memory(desc.addr().0, desc.len()))?;
-        }
-        off = end;
-    }
-    if too_long {
-        return Err(FrameError::Header(HeaderError::Oversized(off)));
-    }
-    Ok(off)
 }
 
 /// Where `num_buffers` of the first chain's header lives (its two bytes may be split).
@@ -248,6 +223,7 @@ impl<D: Direction> NetQueue<D> {
 pub struct Tx {
     cache: Vec<FrameBox>,
     pending: Vec<FrameBox>,
+    gather: TxGather,
     invalid: u64,
 }
 
@@ -256,6 +232,7 @@ impl Default for Tx {
         Tx {
             cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
             pending: Vec::with_capacity(TX_BATCH),
+            gather: TxGather::default(),
             invalid: 0,
         }
     }
@@ -269,24 +246,43 @@ impl Direction for Tx {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<QueueProgress, NetQueueError> {
-        let mut heads = [0u16; TX_BATCH];
         let index = q.index;
         let ring = |e| NetQueueError::Ring(index, e);
         let mut progress = QueueProgress::default();
+        // The longest chain worth reading: a GSO frame with a driver that may send one.
+        let limit = q.neg.hdr_len
+            + if q.neg.tx_offloads.gso() {
+                MAX_GSO_FRAME
+            } else {
+                MAX_FRAME
+            };
         loop {
             queue.disable_notification(mem).map_err(ring)?;
-            // One avail-index read per batch; one used-index store per batch.
-            let mut n = 0;
-            {
-                let mut chains = queue.iter(mem).map_err(ring)?;
-                while n < TX_BATCH && progress.completed + n < q.budget {
-                    let Some(chain) = chains.next() else { break };
-                    heads[n] = chain.head_index();
-                    if let Err(e) = q.transmit(chain, mem) {
-                        q.port.count_tx_invalid();
-                        log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
-                    }
-                    n += 1;
+            // One avail-index read per batch; every chain walked and translated (and its
+            // frame prefetched) before any frame is copied; one used-index store per batch.
+            let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+            let first = queue.next_avail();
+            let ready = avail.0.wrapping_sub(first);
+            if ready > queue.size() {
+                return Err(ring(virtio_queue::Error::InvalidAvailRingIndex));
+            }
+            let take = usize::from(ready)
+                .min(TX_BATCH)
+                .min(q.budget - progress.completed);
+            q.dir.gather.begin(queue, mem);
+            let mut taken = 0u16;
+            while usize::from(taken) < take && !q.dir.gather.full() {
+                let slot = first.wrapping_add(taken);
+                let head = q.dir.gather.avail_entry(mem, slot).map_err(ring)?;
+                q.dir.gather.push(head, mem, limit);
+                taken += 1;
+            }
+            queue.set_next_avail(first.wrapping_add(taken));
+            let n = q.dir.gather.count();
+            for i in 0..n {
+                if let Err(e) = q.transmit(i) {
+                    q.port.count_tx_invalid();
+                    log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
                 }
             }
             // Switch the batch under one lock; unused buffers come back into the cache.
@@ -295,7 +291,11 @@ impl Direction for Tx {
                 let extra = q.dir.cache.len() - TX_CACHE;
                 q.port.recycle_all(q.dir.cache.drain(extra..));
             }
-            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
+            let gather = &q.dir.gather;
+            let used = (0..n).map(|i| (gather.chain(i).head, 0));
+            let published = publish_used(queue, mem, used).map_err(ring);
+            q.dir.gather.clear();
+            published?;
             progress.completed += n;
             if progress.completed >= q.budget {
                 progress.more = true;
@@ -318,32 +318,25 @@ impl Direction for Tx {
 }
 
 impl TxQueue {
-    fn transmit<M: GuestMemory>(
-        &mut self,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-    ) -> Result<(), FrameError> {
+    /// Read gathered chain `i` into a pooled buffer and queue it for the switch.
+    fn transmit(&mut self, i: usize) -> Result<(), FrameError> {
         if self.dir.cache.is_empty() {
             self.port.take_buffers(&mut self.dir.cache, TX_CACHE);
         }
         let mut buf = self.dir.cache.pop().ok_or(FrameError::NoBuffer)?;
-        // A segmentation-offload frame does not fit a pooled buffer: read it again into a
-        // large one (only a driver that negotiated TSO may send one).
-        let again = self.neg.tx_offloads.gso().then(|| chain.clone());
-        match self.read_frame(&mut buf, chain, mem) {
+        match self.read_frame(&mut buf, i) {
             Ok(()) => {
                 self.dir.pending.push(buf);
                 Ok(())
             }
+            // A segmentation-offload frame does not fit a pooled buffer: read it into a large
+            // one (only a driver that negotiated TSO may send one).
             Err(FrameError::Header(HeaderError::Oversized(total)))
-                if again.is_some() && total <= self.neg.hdr_len + MAX_GSO_FRAME =>
+                if self.neg.tx_offloads.gso() && total <= self.neg.hdr_len + MAX_GSO_FRAME =>
             {
                 self.dir.cache.push(buf);
                 let mut large = self.port.take_large_buffer().ok_or(FrameError::NoBuffer)?;
-                let Some(chain) = again else {
-                    return Err(FrameError::NoBuffer);
-                };
-                match self.read_frame(&mut large, chain, mem) {
+                match self.read_frame(&mut large, i) {
                     Ok(()) => {
                         self.dir.pending.push(large);
                         Ok(())
@@ -361,16 +354,12 @@ impl TxQueue {
         }
     }
 
-    /// Read `chain` into `buf`, validate its header and record the work left on the frame.
-    fn read_frame<M: GuestMemory>(
-        &self,
-        buf: &mut FrameBuf,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-    ) -> Result<(), FrameError> {
+    /// Copy gathered chain `i` into `buf`, validate its header and record the work left on
+    /// the frame.
+    fn read_frame(&self, buf: &mut FrameBuf, i: usize) -> Result<(), FrameError> {
         let hdr_len = self.neg.hdr_len;
         let area = buf.chain_area(hdr_len);
-        let total = read_chain(chain, mem, area)?;
+        let total = self.dir.gather.copy_chain(i, area)?;
         let (h, len) = TxHeader::parse(&area[..total], hdr_len, self.neg.tx_offloads)?;
         let offload = h.offload(&area[hdr_len..total])?;
         buf.set_len(len);
