@@ -24,6 +24,7 @@ pub mod header;
 pub mod offload;
 pub mod queue;
 pub mod ring;
+mod split_ring;
 pub mod switch;
 pub mod switch_port;
 pub mod tap;

@@ -16,12 +16,13 @@
 //! until the driver resets it. Neither touches any other port.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::warn;
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::config::Negotiated;
@@ -29,6 +30,7 @@ use super::frame::{FrameBox, FrameBuf};
 use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_FRAME, MAX_GSO_FRAME};
 use super::offload::{complete_checksum, Offload, Segments};
 use super::ring::{needs_call, publish_used};
+use super::split_ring::{RegionCache, RingView};
 use super::switch::SwitchPort;
 use super::tx_gather::TxGather;
 use crate::virtio_core::{QueueFailedEarlier, QueueFailure, QueueProgress};
@@ -88,35 +90,56 @@ fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display
 #[derive(Default)]
 struct NumBuffersAt([Option<GuestAddress>; 2]);
 
-/// Write `bytes` into the writable descriptors of `chain`; returns the bytes written.
+/// Write `bytes` into the writable descriptors of the chain at `head`; returns the bytes
+/// written.
 fn write_chain<M: GuestMemory>(
-    chain: DescriptorChain<&M>,
+    view: &RingView,
+    region: &mut RegionCache,
     mem: &M,
+    head: u16,
     bytes: &[u8],
     mut mark: Option<&mut NumBuffersAt>,
 ) -> Result<usize, &'static str> {
     let mut off = 0usize;
-    for desc in chain {
+    let mut err = None;
+    view.walk(mem, head, |desc| {
         if !desc.is_write_only() {
-            return Err("device-readable descriptor in a receive chain");
+            err = Some("device-readable descriptor in a receive chain");
+            return ControlFlow::Break(());
         }
         if off == bytes.len() {
-            break;
+            return ControlFlow::Break(());
         }
-        let n = (desc.len() as usize).min(bytes.len() - off);
+        let n = (desc.len as usize).min(bytes.len() - off);
         if let Some(m) = mark.as_deref_mut() {
             for (k, slot) in m.0.iter_mut().enumerate() {
                 let at = HDR_LEN - 2 + k;
                 if (off..off + n).contains(&at) {
-                    *slot = desc.addr().checked_add((at - off) as u64);
+                    *slot = GuestAddress(desc.addr).checked_add((at - off) as u64);
                 }
             }
         }
-        mem.write_slice(&bytes[off..off + n], desc.addr())
-            .map_err(|_| "descriptor outside guest memory")?;
+        let src = &bytes[off..off + n];
+        match region.host(mem, desc.addr, n).filter(|_| n > 0) {
+            // SAFETY: `h` is the start of `n` bytes of one mapped region of the memory
+            // snapshot borrowed for this pass (`RegionCache::host`); `src` is the backend's
+            // own buffer, distinct from guest memory.
+            Some(h) => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), h as *mut u8, n) },
+            // Spanning regions, behind an IOMMU, or outside memory.
+            None => {
+                if mem.write_slice(src, GuestAddress(desc.addr)).is_err() {
+                    err = Some("descriptor outside guest memory");
+                    return ControlFlow::Break(());
+                }
+            }
+        }
         off += n;
+        ControlFlow::Continue(())
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(off),
     }
-    Ok(off)
 }
 
 /// What one direction of a queue pair keeps and does besides what both directions share.
@@ -395,6 +418,10 @@ pub struct Rx {
     /// while it is being written into the ring).
     segment: Option<FrameBox>,
     segment_ready: bool,
+    /// The ring for this pass, its buffers' last region, and the available index last read.
+    view: RingView,
+    region: RegionCache,
+    avail_seen: u16,
 }
 
 impl Default for Rx {
@@ -408,6 +435,9 @@ impl Default for Rx {
             segmenting: None,
             segment: Some(FrameBuf::new_boxed()),
             segment_ready: false,
+            view: RingView::default(),
+            region: RegionCache::default(),
+            avail_seen: 0,
         }
     }
 }
@@ -436,6 +466,11 @@ impl Direction for Rx {
         let index = q.index;
         let ring = |e| NetQueueError::Ring(index, e);
         queue.disable_notification(mem).map_err(ring)?;
+        // The rings are translated once per pass; the available index is read when the
+        // entries seen so far run out.
+        q.dir.view = RingView::new(queue, mem);
+        q.dir.region = RegionCache::default();
+        q.dir.avail_seen = queue.next_avail();
         let mut progress = QueueProgress::default();
         let r = q.deliver_all(queue, mem, &mut progress);
         // Delivered and dropped buffers go back to the pool under one lock.
@@ -513,6 +548,31 @@ impl RxQueue {
             }
         }
         Ok(())
+    }
+
+    /// The head of the next available chain (consumed), or `None` when the driver has posted
+    /// no more.
+    fn next_chain<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Option<u16>, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let next = queue.next_avail();
+        if next == self.dir.avail_seen {
+            let idx = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?.0;
+            if idx.wrapping_sub(next) > queue.size() {
+                return Err(ring(virtio_queue::Error::InvalidAvailRingIndex));
+            }
+            self.dir.avail_seen = idx;
+            if idx == next {
+                return Ok(None);
+            }
+        }
+        let head = self.dir.view.avail_entry(mem, next).map_err(ring)?;
+        queue.set_next_avail(next.wrapping_add(1));
+        Ok(Some(head))
     }
 
     /// The chains seen so far (possibly rolled back, with MRG_RXBUF) are not enough for the
@@ -593,7 +653,6 @@ impl RxQueue {
         buf: &mut FrameBuf,
     ) -> Result<Delivery, NetQueueError> {
         let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
         let hdr_len = self.neg.hdr_len;
         let mrg = self.neg.mrg_rxbuf;
         // Legacy 10-byte headers carry no num_buffers; the 12-byte header is all zeros but it
@@ -608,15 +667,21 @@ impl RxQueue {
         let mut mark = NumBuffersAt::default();
         let mut off = 0usize;
         while off < bytes.len() {
-            let chain = queue.iter(mem).map_err(ring)?.next();
-            let Some(chain) = chain else {
+            let Some(head) = self.next_chain(queue, mem)? else {
                 queue.set_next_avail(saved);
                 return Ok(Delivery::NoBuffers);
             };
-            let head = chain.head_index();
             let first = self.dir.used.is_empty();
-            let written = write_chain(chain, mem, &bytes[off..], first.then_some(&mut mark))
-                .map_err(|why| NetQueueError::RxChain(q, head, why))?;
+            let Rx { view, region, .. } = &mut self.dir;
+            let written = write_chain(
+                view,
+                region,
+                mem,
+                head,
+                &bytes[off..],
+                first.then_some(&mut mark),
+            )
+            .map_err(|why| NetQueueError::RxChain(q, head, why))?;
             if first && written < hdr_len {
                 return Err(NetQueueError::RxChain(q, head, "too short for a header"));
             }

@@ -11,32 +11,12 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::atomic::AtomicU16;
 
 use virtio_queue::{Error, Queue, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
-    MemoryRegionAddress, Permissions,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use super::split_ring::host_range;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-/// The host address of the `len` (> 0) bytes of guest memory at `addr` if they lie in one
-/// mapped region. Valid while `mem` is borrowed.
-pub fn host_range<M: GuestMemory>(mem: &M, addr: u64, len: usize) -> Option<usize> {
-    if let Some(phys) = mem.physical_memory() {
-        let r = phys.find_region(GuestAddress(addr))?;
-        let off = addr.checked_sub(r.start_addr().raw_value())?;
-        if off.checked_add(len as u64)? > r.len() {
-            return None;
-        }
-        let base = r.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
-        return Some(base + off as usize);
-    }
-    let mut slices = mem
-        .get_slices(GuestAddress(addr), len, Permissions::ReadWrite)
-        .ok()?;
-    let first = slices.next()?.ok()?;
-    (first.len() == len).then(|| first.ptr_guard().as_ptr() as usize)
-}
 
 /// Write `(head, len)` for every entry of `used` into the used ring and publish them with a
 /// single used-index store. The ring is translated once per call.

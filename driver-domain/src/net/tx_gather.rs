@@ -11,18 +11,14 @@
 //! borrowed: a [`TxGather`] is filled and drained within one pass over the ring, and cleared
 //! before the next one.
 
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion,
-    MemoryRegionAddress, Permissions,
-};
+use std::ops::ControlFlow;
 
-use std::sync::atomic::Ordering;
-
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::header::HeaderError;
 use super::queue::FrameError;
-use super::ring::host_range;
+use super::split_ring::{RegionCache, RingView};
 
 /// Non-empty descriptors one transmit chain may have (as QEMU's `VIRTQUEUE_MAX_SIZE`; Linux
 /// sends at most `MAX_SKB_FRAGS` + 2). A chain with more is refused.
@@ -48,54 +44,8 @@ pub struct TxGather {
     /// Host address and length of every non-empty descriptor of the batch.
     segments: Vec<(usize, usize)>,
     chains: Vec<GatheredChain>,
-    /// The region the last descriptor was found in: guest start, length, host address.
-    region: Option<(u64, u64, usize)>,
-    /// The batch's descriptor table: guest address, entries, host address if in one region.
-    table: (u64, u16, Option<usize>),
-    /// The batch's available ring: guest address, host address if in one region.
-    avail: (u64, Option<usize>),
-}
-
-/// `VIRTQ_DESC_F_NEXT`.
-const DESC_F_NEXT: u16 = 1;
-/// `VIRTQ_DESC_F_WRITE`.
-const DESC_F_WRITE: u16 = 2;
-/// `VIRTQ_DESC_F_INDIRECT`.
-const DESC_F_INDIRECT: u16 = 4;
-
-/// One split-ring descriptor.
-struct Descriptor {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-/// Descriptor `index` of the table at `table` (host address `host` when it lies in one
-/// region); `None` if it is outside guest memory.
-fn read_descriptor<M: GuestMemory>(
-    mem: &M,
-    table: u64,
-    host: Option<usize>,
-    index: u16,
-) -> Option<Descriptor> {
-    let off = 16 * usize::from(index);
-    let raw: [u8; 16] = match host {
-        // SAFETY: the table's `16 * entries` bytes lie in one region of `mem` (`host_range`),
-        // borrowed for the batch, and `index` < entries (checked by the caller). The driver
-        // may write the entry meanwhile: every field read is validated before use.
-        Some(h) => unsafe { std::ptr::read_volatile((h + off) as *const [u8; 16]) },
-        None => mem
-            .read_obj(GuestAddress(table.checked_add(off as u64)?))
-            .ok()?,
-    };
-    let u16_at = |i: usize| u16::from_le_bytes([raw[i], raw[i + 1]]);
-    Some(Descriptor {
-        addr: u64::from_le_bytes(raw[0..8].try_into().ok()?),
-        len: u32::from_le_bytes(raw[8..12].try_into().ok()?),
-        flags: u16_at(12),
-        next: u16_at(14),
-    })
+    region: RegionCache,
+    ring: RingView,
 }
 
 /// Hint the CPU to fetch the cache line at `addr`.
@@ -131,13 +81,6 @@ fn push_translated<M: GuestMemory>(
     got == len
 }
 
-/// Guest start, length and host address of the region holding `addr` (plain memory only).
-fn region_of<M: GuestMemory>(mem: &M, addr: GuestAddress) -> Option<(u64, u64, usize)> {
-    let r = mem.physical_memory()?.find_region(addr)?;
-    let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
-    Some((r.start_addr().raw_value(), r.len(), host as usize))
-}
-
 impl TxGather {
     /// Chains gathered.
     pub fn count(&self) -> usize {
@@ -153,29 +96,7 @@ impl TxGather {
     pub fn clear(&mut self) {
         self.segments.clear();
         self.chains.clear();
-        self.region = None;
-    }
-
-    /// The host address of `len` (> 0) bytes at `addr` if they lie in one region of plain
-    /// memory; the last region found is tried first (a driver's buffers usually share one).
-    fn host_address<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        addr: GuestAddress,
-        len: usize,
-    ) -> Option<usize> {
-        let a = addr.raw_value();
-        let within = |(start, size, host): (u64, u64, usize)| {
-            let off = a.checked_sub(start)?;
-            let end = off.checked_add(len as u64)?;
-            (end <= size).then(|| host + off as usize)
-        };
-        if let Some(h) = self.region.and_then(within) {
-            return Some(h);
-        }
-        let r = region_of(mem, addr)?;
-        self.region = Some(r);
-        within(r)
+        self.region = RegionCache::default();
     }
 
     /// The gathered chain `i`.
@@ -183,45 +104,20 @@ impl TxGather {
         &self.chains[i]
     }
 
-    /// Start a batch on `queue`'s rings: the descriptor table is translated once.
+    /// Start a batch on `queue`'s rings: the descriptor table and available ring are
+    /// translated once.
     pub fn begin<M: GuestMemory>(&mut self, queue: &Queue, mem: &M) {
         self.clear();
-        let size = queue.size();
-        self.table = (
-            queue.desc_table(),
-            size,
-            host_range(mem, queue.desc_table(), 16 * usize::from(size)),
-        );
-        let avail = queue.avail_ring();
-        self.avail = (avail, host_range(mem, avail, 4 + 2 * usize::from(size)));
+        self.ring = RingView::new(queue, mem);
     }
 
-    /// The head index in slot `slot` (taken modulo the size) of the batch's available ring.
+    /// The head index in slot `slot` of the batch's available ring.
     pub fn avail_entry<M: GuestMemory>(
         &self,
         mem: &M,
         slot: u16,
     ) -> Result<u16, virtio_queue::Error> {
-        let size = self.table.1.max(1);
-        let off = 4 + 2 * usize::from(slot % size);
-        let raw: u16 = match self.avail.1 {
-            // SAFETY: the ring's `4 + 2 * size` bytes lie in one region of `mem`
-            // (`host_range`), borrowed for the batch; `off + 2` is within them. The entry is
-            // read after the index (acquire) that published it.
-            Some(h) => {
-                u16::from_le_bytes(unsafe { std::ptr::read_volatile((h + off) as *const [u8; 2]) })
-            }
-            None => {
-                let at = GuestAddress(self.avail.0)
-                    .checked_add(off as u64)
-                    .ok_or(virtio_queue::Error::AddressOverflow)?;
-                u16::from_le(
-                    mem.load(at, Ordering::Acquire)
-                        .map_err(virtio_queue::Error::GuestMemory)?,
-                )
-            }
-        };
-        Ok(raw)
+        self.ring.avail_entry(mem, slot)
     }
 
     /// Walk the chain at `head` of the batch's descriptor table (as virtio-queue's
@@ -233,58 +129,33 @@ impl TxGather {
         let start = self.segments.len();
         let mut total = 0usize;
         let mut result = Ok(());
-        let (mut table, mut table_size, mut table_host) = self.table;
-        let (mut next, mut ttl, mut indirect, mut yielded) = (head, table_size, false, 0u32);
-        while ttl > 0 && next < table_size {
-            let Some(desc) = read_descriptor(mem, table, table_host, next) else {
-                break;
-            };
-            if desc.flags & DESC_F_INDIRECT != 0 {
-                if indirect || desc.len % 16 != 0 || desc.len / 16 > u32::from(u16::MAX) {
-                    break;
-                }
-                table = desc.addr;
-                table_size = (desc.len / 16) as u16;
-                table_host = host_range(mem, desc.addr, desc.len as usize);
-                (next, ttl, indirect) = (0, table_size, true);
-                continue;
-            }
-            let Some(y) = yielded.checked_add(desc.len) else {
-                break;
-            };
-            yielded = y;
-            if desc.flags & DESC_F_NEXT != 0 {
-                next = desc.next;
-                ttl -= 1;
-            } else {
-                ttl = 0;
-            }
-            if desc.flags & DESC_F_WRITE != 0 {
+        let ring = self.ring;
+        ring.walk(mem, head, |desc| {
+            if desc.is_write_only() {
                 result = Err(FrameError::WriteOnly);
-                break;
+                return ControlFlow::Break(());
             }
             let len = desc.len as usize;
             if len == 0 {
-                continue;
+                return ControlFlow::Continue(());
             }
             total = total.saturating_add(len);
             if total > limit {
                 result = Err(FrameError::Header(HeaderError::Oversized(total)));
-                break;
+                return ControlFlow::Break(());
             }
             if self.segments.len() - start == MAX_CHAIN_SEGMENTS {
                 result = Err(FrameError::Descriptors(MAX_CHAIN_SEGMENTS));
-                break;
+                return ControlFlow::Break(());
             }
             let first = start == self.segments.len();
-            let addr = GuestAddress(desc.addr);
-            match self.host_address(mem, addr, len) {
+            match self.region.host(mem, desc.addr, len) {
                 Some(host) => self.segments.push((host, len)),
                 // Spanning regions, or memory behind an IOMMU.
-                None if push_translated(mem, addr, len, &mut self.segments) => {}
+                None if push_translated(mem, GuestAddress(desc.addr), len, &mut self.segments) => {}
                 None => {
                     result = Err(FrameError::Memory(desc.addr, desc.len));
-                    break;
+                    return ControlFlow::Break(());
                 }
             }
             if first {
@@ -294,7 +165,8 @@ impl TxGather {
                     prefetch(host + 64);
                 }
             }
-        }
+            ControlFlow::Continue(())
+        });
         let segments = match result {
             Ok(()) => Ok((start, self.segments.len())),
             Err(e) => {
