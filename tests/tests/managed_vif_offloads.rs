@@ -25,7 +25,7 @@ use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
 use splitvmm_tests::workspace_bin;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 
 const DRIVER: u32 = 1;
@@ -107,7 +107,7 @@ fn attach(
 }
 
 fn features(connection: UnixStream) -> u64 {
-    let mut fe = Frontend::from_stream(connection, 1);
+    let fe = Frontend::from_stream(connection, 1);
     fe.set_owner().unwrap();
     fe.get_features().unwrap()
 }

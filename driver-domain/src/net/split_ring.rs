@@ -130,6 +130,13 @@ impl RingView {
         }
     }
 
+    /// The host address of descriptor `index` of the table, if the table is in one region
+    /// and `index` is inside it (for prefetching; nothing is read).
+    pub fn descriptor_address(&self, index: u16) -> Option<usize> {
+        let (_, size, host) = self.table;
+        (index < size).then_some(host? + 16 * usize::from(index))
+    }
+
     /// Pass every descriptor of the chain at `head` to `each` (indirect tables followed),
     /// until the chain ends or `each` breaks.
     pub fn walk<M: GuestMemory>(

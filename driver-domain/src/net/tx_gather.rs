@@ -111,6 +111,14 @@ impl TxGather {
         self.ring = RingView::new(queue, mem);
     }
 
+    /// Hint the CPU to fetch descriptor `head` of the batch's table (the driver wrote it on
+    /// another CPU).
+    pub fn prefetch_descriptor(&self, head: u16) {
+        if let Some(addr) = self.ring.descriptor_address(head) {
+            prefetch(addr);
+        }
+    }
+
     /// The head index in slot `slot` of the batch's available ring.
     pub fn avail_entry<M: GuestMemory>(
         &self,
