@@ -19,7 +19,9 @@
 //! per frame. Every point is measured `--rounds` times as alternated pairs (ours first in even
 //! rounds, DPDK first in odd ones); the table gives medians, the ratio's median over the pairs
 //! and its spread (lowest-highest), never best-of. The generator runs on one CPU and the side
-//! under test (and, guest-to-guest, the receiver) on another (`--pin`).
+//! under test (and, guest-to-guest, the receiver) on another (`--pin`). Before each pair it
+//! waits (`--quiet-wait`) until the machine is 90% idle; the load column gives the load
+//! average range and the lowest idle fraction seen before a pair.
 
 mod measure;
 mod testpmd;
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use measure::{cpu_secs, load_average, median, spread, Sample};
+use measure::{cpu_secs, load_average, median, spread, wait_idle, Sample};
 use splitvmm_tests::backends::Reaped;
 use testpmd::{Spec, Testpmd};
 
@@ -63,6 +65,10 @@ struct Args {
     /// Scenarios to run: sink, g2g.
     #[arg(long, value_delimiter = ',', default_value = "sink,g2g")]
     scenarios: Vec<String>,
+    /// Before each pair, wait up to this many seconds for the machine to be 90% idle (other
+    /// jobs' builds skew a pair; 0: do not wait).
+    #[arg(long, default_value_t = 60.0)]
+    quiet_wait: f64,
     /// Extra arguments for our backend (A/B experiments).
     #[arg(long, allow_hyphen_values = true)]
     ours_arg: Vec<String>,
@@ -364,7 +370,11 @@ fn main() -> Result<()> {
         }
         for &len in &args.sizes {
             let (mut o, mut d, mut load) = (Vec::new(), Vec::new(), Vec::new());
+            let mut idle = Vec::new();
             for round in 0..args.rounds.max(1) {
+                if args.quiet_wait > 0.0 {
+                    idle.push(wait_idle(0.9, Duration::from_secs_f64(args.quiet_wait)));
+                }
                 load.push(load_average());
                 if round % 2 == 0 {
                     o.push(f(&bench, len, false)?);
@@ -383,9 +393,15 @@ fn main() -> Result<()> {
             let (dlo, dhi) = spread(&dr);
             let (rlo, rhi) = spread(&ratios);
             let (llo, lhi) = spread(&load);
+            let (ilo, _) = spread(&idle);
+            let quiet = if idle.is_empty() {
+                String::new()
+            } else {
+                format!(", idle >= {:.0}%", ilo * 100.0)
+            };
             println!(
                 "| {name} | {len} B | {} ({}-{}) | {:.0} | {} ({}-{}) | {:.0} | {:.2}x \
-                 ({:.2}-{:.2}) | {llo:.1}-{lhi:.1} |",
+                 ({:.2}-{:.2}) | {llo:.1}-{lhi:.1}{quiet} |",
                 mpps(median(or.clone())),
                 mpps(olo),
                 mpps(ohi),

@@ -37,6 +37,40 @@ pub fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU time counters of the whole machine (busy, idle), from `/proc/stat`.
+fn machine_cpu() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = f.get(3).copied().unwrap_or(0);
+    let busy = f.iter().take(8).sum::<u64>().saturating_sub(idle);
+    (busy, idle)
+}
+
+/// Wait (at most `max`) until the machine was at least `min_idle` idle over half a second, so
+/// a measurement does not start in the middle of somebody else's build; returns the idle
+/// fraction seen last.
+pub fn wait_idle(min_idle: f64, max: std::time::Duration) -> f64 {
+    let deadline = std::time::Instant::now() + max;
+    loop {
+        let (b0, i0) = machine_cpu();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let (b1, i1) = machine_cpu();
+        let (busy, idle) = (b1.saturating_sub(b0), i1.saturating_sub(i0));
+        let frac = idle as f64 / (busy + idle).max(1) as f64;
+        if frac >= min_idle || std::time::Instant::now() >= deadline {
+            return frac;
+        }
+    }
+}
+
 /// The median of `v` (NaNs ignored; NaN if nothing is left).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| !x.is_nan());
