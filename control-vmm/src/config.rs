@@ -220,6 +220,16 @@ pub struct NicConfig {
     /// IPv4 address on the host's internal switch; default `10.0.0.<domid>`.
     #[serde(default)]
     pub ip: Option<String>,
+    /// Offer the guest checksum offload and TCP segmentation both ways (virtio-net `CSUM`,
+    /// `GUEST_CSUM`, `HOST_TSO4/6`, `GUEST_TSO4/6`, `HOST_ECN`, `GUEST_ECN`); default true.
+    /// Off, the guest's driver computes checksums and segments itself, and receives only
+    /// finished frames.
+    #[serde(default = "default_offloads")]
+    pub offloads: bool,
+}
+
+fn default_offloads() -> bool {
+    true
 }
 
 impl NicConfig {
@@ -584,6 +594,10 @@ mod tests {
         let nic = &config.guests[1].nics[0];
         assert_eq!(nic.mac_of(3), Some([2, 0, 0, 0, 3, 0]));
         assert_eq!(nic.ip_of(3), Some([10, 0, 0, 3]));
+        assert!(nic.offloads, "offloads are on unless turned off");
+        let off = parse(&with_nic("offloads = false")).unwrap();
+        assert!(!off.guests[1].nics[0].offloads);
+        assert!(parse(&with_nic("offloads = \"no\"")).is_err());
         expect_invalid(
             &with_nic("mac = \"01:00:00:00:00:01\""),
             "guest[1].nic[0].mac",

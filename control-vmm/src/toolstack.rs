@@ -117,7 +117,13 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
             mac,
             ip,
         } => {
-            let nic = NicConfig { devid, mac, ip };
+            // network-attach has no offloads switch: the host file's default.
+            let nic = NicConfig {
+                devid,
+                mac,
+                ip,
+                offloads: true,
+            };
             let ip = host.attach_nic(&guest, &nic)?;
             Ok(format!(
                 "{guest}: vif {devid} attached, {}",

@@ -15,6 +15,10 @@ use crate::config::{DiskConfig, GuestConfig, GuestKind, NicConfig};
 use crate::vdev::Vdev;
 use crate::{connection, domains};
 
+/// The vif's backend-directory key recording whether offloads are offered ("1"/"0"), so a
+/// restarted driver domain gets the same setting.
+pub(super) const OFFLOADS_KEY: &str = "splitvmm-offloads";
+
 impl Host {
     fn device_id(&self, kind: DeviceKind, guest: &Guest, devid: u32) -> DeviceId {
         DeviceId {
@@ -171,6 +175,7 @@ impl Host {
                 devid: nic.devid,
                 mac,
                 grant: memory_grant(&slot.config),
+                offloads: nic.offloads,
             },
             &[backend_end.as_fd()],
         )?;
@@ -191,6 +196,7 @@ impl Host {
                 ("mac", mac_text.clone()),
                 ("handle", nic.devid.to_string()),
                 ("ip", ip_text.clone()),
+                (OFFLOADS_KEY, u8::from(nic.offloads).to_string()),
             ],
             &[("mac", mac_text), ("handle", nic.devid.to_string())],
         )?;

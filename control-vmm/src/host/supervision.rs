@@ -327,12 +327,16 @@ impl Host {
                 let Some(mac) = parse_mac(&text) else {
                     bail!("{dev}: mac {text:?} in the store is not a MAC address");
                 };
+                // Written by the toolstack when it attached the vif (absent: offloads on).
+                let offloads = backend_key(&mut client, super::devices::OFFLOADS_KEY)
+                    .map_or(true, |v| v.trim() != "0");
                 driver.channel.send(
                     &BackendRequest::ServeNet {
                         frontend: dev.frontend,
                         devid: dev.devid,
                         mac,
                         grant: memory_grant(&slot.config),
+                        offloads,
                     },
                     &[backend_end.as_fd()],
                 )?;

@@ -79,6 +79,7 @@ enum Handed {
         listener: UnixListener,
         mac: [u8; 6],
         grant: MemoryGrant,
+        offloads: bool,
     },
 }
 
@@ -191,12 +192,14 @@ impl ManagedDriverDomain {
                         devid,
                         mac,
                         grant,
+                        offloads,
                     } => self.take_handed((DeviceKind::Vif, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         fds.is_empty().then_some(Handed::Net {
                             listener,
                             mac,
                             grant,
+                            offloads,
                         })
                     }),
                     BackendRequest::Stats => {
@@ -486,8 +489,10 @@ impl ManagedDriverDomain {
                 listener,
                 mac,
                 grant,
+                offloads,
             } => {
-                let session = Session::start_net(id, &self.switch, listener, mac, grant)?;
+                let session =
+                    Session::start_net(id, &self.switch, listener, (mac, offloads), grant)?;
                 (session, vec![("mac", format_mac(&mac))])
             }
         };

@@ -65,13 +65,14 @@ impl Session {
         })
     }
 
-    /// Starts serving a new port of `switch`, with address `mac`, to the one frontend
-    /// connection pending on `listener`, which may share `grant` of its guest's memory, sealed.
+    /// Starts serving a new port of `switch`, with address `mac` and checksum/segmentation
+    /// offloads offered or not, to the one frontend connection pending on `listener`, which
+    /// may share `grant` of its guest's memory, sealed.
     pub fn start_net(
         id: DeviceId,
         switch: &Arc<Switch>,
         listener: UnixListener,
-        mac: [u8; 6],
+        (mac, offloads): ([u8; 6], bool),
         grant: MemoryGrant,
     ) -> Result<Session, String> {
         let port = Arc::new(
@@ -81,6 +82,7 @@ impl Session {
         );
         let cfg = NetBackendConfig {
             mac,
+            offloads,
             seal_policy: SealPolicy::RequireSealed,
             grant,
             ..NetBackendConfig::default()

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::frame::Mac;
@@ -105,7 +105,12 @@ impl Default for NetBackendConfig {
 impl NetBackendConfig {
     /// The virtio feature bits offered (without the vhost-user PROTOCOL_FEATURES bit).
     pub fn features(&self) -> u64 {
+        // IN_ORDER: every queue uses its chains in the order they were made available (TX
+        // and the control queue complete them in that order; RX fills them in that order,
+        // several per frame with MRG_RXBUF), so the driver may reclaim them by the used index
+        // alone.
         let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_F_IN_ORDER)
             | (1u64 << VIRTIO_RING_F_EVENT_IDX)
             | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1u64 << NET_F_MAC)
@@ -257,6 +262,9 @@ mod tests {
         ] {
             assert_ne!(f & (1 << b), 0, "bit {b} must be offered");
         }
+        // Every queue uses its chains in order (net_tx_chains and net_core check the used
+        // rings).
+        assert_ne!(f & (1 << VIRTIO_F_IN_ORDER), 0);
         let plain = NetBackendConfig {
             offloads: false,
             ..NetBackendConfig::default()

@@ -24,9 +24,11 @@ pub mod header;
 pub mod offload;
 pub mod queue;
 pub mod ring;
+mod split_ring;
 pub mod switch;
 pub mod switch_port;
 pub mod tap;
+mod tx_gather;
 
 pub use config::{Negotiated, NetBackendConfig, NetConfigSpace};
 pub use device::{NetBackendDevice, NetBackendError};

@@ -16,20 +16,23 @@
 //! until the driver resets it. Neither touches any other port.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::warn;
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use super::config::Negotiated;
 use super::frame::{FrameBox, FrameBuf};
-use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_GSO_FRAME};
+use super::header::{HeaderError, TxHeader, HDR_LEN, MAX_FRAME, MAX_GSO_FRAME};
 use super::offload::{complete_checksum, Offload, Segments};
 use super::ring::{needs_call, publish_used};
+use super::split_ring::{RegionCache, RingView};
 use super::switch::SwitchPort;
+use super::tx_gather::TxGather;
 use crate::virtio_core::{QueueFailedEarlier, QueueFailure, QueueProgress};
 
 /// Frames moved from the switch inbox per lock.
@@ -57,7 +60,7 @@ pub enum NetQueueError {
 }
 
 /// Why one frame was dropped (the queue continues).
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
     /// The header or the frame length is invalid.
     #[error(transparent)]
@@ -71,6 +74,9 @@ pub enum FrameError {
     /// No frame buffer was free.
     #[error("switch out of frame buffers")]
     NoBuffer,
+    /// A TX chain has more non-empty descriptors than a frame may have.
+    #[error("transmit chain of more than {0} descriptors")]
+    Descriptors(usize),
 }
 
 fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display) {
@@ -80,68 +86,60 @@ fn log_sparse(count: &mut u64, what: &str, index: u16, e: &dyn std::fmt::Display
     }
 }
 
-/// Read the device-readable chain into `area`; returns the bytes read, or the total length
-/// when it exceeds `area` (as [`HeaderError::Oversized`] after header subtraction).
-fn read_chain<M: GuestMemory>(
-    chain: DescriptorChain<&M>,
-    mem: &M,
-    area: &mut [u8],
-) -> Result<usize, FrameError> {
-    let mut off = 0usize;
-    let mut too_long = false;
-    for desc in chain {
-        if desc.is_write_only() {
-            return Err(FrameError::WriteOnly);
-        }
-        let len = desc.len() as usize;
-        let end = off.saturating_add(len);
-        if end > area.len() {
-            too_long = true;
-        } else {
-            mem.read_slice(&mut area[off..end], desc.addr())
-                .map_err(|_| FrameError::Memory(desc.addr().0, desc.len()))?;
-        }
-        off = end;
-    }
-    if too_long {
-        return Err(FrameError::Header(HeaderError::Oversized(off)));
-    }
-    Ok(off)
-}
-
 /// Where `num_buffers` of the first chain's header lives (its two bytes may be split).
 #[derive(Default)]
 struct NumBuffersAt([Option<GuestAddress>; 2]);
 
-/// Write `bytes` into the writable descriptors of `chain`; returns the bytes written.
+/// Write `bytes` into the writable descriptors of the chain at `head`; returns the bytes
+/// written.
 fn write_chain<M: GuestMemory>(
-    chain: DescriptorChain<&M>,
+    view: &RingView,
+    region: &mut RegionCache,
     mem: &M,
+    head: u16,
     bytes: &[u8],
     mut mark: Option<&mut NumBuffersAt>,
 ) -> Result<usize, &'static str> {
     let mut off = 0usize;
-    for desc in chain {
+    let mut err = None;
+    view.walk(mem, head, |desc| {
         if !desc.is_write_only() {
-            return Err("device-readable descriptor in a receive chain");
+            err = Some("device-readable descriptor in a receive chain");
+            return ControlFlow::Break(());
         }
         if off == bytes.len() {
-            break;
+            return ControlFlow::Break(());
         }
-        let n = (desc.len() as usize).min(bytes.len() - off);
+        let n = (desc.len as usize).min(bytes.len() - off);
         if let Some(m) = mark.as_deref_mut() {
             for (k, slot) in m.0.iter_mut().enumerate() {
                 let at = HDR_LEN - 2 + k;
                 if (off..off + n).contains(&at) {
-                    *slot = desc.addr().checked_add((at - off) as u64);
+                    *slot = GuestAddress(desc.addr).checked_add((at - off) as u64);
                 }
             }
         }
-        mem.write_slice(&bytes[off..off + n], desc.addr())
-            .map_err(|_| "descriptor outside guest memory")?;
+        let src = &bytes[off..off + n];
+        match region.host(mem, desc.addr, n).filter(|_| n > 0) {
+            // SAFETY: `h` is the start of `n` bytes of one mapped region of the memory
+            // snapshot borrowed for this pass (`RegionCache::host`); `src` is the backend's
+            // own buffer, distinct from guest memory.
+            Some(h) => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), h as *mut u8, n) },
+            // Spanning regions, behind an IOMMU, or outside memory.
+            None => {
+                if mem.write_slice(src, GuestAddress(desc.addr)).is_err() {
+                    err = Some("descriptor outside guest memory");
+                    return ControlFlow::Break(());
+                }
+            }
+        }
         off += n;
+        ControlFlow::Continue(())
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(off),
     }
-    Ok(off)
 }
 
 /// What one direction of a queue pair keeps and does besides what both directions share.
@@ -248,6 +246,7 @@ impl<D: Direction> NetQueue<D> {
 pub struct Tx {
     cache: Vec<FrameBox>,
     pending: Vec<FrameBox>,
+    gather: TxGather,
     invalid: u64,
 }
 
@@ -256,6 +255,7 @@ impl Default for Tx {
         Tx {
             cache: Vec::with_capacity(TX_CACHE + TX_BATCH),
             pending: Vec::with_capacity(TX_BATCH),
+            gather: TxGather::default(),
             invalid: 0,
         }
     }
@@ -269,24 +269,51 @@ impl Direction for Tx {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<QueueProgress, NetQueueError> {
-        let mut heads = [0u16; TX_BATCH];
         let index = q.index;
         let ring = |e| NetQueueError::Ring(index, e);
         let mut progress = QueueProgress::default();
+        let mut heads = [0u16; TX_BATCH];
+        // The longest chain worth reading: a GSO frame with a driver that may send one.
+        let limit = q.neg.hdr_len
+            + if q.neg.tx_offloads.gso() {
+                MAX_GSO_FRAME
+            } else {
+                MAX_FRAME
+            };
         loop {
             queue.disable_notification(mem).map_err(ring)?;
-            // One avail-index read per batch; one used-index store per batch.
-            let mut n = 0;
-            {
-                let mut chains = queue.iter(mem).map_err(ring)?;
-                while n < TX_BATCH && progress.completed + n < q.budget {
-                    let Some(chain) = chains.next() else { break };
-                    heads[n] = chain.head_index();
-                    if let Err(e) = q.transmit(chain, mem) {
-                        q.port.count_tx_invalid();
-                        log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
-                    }
-                    n += 1;
+            // One avail-index read per batch; every chain walked and translated (and its
+            // frame prefetched) before any frame is copied; one used-index store per batch.
+            let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?;
+            let first = queue.next_avail();
+            let ready = avail.0.wrapping_sub(first);
+            if ready > queue.size() {
+                return Err(ring(virtio_queue::Error::InvalidAvailRingIndex));
+            }
+            let take = usize::from(ready)
+                .min(TX_BATCH)
+                .min(q.budget - progress.completed);
+            q.dir.gather.begin(queue, mem);
+            // The heads first, their descriptors prefetched, then the chains walked.
+            for (k, h) in heads.iter_mut().enumerate().take(take) {
+                *h = q
+                    .dir
+                    .gather
+                    .avail_entry(mem, first.wrapping_add(k as u16))
+                    .map_err(ring)?;
+                q.dir.gather.prefetch_descriptor(*h);
+            }
+            let mut taken = 0u16;
+            while usize::from(taken) < take && !q.dir.gather.full() {
+                q.dir.gather.push(heads[usize::from(taken)], mem, limit);
+                taken += 1;
+            }
+            queue.set_next_avail(first.wrapping_add(taken));
+            let n = q.dir.gather.count();
+            for i in 0..n {
+                if let Err(e) = q.transmit(i) {
+                    q.port.count_tx_invalid();
+                    log_sparse(&mut q.dir.invalid, "dropped transmitted frame", index, &e);
                 }
             }
             // Switch the batch under one lock; unused buffers come back into the cache.
@@ -295,7 +322,11 @@ impl Direction for Tx {
                 let extra = q.dir.cache.len() - TX_CACHE;
                 q.port.recycle_all(q.dir.cache.drain(extra..));
             }
-            publish_used(queue, mem, heads[..n].iter().map(|&h| (h, 0))).map_err(ring)?;
+            let gather = &q.dir.gather;
+            let used = (0..n).map(|i| (gather.chain(i).head, 0));
+            let published = publish_used(queue, mem, used).map_err(ring);
+            q.dir.gather.clear();
+            published?;
             progress.completed += n;
             if progress.completed >= q.budget {
                 progress.more = true;
@@ -318,32 +349,25 @@ impl Direction for Tx {
 }
 
 impl TxQueue {
-    fn transmit<M: GuestMemory>(
-        &mut self,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-    ) -> Result<(), FrameError> {
+    /// Read gathered chain `i` into a pooled buffer and queue it for the switch.
+    fn transmit(&mut self, i: usize) -> Result<(), FrameError> {
         if self.dir.cache.is_empty() {
             self.port.take_buffers(&mut self.dir.cache, TX_CACHE);
         }
         let mut buf = self.dir.cache.pop().ok_or(FrameError::NoBuffer)?;
-        // A segmentation-offload frame does not fit a pooled buffer: read it again into a
-        // large one (only a driver that negotiated TSO may send one).
-        let again = self.neg.tx_offloads.gso().then(|| chain.clone());
-        match self.read_frame(&mut buf, chain, mem) {
+        match self.read_frame(&mut buf, i) {
             Ok(()) => {
                 self.dir.pending.push(buf);
                 Ok(())
             }
+            // A segmentation-offload frame does not fit a pooled buffer: read it into a large
+            // one (only a driver that negotiated TSO may send one).
             Err(FrameError::Header(HeaderError::Oversized(total)))
-                if again.is_some() && total <= self.neg.hdr_len + MAX_GSO_FRAME =>
+                if self.neg.tx_offloads.gso() && total <= self.neg.hdr_len + MAX_GSO_FRAME =>
             {
                 self.dir.cache.push(buf);
                 let mut large = self.port.take_large_buffer().ok_or(FrameError::NoBuffer)?;
-                let Some(chain) = again else {
-                    return Err(FrameError::NoBuffer);
-                };
-                match self.read_frame(&mut large, chain, mem) {
+                match self.read_frame(&mut large, i) {
                     Ok(()) => {
                         self.dir.pending.push(large);
                         Ok(())
@@ -361,16 +385,12 @@ impl TxQueue {
         }
     }
 
-    /// Read `chain` into `buf`, validate its header and record the work left on the frame.
-    fn read_frame<M: GuestMemory>(
-        &self,
-        buf: &mut FrameBuf,
-        chain: DescriptorChain<&M>,
-        mem: &M,
-    ) -> Result<(), FrameError> {
+    /// Copy gathered chain `i` into `buf`, validate its header and record the work left on
+    /// the frame.
+    fn read_frame(&self, buf: &mut FrameBuf, i: usize) -> Result<(), FrameError> {
         let hdr_len = self.neg.hdr_len;
         let area = buf.chain_area(hdr_len);
-        let total = read_chain(chain, mem, area)?;
+        let total = self.dir.gather.copy_chain(i, area)?;
         let (h, len) = TxHeader::parse(&area[..total], hdr_len, self.neg.tx_offloads)?;
         let offload = h.offload(&area[hdr_len..total])?;
         buf.set_len(len);
@@ -406,6 +426,10 @@ pub struct Rx {
     /// while it is being written into the ring).
     segment: Option<FrameBox>,
     segment_ready: bool,
+    /// The ring for this pass, its buffers' last region, and the available index last read.
+    view: RingView,
+    region: RegionCache,
+    avail_seen: u16,
 }
 
 impl Default for Rx {
@@ -419,6 +443,9 @@ impl Default for Rx {
             segmenting: None,
             segment: Some(FrameBuf::new_boxed()),
             segment_ready: false,
+            view: RingView::default(),
+            region: RegionCache::default(),
+            avail_seen: 0,
         }
     }
 }
@@ -447,6 +474,11 @@ impl Direction for Rx {
         let index = q.index;
         let ring = |e| NetQueueError::Ring(index, e);
         queue.disable_notification(mem).map_err(ring)?;
+        // The rings are translated once per pass; the available index is read when the
+        // entries seen so far run out.
+        q.dir.view = RingView::new(queue, mem);
+        q.dir.region = RegionCache::default();
+        q.dir.avail_seen = queue.next_avail();
         let mut progress = QueueProgress::default();
         let r = q.deliver_all(queue, mem, &mut progress);
         // Delivered and dropped buffers go back to the pool under one lock.
@@ -524,6 +556,31 @@ impl RxQueue {
             }
         }
         Ok(())
+    }
+
+    /// The head of the next available chain (consumed), or `None` when the driver has posted
+    /// no more.
+    fn next_chain<M: GuestMemory>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<Option<u16>, NetQueueError> {
+        let q = self.index;
+        let ring = |e| NetQueueError::Ring(q, e);
+        let next = queue.next_avail();
+        if next == self.dir.avail_seen {
+            let idx = queue.avail_idx(mem, Ordering::Acquire).map_err(ring)?.0;
+            if idx.wrapping_sub(next) > queue.size() {
+                return Err(ring(virtio_queue::Error::InvalidAvailRingIndex));
+            }
+            self.dir.avail_seen = idx;
+            if idx == next {
+                return Ok(None);
+            }
+        }
+        let head = self.dir.view.avail_entry(mem, next).map_err(ring)?;
+        queue.set_next_avail(next.wrapping_add(1));
+        Ok(Some(head))
     }
 
     /// The chains seen so far (possibly rolled back, with MRG_RXBUF) are not enough for the
@@ -604,7 +661,6 @@ impl RxQueue {
         buf: &mut FrameBuf,
     ) -> Result<Delivery, NetQueueError> {
         let q = self.index;
-        let ring = |e| NetQueueError::Ring(q, e);
         let hdr_len = self.neg.hdr_len;
         let mrg = self.neg.mrg_rxbuf;
         // Legacy 10-byte headers carry no num_buffers; the 12-byte header is all zeros but it
@@ -619,15 +675,21 @@ impl RxQueue {
         let mut mark = NumBuffersAt::default();
         let mut off = 0usize;
         while off < bytes.len() {
-            let chain = queue.iter(mem).map_err(ring)?.next();
-            let Some(chain) = chain else {
+            let Some(head) = self.next_chain(queue, mem)? else {
                 queue.set_next_avail(saved);
                 return Ok(Delivery::NoBuffers);
             };
-            let head = chain.head_index();
             let first = self.dir.used.is_empty();
-            let written = write_chain(chain, mem, &bytes[off..], first.then_some(&mut mark))
-                .map_err(|why| NetQueueError::RxChain(q, head, why))?;
+            let Rx { view, region, .. } = &mut self.dir;
+            let written = write_chain(
+                view,
+                region,
+                mem,
+                head,
+                &bytes[off..],
+                first.then_some(&mut mark),
+            )
+            .map_err(|why| NetQueueError::RxChain(q, head, why))?;
             if first && written < hdr_len {
                 return Err(NetQueueError::RxChain(q, head, "too short for a header"));
             }

@@ -8,14 +8,18 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
+use std::sync::atomic::AtomicU16;
+
 use virtio_queue::{Error, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+use super::split_ring::host_range;
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Write `(head, len)` for every entry of `used` into the used ring and publish them with a
-/// single used-index store.
+/// single used-index store. The ring is translated once per call.
 pub fn publish_used<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
@@ -28,6 +32,30 @@ pub fn publish_used<M: GuestMemory>(
     let size = queue.size();
     let ring = GuestAddress(queue.used_ring());
     let mut next = Wrapping(queue.next_used());
+    let ring_len = 6 + 8 * usize::from(size);
+    // The used ring is 4-byte aligned (virtio-queue checks the address), so its index is
+    // 2-byte aligned.
+    if let Some(host) = host_range(mem, ring.raw_value(), ring_len).filter(|h| h % 4 == 0) {
+        for (head, len) in used {
+            if head >= size {
+                return Err(Error::InvalidDescriptorIndex);
+            }
+            let mut elem = [0u8; 8];
+            elem[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..8].copy_from_slice(&len.to_le_bytes());
+            let at = host + 4 + 8 * usize::from(next.0 % size);
+            // SAFETY: `at..at + 8` lies in the used ring, which `host_range` found mapped in
+            // one region of `mem` (borrowed for this call).
+            unsafe { std::ptr::write_volatile(at as *mut [u8; 8], elem) };
+            next += Wrapping(1);
+        }
+        // SAFETY: `host + 2` is the used index, inside the mapped ring and 2-byte aligned
+        // (checked above); other parties access it only atomically or with plain loads.
+        let idx = unsafe { AtomicU16::from_ptr((host + 2) as *mut u16) };
+        idx.store(next.0.to_le(), Ordering::Release);
+        queue.set_next_used(next.0);
+        return Ok(());
+    }
     for (head, len) in used {
         if head >= size {
             return Err(Error::InvalidDescriptorIndex);

@@ -441,13 +441,22 @@ impl Switch {
         }
         ctx.stats[0] += 1;
         ctx.stats[1] += buf.len() as u64;
-        match t.macs.get(&src_mac) {
-            Some(e) if e.port == src.id => e.seen_ms.store(now, Ordering::Relaxed),
-            _ => {
-                let known = ctx.unlearned[..ctx.n_unlearned].contains(&src_mac);
-                if !known && ctx.n_unlearned < ctx.unlearned.len() {
-                    ctx.unlearned[ctx.n_unlearned] = src_mac;
-                    ctx.n_unlearned += 1;
+        // A guest port's source is its pinned address (checked above): nothing to learn or
+        // refresh, no lookup. An uplink's entries are refreshed at most once per millisecond
+        // tick, so a stream of frames does not write the shared entry per frame.
+        if src.mac.is_none() {
+            match t.macs.get(&src_mac) {
+                Some(e) if e.port == src.id => {
+                    if e.seen_ms.load(Ordering::Relaxed) != now {
+                        e.seen_ms.store(now, Ordering::Relaxed);
+                    }
+                }
+                _ => {
+                    let known = ctx.unlearned[..ctx.n_unlearned].contains(&src_mac);
+                    if !known && ctx.n_unlearned < ctx.unlearned.len() {
+                        ctx.unlearned[ctx.n_unlearned] = src_mac;
+                        ctx.n_unlearned += 1;
+                    }
                 }
             }
         }

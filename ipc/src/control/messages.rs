@@ -60,6 +60,8 @@ pub enum BackendRequest {
         mac: [u8; 6],
         /// The guest memory this device's backend may map.
         grant: MemoryGrant,
+        /// Offer checksum offload and TCP segmentation (the vif's `offloads`).
+        offloads: bool,
     },
     /// Report per-device counters.
     Stats,

@@ -113,8 +113,13 @@ impl Testpmd {
             if Instant::now() > deadline {
                 return Err(format!("testpmd did not start forwarding in time:\n{out}"));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The process id (stdbuf execs testpmd: it is testpmd's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Time since forwarding started.
