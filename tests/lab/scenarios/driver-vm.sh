@@ -6,8 +6,12 @@
 # guest (`--blk-socket` on that socket, all RAM shared) writes this run's pattern to its
 # virtio-blk disk and runs an I/O phase; around it the lab VM reads every host thread's run
 # count of both VMMs from schedstat and prints them per request: only the two VMs' vCPU
-# threads may run. After both VMs are gone the lab VM reads the pattern back from the VF's
-# namespace with its own nvme driver.
+# threads may run. Then, while the guest writes 256 KiB with O_DIRECT in a loop
+# (l2.writer=1), the driver VM's VMM is killed (SIGKILL) and started again with the same
+# arguments: the guest's VMM reconnects and resumes its disk in place with the in-flight log
+# (kept in the guest's VMM, mapped into the new driver VM's BAR2); the writes go on, none
+# fails. After both VMs are gone the lab VM reads the pattern and the last acknowledged
+# writes back from the VF's namespace with its own nvme driver.
 W=/tmp/driver-vm
 rm -rf $W
 mkdir -p $W
@@ -20,7 +24,7 @@ PATTERN=$LAB_PATTERN-DVM
 REQUESTS=64
 SOCK=$W/blk0.sock
 DVM_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS nvme_core.multipath=N nvme_core.io_timeout=10 nvme_core.admin_timeout=10"
-GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$PATTERN l2.dvm_requests=$REQUESTS"
+GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$PATTERN l2.dvm_requests=$REQUESTS l2.writer=1 l2.writer_report=1 l2.button=1"
 
 # thread_runs PID: one line per thread of PID: tid, name, times scheduled in (schedstat).
 thread_runs() {
@@ -41,9 +45,8 @@ runs_between() {
     NONVCPU=$(sed -n 's/.* non-vCPU runs \([0-9]*\)$/\1/p' $W/runs.$4)
 }
 
-# read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
-# lab VM's kernel nvme driver (the VF is bound to nvme for it).
-read_vf_block() {
+# bind_vf_nvme VF: binds the VF to the lab VM's nvme driver; NS is its namespace.
+bind_vf_nvme() {
     run $DD hw bind $1 nvme
     ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
     [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
@@ -52,8 +55,26 @@ read_vf_block() {
         [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
         sleep 0.1; i=$((i + 1))
     done
-    GOT=$(dd if=/dev/${ctrl}n1 bs=4096 skip=$2 count=1 iflag=direct 2>/dev/null | head -c $3)
+    NS=/dev/${ctrl}n1
 }
+# read_ns_block BLOCK LEN: LEN bytes of 4 KiB block BLOCK of $NS.
+read_ns_block() {
+    GOT=$(dd if=$NS bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null | head -c $2)
+}
+# start_dvm TAG: boots the driver VM (console $W/TAG.console, VMM log $W/TAG.vmm); $dvm is its VMM.
+start_dvm() {
+    echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
+    RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
+        --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
+        --cmdline "$DVM_CMDLINE" > $W/$1.console 2> $W/$1.vmm &
+    dvm=$!
+    background $dvm
+}
+# last_written FILE: the writer's last reported write in the guest's console FILE.
+last_written() {
+    sed -n 's/^L2-WRITER at \([0-9]*\) .*/\1/p' $1 | tail -1
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 # wait_line FILE PATTERN SECONDS PID: waits for PATTERN in FILE while PID lives.
 wait_line() {
@@ -75,12 +96,7 @@ run $DD hw bind $VF1 vfio-pci
 step "boot the driver-domain VM with VF1 assigned (1 vCPU, 160 MiB), serving $SOCK"
 relay=
 $VMM --help 2>&1 | grep -q -- --driver-vm-socket && relay="--driver-vm-socket $SOCK --driver-vm-shm-mib 256"
-echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
-RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
-    --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
-    --cmdline "$DVM_CMDLINE" > $W/dvm.console 2> $W/dvm.vmm &
-dvm=$!
-background $dvm
+start_dvm dvm
 ok=1
 wait_line $W/dvm.console "^DVM-SERVE starting" 120 $dvm || ok=0
 # vm-serve has opened the tunnel and the cross-VM device once it says HELLO.
@@ -99,7 +115,7 @@ grep -q "^DVM-SERVE starting" $W/dvm.console || fail "the driver VM's /init did 
 
 step "boot the Linux guest whose disk the driver VM serves (1 vCPU, 160 MiB, all RAM shared)"
 echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads --cmdline '$GUEST_CMDLINE'"
-RUST_LOG=info timeout 200 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
+RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
     --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads \
     --cmdline "$GUEST_CMDLINE" > $W/guest.console 2> $W/guest.vmm &
 guest=$!
@@ -115,16 +131,51 @@ thread_runs $guest > $W/guest.before
 wait_line $W/guest.console "^L2-DVM-IO-END" 120 $guest || fail "the guest's I/O phase did not end within 120 s"
 thread_runs $dvm > $W/dvm.after
 thread_runs $guest > $W/guest.after
+
+step "kill -9 the driver VM's VMM while the guest writes; start it again with the same arguments"
+wait_line $W/guest.console "^L2-WRITER at " 60 $guest || fail "the guest's writer did not start"
+sleep 2
+at_kill=$(last_written $W/guest.console)
+t0=$(uptime_s)
+kill -9 $dvm
+wait_gone $dvm 10 || fail "the driver VM's VMM outlived SIGKILL"
+echo "killed the driver VM's VMM (pid $dvm) at $t0 s, the guest's writer at write $at_kill"
+start_dvm dvm2
+wait_line $W/dvm2.console "vm-serve: ready" 150 $dvm || {
+    tail -20 $W/dvm2.console; tail -20 $W/dvm2.vmm
+    fail "the restarted driver VM did not get ready"
+}
+t_ready=$(uptime_s)
+wait_line $W/guest.vmm "resumed on the restarted backend" 60 $guest || {
+    grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -20
+    grep -E "vm-serve|channel|in-flight" $W/dvm2.console | tail -20
+    fail "the guest's VMM did not resume its disk on the restarted driver VM"
+}
+t_resumed=$(uptime_s)
+grep "blk 0: " $W/guest.vmm | grep -vE "unknown port|unbacked GPA" | tail -4
+grep -q "resumed on the restarted backend (in-flight log handed back)" $W/guest.vmm ||
+    fail "the guest's disk resumed without its in-flight log"
+grep -E "in-flight log|resubmit" $W/dvm2.console | tail -4
+# The writes go on: the writer reports 8 more than at the kill.
+i=0
+until [ "$(last_written $W/guest.console)" -ge $((at_kill + 8)) ] 2>/dev/null; do
+    kill -0 $guest 2>/dev/null || fail "the guest ended while its writes should resume"
+    [ $i -ge 600 ] && fail "the writer did not get 8 writes past write $at_kill within 60 s of the resume"
+    sleep 0.1; i=$((i + 1))
+done
+t_writes=$(uptime_s)
+echo "DVM-RESTART driver VM ready after $(awk -v a=$t0 -v b=$t_ready 'BEGIN{printf "%.1f", b-a}') s, disk resumed after $(awk -v a=$t0 -v b=$t_resumed 'BEGIN{printf "%.1f", b-a}') s, writer 8 writes past the kill after $(awk -v a=$t0 -v b=$t_writes 'BEGIN{printf "%.1f", b-a}') s (write $(last_written $W/guest.console))"
+
+step "the power button: the guest stops its writer and powers off"
+kill -USR1 $guest
 wait $guest
 rc=$?
-grep -E "Linux version|^L2-|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/guest.console | head -30
-echo "--- guest VMM log:"
-grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -15
-echo "--- driver VM (vm-serve):"
-grep -E "vm-serve|channel|poller" $W/dvm.console | tail -20
-[ "$rc" = 0 ] || fail "the guest's splitvmm-vmm exited $rc (0 = it powered off)"
-grep -q "^L2-DISK-WRITTEN" $W/guest.console || fail "the guest did not write its pattern to /dev/vda"
-
+grep -E "^L2-WRITER acked|^L2-WRITE-FAILED|^L2-IOERR" $W/guest.console
+grep -q "^L2-WRITE-FAILED" $W/guest.console && fail "a write of the guest failed"
+grep -q "^L2-IOERR" $W/guest.console && fail "the guest's kernel logged an I/O error"
+acked=$(sed -n 's/^L2-WRITER acked \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r' | tail -1)
+[ -n "$acked" ] || fail "the guest's writer did not report"
+[ "$acked" -gt $((at_kill + 8)) ] || fail "the writer acknowledged $acked writes, at the kill $at_kill"
 step "host thread runs during the guest's I/O phase (schedstat)"
 n=$(sed -n 's/^L2-DVM-IO-END requests \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
 ms=$(sed -n 's/^L2-DVM-IO-END requests [0-9]* ms \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
@@ -140,13 +191,23 @@ echo "DVM-THREAD-RUNS requests $n guest-vmm-non-vcpu $guest_other driver-vmm-non
 [ "$guest_other" -lt $((n / 4)) ] || fail "the guest's VMM threads other than its vCPU ran $guest_other times for $n requests"
 [ "$dvm_other" -lt $((n / 4)) ] || fail "the driver VM's VMM threads other than its vCPU ran $dvm_other times for $n requests"
 
-step "the driver VM is stopped; the pattern is read back from the VF's namespace"
+step "the driver VM is stopped; the pattern and the last writes are read back from the VF's namespace"
 kill $dvm
 wait_gone $dvm 20 || fail "the driver VM's VMM outlived its SIGTERM by 20 s"
-grep -E "poller|vm-serve" $W/dvm.console | tail -5
-read_vf_block $VF1 1 ${#PATTERN}
+grep -E "poller|vm-serve" $W/dvm2.console | tail -5
+bind_vf_nvme $VF1
+read_ns_block 1 ${#PATTERN}
 echo "block 1 (sector 8) through $VF1: $GOT"
 [ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at sector 8, expected '$PATTERN'"
+# The last 8 acknowledged writes (slot 32 + i % 96 of 256 KiB), all after the restart.
+i=$((acked - 7))
+while [ $i -le $acked ]; do
+    want="$PATTERN-w$i"
+    read_ns_block $(((32 + i % 96) * 64)) ${#want}
+    [ "$GOT" = "$want" ] || fail "write $i is not on the namespace: '$GOT'"
+    i=$((i + 1))
+done
+echo "writes $((acked - 7))..$acked (acknowledged last, after the restart) are on the namespace"
 
 step "tear down"
 vfs_down

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,28 +65,37 @@ impl BackendWatch {
     }
 }
 
-/// Waits for `fd` to hang up (true) or for `stop` (false).
+/// Waits for `fd` to hang up (true) or for `stop` (false). Raw poll: nix's `PollFlags` has
+/// no POLLRDHUP and drops revents it does not know.
 fn wait_hangup(fd: BorrowedFd<'_>, stop: &EventFd) -> bool {
+    let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
     loop {
-        // SAFETY: the eventfd lives as long as `stop`, past this call.
-        let wake = unsafe { BorrowedFd::borrow_raw(stop.as_raw_fd()) };
         let mut pfd = [
-            PollFd::new(fd, rdhup()),
-            PollFd::new(wake, PollFlags::POLLIN),
+            libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        match poll(&mut pfd, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                log::error!("backend watch: poll: {e}");
-                return false;
+        // SAFETY: polls two descriptors that outlive the call, through an array of two.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-        }
-        if pfd[1].revents().is_some_and(|r| !r.is_empty()) {
+            log::error!("backend watch: poll: {e}");
             return false;
         }
-        let gone = rdhup() | PollFlags::POLLHUP | PollFlags::POLLERR;
-        if pfd[0].revents().is_some_and(|r| r.intersects(gone)) {
+        if pfd[1].revents != 0 {
+            return false;
+        }
+        if pfd[0].revents & gone != 0 {
             return true;
         }
     }
@@ -145,7 +153,29 @@ fn watch(key: DeviceKey, path: &PathBuf, mut peer: OwnedFd, hotplug: &Hotplug, s
     }
 }
 
-/// POLLRDHUP (the peer closed its end; nix has no constant for it).
-fn rdhup() -> PollFlags {
-    PollFlags::from_bits_retain(libc::POLLRDHUP)
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_watch_wakes_for_the_peers_end_or_the_stop_not_for_data() {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        // Data waiting (a reply the session has not read yet) is no end.
+        let (mine, mut peer) = UnixStream::pair().unwrap();
+        peer.write_all(b"reply").unwrap();
+        let watcher = std::thread::spawn(move || wait_hangup(mine.as_fd(), &stop));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!watcher.is_finished(), "woke up for data");
+        drop(peer);
+        assert!(watcher.join().unwrap(), "the peer's end");
+        // The stop ends a wait on a live connection.
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        stop.write(1).unwrap();
+        assert!(!wait_hangup(theirs.as_fd(), &stop));
+        assert!(!pause(Duration::from_secs(5), &stop), "a stopped pause is short");
+        ours.write_all(b"x").unwrap();
+    }
 }
