@@ -404,7 +404,11 @@ mod tests {
         .unwrap();
         let mut header = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 4096 + 8).unwrap();
-        assert_eq!(header, [1, 0, 8, 0], "version 1, 8 entries written at the offset");
+        assert_eq!(
+            header,
+            [1, 0, 8, 0],
+            "version 1, 8 entries written at the offset"
+        );
         let mut before = [0u8; 1];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut before, 4095).unwrap();
         assert_eq!(before, [0xaa]);
@@ -412,8 +416,7 @@ mod tests {
         assert_eq!(q.recover(0).unwrap(), Vec::<u16>::new());
         q.set(4).unwrap();
         // Adopted again (the next backend), it is no longer fresh: head 4 is in flight.
-        let again =
-            InflightLog::adopt(file, 4096, (2, 8), SealPolicy::RequireSealed).unwrap();
+        let again = InflightLog::adopt(file, 4096, (2, 8), SealPolicy::RequireSealed).unwrap();
         assert_eq!(again.queue(1).unwrap().recover(0).unwrap(), vec![4]);
         // Past the file's end: refused.
         let short = InflightLog::adopt(

@@ -15,9 +15,9 @@ use std::thread::JoinHandle;
 
 use ipc::tunnel::vhost_msg::MsgHeader;
 use ipc::tunnel::{Frame, FrameKind, Ref};
-use vhost::vhost_user::message::FrontendReq;
 use log::{info, warn};
 use thiserror::Error;
+use vhost::vhost_user::message::FrontendReq;
 
 use super::refs::{ChannelSignals, RefError, SignalPaths};
 use super::rings::{RingTable, RingsError};
@@ -187,7 +187,6 @@ fn relay_backend(
 /// The backend's reply to GET_INFLIGHT_FD, with its log's one descriptor.
 fn is_inflight_reply(msg: &vhost_stream::VhostMessage) -> bool {
     msg.fds.len() == 1
-        && MsgHeader::parse(&msg.bytes).is_ok_and(|h| {
-            h.is_reply() && h.request == u32::from(FrontendReq::GET_INFLIGHT_FD)
-        })
+        && MsgHeader::parse(&msg.bytes)
+            .is_ok_and(|h| h.is_reply() && h.request == u32::from(FrontendReq::GET_INFLIGHT_FD))
 }

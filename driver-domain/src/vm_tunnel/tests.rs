@@ -396,7 +396,10 @@ fn the_backends_log_stays_in_the_vm_and_the_one_dom0_maps_into_bar2_is_adopted()
         if header == [1, 0, 16, 0] {
             break;
         }
-        assert!(Instant::now() < end, "the log in BAR2 was not adopted: {header:?}");
+        assert!(
+            Instant::now() < end,
+            "the log in BAR2 was not adopted: {header:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // A log whose reference does not match its offset fails the channel.

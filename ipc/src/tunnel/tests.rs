@@ -495,7 +495,12 @@ fn inflight_bodies_are_read_and_rewritten() {
     rewrite_inflight(&mut m, &moved).expect("an in-flight reply");
     let got = inflight_body(FrontendReq::GET_INFLIGHT_FD, &m[12..]).expect("24 bytes");
     assert_eq!(
-        (got.mmap_size, got.mmap_offset, got.num_queues, got.queue_size),
+        (
+            got.mmap_size,
+            got.mmap_offset,
+            got.num_queues,
+            got.queue_size
+        ),
         (8192, 0x40_0000, 2, 256)
     );
     // Not an in-flight message, or a body of the wrong size: refused, left alone.

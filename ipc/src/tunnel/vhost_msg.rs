@@ -246,7 +246,10 @@ pub fn rewrite_mmap_offsets(msg: &mut [u8], offsets: &[u64]) -> Result<(), Vhost
 }
 
 /// The body of a SET_INFLIGHT_FD request or a GET_INFLIGHT_FD reply.
-pub fn inflight_body(request: FrontendReq, body: &[u8]) -> Result<VhostUserInflight, VhostMsgError> {
+pub fn inflight_body(
+    request: FrontendReq,
+    body: &[u8],
+) -> Result<VhostUserInflight, VhostMsgError> {
     read_pod::<VhostUserInflight>(body).ok_or(VhostMsgError::BadBody {
         request,
         len: body.len(),

@@ -13,8 +13,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ipc::tunnel::vhost_msg::{mask_protocol_features_reply, MsgHeader};
-use vhost::vhost_user::message::FrontendReq;
 use ipc::tunnel::{Frame, FrameKind, VERSION};
+use vhost::vhost_user::message::FrontendReq;
 
 use crate::vmm::bus::Limiter;
 use crate::vmm::devices::cross_vm::CrossVmState;

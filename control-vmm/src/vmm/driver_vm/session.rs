@@ -193,8 +193,15 @@ impl ChannelSession {
             mmap_offset: offset,
             ..shape
         };
-        let set = encode_message(request_code(FrontendReq::SET_INFLIGHT_FD), 0, adopt.as_slice());
-        Ok((file, Frame::vhost(self.channel, vec![Ref::memory(offset)], set)))
+        let set = encode_message(
+            request_code(FrontendReq::SET_INFLIGHT_FD),
+            0,
+            adopt.as_slice(),
+        );
+        Ok((
+            file,
+            Frame::vhost(self.channel, vec![Ref::memory(offset)], set),
+        ))
     }
 
     /// Maps the in-flight log `file` (`shape.mmap_size` bytes from `shape.mmap_offset`) into

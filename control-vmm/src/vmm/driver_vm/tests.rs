@@ -502,7 +502,10 @@ fn recv_with_fds(frontend: &UnixStream, len: usize) -> (Vec<u8>, Vec<OwnedFd>) {
     for c in msg.cmsgs().unwrap() {
         if let ControlMessageOwned::ScmRights(raw) = c {
             // SAFETY: installed in this process by the kernel for this message.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     (buf, fds)
@@ -541,7 +544,12 @@ fn the_in_flight_log_is_made_in_dom0_mapped_into_bar2_and_mapped_again_when_hand
     assert_eq!(header.flags & VhostUserHeaderFlag::NEED_REPLY.bits(), 0);
     let shape = inflight_body(FrontendReq::SET_INFLIGHT_FD, &set.payload[HEADER_LEN..]).unwrap();
     assert_eq!(
-        (shape.mmap_size, shape.mmap_offset, shape.num_queues, shape.queue_size),
+        (
+            shape.mmap_size,
+            shape.mmap_offset,
+            shape.num_queues,
+            shape.queue_size
+        ),
         (0x2000, offset, 1, 256),
         "whole pages, at its BAR2 offset"
     );

@@ -114,7 +114,10 @@ fn watch(key: DeviceKey, path: &PathBuf, mut peer: OwnedFd, hotplug: &Hotplug, s
     let name = format!("{} {}", key.0.name(), key.1);
     while wait_hangup(peer.as_fd(), stop) {
         let gone = Instant::now();
-        log::warn!("{name}: the backend went away; reconnecting to {}", path.display());
+        log::warn!(
+            "{name}: the backend went away; reconnecting to {}",
+            path.display()
+        );
         let mut tries = 0u32;
         loop {
             if !pause(RETRY, stop) {
@@ -175,7 +178,10 @@ mod tests {
         let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         stop.write(1).unwrap();
         assert!(!wait_hangup(theirs.as_fd(), &stop));
-        assert!(!pause(Duration::from_secs(5), &stop), "a stopped pause is short");
+        assert!(
+            !pause(Duration::from_secs(5), &stop),
+            "a stopped pause is short"
+        );
         ours.write_all(b"x").unwrap();
     }
 }
