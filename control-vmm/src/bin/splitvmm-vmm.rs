@@ -82,6 +82,11 @@ struct Cli {
     /// disk): `host.backend_thread_runs`. Repeatable.
     #[arg(long, requires = "linux", value_name = "PID")]
     count_threads_of: Vec<u32>,
+    /// Linux: the same for the threads of process PID other than its vCPU threads (the VMM
+    /// of a driver VM serving this guest's disk: its vCPU runs the backend, its other
+    /// threads must not run per request): `host.peer_vmm_thread_runs`. Repeatable.
+    #[arg(long, requires = "linux", value_name = "PID")]
+    count_non_vcpu_threads_of: Vec<u32>,
     /// Linux with --managed-domid: how long a detach waits for the guest to eject the device
     /// (ACPI hotplug) before removing it by force, in seconds.
     #[arg(long, requires = "linux", default_value_t = 20)]
@@ -376,6 +381,7 @@ fn run_linux(
         watch_threads: ThreadWatch {
             own_non_vcpu: cli.count_vmm_threads,
             others: cli.count_threads_of.clone(),
+            peer_vmms: cli.count_non_vcpu_threads_of.clone(),
         },
         driver_vm,
         reconnect: cli

@@ -1,6 +1,7 @@
 //! Host threads scheduled in during a measured phase, other than the guest's vCPU threads:
 //! what a request costs the host beyond the vCPU that issued it (the VMM's own helper threads,
-//! the driver domain's backend threads).
+//! the driver domain's backend threads, or the helper threads of the VMM of a driver VM that
+//! serves the guest's disk).
 //!
 //! Read from `/proc/<pid>/task/<tid>/schedstat`, whose third field is the number of times the
 //! thread was scheduled in on a CPU (`sched_info.pcount`: every switch to it, whether it had
@@ -20,11 +21,16 @@ pub struct ThreadWatch {
     pub own_non_vcpu: bool,
     /// Count every thread of these processes (the driver domain's backend, ...).
     pub others: Vec<u32>,
+    /// Count the threads other than vCPU threads of these processes (the VMM of a driver VM
+    /// serving this guest: its vCPU runs the backend, its other threads must not run per
+    /// request).
+    pub peer_vmms: Vec<u32>,
 }
 
 /// The counter names in a phase's counts.
 pub const VMM_THREAD_RUNS: &str = "host.vmm_thread_runs";
 pub const BACKEND_THREAD_RUNS: &str = "host.backend_thread_runs";
+pub const PEER_VMM_THREAD_RUNS: &str = "host.peer_vmm_thread_runs";
 
 /// Run counts at one instant, by (counter, tid).
 #[derive(Debug, Clone, Default)]
@@ -33,7 +39,7 @@ pub struct ThreadRuns(HashMap<(&'static str, u32), u64>);
 impl ThreadWatch {
     /// Whether anything is watched.
     pub fn is_empty(&self) -> bool {
-        !self.own_non_vcpu && self.others.is_empty()
+        !self.own_non_vcpu && self.others.is_empty() && self.peer_vmms.is_empty()
     }
 
     /// The run counts of the watched threads now (threads that cannot be read are left out:
@@ -52,6 +58,10 @@ impl ThreadWatch {
             let dir = format!("/proc/{pid}/task");
             read_process(Path::new(&dir), BACKEND_THREAD_RUNS, false, &mut runs);
         }
+        for pid in &self.peer_vmms {
+            let dir = format!("/proc/{pid}/task");
+            read_process(Path::new(&dir), PEER_VMM_THREAD_RUNS, true, &mut runs);
+        }
         runs
     }
 }
@@ -67,6 +77,9 @@ impl ThreadRuns {
         }
         if !watch.others.is_empty() {
             names.push(BACKEND_THREAD_RUNS);
+        }
+        if !watch.peer_vmms.is_empty() {
+            names.push(PEER_VMM_THREAD_RUNS);
         }
         for name in names {
             let sum = later
@@ -146,6 +159,7 @@ mod tests {
         let watch = ThreadWatch {
             own_non_vcpu: true,
             others: vec![1],
+            peer_vmms: vec![],
         };
         let mut a = ThreadRuns::default();
         a.0.insert((VMM_THREAD_RUNS, 10), 5);
@@ -173,6 +187,7 @@ mod tests {
         let watch = ThreadWatch {
             own_non_vcpu: true,
             others: vec![],
+            peer_vmms: vec![],
         };
         let before = watch.read();
         if !Path::new("/proc/self/task").exists()
@@ -194,6 +209,41 @@ mod tests {
         assert!(!seen, "a thread named vcpu7 is not counted");
     }
 
+    #[test]
+    fn a_peer_vmm_counts_its_threads_but_not_its_vcpus() {
+        // This process as the peer: a thread named vcpu<N> is left out, the others counted.
+        let pid = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let vcpu = std::thread::Builder::new()
+            .name("vcpu7".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        let vcpu_tid = rx.recv().unwrap();
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() } as u32;
+        let watch = ThreadWatch {
+            own_non_vcpu: false,
+            others: vec![],
+            peer_vmms: vec![pid],
+        };
+        let runs = watch.read();
+        assert!(runs.0.contains_key(&(PEER_VMM_THREAD_RUNS, me)));
+        assert!(!runs.0.contains_key(&(PEER_VMM_THREAD_RUNS, vcpu_tid)));
+        let names: Vec<String> = runs
+            .delta(&runs, &watch)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, vec![PEER_VMM_THREAD_RUNS.to_string()]);
+        stop_tx.send(()).unwrap();
+        vcpu.join().unwrap();
+    }
+
     /// Whether the calling thread appears in its own process's non-vCPU reading.
     fn watch_once() -> bool {
         // SAFETY: gettid has no preconditions.
@@ -201,6 +251,7 @@ mod tests {
         let watch = ThreadWatch {
             own_non_vcpu: true,
             others: vec![],
+            peer_vmms: vec![],
         };
         watch.read().0.contains_key(&(VMM_THREAD_RUNS, tid))
     }

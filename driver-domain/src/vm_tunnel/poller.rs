@@ -142,10 +142,7 @@ impl RingPoller {
 
     /// The counts so far.
     pub fn counts(&self) -> PollerCounts {
-        PollerCounts {
-            wakeups: self.shared.wakeups.load(Ordering::Relaxed),
-            kicks: self.shared.kicks.load(Ordering::Relaxed),
-        }
+        counts(&self.shared)
     }
 }
 
@@ -183,6 +180,13 @@ fn pass(shared: &Shared, watches: &mut HashMap<RingKey, Watch>) -> usize {
     moved
 }
 
+fn counts(shared: &Shared) -> PollerCounts {
+    PollerCounts {
+        wakeups: shared.wakeups.load(Ordering::Relaxed),
+        kicks: shared.kicks.load(Ordering::Relaxed),
+    }
+}
+
 /// The poller's thread.
 fn run(shared: &Shared) {
     let mut last_activity = Instant::now();
@@ -198,6 +202,8 @@ fn run(shared: &Shared) {
                 .unwrap_or_else(|e| e.into_inner());
             last_activity = Instant::now();
             sleep = FIRST_SLEEP;
+            // The counts are reported over time spent watching, not blocked.
+            report = (Instant::now(), counts(shared));
         }
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -219,10 +225,7 @@ fn run(shared: &Shared) {
         shared.wakeups.fetch_add(1, Ordering::Relaxed);
         sleep = (sleep * 2).min(MAX_SLEEP);
         if report.0.elapsed() >= REPORT_EVERY {
-            let now = PollerCounts {
-                wakeups: shared.wakeups.load(Ordering::Relaxed),
-                kicks: shared.kicks.load(Ordering::Relaxed),
-            };
+            let now = counts(shared);
             let secs = report.0.elapsed().as_secs_f64();
             info!(
                 "ring poller: {rings} ring(s), {} wake-ups and {} kicks in {secs:.1} s",

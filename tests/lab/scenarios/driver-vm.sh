@@ -4,14 +4,16 @@
 # --tunnel /dev/ttyS1 --blk /dev/nvme0n1`. Its VMM (`--driver-vm-socket`) relays a vhost-user
 # socket to it over COM2 and maps the guest's memory into a BAR of the cross-VM device. A Linux
 # guest (`--blk-socket` on that socket, all RAM shared) writes this run's pattern to its
-# virtio-blk disk and runs an I/O phase; around it the lab VM reads every host thread's run
-# count of both VMMs from schedstat and prints them per request: only the two VMs' vCPU
-# threads may run. Then, while the guest writes 256 KiB with O_DIRECT in a loop
-# (l2.writer=1), the driver VM's VMM is killed (SIGKILL) and started again with the same
-# arguments: the guest's VMM reconnects and resumes its disk in place with the in-flight log
-# (kept in the guest's VMM, mapped into the new driver VM's BAR2); the writes go on, none
-# fails. After both VMs are gone the lab VM reads the pattern and the last acknowledged
-# writes back from the VF's namespace with its own nvme driver.
+# virtio-blk disk and runs an I/O phase and an idle baseline as long; around each the lab VM
+# reads every host thread's run count of both VMMs from schedstat and prints what the threads
+# other than the two VMs' vCPUs ran per request beyond their idle rate (timers): below 0.1.
+# After both VMs are gone the lab VM reads the pattern back from the VF's namespace with its
+# own nvme driver, with the last writes of the restart step: while the guest writes 256 KiB
+# with O_DIRECT in a loop (l2.writer=1), the driver VM's VMM is killed (SIGKILL) and started
+# again with the same arguments; the guest's VMM reconnects and resumes its disk in place with
+# the in-flight log (kept in the guest's VMM, mapped into the new driver VM's BAR2); the writes
+# go on, none fails. For comparison the same guest then runs on the process driver domain
+# (`driver-domain serve` on that namespace in the lab VM): time and host thread runs per request.
 W=/tmp/driver-vm
 rm -rf $W
 mkdir -p $W
@@ -21,10 +23,10 @@ mkdir -p $W
 VMM=/bin/splitvmm-vmm
 [ -x $VMM ] || fail "no $VMM in the lab VM"
 PATTERN=$LAB_PATTERN-DVM
-REQUESTS=64
+REQUESTS=128
 SOCK=$W/blk0.sock
 DVM_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS nvme_core.multipath=N nvme_core.io_timeout=10 nvme_core.admin_timeout=10"
-GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.pattern=$PATTERN l2.dvm_requests=$REQUESTS l2.writer=1 l2.writer_report=1 l2.button=1"
+GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.dvm_requests=$REQUESTS"
 
 # thread_runs PID: one line per thread of PID: tid, name, times scheduled in (schedstat).
 thread_runs() {
@@ -32,17 +34,30 @@ thread_runs() {
         echo "${t##*/} $(cat $t/comm) $(cut -d' ' -f3 $t/schedstat 2>/dev/null)"
     done
 }
-# runs_between BEFORE AFTER REQUESTS LABEL: prints each thread's runs between two thread_runs
-# files (per request too) and sets NONVCPU to the runs of threads not named vcpu<N>.
+# snap NAME: every thread's run count of the guest's VMM and of the backend ($backend: the
+# driver VM's VMM, or the process driver domain) now, and the time.
+snap() {
+    cut -d' ' -f1 /proc/uptime > $W/t.$1
+    thread_runs $backend > $W/backend.$1
+    thread_runs $guest > $W/guest.$1
+}
+# runs_between A B LABEL: each thread's runs between snapshots A and B of LABEL (backend or
+# guest); sets NONVCPU to the runs of threads not named vcpu<N> and SECS to the window's length.
 runs_between() {
-    awk -v n="$3" -v label="$4" '
+    SECS=$(awk -v a="$(cat $W/t.$1)" -v b="$(cat $W/t.$2)" 'BEGIN { printf "%.2f", b - a }')
+    awk -v label="$3 $1-$2 (${SECS} s)" '
         FNR == NR { before[$1] = $3; next }
         { d = $3 - ($1 in before ? before[$1] : 0)
-          printf "%s thread %s %-16s runs %6d  per request %.2f\n", label, $1, $2, d, d / n
+          printf "%s thread %s %-16s runs %6d\n", label, $1, $2, d
           if ($2 !~ /^vcpu[0-9]+$/) other += d }
-        END { printf "%s non-vCPU runs %d\n", label, other }' "$1" "$2" > $W/runs.$4
-    cat $W/runs.$4
-    NONVCPU=$(sed -n 's/.* non-vCPU runs \([0-9]*\)$/\1/p' $W/runs.$4)
+        END { printf "%s non-vCPU runs %d\n", label, other }' "$W/$3.$1" "$W/$3.$2" > $W/runs
+    cat $W/runs
+    NONVCPU=$(sed -n 's/.* non-vCPU runs \([0-9]*\)$/\1/p' $W/runs)
+}
+# round_net COUNTER: the net (I/O phase minus its idle baseline) of COUNTER in the guest VMM's
+# table of the measured round.
+round_net() {
+    awk -v c="$1" '$1 == "round" && $2 == 1 && $3 == c { print $6 }' $W/guest.vmm
 }
 
 # bind_vf_nvme VF: binds the VF to the lab VM's nvme driver; NS is its namespace.
@@ -113,83 +128,126 @@ grep -q "^DVM-SERVE starting" $W/dvm.console || fail "the driver VM's /init did 
 [ $ok = 1 ] || fail "vm-serve did not get ready (tunnel, cross-VM device)"
 [ -S $SOCK ] || fail "the driver VM's VMM does not listen on $SOCK"
 
-step "boot the Linux guest whose disk the driver VM serves (1 vCPU, 160 MiB, all RAM shared)"
-echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads --cmdline '$GUEST_CMDLINE'"
-RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
-    --vcpus 1 --mem-mib 160 --blk-socket $SOCK --share-all-ram --count-vmm-threads \
-    --cmdline "$GUEST_CMDLINE" > $W/guest.console 2> $W/guest.vmm &
-guest=$!
-background $guest
-wait_line $W/guest.console "^L2-DVM-IO-BEGIN" 150 $guest || {
-    grep -E "Linux version|^L2-|virtio|vda|Kernel panic" $W/guest.console | tail -20
-    tail -20 $W/guest.vmm
-    grep -E "vm-serve|channel|vhost" $W/dvm.console | tail -20
-    fail "the guest did not reach its I/O phase"
-}
-thread_runs $dvm > $W/dvm.before
-thread_runs $guest > $W/guest.before
-wait_line $W/guest.console "^L2-DVM-IO-END" 120 $guest || fail "the guest's I/O phase did not end within 120 s"
-thread_runs $dvm > $W/dvm.after
-thread_runs $guest > $W/guest.after
+# restart_driver_vm: while the guest's writer runs, kills the driver VM's VMM (SIGKILL), starts
+# it again with the same arguments and waits for the guest's writes to go on; then presses the
+# guest's power button (it stops its writer, reports and powers off).
+restart_driver_vm() {
+    step "kill -9 the driver VM's VMM while the guest writes; start it again with the same arguments"
+    wait_line $W/guest.console "^L2-WRITER at " 60 $guest || fail "the guest's writer did not start"
+    sleep 2
+    at_kill=$(last_written $W/guest.console)
+    t0=$(uptime_s)
+    kill -9 $dvm
+    wait_gone $dvm 10 || fail "the driver VM's VMM outlived SIGKILL"
+    echo "killed the driver VM's VMM (pid $dvm) at $t0 s, the guest's writer at write $at_kill"
+    start_dvm dvm2
+    wait_line $W/dvm2.console "vm-serve: ready" 150 $dvm || {
+        tail -20 $W/dvm2.console; tail -20 $W/dvm2.vmm
+        fail "the restarted driver VM did not get ready"
+    }
+    t_ready=$(uptime_s)
+    wait_line $W/guest.vmm "resumed on the restarted backend" 60 $guest || {
+        grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -20
+        grep -E "vm-serve|channel|in-flight" $W/dvm2.console | tail -20
+        fail "the guest's VMM did not resume its disk on the restarted driver VM"
+    }
+    t_resumed=$(uptime_s)
+    grep "blk 0: " $W/guest.vmm | grep -vE "unknown port|unbacked GPA" | tail -4
+    grep -q "resumed on the restarted backend (in-flight log handed back)" $W/guest.vmm ||
+        fail "the guest's disk resumed without its in-flight log"
+    grep -E "in-flight log|resubmit" $W/dvm2.console | tail -4
+    # The writes go on: the writer reports 8 more than at the kill.
+    i=0
+    until [ "$(last_written $W/guest.console)" -ge $((at_kill + 8)) ] 2>/dev/null; do
+        kill -0 $guest 2>/dev/null || fail "the guest ended while its writes should resume"
+        [ $i -ge 600 ] && fail "the writer did not get 8 writes past write $at_kill within 60 s of the resume"
+        sleep 0.1; i=$((i + 1))
+    done
+    t_writes=$(uptime_s)
+    echo "DVM-RESTART driver VM ready after $(awk -v a=$t0 -v b=$t_ready 'BEGIN{printf "%.1f", b-a}') s, disk resumed after $(awk -v a=$t0 -v b=$t_resumed 'BEGIN{printf "%.1f", b-a}') s, writer 8 writes past the kill after $(awk -v a=$t0 -v b=$t_writes 'BEGIN{printf "%.1f", b-a}') s (write $(last_written $W/guest.console))"
 
-step "kill -9 the driver VM's VMM while the guest writes; start it again with the same arguments"
-wait_line $W/guest.console "^L2-WRITER at " 60 $guest || fail "the guest's writer did not start"
-sleep 2
-at_kill=$(last_written $W/guest.console)
-t0=$(uptime_s)
-kill -9 $dvm
-wait_gone $dvm 10 || fail "the driver VM's VMM outlived SIGKILL"
-echo "killed the driver VM's VMM (pid $dvm) at $t0 s, the guest's writer at write $at_kill"
-start_dvm dvm2
-wait_line $W/dvm2.console "vm-serve: ready" 150 $dvm || {
-    tail -20 $W/dvm2.console; tail -20 $W/dvm2.vmm
-    fail "the restarted driver VM did not get ready"
+    kill -USR1 $guest
 }
-t_ready=$(uptime_s)
-wait_line $W/guest.vmm "resumed on the restarted backend" 60 $guest || {
-    grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -20
-    grep -E "vm-serve|channel|in-flight" $W/dvm2.console | tail -20
-    fail "the guest's VMM did not resume its disk on the restarted driver VM"
+# check_writer: after the guest powered off: its writer's verdict and kernel log (no failed
+# write, no I/O error), and at least 8 writes acknowledged after the kill. Sets ACKED.
+check_writer() {
+    grep -E "^L2-WRITER acked|^L2-WRITE-FAILED|^L2-IOERR" $W/guest.console
+    grep -q "^L2-WRITE-FAILED" $W/guest.console && fail "a write of the guest failed"
+    grep -q "^L2-IOERR" $W/guest.console && fail "the guest's kernel logged an I/O error"
+    ACKED=$(sed -n 's/^L2-WRITER acked \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r' | tail -1)
+    [ -n "$ACKED" ] || fail "the guest's writer did not report"
+    [ "$ACKED" -gt $((at_kill + 8)) ] || fail "the writer acknowledged $ACKED writes, at the kill $at_kill"
+    echo "the guest's writer acknowledged $ACKED writes ($at_kill at the kill), none failed, no I/O error in its kernel log"
 }
-t_resumed=$(uptime_s)
-grep "blk 0: " $W/guest.vmm | grep -vE "unknown port|unbacked GPA" | tail -4
-grep -q "resumed on the restarted backend (in-flight log handed back)" $W/guest.vmm ||
-    fail "the guest's disk resumed without its in-flight log"
-grep -E "in-flight log|resubmit" $W/dvm2.console | tail -4
-# The writes go on: the writer reports 8 more than at the kill.
-i=0
-until [ "$(last_written $W/guest.console)" -ge $((at_kill + 8)) ] 2>/dev/null; do
-    kill -0 $guest 2>/dev/null || fail "the guest ended while its writes should resume"
-    [ $i -ge 600 ] && fail "the writer did not get 8 writes past write $at_kill within 60 s of the resume"
-    sleep 0.1; i=$((i + 1))
-done
-t_writes=$(uptime_s)
-echo "DVM-RESTART driver VM ready after $(awk -v a=$t0 -v b=$t_ready 'BEGIN{printf "%.1f", b-a}') s, disk resumed after $(awk -v a=$t0 -v b=$t_resumed 'BEGIN{printf "%.1f", b-a}') s, writer 8 writes past the kill after $(awk -v a=$t0 -v b=$t_writes 'BEGIN{printf "%.1f", b-a}') s (write $(last_written $W/guest.console))"
 
-step "the power button: the guest stops its writer and powers off"
-kill -USR1 $guest
-wait $guest
-rc=$?
-grep -E "^L2-WRITER acked|^L2-WRITE-FAILED|^L2-IOERR" $W/guest.console
-grep -q "^L2-WRITE-FAILED" $W/guest.console && fail "a write of the guest failed"
-grep -q "^L2-IOERR" $W/guest.console && fail "the guest's kernel logged an I/O error"
-acked=$(sed -n 's/^L2-WRITER acked \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r' | tail -1)
-[ -n "$acked" ] || fail "the guest's writer did not report"
-[ "$acked" -gt $((at_kill + 8)) ] || fail "the writer acknowledged $acked writes, at the kill $at_kill"
-step "host thread runs during the guest's I/O phase (schedstat)"
-n=$(sed -n 's/^L2-DVM-IO-END requests \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
-ms=$(sed -n 's/^L2-DVM-IO-END requests [0-9]* ms \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
-echo "guest requests in the I/O phase: ${n:-none} in ${ms:-?} ms of guest time (QD1, 4 KiB, direct)"
-[ "${n:-0}" -ge $REQUESTS ] || fail "the guest made ${n:-0} requests, expected $REQUESTS"
-runs_between $W/guest.before $W/guest.after $n guest-vmm
-guest_other=$NONVCPU
-runs_between $W/dvm.before $W/dvm.after $n driver-vmm
-dvm_other=$NONVCPU
-grep "^I/O phase" $W/guest.vmm
-echo "DVM-THREAD-RUNS requests $n guest-vmm-non-vcpu $guest_other driver-vmm-non-vcpu $dvm_other"
-# A run per request would be $n; the console lines and timer work of the VMMs are a few.
-[ "$guest_other" -lt $((n / 4)) ] || fail "the guest's VMM threads other than its vCPU ran $guest_other times for $n requests"
-[ "$dvm_other" -lt $((n / 4)) ] || fail "the driver VM's VMM threads other than its vCPU ran $dvm_other times for $n requests"
+# run_guest SOCKET PATTERN COUNT-ARGS...: boots the Linux guest on the vhost-user SOCKET (1 vCPU,
+# 160 MiB, all RAM shared; its VMM counts the backend's threads as COUNT-ARGS say); it writes
+# PATTERN to sector 8 of its disk, then runs its I/O phase and its idle baseline, which its VMM
+# measures at the phase marks; the lab VM also reads each thread's run count of the backend
+# and of the guest's VMM around both (schedstat) to show which threads ran. Sets N
+# (requests), MS (the phase's guest time).
+run_guest() {
+    sock=$1 pat=$2
+    shift 2
+    rm -f $W/guest.console $W/guest.vmm
+    echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $sock --share-all-ram --count-vmm-threads $* --cmdline '$GUEST_CMDLINE l2.pattern=$pat${RESTART:+ $RESTART_ARGS}'"
+    RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
+        --vcpus 1 --mem-mib 160 --blk-socket $sock --share-all-ram --count-vmm-threads "$@" \
+        --cmdline "$GUEST_CMDLINE l2.pattern=$pat${RESTART:+ $RESTART_ARGS}" > $W/guest.console 2> $W/guest.vmm &
+    guest=$!
+    background $guest
+    wait_line $W/guest.console "^L2-DVM-IO-BEGIN" 150 $guest || {
+        grep -E "Linux version|^L2-|virtio|vda|Kernel panic" $W/guest.console | tail -20
+        tail -20 $W/guest.vmm
+        fail "the guest did not reach its I/O phase"
+    }
+    snap io0
+    wait_line $W/guest.console "^L2-DVM-IO-END" 120 $guest || fail "the guest's I/O phase did not end within 120 s"
+    snap io1
+    wait_line $W/guest.console "^L2-DVM-IDLE-BEGIN" 10 $guest || fail "the guest's idle baseline did not begin"
+    snap idle0
+    wait_line $W/guest.console "^L2-DVM-IDLE-END" 120 $guest || fail "the guest's idle baseline did not end"
+    snap idle1
+    [ -n "$RESTART" ] && restart_driver_vm
+    wait $guest
+    rc=$?
+    grep -E "Linux version|^L2-|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/guest.console | head -30
+    echo "--- guest VMM log:"
+    grep -vE "unknown port|unbacked GPA|^round" $W/guest.vmm | tail -8
+    [ "$rc" = 0 ] || fail "the guest's splitvmm-vmm exited $rc (0 = it powered off)"
+    grep -q "^L2-DISK-WRITTEN" $W/guest.console || fail "the guest did not write its pattern to /dev/vda"
+    N=$(sed -n 's/^L2-DVM-IO-END requests \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
+    MS=$(sed -n 's/^L2-DVM-IO-END requests [0-9]* ms \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r')
+    echo "guest requests in the I/O phase: ${N:-none} in ${MS:-?} ms of guest time (QD1, 4 KiB, direct)"
+    [ "${N:-0}" -ge $REQUESTS ] || fail "the guest made ${N:-0} requests, expected $REQUESTS"
+    echo "--- the guest VMM's round (I/O phase, idle baseline as long, net):"
+    grep -E "^round 1" $W/guest.vmm | grep -E "round 1:|host\.|kvm.exits "
+    echo "--- each thread's runs around the I/O phase (io0-io1) and the idle baseline (idle0-idle1):"
+    for label in guest backend; do
+        runs_between io0 io1 $label
+        runs_between idle0 idle1 $label
+    done
+}
+
+step "boot the Linux guest whose disk the driver VM serves; host thread runs (schedstat) around its I/O"
+backend=$dvm
+RESTART=1
+RESTART_ARGS="l2.writer=1 l2.writer_report=1 l2.button=1"
+run_guest $SOCK $PATTERN --count-non-vcpu-threads-of $dvm
+RESTART=
+check_writer
+echo "--- driver VM (vm-serve):"
+grep -E "vm-serve|channel|poller" $W/dvm.console | tail -8
+dvm_ms=$MS
+own=$(round_net host.vmm_thread_runs)
+peer=$(round_net host.peer_vmm_thread_runs)
+dvm_exits=$(round_net kvm.exits)
+per=$(awk -v a="$own" -v b="$peer" -v n=$N 'BEGIN { printf "%.2f", (a + b) / n }')
+echo "DVM-THREAD-RUNS requests $N net of idle: guest VMM non-vCPU $own, driver VM's VMM non-vCPU $peer: $per per request"
+[ -n "$own" ] && [ -n "$peer" ] || fail "the guest's VMM did not measure the round's thread runs"
+# One run per request would be 1.00; the VMMs' main threads wake once a second either way.
+awk -v e=$per 'BEGIN { exit !(e < 0.1) }' ||
+    fail "host threads other than the two VMs' vCPUs ran $per times per request"
 
 step "the driver VM is stopped; the pattern and the last writes are read back from the VF's namespace"
 kill $dvm
@@ -200,14 +258,34 @@ read_ns_block 1 ${#PATTERN}
 echo "block 1 (sector 8) through $VF1: $GOT"
 [ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at sector 8, expected '$PATTERN'"
 # The last 8 acknowledged writes (slot 32 + i % 96 of 256 KiB), all after the restart.
-i=$((acked - 7))
-while [ $i -le $acked ]; do
+i=$((ACKED - 7))
+while [ $i -le $ACKED ]; do
     want="$PATTERN-w$i"
     read_ns_block $(((32 + i % 96) * 64)) ${#want}
     [ "$GOT" = "$want" ] || fail "write $i is not on the namespace: '$GOT'"
     i=$((i + 1))
 done
-echo "writes $((acked - 7))..$acked (acknowledged last, after the restart) are on the namespace"
+echo "writes $((ACKED - 7))..$ACKED (acknowledged last, after the restart) are on the namespace"
+
+step "the same guest on the process driver domain (driver-domain serve on the namespace, in the lab VM), for comparison"
+dev=/dev/${ctrl}n1
+$DD serve --blk $dev --socket $W/process.sock > $W/dd.log 2>&1 &
+backend=$!
+background $backend
+i=0
+until [ -S $W/process.sock ]; do
+    [ $i -ge 100 ] && fail "driver-domain serve did not listen within 10 s"
+    sleep 0.1; i=$((i + 1))
+done
+run_guest $W/process.sock $PATTERN-P --count-threads-of $backend
+own=$(round_net host.vmm_thread_runs)
+proc_runs=$(round_net host.backend_thread_runs)
+proc_exits=$(round_net kvm.exits)
+echo "DVM-COMPARE per request (QD1, 4 KiB): guest time driver VM $(awk -v m=$dvm_ms -v n=$N 'BEGIN { printf "%.2f", m / n }') ms, process driver domain $(awk -v m=$MS -v n=$N 'BEGIN { printf "%.2f", m / n }') ms; the guest's KVM exits driver VM $(awk -v e=$dvm_exits -v n=$N 'BEGIN { printf "%.1f", e / n }'), process $(awk -v e=$proc_exits -v n=$N 'BEGIN { printf "%.1f", e / n }'); host threads beyond vCPUs driver VM $per, process driver domain $(awk -v a=$own -v b=$proc_runs -v n=$N 'BEGIN { printf "%.2f", (a + b) / n }') (its own threads $proc_runs)"
+kill $backend
+wait_gone $backend 10 || fail "driver-domain serve outlived its SIGTERM by 10 s"
+GOT=$(dd if=$dev bs=4096 skip=1 count=1 iflag=direct 2>/dev/null | head -c $((${#PATTERN} + 2)))
+[ "$GOT" = "$PATTERN-P" ] || fail "the namespace holds '$GOT' at sector 8 after the process-served guest, expected '$PATTERN-P'"
 
 step "tear down"
 vfs_down
