@@ -148,12 +148,28 @@ fn watch(key: DeviceKey, path: &PathBuf, mut peer: OwnedFd, hotplug: &Hotplug, s
                 Ok(None) => return,
                 Err(e) => {
                     if tries.is_power_of_two() {
-                        log::warn!("{name}: resuming on {}: {e}; retrying", path.display());
+                        log::warn!(
+                            "{name}: resuming on {} (try {tries}): {}; retrying",
+                            path.display(),
+                            chain(&e)
+                        );
                     }
                 }
             }
         }
     }
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]
