@@ -193,11 +193,7 @@ impl ChannelSession {
             mmap_offset: offset,
             ..shape
         };
-        let set = encode_message(
-            request_code(FrontendReq::SET_INFLIGHT_FD),
-            0,
-            adopt.as_slice(),
-        );
+        let set = encode_message(FrontendReq::SET_INFLIGHT_FD.into(), 0, adopt.as_slice());
         Ok((
             file,
             Frame::vhost(self.channel, vec![Ref::memory(offset)], set),
@@ -227,11 +223,6 @@ impl ChannelSession {
             release_regions(device, space, &[old]);
         }
         Ok(offset)
-    }
-
-    /// BAR2 offset of the channel's in-flight log, if it has one (for tests and the log).
-    pub fn inflight_offset(&self) -> Option<u64> {
-        self.inflight
     }
 
     /// The reference of a vring fd: a call bound to its doorbell, a kick kept, an error fd
@@ -317,10 +308,6 @@ fn io_err(source: std::io::Error) -> SessionError {
         op: "dup (in-flight log)",
         source,
     })
-}
-
-fn request_code(request: FrontendReq) -> u32 {
-    request.into()
 }
 
 /// The queue a SET_VRING_* message with a u64 body names (checked by `frontend_fd_roles`).
