@@ -135,11 +135,33 @@ restart_driver_vm() {
     step "kill -9 the driver VM's VMM while the guest writes; start it again with the same arguments"
     wait_line $W/guest.console "^L2-WRITER at " 60 $guest || fail "the guest's writer did not start"
     sleep 2
+    # The in-flight log is the guest's VMM's to keep (the memfd the relay made): stop the driver
+    # VM (SIGSTOP to its VMM: every thread, the vCPU with it) until the log marks a request in
+    # flight, and kill it there.
+    log_fd=$(ls -l /proc/$guest/fd | grep "splitvmm-blk-inflight" | sed 's/.* \([0-9]*\) -> .*/\1/' | head -1)
+    [ -n "$log_fd" ] || { ls -l /proc/$guest/fd; fail "the guest's VMM holds no in-flight log"; }
+    caught=0
+    tries=0
+    while [ $tries -lt 200 ]; do
+        tries=$((tries + 1))
+        kill -STOP $dvm
+        # Until every thread is stopped (its state, after "pid (comm) ", is T).
+        j=0
+        while [ $j -lt 1000 ] && cat /proc/$dvm/task/*/stat 2>/dev/null |
+            awk '{ sub(/.*\) /, ""); if ($1 != "T" && $1 != "t") running = 1 } END { exit !running }'; do
+            j=$((j + 1))
+        done
+        caught=$(od -An -v -tu1 -j16 -N4096 /proc/$guest/fd/$log_fd | awk '$1 == 1' | wc -l)
+        [ "$caught" -gt 0 ] && break
+        kill -CONT $dvm
+        sleep 0.0$((tries % 7 + 1))
+    done
+    [ "$caught" -gt 0 ] || { kill -CONT $dvm; fail "no try of $tries found a request in flight"; }
     at_kill=$(last_written $W/guest.console)
     t0=$(uptime_s)
     kill -9 $dvm
     wait_gone $dvm 10 || fail "the driver VM's VMM outlived SIGKILL"
-    echo "killed the driver VM's VMM (pid $dvm) at $t0 s, the guest's writer at write $at_kill"
+    echo "killed the driver VM's VMM (pid $dvm) at $t0 s with $caught request(s) in flight (try $tries), the guest's writer at write $at_kill"
     start_dvm dvm2
     wait_line $W/dvm2.console "vm-serve: ready" 150 $dvm || {
         tail -20 $W/dvm2.console; tail -20 $W/dvm2.vmm
@@ -156,6 +178,7 @@ restart_driver_vm() {
     grep -q "resumed on the restarted backend (in-flight log handed back)" $W/guest.vmm ||
         fail "the guest's disk resumed without its in-flight log"
     grep -E "in-flight log|resubmit" $W/dvm2.console | tail -4
+    grep -q "in-flight log taken over" $W/dvm2.console || fail "the new driver VM did not take the log over"
     # The writes go on: the writer reports 8 more than at the kill.
     i=0
     until [ "$(last_written $W/guest.console)" -ge $((at_kill + 8)) ] 2>/dev/null; do
