@@ -384,6 +384,11 @@ fn run_linux(
             peer_vmms: cli.count_non_vcpu_threads_of.clone(),
         },
         driver_vm,
+        reconnect: cli
+            .blk_socket
+            .iter()
+            .map(|p| ((VirtioDeviceType::Blk, 0), p.clone()))
+            .collect(),
     };
     match control_vmm::vmm::linux::run(cfg) {
         Ok(report) => {

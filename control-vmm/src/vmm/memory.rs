@@ -58,7 +58,7 @@ pub struct GuestRam {
     pub window: Option<MemfdRegion>,
 }
 
-fn memfd(name: &'static str, len: u64, seal: bool) -> Result<File, MemoryError> {
+pub(crate) fn memfd(name: &'static str, len: u64, seal: bool) -> Result<File, MemoryError> {
     let cname = std::ffi::CString::new(name).unwrap_or_default();
     let flags = libc::MFD_CLOEXEC | if seal { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: memfd_create takes a valid NUL-terminated name; the result is checked.

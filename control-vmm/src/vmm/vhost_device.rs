@@ -288,6 +288,11 @@ impl VhostDevice {
         self.session.resume(stream, self.kind.spec(), used_index)
     }
 
+    /// A duplicate of the connection's socket (it hangs up when the backend goes away).
+    pub fn peer(&self) -> Result<std::os::fd::OwnedFd, FrontendSessionError> {
+        self.session.peer()
+    }
+
     /// Whether the session holds the backend's in-flight log.
     pub fn holds_inflight_log(&self) -> bool {
         self.session.holds_inflight_log()

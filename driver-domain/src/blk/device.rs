@@ -706,13 +706,13 @@ impl InflightTracking for BlkBackendDevice {
     ) -> Result<(), InflightSetupError> {
         self.check_shape(num_queues, queue_size)?;
         let needed = queue_region_len(queue_size) * u64::from(num_queues);
-        if offset != 0 || size < needed {
+        if size < needed {
             return Err(BlkBackendError::InflightLog(InflightError::Layout(format!(
-                "{size} bytes at offset {offset}; {needed} at offset 0 needed"
+                "{size} bytes at offset {offset}; {needed} needed"
             )))
             .into());
         }
-        let log = InflightLog::adopt(file, (num_queues, queue_size), self.cfg.seal_policy)
+        let log = InflightLog::adopt(file, offset, (num_queues, queue_size), self.cfg.seal_policy)
             .map_err(BlkBackendError::InflightLog)?;
         self.install(log, num_queues)?;
         Ok(())

@@ -93,7 +93,7 @@ impl InflightLog {
         .map_err(|e| InflightError::Create(e.into()))?;
         let file = File::from(fd);
         file.set_len(len).map_err(InflightError::Create)?;
-        let log = Self::map(file, len, num_queues, queue_size)?;
+        let log = Self::map(file, 0, len, num_queues, queue_size)?;
         for q in 0..num_queues {
             let base = GuestAddress(queue_region_len(queue_size) * u64::from(q));
             log.mem.write_obj(INFLIGHT_VERSION, base.unchecked_add(8))?;
@@ -107,25 +107,38 @@ impl InflightLog {
     /// must be at least that large and, under `policy`, sealed against shrinking (as guest
     /// memory is: a log it could truncate would fault the backend), and each queue header
     /// must say version 1 and `queue_size` entries, or the log is refused (and with it the
-    /// session, not the backend).
+    /// session, not the backend). A queue whose header is all zero is a fresh log (the one a
+    /// driver VM's dom0 makes, docs/protocol.md): it is cleared and given its header, as
+    /// libvhost-user's `vu_check_queue_inflights` does. The log starts `offset` bytes into
+    /// `file` (a page multiple; BAR2 of the cross-VM device holds it at any such offset).
     pub fn adopt(
         file: File,
+        offset: u64,
         (num_queues, queue_size): (u16, u16),
         policy: SealPolicy,
     ) -> Result<Self, InflightError> {
         let len = queue_region_len(queue_size) * u64::from(num_queues.max(1));
         let actual = file.metadata().map_err(InflightError::Create)?.len();
-        if actual < len {
+        if offset.checked_add(len).is_none_or(|end| actual < end) {
             return Err(InflightError::Layout(format!(
-                "{actual} bytes, {len} needed for {num_queues} queue(s) of {queue_size}"
+                "{actual} bytes, {len} needed at {offset} for {num_queues} queue(s) of \
+                 {queue_size}"
             )));
         }
-        check_region_file(&file, 0, len, policy).map_err(InflightError::Unsealed)?;
-        let log = Self::map(file, len, num_queues, queue_size)?;
+        check_region_file(&file, offset, len, policy).map_err(InflightError::Unsealed)?;
+        let log = Self::map(file, offset, len, num_queues, queue_size)?;
         for q in 0..num_queues {
             let base = GuestAddress(queue_region_len(queue_size) * u64::from(q));
-            let version: u16 = log.mem.read_obj(base.unchecked_add(8))?;
-            let desc_num: u16 = log.mem.read_obj(base.unchecked_add(10))?;
+            let mut version: u16 = log.mem.read_obj(base.unchecked_add(8))?;
+            let mut desc_num: u16 = log.mem.read_obj(base.unchecked_add(10))?;
+            let header: [u8; 16] = log.mem.read_obj(base)?;
+            if header == [0; 16] {
+                let zero = vec![0u8; queue_region_len(queue_size) as usize];
+                log.mem.write_slice(&zero, base)?;
+                log.mem.write_obj(INFLIGHT_VERSION, base.unchecked_add(8))?;
+                log.mem.write_obj(queue_size, base.unchecked_add(10))?;
+                (version, desc_num) = (INFLIGHT_VERSION, queue_size);
+            }
             if version != INFLIGHT_VERSION || desc_num != queue_size {
                 return Err(InflightError::Layout(format!(
                     "queue {q}: version {version}, {desc_num} entries (want {INFLIGHT_VERSION}, \
@@ -136,10 +149,16 @@ impl InflightLog {
         Ok(log)
     }
 
-    fn map(file: File, len: u64, num_queues: u16, queue_size: u16) -> Result<Self, InflightError> {
+    fn map(
+        file: File,
+        offset: u64,
+        len: u64,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
         let map_file = file.try_clone().map_err(InflightError::Create)?;
         let size = usize::try_from(len).map_err(|e| InflightError::Map(e.to_string()))?;
-        let region = MmapRegion::from_file(FileOffset::new(map_file, 0), size)
+        let region = MmapRegion::from_file(FileOffset::new(map_file, offset), size)
             .map_err(|e| InflightError::Map(e.to_string()))?;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| InflightError::Map("region does not fit".into()))?;
@@ -321,7 +340,7 @@ mod tests {
     fn a_restarted_backend_resubmits_what_was_in_flight_in_fetch_order() {
         let dead = log_of_a_dead_backend();
         let handed_back = dead.file().try_clone().unwrap();
-        let log = InflightLog::adopt(handed_back, (1, 8), SealPolicy::RequireSealed).unwrap();
+        let log = InflightLog::adopt(handed_back, 0, (1, 8), SealPolicy::RequireSealed).unwrap();
         // Sealed now: the frontend can no longer shrink it under the backend.
         assert!(dead.file().set_len(0).is_err());
         let mut q = log.queue(0).unwrap();
@@ -348,6 +367,7 @@ mod tests {
         let adopt = |shape| {
             InflightLog::adopt(
                 log.file().try_clone().unwrap(),
+                0,
                 shape,
                 SealPolicy::RequireSealed,
             )
@@ -358,12 +378,53 @@ mod tests {
         // A file that cannot be sealed (no MFD_ALLOW_SEALING) could shrink under the backend.
         let unsealable = tempfile::tempfile().unwrap();
         std::io::copy(&mut log.file().try_clone().unwrap(), &mut { &unsealable }).unwrap();
-        let refused = InflightLog::adopt(unsealable, (1, 8), SealPolicy::RequireSealed);
+        let refused = InflightLog::adopt(unsealable, 0, (1, 8), SealPolicy::RequireSealed);
         assert!(matches!(refused, Err(InflightError::Unsealed(_))));
         // A torn last_batch_head is refused, not followed.
         let mut q = log.queue(0).unwrap();
         q.set(2).unwrap();
         std::os::unix::fs::FileExt::write_all_at(log.file(), &99u16.to_le_bytes(), 12).unwrap();
         assert!(matches!(q.recover(7), Err(InflightError::BadIndex(99, 8))));
+    }
+
+    #[test]
+    fn a_zeroed_log_at_an_offset_is_adopted_as_fresh() {
+        // What a driver VM's dom0 hands over: a zeroed region at a page offset of a larger
+        // file (BAR2), with stale bytes around it that must stay untouched.
+        let fd = memfd_create(c"bar2", MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap();
+        let file = File::from(fd);
+        file.set_len(3 * 4096).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xaa; 4096], 0).unwrap();
+        let log = InflightLog::adopt(
+            file.try_clone().unwrap(),
+            4096,
+            (2, 8),
+            SealPolicy::RequireSealed,
+        )
+        .unwrap();
+        let mut header = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 4096 + 8).unwrap();
+        assert_eq!(
+            header,
+            [1, 0, 8, 0],
+            "version 1, 8 entries written at the offset"
+        );
+        let mut before = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut before, 4095).unwrap();
+        assert_eq!(before, [0xaa]);
+        let mut q = log.queue(1).unwrap();
+        assert_eq!(q.recover(0).unwrap(), Vec::<u16>::new());
+        q.set(4).unwrap();
+        // Adopted again (the next backend), it is no longer fresh: head 4 is in flight.
+        let again = InflightLog::adopt(file, 4096, (2, 8), SealPolicy::RequireSealed).unwrap();
+        assert_eq!(again.queue(1).unwrap().recover(0).unwrap(), vec![4]);
+        // Past the file's end: refused.
+        let short = InflightLog::adopt(
+            log.file().try_clone().unwrap(),
+            3 * 4096,
+            (2, 8),
+            SealPolicy::RequireSealed,
+        );
+        assert!(matches!(short, Err(InflightError::Layout(_))));
     }
 }

@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ipc::tunnel::{Frame, FrameKind};
+use ipc::tunnel::vhost_msg::MsgHeader;
+use ipc::tunnel::{Frame, FrameKind, Ref};
 use log::{info, warn};
 use thiserror::Error;
+use vhost::vhost_user::message::FrontendReq;
 
 use super::refs::{ChannelSignals, RefError, SignalPaths};
 use super::rings::{RingTable, RingsError};
@@ -143,8 +145,8 @@ fn relay_backend(
 ) {
     loop {
         match vhost_stream::recv(from_backend) {
-            Ok(Some(msg)) if !msg.fds.is_empty() => {
-                // Nothing the backend may send (the relayable protocol features) carries
+            Ok(Some(msg)) if !msg.fds.is_empty() && !is_inflight_reply(&msg) => {
+                // Nothing else the backend may send (the relayable protocol features) carries
                 // descriptors; the tunnel could not carry them anyway.
                 warn!(
                     "channel {id}: the backend sent {} descriptor(s), which the tunnel cannot carry: closing",
@@ -152,6 +154,13 @@ fn relay_backend(
                 );
                 let _ = from_backend.shutdown(Shutdown::Both);
                 break;
+            }
+            Ok(Some(msg)) if !msg.fds.is_empty() => {
+                // GET_INFLIGHT_FD: the backend's own log stays here (NONE); dom0 answers with
+                // a log of its own in BAR2, which the backend adopts (SET_INFLIGHT_FD).
+                if let Err(e) = tunnel.send(&Frame::vhost(id, vec![Ref::none()], msg.bytes)) {
+                    warn!("channel {id}: {e}");
+                }
             }
             Ok(Some(msg)) => {
                 if let Err(e) = tunnel.send(&Frame::vhost(id, Vec::new(), msg.bytes)) {
@@ -173,4 +182,11 @@ fn relay_backend(
             warn!("channel {id}: {e}");
         }
     }
+}
+
+/// The backend's reply to GET_INFLIGHT_FD, with its log's one descriptor.
+fn is_inflight_reply(msg: &vhost_stream::VhostMessage) -> bool {
+    msg.fds.len() == 1
+        && MsgHeader::parse(&msg.bytes)
+            .is_ok_and(|h| h.is_reply() && h.request == u32::from(FrontendReq::GET_INFLIGHT_FD))
 }

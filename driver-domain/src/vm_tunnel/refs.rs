@@ -7,7 +7,9 @@
 //!   a duplicate of BAR2's `resource2` file;
 //! - DOORBELL n (a call): an eventfd the doorbell relay turns into writes of doorbell n;
 //! - POLLED (a kick): an eventfd the ring poller signals when the ring's avail index moves;
-//! - NONE (an error fd dom0 dropped): an eventfd nobody reads.
+//! - NONE (an error fd dom0 dropped): an eventfd nobody reads;
+//! - MEMORY for SET_INFLIGHT_FD (the in-flight log dom0 keeps, mapped into BAR2 and its
+//!   `mmap_offset` rewritten): a duplicate of `resource2` too.
 //!
 //! Each reference must be the kind its message's fd calls for, a doorbell must be one of its
 //! channel's (channel * 16 + queue) and a region's offset the one in the table: anything else
@@ -118,6 +120,21 @@ impl ChannelSignals {
                             region,
                             value: r.value,
                             table,
+                        });
+                    }
+                    OwnedFd::from(paths.shm.try_clone().map_err(RefError::Fd)?)
+                }
+                (FdRole::Inflight, RefKind::Memory) => {
+                    let body = msg.get(ipc::tunnel::vhost_msg::HEADER_LEN..).unwrap_or(&[]);
+                    let shape = ipc::tunnel::vhost_msg::inflight_body(
+                        vhost::vhost_user::message::FrontendReq::SET_INFLIGHT_FD,
+                        body,
+                    )?;
+                    if shape.mmap_offset != r.value {
+                        return Err(RefError::WrongOffset {
+                            region: 0,
+                            value: r.value,
+                            table: shape.mmap_offset,
                         });
                     }
                     OwnedFd::from(paths.shm.try_clone().map_err(RefError::Fd)?)

@@ -345,3 +345,69 @@ fn close_from_dom0_ends_the_channel_without_an_echo_and_it_can_open_again() {
     d.send(&Frame::open(0));
     assert_ne!(features(d, 0), 0);
 }
+
+#[test]
+fn the_backends_log_stays_in_the_vm_and_the_one_dom0_maps_into_bar2_is_adopted() {
+    use vhost::vhost_user::message::VhostUserInflight;
+    use vhost::vhost_user::VhostUserProtocolFeatures;
+    let mut fx = fixture();
+    let d = &mut fx.dom0;
+    d.send(&Frame::open(0));
+    let offered = features(d, 0);
+    d.vhost(0, FrontendReq::SET_OWNER, &[], Vec::new());
+    d.vhost(
+        0,
+        FrontendReq::SET_FEATURES,
+        &u64_body(offered & ((1 << 32) | (1 << 30))),
+        Vec::new(),
+    );
+    let inflight = VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits();
+    d.vhost(
+        0,
+        FrontendReq::SET_PROTOCOL_FEATURES,
+        &u64_body(inflight),
+        Vec::new(),
+    );
+    // GET_INFLIGHT_FD: the reply crosses with a NONE for the backend's own log.
+    d.vhost(
+        0,
+        FrontendReq::GET_INFLIGHT_FD,
+        VhostUserInflight::new(0, 0, 1, 16).as_slice(),
+        Vec::new(),
+    );
+    let reply = d.recv();
+    assert_eq!(reply.kind, FrameKind::Vhost, "{reply:?}");
+    assert_eq!(reply.refs, vec![Ref::none()]);
+    let size = u64::from_le_bytes(reply.payload[12..20].try_into().unwrap());
+    assert!(size > 0 && size <= 4096, "one queue of 16: {size} bytes");
+    // dom0's log, zeroed, at a page of BAR2 below the guest's memory: adopted as fresh (its
+    // header written there).
+    const LOG_AT: u64 = 0x2000;
+    d.vhost(
+        0,
+        FrontendReq::SET_INFLIGHT_FD,
+        VhostUserInflight::new(4096, LOG_AT, 1, 16).as_slice(),
+        vec![Ref::memory(LOG_AT)],
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut header = [0u8; 4];
+    loop {
+        fx._memfd.read_exact_at(&mut header, LOG_AT + 8).unwrap();
+        if header == [1, 0, 16, 0] {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the log in BAR2 was not adopted: {header:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A log whose reference does not match its offset fails the channel.
+    d.vhost(
+        0,
+        FrontendReq::SET_INFLIGHT_FD,
+        VhostUserInflight::new(4096, LOG_AT, 1, 16).as_slice(),
+        vec![Ref::memory(LOG_AT + 4096)],
+    );
+    assert_eq!(d.recv(), Frame::close(0));
+}

@@ -358,10 +358,13 @@ fn fd_roles_of_each_request() {
         Err(VhostMsgError::BadBody { .. })
     ));
     let inflight = encode_message(FrontendReq::SET_INFLIGHT_FD.into(), 0, &[0; 24]);
-    assert_eq!(
-        frontend_fd_roles(&inflight, 1),
-        Ok(vec![FdRole::Unrelayable])
-    );
+    assert_eq!(frontend_fd_roles(&inflight, 1), Ok(vec![FdRole::Inflight]));
+    assert!(frontend_fd_roles(&inflight, 0).is_err());
+    let short = encode_message(FrontendReq::SET_INFLIGHT_FD.into(), 0, &[0; 16]);
+    assert!(matches!(
+        frontend_fd_roles(&short, 1),
+        Err(VhostMsgError::BadBody { .. })
+    ));
     let backend = encode_message(FrontendReq::SET_BACKEND_REQ_FD.into(), 0, &[]);
     assert_eq!(
         frontend_fd_roles(&backend, 1),
@@ -453,7 +456,8 @@ fn protocol_features_replies_are_masked() {
     assert_eq!(got, relayable_protocol_features().bits());
     let kept = VhostUserProtocolFeatures::from_bits_truncate(got);
     assert!(kept.contains(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK));
-    assert!(!kept.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    // The in-flight log crosses: the relay maps it into BAR2.
+    assert!(kept.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     assert!(!kept.contains(VhostUserProtocolFeatures::BACKEND_REQ));
     assert!(!kept.contains(VhostUserProtocolFeatures::LOG_SHMFD));
     assert!(!kept.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
@@ -474,4 +478,35 @@ fn protocol_features_replies_are_masked() {
         &[0; 4],
     );
     assert!(mask_protocol_features_reply(&mut short).is_err());
+}
+
+#[test]
+fn inflight_bodies_are_read_and_rewritten() {
+    use super::vhost_msg::{inflight_body, rewrite_inflight};
+    use vhost::vhost_user::message::VhostUserInflight;
+    let shape = VhostUserInflight::new(8192, 0, 2, 256);
+    let reply_flags = VhostUserHeaderFlag::REPLY.bits();
+    let mut m = encode_message(
+        FrontendReq::GET_INFLIGHT_FD.into(),
+        reply_flags,
+        shape.as_slice(),
+    );
+    let moved = VhostUserInflight::new(8192, 0x40_0000, 2, 256);
+    rewrite_inflight(&mut m, &moved).expect("an in-flight reply");
+    let got = inflight_body(FrontendReq::GET_INFLIGHT_FD, &m[12..]).expect("24 bytes");
+    assert_eq!(
+        (
+            got.mmap_size,
+            got.mmap_offset,
+            got.num_queues,
+            got.queue_size
+        ),
+        (8192, 0x40_0000, 2, 256)
+    );
+    // Not an in-flight message, or a body of the wrong size: refused, left alone.
+    let mut other = encode_message(FrontendReq::SET_FEATURES.into(), 0, &[0; 24]);
+    assert!(rewrite_inflight(&mut other, &moved).is_err());
+    let mut short = encode_message(FrontendReq::SET_INFLIGHT_FD.into(), 0, &[0; 8]);
+    assert!(rewrite_inflight(&mut short, &moved).is_err());
+    assert!(inflight_body(FrontendReq::SET_INFLIGHT_FD, &[0; 8]).is_err());
 }

@@ -4,8 +4,8 @@
 //! layouts are the `vhost` crate's; only the header (private in the crate) is read here.
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion, VhostUserU64,
-    MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
+    FrontendReq, VhostUserHeaderFlag, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserU64, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::ByteValued;
@@ -19,12 +19,14 @@ pub const VRING_INDEX_MASK: u64 = 0xff;
 pub const VRING_NOFD_MASK: u64 = 0x100;
 
 /// The protocol features a relay can carry through the tunnel; GET_PROTOCOL_FEATURES replies
-/// are masked to these.
+/// are masked to these. INFLIGHT_SHMFD: the relay keeps the log in memory of its own, mapped
+/// into the driver VM (docs/protocol.md, "The in-flight log through the tunnel").
 pub fn relayable_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
 }
 
 /// Errors of reading a vhost-user message.
@@ -119,6 +121,8 @@ pub enum FdRole {
     Call { queue: u32 },
     /// SET_VRING_ERR of `queue`.
     Err { queue: u32 },
+    /// The in-flight log (SET_INFLIGHT_FD).
+    Inflight,
     /// An fd of a request the relay does not carry (log, inflight, backend channel, a memory
     /// slot, device state...).
     Unrelayable,
@@ -161,12 +165,15 @@ pub fn frontend_fd_roles(msg: &[u8], nfds: usize) -> Result<Vec<FdRole>, VhostMs
                 }]
             }
         }
+        FrontendReq::SET_INFLIGHT_FD => {
+            inflight_body(request, body)?;
+            vec![FdRole::Inflight]
+        }
         // Requests that carry fds the relay cannot map into the driver VM: as many roles as
         // fds came, so the caller refuses them by their role.
         FrontendReq::SET_LOG_BASE
         | FrontendReq::SET_LOG_FD
         | FrontendReq::SET_BACKEND_REQ_FD
-        | FrontendReq::SET_INFLIGHT_FD
         | FrontendReq::ADD_MEM_REG
         | FrontendReq::SET_DEVICE_STATE_FD
         | FrontendReq::GPU_SET_SOCKET => vec![FdRole::Unrelayable; nfds.max(1)],
@@ -235,6 +242,37 @@ pub fn rewrite_mmap_offsets(msg: &mut [u8], offsets: &[u64]) -> Result<(), Vhost
         let at = head + i * each;
         body[at..at + each].copy_from_slice(region.as_slice());
     }
+    Ok(())
+}
+
+/// The body of a SET_INFLIGHT_FD request or a GET_INFLIGHT_FD reply.
+pub fn inflight_body(
+    request: FrontendReq,
+    body: &[u8],
+) -> Result<VhostUserInflight, VhostMsgError> {
+    read_pod::<VhostUserInflight>(body).ok_or(VhostMsgError::BadBody {
+        request,
+        len: body.len(),
+    })
+}
+
+/// Replaces the body of an in-flight message (header + body: SET_INFLIGHT_FD, or the reply to
+/// GET_INFLIGHT_FD) with `inflight`.
+pub fn rewrite_inflight(msg: &mut [u8], inflight: &VhostUserInflight) -> Result<(), VhostMsgError> {
+    let header = MsgHeader::parse(msg)?;
+    let request = header.frontend_request()?;
+    let body = &mut msg[HEADER_LEN..];
+    if !matches!(
+        request,
+        FrontendReq::SET_INFLIGHT_FD | FrontendReq::GET_INFLIGHT_FD
+    ) || body.len() != std::mem::size_of::<VhostUserInflight>()
+    {
+        return Err(VhostMsgError::BadBody {
+            request,
+            len: body.len(),
+        });
+    }
+    body.copy_from_slice(inflight.as_slice());
     Ok(())
 }
 

@@ -8,7 +8,11 @@
 # reads every host thread's run count of both VMMs from schedstat and prints what the threads
 # other than the two VMs' vCPUs ran per request beyond their idle rate (timers): below 0.1.
 # After both VMs are gone the lab VM reads the pattern back from the VF's namespace with its
-# own nvme driver. For comparison the same guest then runs on the process driver domain
+# own nvme driver, with the last writes of the restart step: while the guest writes 256 KiB
+# with O_DIRECT in a loop (l2.writer=1), the driver VM's VMM is killed (SIGKILL) and started
+# again with the same arguments; the guest's VMM reconnects and resumes its disk in place with
+# the in-flight log (kept in the guest's VMM, mapped into the new driver VM's BAR2); the writes
+# go on, none fails. For comparison the same guest then runs on the process driver domain
 # (`driver-domain serve` on that namespace in the lab VM): time and host thread runs per request.
 W=/tmp/driver-vm
 rm -rf $W
@@ -56,9 +60,8 @@ round_net() {
     awk -v c="$1" '$1 == "round" && $2 == 1 && $3 == c { print $6 }' $W/guest.vmm
 }
 
-# read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
-# lab VM's kernel nvme driver (the VF is bound to nvme for it).
-read_vf_block() {
+# bind_vf_nvme VF: binds the VF to the lab VM's nvme driver; NS is its namespace.
+bind_vf_nvme() {
     run $DD hw bind $1 nvme
     ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
     [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
@@ -67,8 +70,26 @@ read_vf_block() {
         [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
         sleep 0.1; i=$((i + 1))
     done
-    GOT=$(dd if=/dev/${ctrl}n1 bs=4096 skip=$2 count=1 iflag=direct 2>/dev/null | head -c $3)
+    NS=/dev/${ctrl}n1
 }
+# read_ns_block BLOCK LEN: LEN bytes of 4 KiB block BLOCK of $NS.
+read_ns_block() {
+    GOT=$(dd if=$NS bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null | head -c $2)
+}
+# start_dvm TAG: boots the driver VM (console $W/TAG.console, VMM log $W/TAG.vmm); $dvm is its VMM.
+start_dvm() {
+    echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
+    RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
+        --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
+        --cmdline "$DVM_CMDLINE" > $W/$1.console 2> $W/$1.vmm &
+    dvm=$!
+    background $dvm
+}
+# last_written FILE: the writer's last reported write in the guest's console FILE.
+last_written() {
+    sed -n 's/^L2-WRITER at \([0-9]*\) .*/\1/p' $1 | tail -1
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 # wait_line FILE PATTERN SECONDS PID: waits for PATTERN in FILE while PID lives.
 wait_line() {
@@ -90,12 +111,7 @@ run $DD hw bind $VF1 vfio-pci
 step "boot the driver-domain VM with VF1 assigned (1 vCPU, 160 MiB), serving $SOCK"
 relay=
 $VMM --help 2>&1 | grep -q -- --driver-vm-socket && relay="--driver-vm-socket $SOCK --driver-vm-shm-mib 256"
-echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
-RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
-    --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
-    --cmdline "$DVM_CMDLINE" > $W/dvm.console 2> $W/dvm.vmm &
-dvm=$!
-background $dvm
+start_dvm dvm
 ok=1
 wait_line $W/dvm.console "^DVM-SERVE starting" 120 $dvm || ok=0
 # vm-serve has opened the tunnel and the cross-VM device once it says HELLO.
@@ -112,6 +128,81 @@ grep -q "^DVM-SERVE starting" $W/dvm.console || fail "the driver VM's /init did 
 [ $ok = 1 ] || fail "vm-serve did not get ready (tunnel, cross-VM device)"
 [ -S $SOCK ] || fail "the driver VM's VMM does not listen on $SOCK"
 
+# restart_driver_vm: while the guest's writer runs, kills the driver VM's VMM (SIGKILL), starts
+# it again with the same arguments and waits for the guest's writes to go on; then presses the
+# guest's power button (it stops its writer, reports and powers off).
+restart_driver_vm() {
+    step "kill -9 the driver VM's VMM while the guest writes; start it again with the same arguments"
+    wait_line $W/guest.console "^L2-WRITER at " 60 $guest || fail "the guest's writer did not start"
+    sleep 2
+    # The in-flight log is the guest's VMM's to keep (the memfd the relay made): stop the driver
+    # VM (SIGSTOP to its VMM: every thread, the vCPU with it) until the log marks a request in
+    # flight, and kill it there.
+    log_fd=$(ls -l /proc/$guest/fd | grep "splitvmm-blk-inflight" | sed 's/.* \([0-9]*\) -> .*/\1/' | head -1)
+    [ -n "$log_fd" ] || { ls -l /proc/$guest/fd; fail "the guest's VMM holds no in-flight log"; }
+    caught=0
+    tries=0
+    while [ $tries -lt 200 ]; do
+        tries=$((tries + 1))
+        kill -STOP $dvm
+        # Until every thread is stopped (its state, after "pid (comm) ", is T).
+        j=0
+        while [ $j -lt 1000 ] && cat /proc/$dvm/task/*/stat 2>/dev/null |
+            awk '{ sub(/.*\) /, ""); if ($1 != "T" && $1 != "t") running = 1 } END { exit !running }'; do
+            j=$((j + 1))
+        done
+        caught=$(od -An -v -tu1 -j16 -N4096 /proc/$guest/fd/$log_fd | awk '$1 == 1' | wc -l)
+        [ "$caught" -gt 0 ] && break
+        kill -CONT $dvm
+        sleep 0.0$((tries % 7 + 1))
+    done
+    [ "$caught" -gt 0 ] || { kill -CONT $dvm; fail "no try of $tries found a request in flight"; }
+    at_kill=$(last_written $W/guest.console)
+    t0=$(uptime_s)
+    kill -9 $dvm
+    wait_gone $dvm 10 || fail "the driver VM's VMM outlived SIGKILL"
+    echo "killed the driver VM's VMM (pid $dvm) at $t0 s with $caught request(s) in flight (try $tries), the guest's writer at write $at_kill"
+    start_dvm dvm2
+    wait_line $W/dvm2.console "vm-serve: ready" 150 $dvm || {
+        tail -20 $W/dvm2.console; tail -20 $W/dvm2.vmm
+        fail "the restarted driver VM did not get ready"
+    }
+    t_ready=$(uptime_s)
+    wait_line $W/guest.vmm "resumed on the restarted backend" 60 $guest || {
+        grep -vE "unknown port|unbacked GPA" $W/guest.vmm | tail -20
+        grep -E "vm-serve|channel|in-flight" $W/dvm2.console | tail -20
+        fail "the guest's VMM did not resume its disk on the restarted driver VM"
+    }
+    t_resumed=$(uptime_s)
+    grep "blk 0: " $W/guest.vmm | grep -vE "unknown port|unbacked GPA" | tail -4
+    grep -q "resumed on the restarted backend (in-flight log handed back)" $W/guest.vmm ||
+        fail "the guest's disk resumed without its in-flight log"
+    grep -E "in-flight log|resubmit" $W/dvm2.console | tail -4
+    grep -q "in-flight log taken over" $W/dvm2.console || fail "the new driver VM did not take the log over"
+    # The writes go on: the writer reports 8 more than at the kill.
+    i=0
+    until [ "$(last_written $W/guest.console)" -ge $((at_kill + 8)) ] 2>/dev/null; do
+        kill -0 $guest 2>/dev/null || fail "the guest ended while its writes should resume"
+        [ $i -ge 600 ] && fail "the writer did not get 8 writes past write $at_kill within 60 s of the resume"
+        sleep 0.1; i=$((i + 1))
+    done
+    t_writes=$(uptime_s)
+    echo "DVM-RESTART driver VM ready after $(awk -v a=$t0 -v b=$t_ready 'BEGIN{printf "%.1f", b-a}') s, disk resumed after $(awk -v a=$t0 -v b=$t_resumed 'BEGIN{printf "%.1f", b-a}') s, writer 8 writes past the kill after $(awk -v a=$t0 -v b=$t_writes 'BEGIN{printf "%.1f", b-a}') s (write $(last_written $W/guest.console))"
+
+    kill -USR1 $guest
+}
+# check_writer: after the guest powered off: its writer's verdict and kernel log (no failed
+# write, no I/O error), and at least 8 writes acknowledged after the kill. Sets ACKED.
+check_writer() {
+    grep -E "^L2-WRITER acked|^L2-WRITE-FAILED|^L2-IOERR" $W/guest.console
+    grep -q "^L2-WRITE-FAILED" $W/guest.console && fail "a write of the guest failed"
+    grep -q "^L2-IOERR" $W/guest.console && fail "the guest's kernel logged an I/O error"
+    ACKED=$(sed -n 's/^L2-WRITER acked \([0-9]*\).*/\1/p' $W/guest.console | tr -d '\r' | tail -1)
+    [ -n "$ACKED" ] || fail "the guest's writer did not report"
+    [ "$ACKED" -gt $((at_kill + 8)) ] || fail "the writer acknowledged $ACKED writes, at the kill $at_kill"
+    echo "the guest's writer acknowledged $ACKED writes ($at_kill at the kill), none failed, no I/O error in its kernel log"
+}
+
 # run_guest SOCKET PATTERN COUNT-ARGS...: boots the Linux guest on the vhost-user SOCKET (1 vCPU,
 # 160 MiB, all RAM shared; its VMM counts the backend's threads as COUNT-ARGS say); it writes
 # PATTERN to sector 8 of its disk, then runs its I/O phase and its idle baseline, which its VMM
@@ -122,10 +213,10 @@ run_guest() {
     sock=$1 pat=$2
     shift 2
     rm -f $W/guest.console $W/guest.vmm
-    echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $sock --share-all-ram --count-vmm-threads $* --cmdline '$GUEST_CMDLINE l2.pattern=$pat'"
-    RUST_LOG=info timeout 200 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
+    echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz --vcpus 1 --mem-mib 160 --blk-socket $sock --share-all-ram --count-vmm-threads $* --cmdline '$GUEST_CMDLINE l2.pattern=$pat${RESTART:+ $RESTART_ARGS}'"
+    RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/linux/initrd.gz \
         --vcpus 1 --mem-mib 160 --blk-socket $sock --share-all-ram --count-vmm-threads "$@" \
-        --cmdline "$GUEST_CMDLINE l2.pattern=$pat" > $W/guest.console 2> $W/guest.vmm &
+        --cmdline "$GUEST_CMDLINE l2.pattern=$pat${RESTART:+ $RESTART_ARGS}" > $W/guest.console 2> $W/guest.vmm &
     guest=$!
     background $guest
     wait_line $W/guest.console "^L2-DVM-IO-BEGIN" 150 $guest || {
@@ -140,6 +231,7 @@ run_guest() {
     snap idle0
     wait_line $W/guest.console "^L2-DVM-IDLE-END" 120 $guest || fail "the guest's idle baseline did not end"
     snap idle1
+    [ -n "$RESTART" ] && restart_driver_vm
     wait $guest
     rc=$?
     grep -E "Linux version|^L2-|virtio_blk|vda|Kernel panic|BUG|WARNING" $W/guest.console | head -30
@@ -162,7 +254,11 @@ run_guest() {
 
 step "boot the Linux guest whose disk the driver VM serves; host thread runs (schedstat) around its I/O"
 backend=$dvm
+RESTART=1
+RESTART_ARGS="l2.writer=1 l2.writer_report=1 l2.button=1"
 run_guest $SOCK $PATTERN --count-non-vcpu-threads-of $dvm
+RESTART=
+check_writer
 echo "--- driver VM (vm-serve):"
 grep -E "vm-serve|channel|poller" $W/dvm.console | tail -8
 dvm_ms=$MS
@@ -176,13 +272,23 @@ echo "DVM-THREAD-RUNS requests $N net of idle: guest VMM non-vCPU $own, driver V
 awk -v e=$per 'BEGIN { exit !(e < 0.1) }' ||
     fail "host threads other than the two VMs' vCPUs ran $per times per request"
 
-step "the driver VM is stopped; the pattern is read back from the VF's namespace"
+step "the driver VM is stopped; the pattern and the last writes are read back from the VF's namespace"
 kill $dvm
 wait_gone $dvm 20 || fail "the driver VM's VMM outlived its SIGTERM by 20 s"
-grep -E "poller|vm-serve" $W/dvm.console | tail -5
-read_vf_block $VF1 1 ${#PATTERN}
+grep -E "poller|vm-serve" $W/dvm2.console | tail -5
+bind_vf_nvme $VF1
+read_ns_block 1 ${#PATTERN}
 echo "block 1 (sector 8) through $VF1: $GOT"
 [ "$GOT" = "$PATTERN" ] || fail "the VF's namespace holds '$GOT' at sector 8, expected '$PATTERN'"
+# The last 8 acknowledged writes (slot 32 + i % 96 of 256 KiB), all after the restart.
+i=$((ACKED - 7))
+while [ $i -le $ACKED ]; do
+    want="$PATTERN-w$i"
+    read_ns_block $(((32 + i % 96) * 64)) ${#want}
+    [ "$GOT" = "$want" ] || fail "write $i is not on the namespace: '$GOT'"
+    i=$((i + 1))
+done
+echo "writes $((ACKED - 7))..$ACKED (acknowledged last, after the restart) are on the namespace"
 
 step "the same guest on the process driver domain (driver-domain serve on the namespace, in the lab VM), for comparison"
 dev=/dev/${ctrl}n1

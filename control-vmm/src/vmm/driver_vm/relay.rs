@@ -2,7 +2,8 @@
 //! listening socket (channel 0, 1, ... in `--driver-vm-socket` order) accepts one frontend at
 //! a time once the driver VM said HELLO, and turns its messages into frames
 //! ([`ChannelSession`]); frames from the driver VM go back to the right connection, GET_PROTOCOL_FEATURES
-//! replies masked. A channel that misbehaves, on either side, is closed alone: CLOSE to the
+//! replies masked; the reply to GET_INFLIGHT_FD carries a log this side made
+//! ([`ChannelSession::inflight_reply`]). A channel that misbehaves, on either side, is closed alone: CLOSE to the
 //! driver VM, the frontend's connection shut, its BAR2 space and doorbells freed.
 
 use std::os::fd::AsFd;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use ipc::tunnel::vhost_msg::{mask_protocol_features_reply, MsgHeader};
 use ipc::tunnel::{Frame, FrameKind, VERSION};
+use vhost::vhost_user::message::FrontendReq;
 
 use crate::vmm::bus::Limiter;
 use crate::vmm::devices::cross_vm::CrossVmState;
@@ -36,6 +38,8 @@ struct Link {
     /// predecessor close, or a message nothing asked for) is dropped, never handed to this
     /// frontend.
     awaiting: Option<u32>,
+    /// What the connection set up in dom0 (taken and closed when the connection ends).
+    session: Option<ChannelSession>,
 }
 
 /// What the channel threads and the tunnel's reader share.
@@ -178,7 +182,9 @@ impl Relay {
             return;
         }
         let mut msg = frame.payload;
-        let checked = if frame.refs.is_empty() {
+        let inflight_reply = MsgHeader::parse(&msg)
+            .is_ok_and(|h| h.is_reply() && h.request == u32::from(FrontendReq::GET_INFLIGHT_FD));
+        let checked = if frame.refs.is_empty() || inflight_reply {
             MsgHeader::parse(&msg)
                 .and_then(|h| mask_protocol_features_reply(&mut msg).map(|_| h))
                 .map_err(|e| e.to_string())
@@ -198,6 +204,7 @@ impl Relay {
                 return;
             }
         };
+        let mut inflight_failed = None;
         let written = {
             let mut link = lock(link);
             if link.conn.is_none() || link.awaiting != Some(header.request) {
@@ -211,11 +218,35 @@ impl Relay {
                 return;
             }
             link.awaiting = None;
-            match &link.conn {
-                Some(conn) => write_message(conn, &msg).map_err(|e| e.to_string()),
-                None => Ok(()),
+            let mut log = None;
+            if inflight_reply {
+                let made = match link.session.as_mut() {
+                    Some(session) => session
+                        .inflight_reply(&self.device, &self.space, &mut msg, &frame.refs)
+                        .map_err(|e| e.to_string()),
+                    None => Err("no session".to_owned()),
+                };
+                match made {
+                    Ok((file, adopt)) => {
+                        // Before the frontend hears the reply (and sends its next request).
+                        self.send(&adopt);
+                        log = Some(file);
+                    }
+                    Err(e) => inflight_failed = Some(e),
+                }
+            }
+            match (&link.conn, &inflight_failed) {
+                (Some(conn), None) => write_message(conn, &msg, log.as_ref().map(|f| f.as_fd()))
+                    .map_err(|e| e.to_string()),
+                _ => Ok(()),
             }
         };
+        if let Some(e) = inflight_failed {
+            log::warn!("driver-VM channel {channel}: in-flight log: {e}; closing the channel");
+            self.send(&Frame::close(channel));
+            self.shut(channel, true);
+            return;
+        }
         if let Err(e) = written {
             log::warn!("driver-VM channel {channel}: writing to the frontend: {e}; closing");
             self.shut(channel, false);
@@ -268,20 +299,26 @@ impl Relay {
             conn: Some(writer),
             vm_closed: false,
             awaiting: None,
+            session: Some(ChannelSession::new(channel)),
         };
         log::info!("driver-VM channel {channel}: frontend connected");
         self.send(&Frame::open(channel));
-        let mut session = ChannelSession::new(channel);
         let why = loop {
             let incoming = match read_message(&conn, &self.stop) {
                 Ok(m) => m,
                 Err(e) => break e.to_string(),
             };
-            match session.translate(&self.device, &self.space, incoming.bytes, incoming.fds) {
+            let mut guard = lock(link);
+            let translated = match guard.session.as_mut() {
+                Some(s) => s.translate(&self.device, &self.space, incoming.bytes, incoming.fds),
+                None => break "no session".to_owned(),
+            };
+            match translated {
                 Ok(frame) => {
                     // Before it goes: the reply may come back at once.
                     let code = MsgHeader::parse(&frame.payload).map(|h| h.request);
-                    lock(link).awaiting = code.ok();
+                    guard.awaiting = code.ok();
+                    drop(guard);
                     self.send(&frame);
                 }
                 Err(e) => {
@@ -290,9 +327,11 @@ impl Relay {
                 }
             }
         };
-        session.close(&self.device, &self.space);
         let vm_closed = {
             let mut link = lock(link);
+            if let Some(mut session) = link.session.take() {
+                session.close(&self.device, &self.space);
+            }
             let vm_closed = link.vm_closed;
             *link = Link::default();
             vm_closed

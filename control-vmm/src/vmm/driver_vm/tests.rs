@@ -14,7 +14,7 @@ use ipc::tunnel::vhost_msg::{encode_message, mem_table_regions, HEADER_LEN};
 use ipc::tunnel::{Frame, FrameKind, Ref};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserHeaderFlag, VhostUserInflight, VhostUserMemory, VhostUserMemoryRegion,
 };
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vm_memory::ByteValued;
@@ -240,7 +240,8 @@ fn each_message_kind_is_translated_and_undone_at_close() {
         (VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
             .bits()
     );
     // Other replies pass as they are; one reply per request, and only to the request the
@@ -313,9 +314,17 @@ fn a_malformed_or_unrelayable_message_closes_that_channel_only() {
             vec![&log],
         ),
         (
-            "an inflight fd",
+            "an in-flight log of 0 bytes",
             request(FrontendReq::SET_INFLIGHT_FD, &[0; 24]),
             vec![&log],
+        ),
+        (
+            "an unsealed in-flight log",
+            request(
+                FrontendReq::SET_INFLIGHT_FD,
+                VhostUserInflight::new(0x1000, 0, 1, 128).as_slice(),
+            ),
+            vec![&unsealed],
         ),
         (
             "a backend channel",
@@ -468,4 +477,131 @@ fn frontends_are_accepted_only_after_hello() {
     h.relay.stop();
     t.join().unwrap();
     let _ = OwnedFd::from(fe).as_fd();
+}
+
+/// The next message on the frontend's end, with the fds that came with it.
+fn recv_with_fds(frontend: &UnixStream, len: usize) -> (Vec<u8>, Vec<OwnedFd>) {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
+    use std::io::IoSliceMut;
+    use std::os::fd::FromRawFd;
+    frontend
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = vec![0u8; len];
+    let mut space = nix::cmsg_space!([i32; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        frontend.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(msg.bytes, len);
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: installed in this process by the kernel for this message.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    (buf, fds)
+}
+
+#[test]
+fn the_in_flight_log_is_made_in_dom0_mapped_into_bar2_and_mapped_again_when_handed_back() {
+    use ipc::tunnel::vhost_msg::{inflight_body, MsgHeader};
+    use ipc::tunnel::RefKind;
+    use std::os::unix::fs::FileExt;
+    let mut h = Harness::new(1);
+    let fe = h.connect(0);
+    // GET_INFLIGHT_FD goes to the driver VM as it is.
+    let ask = request(
+        FrontendReq::GET_INFLIGHT_FD,
+        VhostUserInflight::new(0, 0, 1, 256).as_slice(),
+    );
+    send(&fe, &ask, &[]);
+    assert_eq!(h.frame(), Frame::vhost(0, vec![], ask));
+    // The backend's answer: its size, and a NONE for the log that stays in the driver VM.
+    let reply = encode_message(
+        FrontendReq::GET_INFLIGHT_FD.into(),
+        VhostUserHeaderFlag::REPLY.bits(),
+        VhostUserInflight::new(4160, 0, 1, 256).as_slice(),
+    );
+    h.relay
+        .from_vm(Frame::vhost(0, vec![Ref::none()], reply.clone()));
+    // dom0 made the log and tells the backend to adopt it where BAR2 holds it, unasked for
+    // an acknowledgement (nobody waits for one).
+    let set = h.frame();
+    assert_eq!(set.refs.len(), 1);
+    assert_eq!(set.refs[0].kind, RefKind::Memory);
+    let offset = set.refs[0].value;
+    let header = MsgHeader::parse(&set.payload).unwrap();
+    assert_eq!(header.request, u32::from(FrontendReq::SET_INFLIGHT_FD));
+    assert_eq!(header.flags & VhostUserHeaderFlag::NEED_REPLY.bits(), 0);
+    let shape = inflight_body(FrontendReq::SET_INFLIGHT_FD, &set.payload[HEADER_LEN..]).unwrap();
+    assert_eq!(
+        (
+            shape.mmap_size,
+            shape.mmap_offset,
+            shape.num_queues,
+            shape.queue_size
+        ),
+        (0x2000, offset, 1, 256),
+        "whole pages, at its BAR2 offset"
+    );
+    let gpas: Vec<u64> = h.kvm.state().slots.values().map(|s| s.0).collect();
+    assert!(gpas.contains(&(BAR2 + offset)));
+    // The frontend gets the same log: a memfd of those pages, sealed, at offset 0.
+    let (got, mut fds) = recv_with_fds(&fe, reply.len());
+    assert_eq!(fds.len(), 1, "the log's memfd");
+    let mine = std::fs::File::from(fds.remove(0));
+    let shape = inflight_body(FrontendReq::GET_INFLIGHT_FD, &got[HEADER_LEN..]).unwrap();
+    assert_eq!((shape.mmap_size, shape.mmap_offset), (0x2000, 0));
+    assert_eq!(mine.metadata().unwrap().len(), 0x2000);
+    assert!(mine.set_len(0x1000).is_err(), "sealed against shrinking");
+    assert!(mine.set_len(0x3000).is_err(), "and growing");
+    // What the backend writes through BAR2 is in the frontend's memfd: one memory.
+    mine.write_all_at(&[0x5a], 100).unwrap();
+    let mut b = [0u8; 1];
+    h.device.read_region(offset, 100, &mut b);
+    assert_eq!(b, [0x5a]);
+    // The frontend goes (its VMM restarts nothing; its backend did): its space is freed.
+    drop(fe);
+    assert_eq!(h.frame(), Frame::close(0));
+    let mut i = 0;
+    while h.relay.bar2_used() != 0 && i < 100 {
+        std::thread::sleep(Duration::from_millis(20));
+        i += 1;
+    }
+    assert_eq!(h.relay.bar2_used(), 0);
+    assert!(h.kvm.state().slots.is_empty());
+    // A frontend handing the log back (a restarted driver VM): mapped again, content and all.
+    let fe = h.connect(0);
+    let back = request(FrontendReq::SET_INFLIGHT_FD, shape.as_slice());
+    send(&fe, &back, &[&mine]);
+    let f = h.frame();
+    assert_eq!(f.refs.len(), 1);
+    assert_eq!(f.refs[0].kind, RefKind::Memory);
+    let again = inflight_body(FrontendReq::SET_INFLIGHT_FD, &f.payload[HEADER_LEN..]).unwrap();
+    assert_eq!(
+        (again.mmap_size, again.mmap_offset),
+        (0x2000, f.refs[0].value)
+    );
+    h.device.read_region(f.refs[0].value, 100, &mut b);
+    assert_eq!(b, [0x5a]);
+    // A reply to GET_INFLIGHT_FD without its NONE closes the channel.
+    let ask = request(
+        FrontendReq::GET_INFLIGHT_FD,
+        VhostUserInflight::new(0, 0, 1, 256).as_slice(),
+    );
+    send(&fe, &ask, &[]);
+    assert_eq!(h.frame().kind, FrameKind::Vhost);
+    h.relay.from_vm(Frame::vhost(0, vec![], reply));
+    assert_eq!(h.frame(), Frame::close(0));
+    let mut fe = fe;
+    assert!(closed(&mut fe));
 }

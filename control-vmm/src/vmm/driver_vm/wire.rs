@@ -2,7 +2,7 @@
 //! that came with it (SCM_RIGHTS), then the body the header announces. Writing the driver
 //! VM's replies back (they carry no fds).
 
-use std::io::{IoSliceMut, Write};
+use std::io::{IoSlice, IoSliceMut, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use ipc::tunnel::vhost_msg::{MsgHeader, HEADER_LEN};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -157,8 +157,31 @@ pub fn read_message(stream: &UnixStream, stop: &Stop) -> Result<Incoming, WireEr
     Ok(Incoming { bytes, fds })
 }
 
-/// Writes a message to the frontend (the socket has a write timeout: a frontend that does not
-/// read fails its channel, not the relay).
-pub fn write_message(mut stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(bytes)
+/// Writes a message to the frontend, with `fd` attached to its first byte (the in-flight log
+/// of a GET_INFLIGHT_FD reply). The socket has a write timeout: a frontend that does not read
+/// fails its channel, not the relay.
+pub fn write_message(
+    mut stream: &UnixStream,
+    bytes: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let Some(fd) = fd else {
+        return stream.write_all(bytes);
+    };
+    let raw = [fd.as_raw_fd()];
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let sent = loop {
+        match sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &rights,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => break n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.write_all(&bytes[sent..])
 }

@@ -192,6 +192,7 @@ impl LinuxMachine {
             nvme: std::mem::take(&mut self.settings.nvme),
             watch_threads: Default::default(),
             driver_vm: None,
+            reconnect: Vec::new(),
         };
         let stop = Arc::clone(&self.stop);
         let thread = std::thread::Builder::new()

@@ -15,6 +15,7 @@ pub mod console;
 pub mod hotplug;
 pub mod managed;
 pub mod plug;
+pub mod reconnect;
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
@@ -89,6 +90,10 @@ pub struct LinuxVmConfig {
     /// Make this machine a driver VM: COM2, the cross-VM device and the relay of these
     /// vhost-user sockets ([`crate::vmm::driver_vm`]).
     pub driver_vm: Option<DriverVmConfig>,
+    /// Devices whose backend this VMM reaches again by path when it goes away
+    /// (`--blk-socket`; [`reconnect`]). Empty for a managed VMM (the toolstack hands it the
+    /// new connection).
+    pub reconnect: Vec<(DeviceKey, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for LinuxVmConfig {
@@ -246,6 +251,15 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         ),
         hotplug_irq,
     ));
+    let mut watched = Vec::new();
+    for (key, path) in cfg.reconnect {
+        if let Some((_, device)) = cfg.devices.iter().find(|(k, _)| *k == key) {
+            let peer = device
+                .peer()
+                .map_err(|e| VmError::Config(format!("{} {}: {e}", key.0.name(), key.1)))?;
+            watched.push((key, path, peer));
+        }
+    }
     for (key, device) in cfg.devices {
         hotplug
             .plug(key, device, false)
@@ -333,6 +347,8 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         ),
         None => None,
     };
+    let watch = reconnect::BackendWatch::start(&hotplug, watched)
+        .map_err(|e| VmError::Config(e.to_string()))?;
     let phases = Arc::new(
         PhaseLog::in_rounds(cfg.exit_reason_hist.clone()).with_threads(cfg.watch_threads.clone()),
     );
@@ -379,6 +395,7 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
     if let Some(relay) = relay {
         relay.join();
     }
+    watch.stop();
     // No vCPU runs any more; stop the backends before guest memory goes away.
     let mut backend_stopped_at = None;
     for (i, f) in hotplug.close().iter().enumerate() {
