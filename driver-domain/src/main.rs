@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk};
+use driver_domain::blk::{BlkBackendConfig, BlkBackendDevice, BlkDisk, CacheMode};
 use driver_domain::hw::helper::HelperClient;
 use driver_domain::hw::ops::{DirectHardware, HardwareOps};
 use driver_domain::hw::pci::Sysfs;
@@ -15,6 +15,7 @@ use driver_domain::vhost_user::{bind_atomically, serve_forever_on};
 use driver_domain::virtio_core::SealPolicy;
 use ipc::control::ControlChannel;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 mod net_serve;
 
@@ -86,6 +87,10 @@ enum Cmd {
         /// refuses a ring) or `sync` (one preadv/pwritev per request).
         #[arg(long, value_enum, default_value_t = IoEngine::IoUring)]
         io_engine: IoEngine,
+        /// How the image is cached on the host: `writeback` (the page cache) or `none`
+        /// (O_DIRECT, through an aligned bounce buffer; no io_uring).
+        #[arg(long, value_enum, default_value_t = Cache::Writeback)]
+        cache: Cache,
         /// Requests a disk queue serves per pass before it publishes them and signals the
         /// driver (experiments; default: the device's).
         #[arg(long, hide = true)]
@@ -123,6 +128,10 @@ enum Cmd {
         /// Number of virtqueues of each disk.
         #[arg(long, default_value_t = 1)]
         queues: u16,
+        /// How the disks are cached in the driver VM: `writeback` (its page cache, lost with
+        /// the VM unless flushed) or `none` (O_DIRECT, through an aligned bounce buffer).
+        #[arg(long, value_enum, default_value_t = Cache::Writeback)]
+        cache: Cache,
         /// Root of the sysfs tree the cross-VM device is found in (tests point it at a fake).
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: PathBuf,
@@ -179,6 +188,24 @@ enum IoEngine {
     Sync,
     /// Each pass over the ring as one io_uring submission.
     IoUring,
+}
+
+/// How an image is cached on the host (`--cache`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Cache {
+    /// Buffered, through the page cache.
+    Writeback,
+    /// O_DIRECT.
+    None,
+}
+
+impl From<Cache> for CacheMode {
+    fn from(c: Cache) -> Self {
+        match c {
+            Cache::Writeback => CacheMode::Writeback,
+            Cache::None => CacheMode::None,
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -239,8 +266,9 @@ fn main() -> Result<()> {
             tunnel,
             blk,
             queues,
+            cache,
             sysfs_root,
-        } => vm_serve(&tunnel, &blk, queues, sysfs_root),
+        } => vm_serve(&tunnel, &blk, queues, cache.into(), sysfs_root),
         Cmd::Serve {
             blk,
             socket,
@@ -250,6 +278,7 @@ fn main() -> Result<()> {
             poll_us,
             poll_max_us,
             io_engine,
+            cache,
             budget,
             null,
             require_sealed,
@@ -285,6 +314,7 @@ fn main() -> Result<()> {
                     let file = std::fs::OpenOptions::new()
                         .read(true)
                         .write(!readonly)
+                        .custom_flags(CacheMode::from(cache).open_flags())
                         .open(&path)
                         .with_context(|| format!("opening {}", path.display()))?;
                     lock_image(&file, &path, readonly)?;
@@ -298,6 +328,7 @@ fn main() -> Result<()> {
                 poll_max_us,
                 seal_policy,
                 io_uring: io_engine == IoEngine::IoUring,
+                cache: cache.into(),
                 budget: budget.unwrap_or(BlkBackendConfig::default().budget),
                 ..BlkBackendConfig::default()
             };
@@ -328,16 +359,23 @@ fn main() -> Result<()> {
     }
 }
 
-/// `vm-serve`: the disks opened (buffered: the guest's memory is BAR2 of the cross-VM
-/// device, a PFN mapping that O_DIRECT cannot pin), the cross-VM device and the tunnel set up,
-/// then the server until the tunnel ends.
-fn vm_serve(tunnel: &std::path::Path, blk: &[PathBuf], queues: u16, sysfs: PathBuf) -> Result<()> {
+/// `vm-serve`: the disks opened (with `cache` none, O_DIRECT through a bounce buffer: the
+/// guest's memory is BAR2 of the cross-VM device, a PFN mapping direct I/O cannot pin), the
+/// cross-VM device and the tunnel set up, then the server until the tunnel ends.
+fn vm_serve(
+    tunnel: &std::path::Path,
+    blk: &[PathBuf],
+    queues: u16,
+    cache: CacheMode,
+    sysfs: PathBuf,
+) -> Result<()> {
     use driver_domain::vm_tunnel::{tty, CrossVmDevice, TunnelWriter, VmServer};
     let mut disks = Vec::new();
     for path in blk {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(cache.open_flags())
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         lock_image(&file, path, false)?;
@@ -357,6 +395,7 @@ fn vm_serve(tunnel: &std::path::Path, blk: &[PathBuf], queues: u16, sysfs: PathB
     let cfg = BlkBackendConfig {
         num_queues: queues,
         seal_policy: SealPolicy::RequireSealedOrSysfs,
+        cache,
         ..BlkBackendConfig::default()
     };
     let mut server = VmServer::new(device, writer, |channel: u16| {

@@ -18,6 +18,28 @@ pub const MAX_DISCARD_SEGMENTS: u32 = 16;
 /// Largest number of sectors one DISCARD or WRITE_ZEROES range may cover (4 GiB - 512).
 pub const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 
+/// How the image is cached on the host (`--cache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the host's page cache (buffered I/O; FLUSH is `fdatasync`).
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: around the page cache, through an aligned bounce buffer per queue (see
+    /// [`super::bounce`]); FLUSH is still `fdatasync` (the device's volatile cache). Reads
+    /// and writes use `preadv`/`pwritev` on the bounce buffer, never io_uring.
+    None,
+}
+
+impl CacheMode {
+    /// The flags to open the image with (`OpenOptionsExt::custom_flags`).
+    pub fn open_flags(self) -> i32 {
+        match self {
+            CacheMode::Writeback => 0,
+            CacheMode::None => libc::O_DIRECT,
+        }
+    }
+}
+
 /// Options of one block device, chosen by whoever creates it (CLI, toolstack).
 #[derive(Clone, Debug)]
 pub struct BlkBackendConfig {
@@ -47,6 +69,9 @@ pub struct BlkBackendConfig {
     /// [`super::uring`]; the default); without it, or where the kernel refuses a ring, every
     /// request is a `preadv`/`pwritev` of its own.
     pub io_uring: bool,
+    /// How the image was opened: with [`CacheMode::None`] the device refuses an image not
+    /// opened `O_DIRECT` (open it with [`CacheMode::open_flags`]).
+    pub cache: CacheMode,
 }
 
 impl Default for BlkBackendConfig {
@@ -62,6 +87,7 @@ impl Default for BlkBackendConfig {
             grant: MemoryGrant::AllRam,
             counters: Arc::default(),
             io_uring: true,
+            cache: CacheMode::Writeback,
         }
     }
 }

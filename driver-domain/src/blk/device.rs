@@ -23,6 +23,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::BS;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use super::config::CacheMode;
 use super::config::{BlkBackendConfig, BlkConfigSpace};
 use super::disk::BlkDisk;
 use super::inflight::{queue_region_len, InflightError, InflightLog, InflightQueue};
@@ -115,8 +116,9 @@ impl BlkBackendQueue {
         let n = s.len().min(ID_LEN);
         serial[..n].copy_from_slice(&s[..n]);
         let budget = cfg.budget.max(1);
+        // An O_DIRECT image (cache = none) goes through bounce buffers with preadv/pwritev.
         let ring = match disk.file() {
-            Some(file) if cfg.io_uring => {
+            Some(file) if cfg.io_uring && disk.direct_block_size().is_none() => {
                 match DiskRing::new(file, u32::try_from(budget).unwrap_or(u32::MAX)) {
                     Ok(r) => Some(r).filter(|r| r.capacity() >= budget),
                     Err(e) => {
@@ -627,6 +629,14 @@ impl BlkBackendDevice {
         if !cfg.queue_size.is_power_of_two() || cfg.queue_size > 32768 {
             return Err(BlkBackendError::Config(
                 "queue size must be a power of two <= 32768",
+            ));
+        }
+        if cfg.cache == CacheMode::None
+            && disk.file().is_some()
+            && disk.direct_block_size().is_none()
+        {
+            return Err(BlkBackendError::Config(
+                "cache = none needs the image opened with O_DIRECT",
             ));
         }
         let queues = (0..cfg.num_queues)

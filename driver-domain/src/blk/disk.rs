@@ -4,16 +4,23 @@
 //! mapped guest buffers (no bounce copy in this process). A kernel copy into a mapping whose
 //! backing file was shrunk returns `EFAULT` instead of raising `SIGBUS`, so a hostile peer that
 //! truncates its memfd makes the request fail, not the process.
+//!
+//! An image opened with `O_DIRECT` (`cache = none`) is served through aligned bounce buffers
+//! instead ([`super::bounce`]), one per queue transferring at the time, kept in a pool and
+//! reused.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::sync::Mutex;
 
 use thiserror::Error;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{Bytes, VolatileSlice};
 
+use super::bounce::{transfer_bounced, BounceBuffer};
 use super::{SECTOR_SHIFT, SECTOR_SIZE};
 
 /// Errors of the backing store.
@@ -31,6 +38,18 @@ pub enum DiskError {
     /// The backing file ended before the request did (it was shrunk under us).
     #[error("short transfer: the disk image ended at byte {0}")]
     ShortTransfer(u64),
+    /// A transfer on an `O_DIRECT` image is not whole logical blocks.
+    #[error(
+        "transfer of {len} bytes at byte {offset} is not aligned to the image's {block}-byte blocks (cache = none)"
+    )]
+    Misaligned {
+        /// Disk byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+        /// The image's logical block size.
+        block: u64,
+    },
     /// A guest buffer could not be filled.
     #[error("guest memory access failed: {0}")]
     GuestMemory(#[from] vm_memory::VolatileMemoryError),
@@ -46,6 +65,10 @@ pub struct BlkDisk {
     store: Store,
     capacity_sectors: u64,
     read_only: bool,
+    /// With `O_DIRECT`: the image's logical block size.
+    direct_block: Option<u64>,
+    /// Bounce buffers of `O_DIRECT` transfers not in use (one per queue transferring at once).
+    bounce_pool: Mutex<Vec<BounceBuffer>>,
 }
 
 impl std::fmt::Debug for BlkDisk {
@@ -54,27 +77,41 @@ impl std::fmt::Debug for BlkDisk {
             .field("null", &matches!(self.store, Store::Null))
             .field("capacity_sectors", &self.capacity_sectors)
             .field("read_only", &self.read_only)
-            .finish()
+            .field("direct_block", &self.direct_block)
+            .finish_non_exhaustive()
     }
 }
 
 /// The largest number of iovecs one `preadv`/`pwritev` call takes (Linux `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
-static ZEROES: [u8; 4096] = [0u8; 4096];
+/// Zeroes for reads of the null device and for WRITE_ZEROES where the file system cannot
+/// zero a range; page aligned, so that an `O_DIRECT` image takes them as they are.
+#[repr(align(4096))]
+struct Zeroes([u8; 4096]);
+static ZEROES_PAGE: Zeroes = Zeroes([0u8; 4096]);
+static ZEROES: &[u8; 4096] = &ZEROES_PAGE.0;
 
 impl BlkDisk {
     /// A disk backed by an already-open raw image (a regular file or a block device). Its size
-    /// must be a multiple of 512.
+    /// must be a multiple of 512. An image opened with `O_DIRECT` (`cache = none`) is served
+    /// through bounce buffers, in whole logical blocks (see [`BlkDisk::direct_block_size`]).
     pub fn from_file(file: File, read_only: bool) -> Result<Self, DiskError> {
         let len = ipc::image::probe(&file).map_err(DiskError::Stat)?.size;
         if len & (SECTOR_SIZE - 1) != 0 {
             return Err(DiskError::UnalignedSize(len));
         }
+        let direct_block = if opened_direct(&file).map_err(DiskError::Io)? {
+            Some(logical_block_size(&file).map_err(DiskError::Io)?)
+        } else {
+            None
+        };
         Ok(BlkDisk {
             store: Store::File(file),
             capacity_sectors: len >> SECTOR_SHIFT,
             read_only,
+            direct_block,
+            bounce_pool: Mutex::new(Vec::new()),
         })
     }
 
@@ -85,7 +122,38 @@ impl BlkDisk {
             store: Store::Null,
             capacity_sectors: size_bytes >> SECTOR_SHIFT,
             read_only,
+            direct_block: None,
+            bounce_pool: Mutex::new(Vec::new()),
         }
+    }
+
+    /// With an image opened `O_DIRECT` (`cache = none`), the logical block size transfers must
+    /// be multiples of (`BLKSSZGET` for a block device, 512 for a file); `None` otherwise.
+    pub fn direct_block_size(&self) -> Option<u64> {
+        self.direct_block
+    }
+
+    /// Moves `bufs` through a bounce buffer from the pool (a new one if all are in use).
+    fn bounced<B: BitmapSlice>(
+        &self,
+        f: &File,
+        bufs: &[VolatileSlice<'_, B>],
+        offset: u64,
+        write: bool,
+        block: u64,
+    ) -> Result<(), DiskError> {
+        let taken = self
+            .bounce_pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut bounce = taken.unwrap_or_default();
+        let r = transfer_bounced(f, bufs, offset, write, block, &mut bounce);
+        self.bounce_pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(bounce);
+        r
     }
 
     /// The image file (none for a null device).
@@ -124,7 +192,10 @@ impl BlkDisk {
                 }
                 Ok(())
             }
-            Store::File(f) => transfer(f, bufs, offset, Direction::Read),
+            Store::File(f) => match self.direct_block {
+                Some(block) => self.bounced(f, bufs, offset, false, block),
+                None => transfer(f, bufs, offset, Direction::Read),
+            },
         }
     }
 
@@ -136,11 +207,14 @@ impl BlkDisk {
     ) -> Result<(), DiskError> {
         match &self.store {
             Store::Null => Ok(()),
-            Store::File(f) => transfer(f, bufs, offset, Direction::Write),
+            Store::File(f) => match self.direct_block {
+                Some(block) => self.bounced(f, bufs, offset, true, block),
+                None => transfer(f, bufs, offset, Direction::Write),
+            },
         }
     }
 
-    /// Make completed writes durable.
+    /// Make completed writes durable (with `O_DIRECT` too: the device's volatile cache).
     pub fn flush(&self) -> Result<(), DiskError> {
         match &self.store {
             Store::Null => Ok(()),
@@ -204,6 +278,39 @@ impl BlkDisk {
             return Err(DiskError::Io(io::Error::last_os_error()));
         }
         Ok(())
+    }
+}
+
+/// Whether `file` was opened with `O_DIRECT`.
+fn opened_direct(file: &File) -> io::Result<bool> {
+    // SAFETY: F_GETFL on an owned, open fd reads its status flags; no memory is passed.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & libc::O_DIRECT != 0)
+}
+
+/// The logical block size direct transfers on `file` must be multiples of: the block
+/// device's (`BLKSSZGET`), or 512 for a regular file (the sector size of the devices file
+/// systems usually sit on; where it is larger, the kernel refuses the transfer and that
+/// request fails).
+fn logical_block_size(file: &File) -> io::Result<u64> {
+    if !file.metadata()?.file_type().is_block_device() {
+        return Ok(SECTOR_SIZE);
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int into `size`, which lives for the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut size) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match u64::try_from(size) {
+        Ok(s) if s.is_power_of_two() && s >= SECTOR_SIZE => Ok(s),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("logical block size {size}"),
+        )),
     }
 }
 

@@ -9,10 +9,12 @@
 //! - [`request`]: reading a request out of a descriptor chain (header copied once, then
 //!   parsed) and executing it against the disk and guest memory.
 //! - [`disk`]: the backing store (raw image file or null device).
+//! - [`bounce`]: `cache = none` transfers through an aligned bounce buffer.
 //! - [`inflight`]: the memfd-backed in-flight log (vhost-user INFLIGHT_SHMFD layout).
 //! - [`resubmit`]: descriptor chains for the requests a restarted backend resubmits.
 //! - [`uring`]: a queue's reads and writes batched through a restricted io_uring.
 
+pub mod bounce;
 pub mod config;
 pub mod device;
 pub mod disk;
@@ -21,7 +23,7 @@ pub mod request;
 pub mod resubmit;
 pub mod uring;
 
-pub use config::{BlkBackendConfig, BlkConfigSpace};
+pub use config::{BlkBackendConfig, BlkConfigSpace, CacheMode};
 pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};
 pub use disk::{BlkDisk, DiskError};
 pub use inflight::{InflightError, InflightLog, InflightQueue};
