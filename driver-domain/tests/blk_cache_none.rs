@@ -253,7 +253,10 @@ fn cache_none_refuses_a_buffered_image_and_uses_no_ring() {
         Err(BlkBackendError::Config(_))
     ));
     let disk = direct_disk(&path);
-    assert!(BlkBackendDevice::new(disk.clone(), cfg.clone()).is_ok());
+    let device = BlkBackendDevice::new(disk.clone(), cfg.clone()).unwrap();
+    // blk_size is the image's logical block (a file's: 512).
+    use driver_domain::virtio_core::BackendDevice;
+    assert_eq!(device.read_config(20, 4), 512u32.to_le_bytes());
     // io_uring asked for (the default), but the O_DIRECT image is served with preadv/pwritev.
     assert!(cfg.io_uring);
     let queue = BlkBackendQueue::new(0, disk, &cfg, None);

@@ -129,16 +129,18 @@ impl BlkConfigSpace {
     /// Bytes published: up to and including `write_zeroes_may_unmap` and its padding.
     pub const LEN: usize = 60;
 
-    /// Build the configuration space for a disk of `capacity_sectors` sectors.
-    pub fn new(cfg: &BlkBackendConfig, capacity_sectors: u64) -> Self {
+    /// Build the configuration space for a disk of `capacity_sectors` sectors whose logical
+    /// block is `block_size` bytes (512; an `O_DIRECT` device's own, so that the guest sends
+    /// only whole blocks).
+    pub fn new(cfg: &BlkBackendConfig, capacity_sectors: u64, block_size: u32) -> Self {
         let mut b = [0u8; Self::LEN];
         b[0..8].copy_from_slice(&capacity_sectors.to_le_bytes()); // capacity
                                                                   // 8..12 size_max: not offered.
         b[12..16].copy_from_slice(&cfg.seg_max().to_le_bytes()); // seg_max
                                                                  // 16..20 geometry: not offered.
-        b[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
-                                                          // 24..32 topology: not offered.
-                                                          // 32 writeback, 33 unused.
+        b[20..24].copy_from_slice(&block_size.to_le_bytes()); // blk_size
+                                                              // 24..32 topology: not offered.
+                                                              // 32 writeback, 33 unused.
         b[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes()); // num_queues
         b[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
         b[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
@@ -176,7 +178,8 @@ mod tests {
             num_queues: 4,
             ..BlkBackendConfig::default()
         };
-        let cs = BlkConfigSpace::new(&cfg, 2048);
+        let cs = BlkConfigSpace::new(&cfg, 2048, 4096);
+        assert_eq!(cs.read(20, 4), 4096u32.to_le_bytes());
         assert_eq!(cs.read(0, 8), 2048u64.to_le_bytes());
         assert_eq!(cs.read(34, 2), 4u16.to_le_bytes());
         assert_eq!(cs.read(12, 4), 254u32.to_le_bytes());

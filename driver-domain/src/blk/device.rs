@@ -650,7 +650,13 @@ impl BlkBackendDevice {
         }
         Ok(BlkBackendDevice {
             features: cfg.features(disk.read_only()),
-            config_space: BlkConfigSpace::new(&cfg, disk.capacity_sectors()),
+            config_space: BlkConfigSpace::new(
+                &cfg,
+                disk.capacity_sectors(),
+                disk.direct_block_size()
+                    .and_then(|b| u32::try_from(b).ok())
+                    .unwrap_or(512),
+            ),
             cfg,
             queues,
             workers,
