@@ -1,6 +1,7 @@
 //! Helpers for end-to-end tests and benchmarks.
 
 pub mod backends;
+pub mod bench_stats;
 pub mod running;
 pub mod toolstack;
 

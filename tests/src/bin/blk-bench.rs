@@ -28,6 +28,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::Parser;
 use splitvmm_tests::backends::Reaped;
+use splitvmm_tests::bench_stats::{cpu_secs, load_averages_text, median, spread};
 use splitvmm_tests::XorShift;
 
 const BS: usize = 4096;
@@ -113,23 +114,6 @@ fn pin_self(cpu: usize) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -394,33 +378,6 @@ enum TargetKind {
     Native,
 }
 
-/// The 1-, 5- and 15-minute load averages, as /proc/loadavg gives them.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn spread(v: &[f64]) -> (f64, f64) {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (lo, hi)
-}
-
 /// Runs `t` in `mode` once: QD1 and QD32.
 fn run_target(
     t: &Target,
@@ -588,7 +545,7 @@ fn main() -> Result<()> {
         args.only.as_deref().is_none_or(|o| t.name.contains(o))
             && (mode == "irq" || !matches!(t.kind, TargetKind::Native))
     };
-    let load_before = load_average();
+    let load_before = load_averages_text();
     // (target, mode, qd) -> one Stats per round, in round order.
     let mut results: BTreeMap<(&'static str, &'static str, usize), Vec<Stats>> = BTreeMap::new();
     for round in 0..args.rounds.max(1) {
@@ -609,7 +566,7 @@ fn main() -> Result<()> {
         }
     }
     let pingpong = eventfd_pingpong(args.seconds)?;
-    let load_after = load_average();
+    let load_after = load_averages_text();
 
     println!(
         "| target | mode | QD | IOPS (median) | IOPS spread | p50 µs | p99 µs | backend CPU µs/request |"

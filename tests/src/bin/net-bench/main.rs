@@ -33,8 +33,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use measure::{cpu_secs, load_average, median, spread, wait_idle, Sample};
+use measure::Sample;
 use splitvmm_tests::backends::Reaped;
+use splitvmm_tests::bench_stats::{cpu_secs, load_average, median, spread, wait_idle};
 use testpmd::{Spec, Testpmd};
 
 /// The backend's first port's address (`serve --net`'s default); port i adds i.
