@@ -6,12 +6,14 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use control_vmm::domains;
 use control_vmm::supervisor::{DomainProcess, Launch};
+use ipc::control::messages::BackendEvent;
 use ipc::control::ControlChannel;
 use ipc::xenstore::client::StoreClient;
-use ipc::xenstore::server::StoreConfig;
+use ipc::xenstore::server::{StoreConfig, StoreHandle};
 use ipc::xenstore::StoreThread;
 
 /// A store on `<dir>/xs.sock` with a dom0 (privileged) client.
@@ -67,27 +69,7 @@ impl ToolstackStore {
         cmd: Command,
         handed: Vec<OwnedFd>,
     ) -> (DomainProcess, ControlChannel) {
-        let store_conn: OwnedFd = self
-            .store
-            .handle()
-            .connect_domain(domid)
-            .expect("a domain's store connection")
-            .into();
-        let (ours, theirs) = ControlChannel::pair().expect("a control channel");
-        let launch = Launch {
-            command: cmd,
-            output: None,
-            cgroup: None,
-            // Confined as `splitvmm up` confines it, where this runs as root.
-            confine: nix::unistd::geteuid().is_root().then(|| {
-                confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])
-            }),
-        };
-        let mut fds = vec![store_conn, theirs.into_fd()];
-        fds.extend(handed);
-        let process = DomainProcess::spawn(name, launch, fds)
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        (process, ours)
+        spawn_domain_on(self.store.handle(), domid, name, cmd, handed)
     }
 
     /// Stops the store; fails the test if it did not end cleanly.
@@ -109,4 +91,52 @@ pub fn create_image(path: &Path, bytes: u64) -> File {
         .set_len(bytes)
         .unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
     image
+}
+
+/// Starts domain process `name` (domain `domid`) on `store` as `splitvmm up` does: its store
+/// connection on fd 3, a control channel on fd 4, `handed` as fds 5, 6, ..., confined when this
+/// runs as root. Returns the process and the toolstack's end of the channel.
+pub fn spawn_domain_on(
+    store: &StoreHandle,
+    domid: u32,
+    name: &str,
+    cmd: Command,
+    handed: Vec<OwnedFd>,
+) -> (DomainProcess, ControlChannel) {
+    let store_conn: OwnedFd = store
+        .connect_domain(domid)
+        .expect("a domain's store connection")
+        .into();
+    let (ours, theirs) = ControlChannel::pair().expect("a control channel");
+    let launch = Launch {
+        command: cmd,
+        output: None,
+        cgroup: None,
+        // Confined as `splitvmm up` confines it, where this runs as root.
+        confine: nix::unistd::geteuid().is_root().then(|| {
+            confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, domid, vec![])
+        }),
+    };
+    let mut fds = vec![store_conn, theirs.into_fd()];
+    fds.extend(handed);
+    let process =
+        DomainProcess::spawn(name, launch, fds).unwrap_or_else(|e| panic!("starting {name}: {e}"));
+    (process, ours)
+}
+
+/// Starts `driver-domain managed --domid <driver>` on `store` and waits (at most `wait`) for
+/// its Ready.
+pub fn start_managed_driver_domain(
+    store: &StoreHandle,
+    driver: u32,
+    wait: Duration,
+) -> (DomainProcess, ControlChannel) {
+    let mut command = Command::new(crate::workspace_bin("driver-domain"));
+    command.args(["managed", "--domid", &driver.to_string()]);
+    let (process, ours) = spawn_domain_on(store, driver, "driver", command, Vec::new());
+    match ours.recv_timeout::<BackendEvent>(wait) {
+        Ok(Some((BackendEvent::Ready, _))) => {}
+        other => panic!("driver domain not ready: {other:?}"),
+    }
+    (process, ours)
 }

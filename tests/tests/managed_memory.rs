@@ -9,24 +9,22 @@
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
 use control_vmm::connection::private_connection;
 use control_vmm::domains;
-use control_vmm::supervisor::{DomainProcess, Launch};
+use control_vmm::supervisor::DomainProcess;
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig};
 use ipc::control::messages::{
-    BackendEvent, BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
+    BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
 };
 use ipc::control::ControlChannel;
 use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use splitvmm_tests::workspace_bin;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
@@ -45,26 +43,7 @@ const WINDOW: u64 = 1 << 20;
 type Region = (bool, u64, u64);
 
 fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
-    let store_conn: OwnedFd = store.connect_domain(DRIVER).unwrap().into();
-    let (ours, theirs) = ControlChannel::pair().unwrap();
-    let mut command = Command::new(workspace_bin("driver-domain"));
-    command.args(["managed", "--domid", &DRIVER.to_string()]);
-    let launch = Launch {
-        command,
-        output: None,
-        cgroup: None,
-        // Confined as `splitvmm up` confines it, where this runs as root.
-        confine: nix::unistd::geteuid().is_root().then(|| {
-            confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, DRIVER, vec![])
-        }),
-    };
-    let process =
-        DomainProcess::spawn("driver", launch, vec![store_conn, theirs.into_fd()]).unwrap();
-    match ours.recv_timeout::<BackendEvent>(WAIT).unwrap() {
-        Some((BackendEvent::Ready, _)) => {}
-        other => panic!("driver domain not ready: {other:?}"),
-    }
-    (process, ours)
+    splitvmm_tests::toolstack::start_managed_driver_domain(store, DRIVER, WAIT)
 }
 
 /// Attaches a disk of `frontend` as the toolstack does; returns the frontend's connection

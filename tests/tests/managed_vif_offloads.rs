@@ -5,26 +5,24 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap: a failure is the assertion
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
 use control_vmm::connection::private_connection;
 use control_vmm::domains;
-use control_vmm::supervisor::{DomainProcess, Launch};
+use control_vmm::supervisor::DomainProcess;
 use driver_domain::net::config::{
     NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_ECN, NET_F_HOST_TSO4,
     NET_F_HOST_TSO6, NET_F_MAC,
 };
 use ipc::control::messages::{
-    BackendEvent, BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
+    BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
 };
 use ipc::control::ControlChannel;
 use ipc::xenbus::{DeviceId, DeviceKind, XenbusState};
 use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn, StoreConfig, StoreHandle};
-use splitvmm_tests::workspace_bin;
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 
@@ -45,25 +43,7 @@ const OFFLOADS: [u32; 6] = [
 ];
 
 fn start_driver_domain(store: &StoreHandle) -> (DomainProcess, ControlChannel) {
-    let store_conn: OwnedFd = store.connect_domain(DRIVER).unwrap().into();
-    let (ours, theirs) = ControlChannel::pair().unwrap();
-    let mut command = Command::new(workspace_bin("driver-domain"));
-    command.args(["managed", "--domid", &DRIVER.to_string()]);
-    let launch = Launch {
-        command,
-        output: None,
-        cgroup: None,
-        confine: nix::unistd::geteuid().is_root().then(|| {
-            confine::Plan::for_domain(control_vmm::confinement::DEFAULT_UID_BASE, DRIVER, vec![])
-        }),
-    };
-    let process =
-        DomainProcess::spawn("driver", launch, vec![store_conn, theirs.into_fd()]).unwrap();
-    match ours.recv_timeout::<BackendEvent>(WAIT).unwrap() {
-        Some((BackendEvent::Ready, _)) => {}
-        other => panic!("driver domain not ready: {other:?}"),
-    }
-    (process, ours)
+    splitvmm_tests::toolstack::start_managed_driver_domain(store, DRIVER, WAIT)
 }
 
 /// Attaches vif `devid` of the guest as the toolstack does; returns the frontend's
