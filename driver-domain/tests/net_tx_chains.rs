@@ -108,34 +108,16 @@ fn looping_and_nested_chains_end_and_are_refused() {
     a.tx_ring.push_avail(&a.mem, d).unwrap();
     a.tx.process(&mut a.txq, &a.mem).unwrap();
     // A link past the table's end: the chain ends there (a header alone: a runt).
-    let d = a.tx_next % QSIZE;
-    a.tx_next += 1;
-    a.tx_ring
-        .write_desc(&a.mem, d, TX_BUF, HDR_LEN as u32, DESC_F_NEXT, QSIZE + 5)
-        .unwrap();
-    a.tx_ring.push_avail(&a.mem, d).unwrap();
-    a.tx.process(&mut a.txq, &a.mem).unwrap();
+    a.send_desc(TX_BUF, HDR_LEN as u32, DESC_F_NEXT, QSIZE + 5);
     // An indirect table naming another indirect table: the chain ends (nothing read).
     let mut nested = [0u8; 16];
     nested[0..8].copy_from_slice(&TX_BUF.to_le_bytes());
     nested[8..12].copy_from_slice(&16u32.to_le_bytes());
     nested[12..14].copy_from_slice(&DESC_F_INDIRECT.to_le_bytes());
     a.mem.write_slice(&nested, GuestAddress(TABLE)).unwrap();
-    let d = a.tx_next % QSIZE;
-    a.tx_next += 1;
-    a.tx_ring
-        .write_desc(&a.mem, d, TABLE, 16, DESC_F_INDIRECT, 0)
-        .unwrap();
-    a.tx_ring.push_avail(&a.mem, d).unwrap();
-    a.tx.process(&mut a.txq, &a.mem).unwrap();
+    a.send_desc(TABLE, 16, DESC_F_INDIRECT, 0);
     // An indirect table whose length is not a multiple of 16: the chain ends.
-    let d = a.tx_next % QSIZE;
-    a.tx_next += 1;
-    a.tx_ring
-        .write_desc(&a.mem, d, TABLE, 24, DESC_F_INDIRECT, 0)
-        .unwrap();
-    a.tx_ring.push_avail(&a.mem, d).unwrap();
-    a.tx.process(&mut a.txq, &a.mem).unwrap();
+    a.send_desc(TABLE, 24, DESC_F_INDIRECT, 0);
     assert_eq!(a.port.counters().tx_invalid, 4);
     assert!(b.receive().is_empty());
     assert_eq!(a.tx_ring.used_idx(&a.mem).unwrap(), 4);
@@ -159,13 +141,7 @@ fn a_buffer_spanning_two_regions_is_read_whole() {
     let bytes = with_header(&bcast(1, 500));
     let addr = 0x20000 - 200;
     a.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
-    let d = a.tx_next % QSIZE;
-    a.tx_next += 1;
-    a.tx_ring
-        .write_desc(&a.mem, d, addr, bytes.len() as u32, 0, 0)
-        .unwrap();
-    a.tx_ring.push_avail(&a.mem, d).unwrap();
-    a.tx.process(&mut a.txq, &a.mem).unwrap();
+    a.send_desc(addr, bytes.len() as u32, 0, 0);
     let got = b.receive();
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0][HDR_LEN..], &bytes[HDR_LEN..]);

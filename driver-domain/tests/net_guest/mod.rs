@@ -88,6 +88,18 @@ pub fn bcast(src: u8, len: usize) -> Vec<u8> {
 }
 
 impl Guest {
+    /// Post one TX descriptor as given (`addr`, `len`, `flags`, `next`: hostile ones too) as
+    /// the next chain's head and run TX.
+    pub fn send_desc(&mut self, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.tx_next % QSIZE;
+        self.tx_next = self.tx_next.wrapping_add(1);
+        self.tx_ring
+            .write_desc(&self.mem, d, addr, len, flags, next)
+            .unwrap();
+        self.tx_ring.push_avail(&self.mem, d).unwrap();
+        self.tx.process(&mut self.txq, &self.mem).unwrap();
+    }
+
     /// Post one TX chain of `hdr` + `frame` as a single descriptor and run TX.
     pub fn send_raw(&mut self, bytes: &[u8]) {
         let d = self.tx_next % QSIZE;
