@@ -51,6 +51,18 @@ vfs_down() {
     [ "$(numvfs)" = 0 ] || fail "sriov_numvfs is $(numvfs) after disabling VFs"
 }
 
+# bind_vf_nvme VF: binds the VF to the lab VM's nvme driver and waits for its namespace: NS.
+bind_vf_nvme() {
+    run $DD hw bind $1 nvme
+    ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
+    [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
+    i=0
+    until [ -b /dev/${ctrl}n1 ]; do
+        [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
+        sleep 0.1; i=$((i + 1))
+    done
+    NS=/dev/${ctrl}n1
+}
 # wait_gone PID SECONDS: waits for a background process; fails if it outlives SECONDS.
 wait_gone() {
     i=0

@@ -60,18 +60,6 @@ round_net() {
     awk -v c="$1" '$1 == "round" && $2 == 1 && $3 == c { print $6 }' $W/guest.vmm
 }
 
-# bind_vf_nvme VF: binds the VF to the lab VM's nvme driver; NS is its namespace.
-bind_vf_nvme() {
-    run $DD hw bind $1 nvme
-    ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
-    [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
-    i=0
-    until [ -b /dev/${ctrl}n1 ]; do
-        [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
-        sleep 0.1; i=$((i + 1))
-    done
-    NS=/dev/${ctrl}n1
-}
 # read_ns_block BLOCK LEN: LEN bytes of 4 KiB block BLOCK of $NS.
 read_ns_block() {
     GOT=$(dd if=$NS bs=4096 skip=$1 count=1 iflag=direct 2>/dev/null | head -c $2)

@@ -34,15 +34,8 @@ CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_
 # read_vf_block VF BLOCK LEN: LEN bytes of 4 KiB block BLOCK of the VF's namespace, read by the
 # lab VM's kernel nvme driver (the VF is bound to nvme for it, then back to vfio-pci).
 read_vf_block() {
-    run $DD hw bind $1 nvme
-    ctrl=$(ls $SYS/$1/nvme 2>/dev/null | head -1)
-    [ -n "$ctrl" ] || fail "no nvme controller on $1 after binding nvme"
-    i=0
-    until [ -b /dev/${ctrl}n1 ]; do
-        [ $i -ge 100 ] && fail "no /dev/${ctrl}n1 within 10 s"
-        sleep 0.1; i=$((i + 1))
-    done
-    GOT=$(dd if=/dev/${ctrl}n1 bs=4096 skip=$2 count=1 iflag=direct 2>/dev/null | head -c $3)
+    bind_vf_nvme $1
+    GOT=$(dd if=$NS bs=4096 skip=$2 count=1 iflag=direct 2>/dev/null | head -c $3)
     run $DD hw bind $1 vfio-pci
 }
 
