@@ -5,7 +5,7 @@
 //! find and resubmit the requests that were in flight when it died. A log handed back
 //! (SET_INFLIGHT_FD) is taken over with [`InflightLog::adopt`] and [`InflightQueue::recover`]
 //! says what to resubmit (the request handler is [`crate::vhost_user::handler`]; the
-//! resubmission [`crate::blk::device::BlkBackendQueue::resume`]). Per queue:
+//! resubmission [`crate::blk::queue::BlkBackendQueue::resume`]). Per queue:
 //!
 //! ```text
 //! u64 features; u16 version; u16 desc_num; u16 last_batch_head; u16 used_idx;

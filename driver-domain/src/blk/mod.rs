@@ -5,7 +5,8 @@
 //! peer ([`crate::vhost_user`]), a process domain, or later a peer VM.
 //!
 //! - [`config`]: device options and the configuration space.
-//! - [`device`]: the device and the processing of one virtqueue with a per-wakeup budget.
+//! - [`device`]: the device (configuration space, features, in-flight log, workers).
+//! - [`queue`]: the processing of one virtqueue with a per-wakeup budget.
 //! - [`request`]: reading a request out of a descriptor chain (header copied once, then
 //!   parsed) and executing it against the disk and guest memory.
 //! - [`disk`]: the backing store (raw image file or null device).
@@ -19,14 +20,16 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod inflight;
+pub mod queue;
 pub mod request;
 pub mod resubmit;
 pub mod uring;
 
 pub use config::{BlkBackendConfig, BlkConfigSpace, CacheMode};
-pub use device::{BlkBackendDevice, BlkBackendError, BlkBackendQueue};
+pub use device::BlkBackendDevice;
 pub use disk::{BlkDisk, DiskError};
 pub use inflight::{InflightError, InflightLog, InflightQueue};
+pub use queue::{BlkBackendError, BlkBackendQueue};
 pub use request::{execute, BlkRequestError, BlkRequestOutcome, Request, RequestType};
 
 /// Sector size of the virtio-blk protocol (fixed at 512 bytes by the specification).

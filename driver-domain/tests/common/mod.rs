@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod blk_rig;
+
 /// A `driver-domain serve` child process, killed on drop.
 pub struct BackendProcess {
     pub child: Child,
