@@ -63,6 +63,7 @@ fn attach(
             readonly: false,
             grant: GRANT,
             queues: 1,
+            device: None,
         },
         &[image.as_fd(), listener.as_fd()],
     )

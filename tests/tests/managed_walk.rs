@@ -71,6 +71,7 @@ fn serve_queues(
             readonly,
             grant: PROCESS_GUEST_GRANT,
             queues,
+            device: None,
         },
         &[image.as_fd(), listener.as_fd()],
     )

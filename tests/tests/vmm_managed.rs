@@ -93,6 +93,7 @@ fn managed_kvm_guest_walks_xenbus_and_checks_its_disk_through_the_driver_domain(
                     max_bytes: control_vmm::vmm::layout::WINDOW_DEFAULT_BYTES,
                 },
                 queues: 1,
+                device: None,
             },
             &[image.as_fd(), listener.as_fd()],
         )

@@ -102,6 +102,7 @@ impl Host {
                 readonly: disk.readonly,
                 grant: memory_grant(&slot.config),
                 queues: disk.queues,
+                device: None,
             },
             &[image.as_fd(), backend_end.as_fd()],
         )?;

@@ -317,6 +317,7 @@ impl Host {
                         readonly,
                         grant: memory_grant(&slot.config),
                         queues,
+                        device: None,
                     },
                     &[image.as_fd(), backend_end.as_fd()],
                 )?;

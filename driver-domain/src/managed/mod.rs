@@ -176,6 +176,7 @@ impl ManagedDriverDomain {
                         readonly,
                         grant,
                         queues,
+                        device: _,
                     } => self.take_handed((DeviceKind::Vbd, frontend, devid), fds, |mut fds| {
                         let listener = UnixListener::from(fds.pop()?);
                         let image = File::from(fds.pop()?);

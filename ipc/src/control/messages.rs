@@ -51,6 +51,11 @@ pub enum BackendRequest {
         /// Virtqueues to offer (VIRTIO_BLK_F_MQ when more than one).
         #[serde(default = "one_queue")]
         queues: u16,
+        /// A block device inside a driver VM (`[[guest.disk]] device`), served in place of
+        /// an image: the toolstack then hands `[vhost-user listener]` only, and the driver
+        /// VM's in-VM server opens the device (O_DIRECT) and hands it on as the image.
+        #[serde(default)]
+        device: Option<String>,
     },
     /// Serve a network interface of `frontend` as a port of the driver domain's switch.
     /// Descriptors: `[vhost-user listener]`, made as for [`BackendRequest::ServeBlock`].

@@ -35,7 +35,7 @@ pub enum TunnelError {
     /// The header announces more than [`REFS_MAX`] references.
     #[error("{0} references over the limit of {REFS_MAX}")]
     TooManyRefs(u8),
-    /// The header's kind is none of HELLO, OPEN, CLOSE, VHOST.
+    /// The header's kind is none of HELLO, OPEN, CLOSE, VHOST, STORE, CONTROL.
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
     /// A reference's kind is none of MEMORY, DOORBELL, POLLED, NONE.
@@ -45,7 +45,8 @@ pub enum TunnelError {
     #[error("channel {channel}: reference with non-zero reserved bytes")]
     RefReserved { channel: u16 },
     /// A frame whose kind does not allow its references or payload length (HELLO: 4 bytes,
-    /// OPEN and CLOSE: empty, only VHOST carries references and at least a vhost-user header).
+    /// OPEN and CLOSE: empty, only VHOST carries references and at least a vhost-user header;
+    /// STORE and CONTROL: on channel 0, not empty, no references).
     #[error("channel {channel}: {kind:?} frame with {nrefs} references and {len} payload bytes")]
     BadShape {
         channel: u16,
@@ -67,6 +68,12 @@ pub enum FrameKind {
     Close = 3,
     /// Either way: one whole vhost-user message, its fds replaced by references.
     Vhost = 4,
+    /// Either way, channel 0: bytes of the in-VM driver domain's store connection, in order
+    /// (a managed driver VM; 1 to [`PAYLOAD_MAX`] bytes).
+    Store = 5,
+    /// Either way, channel 0: one message of the in-VM driver domain's control channel
+    /// ([`super::control::TunnelControl`], postcard; a managed driver VM).
+    Control = 6,
 }
 
 impl FrameKind {
@@ -77,6 +84,8 @@ impl FrameKind {
             2 => Some(FrameKind::Open),
             3 => Some(FrameKind::Close),
             4 => Some(FrameKind::Vhost),
+            5 => Some(FrameKind::Store),
+            6 => Some(FrameKind::Control),
             _ => None,
         }
     }
@@ -227,6 +236,26 @@ impl Frame {
         }
     }
 
+    /// STORE: bytes of the store connection (not empty, at most [`PAYLOAD_MAX`]).
+    pub fn store(bytes: Vec<u8>) -> Frame {
+        Frame {
+            channel: 0,
+            kind: FrameKind::Store,
+            refs: Vec::new(),
+            payload: bytes,
+        }
+    }
+
+    /// CONTROL: one encoded [`super::control::TunnelControl`].
+    pub fn control(message: Vec<u8>) -> Frame {
+        Frame {
+            channel: 0,
+            kind: FrameKind::Control,
+            refs: Vec::new(),
+            payload: message,
+        }
+    }
+
     /// The version a HELLO announces; `None` for another kind.
     pub fn hello_version(&self) -> Option<u32> {
         match (self.kind, self.payload.as_slice()) {
@@ -290,6 +319,7 @@ pub(crate) fn check_shape(
         FrameKind::Hello => nrefs == 0 && len == 4,
         FrameKind::Open | FrameKind::Close => nrefs == 0 && len == 0,
         FrameKind::Vhost => len >= super::vhost_msg::HEADER_LEN,
+        FrameKind::Store | FrameKind::Control => nrefs == 0 && len > 0 && channel == 0,
     };
     if ok {
         Ok(())

@@ -4,10 +4,12 @@
 //! dom0's relay (`splitvmm-vmm --driver-vm-socket`) and the in-VM server
 //! (`driver-domain vm-serve`). The wire format is in docs/protocol.md, "The driver-VM tunnel".
 
+pub mod control;
 mod decoder;
 mod frame;
 pub mod vhost_msg;
 
+pub use control::{ControlFrameError, TunnelControl};
 pub use decoder::FrameDecoder;
 pub use frame::{
     Frame, FrameKind, Ref, RefKind, TunnelError, FRAME_MAX, HEADER_LEN, MAGIC, PAYLOAD_MAX,
