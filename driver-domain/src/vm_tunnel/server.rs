@@ -126,6 +126,12 @@ where
         let id = frame.channel;
         match frame.kind {
             FrameKind::Hello => warn!("tunnel: HELLO from dom0 ignored"),
+            FrameKind::Store | FrameKind::Control => {
+                warn!(
+                    "tunnel: {:?} frame, but this server runs no driver domain; dropped",
+                    frame.kind
+                )
+            }
             FrameKind::Open => {
                 if let Some(old) = self.channels.remove(&id) {
                     warn!("channel {id}: opened again; ending the old session");

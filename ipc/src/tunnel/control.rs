@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn malformed_control_payloads_are_refused() {
-        let good = TunnelControl::Event(BackendEvent::Ready).to_frame().unwrap();
+        let good = TunnelControl::Event(BackendEvent::Ready)
+            .to_frame()
+            .unwrap();
         let mut long = good.payload.clone();
         long.push(0);
         assert!(matches!(

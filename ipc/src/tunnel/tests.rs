@@ -146,7 +146,6 @@ fn every_malformed_header_is_rejected_and_the_stream_recovers() {
         (header(MAGIC, 0, 4, 255, 12), TunnelError::TooManyRefs(255)),
         (header(MAGIC, 0, 0, 0, 0), TunnelError::UnknownKind(0)),
         (header(MAGIC, 0, 7, 0, 0), TunnelError::UnknownKind(7)),
-
     ];
     let good = Frame::open(7);
     for (bad, want) in cases {

@@ -165,6 +165,14 @@ impl Relay {
                 }
             }
             FrameKind::Vhost => self.reply(frame),
+            FrameKind::Store | FrameKind::Control => {
+                if self.noise.allow() {
+                    log::warn!(
+                        "driver-VM tunnel: {:?} frame of an unmanaged driver VM; dropped",
+                        frame.kind
+                    );
+                }
+            }
         }
     }
 
