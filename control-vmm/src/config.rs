@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod driver_vm;
 mod linux;
 mod load;
 pub mod nvme;
 pub mod pci;
+
+pub use driver_vm::{DriverDomainKind, DriverVmSettings};
 pub use linux::{LINUX_MAX_MEMORY_MIB, LINUX_MAX_VCPUS};
 use load::read_bounded;
 pub use load::MAX_HOST_FILE;
@@ -109,6 +112,12 @@ pub struct DriverDomainConfig {
     /// the uplink: guests' frames reach the host's network through it.
     #[serde(default)]
     pub uplink: Option<String>,
+    /// A host process (the default) or a VM (`"vm"`, with `[driver_domain.vm]`).
+    #[serde(default)]
+    pub kind: DriverDomainKind,
+    /// The driver VM, with `kind = "vm"`.
+    #[serde(default)]
+    pub vm: Option<DriverVmSettings>,
 }
 
 /// How a guest runs.
@@ -197,7 +206,11 @@ impl GuestConfig {
         for path in boot_files.filter(|p| p.is_relative()) {
             *path = base.join(&*path);
         }
-        for disk in self.disks.iter_mut().filter(|d| d.image.is_relative()) {
+        for disk in self
+            .disks
+            .iter_mut()
+            .filter(|d| d.image.is_relative() && !d.image.as_os_str().is_empty())
+        {
             disk.image = base.join(&disk.image);
         }
         for n in self.nvme.iter_mut().filter(|n| n.image.is_relative()) {
@@ -278,8 +291,14 @@ fn default_kind() -> GuestKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// Backing image on the host. Relative to the config file's directory.
+    /// Backing image on the host. Relative to the config file's directory. Empty (left out)
+    /// for a disk served from a `device` of a driver VM.
+    #[serde(default)]
     pub image: PathBuf,
+    /// With `[driver_domain] kind = "vm"` and no `image`: a block device inside the driver
+    /// VM (`/dev/nvme0n1`: a namespace of the function it owns), served with O_DIRECT.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Create (or grow) the image to this many MiB if it is smaller.
     #[serde(default)]
     pub size_mib: Option<u64>,

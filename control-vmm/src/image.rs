@@ -277,6 +277,7 @@ mod tests {
 
     fn disk(image: PathBuf) -> DiskConfig {
         DiskConfig {
+            device: None,
             image,
             size_mib: None,
             devid: 51712,

@@ -93,6 +93,7 @@ fn handle(host: &Host, request: ToolstackRequest) -> Result<String> {
             queues,
         } => {
             let disk = DiskConfig {
+                device: None,
                 image: image.into(),
                 size_mib,
                 devid,

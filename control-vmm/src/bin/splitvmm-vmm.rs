@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use control_vmm::vmm::arch::bzimage::LinuxBoot;
 use control_vmm::vmm::devices::nvme::Namespace;
-use control_vmm::vmm::driver_vm::DriverVmConfig;
+use control_vmm::vmm::driver_vm::{DriverVmConfig, ManagedEnds};
 use control_vmm::vmm::layout::{GuestMode, WINDOW_DEFAULT_BYTES};
 use control_vmm::vmm::linux::managed::{LinuxMachine, LinuxSettings, MachineSlot, ManagedLinuxVm};
 use control_vmm::vmm::linux::LinuxVmConfig;
@@ -118,8 +118,18 @@ struct Cli {
     driver_vm_socket: Vec<PathBuf>,
     /// Linux with --driver-vm-socket: the cross-VM device's shared-memory BAR in MiB (a power
     /// of two): room for every guest region the driver VM maps at once.
-    #[arg(long, requires = "driver_vm_socket", default_value_t = control_vmm::vmm::driver_vm::SHM_DEFAULT_MIB)]
+    #[arg(long, requires = "linux", default_value_t = control_vmm::vmm::driver_vm::SHM_DEFAULT_MIB)]
     driver_vm_shm_mib: u64,
+    /// Linux: make this machine the driver VM of `splitvmm up` (`[driver_domain] kind =
+    /// "vm"`), driver domain DOMID: its store connection (fd 3) and control channel (fd 4)
+    /// are carried through COM2 to `driver-domain vm-serve --managed` in the VM, and each
+    /// device the toolstack asks it to serve gets a channel of the tunnel.
+    #[arg(long, requires = "linux", value_name = "DOMID", conflicts_with_all = ["driver_vm_socket", "managed_domid", "blk_socket"])]
+    driver_vm_domid: Option<u32>,
+    /// Linux: as --vfio, for function BDF whose VFIO group is descriptor N (>= 5), inherited
+    /// from the toolstack (the confined VMM opens no /dev/vfio path). Repeatable.
+    #[arg(long, requires = "linux", value_name = "N:BDF")]
+    vfio_fd: Vec<String>,
     /// Linux: the kernel command line.
     #[arg(long, requires = "linux", default_value = "console=ttyS0")]
     cmdline: String,
@@ -183,7 +193,12 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     match cli.managed_domid {
         Some(domid) => ipc::startup::init_logging(&format!("splitvmm-vmm[{domid}]"), "warn"),
-        None => ipc::startup::init_logging("splitvmm-vmm", "warn"),
+        None => match cli.driver_vm_domid {
+            Some(domid) => {
+                ipc::startup::init_logging(&format!("splitvmm-vmm[driver {domid}]"), "warn")
+            }
+            None => ipc::startup::init_logging("splitvmm-vmm", "warn"),
+        },
     }
     // A Linux guest's console listens from the start (before confinement: the confined VMM
     // sees no run directory).
@@ -337,7 +352,13 @@ fn run_linux(
     button: Arc<EventFd>,
 ) -> ExitCode {
     let boot = linux_boot(&cli);
-    let mut assigned = Vec::new();
+    let mut assigned = match vfio_fds(&cli) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("splitvmm-vmm: {e}");
+            return ExitCode::from(101);
+        }
+    };
     for bdf in &cli.vfio {
         match control_vmm::vmm::vfio::Assignment::by_address(bdf) {
             Ok(a) => assigned.push(a),
@@ -464,7 +485,7 @@ fn confine_vmm(cli: &mut Cli) -> Result<Vec<std::fs::File>, String> {
     };
     control_vmm::vmm::kvm_device::preopen().map_err(|e| format!("opening /dev/kvm: {e}"))?;
     // One VFIO container per function the toolstack will hand over (AssignPci).
-    control_vmm::vmm::vfio::preopen_containers(cli.pci)
+    control_vmm::vmm::vfio::preopen_containers(cli.pci + cli.vfio_fd.len())
         .map_err(|e| format!("opening /dev/vfio/vfio: {e}"))?;
     let mut held = Vec::new();
     let open = |path: &Path| {
@@ -486,12 +507,23 @@ fn confine_vmm(cli: &mut Cli) -> Result<Vec<std::fs::File>, String> {
 
 /// The listeners of `--driver-vm-socket` (stale socket files replaced), if any.
 fn driver_vm_listeners(cli: &Cli) -> Result<Option<DriverVmConfig>, String> {
-    if cli.driver_vm_socket.is_empty() {
+    if cli.driver_vm_socket.is_empty() && cli.driver_vm_domid.is_none() {
         return Ok(None);
     }
     if cli.managed_domid.is_some() {
-        return Err("--driver-vm-socket: not with --managed-domid (phase 1 runs by hand)".into());
+        return Err("--driver-vm-socket: not with --managed-domid".into());
     }
+    let managed = match cli.driver_vm_domid {
+        Some(domid) => {
+            ipc::startup::check_inherited_fds().map_err(|e| {
+                ipc::startup::not_managed_message("splitvmm-vmm --driver-vm-domid", &e)
+            })?;
+            // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands
+            // this program, and nothing else in this process uses them.
+            Some(unsafe { ManagedEnds::from_inherited_fds(domid) })
+        }
+        None => None,
+    };
     let mib = cli.driver_vm_shm_mib;
     if !mib.is_power_of_two() || !(2..=32 << 10).contains(&mib) {
         return Err(format!(
@@ -507,8 +539,43 @@ fn driver_vm_listeners(cli: &Cli) -> Result<Option<DriverVmConfig>, String> {
     }
     Ok(Some(DriverVmConfig {
         sockets,
+        managed,
         shm_bytes: mib << 20,
     }))
+}
+
+/// The functions of `--vfio-fd N:BDF`: each group a descriptor the toolstack handed over.
+fn vfio_fds(cli: &Cli) -> Result<Vec<control_vmm::vmm::vfio::Assignment>, String> {
+    use control_vmm::vmm::vfio::{valid_bdf, Assignment, GroupSource};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut out: Vec<Assignment> = Vec::new();
+    let mut seen = Vec::new();
+    for spec in &cli.vfio_fd {
+        let (n, bdf) = spec
+            .split_once(':')
+            .ok_or_else(|| format!("--vfio-fd {spec}: not N:BDF"))?;
+        let fd: i32 = n
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= 5 && !seen.contains(fd))
+            .ok_or_else(|| format!("--vfio-fd {spec}: not a descriptor >= 5 given once"))?;
+        if !valid_bdf(bdf) {
+            return Err(format!("--vfio-fd {spec}: {bdf} is not DDDD:BB:DD.F"));
+        }
+        // SAFETY: F_GETFD only inspects the descriptor table; the result is checked.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--vfio-fd {spec}: {fd} is not an open descriptor"));
+        }
+        seen.push(fd);
+        // SAFETY: the toolstack handed this descriptor for this function alone; it is open
+        // (checked above), named once, and nothing else in this process owns it.
+        let group = unsafe { OwnedFd::from_raw_fd(fd) };
+        out.push(Assignment {
+            bdf: bdf.to_owned(),
+            group: GroupSource::Fd(group),
+        });
+    }
+    Ok(out)
 }
 
 /// Listens on the console socket `path` (a stale socket file there is replaced).

@@ -84,6 +84,10 @@ impl HostConfig {
                 }
             }
             for (j, disk) in guest.disks.iter().enumerate() {
+                if disk.device.is_some() {
+                    // Inside the driver VM: checked there when it is served.
+                    continue;
+                }
                 crate::image::check_disk(disk)
                     .map_err(|e| invalid(format!("guest[{i}].disk[{j}].image"), e.to_string()))?;
             }
@@ -108,6 +112,13 @@ impl HostConfig {
     fn resolve_paths(&mut self, base: &Path) {
         if self.run_dir.is_relative() {
             self.run_dir = base.join(&self.run_dir);
+        }
+        if let Some(vm) = &mut self.driver_domain.vm {
+            for path in [&mut vm.kernel, &mut vm.ramdisk] {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
         }
         for guest in &mut self.guests {
             guest.resolve_paths(base);
@@ -193,6 +204,7 @@ impl HostConfig {
                 ));
             }
         }
+        self.validate_driver_vm(file)?;
         let mut macs = HashMap::new();
         let mut ips = HashMap::new();
         for (i, guest) in self.guests.iter().enumerate() {
@@ -280,11 +292,23 @@ impl HostConfig {
                         ),
                     ));
                 }
-                if disk.image.as_os_str().is_empty() {
-                    return Err(invalid(
-                        format!("guest[{i}].disk[{j}].image"),
-                        "a path to a disk image",
-                    ));
+                let in_vm = self.driver_domain.kind == DriverDomainKind::Vm;
+                match (disk.image.as_os_str().is_empty(), &disk.device, in_vm) {
+                    (false, None, false) => {}
+                    (true, Some(d), true) if d.starts_with("/dev/") && d.len() > 5 => {}
+                    (_, _, false) => {
+                        return Err(invalid(
+                            format!("guest[{i}].disk[{j}].image"),
+                            "a path to a disk image (`device` is for a driver VM's disks)",
+                        ))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("guest[{i}].disk[{j}].device"),
+                            "a block device inside the driver VM (/dev/...), and no `image`: \
+                             a driver VM reaches no host file",
+                        ))
+                    }
                 }
                 if disk.size_mib == Some(0) {
                     return Err(invalid(

@@ -34,6 +34,7 @@ impl NvmeConfig {
     pub fn as_disk(&self) -> DiskConfig {
         DiskConfig {
             image: self.image.clone(),
+            device: None,
             size_mib: None,
             devid: 0,
             readonly: !self.writable,

@@ -87,7 +87,11 @@ impl Host {
         dev: DeviceId,
     ) -> Result<u64> {
         let vdev = Vdev(disk.devid);
-        let image = lock(&self.images).file(name, disk.devid)?;
+        // A device inside a driver VM has no image here: the VM opens it.
+        let image = match disk.device {
+            None => Some(lock(&self.images).file(name, disk.devid)?),
+            Some(_) => None,
+        };
         let serial = self
             .attach_serial
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -102,9 +106,13 @@ impl Host {
                 readonly: disk.readonly,
                 grant: memory_grant(&slot.config),
                 queues: disk.queues,
-                device: None,
+                device: disk.device.clone(),
             },
-            &[image.as_fd(), backend_end.as_fd()],
+            &image
+                .iter()
+                .map(|i| i.as_fd())
+                .chain([backend_end.as_fd()])
+                .collect::<Vec<_>>(),
         )?;
         guest.domain.channel.send(
             &GuestRequest::AttachBlock { devid: dev.devid },
@@ -117,8 +125,8 @@ impl Host {
             &dev,
             &[
                 (keys::MODE, mode.to_owned()),
-                (keys::TYPE, "file".to_owned()),
-                (keys::PARAMS, disk.image.display().to_string()),
+                (keys::TYPE, disk_type(disk).to_owned()),
+                (keys::PARAMS, disk_params(disk)),
                 (keys::TRANSPORT, "vhost-user".to_owned()),
                 (keys::VHOST_USER, "fd".to_owned()),
                 (keys::MULTI_QUEUE_MAX_QUEUES, disk.queues.to_string()),
@@ -344,5 +352,23 @@ pub(super) fn memory_grant(config: &GuestConfig) -> MemoryGrant {
             guest_address: 0,
             max_bytes: 0,
         },
+    }
+}
+
+/// The vbd's `type` as Xen writes it: `phy` for a block device (inside a driver VM),
+/// `file` for an image.
+fn disk_type(disk: &DiskConfig) -> &'static str {
+    if disk.device.is_some() {
+        "phy"
+    } else {
+        "file"
+    }
+}
+
+/// The vbd's `params`: the image's path, or the device's inside the driver VM.
+fn disk_params(disk: &DiskConfig) -> String {
+    match &disk.device {
+        Some(device) => device.clone(),
+        None => disk.image.display().to_string(),
     }
 }

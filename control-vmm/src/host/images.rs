@@ -30,6 +30,10 @@ pub(super) struct ImageRegistry {
 impl ImageRegistry {
     /// Opens and locks `disk`'s image for `guest`, unless it already holds it.
     pub(super) fn hold(&mut self, guest: &str, disk: &DiskConfig) -> Result<()> {
+        if disk.device.is_some() {
+            // A device inside the driver VM: no host image to open or lock.
+            return Ok(());
+        }
         let key = (guest.to_owned(), disk.devid);
         if self.held.contains_key(&key) {
             return Ok(());

@@ -15,6 +15,7 @@
 //!   domain restarted with its devices.
 
 mod devices;
+mod driver_vm;
 mod images;
 mod lifecycle;
 mod nvme;
@@ -38,7 +39,7 @@ use ipc::xenstore::client::StoreClient;
 use ipc::xenstore::server::{spawn as spawn_store, ServerError, StoreConfig, StoreHandle};
 
 use crate::config::{
-    DiskConfig, DriverDomainConfig, GuestConfig, GuestKind, HostConfig, NicConfig,
+    DiskConfig, DriverDomainConfig, DriverDomainKind, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
 use crate::confinement::Confinement;
 use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
@@ -454,6 +455,9 @@ fn start_driver_domain(
     confinement: Option<&Confinement>,
     append: bool,
 ) -> Result<Domain> {
+    if let (DriverDomainKind::Vm, Some(vm)) = (dd.kind, &dd.vm) {
+        return driver_vm::start_driver_vm(store, run_dir, (dd, vm), confinement, append);
+    }
     let mut command = Command::new(sibling_binary("driver-domain")?);
     command
         .arg("managed")

@@ -303,7 +303,14 @@ impl Host {
         };
         let reconnect = match dev.kind {
             DeviceKind::Vbd => {
-                let image = lock(&self.images).file(&name, dev.devid)?;
+                // A device inside a driver VM (`type` phy) is opened there again.
+                let device = (backend_key(&mut client, keys::TYPE)? == "phy")
+                    .then(|| backend_key(&mut client, keys::PARAMS))
+                    .transpose()?;
+                let image = match device {
+                    None => Some(lock(&self.images).file(&name, dev.devid)?),
+                    Some(_) => None,
+                };
                 let readonly = backend_key(&mut client, keys::MODE)? == "r";
                 // The same queues as before the restart (one where the key is missing).
                 let queues = backend_key(&mut client, keys::MULTI_QUEUE_MAX_QUEUES)
@@ -317,9 +324,13 @@ impl Host {
                         readonly,
                         grant: memory_grant(&slot.config),
                         queues,
-                        device: None,
+                        device,
                     },
-                    &[image.as_fd(), backend_end.as_fd()],
+                    &image
+                        .iter()
+                        .map(|i| i.as_fd())
+                        .chain([backend_end.as_fd()])
+                        .collect::<Vec<_>>(),
                 )?;
                 GuestRequest::ReconnectBlock { devid: dev.devid }
             }

@@ -20,10 +20,7 @@ use crate::hw::ops::{DirectHardware, HardwareOps};
 use crate::hw::pci::Bdf;
 
 /// NVMe queue (admin + one I/O) and interrupt resources given to each secondary controller.
-const VF_RESOURCES: NvmeVfResources = NvmeVfResources {
-    queues: 2,
-    interrupts: 1,
-};
+const VF_RESOURCES: NvmeVfResources = NvmeVfResources::DEFAULT;
 
 /// The owned PFs and which guest holds which VF.
 pub struct VfPool {

@@ -65,6 +65,13 @@ pub struct ControlChannel {
     socket: OwnedFd,
 }
 
+/// For polling (readable once a message or the peer's close is there).
+impl AsFd for ControlChannel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
 impl ControlChannel {
     /// Two connected ends, both close-on-exec.
     pub fn pair() -> Result<(ControlChannel, ControlChannel), ChannelError> {

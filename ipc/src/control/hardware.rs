@@ -20,6 +20,15 @@ pub struct NvmeVfResources {
     pub interrupts: u16,
 }
 
+impl NvmeVfResources {
+    /// What each secondary controller gets by default: an admin and one I/O queue pair, one
+    /// interrupt (the lab's QEMU NVMe PF has enough for every VF this way).
+    pub const DEFAULT: NvmeVfResources = NvmeVfResources {
+        queues: 2,
+        interrupts: 1,
+    };
+}
+
 /// How a PF's VFs are enabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VfEnabling {

@@ -7,6 +7,7 @@
 
 pub mod bar2_space;
 pub mod com2;
+pub mod managed;
 pub mod relay;
 pub mod session;
 pub mod wire;
@@ -24,6 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vmm::devices::cross_vm::{CrossVmState, CHANNELS};
 use com2::TunnelUart;
+use managed::Managed;
+pub use managed::ManagedEnds;
 use relay::Relay;
 
 /// Default size of BAR2, the shared memory (`--driver-vm-shm-mib`).
@@ -32,8 +35,11 @@ pub const SHM_DEFAULT_MIB: u64 = 1024;
 /// What makes a Linux machine a driver VM.
 #[derive(Debug)]
 pub struct DriverVmConfig {
-    /// One listening socket per channel, in order.
+    /// One listening socket per channel, in order (none for a managed driver VM).
     pub sockets: Vec<UnixListener>,
+    /// A managed driver VM's store connection and control channel (`--driver-vm-domid`):
+    /// its channels are handed out per Serve* request.
+    pub managed: Option<ManagedEnds>,
     /// BAR2's size in bytes (a power of two).
     pub shm_bytes: u64,
 }
@@ -41,7 +47,7 @@ pub struct DriverVmConfig {
 /// Errors setting a driver VM up.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverVmError {
-    #[error("{0} sockets: a driver VM serves 1 to {CHANNELS} channels")]
+    #[error("{0} sockets: a driver VM serves 1 to {CHANNELS} channels (none when managed)")]
     Channels(usize),
     #[error("{op}: {source}")]
     Io {
@@ -94,14 +100,18 @@ impl DriverVm {
         device: Arc<CrossVmState>,
         halt: Arc<AtomicBool>,
     ) -> Result<Self, DriverVmError> {
-        let n = cfg.sockets.len();
-        if n == 0 || n > usize::from(CHANNELS) {
-            return Err(DriverVmError::Channels(n));
-        }
+        let sockets = cfg.sockets.len();
+        let n = match (&cfg.managed, sockets) {
+            (None, 1..) if sockets <= usize::from(CHANNELS) => sockets,
+            (Some(_), 0) => usize::from(CHANNELS),
+            _ => return Err(DriverVmError::Channels(sockets)),
+        };
         let io = |op| move |source| DriverVmError::Io { op, source };
         let (to_vm, for_vm) = mpsc::channel();
+        let managed = cfg.managed.map(|ends| Arc::new(Managed::new(ends, n)));
         let relay = Arc::new(
-            Relay::new(device, n, to_vm, Arc::clone(&halt)).map_err(io("the relay's eventfd"))?,
+            Relay::new(device, n, to_vm, Arc::clone(&halt), managed.clone())
+                .map_err(io("the relay's eventfd"))?,
         );
         let mut threads = vec![com2::spawn_feeder(
             Arc::clone(&tunnel.uart),
@@ -122,6 +132,12 @@ impl DriverVm {
                     .name(format!("relay{channel}"))
                     .spawn(move || relay.serve_channel(channel as u16, &listener))
                     .map_err(io("starting a relay thread"))?,
+            );
+        }
+        if let Some(managed) = &managed {
+            threads.extend(
+                managed::spawn(&relay, managed)
+                    .map_err(io("starting the managed relay threads"))?,
             );
         }
         log::info!("driver VM: {n} channel(s), waiting for the driver VM's HELLO on COM2 (ttyS1)");

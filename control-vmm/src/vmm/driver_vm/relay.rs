@@ -20,6 +20,7 @@ use crate::vmm::bus::Limiter;
 use crate::vmm::devices::cross_vm::CrossVmState;
 
 use super::bar2_space::Bar2Space;
+use super::managed::Managed;
 use super::session::ChannelSession;
 use super::wire::{read_message, write_message, Stop};
 
@@ -54,6 +55,8 @@ pub struct Relay {
     links: Vec<Mutex<Link>>,
     stop: Stop,
     noise: Limiter,
+    /// A managed driver VM's store connection and control channel.
+    managed: Option<Arc<Managed>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,6 +71,7 @@ impl Relay {
         channels: usize,
         to_vm: mpsc::Sender<Vec<u8>>,
         stop: Arc<AtomicBool>,
+        managed: Option<Arc<Managed>>,
     ) -> std::io::Result<Self> {
         let size = device.bar2_size();
         Ok(Self {
@@ -79,6 +83,7 @@ impl Relay {
             links: (0..channels).map(|_| Mutex::default()).collect(),
             stop: Stop::new(stop)?,
             noise: Limiter::default(),
+            managed,
         })
     }
 
@@ -92,12 +97,17 @@ impl Relay {
         let _ = lock(&self.to_vm).send(Vec::new());
     }
 
+    /// The stop every relay thread waits on.
+    pub(super) fn stop_handle(&self) -> &Stop {
+        &self.stop
+    }
+
     /// Bytes of BAR2 in use.
     pub fn bar2_used(&self) -> u64 {
         lock(&self.space).used()
     }
 
-    fn send(&self, frame: &Frame) {
+    pub(super) fn send(&self, frame: &Frame) {
         match frame.encode() {
             // The feeder ends only with the machine.
             Ok(bytes) => {
@@ -108,7 +118,7 @@ impl Relay {
     }
 
     /// Waits for the driver VM's HELLO; false once stopping.
-    fn wait_ready(&self) -> bool {
+    pub(super) fn wait_ready(&self) -> bool {
         let mut ready = lock(&self.ready);
         loop {
             if self.stop.stopped() {
@@ -165,14 +175,17 @@ impl Relay {
                 }
             }
             FrameKind::Vhost => self.reply(frame),
-            FrameKind::Store | FrameKind::Control => {
-                if self.noise.allow() {
-                    log::warn!(
-                        "driver-VM tunnel: {:?} frame of an unmanaged driver VM; dropped",
-                        frame.kind
-                    );
+            FrameKind::Store | FrameKind::Control => match (&self.managed, frame.kind) {
+                (Some(m), FrameKind::Store) => m.store_from_vm(&frame.payload),
+                (Some(m), _) => m.control_from_vm(&frame.payload),
+                (None, kind) => {
+                    if self.noise.allow() {
+                        log::warn!(
+                            "driver-VM tunnel: {kind:?} frame of an unmanaged driver VM; dropped"
+                        );
+                    }
                 }
-            }
+            },
         }
     }
 
@@ -272,7 +285,7 @@ impl Relay {
     }
 
     /// The next frontend, or None when stopping (or accept failed).
-    fn accept(&self, listener: &UnixListener) -> Option<UnixStream> {
+    pub(super) fn accept(&self, listener: &UnixListener) -> Option<UnixStream> {
         if !matches!(self.stop.wait_readable(listener.as_fd()), Ok(true)) {
             return None;
         }

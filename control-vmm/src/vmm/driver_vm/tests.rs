@@ -45,7 +45,7 @@ impl Harness {
         let device = dev.state();
         let (tx, com2) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let relay = Relay::new(Arc::clone(&device), channels, tx, Arc::clone(&stop)).unwrap();
+        let relay = Relay::new(Arc::clone(&device), channels, tx, Arc::clone(&stop), None).unwrap();
         let relay = Arc::new(relay);
         Self {
             relay,
