@@ -63,6 +63,28 @@ bind_vf_nvme() {
     done
     NS=/dev/${ctrl}n1
 }
+# stop_with_request_in_flight PID LOG: stops every thread of PID (SIGSTOP; a VMM: its vCPUs
+# too) and looks at the in-flight log LOG (a frontend's: a 16-byte header, then 16 bytes per
+# descriptor, the first 1 while the request is in flight) until it marks a request in flight,
+# letting PID run a little between tries; PID is left stopped there. Sets CAUGHT and TRIES.
+stop_with_request_in_flight() {
+    CAUGHT=0
+    TRIES=0
+    while [ $TRIES -lt 200 ]; do
+        TRIES=$((TRIES + 1))
+        kill -STOP $1
+        j=0
+        while [ $j -lt 1000 ] && cat /proc/$1/task/*/stat 2>/dev/null |
+            awk '{ sub(/.*\) /, ""); if ($1 != "T" && $1 != "t") running = 1 } END { exit !running }'; do
+            j=$((j + 1))
+        done
+        CAUGHT=$(od -An -v -tu1 -j16 -N4096 $2 | awk '$1 == 1' | wc -l)
+        [ "$CAUGHT" -gt 0 ] && return 0
+        kill -CONT $1
+        sleep 0.0$((TRIES % 7 + 1))
+    done
+    fail "no try of $TRIES found a request in flight"
+}
 # wait_gone PID SECONDS: waits for a background process; fails if it outlives SECONDS.
 wait_gone() {
     i=0
