@@ -13,6 +13,8 @@ pub mod session;
 pub mod wire;
 
 #[cfg(test)]
+mod managed_tests;
+#[cfg(test)]
 mod tests;
 
 use std::os::unix::net::UnixListener;
