@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -88,6 +88,30 @@ fn handed(control: &ControlChannel) -> (BackendRequest, Vec<std::os::fd::OwnedFd
         .expect("a request for the driver domain within 10 s")
 }
 
+/// A directory whose file system takes `O_DIRECT` (tmpfs before Linux 6.6 refuses it): the
+/// temporary directory, else one in this crate's directory (the worktree's file system).
+fn direct_io_dir() -> tempfile::TempDir {
+    let takes_direct = |dir: &std::path::Path| {
+        let probe = dir.join("probe");
+        File::create(&probe).unwrap();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    if takes_direct(dir.path()) {
+        return dir;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    assert!(
+        takes_direct(dir.path()),
+        "no file system here takes O_DIRECT"
+    );
+    dir
+}
+
 fn inode(fd: impl AsFd) -> (u64, u64) {
     let st = nix::sys::stat::fstat(fd.as_fd().as_raw_fd()).unwrap();
     (st.st_dev, st.st_ino)
@@ -123,7 +147,7 @@ fn store_bytes_cross_both_ways_in_frames_of_at_most_the_payload_limit() {
 #[test]
 fn a_block_request_hands_the_device_and_a_listener_whose_connection_is_the_channel() {
     let mut m = managed();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = direct_io_dir();
     let img = dir.path().join("nvme0n1");
     File::create(&img).unwrap().set_len(1 << 20).unwrap();
     let req = serve_block(51712, img.to_str().unwrap(), false);
