@@ -121,7 +121,7 @@ pub struct ManagedBackend {
     tunnel: Arc<TunnelWriter>,
     /// Connections of channels a Serve* request prepared, waiting for their OPEN.
     prepared: HashMap<u16, UnixStream>,
-    /// Channels whose Serve* request was refused (dom0 got CLOSE): their OPEN is dropped.
+    /// Channels whose Serve* request was refused: their OPEN gets CLOSE.
     refused: HashSet<u16>,
     dir: PrivateDir,
     threads: Vec<JoinHandle<()>>,
@@ -193,13 +193,16 @@ impl ManagedBackend {
         }
     }
 
-    /// The prepared connection of channel `id`, taken for its OPEN; `Err(true)` for a channel
-    /// whose request was refused (dom0 was told), `Err(false)` for one nothing prepared.
-    pub fn take_prepared(&mut self, id: u16) -> Result<UnixStream, bool> {
+    /// The prepared connection of channel `id`, taken for its OPEN, or why there is none.
+    pub fn take_prepared(&mut self, id: u16) -> Result<UnixStream, &'static str> {
         if let Some(conn) = self.prepared.remove(&id) {
             return Ok(conn);
         }
-        Err(self.refused.remove(&id))
+        if self.refused.remove(&id) {
+            Err("its request was refused")
+        } else {
+            Err("no request prepared it")
+        }
     }
 
     fn request(&mut self, request: BackendRequest, channel: Option<u16>) {
@@ -258,7 +261,8 @@ impl ManagedBackend {
         Ok(listener)
     }
 
-    /// Tells dom0 the request failed: DeviceFailed for a device, and CLOSE for its channel.
+    /// Tells dom0 the request failed: DeviceFailed for a device; its channel's OPEN will get
+    /// CLOSE.
     fn refuse(&mut self, request: &BackendRequest, channel: Option<u16>, reason: String) {
         warn!("control: {request:?} refused: {reason}");
         let device = match request {
@@ -283,13 +287,12 @@ impl ManagedBackend {
         }
     }
 
-    /// CLOSE for channel `c`, which will not be served; its OPEN (on the way) is dropped.
+    /// Channel `c` will not be served: its OPEN gets CLOSE (then, not now: dom0 sends OPEN
+    /// when the frontend connects, and frees the channel only once it is closed after that,
+    /// so one CLOSE, after OPEN, can never reach a later user of the channel).
     fn refuse_channel(&mut self, c: u16) {
         self.prepared.remove(&c);
         self.refused.insert(c);
-        if let Err(e) = self.tunnel.send(&Frame::close(c)) {
-            warn!("channel {c}: {e}");
-        }
     }
 
     fn send_control(&self, msg: &TunnelControl) {

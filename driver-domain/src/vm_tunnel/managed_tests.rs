@@ -226,8 +226,7 @@ fn bad_requests_are_refused_and_the_server_goes_on() {
             .to_frame()
             .unwrap(),
     );
-    // A device that is not there: DeviceFailed, and one CLOSE for its channel (its OPEN,
-    // already on the way, gets none).
+    // A device that is not there: DeviceFailed, and CLOSE for its channel's OPEN (once).
     d.send(&request(
         serve_block(51712, "/nonexistent/nvme9n1", false),
         Some(5),
@@ -258,6 +257,11 @@ fn bad_requests_are_refused_and_the_server_goes_on() {
         control_of(&d.recv()),
         TunnelControl::Event(BackendEvent::DeviceFailed { devid: 51744, .. })
     ));
+    assert!(
+        d.quiet_for(Duration::from_millis(300)).is_none(),
+        "no CLOSE before the channel is open"
+    );
+    d.send(&Frame::open(6));
     assert_eq!(d.recv(), Frame::close(6));
     // OPEN of a channel nothing prepared: CLOSE.
     d.send(&Frame::open(8));

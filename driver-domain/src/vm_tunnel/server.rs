@@ -226,16 +226,9 @@ where
                     old.close(false, self.paths());
                 }
                 let opened = match &mut self.managed {
-                    Some(m) => match m.take_prepared(id) {
-                        Ok(conn) => {
-                            Channel::relay(id, conn, self.tunnel.clone()).map_err(|e| e.to_string())
-                        }
-                        Err(true) => {
-                            info!("channel {id}: OPEN of a refused channel (dom0 was told)");
-                            return;
-                        }
-                        Err(false) => Err("no request prepared it".to_owned()),
-                    },
+                    Some(m) => m.take_prepared(id).map_err(str::to_owned).and_then(|conn| {
+                        Channel::relay(id, conn, self.tunnel.clone()).map_err(|e| e.to_string())
+                    }),
                     None => (self.new_device)(id).and_then(|d| {
                         Channel::open(id, d, self.tunnel.clone()).map_err(|e| e.to_string())
                     }),
