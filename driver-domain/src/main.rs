@@ -54,6 +54,10 @@ enum Cmd {
         /// /dev directly, which needs root).
         #[arg(long, value_name = "FD")]
         hw_helper_fd: Option<i32>,
+        /// Accept guest memory that is a sysfs file, unsealed (the cross-VM device's BAR2
+        /// `resource2`): set by `vm-serve --managed`, which runs this inside a driver VM.
+        #[arg(long, hide = true)]
+        memory_from_sysfs: bool,
     },
     /// Serve a vhost-user-blk device, or with `--net` vhost-user-net ports on one switch, on
     /// Unix sockets, one frontend after another.
@@ -123,8 +127,16 @@ enum Cmd {
         tunnel: PathBuf,
         /// A disk to serve (a block device such as an assigned NVMe function's namespace, or
         /// a raw image); the Nth `--blk` serves channel N.
-        #[arg(long, value_name = "DEV", required = true)]
+        #[arg(long, value_name = "DEV", required_unless_present = "managed")]
         blk: Vec<PathBuf>,
+        /// A managed driver VM: run `driver-domain managed` behind the tunnel, its store
+        /// connection and control channel carried by STORE and CONTROL frames; it serves the
+        /// devices the toolstack asks for. Ends when it does.
+        #[arg(long, conflicts_with = "blk", requires = "domid")]
+        managed: bool,
+        /// With --managed: the driver domain's id in the store.
+        #[arg(long, requires = "managed")]
+        domid: Option<u32>,
         /// Number of virtqueues of each disk.
         #[arg(long, default_value_t = 1)]
         queues: u16,
@@ -229,6 +241,7 @@ fn main() -> Result<()> {
             uplink_fd,
             sysfs_root,
             hw_helper_fd,
+            memory_from_sysfs,
         } => {
             if let Err(e) = ipc::startup::check_inherited_fds() {
                 eprintln!(
@@ -240,6 +253,9 @@ fn main() -> Result<()> {
             // SAFETY: fds 3 and 4 were just checked to be the sockets `splitvmm up` hands
             // this program, and nothing else in this process uses them.
             let mut driver = unsafe { ManagedDriverDomain::from_inherited_fds(domid) };
+            if memory_from_sysfs {
+                driver.accept_sysfs_memory();
+            }
             let sysfs = Sysfs::new(sysfs_root);
             let hw = hardware_ops(hw_helper_fd, &sysfs)?;
             driver.report_hardware(&sysfs, &owns, hw);
@@ -264,10 +280,18 @@ fn main() -> Result<()> {
         }
         Cmd::VmServe {
             tunnel,
+            managed: true,
+            domid: Some(domid),
+            sysfs_root,
+            ..
+        } => vm_serve_managed(&tunnel, domid, sysfs_root),
+        Cmd::VmServe {
+            tunnel,
             blk,
             queues,
             cache,
             sysfs_root,
+            ..
         } => vm_serve(&tunnel, &blk, queues, cache.into(), sysfs_root),
         Cmd::Serve {
             blk,
@@ -406,6 +430,57 @@ fn vm_serve(
     })?;
     server.run(tty)?;
     Ok(())
+}
+
+/// `vm-serve --managed`: the cross-VM device and the tunnel set up, `driver-domain managed`
+/// started behind them (the same binary), then the server until either ends. The driver
+/// domain's exit ends `vm-serve` (failing if it failed); the tunnel's end kills it.
+fn vm_serve_managed(tunnel: &std::path::Path, domid: u32, sysfs: PathBuf) -> Result<()> {
+    use driver_domain::vm_tunnel::managed::spawn_driver_domain;
+    use driver_domain::vm_tunnel::{
+        tty, CrossVmDevice, Ended, ManagedLink, TunnelWriter, VmServer,
+    };
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let device = Arc::new(CrossVmDevice::open(&Sysfs::new(sysfs)).context("cross-VM device")?);
+    let tty = tty::open_raw(tunnel)?;
+    let out = tty.try_clone().context("the tunnel's tty")?;
+    let writer = Arc::new(TunnelWriter::new(Box::new(out)));
+    let (link, ends) = ManagedLink::pairs()?;
+    let exe = std::fs::read_link("/proc/self/exe").context("/proc/self/exe")?;
+    let pid = spawn_driver_domain(&exe, domid, ends)?;
+    let child = nix::unistd::Pid::from_raw(pid);
+    log::info!("vm-serve: driver domain {domid} started (pid {pid})");
+    let ended = VmServer::managed(device, writer, link).and_then(|mut s| s.run(tty));
+    // Gone (its sockets closed): it is exiting, give it a moment; otherwise stop it.
+    let grace = match ended {
+        Ok(Ended::DriverDomain) => std::time::Duration::from_secs(5),
+        _ => std::time::Duration::ZERO,
+    };
+    let deadline = std::time::Instant::now() + grace;
+    let status = loop {
+        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(WaitStatus::StillAlive) => {
+                log::info!("vm-serve: stopping the driver domain");
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                break waitpid(child, None);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other,
+        }
+    };
+    let failed = !matches!(status, Ok(WaitStatus::Exited(_, 0)));
+    match (&ended, status) {
+        (Ok(Ended::Tunnel), s) => log::info!("vm-serve: the driver domain: {s:?}"),
+        (_, Ok(WaitStatus::Exited(_, 0))) => log::info!("vm-serve: the driver domain exited"),
+        (_, s) => log::error!("vm-serve: the driver domain failed: {s:?}"),
+    }
+    match ended? {
+        Ended::DriverDomain if failed => bail!("the driver domain failed"),
+        _ => Ok(()),
+    }
 }
 
 /// Locks the image as QEMU does (shared when read-only, exclusive when writable), so QEMU,

@@ -35,6 +35,7 @@ use ipc::xenstore::wire::XsError;
 use session::Session;
 
 use crate::virtio_core::counters::CounterValues;
+use crate::virtio_core::SealPolicy;
 
 use crate::net::format_mac;
 use crate::net::switch::{Switch, SwitchConfig};
@@ -113,6 +114,8 @@ pub struct ManagedDriverDomain {
     uplink: Option<TapUplink>,
     /// The owned PFs and the VFs guests hold.
     vfs: assign::VfPool,
+    /// How the guests' memory must be protected against shrinking.
+    seal_policy: SealPolicy,
 }
 
 impl ManagedDriverDomain {
@@ -142,7 +145,16 @@ impl ManagedDriverDomain {
             switch: Switch::new(SwitchConfig::default()),
             uplink: None,
             vfs: assign::VfPool::default(),
+            seal_policy: SealPolicy::RequireSealed,
         }
+    }
+
+    /// Inside a managed driver VM (`vm-serve --managed`): guest memory arrives as the
+    /// cross-VM device's BAR2 `resource` file (sysfs, fixed size, unsealable), which is then
+    /// accepted unsealed ([`SealPolicy::RequireSealedOrSysfs`]); anything else must still be
+    /// sealed.
+    pub fn accept_sysfs_memory(&mut self) {
+        self.seal_policy = SealPolicy::RequireSealedOrSysfs;
     }
 
     /// Opens tap `name` (creating it if missing) and attaches it to the switch as the
@@ -475,7 +487,13 @@ impl ManagedDriverDomain {
                 grant,
                 queues,
             } => {
-                let session = Session::start_block(id, image, listener, (readonly, queues), grant)?;
+                let session = Session::start_block(
+                    id,
+                    image,
+                    listener,
+                    (readonly, queues),
+                    (grant, self.seal_policy),
+                )?;
                 let mut features = vec![
                     (keys::SECTORS, session.capacity_sectors().to_string()),
                     (keys::SECTOR_SIZE, "512".to_owned()),
@@ -492,8 +510,13 @@ impl ManagedDriverDomain {
                 grant,
                 offloads,
             } => {
-                let session =
-                    Session::start_net(id, &self.switch, listener, (mac, offloads), grant)?;
+                let session = Session::start_net(
+                    id,
+                    &self.switch,
+                    listener,
+                    (mac, offloads),
+                    (grant, self.seal_policy),
+                )?;
                 (session, vec![("mac", format_mac(&mac))])
             }
         };

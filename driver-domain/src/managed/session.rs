@@ -41,20 +41,20 @@ enum Counters {
 impl Session {
     /// Starts serving `image` (read-only or not, with `queues` virtqueues) to the one
     /// frontend connection pending on `listener`, which may share `grant` of its guest's
-    /// memory, sealed.
+    /// memory, protected as `seal_policy` requires.
     pub fn start_block(
         id: DeviceId,
         image: File,
         listener: UnixListener,
         (readonly, queues): (bool, u16),
-        grant: MemoryGrant,
+        (grant, seal_policy): (MemoryGrant, SealPolicy),
     ) -> Result<Session, String> {
         let disk =
             Arc::new(BlkDisk::from_file(image, readonly).map_err(|e| format!("disk image: {e}"))?);
         let capacity_sectors = disk.capacity_sectors();
         let cfg = BlkBackendConfig {
             num_queues: queues,
-            seal_policy: SealPolicy::RequireSealed,
+            seal_policy,
             grant,
             ..BlkBackendConfig::default()
         };
@@ -67,13 +67,13 @@ impl Session {
 
     /// Starts serving a new port of `switch`, with address `mac` and checksum/segmentation
     /// offloads offered or not, to the one frontend connection pending on `listener`, which
-    /// may share `grant` of its guest's memory, sealed.
+    /// may share `grant` of its guest's memory, protected as `seal_policy` requires.
     pub fn start_net(
         id: DeviceId,
         switch: &Arc<Switch>,
         listener: UnixListener,
         (mac, offloads): ([u8; 6], bool),
-        grant: MemoryGrant,
+        (grant, seal_policy): (MemoryGrant, SealPolicy),
     ) -> Result<Session, String> {
         let port = Arc::new(
             switch
@@ -83,7 +83,7 @@ impl Session {
         let cfg = NetBackendConfig {
             mac,
             offloads,
-            seal_policy: SealPolicy::RequireSealed,
+            seal_policy,
             grant,
             ..NetBackendConfig::default()
         };

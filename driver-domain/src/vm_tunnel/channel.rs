@@ -1,5 +1,6 @@
 //! One channel of the tunnel in the driver VM: a vhost-user session of the unchanged backend
-//! on one end of a socketpair, and the tunnel's end of it. Frontend messages from dom0 are
+//! on one end of a socketpair (or, in a managed driver VM, on a connection the in-VM driver
+//! domain accepted: [`Channel::relay`]), and the tunnel's end of it. Frontend messages from dom0 are
 //! written to the socket with their references turned into descriptors ([`super::refs`]); a
 //! thread reads the backend's messages and sends them to dom0 as VHOST frames. When the
 //! backend ends the session (an error, a refused memory table) the thread tells dom0 with
@@ -68,9 +69,6 @@ impl Channel {
         tunnel: Arc<TunnelWriter>,
     ) -> Result<Self, ChannelError> {
         let (mine, theirs) = UnixStream::pair().map_err(ChannelError::Start)?;
-        let reader_end = mine.try_clone().map_err(ChannelError::Start)?;
-        let quiet = Arc::new(AtomicBool::new(false));
-        let ended = Arc::new(AtomicBool::new(false));
         let backend = std::thread::Builder::new()
             .name(format!("channel{id}"))
             .spawn(move || {
@@ -79,20 +77,47 @@ impl Channel {
                 }
             })
             .map_err(ChannelError::Start)?;
+        // Should the rest fail, `mine` closes and the session ends: the thread is not waited.
+        Self::start(id, mine, vec![backend], tunnel)
+    }
+
+    /// Opens channel `id` on `connection`, a vhost-user connection whose backend runs
+    /// elsewhere: in a managed driver VM, the in-VM driver domain's session accepts its other
+    /// end (the listener a CONTROL request prepared it on).
+    pub fn relay(
+        id: u16,
+        connection: UnixStream,
+        tunnel: Arc<TunnelWriter>,
+    ) -> Result<Self, ChannelError> {
+        Self::start(id, connection, Vec::new(), tunnel)
+    }
+
+    /// The channel on `to_backend` (the tunnel's end of the backend's connection), with the
+    /// thread relaying the backend's messages out.
+    fn start(
+        id: u16,
+        to_backend: UnixStream,
+        mut threads: Vec<JoinHandle<()>>,
+        tunnel: Arc<TunnelWriter>,
+    ) -> Result<Self, ChannelError> {
+        let reader_end = to_backend.try_clone().map_err(ChannelError::Start)?;
+        let quiet = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
         let (q, gone) = (quiet.clone(), ended.clone());
         let reader = std::thread::Builder::new()
             .name(format!("channel{id}-out"))
             .spawn(move || relay_backend(id, &reader_end, &tunnel, &q, &gone))
             .map_err(ChannelError::Start)?;
+        threads.push(reader);
         info!("channel {id}: opened");
         Ok(Channel {
             id,
-            to_backend: mine,
+            to_backend,
             rings: RingTable::default(),
             signals: ChannelSignals::new(id),
             quiet,
             ended,
-            threads: vec![backend, reader],
+            threads,
         })
     }
 

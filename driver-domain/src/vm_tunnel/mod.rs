@@ -14,10 +14,13 @@
 //! - [`vhost_stream`]: whole vhost-user messages with descriptors on a socket.
 //! - [`writer`]: frames out to the tunnel, whole.
 //! - [`channel`]: one channel: the backend session and the thread relaying its messages out.
-//! - [`server`]: the main loop: HELLO, then OPEN, VHOST and CLOSE frames.
+//! - [`managed`]: a managed driver VM: the in-VM driver domain's store connection and control
+//!   channel behind STORE and CONTROL frames, and the connections its requests prepare.
+//! - [`server`]: the main loop: HELLO, then OPEN, VHOST and CLOSE frames (and STORE, CONTROL).
 
 pub mod channel;
 pub mod doorbell;
+pub mod managed;
 pub mod mapping;
 pub mod poller;
 pub mod refs;
@@ -29,8 +32,11 @@ pub mod writer;
 pub mod xvm_device;
 
 #[cfg(test)]
+mod managed_tests;
+#[cfg(test)]
 mod tests;
 
-pub use server::{ServerError, VmServer};
+pub use managed::{DriverEnds, ManagedLink};
+pub use server::{Ended, ServerError, VmServer};
 pub use writer::TunnelWriter;
 pub use xvm_device::CrossVmDevice;

@@ -3,21 +3,31 @@
 //! VHOST frames to their channel and ends a channel on CLOSE. A bad frame (the decoder's
 //! errors) is logged and skipped; a message that cannot be delivered fails its channel alone
 //! (closed here, CLOSE to dom0); the server and the other channels go on.
+//!
+//! Managed ([`VmServer::managed`]): the in-VM `driver-domain managed` serves every device;
+//! STORE and CONTROL frames go to it ([`super::managed`]), and OPEN relays a channel to the
+//! connection its CONTROL request prepared. The server ends when the tunnel does, or when the
+//! driver domain is gone.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ipc::tunnel::{Frame, FrameDecoder, FrameKind};
 use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use thiserror::Error;
 
 use super::channel::Channel;
 use super::doorbell::{DoorbellError, DoorbellRelay};
+use super::managed::{ManagedBackend, ManagedError, ManagedLink};
 use super::poller::{PollerError, RingPoller};
 use super::refs::SignalPaths;
 use super::writer::{TunnelWriter, WriterError};
 use super::xvm_device::CrossVmDevice;
+use crate::blk::BlkBackendDevice;
 use crate::virtio_core::BackendDevice;
 
 /// Why the server stopped.
@@ -35,6 +45,28 @@ pub enum ServerError {
     /// The ring poller could not start.
     #[error(transparent)]
     Poller(#[from] PollerError),
+    /// The server's wake-up could not be made, or waiting on it failed.
+    #[error("the server's wake-up: {0}")]
+    Wake(#[source] nix::Error),
+    /// The managed driver domain's side could not start.
+    #[error(transparent)]
+    Managed(#[from] ManagedError),
+}
+
+/// Why the server stopped serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The tunnel closed.
+    Tunnel,
+    /// The managed driver domain behind it is gone (its store or control channel closed).
+    DriverDomain,
+}
+
+/// The device maker of a managed server: none; every device is the driver domain's.
+pub type NoDevices = fn(u16) -> Result<BlkBackendDevice, String>;
+
+fn no_devices(channel: u16) -> Result<BlkBackendDevice, String> {
+    Err(format!("channel {channel}: no device is made here"))
 }
 
 /// The in-VM server: the cross-VM device, the tunnel's writer, the threads behind the
@@ -46,6 +78,24 @@ pub struct VmServer<F> {
     poller: RingPoller,
     channels: HashMap<u16, Channel>,
     new_device: F,
+    /// The managed driver domain, if the server runs one.
+    managed: Option<ManagedBackend>,
+    /// Signalled when the managed driver domain is gone.
+    wake: Arc<EventFd>,
+}
+
+impl VmServer<NoDevices> {
+    /// A server for a managed driver domain on `link`: its STORE and CONTROL frames go
+    /// there, and each channel relays to the connection its request prepared.
+    pub fn managed(
+        device: Arc<CrossVmDevice>,
+        tunnel: Arc<TunnelWriter>,
+        link: ManagedLink,
+    ) -> Result<Self, ServerError> {
+        let mut server = VmServer::new(device, tunnel.clone(), no_devices as NoDevices)?;
+        server.managed = Some(ManagedBackend::start(link, tunnel, server.wake.clone())?);
+        Ok(server)
+    }
 }
 
 impl<D, F> VmServer<F>
@@ -60,6 +110,8 @@ where
         tunnel: Arc<TunnelWriter>,
         new_device: F,
     ) -> Result<Self, ServerError> {
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(ServerError::Wake)?;
         let relay = DoorbellRelay::start(device.clone())?;
         let poller = RingPoller::start()?;
         Ok(VmServer {
@@ -69,6 +121,8 @@ where
             poller,
             channels: HashMap::new(),
             new_device,
+            managed: None,
+            wake: Arc::new(wake),
         })
     }
 
@@ -77,8 +131,9 @@ where
         &self.poller
     }
 
-    /// Says HELLO, then serves the frames read from `input` until it ends (Ok) or fails.
-    pub fn run(&mut self, mut input: impl Read) -> Result<(), ServerError> {
+    /// Says HELLO, then serves the frames read from `input` until it ends or the managed
+    /// driver domain is gone (Ok: which), or reading fails.
+    pub fn run(&mut self, mut input: impl Read + AsFd) -> Result<Ended, ServerError> {
         self.tunnel
             .send(&Frame::hello())
             .map_err(ServerError::Hello)?;
@@ -88,9 +143,33 @@ where
         );
         let mut decoder = FrameDecoder::new();
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
+        let ended = loop {
+            let mut fds = [
+                PollFd::new(input.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    self.close_all();
+                    return Err(ServerError::Wake(e));
+                }
+            }
+            // Data, or the end (POLLHUP, POLLERR), which the read then reports.
+            let input_ready = fds[0].revents().is_none_or(|r| !r.is_empty());
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                info!("vm-serve: the driver domain is gone");
+                break Ended::DriverDomain;
+            }
+            if !input_ready {
+                continue;
+            }
             let n = match input.read(&mut buf) {
-                Ok(0) => break,
+                Ok(0) => {
+                    info!("vm-serve: the tunnel closed");
+                    break Ended::Tunnel;
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -107,10 +186,9 @@ where
                 }
             }
             self.reap();
-        }
-        info!("vm-serve: the tunnel closed");
+        };
         self.close_all();
-        Ok(())
+        Ok(ended)
     }
 
     fn paths(&self) -> SignalPaths<'_> {
@@ -126,20 +204,35 @@ where
         let id = frame.channel;
         match frame.kind {
             FrameKind::Hello => warn!("tunnel: HELLO from dom0 ignored"),
-            FrameKind::Store | FrameKind::Control => {
+            FrameKind::Store | FrameKind::Control if self.managed.is_none() => {
                 warn!(
                     "tunnel: {:?} frame, but this server runs no driver domain; dropped",
                     frame.kind
                 )
+            }
+            FrameKind::Store => {
+                if let Some(m) = &mut self.managed {
+                    m.store(&frame.payload);
+                }
+            }
+            FrameKind::Control => {
+                if let Some(m) = &mut self.managed {
+                    m.control(&frame.payload);
+                }
             }
             FrameKind::Open => {
                 if let Some(old) = self.channels.remove(&id) {
                     warn!("channel {id}: opened again; ending the old session");
                     old.close(false, self.paths());
                 }
-                let opened = (self.new_device)(id).and_then(|d| {
-                    Channel::open(id, d, self.tunnel.clone()).map_err(|e| e.to_string())
-                });
+                let opened = match &mut self.managed {
+                    Some(m) => m.take_prepared(id).map_err(str::to_owned).and_then(|conn| {
+                        Channel::relay(id, conn, self.tunnel.clone()).map_err(|e| e.to_string())
+                    }),
+                    None => (self.new_device)(id).and_then(|d| {
+                        Channel::open(id, d, self.tunnel.clone()).map_err(|e| e.to_string())
+                    }),
+                };
                 match opened {
                     Ok(c) => {
                         self.channels.insert(id, c);
@@ -199,6 +292,7 @@ where
         }
     }
 
+    /// Ends every channel, then the link to the managed driver domain.
     fn close_all(&mut self) {
         let ids: Vec<u16> = self.channels.keys().copied().collect();
         for id in ids {
@@ -206,5 +300,6 @@ where
                 c.close(false, self.paths());
             }
         }
+        self.managed = None;
     }
 }

@@ -28,31 +28,31 @@ use crate::virtio_core::ring_driver::{DriverRing, DESC_F_NEXT, DESC_F_WRITE};
 use crate::virtio_core::SealPolicy;
 
 /// Where dom0 "mapped" the guest's memory in BAR2, and how much of it.
-const GUEST_AT: u64 = 0x10_0000;
-const GUEST_LEN: u64 = 0x10_0000;
+pub(super) const GUEST_AT: u64 = 0x10_0000;
+pub(super) const GUEST_LEN: u64 = 0x10_0000;
 /// The frontend's (VMM's) address of guest physical 0.
-const UA: u64 = 0x7f00_0000_0000;
+pub(super) const UA: u64 = 0x7f00_0000_0000;
 /// The disk's first sector.
 const SECTOR0: &[u8] = b"driver-vm test disk, sector 0";
 
 /// dom0's end of the fake serial port.
-struct Dom0 {
-    sock: UnixStream,
+pub(super) struct Dom0 {
+    pub(super) sock: UnixStream,
     decoder: FrameDecoder,
 }
 
 impl Dom0 {
-    fn send(&mut self, frame: &Frame) {
+    pub(super) fn send(&mut self, frame: &Frame) {
         self.sock.write_all(&frame.encode().unwrap()).unwrap();
     }
 
-    fn vhost(&mut self, channel: u16, req: FrontendReq, body: &[u8], refs: Vec<Ref>) {
+    pub(super) fn vhost(&mut self, channel: u16, req: FrontendReq, body: &[u8], refs: Vec<Ref>) {
         let msg = encode_message(req.into(), 0, body);
         self.send(&Frame::vhost(channel, refs, msg));
     }
 
     /// The next frame (10 s at most).
-    fn recv(&mut self) -> Frame {
+    pub(super) fn recv(&mut self) -> Frame {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(f) = self.decoder.next_frame().unwrap() {
@@ -70,7 +70,7 @@ impl Dom0 {
     }
 
     /// Whether a frame arrives within `wait` (none expected).
-    fn quiet_for(&mut self, wait: Duration) -> Option<Frame> {
+    pub(super) fn quiet_for(&mut self, wait: Duration) -> Option<Frame> {
         self.sock.set_read_timeout(Some(wait)).unwrap();
         let mut buf = [0u8; 4096];
         let got = match self.sock.read(&mut buf) {
@@ -88,11 +88,11 @@ impl Dom0 {
 }
 
 /// Everything one test needs; the server runs on its own thread until `dom0.sock` closes.
-struct Fixture {
-    dom0: Dom0,
-    fake: FakeSysfs,
-    guest: GuestMemoryMmap,
-    _memfd: File,
+pub(super) struct Fixture {
+    pub(super) dom0: Dom0,
+    pub(super) fake: FakeSysfs,
+    pub(super) guest: GuestMemoryMmap,
+    pub(super) _memfd: File,
     server: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -105,7 +105,33 @@ impl Drop for Fixture {
     }
 }
 
+/// The blk server: channels 0 and 1 serve the test disk.
 fn fixture() -> Fixture {
+    let image = tempfile::tempfile().unwrap();
+    image.set_len(1 << 20).unwrap();
+    image.write_all_at(SECTOR0, 0).unwrap();
+    let disk = Arc::new(BlkDisk::from_file(image, false).unwrap());
+    fixture_with(move |device, writer, vm| {
+        let cfg = BlkBackendConfig {
+            seal_policy: SealPolicy::RequireSealedOrSysfs,
+            ..BlkBackendConfig::default()
+        };
+        let mut server = VmServer::new(device, writer, |channel| {
+            if channel > 1 {
+                return Err(format!("no disk for channel {channel}"));
+            }
+            BlkBackendDevice::new(disk.clone(), cfg.clone()).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        server.run(vm).unwrap();
+    })
+}
+
+/// The rig (fake device, BAR2 memfd, guest memory, tty pair) with `serve` running the server
+/// on the VM's end of the tty; HELLO is checked.
+pub(super) fn fixture_with(
+    serve: impl FnOnce(Arc<CrossVmDevice>, Arc<TunnelWriter>, UnixStream) + Send + 'static,
+) -> Fixture {
     // BAR2: a sealable memfd reached through the fake device's `resource2` (a link to it).
     let memfd = File::from(memfd_create(c"bar2", MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap());
     memfd.set_len(GUEST_AT + GUEST_LEN).unwrap();
@@ -126,29 +152,12 @@ fn fixture() -> Fixture {
         Some(FileOffset::new(memfd.try_clone().unwrap(), GUEST_AT)),
     )])
     .unwrap();
-    let image = tempfile::tempfile().unwrap();
-    image.set_len(1 << 20).unwrap();
-    image.write_all_at(SECTOR0, 0).unwrap();
-    let disk = Arc::new(BlkDisk::from_file(image, false).unwrap());
     let device = Arc::new(CrossVmDevice::open(&fake.sysfs()).unwrap());
     let (dom0, vm) = UnixStream::pair().unwrap();
     dom0.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let writer = Arc::new(TunnelWriter::new(Box::new(vm.try_clone().unwrap())));
-    let server = std::thread::spawn(move || {
-        let cfg = BlkBackendConfig {
-            seal_policy: SealPolicy::RequireSealedOrSysfs,
-            ..BlkBackendConfig::default()
-        };
-        let mut server = VmServer::new(device, writer, |channel| {
-            if channel > 1 {
-                return Err(format!("no disk for channel {channel}"));
-            }
-            BlkBackendDevice::new(disk.clone(), cfg.clone()).map_err(|e| e.to_string())
-        })
-        .unwrap();
-        server.run(vm).unwrap();
-    });
+    let server = std::thread::spawn(move || serve(device, writer, vm));
     let mut dom0 = Dom0 {
         sock: dom0,
         decoder: FrameDecoder::new(),
