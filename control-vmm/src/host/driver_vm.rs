@@ -73,12 +73,17 @@ pub(super) fn start_driver_vm(
         .arg(format!("{}:{vf}", FIRST_HANDED_FD + 2))
         .arg("--cmdline")
         .arg(cmdline);
+    // VFIO pins all of the driver VM's RAM, counted in RLIMIT_MEMLOCK, which a confined VMM
+    // cannot raise itself.
+    let pinned = (vm.memory << 20) + crate::vmm::vfio::MEMLOCK_SLACK;
+    let confined = domain_confinement(confinement, dd.domid, &dd.name, vm.memory)?
+        .map(|(plan, cgroup)| (plan.with_memlock(pinned), cgroup));
     let mut driver = start_domain(
         store,
         run_dir,
         (dd.domid, &dd.name),
         (command, vec![group]),
-        domain_confinement(confinement, dd.domid, &dd.name, vm.memory)?,
+        confined,
         append,
     )?;
     driver.hw_helper = Some(helper);

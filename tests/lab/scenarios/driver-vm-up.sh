@@ -31,7 +31,11 @@ since() { awk -v a=$1 -v b=$(uptime_s) 'BEGIN { printf "%.1f", b - a }'; }
 wait_in() {
     i=0
     until grep -q "$2" "$1" 2>/dev/null; do
-        kill -0 $up 2>/dev/null || { tail -20 $W/up.log; fail "splitvmm up ended early"; }
+        kill -0 $up 2>/dev/null || {
+            tail -20 $W/up.log; tail -20 $DLOG
+            dmesg | grep -E "type=1326|seccomp" | tail -3
+            fail "splitvmm up ended early"
+        }
         if [ $i -ge $(($3 * 10)) ]; then
             tail -25 "$1"
             fail "no '$2' in ${1##*/} within $3 s"
