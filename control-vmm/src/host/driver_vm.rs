@@ -41,11 +41,17 @@ pub(super) fn start_driver_vm(
         .owns
         .first()
         .context("a driver VM needs the PF it takes a VF of (`owns`)")?;
-    let (helper, channel) = start_hw_helper(run_dir, dd, append)?;
-    let (vf, group) = prepare_vf(&channel, pf, vm.vf)
-        .with_context(|| format!("preparing VF {} of {pf} for the driver VM", vm.vf))?;
-    // The helper ends when its channel closes; it is reaped with the domain.
+    let (mut helper, channel) = start_hw_helper(run_dir, dd, append)?;
+    let prepared = prepare_vf(&channel, pf, vm.vf)
+        .with_context(|| format!("preparing VF {} of {pf} for the driver VM", vm.vf));
+    // The helper ends when its channel closes (or is stopped when dropped).
     drop(channel);
+    match helper.wait_timeout(HELPER_TIMEOUT) {
+        Ok(Some(status)) if status.success() => {}
+        other => log::warn!("the hardware helper did not end cleanly: {other:?}"),
+    }
+    drop(helper);
+    let (vf, group) = prepared?;
     let mut command = Command::new(sibling_binary("splitvmm-vmm")?);
     let cmdline = format!(
         "console=ttyS0 dvm.managed={}{}",
@@ -78,7 +84,7 @@ pub(super) fn start_driver_vm(
     let pinned = (vm.memory << 20) + crate::vmm::vfio::MEMLOCK_SLACK;
     let confined = domain_confinement(confinement, dd.domid, &dd.name, vm.memory)?
         .map(|(plan, cgroup)| (plan.with_memlock(pinned), cgroup));
-    let mut driver = start_domain(
+    let driver = start_domain(
         store,
         run_dir,
         (dd.domid, &dd.name),
@@ -86,7 +92,6 @@ pub(super) fn start_driver_vm(
         confined,
         append,
     )?;
-    driver.hw_helper = Some(helper);
     match driver
         .channel
         .recv_timeout::<BackendEvent>(DRIVER_VM_READY_TIMEOUT)?
