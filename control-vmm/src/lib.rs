@@ -8,7 +8,6 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod confinement;
-pub mod connection;
 pub mod console;
 pub mod domains;
 pub mod host;

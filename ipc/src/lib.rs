@@ -4,6 +4,7 @@
 //! as they would across a real isolation boundary, and the disk images they share (sized and
 //! locked the same way by whichever domain opens one).
 
+pub mod connection;
 pub mod control;
 pub mod image;
 pub mod startup;

@@ -13,10 +13,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use control_vmm::connection::private_connection;
 use control_vmm::domains;
 use control_vmm::supervisor::DomainProcess;
 use guest_frontend::process::{BlockFrontend, BlockFrontendConfig};
+use ipc::connection::private_connection;
 use ipc::control::messages::{
     BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
 };

@@ -9,13 +9,13 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use control_vmm::connection::private_connection;
 use control_vmm::domains;
 use control_vmm::supervisor::DomainProcess;
 use driver_domain::net::config::{
     NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_ECN, NET_F_HOST_TSO4,
     NET_F_HOST_TSO6, NET_F_MAC,
 };
+use ipc::connection::private_connection;
 use ipc::control::messages::{
     BackendRequest, MemoryGrant, PROCESS_WINDOW_GPA, PROCESS_WINDOW_MAX_BYTES,
 };

@@ -11,8 +11,8 @@ use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::Duration;
 
-use control_vmm::connection::private_connection;
 use control_vmm::domains;
+use ipc::connection::private_connection;
 use ipc::control::messages::{BackendEvent, BackendRequest, GuestEvent, GuestRequest};
 use ipc::control::ControlChannel;
 use ipc::xenbus::{keys, DeviceId, DeviceKind, XenbusState};

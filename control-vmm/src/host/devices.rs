@@ -12,8 +12,9 @@ use ipc::xenbus::{keys, DeviceId, DeviceKind};
 
 use super::{lock, Guest, GuestSlot, Host, CHECK_TIMEOUT, WALK_TIMEOUT};
 use crate::config::{DiskConfig, GuestConfig, GuestKind, NicConfig};
+use crate::domains;
 use crate::vdev::Vdev;
-use crate::{connection, domains};
+use ipc::connection;
 
 /// The vif's backend-directory key recording whether offloads are offered ("1"/"0"), so a
 /// restarted driver domain gets the same setting.

@@ -42,9 +42,10 @@ use crate::config::{
     DiskConfig, DriverDomainConfig, DriverDomainKind, GuestConfig, GuestKind, HostConfig, NicConfig,
 };
 use crate::confinement::Confinement;
+use crate::domains;
 use crate::supervisor::{DomainProcess, Launch, FIRST_HANDED_FD};
-use crate::{connection, domains};
 use images::ImageRegistry;
+use ipc::connection;
 
 pub use lifecycle::ShutdownReport;
 

@@ -26,8 +26,8 @@ use ipc::xenstore::client::StoreClient;
 use super::devices::memory_grant;
 use super::{lock, start_driver_domain, Domain, GuestSlot, Host};
 use crate::config::GuestKind;
-use crate::connection;
 use crate::supervisor::describe;
+use ipc::connection;
 
 /// How long one look at the pidfds waits when nothing dies.
 const POLL: Duration = Duration::from_millis(100);

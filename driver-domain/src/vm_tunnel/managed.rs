@@ -439,16 +439,8 @@ impl PrivateDir {
 
     /// A listener and the connection pending on it; no name is left to connect to.
     fn connection(&self) -> io::Result<(UnixListener, UnixStream)> {
-        let path = self.path.join(format!(
-            "c{}.sock",
-            self.next.fetch_add(1, Ordering::Relaxed)
-        ));
-        let listener = UnixListener::bind(&path)?;
-        let connected = UnixStream::connect(&path);
-        let unlinked = std::fs::remove_file(&path);
-        let conn = connected?;
-        unlinked?;
-        Ok((listener, conn))
+        let name = format!("c{}.sock", self.next.fetch_add(1, Ordering::Relaxed));
+        ipc::connection::private_connection(&self.path, &name)
     }
 }
 

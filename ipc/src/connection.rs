@@ -4,7 +4,8 @@
 //! frontend's end to it, and unlinks the path at once. The listener then holds exactly one
 //! pending connection and has no name anyone could connect to: the driver domain is handed the
 //! listener (its vhost-user daemon accepts from it), the guest the connected stream. Neither
-//! side opens a path, and no other domain can reach the device.
+//! side opens a path, and no other domain can reach the device. A managed driver VM's in-VM
+//! server makes its listeners the same way (`driver-domain vm-serve --managed`).
 
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
