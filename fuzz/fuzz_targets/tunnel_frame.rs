@@ -1,12 +1,13 @@
 //! Arbitrary bytes into the driver-VM tunnel's frame decoder (what a driver VM, or a guest of
 //! it, can write to dom0's COM2), fed in chunks whose size the input picks; every VHOST frame's
-//! message then goes through the vhost-user walk a relay runs on it. Checks: no panic, a
-//! bounded buffer, chunked decoding equals one-shot decoding, every frame re-encodes and
-//! decodes to itself.
+//! message then goes through the vhost-user walk a relay runs on it, and every CONTROL frame's
+//! payload through the decoding both sides run on it. Checks: no panic, a bounded buffer,
+//! chunked decoding equals one-shot decoding, every frame re-encodes and decodes to itself, a
+//! CONTROL message that decodes re-encodes to a frame that decodes to it.
 #![no_main]
 
 use ipc::tunnel::vhost_msg::{frontend_fd_roles, mask_protocol_features_reply, rewrite_mmap_offsets};
-use ipc::tunnel::{Frame, FrameDecoder, FrameKind, TunnelError, FRAME_MAX};
+use ipc::tunnel::{Frame, FrameDecoder, FrameKind, TunnelControl, TunnelError, FRAME_MAX};
 use libfuzzer_sys::fuzz_target;
 
 fn run(data: &[u8], chunk: usize) -> Vec<Result<Frame, TunnelError>> {
@@ -44,6 +45,12 @@ fuzz_target!(|data: &[u8]| {
             let _ = rewrite_mmap_offsets(&mut msg, &offsets);
             let _ = mask_protocol_features_reply(&mut msg);
             assert_eq!(msg.len(), frame.payload.len());
+        }
+        if frame.kind == FrameKind::Control {
+            if let Ok(message) = TunnelControl::decode(&frame.payload) {
+                let again = message.to_frame().expect("a decoded message encodes");
+                assert_eq!(TunnelControl::decode(&again.payload).ok(), Some(message));
+            }
         }
     }
 });
