@@ -148,6 +148,28 @@ enum Cmd {
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
         sysfs_root: PathBuf,
     },
+    /// Inside a driver-domain VM: the isolation probe (docs/driver-vm.md, "What the driver VM
+    /// can see"). Waits for a guest's window marker in BAR2 of the cross-VM device, then scans
+    /// all that dom0 maps there for a secret the guest keeps outside its window, samples the
+    /// rest, tries to map past BAR2's end, and prints `DVM-PROBE` lines. Exit status 0 if
+    /// isolation held, 3 if not (or the marker was never seen).
+    #[command(hide = true)]
+    VmProbe {
+        /// The window marker (hex): must be found.
+        #[arg(long, value_name = "HEX")]
+        find: String,
+        /// The guest's secret (hex): must not be found.
+        #[arg(long, value_name = "HEX")]
+        absent: String,
+        /// Seconds to wait for the window marker.
+        #[arg(long, default_value_t = 120)]
+        wait_s: u64,
+        /// Also scan this VM's own RAM (/proc/kcore) for the secret and try /dev/mem.
+        #[arg(long)]
+        scan_ram: bool,
+        #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
+        sysfs_root: PathBuf,
+    },
     /// Confines this process as `managed` is confined, then tries what a driver domain must
     /// not be able to do (tests judge the confinement with it; see the `confine` crate).
     #[command(hide = true)]
@@ -293,6 +315,13 @@ fn main() -> Result<()> {
             sysfs_root,
             ..
         } => vm_serve(&tunnel, &blk, queues, cache.into(), sysfs_root),
+        Cmd::VmProbe {
+            find,
+            absent,
+            wait_s,
+            scan_ram,
+            sysfs_root,
+        } => vm_probe(&find, &absent, wait_s, scan_ram, sysfs_root),
         Cmd::Serve {
             blk,
             socket,
@@ -481,6 +510,34 @@ fn vm_serve_managed(tunnel: &std::path::Path, domid: u32, sysfs: PathBuf) -> Res
         Ended::DriverDomain if failed => bail!("the driver domain failed"),
         _ => Ok(()),
     }
+}
+
+/// `vm-probe`: the isolation probe's report on stdout; exit status 3 unless isolated.
+fn vm_probe(find: &str, absent: &str, wait_s: u64, scan_ram: bool, sysfs: PathBuf) -> Result<()> {
+    use driver_domain::vm_tunnel::probe::{self, ProbeConfig, Secret};
+    use driver_domain::vm_tunnel::CrossVmDevice;
+    let cfg = ProbeConfig {
+        find: probe::parse_hex(find)?,
+        secret: Secret::from_hex(absent)?,
+        wait: std::time::Duration::from_secs(wait_s),
+        poll: std::time::Duration::from_millis(500),
+        ram: scan_ram.then(|| ("/proc/kcore".into(), "/dev/mem".into())),
+    };
+    let device = CrossVmDevice::open(&Sysfs::new(sysfs)).context("cross-VM device")?;
+    let started = std::time::Instant::now();
+    let report = probe::run(&device, &cfg)?;
+    for line in report.lines() {
+        println!("{line}");
+    }
+    println!(
+        "DVM-PROBE took {:.1} s, {:.1} s of it after the marker",
+        started.elapsed().as_secs_f64(),
+        (started.elapsed() - report.waited).as_secs_f64()
+    );
+    if !report.isolated() {
+        std::process::exit(3);
+    }
+    Ok(())
 }
 
 /// Locks the image as QEMU does (shared when read-only, exclusive when writable), so QEMU,

@@ -24,7 +24,7 @@ use control_vmm::vmm::linux::LinuxVmConfig;
 use control_vmm::vmm::managed::{KvmMachines, MachineSettings, ManagedVm};
 use control_vmm::vmm::vhost_device::{VhostDevice, VirtioDeviceType};
 use control_vmm::vmm::wakeups::ThreadWatch;
-use control_vmm::vmm::{run, BlkAttachment, Outcome, RingMode, VmConfig};
+use control_vmm::vmm::{run, BlkAttachment, GuestMarkers, Outcome, RingMode, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The virtio ring feature `--no-event-idx` hides.
@@ -179,6 +179,35 @@ struct Cli {
     /// Pattern seed of the disk check.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Tiny kernel: write these bytes (hex, at most 4096) into guest RAM outside the I/O
+    /// window before boot, at half the RAM size: private memory a backend must never see
+    /// (the driver VM's isolation test, docs/driver-vm.md).
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["linux", "managed_domid"], value_parser = parse_hex)]
+    private_marker: Option<HexBytes>,
+    /// Tiny kernel: write these bytes (hex, at most 4096) at the start of the I/O window's
+    /// last page before boot: shared memory the backend sees.
+    #[arg(long, value_name = "HEX", conflicts_with_all = ["linux", "managed_domid"], value_parser = parse_hex)]
+    window_marker: Option<HexBytes>,
+}
+
+/// Bytes given as hex digit pairs.
+#[derive(Debug, Clone)]
+struct HexBytes(Vec<u8>);
+
+/// Bytes from a string of hex digit pairs.
+fn parse_hex(s: &str) -> Result<HexBytes, String> {
+    if s.is_empty() || s.len() % 2 != 0 {
+        return Err(format!("{s:?}: not an even number of hex digits"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            s.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("{s:?}: not hex"))
+        })
+        .collect::<Result<_, _>>()
+        .map(HexBytes)
 }
 
 fn ring_mode(r: Ring) -> RingMode {
@@ -324,6 +353,10 @@ fn main() -> ExitCode {
         },
         check_sectors: cli.check_kib.map_or(0, |k| k.saturating_mul(2)),
         idle_baseline: !cli.no_idle_baseline,
+        markers: GuestMarkers {
+            private: cli.private_marker.map(|h| h.0).unwrap_or_default(),
+            window: cli.window_marker.map(|h| h.0).unwrap_or_default(),
+        },
         connect_timeout: Duration::from_secs(5),
         console: Box::new(std::io::stdout()),
         stop,

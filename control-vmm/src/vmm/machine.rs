@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub check_sectors: u32,
     /// Measure an idle baseline as long as the I/O phase.
     pub idle_baseline: bool,
+    /// Bytes written into the guest's memory before it boots (none by default).
+    pub markers: GuestMarkers,
     /// How long to wait for the backend socket.
     pub connect_timeout: Duration,
     /// Where COM1's output goes.
@@ -117,6 +119,54 @@ impl std::fmt::Debug for VmConfig {
             .field("blk", &self.blk)
             .field("ring", &self.ring)
             .finish_non_exhaustive()
+    }
+}
+
+/// Marker bytes the VMM writes into the guest's memory before its kernel runs, for the
+/// driver VM's isolation test (docs/driver-vm.md, "What the driver VM can see"): `private`
+/// in the middle of RAM (untouched by the tiny kernel, which lives at 1 MiB with its stack at
+/// the top; RAM is never shared unless `share_all_ram`), `window` at the start of the I/O
+/// window's last page (shared with the backend; the kernel allocates from the window's
+/// start). Each at most a page; empty: not written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestMarkers {
+    pub private: Vec<u8>,
+    pub window: Vec<u8>,
+}
+
+impl GuestMarkers {
+    /// GPAs of the private and the window marker in a machine of `ram_bytes` of RAM and a
+    /// window of `window_bytes`.
+    pub fn places(ram_bytes: u64, window_bytes: u64) -> (u64, u64) {
+        (
+            ram_bytes / 2,
+            WINDOW_GPA + window_bytes.saturating_sub(4096),
+        )
+    }
+
+    /// Writes the markers into `ram`.
+    fn write(&self, ram: &GuestRam, ram_bytes: u64, window_bytes: u64) -> Result<(), VmError> {
+        let (private, window) = Self::places(ram_bytes, window_bytes);
+        for (bytes, gpa, what) in [
+            (&self.private, private, "private"),
+            (&self.window, window, "window"),
+        ] {
+            if bytes.is_empty() {
+                continue;
+            }
+            // Clear of the kernel (from 1 MiB) and of the window's first pages.
+            if bytes.len() > 4096 || ram_bytes < (8 << 20) || window_bytes < (64 << 10) {
+                return Err(VmError::Config(format!(
+                    "a {what} marker of {} bytes needs at most 4096 bytes, 8 MiB of RAM and a \
+                     window of 64 KiB",
+                    bytes.len()
+                )));
+            }
+            ram.mem
+                .write_slice(bytes, GuestAddress(gpa))
+                .map_err(|e| VmError::Config(format!("writing the {what} marker: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -240,6 +290,7 @@ pub fn run_keeping_backend(cfg: VmConfig) -> Result<(VmReport, Option<VhostDevic
         check_sectors: cfg.check_sectors,
     };
     let entry = boot::load(&ram.mem, &cfg.kernel, cfg.ram_bytes, &info)?;
+    cfg.markers.write(&ram, cfg.ram_bytes, cfg.window_bytes)?;
 
     let bus = Arc::new(Bus::new(com1, virtio, Arc::clone(&counters)));
     let phases = Arc::new(PhaseLog::default());

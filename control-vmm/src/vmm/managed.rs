@@ -248,6 +248,7 @@ impl FrontendDiagnostics for KvmMachines {
             verify_only,
             sectors_per_request: s.sectors_per_request,
             check_sectors: sectors as u32,
+            markers: Default::default(),
             idle_baseline: s.idle_baseline,
             connect_timeout: Duration::from_secs(5),
             console: Box::new(std::io::stderr()),

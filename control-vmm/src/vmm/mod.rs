@@ -30,5 +30,6 @@ pub mod virtio_mmio;
 pub mod wakeups;
 
 pub use machine::{
-    run, run_keeping_backend, BlkAttachment, Outcome, RingMode, VmConfig, VmError, VmReport,
+    run, run_keeping_backend, BlkAttachment, GuestMarkers, Outcome, RingMode, VmConfig, VmError,
+    VmReport,
 };

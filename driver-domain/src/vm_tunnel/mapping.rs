@@ -146,6 +146,36 @@ impl Mapping {
         Ok(unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(at).cast::<u32>()) })
     }
 
+    /// The 64-bit word at `at` (aligned).
+    pub fn read_u64(&self, at: usize) -> Result<u64, MappingError> {
+        self.check(at, 8)?;
+        // SAFETY: `at` is 8-aligned and `at + 8 <= len` (checked), within the live mapping.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(at).cast::<u64>()) })
+    }
+
+    /// Copies `buf.len()` bytes from `at` (both multiples of 8) with one volatile 64-bit load
+    /// per word: plain moves, which KVM can emulate should a page turn out not to be backed
+    /// (a wide vector copy it may not).
+    pub fn read_words(&self, at: usize, buf: &mut [u8]) -> Result<(), MappingError> {
+        self.check(at, 8)?;
+        let fits = at.checked_add(buf.len()).is_some_and(|end| end <= self.len);
+        if !buf.len().is_multiple_of(8) || !fits {
+            return Err(MappingError::Access {
+                at,
+                size: buf.len(),
+                len: self.len,
+            });
+        }
+        for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `at` is 8-aligned and `at + buf.len() <= len` (checked), so each word
+            // lies within the live mapping, aligned.
+            let v =
+                unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(at + 8 * i).cast::<u64>()) };
+            word.copy_from_slice(&v.to_ne_bytes());
+        }
+        Ok(())
+    }
+
     /// Writes the 32-bit word at `at` (aligned; the mapping must be writable).
     pub fn write_u32(&self, at: usize, value: u32) -> Result<(), MappingError> {
         self.check(at, 4)?;
@@ -199,6 +229,21 @@ mod tests {
             m.read_u32(usize::MAX - 3),
             Err(MappingError::Access { .. })
         ));
+    }
+
+    #[test]
+    fn words_are_copied_within_the_mapping_only() {
+        let f = file(8192);
+        f.write_all_at(b"0123456789abcdef", 4096 - 8).unwrap();
+        let m = Mapping::new(&f, 0, 8192, false).unwrap();
+        let mut buf = [0u8; 16];
+        m.read_words(4096 - 8, &mut buf).unwrap();
+        assert_eq!(&buf, b"0123456789abcdef");
+        assert_eq!(m.read_u64(4096).unwrap(), u64::from_ne_bytes(*b"89abcdef"));
+        assert!(m.read_words(8192 - 8, &mut buf).is_err(), "past the end");
+        assert!(m.read_words(4, &mut buf).is_err(), "misaligned");
+        assert!(m.read_words(0, &mut [0u8; 12]).is_err(), "not whole words");
+        assert!(m.read_u64(8192).is_err());
     }
 
     #[test]

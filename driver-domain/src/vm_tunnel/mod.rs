@@ -17,12 +17,14 @@
 //! - [`managed`]: a managed driver VM: the in-VM driver domain's store connection and control
 //!   channel behind STORE and CONTROL frames, and the connections its requests prepare.
 //! - [`server`]: the main loop: HELLO, then OPEN, VHOST and CLOSE frames (and STORE, CONTROL).
+//! - [`probe`]: the isolation probe (`vm-probe`): what of a guest the VM can reach.
 
 pub mod channel;
 pub mod doorbell;
 pub mod managed;
 pub mod mapping;
 pub mod poller;
+pub mod probe;
 pub mod refs;
 pub mod rings;
 pub mod server;

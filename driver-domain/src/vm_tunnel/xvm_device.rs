@@ -31,6 +31,13 @@ pub const DOORBELLS_MAX: u32 = 256;
 pub const QUEUES_PER_CHANNEL: u32 = 16;
 /// BAR0's size.
 const BAR0_LEN: usize = 4096;
+/// BAR0 offset 8: how many regions dom0 maps in BAR2 now; reading it latches the table.
+const REGIONS_OFFSET: usize = 8;
+/// BAR0 offset of the latched region table: entry i (BAR2 offset, length; 64 bits each, as
+/// two 32-bit words, low first) at `REGION_TABLE + 16 * i`.
+const REGION_TABLE: usize = 0x800;
+/// Entries the table holds.
+pub const REGION_TABLE_ENTRIES: u32 = 128;
 
 /// Why the device could not be set up or used.
 #[derive(Debug, Error)]
@@ -57,6 +64,9 @@ pub enum XvmDeviceError {
     /// A doorbell past the device's count.
     #[error("no doorbell {0} (the device has {1})")]
     NoSuchDoorbell(u32, u32),
+    /// More regions than BAR0's table holds.
+    #[error("BAR2 maps {0} regions, more than the {REGION_TABLE_ENTRIES} BAR0's table lists")]
+    TooManyRegions(u32),
 }
 
 /// The doorbell registers (BAR0): a 4-byte write to doorbell n signals the eventfd dom0
@@ -107,6 +117,24 @@ impl Doorbells {
     /// Doorbell writes so far.
     pub fn rung(&self) -> u64 {
         self.rung.load(Ordering::Relaxed)
+    }
+
+    /// The regions dom0 maps in BAR2 now, (offset, length) in offset order: BAR0's region
+    /// table, latched by reading its count.
+    pub fn bar2_regions(&self) -> Result<Vec<(u64, u64)>, XvmDeviceError> {
+        let word = |at: usize| self.bar0.read_u32(at).map_err(XvmDeviceError::Map);
+        let count = word(REGIONS_OFFSET)?;
+        if count > REGION_TABLE_ENTRIES {
+            return Err(XvmDeviceError::TooManyRegions(count));
+        }
+        (0..count as usize)
+            .map(|i| {
+                let at = REGION_TABLE + 16 * i;
+                let offset = u64::from(word(at)?) | u64::from(word(at + 4)?) << 32;
+                let len = u64::from(word(at + 8)?) | u64::from(word(at + 12)?) << 32;
+                Ok((offset, len))
+            })
+            .collect()
     }
 }
 

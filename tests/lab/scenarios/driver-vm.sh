@@ -14,6 +14,8 @@
 # the in-flight log (kept in the guest's VMM, mapped into the new driver VM's BAR2); the writes
 # go on, none fails. For comparison the same guest then runs on the process driver domain
 # (`driver-domain serve` on that namespace in the lab VM): time and host thread runs per request.
+# Before the Linux guest, the isolation step (isolation_probe below): tiny-kernel guests served
+# on channel 1 (a RAM disk in the driver VM) and the driver VM's probe scanning BAR2 for them.
 W=/tmp/driver-vm
 rm -rf $W
 mkdir -p $W
@@ -25,7 +27,13 @@ VMM=/bin/splitvmm-vmm
 PATTERN=$LAB_PATTERN-DVM
 REQUESTS=128
 SOCK=$W/blk0.sock
-DVM_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS nvme_core.multipath=N nvme_core.io_timeout=10 nvme_core.admin_timeout=10"
+DVM_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS nvme_core.multipath=N nvme_core.io_timeout=10 nvme_core.admin_timeout=10 dvm.ramdisk=4096 dvm.serve_args=--blk,/dev/ram0"
+# The isolation step's guests (channel 1), their window markers and secrets (this run's), and
+# the probe runs of the first driver VM's /init (one per guest, in order).
+ISO_SOCK=$W/blk1.sock
+rand_hex() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
+ISO_MARK=$(rand_hex) ISO_SECRET=$(rand_hex) CTL_MARK=$(rand_hex) CTL_SECRET=$(rand_hex)
+DVM_PROBE="dvm.probe=--find,$ISO_MARK,--absent,$ISO_SECRET,--scan-ram/--find,$CTL_MARK,--absent,$CTL_SECRET"
 GUEST_CMDLINE="console=ttyS0 loglevel=6 panic=-1 io_delay=none no_timer_check $LAB_L2_ARGS l2.dvm_requests=$REQUESTS"
 
 # thread_runs PID: one line per thread of PID: tid, name, times scheduled in (schedstat).
@@ -69,7 +77,7 @@ start_dvm() {
     echo "+ $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads --cmdline '$DVM_CMDLINE'"
     RUST_LOG=info timeout 300 $VMM --linux --kernel /lab/linux/bzImage --initrd /lab/driver/initrd.gz \
         --vcpus 1 --mem-mib 160 --vfio $VF1 $relay --count-vmm-threads \
-        --cmdline "$DVM_CMDLINE" > $W/$1.console 2> $W/$1.vmm &
+        --cmdline "$DVM_CMDLINE${DVM_PROBE:+ $DVM_PROBE}" > $W/$1.console 2> $W/$1.vmm &
     dvm=$!
     background $dvm
 }
@@ -98,7 +106,7 @@ run $DD hw bind $VF1 vfio-pci
 
 step "boot the driver-domain VM with VF1 assigned (1 vCPU, 160 MiB), serving $SOCK"
 relay=
-$VMM --help 2>&1 | grep -q -- --driver-vm-socket && relay="--driver-vm-socket $SOCK --driver-vm-shm-mib 256"
+$VMM --help 2>&1 | grep -q -- --driver-vm-socket && relay="--driver-vm-socket $SOCK --driver-vm-socket $ISO_SOCK --driver-vm-shm-mib 256"
 start_dvm dvm
 ok=1
 wait_line $W/dvm.console "^DVM-SERVE starting" 120 $dvm || ok=0
@@ -115,6 +123,77 @@ grep -q "^DVM-SERVE starting" $W/dvm.console || fail "the driver VM's /init did 
 [ -n "$relay" ] || fail "splitvmm-vmm has no --driver-vm-socket (the dom0 side, branch dvm-host, is not merged): the driver VM booted with the VF and vm-serve started, nothing to serve"
 [ $ok = 1 ] || fail "vm-serve did not get ready (tunnel, cross-VM device)"
 [ -S $SOCK ] || fail "the driver VM's VMM does not listen on $SOCK"
+
+# isolation_probe (issue 21, "Security and failure"): a tiny-kernel guest that shares only its
+# I/O window (1 MiB; its 8 MiB of RAM stay private) keeps a secret in RAM outside the window
+# (--private-marker, written by its VMM at 4 MiB) and a marker in the window's last page
+# (--window-marker); its disk is served by the driver VM on channel 1 (a RAM disk there). In
+# the driver VM the probe (driver-domain vm-probe, started by its /init) waits for the window
+# marker in BAR2, scans every byte dom0 maps there for the secret, samples the unmapped rest,
+# tries to map past BAR2's end, scans the driver VM's own RAM (/proc/kcore) for the secret and
+# tries /dev/mem. Then the control: the same guest with --share-all-ram, whose secret the
+# probe must find (the scan can see a guest's RAM when dom0 maps it).
+isolation_probe() {
+    step "isolation: a tiny-kernel guest sharing only its I/O window, served on channel 1; the driver VM's probe looks for its secret"
+    grep "^DVM-RAMDISK" $W/dvm.console || fail "the driver VM has no RAM disk for channel 1"
+    [ -S $ISO_SOCK ] || fail "the driver VM's VMM does not listen on $ISO_SOCK (channel 1)"
+    t_iso=$(uptime_s)
+    # run_tiny TAG MARK SECRET N [ARGS]: the tiny guest's disk check (200 requests) on channel 1;
+    # waits for the probe's report on it (DVM-PROBE exited, the Nth) and for the guest's end.
+    run_tiny() {
+        tag=$1 mark=$2 secret=$3 nth=$4
+        shift 4
+        echo "+ $VMM --kernel /bin/tiny-kernel --mode disk --requests 200 --blk-socket $ISO_SOCK --window-marker $mark --private-marker $secret $*"
+        RUST_LOG=info timeout 120 $VMM --kernel /bin/tiny-kernel --mode disk --requests 200 --blk-socket $ISO_SOCK \
+            --window-marker $mark --private-marker $secret "$@" > $W/$tag.console 2> $W/$tag.vmm &
+        tiny=$!
+        t0=$(uptime_s)
+        background $tiny
+        i=0
+        until [ "$(grep -c '^DVM-PROBE exited' $W/dvm.console)" -ge $nth ]; do
+            kill -0 $dvm 2>/dev/null || fail "the driver VM ended during the isolation step"
+            [ $i -ge 900 ] && { tail -5 $W/$tag.vmm; fail "no probe report $nth within 90 s"; }
+            sleep 0.1; i=$((i + 1))
+        done
+        t_report=$(uptime_s)
+        wait $tiny
+        rc=$?
+        echo "the probe reported $(awk -v a=$t0 -v b=$t_report 'BEGIN { printf "%.1f", b - a }') s after the guest started, which ended $(awk -v a=$t0 -v b=$(uptime_s) 'BEGIN { printf "%.1f", b - a }') s after it started"
+        grep -E "^disk|per-request" $W/$tag.console | head -3
+        [ $rc = 0 ] || { tail -5 $W/$tag.vmm; fail "the tiny guest ($tag) exited $rc: its disk check through the driver VM failed"; }
+        # The probe's lines of this report: from the (N-1)th "exited" to the Nth.
+        awk -v n=$nth '/^DVM-PROBE/ { if (k == n - 1) print } /^DVM-PROBE exited/ { k++ }' $W/dvm.console | tr -d '\r' > $W/$tag.probe
+        cat $W/$tag.probe
+    }
+    run_tiny tiny $ISO_MARK $ISO_SECRET 1
+    p=$W/tiny.probe
+    grep -q "^DVM-PROBE window-marker found at " $p ||
+        fail "the probe did not see the guest's window marker in BAR2: its scan is blind, it proves nothing"
+    grep -q "^DVM-PROBE secret in-bar2 0 " $p || fail "the guest's private secret is in the driver VM's BAR2"
+    grep -q "^DVM-PROBE unmapped-samples [0-9]* nonzero 0$" $p || fail "unmapped BAR2 did not read zero"
+    grep -q "^DVM-PROBE past-bar2 mmap-at-end refused .* mmap-oversized refused " $p ||
+        fail "the driver VM could map past BAR2's end"
+    grep -q "^DVM-PROBE own-ram kcore scanned [0-9]* bytes secret 0 " $p ||
+        fail "the driver VM's own RAM was not scanned, or holds the secret"
+    grep -q "^DVM-PROBE result isolated" $p && grep -q "^DVM-PROBE exited 0" $p || fail "the probe did not report isolation"
+    backed=$(sed -n 's/^DVM-PROBE bar2 .* backed \([0-9]*\) bytes$/\1/p' $p)
+    # All that dom0 maps for a window-only guest: its 1 MiB window and the in-flight log; its
+    # 8 MiB of RAM cannot be in less.
+    [ -n "$backed" ] && [ "$backed" -ge $((1 << 20)) ] && [ "$backed" -lt $((8 << 20)) ] ||
+        fail "BAR2 backs ${backed:-?} bytes for a guest sharing its 1 MiB window only"
+
+    step "isolation control: the same guest sharing all its RAM (--share-all-ram); the probe must find its secret"
+    run_tiny control $CTL_MARK $CTL_SECRET 2 --share-all-ram
+    p=$W/control.probe
+    grep -q "^DVM-PROBE window-marker found at " $p || fail "the control probe did not see the window marker"
+    grep -q "^DVM-PROBE secret in-bar2 [1-9]" $p ||
+        fail "the probe did not find the secret of a guest that shares all its RAM: it could not have found a leak"
+    grep -q "^DVM-PROBE exited 3" $p || fail "the control probe did not report the breach (exit 3)"
+    echo "DVM-ISOLATION window-only guest: BAR2 backs $backed bytes of $(sed -n 's/^DVM-PROBE bar2 \([0-9]*\) bytes.*/\1/p' $W/tiny.probe), window marker found, secret in BAR2 0, in own RAM $(sed -n 's/.* secret \([0-9]*\) devmem.*/\1/p' $W/tiny.probe), past BAR2 refused; all-RAM control: secret found ($(sed -n 's/^DVM-PROBE secret in-bar2 \([0-9]*\) .*/\1/p' $p)x); step $(awk -v a=$t_iso -v b=$(uptime_s) 'BEGIN { printf "%.1f", b - a }') s"
+}
+isolation_probe
+# The restarted driver VM runs no probe.
+DVM_PROBE=
 
 # restart_driver_vm: while the guest's writer runs, kills the driver VM's VMM (SIGKILL), starts
 # it again with the same arguments and waits for the guest's writes to go on; then presses the

@@ -5,7 +5,11 @@
 //! - BAR0 (32-bit, 4 KiB): the magic at 0x000, the number of doorbells at 0x004, doorbell n at
 //!   0x100 + 4n. A doorbell bound to a guest's call eventfd is a KVM ioeventfd: the driver
 //!   VM's write interrupts the guest with no exit to this VMM. A write to an unbound doorbell
-//!   exits here and is counted.
+//!   exits here and is counted. Read-only at 0x008: how many regions BAR2 maps now (a read
+//!   latches the region table at 0x800: entry i at 0x800 + 16i, the region's BAR2 offset then
+//!   its length, each 64 bits as two 32-bit words, low first; at most 128 entries). The
+//!   driver VM learns from it which bytes of BAR2 are backed (its isolation probe:
+//!   docs/driver-vm.md, "What the driver VM can see").
 //! - BAR2 (64-bit, prefetchable, `--driver-vm-shm-mib`): the frontends' memory regions, each
 //!   a KVM memory slot at BAR2's base + the offset the relay gave it. What is not mapped
 //!   exits here: reads are zero, writes are dropped.
@@ -38,6 +42,12 @@ pub const BAR0_BYTES: u64 = 0x1000;
 pub const REG_MAGIC: u64 = 0x000;
 pub const REG_DOORBELLS: u64 = 0x004;
 pub const REG_DOORBELL0: u64 = 0x100;
+/// The number of BAR2 regions; reading it latches the table at [`REG_REGION_TABLE`].
+pub const REG_REGIONS: u64 = 0x008;
+/// The latched region table: entry i at `REG_REGION_TABLE + 16 * i` (offset, length).
+pub const REG_REGION_TABLE: u64 = 0x800;
+/// Entries the table holds (the rest of BAR0); the count may say more.
+pub const REGION_TABLE_ENTRIES: usize = 128;
 /// "SVMX", read at BAR0 + 0.
 pub const MAGIC: u32 = 0x5356_4d58;
 /// Doorbells: 16 channels of up to 16 queues, doorbell = channel * 16 + queue.
@@ -345,6 +355,8 @@ pub struct CrossVmDevice {
     config: ConfigSpace,
     state: Arc<CrossVmState>,
     limiter: Limiter,
+    /// The region table as of the last read of [`REG_REGIONS`].
+    latched: Vec<(u64, u64)>,
 }
 
 impl CrossVmDevice {
@@ -366,6 +378,23 @@ impl CrossVmDevice {
             config,
             state: Arc::new(CrossVmState::new(kvm, bar0, bar2, bar2_size)),
             limiter: Limiter::default(),
+            latched: Vec::new(),
+        }
+    }
+
+    /// The 32-bit word at `rel` of the latched region table (zero past its entries).
+    fn table_word(&self, rel: u64) -> u32 {
+        let Some(&(offset, len)) = usize::try_from(rel / 16)
+            .ok()
+            .and_then(|i| self.latched.get(i))
+        else {
+            return 0;
+        };
+        let value = if rel % 16 < 8 { offset } else { len };
+        if rel % 8 < 4 {
+            value as u32
+        } else {
+            (value >> 32) as u32
         }
     }
 
@@ -402,6 +431,16 @@ impl PciDevice for CrossVmDevice {
         let value = match offset {
             REG_MAGIC => MAGIC,
             REG_DOORBELLS => DOORBELLS,
+            REG_REGIONS => {
+                let mut regions = self.state.regions();
+                let count = u32::try_from(regions.len()).unwrap_or(u32::MAX);
+                regions.truncate(REGION_TABLE_ENTRIES);
+                self.latched = regions;
+                count
+            }
+            o if (REG_REGION_TABLE..BAR0_BYTES).contains(&o) => {
+                self.table_word(o - REG_REGION_TABLE)
+            }
             _ => 0,
         };
         if data.len() <= 4 && offset.is_multiple_of(4) {

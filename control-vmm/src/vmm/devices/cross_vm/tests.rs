@@ -233,3 +233,45 @@ fn plugging_takes_bars_from_both_windows() {
     assert!(pci.mmio_read(crate::vmm::arch::ECAM_GPA + (1 << 15), &mut id));
     assert_eq!(u32::from_le_bytes(id), 0x1130_1af4);
 }
+
+#[test]
+fn the_region_table_in_bar0_lists_what_bar2_maps_as_of_the_count_read() {
+    // 8 GiB of BAR2: offsets with a high word.
+    let kvm = Arc::new(FakeKvm::default());
+    let mut dev = CrossVmDevice::new(
+        kvm as _,
+        BAR0,
+        PCI_MMIO64_GPA.next_multiple_of(8 << 30),
+        8 << 30,
+    );
+    let state = dev.state();
+    assert_eq!(read32(&mut dev, 0, REG_REGIONS), 0);
+    assert_eq!(read32(&mut dev, 0, REG_REGION_TABLE), 0, "no entry");
+    let region = |len| shm::MappedRegion::map(memfd(len, 0, true), 0, len).unwrap();
+    state.map_region(0x1_2345_6000, region(0x3000)).unwrap();
+    state.map_region(0x1000, region(0x1000)).unwrap();
+    assert_eq!(
+        read32(&mut dev, 0, REG_REGION_TABLE + 16),
+        0,
+        "not latched yet"
+    );
+    assert_eq!(read32(&mut dev, 0, REG_REGIONS), 2);
+    let entry = |dev: &mut CrossVmDevice, i: u64| {
+        let at = REG_REGION_TABLE + 16 * i;
+        let word = |dev: &mut CrossVmDevice, o| u64::from(read32(dev, 0, at + o));
+        (
+            word(dev, 0) | word(dev, 4) << 32,
+            word(dev, 8) | word(dev, 12) << 32,
+        )
+    };
+    assert_eq!(entry(&mut dev, 0), (0x1000, 0x1000), "in offset order");
+    assert_eq!(entry(&mut dev, 1), (0x1_2345_6000, 0x3000));
+    assert_eq!(entry(&mut dev, 2), (0, 0));
+    // The table stays as latched until the count is read again.
+    state.unmap_region(0x1000);
+    assert_eq!(entry(&mut dev, 0), (0x1000, 0x1000));
+    assert_eq!(read32(&mut dev, 0, REG_REGIONS), 1);
+    assert_eq!(entry(&mut dev, 0), (0x1_2345_6000, 0x3000));
+    assert_eq!(entry(&mut dev, 1), (0, 0));
+    assert_eq!(read32(&mut dev, 0, 0xffc), 0, "the last entry: empty");
+}
