@@ -164,7 +164,8 @@ enum Cmd {
         /// Seconds to wait for the window marker.
         #[arg(long, default_value_t = 120)]
         wait_s: u64,
-        /// Also scan this VM's own RAM (/proc/kcore) for the secret and try /dev/mem.
+        /// Also scan this VM's own RAM (/proc/kcore) for the secret (/dev/mem is always tried:
+        /// it must refuse RAM).
         #[arg(long)]
         scan_ram: bool,
         #[arg(long, env = "SPLITVMM_SYSFS_ROOT", default_value = "/sys", hide = true)]
@@ -521,11 +522,17 @@ fn vm_probe(find: &str, absent: &str, wait_s: u64, scan_ram: bool, sysfs: PathBu
         secret: Secret::from_hex(absent)?,
         wait: std::time::Duration::from_secs(wait_s),
         poll: std::time::Duration::from_millis(500),
-        ram: scan_ram.then(|| ("/proc/kcore".into(), "/dev/mem".into())),
+        devmem: Some("/dev/mem".into()),
+        kcore: scan_ram.then(|| "/proc/kcore".into()),
     };
     let device = CrossVmDevice::open(&Sysfs::new(sysfs)).context("cross-VM device")?;
     let started = std::time::Instant::now();
-    let report = probe::run(&device, &cfg)?;
+    let report = probe::run(&device, &cfg, &mut |at, after| {
+        println!(
+            "DVM-PROBE window-marker seen at {at:#x} after {:.1} s",
+            after.as_secs_f64()
+        );
+    })?;
     for line in report.lines() {
         println!("{line}");
     }

@@ -133,16 +133,20 @@ pub struct ProbeConfig {
     pub wait: Duration,
     /// Pause between looks.
     pub poll: Duration,
-    /// Also scan the VM's own RAM through this kcore file and try this /dev/mem.
-    pub ram: Option<(PathBuf, PathBuf)>,
+    /// Try to read the VM's own RAM through this /dev/mem, and scan it for the secret
+    /// through this kcore file (slow in the nested lab: 160 MiB take most of a minute).
+    pub devmem: Option<PathBuf>,
+    pub kcore: Option<PathBuf>,
 }
 
 /// What the probe found.
 #[derive(Debug, Default)]
 pub struct ProbeReport {
     pub bar2_bytes: u64,
-    /// (offset, length) of the regions dom0 maps in BAR2, at the scan.
+    /// (offset, length) of the regions dom0 maps in BAR2, at the scan, and how long each
+    /// took to scan.
     pub regions: Vec<(u64, u64)>,
+    pub region_scans: Vec<Duration>,
     /// Where the window marker is in BAR2, and after how long it was seen.
     pub marker_at: Option<u64>,
     pub waited: Duration,
@@ -167,7 +171,8 @@ pub struct ProbeReport {
 /// The VM's own RAM.
 #[derive(Debug)]
 pub struct RamScan {
-    pub scanned: io::Result<u64>,
+    /// Bytes scanned through kcore, or why not; None: not asked.
+    pub scanned: Option<io::Result<u64>>,
     pub secret_found: u64,
     /// Bytes /dev/mem gave for RAM at 16 MiB, or its error.
     pub devmem: io::Result<usize>,
@@ -188,7 +193,10 @@ impl ProbeReport {
             && self.unmapped_nonzero == 0
             && self.past_end.is_some()
             && self.oversized.is_some()
-            && self.ram.as_ref().is_none_or(|r| r.secret_found == 0)
+            && self
+                .ram
+                .as_ref()
+                .is_none_or(|r| r.secret_found == 0 && r.devmem.is_err())
     }
 
     /// Machine-readable lines (`DVM-PROBE ...`) for the lab.
@@ -203,8 +211,13 @@ impl ProbeReport {
             self.regions.len(),
             self.backed()
         )];
-        for (offset, len) in &self.regions {
-            out.push(format!("DVM-PROBE region {offset:#x} +{len:#x}"));
+        for (i, (offset, len)) in self.regions.iter().enumerate() {
+            let took = self
+                .region_scans
+                .get(i)
+                .map(|d| format!(" scanned in {:.2} s", d.as_secs_f64()))
+                .unwrap_or_default();
+            out.push(format!("DVM-PROBE region {offset:#x} +{len:#x}{took}"));
         }
         out.push(match self.marker_at {
             Some(at) => format!(
@@ -243,8 +256,9 @@ impl ProbeReport {
         ));
         if let Some(ram) = &self.ram {
             let scanned = match &ram.scanned {
-                Ok(n) => format!("scanned {n} bytes"),
-                Err(e) => format!("not scanned ({e})"),
+                Some(Ok(n)) => format!("scanned {n} bytes"),
+                Some(Err(e)) => format!("not scanned ({e})"),
+                None => "not scanned (not asked)".to_owned(),
             };
             let devmem = match &ram.devmem {
                 Ok(n) => format!("read {n} bytes"),
@@ -267,8 +281,13 @@ impl ProbeReport {
     }
 }
 
-/// Runs the probe on the cross-VM device `dev`.
-pub fn run(dev: &CrossVmDevice, cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
+/// Runs the probe on the cross-VM device `dev`; `seen` hears at once where the window marker
+/// was found and after how long (the scan follows).
+pub fn run(
+    dev: &CrossVmDevice,
+    cfg: &ProbeConfig,
+    seen: &mut dyn FnMut(u64, Duration),
+) -> Result<ProbeReport, ProbeError> {
     for len in [cfg.find.len(), cfg.secret.len()] {
         if !(8..=4096).contains(&len) {
             return Err(ProbeError::MarkerLength);
@@ -298,7 +317,9 @@ pub fn run(dev: &CrossVmDevice, cfg: &ProbeConfig) -> Result<ProbeReport, ProbeE
         }
         std::thread::sleep(cfg.poll);
     }
-    if report.marker_at.is_some() {
+    if let Some(at) = report.marker_at {
+        // Said at once: the lab holds the guest still (connected) from here to the report.
+        seen(at, report.waited);
         for _ in 0..SETTLE_LOOKS {
             std::thread::sleep(cfg.poll);
             let again = dev.doorbells().bar2_regions()?;
@@ -312,6 +333,7 @@ pub fn run(dev: &CrossVmDevice, cfg: &ProbeConfig) -> Result<ProbeReport, ProbeE
     // Every mapped byte, for the secret.
     let mut found = Vec::new();
     for &(offset, rlen) in &report.regions {
+        let t = Instant::now();
         scan_region(
             &bar2,
             offset,
@@ -327,6 +349,7 @@ pub fn run(dev: &CrossVmDevice, cfg: &ProbeConfig) -> Result<ProbeReport, ProbeE
                 found.len() < 16
             },
         )?;
+        report.region_scans.push(t.elapsed());
     }
     // A match in the overlap of two chunks is seen twice.
     found.sort_unstable();
@@ -354,8 +377,13 @@ pub fn run(dev: &CrossVmDevice, cfg: &ProbeConfig) -> Result<ProbeReport, ProbeE
     report.table_stable = dev.doorbells().bar2_regions()? == report.regions;
     (report.past_end, report.oversized) = past_bar2(dev.shm(), bar2_bytes);
     let t = Instant::now();
-    if let Some((kcore, devmem)) = &cfg.ram {
-        report.ram = Some(scan_own_ram(kcore, devmem, &cfg.secret, &mut buf));
+    if let Some(devmem) = &cfg.devmem {
+        report.ram = Some(scan_own_ram(
+            cfg.kcore.as_deref(),
+            devmem,
+            &cfg.secret,
+            &mut buf,
+        ));
     }
     report.timing[2] = t.elapsed();
     Ok(report)
@@ -442,41 +470,44 @@ fn past_bar2(file: &File, len: u64) -> (Option<io::Error>, Option<io::Error>) {
 }
 
 /// Scans the VM's RAM (the PT_LOAD segments of `kcore` that map physical memory, the
-/// kernel's direct map) for the secret, and reads 8 bytes of RAM at 16 MiB through `devmem`.
-fn scan_own_ram(kcore: &Path, devmem: &Path, secret: &Secret, buf: &mut [u8]) -> RamScan {
+/// kernel's direct map) for the secret, if asked, and reads 8 bytes of RAM at 16 MiB through
+/// `devmem`.
+fn scan_own_ram(kcore: Option<&Path>, devmem: &Path, secret: &Secret, buf: &mut [u8]) -> RamScan {
     let mut found = 0;
-    let scanned = File::open(kcore).and_then(|f| {
-        let mut total = 0u64;
-        for (file_offset, size) in kcore_ram_segments(&f)? {
-            let overlap = secret.len() as u64;
-            let step = buf.len() as u64 - overlap;
-            let mut at = 0;
-            while at < size {
-                let n = (size - at).min(buf.len() as u64) as usize;
-                let got = f.read_at(&mut buf[..n], file_offset + at)?;
-                if got == 0 {
-                    break;
-                }
-                let last = at + got as u64 >= size || (got as u64) <= step;
-                // Matches starting in the overlap are the next chunk's to count.
-                let limit = if last { got } else { step as usize };
-                let mut from = 0;
-                while let Some(i) = secret.find_in(&buf[from..got]) {
-                    if from + i >= limit {
+    let scanned = kcore.map(|kcore| {
+        File::open(kcore).and_then(|f| {
+            let mut total = 0u64;
+            for (file_offset, size) in kcore_ram_segments(&f)? {
+                let overlap = secret.len() as u64;
+                let step = buf.len() as u64 - overlap;
+                let mut at = 0;
+                while at < size {
+                    let n = (size - at).min(buf.len() as u64) as usize;
+                    let got = f.read_at(&mut buf[..n], file_offset + at)?;
+                    if got == 0 {
                         break;
                     }
-                    found += 1;
-                    from += i + 1;
+                    let last = at + got as u64 >= size || (got as u64) <= step;
+                    // Matches starting in the overlap are the next chunk's to count.
+                    let limit = if last { got } else { step as usize };
+                    let mut from = 0;
+                    while let Some(i) = secret.find_in(&buf[from..got]) {
+                        if from + i >= limit {
+                            break;
+                        }
+                        found += 1;
+                        from += i + 1;
+                    }
+                    if last {
+                        total += got as u64;
+                        break;
+                    }
+                    total += step;
+                    at += step;
                 }
-                if last {
-                    total += got as u64;
-                    break;
-                }
-                total += step;
-                at += step;
             }
-        }
-        Ok(total)
+            Ok(total)
+        })
     });
     let devmem = File::open(devmem).and_then(|f| f.read_at(&mut [0u8; 8], 16 << 20));
     RamScan {

@@ -41,7 +41,8 @@ fn config(wait_ms: u64) -> ProbeConfig {
         secret: Secret::from_hex(SECRET).unwrap(),
         wait: Duration::from_millis(wait_ms),
         poll: Duration::from_millis(5),
-        ram: None,
+        devmem: None,
+        kcore: None,
     }
 }
 
@@ -65,7 +66,9 @@ fn the_window_marker_is_found_and_a_secret_outside_the_regions_is_not() {
     put(&fake, 0x30_0008, MARKER);
     put(&fake, 0x18_0100, SECRET);
     let dev = CrossVmDevice::open(&fake.sysfs()).unwrap();
-    let report = run(&dev, &config(1000)).unwrap();
+    let mut seen = None;
+    let report = run(&dev, &config(1000), &mut |at, _| seen = Some(at)).unwrap();
+    assert_eq!(seen, Some(0x30_0008), "heard before the scan");
     assert_eq!(report.bar2_bytes, 8 << 20);
     assert_eq!(report.regions, vec![(0, 0x10_0000), (0x20_0000, 0x20_0000)]);
     assert_eq!(report.backed(), 0x30_0000);
@@ -99,7 +102,7 @@ fn a_secret_in_a_mapped_region_is_found_even_across_chunks_and_unmapped_data_is_
     // Data where nothing is mapped, on a sampled word.
     put(&fake, 0x60_0000, MARKER);
     let dev = CrossVmDevice::open(&fake.sysfs()).unwrap();
-    let report = run(&dev, &config(1000)).unwrap();
+    let report = run(&dev, &config(1000), &mut |_, _| {}).unwrap();
     assert_eq!(report.marker_at, Some(0x10_0000));
     assert_eq!(report.secret_in_bar2, vec![0x20_0000 - 7, 0x38_0000]);
     assert_eq!(report.unmapped_nonzero, 1);
@@ -110,7 +113,7 @@ fn no_marker_within_the_wait_is_reported_as_such() {
     let fake = fake_device(256, 4 << 20);
     set_regions(&fake, &[(0, 0x1000)]);
     let dev = CrossVmDevice::open(&fake.sysfs()).unwrap();
-    let report = run(&dev, &config(30)).unwrap();
+    let report = run(&dev, &config(30), &mut |_, _| panic!("nothing to see")).unwrap();
     assert_eq!(report.marker_at, None);
     assert!(report.waited >= Duration::from_millis(30));
     assert!(report
@@ -127,12 +130,15 @@ fn regions_past_the_table_or_markers_of_odd_sizes_are_refused() {
         .unwrap();
     let dev = CrossVmDevice::open(&fake.sysfs()).unwrap();
     assert!(matches!(
-        run(&dev, &config(10)),
+        run(&dev, &config(10), &mut |_, _| {}),
         Err(ProbeError::Device(XvmDeviceError::TooManyRegions(129)))
     ));
     let mut short = config(10);
     short.find = vec![1, 2, 3];
-    assert!(matches!(run(&dev, &short), Err(ProbeError::MarkerLength)));
+    assert!(matches!(
+        run(&dev, &short, &mut |_, _| {}),
+        Err(ProbeError::MarkerLength)
+    ));
 }
 
 /// A kcore-like ELF file: a RAM segment of 3 MiB holding the secret twice (once across the
@@ -171,15 +177,18 @@ fn own_ram_is_scanned_through_the_ram_segments_of_kcore() {
     let devmem = dir.path().join("mem");
     let mut buf = vec![0u8; CHUNK];
     let secret = Secret::from_hex(SECRET).unwrap();
-    let scan = scan_own_ram(&kcore, &devmem, &secret, &mut buf);
-    assert_eq!(scan.scanned.unwrap(), 3 << 20);
+    let scan = scan_own_ram(Some(&kcore), &devmem, &secret, &mut buf);
+    assert_eq!(scan.scanned.unwrap().unwrap(), 3 << 20);
     assert_eq!(scan.secret_found, 2);
     assert!(scan.devmem.is_err(), "no such file");
     let other = Secret::from_hex("0102030405060708").unwrap();
     assert_eq!(
-        scan_own_ram(&kcore, &devmem, &other, &mut buf).secret_found,
+        scan_own_ram(Some(&kcore), &devmem, &other, &mut buf).secret_found,
         0
     );
+    assert!(scan_own_ram(None, &devmem, &secret, &mut buf)
+        .scanned
+        .is_none());
 }
 
 #[test]
