@@ -6,6 +6,7 @@
 
 pub mod connection;
 pub mod control;
+pub mod hex;
 pub mod image;
 pub mod startup;
 pub mod tap;

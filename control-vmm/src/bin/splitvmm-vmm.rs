@@ -196,18 +196,9 @@ struct HexBytes(Vec<u8>);
 
 /// Bytes from a string of hex digit pairs.
 fn parse_hex(s: &str) -> Result<HexBytes, String> {
-    if s.is_empty() || s.len() % 2 != 0 {
-        return Err(format!("{s:?}: not an even number of hex digits"));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-                .ok_or_else(|| format!("{s:?}: not hex"))
-        })
-        .collect::<Result<_, _>>()
+    ipc::hex::bytes(s)
         .map(HexBytes)
+        .ok_or_else(|| format!("{s:?}: not an even number of hex digits"))
 }
 
 fn ring_mode(r: Ring) -> RingMode {

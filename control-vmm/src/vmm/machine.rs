@@ -456,3 +456,55 @@ pub(crate) fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn markers_land_in_private_ram_and_in_the_windows_last_page_only() {
+        let ram = GuestRam::new(8 << 20, WINDOW_GPA, 1 << 20).unwrap();
+        let markers = GuestMarkers {
+            private: b"private".to_vec(),
+            window: b"shared".to_vec(),
+        };
+        markers.write(&ram, 8 << 20, 1 << 20).unwrap();
+        let (private, window) = GuestMarkers::places(8 << 20, 1 << 20);
+        assert_eq!((private, window), (4 << 20, WINDOW_GPA + (1 << 20) - 4096));
+        let mut b = [0u8; 7];
+        ram.mem.read_slice(&mut b, GuestAddress(private)).unwrap();
+        assert_eq!(&b, b"private");
+        let mut b = [0u8; 6];
+        ram.mem.read_slice(&mut b, GuestAddress(window)).unwrap();
+        assert_eq!(&b, b"shared");
+        // The window's memfd (what the backend maps) holds the window marker, not the secret.
+        let file = &ram.window.as_ref().unwrap().file;
+        let mut all = vec![0u8; 1 << 20];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut all, 0).unwrap();
+        assert!(all.windows(6).any(|w| w == b"shared"));
+        assert!(!all.windows(7).any(|w| w == b"private"));
+    }
+
+    #[test]
+    fn markers_too_long_or_in_too_small_a_machine_are_refused() {
+        let ram = GuestRam::new(4 << 20, WINDOW_GPA, 1 << 20).unwrap();
+        let secret = GuestMarkers {
+            private: vec![1; 8],
+            window: Vec::new(),
+        };
+        assert!(matches!(
+            secret.write(&ram, 4 << 20, 1 << 20),
+            Err(VmError::Config(_))
+        ));
+        let ram = GuestRam::new(8 << 20, WINDOW_GPA, 1 << 20).unwrap();
+        let long = GuestMarkers {
+            private: Vec::new(),
+            window: vec![1; 4097],
+        };
+        assert!(long.write(&ram, 8 << 20, 1 << 20).is_err());
+        GuestMarkers::default()
+            .write(&ram, 8 << 20, 1 << 20)
+            .unwrap();
+    }
+}

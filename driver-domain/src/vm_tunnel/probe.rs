@@ -40,7 +40,7 @@ pub enum ProbeError {
     Map(#[from] MappingError),
     #[error("BAR2 is {0} bytes: too large to map here")]
     Bar2Size(u64),
-    #[error("{0}: not an even number of hex digits")]
+    #[error("{0:?}: not an even number of hex digits")]
     Hex(String),
     #[error("the markers must be 8 to 4096 bytes")]
     MarkerLength,
@@ -54,7 +54,9 @@ pub struct Secret(Vec<u8>);
 impl Secret {
     /// From hex digit pairs (the plain secret), complemented as they are parsed.
     pub fn from_hex(s: &str) -> Result<Self, ProbeError> {
-        hex_bytes(s, |b| !b).map(Secret)
+        ipc::hex::bytes_with(s, |b| !b)
+            .map(Secret)
+            .ok_or_else(|| ProbeError::Hex(s.to_owned()))
     }
 
     /// Whether `hay` holds the secret, and where first. Candidates are found with memchr on
@@ -80,25 +82,9 @@ impl Secret {
     }
 }
 
-/// Bytes from hex digit pairs, each passed through `f`.
-fn hex_bytes(s: &str, f: impl Fn(u8) -> u8) -> Result<Vec<u8>, ProbeError> {
-    if s.len() % 2 != 0 {
-        return Err(ProbeError::Hex(s.to_owned()));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-                .map(&f)
-                .ok_or_else(|| ProbeError::Hex(s.to_owned()))
-        })
-        .collect()
-}
-
 /// Bytes from hex digit pairs.
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, ProbeError> {
-    hex_bytes(s, |b| b)
+    ipc::hex::bytes(s).ok_or_else(|| ProbeError::Hex(s.to_owned()))
 }
 
 /// The first `byte` in `hay` (libc's memchr: fast even in a debug build).
