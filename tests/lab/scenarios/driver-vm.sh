@@ -218,23 +218,8 @@ restart_driver_vm() {
     # flight, and kill it there.
     log_fd=$(ls -l /proc/$guest/fd | grep "splitvmm-blk-inflight" | sed 's/.* \([0-9]*\) -> .*/\1/' | head -1)
     [ -n "$log_fd" ] || { ls -l /proc/$guest/fd; fail "the guest's VMM holds no in-flight log"; }
-    caught=0
-    tries=0
-    while [ $tries -lt 200 ]; do
-        tries=$((tries + 1))
-        kill -STOP $dvm
-        # Until every thread is stopped (its state, after "pid (comm) ", is T).
-        j=0
-        while [ $j -lt 1000 ] && cat /proc/$dvm/task/*/stat 2>/dev/null |
-            awk '{ sub(/.*\) /, ""); if ($1 != "T" && $1 != "t") running = 1 } END { exit !running }'; do
-            j=$((j + 1))
-        done
-        caught=$(od -An -v -tu1 -j16 -N4096 /proc/$guest/fd/$log_fd | awk '$1 == 1' | wc -l)
-        [ "$caught" -gt 0 ] && break
-        kill -CONT $dvm
-        sleep 0.0$((tries % 7 + 1))
-    done
-    [ "$caught" -gt 0 ] || { kill -CONT $dvm; fail "no try of $tries found a request in flight"; }
+    stop_with_request_in_flight $dvm /proc/$guest/fd/$log_fd
+    caught=$CAUGHT tries=$TRIES
     at_kill=$(last_written $W/guest.console)
     t0=$(uptime_s)
     kill -9 $dvm
