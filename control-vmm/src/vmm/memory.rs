@@ -124,15 +124,17 @@ impl GuestRam {
         })
     }
 
-    /// RAM only: `ram_bytes` (a multiple of 2 MiB, at most `limit`) at GPA 0.
-    pub fn ram_only(ram_bytes: u64, limit: u64) -> Result<Self, MemoryError> {
+    /// RAM only: `ram_bytes` (a multiple of 2 MiB, at most `limit`) at GPA 0, in a memfd
+    /// named `name` (what `/proc/<pid>/maps` shows: a guest's `splitvmm-ram`, a driver VM's
+    /// own `splitvmm-driver-vm-ram` beside the guests' RAM mapped into its BAR2).
+    pub fn ram_only(ram_bytes: u64, limit: u64, name: &'static str) -> Result<Self, MemoryError> {
         if ram_bytes == 0 || !ram_bytes.is_multiple_of(2 << 20) || ram_bytes > limit {
             return Err(MemoryError::BadSize(ram_bytes));
         }
         let ram = MemfdRegion {
             // Sealed too: RAM never changes size, and a driver domain that maps it (a
             // guest with share = "all-ram") refuses memory that could shrink under it.
-            file: memfd("splitvmm-ram", ram_bytes, true)?,
+            file: memfd(name, ram_bytes, true)?,
             gpa: 0,
             len: ram_bytes,
         };

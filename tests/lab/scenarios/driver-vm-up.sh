@@ -1,7 +1,7 @@
 # driver-vm-up: the driver domain as a VM, started and restarted by the toolstack (issue 21).
 # `splitvmm up --stay` with `[driver_domain] kind = "vm"`: dom0's hardware helper enables the
 # NVMe PF's VFs (the NVMe sequence) and binds VF 1 to vfio-pci; the toolstack boots the driver
-# VM (the lab's kernel, tests/lab/driver-init, 1 vCPU, 192 MiB) under a confined splitvmm-vmm
+# VM (the lab's kernel, tests/lab/driver-init, 1 vCPU, 160 MiB) under a confined splitvmm-vmm
 # handed the VF's group, the driver domain's store connection and its control channel, which
 # the VMM carries over COM2 to `driver-domain vm-serve --managed` in the VM: there the same
 # managed driver domain as a process walks the backend half of the xenbus state machine and
@@ -66,7 +66,7 @@ owns = ["$PF"]
 [driver_domain.vm]
 kernel = "/lab/linux/bzImage"
 ramdisk = "/lab/driver/initrd.gz"
-memory = 192
+memory = 160
 vcpus = 1
 vf = 1
 shm_mib = 256
@@ -103,16 +103,13 @@ guest=$(child_vmm --managed-domid)
 assert_confined $up
 echo "DVM-UP driver VM ready $t_dvm s after splitvmm up; the guest's writer at write $(last_written) after $(since $t_up) s"
 # What each VMM maps, judged from outside (/proc/PID/maps: offset, inode and name of each
-# shared file mapping): the driver VM's RAM (its 192 MiB memfd) is mapped by its own VMM only,
-# while the guest's RAM (160 MiB, share = "all-ram") is mapped by both: the driver VM sees the
-# guest's memory dom0 mapped into its BAR2, the guest nothing of the driver VM.
-ram_inode() {
-    grep "memfd:splitvmm-ram" /proc/$1/maps | while read -r range perms off dev inode rest; do
-        [ $((0x${range#*-} - 0x${range%-*})) = $(($2 << 20)) ] && echo $inode
-    done | sort -u
-}
-dvm_ram=$(ram_inode $dvm 192)
-guest_ram=$(ram_inode $guest 160)
+# shared file mapping): the driver VM's RAM (its VMM's memfd `splitvmm-driver-vm-ram`) is mapped
+# by its own VMM only, while the guest's RAM (`splitvmm-ram`, share = "all-ram") is mapped by
+# both: the driver VM sees the guest's memory dom0 mapped into its BAR2, the guest nothing of
+# the driver VM.
+ram_inode() { grep "memfd:$2 " /proc/$1/maps | awk '{ print $5 }' | sort -u; }
+dvm_ram=$(ram_inode $dvm splitvmm-driver-vm-ram)
+guest_ram=$(ram_inode $guest splitvmm-ram)
 [ -n "$dvm_ram" ] && [ -n "$guest_ram" ] || fail "no RAM memfd found in the VMMs' maps (driver VM '$dvm_ram', guest '$guest_ram')"
 awk '{ print $5 }' /proc/$guest/maps | grep -qx "$dvm_ram" && fail "the guest's VMM maps the driver VM's RAM (inode $dvm_ram)"
 ls -l /proc/$guest/fd | grep -q "memfd:splitvmm-ram" || fail "the guest's VMM holds no RAM memfd"

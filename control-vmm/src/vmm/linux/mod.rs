@@ -192,7 +192,11 @@ pub fn run(cfg: LinuxVmConfig) -> Result<LinuxReport, VmError> {
         )));
     }
     let (kvm, vm) = create_vm()?;
-    let ram = GuestRam::ram_only(cfg.ram_bytes, RAM_LIMIT)?;
+    let ram_name = match cfg.driver_vm {
+        Some(_) => "splitvmm-driver-vm-ram",
+        None => "splitvmm-ram",
+    };
+    let ram = GuestRam::ram_only(cfg.ram_bytes, RAM_LIMIT, ram_name)?;
     ram.register(&vm)?;
     let counters = Arc::new(ExitCounters::default());
 
