@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use ipc::control::hardware::{HardwareReply, HardwareRequest, NvmeVfResources, VfEnabling};
+use ipc::control::hardware::{HardwareReply, HardwareRequest, VfEnabling};
 use ipc::control::messages::BackendEvent;
 use ipc::control::ControlChannel;
 
@@ -134,11 +134,7 @@ fn prepare_vf(helper: &ControlChannel, pf: &str, vf: u16) -> Result<(String, Own
         (other, _) => bail!("unexpected answer {other:?}"),
     };
     let vfs = if vfs.is_empty() {
-        let how = if driver.as_deref() == Some("nvme") {
-            VfEnabling::Nvme(NvmeVfResources::DEFAULT)
-        } else {
-            VfEnabling::Plain
-        };
+        let how = VfEnabling::for_pf_driver(driver.as_deref());
         match ask(HardwareRequest::EnableVfs {
             pf: pf.into(),
             count: total,

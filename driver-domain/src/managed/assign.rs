@@ -14,13 +14,10 @@
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 
-use ipc::control::hardware::{NvmeVfResources, VfEnabling};
+use ipc::control::hardware::VfEnabling;
 
 use crate::hw::ops::{DirectHardware, HardwareOps};
 use crate::hw::pci::Bdf;
-
-/// NVMe queue (admin + one I/O) and interrupt resources given to each secondary controller.
-const VF_RESOURCES: NvmeVfResources = NvmeVfResources::DEFAULT;
 
 /// The owned PFs and which guest holds which VF.
 pub struct VfPool {
@@ -63,11 +60,7 @@ impl VfPool {
         }
         let state = self.hw.describe_pf(pf).map_err(|e| e.to_string())?;
         let vfs = if state.num_vfs == 0 {
-            let how = if state.driver.as_deref() == Some("nvme") {
-                VfEnabling::Nvme(VF_RESOURCES)
-            } else {
-                VfEnabling::Plain
-            };
+            let how = VfEnabling::for_pf_driver(state.driver.as_deref());
             log::info!("{pf}: enabling its {} VFs ({how:?})", state.total_vfs);
             self.hw
                 .enable_vfs(pf, state.total_vfs, how)

@@ -30,6 +30,7 @@ use nix::sys::eventfd::EventFd;
 use thiserror::Error;
 
 use super::writer::TunnelWriter;
+use crate::blk::CacheMode;
 
 /// Why the managed side could not start.
 #[derive(Debug, Error)]
@@ -391,7 +392,7 @@ fn open_device(path: &str, readonly: bool) -> Result<File, String> {
     OpenOptions::new()
         .read(true)
         .write(!readonly)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(CacheMode::None.open_flags())
         .open(path)
         .map_err(|e| format!("opening {path}: {e}"))
 }

@@ -40,6 +40,18 @@ pub enum VfEnabling {
     Nvme(NvmeVfResources),
 }
 
+impl VfEnabling {
+    /// How to enable the VFs of a PF bound to kernel driver `driver`: the NVMe sequence (with
+    /// [`NvmeVfResources::DEFAULT`]) on an nvme-bound PF, `sriov_numvfs` alone otherwise.
+    pub fn for_pf_driver(driver: Option<&str>) -> VfEnabling {
+        if driver == Some("nvme") {
+            VfEnabling::Nvme(NvmeVfResources::DEFAULT)
+        } else {
+            VfEnabling::Plain
+        }
+    }
+}
+
 /// Driver domain to hardware helper. Each request carries no descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HardwareRequest {
